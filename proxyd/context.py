@@ -1,0 +1,136 @@
+"""The connection context handed to parser factories: identity, policy, injection, logging.
+
+It joins the sans-IO parser to the rest of proxyd through three narrow interfaces, so the same
+class serves the daemon and the test harness: an :class:`L7Policy` (the policy layer's view of
+this connection), a :class:`LogSink` (access log and metrics) and the :class:`Engine`.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Mapping
+from dataclasses import dataclass
+from typing import Any, Protocol
+
+from proxyd.engine import Engine
+from proxyd.parser import Endpoint, EntryType
+
+
+@dataclass(frozen=True, slots=True)
+class L7Decision:
+    """The outcome of one policy check: allowed, which document decided, and audit mode."""
+
+    allowed: bool
+    policy: str | None = None
+    audit: bool = False  # denied by policy, but forwarded because the mode is audit
+
+
+ALLOWED = L7Decision(True)
+
+
+class L7Policy(Protocol):
+    """The policy as it applies to one connection (remote, port, l7proto)."""
+
+    def decide(self, request: Any) -> L7Decision: ...
+
+
+class AllowAllPolicy:
+    """Used where no policy is configured: every request is allowed."""
+
+    __slots__ = ()
+
+    def decide(self, request: Any) -> L7Decision:
+        return ALLOWED
+
+
+class LogSink(Protocol):
+    """Receives the parser's access-log entries (already classified)."""
+
+    def l7(
+        self,
+        ctx: Context,
+        entry_type: str,
+        verdict: str,
+        fields: Mapping[str, Any],
+        policy: str | None,
+    ) -> None: ...
+
+
+@dataclass(frozen=True, slots=True)
+class ConnInfo:
+    """Immutable facts about one connection, as policy and the access log see them."""
+
+    conn_id: int
+    listener: str
+    direction: str  # ingress | egress
+    src: Endpoint
+    dst: Endpoint
+    l7proto: str
+
+    @property
+    def local(self) -> Endpoint:
+        return self.dst if self.direction == "ingress" else self.src
+
+    @property
+    def remote(self) -> Endpoint:
+        return self.src if self.direction == "ingress" else self.dst
+
+
+class Context:
+    """The :class:`proxyd.parser.ConnectionContext` implementation."""
+
+    __slots__ = ("info", "engine", "policy", "sink", "_last")
+
+    def __init__(self, info: ConnInfo, engine: Engine, policy: L7Policy, sink: LogSink) -> None:
+        self.info = info
+        self.engine = engine
+        self.policy = policy
+        self.sink = sink
+        self._last: L7Decision = ALLOWED
+
+    @property
+    def conn_id(self) -> int:
+        return self.info.conn_id
+
+    @property
+    def listener(self) -> str:
+        return self.info.listener
+
+    @property
+    def direction(self) -> str:
+        return self.info.direction
+
+    @property
+    def src(self) -> Endpoint:
+        return self.info.src
+
+    @property
+    def dst(self) -> Endpoint:
+        return self.info.dst
+
+    @property
+    def local(self) -> Endpoint:
+        return self.info.local
+
+    @property
+    def remote(self) -> Endpoint:
+        return self.info.remote
+
+    def matches(self, request: Any) -> bool:
+        decision = self.policy.decide(request)
+        self._last = decision
+        return decision.allowed or decision.audit
+
+    def inject(self, reply: bool, data: bytes) -> None:
+        self.engine.queue_inject(reply, data)
+
+    def log(self, entry_type: EntryType, fields: Mapping[str, Any]) -> None:
+        last = self._last
+        if entry_type is EntryType.RESPONSE:
+            self.sink.l7(self, "response", "forwarded", fields, None)
+            return
+        if entry_type is EntryType.DENIED:
+            verdict = "denied"
+        else:
+            verdict = "audit" if last.audit else "forwarded"
+        self.sink.l7(self, "request", verdict, fields, last.policy)
+        self._last = ALLOWED

@@ -1,0 +1,293 @@
+"""The verdict engine: applies a parser's verdicts to the byte streams of one connection.
+
+Sans-IO: bytes come in through :meth:`Engine.feed`, and go out through the ``send`` callback
+given at construction; the relay (:mod:`proxyd.relay`) and the test harness
+(:mod:`proxyd.testing`) are its only two drivers.
+
+Theory of operation, per direction (``reply`` False: client to server; True: server to client):
+
+- ``buf`` holds bytes the parser has seen but not consumed. The parser is called with all of it
+  and answers one verdict at a time; PASS and DROP consume from the head, INJECT sends bytes the
+  parser queued, MORE records how many bytes must be buffered before the next call.
+- A PASS or DROP larger than ``buf`` ends the round and leaves ``skip`` bytes that later input
+  consumes without calling the parser (so a 100 MiB memcache value is never buffered).
+- Bytes queued with ``inject()`` are sent at the first *frame boundary* of their direction: at
+  the INJECT op that names them, else at the end of a round, else as soon as a pending PASS
+  is used up; never in the middle of a PASS-ed frame.
+- A round stops at MORE, NOP, ERROR, an op reaching past the input, or an empty buffer. Every
+  broken rule (n <= 0, INJECT beyond the queued bytes, MORE beyond ``buffer_limit``, unknown
+  op, an exception) is an error for this connection only: the engine stops and reports it.
+
+These are proxylib's semantics with its sharp edges filed off: the round stops at the first
+ERROR, injection toward the other direction does not wait for that direction's next input,
+and injected data has no size cap other than the buffer limit.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from typing import Protocol
+
+from proxyd.ops import Op
+from proxyd.parser import Parser
+
+SendFn = Callable[[bool, bytes | bytearray], None]
+
+
+class EngineError(Exception):
+    """Why the engine stopped a connection; ``kind`` names the class of failure."""
+
+    def __init__(self, kind: str, message: str, *, code: int = 0) -> None:
+        self.kind = kind  # parser_error | contract | exception | buffer_limit
+        self.code = code
+        super().__init__(message)
+
+
+class Observer(Protocol):
+    """Optional hook (used by the test harness) that sees every op and its bytes."""
+
+    def op(self, reply: bool, op: Op, n: int) -> None: ...
+
+    def passed(self, reply: bool, data: bytes) -> None: ...
+
+    def dropped(self, reply: bool, data: bytes) -> None: ...
+
+    def injected(self, reply: bool, data: bytes) -> None: ...
+
+
+class _Side:
+    """State of one direction of the stream."""
+
+    __slots__ = ("buf", "want", "skip", "skip_drop", "inject_q", "ended", "dropped_bytes")
+
+    def __init__(self) -> None:
+        self.buf = bytearray()
+        self.want = 0  # call the parser again once len(buf) >= want
+        self.skip = 0  # bytes of a PASS/DROP that reached past the input, still to go
+        self.skip_drop = False  # whether ``skip`` bytes are dropped (else passed)
+        self.inject_q = bytearray()  # bytes the parser queued for this direction
+        self.ended = False  # end of stream seen on this direction
+        self.dropped_bytes = 0
+
+
+class Engine:
+    """Applies verdicts for one connection. ``parser=None`` relays bytes untouched (L4)."""
+
+    __slots__ = ("parser", "limit", "_send", "_sides", "error", "_observer", "_in_round", "_on_error")
+
+    def __init__(
+        self,
+        parser: Parser | None,
+        send: SendFn,
+        *,
+        buffer_limit: int = 1 << 20,
+        observer: Observer | None = None,
+        on_error: Callable[[EngineError], None] | None = None,
+    ) -> None:
+        self.parser = parser
+        self.limit = buffer_limit
+        self._send = send
+        self._sides = (_Side(), _Side())
+        self.error: EngineError | None = None
+        self._observer = observer
+        self._in_round = False
+        self._on_error = on_error
+
+    # --- inputs ----------------------------------------------------------------------------
+
+    def feed(self, reply: bool, data: bytes | bytearray) -> None:
+        """Take bytes that arrived on one direction; raises nothing (see :attr:`error`)."""
+        if self.error is not None or not data:
+            return
+        side = self._sides[reply]
+        if side.skip:
+            data = self._consume_skip(reply, side, data)
+            if not data:
+                return
+        if self.parser is None:
+            if self._observer is not None:
+                self._observer.passed(reply, bytes(data))
+            self._send(reply, data)
+            return
+        buf = side.buf
+        buf += data
+        if len(buf) >= side.want:
+            self._round(reply, side, end_stream=False)
+        if self.error is None and len(buf) > self.limit:
+            self._fail(EngineError("buffer_limit", f"more than {self.limit} unparsed bytes buffered"))
+
+    def feed_eof(self, reply: bool) -> int:
+        """Mark the end of one direction's stream and give the parser a last look.
+
+        Returns the number of bytes still buffered that were not forwarded (a frame left
+        incomplete when the side closed); the caller logs it.
+        """
+        side = self._sides[reply]
+        if side.ended:
+            return 0
+        side.ended = True
+        if self.error is not None or self.parser is None:
+            return 0
+        if not side.skip:
+            self._round(reply, side, end_stream=True)
+        left = len(side.buf)
+        side.buf.clear()
+        return left
+
+    def queue_inject(self, reply: bool, data: bytes) -> None:
+        """Queue bytes for a direction (the ``ctx.inject`` of the parser API)."""
+        if self.error is not None or not data:
+            return
+        side = self._sides[reply]
+        side.inject_q += data
+        if len(side.inject_q) > self.limit:
+            self._fail(EngineError("buffer_limit", f"more than {self.limit} injected bytes queued"))
+        elif not self._in_round:
+            # Queued from outside a round (e.g. by the policy layer): flush at once if we can.
+            self._flush_injections()
+
+    # --- introspection ---------------------------------------------------------------------
+
+    def buffered(self, reply: bool) -> int:
+        """Bytes of one direction held for the parser (waiting on MORE)."""
+        return len(self._sides[reply].buf)
+
+    def dropped(self, reply: bool) -> int:
+        """Bytes of one direction the parser dropped so far."""
+        return self._sides[reply].dropped_bytes
+
+    # --- internals -------------------------------------------------------------------------
+
+    def _consume_skip(self, reply: bool, side: _Side, data: bytes | bytearray) -> bytes | bytearray:
+        n = len(data)
+        k = side.skip if side.skip < n else n
+        head = data if k == n else data[:k]
+        side.skip -= k
+        if side.skip_drop:
+            side.dropped_bytes += k
+            if self._observer is not None:
+                self._observer.dropped(reply, bytes(head))
+        else:
+            if self._observer is not None:
+                self._observer.passed(reply, bytes(head))
+            self._send(reply, head)
+        if side.skip == 0:
+            self._flush_injections()
+        return b"" if k == n else data[k:]
+
+    def _round(self, reply: bool, side: _Side, *, end_stream: bool) -> None:
+        parser = self.parser
+        assert parser is not None
+        buf = side.buf
+        out: list[bytes | bytearray] = []
+        observer = self._observer
+        injected = 0
+        self._in_round = True
+        try:
+            while buf or end_stream:
+                try:
+                    op, n = parser.on_data(reply, end_stream, buf)
+                except Exception as exc:  # the sandbox: any parser bug ends this connection only
+                    self._flush(reply, out)
+                    self._fail(EngineError("exception", f"{type(exc).__name__}: {exc}"))
+                    return
+                if observer is not None:
+                    observer.op(reply, op, n)
+                if type(n) is not int or n <= 0:
+                    if op == Op.NOP:
+                        break
+                    self._flush(reply, out)
+                    self._fail(EngineError("contract", f"{_name(op)} with n={n!r}"))
+                    return
+                if op == Op.PASS or op == Op.DROP:
+                    have = len(buf)
+                    k = n if n < have else have
+                    if op == Op.PASS:
+                        out.append(buf[:k])
+                        if observer is not None:
+                            observer.passed(reply, bytes(buf[:k]))
+                    else:
+                        side.dropped_bytes += k
+                        if observer is not None:
+                            observer.dropped(reply, bytes(buf[:k]))
+                    del buf[:k]
+                    side.want = 0
+                    if n > have:
+                        side.skip = n - have
+                        side.skip_drop = op == Op.DROP
+                        break
+                elif op == Op.MORE:
+                    side.want = len(buf) + n
+                    if side.want > self.limit:
+                        self._flush(reply, out)
+                        self._fail(
+                            EngineError(
+                                "buffer_limit",
+                                f"parser asked for {side.want} bytes, over the {self.limit} byte limit",
+                            )
+                        )
+                        return
+                    break
+                elif op == Op.INJECT:
+                    q = side.inject_q
+                    if n > len(q):
+                        self._flush(reply, out)
+                        self._fail(EngineError("contract", f"INJECT {n} with {len(q)} bytes queued"))
+                        return
+                    injected += n
+                    if injected > self.limit:
+                        # INJECT consumes no input: a parser injecting in a loop is stopped here.
+                        self._flush(reply, out)
+                        self._fail(EngineError("buffer_limit", f"more than {self.limit} bytes injected in one round"))
+                        return
+                    chunk = bytes(q[:n])
+                    del q[:n]
+                    out.append(chunk)
+                    if observer is not None:
+                        observer.injected(reply, chunk)
+                elif op == Op.ERROR:
+                    self._flush(reply, out)
+                    self._fail(EngineError("parser_error", f"parser error {n}", code=n))
+                    return
+                elif op == Op.NOP:
+                    break
+                else:
+                    self._flush(reply, out)
+                    self._fail(EngineError("contract", f"unknown op {op!r}"))
+                    return
+                end_stream = end_stream and bool(buf)
+            self._flush(reply, out)
+        finally:
+            self._in_round = False
+        self._flush_injections()
+
+    def _flush(self, reply: bool, out: list[bytes | bytearray]) -> None:
+        if out:
+            self._send(reply, out[0] if len(out) == 1 else b"".join(out))
+            out.clear()
+
+    def _flush_injections(self) -> None:
+        """Send queued injections of each direction that is at a frame boundary."""
+        if self.error is not None:
+            return
+        for reply in (False, True):
+            side = self._sides[reply]
+            if side.inject_q and not (side.skip and not side.skip_drop):
+                chunk = bytes(side.inject_q)
+                side.inject_q.clear()
+                if self._observer is not None:
+                    self._observer.injected(reply, chunk)
+                self._send(reply, chunk)
+
+    def _fail(self, err: EngineError) -> None:
+        if self.error is None:
+            self.error = err
+            for side in self._sides:
+                side.buf.clear()
+                side.inject_q.clear()
+            if self._on_error is not None:
+                self._on_error(err)
+
+
+def _name(op: object) -> str:
+    return op.name if isinstance(op, Op) else repr(op)

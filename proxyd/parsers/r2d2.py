@@ -1,0 +1,115 @@
+"""r2d2: the tutorial protocol of Cilium's Go-extension announcement.
+
+Wire format: the client sends CRLF-terminated requests ``READ <file>``, ``WRITE <file>``,
+``HALT`` and ``RESET``; the server's replies pass unparsed. Each request is checked against the
+policy; a denied one is dropped and the client receives ``ERROR\\r\\n`` in its place.
+
+Policy rule keys: ``cmd`` (exact match, one of the four commands) and ``file`` (a regular
+expression searched in the file name). Example::
+
+    rules:
+      l7proto: r2d2
+      l7:
+        - cmd: READ
+          file: "^/public/"
+        - cmd: HALT
+"""
+
+from __future__ import annotations
+
+import re
+from collections.abc import Mapping
+from dataclasses import dataclass
+from typing import Any
+
+from proxyd.errors import RuleError
+from proxyd.ops import DROP, ERROR, ERROR_INVALID_FRAME_TYPE, INJECT, MORE, NOP_VERDICT, PASS, Verdict
+from proxyd.parser import ConnectionContext, Data, EntryType, Parser, ParserFactory, RuleMatcher
+
+COMMANDS = frozenset({"READ", "WRITE", "HALT", "RESET"})
+_NEEDS_FILE = frozenset({"READ", "WRITE"})
+DENIED_REPLY = b"ERROR\r\n"
+#: A request line longer than this is a protocol error rather than an ever-growing buffer.
+MAX_LINE = 4096
+
+
+@dataclass(frozen=True, slots=True)
+class R2d2Request:
+    cmd: str
+    file: str
+
+
+@dataclass(frozen=True, slots=True)
+class R2d2Rule:
+    cmd: str | None
+    file: re.Pattern[str] | None
+
+    def matches(self, request: Any) -> bool:
+        if not isinstance(request, R2d2Request):
+            return False
+        if self.cmd is not None and self.cmd != request.cmd:
+            return False
+        return self.file is None or self.file.search(request.file) is not None
+
+
+class R2d2Parser(Parser):
+    __slots__ = ("ctx",)
+
+    def __init__(self, ctx: ConnectionContext) -> None:
+        self.ctx = ctx
+
+    def on_data(self, reply: bool, end_stream: bool, data: Data) -> Verdict:
+        if reply:
+            # Replies are not parsed: pass whatever arrived.
+            return (PASS, len(data)) if data else NOP_VERDICT
+        end = data.find(b"\r\n")
+        if end < 0:
+            if len(data) >= MAX_LINE:
+                return ERROR, ERROR_INVALID_FRAME_TYPE
+            return MORE, 1
+        line = bytes(data[:end]).decode("latin-1")
+        parts = line.split(" ")
+        cmd = parts[0]
+        if cmd not in COMMANDS:
+            self.ctx.log(EntryType.DENIED, {"cmd": cmd, "error": "unknown command"})
+            return ERROR, ERROR_INVALID_FRAME_TYPE
+        file = parts[1] if len(parts) > 1 else ""
+        if (cmd in _NEEDS_FILE) != (len(parts) == 2):
+            return ERROR, ERROR_INVALID_FRAME_TYPE
+        request = R2d2Request(cmd, file)
+        fields = {"cmd": cmd, "file": file}
+        if self.ctx.matches(request):
+            self.ctx.log(EntryType.REQUEST, fields)
+            return PASS, end + 2
+        self.ctx.log(EntryType.DENIED, fields)
+        self.ctx.inject(True, DENIED_REPLY)
+        return DROP, end + 2
+
+
+class R2d2Factory(ParserFactory):
+    name = "r2d2"
+    rule_keys = ("cmd", "file")
+    description = "CRLF line protocol of the Cilium proxylib tutorial"
+
+    def compile_rule(self, rule: Mapping[str, str]) -> RuleMatcher:
+        cmd: str | None = None
+        file: re.Pattern[str] | None = None
+        for key, value in rule.items():
+            if key == "cmd":
+                if value not in COMMANDS:
+                    raise RuleError(f"must be one of {', '.join(sorted(COMMANDS))}, not {value!r}", key)
+                cmd = value
+            elif key == "file":
+                try:
+                    file = re.compile(str(value))
+                except re.error as exc:
+                    raise RuleError(f"bad regular expression {value!r}: {exc}", key) from exc
+            else:
+                raise RuleError("unknown rule key for l7proto 'r2d2' (known: cmd, file)", key)
+        return R2d2Rule(cmd, file)
+
+    def create(self, ctx: ConnectionContext, config: Any) -> Parser:
+        return R2d2Parser(ctx)
+
+
+__all__ = ["R2d2Factory", "R2d2Parser", "R2d2Request", "R2d2Rule", "INJECT"]
