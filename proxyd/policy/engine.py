@@ -1,0 +1,334 @@
+"""Enforcement: from the loaded documents to a verdict per connection and per request.
+
+Theory of operation (DESIGN.md section 4, Cilium's semantics, failing closed):
+
+1. A spec *selects* the local endpoint in a direction when its ``endpointSelector`` matches the
+   local labels and it has at least one rule (allow or deny) in that direction. No selecting
+   spec: everything is allowed. Otherwise that direction is default-deny.
+2. A rule *matches* a connection when its L3 part matches the remote (endpoint selectors over
+   the remote's labels, or CIDRs over its address; no L3 part: any remote, provided the rule
+   has ``toPorts``) and one of its ``toPorts`` entries names the destination port over TCP (no
+   ``toPorts``: every port). Rules of every document are OR'ed.
+3. A matching deny rule (``ingressDeny`` / ``egressDeny``) denies the connection, whatever allows
+   it. Otherwise the connection needs a matching allow rule.
+4. L7, per matching allow rule on that port: a rule without ``l7`` rules allows every request
+   (Cilium merges an L4-only rule into the L7 rules of the same port as a wildcard for the
+   remotes it selects, so that remote is not restricted by other rules' ``l7`` lists). A rule
+   whose ``l7proto`` is the listener's contributes its compiled ``l7`` rules; a request is
+   allowed when any of them matches (``l7: [{}]`` allows all). A rule whose ``l7proto`` differs
+   from the listener's, or that no parser is registered for, lets the connection in but grants
+   no request: the port is deny-all at L7. On a plain L4 listener (no ``l7proto``) proxyd cannot
+   parse what such a rule restricts, so a rule with ``l7`` rules grants nothing there: unless an
+   L4-only rule also matches, the connection is denied at accept (Cilium would redirect it to a
+   proxy; proxyd has none for that listener).
+
+Every rule can only add what it grants, so adding an allow rule to a selected direction never
+denies what was allowed, and adding a deny rule never allows what was denied (tested as
+properties in ``tests/policy``).
+
+A :class:`PolicySet` is immutable and built once per policy revision. Per connection it
+computes a :class:`ConnectionPolicy` (the specs selecting the local labels are cached); the
+per-request :meth:`ConnectionPolicy.decide` is then a loop over precompiled matchers.
+In audit mode a denial is reported as ``audit`` and let through (DESIGN.md section 3).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass, field
+from typing import Any, Final
+
+from proxyd.context import ALLOWED, L7Decision
+from proxyd.errors import PolicyError, RuleError
+from proxyd.parser import RuleMatcher
+from proxyd.policy.identity import parse_ip
+from proxyd.policy.loader import ParserLookup
+from proxyd.policy.model import DIRECTIONS, Document, L7Rules, PortRule, Rule, Spec
+from proxyd.policy.selector import LabelSet
+
+#: Bound on the cache of "which specs select these local labels" per PolicySet.
+SELECT_CACHE_SIZE: Final = 4096
+
+
+@dataclass(frozen=True, slots=True)
+class ConnectionPolicy:
+    """The policy as it applies to one connection: its L3/L4 verdict and its L7 check.
+
+    ``l4_allowed`` is False when the connection must be closed at accept; in audit mode it is
+    True and ``audit_l4`` says it would have been denied. ``policy_name`` names the document
+    that decided (None when no policy applies or by default deny). :meth:`decide` is the
+    :class:`proxyd.context.L7Policy` of the connection.
+    """
+
+    l4_allowed: bool
+    l4_reason: str
+    policy_name: str | None = None
+    audit_l4: bool = False
+    #: When set, the answer to every request (allow-all, or deny-all).
+    always: L7Decision | None = ALLOWED
+    #: Otherwise: (matcher, decision when it matches), in policy order.
+    matchers: tuple[tuple[RuleMatcher, L7Decision], ...] = ()
+    #: And the answer when none matches.
+    denied: L7Decision = field(default=L7Decision(False))
+
+    def decide(self, request: Any) -> L7Decision:
+        """Whether the policy allows ``request``; exceptions of a matcher propagate."""
+        always = self.always
+        if always is not None:
+            return always
+        for matcher, decision in self.matchers:
+            if matcher.matches(request):
+                return decision
+        return self.denied
+
+
+@dataclass(frozen=True, slots=True)
+class RuleRef:
+    """A rule (and the ``toPorts`` entry that matched the port, if any) with its document."""
+
+    document: Document
+    spec: Spec
+    rule: Rule
+    port_rule: PortRule | None = None
+
+    @property
+    def name(self) -> str:
+        return self.document.name
+
+    @property
+    def path(self) -> str:
+        return self.port_rule.path if self.port_rule is not None else self.rule.path
+
+    @property
+    def where(self) -> str:
+        return self.port_rule.where if self.port_rule is not None else self.rule.where
+
+    def __str__(self) -> str:
+        return f"{self.name} {self.path} ({self.where})"
+
+
+@dataclass(frozen=True, slots=True)
+class Evaluation:
+    """Everything the engine found for one connection (what ``explain`` prints)."""
+
+    direction: str
+    port: int
+    l7proto: str | None
+    selecting: tuple[tuple[Document, Spec], ...]
+    deny: tuple[RuleRef, ...] = ()
+    allow_l4: tuple[RuleRef, ...] = ()
+    #: Matching rules whose l7 rules are in force, with their compiled matchers.
+    allow_l7: tuple[tuple[RuleRef, tuple[RuleMatcher, ...]], ...] = ()
+    #: Matching allow rules that grant the connection but no request (other/unknown l7proto).
+    deny_all_l7: tuple[tuple[RuleRef, str], ...] = ()
+    #: Matching allow rules that grant nothing on this listener, and why.
+    ignored: tuple[tuple[RuleRef, str], ...] = ()
+    #: Rules of the selecting specs that do not match, and why (only when traced).
+    not_matching: tuple[tuple[RuleRef, str], ...] = ()
+    policy: ConnectionPolicy = field(default=ConnectionPolicy(True, ""))
+
+
+_SpecEntry = tuple[Document, Spec, tuple[Rule, ...]]
+
+
+class PolicySet:
+    """All documents in force, compiled for enforcement. Immutable; one per revision."""
+
+    __slots__ = ("_by_direction", "_cache", "_matchers", "documents", "revision")
+
+    def __init__(
+        self, documents: Sequence[Document], registry: ParserLookup | None = None, revision: int = 0
+    ):
+        """Compile ``documents``; ``registry`` decides which ``l7proto`` names are known.
+
+        Raises :class:`PolicyError` when a rule left uncompiled at load (its parser was not
+        registered then) fails to compile with ``registry``.
+        """
+        self.documents: tuple[Document, ...] = tuple(documents)
+        self.revision = revision
+        self._matchers: dict[int, tuple[RuleMatcher, ...] | None] = {}
+        problems: list[str] = []
+        by_direction: dict[str, list[_SpecEntry]] = {d: [] for d in DIRECTIONS}
+        for doc in self.documents:
+            for spec in doc.specs:
+                for direction in DIRECTIONS:
+                    rules = tuple(r for r in spec.rules if r.direction == direction)
+                    if rules:
+                        by_direction[direction].append((doc, spec, rules))
+                for rule in spec.rules:
+                    for pr in rule.to_ports:
+                        if pr.l7 is not None:
+                            self._matchers[id(pr.l7)] = self._compile(pr.l7, pr, registry, problems)
+        if problems:
+            raise PolicyError(problems)
+        self._by_direction: dict[str, tuple[_SpecEntry, ...]] = {d: tuple(v) for d, v in by_direction.items()}
+        self._cache: dict[tuple[str, tuple[tuple[str, str], ...]], tuple[_SpecEntry, ...]] = {}
+
+    @staticmethod
+    def _compile(
+        l7: L7Rules, pr: PortRule, registry: ParserLookup | None, problems: list[str]
+    ) -> tuple[RuleMatcher, ...] | None:
+        if registry is None:
+            return l7.matchers
+        if l7.l7proto not in registry:
+            return None  # unknown l7proto: deny-all
+        if l7.matchers is not None:
+            return l7.matchers
+        factory = registry.get(l7.l7proto)
+        out: list[RuleMatcher] = []
+        for i, rule in enumerate(l7.rules):
+            try:
+                out.append(factory.compile_rule(rule))
+            except RuleError as exc:
+                key = f".{exc.key}" if exc.key else ""
+                problems.append(f"{pr.where}: {pr.path}.rules.l7[{i}]{key}: {exc}")
+        return tuple(out)
+
+    # --- lookups --------------------------------------------------------------------------------
+
+    def selecting(self, direction: str, local_labels: Mapping[str, str]) -> tuple[_SpecEntry, ...]:
+        """The (document, spec, rules of that direction) whose selector matches the local labels."""
+        if direction not in DIRECTIONS:
+            raise ValueError(f"direction must be ingress or egress, not {direction!r}")
+        key = (direction, tuple(sorted((str(k), str(v)) for k, v in local_labels.items())))
+        found = self._cache.get(key)
+        if found is None:
+            labels = LabelSet(local_labels)
+            found = tuple(e for e in self._by_direction[direction] if e[1].endpoint_selector.matches(labels))
+            if len(self._cache) >= SELECT_CACHE_SIZE:
+                self._cache.clear()
+            self._cache[key] = found
+        return found
+
+    def connection_policy(
+        self,
+        direction: str,
+        local_labels: Mapping[str, str],
+        remote_ip: str,
+        remote_labels: Mapping[str, str],
+        port: int,
+        l7proto: str | None,
+        audit: bool = False,
+    ) -> ConnectionPolicy:
+        """The verdicts for one connection (see the module docstring for the semantics).
+
+        Raises ValueError for a bad direction or remote address.
+        """
+        return self.evaluate(direction, local_labels, remote_ip, remote_labels, port, l7proto, audit).policy
+
+    def evaluate(
+        self,
+        direction: str,
+        local_labels: Mapping[str, str],
+        remote_ip: str,
+        remote_labels: Mapping[str, str],
+        port: int,
+        l7proto: str | None,
+        audit: bool = False,
+        *,
+        trace: bool = False,
+    ) -> Evaluation:
+        """Like :meth:`connection_policy`, with what matched and why (``trace``: also what did not)."""
+        specs = self.selecting(direction, local_labels)
+        if not specs:
+            policy = ConnectionPolicy(True, f"no policy selects the local endpoint for {direction}")
+            return Evaluation(direction, port, l7proto, (), policy=policy)
+        addr = parse_ip(remote_ip)
+        remote = LabelSet.remote(remote_labels)
+        deny: list[RuleRef] = []
+        allow_l4: list[RuleRef] = []
+        allow_l7: list[tuple[RuleRef, tuple[RuleMatcher, ...]]] = []
+        deny_all: list[tuple[RuleRef, str]] = []
+        ignored: list[tuple[RuleRef, str]] = []
+        not_matching: list[tuple[RuleRef, str]] = []
+        for doc, spec, rules in specs:
+            for rule in rules:
+                if not rule.matches_remote(addr, remote):
+                    if trace:
+                        not_matching.append((RuleRef(doc, spec, rule), "remote does not match"))
+                    continue
+                if not rule.to_ports:
+                    (deny if rule.deny else allow_l4).append(RuleRef(doc, spec, rule))
+                    continue
+                for pr in rule.to_ports:
+                    ref = RuleRef(doc, spec, rule, pr)
+                    if not pr.matches(port):
+                        if trace:
+                            not_matching.append((ref, f"port {port}/TCP does not match"))
+                        continue
+                    l7 = pr.l7
+                    if rule.deny:
+                        deny.append(ref)
+                    elif l7 is None:
+                        allow_l4.append(ref)
+                    elif l7proto is None:
+                        ignored.append(
+                            (ref, f"has l7proto {l7.l7proto} rules, which a plain L4 listener cannot enforce")
+                        )
+                    elif l7.l7proto != l7proto:
+                        deny_all.append((ref, f"l7proto {l7.l7proto} is not the listener's ({l7proto})"))
+                    else:
+                        matchers = self._matchers.get(id(l7))
+                        if matchers is None:
+                            deny_all.append((ref, f"unknown l7proto {l7.l7proto}: no parser of that name"))
+                        else:
+                            allow_l7.append((ref, matchers))
+        policy = _decide(direction, port, l7proto, audit, specs, deny, allow_l4, allow_l7, deny_all, ignored)
+        return Evaluation(
+            direction,
+            port,
+            l7proto,
+            tuple((d, s) for d, s, _ in specs),
+            tuple(deny),
+            tuple(allow_l4),
+            tuple(allow_l7),
+            tuple(deny_all),
+            tuple(ignored),
+            tuple(not_matching),
+            policy,
+        )
+
+
+def _decide(
+    direction: str,
+    port: int,
+    l7proto: str | None,
+    audit: bool,
+    specs: tuple[_SpecEntry, ...],
+    deny: list[RuleRef],
+    allow_l4: list[RuleRef],
+    allow_l7: list[tuple[RuleRef, tuple[RuleMatcher, ...]]],
+    deny_all: list[tuple[RuleRef, str]],
+    ignored: list[tuple[RuleRef, str]],
+) -> ConnectionPolicy:
+    if deny:
+        return _l4_denied(f"denied by {deny[0]} (deny rules win)", deny[0].name, audit)
+    if allow_l4:
+        first = allow_l4[0]
+        return ConnectionPolicy(True, f"allowed by {first}", first.name, always=L7Decision(True, first.name))
+    if l7proto is not None and (allow_l7 or deny_all):
+        first = allow_l7[0][0] if allow_l7 else deny_all[0][0]
+        denied = L7Decision(False, first.name, audit)
+        matchers = tuple((m, L7Decision(True, ref.name)) for ref, ms in allow_l7 for m in ms)
+        if allow_l7:
+            reason = f"allowed by {first}; {l7proto} requests need a matching l7 rule"
+        else:
+            reason = f"allowed by {first}, but every request is denied: {deny_all[0][1]}"
+        return ConnectionPolicy(
+            True, reason, first.name, always=None if matchers else denied, matchers=matchers, denied=denied
+        )
+    if ignored:
+        ref, why = ignored[0]
+        return _l4_denied(f"denied: {ref} {why} (fail closed)", ref.name, audit)
+    names = ", ".join(dict.fromkeys(d.name for d, _, _ in specs))
+    return _l4_denied(
+        f"default deny: {names} select(s) the local endpoint for {direction} and no rule allows "
+        f"this remote on port {port}/TCP",
+        None,
+        audit,
+    )
+
+
+def _l4_denied(reason: str, name: str | None, audit: bool) -> ConnectionPolicy:
+    decision = L7Decision(False, name, audit)
+    return ConnectionPolicy(audit, reason, name, audit, always=decision, denied=decision)

@@ -1,0 +1,186 @@
+"""``proxyd explain``: why a connection between two addresses is allowed or denied.
+
+It resolves both endpoints through the ``identities`` table exactly as the daemon does (DESIGN.md
+section 3: the local endpoint is the destination on ingress and the source on egress; the
+policy port is the destination's port), runs the engine's evaluation with tracing on, and
+prints the local and remote labels, the documents whose specs select the local endpoint, every
+rule that matches (and, of the selecting specs, those that do not, with why), the L3/L4 verdict
+and the ``l7`` rules in force. :func:`explain_data` returns the same as structured data.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Mapping
+from dataclasses import dataclass
+from typing import Any
+
+from proxyd.policy.engine import Evaluation, PolicySet
+from proxyd.policy.identity import IdentityMap
+from proxyd.policy.store import PolicyStore
+
+
+@dataclass(frozen=True, slots=True)
+class Explanation:
+    """What :func:`explain` prints, as data."""
+
+    direction: str
+    src: tuple[str, int]
+    dst: tuple[str, int]
+    local_labels: Mapping[str, str]
+    remote_labels: Mapping[str, str]
+    l7proto: str | None
+    revision: int
+    evaluation: Evaluation
+
+    def as_dict(self) -> dict[str, Any]:
+        ev = self.evaluation
+        pol = ev.policy
+        return {
+            "direction": self.direction,
+            "src": _addr(self.src),
+            "dst": _addr(self.dst),
+            "local_labels": dict(self.local_labels),
+            "remote_labels": dict(self.remote_labels),
+            "l7proto": self.l7proto,
+            "revision": self.revision,
+            "selected_by": [{"document": d.name, "spec": s.path, "where": s.where} for d, s in ev.selecting],
+            "deny": [str(r) for r in ev.deny],
+            "allow": [str(r) for r in ev.allow_l4],
+            "l7_rules": [
+                {
+                    "rule": str(ref),
+                    "l7proto": ref.port_rule.l7.l7proto,
+                    "rules": [dict(r) for r in ref.port_rule.l7.rules],
+                }
+                for ref, _ in ev.allow_l7
+                if ref.port_rule is not None and ref.port_rule.l7 is not None
+            ],
+            "deny_all_l7": [{"rule": str(ref), "why": why} for ref, why in ev.deny_all_l7],
+            "ignored": [{"rule": str(ref), "why": why} for ref, why in ev.ignored],
+            "not_matching": [{"rule": str(ref), "why": why} for ref, why in ev.not_matching],
+            "l4_allowed": pol.l4_allowed and not pol.audit_l4,
+            "l4_reason": pol.l4_reason,
+            "policy": pol.policy_name,
+            "l7": _l7_summary(ev),
+        }
+
+    def text(self) -> str:
+        ev = self.evaluation
+        pol = ev.policy
+        local, remote = ("dst", "src") if self.direction == "ingress" else ("src", "dst")
+        local_addr = self.dst if local == "dst" else self.src
+        remote_addr = self.src if local == "dst" else self.dst
+        lines = [
+            f"direction: {self.direction}   port: {self.dst[1]}/TCP   "
+            f"listener l7proto: {self.l7proto or '(none: plain L4)'}   policy revision: {self.revision}",
+            f"local  ({local}) {_addr(local_addr)}: {_labels(self.local_labels)}",
+            f"remote ({remote}) {_addr(remote_addr)}: {_labels(self.remote_labels)}",
+        ]
+        if not ev.selecting:
+            lines.append(f"selected by: no policy selects the local endpoint for {self.direction}")
+        else:
+            lines.append("selected by:")
+            for doc, spec in ev.selecting:
+                lines.append(
+                    f"  {doc.name} {spec.path} ({spec.where}): endpointSelector {spec.endpoint_selector}"
+                )
+        for title, refs in (
+            ("deny rules matching", ev.deny),
+            ("allow rules matching (all requests)", ev.allow_l4),
+        ):
+            if refs:
+                lines.append(f"{title}:")
+                for ref in refs:
+                    lines.append(f"  {ref}: {ref.rule.describe_l3()}{_ports(ref)}")
+        if ev.allow_l7:
+            lines.append("allow rules matching (with l7 rules):")
+            for ref, _ in ev.allow_l7:
+                lines.append(f"  {ref}: {ref.rule.describe_l3()}{_ports(ref)}")
+        for title, pairs in (
+            ("rules letting the connection in but no request", ev.deny_all_l7),
+            ("matching rules that grant nothing here", ev.ignored),
+            ("rules not matching", ev.not_matching),
+        ):
+            if pairs:
+                lines.append(f"{title}:")
+                for ref, why in pairs:
+                    lines.append(f"  {ref}: {why}")
+        if pol.audit_l4:
+            verdict = "DENIED (audit mode: allowed and logged)"
+        else:
+            verdict = "allowed" if pol.l4_allowed else "DENIED"
+        lines.append(f"L3/L4 verdict: {verdict}: {pol.l4_reason}")
+        lines.append(f"L7: {_l7_summary(ev)}")
+        for ref, _ in ev.allow_l7:
+            pr = ref.port_rule
+            if pr is None or pr.l7 is None:
+                continue
+            for i, rule in enumerate(pr.l7.rules):
+                shown = ", ".join(f"{k}: {v}" for k, v in rule.items()) or "(empty: allows all)"
+                lines.append(f"  - {{{shown}}}   [{ref.name} {pr.path}.rules.l7[{i}]]")
+        return "\n".join(lines) + "\n"
+
+
+def _addr(a: tuple[str, int]) -> str:
+    return f"[{a[0]}]:{a[1]}" if ":" in a[0] else f"{a[0]}:{a[1]}"
+
+
+def _labels(labels: Mapping[str, str]) -> str:
+    if not labels:
+        return "(no labels)"
+    return "{" + ", ".join(f"{k}: {v}" for k, v in sorted(labels.items())) + "}"
+
+
+def _ports(ref: Any) -> str:
+    pr = ref.port_rule
+    if pr is None:
+        return ", all ports"
+    return ", ports " + ", ".join(str(p) for p in pr.ports)
+
+
+def _l7_summary(ev: Evaluation) -> str:
+    pol = ev.policy
+    if not ev.selecting:
+        return "every request allowed (no policy)"
+    if not pol.l4_allowed or pol.audit_l4:
+        return "no request (connection denied)"
+    if ev.l7proto is None:
+        return "not parsed (plain L4 listener)"
+    if pol.always is not None:
+        return "every request allowed" if pol.always.allowed else "every request denied"
+    n = len(pol.matchers)
+    return f"a request is allowed when one of these {n} {ev.l7proto} rule(s) matches"
+
+
+def explain_data(
+    store_or_set: PolicyStore | PolicySet,
+    identities: IdentityMap,
+    direction: str,
+    src: tuple[str, int],
+    dst: tuple[str, int],
+    l7proto: str | None,
+) -> Explanation:
+    """Evaluate the connection ``src`` -> ``dst`` as a listener of ``direction`` would.
+
+    Raises ValueError for a bad direction or address.
+    """
+    pset = store_or_set.current if isinstance(store_or_set, PolicyStore) else store_or_set
+    if direction not in ("ingress", "egress"):
+        raise ValueError(f"direction must be ingress or egress, not {direction!r}")
+    local, remote = (dst, src) if direction == "ingress" else (src, dst)
+    local_labels = identities.labels_for(local[0])
+    remote_labels = identities.labels_for(remote[0])
+    ev = pset.evaluate(direction, local_labels, remote[0], remote_labels, dst[1], l7proto, trace=True)
+    return Explanation(direction, src, dst, local_labels, remote_labels, l7proto, pset.revision, ev)
+
+
+def explain(
+    store_or_set: PolicyStore | PolicySet,
+    identities: IdentityMap,
+    direction: str,
+    src: tuple[str, int],
+    dst: tuple[str, int],
+    l7proto: str | None,
+) -> str:
+    """Human-readable account of the policy for ``src`` -> ``dst`` (see :func:`explain_data`)."""
+    return explain_data(store_or_set, identities, direction, src, dst, l7proto).text()

@@ -1,0 +1,790 @@
+"""Loading policy documents: Cilium's shapes in, validated :mod:`model` objects out, or every problem.
+
+Theory of operation. Sources are YAML files of ``---``-separated documents (``kind:
+CiliumNetworkPolicy`` / ``CiliumClusterwideNetworkPolicy``, or a Kubernetes ``kind: List`` of
+them, as ``kubectl get -o yaml`` writes) and JSON files holding the bare list of rules that
+``cilium policy import`` takes (one document, named after a rule label ``name`` /
+``io.cilium.k8s.policy.name`` or else the file's stem). JSON is parsed by the same line-tracking
+YAML reader (JSON is YAML once its tabs are spaces), so every problem is reported as
+``file:line: field.path: problem``.
+
+Loading fails closed, like Cilium's ``proxylib/policymap.go``: every field of the document is
+either understood and enforced, or an error naming its path; a field Cilium has but proxyd
+cannot enforce (``toFQDNs``, ``rules.http``, ...) is "not supported by proxyd", never ignored
+(DESIGN.md section 4). ``l7`` rules are compiled by the parser factory registered for their
+``l7proto``, so a bad key or regular expression is reported at its line. An ``l7proto`` no
+parser is registered for is *not* an error (the policy may be meant for a daemon with more
+parsers); that port then denies every request (see :mod:`proxyd.policy.engine`) and the
+document carries a warning that ``proxyd check`` prints. All problems of all sources are
+collected and raised together as one :class:`~proxyd.errors.PolicyError`; nothing is ever
+partially loaded. Document names must be unique across all sources.
+"""
+
+from __future__ import annotations
+
+import datetime
+import re
+from collections.abc import Collection, Iterable, Mapping, Sequence
+from pathlib import Path
+from typing import Any, Final, Protocol
+
+from proxyd.errors import PolicyError, RuleError
+from proxyd.parser import ParserFactory, RuleMatcher
+from proxyd.policy.identity import IPNetwork, parse_cidr
+from proxyd.policy.model import (
+    EGRESS,
+    INGRESS,
+    PROTOCOLS,
+    CIDRRule,
+    Document,
+    L7Rules,
+    PortProtocol,
+    PortRule,
+    Rule,
+    Spec,
+)
+from proxyd.policy.selector import OPERATORS, EndpointSelector, Requirement
+from proxyd.yamlsrc import LList, LMap, Where, YamlSyntaxError, load_documents
+
+API_VERSION: Final = "cilium.io/v2"
+KINDS: Final = ("CiliumNetworkPolicy", "CiliumClusterwideNetworkPolicy")
+#: File suffixes read from a policy directory (other files, and dot-files such as the
+#: ``..data`` links of a Kubernetes ConfigMap volume, are skipped).
+POLICY_SUFFIXES: Final = (".yaml", ".yml", ".json")
+NAME_RE: Final = re.compile(r"^[A-Za-z0-9]([-A-Za-z0-9_.]{0,251}[A-Za-z0-9])?$")
+#: Rule labels that name a document in a bare JSON rule list.
+NAME_LABELS: Final = ("io.cilium.k8s.policy.name", "name")
+
+_ENTITIES = "Cilium entities need its identity allocation; use Endpoints selectors or CIDRs (0.0.0.0/0, ::/0)"
+#: Fields of Cilium rules that proxyd knows and refuses, with why (or what to do instead).
+UNSUPPORTED_RULE_FIELDS: Final[Mapping[str, str]] = {
+    "fromEntities": _ENTITIES,
+    "toEntities": _ENTITIES,
+    "fromRequires": "deprecated in Cilium; not enforced",
+    "toRequires": "deprecated in Cilium; not enforced",
+    "fromGroups": "cloud provider groups are not available",
+    "toGroups": "cloud provider groups are not available",
+    "fromNodes": "proxyd has no node identities",
+    "toNodes": "proxyd has no node identities",
+    "toServices": "proxyd does not track Kubernetes services; use toEndpoints or toCIDR",
+    "toFQDNs": "proxyd has no DNS proxy to learn FQDN addresses; use toCIDR",
+    "icmps": "proxyd relays TCP only",
+    "authentication": "mutual authentication is not implemented",
+}
+UNSUPPORTED_SPEC_FIELDS: Final[Mapping[str, str]] = {
+    "nodeSelector": "proxyd has no nodes; use endpointSelector",
+    "enableDefaultDeny": "proxyd always makes a selected direction default-deny",
+}
+UNSUPPORTED_PORT_RULE_FIELDS: Final[Mapping[str, str]] = {
+    "terminatingTLS": "TLS interception is not implemented",
+    "originatingTLS": "TLS interception is not implemented",
+    "serverNames": "SNI matching is not implemented",
+    "listener": "Envoy listeners are not available",
+}
+_L7_HINT = "proxyd enforces the l7proto parsers it has; write `l7proto: NAME` with `l7` rules"
+UNSUPPORTED_L7_FIELDS: Final[Mapping[str, str]] = {
+    "http": _L7_HINT,
+    "kafka": _L7_HINT,
+    "dns": _L7_HINT,
+}
+UNSUPPORTED_CIDR_SET_FIELDS: Final[Mapping[str, str]] = {
+    "cidrGroupRef": "CIDR groups are not available",
+    "cidrGroupSelector": "CIDR groups are not available",
+}
+#: metadata fields a Kubernetes API server fills in; read and ignored (they say nothing about
+#: what to enforce), so `kubectl get cnp -o yaml` output loads as is.
+SERVER_METADATA: Final = frozenset(
+    {"uid", "resourceVersion", "generation", "creationTimestamp", "managedFields", "selfLink"}
+)
+
+
+class ParserLookup(Protocol):
+    """What the loader needs of :class:`proxyd.registry.Registry`."""
+
+    def get(self, name: str) -> ParserFactory: ...
+
+    def __contains__(self, name: object) -> bool: ...
+
+
+def _join(path: str, key: str) -> str:
+    return f"{path}.{key}" if path else key
+
+
+def _typename(value: Any) -> str:
+    if isinstance(value, dict):
+        return "a mapping"
+    if isinstance(value, list):
+        return "a list"
+    if value is None:
+        return "null"
+    return f"{type(value).__name__} {value!r}"
+
+
+def plain(value: Any) -> Any:
+    """``value`` as JSON-able data (line-tracking containers become dicts and lists)."""
+    if isinstance(value, dict):
+        return {str(k): plain(v) for k, v in value.items()}
+    if isinstance(value, list):
+        return [plain(v) for v in value]
+    if isinstance(value, (datetime.date, datetime.datetime)):
+        return value.isoformat()
+    if value is None or isinstance(value, (str, int, float, bool)):
+        return value
+    return str(value)
+
+
+class _Loader:
+    """Accumulates problems over any number of sources."""
+
+    def __init__(self, registry: ParserLookup) -> None:
+        self.registry = registry
+        self.problems: list[str] = []
+        self._warnings: list[str] = []
+
+    # --- reporting ---------------------------------------------------------------------------
+
+    def err(self, where: Where | str, path: str, message: str) -> None:
+        self.problems.append(f"{where}: {path}: {message}" if path else f"{where}: {message}")
+
+    def warn(self, where: Where | str, path: str, message: str) -> None:
+        self._warnings.append(f"{where}: {path}: {message}")
+
+    def fields(
+        self,
+        node: LMap,
+        path: str,
+        allowed: Collection[str],
+        unsupported: Mapping[str, str] | None = None,
+    ) -> None:
+        for key in node:
+            if key in allowed:
+                continue
+            if unsupported and key in unsupported:
+                self.err(
+                    node.where_of(key), _join(path, key), f"not supported by proxyd ({unsupported[key]})"
+                )
+            else:
+                self.err(
+                    node.where_of(key), _join(path, key), f"unknown field (expected: {', '.join(allowed)})"
+                )
+
+    # --- typed access ------------------------------------------------------------------------
+
+    def as_map(self, value: Any, where: Where, path: str, hint: str = "") -> LMap | None:
+        if isinstance(value, LMap):
+            return value
+        self.err(where, path, f"must be a mapping, not {_typename(value)}{hint}")
+        return None
+
+    def as_list(self, value: Any, where: Where, path: str) -> LList | None:
+        if isinstance(value, LList):
+            return value
+        self.err(where, path, f"must be a list, not {_typename(value)}")
+        return None
+
+    def as_str(self, value: Any, where: Where, path: str) -> str | None:
+        if isinstance(value, str):
+            return value
+        # YAML reads `1` and `1.5` as numbers where Kubernetes expects strings: accept those.
+        if isinstance(value, (int, float)) and not isinstance(value, bool):
+            return str(value)
+        self.err(where, path, f"must be a string, not {_typename(value)}")
+        return None
+
+    def items(self, node: LMap, key: str, path: str) -> Iterable[tuple[Any, Where, str]]:
+        """The items of list field ``key`` with where each is and its path."""
+        lst = self.as_list(node[key], node.where_of(key), _join(path, key))
+        if lst is None:
+            return []
+        return [(item, lst.where_of(i), f"{_join(path, key)}[{i}]") for i, item in enumerate(lst)]
+
+    # --- sources -----------------------------------------------------------------------------
+
+    def parse_source(self, text: str, source: str) -> list[Document]:
+        stripped = text.lstrip()
+        if source.endswith(".json") or stripped.startswith(("[", "{")):
+            # Valid JSON has tabs only between tokens, where YAML does not accept them.
+            text = text.replace("\t", " ")
+        try:
+            loaded = list(load_documents(text, source))
+        except YamlSyntaxError as exc:
+            self.problems.append(str(exc))
+            return []
+        docs: list[Document] = []
+        for node, where in loaded:
+            docs.extend(self.top(node, where, source))
+        return docs
+
+    def top(self, node: Any, where: Where, source: str) -> list[Document]:
+        if node is None:
+            return []
+        if isinstance(node, LList):
+            if any(isinstance(item, LMap) and ("apiVersion" in item or "kind" in item) for item in node):
+                return self.documents_in(node, "", source)
+            doc = self.bare_rules(node, where, source)
+            return [doc] if doc else []
+        if isinstance(node, LMap):
+            if node.get("kind") == "List":
+                self.fields(node, "", ("apiVersion", "kind", "items", "metadata"))
+                if "items" not in node:
+                    return []
+                lst = self.as_list(node["items"], node.where_of("items"), "items")
+                return self.documents_in(lst, "items", source) if lst is not None else []
+            doc = self.cnp(node, where, source, "")
+            return [doc] if doc else []
+        self.err(where, "", f"a policy document must be a mapping or a list of rules, not {_typename(node)}")
+        return []
+
+    def documents_in(self, lst: LList, path: str, source: str) -> list[Document]:
+        docs = []
+        for i, item in enumerate(lst):
+            m = self.as_map(item, lst.where_of(i), f"{path}[{i}]")
+            if m is not None:
+                doc = self.cnp(m, lst.where_of(i), source, f"{path}[{i}]")
+                if doc:
+                    docs.append(doc)
+        return docs
+
+    def cnp(self, node: LMap, where: Where, source: str, path: str) -> Document | None:
+        start = len(self.problems)
+        self._warnings = []
+        self.fields(node, path, ("apiVersion", "kind", "metadata", "spec", "specs", "status"))
+        if node.get("apiVersion") != API_VERSION:
+            self.err(
+                node.where_of("apiVersion"),
+                _join(path, "apiVersion"),
+                f"must be {API_VERSION}" + ("" if "apiVersion" in node else " (missing)"),
+            )
+        kind = node.get("kind")
+        if kind not in KINDS:
+            self.err(
+                node.where_of("kind"),
+                _join(path, "kind"),
+                f"must be one of {', '.join(KINDS)}" + ("" if "kind" in node else " (missing)"),
+            )
+        name: str | None = None
+        namespace: str | None = None
+        if "metadata" not in node:
+            self.err(where, _join(path, "metadata"), "missing (metadata.name names the document)")
+        else:
+            meta = self.as_map(node["metadata"], node.where_of("metadata"), _join(path, "metadata"))
+            if meta is not None:
+                mpath = _join(path, "metadata")
+                self.fields(
+                    meta, mpath, ("name", "namespace", "labels", "annotations", *sorted(SERVER_METADATA))
+                )
+                if "name" not in meta:
+                    self.err(meta.where, _join(mpath, "name"), "missing")
+                else:
+                    name = self.name(meta["name"], meta.where_of("name"), _join(mpath, "name"))
+                if "namespace" in meta:
+                    namespace = self.as_str(
+                        meta["namespace"], meta.where_of("namespace"), _join(mpath, "namespace")
+                    )
+        specs: list[Spec] = []
+        if "spec" not in node and "specs" not in node:
+            self.err(where, _join(path, "spec"), "missing (give spec or specs)")
+        if "spec" in node:
+            spec = self.spec(node["spec"], node.where_of("spec"), _join(path, "spec"))
+            if spec:
+                specs.append(spec)
+        if "specs" in node:
+            for item, iwhere, ipath in self.items(node, "specs", path):
+                spec = self.spec(item, iwhere, ipath)
+                if spec:
+                    specs.append(spec)
+        if len(self.problems) > start or name is None:
+            return None
+        raw = plain({k: v for k, v in node.items() if k != "status"})
+        return Document(
+            name=name,
+            specs=tuple(specs),
+            source=source,
+            kind=str(kind),
+            namespace=namespace,
+            where=str(where),
+            raw=raw,
+            warnings=tuple(self._warnings),
+        )
+
+    def bare_rules(self, node: LList, where: Where, source: str) -> Document | None:
+        start = len(self.problems)
+        self._warnings = []
+        specs: list[Spec] = []
+        name: str | None = None
+        for i, item in enumerate(node):
+            spec = self.spec(item, node.where_of(i), f"[{i}]")
+            if spec:
+                specs.append(spec)
+                for key, value in spec.labels:
+                    if name is None and key in NAME_LABELS:
+                        name = value
+        if name is None:
+            stem = re.sub(r"[^-A-Za-z0-9_.]+", "-", Path(source).stem).strip("-_.")
+            name = stem or "imported"
+        elif not NAME_RE.match(name):
+            self.err(where, "labels.name", f"{name!r} is not a valid policy name")
+        if len(self.problems) > start:
+            return None
+        raw = {
+            "apiVersion": API_VERSION,
+            "kind": "CiliumNetworkPolicy",
+            "metadata": {"name": name},
+            "specs": plain(node),
+        }
+        return Document(name, tuple(specs), source, where=str(where), raw=raw, warnings=tuple(self._warnings))
+
+    def name(self, value: Any, where: Where, path: str) -> str | None:
+        name = self.as_str(value, where, path)
+        if name is not None and not NAME_RE.match(name):
+            self.err(where, path, f"{name!r} is not a valid name (letters, digits, '-', '_', '.')")
+            return None
+        return name
+
+    # --- spec and rules ----------------------------------------------------------------------
+
+    def spec(self, value: Any, where: Where, path: str) -> Spec | None:
+        node = self.as_map(value, where, path)
+        if node is None:
+            return None
+        start = len(self.problems)
+        sections = ("ingress", "egress", "ingressDeny", "egressDeny")
+        self.fields(
+            node, path, ("endpointSelector", *sections, "description", "labels"), UNSUPPORTED_SPEC_FIELDS
+        )
+        selector: EndpointSelector | None = None
+        if "endpointSelector" not in node:
+            self.err(node.where, _join(path, "endpointSelector"), "missing (use {} to select every endpoint)")
+        else:
+            selector = self.selector(
+                node["endpointSelector"], node.where_of("endpointSelector"), _join(path, "endpointSelector")
+            )
+        rules: list[Rule] = []
+        for section in sections:
+            if section not in node:
+                continue
+            direction = INGRESS if section.startswith(INGRESS) else EGRESS
+            deny = section.endswith("Deny")
+            if node[section] is None:
+                continue  # `ingress:` with nothing: no rules, as an empty list
+            for item, iwhere, ipath in self.items(node, section, path):
+                rule = self.rule(item, iwhere, ipath, direction, deny)
+                if rule:
+                    rules.append(rule)
+        description = ""
+        if "description" in node:
+            description = (
+                self.as_str(node["description"], node.where_of("description"), _join(path, "description"))
+                or ""
+            )
+        labels: list[tuple[str, str]] = []
+        if "labels" in node:
+            for item, iwhere, ipath in self.items(node, "labels", path):
+                label = self.rule_label(item, iwhere, ipath)
+                if label:
+                    labels.append(label)
+        if len(self.problems) > start or selector is None:
+            return None
+        return Spec(selector, tuple(rules), description, tuple(labels), path, str(where))
+
+    def rule_label(self, value: Any, where: Where, path: str) -> tuple[str, str] | None:
+        if isinstance(value, str):
+            key, _, val = value.partition("=")
+            return key.partition(":")[2] if ":" in key else key, val
+        node = self.as_map(value, where, path, " (expected {key, value, source})")
+        if node is None:
+            return None
+        self.fields(node, path, ("key", "value", "source"))
+        if "key" not in node:
+            self.err(node.where, _join(path, "key"), "missing")
+            return None
+        lkey = self.as_str(node["key"], node.where_of("key"), _join(path, "key"))
+        lval = self.as_str(node.get("value", ""), node.where_of("value"), _join(path, "value"))
+        if "source" in node:
+            self.as_str(node["source"], node.where_of("source"), _join(path, "source"))
+        if lkey is None or lval is None:
+            return None
+        return lkey, lval
+
+    def selector(self, value: Any, where: Where, path: str) -> EndpointSelector | None:
+        node = self.as_map(value, where, path, " (use {} to select every endpoint)")
+        if node is None:
+            return None
+        start = len(self.problems)
+        self.fields(node, path, ("matchLabels", "matchExpressions"))
+        reqs: list[Requirement] = []
+        if "matchLabels" in node and node["matchLabels"] is not None:
+            mpath = _join(path, "matchLabels")
+            ml = self.as_map(node["matchLabels"], node.where_of("matchLabels"), mpath)
+            if ml is not None:
+                for key, val in ml.items():
+                    kpath = _join(mpath, key)
+                    if isinstance(val, bool) or val is None:
+                        self.err(
+                            ml.where_of(key),
+                            kpath,
+                            f"label value must be a string, not {_typename(val)}"
+                            + (" (quote it)" if isinstance(val, bool) else ""),
+                        )
+                        continue
+                    sval = self.as_str(val, ml.where_of(key), kpath)
+                    if self.label_key(key, ml.where_of(key), kpath) and sval is not None:
+                        reqs.append(Requirement(key, "In", frozenset([sval])))
+        if "matchExpressions" in node and node["matchExpressions"] is not None:
+            for item, iwhere, ipath in self.items(node, "matchExpressions", path):
+                req = self.requirement(item, iwhere, ipath)
+                if req:
+                    reqs.append(req)
+        if len(self.problems) > start:
+            return None
+        return EndpointSelector(tuple(reqs))
+
+    def label_key(self, key: str, where: Where, path: str) -> bool:
+        if not key or key.startswith(":") or key.endswith(":"):
+            self.err(where, path, f"{key!r} is not a label key")
+            return False
+        return True
+
+    def requirement(self, value: Any, where: Where, path: str) -> Requirement | None:
+        node = self.as_map(value, where, path)
+        if node is None:
+            return None
+        self.fields(node, path, ("key", "operator", "values"))
+        key = op = None
+        if "key" not in node:
+            self.err(node.where, _join(path, "key"), "missing")
+        else:
+            key = self.as_str(node["key"], node.where_of("key"), _join(path, "key"))
+            if key is not None and not self.label_key(key, node.where_of("key"), _join(path, "key")):
+                key = None
+        if "operator" not in node:
+            self.err(node.where, _join(path, "operator"), f"missing (one of {', '.join(OPERATORS)})")
+        elif node["operator"] not in OPERATORS:
+            self.err(
+                node.where_of("operator"),
+                _join(path, "operator"),
+                f"must be one of {', '.join(OPERATORS)}, not {node['operator']!r}",
+            )
+        else:
+            op = str(node["operator"])
+        values: list[str] = []
+        if "values" in node and node["values"] is not None:
+            for item, iwhere, ipath in self.items(node, "values", path):
+                sval = self.as_str(item, iwhere, ipath)
+                if sval is not None:
+                    values.append(sval)
+        if op in ("In", "NotIn") and not values:
+            self.err(node.where_of("values"), _join(path, "values"), f"{op} needs at least one value")
+            return None
+        if op in ("Exists", "DoesNotExist") and values:
+            self.err(node.where_of("values"), _join(path, "values"), f"{op} takes no values")
+            return None
+        if key is None or op is None:
+            return None
+        return Requirement(key, op, frozenset(values))
+
+    def rule(self, value: Any, where: Where, path: str, direction: str, deny: bool) -> Rule | None:
+        node = self.as_map(value, where, path)
+        if node is None:
+            return None
+        start = len(self.problems)
+        side = "from" if direction == INGRESS else "to"
+        l3_fields = (f"{side}Endpoints", f"{side}CIDR", f"{side}CIDRSet")
+        self.fields(node, path, (*l3_fields, "toPorts"), UNSUPPORTED_RULE_FIELDS)
+        given = [f for f in l3_fields if node.get(f)]
+        if len(given) > 1:
+            self.err(
+                where,
+                path,
+                f"combining {given[0]} and {given[1]} in one rule is not supported "
+                "(as in Cilium); write one rule for each",
+            )
+        endpoints: list[EndpointSelector] = []
+        cidrs: list[CIDRRule] = []
+        if node.get(l3_fields[0]):
+            for item, iwhere, ipath in self.items(node, l3_fields[0], path):
+                sel = self.selector(item, iwhere, ipath)
+                if sel is not None:
+                    endpoints.append(sel)
+        if node.get(l3_fields[1]):
+            for item, iwhere, ipath in self.items(node, l3_fields[1], path):
+                text = self.as_str(item, iwhere, ipath)
+                net = self.cidr(text, iwhere, ipath) if text is not None else None
+                if net is not None:
+                    cidrs.append(CIDRRule(net))
+        if node.get(l3_fields[2]):
+            for item, iwhere, ipath in self.items(node, l3_fields[2], path):
+                rule = self.cidr_set(item, iwhere, ipath)
+                if rule is not None:
+                    cidrs.append(rule)
+        ports: list[PortRule] = []
+        if node.get("toPorts"):
+            for item, iwhere, ipath in self.items(node, "toPorts", path):
+                pr = self.port_rule(item, iwhere, ipath, deny)
+                if pr is not None:
+                    ports.append(pr)
+        if len(self.problems) > start:
+            return None
+        return Rule(direction, deny, tuple(endpoints), tuple(cidrs), tuple(ports), path, str(where))
+
+    def cidr(self, text: str, where: Where, path: str) -> IPNetwork | None:
+        try:
+            return parse_cidr(text)
+        except ValueError as exc:
+            self.err(where, path, str(exc))
+            return None
+
+    def cidr_set(self, value: Any, where: Where, path: str) -> CIDRRule | None:
+        node = self.as_map(value, where, path)
+        if node is None:
+            return None
+        self.fields(node, path, ("cidr", "except"), UNSUPPORTED_CIDR_SET_FIELDS)
+        if "cidr" not in node:
+            if not any(k in node for k in UNSUPPORTED_CIDR_SET_FIELDS):
+                self.err(node.where, _join(path, "cidr"), "missing")
+            return None
+        text = self.as_str(node["cidr"], node.where_of("cidr"), _join(path, "cidr"))
+        net = self.cidr(text, node.where_of("cidr"), _join(path, "cidr")) if text is not None else None
+        excepts: list[IPNetwork] = []
+        if "except" in node and node["except"] is not None:
+            for item, iwhere, ipath in self.items(node, "except", path):
+                etext = self.as_str(item, iwhere, ipath)
+                ex = self.cidr(etext, iwhere, ipath) if etext is not None else None
+                if ex is None or net is None:
+                    continue
+                if ex.version != net.version or not ex.subnet_of(net):  # type: ignore[arg-type]
+                    self.err(iwhere, ipath, f"{ex} is not inside {net}")
+                    continue
+                excepts.append(ex)
+        if net is None:
+            return None
+        return CIDRRule(net, tuple(excepts))
+
+    def port_rule(self, value: Any, where: Where, path: str, deny: bool) -> PortRule | None:
+        node = self.as_map(value, where, path)
+        if node is None:
+            return None
+        start = len(self.problems)
+        self.fields(node, path, ("ports", "rules"), UNSUPPORTED_PORT_RULE_FIELDS)
+        ports: list[PortProtocol] = []
+        if not node.get("ports"):
+            self.err(node.where_of("ports"), _join(path, "ports"), "needs at least one port")
+        else:
+            for item, iwhere, ipath in self.items(node, "ports", path):
+                pp = self.port(item, iwhere, ipath)
+                if pp is not None:
+                    ports.append(pp)
+        l7: L7Rules | None = None
+        if "rules" in node:
+            rpath = _join(path, "rules")
+            if deny:
+                self.err(
+                    node.where_of("rules"), rpath, "L7 rules are not allowed in deny rules (as in Cilium)"
+                )
+            else:
+                l7 = self.l7_rules(node["rules"], node.where_of("rules"), rpath, ports)
+        if len(self.problems) > start:
+            return None
+        return PortRule(tuple(ports), l7, path, str(where))
+
+    def port(self, value: Any, where: Where, path: str) -> PortProtocol | None:
+        node = self.as_map(value, where, path)
+        if node is None:
+            return None
+        start = len(self.problems)
+        self.fields(node, path, ("port", "endPort", "protocol"))
+        port: int | None = None
+        if "port" not in node:
+            self.err(node.where, _join(path, "port"), "missing (use 0 for all ports)")
+        else:
+            port = self.port_number(node["port"], node.where_of("port"), _join(path, "port"))
+        end = port
+        if "endPort" in node:
+            end = self.port_number(node["endPort"], node.where_of("endPort"), _join(path, "endPort"))
+            if end is not None and port is not None and (port == 0 or end < port):
+                self.err(
+                    node.where_of("endPort"),
+                    _join(path, "endPort"),
+                    f"must be at least port ({port}), and port must not be 0",
+                )
+        protocol = "ANY"
+        if "protocol" in node:
+            proto = node["protocol"]
+            if proto not in PROTOCOLS:
+                self.err(
+                    node.where_of("protocol"),
+                    _join(path, "protocol"),
+                    f"must be one of {', '.join(PROTOCOLS)}, not {proto!r}",
+                )
+            else:
+                protocol = str(proto)
+                if protocol not in ("TCP", "ANY"):
+                    self.warn(
+                        node.where_of("protocol"),
+                        _join(path, "protocol"),
+                        f"{protocol} never matches: proxyd relays TCP only",
+                    )
+        if len(self.problems) > start or port is None or end is None:
+            return None
+        return PortProtocol(port, end, protocol)
+
+    def port_number(self, value: Any, where: Where, path: str) -> int | None:
+        if isinstance(value, str) and value.strip().isdigit():
+            value = int(value.strip())
+        if isinstance(value, str):
+            self.err(where, path, f"named port {value!r} is not supported by proxyd (use the number)")
+            return None
+        if not isinstance(value, int) or isinstance(value, bool) or not 0 <= value <= 65535:
+            self.err(where, path, f"must be a port number 0-65535, not {_typename(value)}")
+            return None
+        return value
+
+    def l7_rules(self, value: Any, where: Where, path: str, ports: Sequence[PortProtocol]) -> L7Rules | None:
+        node = self.as_map(value, where, path)
+        if node is None:
+            return None
+        start = len(self.problems)
+        self.fields(node, path, ("l7proto", "l7"), UNSUPPORTED_L7_FIELDS)
+        if any(k in node for k in UNSUPPORTED_L7_FIELDS):
+            return None
+        proto: str | None = None
+        if "l7proto" not in node:
+            self.err(node.where, _join(path, "l7proto"), "missing (the parser that enforces the l7 rules)")
+        else:
+            proto = self.as_str(node["l7proto"], node.where_of("l7proto"), _join(path, "l7proto"))
+        if not node.get("l7"):
+            self.err(
+                node.where_of("l7"),
+                _join(path, "l7"),
+                "needs at least one rule (`l7: [{}]` allows every request)",
+            )
+            return None
+        rules: list[dict[str, str]] = []
+        wheres: list[tuple[LMap, str]] = []
+        for item, iwhere, ipath in self.items(node, "l7", path):
+            m = self.as_map(item, iwhere, ipath, " of string keys and values")
+            if m is None:
+                continue
+            rule: dict[str, str] = {}
+            for key, val in m.items():
+                sval = self.as_str(val, m.where_of(key), _join(ipath, key))
+                if sval is not None:
+                    rule[key] = sval
+            rules.append(rule)
+            wheres.append((m, ipath))
+        if len(self.problems) > start or proto is None:
+            return None
+        matchers: list[RuleMatcher] | None = None
+        if proto in self.registry:
+            factory = self.registry.get(proto)
+            matchers = []
+            for rule, (m, ipath) in zip(rules, wheres, strict=True):
+                try:
+                    matchers.append(factory.compile_rule(rule))
+                except RuleError as exc:
+                    bad = exc.key
+                    at = m.where_of(bad) if bad is not None else m.where
+                    self.err(at, _join(ipath, bad) if bad else ipath, str(exc))
+                except Exception as exc:
+                    self.err(
+                        m.where, ipath, f"l7proto {proto!r} rule compiler failed: {type(exc).__name__}: {exc}"
+                    )
+        else:
+            port_text = ", ".join(str(p) for p in ports)
+            self.warn(
+                node.where_of("l7proto"),
+                _join(path, "l7proto"),
+                f"unknown l7proto {proto!r} (no parser of that name): port {port_text} denies every request",
+            )
+        if len(self.problems) > start:
+            return None
+        return L7Rules(
+            proto,
+            tuple(rules),
+            tuple(matchers) if matchers is not None else None,
+            str(node.where_of("l7proto")),
+        )
+
+    # --- whole load ----------------------------------------------------------------------------
+
+    def check_names(self, docs: Sequence[Document], taken: Mapping[str, Document] | None = None) -> None:
+        seen: dict[str, Document] = dict(taken or {})
+        for doc in docs:
+            other = seen.get(doc.name)
+            if other is not None:
+                self.err(
+                    doc.where,
+                    "metadata.name",
+                    f"duplicate policy name {doc.name!r} (also in {other.where or other.source})",
+                )
+            else:
+                seen[doc.name] = doc
+
+    def finish(self) -> None:
+        if self.problems:
+            raise PolicyError(self.problems)
+
+
+def policy_files(path: Path) -> list[Path]:
+    """The files a policy path stands for: itself, or a directory's policy files, sorted."""
+    if path.is_dir():
+        return sorted(
+            p
+            for p in path.iterdir()
+            if p.suffix in POLICY_SUFFIXES and not p.name.startswith(".") and p.is_file()
+        )
+    return [path]
+
+
+def load_paths(
+    paths: Sequence[Path],
+    registry: ParserLookup,
+    *,
+    taken: Mapping[str, Document] | None = None,
+) -> list[Document]:
+    """Load every document of ``paths`` (files, or directories of ``*.yaml|*.yml|*.json``).
+
+    ``taken`` holds documents from elsewhere (imported ones) whose names may not be reused.
+    Raises :class:`PolicyError` with every problem of every file; nothing is partially loaded.
+    """
+    loader = _Loader(registry)
+    docs: list[Document] = []
+    for path in paths:
+        path = Path(path)
+        if not path.exists():
+            loader.err(f"{path}:0", "", "no such file or directory")
+            continue
+        for file in policy_files(path):
+            try:
+                text = file.read_text(encoding="utf-8")
+            except (OSError, UnicodeDecodeError) as exc:
+                loader.err(f"{file}:0", "", f"cannot read: {exc}")
+                continue
+            docs.extend(loader.parse_source(text, str(file)))
+    loader.check_names(docs, taken)
+    loader.finish()
+    return docs
+
+
+def parse_text(
+    text: str,
+    source: str,
+    registry: ParserLookup,
+    *,
+    taken: Mapping[str, Document] | None = None,
+) -> list[Document]:
+    """Parse documents given as text (YAML, or JSON: CNP objects or a bare rule list).
+
+    ``source`` names the text in messages (``source:line: path: problem``). Raises
+    :class:`PolicyError` with every problem found.
+    """
+    loader = _Loader(registry)
+    docs = loader.parse_source(text, source)
+    loader.check_names(docs, taken)
+    loader.finish()
+    return docs
+
+
+def warnings(docs: Iterable[Document]) -> list[str]:
+    """Every warning of ``docs`` (unknown ``l7proto``, UDP/SCTP ports), for ``proxyd check``."""
+    return [w for doc in docs for w in doc.warnings]

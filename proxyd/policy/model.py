@@ -1,0 +1,206 @@
+"""The policy model: immutable, validated values built by :mod:`proxyd.policy.loader`.
+
+A :class:`Document` is one ``CiliumNetworkPolicy`` (or one JSON file of bare rules); it holds
+one :class:`Spec` per ``spec`` / ``specs`` entry, each with an endpoint selector and its
+:class:`Rule` list (``ingress``, ``egress``, ``ingressDeny``, ``egressDeny`` entries). Rules keep
+their field path and source line so that ``explain`` and error messages can point at them.
+Everything here is checked when built; the enforcement engine (:mod:`proxyd.policy.engine`)
+only reads it.
+
+Rule semantics, as in Cilium (DESIGN.md section 4):
+
+- a rule's L3 part is its endpoint selectors *or* its CIDR rules (Cilium does not allow both in
+  one rule); a rule without an L3 part matches every remote when it has ``toPorts``, and
+  matches nothing when it has neither (Cilium's ``ingress: [{}]``, "default deny");
+- a rule without ``toPorts`` matches every port; ``port: 0`` matches every port; ``endPort``
+  makes a range. proxyd only relays TCP, so ``UDP`` / ``SCTP`` ports never match (they describe
+  traffic proxyd does not see, and the loader warns about them); ``TCP`` and ``ANY`` do.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Mapping
+from dataclasses import dataclass, field
+from typing import Any, Final
+
+from proxyd.parser import RuleMatcher
+from proxyd.policy.identity import IPAddress, IPNetwork, parse_ip
+from proxyd.policy.selector import EndpointSelector, LabelSet
+
+INGRESS: Final = "ingress"
+EGRESS: Final = "egress"
+DIRECTIONS: Final = (INGRESS, EGRESS)
+#: Protocols that match a TCP connection.
+TCP_PROTOCOLS: Final = frozenset({"TCP", "ANY"})
+PROTOCOLS: Final = ("TCP", "UDP", "SCTP", "ANY")
+
+
+@dataclass(frozen=True, slots=True)
+class CIDRRule:
+    """``fromCIDR`` / ``toCIDR`` entry, or ``fromCIDRSet`` / ``toCIDRSet`` with ``except``."""
+
+    cidr: IPNetwork
+    except_: tuple[IPNetwork, ...] = ()
+
+    def contains(self, addr: IPAddress) -> bool:
+        if addr not in self.cidr:
+            return False
+        return not any(addr in ex for ex in self.except_)
+
+    def __str__(self) -> str:
+        if self.except_:
+            return f"{self.cidr} except {', '.join(str(e) for e in self.except_)}"
+        return str(self.cidr)
+
+
+@dataclass(frozen=True, slots=True)
+class PortProtocol:
+    """One ``toPorts[].ports[]`` entry: ``port`` (0 = all) up to ``end_port``, and protocol."""
+
+    port: int
+    end_port: int
+    protocol: str = "ANY"
+
+    def matches(self, port: int) -> bool:
+        """Whether a TCP connection to ``port`` matches."""
+        if self.protocol not in TCP_PROTOCOLS:
+            return False
+        return self.port == 0 or self.port <= port <= self.end_port
+
+    def __str__(self) -> str:
+        if self.port == 0:
+            where = "*"
+        elif self.end_port != self.port:
+            where = f"{self.port}-{self.end_port}"
+        else:
+            where = str(self.port)
+        return f"{where}/{self.protocol}"
+
+
+@dataclass(frozen=True, slots=True)
+class L7Rules:
+    """``toPorts[].rules``: ``l7proto`` and its key-value ``l7`` rules.
+
+    ``matchers`` holds the compiled rules, in order; it is None when no parser of that name was
+    registered at load time, which makes the port deny-all for L7 requests.
+    """
+
+    l7proto: str
+    rules: tuple[Mapping[str, str], ...]
+    matchers: tuple[RuleMatcher, ...] | None = field(default=None, compare=False)
+    where: str = ""
+
+    @property
+    def known(self) -> bool:
+        return self.matchers is not None
+
+
+@dataclass(frozen=True, slots=True)
+class PortRule:
+    """One ``toPorts`` entry: the ports it names and, optionally, their L7 rules."""
+
+    ports: tuple[PortProtocol, ...]
+    l7: L7Rules | None = None
+    path: str = ""
+    where: str = ""
+
+    def matches(self, port: int) -> bool:
+        return any(p.matches(port) for p in self.ports)
+
+
+@dataclass(frozen=True, slots=True)
+class Rule:
+    """One entry of ``ingress``, ``egress``, ``ingressDeny`` or ``egressDeny``."""
+
+    direction: str  # ingress | egress
+    deny: bool
+    endpoints: tuple[EndpointSelector, ...] = ()
+    cidrs: tuple[CIDRRule, ...] = ()
+    to_ports: tuple[PortRule, ...] = ()
+    path: str = ""
+    where: str = ""
+
+    @property
+    def section(self) -> str:
+        """The policy field this rule came from: ``ingress``, ``egressDeny``, ..."""
+        return self.direction + ("Deny" if self.deny else "")
+
+    @property
+    def has_l3(self) -> bool:
+        return bool(self.endpoints or self.cidrs)
+
+    def matches_remote(self, addr: IPAddress, labels: LabelSet) -> bool:
+        """Whether the rule's L3 part matches the remote endpoint (see module docstring)."""
+        if self.endpoints:
+            return any(sel.matches(labels) for sel in self.endpoints)
+        if self.cidrs:
+            return any(c.contains(addr) for c in self.cidrs)
+        return bool(self.to_ports)
+
+    def describe_l3(self) -> str:
+        side = "from" if self.direction == INGRESS else "to"
+        if self.endpoints:
+            return f"{side}Endpoints " + " | ".join(str(s) for s in self.endpoints)
+        if self.cidrs:
+            return f"{side}CIDR " + " | ".join(str(c) for c in self.cidrs)
+        if self.to_ports:
+            return "any remote"
+        return "no remote (empty rule: default deny)"
+
+
+@dataclass(frozen=True, slots=True)
+class Spec:
+    """One ``spec`` (or ``specs[i]``): which endpoints it selects and its rules."""
+
+    endpoint_selector: EndpointSelector
+    rules: tuple[Rule, ...]
+    description: str = ""
+    labels: tuple[tuple[str, str], ...] = ()
+    path: str = "spec"
+    where: str = ""
+
+    def selects_direction(self, direction: str) -> bool:
+        """Whether this spec has any rule (allow or deny) for ``direction``.
+
+        A selected endpoint becomes default-deny only in the directions its specs have rules
+        for; a deny rule counts as in Cilium.
+        """
+        return any(r.direction == direction for r in self.rules)
+
+
+@dataclass(frozen=True, slots=True)
+class Document:
+    """One policy document: a CiliumNetworkPolicy, or a JSON file of bare rules."""
+
+    name: str
+    specs: tuple[Spec, ...]
+    source: str  # file path, or where an imported document came from
+    kind: str = "CiliumNetworkPolicy"
+    namespace: str | None = None
+    where: str = ""
+    #: The document as JSON-able data, in CiliumNetworkPolicy shape (for GET /v1/policy and
+    #: for persisting imported documents).
+    raw: Mapping[str, Any] = field(default_factory=dict, compare=False)
+    #: Things ``proxyd check`` should report that do not make the document invalid.
+    warnings: tuple[str, ...] = ()
+
+
+def addr_of(ip: str) -> IPAddress:
+    """Parse a remote address for CIDR matching (IPv4-mapped IPv6 becomes IPv4)."""
+    return parse_ip(ip)
+
+
+__all__ = [
+    "DIRECTIONS",
+    "EGRESS",
+    "INGRESS",
+    "CIDRRule",
+    "Document",
+    "EndpointSelector",
+    "L7Rules",
+    "PortProtocol",
+    "PortRule",
+    "Rule",
+    "Spec",
+    "addr_of",
+]

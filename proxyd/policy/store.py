@@ -1,0 +1,276 @@
+"""The policy in force: file documents plus imported ones, swapped whole on every change.
+
+Theory of operation (DESIGN.md section 4, "Policy changes"). The store holds one immutable
+:class:`~proxyd.policy.engine.PolicySet` and a revision number that only goes up. Every change
+(re-reading ``policy.paths`` on SIGHUP or when :meth:`PolicyStore.watch_mtimes` sees a file
+change; POST/PUT/DELETE on ``/v1/policy``) builds and validates a complete new set first; only
+when that succeeds is it swapped in and the revision bumped. A rejected change raises
+:class:`~proxyd.errors.PolicyError` and leaves the old set and revision untouched.
+
+Open connections see a change at their next request: :meth:`PolicyStore.view` gives each
+connection a :class:`LiveConnectionPolicy` that notices a new set by identity and recomputes
+(and caches) its :class:`~proxyd.policy.engine.ConnectionPolicy` once per revision.
+
+Imported documents are kept in ``state_dir/imported-policy.json`` (written atomically: a
+temporary file, fsync, rename) so they survive a restart. A document name is unique across
+files and imports; an import may replace an imported document of the same name, never a file's.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import tempfile
+from collections.abc import Mapping, Sequence
+from pathlib import Path
+from typing import Any, Final
+
+from proxyd.context import L7Decision
+from proxyd.errors import PolicyError
+from proxyd.policy.engine import ConnectionPolicy, PolicySet
+from proxyd.policy.loader import ParserLookup, load_paths, parse_text, policy_files
+from proxyd.policy.model import Document
+
+STATE_FILE: Final = "imported-policy.json"
+STATE_VERSION: Final = 1
+
+_Snapshot = tuple[tuple[Any, ...], ...]
+
+
+class PolicyStore:
+    """Current :class:`PolicySet`, its revision, and the ways to change it."""
+
+    def __init__(self, registry: ParserLookup, paths: Sequence[Path], state_dir: Path | None = None) -> None:
+        """Load the imported documents kept in ``state_dir`` and the files of ``paths``.
+
+        Raises :class:`PolicyError` when either is invalid (the daemon must not start then).
+        """
+        self.registry = registry
+        self.paths: tuple[Path, ...] = tuple(Path(p) for p in paths)
+        self.state_dir = Path(state_dir) if state_dir is not None else None
+        self._files: tuple[Document, ...] = ()
+        self._imported: dict[str, Document] = {d.name: d for d in self._load_state()}
+        self._revision = 0
+        self._mtimes: _Snapshot = ()
+        self._current = PolicySet((), registry, 0)
+        self.reload_files()
+
+    # --- reading -------------------------------------------------------------------------------
+
+    @property
+    def current(self) -> PolicySet:
+        return self._current
+
+    @property
+    def revision(self) -> int:
+        return self._revision
+
+    def documents(self) -> list[dict[str, Any]]:
+        """Every document in force, files first: name, source, origin, warnings, document."""
+        out: list[dict[str, Any]] = []
+        for origin, docs in (("file", self._files), ("imported", tuple(self._imported.values()))):
+            for doc in docs:
+                out.append(
+                    {
+                        "name": doc.name,
+                        "source": doc.source,
+                        "origin": origin,
+                        "warnings": list(doc.warnings),
+                        "document": doc.raw,
+                    }
+                )
+        return out
+
+    def warnings(self) -> list[str]:
+        return [w for doc in self._current.documents for w in doc.warnings]
+
+    # --- changing ------------------------------------------------------------------------------
+
+    def reload_files(self) -> int:
+        """Re-read ``paths``; returns the new revision. Raises :class:`PolicyError` (old set kept)."""
+        # Snapshot before reading: an edit made while we read is seen by the next poll, and a
+        # broken file is not re-read every second until it changes again.
+        self._mtimes = self._snapshot()
+        files = load_paths(self.paths, self.registry, taken=self._imported)
+        return self._install(tuple(files), self._imported, save=False)
+
+    def import_documents(self, text: str, source: str, replace_all: bool) -> int:
+        """Add documents from ``text`` (POST), or replace all imported ones (PUT, ``replace_all``).
+
+        Returns the new revision. Raises :class:`PolicyError` (old set kept), or OSError when
+        the state directory cannot be written (old set kept).
+        """
+        files_by_name = {d.name: d for d in self._files}
+        docs = parse_text(text, source, self.registry, taken=files_by_name)
+        if replace_all:
+            imported = {d.name: d for d in docs}
+        else:
+            imported = dict(self._imported)
+            for doc in docs:
+                imported.pop(doc.name, None)
+                imported[doc.name] = doc
+        return self._install(self._files, imported, save=True)
+
+    def delete_imported(self, name: str) -> int:
+        """Remove the imported document ``name``; returns the new revision.
+
+        Raises KeyError when there is no imported document of that name.
+        """
+        if name not in self._imported:
+            raise KeyError(name)
+        imported = {k: v for k, v in self._imported.items() if k != name}
+        return self._install(self._files, imported, save=True)
+
+    def _install(self, files: tuple[Document, ...], imported: Mapping[str, Document], *, save: bool) -> int:
+        new = PolicySet((*files, *imported.values()), self.registry, self._revision + 1)
+        if save:
+            self._save_state(imported)
+        self._files = files
+        self._imported = dict(imported)
+        self._current = new
+        self._revision = new.revision
+        return self._revision
+
+    # --- watching ------------------------------------------------------------------------------
+
+    def watch_mtimes(self) -> bool:
+        """Whether a policy file or directory changed since the last reload attempt (cheap)."""
+        return self._snapshot() != self._mtimes
+
+    def _snapshot(self) -> _Snapshot:
+        out: list[tuple[Any, ...]] = []
+        for path in self.paths:
+            try:
+                st = path.stat()
+                if path.is_dir():
+                    files = []
+                    for f in policy_files(path):
+                        fst = f.stat()
+                        files.append((f.name, fst.st_mtime_ns, fst.st_size, fst.st_ino))
+                    out.append((str(path), st.st_mtime_ns, tuple(files)))
+                else:
+                    out.append((str(path), st.st_mtime_ns, st.st_size, st.st_ino))
+            except OSError:
+                out.append((str(path), None))
+        return tuple(out)
+
+    # --- persistence ---------------------------------------------------------------------------
+
+    @property
+    def state_file(self) -> Path | None:
+        return self.state_dir / STATE_FILE if self.state_dir is not None else None
+
+    def _load_state(self) -> list[Document]:
+        path = self.state_file
+        if path is None or not path.exists():
+            return []
+        try:
+            data = json.loads(path.read_text(encoding="utf-8"))
+            entries = data["documents"]
+            if data.get("version") != STATE_VERSION or not isinstance(entries, list):
+                raise ValueError(f"unknown format version {data.get('version')!r}")
+        except (OSError, ValueError, KeyError, TypeError) as exc:
+            raise PolicyError([f"{path}:0: cannot read imported policy: {exc}"]) from exc
+        docs: list[Document] = []
+        problems: list[str] = []
+        for i, entry in enumerate(entries):
+            try:
+                text = json.dumps(entry["document"], indent=2)
+                docs.extend(parse_text(text, str(entry["source"]), self.registry))
+            except PolicyError as exc:
+                problems.extend(f"{path}: imported document {i}: {p}" for p in exc.problems)
+            except (KeyError, TypeError) as exc:
+                problems.append(f"{path}: imported document {i}: malformed entry ({exc})")
+        names: set[str] = set()
+        for doc in docs:
+            if doc.name in names:
+                problems.append(f"{path}: duplicate imported document {doc.name!r}")
+            names.add(doc.name)
+        if problems:
+            raise PolicyError(problems)
+        return docs
+
+    def _save_state(self, imported: Mapping[str, Document]) -> None:
+        if self.state_dir is None:
+            return
+        self.state_dir.mkdir(parents=True, exist_ok=True)
+        payload = {
+            "version": STATE_VERSION,
+            "documents": [{"source": d.source, "document": d.raw} for d in imported.values()],
+        }
+        data = json.dumps(payload, indent=2, sort_keys=False).encode()
+        fd, tmp = tempfile.mkstemp(prefix=".imported-policy.", dir=self.state_dir)
+        try:
+            with os.fdopen(fd, "wb") as f:
+                f.write(data)
+                f.flush()
+                os.fsync(f.fileno())
+            os.replace(tmp, self.state_dir / STATE_FILE)
+        except BaseException:
+            Path(tmp).unlink(missing_ok=True)
+            raise
+        dir_fd = os.open(self.state_dir, os.O_RDONLY)
+        try:
+            os.fsync(dir_fd)
+        finally:
+            os.close(dir_fd)
+
+    # --- per-connection view -------------------------------------------------------------------
+
+    def view(
+        self,
+        direction: str,
+        local_labels: Mapping[str, str],
+        remote_ip: str,
+        remote_labels: Mapping[str, str],
+        port: int,
+        l7proto: str | None,
+        audit: bool = False,
+    ) -> LiveConnectionPolicy:
+        """A connection's policy that follows reloads (the :class:`L7Policy` for its parser)."""
+        return LiveConnectionPolicy(
+            self, direction, local_labels, remote_ip, remote_labels, port, l7proto, audit
+        )
+
+
+class LiveConnectionPolicy:
+    """One connection's view of the store's current policy, recomputed once per revision."""
+
+    __slots__ = ("_args", "_policy", "_set", "_store")
+
+    def __init__(
+        self,
+        store: PolicyStore,
+        direction: str,
+        local_labels: Mapping[str, str],
+        remote_ip: str,
+        remote_labels: Mapping[str, str],
+        port: int,
+        l7proto: str | None,
+        audit: bool,
+    ) -> None:
+        self._store = store
+        self._args = (direction, local_labels, remote_ip, remote_labels, port, l7proto, audit)
+        self._set = store.current
+        self._policy = self._set.connection_policy(*self._args)
+
+    def l4(self) -> ConnectionPolicy:
+        """The connection's verdicts under the current policy (L3/L4 at accept, and L7)."""
+        current = self._store.current
+        if current is not self._set:
+            self._policy = current.connection_policy(*self._args)
+            self._set = current
+        return self._policy
+
+    def decide(self, request: Any) -> L7Decision:
+        """Whether the current policy allows ``request`` (a reload applies from the next one).
+
+        A connection that a new revision denies at L3/L4 gets every further request denied.
+        """
+        if self._store.current is self._set:
+            return self._policy.decide(request)
+        return self.l4().decide(request)
+
+    @property
+    def revision(self) -> int:
+        return self._set.revision

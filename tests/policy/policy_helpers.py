@@ -1,0 +1,89 @@
+"""Helpers for the policy tests: a registry with r2d2 and a stub memcache rule compiler.
+
+The memcache parser lands in its own issue; the stub here compiles the rule keys of Cilium's
+memcached policies (``command``, ``keyExact``, ``keyPrefix``, ``keyRegex``) so documents written
+for it load and match dict requests ``{"command": ..., "key": ...}``.
+"""
+
+from __future__ import annotations
+
+import json
+import re
+from collections.abc import Mapping
+from dataclasses import dataclass
+from typing import Any
+
+from proxyd.errors import RuleError
+from proxyd.parser import ConnectionContext, Parser, ParserFactory, RuleMatcher
+from proxyd.parsers.r2d2 import R2d2Factory
+from proxyd.policy.engine import PolicySet
+from proxyd.policy.loader import parse_text
+from proxyd.registry import Registry
+
+
+@dataclass(frozen=True)
+class StubMemcacheRule:
+    command: str | None
+    exact: str | None
+    prefix: str | None
+    regex: re.Pattern[str] | None
+
+    def matches(self, request: Any) -> bool:
+        if not isinstance(request, dict):
+            return False
+        key = request.get("key", "")
+        if self.command is not None and request.get("command") != self.command:
+            return False
+        if self.exact is not None and key != self.exact:
+            return False
+        if self.prefix is not None and not key.startswith(self.prefix):
+            return False
+        return self.regex is None or self.regex.search(key) is not None
+
+
+class StubMemcacheFactory(ParserFactory):
+    name = "memcache"
+    rule_keys = ("command", "keyExact", "keyPrefix", "keyRegex")
+
+    def compile_rule(self, rule: Mapping[str, str]) -> RuleMatcher:
+        values: dict[str, Any] = {}
+        for key, value in rule.items():
+            if key not in self.rule_keys:
+                raise RuleError("unknown rule key for l7proto 'memcache'", key)
+            values[key] = value
+        regex = None
+        if "keyRegex" in values:
+            try:
+                regex = re.compile(values["keyRegex"])
+            except re.error as exc:
+                raise RuleError(f"bad regular expression: {exc}", "keyRegex") from exc
+        return StubMemcacheRule(values.get("command"), values.get("keyExact"), values.get("keyPrefix"), regex)
+
+    def create(self, ctx: ConnectionContext, config: Any) -> Parser:
+        raise NotImplementedError
+
+
+def make_registry() -> Registry:
+    reg = Registry()
+    reg.register("r2d2", R2d2Factory(), "built-in")
+    reg.register("memcache", StubMemcacheFactory(), "test stub")
+    return reg
+
+
+REGISTRY = make_registry()
+
+
+def cnp(name: str, *specs: Mapping[str, Any], kind: str = "CiliumNetworkPolicy") -> dict[str, Any]:
+    """A CiliumNetworkPolicy dict with one spec (``spec``) or several (``specs``)."""
+    doc: dict[str, Any] = {"apiVersion": "cilium.io/v2", "kind": kind, "metadata": {"name": name}}
+    if len(specs) == 1:
+        doc["spec"] = dict(specs[0])
+    else:
+        doc["specs"] = [dict(s) for s in specs]
+    return doc
+
+
+def build(*docs: Mapping[str, Any], revision: int = 1) -> PolicySet:
+    """Parse documents given as dicts (through the JSON text path) into a PolicySet."""
+    text = "\n---\n".join(json.dumps(d) for d in docs)
+    return PolicySet(parse_text(text, "test.yaml", REGISTRY), REGISTRY, revision)
