@@ -37,9 +37,15 @@ def rules(text: str) -> list[str]:
 
 @pytest.mark.parametrize(
     ("host", "expected"),
-    [("0.0.0.0", (True, False)), ("10.1.2.3", (True, False)), ("::", (True, True)), ("[::]", (True, True)),
-     ("::1", (False, True)), ("fd00::2", (False, True))],
-)  # fmt: skip
+    [
+        ("0.0.0.0", (True, False)),
+        ("10.1.2.3", (True, False)),
+        ("::", (True, True)),
+        ("[::]", (True, True)),
+        ("::1", (False, True)),
+        ("fd00::2", (False, True)),
+    ],
+)
 def test_families_of_listener_address(host: str, expected: tuple[bool, bool]) -> None:
     assert families_of(host) == expected
 
@@ -73,8 +79,12 @@ def test_outbound_v6_with_uid_and_mark() -> None:
 
 @pytest.mark.parametrize(
     ("uid", "mark", "guard"),
-    [(1000, None, "-m owner --uid-owner 1000"), (None, 7, "-m mark --mark 0x7"), (0, None, "-m owner --uid-owner 0")],
-)  # fmt: skip
+    [
+        (1000, None, "-m owner --uid-owner 1000"),
+        (None, 7, "-m mark --mark 0x7"),
+        (0, None, "-m owner --uid-owner 0"),
+    ],
+)
 def test_outbound_loop_guard_by_uid_or_mark(uid: int | None, mark: int | None, guard: str) -> None:
     out = rules(render([mc(direction="outbound")], family=4, uid=uid, mark=mark))
     assert out == [
@@ -96,9 +106,13 @@ def test_inbound_needs_no_loop_guard_and_uid_only_touches_output() -> None:
 
 def test_both_directions_two_ports_interfaces_and_mixed_family_excludes() -> None:
     r = mc(
-        ports=(11211, 11212), direction="both", interfaces=("eth0", "eth1"), ipv6=True,
-        exclude_src=("10.0.0.0/8", "fd00::/8"), exclude_dst=("192.168.1.7/32",),
-    )  # fmt: skip
+        ports=(11211, 11212),
+        direction="both",
+        interfaces=("eth0", "eth1"),
+        ipv6=True,
+        exclude_src=("10.0.0.0/8", "fd00::/8"),
+        exclude_dst=("192.168.1.7/32",),
+    )
     v4 = rules(render([r], family=4, uid=None, mark=3))
     pre = [x for x in v4 if x.startswith("-A PROXYD_PREROUTING")]
     assert pre == [
@@ -130,27 +144,39 @@ def test_comment_is_sanitised() -> None:
     assert '--comment "proxyd:a__b__c"' in out[0]
 
 
-@pytest.mark.parametrize(("existing", "jump_lines"), [
-    ({"PREROUTING": 0, "OUTPUT": 0}, ["-I PREROUTING 1 -j PROXYD_PREROUTING", "-I OUTPUT 1 -j PROXYD_OUTPUT"]),
-    ({"PREROUTING": 1, "OUTPUT": 1}, []),
-    ({"PREROUTING": 3, "OUTPUT": 0}, ["-D PREROUTING -j PROXYD_PREROUTING"] * 2 + ["-I OUTPUT 1 -j PROXYD_OUTPUT"]),
-])  # fmt: skip
+@pytest.mark.parametrize(
+    ("existing", "jump_lines"),
+    [
+        (
+            {"PREROUTING": 0, "OUTPUT": 0},
+            ["-I PREROUTING 1 -j PROXYD_PREROUTING", "-I OUTPUT 1 -j PROXYD_OUTPUT"],
+        ),
+        ({"PREROUTING": 1, "OUTPUT": 1}, []),
+        (
+            {"PREROUTING": 3, "OUTPUT": 0},
+            ["-D PREROUTING -j PROXYD_PREROUTING"] * 2 + ["-I OUTPUT 1 -j PROXYD_OUTPUT"],
+        ),
+    ],
+)
 def test_jumps_are_made_idempotent(existing: dict[str, int], jump_lines: list[str]) -> None:
     text = render([mc()], family=4, uid=None, mark=None, existing_jumps=existing)
     assert [ln for ln in text.splitlines() if ln.startswith(("-I ", "-D "))] == jump_lines
 
 
-@pytest.mark.parametrize(("kw", "match"), [
-    ({"direction": "sideways"}, "direction"),
-    ({"ports": ()}, "at least one port"),
-    ({"ports": (0,)}, "out of range"),
-    ({"ports": (15001,)}, "own port"),
-    ({"ports": (1, 1)}, "duplicate"),
-    ({"interfaces": ("eth0",), "direction": "outbound"}, "inbound traffic only"),
-    ({"interfaces": ("bad name",)}, "interface name"),
-    ({"exclude_src": ("10.0.0.0/33",)}, "bad CIDR"),
-    ({"ipv4": False}, "neither"),
-])  # fmt: skip
+@pytest.mark.parametrize(
+    ("kw", "match"),
+    [
+        ({"direction": "sideways"}, "direction"),
+        ({"ports": ()}, "at least one port"),
+        ({"ports": (0,)}, "out of range"),
+        ({"ports": (15001,)}, "own port"),
+        ({"ports": (1, 1)}, "duplicate"),
+        ({"interfaces": ("eth0",), "direction": "outbound"}, "inbound traffic only"),
+        ({"interfaces": ("bad name",)}, "interface name"),
+        ({"exclude_src": ("10.0.0.0/33",)}, "bad CIDR"),
+        ({"ipv4": False}, "neither"),
+    ],
+)
 def test_bad_redirects_are_rejected(kw: dict[str, object], match: str) -> None:
     with pytest.raises(IptablesError, match=match):
         mc(**kw)
@@ -202,7 +228,9 @@ def test_parse_nat_and_remove_input() -> None:
         "-F PROXYD_OUTPUT\n-F PROXYD_PREROUTING\n-X PROXYD_OUTPUT\n-X PROXYD_PREROUTING\n"
         "COMMIT\n"
     )
-    assert render_remove(parse_nat("*nat\n:PREROUTING ACCEPT [0:0]\n-A PREROUTING -j DOCKER\nCOMMIT\n")) is None
+    assert (
+        render_remove(parse_nat("*nat\n:PREROUTING ACCEPT [0:0]\n-A PREROUTING -j DOCKER\nCOMMIT\n")) is None
+    )
 
 
 @dataclass(frozen=True)
@@ -229,15 +257,19 @@ class _Cfg:
 
 
 def test_redirects_from_listeners() -> None:
-    got = redirects_from_listeners([
-        _Lis("a", "0.0.0.0", 15001, _Red((11211,))),
-        _Lis("b", "::", 15002, _Red((6379,), "outbound", exclude_dst=("fd00::/8",))),
-        _Lis("c", "fd00::1", 15003, _Red((9042,))),
-        _Lis("d", "127.0.0.1", 15004, None),
-    ])  # fmt: skip
+    got = redirects_from_listeners(
+        [
+            _Lis("a", "0.0.0.0", 15001, _Red((11211,))),
+            _Lis("b", "::", 15002, _Red((6379,), "outbound", exclude_dst=("fd00::/8",))),
+            _Lis("c", "fd00::1", 15003, _Red((9042,))),
+            _Lis("d", "127.0.0.1", 15004, None),
+        ]
+    )
     assert [(r.listener, r.to_port, r.ports, r.ipv4, r.ipv6) for r in got] == [
-        ("a", 15001, (11211,), True, False), ("b", 15002, (6379,), True, True), ("c", 15003, (9042,), False, True),
-    ]  # fmt: skip
+        ("a", 15001, (11211,), True, False),
+        ("b", 15002, (6379,), True, True),
+        ("c", 15003, (9042,), False, True),
+    ]
     with pytest.raises(IptablesError, match="both redirect"):
         redirects_from_listeners([_Lis("a", "0.0.0.0", 1, _Red((5,))), _Lis("b", "0.0.0.0", 2, _Red((5,)))])
 

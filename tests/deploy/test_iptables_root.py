@@ -26,11 +26,20 @@ FOREIGN = {
 }
 
 REDIRECTS = [
-    Redirect("mc", 15001, (11211, 11212), "both", ("eth0",), ("10.0.0.0/8", "fd00::/8"), ("192.0.2.0/24",),
-             True, True),
+    Redirect(
+        "mc",
+        15001,
+        (11211, 11212),
+        "both",
+        ("eth0",),
+        ("10.0.0.0/8", "fd00::/8"),
+        ("192.0.2.0/24",),
+        True,
+        True,
+    ),
     Redirect("r2", 15002, (4000,), "outbound", (), (), ("2001:db8::/32",), False, True),
     Redirect("cass", 15003, (9042,), "inbound", (), (), (), True, False),
-]  # fmt: skip
+]
 
 
 @pytest.fixture
@@ -57,14 +66,20 @@ def test_apply_twice_then_remove_restores_exactly(ns: str, foreign: bool) -> Non
         apply(REDIRECTS, 4242, 0x10, ipv6=True, netns=ns)
         for fam in (4, 6):
             now = saved_rules(ns, fam)
-            expected = [ln for ln in render(REDIRECTS, family=fam, uid=4242, mark=0x10).splitlines()
-                        if ln.startswith("-A ")]  # fmt: skip
+            expected = [
+                ln
+                for ln in render(REDIRECTS, family=fam, uid=4242, mark=0x10).splitlines()
+                if ln.startswith("-A ")
+            ]
             assert _ours(now) == expected
             # exactly one jump each, first in its built-in chain
             assert [ln for ln in now if "-j PROXYD_" in ln and not ln.startswith("-A PROXYD_")] == [
-                "-A PREROUTING -j PROXYD_PREROUTING", "-A OUTPUT -j PROXYD_OUTPUT",
-            ]  # fmt: skip
-            firsts = {c: next(ln for ln in now if ln.startswith(f"-A {c} ")) for c in ("PREROUTING", "OUTPUT")}
+                "-A PREROUTING -j PROXYD_PREROUTING",
+                "-A OUTPUT -j PROXYD_OUTPUT",
+            ]
+            firsts = {
+                c: next(ln for ln in now if ln.startswith(f"-A {c} ")) for c in ("PREROUTING", "OUTPUT")
+            }
             assert firsts == {c: f"-A {c} -j PROXYD_{c}" for c in firsts}
             # every foreign rule is still there, in order
             rest = [ln for ln in now if "PROXYD_" not in ln]
@@ -102,7 +117,7 @@ def test_duplicate_jumps_from_a_manual_run_are_cleaned(ns: str) -> None:
 
 def test_failure_raises_with_stderr_and_changes_nothing(ns: str) -> None:
     before = saved_rules(ns, 4)
-    with pytest.raises(IptablesError, match="(?i)cannot open network namespace|no such file"):
+    with pytest.raises(IptablesError, match=r"(?i)cannot open network namespace|no such file"):
         apply(REDIRECTS, 1, None, ipv6=False, netns=ns + "-missing")
     # a restore that fails half-way (an unknown target) is rolled back whole
     from proxyd import iptables

@@ -1,0 +1,127 @@
+"""deploy/kubernetes: every object validates against the Kubernetes OpenAPI schemas (offline, via
+kubernetes-validate's bundled schemas, strict: unknown fields fail), plus the invariants the
+deployment depends on; the embedded proxyd config and policy pass ``proxyd check``."""
+
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+from pathlib import Path
+from typing import Any
+
+import pytest
+import yaml
+
+REPO = Path(__file__).resolve().parents[2]
+KDIR = REPO / "deploy" / "kubernetes"
+K8S_VERSION = "1.30.0"  # oldest version the manifests promise to support
+FILES = sorted(KDIR.glob("*.yaml"))
+
+
+def docs(path: Path) -> list[dict[str, Any]]:
+    return [d for d in yaml.safe_load_all(path.read_text()) if d]
+
+
+def one(path: Path, kind: str) -> dict[str, Any]:
+    (obj,) = [d for d in docs(path) if d["kind"] == kind]
+    return obj
+
+
+def test_manifests_exist() -> None:
+    assert {f.name for f in FILES} >= {"node-daemonset.yaml", "sidecar-example.yaml"}
+
+
+@pytest.mark.parametrize("path", FILES, ids=[f.name for f in FILES])
+def test_schema_valid(path: Path) -> None:
+    kv = pytest.importorskip("kubernetes_validate")
+    for d in docs(path):
+        kv.validate(d, K8S_VERSION, strict=True)
+
+
+def test_strict_validation_rejects_unknown_fields() -> None:
+    kv = pytest.importorskip("kubernetes_validate")
+    ds = one(KDIR / "node-daemonset.yaml", "DaemonSet")
+    ds["spec"]["template"]["spec"]["hostNetwrok"] = True
+    with pytest.raises(kv.ValidationError):
+        kv.validate(ds, K8S_VERSION, strict=True)
+
+
+def _mounts(container: dict[str, Any]) -> dict[str, dict[str, Any]]:
+    return {m["mountPath"]: m for m in container.get("volumeMounts", [])}
+
+
+def _check_proxyd_container(c: dict[str, Any], via_host: bool) -> None:
+    sc = c["securityContext"]
+    assert sc["runAsUser"] == 10001
+    assert sc["runAsNonRoot"] is True
+    assert sc["allowPrivilegeEscalation"] is False
+    assert sc["capabilities"]["drop"] == ["ALL"]
+    mounts = _mounts(c)
+    assert "subPath" not in mounts["/etc/proxyd/policy"], "policy must be a directory mount to update live"
+    for probe, path in (("livenessProbe", "/healthz"), ("readinessProbe", "/readyz")):
+        p = c[probe]
+        if via_host:
+            assert p["httpGet"]["path"] == path
+            assert p["httpGet"]["port"] == 9901
+        else:
+            assert f"http://127.0.0.1:9901{path}" in " ".join(p["exec"]["command"])
+
+
+def _check_init(c: dict[str, Any]) -> None:
+    cmd = c["command"]
+    assert cmd[:2] == ["proxyd", "iptables"]
+    assert "--apply" in cmd
+    assert cmd[cmd.index("--uid") + 1] == "10001"
+    assert "NET_ADMIN" in c["securityContext"]["capabilities"]["add"]
+
+
+def test_daemonset_invariants() -> None:
+    ds = one(KDIR / "node-daemonset.yaml", "DaemonSet")
+    spec = ds["spec"]["template"]["spec"]
+    assert spec["hostNetwork"] is True
+    (init,) = spec["initContainers"]
+    _check_init(init)
+    assert "/run/xtables.lock" in _mounts(init)
+    vols = {v["name"]: v for v in spec["volumes"]}
+    lock = vols[_mounts(init)["/run/xtables.lock"]["name"]]
+    assert lock["hostPath"] == {"path": "/run/xtables.lock", "type": "FileOrCreate"}
+    (main,) = spec["containers"]
+    _check_proxyd_container(main, via_host=True)
+    assert spec["terminationGracePeriodSeconds"] > 10  # limits.drain_timeout
+
+
+def test_sidecar_invariants() -> None:
+    dep = one(KDIR / "sidecar-example.yaml", "Deployment")
+    spec = dep["spec"]["template"]["spec"]
+    assert not spec.get("hostNetwork")
+    (init,) = spec["initContainers"]
+    _check_init(init)
+    sidecar = next(c for c in spec["containers"] if c["name"] == "proxyd")
+    _check_proxyd_container(sidecar, via_host=False)
+
+
+@pytest.mark.parametrize(
+    ("path", "config", "policy"),
+    [
+        ("node-daemonset.yaml", "proxyd-node-config", "proxyd-node-policy"),
+        ("sidecar-example.yaml", "memcached-proxyd-config", "memcached-proxyd-policy"),
+    ],
+)
+def test_embedded_config_and_policy_pass_proxyd_check(
+    tmp_path: Path, path: str, config: str, policy: str
+) -> None:
+    maps = {d["metadata"]["name"]: d for d in docs(KDIR / path) if d["kind"] == "ConfigMap"}
+    (tmp_path / "proxyd.yaml").write_text(
+        maps[config]["data"]["proxyd.yaml"].replace("/var/lib/proxyd", "state")
+    )
+    (tmp_path / "state").mkdir()
+    (tmp_path / "policy").mkdir()
+    for name, text in maps[policy]["data"].items():
+        (tmp_path / "policy" / name).write_text(text)
+    env = dict(os.environ, PYTHONPATH=str(REPO))
+    proc = subprocess.run(
+        [sys.executable, "-m", "proxyd", "check", "--config", str(tmp_path / "proxyd.yaml")],
+        capture_output=True, text=True, env=env, check=False,
+    )  # fmt: skip
+    assert proc.returncode == 0, proc.stdout + proc.stderr
