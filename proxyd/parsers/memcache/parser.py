@@ -1,0 +1,78 @@
+"""The ``memcache`` parser: protocol detection and the factory.
+
+memcached itself decides a connection's protocol from its first byte (``negotiating_prot``):
+a byte >= 0x80 is the binary request magic, anything else starts a text (classic or meta)
+command. The parser does the same on the first client byte and from then on hands both
+directions to :class:`.text.TextProtocol` or :class:`.binary.BinaryProtocol`. It binds the
+dialect's ``on_data`` onto the instance, so the engine calls the dialect directly afterwards
+(one Python call per verdict on the hot path, not two).
+
+``parser_config`` keys: ``log_responses`` (bool, default true): write an access-log entry per
+framed reply (``command``, ``status``). Turn it off where only requests matter; the sink
+filters entries anyway, but skipping them saves work on the reply path.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Mapping
+from typing import Any
+
+from proxyd.errors import ParserConfigError
+from proxyd.ops import NOP_VERDICT, Verdict
+from proxyd.parser import ConnectionContext, Data, Parser, ParserFactory, RuleMatcher
+
+from .binary import BinaryProtocol
+from .common import unexpected_reply
+from .rules import RULE_KEYS, compile_rule
+from .text import TextProtocol
+
+
+class MemcacheParser(Parser):
+    """Per-connection parser; becomes its dialect once the first client byte is seen."""
+
+    def __init__(self, ctx: ConnectionContext, log_responses: bool) -> None:
+        self.ctx = ctx
+        self.log_responses = log_responses
+        self.dialect: TextProtocol | BinaryProtocol | None = None
+
+    def on_data(self, reply: bool, end_stream: bool, data: Data) -> Verdict:
+        if not data:
+            return NOP_VERDICT
+        if reply:
+            return unexpected_reply(self.ctx, bytes(data[:16]).split(b"\r", 1)[0])
+        dialect: TextProtocol | BinaryProtocol
+        if data[0] >= 0x80:
+            dialect = BinaryProtocol(self.ctx, self.log_responses)
+        else:
+            dialect = TextProtocol(self.ctx, self.log_responses)
+        self.dialect = dialect
+        self.on_data = dialect.on_data  # type: ignore[method-assign]
+        return dialect.on_data(reply, end_stream, data)
+
+
+class MemcacheFactory(ParserFactory):
+    """Creates memcache parsers and compiles ``l7proto: memcache`` rules."""
+
+    name = "memcache"
+    rule_keys = RULE_KEYS
+    description = "memcached text, meta and binary protocols (command and key policy)"
+
+    def validate_config(self, config: Mapping[str, Any]) -> Any:
+        log_responses = True
+        for key, value in config.items():
+            if key == "log_responses":
+                if not isinstance(value, bool):
+                    raise ParserConfigError("must be true or false", key="log_responses")
+                log_responses = value
+            else:
+                raise ParserConfigError(
+                    "unknown key for parser 'memcache' (known: log_responses)", key=str(key)
+                )
+        return {"log_responses": log_responses}
+
+    def compile_rule(self, rule: Mapping[str, str]) -> RuleMatcher:
+        return compile_rule(rule)
+
+    def create(self, ctx: ConnectionContext, config: Any) -> Parser:
+        log_responses = True if config is None else bool(config.get("log_responses", True))
+        return MemcacheParser(ctx, log_responses)

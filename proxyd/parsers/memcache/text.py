@@ -1,0 +1,408 @@
+"""memcache text and meta protocol: request framing, policy checks and reply framing.
+
+Theory of operation
+-------------------
+
+Spec: memcached ``doc/protocol.txt`` (https://github.com/memcached/memcached/blob/master/doc/
+protocol.txt); where it is vague, memcached 1.6's ``proto_text.c`` is the reference, since a
+proxy that frames a request differently from the server lets a client smuggle commands past the
+policy.
+
+Requests are lines ending in ``\\n`` (a ``\\r`` before it is stripped, as memcached does; a NUL
+ends the command, as memcached reads C strings), split on single spaces (empty tokens
+skipped). Storage commands (``set add replace append prepend cas``) and ``ms`` are followed by a
+data block of the size given in the line plus ``\\r\\n``: the parser PASSes (or DROPs) line and
+block in one op that may reach past the buffered bytes, so values are never buffered.
+
+Whether memcached reads that data block depends on the line: with a wrong token count or a key
+over 250 bytes it answers an error and parses the block as commands. The parser mirrors that
+(the line alone is the request, the block is read as requests); a number it cannot be sure
+memcached parses the same way (not plain ASCII digits, or 10 digits and more) is a protocol
+error that closes the connection.
+
+Each request gets a pending entry (see :mod:`.common`) saying how its reply is framed:
+
+=================================  ==============================================================
+``get gets bget gat gats``         ``VALUE <key> <flags> <bytes> [<cas>]`` + data, ..., ``END``
+``stats``                          ``STAT``/``ITEM``/``PREFIX`` lines, ``END``; or one line
+``lru_crawler metadump|mgdump``    ``key=...``/``mg ...`` lines, ``END``/``EN``; or one line
+``watch``                          ``OK``, then log lines for ever (passed without framing)
+``quit``                           nothing (the server closes)
+anything else, meta commands       one unit: a line (``STORED``, ``HD``, a number, ``MN``...)
+                                   or ``VA <size> <flags>*`` + data
+=================================  ==============================================================
+
+An error line (``ERROR``, ``CLIENT_ERROR ...``, ``SERVER_ERROR ...``) ends any of them.
+``noreply`` (classic commands, as memcached's ``set_noreply_maybe`` reads it) and the meta ``q``
+flag make the entry a *maybe* entry with the replies the server can still send: errors for
+``noreply``; ``VA HD`` and errors for ``mg q``; ``NS EX NF`` and errors for ``ms q``; ``NF EX``
+for ``md q``; ``NF NS EX`` for ``ma q``.
+
+Unknown commands are decided by the policy like any command (their name is the first token, so
+only a rule that allows every command allows them), forwarded, and memcached answers ``ERROR``.
+
+Policy: a request's keys (every key of a multi-key get, each checked on its own; the decoded
+key of a meta command with the ``b`` flag) and its command name (see :mod:`.rules`). A denied
+request is dropped with its data block and answered ``CLIENT_ERROR access denied`` in its place
+in the reply stream; a denied ``noreply`` request gets nothing, a denied meta ``q`` request
+still gets the error (quiet mode never hides errors).
+"""
+
+from __future__ import annotations
+
+import base64
+import binascii
+import re
+from typing import Any
+
+from proxyd.ops import (
+    DROP,
+    ERROR,
+    ERROR_INVALID_FRAME_LENGTH,
+    ERROR_PROTOCOL,
+    MORE,
+    NOP_VERDICT,
+    PASS,
+    Verdict,
+)
+from proxyd.parser import ConnectionContext, Data, EntryType
+
+from .common import (
+    K_DUMP,
+    K_RETR,
+    K_STATS,
+    K_UNIT,
+    K_WATCH,
+    MAX_KEY,
+    MAX_LINE,
+    MAX_REPLY_LINE,
+    MAX_RETRIEVAL_LINE,
+    PendingQueue,
+    unexpected_reply,
+)
+from .rules import MemcacheRequest
+
+DENIED_REPLY = b"CLIENT_ERROR access denied\r\n"
+#: The barrier request (see :mod:`.common`): every memcached answers it with one ``VERSION``
+#: line, a reply no quiet or noreply request can get.
+BARRIER_REQUEST = b"version\r\n"
+
+# Command families.
+_F_GET = 0  # get gets bget: keys from token 1
+_F_GAT = 1  # gat gats: exptime, then keys
+_F_STORE = 2  # set add replace append prepend: key flags exptime bytes [noreply]
+_F_CAS = 3  # cas: key flags exptime bytes cas [noreply]
+_F_KEYED = 4  # delete incr decr touch: key ... [noreply]
+_F_NOREPLY = 5  # flush_all verbosity cache_memlimit: keyless, [noreply]
+_F_ADMIN = 6  # keyless admin commands answering one line (noreply honoured by some)
+_F_STATS = 7
+_F_CRAWLER = 8
+_F_WATCH = 9
+_F_QUIT = 10
+_F_MG = 11
+_F_MS = 12
+_F_MD = 13
+_F_MA = 14
+_F_ME = 15
+_F_MN = 16
+
+#: token -> (family, policy command name, min args, max args) for arg-count-checked commands.
+_COMMANDS: dict[bytes, tuple[int, str, int, int]] = {
+    b"get": (_F_GET, "get", 0, 0),
+    b"gets": (_F_GET, "gets", 0, 0),
+    b"bget": (_F_GET, "get", 0, 0),
+    b"gat": (_F_GAT, "gat", 0, 0),
+    b"gats": (_F_GAT, "gats", 0, 0),
+    b"set": (_F_STORE, "set", 4, 5),
+    b"add": (_F_STORE, "add", 4, 5),
+    b"replace": (_F_STORE, "replace", 4, 5),
+    b"append": (_F_STORE, "append", 4, 5),
+    b"prepend": (_F_STORE, "prepend", 4, 5),
+    b"cas": (_F_CAS, "cas", 5, 6),
+    b"delete": (_F_KEYED, "delete", 1, 3),
+    b"incr": (_F_KEYED, "incr", 2, 3),
+    b"decr": (_F_KEYED, "decr", 2, 3),
+    b"touch": (_F_KEYED, "touch", 2, 3),
+    b"flush_all": (_F_NOREPLY, "flush_all", 0, 2),
+    b"verbosity": (_F_NOREPLY, "verbosity", 1, 2),
+    b"cache_memlimit": (_F_NOREPLY, "cache_memlimit", 1, 2),
+    b"version": (_F_ADMIN, "version", 0, 1 << 30),
+    b"shutdown": (_F_ADMIN, "shutdown", 0, 1 << 30),
+    b"slabs": (_F_ADMIN, "slabs", 0, 1 << 30),
+    b"lru": (_F_ADMIN, "lru", 0, 1 << 30),
+    b"misbehave": (_F_ADMIN, "misbehave", 0, 1 << 30),
+    b"debugtime": (_F_ADMIN, "debugtime", 0, 1 << 30),
+    b"extstore": (_F_ADMIN, "extstore", 0, 1 << 30),
+    b"refresh_certs": (_F_ADMIN, "refresh_certs", 0, 1 << 30),
+    b"stats": (_F_STATS, "stats", 0, 1 << 30),
+    b"lru_crawler": (_F_CRAWLER, "lru_crawler", 0, 1 << 30),
+    b"watch": (_F_WATCH, "watch", 0, 1 << 30),
+    b"quit": (_F_QUIT, "quit", 0, 1 << 30),
+    b"mg": (_F_MG, "mg", 0, 0),
+    b"ms": (_F_MS, "ms", 0, 0),
+    b"md": (_F_MD, "md", 0, 0),
+    b"ma": (_F_MA, "ma", 0, 0),
+    b"me": (_F_ME, "me", 0, 0),
+    b"mn": (_F_MN, "mn", 0, 0),
+}
+
+_ERRORS = frozenset({b"ERROR", b"CLIENT_ERROR", b"SERVER_ERROR"})
+#: Replies a maybe entry can still get (see the module docstring).
+_NOREPLY_ACCEPT = _ERRORS
+_ADMIN_NOREPLY_ACCEPT = _ERRORS | {
+    b"OK", b"RESET", b"BUSY", b"BADCLASS", b"NOSPARE", b"NOTFULL", b"UNSAFE", b"SAME",
+}  # fmt: skip
+_MG_Q_ACCEPT = _ERRORS | {b"VA", b"HD"}
+_MS_Q_ACCEPT = _ERRORS | {b"NS", b"EX", b"NF"}
+_MD_Q_ACCEPT = _ERRORS | {b"NF", b"EX"}
+_MA_Q_ACCEPT = _ERRORS | {b"NF", b"NS", b"EX"}
+_QUIET_ACCEPT = {_F_MG: _MG_Q_ACCEPT, _F_MS: _MS_Q_ACCEPT, _F_MD: _MD_Q_ACCEPT, _F_MA: _MA_Q_ACCEPT}
+
+_STATS_MORE = frozenset({b"STAT", b"ITEM", b"PREFIX"})
+_RETRIEVAL_PREFIXES = (b"get ", b"gets ", b"gat ", b"gats ", b"bget ")
+_BASE64 = re.compile(rb"(?:[A-Za-z0-9+/]{4})*(?:[A-Za-z0-9+/]{2}==|[A-Za-z0-9+/]{3}=)?")
+_NO_KEYS: tuple[bytes, ...] = ()
+
+
+def _is_retrieval(data: Data) -> bool:
+    """Whether a buffered line without newline is a (possibly long) multi-key retrieval."""
+    head = bytes(data[:200]).lstrip(b" ")
+    return head.startswith(_RETRIEVAL_PREFIXES)
+
+
+def _digits(tok: bytes, most: int) -> bool:
+    """1..most plain ASCII digits: a number every C ``strto*`` reads the same way."""
+    return 0 < len(tok) <= most and tok.isdigit()
+
+
+def _decode_b64_key(key: bytes) -> bytes | None:
+    """The decoded meta key, or None unless it is canonical base64 (see :mod:`.rules`)."""
+    if not key or len(key) % 4 or _BASE64.fullmatch(key) is None:
+        return None
+    try:
+        return base64.b64decode(key, validate=True)
+    except (binascii.Error, ValueError):
+        return None
+
+
+def _log_keys(keys: tuple[bytes, ...]) -> list[str]:
+    return [k.decode("utf-8", "backslashreplace") for k in keys]
+
+
+class TextProtocol:
+    """The text/meta dialect of one connection (both directions)."""
+
+    __slots__ = ("_rscan", "_scan", "_stream", "ctx", "log_responses", "pending")
+
+    def __init__(self, ctx: ConnectionContext, log_responses: bool) -> None:
+        self.ctx = ctx
+        self.pending = PendingQueue(ctx, BARRIER_REQUEST)
+        self.log_responses = log_responses
+        self._scan = 0  # request bytes already searched for a newline (after MORE)
+        self._rscan = 0  # same for replies
+        self._stream = False  # after ``watch``: replies pass unframed
+
+    def on_data(self, reply: bool, end_stream: bool, data: Data) -> Verdict:
+        if not data:
+            return NOP_VERDICT
+        if reply:
+            return self._reply(data)
+        return self._request(data)
+
+    # --- requests ---------------------------------------------------------------------------
+
+    def _request(self, data: Data) -> Verdict:
+        pending = self.pending
+        if pending.req_owed:
+            return pending.take_owed(False)  # type: ignore[return-value]
+        have = len(data)
+        end = data.find(b"\n", self._scan)
+        if end < 0:
+            if have > MAX_LINE and (have > MAX_RETRIEVAL_LINE or not _is_retrieval(data)):
+                return ERROR, ERROR_INVALID_FRAME_LENGTH
+            self._scan = have
+            return MORE, 1
+        self._scan = 0
+        if end > MAX_LINE and (end > MAX_RETRIEVAL_LINE or not _is_retrieval(data)):
+            return ERROR, ERROR_INVALID_FRAME_LENGTH
+        line = bytes(data[: end - 1 if end > 1 and data[end - 1] == 13 else end])
+        if b"\0" in line:
+            line = line[: line.index(b"\0")]
+        toks = line.split(b" ")
+        if b"" in toks:
+            toks = [t for t in toks if t]
+        n = end + 1
+        spec = _COMMANDS.get(toks[0]) if toks else None
+        if spec is None:
+            # Unknown (or empty): memcached answers ERROR; only an allow-all rule passes it.
+            name = toks[0][:64].decode("utf-8", "backslashreplace") if toks else ""
+            return self._decide(name, _NO_KEYS, False, K_UNIT, None, False, n, have)
+        family, name, lo, hi = spec
+        nargs = len(toks) - 1
+        if family == _F_GET:
+            return self._decide(name, tuple(toks[1:]), False, K_RETR, None, False, n, have)
+        if family in (_F_STORE, _F_CAS):
+            if nargs < lo or nargs > hi:
+                # memcached: ERROR, and the data block is read as commands.
+                return self._decide(name, tuple(toks[1:2]), False, K_UNIT, None, False, n, have)
+            noreply = toks[-1] == b"noreply"
+            accept = _NOREPLY_ACCEPT if noreply else None
+            key = toks[1]
+            if len(key) > MAX_KEY:
+                # memcached: CLIENT_ERROR, and the data block is read as commands.
+                return self._decide(name, (key,), False, K_UNIT, accept, noreply, n, have)
+            size = toks[4]
+            if not (
+                _digits(toks[2], 10)
+                and _digits(toks[3].removeprefix(b"-"), 10)
+                and _digits(size, 9)
+                and (family == _F_STORE or _digits(toks[5], 19))
+            ):
+                return ERROR, ERROR_PROTOCOL
+            n += int(size) + 2
+            return self._decide(name, (key,), False, K_UNIT, accept, noreply, n, have)
+        if family in (_F_KEYED, _F_NOREPLY):
+            keys = tuple(toks[1:2]) if family == _F_KEYED else _NO_KEYS
+            if nargs < lo or nargs > hi:
+                return self._decide(name, keys, False, K_UNIT, None, False, n, have)
+            noreply = toks[-1] == b"noreply"
+            accept = _NOREPLY_ACCEPT if noreply else None
+            return self._decide(name, keys, False, K_UNIT, accept, noreply, n, have)
+        if family >= _F_MG:
+            return self._meta(family, name, toks, n, have)
+        if family == _F_GAT:
+            return self._decide(name, tuple(toks[2:]), False, K_RETR, None, False, n, have)
+        if family == _F_ADMIN:
+            noreply = nargs > 0 and toks[-1] == b"noreply"
+            accept = _ADMIN_NOREPLY_ACCEPT if noreply else None
+            return self._decide(name, _NO_KEYS, False, K_UNIT, accept, noreply, n, have)
+        if family == _F_STATS:
+            return self._decide(name, _NO_KEYS, False, K_STATS, None, False, n, have)
+        if family == _F_CRAWLER:
+            kind = K_DUMP if nargs > 0 and toks[1] in (b"metadump", b"mgdump") else K_UNIT
+            return self._decide(name, _NO_KEYS, False, kind, None, False, n, have)
+        if family == _F_WATCH:
+            return self._decide(name, _NO_KEYS, False, K_WATCH, None, False, n, have)
+        # quit: no reply; the server closes the connection (a denied quit is answered).
+        return self._decide(name, _NO_KEYS, False, -1, None, False, n, have)
+
+    def _meta(self, family: int, name: str, toks: list[bytes], n: int, have: int) -> Verdict:
+        if family == _F_MN or len(toks) < 2:
+            return self._decide(name, _NO_KEYS, False, K_UNIT, None, False, n, have)
+        key = toks[1]
+        first_flag = 2
+        if family == _F_MS:
+            if len(key) > MAX_KEY or len(toks) < 3 or len(toks) >= 20:
+                # memcached: CLIENT_ERROR before reading the size; the block is read as commands.
+                return self._decide(name, (key,), False, K_UNIT, None, False, n, have)
+            size = toks[2]
+            if not _digits(size, 9):
+                return ERROR, ERROR_PROTOCOL
+            n += int(size) + 2
+            first_flag = 3
+        quiet = False
+        key_error = False
+        for flag in toks[first_flag:]:
+            c = flag[0]
+            if c == 113:  # q
+                quiet = True
+            elif c == 98:  # b: the key is base64
+                decoded = _decode_b64_key(key)
+                if decoded is None:
+                    key_error = True
+                else:
+                    key = decoded
+        accept = _QUIET_ACCEPT.get(family) if quiet else None
+        return self._decide(name, (key,), key_error, K_UNIT, accept, False, n, have)
+
+    def _decide(
+        self,
+        name: str,
+        keys: tuple[bytes, ...],
+        key_error: bool,
+        kind: int,
+        accept: Any,
+        silent: bool,
+        n: int,
+        have: int,
+    ) -> Verdict:
+        """Check policy for a parsed request of ``n`` bytes; PASS it or DROP and answer it.
+
+        ``kind`` -1 means the request gets no reply at all (``quit``); ``silent`` that a denial
+        is not answered (``noreply``).
+        """
+        ctx = self.ctx
+        matches = ctx.matches
+        if len(keys) <= 1:
+            allowed = matches(MemcacheRequest(name, keys, key_error))
+        else:
+            allowed = True
+            for key in keys:
+                if not matches(MemcacheRequest(name, (key,))):
+                    allowed = False
+                    break
+        fields = {"command": name, "keys": _log_keys(keys)}
+        if allowed:
+            ctx.log(EntryType.REQUEST, fields)
+            if kind >= 0 and not self.pending.push((kind, accept, name, b"")):
+                return ERROR, ERROR_PROTOCOL
+            return PASS, n
+        ctx.log(EntryType.DENIED, fields)
+        if silent:
+            return DROP, n
+        verdict = self.pending.deny(name, DENIED_REPLY, n, have)
+        return verdict if verdict is not None else (ERROR, ERROR_PROTOCOL)
+
+    # --- replies ----------------------------------------------------------------------------
+
+    def _reply(self, data: Data) -> Verdict:
+        pending = self.pending
+        if pending.rep_owed:
+            return pending.take_owed(True)  # type: ignore[return-value]
+        if self._stream:
+            return PASS, len(data)
+        have = len(data)
+        end = data.find(b"\n", self._rscan)
+        if end < 0:
+            if have > MAX_REPLY_LINE:
+                return ERROR, ERROR_INVALID_FRAME_LENGTH
+            self._rscan = have
+            return MORE, 1
+        self._rscan = 0
+        if end > MAX_REPLY_LINE:
+            return ERROR, ERROR_INVALID_FRAME_LENGTH
+        stop = end - 1 if end > 0 and data[end - 1] == 13 else end
+        sp = data.find(b" ", 0, stop)
+        code = bytes(data[: sp if sp >= 0 else stop])
+        n = end + 1
+        unit = False
+        if code == b"VALUE" or code == b"VA":
+            toks = bytes(data[:stop]).split(b" ")
+            size = toks[3] if code == b"VALUE" and len(toks) > 3 else toks[1] if len(toks) > 1 else b""
+            if not _digits(size, 10):
+                return ERROR, ERROR_PROTOCOL
+            n += int(size) + 2
+            unit = True
+        q = pending.q
+        while True:
+            if not q:
+                return unexpected_reply(self.ctx, code)
+            head = q[0]
+            accept = head[1]
+            if accept is None or code in accept:
+                break
+            q.popleft()  # a maybe entry that was answered with silence
+        kind = head[0]
+        if kind == K_RETR:
+            if unit:
+                return PASS, n
+        elif kind == K_STATS:
+            if code in _STATS_MORE:
+                return PASS, n
+        elif kind == K_DUMP:
+            if data.startswith(b"key=") or data.startswith(b"mg "):
+                return PASS, n
+        elif kind == K_WATCH and code == b"OK":
+            self._stream = True
+        return pending.complete(n, have, code, self.log_responses)
+
