@@ -254,7 +254,8 @@ class PolicySet:
                     ref = RuleRef(doc, spec, rule, pr)
                     if not pr.matches(port):
                         if trace:
-                            not_matching.append((ref, f"port {port}/TCP does not match"))
+                            ports = ", ".join(str(p) for p in pr.ports)
+                            not_matching.append((ref, f"port {port}/TCP is not in {ports}"))
                         continue
                     l7 = pr.l7
                     if rule.deny:

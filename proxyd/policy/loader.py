@@ -81,11 +81,11 @@ UNSUPPORTED_PORT_RULE_FIELDS: Final[Mapping[str, str]] = {
     "serverNames": "SNI matching is not implemented",
     "listener": "Envoy listeners are not available",
 }
-_L7_HINT = "proxyd enforces the l7proto parsers it has; write `l7proto: NAME` with `l7` rules"
+_L7_HINT = "rules for proxyd's own parsers are written as `l7proto: NAME` with `l7` key-value rules"
 UNSUPPORTED_L7_FIELDS: Final[Mapping[str, str]] = {
-    "http": _L7_HINT,
-    "kafka": _L7_HINT,
-    "dns": _L7_HINT,
+    "http": f"proxyd has no HTTP parser; {_L7_HINT}",
+    "kafka": f"proxyd has no Kafka parser; {_L7_HINT}",
+    "dns": f"proxyd has no DNS proxy; {_L7_HINT}",
 }
 UNSUPPORTED_CIDR_SET_FIELDS: Final[Mapping[str, str]] = {
     "cidrGroupRef": "CIDR groups are not available",

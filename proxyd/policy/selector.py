@@ -96,6 +96,8 @@ class Requirement:
     def __str__(self) -> str:
         if self.operator in ("Exists", "DoesNotExist"):
             return f"{self.key} {self.operator}"
+        if self.operator == "In" and len(self.values) == 1:
+            return f"{self.key}={next(iter(self.values))}"
         return f"{self.key} {self.operator} [{', '.join(sorted(self.values))}]"
 
 
