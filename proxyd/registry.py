@@ -71,7 +71,7 @@ class Registry:
             module, _, attr = target.partition(":")
             try:
                 obj = getattr(importlib.import_module(module), attr)
-            except ImportError:
+            except (ImportError, AttributeError):
                 if name in ("memcache", "cassandra"):
                     continue  # not landed yet in this checkout
                 raise

@@ -44,3 +44,11 @@ def free_port(host: str = "127.0.0.1") -> int:
     with socket.socket(fam, socket.SOCK_STREAM) as s:
         s.bind((host, 0))
         return int(s.getsockname()[1])
+
+
+
+def pytest_asyncio_loop_factories(config, item):  # type: ignore[no-untyped-def]
+    """Run every async test on uvloop, as the daemon does."""
+    import uvloop
+
+    return {"uvloop": uvloop.new_event_loop}

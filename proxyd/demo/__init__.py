@@ -1,0 +1,1 @@
+"""Tiny demo servers for trying proxyd by hand."""

@@ -1,0 +1,333 @@
+"""The relay: one client connection, its upstream connection, and the engine between them.
+
+Protocol-free I/O on asyncio transports (uvloop). What it guarantees (DESIGN.md section 1):
+
+- Flow control both ways: when one side's write buffer passes its high-water mark, reading
+  from the other side pauses, and resumes below the low mark; the engine's own buffers are
+  capped by ``limits.buffer_bytes``. Memory per connection is therefore bounded.
+- Half-close both ways: EOF from one side is handed to the parser (``end_stream``) and then
+  passed on as a write shutdown once everything before it has been written. The shutdown is
+  done on a duplicate of the socket's fd instead of ``transport.write_eof()``, which aborted
+  uvloop processes under connection churn on these machines.
+- Early client bytes (uvloop delivers a first ``data_received`` even while reading is paused)
+  go through the engine and wait in ``_pending`` until the upstream is connected.
+- The connection ends when both directions are done, on error, or on policy; exactly one
+  ``connection`` access-log line is written, with byte counts and the reason.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import os
+import socket
+import time
+from collections.abc import Callable
+from typing import TYPE_CHECKING, Any
+
+from proxyd.context import ConnInfo, Context, L7Policy
+from proxyd.engine import Engine, EngineError
+
+if TYPE_CHECKING:
+    from proxyd.server import ListenerRuntime
+
+HIGH_WATER = 256 * 1024
+LOW_WATER = 64 * 1024
+
+
+def shutdown_write(transport: asyncio.Transport) -> None:
+    """Half-close a transport's socket without ``write_eof()`` (see module docstring)."""
+    sock = transport.get_extra_info("socket")
+    if sock is None:
+        return
+    try:
+        fd = os.dup(sock.fileno())
+    except OSError:
+        return
+    try:
+        s = socket.socket(fileno=fd)
+        try:
+            s.shutdown(socket.SHUT_WR)
+        except OSError:
+            pass
+        finally:
+            s.close()
+    except OSError:
+        os.close(fd)
+
+
+class UpstreamProtocol(asyncio.Protocol):
+    """The server side of a relayed connection; forwards events to its :class:`Connection`."""
+
+    __slots__ = ("conn",)
+
+    def __init__(self, conn: Connection) -> None:
+        self.conn = conn
+
+    def data_received(self, data: bytes) -> None:
+        self.conn.upstream_data(data)
+
+    def eof_received(self) -> bool:
+        self.conn.upstream_eof()
+        return True
+
+    def connection_lost(self, exc: Exception | None) -> None:
+        self.conn.upstream_lost(exc)
+
+    def pause_writing(self) -> None:
+        self.conn.pause_client_reading("upstream-full")
+
+    def resume_writing(self) -> None:
+        self.conn.resume_client_reading("upstream-full")
+
+
+class Connection(asyncio.Protocol):
+    """The client side of a relayed connection, and the owner of the whole pair."""
+
+    def __init__(self, listener: ListenerRuntime) -> None:
+        self.lr = listener
+        self.client: asyncio.Transport | None = None
+        self.upstream: asyncio.Transport | None = None
+        self.engine: Engine | None = None
+        self.ctx: Context | None = None
+        self.info: ConnInfo | None = None
+        self.upstream_addr: tuple[str, int] | None = None
+        self._pending: list[bytes | bytearray] | None = []  # to upstream, before it is connected
+        self._client_pauses: set[str] = set()
+        self._client_eof = False
+        self._upstream_eof = False
+        self._shut = [False, False]  # write side shut down: [upstream, client]
+        self._closed = False
+        self._counted = False
+        self._started = time.monotonic()
+        self.bytes_in = 0
+        self.bytes_out = 0
+        self._unparsed = [0, 0]
+        self._task: asyncio.Task[None] | None = None
+        self._l4 = True  # no parser: relay bytes directly
+
+    # --- accept ----------------------------------------------------------------------------
+
+    def connection_made(self, transport: asyncio.BaseTransport) -> None:
+        self.client = transport  # type: ignore[assignment]  # uvloop's is not a subclass
+        transport.set_write_buffer_limits(HIGH_WATER, LOW_WATER)
+        self.pause_client_reading("connecting")
+        self.lr.accept(self)
+
+    def start(self, info: ConnInfo, upstream: tuple[str, int], policy: L7Policy) -> None:
+        """Called by the listener once the connection is admitted: create parser, connect."""
+        assert self.client is not None
+        self.info = info
+        self.upstream_addr = upstream
+        self._counted = True
+        self.lr.metrics.active.inc()
+        factory = self.lr.factory
+        self.engine = Engine(None, self._send, buffer_limit=self.lr.limits.buffer_bytes,
+                             on_error=self._engine_error)  # fmt: skip
+        if factory is not None:
+            self._l4 = False
+            self.ctx = Context(info, self.engine, policy, self.lr.access_log)
+            try:
+                self.engine.parser = factory.create(self.ctx, self.lr.config.parser_settings)
+            except Exception as exc:  # the sandbox: a factory bug closes this connection only
+                self._engine_error(EngineError("exception", f"{type(exc).__name__}: {exc}"))
+                return
+        self._task = asyncio.get_running_loop().create_task(self._connect())
+
+    def refuse(self, reason: str, info: ConnInfo | None) -> None:
+        """Close at accept without connecting upstream (policy, loop, limits)."""
+        self.lr.metrics.denials.inc()
+        self.info = info
+        self._finish("denied", reason)
+
+    async def _connect(self) -> None:
+        assert self.upstream_addr is not None
+        loop = asyncio.get_running_loop()
+        host, port = self.upstream_addr
+        sock: socket.socket | None = None
+        try:
+            infos = await loop.getaddrinfo(host, port, type=socket.SOCK_STREAM)
+            family, _, _, _, addr = infos[0]
+            sock = socket.socket(family, socket.SOCK_STREAM)
+            sock.setblocking(False)
+            sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+            if self.lr.upstream_mark is not None:
+                sock.setsockopt(socket.SOL_SOCKET, socket.SO_MARK, self.lr.upstream_mark)
+            async with asyncio.timeout(self.lr.limits.connect_timeout):
+                await loop.sock_connect(sock, addr)
+            transport, _ = await loop.create_connection(lambda: UpstreamProtocol(self), sock=sock)
+        except (OSError, TimeoutError) as exc:
+            if sock is not None:
+                sock.close()
+            if self._closed:
+                return
+            self.lr.metrics.connect_failures.inc()
+            why = "timeout" if isinstance(exc, TimeoutError) else (exc.strerror or str(exc))
+            self._finish("error", f"upstream connect failed: {why}")
+            return
+        except asyncio.CancelledError:
+            if sock is not None:
+                sock.close()
+            raise
+        if self._closed:
+            transport.abort()
+            return
+        self.upstream = transport  # type: ignore[assignment]
+        transport.set_write_buffer_limits(HIGH_WATER, LOW_WATER)
+        pending, self._pending = self._pending, None
+        if pending:
+            transport.write(b"".join(pending))
+        if self._client_eof:
+            self._maybe_shutdown(False)
+        self.resume_client_reading("connecting")
+
+    # --- data ------------------------------------------------------------------------------
+
+    def data_received(self, data: bytes) -> None:
+        self.bytes_in += len(data)
+        self.lr.metrics.bytes_in.inc(len(data))
+        if self._l4 and self.upstream is not None:
+            self.upstream.write(data)
+            return
+        if self.engine is not None:
+            self.engine.feed(False, data)
+
+    def upstream_data(self, data: bytes) -> None:
+        if self._l4:
+            assert self.client is not None
+            self.bytes_out += len(data)
+            self.lr.metrics.bytes_out.inc(len(data))
+            self.client.write(data)
+            return
+        if self.engine is not None:
+            self.engine.feed(True, data)
+
+    def _send(self, reply: bool, data: bytes | bytearray) -> None:
+        if self._closed:
+            return
+        if reply:
+            assert self.client is not None
+            self.bytes_out += len(data)
+            self.lr.metrics.bytes_out.inc(len(data))
+            self.client.write(data)
+        elif self.upstream is not None:
+            self.upstream.write(data)
+        elif self._pending is not None:
+            self._pending.append(data)
+
+    # --- half-close and end ----------------------------------------------------------------
+
+    def eof_received(self) -> bool:
+        self._client_eof = True
+        if self.engine is not None:
+            self._unparsed[0] = self.engine.feed_eof(False)
+        self._maybe_shutdown(False)
+        self._maybe_done()
+        return True
+
+    def upstream_eof(self) -> None:
+        self._upstream_eof = True
+        if self.engine is not None:
+            self._unparsed[1] = self.engine.feed_eof(True)
+        self._maybe_shutdown(True)
+        self._maybe_done()
+
+    def _maybe_shutdown(self, reply: bool) -> None:
+        """Pass an EOF on: shut the write side of the other transport once it is flushed."""
+        transport = self.client if reply else self.upstream
+        if transport is None or self._closed or self._shut[reply]:
+            return
+        if transport.get_write_buffer_size():
+            # Poll until flushed: uvloop offers no drain callback below the low-water mark.
+            asyncio.get_running_loop().call_later(0.005, self._maybe_shutdown, reply)
+            return
+        self._shut[reply] = True
+        shutdown_write(transport)
+        self._maybe_done()
+
+    def _maybe_done(self) -> None:
+        if self._client_eof and self._upstream_eof and self._shut[0] and self._shut[1]:
+            self._finish("forwarded", None)
+
+    def connection_lost(self, exc: Exception | None) -> None:
+        if not self._closed:
+            self._finish("error" if exc else "forwarded", f"client closed: {exc}" if exc else "client closed")
+
+    def upstream_lost(self, exc: Exception | None) -> None:
+        if not self._closed:
+            self._finish("error" if exc else "forwarded", f"upstream closed: {exc}" if exc else "upstream closed")
+
+    def _engine_error(self, err: EngineError) -> None:
+        lr = self.lr
+        l7proto = lr.config.l7proto or ""
+        lr.daemon.metrics.parser_errors_total.labels(l7proto).inc()
+        if self.info is not None:
+            fields: dict[str, Any] = {"error_kind": err.kind, "error": str(err)}
+            if err.code:
+                fields["error_code"] = err.code
+            lr.access_log.l7_line(self.info, "request", "error", fields, None)
+        # Defer the close: we may be inside the engine's own call stack.
+        asyncio.get_running_loop().call_soon(self._finish, "error", f"{err.kind}: {err}")
+
+    def close_now(self, reason: str) -> None:
+        """Abort both sides (drain timeout, listener removed)."""
+        self._finish("error", reason, abort=True)
+
+    def _finish(self, verdict: str, reason: str | None, *, abort: bool = False) -> None:
+        if self._closed:
+            return
+        self._closed = True
+        if self._task is not None and not self._task.done():
+            self._task.cancel()
+        for t in (self.client, self.upstream):
+            if t is not None:
+                t.abort() if abort else t.close()
+        lr = self.lr
+        if self._counted:
+            lr.metrics.active.dec()
+        lr.forget(self)
+        if self.info is None:
+            return
+        kv: dict[str, Any] = {
+            "upstream": _fmt(self.upstream_addr) if self.upstream_addr else None,
+            "duration_ms": round((time.monotonic() - self._started) * 1000, 3),
+            "bytes_in": self.bytes_in,
+            "bytes_out": self.bytes_out,
+            "verdict": verdict,
+        }
+        if reason and not (verdict == "forwarded" and reason in ("client closed", "upstream closed")):
+            kv["reason"] = reason
+        elif reason:
+            kv["closed_by"] = reason.split(" ")[0]
+        if self._unparsed[0] or self._unparsed[1]:
+            kv["unforwarded_bytes"] = {"client": self._unparsed[0], "server": self._unparsed[1]}
+            kv.setdefault("reason", "incomplete frame discarded at end of stream")
+        lr.access_log.connection(self.info, **kv)
+
+    # --- flow control ----------------------------------------------------------------------
+
+    def pause_writing(self) -> None:
+        # The client reads slower than the upstream sends: stop reading the upstream.
+        if self.upstream is not None:
+            self.upstream.pause_reading()
+
+    def resume_writing(self) -> None:
+        if self.upstream is not None and not self._closed:
+            self.upstream.resume_reading()
+
+    def pause_client_reading(self, why: str) -> None:
+        if not self._client_pauses and self.client is not None:
+            self.client.pause_reading()
+        self._client_pauses.add(why)
+
+    def resume_client_reading(self, why: str) -> None:
+        self._client_pauses.discard(why)
+        if not self._client_pauses and self.client is not None and not self._closed:
+            self.client.resume_reading()
+
+
+def _fmt(addr: tuple[str, int]) -> str:
+    host, port = addr
+    return f"[{host}]:{port}" if ":" in host else f"{host}:{port}"
+
+
+Factory = Callable[[], Connection]

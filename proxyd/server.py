@@ -1,0 +1,363 @@
+"""The daemon: listeners, admission, policy, reload, and graceful shutdown.
+
+Stages, as in uvicorn's server: :meth:`Daemon.start` (load policy, bind every listener, start
+the admin server, then report ready), :meth:`Daemon.serve` (signal handlers installed and
+restored in one place; SIGHUP reloads, SIGUSR1 reopens the access log, SIGTERM/SIGINT stop) and
+:meth:`Daemon.stop` (stop accepting, let open connections finish up to ``drain_timeout``, then
+close the rest).
+
+Admission (:meth:`ListenerRuntime.accept`) refuses, before any upstream connect: connections
+over ``max_connections``, connections that were not redirected (no original destination, or
+the listener's own address, which is what ``SO_ORIGINAL_DST`` answers where NAT is loaded) or
+whose original destination is one of proxyd's own listeners (a loop), and connections the
+policy denies at L3/L4.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import ipaddress
+import itertools
+import signal
+from collections.abc import Iterable
+from dataclasses import replace
+from pathlib import Path
+from typing import Any
+
+from proxyd.accesslog import AccessLog, LineWriter, make_logger
+from proxyd.config import Config, Limits, ListenerConfig, load_config
+from proxyd.context import AllowAllPolicy, ConnInfo, L7Policy
+from proxyd.errors import ConfigError, PolicyError
+from proxyd.metrics import ListenerMetrics, Metrics
+from proxyd.origdst import original_dst, unmap
+from proxyd.parser import Endpoint, ParserFactory
+from proxyd.policy.identity import IdentityMap
+from proxyd.registry import Registry
+
+from proxyd.policy.store import PolicyStore
+
+try:
+    from proxyd import sdnotify
+except ImportError:  # pragma: no cover
+    from proxyd._shims import sdnotify  # type: ignore[no-redef]
+from proxyd.relay import Connection
+
+LISTEN_BACKLOG = 1024
+
+
+class ListenerRuntime:
+    """A bound listener and the connections it accepted."""
+
+    def __init__(self, daemon: Daemon, config: ListenerConfig) -> None:
+        self.daemon = daemon
+        self.config = config
+        self.factory: ParserFactory | None = (
+            daemon.registry.get(config.l7proto) if config.l7proto else None
+        )
+        self.metrics: ListenerMetrics = daemon.metrics.for_listener(config.name)
+        self.access_log: AccessLog = daemon.access_log
+        self.limits: Limits = daemon.config.limits
+        self.upstream_mark = daemon.config.upstream_mark
+        self.server: asyncio.Server | None = None
+        self.conns: set[Connection] = set()
+
+    @property
+    def mode(self) -> str:
+        return self.config.policy_mode or self.daemon.config.policy.mode
+
+    async def bind(self) -> None:
+        loop = asyncio.get_running_loop()
+        self.server = await loop.create_server(
+            lambda: Connection(self),
+            self.config.host,
+            self.config.port,
+            reuse_address=True,
+            backlog=LISTEN_BACKLOG,
+        )
+
+    def bound_address(self) -> tuple[str, int]:
+        assert self.server is not None
+        host, port = self.server.sockets[0].getsockname()[:2]
+        return host, port
+
+    def accept(self, conn: Connection) -> None:
+        d = self.daemon
+        self.metrics.connections.inc()
+        self.conns.add(conn)
+        transport = conn.client
+        assert transport is not None
+        sock = transport.get_extra_info("socket")
+        peer = transport.get_extra_info("peername")
+        local = transport.get_extra_info("sockname")
+        conn_id = next(d.conn_ids)
+        src_ip, src_port = unmap(peer[0]), int(peer[1])
+        local_ip, local_port = unmap(local[0]), int(local[1])
+        cfg = self.config
+        reason: str | None = None
+        if cfg.upstream is not None:
+            upstream = cfg.upstream
+        else:
+            odst = original_dst(sock)
+            if odst is None:
+                upstream, reason = (local_ip, local_port), "not redirected: no original destination"
+            else:
+                upstream = (unmap(odst[0]), odst[1])
+                if upstream == (local_ip, local_port):
+                    reason = "not redirected: original destination is the listener itself"
+                elif d.is_own_listener(upstream, local_ip):
+                    reason = f"loop: original destination {upstream[0]}:{upstream[1]} is a proxyd listener"
+        dst_ip, dst_port = upstream
+        ids = d.identities
+        src = Endpoint(src_ip, src_port, ids.labels_for(src_ip))
+        dst = Endpoint(dst_ip, dst_port, ids.labels_for(dst_ip))
+        info = ConnInfo(conn_id, cfg.name, cfg.direction, src, dst, cfg.l7proto or "")
+        if reason is None and d.active_connections() > self.limits.max_connections:
+            reason = f"max_connections ({self.limits.max_connections}) reached"
+        policy: L7Policy = AllowAllPolicy()
+        if reason is None:
+            view = d.policy.view(
+                cfg.direction,
+                info.local.labels,
+                info.remote.ip,
+                info.remote.labels,
+                dst_port,
+                cfg.l7proto,
+                self.mode == "audit",
+            )
+            l4 = view.l4()
+            if not l4.l4_allowed:
+                reason = f"policy: {l4.l4_reason}"
+            elif l4.audit_l4:
+                self.access_log.connection(info, verdict="audit", reason=f"policy: {l4.l4_reason}",
+                                           policy=l4.policy_name)  # fmt: skip
+            policy = view
+        if reason is not None:
+            d.log.warning("connection refused", conn_id=conn_id, listener=cfg.name,
+                          src=str(src), dst=str(dst), reason=reason)  # fmt: skip
+            conn.refuse(reason, info)
+            return
+        conn.start(info, upstream, policy)
+
+    def forget(self, conn: Connection) -> None:
+        self.conns.discard(conn)
+
+    def close_server(self) -> None:
+        if self.server is not None:
+            self.server.close()
+
+
+class Daemon:
+    """One proxyd process's worth of state; tests run several in one event loop."""
+
+    def __init__(self, config: Config, registry: Registry | None = None) -> None:
+        self.config = config
+        self.registry = registry or Registry.load()
+        self.metrics = Metrics()
+        self.access_log = AccessLog(config.access_log.path, config.access_log.requests, self.metrics)
+        self.log = make_logger(LineWriter("stderr"))
+        self.identities = IdentityMap.from_entries(config.identities)
+        self.policy = PolicyStore(self.registry, config.policy.paths, config.policy.state_dir)
+        self.metrics.policy_revision.set(self.policy.revision)
+        self.listeners: dict[str, ListenerRuntime] = {}
+        self.conn_ids = itertools.count(1)
+        self.ready = False
+        self.stopping = False
+        self._admin: Any = None
+        self._stop = asyncio.Event()
+        self._tasks: set[asyncio.Task[Any]] = set()
+
+    # --- queries ---------------------------------------------------------------------------
+
+    def active_connections(self) -> int:
+        return sum(len(lr.conns) for lr in self.listeners.values())
+
+    def is_own_listener(self, addr: tuple[str, int], local_ip: str) -> bool:
+        ip, port = addr
+        for lr in self.listeners.values():
+            if lr.server is None:
+                continue
+            for s in lr.server.sockets:
+                lhost, lport = unmap(s.getsockname()[0]), s.getsockname()[1]
+                if lport != port:
+                    continue
+                if lhost == ip:
+                    return True
+                if ipaddress.ip_address(lhost).is_unspecified and (
+                    ip == local_ip or ipaddress.ip_address(ip).is_loopback
+                ):
+                    return True
+        return False
+
+    # --- lifecycle -------------------------------------------------------------------------
+
+    async def start(self) -> None:
+        for lc in self.config.listeners:
+            lr = ListenerRuntime(self, lc)
+            await lr.bind()
+            self.listeners[lc.name] = lr
+            self.log.info("listening", listener=lc.name, address=lc.address, l7proto=lc.l7proto)
+        if self.config.admin is not None:
+            from proxyd.admin import AdminServer
+
+            self._admin = AdminServer(self)
+            await self._admin.start(self.config.admin.host, self.config.admin.port)
+        self.ready = True
+        sdnotify.notify("READY=1", f"STATUS=serving {len(self.listeners)} listeners")
+        interval = sdnotify.watchdog_interval()
+        if interval:
+            self._spawn(self._watchdog(interval))
+        if self.config.policy.paths:
+            self._spawn(self._watch_policy())
+
+    def _spawn(self, coro: Any) -> None:
+        task = asyncio.get_running_loop().create_task(coro)
+        self._tasks.add(task)
+        task.add_done_callback(self._tasks.discard)
+
+    async def _watchdog(self, interval: float) -> None:
+        while True:
+            sdnotify.notify("WATCHDOG=1")
+            await asyncio.sleep(interval)
+
+    async def _watch_policy(self) -> None:
+        while True:
+            await asyncio.sleep(1.0)
+            try:
+                changed = self.policy.watch_mtimes()
+            except OSError:
+                changed = False
+            if changed:
+                self.reload_policy("file change")
+
+    def admin_address(self) -> tuple[str, int] | None:
+        return self._admin.address() if self._admin is not None else None
+
+    def request_stop(self) -> None:
+        self._stop.set()
+
+    async def serve(self) -> None:
+        """Run until SIGTERM/SIGINT (or :meth:`request_stop`), then drain and stop."""
+        loop = asyncio.get_running_loop()
+        handlers = {
+            signal.SIGTERM: self.request_stop,
+            signal.SIGINT: self.request_stop,
+            signal.SIGHUP: lambda: self._spawn(self.reload()),
+            signal.SIGUSR1: self.access_log.reopen,
+        }
+        for sig, fn in handlers.items():
+            loop.add_signal_handler(sig, fn)
+        try:
+            await self._stop.wait()
+        finally:
+            for sig in handlers:
+                loop.remove_signal_handler(sig)
+            await self.stop()
+
+    async def stop(self) -> None:
+        if self.stopping:
+            return
+        self.stopping = True
+        self.ready = False
+        sdnotify.notify("STOPPING=1")
+        for lr in self.listeners.values():
+            lr.close_server()
+        deadline = asyncio.get_running_loop().time() + self.config.limits.drain_timeout
+        while self.active_connections() and asyncio.get_running_loop().time() < deadline:
+            await asyncio.sleep(0.05)
+        for lr in list(self.listeners.values()):
+            for conn in list(lr.conns):
+                conn.close_now("drain timeout at shutdown")
+        for task in list(self._tasks):
+            task.cancel()
+        if self._admin is not None:
+            await self._admin.stop()
+        await asyncio.sleep(0)
+        self.access_log.close()
+        self.log.info("stopped")
+
+    # --- reload ----------------------------------------------------------------------------
+
+    def reload_policy(self, why: str) -> bool:
+        try:
+            revision = self.policy.reload_files()
+        except PolicyError as exc:
+            self.metrics.policy_reloads_total.labels("failure").inc()
+            self.log.error("policy reload rejected, old policy kept", trigger=why, problems=exc.problems)
+            return False
+        self.metrics.policy_reloads_total.labels("success").inc()
+        self.metrics.policy_revision.set(revision)
+        self.log.info("policy reloaded", trigger=why, revision=revision)
+        return True
+
+    def policy_changed(self, revision: int) -> None:
+        """Called after the admin API replaced imported documents."""
+        self.metrics.policy_reloads_total.labels("success").inc()
+        self.metrics.policy_revision.set(revision)
+
+    async def reload(self) -> bool:
+        """SIGHUP: re-read the config file; apply listener and policy changes, or keep all."""
+        sdnotify.notify_reloading()
+        try:
+            return await self._reload()
+        finally:
+            sdnotify.notify("READY=1", f"STATUS=serving {len(self.listeners)} listeners")
+
+    async def _reload(self) -> bool:
+        source = self.config.source
+        if source is None:
+            return self.reload_policy("SIGHUP")
+        try:
+            new = load_config(source, self.registry)
+        except ConfigError as exc:
+            self.metrics.policy_reloads_total.labels("failure").inc()
+            self.log.error("config reload rejected, old config kept", problems=exc.problems)
+            return False
+        # Open connections hold live views of this store, so it is updated, never replaced.
+        old_paths = self.policy.paths
+        self.policy.paths = tuple(new.policy.paths)
+        if not self.reload_policy("SIGHUP"):
+            self.policy.paths = old_paths
+            return False
+        if new.policy.state_dir != self.config.policy.state_dir:
+            self.log.warning("policy.state_dir changes apply at the next restart")
+        self.identities = IdentityMap.from_entries(new.identities)
+        await self._apply_listeners(new.listeners)
+        # Settings that only affect new connections take effect now; the access log and admin
+        # address are fixed for the process lifetime (a restart applies them).
+        self.config = replace(new, access_log=self.config.access_log, admin=self.config.admin)
+        self.log.info("config reloaded", listeners=sorted(self.listeners))
+        return True
+
+    async def _apply_listeners(self, wanted: Iterable[ListenerConfig]) -> None:
+        wanted_by_name = {lc.name: lc for lc in wanted}
+        for name in list(self.listeners):
+            lr = self.listeners[name]
+            new = wanted_by_name.get(name)
+            if new is None or (new.host, new.port) != (lr.config.host, lr.config.port):
+                lr.close_server()
+                del self.listeners[name]
+                self.log.info("listener removed", listener=name, open_connections=len(lr.conns))
+                # Its open connections go on until they end by themselves.
+        for name, lc in wanted_by_name.items():
+            lr = self.listeners.get(name)
+            if lr is None:
+                lr = ListenerRuntime(self, lc)
+                await lr.bind()
+                self.listeners[name] = lr
+                self.log.info("listener added", listener=name, address=lc.address)
+            else:
+                # Same address: new connections use the new settings; open ones keep theirs.
+                lr.config = lc
+                lr.factory = self.registry.get(lc.l7proto) if lc.l7proto else None
+                lr.limits = self.config.limits
+
+
+async def run_daemon(config_path: Path) -> int:
+    """Entry point of ``proxyd run``: returns the process exit code."""
+    registry = Registry.load()
+    config = load_config(config_path, registry)
+    daemon = Daemon(config, registry)
+    await daemon.start()
+    await daemon.serve()
+    return 0
+
