@@ -57,8 +57,9 @@ OP = {
 }
 
 
-def frame(version: int, stream: int, opcode: int | str, body: bytes = b"", *, response: bool = False,
-          flags: int = 0) -> bytes:
+def frame(
+    version: int, stream: int, opcode: int | str, body: bytes = b"", *, response: bool = False, flags: int = 0
+) -> bytes:
     """One frame (v3/v4) or v5 envelope."""
     op = OP[opcode] if isinstance(opcode, str) else opcode
     v = version | (0x80 if response else 0)
@@ -96,8 +97,9 @@ def string_multimap(m: dict[str, list[str]]) -> bytes:
     return out
 
 
-def query_params(version: int, values: Sequence[bytes | None] = (), keyspace: str | None = None,
-                 consistency: int = 1) -> bytes:
+def query_params(
+    version: int, values: Sequence[bytes | None] = (), keyspace: str | None = None, consistency: int = 1
+) -> bytes:
     flags = 0
     tail = b""
     if values:
@@ -110,7 +112,9 @@ def query_params(version: int, values: Sequence[bytes | None] = (), keyspace: st
     return struct.pack(">H", consistency) + fl + tail
 
 
-def query_body(q: str, version: int = 4, values: Sequence[bytes | None] = (), keyspace: str | None = None) -> bytes:
+def query_body(
+    q: str, version: int = 4, values: Sequence[bytes | None] = (), keyspace: str | None = None
+) -> bytes:
     return long_string(q) + query_params(version, values, keyspace)
 
 
@@ -122,16 +126,18 @@ def prepare_body(q: str, version: int = 4, keyspace: str | None = None) -> bytes
     return long_string(q) + struct.pack(">i", 1) + string(keyspace)
 
 
-def execute_body(pid: bytes, version: int = 4, values: Sequence[bytes | None] = (),
-                 result_metadata_id: bytes = b"") -> bytes:
+def execute_body(
+    pid: bytes, version: int = 4, values: Sequence[bytes | None] = (), result_metadata_id: bytes = b""
+) -> bytes:
     head = short_bytes(pid)
     if version >= 5:
         head += short_bytes(result_metadata_id)
     return head + query_params(version, values)
 
 
-def batch_body(members: Iterable[str | bytes], version: int = 4, keyspace: str | None = None,
-               batch_type: int = 0) -> bytes:
+def batch_body(
+    members: Iterable[str | bytes], version: int = 4, keyspace: str | None = None, batch_type: int = 0
+) -> bytes:
     ms = list(members)
     out = struct.pack(">BH", batch_type, len(ms))
     for m in ms:
@@ -192,7 +198,9 @@ def _crc24(data: bytes) -> int:
     return crc
 
 
-def segment(payload: bytes, self_contained: bool = True, lz4_codec: bool = False, compress: bool = True) -> bytes:
+def segment(
+    payload: bytes, self_contained: bool = True, lz4_codec: bool = False, compress: bool = True
+) -> bytes:
     """One v5 segment; with ``lz4_codec`` the 5-byte header (payload compressed if smaller)."""
     ulen = 0
     body = payload
@@ -239,7 +247,9 @@ class SegmentDecoder:
             if len(self.buf) < total:
                 break
             body = bytes(self.buf[hl + 3 : hl + 3 + plen])
-            if zlib.crc32(body, _CRC32_SEED) & 0xFFFFFFFF != int.from_bytes(self.buf[total - 4 : total], "little"):
+            if zlib.crc32(body, _CRC32_SEED) & 0xFFFFFFFF != int.from_bytes(
+                self.buf[total - 4 : total], "little"
+            ):
                 raise ValueError("bad payload crc")
             out += lz4.block.decompress(body, uncompressed_size=ulen) if ulen else body
             del self.buf[:total]
@@ -263,7 +273,7 @@ def _value(t: Any, v: Any) -> bytes | None:
         return None
     if t == T_INT:
         return struct.pack(">i", v)
-    if t == T_BIGINT or t == T_TIMESTAMP:
+    if t in (T_BIGINT, T_TIMESTAMP):
         return struct.pack(">q", v)
     if t == T_BOOLEAN:
         return b"\x01" if v else b"\x00"
@@ -288,7 +298,9 @@ def _value(t: Any, v: Any) -> bytes | None:
     raise ValueError(f"type {t!r}")
 
 
-def rows_body(ks: str, table: str, columns: Sequence[tuple[str, Any]], rows: Sequence[Sequence[Any]]) -> bytes:
+def rows_body(
+    ks: str, table: str, columns: Sequence[tuple[str, Any]], rows: Sequence[Sequence[Any]]
+) -> bytes:
     out = struct.pack(">iii", 2, 0x0001, len(columns)) + string(ks) + string(table)
     for name, t in columns:
         out += string(name) + _type(t)
@@ -299,8 +311,14 @@ def rows_body(ks: str, table: str, columns: Sequence[tuple[str, Any]], rows: Seq
     return out
 
 
-def prepared_body(version: int, pid: bytes, ks: str, table: str, binds: Sequence[tuple[str, Any]],
-                  result: Sequence[tuple[str, Any]]) -> bytes:
+def prepared_body(
+    version: int,
+    pid: bytes,
+    ks: str,
+    table: str,
+    binds: Sequence[tuple[str, Any]],
+    result: Sequence[tuple[str, Any]],
+) -> bytes:
     out = struct.pack(">i", 4) + short_bytes(pid)
     if version >= 5:
         out += short_bytes(hashlib.md5(repr(result).encode()).digest())
@@ -443,11 +461,14 @@ class CqlResponder:
             flags = 0x01
         return frame(version, stream, opcode, body, response=True, flags=flags)
 
-    def _handle(self, conn: _Conn, version: int, flags: int, stream: int, opcode: int,
-                body: bytes) -> list[tuple[bytes, bool]]:
+    def _handle(
+        self, conn: _Conn, version: int, flags: int, stream: int, opcode: int, body: bytes
+    ) -> list[tuple[bytes, bool]]:
         if version not in self.versions:
-            msg = (f"Invalid or unsupported protocol version ({version}); supported versions are "
-                   f"({', '.join(f'{v}/v{v}' for v in self.versions)})")
+            msg = (
+                f"Invalid or unsupported protocol version ({version}); supported versions are "
+                f"({', '.join(f'{v}/v{v}' for v in self.versions)})"
+            )
             reply_v = max(v for v in self.versions if v <= max(self.versions))
             return [(frame(min(reply_v, 4), stream, "ERROR", error_body(0x000A, msg), response=True), False)]
         conn.version = version
@@ -496,7 +517,14 @@ class CqlResponder:
             self.prepared[pid] = q
             binds, result = self._prepared_meta(q)
             ks, table = self._table_of(conn, q)
-            return [(self._reply(conn, stream, "RESULT", prepared_body(version, pid, ks, table, binds, result)), False)]
+            return [
+                (
+                    self._reply(
+                        conn, stream, "RESULT", prepared_body(version, pid, ks, table, binds, result)
+                    ),
+                    False,
+                )
+            ]
         if name == "EXECUTE":
             (n,) = struct.unpack_from(">H", body, pos)
             pid = body[pos + 2 : pos + 2 + n]
@@ -577,15 +605,33 @@ class CqlResponder:
         if ql.startswith("select"):
             ks, table = self._table_of(conn, q)
             if ks == "system" and table == "local":
-                row = ["local", "COMPLETED", "127.0.0.1", "Test Cluster", "3.4.5", "datacenter1", _HOST_ID,
-                       "127.0.0.1", "4", "org.apache.cassandra.dht.Murmur3Partitioner", "rack1", "4.0.11",
-                       "127.0.0.1", _SCHEMA_ID, {"0"}]
+                row = [
+                    "local",
+                    "COMPLETED",
+                    "127.0.0.1",
+                    "Test Cluster",
+                    "3.4.5",
+                    "datacenter1",
+                    _HOST_ID,
+                    "127.0.0.1",
+                    "4",
+                    "org.apache.cassandra.dht.Murmur3Partitioner",
+                    "rack1",
+                    "4.0.11",
+                    "127.0.0.1",
+                    _SCHEMA_ID,
+                    {"0"},
+                ]
                 return rows_body("system", "local", LOCAL_COLUMNS, [row])
             if table == "users":
                 rows = sorted(self.users.items())
                 m = re.search(r"\bid\s*=\s*(\d+|\?)", q, re.I)
                 if m:
-                    want = int(m.group(1)) if m.group(1) != "?" else struct.unpack(">i", values[0] or b"\0\0\0\0")[0]
+                    want = (
+                        int(m.group(1))
+                        if m.group(1) != "?"
+                        else struct.unpack(">i", values[0] or b"\0\0\0\0")[0]
+                    )
                     rows = [r for r in rows if r[0] == want]
                 return rows_body(ks, table, USERS_COLUMNS, [list(r) for r in rows])
             # (drivers need at least one column in the metadata)

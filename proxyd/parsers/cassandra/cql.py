@@ -271,6 +271,12 @@ def _batch(cur: _Cursor) -> list[Statement]:
 
 
 def _statement(cur: _Cursor) -> Statement:
+    st = _statement_head(cur)
+    _skip_rest(cur)
+    return st
+
+
+def _statement_head(cur: _Cursor) -> Statement:
     w = cur.word()
     if w is None:
         raise _Shape("no statement")
@@ -321,7 +327,9 @@ def _after_from(cur: _Cursor) -> Name:
 
 
 def _skip_rest(cur: _Cursor) -> None:
-    cur.i = len(cur.toks)
+    """Move to the ``;`` that ends the statement (or the end): what :func:`_end` then checks."""
+    while (t := cur.peek()) is not None and not (t.kind == PUNCT and t.text == ";"):
+        cur.i += 1
 
 
 def _create(cur: _Cursor) -> Statement:

@@ -224,7 +224,10 @@ class CassandraParser(Parser):
         if h.opcode not in _INSPECTED:
             return PASS, total
         try:
-            parsed = self._parse_request(h, self._body(h, data))
+            r = self._body(h, data)
+            parsed = self._parse_request(h, r)
+            if r.pos > self.cfg.max_inspect_bytes:  # judged the same however the bytes were cut
+                raise _TooLarge
         except F.Short as short:
             need = short.need if not h.flags & F.FLAG_COMPRESSED else total
             if need > self.cfg.max_inspect_bytes:
@@ -576,17 +579,21 @@ class CassandraParser(Parser):
             if len(body) > h.total:
                 raise F.Malformed("more than one envelope in a segment run")
             if h.opcode in _INSPECTED:
-                parsed = self._parse_request(h, F.Reader(body, 9, h.total, len(body) >= h.total))
+                r = F.Reader(body, 9, h.total, len(body) >= h.total)
+                parsed = self._parse_request(h, r)
+                if self._run_wire(r.pos) > self.cfg.max_inspect_bytes:
+                    raise _TooLarge  # needed more segments than may be buffered
                 allowed, answer = self._decide(h, parsed)
                 if answer:
                     self._send_client(answer)
                 verdict_drop = not allowed
-        except F.Short:
-            more = self._seg_more(data, off)
-            if more <= 0:
-                raise F.Malformed("envelope run ends early") from None
-            if len(data) + more <= self.cfg.max_inspect_bytes:
-                return MORE, more
+        except (F.Short, _TooLarge) as exc:
+            if isinstance(exc, F.Short):
+                more = self._seg_more(data, off)
+                if more <= 0:
+                    raise F.Malformed("envelope run ends early") from None
+                if len(data) + more <= self.cfg.max_inspect_bytes:
+                    return MORE, more
             if h is None:
                 raise F.Malformed("envelope header spread too thin") from None
             self.ctx.log(
@@ -604,6 +611,16 @@ class CassandraParser(Parser):
         self._run_left = h.total - len(body)
         self._run_drop = verdict_drop
         return (DROP if verdict_drop else PASS), wire
+
+    def _run_wire(self, payload_bytes: int) -> int:
+        """Wire bytes of the cached run's segments holding its first ``payload_bytes``."""
+        wire = got = 0
+        for seg in self._segcache:
+            if got >= payload_bytes:
+                break
+            wire += seg.wire_len
+            got += len(seg.payload)
+        return wire
 
     # --- replies, v3/v4 framing --------------------------------------------------------------
 
@@ -651,18 +668,21 @@ class CassandraParser(Parser):
         if h.flags & F.FLAG_CUSTOM_PAYLOAD:
             r.skip_bytes_map()
         kind = r.int32()
-        if kind == F.RESULT_PREPARED and stream in self.pending_prepare:
+        pid = keyspace = None
+        if kind == F.RESULT_PREPARED:
             pid = r.short_bytes()
-            members = self.pending_prepare.pop(stream)
-            self.prepared[pid] = members
-            self.prepared.move_to_end(pid)
-            while len(self.prepared) > self.cfg.max_prepared:
-                self.prepared.popitem(last=False)
         elif kind == F.RESULT_SET_KEYSPACE:
-            self.keyspace = r.string()
-            self.pending_use.pop(stream, None)
-        else:
-            self._forget(stream)
+            keyspace = r.string()
+        # Whether a reply is learnt must not depend on how its bytes were cut up.
+        if r.pos <= self.cfg.max_inspect_bytes:
+            members = self.pending_prepare.get(stream)
+            if pid is not None and members is not None:
+                self.prepared[pid] = members
+                self.prepared.move_to_end(pid)
+                while len(self.prepared) > self.cfg.max_prepared:
+                    self.prepared.popitem(last=False)
+            if keyspace is not None:
+                self.keyspace = keyspace
         self._forget(stream)
 
     def _forget(self, stream: int) -> None:
