@@ -13,16 +13,15 @@ import sys
 from pathlib import Path
 from typing import Any
 
-import pytest
 from conftest import need_binary
+from dockerfile_parse import DockerfileParser
 
 REPO = Path(__file__).resolve().parents[2]
 DOCKERFILE = REPO / "Dockerfile"
 
 
 def instructions() -> list[dict[str, Any]]:
-    dockerfile_parse = pytest.importorskip("dockerfile_parse")
-    parser = dockerfile_parse.DockerfileParser(path=str(DOCKERFILE))
+    parser = DockerfileParser(path=str(DOCKERFILE))
     return [i for i in parser.structure if i["instruction"] != "COMMENT"]
 
 

@@ -275,8 +275,9 @@ def test_redirects_from_listeners() -> None:
 
 
 def test_real_config_loader_feeds_redirects(tmp_path: object) -> None:
-    config = pytest.importorskip("proxyd.config")
     from pathlib import Path
+
+    from proxyd import config
 
     path = Path(str(tmp_path)) / "proxyd.yaml"
     path.write_text(

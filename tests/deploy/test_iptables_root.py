@@ -125,3 +125,26 @@ def test_failure_raises_with_stderr_and_changes_nothing(ns: str) -> None:
     with pytest.raises(IptablesError, match="NO_SUCH_CHAIN"):
         iptables._restore(4, "*nat\n:PROXYD_OUTPUT - [0:0]\n-A PROXYD_OUTPUT -j NO_SUCH_CHAIN\nCOMMIT\n", ns)
     assert saved_rules(ns, 4) == before
+
+
+def test_cli_apply_and_remove_in_a_namespace(ns: str) -> None:
+    import argparse
+    import io
+    from types import SimpleNamespace
+
+    from proxyd.iptables import add_arguments, run
+
+    parser = argparse.ArgumentParser()
+    add_arguments(parser)
+    red = SimpleNamespace(ports=(11211,), direction="outbound", interfaces=(), exclude_src=(), exclude_dst=())
+    cfg = SimpleNamespace(
+        listeners=[SimpleNamespace(name="mc", host="::", port=15001, redirect=red)], upstream_mark=9
+    )
+    before = {fam: saved_rules(ns, fam) for fam in (4, 6)}
+    assert run(parser.parse_args(["--apply", "--uid", "root", "--netns", ns]), cfg, io.StringIO()) == 0  # type: ignore[arg-type]
+    for fam in (4, 6):
+        ours = _ours(saved_rules(ns, fam))
+        assert any("--uid-owner 0" in r for r in ours)
+        assert any("--mark 0x9" in r for r in ours)
+    assert run(parser.parse_args(["--remove", "--netns", ns]), None, io.StringIO()) == 0
+    assert {fam: saved_rules(ns, fam) for fam in (4, 6)} == before

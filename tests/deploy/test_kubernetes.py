@@ -10,6 +10,7 @@ import sys
 from pathlib import Path
 from typing import Any
 
+import kubernetes_validate as kv
 import pytest
 import yaml
 
@@ -34,13 +35,11 @@ def test_manifests_exist() -> None:
 
 @pytest.mark.parametrize("path", FILES, ids=[f.name for f in FILES])
 def test_schema_valid(path: Path) -> None:
-    kv = pytest.importorskip("kubernetes_validate")
     for d in docs(path):
         kv.validate(d, K8S_VERSION, strict=True)
 
 
 def test_strict_validation_rejects_unknown_fields() -> None:
-    kv = pytest.importorskip("kubernetes_validate")
     ds = one(KDIR / "node-daemonset.yaml", "DaemonSet")
     ds["spec"]["template"]["spec"]["hostNetwrok"] = True
     with pytest.raises(kv.ValidationError):

@@ -8,8 +8,9 @@ import shutil
 import subprocess
 from pathlib import Path
 
-import pytest
 from conftest import need_binary
+
+from proxyd.config import Limits
 
 REPO = Path(__file__).resolve().parents[2]
 UNIT = REPO / "systemd" / "proxyd.service"
@@ -95,8 +96,7 @@ def test_user_capabilities_and_hardening() -> None:
 
 def test_limits_cover_the_config_defaults() -> None:
     e = entries()
-    config = pytest.importorskip("proxyd.config")
-    limits = config.Limits()
+    limits = Limits()
     assert int(e["LimitNOFILE"][0]) > 2 * limits.max_connections  # client + upstream socket each
     assert seconds(e["TimeoutStopSec"][0]) > limits.drain_timeout
 
