@@ -87,3 +87,60 @@ def build(*docs: Mapping[str, Any], revision: int = 1) -> PolicySet:
     """Parse documents given as dicts (through the JSON text path) into a PolicySet."""
     text = "\n---\n".join(json.dumps(d) for d in docs)
     return PolicySet(parse_text(text, "test.yaml", REGISTRY), REGISTRY, revision)
+
+
+#: The memcached policy of the Cilium 1.3 announcement (cilium/cilium
+#: examples/kubernetes-memcached/memcd-sw-security-policy.yaml).
+MEMCACHED_13 = """\
+apiVersion: "cilium.io/v2"
+kind: CiliumNetworkPolicy
+metadata:
+  name: "secure-fleet"
+spec:
+  endpointSelector:
+    matchLabels:
+      app: memcd-server
+  ingress:
+  - fromEndpoints:
+    - matchLabels:
+        app: a-wing
+    toPorts:
+    - ports:
+      - port: '11211'
+        protocol: TCP
+      rules:
+        l7proto: memcache
+        l7:
+        - command: get
+          keyExact: awing-coord
+        - command: set
+          keyExact: awing-coord
+  - fromEndpoints:
+    - matchLabels:
+        app: x-wing
+    toPorts:
+    - ports:
+      - port: '11211'
+        protocol: TCP
+      rules:
+        l7proto: memcache
+        l7:
+        - command: get
+          keyExact: xwing-coord
+        - command: set
+          keyExact: xwing-coord
+  - fromEndpoints:
+    - matchLabels:
+        name: fleet-tracker
+    toPorts:
+    - ports:
+      - port: '11211'
+        protocol: TCP
+      rules:
+        l7proto: memcache
+        l7:
+        - command: get
+          keyExact: awing-coord
+        - command: get
+          keyExact: xwing-coord
+"""

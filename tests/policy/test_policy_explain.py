@@ -5,8 +5,7 @@ from __future__ import annotations
 from pathlib import Path
 
 import pytest
-from policy_helpers import REGISTRY
-from test_loader import MEMCACHED_13
+from policy_helpers import MEMCACHED_13, REGISTRY
 
 from proxyd.policy.engine import PolicySet
 from proxyd.policy.explain import explain, explain_data

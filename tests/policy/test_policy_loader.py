@@ -6,7 +6,7 @@ import json
 from pathlib import Path
 
 import pytest
-from policy_helpers import REGISTRY
+from policy_helpers import MEMCACHED_13, REGISTRY
 
 from proxyd.errors import PolicyError
 from proxyd.policy.loader import load_paths, parse_text, warnings
@@ -402,61 +402,6 @@ def test_yaml_syntax_error_has_line() -> None:
     assert len(problems) == 1
     assert problems[0].startswith("p.yaml:")
     assert "invalid YAML" in problems[0]
-
-
-MEMCACHED_13 = """\
-apiVersion: "cilium.io/v2"
-kind: CiliumNetworkPolicy
-metadata:
-  name: "secure-fleet"
-spec:
-  endpointSelector:
-    matchLabels:
-      app: memcd-server
-  ingress:
-  - fromEndpoints:
-    - matchLabels:
-        app: a-wing
-    toPorts:
-    - ports:
-      - port: '11211'
-        protocol: TCP
-      rules:
-        l7proto: memcache
-        l7:
-        - command: get
-          keyExact: awing-coord
-        - command: set
-          keyExact: awing-coord
-  - fromEndpoints:
-    - matchLabels:
-        app: x-wing
-    toPorts:
-    - ports:
-      - port: '11211'
-        protocol: TCP
-      rules:
-        l7proto: memcache
-        l7:
-        - command: get
-          keyExact: xwing-coord
-        - command: set
-          keyExact: xwing-coord
-  - fromEndpoints:
-    - matchLabels:
-        name: fleet-tracker
-    toPorts:
-    - ports:
-      - port: '11211'
-        protocol: TCP
-      rules:
-        l7proto: memcache
-        l7:
-        - command: get
-          keyExact: awing-coord
-        - command: get
-          keyExact: xwing-coord
-"""
 
 
 def test_memcached_policy_of_the_cilium_13_announcement_loads() -> None:
