@@ -138,7 +138,7 @@ class PolicySet:
 
     def __init__(
         self, documents: Sequence[Document], registry: ParserLookup | None = None, revision: int = 0
-    ):
+    ) -> None:
         """Compile ``documents``; ``registry`` decides which ``l7proto`` names are known.
 
         Raises :class:`PolicyError` when a rule left uncompiled at load (its parser was not
