@@ -17,6 +17,8 @@ Theory of operation, per direction (``reply`` False: client to server; True: ser
 - A round stops at MORE, NOP, ERROR, an op reaching past the input, or an empty buffer. Every
   broken rule (n <= 0, INJECT beyond the queued bytes, MORE beyond ``buffer_limit``, unknown
   op, an exception) is an error for this connection only: the engine stops and reports it.
+  What the round decided before the failure still goes out (bytes passed, injections at a
+  frame boundary), so the outcome does not depend on how the input was segmented.
 
 These are proxylib's semantics with its sharp edges filed off: the round stops at the first
 ERROR, injection toward the other direction does not wait for that direction's next input,
@@ -189,6 +191,7 @@ class Engine:
                     op, n = parser.on_data(reply, end_stream, buf)
                 except Exception as exc:  # the sandbox: any parser bug ends this connection only
                     self._flush(reply, out)
+                    self._flush_injections()
                     self._fail(EngineError("exception", f"{type(exc).__name__}: {exc}"))
                     return
                 if observer is not None:
@@ -197,6 +200,7 @@ class Engine:
                     if op == Op.NOP:
                         break
                     self._flush(reply, out)
+                    self._flush_injections()
                     self._fail(EngineError("contract", f"{_name(op)} with n={n!r}"))
                     return
                 if op == Op.PASS or op == Op.DROP:
@@ -220,6 +224,7 @@ class Engine:
                     side.want = len(buf) + n
                     if side.want > self.limit:
                         self._flush(reply, out)
+                        self._flush_injections()
                         self._fail(
                             EngineError(
                                 "buffer_limit",
@@ -232,12 +237,14 @@ class Engine:
                     q = side.inject_q
                     if n > len(q):
                         self._flush(reply, out)
+                        self._flush_injections()
                         self._fail(EngineError("contract", f"INJECT {n} with {len(q)} bytes queued"))
                         return
                     injected += n
                     if injected > self.limit:
                         # INJECT consumes no input: a parser injecting in a loop is stopped here.
                         self._flush(reply, out)
+                        self._flush_injections()
                         self._fail(EngineError("buffer_limit", f"more than {self.limit} bytes injected in one round"))
                         return
                     chunk = bytes(q[:n])
@@ -247,12 +254,14 @@ class Engine:
                         observer.injected(reply, chunk)
                 elif op == Op.ERROR:
                     self._flush(reply, out)
+                    self._flush_injections()
                     self._fail(EngineError("parser_error", f"parser error {n}", code=n))
                     return
                 elif op == Op.NOP:
                     break
                 else:
                     self._flush(reply, out)
+                    self._flush_injections()
                     self._fail(EngineError("contract", f"unknown op {op!r}"))
                     return
                 end_stream = end_stream and bool(buf)

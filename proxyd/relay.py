@@ -217,6 +217,8 @@ class Connection(asyncio.Protocol):
     # --- half-close and end ----------------------------------------------------------------
 
     def eof_received(self) -> bool:
+        if self._client_eof:
+            return True
         self._client_eof = True
         if self.engine is not None:
             self._unparsed[0] = self.engine.feed_eof(False)
@@ -225,6 +227,8 @@ class Connection(asyncio.Protocol):
         return True
 
     def upstream_eof(self) -> None:
+        if self._upstream_eof:
+            return
         self._upstream_eof = True
         if self.engine is not None:
             self._unparsed[1] = self.engine.feed_eof(True)

@@ -19,6 +19,7 @@ import asyncio
 import ipaddress
 import itertools
 import signal
+import socket
 from collections.abc import Iterable
 from dataclasses import replace
 from pathlib import Path
@@ -66,14 +67,23 @@ class ListenerRuntime:
         return self.config.policy_mode or self.daemon.config.policy.mode
 
     async def bind(self) -> None:
-        loop = asyncio.get_running_loop()
-        self.server = await loop.create_server(
-            lambda: Connection(self),
-            self.config.host,
-            self.config.port,
-            reuse_address=True,
-            backlog=LISTEN_BACKLOG,
-        )
+        # The socket is made here rather than by create_server, which sets IPV6_V6ONLY: a
+        # "[::]" listener must also accept the IPv4 connections iptables redirects to it.
+        host, port = self.config.host, self.config.port
+        family = socket.AF_INET6 if ":" in host else socket.AF_INET
+        sock = socket.socket(family, socket.SOCK_STREAM)
+        try:
+            sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+            if family == socket.AF_INET6 and ipaddress.ip_address(host).is_unspecified:
+                sock.setsockopt(socket.IPPROTO_IPV6, socket.IPV6_V6ONLY, 0)
+            sock.bind((host, port))
+            sock.setblocking(False)
+            self.server = await asyncio.get_running_loop().create_server(
+                lambda: Connection(self), sock=sock, backlog=LISTEN_BACKLOG
+            )
+        except BaseException:
+            sock.close()
+            raise
 
     def bound_address(self) -> tuple[str, int]:
         assert self.server is not None

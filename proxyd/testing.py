@@ -224,6 +224,11 @@ class Harness:
         return self.engine.error is not None
 
 
+#: Public names for tests that build their own Context (e.g. a relay written in the test).
+RulesPolicy = _RulesPolicy
+ListSink = _ListSink
+
+
 def _segments(data: bytes, split: Iterable[int] | str | None, seed: int) -> list[bytes]:
     if split is None:
         return [data]

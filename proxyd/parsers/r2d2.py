@@ -62,7 +62,8 @@ class R2d2Parser(Parser):
         if reply:
             # Replies are not parsed: pass whatever arrived.
             return (PASS, len(data)) if data else NOP_VERDICT
-        end = data.find(b"\r\n")
+        # Search only the first MAX_LINE bytes: a line is too long however the bytes arrived.
+        end = data.find(b"\r\n", 0, MAX_LINE)
         if end < 0:
             if len(data) >= MAX_LINE:
                 return ERROR, ERROR_INVALID_FRAME_TYPE

@@ -147,21 +147,26 @@ _COMMANDS: dict[bytes, tuple[int, str, int, int]] = {
 }
 
 _ERRORS = frozenset({b"ERROR", b"CLIENT_ERROR", b"SERVER_ERROR"})
-#: Replies a maybe entry can still get (see the module docstring).
-_NOREPLY_ACCEPT = _ERRORS
-_ADMIN_NOREPLY_ACCEPT = _ERRORS | {
-    b"OK", b"RESET", b"BUSY", b"BADCLASS", b"NOSPARE", b"NOTFULL", b"UNSAFE", b"SAME",
-}  # fmt: skip
-_MG_Q_ACCEPT = _ERRORS | {b"VA", b"HD"}
-_MS_Q_ACCEPT = _ERRORS | {b"NS", b"EX", b"NF"}
-_MD_Q_ACCEPT = _ERRORS | {b"NF", b"EX"}
-_MA_Q_ACCEPT = _ERRORS | {b"NF", b"NS", b"EX"}
+#: Replies a quiet meta request can still get when its line is valid (see the module docstring):
+#: the codes quiet mode does not hide, and server errors. ``ms`` can also get ``CLIENT_ERROR bad
+#: data chunk`` and ``ma`` ``CLIENT_ERROR`` for a non-numeric value.
+_MG_Q_ACCEPT = frozenset({b"VA", b"HD", b"SERVER_ERROR"})
+_MS_Q_ACCEPT = frozenset({b"NS", b"EX", b"NF", b"SERVER_ERROR", b"CLIENT_ERROR"})
+_MD_Q_ACCEPT = frozenset({b"NF", b"EX", b"SERVER_ERROR"})
+_MA_Q_ACCEPT = frozenset({b"NF", b"NS", b"EX", b"SERVER_ERROR", b"CLIENT_ERROR"})
 _QUIET_ACCEPT = {_F_MG: _MG_Q_ACCEPT, _F_MS: _MS_Q_ACCEPT, _F_MD: _MD_Q_ACCEPT, _F_MA: _MA_Q_ACCEPT}
+#: Meta flags memcached 1.6 knows, by the kind of token they take.
+_META_PLAIN = frozenset(b"bklstcfvhuqIPLO")
+_META_SIGNED = frozenset(b"NTR")  # int32 token
+_META_UNSIGNED = frozenset(b"FCJD")  # unsigned token
+#: Admin commands honouring ``noreply`` (memcached's ``set_noreply_maybe``).
+_ADMIN_NOREPLY = frozenset({"lru", "extstore", "refresh_certs"})
 
 _STATS_MORE = frozenset({b"STAT", b"ITEM", b"PREFIX"})
 _RETRIEVAL_PREFIXES = (b"get ", b"gets ", b"gat ", b"gats ", b"bget ")
 _BASE64 = re.compile(rb"(?:[A-Za-z0-9+/]{4})*(?:[A-Za-z0-9+/]{2}==|[A-Za-z0-9+/]{3}=)?")
 _NO_KEYS: tuple[bytes, ...] = ()
+_K_NONE = -1  # the request is never answered: no pending entry
 
 
 def _is_retrieval(data: Data) -> bool:
@@ -246,11 +251,11 @@ class TextProtocol:
                 # memcached: ERROR, and the data block is read as commands.
                 return self._decide(name, tuple(toks[1:2]), False, K_UNIT, None, False, n, have)
             noreply = toks[-1] == b"noreply"
-            accept = _NOREPLY_ACCEPT if noreply else None
+            kind = _K_NONE if noreply else K_UNIT
             key = toks[1]
             if len(key) > MAX_KEY:
                 # memcached: CLIENT_ERROR, and the data block is read as commands.
-                return self._decide(name, (key,), False, K_UNIT, accept, noreply, n, have)
+                return self._decide(name, (key,), False, kind, None, noreply, n, have)
             size = toks[4]
             if not (
                 _digits(toks[2], 10)
@@ -260,22 +265,24 @@ class TextProtocol:
             ):
                 return ERROR, ERROR_PROTOCOL
             n += int(size) + 2
-            return self._decide(name, (key,), False, K_UNIT, accept, noreply, n, have)
+            return self._decide(name, (key,), False, kind, None, noreply, n, have)
         if family in (_F_KEYED, _F_NOREPLY):
             keys = tuple(toks[1:2]) if family == _F_KEYED else _NO_KEYS
             if nargs < lo or nargs > hi:
                 return self._decide(name, keys, False, K_UNIT, None, False, n, have)
             noreply = toks[-1] == b"noreply"
-            accept = _NOREPLY_ACCEPT if noreply else None
-            return self._decide(name, keys, False, K_UNIT, accept, noreply, n, have)
+            return self._decide(name, keys, False, _K_NONE if noreply else K_UNIT, None, noreply, n, have)
         if family >= _F_MG:
             return self._meta(family, name, toks, n, have)
         if family == _F_GAT:
             return self._decide(name, tuple(toks[2:]), False, K_RETR, None, False, n, have)
         if family == _F_ADMIN:
-            noreply = nargs > 0 and toks[-1] == b"noreply"
-            accept = _ADMIN_NOREPLY_ACCEPT if noreply else None
-            return self._decide(name, _NO_KEYS, False, K_UNIT, accept, noreply, n, have)
+            noreply = (
+                nargs > 0
+                and toks[-1] == b"noreply"
+                and (name in _ADMIN_NOREPLY or (name == "slabs" and toks[1] == b"automove"))
+            )
+            return self._decide(name, _NO_KEYS, False, _K_NONE if noreply else K_UNIT, None, noreply, n, have)
         if family == _F_STATS:
             return self._decide(name, _NO_KEYS, False, K_STATS, None, False, n, have)
         if family == _F_CRAWLER:
@@ -284,7 +291,7 @@ class TextProtocol:
         if family == _F_WATCH:
             return self._decide(name, _NO_KEYS, False, K_WATCH, None, False, n, have)
         # quit: no reply; the server closes the connection (a denied quit is answered).
-        return self._decide(name, _NO_KEYS, False, -1, None, False, n, have)
+        return self._decide(name, _NO_KEYS, False, _K_NONE, None, False, n, have)
 
     def _meta(self, family: int, name: str, toks: list[bytes], n: int, have: int) -> Verdict:
         if family == _F_MN or len(toks) < 2:
@@ -302,17 +309,33 @@ class TextProtocol:
             first_flag = 3
         quiet = False
         key_error = False
+        # A line memcached rejects is always answered (quiet mode never hides errors).
+        valid = len(toks) < 20 and len(key) <= MAX_KEY
+        seen: set[int] = set()
         for flag in toks[first_flag:]:
             c = flag[0]
+            if c in seen:
+                valid = False
+            seen.add(c)
             if c == 113:  # q
                 quiet = True
             elif c == 98:  # b: the key is base64
                 decoded = _decode_b64_key(key)
                 if decoded is None:
                     key_error = True
+                    valid = False
                 else:
                     key = decoded
-        accept = _QUIET_ACCEPT.get(family) if quiet else None
+            elif c in _META_PLAIN:
+                if c == 79 and len(flag) > 33:  # O: opaque up to 32 bytes
+                    valid = False
+            elif c in _META_SIGNED:
+                valid = valid and _digits(flag[1:].removeprefix(b"-"), 9)
+            elif c in _META_UNSIGNED:
+                valid = valid and _digits(flag[1:], 19)
+            elif c != 77 or len(flag) != 2:  # M<mode>
+                valid = False
+        accept = _QUIET_ACCEPT.get(family) if quiet and valid else None
         return self._decide(name, (key,), key_error, K_UNIT, accept, False, n, have)
 
     def _decide(
@@ -328,8 +351,8 @@ class TextProtocol:
     ) -> Verdict:
         """Check policy for a parsed request of ``n`` bytes; PASS it or DROP and answer it.
 
-        ``kind`` -1 means the request gets no reply at all (``quit``); ``silent`` that a denial
-        is not answered (``noreply``).
+        ``kind`` ``_K_NONE`` means the request gets no reply at all (``quit``, ``noreply``);
+        ``silent`` that a denial is not answered (``noreply``).
         """
         ctx = self.ctx
         matches = ctx.matches
