@@ -49,9 +49,7 @@ def cmd_check(args: argparse.Namespace) -> int:
 
         store = PolicyStore(registry, config.policy.paths, config.policy.state_dir)
     except (ConfigError, PolicyError) as exc:
-        for line in exc.problems:
-            print(line, file=sys.stderr)
-        return 1
+        return _problems(exc)
     for warning in getattr(store, "warnings", lambda: [])():
         print(f"warning: {warning}", file=sys.stderr)
     print(f"{args.config}: OK ({len(config.listeners)} listeners, {len(store.documents())} policy documents)")
@@ -69,6 +67,126 @@ def cmd_parsers(args: argparse.Namespace) -> int:
     return 0
 
 
+def _problems(exc: ConfigError | PolicyError) -> int:
+    for line in exc.problems:
+        print(line, file=sys.stderr)
+    return 1
+
+
+def cmd_explain(args: argparse.Namespace) -> int:
+    from proxyd.config import parse_hostport
+    from proxyd.policy.explain import explain
+    from proxyd.policy.identity import IdentityMap
+    from proxyd.policy.store import PolicyStore
+
+    try:
+        registry = Registry.load()
+        config = _load(args.config, registry)
+        store = PolicyStore(registry, config.policy.paths, config.policy.state_dir)
+    except (ConfigError, PolicyError) as exc:
+        return _problems(exc)
+    try:
+        dst = parse_hostport(args.dst)
+        src_ip, _, src_port = args.src.rpartition(":") if args.src.count(":") == 1 else (args.src, "", "0")
+        src = (src_ip.strip("[]"), int(src_port or 0))
+    except ValueError as exc:
+        print(f"proxyd explain: {exc}", file=sys.stderr)
+        return 2
+    listener = None
+    if args.listener:
+        listener = next((lc for lc in config.listeners if lc.name == args.listener), None)
+        if listener is None:
+            print(f"proxyd explain: no listener named {args.listener!r}", file=sys.stderr)
+            return 2
+    else:
+        for lc in config.listeners:
+            ports = lc.redirect.ports if lc.redirect else ()
+            if (lc.upstream and lc.upstream[1] == dst[1]) or dst[1] in ports:
+                listener = lc
+                break
+        if listener is None and len(config.listeners) == 1:
+            listener = config.listeners[0]
+    if listener is None:
+        print("proxyd explain: several listeners could carry this connection; name one with --listener",
+              file=sys.stderr)  # fmt: skip
+        return 2
+    print(f"listener: {listener.name} ({listener.direction}, l7proto {listener.l7proto or 'none'})")
+    ids = IdentityMap.from_entries(config.identities)
+    print(explain(store, ids, listener.direction, src, dst, listener.l7proto))
+    return 0
+
+
+def _admin_url(args: argparse.Namespace) -> str:
+    if args.admin:
+        return args.admin.rstrip("/") if "://" in args.admin else f"http://{args.admin}"
+    if args.config:
+        config = _load(args.config, Registry.load())
+        if config.admin is None:
+            raise ConfigError([f"{args.config}:0: admin: the config has no admin address"])
+        host = f"[{config.admin.host}]" if ":" in config.admin.host else config.admin.host
+        return f"http://{host}:{config.admin.port}"
+    return "http://127.0.0.1:9901"
+
+
+def _http(method: str, url: str, body: bytes | None = None) -> tuple[int, dict]:  # type: ignore[type-arg]
+    import json
+    import urllib.error
+    import urllib.request
+
+    req = urllib.request.Request(url, data=body, method=method,
+                                 headers={"Content-Type": "application/yaml"})  # fmt: skip
+    try:
+        with urllib.request.urlopen(req, timeout=10) as resp:
+            return resp.status, json.loads(resp.read() or b"{}")
+    except urllib.error.HTTPError as exc:
+        return exc.code, json.loads(exc.read() or b"{}")
+
+
+def cmd_policy(args: argparse.Namespace) -> int:
+    import json
+    import urllib.error
+
+    try:
+        base = _admin_url(args) + "/v1/policy"
+        if args.policy_command == "import":
+            body = Path(args.file).read_bytes()
+            status, data = _http("POST", base, body)
+        elif args.policy_command == "get":
+            status, data = _http("GET", base)
+        else:
+            from urllib.parse import quote
+
+            status, data = _http("DELETE", f"{base}/{quote(args.name, safe='')}")
+    except (ConfigError, PolicyError) as exc:
+        return _problems(exc)
+    except OSError as exc:
+        reason = exc.reason if isinstance(exc, urllib.error.URLError) else exc
+        print(f"proxyd policy: cannot reach the daemon's admin API: {reason}", file=sys.stderr)
+        return 1
+    if status != 200:
+        for line in data.get("errors", [f"HTTP {status}"]):
+            print(line, file=sys.stderr)
+        return 1
+    if args.policy_command == "get":
+        print(json.dumps(data, indent=2))
+    else:
+        print(f"Revision: {data['revision']}")
+    return 0
+
+
+def cmd_iptables(args: argparse.Namespace) -> int:
+    from proxyd import iptables
+
+    try:
+        config = _load(args.config, Registry.load()) if args.config else None
+        return iptables.run(args, config, sys.stdout)
+    except ConfigError as exc:
+        return _problems(exc)
+    except iptables.IptablesError as exc:
+        print(f"proxyd iptables: {exc}", file=sys.stderr)
+        return 1
+
+
 def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="proxyd", description="Transparent L7 proxy daemon")
     p.add_argument("--version", action="version", version=f"proxyd {__version__}")
@@ -81,6 +199,28 @@ def build_parser() -> argparse.ArgumentParser:
     check.set_defaults(func=cmd_check)
     parsers = sub.add_parser("parsers", help="list registered parsers")
     parsers.set_defaults(func=cmd_parsers)
+    exp = sub.add_parser("explain", help="show the policy that applies to a connection")
+    exp.add_argument("--config", "-c", type=Path, required=True)
+    exp.add_argument("--src", required=True, help="client IP (or IP:PORT)")
+    exp.add_argument("--dst", required=True, help="destination IP:PORT ([IPv6]:PORT)")
+    exp.add_argument("--listener", help="listener name (default: the one serving the destination port)")
+    exp.set_defaults(func=cmd_explain)
+    pol = sub.add_parser("policy", help="manage the running daemon's imported policy (admin API)")
+    pol.add_argument("--admin", help="admin address HOST:PORT (default: from --config, else 127.0.0.1:9901)")
+    pol.add_argument("--config", "-c", type=Path, help="read the admin address from this config")
+    psub = pol.add_subparsers(dest="policy_command", required=True)
+    imp = psub.add_parser("import", help="add or replace policy documents (CNP YAML or a JSON rule list)")
+    imp.add_argument("file")
+    psub.add_parser("get", help="print the revision and every document in force")
+    dele = psub.add_parser("delete", help="delete an imported document by name")
+    dele.add_argument("name")
+    pol.set_defaults(func=cmd_policy)
+    from proxyd import iptables
+
+    ipt = sub.add_parser("iptables", help="print, apply or remove the nat redirect rules")
+    ipt.add_argument("--config", "-c", type=Path, help="config file (not needed with --remove)")
+    iptables.add_arguments(ipt)
+    ipt.set_defaults(func=cmd_iptables)
     return p
 
 

@@ -25,6 +25,7 @@ from dataclasses import replace
 from pathlib import Path
 from typing import Any
 
+from proxyd import sdnotify
 from proxyd.accesslog import AccessLog, LineWriter, make_logger
 from proxyd.config import Config, Limits, ListenerConfig, load_config
 from proxyd.context import AllowAllPolicy, ConnInfo, L7Policy
@@ -37,10 +38,6 @@ from proxyd.registry import Registry
 
 from proxyd.policy.store import PolicyStore
 
-try:
-    from proxyd import sdnotify
-except ImportError:  # pragma: no cover
-    from proxyd._shims import sdnotify  # type: ignore[no-redef]
 from proxyd.relay import Connection
 
 LISTEN_BACKLOG = 1024
