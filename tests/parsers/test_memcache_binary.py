@@ -112,7 +112,8 @@ DENIAL_CASES = [
     ("denied alone", req(0x00, b"b/1", opaque=7), b"", b"", denied_response(0x00, 7)),
     ("denied set drops value", req(0x01, b"b/1", SET_EXTRAS, b"secret", opaque=3), b"", b"",
      denied_response(0x01, 3)),
-    ("denied between", req(0x00, b"a/1", opaque=1) + req(0x00, b"b/1", opaque=2) + req(0x0C, b"a/2", opaque=3),
+    ("denied between",
+     req(0x00, b"a/1", opaque=1) + req(0x00, b"b/1", opaque=2) + req(0x0C, b"a/2", opaque=3),
      resp(0x00, 1, opaque=1) + resp(0x0C, 1, opaque=3),
      req(0x00, b"a/1", opaque=1) + req(0x0C, b"a/2", opaque=3),
      resp(0x00, 1, opaque=1) + denied_response(0x00, 2) + resp(0x0C, 1, opaque=3)),
@@ -140,7 +141,8 @@ def test_denials(name: str, requests: bytes, replies: bytes, to_server: bytes, t
 
 def test_denied_response_layout() -> None:
     d = denied_response(0x0D, 0xDEADBEEF)
-    assert d[0] == 0x81 and d[1] == 0x0D
+    assert d[0] == 0x81
+    assert d[1] == 0x0D
     assert struct.unpack(">H", d[6:8])[0] == 0x0008
     assert struct.unpack(">I", d[8:12])[0] == 13
     assert d[12:16] == b"\xde\xad\xbe\xef"
@@ -173,14 +175,15 @@ def test_log_fields() -> None:
 @pytest.mark.parametrize(
     "data",
     [
-        bytes([0x80]) + b"\x00" * 3 + b"\x05" + b"\x00" * 3 + b"\x00\x00\x00\x01" + b"\x00" * 12,  # extras > body
+        _PKT.pack(0x80, 0, 0, 5, 0, 0, 1, 0, 0),  # extras longer than the body
         _PKT.pack(0x80, 0, 300, 0, 0, 0, 300, 0, 0),  # key over 250 bytes
     ],
 )
 def test_bad_request_headers(data: bytes) -> None:
     h = Harness(MemcacheFactory())
     h.feed(data)
-    assert h.error is not None and h.error.kind == "parser_error"
+    assert h.error is not None
+    assert h.error.kind == "parser_error"
 
 
 def test_bad_response_magic_and_unexpected() -> None:

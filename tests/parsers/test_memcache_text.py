@@ -109,8 +109,13 @@ ALLOWED_CASES = [
     ("noreply set then get", b"set k 0 0 1 noreply\r\nx\r\nget k\r\n", b"VALUE k 0 1\r\nx\r\nEND\r\n"),
     ("noreply everything", b"delete k noreply\r\nincr k 1 noreply\r\ntouch k 1 noreply\r\n"
      b"flush_all noreply\r\nverbosity 1 noreply\r\nmn\r\n", b"MN\r\n"),
-    ("noreply server error", b"set k 0 0 1 noreply\r\nx\r\nmn\r\n",
-     b"SERVER_ERROR out of memory storing object\r\nMN\r\n"),
+    ("noreply errors are suppressed", b"set k 0 0 1 noreply\r\nxyz\r\nincr k 1 noreply\r\nmn\r\n",
+     b"ERROR\r\nMN\r\n"),
+    ("noreply ignored on a bad token count", b"delete k 0 0 noreply\r\nmn\r\n", b"ERROR\r\nMN\r\n"),
+    ("slabs reassign has no noreply", b"slabs reassign 1 2 noreply\r\n", b"BUSY\r\n"),
+    ("mg quiet invalid flag answered", b"mg k v q v\r\nmn\r\n", b"CLIENT_ERROR duplicate flag\r\nMN\r\n"),
+    ("mg quiet then error of next", b"mg k v q\r\nincr j 1\r\nmn\r\n",
+     b"CLIENT_ERROR cannot increment or decrement non-numeric value\r\nMN\r\n"),
     ("watch", b"watch\r\n", b"OK\r\nts=1.0 gid=1 type=item_get key=k status=not_found\r\n"),
     ("mg hit", b"mg k v\r\n", b"VA 3\r\nabc\r\n"),
     ("mg hit flags", b"mg k s v t f Oab k\r\n", b"VA 3 s3 t-1 f0 Oab kk\r\nabc\r\n"),
@@ -164,7 +169,8 @@ def test_value_reply_passed_past_input() -> None:
     h.feed(b"get k\r\n")
     assert h.feed(b"VALUE k 0 50000\r\nabc", reply=True) == [(PASS, 17 + 50002)]
     h.feed(b"x" * 49997 + b"\r\nEND\r\n", reply=True)
-    assert h.error is None and pending(h) == 0
+    assert h.error is None
+    assert pending(h) == 0
 
 
 # (name, rules, requests, server replies to the forwarded requests, to_server, to_client)
@@ -172,7 +178,8 @@ DENIAL_CASES = [
     ("denied alone", FLEET, b"get b/1\r\n", b"", b"", DENIED),
     ("denied storage drops data", FLEET, b"set b/1 0 0 5\r\nhello\r\n", b"", b"", DENIED),
     ("denied between", FLEET,
-     b"get a/1\r\nget b/1\r\nset a/2 0 0 1\r\nx\r\nset b/2 0 0 1\r\ny\r\ndelete b/3 noreply\r\nget a/1 a/2\r\n",
+     b"get a/1\r\nget b/1\r\nset a/2 0 0 1\r\nx\r\nset b/2 0 0 1\r\ny\r\ndelete b/3 noreply\r\n"
+     b"get a/1 a/2\r\n",
      b"END\r\nSTORED\r\nVALUE a/2 0 1\r\nx\r\nEND\r\n",
      b"get a/1\r\nset a/2 0 0 1\r\nx\r\nget a/1 a/2\r\n",
      b"END\r\n" + DENIED + b"STORED\r\n" + DENIED + b"VALUE a/2 0 1\r\nx\r\nEND\r\n"),
@@ -180,8 +187,10 @@ DENIAL_CASES = [
      b"get a/1\r\n", DENIED + b"END\r\n"),
     ("denied noreply is silent", FLEET, b"set b/1 0 0 1 noreply\r\nx\r\nmn\r\n", b"MN\r\n",
      b"mn\r\n", b"MN\r\n"),
-    ("denied after noreply uses barrier", FLEET, b"set a/1 0 0 1 noreply\r\nx\r\nget b/1\r\nmn\r\n",
-     b"VERSION 1.6.18\r\nMN\r\n", b"set a/1 0 0 1 noreply\r\nx\r\nversion\r\nmn\r\n", DENIED + b"MN\r\n"),
+    ("denied after noreply", FLEET, b"set a/1 0 0 1 noreply\r\nx\r\nget b/1\r\nmn\r\n",
+     b"MN\r\n", b"set a/1 0 0 1 noreply\r\nx\r\nmn\r\n", DENIED + b"MN\r\n"),
+    ("denied after quiet uses barrier", FLEET, b"md a/1 q\r\nget b/1\r\nmn\r\n",
+     b"VERSION 1.6.18\r\nMN\r\n", b"md a/1 q\r\nversion\r\nmn\r\n", DENIED + b"MN\r\n"),
     ("quiet miss then denied", FLEET, b"mg a/1 v q\r\nmg b/1 v q\r\nmg a/2 v q\r\nmn\r\n",
      b"VERSION 1.6.18\r\nVA 1\r\nz\r\nMN\r\n",
      b"mg a/1 v q\r\nversion\r\nmg a/2 v q\r\nmn\r\n", DENIED + b"VA 1\r\nz\r\nMN\r\n"),
@@ -215,7 +224,12 @@ DENIAL_CASES = [
     ids=[c[0] for c in DENIAL_CASES],
 )
 def test_denials_in_place(
-    name: str, rules: list[dict[str, str]], requests: bytes, replies: bytes, to_server: bytes, to_client: bytes
+    name: str,
+    rules: list[dict[str, str]],
+    requests: bytes,
+    replies: bytes,
+    to_server: bytes,
+    to_client: bytes,
 ) -> None:
     check_all_splits(requests, replies, rules, to_server, to_client)
 
@@ -259,11 +273,13 @@ def test_reply_with_nothing_pending_is_a_logged_protocol_error() -> None:
     h = Harness(MemcacheFactory())
     h.feed(b"get k\r\n")
     h.feed(b"END\r\nSTORED\r\n", reply=True)
-    assert h.error is not None and h.error.kind == "parser_error"
+    assert h.error is not None
+    assert h.error.kind == "parser_error"
     assert h.log[-1].fields["error"] == "reply with no request pending"
     h2 = Harness(MemcacheFactory())
     h2.feed(b"END\r\n", reply=True)
-    assert h2.error is not None and h2.error.kind == "parser_error"
+    assert h2.error is not None
+    assert h2.error.kind == "parser_error"
 
 
 @pytest.mark.parametrize(
@@ -280,7 +296,8 @@ def test_reply_with_nothing_pending_is_a_logged_protocol_error() -> None:
 def test_ambiguous_data_length_is_a_protocol_error(requests: bytes) -> None:
     h = Harness(MemcacheFactory())
     h.feed(requests)
-    assert h.error is not None and h.error.kind == "parser_error"
+    assert h.error is not None
+    assert h.error.kind == "parser_error"
     assert h.to_server == b""
 
 
@@ -291,7 +308,8 @@ def test_line_limits() -> None:
     h = Harness(MemcacheFactory())
     keys = b" ".join(b"key%d" % i for i in range(1000))
     h.feed(b"get " + keys + b"\r\n", split="random")
-    assert h.error is None and h.to_server == b"get " + keys + b"\r\n"
+    assert h.error is None
+    assert h.to_server == b"get " + keys + b"\r\n"
     h = Harness(MemcacheFactory())
     h.feed(b"get " + b"k" * 70000)
     assert h.error is not None
@@ -310,13 +328,14 @@ def test_partial_line_asks_for_more() -> None:
 def test_pending_queue_is_bounded() -> None:
     h = Harness(MemcacheFactory())
     h.feed(b"mn\r\n" * 10001)
-    assert h.error is not None and h.error.kind == "parser_error"
+    assert h.error is not None
+    assert h.error.kind == "parser_error"
     assert h.ops_of(False)[-1] == (ERROR, 4)
 
 
 def test_noreply_flood_does_not_fill_the_queue() -> None:
     h = Harness(MemcacheFactory())
-    h.feed(b"set k 0 0 1 noreply\r\nx\r\n" * 12000)
+    h.feed(b"mg k v q\r\n" * 12000)
     assert h.error is None
     assert pending(h) <= 10000
 

@@ -33,10 +33,25 @@ anything else, meta commands       one unit: a line (``STORED``, ``HD``, a numbe
 =================================  ==============================================================
 
 An error line (``ERROR``, ``CLIENT_ERROR ...``, ``SERVER_ERROR ...``) ends any of them.
-``noreply`` (classic commands, as memcached's ``set_noreply_maybe`` reads it) and the meta ``q``
-flag make the entry a *maybe* entry with the replies the server can still send: errors for
-``noreply``; ``VA HD`` and errors for ``mg q``; ``NS EX NF`` and errors for ``ms q``; ``NF EX``
-for ``md q``; ``NF NS EX`` for ``ma q``.
+
+``noreply`` (read as memcached's ``set_noreply_maybe`` does: the last token, on commands whose
+token count is valid) means no reply at all: memcached 1.6 suppresses every reply of such a
+request, errors included, so it gets no pending entry. (An older server that still sends an
+error for a ``noreply`` request would see that error taken as the next request's reply.)
+
+The meta ``q`` flag makes the entry a *maybe* entry that accepts only the replies quiet mode
+does not hide: ``VA HD`` for ``mg``, ``NS EX NF`` for ``ms``, ``NF EX`` for ``md``, ``NF NS EX``
+for ``ma``, plus ``SERVER_ERROR`` (and ``CLIENT_ERROR`` for ``ms``, whose data block may be
+bad, and ``ma``, whose value may not be numeric). A quiet line that memcached rejects (unknown
+or repeated flag, bad numeric token, key over 250 bytes, opaque over 32, bad base64 key, too many
+tokens) is always answered with an error, so it is an ordinary entry. The one ambiguity left: a
+``CLIENT_ERROR`` right after an ``ms q``/``ma q`` that succeeded silently is taken as that
+request's reply, shifting the matching of later replies by one (a connection that then gets a
+reply with nothing pending is closed). The same holds for any reply a quiet request accepts
+that in fact belongs to the next request (``md k q`` that deleted ``k``, then ``md k``: ``NF``).
+A quiet request with an opaque (``O`` flag, which memcached echoes, and which clients pipelining
+quiet commands use to match replies) accepts only a reply carrying that opaque, which removes
+the ambiguity; clients that pipeline quiet meta commands should send one.
 
 Unknown commands are decided by the policy like any command (their name is the first token, so
 only a rule that allows every command allows them), forwarded, and memcached answers ``ERROR``.
@@ -190,6 +205,17 @@ def _decode_b64_key(key: bytes) -> bytes | None:
         return None
 
 
+def _echoes(data: Data, stop: int, opaque: bytes) -> bool:
+    """Whether the reply line ``data[:stop]`` carries the opaque flag token `` O...``."""
+    at = data.find(opaque, 0, stop)
+    while at >= 0:
+        end = at + len(opaque)
+        if end == stop or data[end] == 32:
+            return True
+        at = data.find(opaque, end, stop)
+    return False
+
+
 def _log_keys(keys: tuple[bytes, ...]) -> list[str]:
     return [k.decode("utf-8", "backslashreplace") for k in keys]
 
@@ -309,6 +335,7 @@ class TextProtocol:
             first_flag = 3
         quiet = False
         key_error = False
+        opaque = b""
         # A line memcached rejects is always answered (quiet mode never hides errors).
         valid = len(toks) < 20 and len(key) <= MAX_KEY
         seen: set[int] = set()
@@ -327,16 +354,21 @@ class TextProtocol:
                 else:
                     key = decoded
             elif c in _META_PLAIN:
-                if c == 79 and len(flag) > 33:  # O: opaque up to 32 bytes
-                    valid = False
+                if c == 79:  # O: opaque, up to 32 bytes, echoed in the reply
+                    valid = valid and len(flag) <= 33
+                    opaque = b" " + flag
             elif c in _META_SIGNED:
                 valid = valid and _digits(flag[1:].removeprefix(b"-"), 9)
             elif c in _META_UNSIGNED:
                 valid = valid and _digits(flag[1:], 19)
             elif c != 77 or len(flag) != 2:  # M<mode>
                 valid = False
+            elif family == _F_MS:
+                valid = valid and flag[1] in b"EAPRS"
+            elif family == _F_MA:
+                valid = valid and flag[1] in b"I+D-"
         accept = _QUIET_ACCEPT.get(family) if quiet and valid else None
-        return self._decide(name, (key,), key_error, K_UNIT, accept, False, n, have)
+        return self._decide(name, (key,), key_error, K_UNIT, accept, False, n, have, opaque)
 
     def _decide(
         self,
@@ -348,6 +380,7 @@ class TextProtocol:
         silent: bool,
         n: int,
         have: int,
+        opaque: bytes = b"",
     ) -> Verdict:
         """Check policy for a parsed request of ``n`` bytes; PASS it or DROP and answer it.
 
@@ -367,7 +400,7 @@ class TextProtocol:
         fields = {"command": name, "keys": _log_keys(keys)}
         if allowed:
             ctx.log(EntryType.REQUEST, fields)
-            if kind >= 0 and not self.pending.push((kind, accept, name, b"")):
+            if kind >= 0 and not self.pending.push((kind, accept, name, opaque if accept else b"")):
                 return ERROR, ERROR_PROTOCOL
             return PASS, n
         ctx.log(EntryType.DENIED, fields)
@@ -412,7 +445,7 @@ class TextProtocol:
                 return unexpected_reply(self.ctx, code)
             head = q[0]
             accept = head[1]
-            if accept is None or code in accept:
+            if accept is None or (code in accept and (not head[3] or _echoes(data, stop, head[3]))):
                 break
             q.popleft()  # a maybe entry that was answered with silence
         kind = head[0]
