@@ -1,8 +1,10 @@
 """r2d2: the tutorial protocol of Cilium's Go-extension announcement.
 
 Wire format: the client sends CRLF-terminated requests ``READ <file>``, ``WRITE <file>``,
-``HALT`` and ``RESET``; the server's replies pass unparsed. Each request is checked against the
-policy; a denied one is dropped and the client receives ``ERROR\\r\\n`` in its place.
+``HALT`` and ``RESET``; the server answers each with one CRLF-terminated line. Replies are passed
+without being interpreted, but their line ends are counted so that a denied request's
+``ERROR\\r\\n`` reaches the client *in its place*: after the replies of the requests before it,
+before those of the requests after it (a pipelining client matches replies by order).
 
 Policy rule keys: ``cmd`` (exact match, one of the four commands) and ``file`` (a regular
 expression searched in the file name). Example::
@@ -18,6 +20,7 @@ expression searched in the file name). Example::
 from __future__ import annotations
 
 import re
+from collections import deque
 from collections.abc import Mapping
 from dataclasses import dataclass
 from typing import Any
@@ -52,16 +55,54 @@ class R2d2Rule:
         return self.file is None or self.file.search(request.file) is not None
 
 
+#: Bound on requests awaiting a reply; beyond it the client is not following the protocol.
+MAX_PENDING = 10000
+
+
 class R2d2Parser(Parser):
-    __slots__ = ("ctx",)
+    __slots__ = ("ctx", "inject_pending", "pending")
 
     def __init__(self, ctx: ConnectionContext) -> None:
         self.ctx = ctx
+        # One entry per request awaiting its reply line, in order: True for a forwarded
+        # request (the server answers it), False for a denied one (we answer it).
+        self.pending: deque[bool] = deque()
+        self.inject_pending = 0  # bytes queued toward the client, to INJECT at the next call
+
+    def _deny_slots(self) -> int:
+        """Queue ERROR for the denied requests now at the head; returns the bytes queued."""
+        n = 0
+        while self.pending and not self.pending[0]:
+            self.pending.popleft()
+            n += 1
+        if n:
+            self.ctx.inject(True, DENIED_REPLY * n)
+        return n * len(DENIED_REPLY)
+
+    def _on_reply(self, end_stream: bool, data: Data) -> Verdict:
+        if self.inject_pending:
+            n, self.inject_pending = self.inject_pending, 0
+            return INJECT, n
+        if not data:
+            return NOP_VERDICT
+        end = data.find(b"\r\n")
+        if end < 0:
+            # Mid-line: pass what we have, keeping a trailing CR that may start the CRLF.
+            keep = 1 if data[-1] == 0x0D and not end_stream else 0
+            return (PASS, len(data) - keep) if len(data) > keep else (MORE, 1)
+        if self.pending:
+            self.pending.popleft()
+            # ERRORs for the denied requests right after this one go out once this line is
+            # through: by INJECT at the next call if more reply bytes are buffered (the round
+            # goes on), else the engine sends them at the end of this round.
+            queued = self._deny_slots()
+            if len(data) > end + 2:
+                self.inject_pending = queued  # we are called again: INJECT right after this line
+        return PASS, end + 2
 
     def on_data(self, reply: bool, end_stream: bool, data: Data) -> Verdict:
         if reply:
-            # Replies are not parsed: pass whatever arrived.
-            return (PASS, len(data)) if data else NOP_VERDICT
+            return self._on_reply(end_stream, data)
         # Search only the first MAX_LINE bytes: a line is too long however the bytes arrived.
         end = data.find(b"\r\n", 0, MAX_LINE)
         if end < 0:
@@ -79,11 +120,18 @@ class R2d2Parser(Parser):
             return ERROR, ERROR_INVALID_FRAME_TYPE
         request = R2d2Request(cmd, file)
         fields = {"cmd": cmd, "file": file}
+        if len(self.pending) >= MAX_PENDING:
+            return ERROR, ERROR_INVALID_FRAME_TYPE
         if self.ctx.matches(request):
             self.ctx.log(EntryType.REQUEST, fields)
+            self.pending.append(True)
             return PASS, end + 2
         self.ctx.log(EntryType.DENIED, fields)
-        self.ctx.inject(True, DENIED_REPLY)
+        if any(self.pending):
+            self.pending.append(False)  # answered in its place, after the earlier replies
+        else:
+            self.pending.clear()
+            self.ctx.inject(True, DENIED_REPLY)  # nothing outstanding: answer at once
         return DROP, end + 2
 
 
