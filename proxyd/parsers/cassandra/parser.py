@@ -436,7 +436,11 @@ class CassandraParser(Parser):
     def _check(self, members: _Prepared, opcode: str, stream: int) -> bool:
         """Allow only if every member is allowed; logs one entry per member either way."""
         if not all(self._allowed(m, opcode, stream) for m in members):
-            self._log_all(EntryType.DENIED, members, opcode, stream)
+            # Each member is re-checked before its entry so the line names the policy that
+            # decided that member (the context attaches the latest decision to the next line).
+            for m in members:
+                self._allowed(m, opcode, stream)
+                self.ctx.log(EntryType.DENIED, self._fields(m, opcode, stream))
             return False
         for m in members:
             self._allowed(m, opcode, stream)  # re-evaluated so each entry carries its own audit flag
