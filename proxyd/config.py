@@ -385,9 +385,6 @@ def _listeners(doc: LMap, p: _Problems, registry: Registry) -> list[ListenerConf
         if not isinstance(item, LMap):
             p.add(raw.where_of(i), path, "must be a mapping")
             continue
-        for k in item:
-            if k not in _LISTENER:
-                p.add(item.where_of(k), f"{path}.{k}", f"unknown key (known: {', '.join(_LISTENER)})")
         name = _get(item, "name", path, p, _str, None)
         if name is None and "name" not in item:
             p.add(item.where, f"{path}.name", "required")
@@ -396,6 +393,9 @@ def _listeners(doc: LMap, p: _Problems, registry: Registry) -> list[ListenerConf
         elif name is not None:
             names.add(name)
             path = f"listeners[{name}]"
+        for k in item:
+            if k not in _LISTENER:
+                p.add(item.where_of(k), f"{path}.{k}", f"unknown key (known: {', '.join(_LISTENER)})")
         if "address" not in item:
             p.add(item.where, f"{path}.address", "required")
         hostport = _get(item, "address", path, p, parse_bind, None)
