@@ -11,7 +11,7 @@ import sys
 import time
 from pathlib import Path
 
-from conftest import free_port
+from needs import free_port
 from proxyutil import echo, tcp_server
 from test_process import wait_ready
 

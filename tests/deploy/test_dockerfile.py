@@ -14,7 +14,7 @@ import sys
 from pathlib import Path
 from typing import Any
 
-from conftest import need_binary
+from needs import need_binary
 from dockerfile_parse import DockerfileParser
 
 REPO = Path(__file__).resolve().parents[2]
@@ -136,7 +136,7 @@ def test_builder_stage_builds_a_wheel_from_the_context(tmp_path: Path) -> None:
         dest.parent.mkdir(parents=True, exist_ok=True)
         shutil.copy2(f, dest)
     pip = [sys.executable, "-m", "pip", "wheel", "-q", "--no-deps"]
-    if importlib.util.find_spec("setuptools") is not None:
+    if importlib.util.find_spec("setuptools") is not None and importlib.util.find_spec("wheel") is not None:
         pip.append("--no-build-isolation")  # fast and offline; else pip fetches the build backend
     proc = subprocess.run(
         [*pip, "-w", str(tmp_path / "w"), "."], cwd=ctx, capture_output=True, text=True, check=False

@@ -8,7 +8,7 @@ import shutil
 from collections.abc import Iterator
 
 import pytest
-from conftest import need_root
+from needs import need_root
 from netns_support import netns, saved_rules, sh
 
 from proxyd.iptables import IptablesError, Redirect, apply, read_nat, remove, render

@@ -21,7 +21,7 @@ from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
-from conftest import need_root
+from needs import need_root
 from netns_support import Pair, saved_rules, sh, veth_pair
 
 from proxyd.iptables import apply, redirects_from_listeners, remove

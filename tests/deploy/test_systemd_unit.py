@@ -8,7 +8,7 @@ import shutil
 import subprocess
 from pathlib import Path
 
-from conftest import need_binary
+from needs import need_binary
 
 from proxyd.config import Limits
 

@@ -38,7 +38,9 @@ def test_allowed_and_denied_requests_and_a_reload_between_them(tmp_path: Path) -
     h = Harness(REGISTRY.get("r2d2"), policy=view)
     h.feed(b"READ /public/a\r\nWRITE /public/a\r\nHALT\r\n")
     assert h.forwarded[False] == b"READ /public/a\r\nHALT\r\n"
-    assert h.to_client == b"ERROR\r\n"
+    assert h.to_client == b""  # the ERROR waits for the reply to the READ before it
+    h.feed(b"OK a\r\nOK halt\r\n", reply=True)
+    assert h.to_client == b"OK a\r\nERROR\r\nOK halt\r\n"
     assert [(e.verdict, e.policy) for e in h.log] == [
         ("forwarded", "r2d2-demo"),
         ("denied", "r2d2-demo"),
@@ -50,7 +52,7 @@ def test_allowed_and_denied_requests_and_a_reload_between_them(tmp_path: Path) -
     store.reload_files()
     h.feed(b"READ /public/a\r\nWRITE /public/b\r\n")
     assert h.forwarded[False].endswith(b"HALT\r\nWRITE /public/b\r\n")
-    assert h.to_client == b"ERROR\r\nERROR\r\n"
+    assert h.to_client == b"OK a\r\nERROR\r\nOK halt\r\nERROR\r\n"  # nothing outstanding: at once
     assert not h.closed
 
 
