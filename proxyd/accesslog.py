@@ -43,7 +43,7 @@ class LineWriter:
         if self.path == "stderr":
             return sys.stderr.buffer
         os.makedirs(os.path.dirname(os.path.abspath(self.path)), exist_ok=True)
-        return open(self.path, "ab")  # noqa: SIM115 - kept open for the daemon's lifetime
+        return open(self.path, "ab")
 
     def msg(self, message: bytes) -> None:
         with self._lock:

@@ -184,9 +184,7 @@ def parse_hostport(value: Any, *, allow_name: bool = False, allow_zero: bool = F
     return host, parse_port(port, allow_zero=allow_zero)
 
 
-def _section(
-    parent: LMap, key: str, problems: _Problems, path: str, known: tuple[str, ...]
-) -> LMap | None:
+def _section(parent: LMap, key: str, problems: _Problems, path: str, known: tuple[str, ...]) -> LMap | None:
     value = parent.get(key)
     if value is None:
         return None
@@ -412,7 +410,11 @@ def _listeners(doc: LMap, p: _Problems, registry: Registry) -> list[ListenerConf
         if l7proto is not None:
             if l7proto not in registry:
                 known = ", ".join(n for n, _ in registry.items())
-                p.add(item.where_of("l7proto"), f"{path}.l7proto", f"unknown parser {l7proto!r} (known: {known})")
+                p.add(
+                    item.where_of("l7proto"),
+                    f"{path}.l7proto",
+                    f"unknown parser {l7proto!r} (known: {known})",
+                )
             else:
                 try:
                     settings = registry.get(l7proto).validate_config(dict(pconf))
@@ -426,9 +428,7 @@ def _listeners(doc: LMap, p: _Problems, registry: Registry) -> list[ListenerConf
         upstream_raw = item.get("upstream", "original-destination")
         upstream: tuple[str, int] | None = None
         if upstream_raw != "original-destination":
-            upstream = _get(
-                item, "upstream", path, p, lambda v: parse_hostport(v, allow_name=True), None
-            )
+            upstream = _get(item, "upstream", path, p, lambda v: parse_hostport(v, allow_name=True), None)
         red = _section(
             item, "redirect", p, f"{path}.redirect",
             ("ports", "direction", "interfaces", "exclude_src", "exclude_dst"),

@@ -78,7 +78,7 @@ class ConnInfo:
 class Context:
     """The :class:`proxyd.parser.ConnectionContext` implementation."""
 
-    __slots__ = ("info", "engine", "policy", "sink", "_last")
+    __slots__ = ("_last", "engine", "info", "policy", "sink")
 
     def __init__(self, info: ConnInfo, engine: Engine, policy: L7Policy, sink: LogSink) -> None:
         self.info = info

@@ -60,7 +60,7 @@ class Observer(Protocol):
 class _Side:
     """State of one direction of the stream."""
 
-    __slots__ = ("buf", "want", "skip", "skip_drop", "inject_q", "ended", "dropped_bytes")
+    __slots__ = ("buf", "dropped_bytes", "ended", "inject_q", "skip", "skip_drop", "want")
 
     def __init__(self) -> None:
         self.buf = bytearray()
@@ -75,7 +75,7 @@ class _Side:
 class Engine:
     """Applies verdicts for one connection. ``parser=None`` relays bytes untouched (L4)."""
 
-    __slots__ = ("parser", "limit", "_send", "_sides", "error", "_observer", "_in_round", "_on_error")
+    __slots__ = ("_in_round", "_observer", "_on_error", "_send", "_sides", "error", "limit", "parser")
 
     def __init__(
         self,
@@ -245,7 +245,9 @@ class Engine:
                         # INJECT consumes no input: a parser injecting in a loop is stopped here.
                         self._flush(reply, out)
                         self._flush_injections()
-                        self._fail(EngineError("buffer_limit", f"more than {self.limit} bytes injected in one round"))
+                        self._fail(
+                            EngineError("buffer_limit", f"more than {self.limit} bytes injected in one round")
+                        )
                         return
                     chunk = bytes(q[:n])
                     del q[:n]

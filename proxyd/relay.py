@@ -22,7 +22,7 @@ import os
 import socket
 import time
 from collections.abc import Callable
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING, Any, cast
 
 from proxyd.context import ConnInfo, Context, L7Policy
 from proxyd.engine import Engine, EngineError
@@ -108,8 +108,8 @@ class Connection(asyncio.Protocol):
     # --- accept ----------------------------------------------------------------------------
 
     def connection_made(self, transport: asyncio.BaseTransport) -> None:
-        self.client = transport  # type: ignore[assignment]  # uvloop's is not a subclass
-        transport.set_write_buffer_limits(HIGH_WATER, LOW_WATER)
+        self.client = client = cast(asyncio.Transport, transport)  # uvloop's is not a subclass
+        client.set_write_buffer_limits(HIGH_WATER, LOW_WATER)
         self.pause_client_reading("connecting")
         self.lr.accept(self)
 
@@ -258,7 +258,9 @@ class Connection(asyncio.Protocol):
 
     def upstream_lost(self, exc: Exception | None) -> None:
         if not self._closed:
-            self._finish("error" if exc else "forwarded", f"upstream closed: {exc}" if exc else "upstream closed")
+            self._finish(
+                "error" if exc else "forwarded", f"upstream closed: {exc}" if exc else "upstream closed"
+            )
 
     def _engine_error(self, err: EngineError) -> None:
         lr = self.lr

@@ -16,11 +16,11 @@ policy denies at L3/L4.
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import ipaddress
 import itertools
 import signal
 import socket
-from collections.abc import Iterable
 from dataclasses import replace
 from pathlib import Path
 from typing import Any
@@ -34,10 +34,8 @@ from proxyd.metrics import ListenerMetrics, Metrics
 from proxyd.origdst import original_dst, unmap
 from proxyd.parser import Endpoint, ParserFactory
 from proxyd.policy.identity import IdentityMap
-from proxyd.registry import Registry
-
 from proxyd.policy.store import PolicyStore
-
+from proxyd.registry import Registry
 from proxyd.relay import Connection
 
 LISTEN_BACKLOG = 1024
@@ -49,9 +47,7 @@ class ListenerRuntime:
     def __init__(self, daemon: Daemon, config: ListenerConfig) -> None:
         self.daemon = daemon
         self.config = config
-        self.factory: ParserFactory | None = (
-            daemon.registry.get(config.l7proto) if config.l7proto else None
-        )
+        self.factory: ParserFactory | None = daemon.registry.get(config.l7proto) if config.l7proto else None
         self.metrics: ListenerMetrics = daemon.metrics.for_listener(config.name)
         self.access_log: AccessLog = daemon.access_log
         self.limits: Limits = daemon.config.limits
@@ -147,6 +143,8 @@ class ListenerRuntime:
 
     def forget(self, conn: Connection) -> None:
         self.conns.discard(conn)
+        if not self.conns:
+            self.daemon.listener_idle(self)
 
     def close_server(self) -> None:
         if self.server is not None:
@@ -171,12 +169,22 @@ class Daemon:
         self.stopping = False
         self._admin: Any = None
         self._stop = asyncio.Event()
+        self._idle = asyncio.Event()  # set when draining and the last connection has ended
+        self._retired: set[ListenerRuntime] = set()  # removed on reload, connections still open
         self._tasks: set[asyncio.Task[Any]] = set()
 
     # --- queries ---------------------------------------------------------------------------
 
     def active_connections(self) -> int:
-        return sum(len(lr.conns) for lr in self.listeners.values())
+        return sum(len(lr.conns) for lr in self.listeners.values()) + sum(
+            len(lr.conns) for lr in self._retired
+        )
+
+    def listener_idle(self, lr: ListenerRuntime) -> None:
+        """A listener's last connection ended: retire it if removed; end a drain if all idle."""
+        self._retired.discard(lr)
+        if self.stopping and not self.active_connections():
+            self._idle.set()
 
     def is_own_listener(self, addr: tuple[str, int], local_ip: str) -> bool:
         ip, port = addr
@@ -268,10 +276,10 @@ class Daemon:
         sdnotify.notify("STOPPING=1")
         for lr in self.listeners.values():
             lr.close_server()
-        deadline = asyncio.get_running_loop().time() + self.config.limits.drain_timeout
-        while self.active_connections() and asyncio.get_running_loop().time() < deadline:
-            await asyncio.sleep(0.05)
-        for lr in list(self.listeners.values()):
+        if self.active_connections():
+            with contextlib.suppress(TimeoutError):
+                await asyncio.wait_for(self._idle.wait(), self.config.limits.drain_timeout)
+        for lr in [*self.listeners.values(), *self._retired]:
             for conn in list(lr.conns):
                 conn.close_now("drain timeout at shutdown")
         for task in list(self._tasks):
@@ -328,35 +336,38 @@ class Daemon:
         if new.policy.state_dir != self.config.policy.state_dir:
             self.log.warning("policy.state_dir changes apply at the next restart")
         self.identities = IdentityMap.from_entries(new.identities)
-        await self._apply_listeners(new.listeners)
+        await self._apply_listeners(new)
         # Settings that only affect new connections take effect now; the access log and admin
         # address are fixed for the process lifetime (a restart applies them).
         self.config = replace(new, access_log=self.config.access_log, admin=self.config.admin)
         self.log.info("config reloaded", listeners=sorted(self.listeners))
         return True
 
-    async def _apply_listeners(self, wanted: Iterable[ListenerConfig]) -> None:
-        wanted_by_name = {lc.name: lc for lc in wanted}
+    async def _apply_listeners(self, new_config: Config) -> None:
+        wanted_by_name = {lc.name: lc for lc in new_config.listeners}
         for name in list(self.listeners):
             lr = self.listeners[name]
             new = wanted_by_name.get(name)
             if new is None or (new.host, new.port) != (lr.config.host, lr.config.port):
                 lr.close_server()
                 del self.listeners[name]
+                if lr.conns:
+                    self._retired.add(lr)
                 self.log.info("listener removed", listener=name, open_connections=len(lr.conns))
                 # Its open connections go on until they end by themselves.
         for name, lc in wanted_by_name.items():
-            lr = self.listeners.get(name)
-            if lr is None:
+            current = self.listeners.get(name)
+            if current is None:
                 lr = ListenerRuntime(self, lc)
                 await lr.bind()
                 self.listeners[name] = lr
                 self.log.info("listener added", listener=name, address=lc.address)
             else:
                 # Same address: new connections use the new settings; open ones keep theirs.
-                lr.config = lc
-                lr.factory = self.registry.get(lc.l7proto) if lc.l7proto else None
-                lr.limits = self.config.limits
+                current.config = lc
+                current.factory = self.registry.get(lc.l7proto) if lc.l7proto else None
+                current.limits = new_config.limits
+                current.upstream_mark = new_config.upstream_mark
 
 
 async def run_daemon(config_path: Path) -> int:
@@ -367,4 +378,3 @@ async def run_daemon(config_path: Path) -> int:
     await daemon.start()
     await daemon.serve()
     return 0
-

@@ -29,6 +29,9 @@ from proxyd.engine import Engine, EngineError
 from proxyd.ops import Op, Verdict
 from proxyd.parser import Endpoint, ParserFactory
 
+_SRC = Endpoint("10.0.0.1", 40000)
+_DST = Endpoint("10.0.0.2", 80)
+
 
 @dataclass
 class LogEntry:
@@ -122,8 +125,8 @@ class Harness:
         policy: Callable[[Any], bool] | L7Policy | None = None,
         parser_config: Mapping[str, Any] | None = None,
         buffer_limit: int = 1 << 20,
-        src: Endpoint = Endpoint("10.0.0.1", 40000),
-        dst: Endpoint = Endpoint("10.0.0.2", 80),
+        src: Endpoint = _SRC,
+        dst: Endpoint = _DST,
         direction: str = "ingress",
         listener: str = "test",
     ) -> None:

@@ -46,5 +46,3 @@ def free_port(host: str = "127.0.0.1") -> int:
     with socket.socket(fam, socket.SOCK_STREAM) as s:
         s.bind((host, 0))
         return int(s.getsockname()[1])
-
-

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import hashlib
 import json
 import os
@@ -10,7 +11,6 @@ import socket
 from pathlib import Path
 
 import aiohttp
-
 from proxyutil import addr, daemon, echo, r2d2_server, tcp_server, wait_for
 
 
@@ -19,7 +19,9 @@ def read_log(tmp_path: Path) -> list[dict]:  # type: ignore[type-arg]
     return [json.loads(line) for line in p.read_text().splitlines()] if p.exists() else []
 
 
-def cfg(upstream: tuple[str, int] | str, *, l7proto: str | None = None, extra: str = "", limits: str = "") -> str:
+def cfg(
+    upstream: tuple[str, int] | str, *, l7proto: str | None = None, extra: str = "", limits: str = ""
+) -> str:
     up = upstream if isinstance(upstream, str) else f"{upstream[0]}:{upstream[1]}"
     proto = f"\n    l7proto: {l7proto}" if l7proto else ""
     return f"""
@@ -124,10 +126,8 @@ async def test_upstream_connect_timeout(tmp_path: Path) -> None:
         for _ in range(4):
             f = socket.socket()
             f.setblocking(False)
-            try:
+            with contextlib.suppress(BlockingIOError):
                 f.connect(s.getsockname())
-            except BlockingIOError:
-                pass
             fillers.append(f)
         try:
             text = cfg(s.getsockname(), limits="limits:\n  connect_timeout: 300ms")
@@ -254,7 +254,7 @@ async def test_slow_reader_bounds_memory(tmp_path: Path) -> None:
         done.set()
 
     async with tcp_server(slow) as up, daemon(cfg(up, l7proto="test.passer"), tmp_path) as d:
-        r, w = await asyncio.open_connection(*addr(d, "main"))
+        _, w = await asyncio.open_connection(*addr(d, "main"))
         block = os.urandom(1 << 20)
         peak = 0
 

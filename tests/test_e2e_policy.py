@@ -9,7 +9,6 @@ import sys
 from pathlib import Path
 
 import aiohttp
-
 from proxyutil import addr, daemon, r2d2_server, tcp_server, wait_for
 
 POLICY = """
@@ -190,8 +189,12 @@ async def test_policy_file_change_is_picked_up(tmp_path: Path) -> None:
             c = await client(addr(d, "r2d2"), "127.0.0.2")
             assert await ask(*c, b"HALT") == b"ERROR"
             revision = d.policy.revision
-            (tmp_path / "policy.yaml").write_text(files["policy.yaml"].replace("l7:\n              - cmd: READ",
-                                                  "l7:\n              - cmd: HALT\n              - cmd: READ"))
+            (tmp_path / "policy.yaml").write_text(
+                files["policy.yaml"].replace(
+                    "l7:\n              - cmd: READ",
+                    "l7:\n              - cmd: HALT\n              - cmd: READ",
+                )
+            )
             await wait_for(lambda: d.policy.revision > revision, timeout=10)
             assert await ask(*c, b"HALT") == b"OK HALT"
             c[1].close()
@@ -206,14 +209,20 @@ async def test_admin_policy_api(tmp_path: Path) -> None:
             c = await client(addr(d, "r2d2"), "127.0.0.2")
             assert await ask(*c, b"WRITE /public/a") == b"ERROR"
             async with aiohttp.ClientSession() as http:
-                bad = "apiVersion: cilium.io/v2\nkind: CiliumNetworkPolicy\nmetadata: {name: x}\nspec:\n  toFQDNs: []\n"
+                bad = (
+                    "apiVersion: cilium.io/v2\nkind: CiliumNetworkPolicy\n"
+                    "metadata: {name: x}\nspec:\n  toFQDNs: []\n"
+                )
                 async with http.put(base, data=bad) as resp:
                     assert resp.status == 400
                     errors = (await resp.json())["errors"]
                 assert any("toFQDNs" in e for e in errors)
                 assert await ask(*c, b"WRITE /public/a") == b"ERROR"  # old policy still enforced
-                extra = POLICY.replace("r2d2-policy", "writers").replace("PORT", str(up[1])).replace(
-                    "cmd: READ", "cmd: WRITE")
+                extra = (
+                    POLICY.replace("r2d2-policy", "writers")
+                    .replace("PORT", str(up[1]))
+                    .replace("cmd: READ", "cmd: WRITE")
+                )
                 async with http.put(base, data=extra) as resp:
                     assert resp.status == 200
                     revision = (await resp.json())["revision"]
@@ -244,8 +253,16 @@ def test_check_reports_bad_policy(tmp_path: Path) -> None:
 def test_explain_cli(tmp_path: Path) -> None:
     (tmp_path / "policy.yaml").write_text(POLICY.replace("PORT", "9000"))
     (tmp_path / "proxyd.yaml").write_text(CONFIG.format(host="127.0.0.1", port=9000, mode="enforce"))
-    res = subprocess.run([sys.executable, "-m", "proxyd", "explain", "--config", str(tmp_path / "proxyd.yaml"),
-                          "--src", "127.0.0.2", "--dst", "127.0.0.1:9000"],
+    cmd = [
+        "explain",
+        "--config",
+        str(tmp_path / "proxyd.yaml"),
+        "--src",
+        "127.0.0.2",
+        "--dst",
+        "127.0.0.1:9000",
+    ]
+    res = subprocess.run([sys.executable, "-m", "proxyd", *cmd],
                          capture_output=True, text=True, timeout=60)  # fmt: skip
     assert res.returncode == 0, res.stderr
     assert "role: reader" in res.stdout or "role=reader" in res.stdout

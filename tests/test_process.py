@@ -15,10 +15,7 @@ from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
-
 from needs import free_port
-
-
 
 
 class Backend:
@@ -62,7 +59,8 @@ def write_config(tmp_path: Path, backend_port: int, listeners: list[tuple[str, i
     for name, port in listeners:
         body += (f"  - name: {name}\n    address: \"127.0.0.1:{port}\"\n    l7proto: r2d2\n"
                  f"    upstream: \"127.0.0.1:{backend_port}\"\n")  # fmt: skip
-    body += f"access_log:\n  path: access.log\nadmin:\n  address: \"127.0.0.1:{admin}\"\nlimits:\n  drain_timeout: 3s\n"
+    body += "access_log:\n  path: access.log\n"
+    body += f'admin:\n  address: "127.0.0.1:{admin}"\nlimits:\n  drain_timeout: 3s\n'
     p = tmp_path / "proxyd.yaml"
     p.write_text(body)
     return p
@@ -154,7 +152,9 @@ def test_drain_timeout_closes_the_rest(tmp_path: Path, backend: Backend) -> None
     assert conn["event"] == "connection" and conn["reason"] == "drain timeout at shutdown"
 
 
-def test_sighup_adds_and_removes_listeners_without_dropping_connections(tmp_path: Path, backend: Backend) -> None:
+def test_sighup_adds_and_removes_listeners_without_dropping_connections(
+    tmp_path: Path, backend: Backend
+) -> None:
     p1, p2, admin = free_port(), free_port(), free_port()
     cfg = write_config(tmp_path, backend.port, [("one", p1)], admin)
     proc = start(cfg)
@@ -216,7 +216,7 @@ def test_sigusr1_reopens_access_log(tmp_path: Path, backend: Backend) -> None:
 
 def test_bad_config_exits_1_with_file_line_key(tmp_path: Path) -> None:
     cfg = tmp_path / "proxyd.yaml"
-    cfg.write_text("listeners:\n  - name: x\n    address: \"127.0.0.1:70000\"\n    colour: red\n")
+    cfg.write_text('listeners:\n  - name: x\n    address: "127.0.0.1:70000"\n    colour: red\n')
     res = subprocess.run([sys.executable, "-m", "proxyd", "run", "--config", str(cfg)],
                          capture_output=True, text=True, timeout=60)  # fmt: skip
     assert res.returncode == 1
@@ -228,9 +228,13 @@ def test_bad_config_exits_1_with_file_line_key(tmp_path: Path) -> None:
 
 
 def test_version_and_parsers() -> None:
-    out = subprocess.run([sys.executable, "-m", "proxyd", "--version"], capture_output=True, text=True, timeout=60)
+    out = subprocess.run(
+        [sys.executable, "-m", "proxyd", "--version"], capture_output=True, text=True, timeout=60
+    )
     assert out.stdout.startswith("proxyd ")
-    out = subprocess.run([sys.executable, "-m", "proxyd", "parsers"], capture_output=True, text=True, timeout=60)
+    out = subprocess.run(
+        [sys.executable, "-m", "proxyd", "parsers"], capture_output=True, text=True, timeout=60
+    )
     assert out.returncode == 0
     names = {line.split()[0] for line in out.stdout.splitlines()[1:]}
     assert {"r2d2", "memcache", "cassandra", "test.passer"} <= names

@@ -35,7 +35,7 @@ async def test_l4_large_transfer_byte_exact_both_ways(tmp_path: Path) -> None:
         for name in ("tcp", "passer"):
             r, w = await asyncio.open_connection(*addr(d, name))
 
-            async def send() -> None:
+            async def send(w: asyncio.StreamWriter = w) -> None:
                 for i in range(0, len(payload), 100_003):  # odd-sized partial writes
                     w.write(payload[i : i + 100_003])
                     await w.drain()

@@ -161,4 +161,4 @@ class R2d2Factory(ParserFactory):
         return R2d2Parser(ctx)
 
 
-__all__ = ["R2d2Factory", "R2d2Parser", "R2d2Request", "R2d2Rule", "INJECT"]
+__all__ = ["INJECT", "R2d2Factory", "R2d2Parser", "R2d2Request", "R2d2Rule"]

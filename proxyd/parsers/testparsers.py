@@ -47,7 +47,7 @@ class PasserFactory(ParserFactory):
 
 
 class LineParser(Parser):
-    __slots__ = ("ctx", "_drop_next")
+    __slots__ = ("_drop_next", "ctx")
 
     def __init__(self, ctx: ConnectionContext) -> None:
         self.ctx = ctx
