@@ -14,8 +14,8 @@ import sys
 from pathlib import Path
 from typing import Any
 
-from needs import need_binary
 from dockerfile_parse import DockerfileParser
+from needs import need_binary
 
 REPO = Path(__file__).resolve().parents[2]
 DOCKERFILE = REPO / "Dockerfile"
