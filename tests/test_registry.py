@@ -247,3 +247,17 @@ access_log:
     assert ("forwarded", "hello") in l7
     assert ("denied", "hello C-3PO") in l7
     assert all(e["l7proto"] == "c3po" for e in entries if e.get("event") == "l7")
+
+
+def test_the_example_package_own_tests_pass_against_the_installed_copy(c3po_installed: None) -> None:
+    """examples/c3po/tests are outside ``testpaths``; run them here so CI covers them too."""
+    res = subprocess.run(
+        [sys.executable, "-m", "pytest", "-q", "-p", "no:cacheprovider", str(C3PO / "tests")],
+        cwd=ROOT,
+        capture_output=True,
+        text=True,
+        timeout=300,
+        check=False,
+    )
+    assert res.returncode == 0, res.stdout[-3000:] + res.stderr[-2000:]
+    assert " passed" in res.stdout
