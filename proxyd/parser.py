@@ -86,9 +86,13 @@ class ConnectionContext(Protocol):
     def inject(self, reply: bool, data: bytes) -> None:
         """Queue ``data`` to be sent toward the client (``reply=True``) or the server.
 
-        Bytes queued for the direction being parsed go out at the INJECT op that names them
-        (or at the end of the round). Bytes queued for the other direction go out at that
-        direction's next frame boundary, promptly, even if no more bytes arrive there.
+        Bytes queued for the direction being parsed go out at the INJECT op that names them,
+        or at the end of the round. The round goes on while unconsumed bytes remain, so a
+        parser that queues bytes and then PASSes the last buffered byte will not be called
+        again this round: the engine sends them right after that PASS. (r2d2 and memcache use
+        this to put a denial after the reply it must follow.) Bytes queued for the other
+        direction go out at that direction's next frame boundary, promptly, even if no more
+        bytes arrive there, and never inside bytes that were PASS-ed but not yet sent.
         """
         ...
 
