@@ -18,6 +18,8 @@ Protocol-free I/O on asyncio transports (uvloop). What it guarantees (DESIGN.md 
 from __future__ import annotations
 
 import asyncio
+import contextlib
+import ipaddress
 import os
 import socket
 import time
@@ -26,6 +28,7 @@ from typing import TYPE_CHECKING, Any, cast
 
 from proxyd.context import ConnInfo, Context, L7Policy
 from proxyd.engine import Engine, EngineError
+from proxyd.origdst import unmap
 
 if TYPE_CHECKING:
     from proxyd.server import ListenerRuntime
@@ -144,18 +147,34 @@ class Connection(asyncio.Protocol):
         loop = asyncio.get_running_loop()
         host, port = self.upstream_addr
         sock: socket.socket | None = None
+        own = self.lr.daemon.upstream_locals
+        local: tuple[str, int] | None = None
         try:
-            infos = await loop.getaddrinfo(host, port, type=socket.SOCK_STREAM)
-            family, _, _, _, addr = infos[0]
+            if _is_ip(host):
+                family = socket.AF_INET6 if ":" in host else socket.AF_INET
+                addr: Any = (host, port)
+            else:
+                infos = await loop.getaddrinfo(host, port, type=socket.SOCK_STREAM)
+                family, _, _, _, addr = infos[0]
             sock = socket.socket(family, socket.SOCK_STREAM)
             sock.setblocking(False)
             sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
             if self.lr.upstream_mark is not None:
                 sock.setsockopt(socket.SOL_SOCKET, socket.SO_MARK, self.lr.upstream_mark)
             async with asyncio.timeout(self.lr.limits.connect_timeout):
-                await loop.sock_connect(sock, addr)
+                # The connect is started by hand so the local address is known before the
+                # handshake: if a NAT rule sends this very connection back to one of our
+                # listeners, the accept side recognises it and refuses it (no redirect loop).
+                with contextlib.suppress(BlockingIOError):
+                    sock.connect(addr)
+                name = sock.getsockname()
+                local = (unmap(name[0]), name[1])
+                own[local] = (host, port)
+                await _wait_connected(loop, sock)
             transport, _ = await loop.create_connection(lambda: UpstreamProtocol(self), sock=sock)
         except (OSError, TimeoutError) as exc:
+            if local is not None:
+                own.pop(local, None)
             if sock is not None:
                 sock.close()
             if self._closed:
@@ -165,9 +184,13 @@ class Connection(asyncio.Protocol):
             self._finish("error", f"upstream connect failed: {why}")
             return
         except asyncio.CancelledError:
+            if local is not None:
+                own.pop(local, None)
             if sock is not None:
                 sock.close()
             raise
+        if local is not None:
+            own.pop(local, None)
         if self._closed:
             transport.abort()
             return
@@ -329,6 +352,33 @@ class Connection(asyncio.Protocol):
         self._client_pauses.discard(why)
         if not self._client_pauses and self.client is not None and not self._closed:
             self.client.resume_reading()
+
+
+def _is_ip(host: str) -> bool:
+    try:
+        ipaddress.ip_address(host)
+    except ValueError:
+        return False
+    return True
+
+
+async def _wait_connected(loop: asyncio.AbstractEventLoop, sock: socket.socket) -> None:
+    """Wait for a non-blocking connect started with ``sock.connect()`` to finish."""
+    fut: asyncio.Future[None] = loop.create_future()
+    fd = sock.fileno()
+
+    def ready() -> None:
+        if not fut.done():
+            fut.set_result(None)
+
+    loop.add_writer(fd, ready)
+    try:
+        await fut
+    finally:
+        loop.remove_writer(fd)
+    err = sock.getsockopt(socket.SOL_SOCKET, socket.SO_ERROR)
+    if err:
+        raise OSError(err, os.strerror(err))
 
 
 def _fmt(addr: tuple[str, int]) -> str:

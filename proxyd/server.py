@@ -114,6 +114,8 @@ class ListenerRuntime:
         src = Endpoint(src_ip, src_port, ids.labels_for(src_ip))
         dst = Endpoint(dst_ip, dst_port, ids.labels_for(dst_ip))
         info = ConnInfo(conn_id, cfg.name, cfg.direction, src, dst, cfg.l7proto or "")
+        if reason is None and cfg.upstream is None and d.upstream_locals.get((src_ip, src_port)) == upstream:
+            reason = "loop: this is proxyd's own upstream connection, redirected back to it"
         if reason is None and d.active_connections() > self.limits.max_connections:
             reason = f"max_connections ({self.limits.max_connections}) reached"
         policy: L7Policy = AllowAllPolicy()
@@ -170,7 +172,13 @@ class Daemon:
         self._admin: Any = None
         self._stop = asyncio.Event()
         self._idle = asyncio.Event()  # set when draining and the last connection has ended
-        self._retired: set[ListenerRuntime] = set()  # removed on reload, connections still open
+        self._retired: set[ListenerRuntime] = set()
+        #: Local -> remote address of upstream sockets while they connect: an accepted
+        #: connection from one of them, whose original destination is that remote, is our own
+        #: connection redirected back to us (the 4-tuple, not the port alone, identifies it).
+        self.upstream_locals: dict[
+            tuple[str, int], tuple[str, int]
+        ] = {}  # removed on reload, connections still open
         self._tasks: set[asyncio.Task[Any]] = set()
 
     # --- queries ---------------------------------------------------------------------------

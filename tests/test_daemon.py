@@ -241,7 +241,7 @@ async def test_incomplete_frame_at_eof_is_not_forwarded(tmp_path: Path) -> None:
 
 async def test_slow_reader_bounds_memory(tmp_path: Path) -> None:
     """Flow control: a fast client pushing to a slow server never grows proxyd's buffers."""
-    total = 64 << 20
+    total = 1 << 30  # 1 GiB, as the issue asks
     seen = 0
     done = asyncio.Event()
 
