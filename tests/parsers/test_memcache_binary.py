@@ -128,7 +128,8 @@ DENIAL_CASES = [
      + req(0x11, b"b/2", SET_EXTRAS, b"v", opaque=2), b"", b"",
      denied_response(0x11, 1) + denied_response(0x11, 2)),
     ("denied stat", req(0x10) + req(0x0A), resp(0x0A), req(0x0A), denied_response(0x10, 0) + resp(0x0A)),
-    ("denied quitq answered", req(0x17, opaque=4), b"", b"", denied_response(0x17, 4)),
+    ("denied version answered", req(0x0B, opaque=4), b"", b"", denied_response(0x0B, 4)),
+    ("quitq is protocol control: always passes", req(0x17, opaque=5), b"", req(0x17, opaque=5), b""),
 ]
 
 

@@ -50,7 +50,7 @@ from proxyd.ops import (
 from proxyd.parser import ConnectionContext, Data, EntryType
 
 from .common import K_STATS, K_UNIT, MAX_KEY, PendingQueue, unexpected_reply
-from .rules import MemcacheRequest
+from .rules import CONTROL_COMMANDS, MemcacheRequest
 
 REQUEST_MAGIC = 0x80
 RESPONSE_MAGIC = 0x81
@@ -158,9 +158,10 @@ BARRIER_REQUEST = _PACKET.pack(REQUEST_MAGIC, 0x0A, 0, 0, 0, 0, 0, 0xFFFFFFFF, 0
 
 def denied_response(opcode: int, opaque: int) -> bytes:
     """The answer to a denied request: its opcode and opaque, status 0x0008, ``access denied``."""
-    return _PACKET.pack(
-        RESPONSE_MAGIC, opcode, 0, 0, 0, STATUS_AUTH_ERROR, len(DENIED_BODY), opaque, 0
-    ) + DENIED_BODY
+    return (
+        _PACKET.pack(RESPONSE_MAGIC, opcode, 0, 0, 0, STATUS_AUTH_ERROR, len(DENIED_BODY), opaque, 0)
+        + DENIED_BODY
+    )
 
 
 class BinaryProtocol:
@@ -205,7 +206,7 @@ class BinaryProtocol:
         n = HEADER + bodylen
         ctx = self.ctx
         fields = {"opcode": opname, "key": key.decode("utf-8", "backslashreplace")}
-        if ctx.matches(MemcacheRequest(command, (key,) if keyed else ())):
+        if command in CONTROL_COMMANDS or ctx.matches(MemcacheRequest(command, (key,) if keyed else ())):
             ctx.log(EntryType.REQUEST, fields)
             if quiet != _SILENT:
                 entry = (

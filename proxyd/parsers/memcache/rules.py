@@ -95,6 +95,11 @@ COMMAND_GROUPS.update(
 
 RULE_KEYS = ("command", "keyExact", "keyPrefix", "keyRegex")
 
+#: Protocol control that touches no data: always allowed (and still logged). libmemcached ends
+#: every quiet multi-get with a binary NoOp and says goodbye with Quit; denying them breaks a
+#: client whose policy allows what it actually asked for.
+CONTROL_COMMANDS = frozenset({"noop", "quit", "mn"})
+
 
 class MemcacheRule:
     """A compiled ``l7`` rule; see the module docstring for the semantics."""

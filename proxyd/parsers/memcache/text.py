@@ -95,7 +95,7 @@ from .common import (
     PendingQueue,
     unexpected_reply,
 )
-from .rules import MemcacheRequest
+from .rules import CONTROL_COMMANDS, MemcacheRequest
 
 DENIED_REPLY = b"CLIENT_ERROR access denied\r\n"
 #: The barrier request (see :mod:`.common`): every memcached answers it with one ``VERSION``
@@ -389,7 +389,9 @@ class TextProtocol:
         """
         ctx = self.ctx
         matches = ctx.matches
-        if len(keys) <= 1:
+        if name in CONTROL_COMMANDS:
+            allowed = True
+        elif len(keys) <= 1:
             allowed = matches(MemcacheRequest(name, keys, key_error))
         else:
             allowed = True
