@@ -1,4 +1,5 @@
 #!/usr/bin/env python3
+# ruff: noqa: E501  (report-building f-strings and table rows read better unwrapped)
 """memcache benchmark: memcached direct vs HAProxy (mode tcp, 1 thread) vs proxyd L4 vs proxyd memcache.
 
 One run starts everything on free loopback ports, measures, stops everything and prints a
@@ -134,7 +135,9 @@ async def _ops(port: int, seconds: float, conns: int, max_ops: int) -> dict[str,
         nonlocal ops, errors
         r, w = await asyncio.open_connection("127.0.0.1", port)
         rnd = random.Random(i)
-        keys = [b"bench%03d" % i + "".join(rnd.choice(KEY_CHARS) for _ in range(24)).encode() for _ in range(1000)]
+        keys = [
+            b"bench%03d" % i + "".join(rnd.choice(KEY_CHARS) for _ in range(24)).encode() for _ in range(1000)
+        ]
         for k in keys[:100]:
             w.write(b"set %s 0 0 100\r\n%s\r\n" % (k, value))
             await w.drain()
@@ -362,7 +365,9 @@ class Target:
         self.bulk_port = bulk_port
 
 
-def start_proxyd(procs: Procs, tmp: Path, tag: str, src: Path, text: str, files: dict[str, str]) -> tuple[subprocess.Popen[Any], int]:
+def start_proxyd(
+    procs: Procs, tmp: Path, tag: str, src: Path, text: str, files: dict[str, str]
+) -> tuple[subprocess.Popen[Any], int]:
     d = tmp / tag
     d.mkdir()
     admin = free_port()
@@ -544,7 +549,10 @@ def main() -> int:
     lines: list[str] = []
     try:
         mc_port, sink_port = free_port(), free_port()
-        mc = procs.start("memcached", ["memcached", "-u", "root", "-l", "127.0.0.1", "-p", str(mc_port), "-t", "1", "-m", "256"])
+        mc = procs.start(
+            "memcached",
+            ["memcached", "-u", "root", "-l", "127.0.0.1", "-p", str(mc_port), "-t", "1", "-m", "256"],
+        )
         wait_port(mc_port, mc)
         sink = procs.start("sink", [sys.executable, __file__, "--_helper", "sink", str(sink_port)])
         wait_port(sink_port, sink)
@@ -555,13 +563,18 @@ def main() -> int:
         hap = procs.start("haproxy", ["haproxy", "-db", "-f", str(tmp / "haproxy.cfg")])
         wait_port(hp["mc_front"], hap)
 
-        targets = [Target("direct", mc_port, mc.pid, sink_port), Target("HAProxy", hp["mc_front"], hap.pid, hp["bulk_front"])]
+        targets = [
+            Target("direct", mc_port, mc.pid, sink_port),
+            Target("HAProxy", hp["mc_front"], hap.pid, hp["bulk_front"]),
+        ]
         l7_targets: list[Target] = []
         policy_note = ""
         for i, src in enumerate(srcs):
             sfx = "" if i == 0 else f" [{src.name}]"
             l4 = {"mc_front": free_port(), "bulk_front": free_port(), **ports}
-            p4, _ = start_proxyd(procs, tmp, f"proxyd-l4-{i}", src, PROXYD_L4.format(admin="{admin}", **l4), {})
+            p4, _ = start_proxyd(
+                procs, tmp, f"proxyd-l4-{i}", src, PROXYD_L4.format(admin="{admin}", **l4), {}
+            )
             targets.append(Target("proxyd L4" + sfx, l4["mc_front"], p4.pid, l4["bulk_front"]))
             l7 = {"mc_front": free_port(), **ports}
             p7, _ = start_proxyd(procs, tmp, f"proxyd-l7-{i}", src, PROXYD_L7.format(admin="{admin}", **l7),
@@ -584,7 +597,8 @@ def main() -> int:
             f"- python {platform.python_version()}, memcached: `{version(['memcached', '-V'])}`, "
             f"haproxy: `{version(['haproxy', '-v'])}`",
             f"- load: `{Path(tool).name} -T 1 -c N -t {int(args.seconds)}s` (90 % get / 10 % set, 32-byte keys, 100-byte values)"
-            if tool else f"- load: built-in asyncio generator ({args.seconds:g} s per point; memaslap not found)",
+            if tool
+            else f"- load: built-in asyncio generator ({args.seconds:g} s per point; memaslap not found)",
             "- HAProxy `mode tcp`, `nbthread 1`; memcached `-t 1 -m 256`; proxyd: one process each, "
             "`access_log.requests: denied` to a file",
             f"- memcache policy: identities + CiliumNetworkPolicy (get/set with keyRegex `{KEY_REGEX}`, "
@@ -635,7 +649,9 @@ def main() -> int:
                 cpu = "-" if name == "direct" else fmt(r["cpu_s_gib"], 2)
                 cr = "-" if name == "direct" else ratio(r["cpu_s_gib"], b["cpu_s_gib"])
                 bad = "" if r["received"] == args.bulk_mib << 20 else f" (received {r['received']} bytes!)"
-                lines.append(f"| {name}{bad} | {fmt(r['mb_s'])} | {ratio(r['mb_s'], b['mb_s'])} | {cpu} | {cr} |")
+                lines.append(
+                    f"| {name}{bad} | {fmt(r['mb_s'])} | {ratio(r['mb_s'], b['mb_s'])} | {cpu} | {cr} |"
+                )
             lines += ["", "direct: sender to sink without a proxy (CPU column: no proxy).", ""]
             results["bulk"] = rows
         if "churn" not in skip:
@@ -651,7 +667,11 @@ def main() -> int:
             for name, r in rows.items():
                 lines.append(f"| {name} | {fmt(r['conn_s'])} | {ratio(r['conn_s'], b['conn_s'])} | "
                              f"{fmt(r['cpu_us_conn'], 1)} | {ratio(r['cpu_us_conn'], b['cpu_us_conn'])} | {r['errors']} |")  # fmt: skip
-            lines += ["", "CPU of memcached for direct. The churn client is one Python process: it may be the limit.", ""]
+            lines += [
+                "",
+                "CPU of memcached for direct. The churn client is one Python process: it may be the limit.",
+                "",
+            ]
             results["churn"] = rows
         if "ops" not in skip and 50 in conns_list:
             lines += ["## Targets (50 connections, ops/s relative to HAProxy)", ""]
@@ -661,9 +681,16 @@ def main() -> int:
                 if t.name.startswith("proxyd"):
                     want = 0.95 if "L4" in t.name else 0.8
                     got = rows[t.name]["tps"] / b
-                    lines.append(f"- {t.name}: {got:.2f} x HAProxy (target >= {want}): {'met' if got >= want else 'MISSED'}")
+                    lines.append(
+                        f"- {t.name}: {got:.2f} x HAProxy (target >= {want}): {'met' if got >= want else 'MISSED'}"
+                    )
             lines.append("")
-        denials = sum(1 for t in tmp.glob("proxyd-l7-*/access.log") for ln in t.read_text().splitlines() if '"denied"' in ln)
+        denials = sum(
+            1
+            for t in tmp.glob("proxyd-l7-*/access.log")
+            for ln in t.read_text().splitlines()
+            if '"denied"' in ln
+        )
         lines += [f"Denied-request lines in the memcache access logs: {denials} (the policy check's `delete`).",
                   f"Load average at end: {os.getloadavg()[0]:.2f}. Finished {dt.datetime.now():%H:%M:%S}.", ""]  # fmt: skip
         (tmp / "results.json").write_text(json.dumps(results, indent=1, default=str))
@@ -674,8 +701,14 @@ def main() -> int:
         else:
             print(f"kept {tmp}")
     text = "\n".join(lines)
-    print(text[text.find("## "):] if "## " in text else text)
-    out = args.out or REPO / "bench" / "results" / f"memcache-{dt.date.today():%Y-%m-%d}{'-quick' if args.quick else ''}.md"
+    print(text[text.find("## ") :] if "## " in text else text)
+    out = (
+        args.out
+        or REPO
+        / "bench"
+        / "results"
+        / f"memcache-{dt.date.today():%Y-%m-%d}{'-quick' if args.quick else ''}.md"
+    )
     out.parent.mkdir(parents=True, exist_ok=True)
     out.write_text(text)
     print(f"written {out}")
