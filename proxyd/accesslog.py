@@ -12,7 +12,6 @@ import json
 import os
 import sys
 import threading
-from collections.abc import Mapping
 from typing import IO, Any
 
 import orjson
@@ -20,6 +19,7 @@ import structlog
 
 from proxyd.context import ConnInfo, Context
 from proxyd.metrics import Metrics
+from proxyd.parser import Fields
 
 
 def _dumps(obj: Any, **_: Any) -> bytes:
@@ -88,14 +88,9 @@ class AccessLog:
         self.log = make_logger(self.writer)
         self.requests = requests
         self.metrics = metrics
-        self._l7_counters: dict[tuple[str, str], Any] = {}
-
-    def _count(self, l7proto: str, verdict: str) -> None:
-        key = (l7proto, verdict)
-        c = self._l7_counters.get(key)
-        if c is None:
-            c = self._l7_counters[key] = self.metrics.l7_requests_total.labels(l7proto, verdict)
-        c.inc()
+        self._counts = metrics.l7_counts
+        #: Whether forwarded requests get a line; parsers may skip building fields otherwise.
+        self.log_forwarded = requests == "all"
 
     # LogSink protocol (proxyd.context)
     def l7(
@@ -103,12 +98,14 @@ class AccessLog:
         ctx: Context,
         entry_type: str,
         verdict: str,
-        fields: Mapping[str, Any],
+        fields: Fields,
         policy: str | None,
     ) -> None:
         info = ctx.info
         if entry_type == "request":
-            self._count(info.l7proto, verdict)
+            key = (info.l7proto, verdict)
+            counts = self._counts
+            counts[key] = counts.get(key, 0) + 1
         if self.requests == "none" or (self.requests == "denied" and verdict not in ("denied", "audit")):
             return
         self.l7_line(info, entry_type, verdict, fields, policy)
@@ -118,9 +115,11 @@ class AccessLog:
         info: ConnInfo,
         entry_type: str,
         verdict: str,
-        fields: Mapping[str, Any],
+        fields: Fields,
         policy: str | None,
     ) -> None:
+        if callable(fields):
+            fields = fields()
         self.log.info(
             "l7",
             conn_id=info.conn_id,

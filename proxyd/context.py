@@ -7,12 +7,11 @@ this connection), a :class:`LogSink` (access log and metrics) and the :class:`En
 
 from __future__ import annotations
 
-from collections.abc import Mapping
 from dataclasses import dataclass
 from typing import Any, Protocol
 
 from proxyd.engine import Engine
-from proxyd.parser import Endpoint, EntryType
+from proxyd.parser import Endpoint, EntryType, Fields
 
 
 @dataclass(frozen=True, slots=True)
@@ -50,7 +49,7 @@ class LogSink(Protocol):
         ctx: Context,
         entry_type: str,
         verdict: str,
-        fields: Mapping[str, Any],
+        fields: Fields,
         policy: str | None,
     ) -> None: ...
 
@@ -123,7 +122,7 @@ class Context:
     def inject(self, reply: bool, data: bytes) -> None:
         self.engine.queue_inject(reply, data)
 
-    def log(self, entry_type: EntryType, fields: Mapping[str, Any]) -> None:
+    def log(self, entry_type: EntryType, fields: Fields) -> None:
         last = self._last
         if entry_type is EntryType.RESPONSE:
             self.sink.l7(self, "response", "forwarded", fields, None)

@@ -115,7 +115,7 @@ class Engine:
         buf += data
         if len(buf) >= side.want:
             self._round(reply, side, end_stream=False)
-        if self.error is None and len(buf) > self.limit:
+        if self.error is None and len(side.buf) > self.limit:
             self._fail(EngineError("buffer_limit", f"more than {self.limit} unparsed bytes buffered"))
 
     def feed_eof(self, reply: bool) -> int:
@@ -207,14 +207,21 @@ class Engine:
                     have = len(buf)
                     k = n if n < have else have
                     if op == Op.PASS:
-                        out.append(buf[:k])
                         if observer is not None:
                             observer.passed(reply, bytes(buf[:k]))
+                        if k == have:
+                            # The common case: everything buffered passes. Hand the buffer
+                            # over instead of copying it out and emptying it.
+                            out.append(buf)
+                            buf = side.buf = bytearray()
+                        else:
+                            out.append(buf[:k])
+                            del buf[:k]
                     else:
                         side.dropped_bytes += k
                         if observer is not None:
                             observer.dropped(reply, bytes(buf[:k]))
-                    del buf[:k]
+                        del buf[:k]
                     side.want = 0
                     if n > have:
                         side.skip = n - have
@@ -279,6 +286,9 @@ class Engine:
 
     def _flush_injections(self) -> None:
         """Send queued injections of each direction that is at a frame boundary."""
+        sides = self._sides
+        if not (sides[0].inject_q or sides[1].inject_q):
+            return
         if self.error is not None:
             return
         for reply in (False, True):

@@ -13,7 +13,7 @@ from __future__ import annotations
 
 import abc
 import enum
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
 from typing import Any, Protocol
 
@@ -21,6 +21,8 @@ from proxyd.errors import ParserConfigError, RuleError
 from proxyd.ops import Verdict
 
 Data = bytes | bytearray
+#: Access-log fields, or a callable producing them only when the line is written.
+Fields = Mapping[str, Any] | Callable[[], Mapping[str, Any]]
 
 
 class EntryType(enum.Enum):
@@ -96,8 +98,14 @@ class ConnectionContext(Protocol):
         """
         ...
 
-    def log(self, entry_type: EntryType, fields: Mapping[str, Any]) -> None:
-        """Write one ``l7`` access-log entry with the parser's key-value fields."""
+    def log(self, entry_type: EntryType, fields: Fields) -> None:
+        """Write one ``l7`` access-log entry with the parser's key-value fields.
+
+        ``fields`` may be a zero-argument callable returning the mapping: it is called only
+        if the line is written (``access_log.requests: denied`` skips forwarded requests), so
+        the hot path of a busy parser need not build fields nobody reads. Request entries are
+        counted in metrics either way.
+        """
         ...
 
 

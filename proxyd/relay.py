@@ -207,7 +207,6 @@ class Connection(asyncio.Protocol):
 
     def data_received(self, data: bytes) -> None:
         self.bytes_in += len(data)
-        self.lr.metrics.bytes_in.inc(len(data))
         if self._l4 and self.upstream is not None:
             self.upstream.write(data)
             return
@@ -218,7 +217,6 @@ class Connection(asyncio.Protocol):
         if self._l4:
             assert self.client is not None
             self.bytes_out += len(data)
-            self.lr.metrics.bytes_out.inc(len(data))
             self.client.write(data)
             return
         if self.engine is not None:
@@ -230,7 +228,6 @@ class Connection(asyncio.Protocol):
         if reply:
             assert self.client is not None
             self.bytes_out += len(data)
-            self.lr.metrics.bytes_out.inc(len(data))
             self.client.write(data)
         elif self.upstream is not None:
             self.upstream.write(data)
@@ -313,6 +310,7 @@ class Connection(asyncio.Protocol):
         lr = self.lr
         if self._counted:
             lr.metrics.active.dec()
+        lr.daemon.add_closed_bytes(lr.config.name, self.bytes_in, self.bytes_out)
         lr.forget(self)
         if self.info is None:
             return

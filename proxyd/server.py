@@ -21,6 +21,7 @@ import ipaddress
 import itertools
 import signal
 import socket
+from collections.abc import Mapping
 from dataclasses import replace
 from pathlib import Path
 from typing import Any
@@ -39,6 +40,7 @@ from proxyd.registry import Registry
 from proxyd.relay import Connection
 
 LISTEN_BACKLOG = 1024
+LABELS_CACHE_SIZE = 65536
 
 
 class ListenerRuntime:
@@ -110,9 +112,8 @@ class ListenerRuntime:
                 elif d.is_own_listener(upstream, local_ip):
                     reason = f"loop: original destination {upstream[0]}:{upstream[1]} is a proxyd listener"
         dst_ip, dst_port = upstream
-        ids = d.identities
-        src = Endpoint(src_ip, src_port, ids.labels_for(src_ip))
-        dst = Endpoint(dst_ip, dst_port, ids.labels_for(dst_ip))
+        src = Endpoint(src_ip, src_port, d.labels_for(src_ip))
+        dst = Endpoint(dst_ip, dst_port, d.labels_for(dst_ip))
         info = ConnInfo(conn_id, cfg.name, cfg.direction, src, dst, cfg.l7proto or "")
         if reason is None and cfg.upstream is None and d.upstream_locals.get((src_ip, src_port)) == upstream:
             reason = "loop: this is proxyd's own upstream connection, redirected back to it"
@@ -163,6 +164,7 @@ class Daemon:
         self.access_log = AccessLog(config.access_log.path, config.access_log.requests, self.metrics)
         self.log = make_logger(LineWriter("stderr"))
         self.identities = IdentityMap.from_entries(config.identities)
+        self._labels_cache: dict[str, Mapping[str, str]] = {}
         self.policy = PolicyStore(self.registry, config.policy.paths, config.policy.state_dir)
         self.metrics.policy_revision.set(self.policy.revision)
         self.listeners: dict[str, ListenerRuntime] = {}
@@ -172,13 +174,14 @@ class Daemon:
         self._admin: Any = None
         self._stop = asyncio.Event()
         self._idle = asyncio.Event()  # set when draining and the last connection has ended
-        self._retired: set[ListenerRuntime] = set()
+        self._retired: set[ListenerRuntime] = set()  # removed on reload, connections still open
         #: Local -> remote address of upstream sockets while they connect: an accepted
         #: connection from one of them, whose original destination is that remote, is our own
         #: connection redirected back to us (the 4-tuple, not the port alone, identifies it).
-        self.upstream_locals: dict[
-            tuple[str, int], tuple[str, int]
-        ] = {}  # removed on reload, connections still open
+        self.upstream_locals: dict[tuple[str, int], tuple[str, int]] = {}
+        #: listener -> [bytes in, bytes out] of its ended connections (see metrics.py).
+        self._closed_bytes: dict[str, list[int]] = {}
+        self.metrics.bytes_source = self._bytes_totals
         self._tasks: set[asyncio.Task[Any]] = set()
 
     # --- queries ---------------------------------------------------------------------------
@@ -187,6 +190,35 @@ class Daemon:
         return sum(len(lr.conns) for lr in self.listeners.values()) + sum(
             len(lr.conns) for lr in self._retired
         )
+
+    def labels_for(self, ip: str) -> Mapping[str, str]:
+        """Identity labels of an address, memoised: the same few peers connect again and again."""
+        labels = self._labels_cache.get(ip)
+        if labels is None:
+            if len(self._labels_cache) >= LABELS_CACHE_SIZE:
+                self._labels_cache.clear()
+            try:
+                labels = self.identities.labels_for(ip)
+            except ValueError:  # a fixed upstream given by name: no address, no labels
+                labels = {}
+            self._labels_cache[ip] = labels
+        return labels
+
+    def add_closed_bytes(self, listener: str, bytes_in: int, bytes_out: int) -> None:
+        totals = self._closed_bytes.get(listener)
+        if totals is None:
+            totals = self._closed_bytes[listener] = [0, 0]
+        totals[0] += bytes_in
+        totals[1] += bytes_out
+
+    def _bytes_totals(self) -> list[tuple[str, int, int]]:
+        totals = {name: list(v) for name, v in self._closed_bytes.items()}
+        for lr in [*self.listeners.values(), *self._retired]:
+            t = totals.setdefault(lr.config.name, [0, 0])
+            for conn in lr.conns:
+                t[0] += conn.bytes_in
+                t[1] += conn.bytes_out
+        return [(name, t[0], t[1]) for name, t in sorted(totals.items())]
 
     def listener_idle(self, lr: ListenerRuntime) -> None:
         """A listener's last connection ended: retire it if removed; end a drain if all idle."""
@@ -344,6 +376,7 @@ class Daemon:
         if new.policy.state_dir != self.config.policy.state_dir:
             self.log.warning("policy.state_dir changes apply at the next restart")
         self.identities = IdentityMap.from_entries(new.identities)
+        self._labels_cache = {}
         await self._apply_listeners(new)
         # Settings that only affect new connections take effect now; the access log and admin
         # address are fixed for the process lifetime (a restart applies them).

@@ -27,7 +27,7 @@ from typing import Any
 from proxyd.context import ALLOWED, ConnInfo, Context, L7Decision, L7Policy
 from proxyd.engine import Engine, EngineError
 from proxyd.ops import Op, Verdict
-from proxyd.parser import Endpoint, ParserFactory
+from proxyd.parser import Endpoint, Fields, ParserFactory
 
 _SRC = Endpoint("10.0.0.1", 40000)
 _DST = Endpoint("10.0.0.2", 80)
@@ -103,9 +103,11 @@ class _ListSink:
         ctx: Context,
         entry_type: str,
         verdict: str,
-        fields: Mapping[str, Any],
+        fields: Fields,
         policy: str | None,
     ) -> None:
+        if callable(fields):
+            fields = fields()
         self.entries.append(LogEntry(entry_type, verdict, dict(fields), policy))
 
 

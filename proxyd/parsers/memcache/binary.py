@@ -205,9 +205,11 @@ class BinaryProtocol:
             opname, command, quiet, keyed = info
         n = HEADER + bodylen
         ctx = self.ctx
-        fields = {"opcode": opname, "key": key.decode("utf-8", "backslashreplace")}
         if command in CONTROL_COMMANDS or ctx.matches(MemcacheRequest(command, (key,) if keyed else ())):
-            ctx.log(EntryType.REQUEST, fields)
+            # Fields built lazily: most deployments log denials only (access_log.requests).
+            ctx.log(
+                EntryType.REQUEST, lambda: {"opcode": opname, "key": key.decode("utf-8", "backslashreplace")}
+            )
             if quiet != _SILENT:
                 entry = (
                     K_STATS if opcode == 0x10 else K_UNIT,
@@ -218,7 +220,7 @@ class BinaryProtocol:
                 if not pending.push(entry):
                     return ERROR, ERROR_INVALID_FRAME_LENGTH
             return PASS, n
-        ctx.log(EntryType.DENIED, fields)
+        ctx.log(EntryType.DENIED, {"opcode": opname, "key": key.decode("utf-8", "backslashreplace")})
         verdict = pending.deny(opname, denied_response(opcode, opaque), n, have)
         return verdict if verdict is not None else (ERROR, ERROR_INVALID_FRAME_LENGTH)
 

@@ -133,9 +133,7 @@ class PendingQueue:
             ctx.inject(True, payload)
             owed = len(payload)
         elif log:
-            if isinstance(status, bytes):
-                status = status[:64].decode("latin-1")
-            ctx.log(EntryType.RESPONSE, {"command": name, "status": status})
+            ctx.log(EntryType.RESPONSE, lambda: {"command": name, "status": _status(status)})
         while q and q[0][0] == K_DENY:
             payload = q.popleft()[3]
             ctx.inject(True, payload)
@@ -159,10 +157,13 @@ class PendingQueue:
         return None
 
 
+def _status(status: bytes | str) -> str:
+    return status[:64].decode("latin-1") if isinstance(status, bytes) else status
+
+
 def unexpected_reply(ctx: ConnectionContext, status: bytes | str) -> Verdict:
     """A reply arrived with no request pending: log it; a protocol error for the connection."""
     if isinstance(status, bytes):
         status = status[:64].decode("latin-1")
     ctx.log(EntryType.RESPONSE, {"status": status, "error": "reply with no request pending"})
     return (ERROR, ERROR_PROTOCOL)
-

@@ -399,13 +399,13 @@ class TextProtocol:
                 if not matches(MemcacheRequest(name, (key,))):
                     allowed = False
                     break
-        fields = {"command": name, "keys": _log_keys(keys)}
         if allowed:
-            ctx.log(EntryType.REQUEST, fields)
+            # Fields built lazily: most deployments log denials only (access_log.requests).
+            ctx.log(EntryType.REQUEST, lambda: {"command": name, "keys": _log_keys(keys)})
             if kind >= 0 and not self.pending.push((kind, accept, name, opaque if accept else b"")):
                 return ERROR, ERROR_PROTOCOL
             return PASS, n
-        ctx.log(EntryType.DENIED, fields)
+        ctx.log(EntryType.DENIED, {"command": name, "keys": _log_keys(keys)})
         if silent:
             return DROP, n
         verdict = self.pending.deny(name, DENIED_REPLY, n, have)
@@ -463,4 +463,3 @@ class TextProtocol:
         elif kind == K_WATCH and code == b"OK":
             self._stream = True
         return pending.complete(n, have, code, self.log_responses)
-
