@@ -9,6 +9,7 @@ import sys
 from pathlib import Path
 
 import aiohttp
+import pytest
 from proxyutil import addr, daemon, r2d2_server, tcp_server, wait_for
 
 POLICY = """
@@ -267,3 +268,65 @@ def test_explain_cli(tmp_path: Path) -> None:
     assert res.returncode == 0, res.stderr
     assert "role: reader" in res.stdout or "role=reader" in res.stdout
     assert "cmd: READ" in res.stdout and "L3/L4 verdict: allowed" in res.stdout
+
+
+async def test_policy_cli_import_get_delete(tmp_path: Path) -> None:
+    """`proxyd policy import/get/delete` against the running daemon's admin API."""
+    from proxyd.cli import main as cli
+
+    async with tcp_server(r2d2_server) as up:
+        text, files = setup(up)
+        async with daemon(text, tmp_path, files=files) as d:
+            host, port = d.admin_address()  # type: ignore[misc]
+            admin = f"{host}:{port}"
+            c = await client(addr(d, "r2d2"), "127.0.0.2")
+            assert await ask(*c, b"WRITE /public/a") == b"ERROR"
+            good = tmp_path / "writers.yaml"
+            good.write_text(
+                POLICY.replace("r2d2-policy", "writers")
+                .replace("PORT", str(up[1]))
+                .replace("cmd: READ", "cmd: WRITE")
+            )
+            assert await asyncio.to_thread(cli, ["policy", "--admin", admin, "import", str(good)]) == 0
+            assert await ask(*c, b"WRITE /public/a") == b"OK WRITE /public/a"
+            bad = tmp_path / "bad.json"
+            bad.write_text('[{"endpointSelector": {}, "ingress": [{"toFQDNs": []}]}]')
+            assert await asyncio.to_thread(cli, ["policy", "--admin", admin, "import", str(bad)]) == 1
+            assert await ask(*c, b"WRITE /public/a") == b"OK WRITE /public/a"  # old policy kept
+            assert await asyncio.to_thread(cli, ["policy", "--admin", admin, "get"]) == 0
+            assert await asyncio.to_thread(cli, ["policy", "--admin", admin, "delete", "writers"]) == 0
+            assert await ask(*c, b"WRITE /public/a") == b"ERROR"
+            assert await asyncio.to_thread(cli, ["policy", "--admin", admin, "delete", "writers"]) == 1
+            c[1].close()
+
+
+async def test_per_listener_audit_mode(tmp_path: Path) -> None:
+    async with tcp_server(r2d2_server) as up:
+        text, files = setup(up)
+        text = text.replace("l7proto: r2d2\n", "l7proto: r2d2\n    policy_mode: audit\n", 1)
+        async with daemon(text, tmp_path, files=files) as d:
+            reader = await client(addr(d, "r2d2"), "127.0.0.2")
+            assert await ask(*reader, b"WRITE /x") == b"OK WRITE /x"  # audited, forwarded
+            reader[1].close()
+            await wait_for(lambda: not d.active_connections())
+    (audit,) = [e for e in log_lines(tmp_path) if e.get("verdict") == "audit"]
+    assert audit["fields"] == {"cmd": "WRITE", "file": "/x"}
+
+
+def test_admin_refuses_non_loopback_unless_allowed(tmp_path: Path) -> None:
+    from proxyd.config import parse_config
+    from proxyd.errors import ConfigError
+    from proxyd.registry import Registry
+
+    base = 'listeners:\n  - name: a\n    address: "127.0.0.1:0"\n    upstream: "127.0.0.1:1"\n'
+    cfg = tmp_path / "c.yaml"
+    with pytest.raises(ConfigError) as err:
+        parse_config(base + 'admin:\n  address: "0.0.0.0:9901"\n', cfg, Registry.load())
+    assert err.value.problems == [
+        f"{cfg}:6: admin.address: 0.0.0.0 is not a loopback address; "
+        "set admin.allow_remote: true to expose the admin API"
+    ]
+    ok = parse_config(
+        base + 'admin:\n  address: "0.0.0.0:9901"\n  allow_remote: true\n', cfg, Registry.load()
+    )
+    assert ok.admin is not None and ok.admin.allow_remote
