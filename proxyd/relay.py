@@ -36,6 +36,7 @@ if TYPE_CHECKING:
 
 HIGH_WATER = 256 * 1024
 LOW_WATER = 64 * 1024
+CLOSE_LINGER = 10.0  # seconds a closed connection may take to flush before it is aborted
 
 
 def shutdown_write(transport: asyncio.Transport) -> None:
@@ -305,9 +306,16 @@ class Connection(asyncio.Protocol):
         self._closed = True
         if self._task is not None and not self._task.done():
             self._task.cancel()
+        loop = asyncio.get_running_loop()
         for t in (self.client, self.upstream):
             if t is not None:
-                t.abort() if abort else t.close()
+                if abort:
+                    t.abort()
+                else:
+                    # close() flushes what is buffered first; a peer that never reads would
+                    # keep the socket (and its buffer) forever, so it gets a bounded linger.
+                    t.close()
+                    loop.call_later(CLOSE_LINGER, t.abort)
         lr = self.lr
         if self._counted:
             lr.metrics.active.dec()
