@@ -111,3 +111,43 @@ def test_explain_from_a_store(tmp_path: Path) -> None:
     )
     with pytest.raises(ValueError, match="direction"):
         explain(store, IDS, "both", ("10.0.2.5", 1), SERVER, "memcache")
+
+
+def test_the_cilium_13_policy_with_the_real_memcache_parser(tmp_path: Path) -> None:
+    """The announcement's policy compiles with the real memcache rule compiler, and `proxyd
+    explain` (the CLI) shows each group its own rules."""
+    import subprocess
+    import sys
+
+    from proxyd.registry import Registry
+
+    real = Registry.load()
+    docs = parse_text(MEMCACHED_13, "memcd.yaml", real)
+    assert [d.name for d in docs] == ["secure-fleet"]
+    (tmp_path / "memcd.yaml").write_text(MEMCACHED_13)
+    (tmp_path / "proxyd.yaml").write_text(
+        "listeners:\n"
+        '  - {name: memcache, address: "127.0.0.1:15001", l7proto: memcache, upstream: "10.0.1.10:11211"}\n'
+        "identities:\n"
+        "  - {cidr: 10.0.1.0/24, labels: {app: memcd-server}}\n"
+        "  - {cidr: 10.0.2.0/24, labels: {app: a-wing}}\n"
+        "  - {cidr: 10.0.4.0/24, labels: {name: fleet-tracker}}\n"
+        "policy: {paths: [memcd.yaml]}\n"
+    )
+
+    def explain_cli(src: str) -> str:
+        cmd = ["explain", "--config", str(tmp_path / "proxyd.yaml"), "--src", src, "--dst", "10.0.1.10:11211"]
+        res = subprocess.run(
+            [sys.executable, "-m", "proxyd", *cmd], capture_output=True, text=True, timeout=60
+        )
+        assert res.returncode == 0, res.stderr
+        return res.stdout
+
+    a_wing = explain_cli("10.0.2.5")
+    assert "{command: get, keyExact: awing-coord}" in a_wing
+    assert "{command: set, keyExact: awing-coord}" in a_wing
+    assert "xwing-coord" not in a_wing
+    tracker = explain_cli("10.0.4.5")
+    assert "awing-coord" in tracker and "xwing-coord" in tracker and "command: set" not in tracker
+    stranger = explain_cli("10.0.9.9")
+    assert "L3/L4 verdict: DENIED: default deny" in stranger
