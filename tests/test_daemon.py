@@ -278,3 +278,31 @@ async def test_slow_reader_bounds_memory(tmp_path: Path) -> None:
     assert seen == total
     # High-water mark plus at most a couple of read chunks in flight.
     assert peak < 2 << 20, peak
+
+
+async def test_slow_client_bounds_memory(tmp_path: Path) -> None:
+    """Flow control the other way: a server pushing to a client that reads slowly."""
+    total = 256 << 20
+    block = os.urandom(1 << 20)
+
+    async def fast(r: asyncio.StreamReader, w: asyncio.StreamWriter) -> None:
+        for _ in range(total // len(block)):
+            w.write(block)
+            await w.drain()
+        w.write_eof()
+
+    async with tcp_server(fast) as up, daemon(cfg(up, l7proto="test.passer"), tmp_path) as d:
+        r, w = await asyncio.open_connection(*addr(d, "main"))
+        peak = 0
+        seen = 0
+        while chunk := await asyncio.wait_for(r.read(65536), 10):
+            seen += len(chunk)
+            if seen < 8 << 20:
+                await asyncio.sleep(0.001)  # slow at first
+            for c in d.listeners["main"].conns:
+                size = c.client.get_write_buffer_size() if c.client else 0
+                size += sum(c.engine.buffered(x) for x in (False, True)) if c.engine else 0
+                peak = max(peak, size)
+        w.close()
+    assert seen == total
+    assert peak < 2 << 20, peak
