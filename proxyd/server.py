@@ -41,6 +41,7 @@ from proxyd.relay import Connection
 
 LISTEN_BACKLOG = 1024
 LABELS_CACHE_SIZE = 65536
+FLUSH_INTERVAL = 0.2  # seconds between access-log flushes
 
 
 class ListenerRuntime:
@@ -263,6 +264,7 @@ class Daemon:
             self._spawn(self._watchdog(interval))
         if self.config.policy.paths:
             self._spawn(self._watch_policy())
+        self._spawn(self._flush_access_log())
 
     def _spawn(self, coro: Any) -> None:
         task = asyncio.get_running_loop().create_task(coro)
@@ -273,6 +275,11 @@ class Daemon:
         while True:
             sdnotify.notify("WATCHDOG=1")
             await asyncio.sleep(interval)
+
+    async def _flush_access_log(self) -> None:
+        while True:
+            await asyncio.sleep(FLUSH_INTERVAL)
+            self.access_log.flush()
 
     async def _watch_policy(self) -> None:
         while True:

@@ -123,6 +123,7 @@ class Env:
     tmp_path: Path
 
     def log(self) -> list[dict[str, Any]]:
+        self.lt.call(self.daemon.access_log.flush)  # the daemon flushes every 0.2 s by itself
         p = self.tmp_path / "access.log"
         return [json.loads(line) for line in p.read_text().splitlines()] if p.exists() else []
 
