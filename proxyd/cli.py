@@ -5,13 +5,17 @@ from __future__ import annotations
 import argparse
 import sys
 from pathlib import Path
+from typing import TYPE_CHECKING, Any
 
 from proxyd import __version__
 from proxyd.errors import ConfigError, PolicyError
 from proxyd.registry import Registry, RegistryError
 
+if TYPE_CHECKING:
+    from proxyd.config import Config
 
-def _load(config: Path, registry: Registry):  # type: ignore[no-untyped-def]
+
+def _load(config: Path, registry: Registry) -> Config:
     from proxyd.config import load_config
 
     return load_config(config, registry)
@@ -127,7 +131,7 @@ def _admin_url(args: argparse.Namespace) -> str:
     return "http://127.0.0.1:9901"
 
 
-def _http(method: str, url: str, body: bytes | None = None) -> tuple[int, dict]:  # type: ignore[type-arg]
+def _http(method: str, url: str, body: bytes | None = None) -> tuple[int, dict[str, Any]]:
     import json
     import urllib.error
     import urllib.request

@@ -69,12 +69,7 @@ class Registry:
         reg = cls()
         for name, target in BUILTINS.items():
             module, _, attr = target.partition(":")
-            try:
-                obj = getattr(importlib.import_module(module), attr)
-            except (ImportError, AttributeError):
-                if name in ("memcache", "cassandra"):
-                    continue  # not landed yet in this checkout
-                raise
+            obj = getattr(importlib.import_module(module), attr)
             reg.register(name, _instantiate(obj, target), "built-in")
         if entry_point_plugins:
             for ep in entry_points(group=ENTRY_POINT_GROUP):

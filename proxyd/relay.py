@@ -24,7 +24,6 @@ import ipaddress
 import os
 import socket
 import time
-from collections.abc import Callable
 from typing import TYPE_CHECKING, Any, cast
 
 from proxyd.context import ConnInfo, Context, L7Policy
@@ -393,5 +392,3 @@ def _fmt(addr: tuple[str, int]) -> str:
     host, port = addr
     return f"[{host}]:{port}" if ":" in host else f"{host}:{port}"
 
-
-Factory = Callable[[], Connection]
