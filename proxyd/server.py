@@ -56,6 +56,8 @@ class ListenerRuntime:
         self.limits: Limits = daemon.config.limits
         self.upstream_mark = daemon.config.upstream_mark
         self.server: asyncio.Server | None = None
+        #: (host, port, is wildcard) once bound: checked for every transparent connection.
+        self.bound: tuple[str, int, bool] | None = None
         self.conns: set[Connection] = set()
 
     @property
@@ -77,6 +79,8 @@ class ListenerRuntime:
             self.server = await asyncio.get_running_loop().create_server(
                 lambda: Connection(self), sock=sock, backlog=LISTEN_BACKLOG
             )
+            bhost, bport = sock.getsockname()[:2]
+            self.bound = (unmap(bhost), bport, ipaddress.ip_address(bhost).is_unspecified)
         except BaseException:
             sock.close()
             raise
@@ -230,18 +234,11 @@ class Daemon:
     def is_own_listener(self, addr: tuple[str, int], local_ip: str) -> bool:
         ip, port = addr
         for lr in self.listeners.values():
-            if lr.server is None:
+            if lr.bound is None or lr.bound[1] != port:
                 continue
-            for s in lr.server.sockets:
-                lhost, lport = unmap(s.getsockname()[0]), s.getsockname()[1]
-                if lport != port:
-                    continue
-                if lhost == ip:
-                    return True
-                if ipaddress.ip_address(lhost).is_unspecified and (
-                    ip == local_ip or ipaddress.ip_address(ip).is_loopback
-                ):
-                    return True
+            lhost, _, wildcard = lr.bound
+            if lhost == ip or (wildcard and (ip == local_ip or ipaddress.ip_address(ip).is_loopback)):
+                return True
         return False
 
     # --- lifecycle -------------------------------------------------------------------------
