@@ -1,0 +1,77 @@
+"""RE2 regular expressions for policy rules: Cilium's syntax, linear-time matching.
+
+Cilium compiles rule regexes with Go's ``regexp`` package, which is RE2: no backreferences, no
+lookaround, and matching in time linear in the input. Rule regexes here are matched against
+attacker-controlled bytes (keys, paths, table names), so a backtracking engine such as Python's
+``re`` would let a client spin the event loop with a crafted key against a pattern like
+``(a+)+$``. proxyd therefore compiles every rule regex with google-re2 (Google's own binding of
+the C++ library Go's engine was modelled on), and a pattern RE2 rejects is a load error.
+
+Matching is on text (``str``); callers with wire bytes decode them as UTF-8 first (with
+``surrogateescape`` for keys that are not UTF-8, which then match only patterns that do not need
+those bytes to be characters). Two entry points, because the parsers use both of Cilium's forms:
+
+- :meth:`RuleRegex.search` (unanchored, as memcache's ``keyRegex`` and r2d2's ``file``);
+- :meth:`RuleRegex.fullmatch` (the whole value, as HTTP's ``method``/``path``/``host``, which
+  Envoy matches as a full regex).
+"""
+
+from __future__ import annotations
+
+from typing import Any, Final
+
+import re2
+
+from proxyd.errors import RuleError
+
+_OPTIONS: Final[Any] = re2.Options()
+_OPTIONS.log_errors = False  # errors are raised and reported at the rule's line, not on stderr
+# The default RE2 memory budget (8 MiB) keeps a hostile pattern in a policy from taking more.
+
+
+class RuleRegex:
+    """A compiled RE2 pattern and its source text (for explain and logs)."""
+
+    __slots__ = ("_compiled", "pattern")
+
+    def __init__(self, pattern: str, compiled: Any) -> None:
+        self.pattern = pattern
+        self._compiled = compiled
+
+    def search(self, text: str) -> bool:
+        """True when the pattern matches anywhere in ``text``."""
+        return self._compiled.search(text) is not None
+
+    def fullmatch(self, text: str) -> bool:
+        """True when the pattern matches the whole of ``text``."""
+        return self._compiled.fullmatch(text) is not None
+
+    def __repr__(self) -> str:
+        return f"RuleRegex({self.pattern!r})"
+
+    def __eq__(self, other: object) -> bool:
+        return isinstance(other, RuleRegex) and other.pattern == self.pattern
+
+    def __hash__(self) -> int:
+        return hash(self.pattern)
+
+
+def compile_rule_regex(pattern: object, key: str) -> RuleRegex:
+    """Compile ``pattern`` with RE2 for the rule key ``key``.
+
+    Raises :class:`RuleError` naming ``key`` when the value is not a string or RE2 rejects it
+    (backreferences, lookaround and other non-RE2 syntax included).
+    """
+    if not isinstance(pattern, str):
+        raise RuleError(f"must be a string (an RE2 regular expression), not {pattern!r}", key)
+    try:
+        compiled = re2.compile(pattern, _OPTIONS)
+    except re2.error as exc:
+        detail = exc.args[0] if exc.args else exc
+        if isinstance(detail, bytes):
+            detail = detail.decode("utf-8", "replace")
+        raise RuleError(f"bad regular expression {pattern!r} (RE2 syntax): {detail}", key) from exc
+    return RuleRegex(pattern, compiled)
+
+
+__all__ = ["RuleRegex", "compile_rule_regex"]
