@@ -517,6 +517,23 @@ def version(argv: list[str]) -> str:
         return "?"
 
 
+def write_png(path: Path, results: dict[str, Any], when: str) -> Path | None:
+    """Draw the requests table at the highest concurrency measured (bench/plot.py); None if none."""
+    points = sorted((int(k[3:]), v) for k, v in results.items() if k.startswith("ops") and k[3:].isdigit())
+    if not points:
+        return None
+    try:
+        from plot import Row, write_ratio_png
+    except ImportError as e:  # matplotlib comes with the [test] extra
+        print(f"no PNG: {e}")
+        return None
+    conns, rows = points[-1]
+    base = rows["HAProxy"]
+    table = [Row("memcached direct" if name == "direct" else name, r["tps"], r["tps"] / base["tps"], r["cpu_us_op"])
+             for name, r in rows.items()]  # fmt: skip
+    return write_ratio_png(path, f"memcache, {conns} connections (memaslap, 90 % get)", table, note=when)
+
+
 def main() -> int:
     if len(sys.argv) > 1 and sys.argv[1] == "--_helper":
         helper_main(sys.argv[2:])
@@ -712,6 +729,9 @@ def main() -> int:
     out.parent.mkdir(parents=True, exist_ok=True)
     out.write_text(text)
     print(f"written {out}")
+    png = write_png(out.with_suffix(".png"), results, f"{started:%Y-%m-%d %H:%M}, {os.cpu_count()} CPUs, ratios to HAProxy in this run")
+    if png:
+        print(f"written {png}")
     return 0
 
 
