@@ -145,8 +145,11 @@ class ParserFactory(abc.ABC):
             raise ParserConfigError(f"unknown key for parser {self.name!r}", key=str(key))
         return None
 
-    def compile_rule(self, rule: Mapping[str, str]) -> RuleMatcher:
-        """Turn one policy ``l7`` rule (string keys and values) into a matcher.
+    def compile_rule(self, rule: Mapping[str, Any]) -> RuleMatcher:
+        """Turn one policy rule into a matcher.
+
+        An ``l7`` rule has string keys and values; a protocol with its own Cilium rule list
+        (``rules.http``) gets each entry as written, so values may also be lists and mappings.
 
         Raises :class:`RuleError` naming the bad key. The default accepts only ``{}``
         (allow all), which is what every protocol must accept.

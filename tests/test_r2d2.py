@@ -263,6 +263,11 @@ def test_rule_matching(rule: dict[str, str], req: Any, matches: bool) -> None:
         ({"file": "("}, "file", "bad regular expression"),
         ({"file": "[a-"}, "file", "bad regular expression"),
         ({"path": "/a"}, "path", "unknown rule key"),
+        # proxylib: "cmd 'HALT' is not compatible with 'file'"
+        ({"cmd": "HALT", "file": "^/a"}, "file", "takes no file"),
+        ({"cmd": "RESET", "file": "."}, "file", "takes no file"),
+        ({"file": "(a)\\1"}, "file", "RE2"),
+        ({"cmd": ["READ"]}, "cmd", "must be one of"),
         ({"cmd": "READ", "method": "GET"}, "method", "unknown rule key"),
     ],
 )

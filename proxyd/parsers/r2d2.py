@@ -6,8 +6,10 @@ without being interpreted, but their line ends are counted so that a denied requ
 ``ERROR\\r\\n`` reaches the client *in its place*: after the replies of the requests before it,
 before those of the requests after it (a pipelining client matches replies by order).
 
-Policy rule keys: ``cmd`` (exact match, one of the four commands) and ``file`` (a regular
-expression searched in the file name). Example::
+Policy rule keys: ``cmd`` (exact match, one of the four commands) and ``file`` (an RE2 regular
+expression, Go's syntax as in Cilium, searched in the file name; only with ``READ``/``WRITE`` or
+no ``cmd``: ``HALT`` and ``RESET`` take no file, so proxylib rejects the combination and so does
+proxyd). Example::
 
     rules:
       l7proto: r2d2
@@ -19,7 +21,6 @@ expression searched in the file name). Example::
 
 from __future__ import annotations
 
-import re
 from collections import deque
 from collections.abc import Mapping
 from dataclasses import dataclass
@@ -28,6 +29,7 @@ from typing import Any
 from proxyd.errors import RuleError
 from proxyd.ops import DROP, ERROR, ERROR_INVALID_FRAME_TYPE, INJECT, MORE, NOP_VERDICT, PASS, Verdict
 from proxyd.parser import ConnectionContext, Data, EntryType, Parser, ParserFactory, RuleMatcher
+from proxyd.policy.regex import RuleRegex, compile_rule_regex
 
 COMMANDS = frozenset({"READ", "WRITE", "HALT", "RESET"})
 _NEEDS_FILE = frozenset({"READ", "WRITE"})
@@ -45,14 +47,14 @@ class R2d2Request:
 @dataclass(frozen=True, slots=True)
 class R2d2Rule:
     cmd: str | None
-    file: re.Pattern[str] | None
+    file: RuleRegex | None
 
     def matches(self, request: Any) -> bool:
         if not isinstance(request, R2d2Request):
             return False
         if self.cmd is not None and self.cmd != request.cmd:
             return False
-        return self.file is None or self.file.search(request.file) is not None
+        return self.file is None or self.file.search(request.file)
 
 
 #: Bound on requests awaiting a reply; beyond it the client is not following the protocol.
@@ -140,21 +142,22 @@ class R2d2Factory(ParserFactory):
     rule_keys = ("cmd", "file")
     description = "CRLF line protocol of the Cilium proxylib tutorial"
 
-    def compile_rule(self, rule: Mapping[str, str]) -> RuleMatcher:
+    def compile_rule(self, rule: Mapping[str, Any]) -> RuleMatcher:
         cmd: str | None = None
-        file: re.Pattern[str] | None = None
+        file: RuleRegex | None = None
         for key, value in rule.items():
             if key == "cmd":
-                if value not in COMMANDS:
+                if not isinstance(value, str) or value not in COMMANDS:
                     raise RuleError(f"must be one of {', '.join(sorted(COMMANDS))}, not {value!r}", key)
                 cmd = value
             elif key == "file":
-                try:
-                    file = re.compile(str(value))
-                except re.error as exc:
-                    raise RuleError(f"bad regular expression {value!r}: {exc}", key) from exc
+                # "" is no constraint, as in proxylib (and an empty regex matches every name).
+                file = compile_rule_regex(value, key) if value != "" else None
             else:
                 raise RuleError("unknown rule key for l7proto 'r2d2' (known: cmd, file)", key)
+        if file is not None and cmd is not None and cmd not in _NEEDS_FILE:
+            # proxylib's r2d2 parser: "cmd not compatible with file"
+            raise RuleError(f"cmd {cmd} takes no file, so a file constraint cannot apply", "file")
         return R2d2Rule(cmd, file)
 
     def create(self, ctx: ConnectionContext, config: Any) -> Parser:

@@ -90,7 +90,7 @@ class LineParserFactory(ParserFactory):
     description = "newline-terminated test protocol exercising DROP, INJECT and ERROR"
     rule_keys = ("line", "prefix")
 
-    def compile_rule(self, rule: Mapping[str, str]) -> Any:
+    def compile_rule(self, rule: Mapping[str, Any]) -> Any:
         from proxyd.errors import RuleError
 
         for key in rule:

@@ -181,7 +181,7 @@ class PolicySet:
                 out.append(factory.compile_rule(rule))
             except RuleError as exc:
                 key = f".{exc.key}" if exc.key else ""
-                problems.append(f"{pr.where}: {pr.path}.rules.l7[{i}]{key}: {exc}")
+                problems.append(f"{pr.where}: {pr.path}.rules.{l7.key}[{i}]{key}: {exc}")
         return tuple(out)
 
     # --- lookups --------------------------------------------------------------------------------

@@ -117,7 +117,7 @@ class Explanation:
                 continue
             for i, rule in enumerate(pr.l7.rules):
                 shown = ", ".join(f"{k}: {v}" for k, v in rule.items()) or "(empty: allows all)"
-                lines.append(f"  - {{{shown}}}   [{ref.name} {pr.path}.rules.l7[{i}]]")
+                lines.append(f"  - {{{shown}}}   [{ref.name} {pr.path}.rules.{pr.l7.key}[{i}]]")
         return "\n".join(lines) + "\n"
 
 

@@ -72,7 +72,8 @@ UNSUPPORTED_RULE_FIELDS: Final[Mapping[str, str]] = {
     "authentication": "mutual authentication is not implemented",
 }
 UNSUPPORTED_SPEC_FIELDS: Final[Mapping[str, str]] = {
-    "nodeSelector": "proxyd has no nodes; use endpointSelector",
+    "nodeSelector": "host policies select nodes, and proxyd has no node identities; "
+    "select the endpoints with endpointSelector",
     "enableDefaultDeny": "proxyd always makes a selected direction default-deny",
 }
 UNSUPPORTED_PORT_RULE_FIELDS: Final[Mapping[str, str]] = {
@@ -82,8 +83,12 @@ UNSUPPORTED_PORT_RULE_FIELDS: Final[Mapping[str, str]] = {
     "listener": "Envoy listeners are not available",
 }
 _L7_HINT = "rules for proxyd's own parsers are written as `l7proto: NAME` with `l7` key-value rules"
+#: ``toPorts[].rules.http``: the rule list of the parser registered under this name.
+HTTP: Final = "http"
+#: Fields of Cilium's PortRuleHTTP and HeaderMatch (for Go's case-insensitive JSON keys).
+HTTP_RULE_FIELDS: Final = ("path", "method", "host", "headers", "headerMatches")
+HTTP_HEADER_MATCH_FIELDS: Final = ("mismatch", "name", "secret", "value")
 UNSUPPORTED_L7_FIELDS: Final[Mapping[str, str]] = {
-    "http": f"proxyd has no HTTP parser; {_L7_HINT}",
     "kafka": f"proxyd has no Kafka parser; {_L7_HINT}",
     "dns": f"proxyd has no DNS proxy; {_L7_HINT}",
 }
@@ -140,6 +145,8 @@ class _Loader:
         self.registry = registry
         self.problems: list[str] = []
         self._warnings: list[str] = []
+        #: Fold field names case-insensitively (bare JSON rule lists, read as Go reads them).
+        self.fold = False
 
     # --- reporting ---------------------------------------------------------------------------
 
@@ -155,7 +162,15 @@ class _Loader:
         path: str,
         allowed: Collection[str],
         unsupported: Mapping[str, str] | None = None,
-    ) -> None:
+    ) -> LMap:
+        """Check ``node``'s keys; returns it, with keys case-folded as Go reads them when folding.
+
+        ``cilium policy import`` reads JSON with Go's ``encoding/json``, which matches a key to a
+        struct field exactly or else case-insensitively (``"EndpointSelector"``, ``"HTTP"``), so
+        bare rule lists (:attr:`fold`) get their field names mapped to the canonical spelling.
+        """
+        if self.fold:
+            node = self.canon(node, path, [*allowed, *(unsupported or ())])
         for key in node:
             if key in allowed:
                 continue
@@ -167,6 +182,29 @@ class _Loader:
                 self.err(
                     node.where_of(key), _join(path, key), f"unknown field (expected: {', '.join(allowed)})"
                 )
+        return node
+
+    def canon(self, node: LMap, path: str, known: Collection[str]) -> LMap:
+        """Rename, in place, each key of ``node`` that case-insensitively names a ``known`` field.
+
+        In place, so that the document kept for display and persistence has the canonical names.
+        """
+        folded = {k.lower(): k for k in known}
+        items = list(node.items())
+        lines = {k: node.where_of(k).line for k, _ in items}
+        node.clear()
+        node.key_lines = {}
+        for key, value in items:
+            name = key if key in known else folded.get(key.lower(), key)
+            if name in node:
+                # Go keeps the last; two spellings of one field is a mistake worth reporting.
+                self.err(
+                    Where(node.where.file, lines[key]), _join(path, key), f"given twice (also as {name!r})"
+                )
+                continue
+            node[name] = value
+            node.key_lines[name] = lines[key]
+        return node
 
     # --- typed access ------------------------------------------------------------------------
 
@@ -225,7 +263,7 @@ class _Loader:
             return [doc] if doc else []
         if isinstance(node, LMap):
             if node.get("kind") == "List":
-                self.fields(node, "", ("apiVersion", "kind", "items", "metadata"))
+                node = self.fields(node, "", ("apiVersion", "kind", "items", "metadata"))
                 if "items" not in node:
                     return []
                 lst = self.as_list(node["items"], node.where_of("items"), "items")
@@ -248,7 +286,15 @@ class _Loader:
     def cnp(self, node: LMap, where: Where, source: str, path: str) -> Document | None:
         start = len(self.problems)
         self._warnings = []
-        self.fields(node, path, ("apiVersion", "kind", "metadata", "spec", "specs", "status"))
+        node = self.fields(
+            node, path, ("apiVersion", "kind", "metadata", "spec", "specs", "status", "description")
+        )
+        description = ""
+        if "description" in node:  # Cilium's examples carry one beside metadata: kept for display
+            description = (
+                self.as_str(node["description"], node.where_of("description"), _join(path, "description"))
+                or ""
+            )
         if node.get("apiVersion") != API_VERSION:
             self.err(
                 node.where_of("apiVersion"),
@@ -270,9 +316,18 @@ class _Loader:
             meta = self.as_map(node["metadata"], node.where_of("metadata"), _join(path, "metadata"))
             if meta is not None:
                 mpath = _join(path, "metadata")
-                self.fields(
-                    meta, mpath, ("name", "namespace", "labels", "annotations", *sorted(SERVER_METADATA))
+                meta = self.fields(
+                    meta,
+                    mpath,
+                    ("name", "namespace", "labels", "annotations", "description", *sorted(SERVER_METADATA)),
                 )
+                if "description" in meta and not description:
+                    description = (
+                        self.as_str(
+                            meta["description"], meta.where_of("description"), _join(mpath, "description")
+                        )
+                        or ""
+                    )
                 if "name" not in meta:
                     self.err(meta.where, _join(mpath, "name"), "missing")
                 else:
@@ -303,6 +358,7 @@ class _Loader:
             kind=str(kind),
             namespace=namespace,
             where=str(where),
+            description=description,
             raw=raw,
             warnings=tuple(self._warnings),
         )
@@ -312,8 +368,12 @@ class _Loader:
         self._warnings = []
         specs: list[Spec] = []
         name: str | None = None
-        for i, item in enumerate(node):
-            spec = self.spec(item, node.where_of(i), f"[{i}]")
+        self.fold = True  # `cilium policy import` JSON: Go's case-insensitive field names
+        try:
+            parsed = [self.spec(item, node.where_of(i), f"[{i}]") for i, item in enumerate(node)]
+        finally:
+            self.fold = False
+        for spec in parsed:
             if spec:
                 specs.append(spec)
                 for key, value in spec.labels:
@@ -349,12 +409,15 @@ class _Loader:
             return None
         start = len(self.problems)
         sections = ("ingress", "egress", "ingressDeny", "egressDeny")
-        self.fields(
+        node = self.fields(
             node, path, ("endpointSelector", *sections, "description", "labels"), UNSUPPORTED_SPEC_FIELDS
         )
         selector: EndpointSelector | None = None
         if "endpointSelector" not in node:
-            self.err(node.where, _join(path, "endpointSelector"), "missing (use {} to select every endpoint)")
+            if "nodeSelector" not in node:  # that one has its own, clearer, error
+                self.err(
+                    node.where, _join(path, "endpointSelector"), "missing (use {} to select every endpoint)"
+                )
         else:
             selector = self.selector(
                 node["endpointSelector"], node.where_of("endpointSelector"), _join(path, "endpointSelector")
@@ -394,7 +457,7 @@ class _Loader:
         node = self.as_map(value, where, path, " (expected {key, value, source})")
         if node is None:
             return None
-        self.fields(node, path, ("key", "value", "source"))
+        node = self.fields(node, path, ("key", "value", "source"))
         if "key" not in node:
             self.err(node.where, _join(path, "key"), "missing")
             return None
@@ -411,7 +474,7 @@ class _Loader:
         if node is None:
             return None
         start = len(self.problems)
-        self.fields(node, path, ("matchLabels", "matchExpressions"))
+        node = self.fields(node, path, ("matchLabels", "matchExpressions"))
         reqs: list[Requirement] = []
         if "matchLabels" in node and node["matchLabels"] is not None:
             mpath = _join(path, "matchLabels")
@@ -449,7 +512,7 @@ class _Loader:
         node = self.as_map(value, where, path)
         if node is None:
             return None
-        self.fields(node, path, ("key", "operator", "values"))
+        node = self.fields(node, path, ("key", "operator", "values"))
         key = op = None
         if "key" not in node:
             self.err(node.where, _join(path, "key"), "missing")
@@ -490,7 +553,7 @@ class _Loader:
         start = len(self.problems)
         side = "from" if direction == INGRESS else "to"
         l3_fields = (f"{side}Endpoints", f"{side}CIDR", f"{side}CIDRSet")
-        self.fields(node, path, (*l3_fields, "toPorts"), UNSUPPORTED_RULE_FIELDS)
+        node = self.fields(node, path, (*l3_fields, "toPorts"), UNSUPPORTED_RULE_FIELDS)
         given = [f for f in l3_fields if node.get(f)]
         if len(given) > 1:
             self.err(
@@ -538,7 +601,7 @@ class _Loader:
         node = self.as_map(value, where, path)
         if node is None:
             return None
-        self.fields(node, path, ("cidr", "except"), UNSUPPORTED_CIDR_SET_FIELDS)
+        node = self.fields(node, path, ("cidr", "except"), UNSUPPORTED_CIDR_SET_FIELDS)
         if "cidr" not in node:
             if not any(k in node for k in UNSUPPORTED_CIDR_SET_FIELDS):
                 self.err(node.where, _join(path, "cidr"), "missing")
@@ -565,24 +628,28 @@ class _Loader:
         if node is None:
             return None
         start = len(self.problems)
-        self.fields(node, path, ("ports", "rules"), UNSUPPORTED_PORT_RULE_FIELDS)
+        node = self.fields(node, path, ("ports", "rules"), UNSUPPORTED_PORT_RULE_FIELDS)
         ports: list[PortProtocol] = []
         if not node.get("ports"):
-            self.err(node.where_of("ports"), _join(path, "ports"), "needs at least one port")
+            # Cilium accepts a toPorts entry without ports; it names no port, so grants nothing.
+            self.warn(
+                node.where_of("ports") if "ports" in node else node.where,
+                _join(path, "ports"),
+                "no ports: this toPorts entry matches no connection (as in Cilium)",
+            )
         else:
             for item, iwhere, ipath in self.items(node, "ports", path):
                 pp = self.port(item, iwhere, ipath)
                 if pp is not None:
                     ports.append(pp)
         l7: L7Rules | None = None
-        if "rules" in node:
+        if "rules" in node and node["rules"] is not None:
             rpath = _join(path, "rules")
-            if deny:
+            l7 = self.l7_rules(node["rules"], node.where_of("rules"), rpath, ports)
+            if l7 is not None and deny:
                 self.err(
                     node.where_of("rules"), rpath, "L7 rules are not allowed in deny rules (as in Cilium)"
                 )
-            else:
-                l7 = self.l7_rules(node["rules"], node.where_of("rules"), rpath, ports)
         if len(self.problems) > start:
             return None
         return PortRule(tuple(ports), l7, path, str(where))
@@ -592,7 +659,7 @@ class _Loader:
         if node is None:
             return None
         start = len(self.problems)
-        self.fields(node, path, ("port", "endPort", "protocol"))
+        node = self.fields(node, path, ("port", "endPort", "protocol"))
         port: int | None = None
         if "port" not in node:
             self.err(node.where, _join(path, "port"), "missing (use 0 for all ports)")
@@ -608,8 +675,11 @@ class _Loader:
                     f"must be at least port ({port}), and port must not be 0",
                 )
         protocol = "ANY"
-        if "protocol" in node:
+        if "protocol" in node and node["protocol"] is not None:
             proto = node["protocol"]
+            # Cilium parses the protocol upper-cased, and "" as ANY (ParseL4Proto).
+            if isinstance(proto, str):
+                proto = proto.upper() or "ANY"
             if proto not in PROTOCOLS:
                 self.err(
                     node.where_of("protocol"),
@@ -640,39 +710,92 @@ class _Loader:
         return value
 
     def l7_rules(self, value: Any, where: Where, path: str, ports: Sequence[PortProtocol]) -> L7Rules | None:
+        """``toPorts[].rules``: None for ``{}`` (L4 only), else the rules of one parser.
+
+        Two forms name the parser: ``l7proto: X`` with key-value ``l7`` rules, and Cilium's own
+        ``http`` list, which is the rule list of the parser registered as ``http``. Without
+        rules (``l7proto: X`` alone, ``l7: []``, ``http: []``) the port is parsed by that
+        parser and every request allowed: Cilium's "visibility" idiom.
+        """
         node = self.as_map(value, where, path)
         if node is None:
             return None
         start = len(self.problems)
-        self.fields(node, path, ("l7proto", "l7"), UNSUPPORTED_L7_FIELDS)
-        if any(k in node for k in UNSUPPORTED_L7_FIELDS):
+        node = self.fields(node, path, ("l7proto", "l7", HTTP), UNSUPPORTED_L7_FIELDS)
+        if len(self.problems) > start or not node:
             return None
+        if HTTP in node:
+            if "l7proto" in node or "l7" in node:
+                self.err(
+                    node.where_of(HTTP),
+                    path,
+                    "give either http or l7proto with l7, not both (as in Cilium: one L7 rule type per port)",
+                )
+                return None
+            return self.rule_list(node, HTTP, HTTP, path, ports, self.http_rule)
         proto: str | None = None
         if "l7proto" not in node:
             self.err(node.where, _join(path, "l7proto"), "missing (the parser that enforces the l7 rules)")
         else:
             proto = self.as_str(node["l7proto"], node.where_of("l7proto"), _join(path, "l7proto"))
-        if not node.get("l7"):
-            self.err(
-                node.where_of("l7"),
-                _join(path, "l7"),
-                "needs at least one rule (`l7: [{}]` allows every request)",
-            )
+            if proto == HTTP:
+                self.err(
+                    node.where_of("l7proto"),
+                    _join(path, "l7proto"),
+                    "HTTP rules are written as Cilium writes them: `rules: {http: [{method: GET, "
+                    "path: /}]}` (`http: [{}]` or `http: []` allows every request)",
+                )
+                return None
+        if proto is None:
             return None
-        rules: list[dict[str, str]] = []
+        return self.rule_list(node, "l7", proto, path, ports, self.l7_rule)
+
+    def l7_rule(self, m: LMap, ipath: str) -> dict[str, Any]:
+        """One generic ``l7`` entry: Cilium's ``map[string]string``."""
+        rule: dict[str, Any] = {}
+        for key, val in m.items():
+            sval = self.as_str(val, m.where_of(key), _join(ipath, key))
+            if sval is not None:
+                rule[key] = sval
+        return rule
+
+    def http_rule(self, m: LMap, ipath: str) -> dict[str, Any]:
+        """One ``http`` entry, as written (the http rule compiler validates the values)."""
+        if self.fold:
+            self.canon(m, ipath, HTTP_RULE_FIELDS)
+            for key in ("headerMatches",):
+                if isinstance(m.get(key), LList):
+                    for item in m[key]:
+                        if isinstance(item, LMap):
+                            self.canon(item, _join(ipath, key), HTTP_HEADER_MATCH_FIELDS)
+        return {str(k): plain(v) for k, v in m.items()}
+
+    def rule_list(
+        self,
+        node: LMap,
+        key: str,
+        proto: str,
+        path: str,
+        ports: Sequence[PortProtocol],
+        entry: Any,
+    ) -> L7Rules | None:
+        start = len(self.problems)
+        rules: list[dict[str, Any]] = []
         wheres: list[tuple[LMap, str]] = []
-        for item, iwhere, ipath in self.items(node, "l7", path):
-            m = self.as_map(item, iwhere, ipath, " of string keys and values")
-            if m is None:
-                continue
-            rule: dict[str, str] = {}
-            for key, val in m.items():
-                sval = self.as_str(val, m.where_of(key), _join(ipath, key))
-                if sval is not None:
-                    rule[key] = sval
-            rules.append(rule)
-            wheres.append((m, ipath))
-        if len(self.problems) > start or proto is None:
+        if node.get(key) is not None:
+            hint = " of string keys and values" if key == "l7" else ""
+            for item, iwhere, ipath in self.items(node, key, path):
+                m = self.as_map(item, iwhere, ipath, hint)
+                if m is None:
+                    continue
+                rules.append(entry(m, ipath))
+                wheres.append((m, ipath))
+        at = node.where_of(HTTP) if key == HTTP else node.where_of("l7proto")
+        if not rules and len(self.problems) == start:
+            # Visibility: parse with the parser, allow every request (as `[{}]` does).
+            rules.append({})
+            wheres.append((node, _join(path, key)))
+        if len(self.problems) > start:
             return None
         matchers: list[RuleMatcher] | None = None
         if proto in self.registry:
@@ -683,18 +806,23 @@ class _Loader:
                     matchers.append(factory.compile_rule(rule))
                 except RuleError as exc:
                     bad = exc.key
-                    at = m.where_of(bad) if bad is not None else m.where
-                    self.err(at, _join(ipath, bad) if bad else ipath, str(exc))
+                    at_key = m.where_of(bad) if bad is not None and bad in m else m.where
+                    self.err(at_key, _join(ipath, bad) if bad else ipath, str(exc))
                 except Exception as exc:
                     self.err(
                         m.where, ipath, f"l7proto {proto!r} rule compiler failed: {type(exc).__name__}: {exc}"
                     )
         else:
             port_text = ", ".join(str(p) for p in ports)
+            what = (
+                "no http parser is registered"
+                if key == HTTP
+                else f"unknown l7proto {proto!r} (no parser of that name)"
+            )
             self.warn(
-                node.where_of("l7proto"),
-                _join(path, "l7proto"),
-                f"unknown l7proto {proto!r} (no parser of that name): port {port_text} denies every request",
+                at,
+                _join(path, key if key == HTTP else "l7proto"),
+                f"{what}: port {port_text} denies every request",
             )
         if len(self.problems) > start:
             return None
@@ -702,7 +830,8 @@ class _Loader:
             proto,
             tuple(rules),
             tuple(matchers) if matchers is not None else None,
-            str(node.where_of("l7proto")),
+            str(at),
+            key,
         )
 
     # --- whole load ----------------------------------------------------------------------------

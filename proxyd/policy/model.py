@@ -79,16 +79,21 @@ class PortProtocol:
 
 @dataclass(frozen=True, slots=True)
 class L7Rules:
-    """``toPorts[].rules``: ``l7proto`` and its key-value ``l7`` rules.
+    """``toPorts[].rules``: ``l7proto`` and its key-value ``l7`` rules, or ``http`` and its rules.
 
-    ``matchers`` holds the compiled rules, in order; it is None when no parser of that name was
-    registered at load time, which makes the port deny-all for L7 requests.
+    A visibility-only rule (``l7proto: X`` without ``l7``, ``l7: []``, ``http: []``) is held
+    as the one rule ``{}``, which every parser compiles to "allow all". ``matchers`` holds the
+    compiled rules, in order; it is None when no parser of that name was registered at load
+    time, which makes the port deny-all for L7 requests.
     """
 
     l7proto: str
-    rules: tuple[Mapping[str, str], ...]
+    rules: tuple[Mapping[str, Any], ...]
     matchers: tuple[RuleMatcher, ...] | None = field(default=None, compare=False)
     where: str = ""
+    #: The policy field the rules came from: ``l7`` (key-value rules for ``l7proto``) or
+    #: ``http`` (Cilium's HTTP rules, for the parser registered as ``http``).
+    key: str = "l7"
 
     @property
     def known(self) -> bool:
@@ -183,6 +188,8 @@ class Document:
     raw: Mapping[str, Any] = field(default_factory=dict, compare=False)
     #: Things ``proxyd check`` should report that do not make the document invalid.
     warnings: tuple[str, ...] = ()
+    #: The document's ``description`` (top level or ``metadata.description``), for display.
+    description: str = ""
 
 
 def addr_of(ip: str) -> IPAddress:

@@ -7,9 +7,10 @@ attacker-controlled bytes (keys, paths, table names), so a backtracking engine s
 ``(a+)+$``. proxyd therefore compiles every rule regex with google-re2 (Google's own binding of
 the C++ library Go's engine was modelled on), and a pattern RE2 rejects is a load error.
 
-Matching is on text (``str``); callers with wire bytes decode them as UTF-8 first (with
-``surrogateescape`` for keys that are not UTF-8, which then match only patterns that do not need
-those bytes to be characters). Two entry points, because the parsers use both of Cilium's forms:
+Matching is on text (``str``) or on wire bytes (``bytes``), which are read as Go reads a string:
+UTF-8, each byte that is not part of a valid sequence standing for one U+FFFD (so ``^.$``
+matches the one-byte key ``b"\xff"``, as in Cilium). Two entry points, because the parsers use
+both of Cilium's forms:
 
 - :meth:`RuleRegex.search` (unanchored, as memcache's ``keyRegex`` and r2d2's ``file``);
 - :meth:`RuleRegex.fullmatch` (the whole value, as HTTP's ``method``/``path``/``host``, which
@@ -18,11 +19,31 @@ those bytes to be characters). Two entry points, because the parsers use both of
 
 from __future__ import annotations
 
+import codecs
 from typing import Any, Final
 
 import re2
 
 from proxyd.errors import RuleError
+
+_GO_RUNES: Final = "proxyd.go-runes"
+
+
+def _one_rune_error_per_byte(exc: UnicodeError) -> tuple[str, int]:
+    # Go's utf8.DecodeRune: an invalid sequence decodes as (RuneError, width 1), byte by byte.
+    if not isinstance(exc, UnicodeDecodeError):
+        raise exc
+    return "\ufffd" * (exc.end - exc.start), exc.end
+
+
+codecs.register_error(_GO_RUNES, _one_rune_error_per_byte)
+
+
+def _subject(text: str | bytes) -> str | bytes:
+    if isinstance(text, bytes) and not text.isascii():
+        return text.decode("utf-8", _GO_RUNES)
+    return text
+
 
 _OPTIONS: Final[Any] = re2.Options()
 _OPTIONS.log_errors = False  # errors are raised and reported at the rule's line, not on stderr
@@ -38,13 +59,13 @@ class RuleRegex:
         self.pattern = pattern
         self._compiled = compiled
 
-    def search(self, text: str) -> bool:
+    def search(self, text: str | bytes) -> bool:
         """True when the pattern matches anywhere in ``text``."""
-        return self._compiled.search(text) is not None
+        return self._compiled.search(_subject(text)) is not None
 
-    def fullmatch(self, text: str) -> bool:
+    def fullmatch(self, text: str | bytes) -> bool:
         """True when the pattern matches the whole of ``text``."""
-        return self._compiled.fullmatch(text) is not None
+        return self._compiled.fullmatch(_subject(text)) is not None
 
     def __repr__(self) -> str:
         return f"RuleRegex({self.pattern!r})"

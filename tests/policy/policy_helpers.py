@@ -18,6 +18,7 @@ from proxyd.parser import ConnectionContext, Parser, ParserFactory, RuleMatcher
 from proxyd.parsers.r2d2 import R2d2Factory
 from proxyd.policy.engine import PolicySet
 from proxyd.policy.loader import parse_text
+from proxyd.policy.regex import RuleRegex, compile_rule_regex
 from proxyd.registry import Registry
 
 
@@ -144,3 +145,68 @@ spec:
         - command: get
           keyExact: xwing-coord
 """
+
+
+# --- a test-only ``http`` rule compiler, for the ``rules.http`` plumbing -------------------------
+#
+# Not an HTTP parser: it compiles Cilium's PortRuleHTTP shape (``method``/``path``/``host`` as
+# RE2 full matches, ``headers`` as "Name" or "Name: value" strings, ``headerMatches`` as
+# {name, value, mismatch}) so the loader's handing of those values can be tested, and matches
+# dict requests {"method", "path", "host", "headers": {name: value}}.
+
+HTTP_RULE_KEYS = ("method", "path", "host", "headers", "headerMatches")
+
+
+@dataclass(frozen=True)
+class StubHttpRule:
+    regexes: tuple[tuple[str, RuleRegex], ...]
+    headers: tuple[tuple[str, str | None], ...]
+
+    def matches(self, request: Any) -> bool:
+        if not isinstance(request, dict):
+            return False
+        for key, rx in self.regexes:
+            if not rx.fullmatch(str(request.get(key, ""))):
+                return False
+        have = {k.lower(): v for k, v in request.get("headers", {}).items()}
+        return all(n.lower() in have and (v is None or have[n.lower()] == v) for n, v in self.headers)
+
+
+class StubHttpFactory(ParserFactory):
+    name = "http"
+    rule_keys = HTTP_RULE_KEYS
+
+    def compile_rule(self, rule: Mapping[str, Any]) -> RuleMatcher:
+        regexes: list[tuple[str, RuleRegex]] = []
+        headers: list[tuple[str, str | None]] = []
+        for key, value in rule.items():
+            if key in ("method", "path", "host"):
+                regexes.append((key, compile_rule_regex(value, key)))
+            elif key == "headers":
+                if not isinstance(value, list) or not all(isinstance(h, str) for h in value):
+                    raise RuleError("must be a list of strings", key)
+                for h in value:
+                    name, sep, val = h.partition(":")
+                    headers.append((name.strip(), val.strip() if sep else None))
+            elif key == "headerMatches":
+                if not isinstance(value, list) or not all(isinstance(h, dict) for h in value):
+                    raise RuleError("must be a list of {name, value, mismatch}", key)
+                for h in value:
+                    if set(h) - {"name", "value", "mismatch"} or not isinstance(h.get("name"), str):
+                        raise RuleError(f"bad header match {h!r}", key)
+                    headers.append((h["name"], h.get("value")))
+            else:
+                raise RuleError("unknown rule key for l7proto 'http'", str(key))
+        return StubHttpRule(tuple(regexes), tuple(headers))
+
+    def create(self, ctx: ConnectionContext, config: Any) -> Parser:
+        raise NotImplementedError
+
+
+def make_http_registry() -> Registry:
+    reg = make_registry()
+    reg.register("http", StubHttpFactory(), "test stub")
+    return reg
+
+
+HTTP_REGISTRY = make_http_registry()

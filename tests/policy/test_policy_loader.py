@@ -28,11 +28,6 @@ def problems_of(text: str, source: str = "p.yaml") -> list[str]:
 ERRORS: list[tuple[str, str, str]] = [
     # (body after HEAD, "line: path", fragment of the message)
     (
-        PORTS + "        http: [{method: GET}]\n",
-        "10: spec.ingress[0].toPorts[0].rules.http",
-        "not supported by proxyd",
-    ),
-    (
         PORTS + "        kafka: [{topic: t}]\n",
         "10: spec.ingress[0].toPorts[0].rules.kafka",
         "not supported by proxyd",
@@ -105,11 +100,6 @@ ERRORS: list[tuple[str, str, str]] = [
         "unknown field",
     ),
     (
-        ING + "toPorts:\n    - rules: {l7proto: r2d2, l7: [{}]}\n",
-        "8: spec.ingress[0].toPorts[0].ports",
-        "needs at least one port",
-    ),
-    (
         ING + "fromCIDR: [10.0.0.1/8]\n",
         "7: spec.ingress[0].fromCIDR[0]",
         "host bits set (did you mean 10.0.0.0/8?)",
@@ -157,9 +147,14 @@ ERRORS: list[tuple[str, str, str]] = [
     ),
     (PORTS + "        l7: [{cmd: READ}]\n", "10: spec.ingress[0].toPorts[0].rules.l7proto", "missing"),
     (
-        PORTS + "        l7proto: r2d2\n",
-        "10: spec.ingress[0].toPorts[0].rules.l7",
-        "`l7: [{}]` allows every request",
+        PORTS + "        l7proto: http\n        l7: [{method: GET}]\n",
+        "10: spec.ingress[0].toPorts[0].rules.l7proto",
+        "HTTP rules are written as Cilium writes them: `rules: {http:",
+    ),
+    (
+        PORTS + "        http: [{method: GET}]\n        l7proto: r2d2\n",
+        "10: spec.ingress[0].toPorts[0].rules",
+        "give either http or l7proto",
     ),
     (
         PORTS + "        l7proto: r2d2\n        l7:\n        - cmd: READ\n          file: '(['\n",

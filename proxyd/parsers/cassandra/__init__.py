@@ -29,7 +29,7 @@ class CassandraFactory(ParserFactory):
     def validate_config(self, config: Mapping[str, Any]) -> CassandraConfig:
         return validate_config(config)
 
-    def compile_rule(self, rule: Mapping[str, str]) -> RuleMatcher:
+    def compile_rule(self, rule: Mapping[str, Any]) -> RuleMatcher:
         return compile_rule(rule)
 
     def create(self, ctx: ConnectionContext, config: Any) -> Parser:

@@ -70,7 +70,7 @@ class MemcacheFactory(ParserFactory):
                 )
         return {"log_responses": log_responses}
 
-    def compile_rule(self, rule: Mapping[str, str]) -> RuleMatcher:
+    def compile_rule(self, rule: Mapping[str, Any]) -> RuleMatcher:
         return compile_rule(rule)
 
     def create(self, ctx: ConnectionContext, config: Any) -> Parser:

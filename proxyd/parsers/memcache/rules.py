@@ -19,7 +19,8 @@ Rule keys (Cilium's memcached rule model, so existing policies carry over)::
   do not contain meta commands: a meta request is matched by its own name (``mg``, ``ms``, ...)
   or ``meta`` only, since one meta command covers several classic ones (``mg`` with ``T`` also
   touches, ``ms`` with ``MA`` appends); a policy written for classic clients stays closed to them.
-- ``keyExact``, ``keyPrefix``, ``keyRegex`` (Python ``re``, searched): constraints on the key,
+- ``keyExact``, ``keyPrefix``, ``keyRegex`` (RE2, Go's syntax as in Cilium, searched; matched in
+  linear time whatever the key): constraints on the key,
   ANDed when several are given. A request with several keys (multi-key ``get``) is allowed only
   when every key is allowed (the parser asks the policy once per key). A base64 meta key (flag
   ``b``) is decoded first; one that is not canonical base64 fails every key constraint.
@@ -33,12 +34,12 @@ Rule keys (Cilium's memcached rule model, so existing policies carry over)::
 
 from __future__ import annotations
 
-import re
 from collections.abc import Mapping
 from typing import Any, NamedTuple
 
 from proxyd.errors import RuleError
 from proxyd.parser import ALLOW_ALL, RuleMatcher
+from proxyd.policy.regex import RuleRegex, compile_rule_regex
 
 
 class MemcacheRequest(NamedTuple):
@@ -111,8 +112,8 @@ class MemcacheRule:
         commands: frozenset[str] | None,
         exact: bytes | None,
         prefix: bytes | None,
-        regex: re.Pattern[str] | None,
-        source: Mapping[str, str],
+        regex: RuleRegex | None,
+        source: Mapping[str, Any],
     ) -> None:
         self.commands = commands
         self.exact = exact
@@ -137,7 +138,7 @@ class MemcacheRule:
                 return False
             if prefix is not None and not key.startswith(prefix):
                 return False
-            if regex is not None and regex.search(key.decode("utf-8", "surrogateescape")) is None:
+            if regex is not None and not regex.search(key):
                 return False
         return True
 
@@ -152,12 +153,12 @@ def _utf8(key: str, value: str) -> bytes:
         raise RuleError(f"not encodable as UTF-8: {value!r}", key) from exc
 
 
-def compile_rule(rule: Mapping[str, str]) -> RuleMatcher:
+def compile_rule(rule: Mapping[str, Any]) -> RuleMatcher:
     """Compile one ``l7`` rule; raises :class:`RuleError` naming the offending key."""
     commands: frozenset[str] | None = None
     exact: bytes | None = None
     prefix: bytes | None = None
-    regex: re.Pattern[str] | None = None
+    regex: RuleRegex | None = None
     key_field: str | None = None
     for key, value in rule.items():
         if key not in RULE_KEYS:
@@ -184,10 +185,7 @@ def compile_rule(rule: Mapping[str, str]) -> RuleMatcher:
         elif key == "keyPrefix":
             prefix = _utf8(key, value)
         else:
-            try:
-                regex = re.compile(value)
-            except re.error as exc:
-                raise RuleError(f"bad regular expression {value!r}: {exc}", key) from exc
+            regex = compile_rule_regex(value, key)
     if key_field is not None:
         if commands is None:
             raise RuleError("a key constraint needs a 'command'", key_field)
