@@ -9,9 +9,15 @@
 ARG PYTHON_IMAGE=python:3.11-slim-bookworm
 
 FROM ${PYTHON_IMAGE} AS builder
+# The C compiler builds proxyd's native data path (proxyd/_native.c) into the wheel; it stays in
+# this stage: the runtime stage gets the built wheel and no compiler.
+# hadolint ignore=DL3008
+RUN apt-get update \
+    && apt-get install -y --no-install-recommends gcc libc6-dev \
+    && rm -rf /var/lib/apt/lists/*
 WORKDIR /src
 ENV PIP_NO_CACHE_DIR=1 PIP_DISABLE_PIP_VERSION_CHECK=1
-COPY pyproject.toml README.md ./
+COPY pyproject.toml setup.py README.md ./
 COPY proxyd ./proxyd
 # Wheels for proxyd and every dependency; the runtime stage installs them without network.
 RUN pip wheel --wheel-dir /wheels .

@@ -8,6 +8,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 from proxyd import __version__
+from proxyd.engine import IMPLEMENTATION
 from proxyd.errors import ConfigError, PolicyError
 from proxyd.registry import Registry, RegistryError
 
@@ -192,7 +193,7 @@ def cmd_iptables(args: argparse.Namespace) -> int:
 
 def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="proxyd", description="Transparent L7 proxy daemon")
-    p.add_argument("--version", action="version", version=f"proxyd {__version__}")
+    p.add_argument("--version", action="version", version=f"proxyd {__version__} (data path: {IMPLEMENTATION})")
     sub = p.add_subparsers(dest="command", required=True)
     run = sub.add_parser("run", help="run the daemon")
     run.add_argument("--config", "-c", type=Path, required=True)

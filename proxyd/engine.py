@@ -27,8 +27,9 @@ and injected data has no size cap other than the buffer limit.
 
 from __future__ import annotations
 
+import os
 from collections.abc import Callable
-from typing import Protocol
+from typing import TYPE_CHECKING, Any, Protocol
 
 from proxyd.ops import Op
 from proxyd.parser import Parser
@@ -72,8 +73,12 @@ class _Side:
         self.dropped_bytes = 0
 
 
-class Engine:
-    """Applies verdicts for one connection. ``parser=None`` relays bytes untouched (L4)."""
+class PyEngine:
+    """Applies verdicts for one connection. ``parser=None`` relays bytes untouched (L4).
+
+    The reference implementation; :data:`Engine` is this class or its compiled twin
+    (``proxyd._native.Engine``), which behaves the same (see :data:`IMPLEMENTATION`).
+    """
 
     __slots__ = ("_in_round", "_observer", "_on_error", "_send", "_sides", "error", "limit", "parser")
 
@@ -312,3 +317,56 @@ class Engine:
 
 def _name(op: object) -> str:
     return op.name if isinstance(op, Op) else repr(op)
+
+
+# --- the native twin ---------------------------------------------------------------------------
+# proxyd._native.Engine follows PyEngine statement by statement. For the rare, subtle paths of
+# the reference (a verdict that is not a 2-tuple, an op that is not an int, naming an op in a
+# message) it calls these helpers, so the outcome is the reference's by construction.
+
+
+def _unpack(result: Any) -> tuple[Any, Any]:
+    op, n = result
+    return op, n
+
+
+def _opcode(op: object) -> int:
+    for code in (Op.PASS, Op.DROP, Op.MORE, Op.INJECT, Op.ERROR, Op.NOP):
+        if op == code:
+            return int(code)
+    return 0
+
+
+_native_module: Any = None
+
+
+def native_module() -> Any:
+    """The compiled module (set up for use), or None when it is not built.
+
+    Ignores ``PROXYD_PURE``: the equivalence tests drive both paths in one process.
+    """
+    global _native_module
+    if _native_module is None:
+        try:
+            from proxyd import _native  # type: ignore[attr-defined]
+        except ImportError:
+            return None
+        _native.setup(EngineError=EngineError, ops=tuple(Op), unpack=_unpack, opcode=_opcode, opname=_name)
+        _native_module = _native
+    return _native_module
+
+
+def pure_forced() -> bool:
+    """Whether ``PROXYD_PURE`` (set, not empty, not 0) forces the Python path."""
+    return os.environ.get("PROXYD_PURE", "") not in ("", "0")
+
+
+#: The compiled module when the native path runs (built, and not ``PROXYD_PURE=1``), else None.
+native: Any = None if pure_forced() else native_module()
+#: Which data path runs: ``native`` (compiled twin) or ``python`` (reference).
+IMPLEMENTATION = "native" if native is not None else "python"
+
+if TYPE_CHECKING:
+    Engine = PyEngine
+else:
+    Engine = native.Engine if native is not None else PyEngine

@@ -15,7 +15,7 @@ from __future__ import annotations
 from collections.abc import Callable, Iterable, Iterator
 from dataclasses import dataclass
 
-from prometheus_client import CollectorRegistry, Counter, Gauge, generate_latest
+from prometheus_client import CollectorRegistry, Counter, Gauge, Info, generate_latest
 from prometheus_client.core import CounterMetricFamily, Metric
 from prometheus_client.registry import Collector
 
@@ -72,6 +72,12 @@ class Metrics:
         self.policy_revision = Gauge("proxyd_policy_revision", "Revision of the policy in force", registry=r)
         for result in ("success", "failure"):
             self.policy_reloads_total.labels(result)
+        from proxyd import __version__
+        from proxyd.engine import IMPLEMENTATION
+
+        #: proxyd_build_info{version, data_path}: data_path is native (compiled twin) or python.
+        self.build_info = Info("proxyd_build", "proxyd version and which data path runs", registry=r)
+        self.build_info.info({"version": __version__, "data_path": IMPLEMENTATION})
 
     def for_listener(self, name: str) -> ListenerMetrics:
         return ListenerMetrics(

@@ -15,6 +15,10 @@ The harness drives the same :class:`proxyd.engine.Engine` and :class:`proxyd.con
 daemon uses, so what passes here behaves the same on the wire. Policy is given as a predicate, as
 ``rules`` (``l7`` rule dicts compiled by the factory, any match allows), or as an object with a
 ``decide(request)`` method (the policy layer's per-connection view).
+
+``implementation`` picks the engine: ``"python"`` (the reference, :class:`proxyd.engine.PyEngine`),
+``"native"`` (the compiled twin; ValueError when it is not built) or None for the one proxyd
+runs with (see ``proxyd --version``). Parsers with a native twin (memcache) follow the engine.
 """
 
 from __future__ import annotations
@@ -24,8 +28,9 @@ from collections.abc import Callable, Iterable, Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
+from proxyd import engine as _engine
 from proxyd.context import ALLOWED, ConnInfo, Context, L7Decision, L7Policy
-from proxyd.engine import Engine, EngineError
+from proxyd.engine import Engine, EngineError, PyEngine
 from proxyd.ops import Op, Verdict
 from proxyd.parser import Endpoint, Fields, ParserFactory
 
@@ -131,6 +136,7 @@ class Harness:
         dst: Endpoint = _DST,
         direction: str = "ingress",
         listener: str = "test",
+        implementation: str | None = None,
     ) -> None:
         if isinstance(factory, str):
             from proxyd.registry import Registry
@@ -149,7 +155,9 @@ class Harness:
         self.out: dict[bool, bytearray] = {False: bytearray(), True: bytearray()}
         self.log: list[LogEntry] = []
         self._rec = _Recorder()
-        self.engine = Engine(None, self._send, buffer_limit=buffer_limit, observer=self._rec)
+        self.engine = engine_class(implementation)(
+            None, self._send, buffer_limit=buffer_limit, observer=self._rec
+        )
         info = ConnInfo(1, listener, direction, src, dst, factory.name)
         self.ctx = Context(info, self.engine, l7, _ListSink(self.log))
         config = factory.validate_config(parser_config or {})
@@ -227,6 +235,20 @@ class Harness:
     @property
     def closed(self) -> bool:
         return self.engine.error is not None
+
+
+def engine_class(implementation: str | None) -> type[PyEngine]:
+    """The engine class for ``implementation`` (``python``, ``native`` or None: the default)."""
+    if implementation is None:
+        return Engine
+    if implementation == "python":
+        return PyEngine
+    if implementation == "native":
+        mod = _engine.native_module()
+        if mod is None:
+            raise ValueError("the native engine is not built (proxyd._native)")
+        return mod.Engine  # type: ignore[no-any-return]
+    raise ValueError(f"implementation must be 'python' or 'native', not {implementation!r}")
 
 
 #: Public names for tests that build their own Context (e.g. a relay written in the test).

@@ -57,7 +57,7 @@ def check_all_splits(requests: bytes, replies: bytes, rules: Sequence[Mapping[st
         assert h.error is None, where
         assert h.to_server == to_server, where
         assert h.to_client == to_client, where
-        assert len(h.engine.parser.dialect.pending.q) == 0, where  # type: ignore[union-attr]
+        assert not h.engine.parser.pending(), where  # type: ignore[union-attr]
 
 
 ALLOWED_CASES = [

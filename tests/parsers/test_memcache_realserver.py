@@ -93,7 +93,7 @@ def assert_framed(requests: bytes, replies: bytes) -> None:
         assert h.error is None, (split, h.error)
         assert h.to_server == requests
         assert h.to_client == replies
-        assert not h.engine.parser.dialect.pending.q  # type: ignore[union-attr]
+        assert not h.engine.parser.pending()  # type: ignore[union-attr]
 
 
 TEXT_REQUESTS = (
@@ -182,7 +182,7 @@ def through_proxy(
     replies = exchange(port, h.to_server, sentinel[1])
     h.feed(replies, reply=True, split="random")
     assert h.error is None
-    assert not h.engine.parser.dialect.pending.q  # type: ignore[union-attr]
+    assert not h.engine.parser.pending()  # type: ignore[union-attr]
     return h
 
 

@@ -7,6 +7,13 @@ directions to :class:`.text.TextProtocol` or :class:`.binary.BinaryProtocol`. It
 dialect's ``on_data`` onto the instance, so the engine calls the dialect directly afterwards
 (one Python call per verdict on the hot path, not two).
 
+When the connection runs on the native engine (``proxyd._native``, see :mod:`proxyd.engine`),
+the factory creates
+the compiled twin of this parser (``proxyd._native.Memcache``) instead: the same framing,
+pending queue and denial placement, called by the engine without a Python call per verdict.
+The text and meta dialects are native; the binary dialect runs this package's
+:class:`.binary.BinaryProtocol` inside it.
+
 ``parser_config`` keys: ``log_responses`` (bool, default true): write an access-log entry per
 framed reply (``command``, ``status``). Turn it off where only requests matter; the sink
 filters entries anyway, but skipping them saves work on the reply path.
@@ -15,16 +22,32 @@ filters entries anyway, but skipping them saves work on the reply path.
 from __future__ import annotations
 
 from collections.abc import Mapping
-from typing import Any
+from typing import Any, cast
 
+from proxyd.context import Context
+from proxyd.engine import native_module
 from proxyd.errors import ParserConfigError
 from proxyd.ops import NOP_VERDICT, Verdict
-from proxyd.parser import ConnectionContext, Data, Parser, ParserFactory, RuleMatcher
+from proxyd.parser import ConnectionContext, Data, EntryType, Parser, ParserFactory, RuleMatcher
 
+from . import binary, text
 from .binary import BinaryProtocol
 from .common import unexpected_reply
-from .rules import RULE_KEYS, compile_rule
+from .rules import RULE_KEYS, MemcacheRequest, compile_rule
 from .text import TextProtocol
+
+_native = native_module()
+if _native is not None:
+    _native.setup_memcache(
+        MemcacheRequest=MemcacheRequest,
+        REQUEST=EntryType.REQUEST,
+        RESPONSE=EntryType.RESPONSE,
+        DENIED=EntryType.DENIED,
+        denied_reply=text.DENIED_REPLY,
+        text_barrier=text.BARRIER_REQUEST,
+        binary_barrier=binary.BARRIER_REQUEST,
+        binary_fallback=BinaryProtocol,
+    )
 
 
 class MemcacheParser(Parser):
@@ -48,6 +71,15 @@ class MemcacheParser(Parser):
         self.dialect = dialect
         self.on_data = dialect.on_data  # type: ignore[method-assign]
         return dialect.on_data(reply, end_stream, data)
+
+    def pending(self) -> list[bool]:
+        """For each entry of the pending-reply queue, whether it is a *maybe* entry.
+
+        Introspection for tests, shared with the native twin.
+        """
+        if self.dialect is None:
+            return []
+        return [entry[1] is not None for entry in self.dialect.pending.q]
 
 
 class MemcacheFactory(ParserFactory):
@@ -75,4 +107,7 @@ class MemcacheFactory(ParserFactory):
 
     def create(self, ctx: ConnectionContext, config: Any) -> Parser:
         log_responses = True if config is None else bool(config.get("log_responses", True))
+        if _native is not None and isinstance(ctx, Context) and type(ctx.engine) is _native.Engine:
+            # The native engine runs (or a test asked for it): the compiled twin of this parser.
+            return cast(Parser, _native.Memcache(ctx, log_responses))
         return MemcacheParser(ctx, log_responses)

@@ -1,0 +1,1993 @@
+/* proxyd._native: the compiled twin of proxyd.engine.PyEngine and of the memcache parser.
+ *
+ * The Python modules are the reference: proxyd/engine.py (the verdict engine) and
+ * proxyd/parsers/memcache/{text,binary,common}.py (framing, pending queue, denial placement).
+ * This file follows them statement by statement, in the same order, so the two can be read
+ * side by side; tests/test_native_equivalence.py drives both with the same inputs and compares
+ * ops, bytes, log entries and errors. Where the reference relies on a Python behaviour that is
+ * rare and subtle (unpacking a verdict that is not a 2-tuple, comparing an op that is not an
+ * int, naming an op in a message), this module calls back into small helpers of engine.py, so
+ * the outcome is the reference's by construction.
+ *
+ * Safety on untrusted bytes: every read of the input is bounded by the length snapshot taken at
+ * the start of a parser call, and no pointer into a buffer is used after a call back into
+ * Python (policy, log, inject), which could change that buffer. CI builds this file with
+ * -fsanitize=address,undefined and runs the equivalence and fuzz properties under it.
+ */
+#define PY_SSIZE_T_CLEAN
+#include <Python.h>
+#include <structmember.h>
+#include <stdint.h>
+#include <string.h>
+
+/* ------------------------------------------------------------------------------------------ */
+/* Objects handed over by proxyd.engine and proxyd.parsers.memcache (see setup()).            */
+
+static PyObject *g_EngineError;       /* proxyd.engine.EngineError */
+static PyObject *g_ops[7];            /* Op members by value, [0] unused */
+static PyObject *g_unpack;            /* engine._unpack(result) -> (op, n), raising like `op, n = r` */
+static PyObject *g_opcode;            /* engine._opcode(op) -> 0..6 by == comparisons */
+static PyObject *g_opname;            /* engine._name(op) -> str */
+static PyObject *g_MemcacheRequest;   /* memcache.rules.MemcacheRequest */
+static PyObject *g_ET_REQUEST, *g_ET_RESPONSE, *g_ET_DENIED;
+static PyObject *g_bin_fallback;      /* memcache.binary.BinaryProtocol, used when no native binary */
+
+static PyObject *s_on_data, *s_op, *s_passed, *s_dropped, *s_injected, *s_matches, *s_log,
+    *s_inject, *s_code, *s_command, *s_keys, *s_status, *s_error, *s_opcode, *s_key,
+    *s_buffer_limit, *s_exception, *s_contract, *s_parser_error, *s_empty_str;
+static PyObject *s_denied_reply;   /* bytes */
+static PyObject *s_text_barrier;   /* bytes */
+static PyObject *s_bin_barrier;    /* bytes */
+static PyObject *s_no_pending;     /* "reply with no request pending" */
+static PyObject *s_empty_bytes, *s_empty_tuple;
+
+enum { OP_MORE = 1, OP_PASS = 2, OP_DROP = 3, OP_INJECT = 4, OP_ERROR = 5, OP_NOP = 6 };
+
+/* ------------------------------------------------------------------------------------------ */
+/* Native parsers share this header so the engine can call them without a Python call.        */
+
+struct NativeParser;
+typedef int (*native_on_data_fn)(struct NativeParser *self, int reply, int end_stream,
+                                 PyObject *buf, long long *n);
+
+typedef struct NativeParser {
+    PyObject_HEAD
+    native_on_data_fn on_data;
+} NativeParser;
+
+static PyTypeObject MemcacheType;
+
+/* ------------------------------------------------------------------------------------------ */
+/* Small helpers                                                                               */
+
+static int bytes_view(PyObject *o, const char **p, Py_ssize_t *n) {
+    if (PyByteArray_CheckExact(o)) {
+        *p = PyByteArray_AS_STRING(o);
+        *n = PyByteArray_GET_SIZE(o);
+        return 0;
+    }
+    if (PyBytes_CheckExact(o)) {
+        *p = PyBytes_AS_STRING(o);
+        *n = PyBytes_GET_SIZE(o);
+        return 0;
+    }
+    return -1;
+}
+
+static PyObject *make_error(PyObject *kind, PyObject *msg, PyObject *code) {
+    if (msg == NULL) return NULL;
+    PyObject *args = PyTuple_Pack(2, kind, msg);
+    Py_DECREF(msg);
+    if (args == NULL) return NULL;
+    PyObject *kw = NULL;
+    if (code != NULL) {
+        kw = PyDict_New();
+        if (kw == NULL || PyDict_SetItem(kw, s_code, code) < 0) {
+            Py_XDECREF(kw);
+            Py_DECREF(args);
+            return NULL;
+        }
+    }
+    PyObject *err = PyObject_Call(g_EngineError, args, kw);
+    Py_DECREF(args);
+    Py_XDECREF(kw);
+    return err;
+}
+
+/* ========================================================================================== */
+/* Engine                                                                                       */
+
+typedef struct {
+    PyObject *buf;       /* bytearray */
+    long long want;
+    long long skip;
+    int skip_drop;
+    PyObject *inject_q;  /* bytearray */
+    int ended;
+    long long dropped_bytes;
+} Side;
+
+typedef struct {
+    PyObject_HEAD
+    PyObject *parser;
+    PyObject *send;
+    PyObject *observer;
+    PyObject *on_error;
+    PyObject *error;
+    Py_ssize_t limit;
+    int in_round;
+    Side sides[2];
+    PyObject *weakreflist;
+} Engine;
+
+static int side_init(Side *s) {
+    s->buf = PyByteArray_FromStringAndSize(NULL, 0);
+    s->inject_q = PyByteArray_FromStringAndSize(NULL, 0);
+    s->want = s->skip = s->dropped_bytes = 0;
+    s->skip_drop = s->ended = 0;
+    return (s->buf && s->inject_q) ? 0 : -1;
+}
+
+static int Engine_traverse(Engine *self, visitproc visit, void *arg) {
+    Py_VISIT(self->parser);
+    Py_VISIT(self->send);
+    Py_VISIT(self->observer);
+    Py_VISIT(self->on_error);
+    Py_VISIT(self->error);
+    return 0;
+}
+
+static int Engine_clear(Engine *self) {
+    Py_CLEAR(self->parser);
+    Py_CLEAR(self->send);
+    Py_CLEAR(self->observer);
+    Py_CLEAR(self->on_error);
+    Py_CLEAR(self->error);
+    return 0;
+}
+
+static void Engine_dealloc(Engine *self) {
+    PyObject_GC_UnTrack(self);
+    if (self->weakreflist) PyObject_ClearWeakRefs((PyObject *)self);
+    Engine_clear(self);
+    for (int i = 0; i < 2; i++) {
+        Py_CLEAR(self->sides[i].buf);
+        Py_CLEAR(self->sides[i].inject_q);
+    }
+    Py_TYPE(self)->tp_free((PyObject *)self);
+}
+
+static int Engine_init(Engine *self, PyObject *args, PyObject *kw) {
+    static char *kwlist[] = {"parser", "send", "buffer_limit", "observer", "on_error", NULL};
+    PyObject *parser, *send, *observer = Py_None, *on_error = Py_None;
+    Py_ssize_t limit = 1 << 20;
+    if (!PyArg_ParseTupleAndKeywords(args, kw, "OO|$nOO", kwlist, &parser, &send, &limit, &observer,
+                                     &on_error))
+        return -1;
+    if (g_EngineError == NULL) {
+        PyErr_SetString(PyExc_RuntimeError, "proxyd._native.setup() was not called");
+        return -1;
+    }
+    Py_INCREF(parser);
+    Py_XSETREF(self->parser, parser);
+    Py_INCREF(send);
+    Py_XSETREF(self->send, send);
+    Py_XSETREF(self->observer, observer == Py_None ? NULL : (Py_INCREF(observer), observer));
+    Py_XSETREF(self->on_error, on_error == Py_None ? NULL : (Py_INCREF(on_error), on_error));
+    Py_CLEAR(self->error);
+    self->limit = limit;
+    self->in_round = 0;
+    for (int i = 0; i < 2; i++) {
+        Py_CLEAR(self->sides[i].buf);
+        Py_CLEAR(self->sides[i].inject_q);
+        if (side_init(&self->sides[i]) < 0) return -1;
+    }
+    return 0;
+}
+
+static PyObject *BOOL(int r) { return r ? Py_True : Py_False; }
+
+static int call_send(Engine *self, int reply, PyObject *data) {
+    PyObject *r = PyObject_CallFunctionObjArgs(self->send, BOOL(reply), data, NULL);
+    if (r == NULL) return -1;
+    Py_DECREF(r);
+    return 0;
+}
+
+/* observer.<meth>(reply, bytes(data[a:a+k])) */
+static int observe_bytes(Engine *self, PyObject *meth, int reply, const char *p, Py_ssize_t k) {
+    PyObject *b = PyBytes_FromStringAndSize(p, k);
+    if (b == NULL) return -1;
+    PyObject *r = PyObject_CallMethodObjArgs(self->observer, meth, BOOL(reply), b, NULL);
+    Py_DECREF(b);
+    if (r == NULL) return -1;
+    Py_DECREF(r);
+    return 0;
+}
+
+static int observe_obj(Engine *self, PyObject *meth, int reply, PyObject *data) {
+    /* bytes(data) for any buffer */
+    PyObject *b = PyBytes_CheckExact(data) ? (Py_INCREF(data), data) : PyBytes_FromObject(data);
+    if (b == NULL) return -1;
+    PyObject *r = PyObject_CallMethodObjArgs(self->observer, meth, BOOL(reply), b, NULL);
+    Py_DECREF(b);
+    if (r == NULL) return -1;
+    Py_DECREF(r);
+    return 0;
+}
+
+static int bytearray_del_head(PyObject *ba, Py_ssize_t k) {
+    if (k <= 0) return 0;
+    if (k >= PyByteArray_GET_SIZE(ba)) return PyByteArray_Resize(ba, 0);
+    return PySequence_DelSlice(ba, 0, k);
+}
+
+static int bytearray_append(PyObject *ba, const char *p, Py_ssize_t n) {
+    Py_ssize_t old = PyByteArray_GET_SIZE(ba);
+    if (n == 0) return 0;
+    if (PyByteArray_Resize(ba, old + n) < 0) return -1;
+    memcpy(PyByteArray_AS_STRING(ba) + old, p, (size_t)n);
+    return 0;
+}
+
+/* Engine._fail: takes a new reference to err (NULL: an exception is set). */
+static int engine_fail(Engine *self, PyObject *err) {
+    if (err == NULL) return -1;
+    if (self->error == NULL) {
+        self->error = err;
+        for (int i = 0; i < 2; i++) {
+            if (PyByteArray_Resize(self->sides[i].buf, 0) < 0) return -1;
+            if (PyByteArray_Resize(self->sides[i].inject_q, 0) < 0) return -1;
+        }
+        if (self->on_error != NULL) {
+            PyObject *r = PyObject_CallOneArg(self->on_error, err);
+            if (r == NULL) return -1;
+            Py_DECREF(r);
+        }
+    } else {
+        Py_DECREF(err);
+    }
+    return 0;
+}
+
+static int engine_flush_injections(Engine *self) {
+    if (!(PyByteArray_GET_SIZE(self->sides[0].inject_q) || PyByteArray_GET_SIZE(self->sides[1].inject_q)))
+        return 0;
+    if (self->error != NULL) return 0;
+    for (int r = 0; r < 2; r++) {
+        Side *side = &self->sides[r];
+        if (PyByteArray_GET_SIZE(side->inject_q) && !(side->skip && !side->skip_drop)) {
+            PyObject *chunk = PyBytes_FromStringAndSize(PyByteArray_AS_STRING(side->inject_q),
+                                                        PyByteArray_GET_SIZE(side->inject_q));
+            if (chunk == NULL) return -1;
+            if (PyByteArray_Resize(side->inject_q, 0) < 0 ||
+                (self->observer && observe_obj(self, s_injected, r, chunk) < 0) ||
+                call_send(self, r, chunk) < 0) {
+                Py_DECREF(chunk);
+                return -1;
+            }
+            Py_DECREF(chunk);
+        }
+    }
+    return 0;
+}
+
+/* The round's output: pieces to send, joined at flush. */
+typedef struct {
+    PyObject *small[8];
+    PyObject **items;
+    Py_ssize_t n, cap;
+} Out;
+
+static void out_init(Out *o) {
+    o->items = o->small;
+    o->n = 0;
+    o->cap = 8;
+}
+
+static int out_append(Out *o, PyObject *x) { /* steals x */
+    if (o->n == o->cap) {
+        Py_ssize_t cap = o->cap * 2;
+        PyObject **items = PyMem_Malloc(sizeof(PyObject *) * (size_t)cap);
+        if (items == NULL) {
+            Py_DECREF(x);
+            PyErr_NoMemory();
+            return -1;
+        }
+        memcpy(items, o->items, sizeof(PyObject *) * (size_t)o->n);
+        if (o->items != o->small) PyMem_Free(o->items);
+        o->items = items;
+        o->cap = cap;
+    }
+    o->items[o->n++] = x;
+    return 0;
+}
+
+static void out_clear(Out *o) {
+    for (Py_ssize_t i = 0; i < o->n; i++) Py_DECREF(o->items[i]);
+    o->n = 0;
+}
+
+static void out_free(Out *o) {
+    out_clear(o);
+    if (o->items != o->small) PyMem_Free(o->items);
+    o->items = o->small;
+    o->cap = 8;
+}
+
+static int engine_flush(Engine *self, int reply, Out *o) {
+    if (o->n == 0) return 0;
+    PyObject *data;
+    if (o->n == 1) {
+        data = o->items[0];
+        Py_INCREF(data);
+    } else {
+        Py_ssize_t total = 0;
+        for (Py_ssize_t i = 0; i < o->n; i++) total += Py_SIZE(o->items[i]);
+        data = PyBytes_FromStringAndSize(NULL, total);
+        if (data == NULL) return -1;
+        char *w = PyBytes_AS_STRING(data);
+        for (Py_ssize_t i = 0; i < o->n; i++) {
+            const char *p = NULL;
+            Py_ssize_t k = 0;
+            bytes_view(o->items[i], &p, &k);
+            memcpy(w, p, (size_t)k);
+            w += k;
+        }
+    }
+    out_clear(o);
+    int rc = call_send(self, reply, data);
+    Py_DECREF(data);
+    return rc;
+}
+
+static int engine_round(Engine *self, int reply, int end_stream);
+
+/* Engine._consume_skip: returns the rest of data (new ref), or NULL on error. */
+static PyObject *engine_consume_skip(Engine *self, int reply, Side *side, PyObject *data,
+                                     Py_ssize_t n) {
+    long long k = side->skip < n ? side->skip : n;
+    PyObject *head;
+    if (k == n) {
+        head = data;
+        Py_INCREF(head);
+    } else {
+        head = PySequence_GetSlice(data, 0, (Py_ssize_t)k);
+        if (head == NULL) return NULL;
+    }
+    side->skip -= k;
+    int rc = 0;
+    if (side->skip_drop) {
+        side->dropped_bytes += k;
+        if (self->observer) rc = observe_obj(self, s_dropped, reply, head);
+    } else {
+        if (self->observer) rc = observe_obj(self, s_passed, reply, head);
+        if (rc == 0) rc = call_send(self, reply, head);
+    }
+    Py_DECREF(head);
+    if (rc < 0) return NULL;
+    if (side->skip == 0 && engine_flush_injections(self) < 0) return NULL;
+    if (k == n) {
+        Py_INCREF(s_empty_bytes);
+        return s_empty_bytes;
+    }
+    return PySequence_GetSlice(data, (Py_ssize_t)k, n);
+}
+
+static Py_ssize_t obj_len(PyObject *data) {
+    if (PyBytes_CheckExact(data)) return PyBytes_GET_SIZE(data);
+    if (PyByteArray_CheckExact(data)) return PyByteArray_GET_SIZE(data);
+    return PyObject_Length(data);
+}
+
+static PyObject *Engine_feed(Engine *self, PyObject *const *args, Py_ssize_t nargs) {
+    if (nargs != 2) {
+        PyErr_SetString(PyExc_TypeError, "feed(reply, data)");
+        return NULL;
+    }
+    int reply = PyObject_IsTrue(args[0]);
+    if (reply < 0) return NULL;
+    PyObject *data = args[1];
+    Py_ssize_t n = obj_len(data);
+    if (n < 0) return NULL;
+    if (self->error != NULL || n == 0) Py_RETURN_NONE;
+    Side *side = &self->sides[reply];
+    Py_INCREF(data);
+    if (side->skip) {
+        PyObject *rest = engine_consume_skip(self, reply, side, data, n);
+        Py_DECREF(data);
+        if (rest == NULL) return NULL;
+        data = rest;
+        n = obj_len(data);
+        if (n <= 0) {
+            Py_DECREF(data);
+            if (n < 0) return NULL;
+            Py_RETURN_NONE;
+        }
+    }
+    if (self->parser == Py_None || self->parser == NULL) {
+        int rc = 0;
+        if (self->observer) rc = observe_obj(self, s_passed, reply, data);
+        if (rc == 0) rc = call_send(self, reply, data);
+        Py_DECREF(data);
+        if (rc < 0) return NULL;
+        Py_RETURN_NONE;
+    }
+    PyObject *buf = side->buf;
+    int rc;
+    if (PyBytes_CheckExact(data)) {
+        rc = bytearray_append(buf, PyBytes_AS_STRING(data), PyBytes_GET_SIZE(data));
+    } else {
+        Py_buffer view;
+        rc = PyObject_GetBuffer(data, &view, PyBUF_SIMPLE);
+        if (rc == 0) {
+            rc = bytearray_append(buf, view.buf, view.len);
+            PyBuffer_Release(&view);
+        }
+    }
+    Py_DECREF(data);
+    if (rc < 0) return NULL;
+    if (PyByteArray_GET_SIZE(buf) >= side->want) {
+        if (engine_round(self, reply, 0) < 0) return NULL;
+    }
+    if (self->error == NULL && PyByteArray_GET_SIZE(side->buf) > self->limit) {
+        if (engine_fail(self, make_error(s_buffer_limit,
+                                         PyUnicode_FromFormat("more than %zd unparsed bytes buffered",
+                                                              self->limit),
+                                         NULL)) < 0)
+            return NULL;
+    }
+    Py_RETURN_NONE;
+}
+
+static PyObject *Engine_feed_eof(Engine *self, PyObject *arg) {
+    int reply = PyObject_IsTrue(arg);
+    if (reply < 0) return NULL;
+    Side *side = &self->sides[reply];
+    if (side->ended) return PyLong_FromLong(0);
+    side->ended = 1;
+    if (self->error != NULL || self->parser == Py_None || self->parser == NULL) return PyLong_FromLong(0);
+    if (!side->skip) {
+        if (engine_round(self, reply, 1) < 0) return NULL;
+    }
+    Py_ssize_t left = PyByteArray_GET_SIZE(side->buf);
+    if (PyByteArray_Resize(side->buf, 0) < 0) return NULL;
+    return PyLong_FromSsize_t(left);
+}
+
+static int engine_queue_inject(Engine *self, int reply, const char *p, Py_ssize_t n) {
+    if (self->error != NULL || n == 0) return 0;
+    Side *side = &self->sides[reply];
+    if (bytearray_append(side->inject_q, p, n) < 0) return -1;
+    if (PyByteArray_GET_SIZE(side->inject_q) > self->limit) {
+        return engine_fail(self, make_error(s_buffer_limit,
+                                            PyUnicode_FromFormat("more than %zd injected bytes queued",
+                                                                 self->limit),
+                                            NULL));
+    } else if (!self->in_round) {
+        return engine_flush_injections(self);
+    }
+    return 0;
+}
+
+static PyObject *Engine_queue_inject(Engine *self, PyObject *const *args, Py_ssize_t nargs) {
+    if (nargs != 2) {
+        PyErr_SetString(PyExc_TypeError, "queue_inject(reply, data)");
+        return NULL;
+    }
+    int reply = PyObject_IsTrue(args[0]);
+    if (reply < 0) return NULL;
+    Py_ssize_t n = obj_len(args[1]);
+    if (n < 0) return NULL;
+    if (self->error != NULL || n == 0) Py_RETURN_NONE;
+    Py_buffer view;
+    if (PyObject_GetBuffer(args[1], &view, PyBUF_SIMPLE) < 0) return NULL;
+    /* copy first: the buffer may be the engine's own */
+    PyObject *copy = PyBytes_FromStringAndSize(view.buf, view.len);
+    PyBuffer_Release(&view);
+    if (copy == NULL) return NULL;
+    int rc = engine_queue_inject(self, reply, PyBytes_AS_STRING(copy), PyBytes_GET_SIZE(copy));
+    Py_DECREF(copy);
+    if (rc < 0) return NULL;
+    Py_RETURN_NONE;
+}
+
+static PyObject *Engine_buffered(Engine *self, PyObject *arg) {
+    int reply = PyObject_IsTrue(arg);
+    if (reply < 0) return NULL;
+    return PyLong_FromSsize_t(PyByteArray_GET_SIZE(self->sides[reply].buf));
+}
+
+static PyObject *Engine_dropped(Engine *self, PyObject *arg) {
+    int reply = PyObject_IsTrue(arg);
+    if (reply < 0) return NULL;
+    return PyLong_FromLongLong(self->sides[reply].dropped_bytes);
+}
+
+/* The sandbox message: f"{type(exc).__name__}: {exc}" for the exception being handled. */
+static PyObject *exception_message(void) {
+    PyObject *type, *value, *tb;
+    PyErr_Fetch(&type, &value, &tb);
+    PyErr_NormalizeException(&type, &value, &tb);
+    PyObject *msg = NULL;
+    PyObject *name = PyObject_GetAttrString(type, "__name__");
+    if (name != NULL) msg = PyUnicode_FromFormat("%S: %S", name, value ? value : Py_None);
+    Py_XDECREF(name);
+    Py_XDECREF(type);
+    Py_XDECREF(value);
+    Py_XDECREF(tb);
+    return msg;
+}
+
+/* Stop the round on a failure: flush what was decided, send injections, record the error. */
+static int round_fail(Engine *self, int reply, Out *out, PyObject *err_kind, PyObject *msg,
+                      PyObject *code) {
+    if (msg == NULL) return -1;
+    if (engine_flush(self, reply, out) < 0 || engine_flush_injections(self) < 0) {
+        Py_DECREF(msg);
+        return -1;
+    }
+    return engine_fail(self, make_error(err_kind, msg, code));
+}
+
+/* Engine._round. Returns 0, or -1 with an exception set (which the reference also raises). */
+static int engine_round(Engine *self, int reply, int end_stream) {
+    Side *side = &self->sides[reply];
+    PyObject *buf = side->buf;
+    Py_INCREF(buf);
+    Out out;
+    out_init(&out);
+    long long injected = 0;
+    int rc = 0;
+    int done = 0; /* returned from inside the loop: skip the final flush_injections */
+    self->in_round = 1;
+    PyObject *parser = self->parser;
+    Py_INCREF(parser);
+    while (PyByteArray_GET_SIZE(buf) || end_stream) {
+        PyObject *op_obj = NULL, *n_obj = NULL;
+        int op;
+        long long n;
+        int n_ok; /* n is an exact int > 0 that fits in long long */
+        int n_big = 0;
+        if (Py_TYPE(parser) == &MemcacheType) {
+            NativeParser *np = (NativeParser *)parser;
+            op = np->on_data(np, reply, end_stream, buf, &n);
+            if (op < 0) {
+                if (!PyErr_ExceptionMatches(PyExc_Exception)) { rc = -1; break; }
+                rc = round_fail(self, reply, &out, s_exception, exception_message(), NULL);
+                done = 1;
+                break;
+            }
+            op_obj = g_ops[op];
+            Py_INCREF(op_obj);
+            n_obj = PyLong_FromLongLong(n);
+            if (n_obj == NULL) { rc = -1; Py_DECREF(op_obj); break; }
+            n_ok = n > 0;
+        } else {
+            PyObject *meth = PyObject_GetAttr(parser, s_on_data);
+            PyObject *res = NULL;
+            if (meth != NULL) {
+                res = PyObject_CallFunctionObjArgs(meth, BOOL(reply), BOOL(end_stream), buf, NULL);
+                Py_DECREF(meth);
+            }
+            if (res != NULL) {
+                if (PyTuple_CheckExact(res) && PyTuple_GET_SIZE(res) == 2) {
+                    op_obj = PyTuple_GET_ITEM(res, 0);
+                    n_obj = PyTuple_GET_ITEM(res, 1);
+                    Py_INCREF(op_obj);
+                    Py_INCREF(n_obj);
+                    Py_DECREF(res);
+                } else {
+                    PyObject *pair = PyObject_CallOneArg(g_unpack, res);
+                    Py_DECREF(res);
+                    if (pair != NULL) {
+                        op_obj = PyTuple_GET_ITEM(pair, 0);
+                        n_obj = PyTuple_GET_ITEM(pair, 1);
+                        Py_INCREF(op_obj);
+                        Py_INCREF(n_obj);
+                        Py_DECREF(pair);
+                    }
+                }
+            }
+            if (op_obj == NULL) {
+                if (!PyErr_ExceptionMatches(PyExc_Exception)) { rc = -1; break; }
+                rc = round_fail(self, reply, &out, s_exception, exception_message(), NULL);
+                done = 1;
+                break;
+            }
+            n_ok = 0;
+            n = 0;
+            if (PyLong_CheckExact(n_obj)) {
+                int overflow = 0;
+                n = PyLong_AsLongLongAndOverflow(n_obj, &overflow);
+                if (overflow > 0) { n_big = 1; n = LLONG_MAX / 4; n_ok = 1; }
+                else if (overflow == 0 && n > 0) n_ok = 1;
+            }
+            /* the op's code, by the reference's == comparisons */
+            if (PyLong_Check(op_obj)) {
+                int overflow = 0;
+                long v = PyLong_AsLongAndOverflow(op_obj, &overflow);
+                op = (!overflow && v >= 1 && v <= 6) ? (int)v : 0;
+            } else {
+                PyObject *c = PyObject_CallOneArg(g_opcode, op_obj);
+                if (c == NULL) { rc = -1; Py_DECREF(op_obj); Py_DECREF(n_obj); break; }
+                op = (int)PyLong_AsLong(c);
+                Py_DECREF(c);
+            }
+        }
+        if (self->observer) {
+            PyObject *r = PyObject_CallMethodObjArgs(self->observer, s_op, BOOL(reply), op_obj, n_obj, NULL);
+            if (r == NULL) { rc = -1; Py_DECREF(op_obj); Py_DECREF(n_obj); break; }
+            Py_DECREF(r);
+        }
+        if (!n_ok) {
+            if (op == OP_NOP) { Py_DECREF(op_obj); Py_DECREF(n_obj); break; }
+            PyObject *name = PyObject_CallOneArg(g_opname, op_obj);
+            PyObject *msg = name ? PyUnicode_FromFormat("%S with n=%R", name, n_obj) : NULL;
+            Py_XDECREF(name);
+            rc = round_fail(self, reply, &out, s_contract, msg, NULL);
+            Py_DECREF(op_obj);
+            Py_DECREF(n_obj);
+            done = 1;
+            break;
+        }
+        if (op == OP_PASS || op == OP_DROP) {
+            Py_ssize_t have = PyByteArray_GET_SIZE(buf);
+            Py_ssize_t k = n < have ? (Py_ssize_t)n : have;
+            if (op == OP_PASS) {
+                if (self->observer && observe_bytes(self, s_passed, reply, PyByteArray_AS_STRING(buf), k) < 0) {
+                    rc = -1;
+                } else if (k == have) {
+                    /* hand the buffer over instead of copying it out */
+                    PyObject *fresh = PyByteArray_FromStringAndSize(NULL, 0);
+                    if (fresh == NULL) rc = -1;
+                    else {
+                        rc = out_append(&out, buf); /* steals our ref to buf */
+                        buf = fresh;
+                        Py_INCREF(fresh);
+                        Py_SETREF(side->buf, fresh);
+                    }
+                } else {
+                    PyObject *piece = PyByteArray_FromStringAndSize(PyByteArray_AS_STRING(buf), k);
+                    if (piece == NULL || out_append(&out, piece) < 0 || bytearray_del_head(buf, k) < 0) rc = -1;
+                }
+            } else {
+                side->dropped_bytes += k;
+                if (self->observer && observe_bytes(self, s_dropped, reply, PyByteArray_AS_STRING(buf), k) < 0)
+                    rc = -1;
+                else if (bytearray_del_head(buf, k) < 0)
+                    rc = -1;
+            }
+            Py_DECREF(op_obj);
+            Py_DECREF(n_obj);
+            if (rc < 0) break;
+            side->want = 0;
+            if (n > have) {
+                side->skip = n_big ? LLONG_MAX / 4 : n - have;
+                side->skip_drop = op == OP_DROP;
+                break;
+            }
+        } else if (op == OP_MORE) {
+            Py_ssize_t have = PyByteArray_GET_SIZE(buf);
+            if (n_big || n > (long long)self->limit) {
+                side->want = LLONG_MAX / 4;
+                PyObject *lenobj = PyLong_FromSsize_t(have);
+                PyObject *want = lenobj ? PyNumber_Add(lenobj, n_obj) : NULL;
+                Py_XDECREF(lenobj);
+                PyObject *msg = want ? PyUnicode_FromFormat("parser asked for %S bytes, over the %zd byte limit",
+                                                            want, self->limit) : NULL;
+                Py_XDECREF(want);
+                rc = round_fail(self, reply, &out, s_buffer_limit, msg, NULL);
+                Py_DECREF(op_obj);
+                Py_DECREF(n_obj);
+                done = 1;
+                break;
+            }
+            side->want = have + n;
+            if (side->want > self->limit) {
+                PyObject *msg = PyUnicode_FromFormat("parser asked for %lld bytes, over the %zd byte limit",
+                                                     side->want, self->limit);
+                rc = round_fail(self, reply, &out, s_buffer_limit, msg, NULL);
+                Py_DECREF(op_obj);
+                Py_DECREF(n_obj);
+                done = 1;
+                break;
+            }
+            Py_DECREF(op_obj);
+            Py_DECREF(n_obj);
+            break;
+        } else if (op == OP_INJECT) {
+            PyObject *q = side->inject_q;
+            Py_ssize_t qlen = PyByteArray_GET_SIZE(q);
+            if (n_big || n > qlen) {
+                /* the reference formats the message after flushing: len(q) may have changed */
+                if (engine_flush(self, reply, &out) < 0 || engine_flush_injections(self) < 0) {
+                    rc = -1;
+                } else {
+                    PyObject *msg = PyUnicode_FromFormat("INJECT %S with %zd bytes queued", n_obj,
+                                                         PyByteArray_GET_SIZE(side->inject_q));
+                    rc = msg ? engine_fail(self, make_error(s_contract, msg, NULL)) : -1;
+                }
+                Py_DECREF(op_obj);
+                Py_DECREF(n_obj);
+                done = 1;
+                break;
+            }
+            injected += n;
+            if (injected > self->limit) {
+                PyObject *msg = PyUnicode_FromFormat("more than %zd bytes injected in one round", self->limit);
+                rc = round_fail(self, reply, &out, s_buffer_limit, msg, NULL);
+                Py_DECREF(op_obj);
+                Py_DECREF(n_obj);
+                done = 1;
+                break;
+            }
+            PyObject *chunk = PyBytes_FromStringAndSize(PyByteArray_AS_STRING(q), (Py_ssize_t)n);
+            Py_DECREF(op_obj);
+            Py_DECREF(n_obj);
+            if (chunk == NULL || bytearray_del_head(q, (Py_ssize_t)n) < 0) { Py_XDECREF(chunk); rc = -1; break; }
+            Py_INCREF(chunk);
+            if (out_append(&out, chunk) < 0) { Py_DECREF(chunk); rc = -1; break; }
+            if (self->observer && observe_obj(self, s_injected, reply, chunk) < 0) { Py_DECREF(chunk); rc = -1; break; }
+            Py_DECREF(chunk);
+        } else if (op == OP_ERROR) {
+            PyObject *msg = PyUnicode_FromFormat("parser error %S", n_obj);
+            rc = round_fail(self, reply, &out, s_parser_error, msg, n_obj);
+            Py_DECREF(op_obj);
+            Py_DECREF(n_obj);
+            done = 1;
+            break;
+        } else if (op == OP_NOP) {
+            Py_DECREF(op_obj);
+            Py_DECREF(n_obj);
+            break;
+        } else {
+            PyObject *msg = PyUnicode_FromFormat("unknown op %R", op_obj);
+            rc = round_fail(self, reply, &out, s_contract, msg, NULL);
+            Py_DECREF(op_obj);
+            Py_DECREF(n_obj);
+            done = 1;
+            break;
+        }
+        end_stream = end_stream && PyByteArray_GET_SIZE(buf);
+    }
+    if (rc == 0 && !done) rc = engine_flush(self, reply, &out);
+    self->in_round = 0;
+    out_free(&out);
+    Py_DECREF(buf);
+    Py_DECREF(parser);
+    if (rc == 0 && !done) rc = engine_flush_injections(self);
+    return rc;
+}
+
+static PyObject *Engine_get_parser(Engine *self, void *c) {
+    PyObject *p = self->parser ? self->parser : Py_None;
+    Py_INCREF(p);
+    return p;
+}
+static int Engine_set_parser(Engine *self, PyObject *v, void *c) {
+    if (v == NULL) v = Py_None;
+    Py_INCREF(v);
+    Py_XSETREF(self->parser, v);
+    return 0;
+}
+static PyObject *Engine_get_error(Engine *self, void *c) {
+    PyObject *p = self->error ? self->error : Py_None;
+    Py_INCREF(p);
+    return p;
+}
+static int Engine_set_error(Engine *self, PyObject *v, void *c) {
+    if (v == Py_None) v = NULL;
+    Py_XINCREF(v);
+    Py_XSETREF(self->error, v);
+    return 0;
+}
+
+static PyGetSetDef Engine_getset[] = {
+    {"parser", (getter)Engine_get_parser, (setter)Engine_set_parser, NULL, NULL},
+    {"error", (getter)Engine_get_error, (setter)Engine_set_error, NULL, NULL},
+    {NULL},
+};
+
+static PyMemberDef Engine_members[] = {
+    {"limit", T_PYSSIZET, offsetof(Engine, limit), 0, NULL},
+    {NULL},
+};
+
+static PyMethodDef Engine_methods[] = {
+    {"feed", (PyCFunction)(void (*)(void))Engine_feed, METH_FASTCALL, "Take bytes of one direction."},
+    {"feed_eof", (PyCFunction)Engine_feed_eof, METH_O, "End one direction's stream."},
+    {"queue_inject", (PyCFunction)(void (*)(void))Engine_queue_inject, METH_FASTCALL, "Queue bytes."},
+    {"buffered", (PyCFunction)Engine_buffered, METH_O, "Bytes held for the parser."},
+    {"dropped", (PyCFunction)Engine_dropped, METH_O, "Bytes dropped so far."},
+    {NULL},
+};
+
+static PyTypeObject EngineType = {
+    PyVarObject_HEAD_INIT(NULL, 0)
+    .tp_name = "proxyd._native.Engine",
+    .tp_doc = "The native twin of proxyd.engine.PyEngine (same constructor, methods, attributes).",
+    .tp_basicsize = sizeof(Engine),
+    .tp_flags = Py_TPFLAGS_DEFAULT | Py_TPFLAGS_HAVE_GC,
+    .tp_new = PyType_GenericNew,
+    .tp_init = (initproc)Engine_init,
+    .tp_dealloc = (destructor)Engine_dealloc,
+    .tp_traverse = (traverseproc)Engine_traverse,
+    .tp_clear = (inquiry)Engine_clear,
+    .tp_methods = Engine_methods,
+    .tp_members = Engine_members,
+    .tp_getset = Engine_getset,
+    .tp_weaklistoffset = offsetof(Engine, weakreflist),
+};
+
+/* ========================================================================================== */
+/* Lazy access-log fields: the zero-argument callable that proxyd.parser.Fields allows.        */
+
+typedef struct {
+    PyObject_HEAD
+    int kind;        /* 0: {"command": a, "keys": [decoded b...]}; 1: {"command": a, "status": b} */
+    PyObject *a, *b; /* 2: {"opcode": a, "key": decoded b} */
+} LazyFields;
+
+static void LazyFields_dealloc(LazyFields *self) {
+    Py_XDECREF(self->a);
+    Py_XDECREF(self->b);
+    PyObject_Free(self);
+}
+
+static PyObject *decode_key(PyObject *k) {
+    return PyUnicode_DecodeUTF8(PyBytes_AS_STRING(k), PyBytes_GET_SIZE(k), "backslashreplace");
+}
+
+static PyObject *fields_dict(int kind, PyObject *a, PyObject *b) {
+    PyObject *d = PyDict_New();
+    if (d == NULL) return NULL;
+    PyObject *v = NULL;
+    if (kind == 0) {
+        Py_ssize_t nk = PyTuple_GET_SIZE(b);
+        v = PyList_New(nk);
+        for (Py_ssize_t i = 0; v && i < nk; i++) {
+            PyObject *s = decode_key(PyTuple_GET_ITEM(b, i));
+            if (s == NULL) Py_CLEAR(v);
+            else PyList_SET_ITEM(v, i, s);
+        }
+        if (v == NULL || PyDict_SetItem(d, s_command, a) < 0 || PyDict_SetItem(d, s_keys, v) < 0) goto fail;
+    } else if (kind == 1) {
+        if (PyDict_SetItem(d, s_command, a) < 0 || PyDict_SetItem(d, s_status, b) < 0) goto fail;
+    } else {
+        v = decode_key(b);
+        if (v == NULL || PyDict_SetItem(d, s_opcode, a) < 0 || PyDict_SetItem(d, s_key, v) < 0) goto fail;
+    }
+    Py_XDECREF(v);
+    return d;
+fail:
+    Py_XDECREF(v);
+    Py_DECREF(d);
+    return NULL;
+}
+
+static PyObject *LazyFields_call(LazyFields *self, PyObject *args, PyObject *kw) {
+    return fields_dict(self->kind, self->a, self->b);
+}
+
+static PyTypeObject LazyFieldsType = {
+    PyVarObject_HEAD_INIT(NULL, 0)
+    .tp_name = "proxyd._native.LazyFields",
+    .tp_basicsize = sizeof(LazyFields),
+    .tp_flags = Py_TPFLAGS_DEFAULT,
+    .tp_dealloc = (destructor)LazyFields_dealloc,
+    .tp_call = (ternaryfunc)LazyFields_call,
+};
+
+static PyObject *lazy_fields(int kind, PyObject *a, PyObject *b) {
+    LazyFields *f = PyObject_New(LazyFields, &LazyFieldsType);
+    if (f == NULL) return NULL;
+    f->kind = kind;
+    Py_INCREF(a);
+    Py_INCREF(b);
+    f->a = a;
+    f->b = b;
+    return (PyObject *)f;
+}
+
+/* ========================================================================================== */
+/* memcache: the pending queue (memcache/common.py)                                            */
+
+#define MAX_KEY 250
+#define MAX_LINE 2048
+#define MAX_RETRIEVAL_LINE 65536
+#define MAX_REPLY_LINE 8192
+#define MAX_PENDING 10000
+
+enum { K_NONE = -1, K_UNIT = 0, K_RETR, K_STATS, K_DUMP, K_WATCH, K_DENY, K_BARRIER };
+enum { M_ALWAYS = 0, M_TEXT = 1, M_BIN = 2 };
+
+/* text reply codes a quiet meta request may accept */
+enum { C_VA = 1, C_HD = 2, C_SERVER_ERROR = 4, C_NS = 8, C_EX = 16, C_NF = 32, C_CLIENT_ERROR = 64 };
+
+typedef struct {
+    int kind;
+    int mtype;
+    unsigned mask;       /* M_TEXT: accepted codes */
+    unsigned opcode;     /* M_BIN */
+    uint32_t opaque;     /* M_BIN */
+    PyObject *name;      /* str */
+    PyObject *payload;   /* bytes or NULL (b"") */
+    int opq_len;         /* M_TEXT: the " O..." token the reply must echo, if any */
+    char opq[40];
+} Entry;
+
+typedef struct {
+    Entry *e;
+    Py_ssize_t head, len, cap;
+} Queue;
+
+static void entry_clear(Entry *e) {
+    Py_CLEAR(e->name);
+    Py_CLEAR(e->payload);
+}
+
+static Entry *q_at(Queue *q, Py_ssize_t i) { return &q->e[(q->head + i) % q->cap]; }
+
+static void q_popleft(Queue *q) {
+    entry_clear(&q->e[q->head]);
+    q->head = (q->head + 1) % q->cap;
+    q->len--;
+}
+
+static int q_append_raw(Queue *q, Entry *src) { /* steals src's references */
+    if (q->len == q->cap) {
+        Py_ssize_t cap = q->cap ? q->cap * 2 : 16;
+        Entry *e = PyMem_Calloc((size_t)cap, sizeof(Entry));
+        if (e == NULL) {
+            entry_clear(src);
+            PyErr_NoMemory();
+            return -1;
+        }
+        for (Py_ssize_t i = 0; i < q->len; i++) e[i] = *q_at(q, i);
+        PyMem_Free(q->e);
+        q->e = e;
+        q->head = 0;
+        q->cap = cap;
+    }
+    q->e[(q->head + q->len) % q->cap] = *src;
+    q->len++;
+    return 0;
+}
+
+static void q_free(Queue *q) {
+    while (q->len) q_popleft(q);
+    PyMem_Free(q->e);
+    q->e = NULL;
+    q->cap = q->head = 0;
+}
+
+/* PendingQueue.push: 1 pushed, 0 full of always-answered entries (src released), -1 error */
+static int q_push(Queue *q, Entry *src) {
+    while (q->len >= MAX_PENDING) {
+        if (q_at(q, 0)->mtype == M_ALWAYS) {
+            entry_clear(src);
+            return 0;
+        }
+        q_popleft(q);
+    }
+    return q_append_raw(q, src) < 0 ? -1 : 1;
+}
+
+/* ========================================================================================== */
+/* memcache parser object: protocol detection, text/meta dialect, binary dialect              */
+
+typedef struct {
+    NativeParser base;
+    PyObject *ctx;
+    int log_responses;
+    int dialect;            /* 0 undecided, 1 text, 2 binary */
+    Py_ssize_t scan, rscan;
+    int stream;
+    Queue q;
+    long long req_owed, rep_owed;
+    PyObject *py_bin;       /* the Python BinaryProtocol while the binary dialect is not native */
+} Memcache;
+
+static int Memcache_traverse(Memcache *self, visitproc visit, void *arg) {
+    Py_VISIT(self->ctx);
+    Py_VISIT(self->py_bin);
+    return 0;
+}
+
+static int Memcache_clear(Memcache *self) {
+    Py_CLEAR(self->ctx);
+    Py_CLEAR(self->py_bin);
+    return 0;
+}
+
+static void Memcache_dealloc(Memcache *self) {
+    PyObject_GC_UnTrack(self);
+    Memcache_clear(self);
+    q_free(&self->q);
+    Py_TYPE(self)->tp_free((PyObject *)self);
+}
+
+static int mc_on_data(NativeParser *np, int reply, int end_stream, PyObject *buf, long long *n);
+
+static int Memcache_init(Memcache *self, PyObject *args, PyObject *kw) {
+    static char *kwlist[] = {"ctx", "log_responses", NULL};
+    PyObject *ctx;
+    int log_responses = 1;
+    if (!PyArg_ParseTupleAndKeywords(args, kw, "O|p", kwlist, &ctx, &log_responses)) return -1;
+    if (g_MemcacheRequest == NULL) {
+        PyErr_SetString(PyExc_RuntimeError, "proxyd._native.setup_memcache() was not called");
+        return -1;
+    }
+    Py_INCREF(ctx);
+    Py_XSETREF(self->ctx, ctx);
+    self->log_responses = log_responses;
+    self->base.on_data = mc_on_data;
+    self->dialect = 0;
+    self->scan = self->rscan = 0;
+    self->stream = 0;
+    self->req_owed = self->rep_owed = 0;
+    q_free(&self->q);
+    return 0;
+}
+
+/* --- calls into the context ----------------------------------------------------------------- */
+
+static int ctx_log(Memcache *self, PyObject *entry_type, PyObject *fields) { /* steals fields */
+    if (fields == NULL) return -1;
+    PyObject *r = PyObject_CallMethodObjArgs(self->ctx, s_log, entry_type, fields, NULL);
+    Py_DECREF(fields);
+    if (r == NULL) return -1;
+    Py_DECREF(r);
+    return 0;
+}
+
+static int ctx_inject(Memcache *self, int reply, PyObject *payload) {
+    PyObject *r = PyObject_CallMethodObjArgs(self->ctx, s_inject, BOOL(reply), payload, NULL);
+    if (r == NULL) return -1;
+    Py_DECREF(r);
+    return 0;
+}
+
+/* ctx.matches(MemcacheRequest(name, keys, key_error)): 1, 0, or -1 */
+static int ctx_matches(Memcache *self, PyObject *name, PyObject *keys, int key_error) {
+    PyObject *inner = PyTuple_Pack(3, name, keys, BOOL(key_error));
+    if (inner == NULL) return -1;
+    PyObject *args = PyTuple_Pack(1, inner);
+    Py_DECREF(inner);
+    if (args == NULL) return -1;
+    /* tuple.__new__(MemcacheRequest, (name, keys, key_error)): what the NamedTuple builds */
+    PyObject *req = PyTuple_Type.tp_new((PyTypeObject *)g_MemcacheRequest, args, NULL);
+    Py_DECREF(args);
+    if (req == NULL) return -1;
+    PyObject *r = PyObject_CallMethodOneArg(self->ctx, s_matches, req);
+    Py_DECREF(req);
+    if (r == NULL) return -1;
+    int t = PyObject_IsTrue(r);
+    Py_DECREF(r);
+    return t;
+}
+
+/* unexpected_reply: log it; ERROR, ERROR_PROTOCOL */
+static int unexpected_reply(Memcache *self, PyObject *status, long long *n) { /* steals status */
+    if (status == NULL) return -1;
+    PyObject *d = PyDict_New();
+    if (d == NULL || PyDict_SetItem(d, s_status, status) < 0 || PyDict_SetItem(d, s_error, s_no_pending) < 0) {
+        Py_XDECREF(d);
+        Py_DECREF(status);
+        return -1;
+    }
+    Py_DECREF(status);
+    if (ctx_log(self, g_ET_RESPONSE, d) < 0) return -1;
+    *n = 4;
+    return OP_ERROR;
+}
+
+static PyObject *latin1_status(const char *p, Py_ssize_t k) {
+    return PyUnicode_DecodeLatin1(p, k > 64 ? 64 : k, NULL);
+}
+
+/* PendingQueue.deny: DROP n, or ERROR when the queue is full */
+static int mc_deny(Memcache *self, PyObject *name, PyObject *payload, PyObject *barrier, long long nreq,
+                   Py_ssize_t have, long long *n, long long err_code) {
+    Queue *q = &self->q;
+    if (q->len == 0) {
+        if (ctx_inject(self, 1, payload) < 0) return -1;
+    } else if (q_at(q, q->len - 1)->mtype == M_ALWAYS) {
+        Entry e = {0};
+        e.kind = K_DENY;
+        e.name = name;
+        Py_INCREF(name);
+        e.payload = payload;
+        Py_INCREF(payload);
+        int r = q_push(q, &e);
+        if (r < 0) return -1;
+        if (r == 0) { *n = err_code; return OP_ERROR; }
+    } else {
+        Entry e = {0};
+        e.kind = K_BARRIER;
+        e.name = name;
+        Py_INCREF(name);
+        e.payload = payload;
+        Py_INCREF(payload);
+        int r = q_push(q, &e);
+        if (r < 0) return -1;
+        if (r == 0) { *n = err_code; return OP_ERROR; }
+        if (ctx_inject(self, 0, barrier) < 0) return -1;
+        if (nreq < have) self->req_owed = PyBytes_GET_SIZE(barrier);
+    }
+    *n = nreq;
+    return OP_DROP;
+}
+
+/* PendingQueue.complete: the head entry's reply ends with the next nrep bytes.
+ * status: a str (binary) or NULL with code/codelen (text). */
+static int mc_complete(Memcache *self, long long nrep, Py_ssize_t have, PyObject *status_str,
+                       const char *code, Py_ssize_t codelen, long long *n) {
+    Queue *q = &self->q;
+    Entry head = *q_at(q, 0);
+    /* take the references out of the slot, then pop it */
+    q_at(q, 0)->name = NULL;
+    q_at(q, 0)->payload = NULL;
+    q_popleft(q);
+    long long owed = 0;
+    int drop = head.kind == K_BARRIER;
+    int rc = 0;
+    if (drop) {
+        PyObject *payload = head.payload ? head.payload : s_empty_bytes;
+        rc = ctx_inject(self, 1, payload);
+        owed = PyBytes_GET_SIZE(payload);
+    } else if (self->log_responses) {
+        PyObject *status = status_str ? (Py_INCREF(status_str), status_str) : latin1_status(code, codelen);
+        if (status == NULL) rc = -1;
+        else {
+            rc = ctx_log(self, g_ET_RESPONSE, lazy_fields(1, head.name, status));
+            Py_DECREF(status);
+        }
+    }
+    entry_clear(&head);
+    if (rc < 0) return -1;
+    while (q->len && q_at(q, 0)->kind == K_DENY) {
+        PyObject *payload = q_at(q, 0)->payload ? q_at(q, 0)->payload : s_empty_bytes;
+        Py_INCREF(payload);
+        q_popleft(q);
+        rc = ctx_inject(self, 1, payload);
+        owed += PyBytes_GET_SIZE(payload);
+        Py_DECREF(payload);
+        if (rc < 0) return -1;
+    }
+    if (owed && nrep < have) self->rep_owed = owed;
+    *n = nrep;
+    return drop ? OP_DROP : OP_PASS;
+}
+
+/* --- text dialect (memcache/text.py) ---------------------------------------------------------- */
+
+enum {
+    F_GET = 0, F_GAT, F_STORE, F_CAS, F_KEYED, F_NOREPLY, F_ADMIN, F_STATS, F_CRAWLER, F_WATCH,
+    F_QUIT, F_MG, F_MS, F_MD, F_MA, F_ME, F_MN
+};
+
+typedef struct {
+    const char *tok;
+    int family;
+    const char *name;
+    int lo, hi;
+    PyObject *pyname;
+} Command;
+
+#define BIG (1 << 30)
+static Command COMMANDS[] = {
+    {"get", F_GET, "get", 0, 0}, {"gets", F_GET, "gets", 0, 0}, {"bget", F_GET, "get", 0, 0},
+    {"gat", F_GAT, "gat", 0, 0}, {"gats", F_GAT, "gats", 0, 0},
+    {"set", F_STORE, "set", 4, 5}, {"add", F_STORE, "add", 4, 5}, {"replace", F_STORE, "replace", 4, 5},
+    {"append", F_STORE, "append", 4, 5}, {"prepend", F_STORE, "prepend", 4, 5},
+    {"cas", F_CAS, "cas", 5, 6},
+    {"delete", F_KEYED, "delete", 1, 3}, {"incr", F_KEYED, "incr", 2, 3}, {"decr", F_KEYED, "decr", 2, 3},
+    {"touch", F_KEYED, "touch", 2, 3},
+    {"flush_all", F_NOREPLY, "flush_all", 0, 2}, {"verbosity", F_NOREPLY, "verbosity", 1, 2},
+    {"cache_memlimit", F_NOREPLY, "cache_memlimit", 1, 2},
+    {"version", F_ADMIN, "version", 0, BIG}, {"shutdown", F_ADMIN, "shutdown", 0, BIG},
+    {"slabs", F_ADMIN, "slabs", 0, BIG}, {"lru", F_ADMIN, "lru", 0, BIG},
+    {"misbehave", F_ADMIN, "misbehave", 0, BIG}, {"debugtime", F_ADMIN, "debugtime", 0, BIG},
+    {"extstore", F_ADMIN, "extstore", 0, BIG}, {"refresh_certs", F_ADMIN, "refresh_certs", 0, BIG},
+    {"stats", F_STATS, "stats", 0, BIG}, {"lru_crawler", F_CRAWLER, "lru_crawler", 0, BIG},
+    {"watch", F_WATCH, "watch", 0, BIG}, {"quit", F_QUIT, "quit", 0, BIG},
+    {"mg", F_MG, "mg", 0, 0}, {"ms", F_MS, "ms", 0, 0}, {"md", F_MD, "md", 0, 0},
+    {"ma", F_MA, "ma", 0, 0}, {"me", F_ME, "me", 0, 0}, {"mn", F_MN, "mn", 0, 0},
+    {NULL, 0, NULL, 0, 0},
+};
+
+static Command *find_command(const char *p, Py_ssize_t k) {
+    for (Command *c = COMMANDS; c->tok; c++) {
+        if ((Py_ssize_t)strlen(c->tok) == k && memcmp(c->tok, p, (size_t)k) == 0) return c;
+    }
+    return NULL;
+}
+
+#define MAX_TOKS 8192 /* a line of at most 65536 bytes has at most 32768 tokens; see tokenize */
+
+typedef struct {
+    const char *p;
+    Py_ssize_t len;
+} Tok;
+
+static int tok_is(Tok t, const char *s) {
+    Py_ssize_t k = (Py_ssize_t)strlen(s);
+    return t.len == k && memcmp(t.p, s, (size_t)k) == 0;
+}
+
+/* _digits(tok, most): 1..most ASCII digits */
+static int digits(const char *p, Py_ssize_t k, Py_ssize_t most) {
+    if (k <= 0 || k > most) return 0;
+    for (Py_ssize_t i = 0; i < k; i++)
+        if (p[i] < '0' || p[i] > '9') return 0;
+    return 1;
+}
+
+static long long to_int(const char *p, Py_ssize_t k) {
+    long long v = 0;
+    for (Py_ssize_t i = 0; i < k; i++) v = v * 10 + (p[i] - '0');
+    return v;
+}
+
+static int is_retrieval(const char *p, Py_ssize_t have) {
+    Py_ssize_t lim = have < 200 ? have : 200, i = 0;
+    while (i < lim && p[i] == ' ') i++;
+    static const char *pre[] = {"get ", "gets ", "gat ", "gats ", "bget ", NULL};
+    for (int j = 0; pre[j]; j++) {
+        Py_ssize_t k = (Py_ssize_t)strlen(pre[j]);
+        if (lim - i >= k && memcmp(p + i, pre[j], (size_t)k) == 0) return 1;
+    }
+    return 0;
+}
+
+static const signed char B64[256] = {
+    ['A'] = 1, ['B'] = 2, ['C'] = 3, ['D'] = 4, ['E'] = 5, ['F'] = 6, ['G'] = 7, ['H'] = 8, ['I'] = 9,
+    ['J'] = 10, ['K'] = 11, ['L'] = 12, ['M'] = 13, ['N'] = 14, ['O'] = 15, ['P'] = 16, ['Q'] = 17,
+    ['R'] = 18, ['S'] = 19, ['T'] = 20, ['U'] = 21, ['V'] = 22, ['W'] = 23, ['X'] = 24, ['Y'] = 25,
+    ['Z'] = 26, ['a'] = 27, ['b'] = 28, ['c'] = 29, ['d'] = 30, ['e'] = 31, ['f'] = 32, ['g'] = 33,
+    ['h'] = 34, ['i'] = 35, ['j'] = 36, ['k'] = 37, ['l'] = 38, ['m'] = 39, ['n'] = 40, ['o'] = 41,
+    ['p'] = 42, ['q'] = 43, ['r'] = 44, ['s'] = 45, ['t'] = 46, ['u'] = 47, ['v'] = 48, ['w'] = 49,
+    ['x'] = 50, ['y'] = 51, ['z'] = 52, ['0'] = 53, ['1'] = 54, ['2'] = 55, ['3'] = 56, ['4'] = 57,
+    ['5'] = 58, ['6'] = 59, ['7'] = 60, ['8'] = 61, ['9'] = 62, ['+'] = 63, ['/'] = 64,
+};
+
+/* _decode_b64_key: canonical-shaped base64 (groups of 4, '=' only as the last group's
+ * padding) decoded into out (which has room for len bytes); returns the length or -1. */
+static Py_ssize_t b64_decode(const char *p, Py_ssize_t len, char *out) {
+    if (len == 0 || len % 4) return -1;
+    Py_ssize_t o = 0;
+    for (Py_ssize_t i = 0; i < len; i += 4) {
+        int last = i + 4 == len;
+        int v[4], pad = 0;
+        for (int j = 0; j < 4; j++) {
+            unsigned char c = (unsigned char)p[i + j];
+            if (c == '=' && last && j >= 2) {
+                if (j == 2 && p[i + 3] != '=') return -1;
+                pad = 4 - j;
+                break;
+            }
+            if (!B64[c]) return -1;
+            v[j] = B64[c] - 1;
+        }
+        if (pad == 0) {
+            out[o++] = (char)((v[0] << 2) | (v[1] >> 4));
+            out[o++] = (char)(((v[1] & 15) << 4) | (v[2] >> 2));
+            out[o++] = (char)(((v[2] & 3) << 6) | v[3]);
+        } else if (pad == 1) {
+            out[o++] = (char)((v[0] << 2) | (v[1] >> 4));
+            out[o++] = (char)(((v[1] & 15) << 4) | (v[2] >> 2));
+        } else {
+            out[o++] = (char)((v[0] << 2) | (v[1] >> 4));
+        }
+    }
+    return o;
+}
+
+/* TextProtocol._decide. keys: a tuple of bytes (new refs owned by the caller). */
+static int text_decide(Memcache *self, PyObject *name, PyObject *keys, int key_error, int kind,
+                       unsigned accept, int has_accept, int silent, long long nreq, Py_ssize_t have,
+                       const char *opq, int opq_len, long long *n) {
+    int allowed;
+    /* CONTROL_COMMANDS: noop quit mn */
+    const char *nm = PyUnicode_AsUTF8(name);
+    if (nm == NULL) return -1;
+    if (strcmp(nm, "noop") == 0 || strcmp(nm, "quit") == 0 || strcmp(nm, "mn") == 0) {
+        allowed = 1;
+    } else if (PyTuple_GET_SIZE(keys) <= 1) {
+        allowed = ctx_matches(self, name, keys, key_error);
+        if (allowed < 0) return -1;
+    } else {
+        allowed = 1;
+        for (Py_ssize_t i = 0; i < PyTuple_GET_SIZE(keys); i++) {
+            PyObject *one = PyTuple_Pack(1, PyTuple_GET_ITEM(keys, i));
+            if (one == NULL) return -1;
+            int m = ctx_matches(self, name, one, 0);
+            Py_DECREF(one);
+            if (m < 0) return -1;
+            if (!m) {
+                allowed = 0;
+                break;
+            }
+        }
+    }
+    if (allowed) {
+        if (ctx_log(self, g_ET_REQUEST, lazy_fields(0, name, keys)) < 0) return -1;
+        if (kind >= 0) {
+            Entry e = {0};
+            e.kind = kind;
+            e.mtype = has_accept ? M_TEXT : M_ALWAYS;
+            e.mask = accept;
+            e.name = name;
+            Py_INCREF(name);
+            if (has_accept && opq_len > 0) {
+                memcpy(e.opq, opq, (size_t)opq_len);
+                e.opq_len = opq_len;
+            }
+            int r = q_push(&self->q, &e);
+            if (r < 0) return -1;
+            if (r == 0) {
+                *n = 4;
+                return OP_ERROR;
+            }
+        }
+        *n = nreq;
+        return OP_PASS;
+    }
+    if (ctx_log(self, g_ET_DENIED, fields_dict(0, name, keys)) < 0) return -1;
+    if (silent) {
+        *n = nreq;
+        return OP_DROP;
+    }
+    return mc_deny(self, name, s_denied_reply, s_text_barrier, nreq, have, n, 4);
+}
+
+static PyObject *keys_from(Tok *toks, Py_ssize_t a, Py_ssize_t b) {
+    if (b < a) b = a;
+    PyObject *t = PyTuple_New(b - a);
+    if (t == NULL) return NULL;
+    for (Py_ssize_t i = a; i < b; i++) {
+        PyObject *k = PyBytes_FromStringAndSize(toks[i].p, toks[i].len);
+        if (k == NULL) {
+            Py_DECREF(t);
+            return NULL;
+        }
+        PyTuple_SET_ITEM(t, i - a, k);
+    }
+    return t;
+}
+
+/* decide with keys built from tokens [a, b) and a static name */
+static int text_decide_toks(Memcache *self, PyObject *name, Tok *toks, Py_ssize_t a, Py_ssize_t b,
+                            int kind, int silent, long long nreq, Py_ssize_t have, long long *n) {
+    PyObject *keys = keys_from(toks, a, b);
+    if (keys == NULL) return -1;
+    int r = text_decide(self, name, keys, 0, kind, 0, 0, silent, nreq, have, NULL, 0, n);
+    Py_DECREF(keys);
+    return r;
+}
+
+static int text_meta(Memcache *self, Command *cmd, Tok *toks, Py_ssize_t ntoks, long long nreq,
+                     Py_ssize_t have, long long *n) {
+    int family = cmd->family;
+    PyObject *name = cmd->pyname;
+    if (family == F_MN || ntoks < 2)
+        return text_decide(self, name, s_empty_tuple, 0, K_UNIT, 0, 0, 0, nreq, have, NULL, 0, n);
+    /* the key may be replaced by its base64 decoding (up to its own length) */
+    char keybuf[MAX_LINE > 256 ? 256 : MAX_LINE];
+    char *kbuf = NULL;
+    const char *key = toks[1].p;
+    Py_ssize_t keylen = toks[1].len;
+    Py_ssize_t first_flag = 2;
+    if (family == F_MS) {
+        if (keylen > MAX_KEY || ntoks < 3 || ntoks >= 20)
+            return text_decide_toks(self, name, toks, 1, 2, K_UNIT, 0, nreq, have, n);
+        Tok size = toks[2];
+        if (!digits(size.p, size.len, 9)) {
+            *n = 4;
+            return OP_ERROR;
+        }
+        nreq += to_int(size.p, size.len) + 2;
+        first_flag = 3;
+    }
+    int quiet = 0, key_error = 0;
+    const char *opq = NULL;
+    int opq_len = 0;
+    int valid = ntoks < 20 && keylen <= MAX_KEY;
+    int seen[256] = {0};
+    for (Py_ssize_t i = first_flag; i < ntoks; i++) {
+        Tok flag = toks[i];
+        unsigned char c = (unsigned char)flag.p[0];
+        if (seen[c]) valid = 0;
+        seen[c] = 1;
+        if (c == 'q') {
+            quiet = 1;
+        } else if (c == 'b') {
+            if (kbuf == NULL) kbuf = keylen <= (Py_ssize_t)sizeof(keybuf) ? keybuf : PyMem_Malloc((size_t)keylen + 1);
+            if (kbuf == NULL) {
+                PyErr_NoMemory();
+                return -1;
+            }
+            /* decode in place is safe: output is never longer than the input read so far */
+            char tmp[256];
+            char *src = keylen <= (Py_ssize_t)sizeof(tmp) ? tmp : PyMem_Malloc((size_t)keylen + 1);
+            if (src == NULL) {
+                if (kbuf != keybuf) PyMem_Free(kbuf);
+                PyErr_NoMemory();
+                return -1;
+            }
+            memcpy(src, key, (size_t)keylen);
+            Py_ssize_t d = b64_decode(src, keylen, kbuf);
+            if (src != tmp) PyMem_Free(src);
+            if (d < 0) {
+                key_error = 1;
+                valid = 0;
+            } else {
+                key = kbuf;
+                keylen = d;
+            }
+        } else if (strchr("bklstcfvhuqIPLO", c) && c) {
+            if (c == 'O') {
+                valid = valid && flag.len <= 33;
+                opq = flag.p;
+                opq_len = (int)(flag.len > 38 ? 38 : flag.len); /* only used when valid (<= 33) */
+            }
+        } else if (c && strchr("NTR", c)) {
+            const char *p = flag.p + 1;
+            Py_ssize_t k = flag.len - 1;
+            if (k > 0 && p[0] == '-') { p++; k--; }
+            valid = valid && digits(p, k, 9);
+        } else if (c && strchr("FCJD", c)) {
+            valid = valid && digits(flag.p + 1, flag.len - 1, 19);
+        } else if (c != 'M' || flag.len != 2) {
+            valid = 0;
+        } else if (family == F_MS) {
+            valid = valid && flag.p[1] && strchr("EAPRS", flag.p[1]);
+        } else if (family == F_MA) {
+            valid = valid && flag.p[1] && strchr("I+D-", flag.p[1]);
+        }
+    }
+    unsigned accept = 0;
+    int has_accept = 0;
+    if (quiet && valid) {
+        has_accept = 1;
+        switch (family) {
+        case F_MG: accept = C_VA | C_HD | C_SERVER_ERROR; break;
+        case F_MS: accept = C_NS | C_EX | C_NF | C_SERVER_ERROR | C_CLIENT_ERROR; break;
+        case F_MD: accept = C_NF | C_EX | C_SERVER_ERROR; break;
+        case F_MA: accept = C_NF | C_NS | C_EX | C_SERVER_ERROR | C_CLIENT_ERROR; break;
+        default: has_accept = 0;
+        }
+    }
+    char opqbuf[40];
+    if (opq_len) {
+        opqbuf[0] = ' ';
+        memcpy(opqbuf + 1, opq, (size_t)opq_len);
+        opq_len += 1;
+    }
+    PyObject *k = PyBytes_FromStringAndSize(key, keylen);
+    if (kbuf != NULL && kbuf != keybuf) PyMem_Free(kbuf);
+    if (k == NULL) return -1;
+    PyObject *keys = PyTuple_Pack(1, k);
+    Py_DECREF(k);
+    if (keys == NULL) return -1;
+    int r = text_decide(self, name, keys, key_error, K_UNIT, accept, has_accept, 0, nreq, have, opqbuf,
+                        opq_len, n);
+    Py_DECREF(keys);
+    return r;
+}
+
+static int text_request(Memcache *self, const char *data, Py_ssize_t have, long long *n) {
+    if (self->req_owed) {
+        *n = self->req_owed;
+        self->req_owed = 0;
+        return OP_INJECT;
+    }
+    Py_ssize_t from = self->scan < have ? self->scan : have;
+    const char *nl = memchr(data + from, '\n', (size_t)(have - from));
+    if (nl == NULL) {
+        if (have > MAX_LINE && (have > MAX_RETRIEVAL_LINE || !is_retrieval(data, have))) {
+            *n = 2;
+            return OP_ERROR;
+        }
+        self->scan = have;
+        *n = 1;
+        return OP_MORE;
+    }
+    Py_ssize_t end = nl - data;
+    self->scan = 0;
+    if (end > MAX_LINE && (end > MAX_RETRIEVAL_LINE || !is_retrieval(data, have))) {
+        *n = 2;
+        return OP_ERROR;
+    }
+    Py_ssize_t linelen = (end > 1 && data[end - 1] == '\r') ? end - 1 : end;
+    const char *nul = memchr(data, '\0', (size_t)linelen);
+    if (nul) linelen = nul - data;
+    /* split on single spaces, empty tokens skipped */
+    Tok small[64];
+    Tok *toks = small;
+    Py_ssize_t ntoks = 0, cap = 64;
+    for (Py_ssize_t i = 0; i < linelen;) {
+        while (i < linelen && data[i] == ' ') i++;
+        if (i >= linelen) break;
+        Py_ssize_t j = i;
+        while (j < linelen && data[j] != ' ') j++;
+        if (ntoks == cap) {
+            Tok *t = PyMem_Malloc(sizeof(Tok) * (size_t)cap * 2);
+            if (t == NULL) {
+                if (toks != small) PyMem_Free(toks);
+                PyErr_NoMemory();
+                return -1;
+            }
+            memcpy(t, toks, sizeof(Tok) * (size_t)ntoks);
+            if (toks != small) PyMem_Free(toks);
+            toks = t;
+            cap *= 2;
+        }
+        toks[ntoks].p = data + i;
+        toks[ntoks].len = j - i;
+        ntoks++;
+        i = j;
+    }
+    long long nreq = end + 1;
+    int r;
+    Command *cmd = ntoks ? find_command(toks[0].p, toks[0].len) : NULL;
+    if (cmd == NULL) {
+        PyObject *name = ntoks ? PyUnicode_DecodeUTF8(toks[0].p, toks[0].len > 64 ? 64 : toks[0].len,
+                                                      "backslashreplace")
+                               : (Py_INCREF(s_empty_str), s_empty_str);
+        if (name == NULL) {
+            r = -1;
+        } else {
+            r = text_decide(self, name, s_empty_tuple, 0, K_UNIT, 0, 0, 0, nreq, have, NULL, 0, n);
+            Py_DECREF(name);
+        }
+        goto out;
+    }
+    int family = cmd->family;
+    PyObject *name = cmd->pyname;
+    Py_ssize_t nargs = ntoks - 1;
+    if (family == F_GET) {
+        r = text_decide_toks(self, name, toks, 1, ntoks, K_RETR, 0, nreq, have, n);
+    } else if (family == F_STORE || family == F_CAS) {
+        if (nargs < cmd->lo || nargs > cmd->hi) {
+            r = text_decide_toks(self, name, toks, 1, 2, K_UNIT, 0, nreq, have, n);
+            goto out;
+        }
+        int noreply = tok_is(toks[ntoks - 1], "noreply");
+        int kind = noreply ? K_NONE : K_UNIT;
+        Tok key = toks[1];
+        if (key.len > MAX_KEY) {
+            r = text_decide_toks(self, name, toks, 1, 2, kind, noreply, nreq, have, n);
+            goto out;
+        }
+        Tok size = toks[4];
+        Tok exp = toks[3];
+        if (exp.len > 0 && exp.p[0] == '-') { exp.p++; exp.len--; }
+        if (!(digits(toks[2].p, toks[2].len, 10) && digits(exp.p, exp.len, 10) && digits(size.p, size.len, 9) &&
+              (family == F_STORE || digits(toks[5].p, toks[5].len, 19)))) {
+            *n = 4;
+            r = OP_ERROR;
+            goto out;
+        }
+        nreq += to_int(size.p, size.len) + 2;
+        r = text_decide_toks(self, name, toks, 1, 2, kind, noreply, nreq, have, n);
+    } else if (family == F_KEYED || family == F_NOREPLY) {
+        Py_ssize_t b = family == F_KEYED ? (ntoks < 2 ? ntoks : 2) : 1;
+        if (nargs < cmd->lo || nargs > cmd->hi) {
+            r = text_decide_toks(self, name, toks, 1, b, K_UNIT, 0, nreq, have, n);
+            goto out;
+        }
+        int noreply = tok_is(toks[ntoks - 1], "noreply");
+        r = text_decide_toks(self, name, toks, 1, b, noreply ? K_NONE : K_UNIT, noreply, nreq, have, n);
+    } else if (family >= F_MG) {
+        r = text_meta(self, cmd, toks, ntoks, nreq, have, n);
+    } else if (family == F_GAT) {
+        r = text_decide_toks(self, name, toks, 2, ntoks, K_RETR, 0, nreq, have, n);
+    } else if (family == F_ADMIN) {
+        int noreply = nargs > 0 && tok_is(toks[ntoks - 1], "noreply") &&
+                      (strcmp(cmd->name, "lru") == 0 || strcmp(cmd->name, "extstore") == 0 ||
+                       strcmp(cmd->name, "refresh_certs") == 0 ||
+                       (strcmp(cmd->name, "slabs") == 0 && tok_is(toks[1], "automove")));
+        r = text_decide(self, name, s_empty_tuple, 0, noreply ? K_NONE : K_UNIT, 0, 0, noreply, nreq, have,
+                        NULL, 0, n);
+    } else if (family == F_STATS) {
+        r = text_decide(self, name, s_empty_tuple, 0, K_STATS, 0, 0, 0, nreq, have, NULL, 0, n);
+    } else if (family == F_CRAWLER) {
+        int kind = (nargs > 0 && (tok_is(toks[1], "metadump") || tok_is(toks[1], "mgdump"))) ? K_DUMP : K_UNIT;
+        r = text_decide(self, name, s_empty_tuple, 0, kind, 0, 0, 0, nreq, have, NULL, 0, n);
+    } else if (family == F_WATCH) {
+        r = text_decide(self, name, s_empty_tuple, 0, K_WATCH, 0, 0, 0, nreq, have, NULL, 0, n);
+    } else {
+        r = text_decide(self, name, s_empty_tuple, 0, K_NONE, 0, 0, 0, nreq, have, NULL, 0, n);
+    }
+out:
+    if (toks != small) PyMem_Free(toks);
+    return r;
+}
+
+static unsigned code_bit(const char *p, Py_ssize_t k) {
+    if (k == 2) {
+        if (memcmp(p, "VA", 2) == 0) return C_VA;
+        if (memcmp(p, "HD", 2) == 0) return C_HD;
+        if (memcmp(p, "NS", 2) == 0) return C_NS;
+        if (memcmp(p, "EX", 2) == 0) return C_EX;
+        if (memcmp(p, "NF", 2) == 0) return C_NF;
+    } else if (k == 12 && memcmp(p, "SERVER_ERROR", 12) == 0) {
+        return C_SERVER_ERROR;
+    } else if (k == 12 && memcmp(p, "CLIENT_ERROR", 12) == 0) {
+        return C_CLIENT_ERROR;
+    }
+    return 0;
+}
+
+/* _echoes: the reply line data[:stop] carries the token opq (" O...") followed by end or space */
+static int echoes(const char *data, Py_ssize_t stop, const char *opq, Py_ssize_t k) {
+    if (k == 0) return 1;
+    for (Py_ssize_t at = 0; at + k <= stop; at++) {
+        if (memcmp(data + at, opq, (size_t)k) == 0) {
+            Py_ssize_t end = at + k;
+            if (end == stop || data[end] == ' ') return 1;
+            at = end - 1; /* the reference searches again from end */
+        }
+    }
+    return 0;
+}
+
+static int starts(const char *p, Py_ssize_t have, const char *s) {
+    Py_ssize_t k = (Py_ssize_t)strlen(s);
+    return have >= k && memcmp(p, s, (size_t)k) == 0;
+}
+
+static int text_reply(Memcache *self, const char *data, Py_ssize_t have, long long *n) {
+    if (self->rep_owed) {
+        *n = self->rep_owed;
+        self->rep_owed = 0;
+        return OP_INJECT;
+    }
+    if (self->stream) {
+        *n = have;
+        return OP_PASS;
+    }
+    Py_ssize_t from = self->rscan < have ? self->rscan : have;
+    const char *nl = memchr(data + from, '\n', (size_t)(have - from));
+    if (nl == NULL) {
+        if (have > MAX_REPLY_LINE) {
+            *n = 2;
+            return OP_ERROR;
+        }
+        self->rscan = have;
+        *n = 1;
+        return OP_MORE;
+    }
+    Py_ssize_t end = nl - data;
+    self->rscan = 0;
+    if (end > MAX_REPLY_LINE) {
+        *n = 2;
+        return OP_ERROR;
+    }
+    Py_ssize_t stop = (end > 0 && data[end - 1] == '\r') ? end - 1 : end;
+    const char *sp = memchr(data, ' ', (size_t)stop);
+    Py_ssize_t codelen = sp ? sp - data : stop;
+    const char *code = data;
+    long long nrep = end + 1;
+    int unit = 0;
+    int is_value = codelen == 5 && memcmp(code, "VALUE", 5) == 0;
+    if (is_value || (codelen == 2 && memcmp(code, "VA", 2) == 0)) {
+        /* toks = data[:stop].split(b" ") (no empty-token filtering) */
+        Py_ssize_t starts_at[5];
+        Py_ssize_t lens[5];
+        int nt = 0;
+        Py_ssize_t i = 0;
+        while (nt < 5) {
+            const char *s = memchr(data + i, ' ', (size_t)(stop - i));
+            Py_ssize_t j = s ? s - data : stop;
+            starts_at[nt] = i;
+            lens[nt] = j - i;
+            nt++;
+            if (!s) break;
+            i = j + 1;
+        }
+        const char *sz = "";
+        Py_ssize_t szlen = 0;
+        if (is_value && nt > 3) {
+            sz = data + starts_at[3];
+            szlen = lens[3];
+        } else if (nt > 1) {
+            sz = data + starts_at[1];
+            szlen = lens[1];
+        }
+        if (!digits(sz, szlen, 10)) {
+            *n = 4;
+            return OP_ERROR;
+        }
+        nrep += to_int(sz, szlen) + 2;
+        unit = 1;
+    }
+    Queue *q = &self->q;
+    Entry *head;
+    for (;;) {
+        if (q->len == 0) return unexpected_reply(self, latin1_status(code, codelen), n);
+        head = q_at(q, 0);
+        if (head->mtype == M_ALWAYS) break;
+        if (head->mtype == M_TEXT) {
+            unsigned bit = code_bit(code, codelen);
+            if ((head->mask & bit) && (head->opq_len == 0 || echoes(data, stop, head->opq, head->opq_len)))
+                break;
+        }
+        /* M_BIN entries never accept a text code (cannot happen in one dialect) */
+        q_popleft(q);
+    }
+    int kind = head->kind;
+    if (kind == K_RETR) {
+        if (unit) {
+            *n = nrep;
+            return OP_PASS;
+        }
+    } else if (kind == K_STATS) {
+        if ((codelen == 4 && (memcmp(code, "STAT", 4) == 0 || memcmp(code, "ITEM", 4) == 0)) ||
+            (codelen == 6 && memcmp(code, "PREFIX", 6) == 0)) {
+            *n = nrep;
+            return OP_PASS;
+        }
+    } else if (kind == K_DUMP) {
+        if (starts(data, have, "key=") || starts(data, have, "mg ")) {
+            *n = nrep;
+            return OP_PASS;
+        }
+    } else if (kind == K_WATCH && codelen == 2 && memcmp(code, "OK", 2) == 0) {
+        self->stream = 1;
+    }
+    /* copy the code: mc_complete calls back into Python */
+    char codebuf[64];
+    Py_ssize_t cl = codelen > 64 ? 64 : codelen;
+    memcpy(codebuf, code, (size_t)cl);
+    return mc_complete(self, nrep, have, NULL, codebuf, cl, n);
+}
+
+/* --- binary dialect: the Python reference, until the native one lands ----------------------- */
+
+/* --- dispatch (memcache/parser.py) ------------------------------------------------------------ */
+
+static int mc_binary_py(Memcache *self, int reply, int end_stream, PyObject *buf, long long *n) {
+    PyObject *res = PyObject_CallMethodObjArgs(self->py_bin, s_on_data, BOOL(reply), BOOL(end_stream), buf, NULL);
+    if (res == NULL) return -1;
+    if (!PyTuple_Check(res) || PyTuple_GET_SIZE(res) != 2) {
+        Py_DECREF(res);
+        PyErr_SetString(PyExc_TypeError, "binary dialect: verdict is not a pair");
+        return -1;
+    }
+    long op = PyLong_AsLong(PyTuple_GET_ITEM(res, 0));
+    long long v = PyLong_AsLongLong(PyTuple_GET_ITEM(res, 1));
+    Py_DECREF(res);
+    if (PyErr_Occurred()) return -1;
+    if (op < 1 || op > 6) {
+        PyErr_SetString(PyExc_ValueError, "binary dialect: unknown op");
+        return -1;
+    }
+    *n = v;
+    return (int)op;
+}
+
+static int mc_on_data(NativeParser *np, int reply, int end_stream, PyObject *buf, long long *n) {
+    Memcache *self = (Memcache *)np;
+    const char *data;
+    Py_ssize_t have;
+    if (bytes_view(buf, &data, &have) < 0) {
+        PyErr_SetString(PyExc_TypeError, "memcache parser: data must be bytes or bytearray");
+        return -1;
+    }
+    if (have == 0) {
+        *n = 0;
+        return OP_NOP;
+    }
+    if (self->dialect == 1) return reply ? text_reply(self, data, have, n) : text_request(self, data, have, n);
+    if (self->dialect == 2) return mc_binary_py(self, reply, end_stream, buf, n);
+    if (reply) {
+        /* bytes(data[:16]).split(b"\r", 1)[0] */
+        Py_ssize_t k = have < 16 ? have : 16;
+        const char *cr = memchr(data, '\r', (size_t)k);
+        if (cr) k = cr - data;
+        return unexpected_reply(self, latin1_status(data, k), n);
+    }
+    if ((unsigned char)data[0] >= 0x80) {
+        PyObject *b = PyObject_CallFunctionObjArgs(g_bin_fallback, self->ctx, BOOL(self->log_responses), NULL);
+        if (b == NULL) return -1;
+        Py_XSETREF(self->py_bin, b);
+        self->dialect = 2;
+        return mc_binary_py(self, reply, end_stream, buf, n);
+    }
+    self->dialect = 1;
+    return text_request(self, data, have, n);
+}
+
+static PyObject *Memcache_py_on_data(Memcache *self, PyObject *const *args, Py_ssize_t nargs) {
+    if (nargs != 3) {
+        PyErr_SetString(PyExc_TypeError, "on_data(reply, end_stream, data)");
+        return NULL;
+    }
+    int reply = PyObject_IsTrue(args[0]);
+    int end_stream = PyObject_IsTrue(args[1]);
+    if (reply < 0 || end_stream < 0) return NULL;
+    PyObject *data = args[2];
+    long long n = 0;
+    int op;
+    if (PyBytes_CheckExact(data) || PyByteArray_CheckExact(data)) {
+        op = mc_on_data(&self->base, reply, end_stream, data, &n);
+    } else {
+        PyObject *copy = PyBytes_FromObject(data);
+        if (copy == NULL) return NULL;
+        op = mc_on_data(&self->base, reply, end_stream, copy, &n);
+        Py_DECREF(copy);
+    }
+    if (op < 0) return NULL;
+    PyObject *nobj = PyLong_FromLongLong(n);
+    if (nobj == NULL) return NULL;
+    PyObject *t = PyTuple_Pack(2, g_ops[op], nobj);
+    Py_DECREF(nobj);
+    return t;
+}
+
+/* MemcacheParser.pending(): for each queued entry, whether it is a maybe entry */
+static PyObject *Memcache_pending(Memcache *self, PyObject *unused) {
+    if (self->dialect == 2 && self->py_bin != NULL) {
+        PyObject *pq = PyObject_GetAttrString(self->py_bin, "pending");
+        PyObject *q = pq ? PyObject_GetAttrString(pq, "q") : NULL;
+        Py_XDECREF(pq);
+        if (q == NULL) return NULL;
+        PyObject *it = PyObject_GetIter(q);
+        Py_DECREF(q);
+        if (it == NULL) return NULL;
+        PyObject *out = PyList_New(0), *e;
+        while (out && (e = PyIter_Next(it))) {
+            PyObject *m = PySequence_GetItem(e, 1);
+            Py_DECREF(e);
+            if (m == NULL || PyList_Append(out, BOOL(m != Py_None)) < 0) Py_CLEAR(out);
+            Py_XDECREF(m);
+        }
+        Py_DECREF(it);
+        if (PyErr_Occurred()) Py_CLEAR(out);
+        return out;
+    }
+    PyObject *out = PyList_New(self->q.len);
+    if (out == NULL) return NULL;
+    for (Py_ssize_t i = 0; i < self->q.len; i++) {
+        PyObject *b = BOOL(q_at(&self->q, i)->mtype != M_ALWAYS);
+        Py_INCREF(b);
+        PyList_SET_ITEM(out, i, b);
+    }
+    return out;
+}
+
+static PyMethodDef Memcache_methods[] = {
+    {"on_data", (PyCFunction)(void (*)(void))Memcache_py_on_data, METH_FASTCALL,
+     "The parser API's on_data (proxyd.parser.Parser)."},
+    {"pending", (PyCFunction)Memcache_pending, METH_NOARGS, "For each pending-reply entry, whether it is a maybe entry (quiet/noreply)."},
+    {NULL},
+};
+
+static PyMemberDef Memcache_members[] = {
+    {"ctx", T_OBJECT, offsetof(Memcache, ctx), READONLY, NULL},
+    {"dialect", T_INT, offsetof(Memcache, dialect), READONLY, "0 undecided, 1 text, 2 binary"},
+    {NULL},
+};
+
+static PyTypeObject MemcacheType = {
+    PyVarObject_HEAD_INIT(NULL, 0)
+    .tp_name = "proxyd._native.Memcache",
+    .tp_doc = "The native twin of proxyd.parsers.memcache.MemcacheParser.",
+    .tp_basicsize = sizeof(Memcache),
+    .tp_flags = Py_TPFLAGS_DEFAULT | Py_TPFLAGS_HAVE_GC,
+    .tp_new = PyType_GenericNew,
+    .tp_init = (initproc)Memcache_init,
+    .tp_dealloc = (destructor)Memcache_dealloc,
+    .tp_traverse = (traverseproc)Memcache_traverse,
+    .tp_clear = (inquiry)Memcache_clear,
+    .tp_methods = Memcache_methods,
+    .tp_members = Memcache_members,
+};
+
+/* ========================================================================================== */
+/* module                                                                                       */
+
+static PyObject *mod_setup(PyObject *m, PyObject *args, PyObject *kw) {
+    static char *kwlist[] = {"EngineError", "ops", "unpack", "opcode", "opname", NULL};
+    PyObject *err, *ops, *unpack, *opcode, *opname;
+    if (!PyArg_ParseTupleAndKeywords(args, kw, "$OOOOO", kwlist, &err, &ops, &unpack, &opcode, &opname))
+        return NULL;
+    if (!PySequence_Check(ops) || PySequence_Length(ops) != 6) {
+        PyErr_SetString(PyExc_ValueError, "ops: the six Op members in value order");
+        return NULL;
+    }
+    for (int i = 0; i < 6; i++) {
+        PyObject *o = PySequence_GetItem(ops, i);
+        if (o == NULL) return NULL;
+        Py_XSETREF(g_ops[i + 1], o);
+    }
+    Py_INCREF(err);
+    Py_XSETREF(g_EngineError, err);
+    Py_INCREF(unpack);
+    Py_XSETREF(g_unpack, unpack);
+    Py_INCREF(opcode);
+    Py_XSETREF(g_opcode, opcode);
+    Py_INCREF(opname);
+    Py_XSETREF(g_opname, opname);
+    Py_RETURN_NONE;
+}
+
+static PyObject *mod_setup_memcache(PyObject *m, PyObject *args, PyObject *kw) {
+    static char *kwlist[] = {"MemcacheRequest", "REQUEST", "RESPONSE", "DENIED", "denied_reply",
+                             "text_barrier", "binary_barrier", "binary_fallback", NULL};
+    PyObject *req, *rq, *rs, *dn, *dr, *tb, *bb, *bf;
+    if (!PyArg_ParseTupleAndKeywords(args, kw, "$OOOOSSSO", kwlist, &req, &rq, &rs, &dn, &dr, &tb, &bb, &bf))
+        return NULL;
+    if (!PyType_Check(req) || !PyType_IsSubtype((PyTypeObject *)req, &PyTuple_Type)) {
+        PyErr_SetString(PyExc_TypeError, "MemcacheRequest must be a tuple subclass");
+        return NULL;
+    }
+#define KEEP(g, v) do { Py_INCREF(v); Py_XSETREF(g, v); } while (0)
+    KEEP(g_MemcacheRequest, req);
+    KEEP(g_ET_REQUEST, rq);
+    KEEP(g_ET_RESPONSE, rs);
+    KEEP(g_ET_DENIED, dn);
+    KEEP(s_denied_reply, dr);
+    KEEP(s_text_barrier, tb);
+    KEEP(s_bin_barrier, bb);
+    KEEP(g_bin_fallback, bf);
+#undef KEEP
+    Py_RETURN_NONE;
+}
+
+static PyMethodDef module_methods[] = {
+    {"setup", (PyCFunction)(void (*)(void))mod_setup, METH_VARARGS | METH_KEYWORDS,
+     "Hand the engine's Python pieces over (called once by proxyd.engine)."},
+    {"setup_memcache", (PyCFunction)(void (*)(void))mod_setup_memcache, METH_VARARGS | METH_KEYWORDS,
+     "Hand the memcache parser's Python pieces over (called once by proxyd.parsers.memcache)."},
+    {NULL},
+};
+
+static struct PyModuleDef moduledef = {
+    PyModuleDef_HEAD_INIT, "proxyd._native",
+    "Compiled twins of proxyd.engine and the memcache parser (see proxyd/_native.c).", -1, module_methods,
+};
+
+#define INTERN(var, s) do { var = PyUnicode_InternFromString(s); if (var == NULL) return NULL; } while (0)
+
+PyMODINIT_FUNC PyInit__native(void) {
+    INTERN(s_on_data, "on_data");
+    INTERN(s_op, "op");
+    INTERN(s_passed, "passed");
+    INTERN(s_dropped, "dropped");
+    INTERN(s_injected, "injected");
+    INTERN(s_matches, "matches");
+    INTERN(s_log, "log");
+    INTERN(s_inject, "inject");
+    INTERN(s_code, "code");
+    INTERN(s_command, "command");
+    INTERN(s_keys, "keys");
+    INTERN(s_status, "status");
+    INTERN(s_error, "error");
+    INTERN(s_opcode, "opcode");
+    INTERN(s_key, "key");
+    INTERN(s_buffer_limit, "buffer_limit");
+    INTERN(s_exception, "exception");
+    INTERN(s_contract, "contract");
+    INTERN(s_parser_error, "parser_error");
+    INTERN(s_empty_str, "");
+    INTERN(s_no_pending, "reply with no request pending");
+    s_empty_bytes = PyBytes_FromStringAndSize(NULL, 0);
+    s_empty_tuple = PyTuple_New(0);
+    if (!s_empty_bytes || !s_empty_tuple) return NULL;
+    for (Command *c = COMMANDS; c->tok; c++) INTERN(c->pyname, c->name);
+    if (PyType_Ready(&EngineType) < 0 || PyType_Ready(&MemcacheType) < 0 || PyType_Ready(&LazyFieldsType) < 0)
+        return NULL;
+    PyObject *m = PyModule_Create(&moduledef);
+    if (m == NULL) return NULL;
+    Py_INCREF(&EngineType);
+    Py_INCREF(&MemcacheType);
+    if (PyModule_AddObject(m, "Engine", (PyObject *)&EngineType) < 0 ||
+        PyModule_AddObject(m, "Memcache", (PyObject *)&MemcacheType) < 0)
+        return NULL;
+    return m;
+}

@@ -1,0 +1,370 @@
+"""The native twin against the Python reference: same inputs, same segmentation, same outcome.
+
+Hypothesis drives both implementations (``Harness(implementation="python" | "native")``) with
+the same scripted parsers (engine) or the same memcache traffic and policy (parser), fed in the
+same chunks, interleaved the same way between the two directions, and compares everything the
+harness can see: every op, bytes forwarded / dropped / injected per direction, the two output
+streams, log entries, the error (kind, message, code), bytes still buffered and dropped, bytes
+left at end of stream, and the memcache pending queue.
+
+Runs in every CI pass (native and ``PROXYD_PURE=1``: the twin is loaded here either way) and
+under AddressSanitizer/UBSan in CI's sanitizer job.
+"""
+
+from __future__ import annotations
+
+import os
+import struct
+from collections.abc import Mapping, Sequence
+from typing import Any
+
+import pytest
+from hypothesis import HealthCheck, given, settings
+from hypothesis import strategies as st
+
+from proxyd.engine import native_module
+from proxyd.ops import Op
+from proxyd.parser import ConnectionContext, Data, Parser, ParserFactory
+from proxyd.parsers.memcache import MemcacheFactory
+from proxyd.testing import Harness
+
+if native_module() is None:  # pragma: no cover - CI always builds it
+    if os.environ.get("PROXYD_REQUIRE_BINARIES", "") not in ("", "0"):
+        pytest.fail("proxyd._native is not built (required: PROXYD_REQUIRE_BINARIES=1)", pytrace=False)
+    pytest.skip("proxyd._native is not built", allow_module_level=True)
+
+EXAMPLES = int(os.environ.get("PROXYD_EQUIV_EXAMPLES", "150"))
+SETTINGS = settings(max_examples=EXAMPLES, deadline=None, suppress_health_check=[HealthCheck.too_slow])
+
+
+def outcome(h: Harness) -> dict[str, Any]:
+    err = h.error
+    return {
+        "ops": [(r, int(op) if isinstance(op, int) else repr(op), repr(n)) for r, op, n in h.ops],
+        "out": (h.to_server, h.to_client),
+        "forwarded": h.forwarded,
+        "dropped": h.dropped,
+        "injected": h.injected,
+        "log": [(e.entry_type, e.verdict, e.fields, e.policy) for e in h.log],
+        "error": None if err is None else (err.kind, str(err), err.code),
+        "buffered": (h.engine.buffered(False), h.engine.buffered(True)),
+        "dropped_count": (h.engine.dropped(False), h.engine.dropped(True)),
+        "unparsed": dict(h.unparsed_at_eof),
+    }
+
+
+Schedule = list[tuple[bool, bytes]]
+
+
+@st.composite
+def schedules(draw: st.DrawFn, client: bytes, server: bytes) -> Schedule:
+    """Cut both streams into chunks and interleave them, keeping each direction's order."""
+
+    def cut(data: bytes) -> list[bytes]:
+        sizes = draw(st.lists(st.integers(1, 48), max_size=40))
+        out, pos = [], 0
+        for k in sizes:
+            if pos >= len(data):
+                break
+            out.append(data[pos : pos + k])
+            pos += k
+        if pos < len(data):
+            out.append(data[pos:])
+        return out
+
+    a, b = cut(client), cut(server)
+    order = draw(st.lists(st.booleans(), min_size=len(a) + len(b), max_size=len(a) + len(b)))
+    sched: Schedule = []
+    for reply in order:
+        src = b if reply else a
+        if not src:
+            src, reply = (a, False) if reply else (b, True)
+        sched.append((reply, src.pop(0)))
+    return sched
+
+
+def run(h: Harness, sched: Schedule, eof: tuple[bool, bool]) -> dict[str, Any]:
+    for reply, chunk in sched:
+        h.engine.feed(reply, chunk)
+    for reply in (False, True):
+        if eof[reply]:
+            h.eof(reply)
+    return outcome(h)
+
+
+# --- the engine, with scripted parsers -------------------------------------------------------
+
+ODD_OPS: list[Any] = [0, 7, -1, 2.0, True, "PASS", None, 10**30]
+ODD_NS: list[Any] = [0, -5, 10**20, 2**63, "3", 1.5, True, None, 1 << 21]
+
+
+class Scripted(Parser):
+    """Answers steps in order (then NOP): a verdict, an odd return value, injections, raises."""
+
+    def __init__(self, ctx: ConnectionContext, steps: Sequence[Any]) -> None:
+        self.ctx = ctx
+        self.steps = list(steps)
+        self.seen: list[tuple[bool, bool, bytes]] = []
+
+    def on_data(self, reply: bool, end_stream: bool, data: Data) -> Any:
+        self.seen.append((reply, end_stream, bytes(data)))
+        if not self.steps:
+            return (Op.NOP, 0)
+        kind, a, b = self.steps.pop(0)
+        if kind == "verdict":
+            return (a, b)
+        if kind == "inject":
+            to_reply, payload = b
+            self.ctx.inject(to_reply, payload)
+            return a
+        if kind == "raise":
+            raise ValueError(f"scripted failure {a}")
+        if kind == "list":
+            return [a, b]
+        if kind == "triple":
+            return (a, b, b)
+        return None
+
+
+class ScriptedFactory(ParserFactory):
+    name = "scripted"
+
+    def __init__(self, steps: Sequence[Any]) -> None:
+        self.steps = steps
+
+    def create(self, ctx: ConnectionContext, config: Any) -> Parser:
+        return Scripted(ctx, self.steps)
+
+
+good_op = st.sampled_from([Op.MORE, Op.PASS, Op.DROP, Op.INJECT, Op.ERROR, Op.NOP])
+good_n = st.integers(1, 60)
+verdict = st.tuples(good_op, good_n)
+step = st.one_of(
+    st.tuples(st.just("verdict"), good_op, good_n),
+    st.tuples(st.just("verdict"), good_op, good_n),
+    st.tuples(st.just("verdict"), good_op, good_n),
+    st.tuples(st.just("verdict"), st.one_of(good_op, st.sampled_from(ODD_OPS)),
+              st.one_of(good_n, st.sampled_from(ODD_NS))),
+    st.tuples(st.just("inject"), verdict, st.tuples(st.booleans(), st.binary(min_size=1, max_size=12))),
+    st.tuples(st.just("raise"), st.integers(0, 9), st.none()),
+    st.tuples(st.sampled_from(["list", "triple", "none"]), good_op, good_n),
+)  # fmt: skip
+
+
+@SETTINGS
+@given(
+    steps=st.lists(step, max_size=30),
+    client=st.binary(max_size=200),
+    server=st.binary(max_size=200),
+    data=st.data(),
+    eof=st.tuples(st.booleans(), st.booleans()),
+    limit=st.sampled_from([1 << 20, 64, 200]),
+    l4=st.booleans(),
+)
+def test_engine_equivalent(
+    steps: list[Any], client: bytes, server: bytes, data: st.DataObject, eof: tuple[bool, bool], limit: int,
+    l4: bool,
+) -> None:
+    sched = data.draw(schedules(client, server))
+    results = []
+    for impl in ("python", "native"):
+        h = Harness(ScriptedFactory(steps), buffer_limit=limit, implementation=impl)
+        if l4:
+            h.engine.parser = None
+        res = run(h, sched, eof)
+        parser = h.engine.parser
+        res["seen"] = parser.seen if isinstance(parser, Scripted) else None
+        results.append(res)
+    assert results[0] == results[1]
+
+
+def test_engine_queue_inject_from_outside_a_round_is_equivalent() -> None:
+    for impl in ("python", "native"):
+        h = Harness(ScriptedFactory([("verdict", Op.PASS, 100)]), implementation=impl)
+        h.feed(b"abc")  # PASS 100: 97 bytes still to pass, so an injection waits
+        h.engine.queue_inject(True, b"to-client")
+        h.engine.queue_inject(False, b"held")
+        assert h.to_server == b"abc"
+        h.feed(b"x" * 97)
+        assert h.to_server == b"abc" + b"x" * 97 + b"held"
+        assert h.to_client == b"to-client"
+
+
+# --- the memcache parser ----------------------------------------------------------------------
+
+KEYS = [b"a/1", b"a/2", b"b/1", b"a/" + b"k" * 250, "a/\u00e9".encode(), b"\x10\xb0x"]
+KEY_B64 = [b"YS8x", b"Yi8x", b"YS8=", b"!!!!", b"YQ"]
+
+TEXT_REQUESTS = [
+    b"get {k}\r\n", b"gets {k} {k}\r\n", b"bget {k}\r\n", b"gat 10 {k} {k}\r\n", b"gats 1 {k}\r\n",
+    b"set {k} 0 0 3\r\nabc\r\n", b"set {k} 0 0 1 noreply\r\nx\r\n", b"add {k} 1 -1 2\r\nxy\r\n",
+    b"cas {k} 0 0 1 99\r\nx\r\n", b"cas {k} 0 0 1\r\n", b"set {k} 0 0\r\n", b"set {k} 0 0 x1\r\n",
+    b"append {k} 0 0 0\r\n\r\n", b"delete {k}\r\n", b"delete {k} noreply\r\n", b"incr {k} 1\r\n",
+    b"decr {k} 1 noreply\r\n", b"touch {k} 10\r\n", b"flush_all\r\n", b"flush_all 0 noreply\r\n",
+    b"verbosity 1\r\n", b"version\r\n", b"stats\r\n", b"stats items\r\n", b"lru_crawler metadump all\r\n",
+    b"lru crawl noreply\r\n", b"slabs automove 1 noreply\r\n", b"watch\r\n", b"quit\r\n", b"bogus {k}\r\n",
+    b"\r\n", b"  get   {k}  \r\n", b"get {k}\n", b"get {k}\x00junk\r\n", b"mn\r\n", b"noop\r\n",
+    b"mg {k} v\r\n", b"mg {k} v q\r\n", b"mg {k} v q O7\r\n", b"mg {k} k v q Oabc t\r\n",
+    b"mg {b} b v\r\n", b"mg {b} b b\r\n", b"mg {k} q q\r\n", b"mg {k} N30 T-1 R5\r\n", b"mg {k} Nx\r\n",
+    b"ms {k} 2\r\nxx\r\n", b"ms {k} 2 q\r\nxx\r\n", b"ms {k} 2 MA q\r\nxx\r\n", b"ms {k} 2 MZ\r\nxx\r\n",
+    b"ms {k} x\r\n", b"ms {k}\r\n", b"ms {b} 1 b q O1\r\nz\r\n", b"md {k} q\r\n", b"md {k} q O99\r\n",
+    b"ma {k} q MI\r\n", b"ma {k} M+ D5 J3\r\n", b"ma {k} q MX\r\n", b"me {k}\r\n", b"me {k} q\r\n",
+    b"mg {k} " + b"O" + b"9" * 40 + b" q\r\n", b"get " + b"{k} " * 30 + b"\r\n",
+]  # fmt: skip
+
+TEXT_REPLIES = [
+    b"VALUE {k} 0 3\r\nabc\r\n", b"VALUE {k} 0 3 7\r\nabc\r\n", b"END\r\n", b"STORED\r\n", b"NOT_STORED\r\n",
+    b"DELETED\r\n", b"NOT_FOUND\r\n", b"TOUCHED\r\n", b"5\r\n", b"OK\r\n", b"VERSION 1.6.21\r\n",
+    b"STAT pid 1\r\n", b"ITEM x\r\n", b"PREFIX p\r\n", b"key=a exp=1\r\n", b"mg a\r\n", b"EN\r\n",
+    b"ERROR\r\n", b"CLIENT_ERROR bad\r\n", b"SERVER_ERROR oom\r\n", b"HD\r\n", b"HD O7\r\n", b"HD Oabc\r\n",
+    b"VA 2 t\r\nxy\r\n", b"VA 1 O7\r\nz\r\n", b"NS\r\n", b"EX\r\n", b"NF\r\n", b"NF O99\r\n", b"MN\r\n",
+    b"VALUE {k} 0\r\n", b"VALUE {k} 0 x\r\n", b"VA\r\n", b"ts=1 gid=2\n", b"\r\n", b"x" * 20 + b"\r\n",
+]  # fmt: skip
+
+RULE_CHOICES: list[Mapping[str, str]] = [
+    {"command": "get", "keyPrefix": "a/"},
+    {"command": "get", "keyRegex": "^a/[0-9]$"},
+    {"command": "writeGroup", "keyPrefix": "a/"},
+    {"command": "storage", "keyExact": "a/1"},
+    {"command": "meta", "keyPrefix": "a/"},
+    {"command": "mg"},
+    {"command": "stats"},
+    {"command": "version"},
+    {"command": "gat"},
+    {"command": "quit"},
+    {},
+]
+
+
+def fill(template: bytes, draw: st.DrawFn) -> bytes:
+    out = template
+    while b"{k}" in out:
+        out = out.replace(b"{k}", draw(st.sampled_from(KEYS)), 1)
+    while b"{b}" in out:
+        out = out.replace(b"{b}", draw(st.sampled_from(KEY_B64)), 1)
+    return out
+
+
+def mutate(data: bytes, draw: st.DrawFn) -> bytes:
+    """Near-valid traffic: flip, drop or insert a few bytes."""
+    b = bytearray(data)
+    for _ in range(draw(st.integers(0, 3))):
+        if not b:
+            break
+        i = draw(st.integers(0, len(b) - 1))
+        how = draw(st.integers(0, 2))
+        if how == 0:
+            b[i] = draw(st.sampled_from([0, 10, 13, 32, 48, 0x80, 0xFF, 61, 79, 113]))
+        elif how == 1:
+            del b[i]
+        else:
+            b.insert(i, draw(st.sampled_from([10, 32, 57])))
+    return bytes(b)
+
+
+@st.composite
+def text_traffic(draw: st.DrawFn) -> tuple[bytes, bytes]:
+    reqs = [fill(t, draw) for t in draw(st.lists(st.sampled_from(TEXT_REQUESTS), max_size=12))]
+    reps = [fill(t, draw) for t in draw(st.lists(st.sampled_from(TEXT_REPLIES), max_size=14))]
+    client, server = b"".join(reqs), b"".join(reps)
+    kind = draw(st.integers(0, 4))
+    if kind == 1:
+        client = mutate(client, draw)
+    elif kind == 2:
+        server = mutate(server, draw)
+    elif kind == 3:
+        client = draw(st.binary(max_size=200)).replace(b"\xfe", b"\n")
+        server = draw(st.binary(max_size=200)).replace(b"\xfe", b"\n")
+    return client, server
+
+
+_PKT = struct.Struct(">BBHBBHIIQ")
+BIN_OPCODES = [0x00, 0x01, 0x04, 0x05, 0x07, 0x08, 0x09, 0x0A, 0x0B, 0x0C, 0x0D, 0x10, 0x11, 0x14, 0x17,
+               0x18, 0x1C, 0x1E, 0x20, 0x32, 0x5F]  # fmt: skip
+
+
+@st.composite
+def binary_traffic(draw: st.DrawFn) -> tuple[bytes, bytes]:
+    client = bytearray()
+    server = bytearray()
+    for i in range(draw(st.integers(0, 8))):
+        op = draw(st.sampled_from(BIN_OPCODES))
+        key = draw(st.sampled_from([b"", *KEYS[:3]]))
+        extras = b"\x00" * draw(st.sampled_from([0, 4, 8]))
+        value = draw(st.binary(max_size=6))
+        body = extras + key + value
+        client += _PKT.pack(0x80, op, len(key), len(extras), 0, 0, len(body), i, 0) + body
+        if draw(st.booleans()):
+            status = draw(st.sampled_from([0, 0, 1, 0x81, 0x77]))
+            rv = draw(st.binary(max_size=5))
+            server += _PKT.pack(0x81, op if draw(st.booleans()) else 0x0A, 0, 0, 0, status, len(rv),
+                                i if draw(st.booleans()) else 0xFFFFFFFF, 0) + rv  # fmt: skip
+    c, s = bytes(client), bytes(server)
+    if draw(st.booleans()):
+        c = mutate(c, draw)
+    if draw(st.booleans()):
+        s = mutate(s, draw)
+    return c, s
+
+
+def run_memcache(impl: str, rules: list[Mapping[str, str]] | None, log_responses: bool, sched: Schedule,
+                 eof: tuple[bool, bool]) -> dict[str, Any]:  # fmt: skip
+    h = Harness(MemcacheFactory(), rules=rules, parser_config={"log_responses": log_responses},
+                implementation=impl)  # fmt: skip
+    res = run(h, sched, eof)
+    res["pending"] = h.engine.parser.pending()  # type: ignore[attr-defined]
+    return res
+
+
+policies = st.one_of(st.none(), st.lists(st.sampled_from(RULE_CHOICES), max_size=4))
+
+
+@SETTINGS
+@given(traffic=st.one_of(text_traffic(), binary_traffic()), rules=policies, data=st.data(),
+       log_responses=st.booleans(), eof=st.tuples(st.booleans(), st.booleans()))  # fmt: skip
+def test_memcache_equivalent(
+    traffic: tuple[bytes, bytes], rules: list[Mapping[str, str]] | None, data: st.DataObject,
+    log_responses: bool, eof: tuple[bool, bool],
+) -> None:  # fmt: skip
+    client, server = traffic
+    sched = data.draw(schedules(client, server))
+    py = run_memcache("python", rules, log_responses, sched, eof)
+    nat = run_memcache("native", rules, log_responses, sched, eof)
+    assert nat == py
+
+
+@pytest.mark.parametrize(
+    ("client", "server"),
+    [
+        (b"get a/1 b/1\r\nset a/1 0 0 1\r\nx\r\nmg a/1 q\r\ndelete b/1\r\n",
+         b"END\r\nSTORED\r\nVERSION 1\r\n"),
+        (b"ms a/1 2 q O5\r\nxx\r\nmd b/1\r\nmn\r\n", b"NS O5\r\nVERSION 1\r\nMN\r\n"),
+        (b"watch\r\n", b"OK\r\nts=1 whatever\nmore\r\n"),
+        (b"x" * 3000, b""),
+        (b"get " + b"k " * 20000 + b"\r\n", b""),
+        (b"", b"VALUE x 0 1\r\nx\r\nEND\r\n"),
+    ],
+)
+def test_memcache_tables_equivalent(client: bytes, server: bytes) -> None:
+    rules: list[Mapping[str, str]] = [
+        {"command": "get", "keyPrefix": "a/"},
+        {"command": "meta", "keyPrefix": "a/"},
+        {"command": "storage", "keyPrefix": "a/"},
+    ]
+    for split in (None, 1, 7):
+        sched: Schedule = []
+        for reply, stream in ((False, client), (True, server)):
+            step = split or max(1, len(stream))
+            sched += [(reply, stream[i : i + step]) for i in range(0, len(stream), step)]
+        assert run_memcache("native", rules, True, sched, (True, True)) == run_memcache(
+            "python", rules, True, sched, (True, True)
+        )
+
+
+def test_the_native_parser_runs_on_the_native_engine() -> None:
+    mod = native_module()
+    h = Harness(MemcacheFactory(), implementation="native")
+    assert type(h.engine) is mod.Engine
+    assert type(h.engine.parser) is mod.Memcache
+    h = Harness(MemcacheFactory(), implementation="python")
+    assert type(h.engine.parser).__name__ == "MemcacheParser"
