@@ -193,7 +193,8 @@ def cmd_iptables(args: argparse.Namespace) -> int:
 
 def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="proxyd", description="Transparent L7 proxy daemon")
-    p.add_argument("--version", action="version", version=f"proxyd {__version__} (data path: {IMPLEMENTATION})")
+    version = f"proxyd {__version__} (data path: {IMPLEMENTATION})"
+    p.add_argument("--version", action="version", version=version)
     sub = p.add_subparsers(dest="command", required=True)
     run = sub.add_parser("run", help="run the daemon")
     run.add_argument("--config", "-c", type=Path, required=True)
