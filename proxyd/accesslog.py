@@ -1,4 +1,4 @@
-"""The access log (DESIGN.md section 5): one JSON object per line, through structlog.
+"""The access log (docs/access-log-and-metrics.md): one JSON object per line, through structlog.
 
 structlog is wrapped per daemon (not configured globally) so tests can run several daemons in
 one process; the processor chain is kept to a timestamp and an orjson renderer because every

@@ -1,8 +1,8 @@
 """The admin HTTP API on the admin address, served by aiohttp on the daemon's own loop.
 
 ``/metrics`` (Prometheus text), ``/healthz`` (the process answers), ``/readyz`` (every listener
-is bound and the daemon is not draining), ``/v1/listeners``, and the policy endpoints of
-DESIGN.md section 4: ``GET/POST/PUT /v1/policy`` and ``DELETE /v1/policy/NAME``.
+is bound and the daemon is not draining), ``/v1/listeners``, and the policy endpoints
+``GET/POST/PUT /v1/policy`` and ``DELETE /v1/policy/NAME``; docs/admin-api.md is the contract.
 """
 
 from __future__ import annotations
@@ -104,7 +104,12 @@ class AdminServer:
         try:
             revision = self.daemon.policy.delete_imported(name)
         except KeyError:
-            return web.json_response({"errors": [f"no imported policy named {name!r}"]}, status=404)
+            source = next((d["source"] for d in self.daemon.policy.documents() if d["name"] == name), None)
+            why = f"no imported policy named {name!r}"
+            if source:
+                why = (f"policy {name!r} comes from the file {source} (policy.paths), not from an import: "
+                       "edit or remove the file to change it")  # fmt: skip
+            return web.json_response({"errors": [why]}, status=404)
         except PolicyError as exc:
             return web.json_response({"errors": exc.problems}, status=400)
         self.daemon.policy_changed(revision)

@@ -41,7 +41,9 @@ def cmd_run(args: argparse.Namespace) -> int:
             print(line, file=sys.stderr)
         return 1
     except OSError as exc:
-        print(f"proxyd: cannot start: {exc}", file=sys.stderr)
+        # Bind failures carry their listener and address in strerror; others keep their filename.
+        why = exc.strerror if exc.strerror and exc.filename is None else exc
+        print(f"proxyd: cannot start: {why}", file=sys.stderr)
         return 1
 
 
@@ -60,10 +62,16 @@ def cmd_check(args: argparse.Namespace) -> int:
     return 0
 
 
+#: Built-in parsers the test suite uses (proxyd.parsers.testparsers); `proxyd parsers --all` shows them.
+TEST_PARSER_PREFIX = "test."
+
+
 def cmd_parsers(args: argparse.Namespace) -> int:
     reg = Registry.load()
     rows = [("NAME", "ORIGIN", "RULE KEYS", "DESCRIPTION")]
     for name, r in reg.items():
+        if name.startswith(TEST_PARSER_PREFIX) and r.origin == "built-in" and not args.all:
+            continue  # the framework's own test parsers: shown with --all
         rows.append((name, r.origin, ",".join(r.factory.rule_keys) or "-", r.factory.description))
     widths = [max(len(row[i]) for row in rows) for i in range(3)]
     for row in rows:
@@ -75,6 +83,26 @@ def _problems(exc: ConfigError | PolicyError) -> int:
     for line in exc.problems:
         print(line, file=sys.stderr)
     return 1
+
+
+def _parse_src(value: str) -> tuple[str, int]:
+    """``IP``, ``IP:PORT``, ``[IPv6]:PORT`` or a bare IPv6 address -> (ip, port); ValueError if not."""
+    import ipaddress
+
+    from proxyd.config import parse_port
+
+    host, port = value, "0"
+    if value.startswith("["):
+        host, sep, port = value[1:].partition("]:")
+        if not sep:
+            raise ValueError(f"{value!r} is not an address")
+    elif value.count(":") == 1:
+        host, _, port = value.partition(":")
+    try:
+        ipaddress.ip_address(host)
+    except ValueError:
+        raise ValueError(f"{host!r} is not an IP address") from None
+    return host, parse_port(port, allow_zero=True)
 
 
 def cmd_explain(args: argparse.Namespace) -> int:
@@ -91,10 +119,13 @@ def cmd_explain(args: argparse.Namespace) -> int:
         return _problems(exc)
     try:
         dst = parse_hostport(args.dst)
-        src_ip, _, src_port = args.src.rpartition(":") if args.src.count(":") == 1 else (args.src, "", "0")
-        src = (src_ip.strip("[]"), int(src_port or 0))
     except ValueError as exc:
-        print(f"proxyd explain: {exc}", file=sys.stderr)
+        print(f"proxyd explain: --dst: {exc} (IP:PORT or [IPv6]:PORT)", file=sys.stderr)
+        return 2
+    try:
+        src = _parse_src(args.src)
+    except ValueError as exc:
+        print(f"proxyd explain: --src: {exc} (IP, IP:PORT or [IPv6]:PORT)", file=sys.stderr)
         return 2
     listener = None
     if args.listener:
@@ -146,14 +177,26 @@ def _http(method: str, url: str, body: bytes | None = None) -> tuple[int, dict[s
         return exc.code, json.loads(exc.read() or b"{}")
 
 
+#: The source the admin API gives imported documents (``admin-api:LINE``).
+IMPORT_SOURCE = "admin-api"
+
+
 def cmd_policy(args: argparse.Namespace) -> int:
     import json
     import urllib.error
 
-    try:
-        base = _admin_url(args) + "/v1/policy"
-        if args.policy_command == "import":
+    body = b""
+    if args.policy_command == "import":
+        try:
             body = Path(args.file).read_bytes()
+        except OSError as exc:
+            print(f"proxyd policy import: cannot read {args.file}: {exc.strerror or exc}", file=sys.stderr)
+            return 1
+    url = ""
+    try:
+        url = _admin_url(args)
+        base = url + "/v1/policy"
+        if args.policy_command == "import":
             status, data = _http("POST", base, body)
         elif args.policy_command == "get":
             status, data = _http("GET", base)
@@ -165,10 +208,12 @@ def cmd_policy(args: argparse.Namespace) -> int:
         return _problems(exc)
     except OSError as exc:
         reason = exc.reason if isinstance(exc, urllib.error.URLError) else exc
-        print(f"proxyd policy: cannot reach the daemon's admin API: {reason}", file=sys.stderr)
+        print(f"proxyd policy: cannot reach the daemon's admin API at {url}: {reason}", file=sys.stderr)
         return 1
     if status != 200:
         for line in data.get("errors", [f"HTTP {status}"]):
+            if args.policy_command == "import" and line.startswith(f"{IMPORT_SOURCE}:"):
+                line = args.file + line[len(IMPORT_SOURCE) :]  # the problem is in the file given
             print(line, file=sys.stderr)
         return 1
     if args.policy_command == "get":
@@ -196,15 +241,33 @@ def build_parser() -> argparse.ArgumentParser:
     version = f"proxyd {__version__} (data path: {IMPLEMENTATION})"
     p.add_argument("--version", action="version", version=version)
     sub = p.add_subparsers(dest="command", required=True)
-    run = sub.add_parser("run", help="run the daemon")
+    run = sub.add_parser(
+        "run", help="run the daemon",
+        description="Run the daemon on a config file: ready once every listener is bound (and the admin "
+        "/readyz answers 200). SIGHUP reloads config and policy, SIGUSR1 reopens the access log, "
+        "SIGTERM/SIGINT stop accepting, drain open connections for up to limits.drain_timeout and exit 0.",
+    )  # fmt: skip
     run.add_argument("--config", "-c", type=Path, required=True)
     run.set_defaults(func=cmd_run)
-    check = sub.add_parser("check", help="validate config and policy, then exit 0 or 1")
+    check = sub.add_parser(
+        "check", help="validate config and policy, then exit 0 or 1",
+        description="Validate a config file and every policy document it names without starting "
+        "anything. Prints one 'file:line: key: problem' line per problem and exits 1, or a summary and 0.",
+    )  # fmt: skip
     check.add_argument("--config", "-c", type=Path, required=True)
     check.set_defaults(func=cmd_check)
-    parsers = sub.add_parser("parsers", help="list registered parsers")
+    parsers = sub.add_parser(
+        "parsers", help="list registered parsers",
+        description="List the registered parsers (built-in and installed through the proxyd.parsers "
+        "entry-point group), where each comes from, and its policy rule keys.",
+    )  # fmt: skip
+    parsers.add_argument("--all", action="store_true", help="also list the built-in test parsers (test.*)")
     parsers.set_defaults(func=cmd_parsers)
-    exp = sub.add_parser("explain", help="show the policy that applies to a connection")
+    exp = sub.add_parser(
+        "explain", help="show the policy that applies to a connection",
+        description="Show how the config's identities and policy treat a connection from --src to --dst: "
+        "both endpoints' labels, the documents that select them, the L3/L4 verdict and the L7 rules.",
+    )  # fmt: skip
     exp.add_argument("--config", "-c", type=Path, required=True)
     exp.add_argument("--src", required=True, help="client IP (or IP:PORT)")
     exp.add_argument("--dst", required=True, help="destination IP:PORT ([IPv6]:PORT)")
@@ -222,7 +285,11 @@ def build_parser() -> argparse.ArgumentParser:
     pol.set_defaults(func=cmd_policy)
     from proxyd import iptables
 
-    ipt = sub.add_parser("iptables", help="print, apply or remove the nat redirect rules")
+    ipt = sub.add_parser(
+        "iptables", help="print, apply or remove the nat redirect rules",
+        description="Print (default), --apply or --remove the nat rules that send each listener's "
+        "redirect: ports to it (docs/deployment.md explains every rule).",
+    )  # fmt: skip
     ipt.add_argument("--config", "-c", type=Path, help="config file (not needed with --remove)")
     iptables.add_arguments(ipt)
     ipt.set_defaults(func=cmd_iptables)

@@ -1,4 +1,4 @@
-"""The daemon configuration (DESIGN.md section 3): loaded once, validated whole, frozen.
+"""The daemon configuration (docs/configuration.md): loaded once, validated whole, frozen.
 
 Every problem is reported as ``file:line: key: problem`` and all of them are collected before
 :class:`ConfigError` is raised, so an operator fixes a file in one pass and the daemon never
@@ -315,6 +315,10 @@ def parse_config(text: str, path: Path, registry: Registry) -> Config:
     if pol is not None:
         paths = _get(pol, "paths", "policy", p, _str_list, ())
         state_dir = _get(pol, "state_dir", "policy", p, _str, None)
+        raw_paths = pol.get("paths")
+        for i, x in enumerate(paths):
+            if not (base / x).exists() and isinstance(raw_paths, LList):
+                p.add(raw_paths.where_of(i), f"policy.paths[{i}]", f"no such file or directory: {base / x}")
         policy = PolicyConfig(
             paths=tuple(base / x for x in paths),
             mode=_get(pol, "mode", "policy", p, _choice(POLICY_MODES), "enforce"),

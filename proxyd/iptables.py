@@ -42,6 +42,7 @@ import pwd
 import re
 import shutil
 import subprocess
+import sys
 from collections.abc import Iterable, Sequence
 from dataclasses import dataclass
 from typing import Protocol, TextIO
@@ -479,6 +480,12 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--netns", help="run iptables inside this named network namespace")
 
 
+NO_REDIRECT_HINT = (
+    "proxyd iptables: no listener has a redirect: block, so no port is redirected (the PROXYD_ chains "
+    "stay empty); add redirect: {ports: [...]} to the listeners iptables should feed (docs/deployment.md)"
+)
+
+
 def run(args: argparse.Namespace, config: ConfigLike | None, out: TextIO) -> int:
     """Carry out ``proxyd iptables``: print the restore input (default), ``--apply`` or ``--remove``.
     ``config`` may be None only with ``--remove``. Raises :class:`IptablesError`; returns 0."""
@@ -490,6 +497,8 @@ def run(args: argparse.Namespace, config: ConfigLike | None, out: TextIO) -> int
     uid = resolve_uid(args.uid) if args.uid is not None else None
     mark = args.mark if args.mark is not None else config.upstream_mark
     redirects = redirects_from_listeners(config.listeners)
+    if not redirects:
+        print(NO_REDIRECT_HINT, file=sys.stderr)
     ipv6 = any(r.ipv6 for r in redirects)
     if args.apply:
         apply(redirects, uid, mark, ipv6=ipv6, netns=args.netns)

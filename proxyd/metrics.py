@@ -1,4 +1,4 @@
-"""Every Prometheus metric proxyd exports, declared in one place (DESIGN.md section 6).
+"""Every Prometheus metric proxyd exports, declared in one place (docs/access-log-and-metrics.md).
 
 Labels never carry addresses, keys or other unbounded values. Each daemon owns its own
 ``CollectorRegistry`` so several daemons can run in one process (the in-process tests do).

@@ -1,4 +1,4 @@
-"""Verdicts a parser answers with: proxylib's op codes (see DESIGN.md section 2).
+"""Verdicts a parser answers with: proxylib's op codes (see docs/parser-api.md).
 
 A verdict is a plain ``(Op, n)`` tuple rather than an object: parsers return one per
 frame on the hot path, and a tuple costs nothing to build or unpack.

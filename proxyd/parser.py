@@ -1,4 +1,4 @@
-"""The parser API: what a protocol plugin implements and what it may call (DESIGN.md section 2).
+"""The parser API: what a protocol plugin implements and what it may call (docs/parser-api.md).
 
 A parser is created per connection by its factory and never touches sockets, the event loop or
 the clock. The framework hands it the unconsumed bytes of one direction and applies the

@@ -1,6 +1,6 @@
 """The relay: one client connection, its upstream connection, and the engine between them.
 
-Protocol-free I/O on asyncio transports (uvloop). What it guarantees (DESIGN.md section 1):
+Protocol-free I/O on asyncio transports (uvloop). What it guarantees (docs/configuration.md):
 
 - Flow control both ways: when one side's write buffer passes its high-water mark, reading
   from the other side pauses, and resumes below the low mark; the engine's own buffers are

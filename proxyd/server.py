@@ -19,6 +19,7 @@ import asyncio
 import contextlib
 import ipaddress
 import itertools
+import os
 import signal
 import socket
 from collections.abc import Mapping
@@ -74,7 +75,12 @@ class ListenerRuntime:
             sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
             if family == socket.AF_INET6 and ipaddress.ip_address(host).is_unspecified:
                 sock.setsockopt(socket.IPPROTO_IPV6, socket.IPV6_V6ONLY, 0)
-            sock.bind((host, port))
+            try:
+                sock.bind((host, port))
+            except OSError as exc:
+                why = os.strerror(exc.errno) if exc.errno else str(exc)
+                what = f"listener {self.config.name!r}: cannot bind {self.config.address}: {why}"
+                raise OSError(exc.errno, what) from exc
             sock.setblocking(False)
             self.server = await asyncio.get_running_loop().create_server(
                 lambda: Connection(self), sock=sock, backlog=LISTEN_BACKLOG
@@ -253,7 +259,13 @@ class Daemon:
             from proxyd.admin import AdminServer
 
             self._admin = AdminServer(self)
-            await self._admin.start(self.config.admin.host, self.config.admin.port)
+            adm = self.config.admin
+            try:
+                await self._admin.start(adm.host, adm.port)
+            except OSError as exc:
+                where = f"[{adm.host}]:{adm.port}" if ":" in adm.host else f"{adm.host}:{adm.port}"
+                why = os.strerror(exc.errno) if exc.errno else str(exc)
+                raise OSError(exc.errno, f"admin.address: cannot bind {where}: {why}") from exc
         self.ready = True
         sdnotify.notify("READY=1", f"STATUS=serving {len(self.listeners)} listeners")
         interval = sdnotify.watchdog_interval()
@@ -318,6 +330,9 @@ class Daemon:
         self.stopping = True
         self.ready = False
         sdnotify.notify("STOPPING=1")
+        open_conns = self.active_connections()
+        self.log.info("stopping: no new connections; draining open ones", open_connections=open_conns,
+                      drain_timeout_s=self.config.limits.drain_timeout if open_conns else 0)  # fmt: skip
         for lr in self.listeners.values():
             lr.close_server()
         if self.active_connections():

@@ -302,7 +302,7 @@ def _bad_batch() -> BatchStatement:
 
 
 def test_denied_batch_entries_name_the_policy(env: Env) -> None:
-    """Every l7 line of a denied batch names the document that decided (DESIGN.md section 5).
+    """Every l7 line of a denied batch names the document that decided (docs/access-log-and-metrics.md).
 
     Failed when written: ``Parser._check`` (proxyd/parsers/cassandra/parser.py) stops evaluating at
     the first denied member, then logs every member; ``Context.log`` gives the last decision to the

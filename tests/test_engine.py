@@ -1,4 +1,4 @@
-"""The verdict engine (DESIGN.md section 2), op by op, through the harness and directly.
+"""The verdict engine (docs/parser-api.md), op by op, through the harness and directly.
 
 Parsers here are scripts: :class:`Script` answers a given verdict sequence (per direction), and a
 step may be a function that queues injections or raises before answering. Tables read like

@@ -139,8 +139,8 @@ def _pip(*args: str) -> subprocess.CompletedProcess[str]:
 def c3po_installed() -> Iterator[None]:
     """pip-install examples/c3po into this interpreter; uninstall it afterwards."""
     was_installed = _c3po_dist() is not None
-    # Build with the interpreter's own setuptools when it can make wheels (it has ``wheel``, or
-    # is 70.1 or newer); otherwise let pip fetch a build backend into an isolated environment.
+    # Build with the interpreter's own setuptools when it is 77 or newer (wheels built in, SPDX
+    # license strings); otherwise let pip fetch a build backend into an isolated environment.
     local = ["--no-build-isolation"] if _can_build_wheels_locally() else []
     res = _pip("install", "--no-deps", *local, str(C3PO))
     assert res.returncode == 0, res.stderr
@@ -159,14 +159,12 @@ def c3po_installed() -> Iterator[None]:
 
 
 def _can_build_wheels_locally() -> bool:
-    if importlib.util.find_spec("wheel") is not None:
-        return True
     try:
         version = importlib.metadata.version("setuptools")
     except importlib.metadata.PackageNotFoundError:
         return False
     major, minor = (int(p) for p in version.split(".")[:2])
-    return (major, minor) >= (70, 1)
+    return (major, minor) >= (77, 0)
 
 
 def _c3po_dist() -> importlib.metadata.Distribution | None:
@@ -261,3 +259,32 @@ def test_the_example_package_own_tests_pass_against_the_installed_copy(c3po_inst
     )
     assert res.returncode == 0, res.stdout[-3000:] + res.stderr[-2000:]
     assert " passed" in res.stdout
+
+
+async def test_writing_a_parser_try_it_works_as_written(c3po_installed: None, tmp_path: Path) -> None:
+    """docs/writing-a-parser.md's "try it": its config, its demo server and its nc line, as written."""
+    import re
+
+    from proxyd.demo.r2d2_server import handle
+
+    doc = (ROOT / "docs" / "writing-a-parser.md").read_text()
+    config = re.search(r"```yaml\n# c3po\.yaml\n(.*?)```", doc, re.S)
+    block = re.search(r"```console\n\$ python -m proxyd\.demo\.r2d2_server.*?```", doc, re.S)
+    assert config and block, "the try-it config or console block moved"
+    assert 'upstream: "127.0.0.1:9000"' in config.group(1)  # a fixed upstream: nc is not redirected
+    exchanges = re.findall(r"\$ printf '([^']*)' \| nc -q1 127\.0\.0\.1 15010\n([^$`]*)", block.group(0))
+    assert len(exchanges) == 2
+    async with tcp_server(handle) as up:
+        text = config.group(1).replace("127.0.0.1:9000", f"{up[0]}:{up[1]}")
+        text = text.replace("127.0.0.1:15010", "127.0.0.1:0").replace("127.0.0.1:9901", "127.0.0.1:0")
+        async with daemon(text + "access_log:\n  path: access.log\n", tmp_path) as d:
+            for sent, want in exchanges:
+                r, w = await asyncio.open_connection(*addr(d, "droids"))
+                w.write(sent.encode().decode("unicode_escape").encode("latin-1"))
+                w.write_eof()
+                got = await asyncio.wait_for(r.read(), 5)
+                w.close()
+                assert got.replace(b"\r\n", b"\n").decode() == want
+    entries = [json.loads(line) for line in (tmp_path / "access.log").read_text().splitlines()]
+    denied = [e["fields"] for e in entries if e.get("event") == "l7" and e["verdict"] == "denied"]
+    assert denied == [{"line": "READ C-3PO", "reason": "banned"}]  # as the page says

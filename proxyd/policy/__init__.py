@@ -1,4 +1,4 @@
-"""Policy: CiliumNetworkPolicy-shaped documents, identities and enforcement (DESIGN.md section 4).
+"""Policy: CiliumNetworkPolicy-shaped documents, identities and enforcement (docs/policy.md).
 
 - :mod:`.identity`: labels of IP addresses (longest prefix wins);
 - :mod:`.selector`: endpoint selectors over labels, Cilium's source-prefix rules;

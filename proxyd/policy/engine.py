@@ -1,6 +1,6 @@
 """Enforcement: from the loaded documents to a verdict per connection and per request.
 
-Theory of operation (DESIGN.md section 4, Cilium's semantics, failing closed):
+Theory of operation (docs/policy.md, Cilium's semantics, failing closed):
 
 1. A spec *selects* the local endpoint in a direction when its ``endpointSelector`` matches the
    local labels and it has at least one rule (allow or deny) in that direction. No selecting
@@ -29,7 +29,7 @@ properties in ``tests/policy``).
 A :class:`PolicySet` is immutable and built once per policy revision. Per connection it
 computes a :class:`ConnectionPolicy` (the specs selecting the local labels are cached); the
 per-request :meth:`ConnectionPolicy.decide` is then a loop over precompiled matchers.
-In audit mode a denial is reported as ``audit`` and let through (DESIGN.md section 3).
+In audit mode a denial is reported as ``audit`` and let through (docs/configuration.md).
 """
 
 from __future__ import annotations

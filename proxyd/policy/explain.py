@@ -1,8 +1,8 @@
 """``proxyd explain``: why a connection between two addresses is allowed or denied.
 
-It resolves both endpoints through the ``identities`` table exactly as the daemon does (DESIGN.md
-section 3: the local endpoint is the destination on ingress and the source on egress; the
-policy port is the destination's port), runs the engine's evaluation with tracing on, and
+It resolves both endpoints through the ``identities`` table exactly as the daemon does
+(docs/policy.md: the local endpoint is the destination on ingress and the source on egress;
+the policy port is the destination's port), runs the engine's evaluation with tracing on, and
 prints the local and remote labels, the documents whose specs select the local endpoint, every
 rule that matches (and, of the selecting specs, those that do not, with why), the L3/L4 verdict
 and the ``l7`` rules in force. :func:`explain_data` returns the same as structured data.

@@ -1,4 +1,4 @@
-"""Identities: which labels an IP address carries (DESIGN.md section 3, ``identities``).
+"""Identities: which labels an IP address carries (docs/configuration.md, ``identities``).
 
 proxyd has no orchestrator to ask, so the operator gives labels to CIDRs in the config and each
 endpoint of a connection takes the labels of the longest matching prefix (none: no labels). This

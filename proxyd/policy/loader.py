@@ -11,7 +11,7 @@ YAML reader (JSON is YAML once its tabs are spaces), so every problem is reporte
 Loading fails closed, like Cilium's ``proxylib/policymap.go``: every field of the document is
 either understood and enforced, or an error naming its path; a field Cilium has but proxyd
 cannot enforce (``toFQDNs``, ``rules.http``, ...) is "not supported by proxyd", never ignored
-(DESIGN.md section 4). ``l7`` rules are compiled by the parser factory registered for their
+(docs/policy.md). ``l7`` rules are compiled by the parser factory registered for their
 ``l7proto``, so a bad key or regular expression is reported at its line. An ``l7proto`` no
 parser is registered for is *not* an error (the policy may be meant for a daemon with more
 parsers); that port then denies every request (see :mod:`proxyd.policy.engine`) and the
@@ -881,7 +881,7 @@ def load_paths(
     for path in paths:
         path = Path(path)
         if not path.exists():
-            loader.err(f"{path}:0", "", "no such file or directory")
+            loader.err(str(path), "", "no such file or directory (listed in policy.paths)")
             continue
         for file in policy_files(path):
             try:

@@ -7,7 +7,7 @@ their field path and source line so that ``explain`` and error messages can poin
 Everything here is checked when built; the enforcement engine (:mod:`proxyd.policy.engine`)
 only reads it.
 
-Rule semantics, as in Cilium (DESIGN.md section 4):
+Rule semantics, as in Cilium (docs/policy.md):
 
 - a rule's L3 part is its endpoint selectors *or* its CIDR rules (Cilium does not allow both in
   one rule); a rule without an L3 part matches every remote when it has ``toPorts``, and

@@ -1,6 +1,6 @@
 """The policy in force: file documents plus imported ones, swapped whole on every change.
 
-Theory of operation (DESIGN.md section 4, "Policy changes"). The store holds one immutable
+Theory of operation (docs/policy.md, "Policy changes"). The store holds one immutable
 :class:`~proxyd.policy.engine.PolicySet` and a revision number that only goes up. Every change
 (re-reading ``policy.paths`` on SIGHUP or when :meth:`PolicyStore.watch_mtimes` sees a file
 change; POST/PUT/DELETE on ``/v1/policy``) builds and validates a complete new set first; only
@@ -87,12 +87,17 @@ class PolicyStore:
     # --- changing ------------------------------------------------------------------------------
 
     def reload_files(self) -> int:
-        """Re-read ``paths``; returns the new revision. Raises :class:`PolicyError` (old set kept)."""
+        """Re-read ``paths``; returns the revision in force (unchanged when the documents are).
+
+        Raises :class:`PolicyError` (old set kept)."""
         # Snapshot before reading: an edit made while we read is seen by the next poll, and a
         # broken file is not re-read every second until it changes again.
         self._mtimes = self._snapshot()
-        files = load_paths(self.paths, self.registry, taken=self._imported)
-        return self._install(tuple(files), self._imported, save=False)
+        files = tuple(load_paths(self.paths, self.registry, taken=self._imported))
+        same = [(d.name, d.source, d.raw) for d in files] == [(d.name, d.source, d.raw) for d in self._files]
+        if same and self._revision:
+            return self._revision  # nothing changed (a SIGHUP or touch): the revision stays
+        return self._install(files, self._imported, save=False)
 
     def import_documents(self, text: str, source: str, replace_all: bool) -> int:
         """Add documents from ``text`` (POST), or replace all imported ones (PUT, ``replace_all``).

@@ -53,7 +53,7 @@ class Pair:
 
 @contextmanager
 def veth_pair() -> Iterator[Pair]:
-    """Two namespaces joined by a veth pair, addressed as in shared/notes/transparent-redirect.md."""
+    """Two namespaces joined by a veth pair, on test-only addresses (10.200.x, fd00:200:x::/64)."""
     with netns() as cli, netns() as srv:
         a, b = unique("pxa"), unique("pxb")
         sh("ip", "link", "add", a, "type", "veth", "peer", "name", b)

@@ -1,4 +1,4 @@
-"""Enforcement semantics, one row per rule of DESIGN.md section 4, for ingress and egress, IPv4 and IPv6.
+"""Enforcement semantics, one row per rule of docs/policy.md, for ingress and egress, IPv4 and IPv6.
 
 Each case builds documents for a direction (``fromX`` on ingress, ``toX`` on egress) and checks
 the L3/L4 verdict, the document that decided and the L7 verdict of three r2d2 requests.

@@ -30,7 +30,7 @@ reply would have been:
    barrier tells that every earlier request is done; the parser drops that answer and injects
    the denial in its place.
 
-Injection ordering relies on the engine contract (DESIGN.md section 2): bytes queued with
+Injection ordering relies on the engine contract (docs/parser-api.md): bytes queued with
 ``ctx.inject`` for the direction being parsed are sent at the INJECT op that names them, or at
 the end of the round (after the bytes PASS-ed in it, and after a PASS that reaches past the
 input). So after a PASS or DROP of ``n`` bytes that completes an entry, queued denials are
