@@ -55,6 +55,10 @@ class Metrics:
             ["listener"],
             registry=r,
         )
+        #: limits.max_connections, so alerts can compare proxyd_connections_active with it.
+        self.connections_max = Gauge(
+            "proxyd_connections_max", "limits.max_connections: connections beyond it are refused", registry=r
+        )
         #: (l7proto, verdict) -> requests; incremented by the access log.
         self.l7_counts: dict[tuple[str, str], int] = {}
         #: Set by the daemon: where byte totals come from at scrape time.

@@ -178,6 +178,7 @@ class Daemon:
         self._labels_cache: dict[str, Mapping[str, str]] = {}
         self.policy = PolicyStore(self.registry, config.policy.paths, config.policy.state_dir)
         self.metrics.policy_revision.set(self.policy.revision)
+        self.metrics.connections_max.set(config.limits.max_connections)
         self.listeners: dict[str, ListenerRuntime] = {}
         self.conn_ids = itertools.count(1)
         self.ready = False
@@ -400,6 +401,7 @@ class Daemon:
         # Settings that only affect new connections take effect now; the access log and admin
         # address are fixed for the process lifetime (a restart applies them).
         self.config = replace(new, access_log=self.config.access_log, admin=self.config.admin)
+        self.metrics.connections_max.set(new.limits.max_connections)
         self.log.info("config reloaded", listeners=sorted(self.listeners))
         return True
 
