@@ -58,6 +58,10 @@ def cmd_check(args: argparse.Namespace) -> int:
         return _problems(exc)
     for warning in getattr(store, "warnings", lambda: [])():
         print(f"warning: {warning}", file=sys.stderr)
+    from proxyd.policy.loader import selector_key_warnings
+
+    for warning in selector_key_warnings(store.current.documents, config.identities):
+        print(f"warning: {warning}", file=sys.stderr)
     print(f"{args.config}: OK ({len(config.listeners)} listeners, {len(store.documents())} policy documents)")
     return 0
 

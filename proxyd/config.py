@@ -15,6 +15,7 @@ from pathlib import Path
 from typing import Any
 
 from proxyd.errors import ConfigError, ParserConfigError
+from proxyd.policy.model import ENTITIES
 from proxyd.registry import Registry
 from proxyd.yamlsrc import LList, LMap, Where, YamlSyntaxError, load_one
 
@@ -479,25 +480,46 @@ def _identities(doc: LMap, p: _Problems) -> list[tuple[str, Mapping[str, str]]]:
     for i, item in enumerate(raw):
         path = f"identities[{i}]"
         if not isinstance(item, LMap):
-            p.add(raw.where_of(i), path, "must be a mapping with cidr and labels")
+            p.add(raw.where_of(i), path, "must be a mapping with cidr and labels and/or entity")
             continue
         for k in item:
-            if k not in ("cidr", "labels"):
-                p.add(item.where_of(k), f"{path}.{k}", "unknown key (known: cidr, labels)")
+            if k not in ("cidr", "labels", "entity"):
+                p.add(item.where_of(k), f"{path}.{k}", "unknown key (known: cidr, labels, entity)")
         cidr = item.get("cidr")
         try:
             net = ipaddress.ip_network(str(cidr), strict=False)
         except ValueError as exc:
             p.add(item.where_of("cidr"), f"{path}.cidr", f"bad CIDR: {exc}")
             continue
+        # An entity is Cilium's reserved identity for what is not a pod; it becomes the label
+        # reserved:<entity>, which only proxyd assigns (policy selects it with fromEntities).
+        entity = item.get("entity")
+        if entity is not None and entity not in ENTITIES:
+            p.add(item.where_of("entity"), f"{path}.entity",
+                  f"must be one of {', '.join(ENTITIES)}, not {entity!r}")  # fmt: skip
+            continue
         labels = item.get("labels")
-        if not isinstance(labels, dict) or not labels:
-            p.add(item.where_of("labels"), f"{path}.labels", "must be a non-empty mapping of labels")
+        if labels is None and entity is not None:
+            labels = {}
+        if not isinstance(labels, dict) or (not labels and entity is None):
+            p.add(item.where_of("labels"), f"{path}.labels",
+                  "must be a non-empty mapping of labels (or give an entity)")  # fmt: skip
             continue
         bad = [k for k, v in labels.items() if not isinstance(v, (str, int, bool))]
         if bad:
             p.add(item.where_of("labels"), f"{path}.labels.{bad[0]}", "label values must be scalars")
             continue
-        out.append((str(net), {str(k): str(v).lower() if isinstance(v, bool) else str(v)
-                               for k, v in labels.items()}))  # fmt: skip
+        reserved = [k for k in labels if str(k).startswith("reserved:")]
+        if reserved:
+            p.add(item.where_of("labels"), f"{path}.labels.{reserved[0]}",
+                  "reserved: labels are proxyd's own; give `entity:` instead")  # fmt: skip
+            continue
+        if entity == "world" and labels:
+            p.add(item.where_of("entity"), f"{path}.entity",
+                  "world is outside every endpoint: it cannot also have labels")  # fmt: skip
+            continue
+        out_labels = {str(k): str(v).lower() if isinstance(v, bool) else str(v) for k, v in labels.items()}
+        if entity is not None:
+            out_labels[f"reserved:{entity}"] = ""
+        out.append((str(net), out_labels))
     return out

@@ -3,14 +3,18 @@
 Theory of operation (docs/policy.md, Cilium's semantics, failing closed):
 
 1. A spec *selects* the local endpoint in a direction when its ``endpointSelector`` matches the
-   local labels and it has at least one rule (allow or deny) in that direction. No selecting
-   spec: everything is allowed. Otherwise that direction is default-deny.
+   local labels and it has at least one rule (allow or deny) in that direction, or
+   ``enableDefaultDeny`` turns default deny on for it. No selecting spec: everything is
+   allowed. Otherwise that direction is default-deny, unless every selecting spec turns it
+   off (``enableDefaultDeny: {ingress: false}``): then what no rule matches is allowed, and
+   only the deny rules and the ``l7`` rules of matching allow rules restrict.
 2. A rule *matches* a connection when its L3 part matches the remote (endpoint selectors over
-   the remote's labels, or CIDRs over its address; no L3 part: any remote, provided the rule
-   has ``toPorts``) and one of its ``toPorts`` entries names the destination port over TCP (no
-   ``toPorts``: every port). Rules of every document are OR'ed.
+   endpoints' labels, CIDRs over world addresses, entities; see :mod:`proxyd.policy.model`;
+   no L3 part: any remote, provided the rule has ``toPorts``; an empty list: no remote) and
+   one of its ``toPorts`` entries names the destination port over TCP (no ``toPorts``: every
+   port). Rules of every document are OR'ed.
 3. A matching deny rule (``ingressDeny`` / ``egressDeny``) denies the connection, whatever allows
-   it. Otherwise the connection needs a matching allow rule.
+   it. Otherwise, in default deny, the connection needs a matching allow rule.
 4. L7, per matching allow rule on that port: a rule without ``l7`` rules allows every request
    (Cilium merges an L4-only rule into the L7 rules of the same port as a wildcard for the
    remotes it selects, so that remote is not restricted by other rules' ``l7`` lists). A rule
@@ -152,8 +156,8 @@ class PolicySet:
         for doc in self.documents:
             for spec in doc.specs:
                 for direction in DIRECTIONS:
-                    rules = tuple(r for r in spec.rules if r.direction == direction)
-                    if rules:
+                    if spec.selects_direction(direction):
+                        rules = tuple(r for r in spec.rules if r.direction == direction)
                         by_direction[direction].append((doc, spec, rules))
                 for rule in spec.rules:
                     for pr in rule.to_ports:
@@ -234,7 +238,7 @@ class PolicySet:
             policy = ConnectionPolicy(True, f"no policy selects the local endpoint for {direction}")
             return Evaluation(direction, port, l7proto, (), policy=policy)
         addr = parse_ip(remote_ip)
-        remote = LabelSet.remote(remote_labels)
+        remote = LabelSet.remote(remote_labels, addr.version == 6)
         deny: list[RuleRef] = []
         allow_l4: list[RuleRef] = []
         allow_l7: list[tuple[RuleRef, tuple[RuleMatcher, ...]]] = []
@@ -322,6 +326,11 @@ def _decide(
         ref, why = ignored[0]
         return _l4_denied(f"denied: {ref} {why} (fail closed)", ref.name, audit)
     names = ", ".join(dict.fromkeys(d.name for d, _, _ in specs))
+    if not any(spec.default_deny(direction) for _, spec, _ in specs):
+        return ConnectionPolicy(
+            True,
+            f"no rule matches, and {names} turn(s) default deny off for {direction} (enableDefaultDeny)",
+        )
     return _l4_denied(
         f"default deny: {names} select(s) the local endpoint for {direction} and no rule allows "
         f"this remote on port {port}/TCP",

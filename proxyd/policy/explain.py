@@ -15,7 +15,8 @@ from dataclasses import dataclass
 from typing import Any
 
 from proxyd.policy.engine import Evaluation, PolicySet
-from proxyd.policy.identity import IdentityMap
+from proxyd.policy.identity import IdentityMap, parse_ip
+from proxyd.policy.selector import LabelSet
 from proxyd.policy.store import PolicyStore
 
 
@@ -32,6 +33,10 @@ class Explanation:
     revision: int
     evaluation: Evaluation
 
+    @property
+    def remote_ip(self) -> str:
+        return self.src[0] if self.direction == "ingress" else self.dst[0]
+
     def as_dict(self) -> dict[str, Any]:
         ev = self.evaluation
         pol = ev.policy
@@ -41,6 +46,9 @@ class Explanation:
             "dst": _addr(self.dst),
             "local_labels": dict(self.local_labels),
             "remote_labels": dict(self.remote_labels),
+            "remote_entity": LabelSet.remote(
+                self.remote_labels, ":" in self.remote_ip and parse_ip(self.remote_ip).version == 6
+            ).entity,
             "l7proto": self.l7proto,
             "revision": self.revision,
             "selected_by": [{"document": d.name, "spec": s.path, "where": s.where} for d, s in ev.selecting],
@@ -74,7 +82,7 @@ class Explanation:
             f"direction: {self.direction}   port: {self.dst[1]}/TCP   "
             f"listener l7proto: {self.l7proto or '(none: plain L4)'}   policy revision: {self.revision}",
             f"local  ({local}) {_addr(local_addr)}: {_labels(self.local_labels)}",
-            f"remote ({remote}) {_addr(remote_addr)}: {_labels(self.remote_labels)}",
+            f"remote ({remote}) {_addr(remote_addr)}: {_remote(self.remote_labels, remote_addr[0])}",
         ]
         if not ev.selecting:
             lines.append(f"selected by: no policy selects the local endpoint for {self.direction}")
@@ -126,9 +134,21 @@ def _addr(a: tuple[str, int]) -> str:
 
 
 def _labels(labels: Mapping[str, str]) -> str:
-    if not labels:
-        return "(no labels)"
-    return "{" + ", ".join(f"{k}: {v}" for k, v in sorted(labels.items())) + "}"
+    plain = {k: v for k, v in labels.items() if not k.startswith("reserved:")}
+    entity = LabelSet(labels).entity
+    if not plain:
+        return f"entity {entity}" if entity else "(no labels)"
+    shown = "{" + ", ".join(f"{k}: {v}" for k, v in sorted(plain.items())) + "}"
+    return f"{shown} (entity {entity})" if entity else shown
+
+
+def _remote(labels: Mapping[str, str], ip: str) -> str:
+    """The remote as policy sees it: an endpoint's labels, its entity, or world."""
+    remote = LabelSet.remote(labels, ":" in ip and parse_ip(ip).version == 6)
+    if remote.is_world:
+        family = "world-ipv6" if "world-ipv6" in remote.reserved else "world-ipv4"
+        return f"entity world ({family}: no identities entry gives it labels or an entity)"
+    return _labels(labels)
 
 
 def _ports(ref: Any) -> str:

@@ -34,6 +34,7 @@ from proxyd.policy.identity import IPNetwork, parse_cidr
 from proxyd.policy.model import (
     EGRESS,
     INGRESS,
+    POLICY_ENTITIES,
     PROTOCOLS,
     CIDRRule,
     Document,
@@ -43,7 +44,14 @@ from proxyd.policy.model import (
     Rule,
     Spec,
 )
-from proxyd.policy.selector import OPERATORS, EndpointSelector, Requirement
+from proxyd.policy.selector import (
+    OPERATORS,
+    RESERVED_SOURCE,
+    EndpointSelector,
+    LabelSet,
+    Requirement,
+    split_key,
+)
 from proxyd.yamlsrc import LList, LMap, Where, YamlSyntaxError, load_documents
 
 API_VERSION: Final = "cilium.io/v2"
@@ -55,11 +63,13 @@ NAME_RE: Final = re.compile(r"^[A-Za-z0-9]([-A-Za-z0-9_.]{0,251}[A-Za-z0-9])?$")
 #: Rule labels that name a document in a bare JSON rule list.
 NAME_LABELS: Final = ("io.cilium.k8s.policy.name", "name")
 
-_ENTITIES = "Cilium entities need its identity allocation; use Endpoints selectors or CIDRs (0.0.0.0/0, ::/0)"
+#: The pod namespace label Cilium scopes namespaced policies with (``k8s:`` source).
+POD_NAMESPACE: Final = "io.kubernetes.pod.namespace"
+POD_NAMESPACE_KEY: Final = f"k8s:{POD_NAMESPACE}"
+#: Namespace labels Cilium gives endpoints; a selector on them is not namespace-scoped.
+NAMESPACE_LABELS: Final = "io.cilium.k8s.namespace.labels"
 #: Fields of Cilium rules that proxyd knows and refuses, with why (or what to do instead).
 UNSUPPORTED_RULE_FIELDS: Final[Mapping[str, str]] = {
-    "fromEntities": _ENTITIES,
-    "toEntities": _ENTITIES,
     "fromRequires": "deprecated in Cilium; not enforced",
     "toRequires": "deprecated in Cilium; not enforced",
     "fromGroups": "cloud provider groups are not available",
@@ -74,7 +84,6 @@ UNSUPPORTED_RULE_FIELDS: Final[Mapping[str, str]] = {
 UNSUPPORTED_SPEC_FIELDS: Final[Mapping[str, str]] = {
     "nodeSelector": "host policies select nodes, and proxyd has no node identities; "
     "select the endpoints with endpointSelector",
-    "enableDefaultDeny": "proxyd always makes a selected direction default-deny",
 }
 UNSUPPORTED_PORT_RULE_FIELDS: Final[Mapping[str, str]] = {
     "terminatingTLS": "TLS interception is not implemented",
@@ -147,6 +156,10 @@ class _Loader:
         self._warnings: list[str] = []
         #: Fold field names case-insensitively (bare JSON rule lists, read as Go reads them).
         self.fold = False
+        #: The namespace of the document being read (None: clusterwide or bare rules).
+        self.namespace: str | None = None
+        #: Whether the spec being read selects ``reserved:init`` (its peers are not scoped).
+        self.subject_init = False
 
     # --- reporting ---------------------------------------------------------------------------
 
@@ -336,18 +349,31 @@ class _Loader:
                     namespace = self.as_str(
                         meta["namespace"], meta.where_of("namespace"), _join(mpath, "namespace")
                     )
+                    if kind == "CiliumClusterwideNetworkPolicy" and namespace is not None:
+                        self.warn(
+                            meta.where_of("namespace"),
+                            _join(mpath, "namespace"),
+                            "ignored: a clusterwide policy has no namespace (as in Kubernetes)",
+                        )
+                        namespace = None
+                    elif namespace == "":
+                        namespace = None
         specs: list[Spec] = []
         if "spec" not in node and "specs" not in node:
             self.err(where, _join(path, "spec"), "missing (give spec or specs)")
-        if "spec" in node:
-            spec = self.spec(node["spec"], node.where_of("spec"), _join(path, "spec"))
-            if spec:
-                specs.append(spec)
-        if "specs" in node:
-            for item, iwhere, ipath in self.items(node, "specs", path):
-                spec = self.spec(item, iwhere, ipath)
+        self.namespace = namespace
+        try:
+            if "spec" in node:
+                spec = self.spec(node["spec"], node.where_of("spec"), _join(path, "spec"))
                 if spec:
                     specs.append(spec)
+            if "specs" in node:
+                for item, iwhere, ipath in self.items(node, "specs", path):
+                    spec = self.spec(item, iwhere, ipath)
+                    if spec:
+                        specs.append(spec)
+        finally:
+            self.namespace = None
         if len(self.problems) > start or name is None:
             return None
         raw = plain({k: v for k, v in node.items() if k != "status"})
@@ -410,17 +436,30 @@ class _Loader:
         start = len(self.problems)
         sections = ("ingress", "egress", "ingressDeny", "egressDeny")
         node = self.fields(
-            node, path, ("endpointSelector", *sections, "description", "labels"), UNSUPPORTED_SPEC_FIELDS
+            node,
+            path,
+            ("endpointSelector", *sections, "description", "labels", "enableDefaultDeny"),
+            UNSUPPORTED_SPEC_FIELDS,
         )
         selector: EndpointSelector | None = None
+        self.subject_init = False
         if "endpointSelector" not in node:
             if "nodeSelector" not in node:  # that one has its own, clearer, error
                 self.err(
                     node.where, _join(path, "endpointSelector"), "missing (use {} to select every endpoint)"
                 )
         else:
-            selector = self.selector(
-                node["endpointSelector"], node.where_of("endpointSelector"), _join(path, "endpointSelector")
+            spath = _join(path, "endpointSelector")
+            selector = self.selector(node["endpointSelector"], node.where_of("endpointSelector"), spath)
+            if selector is not None:
+                self.subject_init = any(r.key == "reserved:init" for r in selector.requirements)
+                selector = self.scoped(selector, node.where_of("endpointSelector"), spath, subject=True)
+        default_deny: tuple[bool | None, bool | None] = (None, None)
+        if node.get("enableDefaultDeny") is not None:
+            default_deny = self.default_deny(
+                node["enableDefaultDeny"],
+                node.where_of("enableDefaultDeny"),
+                _join(path, "enableDefaultDeny"),
             )
         rules: list[Rule] = []
         for section in sections:
@@ -448,7 +487,26 @@ class _Loader:
                     labels.append(label)
         if len(self.problems) > start or selector is None:
             return None
-        return Spec(selector, tuple(rules), description, tuple(labels), path, str(where))
+        return Spec(selector, tuple(rules), description, tuple(labels), path, str(where), default_deny)
+
+    def default_deny(self, value: Any, where: Where, path: str) -> tuple[bool | None, bool | None]:
+        """``enableDefaultDeny: {ingress: bool, egress: bool}``; an absent direction is None."""
+        node = self.as_map(value, where, path)
+        if node is None:
+            return None, None
+        node = self.fields(node, path, ("ingress", "egress"))
+        out: list[bool | None] = []
+        for direction in (INGRESS, EGRESS):
+            val = node.get(direction)
+            if val is not None and not isinstance(val, bool):
+                self.err(
+                    node.where_of(direction),
+                    _join(path, direction),
+                    f"must be true or false, not {_typename(val)}",
+                )
+                val = None
+            out.append(val)
+        return out[0], out[1]
 
     def rule_label(self, value: Any, where: Where, path: str) -> tuple[str, str] | None:
         if isinstance(value, str):
@@ -552,7 +610,7 @@ class _Loader:
             return None
         start = len(self.problems)
         side = "from" if direction == INGRESS else "to"
-        l3_fields = (f"{side}Endpoints", f"{side}CIDR", f"{side}CIDRSet")
+        l3_fields = (f"{side}Endpoints", f"{side}CIDR", f"{side}CIDRSet", f"{side}Entities")
         node = self.fields(node, path, (*l3_fields, "toPorts"), UNSUPPORTED_RULE_FIELDS)
         given = [f for f in l3_fields if node.get(f)]
         if len(given) > 1:
@@ -562,24 +620,34 @@ class _Loader:
                 f"combining {given[0]} and {given[1]} in one rule is not supported "
                 "(as in Cilium); write one rule for each",
             )
+        # Given as an empty list, an L3 field selects nothing (null is as if absent, as in Go).
+        l3 = any(node.get(f) is not None for f in l3_fields)
         endpoints: list[EndpointSelector] = []
         cidrs: list[CIDRRule] = []
-        if node.get(l3_fields[0]):
+        entities: list[str] = []
+        if node.get(l3_fields[0]) is not None:
             for item, iwhere, ipath in self.items(node, l3_fields[0], path):
                 sel = self.selector(item, iwhere, ipath)
                 if sel is not None:
-                    endpoints.append(sel)
-        if node.get(l3_fields[1]):
+                    endpoints.append(self.scoped(sel, iwhere, ipath))
+        if node.get(l3_fields[1]) is not None:
             for item, iwhere, ipath in self.items(node, l3_fields[1], path):
                 text = self.as_str(item, iwhere, ipath)
                 net = self.cidr(text, iwhere, ipath) if text is not None else None
                 if net is not None:
                     cidrs.append(CIDRRule(net))
-        if node.get(l3_fields[2]):
+        if node.get(l3_fields[2]) is not None:
             for item, iwhere, ipath in self.items(node, l3_fields[2], path):
                 rule = self.cidr_set(item, iwhere, ipath)
                 if rule is not None:
                     cidrs.append(rule)
+        if node.get(l3_fields[3]) is not None:
+            for item, iwhere, ipath in self.items(node, l3_fields[3], path):
+                name = self.as_str(item, iwhere, ipath)
+                if name is not None and name not in POLICY_ENTITIES:
+                    self.err(iwhere, ipath, f"unknown entity {name!r} (known: {', '.join(POLICY_ENTITIES)})")
+                elif name is not None:
+                    entities.append(name)
         ports: list[PortRule] = []
         if node.get("toPorts"):
             for item, iwhere, ipath in self.items(node, "toPorts", path):
@@ -588,7 +656,50 @@ class _Loader:
                     ports.append(pr)
         if len(self.problems) > start:
             return None
-        return Rule(direction, deny, tuple(endpoints), tuple(cidrs), tuple(ports), path, str(where))
+        return Rule(
+            direction,
+            deny,
+            tuple(endpoints),
+            tuple(cidrs),
+            tuple(ports),
+            path,
+            str(where),
+            entities=tuple(entities),
+            l3=l3,
+        )
+
+    def scoped(
+        self, sel: EndpointSelector, where: Where, path: str, subject: bool = False
+    ) -> EndpointSelector:
+        """``sel`` scoped to the document's namespace, as Cilium scopes a namespaced policy.
+
+        A peer selector gets ``k8s:io.kubernetes.pod.namespace=<ns>`` unless it names the pod
+        namespace key, a namespace label (``io.cilium.k8s.namespace.labels.*``) or a
+        ``reserved:`` key, or the subject selects ``reserved:init`` (initializing pods have
+        no labels). The ``endpointSelector`` (``subject``) is always in the document's own
+        namespace: a requirement on another namespace is replaced, with a warning.
+        """
+        ns = self.namespace
+        if ns is None:
+            return sel
+        scope = Requirement(POD_NAMESPACE_KEY, "In", frozenset([ns]))
+        if subject:
+            kept = tuple(r for r in sel.requirements if split_key(r.key)[1] != POD_NAMESPACE)
+            if len(kept) != len(sel.requirements) and any(
+                r not in kept and r != scope for r in sel.requirements
+            ):
+                self.warn(
+                    where,
+                    path,
+                    f"a namespaced policy selects only endpoints of its own namespace ({ns}); "
+                    "the endpointSelector's namespace requirement is replaced",
+                )
+            return EndpointSelector((*kept, scope))
+        if self.subject_init or sel.names_reserved:
+            return sel
+        if sel.names(POD_NAMESPACE) or sel.names(NAMESPACE_LABELS, prefix=True):
+            return sel
+        return EndpointSelector((*sel.requirements, scope))
 
     def cidr(self, text: str, where: Where, path: str) -> IPNetwork | None:
         try:
@@ -917,3 +1028,39 @@ def parse_text(
 def warnings(docs: Iterable[Document]) -> list[str]:
     """Every warning of ``docs`` (unknown ``l7proto``, UDP/SCTP ports), for ``proxyd check``."""
     return [w for doc in docs for w in doc.warnings]
+
+
+def selector_key_warnings(
+    docs: Iterable[Document], identities: Iterable[tuple[str, Mapping[str, str]]]
+) -> list[str]:
+    """Selector keys (``In`` / ``Exists``) that no ``identities`` entry carries, for ``proxyd check``.
+
+    Such a requirement can never hold, so its selector matches nothing: typically Cilium's
+    namespace label (``k8s:io.kubernetes.pod.namespace``, also added to every selector of a
+    namespaced document) on a config whose identities do not give it.
+    """
+    carried = [LabelSet(labels) for _, labels in identities]
+    out: list[str] = []
+    for doc in docs:
+        seen: set[str] = set()
+        for spec in doc.specs:
+            places: list[tuple[str, str, EndpointSelector]] = [
+                (spec.where, f"{spec.path}.endpointSelector", spec.endpoint_selector)
+            ]
+            places += [(r.where, r.path, sel) for r in spec.rules for sel in r.endpoints]
+            for where, path, sel in places:
+                for req in sel.requirements:
+                    source, name = split_key(req.key)
+                    if source == RESERVED_SOURCE or req.operator not in ("In", "Exists") or req.key in seen:
+                        continue
+                    if any(ls.values(source, name) for ls in carried):
+                        continue
+                    seen.add(req.key)
+                    why = ""
+                    if req.key == POD_NAMESPACE_KEY and doc.namespace is not None:
+                        why = f" (every selector of a document in namespace {doc.namespace} requires it)"
+                    out.append(
+                        f"{where}: {path}: selector key {req.key!r}{why}: no identities entry carries "
+                        "it, so this selector matches nothing"
+                    )
+    return out

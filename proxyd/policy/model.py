@@ -9,12 +9,18 @@ only reads it.
 
 Rule semantics, as in Cilium (docs/policy.md):
 
-- a rule's L3 part is its endpoint selectors *or* its CIDR rules (Cilium does not allow both in
-  one rule); a rule without an L3 part matches every remote when it has ``toPorts``, and
-  matches nothing when it has neither (Cilium's ``ingress: [{}]``, "default deny");
+- a rule's L3 part is its endpoint selectors, its CIDR rules *or* its entities (Cilium does not
+  allow two kinds in one rule). A rule that gives none of them matches every remote when it
+  has ``toPorts``, and matches nothing when it has neither (Cilium's ``ingress: [{}]``,
+  "default deny"). A rule that gives one as an empty list (``fromEndpoints: []``) has an L3
+  part that selects nothing: it matches no remote;
+- endpoint selectors match only endpoints (see :mod:`proxyd.policy.selector`), CIDR rules only
+  ``world`` addresses (Cilium's CIDR identities cover only what is outside the cluster), and
+  entities as :func:`entity_matches` says;
 - a rule without ``toPorts`` matches every port; ``port: 0`` matches every port; ``endPort``
-  makes a range. proxyd only relays TCP, so ``UDP`` / ``SCTP`` ports never match (they describe
-  traffic proxyd does not see, and the loader warns about them); ``TCP`` and ``ANY`` do.
+  makes a range; a ``toPorts`` entry without ``ports`` matches no port. proxyd only relays
+  TCP, so ``UDP`` / ``SCTP`` ports never match (they describe traffic proxyd does not see, and
+  the loader warns about them); ``TCP`` and ``ANY`` do.
 """
 
 from __future__ import annotations
@@ -25,14 +31,32 @@ from typing import Any, Final
 
 from proxyd.parser import RuleMatcher
 from proxyd.policy.identity import IPAddress, IPNetwork, parse_ip
-from proxyd.policy.selector import EndpointSelector, LabelSet
+from proxyd.policy.selector import WORLD_NAMES, EndpointSelector, LabelSet
 
 INGRESS: Final = "ingress"
 EGRESS: Final = "egress"
 DIRECTIONS: Final = (INGRESS, EGRESS)
+#: Entities an ``identities`` entry may give an address (Cilium's reserved identities).
+ENTITIES: Final = ("host", "remote-node", "kube-apiserver", "health", "ingress", "init", "unmanaged", "world")
+#: Names ``fromEntities`` / ``toEntities`` accept: the entities plus Cilium's aggregates.
+POLICY_ENTITIES: Final = (*ENTITIES, "world-ipv4", "world-ipv6", "cluster", "all", "none")
 #: Protocols that match a TCP connection.
 TCP_PROTOCOLS: Final = frozenset({"TCP", "ANY"})
 PROTOCOLS: Final = ("TCP", "UDP", "SCTP", "ANY")
+
+
+def entity_matches(entity: str, labels: LabelSet) -> bool:
+    """Whether a ``fromEntities``/``toEntities`` name selects a remote with ``labels``.
+
+    ``all``: everything. ``none``: nothing. ``cluster``: every endpoint and every entity but
+    world. ``world``, ``world-ipv4``, ``world-ipv6``: an address outside every endpoint and
+    entity (of that family). Any other name: an address whose entry has that entity.
+    """
+    if entity == "all":
+        return True
+    if entity == "cluster":
+        return labels.is_endpoint or bool(labels.reserved - WORLD_NAMES)
+    return entity in labels.reserved
 
 
 @dataclass(frozen=True, slots=True)
@@ -124,6 +148,9 @@ class Rule:
     to_ports: tuple[PortRule, ...] = ()
     path: str = ""
     where: str = ""
+    entities: tuple[str, ...] = ()
+    #: Whether the rule gives an L3 field at all; given but empty, it selects no remote.
+    l3: bool = False
 
     @property
     def section(self) -> str:
@@ -132,14 +159,18 @@ class Rule:
 
     @property
     def has_l3(self) -> bool:
-        return bool(self.endpoints or self.cidrs)
+        return self.l3 or bool(self.endpoints or self.cidrs or self.entities)
 
     def matches_remote(self, addr: IPAddress, labels: LabelSet) -> bool:
         """Whether the rule's L3 part matches the remote endpoint (see module docstring)."""
         if self.endpoints:
-            return any(sel.matches(labels) for sel in self.endpoints)
+            return any(sel.matches_peer(labels) for sel in self.endpoints)
         if self.cidrs:
-            return any(c.contains(addr) for c in self.cidrs)
+            return labels.is_world and any(c.contains(addr) for c in self.cidrs)
+        if self.entities:
+            return any(entity_matches(e, labels) for e in self.entities)
+        if self.l3:
+            return False  # an explicitly empty list selects nothing
         return bool(self.to_ports)
 
     def describe_l3(self) -> str:
@@ -148,6 +179,10 @@ class Rule:
             return f"{side}Endpoints " + " | ".join(str(s) for s in self.endpoints)
         if self.cidrs:
             return f"{side}CIDR " + " | ".join(str(c) for c in self.cidrs)
+        if self.entities:
+            return f"{side}Entities " + ", ".join(self.entities)
+        if self.l3:
+            return "no remote (an empty list selects nothing)"
         if self.to_ports:
             return "any remote"
         return "no remote (empty rule: default deny)"
@@ -163,14 +198,26 @@ class Spec:
     labels: tuple[tuple[str, str], ...] = ()
     path: str = "spec"
     where: str = ""
+    #: ``enableDefaultDeny``: (ingress, egress), None where not given.
+    enable_default_deny: tuple[bool | None, bool | None] = (None, None)
+
+    def has_rules(self, direction: str) -> bool:
+        """Whether this spec has any rule (allow or deny) for ``direction``."""
+        return any(r.direction == direction for r in self.rules)
+
+    def default_deny(self, direction: str) -> bool:
+        """Whether this spec puts a selected endpoint in default deny for ``direction``.
+
+        As in Cilium: ``enableDefaultDeny`` for that direction when given, else whether the
+        spec has rules (allow or deny) for it.
+        """
+        given = self.enable_default_deny[0 if direction == INGRESS else 1]
+        return self.has_rules(direction) if given is None else given
 
     def selects_direction(self, direction: str) -> bool:
-        """Whether this spec has any rule (allow or deny) for ``direction``.
-
-        A selected endpoint becomes default-deny only in the directions its specs have rules
-        for; a deny rule counts as in Cilium.
-        """
-        return any(r.direction == direction for r in self.rules)
+        """Whether this spec takes part in ``direction`` at all: it has rules for it, or it
+        turns default deny on for it (``enableDefaultDeny`` true with no rules: deny all)."""
+        return self.has_rules(direction) or self.default_deny(direction)
 
 
 @dataclass(frozen=True, slots=True)
@@ -210,4 +257,5 @@ __all__ = [
     "Rule",
     "Spec",
     "addr_of",
+    "entity_matches",
 ]

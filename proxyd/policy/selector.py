@@ -11,14 +11,22 @@ Cilium's prefixed ones (``k8s:app: web``). The rule, applied per selector key:
 - ``k8s:app`` matches a label ``k8s:app``, or a label ``app`` written without a source (so the
   policies users already have for Kubernetes select the plain labels of the config), but not
   ``container:app``;
-- ``reserved:...`` keys match only labels proxyd itself assigns: a remote endpoint with no
-  identity labels at all carries ``reserved:world`` (as traffic from outside the cluster does in
-  Cilium). The local endpoint never gets reserved labels.
+- ``reserved:...`` keys match only labels proxyd itself assigns (the config refuses them): an
+  ``identities`` entry with an ``entity`` gives its addresses ``reserved:<entity>``, and a
+  remote no entry covers (or an entry with ``entity: world``) carries ``reserved:world`` and
+  ``reserved:world-ipv4`` or ``reserved:world-ipv6``, as traffic from outside the cluster does
+  in Cilium.
 
 Operators follow Kubernetes: ``In`` / ``NotIn`` (non-empty values), ``Exists`` /
 ``DoesNotExist`` (no values). ``NotIn`` also matches when the key is absent. A ``matchLabels``
-entry ``k: v`` is ``k In [v]``. All requirements must hold; the empty selector ``{}`` has none
-and so selects every endpoint, labelled or not.
+entry ``k: v`` is ``k In [v]``. All requirements must hold; the empty selector ``{}`` has none.
+
+Who a selector can match, as in Cilium: an ``endpointSelector`` matches the local labels as
+they are. A *peer* selector (``fromEndpoints``/``toEndpoints``) matches only *endpoints*,
+addresses whose ``identities`` entry has labels (Cilium scopes these selectors to pods, with a
+namespace requirement), so ``{}`` never admits ``world`` or a bare entity; the one exception is
+a selector that names a ``reserved:`` key, which Cilium leaves unscoped and which therefore
+selects the entity it names (``reserved:host``, ``reserved:world``).
 """
 
 from __future__ import annotations
@@ -29,7 +37,10 @@ from typing import Final
 
 ANY_SOURCE: Final = "any"
 RESERVED_SOURCE: Final = "reserved"
+WORLD: Final = "world"
 WORLD_LABEL: Final = "reserved:world"
+#: The reserved names a world address carries (``world`` plus its address family's).
+WORLD_NAMES: Final = frozenset({"world", "world-ipv4", "world-ipv6"})
 OPERATORS: Final = ("In", "NotIn", "Exists", "DoesNotExist")
 
 
@@ -44,24 +55,55 @@ def split_key(key: str) -> tuple[str | None, str]:
 
 
 class LabelSet:
-    """An endpoint's labels indexed for selector matching (build once per endpoint)."""
+    """An endpoint's labels indexed for selector matching (build once per endpoint).
 
-    __slots__ = ("_by_name", "labels")
+    ``reserved`` is the set of ``reserved:`` names it carries (its entity, or the world
+    names); ``is_endpoint`` is True when it carries any other label.
+    """
+
+    __slots__ = ("_by_name", "is_endpoint", "labels", "reserved")
 
     def __init__(self, labels: Mapping[str, str]) -> None:
         self.labels = labels
         by_name: dict[str, list[tuple[str | None, str]]] = {}
+        reserved: set[str] = set()
+        endpoint = False
         for key, value in labels.items():
             source, name = split_key(str(key))
             by_name.setdefault(name, []).append((source, str(value)))
+            if source == RESERVED_SOURCE:
+                reserved.add(name)
+            else:
+                endpoint = True
         self._by_name: dict[str, tuple[tuple[str | None, str], ...]] = {
             k: tuple(v) for k, v in by_name.items()
         }
+        self.reserved: frozenset[str] = frozenset(reserved)
+        self.is_endpoint = endpoint
 
     @classmethod
-    def remote(cls, labels: Mapping[str, str]) -> LabelSet:
-        """A remote endpoint's labels: none at all means ``reserved:world``."""
-        return cls(labels if labels else {WORLD_LABEL: ""})
+    def remote(cls, labels: Mapping[str, str], ipv6: bool = False) -> LabelSet:
+        """A remote endpoint's labels: none at all (or only ``reserved:world``) means world.
+
+        A world address also carries ``reserved:world-ipv4`` or ``reserved:world-ipv6``.
+        """
+        if not labels or (len(labels) == 1 and WORLD_LABEL in labels):
+            family = "reserved:world-ipv6" if ipv6 else "reserved:world-ipv4"
+            return cls({WORLD_LABEL: "", family: ""})
+        return cls(labels)
+
+    @property
+    def is_world(self) -> bool:
+        """Outside every endpoint and entity: what CIDR rules and ``world`` select."""
+        return not self.is_endpoint and WORLD in self.reserved
+
+    @property
+    def entity(self) -> str | None:
+        """The entity name to show for this endpoint (``world``, ``host``, ...), if any."""
+        if WORLD in self.reserved:
+            return WORLD
+        others = sorted(self.reserved - WORLD_NAMES)
+        return others[0] if others else None
 
     def values(self, source: str | None, name: str) -> list[str]:
         """Values of the labels a selector key (source, name) refers to."""
@@ -115,8 +157,27 @@ class EndpointSelector:
     def is_wildcard(self) -> bool:
         return not self.requirements
 
+    @property
+    def names_reserved(self) -> bool:
+        """Whether a requirement is on a ``reserved:`` key (an entity selector, unscoped)."""
+        return any(split_key(r.key)[0] == RESERVED_SOURCE for r in self.requirements)
+
+    def names(self, *names: str, prefix: bool = False) -> bool:
+        """Whether a requirement's key (any source) is one of ``names`` (or starts with one)."""
+        for req in self.requirements:
+            _, name = split_key(req.key)
+            if name in names or (prefix and name.startswith(names)):
+                return True
+        return False
+
     def matches(self, labels: LabelSet) -> bool:
         return all(req.matches(labels) for req in self.requirements)
+
+    def matches_peer(self, labels: LabelSet) -> bool:
+        """As a ``fromEndpoints``/``toEndpoints`` selector: endpoints only (module docstring)."""
+        if not labels.is_endpoint and not self.names_reserved:
+            return False
+        return self.matches(labels)
 
     def __str__(self) -> str:
         if not self.requirements:

@@ -27,6 +27,9 @@ ADDR = {
         "server": "10.0.1.1",
         "client": "10.0.2.5",
         "client2": "10.0.2.6",
+        "wclient": "10.0.2.5",  # the client's addresses without an identity: world
+        "wclient2": "10.0.2.6",
+        "node": "10.0.4.1",
         "other": "10.0.3.7",
         "client_net": "10.0.2.0/24",
         "client_host": "10.0.2.5/32",
@@ -36,6 +39,9 @@ ADDR = {
         "server": "fd00:1::1",
         "client": "fd00:2::5",
         "client2": "fd00:2::6",
+        "wclient": "fd00:2::5",
+        "wclient2": "fd00:2::6",
+        "node": "fd00:4::1",
         "other": "fd00:3::7",
         "client_net": "fd00:2::/64",
         "client_host": "fd00:2::5/128",
@@ -47,6 +53,7 @@ LABELS = {
     "client": {"app": "client"},
     "client2": {"app": "client"},
     "other": {"app": "other"},
+    "node": {"reserved:host": ""},  # an identities entry with `entity: host`
 }
 SERVER = {"matchLabels": {"app": "server"}}
 CLIENT = {"matchLabels": {"app": "client"}}
@@ -58,6 +65,7 @@ def rule(
     eps: Any = None,
     cidr: Any = None,
     cidrset: Any = None,
+    entities: Any = None,
     ports: Any = None,
     l7: Any = None,
     l7proto: str = "r2d2",
@@ -70,6 +78,8 @@ def rule(
         r[f"{side}CIDR"] = cidr
     if cidrset is not None:
         r[f"{side}CIDRSet"] = cidrset
+    if entities is not None:
+        r[f"{side}Entities"] = entities
     if ports is not None:
         pr: dict[str, Any] = {
             "ports": [p if isinstance(p, dict) else {"port": str(p), "protocol": "TCP"} for p in ports]
@@ -133,8 +143,126 @@ CASES: dict[str, Case] = {
     "toPorts without L3: any remote": Case(
         lambda d, a: [cnp("p", spec(d, rule(d, ports=[80])))], True, "p", remote="other"
     ),
-    "empty endpoint selector matches an unlabelled remote": Case(
-        lambda d, a: [cnp("p", spec(d, rule(d, eps=[{}], ports=[80])))], True, "p", remote="unknown"
+    "empty endpoint selector matches a labelled remote": Case(
+        lambda d, a: [cnp("p", spec(d, rule(d, eps=[{}], ports=[80])))], True, "p"
+    ),
+    "empty endpoint selector never admits world (an unlabelled remote)": Case(
+        lambda d, a: [cnp("p", spec(d, rule(d, eps=[{}], ports=[80])))], False, None, (), remote="unknown"
+    ),
+    "empty endpoint selector never admits a bare entity": Case(
+        lambda d, a: [cnp("p", spec(d, rule(d, eps=[{}], ports=[80])))], False, None, (), remote="node"
+    ),
+    "explicit empty fromEndpoints/toEndpoints selects nothing": Case(
+        lambda d, a: [cnp("p", spec(d, rule(d, eps=[], ports=[80])))], False, None, ()
+    ),
+    "explicit empty fromCIDR/toCIDR selects nothing": Case(
+        lambda d, a: [cnp("p", spec(d, rule(d, cidr=[], ports=[80])))], False, None, (), remote="wclient"
+    ),
+    "explicit empty CIDR set selects nothing": Case(
+        lambda d, a: [cnp("p", spec(d, rule(d, cidrset=[], ports=[80])))], False, None, (), remote="wclient"
+    ),
+    "entities: world admits an unlabelled remote": Case(
+        lambda d, a: [cnp("p", spec(d, rule(d, entities=["world"], ports=[80])))], True, "p", remote="wclient"
+    ),
+    "entities: world never admits an endpoint": Case(
+        lambda d, a: [cnp("p", spec(d, rule(d, entities=["world"], ports=[80])))], False, None, ()
+    ),
+    "entities: world-ipv4/world-ipv6 of the remote's family": Case(
+        lambda d, a: [
+            cnp(
+                "p",
+                spec(d, rule(d, entities=["world-ipv6" if ":" in a["all"] else "world-ipv4"], ports=[80])),
+            )
+        ],
+        True,
+        "p",
+        remote="wclient",
+    ),
+    "entities: world of the other family never matches": Case(
+        lambda d, a: [
+            cnp(
+                "p",
+                spec(d, rule(d, entities=["world-ipv4" if ":" in a["all"] else "world-ipv6"], ports=[80])),
+            )
+        ],
+        False,
+        None,
+        (),
+        remote="wclient",
+    ),
+    "entities: cluster admits endpoints and entities": Case(
+        lambda d, a: [cnp("p", spec(d, rule(d, entities=["cluster"], ports=[80])))], True, "p", remote="node"
+    ),
+    "entities: cluster never admits world": Case(
+        lambda d, a: [cnp("p", spec(d, rule(d, entities=["cluster"], ports=[80])))],
+        False,
+        None,
+        (),
+        remote="wclient",
+    ),
+    "entities: all admits world": Case(
+        lambda d, a: [cnp("p", spec(d, rule(d, entities=["all"], ports=[80])))], True, "p", remote="wclient"
+    ),
+    "entities: host admits only the host": Case(
+        lambda d, a: [cnp("p", spec(d, rule(d, entities=["host"], ports=[80])))], True, "p", remote="node"
+    ),
+    "entities: host is not an endpoint": Case(
+        lambda d, a: [cnp("p", spec(d, rule(d, entities=["host", "remote-node"], ports=[80])))],
+        False,
+        None,
+        (),
+    ),
+    "entities: none selects nothing": Case(
+        lambda d, a: [cnp("p", spec(d, rule(d, entities=["none"], ports=[80])))],
+        False,
+        None,
+        (),
+        remote="wclient",
+    ),
+    "enableDefaultDeny false: what no rule matches is allowed": Case(
+        lambda d, a: [
+            cnp("p", {**spec(d, rule(d, eps=[CLIENT], ports=[81])), "enableDefaultDeny": {d: False}})
+        ],
+        True,
+        None,
+        remote="other",
+    ),
+    "enableDefaultDeny false: deny rules still deny": Case(
+        lambda d, a: [
+            cnp("p", {**spec(d, deny=(rule(d, eps=[CLIENT], ports=[80]),)), "enableDefaultDeny": {d: False}})
+        ],
+        False,
+        "p",
+        (),
+    ),
+    "enableDefaultDeny false: l7 rules still restrict their remote and port": Case(
+        lambda d, a: [
+            cnp(
+                "p",
+                {
+                    **spec(d, rule(d, eps=[CLIENT], ports=[80], l7=[{"cmd": "READ"}])),
+                    "enableDefaultDeny": {d: False},
+                },
+            )
+        ],
+        True,
+        "p",
+        ("READ",),
+    ),
+    "enableDefaultDeny false in one policy, default deny in another: default deny": Case(
+        lambda d, a: [
+            cnp("p", {**spec(d, rule(d, eps=[CLIENT], ports=[81])), "enableDefaultDeny": {d: False}}),
+            cnp("q", spec(d, rule(d, eps=[CLIENT], ports=[82]))),
+        ],
+        False,
+        None,
+        (),
+    ),
+    "enableDefaultDeny true without rules: deny all": Case(
+        lambda d, a: [cnp("p", {"endpointSelector": SERVER, "enableDefaultDeny": {d: True}})], False, None, ()
+    ),
+    "enableDefaultDeny for the other direction only: allow all": Case(
+        lambda d, a: [cnp("p", {"endpointSelector": SERVER, "enableDefaultDeny": {other_dir(d): True}})], True
     ),
     "deny rule wins over allow": Case(
         lambda d, a: [cnp("p", spec(d, rule(d, eps=[CLIENT], ports=[80]), deny=(rule(d, eps=[CLIENT]),)))],
@@ -145,7 +273,7 @@ CASES: dict[str, Case] = {
     "deny rule in another document wins": Case(
         lambda d, a: [
             cnp("allow", spec(d, rule(d, eps=[CLIENT], ports=[80]))),
-            cnp("deny", spec(d, deny=(rule(d, cidr=[a["client_host"]], ports=[80]),))),
+            cnp("deny", spec(d, deny=(rule(d, eps=[{"matchLabels": {"app": "client"}}], ports=[80]),))),
         ],
         False,
         "deny",
@@ -186,7 +314,12 @@ CASES: dict[str, Case] = {
     "l4-only rule on the same port widens l7 rules for its remote": Case(
         lambda d, a: [
             cnp("p", spec(d, rule(d, eps=[CLIENT], ports=[80], l7=[{"cmd": "READ"}]))),
-            cnp("q", spec(d, rule(d, cidr=[a["client_net"]], ports=[80]))),
+            cnp(
+                "q",
+                spec(
+                    d, rule(d, eps=[{"matchExpressions": [{"key": "app", "operator": "Exists"}]}], ports=[80])
+                ),
+            ),
         ],
         True,
         "q",
@@ -209,7 +342,12 @@ CASES: dict[str, Case] = {
     "rules from all documents are OR'ed": Case(
         lambda d, a: [
             cnp("a", spec(d, rule(d, eps=[CLIENT], ports=[80], l7=[{"cmd": "READ"}]))),
-            cnp("b", spec(d, rule(d, cidr=[a["client_net"]], ports=[80], l7=[{"cmd": "HALT"}]))),
+            cnp(
+                "b",
+                spec(
+                    d, rule(d, eps=[{"matchLabels": {"k8s:app": "client"}}], ports=[80], l7=[{"cmd": "HALT"}])
+                ),
+            ),
         ],
         True,
         "a",
@@ -255,8 +393,17 @@ CASES: dict[str, Case] = {
         "p",
         l7proto=None,
     ),
-    "fromCIDR / toCIDR matches the remote address": Case(
-        lambda d, a: [cnp("p", spec(d, rule(d, cidr=[a["client_net"]], ports=[80])))], True, "p"
+    "fromCIDR / toCIDR matches a world remote's address": Case(
+        lambda d, a: [cnp("p", spec(d, rule(d, cidr=[a["client_net"]], ports=[80])))],
+        True,
+        "p",
+        remote="wclient",
+    ),
+    "fromCIDR / toCIDR never matches an endpoint": Case(
+        lambda d, a: [cnp("p", spec(d, rule(d, cidr=[a["client_net"]], ports=[80])))], False, None, ()
+    ),
+    "fromCIDR / toCIDR never matches an entity": Case(
+        lambda d, a: [cnp("p", spec(d, rule(d, cidr=[a["all"]], ports=[80])))], False, None, (), remote="node"
     ),
     "CIDR does not match another address": Case(
         lambda d, a: [cnp("p", spec(d, rule(d, cidr=[a["client_net"]], ports=[80])))],
@@ -277,6 +424,7 @@ CASES: dict[str, Case] = {
         False,
         None,
         (),
+        remote="wclient",
     ),
     "CIDR set with except: other address of the set allowed": Case(
         lambda d, a: [
@@ -289,7 +437,7 @@ CASES: dict[str, Case] = {
         ],
         True,
         "p",
-        remote="client2",
+        remote="wclient2",
     ),
     "CIDR of the other family never matches": Case(
         lambda d, a: [
@@ -298,6 +446,7 @@ CASES: dict[str, Case] = {
         False,
         None,
         (),
+        remote="wclient",
     ),
     "protocol UDP never matches a TCP connection": Case(
         lambda d, a: [cnp("p", spec(d, rule(d, eps=[CLIENT], ports=[{"port": "80", "protocol": "UDP"}])))],

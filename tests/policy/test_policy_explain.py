@@ -78,7 +78,11 @@ def test_x_wing_cannot_touch_a_wing_keys(fleet: PolicySet) -> None:
 
 def test_unknown_client_denied_at_l4(fleet: PolicySet) -> None:
     text = explain(fleet, IDS, "ingress", ("192.0.2.1", 40000), SERVER, "memcache")
-    assert "remote (src) 192.0.2.1:40000: (no labels)" in text
+    # Shown as what policy matches it as (it used to print "(no labels)").
+    assert (
+        "remote (src) 192.0.2.1:40000: entity world (world-ipv4: no identities entry gives it labels or an entity)"
+        in text
+    )
     assert (
         "L3/L4 verdict: DENIED: default deny: secure-fleet select(s) the local endpoint for ingress" in text
     )
@@ -151,3 +155,30 @@ def test_the_cilium_13_policy_with_the_real_memcache_parser(tmp_path: Path) -> N
     assert "awing-coord" in tracker and "xwing-coord" in tracker and "command: set" not in tracker
     stranger = explain_cli("10.0.9.9")
     assert "L3/L4 verdict: DENIED: default deny" in stranger
+
+
+def test_entity_remotes_are_shown_as_their_entity() -> None:
+    ids = IdentityMap.from_entries(
+        [
+            ("10.0.1.10/32", {"app": "memcd-server"}),
+            ("10.0.0.1/32", {"reserved:host": ""}),
+            ("10.0.0.2/32", {"app": "agent", "reserved:health": ""}),
+        ]
+    )
+    docs = parse_text(
+        "apiVersion: cilium.io/v2\nkind: CiliumNetworkPolicy\nmetadata: {name: from-host}\n"
+        "spec:\n  endpointSelector: {matchLabels: {app: memcd-server}}\n"
+        "  ingress:\n  - fromEntities: [host]\n",
+        "host.yaml",
+        REGISTRY,
+    )
+    pset = PolicySet(docs, REGISTRY)
+    text = explain(pset, ids, "ingress", ("10.0.0.1", 4000), ("10.0.1.10", 11211), "memcache")
+    assert "remote (src) 10.0.0.1:4000: entity host\n" in text
+    assert "fromEntities host" in text and "L3/L4 verdict: allowed" in text
+    data = explain_data(pset, ids, "ingress", ("10.0.0.2", 4000), ("10.0.1.10", 11211), "memcache")
+    assert "remote (src) 10.0.0.2:4000: {app: agent} (entity health)\n" in data.text()
+    assert data.as_dict()["remote_entity"] == "health"
+    ipv6 = explain_data(pset, ids, "ingress", ("2001:db8::1", 4000), ("10.0.1.10", 11211), "memcache")
+    assert ipv6.as_dict()["remote_entity"] == "world"
+    assert "entity world (world-ipv6" in ipv6.text()

@@ -47,8 +47,13 @@ ERRORS: list[tuple[str, str, str]] = [
         "7: spec.egress[0].toServices",
         "not supported",
     ),
-    ("  egress:\n  - toEntities: [world]\n", "7: spec.egress[0].toEntities", "not supported"),
-    (ING + "fromEntities: [world]\n", "7: spec.ingress[0].fromEntities", "not supported"),
+    ("  egress:\n  - toEntities: [wrld]\n", "7: spec.egress[0].toEntities[0]", "unknown entity 'wrld' (known: host,"),
+    (ING + "fromEntities: world\n", "7: spec.ingress[0].fromEntities", "must be a list"),
+    (
+        ING + "fromEntities: [world]\n    fromEndpoints: [{}]\n",
+        "7: spec.ingress[0]",
+        "combining fromEndpoints and fromEntities in one rule is not supported",
+    ),
     (ING + "fromRequires: [{}]\n", "7: spec.ingress[0].fromRequires", "not supported"),
     (
         ING + "icmps: [{fields: [{type: 8}]}]\n",
@@ -66,7 +71,8 @@ ERRORS: list[tuple[str, str, str]] = [
         "not supported",
     ),
     ("  nodeSelector: {}\n", "6: spec.nodeSelector", "not supported"),
-    ("  enableDefaultDeny: {ingress: false}\n", "6: spec.enableDefaultDeny", "not supported"),
+    ("  enableDefaultDeny: {ingress: 'no'}\n", "6: spec.enableDefaultDeny.ingress", "must be true or false"),
+    ("  enableDefaultDeny: {ingres: true}\n", "6: spec.enableDefaultDeny.ingres", "unknown field"),
     ("  ingres: []\n", "6: spec.ingres", "unknown field"),
     (ING + "toEndpoints: [{}]\n", "7: spec.ingress[0].toEndpoints", "unknown field"),
     (
