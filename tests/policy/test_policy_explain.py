@@ -80,8 +80,8 @@ def test_unknown_client_denied_at_l4(fleet: PolicySet) -> None:
     text = explain(fleet, IDS, "ingress", ("192.0.2.1", 40000), SERVER, "memcache")
     # Shown as what policy matches it as (it used to print "(no labels)").
     assert (
-        "remote (src) 192.0.2.1:40000: entity world (world-ipv4: no identities entry gives it labels or an entity)"
-        in text
+        "remote (src) 192.0.2.1:40000: entity world "
+        "(world-ipv4: no identities entry gives it labels or an entity)" in text
     )
     assert (
         "L3/L4 verdict: DENIED: default deny: secure-fleet select(s) the local endpoint for ingress" in text

@@ -47,7 +47,7 @@ ERRORS: list[tuple[str, str, str]] = [
         "7: spec.egress[0].toServices",
         "not supported",
     ),
-    ("  egress:\n  - toEntities: [wrld]\n", "7: spec.egress[0].toEntities[0]", "unknown entity 'wrld' (known: host,"),
+    ("  egress:\n  - toEntities: [wrld]\n", "7: spec.egress[0].toEntities[0]", "unknown entity 'wrld'"),
     (ING + "fromEntities: world\n", "7: spec.ingress[0].fromEntities", "must be a list"),
     (
         ING + "fromEntities: [world]\n    fromEndpoints: [{}]\n",

@@ -2,9 +2,17 @@
 
 from __future__ import annotations
 
+from collections.abc import Callable
+from typing import Any
+
 import pytest
 
 from proxyd.errors import RuleError
+from proxyd.parsers.cassandra.rules import CassandraRequest
+from proxyd.parsers.cassandra.rules import compile_rule as cassandra_rule
+from proxyd.parsers.memcache.rules import MemcacheRequest
+from proxyd.parsers.memcache.rules import compile_rule as memcache_rule
+from proxyd.parsers.r2d2 import R2d2Factory, R2d2Request
 from proxyd.policy.regex import compile_rule_regex
 
 
@@ -43,3 +51,44 @@ def test_catastrophic_pattern_is_linear() -> None:
     # With Python's re this takes longer than the age of the universe; RE2 answers at once.
     rx = compile_rule_regex("^(a+)+$", "keyRegex")
     assert not rx.search("a" * 100_000 + "!")
+
+
+# --- the parsers' rule regexes are RE2 ------------------------------------------------------------
+
+EVIL = "^(a+)+$"
+
+
+@pytest.mark.parametrize(
+    ("compile_", "rule", "key"),
+    [
+        (R2d2Factory().compile_rule, {"file": r"(a)\1"}, "file"),
+        (memcache_rule, {"command": "get", "keyRegex": "(?=x)"}, "keyRegex"),
+        (cassandra_rule, {"query_table": r"(?<!a)b"}, "query_table"),
+    ],
+)
+def test_parsers_reject_non_re2_patterns_at_their_key(
+    compile_: Callable[[dict[str, str]], Any], rule: dict[str, str], key: str
+) -> None:
+    with pytest.raises(RuleError, match="RE2") as info:
+        compile_(rule)
+    assert info.value.key == key
+
+
+def test_parsers_match_hostile_input_in_linear_time() -> None:
+    hostile = "a" * 50_000 + "!"
+    assert not R2d2Factory().compile_rule({"file": EVIL}).matches(R2d2Request("READ", hostile))
+    mc = memcache_rule({"command": "get", "keyRegex": EVIL})
+    assert not mc.matches(MemcacheRequest("get", (hostile.encode(),)))
+    assert mc.matches(MemcacheRequest("get", (b"aaaa",)))
+    cql = cassandra_rule({"query_table": EVIL})
+    assert not cql.matches(CassandraRequest("select", hostile))
+
+
+def test_wire_bytes_match_as_go_reads_them() -> None:
+    # Go reads each invalid UTF-8 byte as one U+FFFD: "^.$" matches b"\xff", "^..$" matches
+    # a truncated two-byte sequence, and valid UTF-8 is characters.
+    assert compile_rule_regex("^.$", "k").search(b"\xff")
+    assert compile_rule_regex("^..$", "k").search(b"\xe2\x82")
+    assert compile_rule_regex("^.$", "k").search("é".encode())
+    assert compile_rule_regex("^caf\u00e9$", "k").fullmatch("café".encode())
+    assert not compile_rule_regex("^a$", "k").search(b"a\xff")
