@@ -20,6 +20,7 @@ BUILTINS: dict[str, str] = {
     "r2d2": "proxyd.parsers.r2d2:R2d2Factory",
     "memcache": "proxyd.parsers.memcache:MemcacheFactory",
     "cassandra": "proxyd.parsers.cassandra:CassandraFactory",
+    "redis": "proxyd.parsers.redis:RedisFactory",
     "test.passer": "proxyd.parsers.testparsers:PasserFactory",
     "test.lineparser": "proxyd.parsers.testparsers:LineParserFactory",
     "test.blockparser": "proxyd.parsers.testparsers:BlockParserFactory",

@@ -1,0 +1,178 @@
+"""Policy side of the redis parser: the request the policy sees and the ``l7`` rule matchers.
+
+Rule keys::
+
+    l7proto: redis
+    l7:
+      - command: get                 # a command, with all its subcommands
+        keyPrefix: "app:"
+      - command: "config|get"        # one subcommand, spelt as Redis ACLs spell it
+      - command: "@read"             # an ACL category (Redis 7's ACL CAT), or @all
+        keyRegex: "^cache:[0-9]+$"   # RE2, searched in the key: anchor with ^ and $
+      - command: "@pubsub"
+        keyExact: "news"             # Pub/Sub channels are keys
+
+- ``command``: a command name (case-insensitive) known to the command table, ``name|sub``, or
+  ``@category``; absent: every command. ``@all`` covers every command, unknown ones included.
+- ``keyExact``, ``keyPrefix``, ``keyRegex``: conditions on a key, ANDed when several are given.
+- A command is allowed when **each** of its keys is allowed by some rule whose ``command``
+  covers it (different keys may be allowed by different rules). A command without keys, or
+  whose keys cannot be known (an unknown command, arguments past the inspection budget,
+  ``SORT ... GET``), needs a rule that covers it and has no key condition.
+
+The parser asks the policy once per key with a :class:`RedisRequest` carrying that key, or once
+with ``key=None`` for the keyless case: a rule with a key condition never matches ``None``.
+Keys are bytes on the wire; rules compare against their UTF-8 text (undecodable bytes as
+surrogate escapes, which only patterns not needing them as characters can match).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Mapping
+from typing import Any, NamedTuple
+
+from proxyd.errors import RuleError
+from proxyd.parser import ALLOW_ALL, RuleMatcher
+from proxyd.policy.regex import RuleRegex, compile_rule_regex
+
+from .table import CATEGORIES, COMMANDS, NAMES
+
+RULE_KEYS = ("command", "keyExact", "keyPrefix", "keyRegex")
+
+
+class RedisRequest(NamedTuple):
+    """One policy question about a command.
+
+    ``name`` is the policy name (``get``, ``config|get``; lower case), ``base`` the top-level
+    command, ``categories`` its ACL categories (empty for an unknown command), ``known``
+    whether the command table has it, ``key`` one key or channel, or None (keyless, or keys
+    unknown).
+    """
+
+    name: str
+    base: str
+    categories: frozenset[str]
+    known: bool
+    key: bytes | None
+
+
+class RedisRule:
+    """A compiled rule; see the module docstring."""
+
+    __slots__ = ("base", "category", "exact", "keyed", "name", "prefix", "regex", "source")
+
+    def __init__(
+        self,
+        command: str | None,
+        exact: bytes | None,
+        prefix: bytes | None,
+        regex: RuleRegex | None,
+        source: Mapping[str, str],
+    ) -> None:
+        self.base: str | None = None
+        self.name: str | None = None
+        self.category: str | None = None
+        if command is not None:
+            if command.startswith("@"):
+                self.category = command[1:]
+            elif "|" in command:
+                self.name = command
+            else:
+                self.base = command
+        self.exact = exact
+        self.prefix = prefix
+        self.regex = regex
+        self.keyed = exact is not None or prefix is not None or regex is not None
+        self.source = dict(source)
+
+    def covers(self, request: RedisRequest) -> bool:
+        """Whether the rule's ``command`` covers the request's command."""
+        if self.base is not None:
+            return request.base == self.base
+        if self.name is not None:
+            return request.name == self.name
+        if self.category is not None:
+            return self.category == "all" or self.category in request.categories
+        return True
+
+    def matches(self, request: Any) -> bool:
+        if not isinstance(request, RedisRequest) or not self.covers(request):
+            return False
+        if not self.keyed:
+            return True
+        key = request.key
+        if key is None:
+            return False
+        if self.exact is not None and key != self.exact:
+            return False
+        if self.prefix is not None and not key.startswith(self.prefix):
+            return False
+        return self.regex is None or self.regex.search(key.decode("utf-8", "surrogateescape"))
+
+    def __repr__(self) -> str:
+        return f"RedisRule({self.source!r})"
+
+
+def _utf8(key: str, value: str) -> bytes:
+    try:
+        return value.encode("utf-8")
+    except UnicodeEncodeError as exc:
+        raise RuleError(f"not encodable as UTF-8: {value!r}", key) from exc
+
+
+def _command(value: str) -> str:
+    v = value.strip().lower()
+    if v.startswith("@"):
+        if v[1:] not in CATEGORIES:
+            known = ", ".join(sorted("@" + c for c in CATEGORIES))
+            raise RuleError(f"unknown ACL category {value!r} (known: {known})", "command")
+        return v
+    if v not in NAMES:
+        base, _, sub = v.partition("|")
+        if base in COMMANDS and sub:
+            subs = ", ".join(sorted(COMMANDS[base].subcommands)) or "none"
+            raise RuleError(f"unknown subcommand {value!r} (subcommands of {base}: {subs})", "command")
+        raise RuleError(
+            f"unknown redis command {value!r} (a command such as get or config|get, or a category "
+            "such as @read; unknown commands are allowed only by a rule without 'command' or @all)",
+            "command",
+        )
+    return v
+
+
+def compile_rule(rule: Mapping[str, str]) -> RuleMatcher:
+    """Compile one ``l7`` rule; raises :class:`RuleError` naming the offending key."""
+    command: str | None = None
+    exact: bytes | None = None
+    prefix: bytes | None = None
+    regex: RuleRegex | None = None
+    key_field: str | None = None
+    for key, value in rule.items():
+        if key not in RULE_KEYS:
+            raise RuleError(f"unknown rule key for l7proto 'redis' (known: {', '.join(RULE_KEYS)})", str(key))
+        if not isinstance(value, str):
+            raise RuleError(f"must be a string, not {type(value).__name__}", key)
+        if not value:
+            raise RuleError("must not be empty", key)
+        if key == "command":
+            command = _command(value)
+            continue
+        key_field = key
+        if key == "keyExact":
+            exact = _utf8(key, value)
+        elif key == "keyPrefix":
+            prefix = _utf8(key, value)
+        else:
+            regex = compile_rule_regex(value, key)
+    if key_field is not None and command is not None and not command.startswith("@"):
+        base, _, sub = command.partition("|")
+        entry = COMMANDS[base]
+        if sub:
+            entry = entry.subcommands[sub]
+        if not entry.has_keys and not any(s.has_keys for s in entry.subcommands.values()):
+            raise RuleError(
+                f"command {rule['command']!r} takes no key, so a key condition cannot apply", key_field
+            )
+    if command is None and key_field is None:
+        return ALLOW_ALL
+    return RedisRule(command, exact, prefix, regex, rule)
