@@ -106,10 +106,16 @@ _SUB_FAMILY = {"unsubscribe": 0, "subscribe": 0, "punsubscribe": 1, "psubscribe"
                "ssubscribe": 2}  # fmt: skip
 
 
+#: Control characters, DEL, the backslash and undecodable bytes (surrogate escapes) as ``\\xNN``.
+_ESCAPE = {c: f"\\x{c:02x}" for c in (*range(32), 127)} | {92: "\\\\"}
+_ESCAPE |= {0xDC00 + b: f"\\x{b:02x}" for b in range(128, 256)}
+
+
 def _key_text(key: bytes) -> str:
-    if len(key) > MAX_LOGGED_KEY_BYTES:
-        return key[:MAX_LOGGED_KEY_BYTES].decode("utf-8", "backslashreplace") + "..."
-    return key.decode("utf-8", "backslashreplace")
+    """A key for the access log: UTF-8 text with everything else escaped, at most 256 bytes."""
+    cut = len(key) > MAX_LOGGED_KEY_BYTES
+    text = key[:MAX_LOGGED_KEY_BYTES].decode("utf-8", "surrogateescape").translate(_ESCAPE)
+    return text + "..." if cut else text
 
 
 class RedisParser(Parser):
