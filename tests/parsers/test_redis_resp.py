@@ -210,7 +210,8 @@ def test_big_bulk_is_passed_past_the_buffer() -> None:
 
 @pytest.mark.parametrize(
     "data",
-    [b"?x\r\n", b":x\r\n", b"$-2\r\n", b"*-2\r\n", b"%-1\r\n", b"#x\r\n", b"_x\r\n", b".\r\n", b"$?\r\n+x\r\n",
+    [b"?x\r\n", b":x\r\n", b"$-2\r\n", b"*-2\r\n", b"%-1\r\n", b"#x\r\n", b"_x\r\n", b".\r\n",
+     b"$?\r\n+x\r\n",
      b"*1\r\n" * 70 + b":1\r\n", b",\r\n"],
 )  # fmt: skip
 def test_bad_replies(data: bytes) -> None:
