@@ -264,3 +264,47 @@ async def test_pubsub_and_client_tracking(rport: int, tmp_path: Path, variant: t
         finally:
             await c.aclose(close_connection_pool=True)
     srv.close()
+
+
+async def test_auth_reload_and_protocol_error(tmp_path: Path) -> None:
+    """AUTH against requirepass (the password never reaches the log), a policy reload applying to
+    an open connection, and a malformed request answered as redis-server would, then closed."""
+    password = "pa55-w0rd-secret"
+    with start_redis(password=password) as port:
+        async with redis_daemon(port, tmp_path) as d:
+            c = _client(d, 3, False, single=True, password=password)
+            try:
+                assert await c.set("app:k", "1")
+                with pytest.raises(NoPermissionError):
+                    await c.set("new:k", "1")
+                # reload: the open connection's next command sees the new policy
+                (tmp_path / "policy.yaml").write_text(
+                    policy(port, RULES + '              - keyPrefix: "new:"\n')
+                )
+                assert d.reload_policy("test")
+                assert await c.set("new:k", "1")
+                (tmp_path / "policy.yaml").write_text(policy(port))
+                assert d.reload_policy("test")
+                with pytest.raises(NoPermissionError):
+                    await c.set("new:k", "2")
+                assert await c.get("app:k") == b"1"
+            finally:
+                await c.aclose(close_connection_pool=True)
+            # a bad bulk length: redis-server's own answer, in order, then the connection closes
+            host, lport = addr(d, "redis")
+            r, w = await asyncio.open_connection(host, lport)
+            w.write(b"AUTH " + password.encode() + b"\r\nPING\r\n*1\r\n$-7\r\nPING\r\n")
+            await w.drain()
+            got = await asyncio.wait_for(r.read(), TIMEOUT)
+            assert got == b"+OK\r\n+PONG\r\n-ERR Protocol error: invalid bulk length\r\n"
+            w.close()
+        srv = redis.Redis(port=port, password=password, socket_timeout=TIMEOUT)
+        assert srv.get("new:k") == b"1"
+        srv.close()
+    text = (tmp_path / "access.log").read_text()
+    assert password not in text
+    entries = [json.loads(line) for line in text.splitlines()]
+    assert any(e.get("fields", {}).get("command") == "auth" for e in entries)
+    closed = [e for e in entries if e["event"] == "connection" and e.get("verdict") == "error"]
+    assert closed and "parser" in closed[-1]["reason"]
+    assert any("invalid bulk length" in str(e.get("fields", {}).get("error")) for e in entries)

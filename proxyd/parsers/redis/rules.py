@@ -22,8 +22,9 @@ Rule keys::
 
 The parser asks the policy once per key with a :class:`RedisRequest` carrying that key, or once
 with ``key=None`` for the keyless case: a rule with a key condition never matches ``None``.
-Keys are bytes on the wire; rules compare against their UTF-8 text (undecodable bytes as
-surrogate escapes, which only patterns not needing them as characters can match).
+Keys are bytes on the wire: ``keyExact`` and ``keyPrefix`` compare bytes (the rule's UTF-8);
+``keyRegex`` searches the key's UTF-8 text, where each byte that is not UTF-8 reads as U+FFFD
+(so only a pattern that accepts any character there can match it).
 """
 
 from __future__ import annotations
@@ -107,7 +108,7 @@ class RedisRule:
             return False
         if self.prefix is not None and not key.startswith(self.prefix):
             return False
-        return self.regex is None or self.regex.search(key.decode("utf-8", "surrogateescape"))
+        return self.regex is None or self.regex.search(key.decode("utf-8", "replace"))
 
     def __repr__(self) -> str:
         return f"RedisRule({self.source!r})"

@@ -290,6 +290,7 @@ def _sort_keys(argc: int, get: Getter, readonly: bool) -> list[int] | None:
             i += 1
         if store:
             positions.append(store)
+    last_store = 0
     j = 2  # sortCommandGeneric's own parse
     while j < argc:
         word = get(j).lower()
@@ -299,7 +300,7 @@ def _sort_keys(argc: int, get: Getter, readonly: bool) -> list[int] | None:
         elif word == b"limit" and left >= 2:
             j += 2
         elif not readonly and word == b"store" and left >= 1:
-            positions.append(j + 1)
+            last_store = j + 1  # the last STORE wins, as in sortGetKeys
             j += 1
         elif word == b"by" and left >= 1:
             if b"*" in get(j + 1):
@@ -310,6 +311,8 @@ def _sort_keys(argc: int, get: Getter, readonly: bool) -> list[int] | None:
         else:
             break  # a syntax error: the server refuses the command
         j += 1
+    if last_store and last_store not in positions:
+        positions.append(last_store)
     return positions
 
 
