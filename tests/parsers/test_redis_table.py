@@ -80,7 +80,7 @@ def test_key_positions_agree_with_command_getkeys(server: int, args: list[bytes]
         expect = _getkeys(r, args)
     finally:
         r.close()
-    name, cmd = lookup(args[0], args[1] if len(args) > 1 else None)
+    _, cmd = lookup(args[0], args[1] if len(args) > 1 else None)
     assert cmd is not None
     positions = key_positions(cmd, len(args), lambda i: args[i])
     assert positions is not None
