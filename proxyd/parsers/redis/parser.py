@@ -278,7 +278,8 @@ class RedisParser(Parser):
         was allowed and whole (the caller goes on to the next request in the same PASS)."""
         ctx = self.ctx
         db = self.db
-        silent = self.reply_off or self.skip_next
+        # After MONITOR/SYNC/PSYNC replies are not framed: nothing is queued for them.
+        silent = self.reply_off or self.skip_next or self.raw
         self.skip_next = False
         entry: list[Any] | None = None
         if not allowed:
