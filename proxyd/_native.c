@@ -31,6 +31,9 @@ static PyObject *g_opname;            /* engine._name(op) -> str */
 static PyObject *g_MemcacheRequest;   /* memcache.rules.MemcacheRequest */
 static PyObject *g_ET_REQUEST, *g_ET_RESPONSE, *g_ET_DENIED;
 static PyObject *g_bin_fallback;      /* memcache.binary.BinaryProtocol, used when no native binary */
+static PyObject *g_Context;           /* proxyd.context.Context */
+static PyObject *g_ALLOWED;           /* proxyd.context.ALLOWED */
+static PyObject *s__last, *s_audit;
 
 static PyObject *s_on_data, *s_op, *s_passed, *s_dropped, *s_injected, *s_matches, *s_log,
     *s_inject, *s_code, *s_command, *s_keys, *s_status, *s_error, *s_opcode, *s_key,
@@ -987,17 +990,21 @@ typedef struct {
     Queue q;
     long long req_owed, rep_owed;
     PyObject *py_bin;       /* the Python BinaryProtocol while the binary dialect is not native */
+    PyObject *counts, *count_key; /* ctx.quiet_counter(): count forwarded requests without a log call */
 } Memcache;
 
 static int Memcache_traverse(Memcache *self, visitproc visit, void *arg) {
     Py_VISIT(self->ctx);
     Py_VISIT(self->py_bin);
+    Py_VISIT(self->counts);
     return 0;
 }
 
 static int Memcache_clear(Memcache *self) {
     Py_CLEAR(self->ctx);
     Py_CLEAR(self->py_bin);
+    Py_CLEAR(self->counts);
+    Py_CLEAR(self->count_key);
     return 0;
 }
 
@@ -1009,6 +1016,7 @@ static void Memcache_dealloc(Memcache *self) {
 }
 
 static int mc_on_data(NativeParser *np, int reply, int end_stream, PyObject *buf, long long *n);
+static int ctx_log(Memcache *self, PyObject *entry_type, PyObject *fields);
 
 static int Memcache_init(Memcache *self, PyObject *args, PyObject *kw) {
     static char *kwlist[] = {"ctx", "log_responses", NULL};
@@ -1028,7 +1036,63 @@ static int Memcache_init(Memcache *self, PyObject *args, PyObject *kw) {
     self->stream = 0;
     self->req_owed = self->rep_owed = 0;
     q_free(&self->q);
+    Py_CLEAR(self->counts);
+    Py_CLEAR(self->count_key);
+    if (g_Context != NULL && Py_TYPE(ctx) == (PyTypeObject *)g_Context) {
+        PyObject *qc = PyObject_CallMethod(ctx, "quiet_counter", NULL);
+        if (qc == NULL) return -1;
+        if (PyTuple_Check(qc) && PyTuple_GET_SIZE(qc) == 2 && PyDict_CheckExact(PyTuple_GET_ITEM(qc, 0))) {
+            self->counts = PyTuple_GET_ITEM(qc, 0);
+            self->count_key = PyTuple_GET_ITEM(qc, 1);
+            Py_INCREF(self->counts);
+            Py_INCREF(self->count_key);
+        }
+        Py_DECREF(qc);
+    }
     return 0;
+}
+
+/* ctx.log(EntryType.REQUEST, fields) for an allowed request; when the access log writes no
+ * line for it (ctx.quiet_counter()) and the decision was not audit, count it in place instead:
+ * what Context.log and AccessLog.l7 would do. Steals fields. */
+static int log_forwarded(Memcache *self, PyObject *fields) {
+    if (fields == NULL) return -1;
+    if (self->counts != NULL) {
+        PyObject *last = PyObject_GetAttr(self->ctx, s__last);
+        if (last == NULL) {
+            Py_DECREF(fields);
+            return -1;
+        }
+        int audit = 1;
+        if (last == g_ALLOWED) {
+            audit = 0;
+        } else {
+            PyObject *a = PyObject_GetAttr(last, s_audit);
+            if (a != NULL) {
+                audit = PyObject_IsTrue(a);
+                Py_DECREF(a);
+            }
+        }
+        Py_DECREF(last);
+        if (audit < 0 || PyErr_Occurred()) {
+            Py_DECREF(fields);
+            return -1;
+        }
+        if (!audit) {
+            Py_DECREF(fields);
+            PyObject *old = PyDict_GetItemWithError(self->counts, self->count_key);
+            if (old == NULL && PyErr_Occurred()) return -1;
+            PyObject *one = PyLong_FromLong(1);
+            PyObject *sum = old ? PyNumber_Add(old, one) : (Py_INCREF(one), one);
+            Py_DECREF(one);
+            if (sum == NULL) return -1;
+            int rc = PyDict_SetItem(self->counts, self->count_key, sum);
+            Py_DECREF(sum);
+            if (rc < 0) return -1;
+            return PyObject_SetAttr(self->ctx, s__last, g_ALLOWED);
+        }
+    }
+    return ctx_log(self, g_ET_REQUEST, fields);
 }
 
 /* --- calls into the context ----------------------------------------------------------------- */
@@ -1313,7 +1377,7 @@ static int text_decide(Memcache *self, PyObject *name, PyObject *keys, int key_e
         }
     }
     if (allowed) {
-        if (ctx_log(self, g_ET_REQUEST, lazy_fields(0, name, keys)) < 0) return -1;
+        if (log_forwarded(self, lazy_fields(0, name, keys)) < 0) return -1;
         if (kind >= 0) {
             Entry e = {0};
             e.kind = kind;
@@ -1918,9 +1982,10 @@ static PyObject *mod_setup(PyObject *m, PyObject *args, PyObject *kw) {
 
 static PyObject *mod_setup_memcache(PyObject *m, PyObject *args, PyObject *kw) {
     static char *kwlist[] = {"MemcacheRequest", "REQUEST", "RESPONSE", "DENIED", "denied_reply",
-                             "text_barrier", "binary_barrier", "binary_fallback", NULL};
-    PyObject *req, *rq, *rs, *dn, *dr, *tb, *bb, *bf;
-    if (!PyArg_ParseTupleAndKeywords(args, kw, "$OOOOSSSO", kwlist, &req, &rq, &rs, &dn, &dr, &tb, &bb, &bf))
+                             "text_barrier", "binary_barrier", "binary_fallback", "Context", "ALLOWED", NULL};
+    PyObject *req, *rq, *rs, *dn, *dr, *tb, *bb, *bf, *cx, *al;
+    if (!PyArg_ParseTupleAndKeywords(args, kw, "$OOOOSSSOOO", kwlist, &req, &rq, &rs, &dn, &dr, &tb, &bb, &bf,
+                                     &cx, &al))
         return NULL;
     if (!PyType_Check(req) || !PyType_IsSubtype((PyTypeObject *)req, &PyTuple_Type)) {
         PyErr_SetString(PyExc_TypeError, "MemcacheRequest must be a tuple subclass");
@@ -1935,6 +2000,8 @@ static PyObject *mod_setup_memcache(PyObject *m, PyObject *args, PyObject *kw) {
     KEEP(s_text_barrier, tb);
     KEEP(s_bin_barrier, bb);
     KEEP(g_bin_fallback, bf);
+    KEEP(g_Context, cx);
+    KEEP(g_ALLOWED, al);
 #undef KEEP
     Py_RETURN_NONE;
 }
@@ -1975,6 +2042,8 @@ PyMODINIT_FUNC PyInit__native(void) {
     INTERN(s_contract, "contract");
     INTERN(s_parser_error, "parser_error");
     INTERN(s_empty_str, "");
+    INTERN(s__last, "_last");
+    INTERN(s_audit, "audit");
     INTERN(s_no_pending, "reply with no request pending");
     s_empty_bytes = PyBytes_FromStringAndSize(NULL, 0);
     s_empty_tuple = PyTuple_New(0);

@@ -105,6 +105,16 @@ class AccessLog:
         #: Whether forwarded requests get a line; parsers may skip building fields otherwise.
         self.log_forwarded = requests == "all"
 
+    def quiet_counter(self, l7proto: str) -> tuple[dict[tuple[str, str], int], tuple[str, str]] | None:
+        """Where a forwarded request of ``l7proto`` is counted, when it gets no line.
+
+        ``(counts, key)`` unless ``requests: all``: a native parser then counts such requests
+        itself (``counts[key] += 1``) instead of calling :meth:`l7` for a line that is dropped.
+        """
+        if self.log_forwarded:
+            return None
+        return self._counts, (l7proto, "forwarded")
+
     # LogSink protocol (proxyd.context)
     def l7(
         self,

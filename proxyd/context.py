@@ -114,6 +114,25 @@ class Context:
     def remote(self) -> Endpoint:
         return self.info.remote
 
+    @property
+    def logs_responses(self) -> bool:
+        """Whether a ``response`` entry can reach the access log at all.
+
+        False under ``access_log.requests: denied`` or ``none``, which discard every response
+        entry: a parser may then skip building them (the memcache parser does).
+        """
+        return bool(getattr(self.sink, "log_forwarded", True))
+
+    def quiet_counter(self) -> tuple[dict[tuple[str, str], int], tuple[str, str]] | None:
+        """``(counts, key)`` where a forwarded request that gets no log line is counted, or None.
+
+        For native parsers (proxyd._native): after an allowed, non-audit request they may do
+        ``counts[key] += 1`` and reset ``_last`` instead of calling :meth:`log`, which would
+        count it the same way and write nothing.
+        """
+        quiet = getattr(self.sink, "quiet_counter", None)
+        return None if quiet is None else quiet(self.info.l7proto)  # type: ignore[no-any-return]
+
     def matches(self, request: Any) -> bool:
         decision = self.policy.decide(request)
         self._last = decision

@@ -192,7 +192,7 @@ def test_engine_queue_inject_from_outside_a_round_is_equivalent() -> None:
 
 # --- the memcache parser ----------------------------------------------------------------------
 
-KEYS = [b"a/1", b"a/2", b"b/1", b"a/" + b"k" * 250, "a/\u00e9".encode(), b"\x10\xb0x"]
+KEYS = [b"a/1", b"a/2", b"b/1", b"c/1", b"a/" + b"k" * 250, "a/\u00e9".encode(), b"\x10\xb0x"]
 KEY_B64 = [b"YS8x", b"Yi8x", b"YS8=", b"!!!!", b"YQ"]
 
 TEXT_REQUESTS = [
@@ -368,3 +368,58 @@ def test_the_native_parser_runs_on_the_native_engine() -> None:
     assert type(h.engine.parser) is mod.Memcache
     h = Harness(MemcacheFactory(), implementation="python")
     assert type(h.engine.parser).__name__ == "MemcacheParser"
+
+
+# --- the daemon's own access log and counters (not the harness's list sink) -------------------
+
+
+class _MixedPolicy:
+    """Allows keys under a/, audits keys under b/ (denied but forwarded), denies the rest."""
+
+    def decide(self, request: Any) -> Any:
+        from proxyd.context import L7Decision
+
+        keys = getattr(request, "keys", ())
+        if keys and all(k.startswith(b"a/") for k in keys):
+            return L7Decision(True, "allow-a")
+        if keys and all(k.startswith(b"b/") for k in keys):
+            return L7Decision(False, "audit-b", audit=True)
+        return L7Decision(False, "deny")
+
+
+def run_daemon_log(impl: str, mode: str, sched: Schedule, tmp: Any) -> tuple[Any, list[Any]]:
+    import json
+
+    from proxyd.accesslog import AccessLog
+    from proxyd.context import ConnInfo, Context
+    from proxyd.metrics import Metrics
+    from proxyd.parser import Endpoint
+    from proxyd.testing import engine_class
+
+    path = tmp / f"{impl}-{mode}.log"
+    metrics = Metrics()
+    log = AccessLog(str(path), mode, metrics)
+    out: list[tuple[bool, bytes]] = []
+    eng = engine_class(impl)(None, lambda reply, data: out.append((reply, bytes(data))))
+    info = ConnInfo(7, "mc", "ingress", Endpoint("10.0.0.1", 1), Endpoint("10.0.0.2", 2), "memcache")
+    ctx = Context(info, eng, _MixedPolicy(), log)
+    factory = MemcacheFactory()
+    eng.parser = factory.create(ctx, factory.validate_config({}))
+    for reply, chunk in sched:
+        eng.feed(reply, chunk)
+    log.close()
+    lines = [json.loads(line) for line in path.read_text().splitlines()]
+    for line in lines:
+        line.pop("timestamp")
+    return (dict(metrics.l7_counts), b"".join(d for r, d in out if r), b"".join(d for r, d in out if not r)), lines
+
+
+@settings(max_examples=max(20, EXAMPLES // 3), deadline=None)
+@given(traffic=text_traffic(), data=st.data(), mode=st.sampled_from(["all", "denied", "none"]))
+def test_memcache_access_log_and_counts_equivalent(
+    traffic: tuple[bytes, bytes], data: st.DataObject, mode: str, tmp_path_factory: pytest.TempPathFactory
+) -> None:
+    client, server = traffic
+    sched = data.draw(schedules(client, server))
+    tmp = tmp_path_factory.mktemp("log")
+    assert run_daemon_log("native", mode, sched, tmp) == run_daemon_log("python", mode, sched, tmp)

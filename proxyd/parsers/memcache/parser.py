@@ -24,7 +24,7 @@ from __future__ import annotations
 from collections.abc import Mapping
 from typing import Any, cast
 
-from proxyd.context import Context
+from proxyd.context import ALLOWED, Context
 from proxyd.engine import native_module
 from proxyd.errors import ParserConfigError
 from proxyd.ops import NOP_VERDICT, Verdict
@@ -47,6 +47,8 @@ if _native is not None:
         text_barrier=text.BARRIER_REQUEST,
         binary_barrier=binary.BARRIER_REQUEST,
         binary_fallback=BinaryProtocol,
+        Context=Context,
+        ALLOWED=ALLOWED,
     )
 
 
@@ -107,6 +109,8 @@ class MemcacheFactory(ParserFactory):
 
     def create(self, ctx: ConnectionContext, config: Any) -> Parser:
         log_responses = True if config is None else bool(config.get("log_responses", True))
+        # Response entries the access-log mode discards are not built at all.
+        log_responses = log_responses and bool(getattr(ctx, "logs_responses", True))
         if _native is not None and isinstance(ctx, Context) and type(ctx.engine) is _native.Engine:
             # The native engine runs (or a test asked for it): the compiled twin of this parser.
             return cast(Parser, _native.Memcache(ctx, log_responses))
