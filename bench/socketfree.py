@@ -25,16 +25,16 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
-from proxyd.accesslog import AccessLog  # noqa: E402
-from proxyd.context import ConnInfo, Context  # noqa: E402
-from proxyd.metrics import Metrics  # noqa: E402
-from proxyd.parser import Endpoint  # noqa: E402
-from proxyd.policy.store import PolicyStore  # noqa: E402
-from proxyd.registry import Registry  # noqa: E402
-from proxyd.testing import engine_class  # noqa: E402
+from proxyd.accesslog import AccessLog
+from proxyd.context import ConnInfo, Context
+from proxyd.metrics import Metrics
+from proxyd.parser import Endpoint
+from proxyd.policy.store import PolicyStore
+from proxyd.registry import Registry
+from proxyd.testing import engine_class
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from memcache import KEY_REGEX, POLICY  # noqa: E402
+from memcache import KEY_REGEX, POLICY
 
 LABELS = {"app": "memcached", "role": "bench-client"}
 
@@ -50,8 +50,8 @@ def setup(impl: str, tmp: Path):  # type: ignore[no-untyped-def]
     log = AccessLog("/dev/null", "denied", metrics)
     sink = []
     engine = engine_class(impl)(None, lambda reply, data: sink.append(len(data)))
-    info = ConnInfo(1, "mc", "ingress", Endpoint("127.0.0.1", 40000, LABELS), Endpoint("127.0.0.1", 11211, LABELS),
-                    "memcache")  # fmt: skip
+    src, dst = Endpoint("127.0.0.1", 40000, LABELS), Endpoint("127.0.0.1", 11211, LABELS)
+    info = ConnInfo(1, "mc", "ingress", src, dst, "memcache")
     ctx = Context(info, engine, view, log)
     factory = reg.get("memcache")
     engine.parser = factory.create(ctx, factory.validate_config({}))
@@ -59,7 +59,7 @@ def setup(impl: str, tmp: Path):  # type: ignore[no-untyped-def]
 
 
 def run(impl: str, n: int, tmp: Path) -> tuple[float, float]:
-    engine, sink, metrics = setup(impl, tmp)
+    engine, _sink, metrics = setup(impl, tmp)
     key = b"\x10\xb0\x10\x10\x10\x10\x10\x10abcdefgh" + b"x" * 16
     get = b"get " + key + b"\r\n"
     value_reply = b"VALUE " + key + b" 0 100\r\n" + b"v" * 100 + b"\r\nEND\r\n"

@@ -411,7 +411,8 @@ def run_daemon_log(impl: str, mode: str, sched: Schedule, tmp: Any) -> tuple[Any
     lines = [json.loads(line) for line in path.read_text().splitlines()]
     for line in lines:
         line.pop("timestamp")
-    return (dict(metrics.l7_counts), b"".join(d for r, d in out if r), b"".join(d for r, d in out if not r)), lines
+    streams = (b"".join(d for r, d in out if r), b"".join(d for r, d in out if not r))
+    return (dict(metrics.l7_counts), streams), lines
 
 
 @settings(max_examples=max(20, EXAMPLES // 3), deadline=None)
