@@ -30,7 +30,6 @@ static PyObject *g_opcode;            /* engine._opcode(op) -> 0..6 by == compar
 static PyObject *g_opname;            /* engine._name(op) -> str */
 static PyObject *g_MemcacheRequest;   /* memcache.rules.MemcacheRequest */
 static PyObject *g_ET_REQUEST, *g_ET_RESPONSE, *g_ET_DENIED;
-static PyObject *g_bin_fallback;      /* memcache.binary.BinaryProtocol, used when no native binary */
 static PyObject *g_Context;           /* proxyd.context.Context */
 static PyObject *g_ALLOWED;           /* proxyd.context.ALLOWED */
 static PyObject *s__last, *s_audit;
@@ -989,20 +988,17 @@ typedef struct {
     int stream;
     Queue q;
     long long req_owed, rep_owed;
-    PyObject *py_bin;       /* the Python BinaryProtocol while the binary dialect is not native */
     PyObject *counts, *count_key; /* ctx.quiet_counter(): count forwarded requests without a log call */
 } Memcache;
 
 static int Memcache_traverse(Memcache *self, visitproc visit, void *arg) {
     Py_VISIT(self->ctx);
-    Py_VISIT(self->py_bin);
     Py_VISIT(self->counts);
     return 0;
 }
 
 static int Memcache_clear(Memcache *self) {
     Py_CLEAR(self->ctx);
-    Py_CLEAR(self->py_bin);
     Py_CLEAR(self->counts);
     Py_CLEAR(self->count_key);
     return 0;
@@ -1810,29 +1806,259 @@ static int text_reply(Memcache *self, const char *data, Py_ssize_t have, long lo
     return mc_complete(self, nrep, have, NULL, codebuf, cl, n);
 }
 
-/* --- binary dialect: the Python reference, until the native one lands ----------------------- */
+/* --- binary dialect (memcache/binary.py) ------------------------------------------------------ */
+
+#define HEADER 24
+enum { Q_DEFINITE = 0, Q_QUIET = 1, Q_SILENT = 2 };
+
+typedef struct {
+    const char *opname, *command;
+    int quiet, keyed;
+    PyObject *py_opname, *py_command;
+} OpInfo;
+
+static OpInfo OPCODES[0x48];
+
+static void op_set(int code, const char *opname, const char *command, int quiet, int keyed) {
+    OPCODES[code].opname = opname;
+    OPCODES[code].command = command;
+    OPCODES[code].quiet = quiet;
+    OPCODES[code].keyed = keyed;
+}
+
+/* binary.OPCODES: opcode -> (name for the log, policy command, quietness, keyed) */
+static void opcodes_init(void) {
+    op_set(0x00, "get", "get", Q_DEFINITE, 1); op_set(0x01, "set", "set", Q_DEFINITE, 1);
+    op_set(0x02, "add", "add", Q_DEFINITE, 1); op_set(0x03, "replace", "replace", Q_DEFINITE, 1);
+    op_set(0x04, "delete", "delete", Q_DEFINITE, 1); op_set(0x05, "increment", "incr", Q_DEFINITE, 1);
+    op_set(0x06, "decrement", "decr", Q_DEFINITE, 1); op_set(0x07, "quit", "quit", Q_DEFINITE, 0);
+    op_set(0x08, "flush", "flush_all", Q_DEFINITE, 0); op_set(0x09, "getq", "get", Q_QUIET, 1);
+    op_set(0x0A, "noop", "noop", Q_DEFINITE, 0); op_set(0x0B, "version", "version", Q_DEFINITE, 0);
+    op_set(0x0C, "getk", "get", Q_DEFINITE, 1); op_set(0x0D, "getkq", "get", Q_QUIET, 1);
+    op_set(0x0E, "append", "append", Q_DEFINITE, 1); op_set(0x0F, "prepend", "prepend", Q_DEFINITE, 1);
+    op_set(0x10, "stat", "stats", Q_DEFINITE, 0); op_set(0x11, "setq", "set", Q_QUIET, 1);
+    op_set(0x12, "addq", "add", Q_QUIET, 1); op_set(0x13, "replaceq", "replace", Q_QUIET, 1);
+    op_set(0x14, "deleteq", "delete", Q_QUIET, 1); op_set(0x15, "incrementq", "incr", Q_QUIET, 1);
+    op_set(0x16, "decrementq", "decr", Q_QUIET, 1); op_set(0x17, "quitq", "quit", Q_SILENT, 0);
+    op_set(0x18, "flushq", "flush_all", Q_QUIET, 0); op_set(0x19, "appendq", "append", Q_QUIET, 1);
+    op_set(0x1A, "prependq", "prepend", Q_QUIET, 1); op_set(0x1B, "verbosity", "verbosity", Q_DEFINITE, 0);
+    op_set(0x1C, "touch", "touch", Q_DEFINITE, 1); op_set(0x1D, "gat", "gat", Q_DEFINITE, 1);
+    op_set(0x1E, "gatq", "gat", Q_QUIET, 1);
+    op_set(0x20, "sasl-list-mechs", "sasl-list-mechs", Q_DEFINITE, 0);
+    op_set(0x21, "sasl-auth", "sasl-auth", Q_DEFINITE, 0); op_set(0x22, "sasl-step", "sasl-step", Q_DEFINITE, 0);
+    op_set(0x23, "gatk", "gat", Q_DEFINITE, 1); op_set(0x24, "gatkq", "gat", Q_QUIET, 1);
+    op_set(0x30, "rget", "rget", Q_DEFINITE, 1); op_set(0x31, "rset", "rset", Q_DEFINITE, 1);
+    op_set(0x32, "rsetq", "rsetq", Q_QUIET, 1); op_set(0x33, "rappend", "rappend", Q_DEFINITE, 1);
+    op_set(0x34, "rappendq", "rappendq", Q_QUIET, 1); op_set(0x35, "rprepend", "rprepend", Q_DEFINITE, 1);
+    op_set(0x36, "rprependq", "rprependq", Q_QUIET, 1); op_set(0x37, "rdelete", "rdelete", Q_DEFINITE, 1);
+    op_set(0x38, "rdeleteq", "rdeleteq", Q_QUIET, 1); op_set(0x39, "rincr", "rincr", Q_DEFINITE, 1);
+    op_set(0x3A, "rincrq", "rincrq", Q_QUIET, 1); op_set(0x3B, "rdecr", "rdecr", Q_DEFINITE, 1);
+    op_set(0x3C, "rdecrq", "rdecrq", Q_QUIET, 1);
+    op_set(0x3D, "set-vbucket", "set-vbucket", Q_DEFINITE, 0);
+    op_set(0x3E, "get-vbucket", "get-vbucket", Q_DEFINITE, 0);
+    op_set(0x3F, "del-vbucket", "del-vbucket", Q_DEFINITE, 0);
+    op_set(0x40, "tap-connect", "tap-connect", Q_DEFINITE, 0);
+    op_set(0x41, "tap-mutation", "tap-mutation", Q_DEFINITE, 0);
+    op_set(0x42, "tap-delete", "tap-delete", Q_DEFINITE, 0);
+    op_set(0x43, "tap-flush", "tap-flush", Q_DEFINITE, 0);
+    op_set(0x44, "tap-opaque", "tap-opaque", Q_DEFINITE, 0);
+    op_set(0x45, "tap-vbucket-set", "tap-vbucket-set", Q_DEFINITE, 0);
+    op_set(0x46, "tap-checkpoint-start", "tap-checkpoint-start", Q_DEFINITE, 0);
+    op_set(0x47, "tap-checkpoint-end", "tap-checkpoint-end", Q_DEFINITE, 0);
+}
+
+/* binary.STATUS_NAMES */
+static const char *status_name(unsigned st) {
+    switch (st) {
+    case 0x00: return "ok";
+    case 0x01: return "key_not_found";
+    case 0x02: return "key_exists";
+    case 0x03: return "value_too_large";
+    case 0x04: return "invalid_arguments";
+    case 0x05: return "item_not_stored";
+    case 0x06: return "non_numeric_value";
+    case 0x07: return "vbucket_elsewhere";
+    case 0x08: case 0x20: return "auth_error";
+    case 0x09: case 0x21: return "auth_continue";
+    case 0x81: return "unknown_command";
+    case 0x82: return "out_of_memory";
+    case 0x83: return "not_supported";
+    case 0x84: return "internal_error";
+    case 0x85: return "busy";
+    case 0x86: return "temporary_failure";
+    }
+    return NULL;
+}
+
+static unsigned be16(const unsigned char *p) { return ((unsigned)p[0] << 8) | p[1]; }
+static uint32_t be32(const unsigned char *p) {
+    return ((uint32_t)p[0] << 24) | ((uint32_t)p[1] << 16) | ((uint32_t)p[2] << 8) | p[3];
+}
+
+/* denied_response(opcode, opaque) */
+static PyObject *bin_denied(unsigned opcode, uint32_t opaque) {
+    static const char body[] = "access denied";
+    unsigned char pkt[HEADER + sizeof(body) - 1];
+    memset(pkt, 0, HEADER);
+    pkt[0] = 0x81;
+    pkt[1] = (unsigned char)opcode;
+    pkt[7] = 0x08; /* status 0x0008 */
+    pkt[11] = (unsigned char)(sizeof(body) - 1);
+    pkt[12] = (unsigned char)(opaque >> 24);
+    pkt[13] = (unsigned char)(opaque >> 16);
+    pkt[14] = (unsigned char)(opaque >> 8);
+    pkt[15] = (unsigned char)opaque;
+    memcpy(pkt + HEADER, body, sizeof(body) - 1);
+    return PyBytes_FromStringAndSize((const char *)pkt, sizeof(pkt));
+}
+
+/* BinaryProtocol._request */
+static int bin_request(Memcache *self, const char *cdata, Py_ssize_t have, long long *n) {
+    const unsigned char *data = (const unsigned char *)cdata;
+    if (self->req_owed) {
+        *n = self->req_owed;
+        self->req_owed = 0;
+        return OP_INJECT;
+    }
+    if (have < HEADER) {
+        *n = HEADER - have;
+        return OP_MORE;
+    }
+    unsigned magic = data[0], opcode = data[1], keylen = be16(data + 2), extlen = data[4];
+    uint32_t bodylen = be32(data + 8), opaque = be32(data + 12);
+    if (magic != 0x80) {
+        *n = 1;
+        return OP_ERROR;
+    }
+    if (keylen > MAX_KEY || (uint32_t)(keylen + extlen) > bodylen) {
+        *n = 2;
+        return OP_ERROR;
+    }
+    Py_ssize_t head = HEADER + extlen + keylen;
+    if (have < head) {
+        *n = head - have;
+        return OP_MORE;
+    }
+    /* everything read from data is copied before the first call back into Python */
+    PyObject *key = PyBytes_FromStringAndSize(cdata + HEADER + extlen, keylen);
+    if (key == NULL) return -1;
+    PyObject *opname, *command;
+    int quiet, keyed;
+    if (opcode < 0x48 && OPCODES[opcode].opname) {
+        opname = OPCODES[opcode].py_opname;
+        command = OPCODES[opcode].py_command;
+        Py_INCREF(opname);
+        Py_INCREF(command);
+        quiet = OPCODES[opcode].quiet;
+        keyed = OPCODES[opcode].keyed;
+    } else {
+        opname = PyUnicode_FromFormat("0x%02x", opcode);
+        if (opname == NULL) {
+            Py_DECREF(key);
+            return -1;
+        }
+        command = opname;
+        Py_INCREF(command);
+        quiet = Q_DEFINITE;
+        keyed = keylen > 0;
+    }
+    long long nreq = HEADER + (long long)bodylen;
+    int r;
+    const char *cm = PyUnicode_AsUTF8(command);
+    int allowed;
+    if (cm == NULL) {
+        allowed = -1;
+    } else if (strcmp(cm, "noop") == 0 || strcmp(cm, "quit") == 0 || strcmp(cm, "mn") == 0) {
+        allowed = 1;
+    } else {
+        PyObject *keys = keyed ? PyTuple_Pack(1, key) : (Py_INCREF(s_empty_tuple), s_empty_tuple);
+        allowed = keys ? ctx_matches(self, command, keys, 0) : -1;
+        Py_XDECREF(keys);
+    }
+    if (allowed < 0) {
+        r = -1;
+    } else if (allowed) {
+        r = log_forwarded(self, lazy_fields(2, opname, key));
+        if (r == 0 && quiet != Q_SILENT) {
+            Entry e = {0};
+            e.kind = opcode == 0x10 ? K_STATS : K_UNIT;
+            e.mtype = quiet == Q_QUIET ? M_BIN : M_ALWAYS;
+            e.opcode = opcode;
+            e.opaque = opaque;
+            e.name = opname;
+            Py_INCREF(opname);
+            int p = q_push(&self->q, &e);
+            if (p < 0) {
+                r = -1;
+            } else if (p == 0) {
+                *n = 2;
+                r = OP_ERROR;
+            }
+        }
+        if (r == 0) {
+            *n = nreq;
+            r = OP_PASS;
+        }
+    } else {
+        r = ctx_log(self, g_ET_DENIED, fields_dict(2, opname, key));
+        if (r == 0) {
+            PyObject *payload = bin_denied(opcode, opaque);
+            r = payload ? mc_deny(self, opname, payload, s_bin_barrier, nreq, have, n, 2) : -1;
+            Py_XDECREF(payload);
+        }
+    }
+    Py_DECREF(key);
+    Py_DECREF(opname);
+    Py_DECREF(command);
+    return r;
+}
+
+/* BinaryProtocol._reply */
+static int bin_reply(Memcache *self, const char *cdata, Py_ssize_t have, long long *n) {
+    const unsigned char *data = (const unsigned char *)cdata;
+    if (self->rep_owed) {
+        *n = self->rep_owed;
+        self->rep_owed = 0;
+        return OP_INJECT;
+    }
+    if (have < HEADER) {
+        *n = HEADER - have;
+        return OP_MORE;
+    }
+    unsigned magic = data[0], opcode = data[1], keylen = be16(data + 2), extlen = data[4];
+    unsigned status = be16(data + 6);
+    uint32_t bodylen = be32(data + 8), opaque = be32(data + 12);
+    if (magic != 0x81) {
+        *n = 1;
+        return OP_ERROR;
+    }
+    if ((uint32_t)(keylen + extlen) > bodylen) {
+        *n = 2;
+        return OP_ERROR;
+    }
+    long long nrep = HEADER + (long long)bodylen;
+    Queue *q = &self->q;
+    Entry *head;
+    for (;;) {
+        if (q->len == 0) return unexpected_reply(self, PyUnicode_FromFormat("0x%04x", status), n);
+        head = q_at(q, 0);
+        if (head->mtype == M_ALWAYS) break;
+        if (head->mtype == M_BIN && head->opcode == opcode && head->opaque == opaque) break;
+        q_popleft(q); /* a quiet request that was answered with silence */
+    }
+    if (head->kind == K_STATS && status == 0 && bodylen) {
+        *n = nrep;
+        return OP_PASS; /* one stat; the group ends with an empty response */
+    }
+    const char *sn = status_name(status);
+    PyObject *st = sn ? PyUnicode_FromString(sn) : PyUnicode_FromFormat("0x%04x", status);
+    if (st == NULL) return -1;
+    int r = mc_complete(self, nrep, have, st, NULL, 0, n);
+    Py_DECREF(st);
+    return r;
+}
 
 /* --- dispatch (memcache/parser.py) ------------------------------------------------------------ */
-
-static int mc_binary_py(Memcache *self, int reply, int end_stream, PyObject *buf, long long *n) {
-    PyObject *res = PyObject_CallMethodObjArgs(self->py_bin, s_on_data, BOOL(reply), BOOL(end_stream), buf, NULL);
-    if (res == NULL) return -1;
-    if (!PyTuple_Check(res) || PyTuple_GET_SIZE(res) != 2) {
-        Py_DECREF(res);
-        PyErr_SetString(PyExc_TypeError, "binary dialect: verdict is not a pair");
-        return -1;
-    }
-    long op = PyLong_AsLong(PyTuple_GET_ITEM(res, 0));
-    long long v = PyLong_AsLongLong(PyTuple_GET_ITEM(res, 1));
-    Py_DECREF(res);
-    if (PyErr_Occurred()) return -1;
-    if (op < 1 || op > 6) {
-        PyErr_SetString(PyExc_ValueError, "binary dialect: unknown op");
-        return -1;
-    }
-    *n = v;
-    return (int)op;
-}
 
 static int mc_on_data(NativeParser *np, int reply, int end_stream, PyObject *buf, long long *n) {
     Memcache *self = (Memcache *)np;
@@ -1847,7 +2073,7 @@ static int mc_on_data(NativeParser *np, int reply, int end_stream, PyObject *buf
         return OP_NOP;
     }
     if (self->dialect == 1) return reply ? text_reply(self, data, have, n) : text_request(self, data, have, n);
-    if (self->dialect == 2) return mc_binary_py(self, reply, end_stream, buf, n);
+    if (self->dialect == 2) return reply ? bin_reply(self, data, have, n) : bin_request(self, data, have, n);
     if (reply) {
         /* bytes(data[:16]).split(b"\r", 1)[0] */
         Py_ssize_t k = have < 16 ? have : 16;
@@ -1856,11 +2082,8 @@ static int mc_on_data(NativeParser *np, int reply, int end_stream, PyObject *buf
         return unexpected_reply(self, latin1_status(data, k), n);
     }
     if ((unsigned char)data[0] >= 0x80) {
-        PyObject *b = PyObject_CallFunctionObjArgs(g_bin_fallback, self->ctx, BOOL(self->log_responses), NULL);
-        if (b == NULL) return -1;
-        Py_XSETREF(self->py_bin, b);
         self->dialect = 2;
-        return mc_binary_py(self, reply, end_stream, buf, n);
+        return bin_request(self, data, have, n);
     }
     self->dialect = 1;
     return text_request(self, data, have, n);
@@ -1895,25 +2118,6 @@ static PyObject *Memcache_py_on_data(Memcache *self, PyObject *const *args, Py_s
 
 /* MemcacheParser.pending(): for each queued entry, whether it is a maybe entry */
 static PyObject *Memcache_pending(Memcache *self, PyObject *unused) {
-    if (self->dialect == 2 && self->py_bin != NULL) {
-        PyObject *pq = PyObject_GetAttrString(self->py_bin, "pending");
-        PyObject *q = pq ? PyObject_GetAttrString(pq, "q") : NULL;
-        Py_XDECREF(pq);
-        if (q == NULL) return NULL;
-        PyObject *it = PyObject_GetIter(q);
-        Py_DECREF(q);
-        if (it == NULL) return NULL;
-        PyObject *out = PyList_New(0), *e;
-        while (out && (e = PyIter_Next(it))) {
-            PyObject *m = PySequence_GetItem(e, 1);
-            Py_DECREF(e);
-            if (m == NULL || PyList_Append(out, BOOL(m != Py_None)) < 0) Py_CLEAR(out);
-            Py_XDECREF(m);
-        }
-        Py_DECREF(it);
-        if (PyErr_Occurred()) Py_CLEAR(out);
-        return out;
-    }
     PyObject *out = PyList_New(self->q.len);
     if (out == NULL) return NULL;
     for (Py_ssize_t i = 0; i < self->q.len; i++) {
@@ -1982,10 +2186,9 @@ static PyObject *mod_setup(PyObject *m, PyObject *args, PyObject *kw) {
 
 static PyObject *mod_setup_memcache(PyObject *m, PyObject *args, PyObject *kw) {
     static char *kwlist[] = {"MemcacheRequest", "REQUEST", "RESPONSE", "DENIED", "denied_reply",
-                             "text_barrier", "binary_barrier", "binary_fallback", "Context", "ALLOWED", NULL};
-    PyObject *req, *rq, *rs, *dn, *dr, *tb, *bb, *bf, *cx, *al;
-    if (!PyArg_ParseTupleAndKeywords(args, kw, "$OOOOSSSOOO", kwlist, &req, &rq, &rs, &dn, &dr, &tb, &bb, &bf,
-                                     &cx, &al))
+                             "text_barrier", "binary_barrier", "Context", "ALLOWED", NULL};
+    PyObject *req, *rq, *rs, *dn, *dr, *tb, *bb, *cx, *al;
+    if (!PyArg_ParseTupleAndKeywords(args, kw, "$OOOOSSSOO", kwlist, &req, &rq, &rs, &dn, &dr, &tb, &bb, &cx, &al))
         return NULL;
     if (!PyType_Check(req) || !PyType_IsSubtype((PyTypeObject *)req, &PyTuple_Type)) {
         PyErr_SetString(PyExc_TypeError, "MemcacheRequest must be a tuple subclass");
@@ -1999,7 +2202,6 @@ static PyObject *mod_setup_memcache(PyObject *m, PyObject *args, PyObject *kw) {
     KEEP(s_denied_reply, dr);
     KEEP(s_text_barrier, tb);
     KEEP(s_bin_barrier, bb);
-    KEEP(g_bin_fallback, bf);
     KEEP(g_Context, cx);
     KEEP(g_ALLOWED, al);
 #undef KEEP
@@ -2049,6 +2251,13 @@ PyMODINIT_FUNC PyInit__native(void) {
     s_empty_tuple = PyTuple_New(0);
     if (!s_empty_bytes || !s_empty_tuple) return NULL;
     for (Command *c = COMMANDS; c->tok; c++) INTERN(c->pyname, c->name);
+    opcodes_init();
+    for (int i = 0; i < 0x48; i++) {
+        if (OPCODES[i].opname) {
+            INTERN(OPCODES[i].py_opname, OPCODES[i].opname);
+            INTERN(OPCODES[i].py_command, OPCODES[i].command);
+        }
+    }
     if (PyType_Ready(&EngineType) < 0 || PyType_Ready(&MemcacheType) < 0 || PyType_Ready(&LazyFieldsType) < 0)
         return NULL;
     PyObject *m = PyModule_Create(&moduledef);

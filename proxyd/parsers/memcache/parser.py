@@ -11,8 +11,8 @@ When the connection runs on the native engine (``proxyd._native``, see :mod:`pro
 the factory creates
 the compiled twin of this parser (``proxyd._native.Memcache``) instead: the same framing,
 pending queue and denial placement, called by the engine without a Python call per verdict.
-The text and meta dialects are native; the binary dialect runs this package's
-:class:`.binary.BinaryProtocol` inside it.
+All three dialects (text, meta, binary) are native; policy decisions, rule matching (RE2
+included) and the access log stay in Python and are called from it.
 
 ``parser_config`` keys: ``log_responses`` (bool, default true): write an access-log entry per
 framed reply (``command``, ``status``). Turn it off where only requests matter; the sink
@@ -46,7 +46,6 @@ if _native is not None:
         denied_reply=text.DENIED_REPLY,
         text_barrier=text.BARRIER_REQUEST,
         binary_barrier=binary.BARRIER_REQUEST,
-        binary_fallback=BinaryProtocol,
         Context=Context,
         ALLOWED=ALLOWED,
     )
