@@ -837,9 +837,9 @@ static void LazyFields_dealloc(LazyFields *self) {
     PyObject_Free(self);
 }
 
-static PyObject *decode_key(PyObject *k) {
-    return PyUnicode_DecodeUTF8(PyBytes_AS_STRING(k), PyBytes_GET_SIZE(k), "backslashreplace");
-}
+static PyObject *g_key_text; /* memcache.common.key_text: how wire bytes appear in log fields */
+
+static PyObject *decode_key(PyObject *k) { return PyObject_CallOneArg(g_key_text, k); }
 
 static PyObject *fields_dict(int kind, PyObject *a, PyObject *b) {
     PyObject *d = PyDict_New();
@@ -1345,15 +1345,19 @@ static Py_ssize_t b64_decode(const char *p, Py_ssize_t len, char *out) {
     return o;
 }
 
+/* rules.CONTROL_COMMANDS: noop quit mn (always allowed) */
+static int is_control(PyObject *name) {
+    return PyUnicode_CompareWithASCIIString(name, "noop") == 0 || PyUnicode_CompareWithASCIIString(name, "quit") == 0 ||
+           PyUnicode_CompareWithASCIIString(name, "mn") == 0;
+}
+
 /* TextProtocol._decide. keys: a tuple of bytes (new refs owned by the caller). */
 static int text_decide(Memcache *self, PyObject *name, PyObject *keys, int key_error, int kind,
                        unsigned accept, int has_accept, int silent, long long nreq, Py_ssize_t have,
                        const char *opq, int opq_len, long long *n) {
     int allowed;
     /* CONTROL_COMMANDS: noop quit mn */
-    const char *nm = PyUnicode_AsUTF8(name);
-    if (nm == NULL) return -1;
-    if (strcmp(nm, "noop") == 0 || strcmp(nm, "quit") == 0 || strcmp(nm, "mn") == 0) {
+    if (is_control(name)) {
         allowed = 1;
     } else if (PyTuple_GET_SIZE(keys) <= 1) {
         allowed = ctx_matches(self, name, keys, key_error);
@@ -1594,9 +1598,19 @@ static int text_request(Memcache *self, const char *data, Py_ssize_t have, long 
     int r;
     Command *cmd = ntoks ? find_command(toks[0].p, toks[0].len) : NULL;
     if (cmd == NULL) {
-        PyObject *name = ntoks ? PyUnicode_DecodeUTF8(toks[0].p, toks[0].len > 64 ? 64 : toks[0].len,
-                                                      "backslashreplace")
-                               : (Py_INCREF(s_empty_str), s_empty_str);
+        PyObject *name;
+        if (ntoks) {
+            PyObject *tok = PyBytes_FromStringAndSize(toks[0].p, toks[0].len > 64 ? 64 : toks[0].len);
+            name = tok ? decode_key(tok) : NULL;
+            Py_XDECREF(tok);
+            if (name != NULL && !PyUnicode_Check(name)) {
+                Py_SETREF(name, NULL);
+                PyErr_SetString(PyExc_TypeError, "key_text() must return str");
+            }
+        } else {
+            name = s_empty_str;
+            Py_INCREF(name);
+        }
         if (name == NULL) {
             r = -1;
         } else {
@@ -1964,11 +1978,8 @@ static int bin_request(Memcache *self, const char *cdata, Py_ssize_t have, long 
     }
     long long nreq = HEADER + (long long)bodylen;
     int r;
-    const char *cm = PyUnicode_AsUTF8(command);
     int allowed;
-    if (cm == NULL) {
-        allowed = -1;
-    } else if (strcmp(cm, "noop") == 0 || strcmp(cm, "quit") == 0 || strcmp(cm, "mn") == 0) {
+    if (is_control(command)) {
         allowed = 1;
     } else {
         PyObject *keys = keyed ? PyTuple_Pack(1, key) : (Py_INCREF(s_empty_tuple), s_empty_tuple);
@@ -2186,9 +2197,10 @@ static PyObject *mod_setup(PyObject *m, PyObject *args, PyObject *kw) {
 
 static PyObject *mod_setup_memcache(PyObject *m, PyObject *args, PyObject *kw) {
     static char *kwlist[] = {"MemcacheRequest", "REQUEST", "RESPONSE", "DENIED", "denied_reply",
-                             "text_barrier", "binary_barrier", "Context", "ALLOWED", NULL};
-    PyObject *req, *rq, *rs, *dn, *dr, *tb, *bb, *cx, *al;
-    if (!PyArg_ParseTupleAndKeywords(args, kw, "$OOOOSSSOO", kwlist, &req, &rq, &rs, &dn, &dr, &tb, &bb, &cx, &al))
+                             "text_barrier", "binary_barrier", "Context", "ALLOWED", "key_text", NULL};
+    PyObject *req, *rq, *rs, *dn, *dr, *tb, *bb, *cx, *al, *kt;
+    if (!PyArg_ParseTupleAndKeywords(args, kw, "$OOOOSSSOOO", kwlist, &req, &rq, &rs, &dn, &dr, &tb, &bb, &cx, &al,
+                                     &kt))
         return NULL;
     if (!PyType_Check(req) || !PyType_IsSubtype((PyTypeObject *)req, &PyTuple_Type)) {
         PyErr_SetString(PyExc_TypeError, "MemcacheRequest must be a tuple subclass");
@@ -2204,6 +2216,7 @@ static PyObject *mod_setup_memcache(PyObject *m, PyObject *args, PyObject *kw) {
     KEEP(s_bin_barrier, bb);
     KEEP(g_Context, cx);
     KEEP(g_ALLOWED, al);
+    KEEP(g_key_text, kt);
 #undef KEEP
     Py_RETURN_NONE;
 }

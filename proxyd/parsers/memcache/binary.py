@@ -49,7 +49,7 @@ from proxyd.ops import (
 )
 from proxyd.parser import ConnectionContext, Data, EntryType
 
-from .common import K_STATS, K_UNIT, MAX_KEY, PendingQueue, unexpected_reply
+from .common import K_STATS, K_UNIT, MAX_KEY, PendingQueue, key_text, unexpected_reply
 from .rules import CONTROL_COMMANDS, MemcacheRequest
 
 REQUEST_MAGIC = 0x80
@@ -208,7 +208,7 @@ class BinaryProtocol:
         if command in CONTROL_COMMANDS or ctx.matches(MemcacheRequest(command, (key,) if keyed else ())):
             # Fields built lazily: most deployments log denials only (access_log.requests).
             ctx.log(
-                EntryType.REQUEST, lambda: {"opcode": opname, "key": key.decode("utf-8", "backslashreplace")}
+                EntryType.REQUEST, lambda: {"opcode": opname, "key": key_text(key)}
             )
             if quiet != _SILENT:
                 entry = (
@@ -220,7 +220,7 @@ class BinaryProtocol:
                 if not pending.push(entry):
                     return ERROR, ERROR_INVALID_FRAME_LENGTH
             return PASS, n
-        ctx.log(EntryType.DENIED, {"opcode": opname, "key": key.decode("utf-8", "backslashreplace")})
+        ctx.log(EntryType.DENIED, {"opcode": opname, "key": key_text(key)})
         verdict = pending.deny(opname, denied_response(opcode, opaque), n, have)
         return verdict if verdict is not None else (ERROR, ERROR_INVALID_FRAME_LENGTH)
 

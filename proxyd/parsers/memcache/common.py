@@ -157,6 +157,14 @@ class PendingQueue:
         return None
 
 
+def key_text(key: bytes) -> str:
+    """How wire bytes (a key, an unknown command name) appear in log fields and policy names.
+
+    The native parser (proxyd._native) calls this function too, so both paths log the same.
+    """
+    return key.decode("utf-8", "backslashreplace")
+
+
 def _status(status: bytes | str) -> str:
     return status[:64].decode("latin-1") if isinstance(status, bytes) else status
 

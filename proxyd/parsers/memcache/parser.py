@@ -32,7 +32,7 @@ from proxyd.parser import ConnectionContext, Data, EntryType, Parser, ParserFact
 
 from . import binary, text
 from .binary import BinaryProtocol
-from .common import unexpected_reply
+from .common import key_text, unexpected_reply
 from .rules import RULE_KEYS, MemcacheRequest, compile_rule
 from .text import TextProtocol
 
@@ -48,6 +48,7 @@ if _native is not None:
         binary_barrier=binary.BARRIER_REQUEST,
         Context=Context,
         ALLOWED=ALLOWED,
+        key_text=key_text,
     )
 
 

@@ -93,6 +93,7 @@ from .common import (
     MAX_REPLY_LINE,
     MAX_RETRIEVAL_LINE,
     PendingQueue,
+    key_text,
     unexpected_reply,
 )
 from .rules import CONTROL_COMMANDS, MemcacheRequest
@@ -217,7 +218,7 @@ def _echoes(data: Data, stop: int, opaque: bytes) -> bool:
 
 
 def _log_keys(keys: tuple[bytes, ...]) -> list[str]:
-    return [k.decode("utf-8", "backslashreplace") for k in keys]
+    return [key_text(k) for k in keys]
 
 
 class TextProtocol:
@@ -266,7 +267,7 @@ class TextProtocol:
         spec = _COMMANDS.get(toks[0]) if toks else None
         if spec is None:
             # Unknown (or empty): memcached answers ERROR; only an allow-all rule passes it.
-            name = toks[0][:64].decode("utf-8", "backslashreplace") if toks else ""
+            name = key_text(toks[0][:64]) if toks else ""
             return self._decide(name, _NO_KEYS, False, K_UNIT, None, False, n, have)
         family, name, lo, hi = spec
         nargs = len(toks) - 1
