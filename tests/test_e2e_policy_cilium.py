@@ -156,3 +156,29 @@ async def test_entities_through_the_daemon(tmp_path: Path) -> None:
     assert got == {WORLD: b"OK READ /x", HOST: b"OK READ /x", READER: b""}
     denied = [e for e in log(tmp_path) if e.get("event") == "connection" and e.get("verdict") == "denied"]
     assert [e["src"].split(":")[0] for e in denied] == [READER]
+
+
+def test_proxyd_check_accepts_every_cilium_form_in_the_fixtures(tmp_path: Path) -> None:
+    """`proxyd check` on the Cilium-shaped fixture policies: accepted, with only warnings."""
+    import subprocess
+    import sys
+
+    fixtures = Path(__file__).parent / "policy" / "fixtures"
+    identities = (fixtures / "identities" / "namespaces.yaml").read_text()
+    config = (
+        "listeners:\n  - {name: r2d2, address: '127.0.0.1:0', l7proto: r2d2, upstream: '127.0.0.1:9'}\n"
+        "identities:\n" + "".join(f"  {line}\n" for line in identities.splitlines())
+        + f"policy:\n  paths: [{fixtures}]\n"
+    )  # fmt: skip
+    (tmp_path / "proxyd.yaml").write_text(config)
+    res = subprocess.run(
+        [sys.executable, "-m", "proxyd", "check", "--config", str(tmp_path / "proxyd.yaml")],
+        capture_output=True,
+        text=True,
+        timeout=60,
+    )
+    assert res.returncode == 0, res.stderr
+    assert "OK (1 listeners, 10 policy documents)" in res.stdout
+    # The selector keys no identities entry carries are named (the fixtures' app/role/env ones).
+    assert "selector key 'role': no identities entry carries it" in res.stderr
+    assert "k8s:io.kubernetes.pod.namespace" not in res.stderr  # the identities carry it

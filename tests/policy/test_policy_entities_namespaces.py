@@ -282,7 +282,7 @@ spec:
 
 @pytest.fixture
 def ns_world(tmp_path: Path) -> World:
-    entries = (FIXTURES / "namespaces-identities.yaml").read_text()
+    entries = (FIXTURES / "identities" / "namespaces.yaml").read_text()
     ids = IdentityMap.from_entries(config_identities(tmp_path, entries))
     return World(load_paths([FIXTURES / "namespaces.yaml"], REGISTRY), ids)
 
