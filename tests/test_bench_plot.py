@@ -112,3 +112,15 @@ def test_memcache_bench_draws_its_ops_table(tmp_path: Path) -> None:
     assert out is not None and _png_size(out)[0] > 0
     assert _rgb(plot.PROXYD) in _colours(out)
     assert memcache.write_png(tmp_path / "none.png", {}, "x") is None
+
+
+def test_every_bench_script_draws_its_table() -> None:
+    """Each bench/*.py with a ratio table (measured against HAProxy) also writes it as a PNG."""
+    scripts = [p for p in BENCH.glob("*.py") if p.name != "plot.py" and "HAProxy" in p.read_text()]
+    assert any(p.name == "memcache.py" for p in scripts)
+    silent = [p.name for p in scripts if "write_ratio_png" not in p.read_text()]
+    assert not silent, (
+        f"bench scripts whose ratio table has no PNG: {silent}; after writing the results table call "
+        "`from plot import Row, write_ratio_png` and write_ratio_png(out.with_suffix('.png'), title, "
+        "[Row(name, ops_s, ratio_to_haproxy, cpu_us_op), ...]) (see bench/memcache.py's write_png)"
+    )
