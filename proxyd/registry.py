@@ -21,6 +21,7 @@ BUILTINS: dict[str, str] = {
     "memcache": "proxyd.parsers.memcache:MemcacheFactory",
     "cassandra": "proxyd.parsers.cassandra:CassandraFactory",
     "redis": "proxyd.parsers.redis:RedisFactory",
+    "http": "proxyd.parsers.http:HttpFactory",
     "test.passer": "proxyd.parsers.testparsers:PasserFactory",
     "test.lineparser": "proxyd.parsers.testparsers:LineParserFactory",
     "test.blockparser": "proxyd.parsers.testparsers:BlockParserFactory",

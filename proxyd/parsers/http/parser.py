@@ -1,0 +1,513 @@
+"""The ``http`` parser: HTTP/1.1 and 1.0 requests judged by their heads, responses kept in step.
+
+Theory of operation
+-------------------
+
+Client to server. A request head is scanned as it arrives (:class:`.framing.HeadReader`),
+validated and framed (:func:`.framing.parse_request`), and judged by the policy on its head
+alone. Allowed: the head is passed (or, when a ``headerMatches`` rule rewrites it, dropped and a
+rewritten head injected in its place) and the body passed; denied: head and body are dropped
+and the 403 is put in the request's place among the responses. A Content-Length body is one
+PASS or DROP reaching past the buffered bytes; a chunked body is followed chunk line by chunk
+line, each chunk's data passed or dropped past the buffer, then the trailer section. Bodies are
+never held. A request proxyd cannot frame is answered 400 (431 for a head over
+``max_header_bytes``) with ``connection: close``, never forwarded, and the connection closed;
+bytes that are not HTTP/1.x (a TLS handshake, the HTTP/2 preface) close it without an answer.
+
+Server to client. Every forwarded request has an entry in the pending queue; responses are
+framed per RFC 9112 section 6.3 against the entry at its head (HEAD, 1xx, 204, 304, 2xx to
+CONNECT, 101, Content-Length, chunked, read until close). Response bytes are passed as they
+arrive, never reaching past the buffer, so the parser always knows where the response stream
+stands: a denial queued behind a response is injected the moment that response's last byte is
+passed, and a denial with nothing pending is injected at once. A denial that must close the
+connection (the request asked to close, HTTP/1.0 without keep-alive, or a body the client may
+or may not send after ``Expect: 100-continue``) or a 400 ends the connection with ERROR once
+the answer is out; client bytes after it are dropped.
+
+After a ``101`` to an upgrade request, or a 2xx to CONNECT, both directions pass untouched.
+While such a request waits for its answer, later client bytes are held (they may already be
+the new protocol's), up to the engine's buffer, and looked at with the next client bytes.
+"""
+
+from __future__ import annotations
+
+from collections import deque
+from collections.abc import Mapping
+from dataclasses import dataclass
+from typing import Any, Final
+
+from proxyd.errors import ParserConfigError
+from proxyd.ops import DROP, ERROR, ERROR_PROTOCOL, INJECT, MORE, NOP_VERDICT, PASS, Op, Verdict
+from proxyd.parser import ConnectionContext, Data, EntryType, Parser
+
+from . import framing as F
+from .rules import HeaderMatch, HttpRequest
+
+KiB: Final = 1024
+
+#: ERROR code for a close proxyd chose after an answer (a 403 that ends the connection, a 400).
+ERROR_CLOSE_AFTER_ANSWER: Final = 16
+#: Pipelined requests awaiting a response before the client counts as broken.
+MAX_PENDING: Final = 1024
+
+
+def _answer(status: str, body: bytes, close: bool) -> bytes:
+    head = f"HTTP/1.1 {status}\r\ncontent-length: {len(body)}\r\ncontent-type: text/plain\r\n"
+    return (head + ("connection: close\r\n" if close else "") + "\r\n").encode() + body
+
+
+DENIED: Final = _answer("403 Forbidden", b"Access denied\r\n", False)
+DENIED_CLOSE: Final = _answer("403 Forbidden", b"Access denied\r\n", True)
+BAD_REQUEST: Final = _answer("400 Bad Request", b"Bad Request\r\n", True)
+TOO_LARGE: Final = _answer(
+    "431 Request Header Fields Too Large", b"Request Header Fields Too Large\r\n", True
+)
+
+
+@dataclass(frozen=True, slots=True)
+class HttpConfig:
+    """The validated ``parser_config`` of an http listener."""
+
+    max_header_bytes: int = 64 * KiB
+    log_responses: bool = True
+
+
+def validate_config(config: Mapping[str, Any]) -> HttpConfig:
+    """Build an :class:`HttpConfig`; raises :class:`ParserConfigError` naming the key."""
+    values: dict[str, Any] = {}
+    for key, value in config.items():
+        if key == "max_header_bytes":
+            if isinstance(value, bool) or not isinstance(value, int) or not 256 <= value <= 1024 * KiB:
+                raise ParserConfigError(f"must be an integer from 256 to 1048576, not {value!r}", key=key)
+            values[key] = value
+        elif key == "log_responses":
+            if not isinstance(value, bool):
+                raise ParserConfigError(f"must be true or false, not {value!r}", key=key)
+            values[key] = value
+        else:
+            raise ParserConfigError(
+                "unknown key for parser 'http' (known: max_header_bytes, log_responses)", key=str(key)
+            )
+    return HttpConfig(**values)
+
+
+class _Pending:
+    """A request awaiting its response, or a denial waiting for its place."""
+
+    __slots__ = ("close", "connect", "head", "host", "method", "path", "payload", "upgrade")
+
+    def __init__(
+        self,
+        method: str,
+        path: str,
+        host: str,
+        *,
+        payload: bytes | None = None,
+        close: bool = False,
+        upgrade: bool = False,
+    ) -> None:
+        self.method = method
+        self.path = path
+        self.host = host
+        self.head = method == "HEAD"
+        self.connect = method == "CONNECT"
+        self.upgrade = upgrade
+        self.payload = payload  # set: a denial to inject once the responses before it are out
+        self.close = close  # end the connection after this answer
+
+
+# Request-side states.
+RS_HEAD, RS_CHUNK, RS_TRAILER, RS_WAIT, RS_TUNNEL, RS_DRAIN = range(6)
+# Response-side states.
+PS_HEAD, PS_LENGTH, PS_CHUNK, PS_CHUNK_DATA, PS_TRAILER, PS_UNTIL_CLOSE, PS_TUNNEL = range(7)
+
+
+class HttpParser(Parser):
+    """One connection's parser; see the module docstring."""
+
+    def __init__(self, ctx: ConnectionContext, config: HttpConfig) -> None:
+        self.ctx = ctx
+        self.limit = config.max_header_bytes
+        self.log_responses = config.log_responses
+        self.pending: deque[_Pending] = deque()
+        self.closing = False  # an answer that ends the connection is out: ERROR at the next call
+        # request side
+        self.rs = RS_HEAD
+        self.rq: deque[Verdict] = deque()
+        self.rhr = F.HeadReader()
+        self.r_op = PASS  # PASS or DROP for the current request's body
+        self.r_crlf = False  # chunk data done: a CRLF must come first
+        self.r_keep = True  # the current request keeps the connection
+        self.r_next = RS_HEAD  # state after the current request's body
+        self.start_checked = False
+        # response side
+        self.ps = PS_HEAD
+        self.pq: deque[Verdict] = deque()
+        self.phr = F.HeadReader()
+        self.p_left = 0  # body bytes still to pass (PS_LENGTH, PS_CHUNK_DATA)
+        self.p_crlf = False
+
+    def on_data(self, reply: bool, end_stream: bool, data: Data) -> Verdict:
+        if reply:
+            if self.pq:
+                return self.pq.popleft()
+            if not data:
+                return NOP_VERDICT
+            if self.closing:
+                return ERROR, ERROR_CLOSE_AFTER_ANSWER
+            return self._response(data)
+        if self.rq:
+            return self.rq.popleft()
+        if not data:
+            return NOP_VERDICT
+        if self.closing:
+            return ERROR, ERROR_CLOSE_AFTER_ANSWER
+        return self._request(data)
+
+    # --- requests ------------------------------------------------------------------------------
+
+    def _request(self, data: Data) -> Verdict:
+        rs = self.rs
+        if rs == RS_HEAD:
+            return self._request_head(data)
+        if rs == RS_CHUNK:
+            return self._request_chunk(data)
+        if rs == RS_TRAILER:
+            return self._request_trailer(data)
+        if rs == RS_TUNNEL:
+            return PASS, len(data)
+        if rs == RS_DRAIN:
+            return DROP, len(data)
+        return NOP_VERDICT  # RS_WAIT: held until the upgrade or CONNECT is answered
+
+    def _request_head(self, data: Data) -> Verdict:
+        hr = self.rhr
+        if hr.pos == 0:
+            first = data[0]
+            if first == 13:  # empty lines before a request line are ignored (RFC 9112 2.2)
+                if len(data) < 2:
+                    return MORE, 1
+                if data[1] == 10:
+                    return DROP, 2
+            elif first == 0x16:
+                return self._not_http("TLS handshake (not HTTP/1.x)")
+        try:
+            n = hr.scan(data, 0, self.limit)
+            if n < 0:
+                if hr.start is not None and not self.start_checked:
+                    self.start_checked = True
+                    F.parse_request_line(hr.start)  # answer a bad request line at once
+                return MORE, 1
+            head = F.parse_request(hr.start or b"", hr.fields)
+        except F.FramingError as exc:
+            return self._reject(exc, len(data))
+        hr.reset()
+        self.start_checked = False
+        req = HttpRequest(
+            head.method, head.path, head.host, head.version, tuple((k, v) for k, v, _ in head.fields)
+        )
+        if len(self.pending) >= MAX_PENDING:
+            self._log_denied(req, "too many pipelined requests")
+            return ERROR, ERROR_PROTOCOL
+        if self.ctx.matches(req):
+            return self._forward(head, req, n)
+        return self._deny(head, req, n, len(data))
+
+    def _after_body(self, head: F.RequestHead, denied: bool) -> int:
+        if not head.keep_alive:
+            return RS_DRAIN
+        if (head.upgrade or head.connect) and not denied:
+            return RS_WAIT
+        return RS_HEAD
+
+    def _forward(self, head: F.RequestHead, req: HttpRequest, n: int) -> Verdict:
+        self.pending.append(_Pending(head.method, head.path, head.host, upgrade=head.upgrade))
+        fields = _request_fields(req)
+        log_extra: dict[str, str] = {}
+        new_head = _rewrite(head, req.actions, log_extra) if req.actions else None
+        self.ctx.log(EntryType.REQUEST, (lambda: {**fields, **log_extra}) if log_extra else fields)
+        after = self._after_body(head, False)
+        if new_head is None:
+            if head.body == F.BODY_CHUNKED:
+                self._start_chunked(PASS, after)
+                return PASS, n
+            self.rs = after
+            return PASS, n + head.length
+        self.ctx.inject(False, new_head)
+        self.rq.append((DROP, n))
+        if head.body == F.BODY_CHUNKED:
+            self._start_chunked(PASS, after)
+        else:
+            self.rs = after
+            if head.length:
+                self.rq.append((PASS, head.length))
+        return INJECT, len(new_head)
+
+    def _deny(self, head: F.RequestHead, req: HttpRequest, n: int, have: int) -> Verdict:
+        self._log_denied(req, "policy")
+        # After a final answer to ``Expect: 100-continue`` the client may or may not send the
+        # body (RFC 9110 10.1.1): only a close keeps the two sides in step.
+        close = not head.keep_alive or (head.expect_continue and head.body != F.BODY_NONE)
+        payload = DENIED_CLOSE if close else DENIED
+        if head.method == "HEAD":
+            payload = payload[: payload.index(b"\r\n\r\n") + 4]  # a HEAD response has no body
+        if self._place(_Pending(head.method, head.path, head.host, payload=payload, close=close)):
+            return ERROR, ERROR_CLOSE_AFTER_ANSWER
+        if close:
+            self.rs = RS_DRAIN
+            return DROP, have
+        after = self._after_body(head, True)
+        if head.body == F.BODY_CHUNKED:
+            self._start_chunked(DROP, after)
+            return DROP, n
+        self.rs = after
+        return DROP, n + head.length
+
+    def _place(self, entry: _Pending) -> bool:
+        """Put an answer in its place; True when it went out now and the connection must close."""
+        if self.pending:
+            self.pending.append(entry)
+            return False
+        assert entry.payload is not None
+        self.ctx.inject(True, entry.payload)
+        if entry.close:
+            self.closing = True
+            return True
+        return False
+
+    def _reject(self, exc: F.FramingError, have: int) -> Verdict:
+        """A request proxyd cannot frame: 400/431 and close, after the responses before it."""
+        if exc.status is None:
+            return self._not_http(exc.reason)
+        self.ctx.log(EntryType.DENIED, {"error": exc.reason, "status": exc.status})
+        payload = TOO_LARGE if exc.status == 431 else BAD_REQUEST
+        self.rs = RS_DRAIN
+        if self._place(_Pending("", "", "", payload=payload, close=True)):
+            return ERROR, ERROR_CLOSE_AFTER_ANSWER
+        return DROP, have
+
+    def _not_http(self, reason: str) -> Verdict:
+        self.ctx.log(EntryType.DENIED, {"error": reason})
+        return ERROR, ERROR_PROTOCOL
+
+    def _log_denied(self, req: HttpRequest, reason: str) -> None:
+        fields = _request_fields(req)
+        fields["reason"] = reason
+        self.ctx.log(EntryType.DENIED, fields)
+
+    # --- request bodies ----------------------------------------------------------------------
+
+    def _start_chunked(self, op: Op, after: int) -> None:
+        self.rs = RS_CHUNK
+        self.r_op = op
+        self.r_crlf = False
+        self.r_next = after
+
+    def _request_chunk(self, data: Data) -> Verdict:
+        try:
+            got = _chunk_line(data, self.r_crlf)
+        except F.FramingError as exc:
+            return self._body_error(exc.reason)
+        if got is None:
+            return MORE, 1
+        n, size = got
+        if size == 0:
+            self.rs = RS_TRAILER
+            self.rhr.reset(trailer=True)
+            return self.r_op, n
+        self.r_crlf = True
+        return self.r_op, n + size
+
+    def _request_trailer(self, data: Data) -> Verdict:
+        try:
+            n = self.rhr.scan(data, 0, self.limit)
+        except F.FramingError as exc:
+            return self._body_error(exc.reason)
+        if n < 0:
+            return MORE, 1
+        self.rhr.reset()
+        self.rs = self.r_next
+        return self.r_op, n
+
+    def _body_error(self, reason: str) -> Verdict:
+        # The head is already forwarded (or dropped): nothing can be answered in step.
+        self.ctx.log(EntryType.DENIED, {"error": f"request body: {reason}"})
+        return ERROR, ERROR_PROTOCOL
+
+    # --- responses -----------------------------------------------------------------------------
+
+    def _response(self, data: Data) -> Verdict:
+        ps = self.ps
+        if ps == PS_HEAD:
+            return self._response_head(data)
+        if ps in (PS_LENGTH, PS_CHUNK_DATA):
+            have = len(data)
+            left = self.p_left
+            if have < left:
+                self.p_left = left - have
+                return PASS, have
+            self.p_left = 0
+            if ps == PS_CHUNK_DATA:
+                self.ps = PS_CHUNK
+                self.p_crlf = True
+                return PASS, left
+            return self._complete(left, have)
+        if ps == PS_CHUNK:
+            try:
+                got = _chunk_line(data, self.p_crlf)
+            except F.FramingError as exc:
+                return self._response_error(exc.reason)
+            if got is None:
+                return MORE, 1
+            n, size = got
+            self.p_crlf = False
+            if size == 0:
+                self.ps = PS_TRAILER
+                self.phr.reset(trailer=True)
+                return PASS, n
+            self.ps = PS_CHUNK_DATA
+            self.p_left = size
+            return PASS, n
+        if ps == PS_TRAILER:
+            try:
+                n = self.phr.scan(data, 0, self.limit)
+            except F.FramingError as exc:
+                return self._response_error(exc.reason)
+            if n < 0:
+                return MORE, 1
+            self.phr.reset()
+            return self._complete(n, len(data))
+        return PASS, len(data)  # PS_UNTIL_CLOSE, PS_TUNNEL
+
+    def _response_head(self, data: Data) -> Verdict:
+        if not self.pending:
+            return self._response_error("response with no request pending")
+        entry = self.pending[0]
+        hr = self.phr
+        try:
+            n = hr.scan(data, 0, self.limit)
+            if n < 0:
+                return MORE, 1
+            rh = F.response_body(
+                hr.start or b"", hr.fields, head=entry.head, connect=entry.connect, upgrade=entry.upgrade
+            )
+        except F.FramingError as exc:
+            return self._response_error(exc.reason)
+        hr.reset()
+        if self.log_responses:
+            status = rh.status
+            self.ctx.log(
+                EntryType.RESPONSE,
+                lambda: {"method": entry.method, "path": entry.path, "host": entry.host, "status": status},
+            )
+        if rh.interim:
+            return PASS, n
+        body = rh.body
+        if body == F.BODY_NONE:
+            return self._complete(n, len(data))
+        if body == F.BODY_LENGTH:
+            total = n + rh.length
+            if total <= len(data):
+                return self._complete(total, len(data))
+            self.ps = PS_LENGTH
+            self.p_left = rh.length
+            return PASS, n
+        if body == F.BODY_CHUNKED:
+            self.ps = PS_CHUNK
+            self.p_crlf = False
+            return PASS, n
+        self.pending.popleft()
+        if body == F.BODY_TUNNEL:
+            self.ps = PS_TUNNEL
+            self.rs = RS_TUNNEL
+        else:
+            self.ps = PS_UNTIL_CLOSE
+        return PASS, len(data)
+
+    def _complete(self, n: int, have: int) -> Verdict:
+        """The head entry's response ends with the next ``n`` bytes: pass them, place denials."""
+        pending = self.pending
+        pending.popleft()
+        self.ps = PS_HEAD
+        if self.rs == RS_WAIT:
+            self.rs = RS_HEAD  # the upgrade or CONNECT was refused: HTTP goes on
+        owed = 0
+        close = False
+        while pending and pending[0].payload is not None:
+            entry = pending.popleft()
+            assert entry.payload is not None
+            self.ctx.inject(True, entry.payload)
+            owed += len(entry.payload)
+            if entry.close:
+                close = True
+                break
+        if close:
+            self.closing = True
+        if owed and n < have:
+            self.pq.append((INJECT, owed))
+            if close:
+                self.pq.append((ERROR, ERROR_CLOSE_AFTER_ANSWER))
+        return PASS, n
+
+    def _response_error(self, reason: str) -> Verdict:
+        self.ctx.log(EntryType.RESPONSE, {"error": reason})
+        return ERROR, ERROR_PROTOCOL
+
+
+def _chunk_line(data: Data, crlf: bool) -> tuple[int, int] | None:
+    """Find a chunk-size line (after the CRLF that ends the previous chunk's data, if ``crlf``).
+
+    Returns (bytes through the line's CRLF, chunk size), or None when more bytes are needed.
+    Raises :class:`.framing.FramingError`.
+    """
+    pos = 0
+    if crlf:
+        if data[:2] != b"\r\n":
+            if len(data) < 2 and data[:1] in (b"", b"\r"):
+                return None
+            raise F.FramingError(400, "chunk data not followed by CRLF")
+        pos = 2
+    nl = data.find(b"\n", pos, pos + F.MAX_CHUNK_LINE)
+    if nl < 0:
+        if len(data) - pos >= F.MAX_CHUNK_LINE:
+            raise F.FramingError(400, f"chunk-size line over {F.MAX_CHUNK_LINE} bytes")
+        return None
+    if nl == pos or data[nl - 1] != 13:
+        raise F.FramingError(400, "bare LF in a chunk-size line")
+    return nl + 1, F.parse_chunk_line(bytes(data[pos : nl - 1]))
+
+
+def _request_fields(req: HttpRequest) -> dict[str, Any]:
+    return {"method": req.method, "path": req.path, "host": req.host, "version": "HTTP/" + req.version}
+
+
+def _rewrite(head: F.RequestHead, actions: list[HeaderMatch], log: dict[str, str]) -> bytes | None:
+    """The request head with ``headerMatches`` mismatch actions applied (None: unchanged)."""
+    lines: list[tuple[str, bytes] | None] = [(k, raw) for k, _, raw in head.fields]
+    changed = False
+    logged: list[str] = []
+    for hm in actions:
+        mine = f"{hm.name}: {hm.value}".encode("latin-1")
+        if hm.mismatch == "LOG":
+            logged.append(hm.name)
+            continue
+        changed = True
+        if hm.mismatch == "ADD":
+            lines.append((hm.lname, mine))
+        elif hm.mismatch == "DELETE":
+            lines = [x for x in lines if x is not None and x[0] != hm.lname]
+        else:  # REPLACE
+            first = True
+            for i, x in enumerate(lines):
+                if x is not None and x[0] == hm.lname:
+                    lines[i] = (hm.lname, mine) if first else None
+                    first = False
+            if first:
+                lines.append((hm.lname, mine))
+            lines = [x for x in lines if x is not None]
+    if logged:
+        log["header_mismatch"] = ",".join(logged)
+    if not changed:
+        return None
+    start = f"{head.method} {head.target} HTTP/{head.version}\r\n".encode("latin-1")
+    return start + b"".join(raw + b"\r\n" for x in lines if x is not None for raw in (x[1],)) + b"\r\n"
