@@ -351,7 +351,7 @@ class HttpParser(Parser):
                 self.ps = PS_CHUNK
                 self.p_crlf = True
                 return PASS, left
-            return self._complete(left, have)
+            return self._complete(left, data)
         if ps == PS_CHUNK:
             try:
                 got = _chunk_line(data, self.p_crlf)
@@ -376,7 +376,7 @@ class HttpParser(Parser):
             if n < 0:
                 return MORE, 1
             self.phr.reset()
-            return self._complete(n, len(data))
+            return self._complete(n, data)
         return PASS, len(data)  # PS_UNTIL_CLOSE, PS_TUNNEL
 
     def _response_head(self, data: Data) -> Verdict:
@@ -404,11 +404,11 @@ class HttpParser(Parser):
             return PASS, n
         body = rh.body
         if body == F.BODY_NONE:
-            return self._complete(n, len(data))
+            return self._complete(n, data)
         if body == F.BODY_LENGTH:
             total = n + rh.length
             if total <= len(data):
-                return self._complete(total, len(data))
+                return self._complete(total, data)
             self.ps = PS_LENGTH
             self.p_left = rh.length
             return PASS, n
@@ -424,30 +424,43 @@ class HttpParser(Parser):
             self.ps = PS_UNTIL_CLOSE
         return PASS, len(data)
 
-    def _complete(self, n: int, have: int) -> Verdict:
+    def _complete(self, n: int, data: Data) -> Verdict:
         """The head entry's response ends with the next ``n`` bytes: pass them, place denials."""
+        have = len(data)
         pending = self.pending
         pending.popleft()
         self.ps = PS_HEAD
         if self.rs == RS_WAIT:
             self.rs = RS_HEAD  # the upgrade or CONNECT was refused: HTTP goes on
-        owed = 0
+        answers: list[bytes] = []
         close = False
         while pending and pending[0].payload is not None:
             entry = pending.popleft()
             assert entry.payload is not None
-            self.ctx.inject(True, entry.payload)
-            owed += len(entry.payload)
+            answers.append(entry.payload)
             if entry.close:
                 close = True
                 break
-        if close:
-            self.closing = True
-        if owed and n < have:
-            self.pq.append((INJECT, owed))
-            if close:
-                self.pq.append((ERROR, ERROR_CLOSE_AFTER_ANSWER))
-        return PASS, n
+        if not answers:
+            return PASS, n
+        out = b"".join(answers)
+        if not close:
+            self.ctx.inject(True, out)
+            if n < have:
+                self.pq.append((INJECT, len(out)))
+            return PASS, n
+        self.closing = True
+        if n < have:
+            self.ctx.inject(True, out)
+            self.pq.extend(((INJECT, len(out)), (ERROR, ERROR_CLOSE_AFTER_ANSWER)))
+            return PASS, n
+        # The response ends exactly at the buffer's end, and the engine calls a parser again
+        # only while bytes remain: keep its last byte, send it ahead of the answer, then close.
+        self.ctx.inject(True, bytes(data[n - 1 : n]) + out)
+        self.pq.extend(((INJECT, len(out) + 1), (ERROR, ERROR_CLOSE_AFTER_ANSWER)))
+        if n > 1:
+            return PASS, n - 1
+        return self.pq.popleft()
 
     def _response_error(self, reason: str) -> Verdict:
         self.ctx.log(EntryType.RESPONSE, {"error": reason})
