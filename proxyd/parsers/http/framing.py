@@ -36,6 +36,7 @@ was (HEAD, CONNECT, an upgrade), the status and fields say the rest.
 from __future__ import annotations
 
 import re
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Final
 
@@ -102,11 +103,18 @@ class HeadReader:
         self.start = None
         self.fields = []
 
-    def scan(self, data: bytes | bytearray, base: int, limit: int) -> int:
+    def scan(
+        self,
+        data: bytes | bytearray,
+        base: int,
+        limit: int,
+        check_start: Callable[[bytes], object] | None = None,
+    ) -> int:
         """Scan ``data[base:]``; return the head's length (through its empty line), or -1.
 
         -1 means more bytes are needed. Raises :class:`FramingError` for a malformed line
-        (400) or a head with no end within ``limit`` bytes (431).
+        (400) or a head with no end within ``limit`` bytes (431). ``check_start`` validates the
+        start line as soon as it is complete (raising), before any field line is looked at.
         """
         pos = base + self.pos
         stop = min(len(data), base + limit)
@@ -126,6 +134,8 @@ class HeadReader:
             if b"\r" in line:
                 raise FramingError(400, "bare CR in a line")
             if self.start is None and not self.trailer:
+                if check_start is not None:
+                    check_start(line)
                 self.start = line
             else:
                 self.fields.append(parse_field_line(line))
@@ -355,11 +365,11 @@ def response_body(
     except FramingError as exc:
         raise FramingError(None, exc.reason) from None
     has_te = any(n == "transfer-encoding" for n, _, _ in fields)
+    if has_te and cl is not None:
+        raise FramingError(None, "response with both Transfer-Encoding and Content-Length")
     if head or status in (204, 304):
         return ResponseHead(status, version, BODY_NONE, 0, False)
     if has_te:
-        if cl is not None:
-            raise FramingError(None, "response with both Transfer-Encoding and Content-Length")
         try:
             chunked = _chunked_last(fields)
         except FramingError as exc:

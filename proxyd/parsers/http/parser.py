@@ -139,7 +139,6 @@ class HttpParser(Parser):
         self.r_crlf = False  # chunk data done: a CRLF must come first
         self.r_keep = True  # the current request keeps the connection
         self.r_next = RS_HEAD  # state after the current request's body
-        self.start_checked = False
         # response side
         self.ps = PS_HEAD
         self.pq: deque[Verdict] = deque()
@@ -192,17 +191,13 @@ class HttpParser(Parser):
             elif first == 0x16:
                 return self._not_http("TLS handshake (not HTTP/1.x)")
         try:
-            n = hr.scan(data, 0, self.limit)
+            n = hr.scan(data, 0, self.limit, F.parse_request_line)  # a bad request line: at once
             if n < 0:
-                if hr.start is not None and not self.start_checked:
-                    self.start_checked = True
-                    F.parse_request_line(hr.start)  # answer a bad request line at once
                 return MORE, 1
             head = F.parse_request(hr.start or b"", hr.fields)
         except F.FramingError as exc:
             return self._reject(exc, len(data))
         hr.reset()
-        self.start_checked = False
         req = HttpRequest(
             head.method, head.path, head.host, head.version, tuple((k, v) for k, v, _ in head.fields)
         )
@@ -385,7 +380,7 @@ class HttpParser(Parser):
         entry = self.pending[0]
         hr = self.phr
         try:
-            n = hr.scan(data, 0, self.limit)
+            n = hr.scan(data, 0, self.limit, F.parse_status_line)
             if n < 0:
                 return MORE, 1
             rh = F.response_body(

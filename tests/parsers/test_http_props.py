@@ -1,0 +1,49 @@
+"""Hypothesis properties of the http parser: segmentation never matters; no input raises or
+makes it hold more than its bounds."""
+
+from __future__ import annotations
+
+from hypothesis import given, settings
+from hypothesis import strategies as st
+from http_grammar import requests, responses
+
+from proxyd.parsers.http import HttpFactory
+from proxyd.testing import Harness
+
+RULES = [{"method": "GET|HEAD"}, {"path": "/ok.*", "headerMatches": [{"name": "X-A", "value": "1", "mismatch": "REPLACE"}]}]
+
+
+def _run(reqs: bytes, resps: bytes, split: object, limit: int = 1 << 20) -> tuple[object, ...]:
+    h = Harness(HttpFactory(), rules=RULES, buffer_limit=limit, parser_config={"max_header_bytes": 512})
+    h.feed(reqs, split=split)  # type: ignore[arg-type]
+    h.feed(resps, reply=True, split=split)  # type: ignore[arg-type]
+    return (h.to_server, h.to_client, h.error and h.error.kind, [(e.verdict, e.fields) for e in h.log])
+
+
+@settings(max_examples=60, deadline=None)
+@given(reqs=requests(), resps=responses(), cut=st.lists(st.integers(1, 40), max_size=30))
+def test_any_segmentation_gives_the_same_result(reqs: bytes, resps: bytes, cut: list[int]) -> None:
+    whole = _run(reqs, resps, None)
+    assert _run(reqs, resps, cut) == whole
+    assert _run(reqs, resps, "bytes") == whole
+
+
+@settings(max_examples=150, deadline=None)
+@given(
+    data=st.one_of(requests(), st.binary(max_size=600), st.tuples(requests(), st.binary(max_size=80)).map(b"".join)),
+    resps=st.one_of(responses(), st.binary(max_size=300)),
+)
+def test_verdicts_or_error_never_an_exception_never_unbounded(data: bytes, resps: bytes) -> None:
+    limit = 2048
+    h = Harness(HttpFactory(), rules=RULES, buffer_limit=limit, parser_config={"max_header_bytes": 512})
+    for i in range(0, len(data), 7):
+        h.feed(data[i : i + 7])
+        assert h.engine.buffered(False) <= 512 + 7
+    for i in range(0, len(resps), 5):
+        h.feed(resps[i : i + 5], reply=True)
+        assert h.engine.buffered(True) <= 512 + 5
+    h.eof(False)
+    h.eof(True)
+    assert h.error is None or h.error.kind == "parser_error", h.error
+    parser = h.engine.parser
+    assert len(parser.pending) <= 1024  # type: ignore[attr-defined]
