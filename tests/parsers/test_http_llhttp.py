@@ -12,9 +12,9 @@ from __future__ import annotations
 from typing import Any
 
 import pytest
+from http_grammar import requests, response
 from hypothesis import example, given, settings
 from hypothesis import strategies as st
-from http_grammar import requests, response
 
 from proxyd.parsers.http import HttpFactory
 from proxyd.parsers.http.parser import PS_UNTIL_CLOSE, RS_DRAIN, RS_HEAD, RS_WAIT
@@ -24,7 +24,8 @@ httptools = pytest.importorskip("httptools")
 
 #: proxyd rejects, llhttp accepts: proxyd's reason -> why (the RFC's word).
 STRICTER = {
-    "HTTP/1.1 request without Host": "RFC 9112 3.2: a server MUST respond 400 to an HTTP/1.1 request without Host",
+    "HTTP/1.1 request without Host": "RFC 9112 3.2: a server MUST respond 400 to an HTTP/1.1 request "
+    "without Host",
     "more than one Host": "RFC 9112 3.2: MUST respond 400 to a request with more than one Host field line",
     "invalid Host": "RFC 9112 3.2: MUST respond 400 to a Host field with an invalid value",
     "Transfer-Encoding in an HTTP/1.0 request": "RFC 9112 6.1: an HTTP/1.0 message with Transfer-Encoding "
@@ -32,8 +33,10 @@ STRICTER = {
     "invalid request line": "RFC 9112 3: one SP between the three elements, a token method, a target of "
     "visible ASCII; a recipient MUST NOT autocorrect an invalid line (llhttp takes several spaces)",
     "asterisk-form target outside OPTIONS": "RFC 9112 3.2.4: the asterisk-form is only used for OPTIONS",
-    "invalid request target": "RFC 9112 3.2: a target in none of the four forms (authority-form only for CONNECT)",
-    "unsupported HTTP version 2.0": "RFC 9112 2.3: HTTP/2 does not use this syntax; only 1.0 and 1.1 are framed",
+    "invalid request target": "RFC 9112 3.2: a target in none of the four forms (authority-form only "
+    "for CONNECT)",
+    "unsupported HTTP version 2.0": "RFC 9112 2.3: HTTP/2 does not use this syntax; only 1.0 and 1.1 "
+    "are framed",
     "Host differs from the absolute-form target's authority": "RFC 9112 3.2: the Host value MUST be "
     "identical to the target's authority (else policy on Host would not be what the server routes on)",
     "userinfo in an absolute-form target": "RFC 9110 4.2.4: userinfo in an http(s) URI is to be treated "
@@ -71,7 +74,7 @@ def llhttp_ends(data: bytes, resp_to: int = 0) -> tuple[list[int], str | None]:
         try:
             parser.feed_data(data[i : i + 1])
         except httptools.HttpParserUpgrade:
-            return ends + [i + 1], "upgrade"
+            return [*ends, i + 1], "upgrade"
         except httptools.HttpParserError as exc:
             return ends, str(exc)
         while len(ends) < len(done):
@@ -148,15 +151,20 @@ def proxyd_response_ends(data: bytes, n: int) -> tuple[list[int], str | None]:
             errors = [e.fields["error"] for e in h.log if "error" in e.fields]
             return ends, str(errors[0]) if errors else "closed"
         # a message ends when its entry is popped, or an interim response's head is through
-        interim_done = p.ps == 0 and p.phr.pos == 0 and h.engine.buffered(True) == 0 and len(p.pending) == before
-        if len(p.pending) < before or (interim_done and sum(1 for e in h.log if e.entry_type == "response") > len(ends)):
+        interim_done = (
+            p.ps == 0 and p.phr.pos == 0 and h.engine.buffered(True) == 0 and len(p.pending) == before
+        )
+        if len(p.pending) < before or (
+            interim_done and sum(1 for e in h.log if e.entry_type == "response") > len(ends)
+        ):
             ends.append(i + 1)
     return ends, None
 
 
 #: Response cases: proxyd closes, llhttp accepts.
 STRICTER_RESPONSES = {
-    "101 Switching Protocols to a request that asked no upgrade": "RFC 9110 15.2.2: 101 answers a request's Upgrade",
+    "101 Switching Protocols to a request that asked no upgrade": "RFC 9110 15.2.2: 101 answers a "
+    "request's Upgrade",
     "chunked applied more than once": "RFC 9112 6.1: a sender MUST NOT apply chunked more than once",
 }
 

@@ -5,7 +5,7 @@ from __future__ import annotations
 import pytest
 from http_helpers import BAD_REQUEST, DENIED, DENIED_CLOSE, TOO_LARGE, run, splits
 
-from proxyd.ops import DROP, ERROR, INJECT, MORE, PASS
+from proxyd.ops import DROP, ERROR, INJECT, PASS
 from proxyd.parsers.http import HttpFactory
 from proxyd.testing import Harness
 
@@ -14,32 +14,53 @@ OK = b"HTTP/1.1 200 OK\r\nContent-Length: 2\r\n\r\nhi"
 POST_CL = b"POST /u HTTP/1.1\r\nHost: a\r\nContent-Length: 5\r\n\r\nhello"
 POST_CHUNKED = (
     b"POST /c HTTP/1.1\r\nHost: a\r\nTransfer-Encoding: gzip, chunked\r\n\r\n"
-    b"5;name=val;q=\"x y\"\r\nhello\r\nA\r\n0123456789\r\n0\r\nX-Trailer: t\r\n\r\n"
+    b'5;name=val;q="x y"\r\nhello\r\nA\r\n0123456789\r\n0\r\nX-Trailer: t\r\n\r\n'
 )
 
 # (name, client bytes, bytes the server must see)
 FORWARDED = [
     ("simple GET", GET, GET),
     ("Content-Length body", POST_CL, POST_CL),
-    ("Content-Length 0 and leading zeros", b"POST / HTTP/1.1\r\nHost: a\r\nContent-Length: 003\r\n\r\nabc",
-     b"POST / HTTP/1.1\r\nHost: a\r\nContent-Length: 003\r\n\r\nabc"),
+    (
+        "Content-Length 0 and leading zeros",
+        b"POST / HTTP/1.1\r\nHost: a\r\nContent-Length: 003\r\n\r\nabc",
+        b"POST / HTTP/1.1\r\nHost: a\r\nContent-Length: 003\r\n\r\nabc",
+    ),
     ("chunked with extensions and trailers", POST_CHUNKED, POST_CHUNKED),
     ("pipelined", GET + POST_CL + GET, GET + POST_CL + GET),
     ("empty lines before a request are dropped", b"\r\n\r\n" + GET, GET),
     ("HTTP/1.0 without Host", b"GET /x HTTP/1.0\r\n\r\n", b"GET /x HTTP/1.0\r\n\r\n"),
-    ("HTTP/1.0 without keep-alive: later bytes dropped", b"GET /x HTTP/1.0\r\n\r\n" + GET,
-     b"GET /x HTTP/1.0\r\n\r\n"),
-    ("HTTP/1.0 keep-alive pipelined", b"GET / HTTP/1.0\r\nConnection: keep-alive\r\n\r\n" + GET,
-     b"GET / HTTP/1.0\r\nConnection: keep-alive\r\n\r\n" + GET),
-    ("Connection: close: later bytes dropped", b"GET / HTTP/1.1\r\nHost: a\r\nConnection: close\r\n\r\n" + GET,
-     b"GET / HTTP/1.1\r\nHost: a\r\nConnection: close\r\n\r\n"),
-    ("absolute-form forwarded as sent", b"GET http://a/p?q HTTP/1.1\r\nHost: a\r\n\r\n",
-     b"GET http://a/p?q HTTP/1.1\r\nHost: a\r\n\r\n"),
+    (
+        "HTTP/1.0 without keep-alive: later bytes dropped",
+        b"GET /x HTTP/1.0\r\n\r\n" + GET,
+        b"GET /x HTTP/1.0\r\n\r\n",
+    ),
+    (
+        "HTTP/1.0 keep-alive pipelined",
+        b"GET / HTTP/1.0\r\nConnection: keep-alive\r\n\r\n" + GET,
+        b"GET / HTTP/1.0\r\nConnection: keep-alive\r\n\r\n" + GET,
+    ),
+    (
+        "Connection: close: later bytes dropped",
+        b"GET / HTTP/1.1\r\nHost: a\r\nConnection: close\r\n\r\n" + GET,
+        b"GET / HTTP/1.1\r\nHost: a\r\nConnection: close\r\n\r\n",
+    ),
+    (
+        "absolute-form forwarded as sent",
+        b"GET http://a/p?q HTTP/1.1\r\nHost: a\r\n\r\n",
+        b"GET http://a/p?q HTTP/1.1\r\nHost: a\r\n\r\n",
+    ),
     ("OPTIONS *", b"OPTIONS * HTTP/1.1\r\nHost: a\r\n\r\n", b"OPTIONS * HTTP/1.1\r\nHost: a\r\n\r\n"),
-    ("obs-text and tabs in a value", b"GET / HTTP/1.1\r\nHost: a\r\nX: \xe9\tb \r\n\r\n",
-     b"GET / HTTP/1.1\r\nHost: a\r\nX: \xe9\tb \r\n\r\n"),
-    ("Host with port and IPv6", b"GET / HTTP/1.1\r\nHost: [::1]:8080\r\n\r\n",
-     b"GET / HTTP/1.1\r\nHost: [::1]:8080\r\n\r\n"),
+    (
+        "obs-text and tabs in a value",
+        b"GET / HTTP/1.1\r\nHost: a\r\nX: \xe9\tb \r\n\r\n",
+        b"GET / HTTP/1.1\r\nHost: a\r\nX: \xe9\tb \r\n\r\n",
+    ),
+    (
+        "Host with port and IPv6",
+        b"GET / HTTP/1.1\r\nHost: [::1]:8080\r\n\r\n",
+        b"GET / HTTP/1.1\r\nHost: [::1]:8080\r\n\r\n",
+    ),
 ]
 
 
@@ -53,38 +74,87 @@ def test_forwarded(name: str, wire: bytes, expected: bytes) -> None:
 # (name, client bytes, answer, reason logged): never forwarded, answered, closed.
 H = b"GET / HTTP/1.1\r\nHost: a\r\n"
 REJECTED = [
-    ("CL.TE", b"POST / HTTP/1.1\r\nHost: a\r\nContent-Length: 4\r\nTransfer-Encoding: chunked\r\n\r\n0\r\n\r\n",
-     "both Transfer-Encoding and Content-Length"),
-    ("TE.CL", b"POST / HTTP/1.1\r\nHost: a\r\nTransfer-Encoding: chunked\r\nContent-Length: 3\r\n\r\n8\r\nSMUGGLED\r\n0\r\n\r\n",
-     "both Transfer-Encoding and Content-Length"),
-    ("TE last coding not chunked", H + b"Transfer-Encoding: chunked, gzip\r\n\r\n",
-     "Transfer-Encoding whose last coding is not chunked"),
-    ("TE identity", H + b"Transfer-Encoding: identity\r\n\r\n", "Transfer-Encoding whose last coding is not chunked"),
-    ("TE chunked twice", H + b"Transfer-Encoding: chunked\r\nTransfer-Encoding: chunked\r\n\r\n",
-     "chunked applied more than once"),
-    ("TE obfuscated xchunked", H + b"Transfer-Encoding: xchunked\r\n\r\n",
-     "Transfer-Encoding whose last coding is not chunked"),
-    ("TE obfuscated with a vertical tab", H + b"Transfer-Encoding: chunked\x0b\r\n\r\n",
-     "invalid character (control or NUL) in a field value"),
-    ("TE empty element", H + b"Transfer-Encoding: chunked,\r\n\r\n", "malformed Transfer-Encoding element ''"),
-    ("TE with a parameter on chunked", H + b"Transfer-Encoding: chunked;q=1\r\n\r\n",
-     "Transfer-Encoding whose last coding is not chunked"),
-    ("TE in HTTP/1.0", b"POST / HTTP/1.0\r\nTransfer-Encoding: chunked\r\n\r\n0\r\n\r\n",
-     "Transfer-Encoding in an HTTP/1.0 request"),
-    ("double Content-Length", H + b"Content-Length: 5\r\nContent-Length: 5\r\n\r\nhello",
-     "more than one Content-Length in a request"),
+    (
+        "CL.TE",
+        b"POST / HTTP/1.1\r\nHost: a\r\nContent-Length: 4\r\nTransfer-Encoding: chunked\r\n\r\n0\r\n\r\n",
+        "both Transfer-Encoding and Content-Length",
+    ),
+    (
+        "TE.CL",
+        b"POST / HTTP/1.1\r\nHost: a\r\nTransfer-Encoding: chunked\r\nContent-Length: 3\r\n\r\n"
+        b"8\r\nSMUGGLED\r\n0\r\n\r\n",
+        "both Transfer-Encoding and Content-Length",
+    ),
+    (
+        "TE last coding not chunked",
+        H + b"Transfer-Encoding: chunked, gzip\r\n\r\n",
+        "Transfer-Encoding whose last coding is not chunked",
+    ),
+    (
+        "TE identity",
+        H + b"Transfer-Encoding: identity\r\n\r\n",
+        "Transfer-Encoding whose last coding is not chunked",
+    ),
+    (
+        "TE chunked twice",
+        H + b"Transfer-Encoding: chunked\r\nTransfer-Encoding: chunked\r\n\r\n",
+        "chunked applied more than once",
+    ),
+    (
+        "TE obfuscated xchunked",
+        H + b"Transfer-Encoding: xchunked\r\n\r\n",
+        "Transfer-Encoding whose last coding is not chunked",
+    ),
+    (
+        "TE obfuscated with a vertical tab",
+        H + b"Transfer-Encoding: chunked\x0b\r\n\r\n",
+        "invalid character (control or NUL) in a field value",
+    ),
+    (
+        "TE empty element",
+        H + b"Transfer-Encoding: chunked,\r\n\r\n",
+        "malformed Transfer-Encoding element ''",
+    ),
+    (
+        "TE with a parameter on chunked",
+        H + b"Transfer-Encoding: chunked;q=1\r\n\r\n",
+        "Transfer-Encoding whose last coding is not chunked",
+    ),
+    (
+        "TE in HTTP/1.0",
+        b"POST / HTTP/1.0\r\nTransfer-Encoding: chunked\r\n\r\n0\r\n\r\n",
+        "Transfer-Encoding in an HTTP/1.0 request",
+    ),
+    (
+        "double Content-Length",
+        H + b"Content-Length: 5\r\nContent-Length: 5\r\n\r\nhello",
+        "more than one Content-Length in a request",
+    ),
     ("Content-Length list 5, 5", H + b"Content-Length: 5, 5\r\n\r\nhello", "malformed Content-Length '5, 5'"),
     ("Content-Length signed", H + b"Content-Length: +5\r\n\r\nhello", "malformed Content-Length '+5'"),
     ("Content-Length hex", H + b"Content-Length: 0x5\r\n\r\nhello", "malformed Content-Length '0x5'"),
     ("Content-Length empty", H + b"Content-Length: \r\n\r\n", "malformed Content-Length ''"),
-    ("Content-Length 19 digits", H + b"Content-Length: 1000000000000000000\r\n\r\n",
-     "malformed Content-Length '1000000000000000000'"),
+    (
+        "Content-Length 19 digits",
+        H + b"Content-Length: 1000000000000000000\r\n\r\n",
+        "malformed Content-Length '1000000000000000000'",
+    ),
     ("obs-fold", H + b"X-A: a\r\n b\r\n\r\n", "obs-fold (a field line starting with whitespace)"),
-    ("obs-fold hiding TE", H + b"X-A: a\r\n\tTransfer-Encoding: chunked\r\n\r\n",
-     "obs-fold (a field line starting with whitespace)"),
-    ("whitespace before the colon", H + b"Transfer-Encoding : chunked\r\n\r\n",
-     "whitespace between field name and colon"),
-    ("tab before the colon", H + b"Content-Length\t: 5\r\n\r\nhello", "whitespace between field name and colon"),
+    (
+        "obs-fold hiding TE",
+        H + b"X-A: a\r\n\tTransfer-Encoding: chunked\r\n\r\n",
+        "obs-fold (a field line starting with whitespace)",
+    ),
+    (
+        "whitespace before the colon",
+        H + b"Transfer-Encoding : chunked\r\n\r\n",
+        "whitespace between field name and colon",
+    ),
+    (
+        "tab before the colon",
+        H + b"Content-Length\t: 5\r\n\r\nhello",
+        "whitespace between field name and colon",
+    ),
     ("bare CR in a value", H + b"X-A: a\rb\r\n\r\n", "bare CR in a line"),
     ("bare CR line end", b"GET / HTTP/1.1\rHost: a\r\n\r\n", "bare CR in a line"),
     ("bare LF line end", b"GET / HTTP/1.1\nHost: a\n\n", "bare LF (line not ended by CRLF)"),
@@ -103,16 +173,33 @@ REJECTED = [
     ("request line: no version (HTTP/0.9)", b"GET /\r\n\r\n", "invalid request line"),
     ("request line: NUL in method", b"G\x00T / HTTP/1.1\r\nHost: a\r\n\r\n", "invalid request line"),
     ("request line: non-ASCII target", b"GET /\xff HTTP/1.1\r\nHost: a\r\n\r\n", "invalid request line"),
-    ("target: asterisk outside OPTIONS", b"GET * HTTP/1.1\r\nHost: a\r\n\r\n", "asterisk-form target outside OPTIONS"),
+    (
+        "target: asterisk outside OPTIONS",
+        b"GET * HTTP/1.1\r\nHost: a\r\n\r\n",
+        "asterisk-form target outside OPTIONS",
+    ),
     ("target: not a form", b"GET x HTTP/1.1\r\nHost: a\r\n\r\n", "invalid request target"),
     ("target: authority outside CONNECT", b"GET a:80 HTTP/1.1\r\nHost: a\r\n\r\n", "invalid request target"),
-    ("target: CONNECT origin-form", b"CONNECT / HTTP/1.1\r\nHost: a\r\n\r\n",
-     "CONNECT target is not authority-form (host:port)"),
-    ("target: CONNECT with a body", b"CONNECT a:443 HTTP/1.1\r\nHost: a:443\r\nContent-Length: 2\r\n\r\nhi",
-     "a body on CONNECT"),
-    ("target: absolute-form Host mismatch", b"GET http://evil/ HTTP/1.1\r\nHost: good\r\n\r\n",
-     "Host differs from the absolute-form target's authority"),
-    ("target: userinfo", b"GET http://u@a/ HTTP/1.1\r\nHost: a\r\n\r\n", "userinfo in an absolute-form target"),
+    (
+        "target: CONNECT origin-form",
+        b"CONNECT / HTTP/1.1\r\nHost: a\r\n\r\n",
+        "CONNECT target is not authority-form (host:port)",
+    ),
+    (
+        "target: CONNECT with a body",
+        b"CONNECT a:443 HTTP/1.1\r\nHost: a:443\r\nContent-Length: 2\r\n\r\nhi",
+        "a body on CONNECT",
+    ),
+    (
+        "target: absolute-form Host mismatch",
+        b"GET http://evil/ HTTP/1.1\r\nHost: good\r\n\r\n",
+        "Host differs from the absolute-form target's authority",
+    ),
+    (
+        "target: userinfo",
+        b"GET http://u@a/ HTTP/1.1\r\nHost: a\r\n\r\n",
+        "userinfo in an absolute-form target",
+    ),
     ("no Host in HTTP/1.1", b"GET / HTTP/1.1\r\n\r\n", "HTTP/1.1 request without Host"),
     ("two Hosts", b"GET / HTTP/1.1\r\nHost: a\r\nHost: b\r\n\r\n", "more than one Host"),
     ("invalid Host", b"GET / HTTP/1.1\r\nHost: a b\r\n\r\n", "invalid Host"),
@@ -251,13 +338,23 @@ def test_denied_body_is_dropped_past_the_buffer() -> None:
 
 RESPONSES = [
     ("Content-Length", GET, [OK]),
-    ("chunked with trailer", GET, [b"HTTP/1.1 200 OK\r\nTransfer-Encoding: chunked\r\n\r\n3;x=y\r\nabc\r\n0\r\nT: 1\r\n\r\n"]),
-    ("HEAD has no body", b"HEAD / HTTP/1.1\r\nHost: a\r\n\r\n" + GET,
-     [b"HTTP/1.1 200 OK\r\nContent-Length: 100\r\n\r\n", OK]),
+    (
+        "chunked with trailer",
+        GET,
+        [b"HTTP/1.1 200 OK\r\nTransfer-Encoding: chunked\r\n\r\n3;x=y\r\nabc\r\n0\r\nT: 1\r\n\r\n"],
+    ),
+    (
+        "HEAD has no body",
+        b"HEAD / HTTP/1.1\r\nHost: a\r\n\r\n" + GET,
+        [b"HTTP/1.1 200 OK\r\nContent-Length: 100\r\n\r\n", OK],
+    ),
     ("204 has no body", GET + GET, [b"HTTP/1.1 204 No Content\r\nContent-Length: 5\r\n\r\n", OK]),
     ("304 has no body", GET + GET, [b"HTTP/1.1 304 Not Modified\r\nTransfer-Encoding: chunked\r\n\r\n", OK]),
-    ("100 Continue is interim", b"POST / HTTP/1.1\r\nHost: a\r\nExpect: 100-continue\r\nContent-Length: 2\r\n\r\nab" + GET,
-     [b"HTTP/1.1 100 Continue\r\n\r\n", b"HTTP/1.1 103 Early Hints\r\nLink: </a>\r\n\r\n", OK, OK]),
+    (
+        "100 Continue is interim",
+        b"POST / HTTP/1.1\r\nHost: a\r\nExpect: 100-continue\r\nContent-Length: 2\r\n\r\nab" + GET,
+        [b"HTTP/1.1 100 Continue\r\n\r\n", b"HTTP/1.1 103 Early Hints\r\nLink: </a>\r\n\r\n", OK, OK],
+    ),
     ("status line without reason", GET, [b"HTTP/1.1 200\r\nContent-Length: 0\r\n\r\n"]),
     ("HTTP/1.0 response", GET, [b"HTTP/1.0 200 OK\r\nContent-Length: 1\r\n\r\nx"]),
 ]
@@ -334,7 +431,7 @@ def test_denials_in_a_row_after_a_response_split_anywhere() -> None:
     resp = OK + b"HTTP/1.1 200 OK\r\nTransfer-Encoding: chunked\r\n\r\n1\r\nx\r\n0\r\n\r\n"
     for split in splits(resp):
         out = run(wire, [resp], rules=ALLOW_GET, split=split)
-        assert out.to_client == OK + DENIED + DENIED + resp[len(OK):]
+        assert out.to_client == OK + DENIED + DENIED + resp[len(OK) :]
 
 
 def test_inject_is_named_when_more_bytes_follow_the_completing_response() -> None:
@@ -346,17 +443,37 @@ def test_inject_is_named_when_more_bytes_follow_the_completing_response() -> Non
 @pytest.mark.parametrize(
     ("name", "wire", "answer", "closed"),
     [
-        ("HTTP/1.0 keep-alive: plain 403, stays open", b"PUT / HTTP/1.0\r\nConnection: keep-alive\r\n\r\n",
-         DENIED, False),
+        (
+            "HTTP/1.0 keep-alive: plain 403, stays open",
+            b"PUT / HTTP/1.0\r\nConnection: keep-alive\r\n\r\n",
+            DENIED,
+            False,
+        ),
         ("HTTP/1.0: 403 with close", b"PUT / HTTP/1.0\r\n\r\n", DENIED_CLOSE, True),
-        ("Connection: close: 403 with close", b"PUT / HTTP/1.1\r\nHost: a\r\nConnection: close\r\n\r\n",
-         DENIED_CLOSE, True),
-        ("Expect: 100-continue with a body: 403 with close",
-         b"PUT / HTTP/1.1\r\nHost: a\r\nExpect: 100-continue\r\nContent-Length: 5\r\n\r\n", DENIED_CLOSE, True),
-        ("Expect: 100-continue without a body: plain 403",
-         b"PUT / HTTP/1.1\r\nHost: a\r\nExpect: 100-continue\r\n\r\n", DENIED, False),
-        ("HEAD: 403 without a body", b"HEAD / HTTP/1.1\r\nHost: a\r\n\r\n", DENIED[: DENIED.index(b"\r\n\r\n") + 4],
-         False),
+        (
+            "Connection: close: 403 with close",
+            b"PUT / HTTP/1.1\r\nHost: a\r\nConnection: close\r\n\r\n",
+            DENIED_CLOSE,
+            True,
+        ),
+        (
+            "Expect: 100-continue with a body: 403 with close",
+            b"PUT / HTTP/1.1\r\nHost: a\r\nExpect: 100-continue\r\nContent-Length: 5\r\n\r\n",
+            DENIED_CLOSE,
+            True,
+        ),
+        (
+            "Expect: 100-continue without a body: plain 403",
+            b"PUT / HTTP/1.1\r\nHost: a\r\nExpect: 100-continue\r\n\r\n",
+            DENIED,
+            False,
+        ),
+        (
+            "HEAD: 403 without a body",
+            b"HEAD / HTTP/1.1\r\nHost: a\r\n\r\n",
+            DENIED[: DENIED.index(b"\r\n\r\n") + 4],
+            False,
+        ),
     ],
 )
 def test_denial_answers(name: str, wire: bytes, answer: bytes, closed: bool) -> None:
@@ -440,8 +557,11 @@ def test_access_log_fields() -> None:
     h.feed(b"HTTP/1.1 404 Not Found\r\nContent-Length: 0\r\n\r\n", reply=True)
     assert [(e.entry_type, e.verdict, e.fields) for e in h.log] == [
         ("request", "forwarded", {"method": "GET", "path": "/ok", "host": "h:1", "version": "HTTP/1.1"}),
-        ("request", "denied",
-         {"method": "POST", "path": "/no", "host": "", "version": "HTTP/1.0", "reason": "policy"}),
+        (
+            "request",
+            "denied",
+            {"method": "POST", "path": "/no", "host": "", "version": "HTTP/1.0", "reason": "policy"},
+        ),
         ("response", "forwarded", {"method": "GET", "path": "/ok", "host": "h:1", "status": 404}),
     ]
 

@@ -3,14 +3,17 @@ makes it hold more than its bounds."""
 
 from __future__ import annotations
 
+from http_grammar import requests, responses
 from hypothesis import given, settings
 from hypothesis import strategies as st
-from http_grammar import requests, responses
 
 from proxyd.parsers.http import HttpFactory
 from proxyd.testing import Harness
 
-RULES = [{"method": "GET|HEAD"}, {"path": "/ok.*", "headerMatches": [{"name": "X-A", "value": "1", "mismatch": "REPLACE"}]}]
+RULES = [
+    {"method": "GET|HEAD"},
+    {"path": "/ok.*", "headerMatches": [{"name": "X-A", "value": "1", "mismatch": "REPLACE"}]},
+]
 
 
 def _run(reqs: bytes, resps: bytes, split: object, limit: int = 1 << 20) -> tuple[object, ...]:
@@ -30,7 +33,9 @@ def test_any_segmentation_gives_the_same_result(reqs: bytes, resps: bytes, cut: 
 
 @settings(max_examples=150, deadline=None)
 @given(
-    data=st.one_of(requests(), st.binary(max_size=600), st.tuples(requests(), st.binary(max_size=80)).map(b"".join)),
+    data=st.one_of(
+        requests(), st.binary(max_size=600), st.tuples(requests(), st.binary(max_size=80)).map(b"".join)
+    ),
     resps=st.one_of(responses(), st.binary(max_size=300)),
 )
 def test_verdicts_or_error_never_an_exception_never_unbounded(data: bytes, resps: bytes) -> None:

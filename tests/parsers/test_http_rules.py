@@ -11,7 +11,9 @@ from proxyd.errors import RuleError
 from proxyd.parsers.http.rules import HttpRequest, compile_rule, describe
 
 
-def req(method: str = "GET", path: str = "/", host: str = "a", headers: tuple[tuple[str, str], ...] = ()) -> HttpRequest:
+def req(
+    method: str = "GET", path: str = "/", host: str = "a", headers: tuple[tuple[str, str], ...] = ()
+) -> HttpRequest:
     return HttpRequest(method, path, host, "1.1", headers)
 
 
@@ -64,12 +66,21 @@ def test_rule_matches(rule: dict[str, Any], request_: HttpRequest, expected: boo
         ({"headerMatches": [{"name": "X", "mismatch": "DROP"}]}, "headerMatches", "is not one of"),
         ({"headerMatches": [{"value": "1"}]}, "headerMatches", "name: missing"),
         ({"headerMatches": [{"name": "X", "colour": "1"}]}, "headerMatches", "unknown key"),
-        ({"headerMatches": [{"name": "Content-Length", "value": "0", "mismatch": "REPLACE"}]},
-         "headerMatches", "frames the request"),
-        ({"headerMatches": [{"name": "Transfer-Encoding", "mismatch": "DELETE"}]}, "headerMatches",
-         "frames the request"),
-        ({"headerMatches": [{"name": "X", "value": " padded", "mismatch": "ADD"}]}, "headerMatches",
-         "surrounding whitespace"),
+        (
+            {"headerMatches": [{"name": "Content-Length", "value": "0", "mismatch": "REPLACE"}]},
+            "headerMatches",
+            "frames the request",
+        ),
+        (
+            {"headerMatches": [{"name": "Transfer-Encoding", "mismatch": "DELETE"}]},
+            "headerMatches",
+            "frames the request",
+        ),
+        (
+            {"headerMatches": [{"name": "X", "value": " padded", "mismatch": "ADD"}]},
+            "headerMatches",
+            "surrounding whitespace",
+        ),
         ({"headerMatches": "X"}, "headerMatches", "must be a list"),
     ],
 )
@@ -81,7 +92,11 @@ def test_compile_errors(rule: dict[str, Any], key: str, message: str) -> None:
 
 
 def test_describe_round_trips() -> None:
-    rule = {"method": "GET", "headers": ["X-A: 1", "B"], "headerMatches": [{"name": "C", "value": "d", "mismatch": "LOG"}]}
+    rule = {
+        "method": "GET",
+        "headers": ["X-A: 1", "B"],
+        "headerMatches": [{"name": "C", "value": "d", "mismatch": "LOG"}],
+    }
     assert describe(compile_rule(rule)) == {
         "method": "GET",
         "headers": ["x-a: 1", "b"],
@@ -98,17 +113,31 @@ HEAD = b"GET /p HTTP/1.1\r\nHost: h\r\nX-A: 1\r\nX-B: old\r\nx-b: older\r\n"
     ("name", "match", "sent"),
     [
         ("matching value: unchanged", {"name": "X-A", "value": "1", "mismatch": "REPLACE"}, HEAD + b"\r\n"),
-        ("ADD goes last, rule's spelling", {"name": "X-New", "value": "v", "mismatch": "ADD"},
-         HEAD + b"X-New: v\r\n\r\n"),
-        ("ADD when another value is present", {"name": "X-A", "value": "2", "mismatch": "ADD"},
-         HEAD + b"X-A: 2\r\n\r\n"),
-        ("DELETE removes every field of the name", {"name": "X-B", "value": "new", "mismatch": "DELETE"},
-         b"GET /p HTTP/1.1\r\nHost: h\r\nX-A: 1\r\n\r\n"),
-        ("REPLACE rewrites the first in place, drops the others",
-         {"name": "X-B", "value": "new", "mismatch": "REPLACE"},
-         b"GET /p HTTP/1.1\r\nHost: h\r\nX-A: 1\r\nX-B: new\r\n\r\n"),
-        ("REPLACE when absent adds last", {"name": "X-C", "value": "c", "mismatch": "REPLACE"},
-         HEAD + b"X-C: c\r\n\r\n"),
+        (
+            "ADD goes last, rule's spelling",
+            {"name": "X-New", "value": "v", "mismatch": "ADD"},
+            HEAD + b"X-New: v\r\n\r\n",
+        ),
+        (
+            "ADD when another value is present",
+            {"name": "X-A", "value": "2", "mismatch": "ADD"},
+            HEAD + b"X-A: 2\r\n\r\n",
+        ),
+        (
+            "DELETE removes every field of the name",
+            {"name": "X-B", "value": "new", "mismatch": "DELETE"},
+            b"GET /p HTTP/1.1\r\nHost: h\r\nX-A: 1\r\n\r\n",
+        ),
+        (
+            "REPLACE rewrites the first in place, drops the others",
+            {"name": "X-B", "value": "new", "mismatch": "REPLACE"},
+            b"GET /p HTTP/1.1\r\nHost: h\r\nX-A: 1\r\nX-B: new\r\n\r\n",
+        ),
+        (
+            "REPLACE when absent adds last",
+            {"name": "X-C", "value": "c", "mismatch": "REPLACE"},
+            HEAD + b"X-C: c\r\n\r\n",
+        ),
         ("LOG changes nothing", {"name": "X-C", "value": "c", "mismatch": "LOG"}, HEAD + b"\r\n"),
     ],
 )

@@ -352,6 +352,15 @@ def response_body(
     Raises :class:`FramingError` (status None: the server's bytes cannot be framed).
     """
     status, version = parse_status_line(start)
+    # Length fields are checked on every response, even those that have no body, as llhttp
+    # does: a response carrying contradictory lengths is not one to relay.
+    try:
+        cl = _content_length(fields, "response")
+    except FramingError as exc:
+        raise FramingError(None, exc.reason) from None
+    has_te = any(n == "transfer-encoding" for n, _, _ in fields)
+    if has_te and cl is not None:
+        raise FramingError(None, "response with both Transfer-Encoding and Content-Length")
     if 100 <= status < 200:
         if status == 101:
             if not upgrade:
@@ -360,13 +369,6 @@ def response_body(
         return ResponseHead(status, version, BODY_NONE, 0, True)
     if connect and 200 <= status < 300:
         return ResponseHead(status, version, BODY_TUNNEL, 0, False)
-    try:
-        cl = _content_length(fields, "response")
-    except FramingError as exc:
-        raise FramingError(None, exc.reason) from None
-    has_te = any(n == "transfer-encoding" for n, _, _ in fields)
-    if has_te and cl is not None:
-        raise FramingError(None, "response with both Transfer-Encoding and Content-Length")
     if head or status in (204, 304):
         return ResponseHead(status, version, BODY_NONE, 0, False)
     if has_te:
