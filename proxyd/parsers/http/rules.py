@@ -143,7 +143,7 @@ def _header_matches(value: Any, key: str) -> tuple[HeaderMatch, ...]:
         raise RuleError("must be a list of {name, value, mismatch} mappings", key)
     out: list[HeaderMatch] = []
     for i, item in enumerate(value):
-        where = f"{key}[{i}]"
+        where = f"[{i}]"
         if not isinstance(item, Mapping):
             raise RuleError(f"{where}: must be a mapping with name, value, mismatch", key)
         name = value_ = ""
