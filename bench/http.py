@@ -1,5 +1,5 @@
 #!/usr/bin/env python3
-# ruff: noqa: E501  (report-building f-strings and table rows read better unwrapped)
+# ruff: noqa: E501, E402  (long report rows read better unwrapped; sys.path is fixed before the imports)
 """http benchmark: nginx direct vs HAProxy (mode http, method+path ACL) vs proxyd L4 vs proxyd http.
 
 One run starts everything on free loopback ports, measures each target with wrk, stops
@@ -30,6 +30,14 @@ Everything is on 127.0.0.1; ratios are to HAProxy in the same run.
 
 from __future__ import annotations
 
+import sys
+from pathlib import Path
+
+# This file is named http.py, and a script's own directory comes first on sys.path: take it
+# off, or the standard library's http package (urllib, matplotlib) would import this file.
+_HERE = Path(__file__).resolve().parent
+sys.path[:] = [p for p in sys.path if Path(p or ".").resolve() != _HERE]
+
 import argparse
 import datetime as dt
 import os
@@ -39,11 +47,9 @@ import shutil
 import signal
 import socket
 import subprocess
-import sys
 import tempfile
 import time
 import urllib.request
-from pathlib import Path
 from typing import Any
 
 REPO = Path(__file__).resolve().parent.parent
@@ -191,7 +197,9 @@ class Procs:
         self.workdir = workdir
         self.procs: list[subprocess.Popen[Any]] = []
 
-    def start(self, name: str, argv: list[str], env: dict[str, str] | None = None, cwd: Path | None = None) -> subprocess.Popen[Any]:
+    def start(
+        self, name: str, argv: list[str], env: dict[str, str] | None = None, cwd: Path | None = None
+    ) -> subprocess.Popen[Any]:
         log = open(self.workdir / f"{name}.out", "wb")  # noqa: SIM115
         p = subprocess.Popen(argv, stdout=log, stderr=subprocess.STDOUT, env=env, cwd=cwd or self.workdir)
         self.procs.append(p)
@@ -209,7 +217,9 @@ class Procs:
                 p.wait()
 
 
-def start_proxyd(procs: Procs, tmp: Path, tag: str, text: str, files: dict[str, str]) -> subprocess.Popen[Any]:
+def start_proxyd(
+    procs: Procs, tmp: Path, tag: str, text: str, files: dict[str, str]
+) -> subprocess.Popen[Any]:
     d = tmp / tag
     d.mkdir()
     admin = free_port()
@@ -218,7 +228,9 @@ def start_proxyd(procs: Procs, tmp: Path, tag: str, text: str, files: dict[str, 
         (d / name).write_text(body)
     env = dict(os.environ)
     env["PYTHONPATH"] = str(REPO) + (os.pathsep + env["PYTHONPATH"] if env.get("PYTHONPATH") else "")
-    p = procs.start(tag, [sys.executable, "-m", "proxyd", "run", "--config", str(d / "proxyd.yaml")], env, cwd=d)
+    p = procs.start(
+        tag, [sys.executable, "-m", "proxyd", "run", "--config", str(d / "proxyd.yaml")], env, cwd=d
+    )
     wait_ready(f"http://127.0.0.1:{admin}/readyz", p)
     return p
 
@@ -233,7 +245,14 @@ def status_of(port: int, method: str, path: str) -> int:
 
 
 def run_wrk(port: int, seconds: float, conns: int) -> dict[str, Any]:
-    argv = ["wrk", "-t1", f"-c{conns}", f"-d{seconds:g}s", "--latency", f"http://127.0.0.1:{port}/public/a.txt"]
+    argv = [
+        "wrk",
+        "-t1",
+        f"-c{conns}",
+        f"-d{seconds:g}s",
+        "--latency",
+        f"http://127.0.0.1:{port}/public/a.txt",
+    ]
     out = subprocess.run(argv, capture_output=True, text=True, timeout=seconds + 60, check=True).stdout
     m = re.search(r"(\d+) requests in ([\d.]+)(\w+),", out)
     if not m:
@@ -268,7 +287,18 @@ def main() -> None:
         (nd / "www" / "public").mkdir(parents=True)
         (nd / "www" / "public" / "a.txt").write_text("public a\n")
         (nd / "nginx.conf").write_text(NGINX_CFG.format(d=nd, port=nginx_port))
-        nginx = procs.start("nginx", [shutil.which("nginx") or "nginx", "-p", str(nd), "-c", str(nd / "nginx.conf"), "-e", str(nd / "error.log")])
+        nginx = procs.start(
+            "nginx",
+            [
+                shutil.which("nginx") or "nginx",
+                "-p",
+                str(nd),
+                "-c",
+                str(nd / "nginx.conf"),
+                "-e",
+                str(nd / "error.log"),
+            ],
+        )
         wait_port(nginx_port, nginx)
 
         ha_port = free_port()
@@ -277,7 +307,9 @@ def main() -> None:
         wait_port(ha_port, haproxy)
 
         l4_port = free_port()
-        l4 = start_proxyd(procs, tmp, "proxyd-l4", PROXYD_L4.format(front=l4_port, nginx=nginx_port, admin="{admin}"), {})
+        l4 = start_proxyd(
+            procs, tmp, "proxyd-l4", PROXYD_L4.format(front=l4_port, nginx=nginx_port, admin="{admin}"), {}
+        )
         http_port = free_port()
         l7 = start_proxyd(
             procs, tmp, "proxyd-http",
@@ -328,9 +360,14 @@ def main() -> None:
     args.out.mkdir(parents=True, exist_ok=True)
     (args.out / f"http-{date}.md").write_text(report)
     try:
-        sys.path.insert(0, str(REPO / "bench"))
-        from plot import Row, write_ratio_png
+        import importlib.util
 
+        spec = importlib.util.spec_from_file_location("plot", _HERE / "plot.py")
+        assert spec is not None and spec.loader is not None
+        plot = importlib.util.module_from_spec(spec)
+        sys.modules["plot"] = plot
+        spec.loader.exec_module(plot)
+        Row, write_ratio_png = plot.Row, plot.write_ratio_png
         rows = [Row(n, r["rps"], r["rps"] / base["rps"], r["cpu_us"]) for n, r in results.items()]
         write_ratio_png(args.out / f"http-{date}.png", f"http, {args.connections} connections (wrk)", rows,
                         baseline="HAProxy mode http + ACL", unit="req/s", cpu_unit="CPU us/req")  # fmt: skip
