@@ -215,9 +215,9 @@ class Spec:
         return self.has_rules(direction) if given is None else given
 
     def selects_direction(self, direction: str) -> bool:
-        """Whether this spec takes part in ``direction`` at all: it has rules for it, or it
-        turns default deny on for it (``enableDefaultDeny`` true with no rules: deny all)."""
-        return self.has_rules(direction) or self.default_deny(direction)
+        """Whether this spec takes part in ``direction`` at all: as in Cilium, only when it has
+        rules (allow or deny) for it; ``enableDefaultDeny`` alone enforces nothing."""
+        return self.has_rules(direction)
 
 
 @dataclass(frozen=True, slots=True)

@@ -258,8 +258,8 @@ CASES: dict[str, Case] = {
         None,
         (),
     ),
-    "enableDefaultDeny true without rules: deny all": Case(
-        lambda d, a: [cnp("p", {"endpointSelector": SERVER, "enableDefaultDeny": {d: True}})], False, None, ()
+    "enableDefaultDeny true without rules enforces nothing (as in Cilium)": Case(
+        lambda d, a: [cnp("p", {"endpointSelector": SERVER, "enableDefaultDeny": {d: True}})], True
     ),
     "enableDefaultDeny for the other direction only: allow all": Case(
         lambda d, a: [cnp("p", {"endpointSelector": SERVER, "enableDefaultDeny": {other_dir(d): True}})], True

@@ -149,7 +149,7 @@ def reference(
         spec = doc["spec"]
         has_rules = bool(spec.get(d) or spec.get(d + "Deny"))
         default_deny = spec.get("enableDefaultDeny", {}).get(d, has_rules)
-        if (has_rules or default_deny) and ref_selector(
+        if has_rules and ref_selector(
             scope(spec["endpointSelector"], ns, True), all_labels(local)
         ):
             selecting.append((spec, ns, default_deny))
