@@ -5,9 +5,10 @@ Theory of operation (docs/policy.md, Cilium's semantics, failing closed):
 1. A spec *selects* the local endpoint in a direction when its ``endpointSelector`` matches the
    local labels and it has at least one rule (allow or deny) in that direction (Cilium's
    ``len(Ingress) + len(IngressDeny) > 0``; ``enableDefaultDeny`` alone enforces nothing). No
-   selecting spec: everything is allowed. Otherwise that direction is default-deny, unless every selecting spec turns it
-   off (``enableDefaultDeny: {ingress: false}``): then what no rule matches is allowed, and
-   only the deny rules and the ``l7`` rules of matching allow rules restrict.
+   selecting spec: everything is allowed. Otherwise that direction is default-deny, unless
+   every selecting spec turns it off (``enableDefaultDeny: {ingress: false}``): then what no
+   rule matches is allowed, and only the deny rules and the ``l7`` rules of matching allow
+   rules restrict.
 2. A rule *matches* a connection when its L3 part matches the remote (endpoint selectors over
    endpoints' labels, CIDRs over world addresses, entities; see :mod:`proxyd.policy.model`;
    no L3 part: any remote, provided the rule has ``toPorts``; an empty list: no remote) and

@@ -378,7 +378,9 @@ class _Loader:
             return None
         raw = plain({k: v for k, v in node.items() if k != "status"})
         return Document(
-            name=name,
+            # Kubernetes names are unique per namespace: a namespaced document is `ns/name`
+            # (as kubectl writes it), so `default-deny` in every namespace loads.
+            name=f"{namespace}/{name}" if namespace is not None else name,
             specs=tuple(specs),
             source=source,
             kind=str(kind),

@@ -224,7 +224,7 @@ class Spec:
 class Document:
     """One policy document: a CiliumNetworkPolicy, or a JSON file of bare rules."""
 
-    name: str
+    name: str  # metadata.name; `namespace/name` for a namespaced CiliumNetworkPolicy
     specs: tuple[Spec, ...]
     source: str  # file path, or where an imported document came from
     kind: str = "CiliumNetworkPolicy"

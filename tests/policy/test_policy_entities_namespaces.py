@@ -12,7 +12,7 @@ import pytest
 from policy_helpers import REGISTRY
 
 from proxyd.config import load_config
-from proxyd.errors import ConfigError
+from proxyd.errors import ConfigError, PolicyError
 from proxyd.policy.engine import PolicySet
 from proxyd.policy.identity import IdentityMap
 from proxyd.policy.loader import load_paths, parse_text, selector_key_warnings, warnings
@@ -391,3 +391,17 @@ def test_check_warns_about_selector_keys_no_identity_carries() -> None:
     # With the namespace label on the identities (as the docs' example gives it): no warning.
     with_ns = [("10.1.0.10/32", {"k8s:io.kubernetes.pod.namespace": "ns1", "name": "leia"})]
     assert selector_key_warnings(docs, with_ns) == []
+
+
+def test_same_name_in_two_namespaces_loads_as_in_kubernetes() -> None:
+    # Cilium's examples/policies/kubernetes/namespace/isolate-namespaces.yaml shape: one name,
+    # one document per namespace.
+    doc = (
+        "apiVersion: cilium.io/v2\nkind: CiliumNetworkPolicy\nmetadata:\n  name: isolate\n  namespace: {ns}\n"
+        "spec:\n  endpointSelector: {{matchLabels: {{}}}}\n"
+        "  ingress:\n  - fromEndpoints: [{{matchLabels: {{}}}}]\n"
+    )
+    docs = parse_text(doc.format(ns="ns1") + "---\n" + doc.format(ns="ns2"), "p.yaml", REGISTRY)
+    assert [d.name for d in docs] == ["ns1/isolate", "ns2/isolate"]
+    with pytest.raises(PolicyError, match="duplicate policy name 'ns1/isolate'"):
+        parse_text(doc.format(ns="ns1") + "---\n" + doc.format(ns="ns1"), "p.yaml", REGISTRY)

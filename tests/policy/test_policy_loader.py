@@ -356,6 +356,7 @@ def test_kubectl_output_loads_with_server_fields() -> None:
     )
     [doc] = parse_text(text, "k.yaml", REGISTRY)
     assert doc.namespace == "default"
+    assert doc.name == "default/p"  # names are unique per namespace, as in Kubernetes
     assert doc.specs[0].description == "hello"
     assert "status" not in doc.raw
     json.dumps(doc.raw)
