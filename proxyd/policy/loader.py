@@ -469,8 +469,16 @@ class _Loader:
                 continue
             direction = INGRESS if section.startswith(INGRESS) else EGRESS
             deny = section.endswith("Deny")
-            if node[section] is None:
-                continue  # `ingress:` with nothing: no rules, as an empty list
+            if node[section] is None or node[section] == []:
+                # `egress:` or `egress: []`: no rules, so (as in Cilium, which counts rules) this
+                # spec does not put the endpoint in default deny; older Cilium docs said it did.
+                self.warn(
+                    node.where_of(section),
+                    _join(path, section),
+                    f"no rules: this does not turn on default deny for {direction} "
+                    f"(write `{section}: [{{}}]` to deny everything)",
+                )
+                continue
             for item, iwhere, ipath in self.items(node, section, path):
                 rule = self.rule(item, iwhere, ipath, direction, deny)
                 if rule:

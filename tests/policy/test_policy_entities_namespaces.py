@@ -405,3 +405,20 @@ def test_same_name_in_two_namespaces_loads_as_in_kubernetes() -> None:
     assert [d.name for d in docs] == ["ns1/isolate", "ns2/isolate"]
     with pytest.raises(PolicyError, match="duplicate policy name 'ns1/isolate'"):
         parse_text(doc.format(ns="ns1") + "---\n" + doc.format(ns="ns1"), "p.yaml", REGISTRY)
+
+
+@pytest.mark.parametrize("section", ["egress:", "egress: []"])
+def test_empty_section_enforces_nothing_and_says_so(section: str) -> None:
+    # The shape of Cilium's old "egress default deny" example. Cilium counts rules
+    # (len(Egress) > 0) to enforce a direction, so an empty section enforces nothing.
+    text = "apiVersion: cilium.io/v2\nkind: CiliumNetworkPolicy\nmetadata: {name: deny-all-egress}\n"
+    text += f"spec:\n  endpointSelector:\n    matchLabels:\n      role: restricted\n  {section}\n"
+    [doc] = parse_text(text, "p.yaml", REGISTRY)
+    assert warnings([doc]) == [
+        "p.yaml:8: spec.egress: no rules: this does not turn on default deny for egress "
+        "(write `egress: [{}]` to deny everything)"
+    ]
+    w = World([doc], IdentityMap.from_entries([("10.0.0.10/32", {"role": "restricted"})]))
+    assert w.allowed("10.0.0.10", "192.0.2.1", "egress")
+    deny_all = parse_text(text.replace(section, "egress: [{}]"), "p.yaml", REGISTRY)
+    assert not World(deny_all, w.ids).allowed("10.0.0.10", "192.0.2.1", "egress")
