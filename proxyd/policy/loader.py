@@ -843,6 +843,8 @@ class _Loader:
             return None
         start = len(self.problems)
         node = self.fields(node, path, ("l7proto", "l7", HTTP), UNSUPPORTED_L7_FIELDS)
+        if HTTP in node and node[HTTP] is None:
+            del node[HTTP]  # `http: null` is as if absent, as Go reads it (then `rules: {}`)
         if len(self.problems) > start or not node:
             return None
         if HTTP in node:

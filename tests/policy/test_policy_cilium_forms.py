@@ -75,7 +75,7 @@ def test_visibility_with_unknown_l7proto_is_deny_all_with_a_warning() -> None:
     assert cp.l4_allowed and not cp.decide(object()).allowed
 
 
-@pytest.mark.parametrize("rules", ["rules: {}", "rules:", "rules: null"])
+@pytest.mark.parametrize("rules", ["rules: {}", "rules:", "rules: null", "rules: {http: null}"])
 def test_empty_rules_is_l4_only(rules: str) -> None:
     text = TOP + "  ingress:\n  - toPorts:\n    - ports: [{port: '80'}]\n      " + rules + "\n"
     [doc] = parse_text(text, "p.yaml", REGISTRY)
