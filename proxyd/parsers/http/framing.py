@@ -47,6 +47,12 @@ TOKEN_RE: Final = re.compile(_TOKEN)
 _REQUEST_LINE: Final = re.compile(rb"(" + _TOKEN + rb") ([\x21-\x7e]+) HTTP/([0-9])\.([0-9])")
 _STATUS_LINE: Final = re.compile(rb"HTTP/([0-9])\.([0-9]) ([0-9]{3})(?: [\t\x20-\x7e\x80-\xff]*)?")
 _FIELD_VALUE: Final = re.compile(rb"[\t\x20-\x7e\x80-\xff]*")
+# A run of valid field lines, each with its CRLF: one C-level check of a whole header block.
+_FIELD_LINES: Final = re.compile(rb"(?:" + _TOKEN + rb":[\t\x20-\x7e\x80-\xff]*\r\n)*")
+# In a validated block: the lines of the fields framing looks at (responses need no others).
+_FRAMING_LINE: Final = re.compile(
+    rb"(?mi)^((host|content-length|transfer-encoding|connection|upgrade|expect):([^\r]*))\r$"
+)
 _CONTENT_LENGTH: Final = re.compile(r"[0-9]{1,18}")
 _QUOTED = r'"(?:[\t\x20\x21\x23-\x5b\x5d-\x7e\x80-\xff]|\\[\t\x20-\x7e\x80-\xff])*"'
 _TOKEN_S = r"[!#$%&'*+\-.^_`|~0-9A-Za-z]+"
@@ -93,6 +99,7 @@ class HeadReader:
     """
 
     trailer: bool = False
+    framing_only: bool = False  # keep only the fields framing looks at (response heads)
     pos: int = 0  # where the next unscanned line starts, relative to the head's first byte
     start: bytes | None = None
     fields: list[Field] = field(default_factory=list)
@@ -119,6 +126,42 @@ class HeadReader:
         pos = base + self.pos
         stop = min(len(data), base + limit)
         find = data.find
+        if pos == base and not self.trailer:
+            # Fast path: the whole head is in. When every field line is valid (one regex over
+            # the block), the line-by-line scan below would reach the same result.
+            end = find(b"\r\n\r\n", base, stop)
+            if end >= 0:
+                first = find(b"\r\n", base, end + 2)
+                head = bytes(data[first + 2 : end + 2])
+                start = bytes(data[base:first])
+                if (
+                    first > base
+                    and b"\r" not in start
+                    and b"\n" not in start
+                    and _FIELD_LINES.fullmatch(head) is not None
+                ):
+                    if check_start is not None:
+                        check_start(start)
+                    self.start = start
+                    fields = self.fields
+                    if self.framing_only:
+                        for m in _FRAMING_LINE.finditer(head):
+                            fields.append(
+                                (
+                                    m.group(2).decode("ascii").lower(),
+                                    m.group(3).strip(b" \t").decode("latin-1"),
+                                    m.group(1),
+                                )
+                            )
+                        self.pos = end + 4 - base
+                        return self.pos
+                    for line in head.split(b"\r\n")[:-1]:
+                        name, _, value = line.partition(b":")
+                        fields.append(
+                            (name.decode("ascii").lower(), value.strip(b" \t").decode("latin-1"), line)
+                        )
+                    self.pos = end + 4 - base
+                    return self.pos
         while True:
             nl = find(b"\n", pos, stop)
             if nl < 0:
@@ -164,15 +207,25 @@ def parse_field_line(line: bytes) -> Field:
     return (name.decode("ascii").lower(), value.strip(b" \t").decode("latin-1"), line)
 
 
-def values(fields: list[Field], name: str) -> list[str]:
-    """Every value of the fields called ``name`` (lower case), in order."""
-    return [v for n, v, _ in fields if n == name]
+#: The fields framing looks at; the others are only carried.
+_FRAMING_NAMES: Final = frozenset(
+    {"host", "content-length", "transfer-encoding", "connection", "upgrade", "expect"}
+)
 
 
-def list_tokens(fields: list[Field], name: str) -> set[str]:
+def _index(fields: list[Field]) -> dict[str, list[str]]:
+    """The values of the framing fields, by name, in order (one pass over the fields)."""
+    idx: dict[str, list[str]] = {}
+    for n, v, _ in fields:
+        if n in _FRAMING_NAMES:
+            idx.setdefault(n, []).append(v)
+    return idx
+
+
+def _tokens(vals: list[str]) -> set[str]:
     """The lower-cased elements of a comma-separated list field (``Connection``, ...)."""
     out: set[str] = set()
-    for v in values(fields, name):
+    for v in vals:
         for part in v.split(","):
             part = part.strip(" \t").lower()
             if part:
@@ -180,8 +233,7 @@ def list_tokens(fields: list[Field], name: str) -> set[str]:
     return out
 
 
-def _content_length(fields: list[Field], what: str) -> int | None:
-    cls = values(fields, "content-length")
+def _content_length(cls: list[str], what: str) -> int | None:
     if not cls:
         return None
     if len(cls) > 1:
@@ -191,10 +243,10 @@ def _content_length(fields: list[Field], what: str) -> int | None:
     return int(cls[0])
 
 
-def _chunked_last(fields: list[Field]) -> bool:
+def _chunked_last(vals: list[str]) -> bool:
     """Whether the Transfer-Encoding's last coding is chunked; raises for a malformed list."""
     codings: list[str] = []
-    for v in values(fields, "transfer-encoding"):
+    for v in vals:
         for part in v.split(","):
             part = part.strip(" \t")
             m = _CODING.fullmatch(part)
@@ -260,7 +312,8 @@ def parse_request(start: bytes, fields: list[Field]) -> RequestHead:
     """
     method, target, version = parse_request_line(start)
     connect = method == "CONNECT"
-    hosts = values(fields, "host")
+    idx = _index(fields)
+    hosts = idx.get("host", [])
     if len(hosts) > 1:
         raise FramingError(400, "more than one Host")
     if not hosts and version == "1.1":
@@ -294,28 +347,28 @@ def parse_request(start: bytes, fields: list[Field]) -> RequestHead:
         path = am.group(3)
         if not path.startswith("/"):
             path = "/" + path
-    cl = _content_length(fields, "request")
-    has_te = any(n == "transfer-encoding" for n, _, _ in fields)
+    cl = _content_length(idx.get("content-length", []), "request")
+    has_te = "transfer-encoding" in idx
     body, length = BODY_NONE, 0
     if has_te:
         if cl is not None:
             raise FramingError(400, "both Transfer-Encoding and Content-Length")
         if version == "1.0":
             raise FramingError(400, "Transfer-Encoding in an HTTP/1.0 request")
-        if not _chunked_last(fields):
+        if not _chunked_last(idx["transfer-encoding"]):
             raise FramingError(400, "Transfer-Encoding whose last coding is not chunked")
         body = BODY_CHUNKED
     elif cl is not None and cl > 0:
         body, length = BODY_LENGTH, cl
     if connect and body != BODY_NONE:
         raise FramingError(400, "a body on CONNECT")
-    conn = list_tokens(fields, "connection")
+    conn = _tokens(idx.get("connection", []))
     if version == "1.1":
         keep_alive = "close" not in conn
     else:
         keep_alive = "keep-alive" in conn and "close" not in conn
-    upgrade = version == "1.1" and "upgrade" in conn and bool(values(fields, "upgrade"))
-    expect = any(v.lower() == "100-continue" for v in values(fields, "expect"))
+    upgrade = version == "1.1" and "upgrade" in conn and "upgrade" in idx
+    expect = any(v.lower() == "100-continue" for v in idx.get("expect", ()))
     return RequestHead(
         method, target, version, fields, path, host, body, length, keep_alive, upgrade, connect, expect
     )
@@ -354,11 +407,12 @@ def response_body(
     status, version = parse_status_line(start)
     # Length fields are checked on every response, even those that have no body, as llhttp
     # does: a response carrying contradictory lengths is not one to relay.
+    idx = _index(fields)
     try:
-        cl = _content_length(fields, "response")
+        cl = _content_length(idx.get("content-length", []), "response")
     except FramingError as exc:
         raise FramingError(None, exc.reason) from None
-    has_te = any(n == "transfer-encoding" for n, _, _ in fields)
+    has_te = "transfer-encoding" in idx
     if has_te and cl is not None:
         raise FramingError(None, "response with both Transfer-Encoding and Content-Length")
     if 100 <= status < 200:
@@ -373,7 +427,7 @@ def response_body(
         return ResponseHead(status, version, BODY_NONE, 0, False)
     if has_te:
         try:
-            chunked = _chunked_last(fields)
+            chunked = _chunked_last(idx["transfer-encoding"])
         except FramingError as exc:
             raise FramingError(None, exc.reason) from None
         return ResponseHead(status, version, BODY_CHUNKED if chunked else BODY_UNTIL_CLOSE, 0, False)

@@ -142,7 +142,7 @@ class HttpParser(Parser):
         # response side
         self.ps = PS_HEAD
         self.pq: deque[Verdict] = deque()
-        self.phr = F.HeadReader()
+        self.phr = F.HeadReader(framing_only=True)
         self.p_left = 0  # body bytes still to pass (PS_LENGTH, PS_CHUNK_DATA)
         self.p_crlf = False
 
