@@ -57,7 +57,7 @@ def test_deathstar_policy_with_the_real_http_parser() -> None:
     assert not cp.decide(req("PUT", "/v1/exhaust-port")).allowed
     assert not cp.decide(req("POST", "/v1/request-landing/extra")).allowed  # full match
     assert not cp.decide(req("GET", "/v1/plans")).allowed
-    r = req("GET", "/v1/plans", (("x-has-force", "true"),))
+    r = HttpRequest("GET", "/v1/plans", "deathstar", "1.1", (("x-has-force", "true"),), [])
     assert cp.decide(r).allowed and [a.name for a in r.actions] == ["X-Token"]  # LOG mismatch
 
 

@@ -38,7 +38,7 @@ from __future__ import annotations
 import re
 from collections.abc import Callable
 from dataclasses import dataclass, field
-from typing import Final
+from typing import Any, Final
 
 CRLF: Final = b"\r\n"
 
@@ -102,12 +102,14 @@ class HeadReader:
     framing_only: bool = False  # keep only the fields framing looks at (response heads)
     pos: int = 0  # where the next unscanned line starts, relative to the head's first byte
     start: bytes | None = None
+    parsed_start: Any = None  # what ``check_start`` returned for the start line
     fields: list[Field] = field(default_factory=list)
 
     def reset(self, trailer: bool = False) -> None:
         self.trailer = trailer
         self.pos = 0
         self.start = None
+        self.parsed_start = None
         self.fields = []
 
     def scan(
@@ -141,7 +143,7 @@ class HeadReader:
                     and _FIELD_LINES.fullmatch(head) is not None
                 ):
                     if check_start is not None:
-                        check_start(start)
+                        self.parsed_start = check_start(start)
                     self.start = start
                     fields = self.fields
                     if self.framing_only:
@@ -178,7 +180,7 @@ class HeadReader:
                 raise FramingError(400, "bare CR in a line")
             if self.start is None and not self.trailer:
                 if check_start is not None:
-                    check_start(line)
+                    self.parsed_start = check_start(line)
                 self.start = line
             else:
                 self.fields.append(parse_field_line(line))
@@ -304,13 +306,13 @@ def parse_request_line(start: bytes) -> tuple[str, str, str]:
     return method, target, "1.1" if minor == b"1" else "1.0"
 
 
-def parse_request(start: bytes, fields: list[Field]) -> RequestHead:
+def parse_request(start: bytes | tuple[str, str, str], fields: list[Field]) -> RequestHead:
     """Validate a request head and decide its body length (RFC 9112 sections 3, 6, 7).
 
     Raises :class:`FramingError`: 400 for what cannot be framed unambiguously, None for an
     HTTP/2 connection preface.
     """
-    method, target, version = parse_request_line(start)
+    method, target, version = start if isinstance(start, tuple) else parse_request_line(start)
     connect = method == "CONNECT"
     idx = _index(fields)
     hosts = idx.get("host", [])
@@ -398,13 +400,13 @@ def parse_status_line(start: bytes) -> tuple[int, str]:
 
 
 def response_body(
-    start: bytes, fields: list[Field], *, head: bool, connect: bool, upgrade: bool
+    start: bytes | tuple[int, str], fields: list[Field], *, head: bool, connect: bool, upgrade: bool
 ) -> ResponseHead:
     """Frame a response per RFC 9112 section 6.3 given what its request was.
 
     Raises :class:`FramingError` (status None: the server's bytes cannot be framed).
     """
-    status, version = parse_status_line(start)
+    status, version = start if isinstance(start, tuple) else parse_status_line(start)
     # Length fields are checked on every response, even those that have no body, as llhttp
     # does: a response carrying contradictory lengths is not one to relay.
     idx = _index(fields)

@@ -194,12 +194,12 @@ class HttpParser(Parser):
             n = hr.scan(data, 0, self.limit, F.parse_request_line)  # a bad request line: at once
             if n < 0:
                 return MORE, 1
-            head = F.parse_request(hr.start or b"", hr.fields)
+            head = F.parse_request(hr.parsed_start or hr.start or b"", hr.fields)
         except F.FramingError as exc:
             return self._reject(exc, len(data))
         hr.reset()
         req = HttpRequest(
-            head.method, head.path, head.host, head.version, tuple((k, v) for k, v, _ in head.fields)
+            head.method, head.path, head.host, head.version, tuple([(k, v) for k, v, _ in head.fields]), []
         )
         if len(self.pending) >= MAX_PENDING:
             self._log_denied(req, "too many pipelined requests")
@@ -217,10 +217,9 @@ class HttpParser(Parser):
 
     def _forward(self, head: F.RequestHead, req: HttpRequest, n: int) -> Verdict:
         self.pending.append(_Pending(head.method, head.path, head.host, upgrade=head.upgrade))
-        fields = _request_fields(req)
         log_extra: dict[str, str] = {}
         new_head = _rewrite(head, req.actions, log_extra) if req.actions else None
-        self.ctx.log(EntryType.REQUEST, (lambda: {**fields, **log_extra}) if log_extra else fields)
+        self.ctx.log(EntryType.REQUEST, lambda: {**_request_fields(req), **log_extra})
         after = self._after_body(head, False)
         if new_head is None:
             if head.body == F.BODY_CHUNKED:
@@ -384,7 +383,11 @@ class HttpParser(Parser):
             if n < 0:
                 return MORE, 1
             rh = F.response_body(
-                hr.start or b"", hr.fields, head=entry.head, connect=entry.connect, upgrade=entry.upgrade
+                hr.parsed_start or hr.start or b"",
+                hr.fields,
+                head=entry.head,
+                connect=entry.connect,
+                upgrade=entry.upgrade,
             )
         except F.FramingError as exc:
             return self._response_error(exc.reason)

@@ -33,8 +33,8 @@ the first matching rule's actions (policy stops at the first rule that allows).
 from __future__ import annotations
 
 from collections.abc import Mapping, Sequence
-from dataclasses import dataclass, field
-from typing import Any
+from dataclasses import dataclass
+from typing import Any, NamedTuple
 
 from proxyd.errors import RuleError
 from proxyd.policy.regex import RuleRegex, compile_rule_regex
@@ -56,12 +56,12 @@ class HeaderMatch:
     mismatch: str | None
 
 
-@dataclass(frozen=True, slots=True)
-class HttpRequest:
-    """One request as the policy sees it.
+class HttpRequest(NamedTuple):
+    """One request as the policy sees it (a tuple: cheap to build on the hot path).
 
-    ``headers`` are (lower-case name, value) pairs in order. ``actions`` is filled by the
-    first matching rule that has mismatch actions (see the module docstring).
+    ``headers`` are (lower-case name, value) pairs in order. ``actions``, when a list, is
+    filled by the first matching rule that has mismatch actions (see the module docstring);
+    None: the caller does not apply rewrites.
     """
 
     method: str
@@ -69,7 +69,7 @@ class HttpRequest:
     host: str
     version: str
     headers: tuple[tuple[str, str], ...]
-    actions: list[HeaderMatch] = field(default_factory=list, compare=False)
+    actions: list[HeaderMatch] | None = None
 
     def has(self, lname: str, value: str | None) -> bool:
         return any(n == lname and (value is None or v == value) for n, v in self.headers)
@@ -147,7 +147,7 @@ class HttpRule:
             if hm.mismatch is None:
                 return False
             actions.append(hm)
-        if actions and not request.actions:
+        if actions and request.actions is not None and not request.actions:
             request.actions.extend(actions)
         return True
 
