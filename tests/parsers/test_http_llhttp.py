@@ -51,6 +51,22 @@ LENIENT = {
 }
 
 
+def test_the_oracle_runs_strict() -> None:
+    """httptools exposes llhttp's lenient flags (set_dangerous_leniencies); all are off here."""
+    bare_lf = b"GET / HTTP/1.1\r\nHost: a\n\r\n"
+    assert llhttp_ends(bare_lf)[1] is not None  # strict: refused
+    done: list[int] = []
+
+    class Proto:
+        def on_message_complete(self) -> None:
+            done.append(1)
+
+    lenient = httptools.HttpRequestParser(Proto())
+    lenient.set_dangerous_leniencies(lenient_optional_cr_before_lf=True)
+    lenient.feed_data(bare_lf)
+    assert done == [1]  # what a lenient llhttp would have let through
+
+
 def llhttp_ends(data: bytes, resp_to: int = 0) -> tuple[list[int], str | None]:
     """Message ends per llhttp (requests, or responses when ``resp_to``), and its error, if any."""
     done: list[int] = []

@@ -380,6 +380,16 @@ def test_response_until_close() -> None:
     assert not h.closed
 
 
+def test_no_answer_is_put_inside_a_body_that_ends_at_close() -> None:
+    h = Harness(HttpFactory(), rules=ALLOW_GET)
+    h.feed(GET)
+    h.feed(b"HTTP/1.1 200 OK\r\n\r\nstream", reply=True)
+    h.feed(b"PUT / HTTP/1.1\r\nHost: a\r\n\r\n" + b"GET / HTTP/1.1\r\nHost: a\r\nX: \x00\r\n\r\n")
+    h.feed(b" goes on", reply=True)
+    assert h.to_client == b"HTTP/1.1 200 OK\r\n\r\nstream goes on"
+    assert h.to_server == GET
+
+
 @pytest.mark.parametrize(
     ("name", "resp"),
     [

@@ -414,11 +414,13 @@ class HttpParser(Parser):
             self.ps = PS_CHUNK
             self.p_crlf = False
             return PASS, n
-        self.pending.popleft()
         if body == F.BODY_TUNNEL:
+            self.pending.popleft()
             self.ps = PS_TUNNEL
             self.rs = RS_TUNNEL
         else:
+            # The entry stays until the close that ends this body: an answer queued behind it
+            # (a denial, a 400) must never be put inside the body, and is never due.
             self.ps = PS_UNTIL_CLOSE
         return PASS, len(data)
 
