@@ -1,12 +1,30 @@
-"""The admin HTTP API on the admin address, served by aiohttp on the daemon's own loop.
+"""The admin HTTP API on the admin address and socket, served by aiohttp on the daemon's loop.
 
 ``/metrics`` (Prometheus text), ``/healthz`` (the process answers), ``/readyz`` (every listener
 is bound and the daemon is not draining), ``/v1/listeners``, and the policy endpoints
 ``GET/POST/PUT /v1/policy`` and ``DELETE /v1/policy/NAME``; docs/admin-api.md is the contract.
+
+Access control (:func:`_guard`), checked before any handler runs:
+
+- Reads (GET, HEAD) are open on both the TCP address and the unix socket.
+- A change (POST, PUT, DELETE) is allowed over the unix socket ``admin.socket`` (mode 0600:
+  the file's permissions are the access control), or over TCP with ``Authorization: Bearer``
+  and the token of ``admin.token_file``. With neither configured, changes answer 403 saying
+  how to enable them; a wrong or missing token answers 401.
+- A change must not carry ``Origin`` (browsers send it on cross-site requests; no proxyd
+  client does), and POST/PUT must be ``application/json`` or ``application/yaml`` (a form or
+  ``text/plain`` body is what a cross-site "simple" request can send without a preflight).
+- Bodies are capped at :data:`MAX_BODY`; policy text is parsed on a worker thread.
 """
 
 from __future__ import annotations
 
+import contextlib
+import hmac
+import os
+import stat
+from collections.abc import Awaitable, Callable
+from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 from aiohttp import web
@@ -16,13 +34,44 @@ from proxyd.errors import PolicyError
 if TYPE_CHECKING:
     from proxyd.server import Daemon
 
-MAX_BODY = 8 << 20
+MAX_BODY = 2 << 20
+CHANGE_TYPES = ("application/json", "application/yaml", "application/x-yaml")
+READ_METHODS = ("GET", "HEAD")
+
+_Handler = Callable[[web.Request], Awaitable[web.StreamResponse]]
+
+
+def _refuse(status: int, message: str, **headers: str) -> web.Response:
+    return web.json_response({"errors": [message]}, status=status, headers=headers or None)
+
+
+def _why(exc: OSError) -> str:
+    return os.strerror(exc.errno) if exc.errno else str(exc)
+
+
+def _prepare_socket_path(path: Path) -> None:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    with contextlib.suppress(FileNotFoundError):
+        if stat.S_ISSOCK(path.lstat().st_mode):
+            path.unlink()  # a stale socket of an earlier run
+
+
+def _via_socket(request: web.Request) -> bool:
+    transport = request.transport
+    if transport is None:
+        return False
+    return isinstance(transport.get_extra_info("sockname"), str)
 
 
 class AdminServer:
     def __init__(self, daemon: Daemon) -> None:
         self.daemon = daemon
-        app = web.Application(client_max_size=MAX_BODY)
+        cfg = daemon.config.admin
+        self.socket_path: Path | None = cfg.socket if cfg is not None else None
+        self.token: bytes | None = None
+        if cfg is not None and cfg.token_file is not None:
+            self.token = cfg.token_file.read_text().strip().encode()
+        app = web.Application(client_max_size=MAX_BODY, middlewares=[self._guard])
         app.router.add_get("/metrics", self.metrics)
         app.router.add_get("/healthz", self.healthz)
         app.router.add_get("/readyz", self.readyz)
@@ -33,11 +82,61 @@ class AdminServer:
         app.router.add_delete("/v1/policy/{name}", self.delete_policy)
         self.runner = web.AppRunner(app, access_log=None, handle_signals=False)
         self.site: web.TCPSite | None = None
+        self.unix_site: web.UnixSite | None = None
 
-    async def start(self, host: str, port: int) -> None:
+    async def start(self, host: str | None, port: int) -> None:
         await self.runner.setup()
-        self.site = web.TCPSite(self.runner, host, port, reuse_address=True)
-        await self.site.start()
+        if host is not None:
+            self.site = web.TCPSite(self.runner, host, port, reuse_address=True)
+            try:
+                await self.site.start()
+            except OSError as exc:
+                where = f"[{host}]:{port}" if ":" in host else f"{host}:{port}"
+                raise OSError(exc.errno, f"admin.address: cannot bind {where}: {_why(exc)}") from exc
+        if self.socket_path is not None:
+            try:
+                await self._start_socket(self.socket_path)
+            except OSError as exc:
+                raise OSError(
+                    exc.errno, f"admin.socket: cannot bind {self.socket_path}: {_why(exc)}"
+                ) from exc
+
+    async def _start_socket(self, path: Path) -> None:
+        _prepare_socket_path(path)
+        old = os.umask(0o177)  # created 0600: never briefly open to others
+        try:
+            self.unix_site = web.UnixSite(self.runner, str(path))
+            await self.unix_site.start()
+        finally:
+            os.umask(old)
+        os.chmod(path, 0o600)
+
+    @web.middleware
+    async def _guard(self, request: web.Request, handler: _Handler) -> web.StreamResponse:
+        if request.method in READ_METHODS:
+            return await handler(request)
+        if "Origin" in request.headers:
+            return _refuse(403, "changes refused: the request has an Origin header (a browser's "
+                           "cross-site request); proxyd clients never send one")  # fmt: skip
+        if not _via_socket(request):
+            auth = request.headers.get("Authorization", "")
+            if self.token is None:
+                how = (f"use the unix socket {self.socket_path} (proxyd policy --config uses it)"
+                       if self.socket_path is not None else
+                       "set admin.socket (a unix socket for local changes) or admin.token_file "
+                       "(a bearer token for changes over the TCP address) in the config")  # fmt: skip
+                return _refuse(403, f"changes over the TCP admin address are disabled: {how}")
+            scheme, _, given = auth.partition(" ")
+            if scheme.lower() != "bearer" or not hmac.compare_digest(given.strip().encode(), self.token):
+                return _refuse(401, "changes need Authorization: Bearer <the token in admin.token_file> "
+                               "(proxyd policy --token-file FILE)",
+                               **{"WWW-Authenticate": "Bearer"})  # fmt: skip
+        if request.method in ("POST", "PUT"):
+            ctype = request.content_type
+            if ctype not in CHANGE_TYPES:
+                return _refuse(415, f"Content-Type must be application/json or application/yaml, "
+                               f"not {ctype or 'missing'}")  # fmt: skip
+        return await handler(request)
 
     def address(self) -> tuple[str, int]:
         server = self.runner.server
@@ -48,6 +147,9 @@ class AdminServer:
 
     async def stop(self) -> None:
         await self.runner.cleanup()
+        if self.socket_path is not None:
+            with contextlib.suppress(OSError):
+                self.socket_path.unlink()
 
     async def metrics(self, request: web.Request) -> web.Response:
         body = self.daemon.metrics.render()
@@ -84,9 +186,18 @@ class AdminServer:
         return web.json_response({"revision": store.revision, "documents": store.documents()})
 
     async def _import(self, request: web.Request, replace_all: bool) -> web.Response:
-        text = await request.text()
+        raw = await request.read()  # over MAX_BODY: aiohttp answers 413
         try:
-            revision = self.daemon.policy.import_documents(text, "admin-api", replace_all=replace_all)
+            text = raw.decode("utf-8")
+        except UnicodeDecodeError as exc:
+            return web.json_response(
+                {"errors": [f"admin-api:0: the body is not UTF-8 text (byte {exc.start})"]}, status=400
+            )
+        store = self.daemon.policy
+        try:
+            revision = await self.daemon.change_policy(
+                lambda: store.build_import(text, "admin-api", replace_all)
+            )
         except PolicyError as exc:
             self.daemon.metrics.policy_reloads_total.labels("failure").inc()
             return web.json_response({"errors": exc.problems}, status=400)
@@ -101,8 +212,9 @@ class AdminServer:
 
     async def delete_policy(self, request: web.Request) -> web.Response:
         name = request.match_info["name"]
+        store = self.daemon.policy
         try:
-            revision = self.daemon.policy.delete_imported(name)
+            revision = await self.daemon.change_policy(lambda: store.build_delete(name))
         except KeyError:
             source = next((d["source"] for d in self.daemon.policy.documents() if d["name"] == name), None)
             why = f"no imported policy named {name!r}"

@@ -155,30 +155,12 @@ def cmd_explain(args: argparse.Namespace) -> int:
     return 0
 
 
-def _admin_url(args: argparse.Namespace) -> str:
-    if args.admin:
-        return args.admin.rstrip("/") if "://" in args.admin else f"http://{args.admin}"
-    if args.config:
-        config = _load(args.config, Registry.load())
-        if config.admin is None:
-            raise ConfigError([f"{args.config}:0: admin: the config has no admin address"])
-        host = f"[{config.admin.host}]" if ":" in config.admin.host else config.admin.host
-        return f"http://{host}:{config.admin.port}"
-    return "http://127.0.0.1:9901"
+def _admin_target(args: argparse.Namespace) -> Any:
+    from proxyd import adminclient
 
-
-def _http(method: str, url: str, body: bytes | None = None) -> tuple[int, dict[str, Any]]:
-    import json
-    import urllib.error
-    import urllib.request
-
-    req = urllib.request.Request(url, data=body, method=method,
-                                 headers={"Content-Type": "application/yaml"})  # fmt: skip
-    try:
-        with urllib.request.urlopen(req, timeout=10) as resp:
-            return resp.status, json.loads(resp.read() or b"{}")
-    except urllib.error.HTTPError as exc:
-        return exc.code, json.loads(exc.read() or b"{}")
+    config = _load(args.config, Registry.load()) if args.config and not (args.admin or args.socket) else None
+    return adminclient.resolve(admin=args.admin, socket_path=args.socket, token_file=args.token_file,
+                               config=config, config_path=args.config)  # fmt: skip
 
 
 #: The source the admin API gives imported documents (``admin-api:LINE``).
@@ -187,7 +169,8 @@ IMPORT_SOURCE = "admin-api"
 
 def cmd_policy(args: argparse.Namespace) -> int:
     import json
-    import urllib.error
+
+    from proxyd import adminclient
 
     body = b""
     if args.policy_command == "import":
@@ -196,29 +179,34 @@ def cmd_policy(args: argparse.Namespace) -> int:
         except OSError as exc:
             print(f"proxyd policy import: cannot read {args.file}: {exc.strerror or exc}", file=sys.stderr)
             return 1
-    url = ""
     try:
-        url = _admin_url(args)
-        base = url + "/v1/policy"
+        target = _admin_target(args)
+    except (ConfigError, PolicyError) as exc:
+        return _problems(exc)
+    try:
+        base = "/v1/policy"
         if args.policy_command == "import":
-            status, data = _http("POST", base, body)
+            status, data = adminclient.request(target, "POST", base, body)
         elif args.policy_command == "get":
-            status, data = _http("GET", base)
+            status, data = adminclient.request(target, "GET", base)
         else:
             from urllib.parse import quote
 
-            status, data = _http("DELETE", f"{base}/{quote(args.name, safe='')}")
+            status, data = adminclient.request(target, "DELETE", f"{base}/{quote(args.name, safe='')}")
     except (ConfigError, PolicyError) as exc:
         return _problems(exc)
     except OSError as exc:
-        reason = exc.reason if isinstance(exc, urllib.error.URLError) else exc
-        print(f"proxyd policy: cannot reach the daemon's admin API at {url}: {reason}", file=sys.stderr)
+        print(f"proxyd policy: cannot reach the daemon's admin API at {target.describe()}: {exc}",
+              file=sys.stderr)  # fmt: skip
         return 1
     if status != 200:
         for line in data.get("errors", [f"HTTP {status}"]):
             if args.policy_command == "import" and line.startswith(f"{IMPORT_SOURCE}:"):
                 line = args.file + line[len(IMPORT_SOURCE) :]  # the problem is in the file given
             print(line, file=sys.stderr)
+        if status in (401, 403) and target.socket is None and target.token is None:
+            print("proxyd policy: changes need the admin socket (--socket, or admin.socket in --config) "
+                  "or a token (--token-file)", file=sys.stderr)  # fmt: skip
         return 1
     if args.policy_command == "get":
         print(json.dumps(data, indent=2))
@@ -279,7 +267,9 @@ def build_parser() -> argparse.ArgumentParser:
     exp.set_defaults(func=cmd_explain)
     pol = sub.add_parser("policy", help="manage the running daemon's imported policy (admin API)")
     pol.add_argument("--admin", help="admin address HOST:PORT (default: from --config, else 127.0.0.1:9901)")
-    pol.add_argument("--config", "-c", type=Path, help="read the admin address from this config")
+    pol.add_argument("--config", "-c", type=Path, help="read the admin socket or address from this config")
+    pol.add_argument("--socket", type=Path, help="the admin unix socket (changes need no token there)")
+    pol.add_argument("--token-file", type=Path, help="file with the bearer token for changes over TCP")
     psub = pol.add_subparsers(dest="policy_command", required=True)
     imp = psub.add_parser("import", help="add or replace policy documents (CNP YAML or a JSON rule list)")
     imp.add_argument("file")

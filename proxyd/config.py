@@ -48,6 +48,8 @@ class ListenerConfig:
     parser_settings: Any = None  # what the factory's validate_config returned
     policy_mode: str | None = None  # None: the global mode
     redirect: RedirectConfig | None = None
+    idle_timeout: float | None = None  # None: limits.idle_timeout; 0: off
+    request_timeout: float | None = None  # None: limits.request_timeout; 0: off
 
     @property
     def address(self) -> str:
@@ -69,9 +71,14 @@ class AccessLogConfig:
 
 @dataclass(frozen=True, slots=True)
 class AdminConfig:
-    host: str = "127.0.0.1"
+    host: str | None = "127.0.0.1"  # None: no TCP address (the unix socket only)
     port: int = 9901
     allow_remote: bool = False
+    #: Unix socket serving the whole API, changes included (mode 0600: its permissions are
+    #: the access control).
+    socket: Path | None = None
+    #: File holding the bearer token that allows changes over the TCP address too.
+    token_file: Path | None = None
 
 
 @dataclass(frozen=True, slots=True)
@@ -80,6 +87,8 @@ class Limits:
     max_connections: int = 10000
     connect_timeout: float = 5.0
     drain_timeout: float = 10.0
+    idle_timeout: float = 3600.0  # no byte either way for this long: close (0: off)
+    request_timeout: float = 30.0  # a partial request waiting on MORE this long: close (0: off)
 
 
 @dataclass(frozen=True, slots=True)
@@ -281,6 +290,7 @@ def _line_of(problem: str) -> int:
 _TOP = ("listeners", "identities", "policy", "access_log", "admin", "limits", "upstream_mark")
 _LISTENER = (
     "name", "address", "l7proto", "upstream", "direction", "parser_config", "policy_mode", "redirect",
+    "idle_timeout", "request_timeout",
 )  # fmt: skip
 
 
@@ -335,22 +345,38 @@ def parse_config(text: str, path: Path, registry: Registry) -> Config:
             requests=_get(alog, "requests", "access_log", p, _choice(LOG_REQUESTS), "all"),
         )
 
-    adm = _section(doc, "admin", p, "admin", ("address", "allow_remote"))
+    adm = _section(doc, "admin", p, "admin", ("address", "allow_remote", "socket", "token_file"))
     admin: AdminConfig | None = None
-    if adm is not None and adm.get("address") is not None:
-        host, port = _get(adm, "address", "admin", p, parse_bind, ("127.0.0.1", 9901))
+    if adm is not None and (adm.get("address") is not None or adm.get("socket") is not None):
+        host: str | None = None
+        port = 9901
+        if adm.get("address") is not None:
+            host, port = _get(adm, "address", "admin", p, parse_bind, ("127.0.0.1", 9901))
         allow_remote = _get(adm, "allow_remote", "admin", p, _bool, False)
-        if not allow_remote and not ipaddress.ip_address(host).is_loopback:
+        if host is not None and not allow_remote and not ipaddress.ip_address(host).is_loopback:
             p.add(
                 adm.where_of("address"),
                 "admin.address",
                 f"{host} is not a loopback address; set admin.allow_remote: true to expose the admin API",
             )
-        admin = AdminConfig(host, port, allow_remote)
+        sock = _get(adm, "socket", "admin", p, _str, None)
+        token = _get(adm, "token_file", "admin", p, _str, None)
+        token_file = (base / token) if token else None
+        if token_file is not None:
+            try:
+                if not token_file.read_text().strip():
+                    p.add(adm.where_of("token_file"), "admin.token_file", f"{token_file} is empty")
+            except (OSError, UnicodeDecodeError) as exc:
+                p.add(adm.where_of("token_file"), "admin.token_file", f"cannot read {token_file}: {exc}")
+        admin = AdminConfig(host, port, allow_remote, (base / sock) if sock else None, token_file)
+    elif adm is not None and adm.get("token_file") is not None:
+        p.add(adm.where_of("token_file"), "admin.token_file", "needs admin.address (the token guards it)")
 
     lim = _section(
-        doc, "limits", p, "limits", ("buffer_bytes", "max_connections", "connect_timeout", "drain_timeout")
-    )
+        doc, "limits", p, "limits",
+        ("buffer_bytes", "max_connections", "connect_timeout", "drain_timeout", "idle_timeout",
+         "request_timeout"),
+    )  # fmt: skip
     limits = Limits()
     if lim is not None:
         limits = Limits(
@@ -358,6 +384,8 @@ def parse_config(text: str, path: Path, registry: Registry) -> Config:
             max_connections=_get(lim, "max_connections", "limits", p, _positive(_int), 10000),
             connect_timeout=_get(lim, "connect_timeout", "limits", p, _positive(parse_duration), 5.0),
             drain_timeout=_get(lim, "drain_timeout", "limits", p, parse_duration, 10.0),
+            idle_timeout=_get(lim, "idle_timeout", "limits", p, parse_duration, 3600.0),
+            request_timeout=_get(lim, "request_timeout", "limits", p, parse_duration, 30.0),
         )
     mark = _get(doc, "upstream_mark", "", p, _positive(_int), None)
     if p.lines:
@@ -464,6 +492,8 @@ def _listeners(doc: LMap, p: _Problems, registry: Registry) -> list[ListenerConf
                 parser_settings=settings,
                 policy_mode=_get(item, "policy_mode", path, p, _choice(POLICY_MODES), None),
                 redirect=redirect,
+                idle_timeout=_get(item, "idle_timeout", path, p, parse_duration, None),
+                request_timeout=_get(item, "request_timeout", path, p, parse_duration, None),
             )
         )
     return out

@@ -59,6 +59,19 @@ class Metrics:
         self.connections_max = Gauge(
             "proxyd_connections_max", "limits.max_connections: connections beyond it are refused", registry=r
         )
+        self.connection_timeouts_total = Counter(
+            "proxyd_connection_timeouts",
+            "Connections closed by a timeout; reason idle (no byte either way for idle_timeout) or "
+            "request (a partial request waited request_timeout for more bytes)",
+            ["listener", "reason"],
+            registry=r,
+        )
+        self.accept_pauses_total = Counter(
+            "proxyd_accept_pauses",
+            "Times accepting paused because the process ran out of file descriptors",
+            ["listener"],
+            registry=r,
+        )
         #: (l7proto, verdict) -> requests; incremented by the access log.
         self.l7_counts: dict[tuple[str, str], int] = {}
         #: Set by the daemon: where byte totals come from at scrape time.

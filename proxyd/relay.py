@@ -7,10 +7,21 @@ Protocol-free I/O on asyncio transports (uvloop). What it guarantees (docs/confi
   capped by ``limits.buffer_bytes``. Memory per connection is therefore bounded.
 - Half-close both ways: EOF from one side is handed to the parser (``end_stream``) and then
   passed on as a write shutdown once everything before it has been written. The shutdown is
-  done on a duplicate of the socket's fd instead of ``transport.write_eof()``, which aborted
+  ``shutdown(SHUT_WR)`` on the transport's own descriptor (no ``dup``: it must work when the
+  process has no descriptor to spare) instead of ``transport.write_eof()``, which aborted
   uvloop processes under connection churn on these machines.
-- Early client bytes (uvloop delivers a first ``data_received`` even while reading is paused)
-  go through the engine and wait in ``_pending`` until the upstream is connected.
+- Reading pauses are enforced, not assumed: uvloop starts reading *after* ``connection_made``
+  returns, so the pause asked for there is a no-op, and reading would run on while the
+  upstream connect is pending (an unbounded ``_pending``). Every ``data_received`` that
+  arrives while a pause is wanted pauses the transport again, so at most one read's worth of
+  bytes (plus the engine's ``buffer_bytes``) is ever held before the upstream is connected.
+  Reading from the client also pauses while the client's own write buffer is full (a client
+  that sends requests but never reads the denials injected for them).
+- A reset (RST) from one side is passed on as a reset: the other side is aborted with
+  ``SO_LINGER`` 0, so a truncated transfer never looks complete.
+- Timeouts (:meth:`Connection.check_timeouts`, called by the daemon's sweep): ``idle`` (no
+  byte either way) and ``request`` (the parser has waited on MORE, with a partial request
+  buffered and no progress, for that long).
 - The connection ends when both directions are done, on error, or on policy; exactly one
   ``connection`` access-log line is written, with byte counts and the reason.
 """
@@ -19,10 +30,12 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import errno
 import functools
 import ipaddress
 import os
 import socket
+import struct
 import time
 from typing import TYPE_CHECKING, Any, cast
 
@@ -38,25 +51,47 @@ LOW_WATER = 64 * 1024
 CLOSE_LINGER = 10.0  # seconds a closed connection may take to flush before it is aborted
 
 
-def shutdown_write(transport: asyncio.Transport) -> None:
-    """Half-close a transport's socket without ``write_eof()`` (see module docstring)."""
-    sock = transport.get_extra_info("socket")
-    if sock is None:
-        return
+_LINGER_RST = struct.pack("ii", 1, 0)  # SO_LINGER on, 0 s: close() sends RST
+
+
+def _sock_of(transport: asyncio.Transport) -> socket.socket | None:
+    """A socket object on the transport's own descriptor (no ``dup``); ``detach()`` it after."""
+    pseudo = transport.get_extra_info("socket")
+    if pseudo is None:
+        return None
     try:
-        fd = os.dup(sock.fileno())
+        fd = pseudo.fileno()
+        if fd < 0:
+            return None
+        return socket.socket(pseudo.family, pseudo.type, 0, fd)
     except OSError:
+        return None
+
+
+def shutdown_write(transport: asyncio.Transport) -> None:
+    """Half-close a transport's socket without ``write_eof()`` and without a new descriptor."""
+    s = _sock_of(transport)
+    if s is None:
         return
     try:
-        s = socket.socket(fileno=fd)
+        s.shutdown(socket.SHUT_WR)
+    except OSError:
+        pass
+    finally:
+        s.detach()
+
+
+def reset(transport: asyncio.Transport) -> None:
+    """Abort a transport so the peer sees a reset (RST), not a clean end (FIN)."""
+    s = _sock_of(transport)
+    if s is not None:
         try:
-            s.shutdown(socket.SHUT_WR)
+            s.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, _LINGER_RST)
         except OSError:
             pass
         finally:
-            s.close()
-    except OSError:
-        os.close(fd)
+            s.detach()
+    transport.abort()
 
 
 class UpstreamProtocol(asyncio.Protocol):
@@ -108,6 +143,12 @@ class Connection(asyncio.Protocol):
         self._unparsed = [0, 0]
         self._task: asyncio.Task[None] | None = None
         self._l4 = True  # no parser: relay bytes directly
+        self._up_rx = 0  # bytes received from the upstream (idle detection)
+        #: Timeout sweep state: activity seen at the last sweep and since when it is unchanged;
+        #: the request position (bytes the parser consumed) and since when a partial request
+        #: has waited without progress.
+        self._idle_mark = (-1, 0.0)
+        self._req_mark = (-1, 0.0)
 
     # --- accept ----------------------------------------------------------------------------
 
@@ -136,6 +177,41 @@ class Connection(asyncio.Protocol):
                 self._engine_error(EngineError("exception", f"{type(exc).__name__}: {exc}"))
                 return
         self._task = asyncio.get_running_loop().create_task(self._connect())
+
+    def check_timeouts(self, now: float, idle: float, request: float) -> str | None:
+        """Close this connection if a timeout passed (0 = off); returns the reason or None.
+
+        Called about once per sweep interval by the daemon, so no per-chunk timer is kept:
+        progress is read off counters the data path keeps anyway.
+        """
+        if self._closed or self.info is None:
+            return None
+        if idle:
+            seen = self.bytes_in + self.bytes_out + self._up_rx
+            if seen != self._idle_mark[0]:
+                self._idle_mark = (seen, now)
+            elif now - self._idle_mark[1] >= idle:
+                self._timed_out("idle", f"idle timeout: no byte either way for {idle:g}s")
+                return "idle"
+        engine = self.engine
+        if request and not self._l4 and engine is not None and self.upstream is not None:
+            buffered = engine.buffered(False)
+            if not buffered:
+                self._req_mark = (-1, 0.0)
+            else:
+                consumed = self.bytes_in - buffered
+                if consumed != self._req_mark[0]:
+                    self._req_mark = (consumed, now)
+                elif now - self._req_mark[1] >= request:
+                    self._timed_out(
+                        "request", f"request timeout: a partial request waited {request:g}s for more bytes"
+                    )
+                    return "request"
+        return None
+
+    def _timed_out(self, kind: str, reason: str) -> None:
+        self.lr.daemon.metrics.connection_timeouts_total.labels(self.lr.config.name, kind).inc()
+        self._finish("error", reason, abort=True)
 
     def refuse(self, reason: str, info: ConnInfo | None) -> None:
         """Close at accept without connecting upstream (policy, loop, limits)."""
@@ -181,6 +257,8 @@ class Connection(asyncio.Protocol):
             if self._closed:
                 return
             self.lr.metrics.connect_failures.inc()
+            if isinstance(exc, OSError) and exc.errno in (errno.EMFILE, errno.ENFILE):
+                self.lr.daemon.out_of_fds(exc)
             why = "timeout" if isinstance(exc, TimeoutError) else (exc.strerror or str(exc))
             self._finish("error", f"upstream connect failed: {why}")
             return
@@ -208,6 +286,9 @@ class Connection(asyncio.Protocol):
 
     def data_received(self, data: bytes) -> None:
         self.bytes_in += len(data)
+        if self._client_pauses and self.client is not None:
+            # A pause that did not take (asked for before uvloop started reading): take it now.
+            self.client.pause_reading()
         if self._l4 and self.upstream is not None:
             self.upstream.write(data)
             return
@@ -215,6 +296,7 @@ class Connection(asyncio.Protocol):
             self.engine.feed(False, data)
 
     def upstream_data(self, data: bytes) -> None:
+        self._up_rx += len(data)
         if self._l4:
             assert self.client is not None
             self.bytes_out += len(data)
@@ -274,14 +356,22 @@ class Connection(asyncio.Protocol):
             self._finish("forwarded", None)
 
     def connection_lost(self, exc: Exception | None) -> None:
-        if not self._closed:
-            self._finish("error" if exc else "forwarded", f"client closed: {exc}" if exc else "client closed")
+        if self._closed:
+            return
+        if isinstance(exc, ConnectionResetError):
+            # Passed on as a reset (DESIGN: never a clean EOF), and the upstream connect, if
+            # still pending, is cancelled by _finish.
+            self._finish("error", "client reset the connection", reset_peer=self.upstream)
+            return
+        self._finish("error" if exc else "forwarded", f"client closed: {exc}" if exc else "client closed")
 
     def upstream_lost(self, exc: Exception | None) -> None:
-        if not self._closed:
-            self._finish(
-                "error" if exc else "forwarded", f"upstream closed: {exc}" if exc else "upstream closed"
-            )
+        if self._closed:
+            return
+        if isinstance(exc, ConnectionResetError):
+            self._finish("error", "upstream reset the connection", reset_peer=self.client)
+            return
+        self._finish("error" if exc else "forwarded", f"upstream closed: {exc}" if exc else "upstream closed")
 
     def _engine_error(self, err: EngineError) -> None:
         lr = self.lr
@@ -299,7 +389,14 @@ class Connection(asyncio.Protocol):
         """Abort both sides (drain timeout, listener removed)."""
         self._finish("error", reason, abort=True)
 
-    def _finish(self, verdict: str, reason: str | None, *, abort: bool = False) -> None:
+    def _finish(
+        self,
+        verdict: str,
+        reason: str | None,
+        *,
+        abort: bool = False,
+        reset_peer: asyncio.Transport | None = None,
+    ) -> None:
         if self._closed:
             return
         self._closed = True
@@ -308,7 +405,9 @@ class Connection(asyncio.Protocol):
         loop = asyncio.get_running_loop()
         for t in (self.client, self.upstream):
             if t is not None:
-                if abort:
+                if t is reset_peer:
+                    reset(t)
+                elif abort:
                     t.abort()
                 else:
                     # close() flushes what is buffered first; a peer that never reads would
@@ -341,16 +440,21 @@ class Connection(asyncio.Protocol):
     # --- flow control ----------------------------------------------------------------------
 
     def pause_writing(self) -> None:
-        # The client reads slower than the upstream sends: stop reading the upstream.
+        # The client reads slower than we send: stop reading the upstream, and the client too
+        # (its requests may be answered by us, with injected denials, and those must wait).
         if self.upstream is not None:
             self.upstream.pause_reading()
+        self.pause_client_reading("client-full")
 
     def resume_writing(self) -> None:
         if self.upstream is not None and not self._closed:
             self.upstream.resume_reading()
+        self.resume_client_reading("client-full")
 
     def pause_client_reading(self, why: str) -> None:
-        if not self._client_pauses and self.client is not None:
+        # Always ask the transport: a pause asked for in connection_made did not take (see
+        # the module docstring), and pause_reading() is a no-op when already paused.
+        if self.client is not None:
             self.client.pause_reading()
         self._client_pauses.add(why)
 
@@ -391,4 +495,3 @@ async def _wait_connected(loop: asyncio.AbstractEventLoop, sock: socket.socket) 
 def _fmt(addr: tuple[str, int]) -> str:
     host, port = addr
     return f"[{host}]:{port}" if ":" in host else f"{host}:{port}"
-

@@ -20,9 +20,11 @@ import contextlib
 import ipaddress
 import itertools
 import os
+import resource
 import signal
 import socket
-from collections.abc import Mapping
+import time
+from collections.abc import Callable, Mapping
 from dataclasses import replace
 from pathlib import Path
 from typing import Any
@@ -36,13 +38,17 @@ from proxyd.metrics import ListenerMetrics, Metrics
 from proxyd.origdst import original_dst, unmap
 from proxyd.parser import Endpoint, ParserFactory
 from proxyd.policy.identity import IdentityMap
-from proxyd.policy.store import PolicyStore
+from proxyd.policy.store import Change, PolicyStore
 from proxyd.registry import Registry
 from proxyd.relay import Connection
 
 LISTEN_BACKLOG = 1024
 LABELS_CACHE_SIZE = 65536
 FLUSH_INTERVAL = 0.2  # seconds between access-log flushes
+ACCEPT_PAUSE = 0.5  # seconds accepting pauses when the process is out of file descriptors
+FD_LOG_INTERVAL = 10.0  # at most one "out of file descriptors" log line per this many seconds
+FDS_PER_CONNECTION = 2  # client and upstream socket
+FD_RESERVE = 64  # listeners, admin server, log files, policy files, the event loop itself
 
 
 class ListenerRuntime:
@@ -53,10 +59,17 @@ class ListenerRuntime:
         self.config = config
         self.factory: ParserFactory | None = daemon.registry.get(config.l7proto) if config.l7proto else None
         self.metrics: ListenerMetrics = daemon.metrics.for_listener(config.name)
+        self.metrics_accept_pauses = daemon.metrics.accept_pauses_total.labels(config.name)
         self.access_log: AccessLog = daemon.access_log
         self.limits: Limits = daemon.config.limits
         self.upstream_mark = daemon.config.upstream_mark
         self.server: asyncio.Server | None = None
+        #: Our own reference to the listening socket: the event loop's server gets a duplicate,
+        #: so accepting can pause (that server closed) while the kernel keeps queueing
+        #: connections on this one, and resume with a new server on it.
+        self.lsock: socket.socket | None = None
+        self.paused = False
+        self._closing = False
         #: (host, port, is wildcard) once bound: checked for every transparent connection.
         self.bound: tuple[str, int, bool] | None = None
         self.conns: set[Connection] = set()
@@ -82,19 +95,51 @@ class ListenerRuntime:
                 what = f"listener {self.config.name!r}: cannot bind {self.config.address}: {why}"
                 raise OSError(exc.errno, what) from exc
             sock.setblocking(False)
-            self.server = await asyncio.get_running_loop().create_server(
-                lambda: Connection(self), sock=sock, backlog=LISTEN_BACKLOG
-            )
+            sock.listen(LISTEN_BACKLOG)
+            self.server = await self._serve_on(sock)
             bhost, bport = sock.getsockname()[:2]
             self.bound = (unmap(bhost), bport, ipaddress.ip_address(bhost).is_unspecified)
+            self.lsock = sock
         except BaseException:
             sock.close()
             raise
 
+    async def _serve_on(self, sock: socket.socket) -> asyncio.Server:
+        dup = sock.dup()
+        try:
+            return await asyncio.get_running_loop().create_server(
+                lambda: Connection(self), sock=dup, backlog=LISTEN_BACKLOG
+            )
+        except BaseException:
+            dup.close()
+            raise
+
     def bound_address(self) -> tuple[str, int]:
-        assert self.server is not None
-        host, port = self.server.sockets[0].getsockname()[:2]
+        assert self.lsock is not None
+        host, port = self.lsock.getsockname()[:2]
         return host, port
+
+    def pause_accepting(self) -> None:
+        """Stop accepting for :data:`ACCEPT_PAUSE` seconds; the kernel queues new connections."""
+        if self.paused or self._closing or self.server is None:
+            return
+        self.paused = True
+        self.metrics_accept_pauses.inc()
+        self.server.close()
+        asyncio.get_running_loop().call_later(ACCEPT_PAUSE, self._resume)
+
+    def _resume(self) -> None:
+        self.daemon.spawn(self._resume_accepting())
+
+    async def _resume_accepting(self) -> None:
+        if self._closing or self.lsock is None:
+            return
+        try:
+            self.server = await self._serve_on(self.lsock)
+        except OSError:  # still no descriptor for the duplicate: wait again
+            asyncio.get_running_loop().call_later(ACCEPT_PAUSE, self._resume)
+            return
+        self.paused = False
 
     def accept(self, conn: Connection) -> None:
         d = self.daemon
@@ -161,8 +206,18 @@ class ListenerRuntime:
             self.daemon.listener_idle(self)
 
     def close_server(self) -> None:
+        self._closing = True
         if self.server is not None:
             self.server.close()
+        if self.lsock is not None:
+            self.lsock.close()
+
+    def timeouts(self) -> tuple[float, float]:
+        """(idle, request) timeouts in force for new sweeps of this listener (0: off)."""
+        c, lim = self.config, self.limits
+        idle = lim.idle_timeout if c.idle_timeout is None else c.idle_timeout
+        request = lim.request_timeout if c.request_timeout is None else c.request_timeout
+        return idle, request
 
 
 class Daemon:
@@ -195,6 +250,9 @@ class Daemon:
         self._closed_bytes: dict[str, list[int]] = {}
         self.metrics.bytes_source = self._bytes_totals
         self._tasks: set[asyncio.Task[Any]] = set()
+        self._policy_lock = asyncio.Lock()
+        self._fd_log_at = -FD_LOG_INTERVAL
+        self._fd_events = 0  # out-of-descriptor events since the last log line
 
     # --- queries ---------------------------------------------------------------------------
 
@@ -238,6 +296,23 @@ class Daemon:
         if self.stopping and not self.active_connections():
             self._idle.set()
 
+    def out_of_fds(self, exc: OSError) -> None:
+        """EMFILE/ENFILE: pause accepting on every listener for a moment; log, rate-limited."""
+        self._fd_events += 1
+        for lr in self.listeners.values():
+            lr.pause_accepting()
+        now = time.monotonic()
+        if now - self._fd_log_at >= FD_LOG_INTERVAL:
+            self.log.error(
+                "out of file descriptors: accepting paused",
+                error=exc.strerror or str(exc),
+                pause_s=ACCEPT_PAUSE,
+                events=self._fd_events,
+                hint="raise LimitNOFILE / ulimit -n, or lower limits.max_connections",
+            )
+            self._fd_log_at = now
+            self._fd_events = 0
+
     def is_own_listener(self, addr: tuple[str, int], local_ip: str) -> bool:
         ip, port = addr
         for lr in self.listeners.values():
@@ -261,12 +336,7 @@ class Daemon:
 
             self._admin = AdminServer(self)
             adm = self.config.admin
-            try:
-                await self._admin.start(adm.host, adm.port)
-            except OSError as exc:
-                where = f"[{adm.host}]:{adm.port}" if ":" in adm.host else f"{adm.host}:{adm.port}"
-                why = os.strerror(exc.errno) if exc.errno else str(exc)
-                raise OSError(exc.errno, f"admin.address: cannot bind {where}: {why}") from exc
+            await self._admin.start(adm.host, adm.port)  # OSError naming admin.address/socket
         self.ready = True
         sdnotify.notify("READY=1", f"STATUS=serving {len(self.listeners)} listeners")
         interval = sdnotify.watchdog_interval()
@@ -275,6 +345,11 @@ class Daemon:
         if self.config.policy.paths:
             self._spawn(self._watch_policy())
         self._spawn(self._flush_access_log())
+        self._spawn(self._sweep_timeouts())
+
+    def spawn(self, coro: Any) -> None:
+        """Run ``coro`` as a task the daemon keeps a reference to and cancels at stop."""
+        self._spawn(coro)
 
     def _spawn(self, coro: Any) -> None:
         task = asyncio.get_running_loop().create_task(coro)
@@ -291,7 +366,30 @@ class Daemon:
             await asyncio.sleep(FLUSH_INTERVAL)
             self.access_log.flush()
 
+    async def _sweep_timeouts(self) -> None:
+        """Close connections whose idle or request timeout passed (one pass every interval).
+
+        One sweep over all connections instead of a timer per connection: connection setup
+        stays cheap, and a timeout fires within a quarter of its length (at most 1 s) late.
+        """
+        loop = asyncio.get_running_loop()
+        while True:
+            interval = 1.0
+            for lr in self.listeners.values():
+                for t in lr.timeouts():
+                    if t:
+                        interval = min(interval, max(0.05, t / 4))
+            await asyncio.sleep(interval)
+            now = loop.time()
+            for lr in [*self.listeners.values(), *self._retired]:
+                idle, request = lr.timeouts()
+                if not (idle or request):
+                    continue
+                for conn in list(lr.conns):
+                    conn.check_timeouts(now, idle, request)
+
     async def _watch_policy(self) -> None:
+        # Nothing a policy file contains may end this loop: a later good edit must still load.
         while True:
             await asyncio.sleep(1.0)
             try:
@@ -299,10 +397,16 @@ class Daemon:
             except OSError:
                 changed = False
             if changed:
-                self.reload_policy("file change")
+                try:
+                    await self.reload_policy_async("file change")
+                except Exception as exc:  # a bug, not a bad file: log it and keep watching
+                    self.log.error("policy reload failed", trigger="file change",
+                                   error=f"{type(exc).__name__}: {exc}")  # fmt: skip
 
     def admin_address(self) -> tuple[str, int] | None:
-        return self._admin.address() if self._admin is not None else None
+        if self._admin is None or self._admin.site is None:
+            return None
+        return self._admin.address()  # type: ignore[no-any-return]
 
     def request_stop(self) -> None:
         self._stop.set()
@@ -353,16 +457,40 @@ class Daemon:
     # --- reload ----------------------------------------------------------------------------
 
     def reload_policy(self, why: str) -> bool:
+        """Re-read the policy files now, on this thread (tests; the daemon itself uses
+        :meth:`reload_policy_async`)."""
         try:
             revision = self.policy.reload_files()
         except PolicyError as exc:
-            self.metrics.policy_reloads_total.labels("failure").inc()
-            self.log.error("policy reload rejected, old policy kept", trigger=why, problems=exc.problems)
-            return False
+            return self._reload_rejected(why, exc)
+        return self._reloaded(why, revision)
+
+    async def reload_policy_async(self, why: str) -> bool:
+        """Re-read the policy files, parsing on a worker thread; the old policy stays on error."""
+        try:
+            revision = await self.change_policy(self.policy.build_reload)
+        except PolicyError as exc:
+            return self._reload_rejected(why, exc)
+        return self._reloaded(why, revision)
+
+    def _reload_rejected(self, why: str, exc: PolicyError) -> bool:
+        self.metrics.policy_reloads_total.labels("failure").inc()
+        self.log.error("policy reload rejected, old policy kept", trigger=why, problems=exc.problems)
+        return False
+
+    def _reloaded(self, why: str, revision: int) -> bool:
         self.metrics.policy_reloads_total.labels("success").inc()
         self.metrics.policy_revision.set(revision)
         self.log.info("policy reloaded", trigger=why, revision=revision)
         return True
+
+    async def change_policy(self, build: Callable[[], Change]) -> int:
+        """Build a policy change on a worker thread (policy text is never parsed on the event
+        loop: a slow or hostile document must not stall the data path), then put it in force.
+        One change at a time. Raises what ``build`` raises; the old policy stays then."""
+        async with self._policy_lock:
+            change = await asyncio.get_running_loop().run_in_executor(None, build)
+            return self.policy.commit(change)
 
     def policy_changed(self, revision: int) -> None:
         """Called after the admin API replaced imported documents."""
@@ -380,7 +508,7 @@ class Daemon:
     async def _reload(self) -> bool:
         source = self.config.source
         if source is None:
-            return self.reload_policy("SIGHUP")
+            return await self.reload_policy_async("SIGHUP")
         try:
             new = load_config(source, self.registry)
         except ConfigError as exc:
@@ -390,7 +518,7 @@ class Daemon:
         # Open connections hold live views of this store, so it is updated, never replaced.
         old_paths = self.policy.paths
         self.policy.paths = tuple(new.policy.paths)
-        if not self.reload_policy("SIGHUP"):
+        if not await self.reload_policy_async("SIGHUP"):
             self.policy.paths = old_paths
             return False
         if new.policy.state_dir != self.config.policy.state_dir:
@@ -432,11 +560,37 @@ class Daemon:
                 current.upstream_mark = new_config.upstream_mark
 
 
+def raise_fd_limit(max_connections: int) -> tuple[int, int, str | None]:
+    """Raise the soft ``RLIMIT_NOFILE`` to the hard limit; returns (soft, needed, warning).
+
+    ``needed`` is what ``max_connections`` takes (two sockets each, plus a reserve); the
+    warning says so when the limit is lower.
+    """
+    soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
+    if hard == resource.RLIM_INFINITY or soft < hard:
+        target = hard if hard != resource.RLIM_INFINITY else max(soft, 1 << 20)
+        try:
+            resource.setrlimit(resource.RLIMIT_NOFILE, (target, hard))
+            soft = target
+        except (ValueError, OSError):
+            pass
+    needed = max_connections * FDS_PER_CONNECTION + FD_RESERVE
+    warning = None
+    if soft < needed:
+        warning = (f"limits.max_connections {max_connections} needs about {needed} file descriptors "
+                   f"but RLIMIT_NOFILE is {soft}: raise LimitNOFILE / ulimit -n (hard limit) or "
+                   f"lower max_connections; when descriptors run out, accepting pauses")  # fmt: skip
+    return soft, needed, warning
+
+
 async def run_daemon(config_path: Path) -> int:
     """Entry point of ``proxyd run``: returns the process exit code."""
     registry = Registry.load()
     config = load_config(config_path, registry)
     daemon = Daemon(config, registry)
+    soft, needed, warning = raise_fd_limit(config.limits.max_connections)
+    if warning:
+        daemon.log.warning("file descriptor limit too low", nofile=soft, needed=needed, problem=warning)
     await daemon.start()
     await daemon.serve()
     return 0

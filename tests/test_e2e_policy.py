@@ -204,12 +204,16 @@ async def test_policy_file_change_is_picked_up(tmp_path: Path) -> None:
 async def test_admin_policy_api(tmp_path: Path) -> None:
     async with tcp_server(r2d2_server) as up:
         text, files = setup(up)
+        text += "  token_file: admin.token\n"
+        files["admin.token"] = "s3cret-token\n"
+        auth = {"Authorization": "Bearer s3cret-token"}
         async with daemon(text, tmp_path, files=files) as d:
             host, port = d.admin_address()  # type: ignore[misc]
             base = f"http://{host}:{port}/v1/policy"
             c = await client(addr(d, "r2d2"), "127.0.0.2")
             assert await ask(*c, b"WRITE /public/a") == b"ERROR"
-            async with aiohttp.ClientSession() as http:
+            headers = {**auth, "Content-Type": "application/yaml"}
+            async with aiohttp.ClientSession(headers=headers) as http:
                 bad = (
                     "apiVersion: cilium.io/v2\nkind: CiliumNetworkPolicy\n"
                     "metadata: {name: x}\nspec:\n  toFQDNs: []\n"
@@ -232,10 +236,10 @@ async def test_admin_policy_api(tmp_path: Path) -> None:
                     body = await resp.json()
                 assert body["revision"] == revision
                 assert {doc["name"] for doc in body["documents"]} == {"r2d2-policy", "writers"}
-                async with http.delete(f"{base}/writers") as resp:
+                async with http.delete(f"{base}/writers", headers=auth) as resp:
                     assert resp.status == 200
                 assert await ask(*c, b"WRITE /public/a") == b"ERROR"
-                async with http.delete(f"{base}/writers") as resp:
+                async with http.delete(f"{base}/writers", headers=auth) as resp:
                     assert resp.status == 404
             c[1].close()
 
@@ -276,9 +280,11 @@ async def test_policy_cli_import_get_delete(tmp_path: Path) -> None:
 
     async with tcp_server(r2d2_server) as up:
         text, files = setup(up)
+        text += "  token_file: admin.token\n"
+        files["admin.token"] = "cli-token\n"
         async with daemon(text, tmp_path, files=files) as d:
             host, port = d.admin_address()  # type: ignore[misc]
-            admin = f"{host}:{port}"
+            pol = ["policy", "--admin", f"{host}:{port}", "--token-file", str(tmp_path / "admin.token")]
             c = await client(addr(d, "r2d2"), "127.0.0.2")
             assert await ask(*c, b"WRITE /public/a") == b"ERROR"
             good = tmp_path / "writers.yaml"
@@ -287,16 +293,16 @@ async def test_policy_cli_import_get_delete(tmp_path: Path) -> None:
                 .replace("PORT", str(up[1]))
                 .replace("cmd: READ", "cmd: WRITE")
             )
-            assert await asyncio.to_thread(cli, ["policy", "--admin", admin, "import", str(good)]) == 0
+            assert await asyncio.to_thread(cli, [*pol, "import", str(good)]) == 0
             assert await ask(*c, b"WRITE /public/a") == b"OK WRITE /public/a"
             bad = tmp_path / "bad.json"
             bad.write_text('[{"endpointSelector": {}, "ingress": [{"toFQDNs": []}]}]')
-            assert await asyncio.to_thread(cli, ["policy", "--admin", admin, "import", str(bad)]) == 1
+            assert await asyncio.to_thread(cli, [*pol, "import", str(bad)]) == 1
             assert await ask(*c, b"WRITE /public/a") == b"OK WRITE /public/a"  # old policy kept
-            assert await asyncio.to_thread(cli, ["policy", "--admin", admin, "get"]) == 0
-            assert await asyncio.to_thread(cli, ["policy", "--admin", admin, "delete", "writers"]) == 0
+            assert await asyncio.to_thread(cli, [*pol, "get"]) == 0
+            assert await asyncio.to_thread(cli, [*pol, "delete", "writers"]) == 0
             assert await ask(*c, b"WRITE /public/a") == b"ERROR"
-            assert await asyncio.to_thread(cli, ["policy", "--admin", admin, "delete", "writers"]) == 1
+            assert await asyncio.to_thread(cli, [*pol, "delete", "writers"]) == 1
             c[1].close()
 
 

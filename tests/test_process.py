@@ -223,7 +223,7 @@ def test_bad_config_exits_1_with_file_line_key(tmp_path: Path) -> None:
     assert res.stderr.splitlines() == [
         f"{cfg}:3: listeners[x].address: port 70000 out of range 1-65535",
         f"{cfg}:4: listeners[x].colour: unknown key (known: name, address, l7proto, upstream, direction, "
-        "parser_config, policy_mode, redirect)",
+        "parser_config, policy_mode, redirect, idle_timeout, request_timeout)",
     ]
 
 

@@ -11,6 +11,12 @@ Open connections see a change at their next request: :meth:`PolicyStore.view` gi
 connection a :class:`LiveConnectionPolicy` that notices a new set by identity and recomputes
 (and caches) its :class:`~proxyd.policy.engine.ConnectionPolicy` once per revision.
 
+Changes are built in two steps so the daemon can do the expensive part (reading and parsing
+text, compiling rules, writing the state file) on a worker thread, never on the event loop:
+``build_*`` returns a :class:`Change` and touches nothing the event loop reads;
+:meth:`PolicyStore.commit` swaps it in (cheap, on the loop). The daemon runs one change at a
+time. The plain methods (:meth:`PolicyStore.reload_files` and friends) do both at once.
+
 Imported documents are kept in ``state_dir/imported-policy.json`` (written atomically: a
 temporary file, fsync, rename) so they survive a restart. A document name is unique across
 files and imports; an import may replace an imported document of the same name, never a file's.
@@ -22,6 +28,7 @@ import json
 import os
 import tempfile
 from collections.abc import Mapping, Sequence
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Final
 
@@ -33,8 +40,20 @@ from proxyd.policy.model import Document
 
 STATE_FILE: Final = "imported-policy.json"
 STATE_VERSION: Final = 1
+#: Total size (as JSON) of all imported documents together: the admin API cannot grow the
+#: daemon without bound by importing many documents, each under the request body cap.
+MAX_IMPORTED_BYTES: Final = 16 << 20
 
 _Snapshot = tuple[tuple[Any, ...], ...]
+
+
+@dataclass(frozen=True, slots=True)
+class Change:
+    """A validated policy change, ready for :meth:`PolicyStore.commit`."""
+
+    files: tuple[Document, ...]
+    imported: Mapping[str, Document]
+    policy: PolicySet
 
 
 class PolicyStore:
@@ -90,14 +109,7 @@ class PolicyStore:
         """Re-read ``paths``; returns the revision in force (unchanged when the documents are).
 
         Raises :class:`PolicyError` (old set kept)."""
-        # Snapshot before reading: an edit made while we read is seen by the next poll, and a
-        # broken file is not re-read every second until it changes again.
-        self._mtimes = self._snapshot()
-        files = tuple(load_paths(self.paths, self.registry, taken=self._imported))
-        same = [(d.name, d.source, d.raw) for d in files] == [(d.name, d.source, d.raw) for d in self._files]
-        if same and self._revision:
-            return self._revision  # nothing changed (a SIGHUP or touch): the revision stays
-        return self._install(files, self._imported, save=False)
+        return self.commit(self.build_reload())
 
     def import_documents(self, text: str, source: str, replace_all: bool) -> int:
         """Add documents from ``text`` (POST), or replace all imported ones (PUT, ``replace_all``).
@@ -105,6 +117,29 @@ class PolicyStore:
         Returns the new revision. Raises :class:`PolicyError` (old set kept), or OSError when
         the state directory cannot be written (old set kept).
         """
+        return self.commit(self.build_import(text, source, replace_all))
+
+    def delete_imported(self, name: str) -> int:
+        """Remove the imported document ``name``; returns the new revision.
+
+        Raises KeyError when there is no imported document of that name.
+        """
+        return self.commit(self.build_delete(name))
+
+    def build_reload(self) -> Change:
+        """Re-read ``paths`` into a :class:`Change`. Raises :class:`PolicyError`."""
+        # Snapshot before reading: an edit made while we read is seen by the next poll, and a
+        # broken file is not re-read every second until it changes again.
+        self._mtimes = self._snapshot()
+        files = tuple(load_paths(self.paths, self.registry, taken=self._imported))
+        same = [(d.name, d.source, d.raw) for d in files] == [(d.name, d.source, d.raw) for d in self._files]
+        if same and self._revision:
+            # Nothing changed (a SIGHUP or touch): the revision stays.
+            return Change(self._files, self._imported, self._current)
+        return self._build(files, self._imported, save=False)
+
+    def build_import(self, text: str, source: str, replace_all: bool) -> Change:
+        """:meth:`import_documents` up to the swap (the state file is written)."""
         files_by_name = {d.name: d for d in self._files}
         docs = parse_text(text, source, self.registry, taken=files_by_name)
         if replace_all:
@@ -114,26 +149,33 @@ class PolicyStore:
             for doc in docs:
                 imported.pop(doc.name, None)
                 imported[doc.name] = doc
-        return self._install(self._files, imported, save=True)
+        total = sum(len(json.dumps(d.raw, separators=(",", ":"), default=str)) for d in imported.values())
+        if total > MAX_IMPORTED_BYTES:
+            raise PolicyError(
+                [f"{source}:0: imported documents would total {total} bytes, over the cap of "
+                 f"{MAX_IMPORTED_BYTES} (delete some, or put large policies in policy.paths files)"]
+            )  # fmt: skip
+        return self._build(self._files, imported, save=True)
 
-    def delete_imported(self, name: str) -> int:
-        """Remove the imported document ``name``; returns the new revision.
-
-        Raises KeyError when there is no imported document of that name.
-        """
+    def build_delete(self, name: str) -> Change:
+        """:meth:`delete_imported` up to the swap. Raises KeyError for an unknown name."""
         if name not in self._imported:
             raise KeyError(name)
         imported = {k: v for k, v in self._imported.items() if k != name}
-        return self._install(self._files, imported, save=True)
+        return self._build(self._files, imported, save=True)
 
-    def _install(self, files: tuple[Document, ...], imported: Mapping[str, Document], *, save: bool) -> int:
+    def _build(self, files: tuple[Document, ...], imported: Mapping[str, Document], *, save: bool) -> Change:
         new = PolicySet((*files, *imported.values()), self.registry, self._revision + 1)
         if save:
             self._save_state(imported)
-        self._files = files
-        self._imported = dict(imported)
-        self._current = new
-        self._revision = new.revision
+        return Change(files, dict(imported), new)
+
+    def commit(self, change: Change) -> int:
+        """Put a built change in force; returns its revision."""
+        self._files = change.files
+        self._imported = dict(change.imported)
+        self._current = change.policy
+        self._revision = change.policy.revision
         return self._revision
 
     # --- watching ------------------------------------------------------------------------------
