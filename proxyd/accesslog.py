@@ -2,14 +2,22 @@
 
 structlog is wrapped per daemon (not configured globally) so tests can run several daemons in
 one process; the processor chain is kept to a timestamp and an orjson renderer because every
-request can produce a line. Values from the wire reach the renderer as ``str`` and are escaped
-by JSON encoding; anything orjson refuses (lone surrogates) falls back to ASCII-escaped JSON.
+request can produce a line. Values from the wire reach the renderer as ``str`` (or ``bytes``,
+rendered with :func:`proxyd.parser.wire_text`) and are escaped by JSON encoding; anything
+orjson refuses (lone surrogates) falls back to ASCII-escaped JSON.
+
+JSON leaves some characters raw that other readers take as line breaks or controls: U+2028 and
+U+2029 (JavaScript, Python's ``str.splitlines``), U+0085 and the other C1 controls
+(U+0080-U+009F), and DEL. :func:`_escape_separators` writes them as ``\\uXXXX`` so every line
+splits as one line everywhere. In a rendered JSON line those code points can only occur inside
+strings, so the byte-level rewrite is exact.
 """
 
 from __future__ import annotations
 
 import json
 import os
+import re
 import sys
 import threading
 from typing import IO, Any
@@ -19,14 +27,34 @@ import structlog
 
 from proxyd.context import ConnInfo, Context
 from proxyd.metrics import Metrics
-from proxyd.parser import Fields
+from proxyd.parser import Fields, wire_text
+
+#: UTF-8 of U+0080-U+009F (C1 controls, U+0085 among them), U+2028, U+2029, and DEL.
+_SEPARATORS = re.compile(rb"\xc2[\x80-\x9f]|\xe2\x80[\xa8\xa9]|\x7f")
+
+
+def _u_escape(m: re.Match[bytes]) -> bytes:
+    return b"\\u%04x" % ord(m.group().decode("utf-8"))
+
+
+def _escape_separators(line: bytes) -> bytes:
+    if b"\xc2" in line or b"\xe2\x80" in line or b"\x7f" in line:
+        return _SEPARATORS.sub(_u_escape, line)
+    return line
+
+
+def _default(obj: Any) -> Any:
+    if isinstance(obj, (bytes, bytearray, memoryview)):
+        return wire_text(bytes(obj))
+    return str(obj)
 
 
 def _dumps(obj: Any, **_: Any) -> bytes:
     try:
-        return orjson.dumps(obj)
+        line = orjson.dumps(obj, default=_default)
     except TypeError:
-        return json.dumps(obj, ensure_ascii=True, default=str).encode()
+        return json.dumps(obj, ensure_ascii=True, default=_default).encode()
+    return _escape_separators(line)
 
 
 class LineWriter:

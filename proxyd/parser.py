@@ -25,6 +25,19 @@ Data = bytes | bytearray
 Fields = Mapping[str, Any] | Callable[[], Mapping[str, Any]]
 
 
+def wire_text(data: bytes | bytearray) -> str:
+    """Bytes from the wire as text for a log field, unambiguously.
+
+    Valid UTF-8 stays as it is; every byte that is not is written ``\\xNN``, and a backslash
+    in the data is doubled, so the byte 0xff (``\\xff``) and the four characters ``\\xff``
+    (``\\\\xff``) never log the same. The access log escapes control and line-separator
+    characters on top of this.
+    """
+    if b"\\" in data:
+        data = bytes(data).replace(b"\\", b"\\\\")
+    return bytes(data).decode("utf-8", "backslashreplace")
+
+
 class EntryType(enum.Enum):
     """Kinds of access-log entries a parser writes through :meth:`ConnectionContext.log`."""
 

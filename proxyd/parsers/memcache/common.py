@@ -48,7 +48,7 @@ from collections import deque
 from typing import Any
 
 from proxyd.ops import DROP, ERROR, ERROR_PROTOCOL, INJECT, PASS, Verdict
-from proxyd.parser import ConnectionContext, EntryType
+from proxyd.parser import ConnectionContext, EntryType, wire_text
 
 #: Keys longer than this are rejected by memcached (``KEY_MAX_LENGTH``).
 MAX_KEY = 250
@@ -161,8 +161,10 @@ def key_text(key: bytes) -> str:
     """How wire bytes (a key, an unknown command name) appear in log fields and policy names.
 
     The native parser (proxyd._native) calls this function too, so both paths log the same.
+    It is :func:`proxyd.parser.wire_text`: bytes that are not UTF-8 as ``\\xNN`` and a
+    backslash doubled, so the byte 0xff and the text ``\\xff`` never log the same.
     """
-    return key.decode("utf-8", "backslashreplace")
+    return wire_text(key)
 
 
 def _status(status: bytes | str) -> str:
