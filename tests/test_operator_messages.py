@@ -121,25 +121,25 @@ access_log:
   path: access.log
 admin:
   address: "127.0.0.1:0"
+  socket: admin.sock
 """
         async with daemon(config, tmp_path, files=files) as d:
-            admin = d.admin_address()
-            assert admin is not None
-            at = f"127.0.0.1:{admin[1]}"
-            rc, _, err = await acli("policy", "--admin", at, "import", str(bad))
+            assert d.admin_address() is not None
+            at = str(tmp_path / "admin.sock")  # changes go over the admin socket
+            rc, _, err = await acli("policy", "--socket", at, "import", str(bad))
             assert rc == 1
             lines = err.strip().splitlines()
             assert lines and all(line.startswith(f"{bad}:") for line in lines), err
             assert "rules.l7[0].colour" in err and "admin-api" not in err
-            rc, out, err = await acli("policy", "--admin", at, "import", str(good))
+            rc, out, err = await acli("policy", "--socket", at, "import", str(good))
             assert (rc, err) == (0, "") and out.startswith("Revision: ")
-            rc, _, err = await acli("policy", "--admin", at, "delete", "from-a-file")
+            rc, _, err = await acli("policy", "--socket", at, "delete", "from-a-file")
             assert rc == 1
             assert "'from-a-file' comes from the file" in err and "r2d2.yaml" in err
             assert "policy.paths" in err and "edit or remove the file" in err
-            rc, _, err = await acli("policy", "--admin", at, "delete", "nothing-by-that-name")
+            rc, _, err = await acli("policy", "--socket", at, "delete", "nothing-by-that-name")
             assert rc == 1 and err.strip() == "no imported policy named 'nothing-by-that-name'"
-            rc, out, _ = await acli("policy", "--admin", at, "delete", "extra")
+            rc, out, _ = await acli("policy", "--socket", at, "delete", "extra")
             assert rc == 0 and out.startswith("Revision: ")
 
 
