@@ -97,9 +97,11 @@ access_log:
   path: access.log
 admin:
   address: "127.0.0.1:0"
+  token_file: admin.token
 limits:
   connect_timeout: 2s
 """
+        files["admin.token"] = "observability-token\n"
         async with daemon(config, tmp, files=files) as d:
             lst = {name: lr.bound_address() for name, lr in d.listeners.items()}
             got = await _exchange(*lst["r2d2"], b"READ /public/x\r\nHALT\r\n")
@@ -110,7 +112,7 @@ limits:
             admin = d.admin_address()
             assert admin is not None
             base = f"http://127.0.0.1:{admin[1]}"
-            headers = {"Content-Type": "application/yaml"}
+            headers = {"Content-Type": "application/yaml", "Authorization": "Bearer observability-token"}
             async with aiohttp.ClientSession() as http:
                 bad = POLICY.format(name="extra", app="r2d2", port=up[1]).replace("cmd: READ", "colour: red")
                 async with http.post(f"{base}/v1/policy", data=bad, headers=headers) as resp:
