@@ -43,6 +43,8 @@ class RequestError(Exception):
 def string2ll(b: bytes | bytearray) -> int | None:
     """Redis's ``string2ll`` (``src/util.c``): the integer, or None if Redis rejects it."""
     n = len(b)
+    if 0 < n < 19 and b.isdigit() and b[0] != 48:  # the common case: a plain positive number
+        return int(b)
     if n == 0 or n > 20:
         return None
     if n == 1:
@@ -114,7 +116,11 @@ def parse_request(
 def read_bulk_header(data: bytes | bytearray, pos: int, max_bulk: int) -> int:
     """The end offset (payload and CRLF included) of the argument whose ``$`` header starts at
     ``pos``; -1 when the header is not all buffered. Raises :class:`RequestError`."""
-    cr = _find_cr(data, pos)
+    cr = data.find(b"\r", pos)
+    if cr < 0 or (cr - pos > 24 and data.find(b"\0", pos, cr) >= 0):
+        cr = _find_cr(data, pos)  # a long or odd line: as strchr sees it
+    elif cr - pos <= 24 and b"\0" in data[pos:cr]:
+        cr = -1
     n = len(data)
     if cr < 0:
         if n - pos > INLINE_MAX:
@@ -149,10 +155,25 @@ def _multibulk(data: bytes | bytearray, base: int, budget: int, max_bulk: int) -
     args = head.args
     limit = base + budget
     while head.rest:
-        end = read_bulk_header(data, pos, max_bulk)
-        if end < 0:
-            head.need = 1
-            return head
+        # Fast path: "$<plain digits>\r" (digits only, so no NUL can hide the '\r').
+        cr = data.find(b"\r", pos, pos + 20)
+        if cr > pos + 1 and cr <= n - 2 and data[pos] == 36:
+            sz = data[pos + 1 : cr]
+            if sz.isdigit() and (sz[0] != 48 or cr == pos + 2):
+                ln = int(sz)
+                if ln > max_bulk:
+                    raise RequestError("Protocol error: invalid bulk length")
+                start = cr + 2
+                end = start + ln + 2
+            else:
+                end = read_bulk_header(data, pos, max_bulk)  # raises: not a valid length
+                start = cr + 2
+        else:
+            end = read_bulk_header(data, pos, max_bulk)
+            if end < 0:
+                head.need = 1
+                return head
+            start = data.index(b"\r", pos) + 2
         if end > limit:
             head.tail = end
             head.rest -= 1
@@ -160,7 +181,7 @@ def _multibulk(data: bytes | bytearray, base: int, budget: int, max_bulk: int) -
         if end > n:
             head.need = end - n
             return head
-        args.append(bytes(data[data.index(b"\r", pos) + 2 : end - 2]))
+        args.append(bytes(data[start : end - 2]))
         head.rest -= 1
         pos = head.end = end
     return head

@@ -79,6 +79,9 @@ class Command:
     key_specs: tuple[KeySpec, ...]
     subcommands: dict[str, Command]  # by the lower-case subcommand word alone
     group: str
+    #: ``(first, lastkey, step)`` when one ``index``/``range`` spec gives every key (the hot
+    #: path of :func:`key_positions`: GET, SET, MSET, DEL, ...), else None.
+    simple: tuple[int, int, int] | None = None
 
     @property
     def has_keys(self) -> bool:
@@ -172,39 +175,29 @@ def _keyspec(d: dict[str, Any]) -> KeySpec:
     )
 
 
+def _simple(name: str, specs: tuple[KeySpec, ...]) -> tuple[int, int, int] | None:
+    base = name.split("|", 1)[0]
+    if len(specs) != 1 or base in CHANNELS or base in CUSTOM_KEYS:
+        return None
+    s = specs[0]
+    if s.bs_type != "index" or s.fk_type != "range" or s.incomplete or s.not_key or s.limit or s.keystep <= 0:
+        return None
+    return (s.bs_index, s.lastkey, s.keystep)
+
+
 def _build(name: str, d: dict[str, Any]) -> Command:
     subs = {full.split("|", 1)[1]: _build(full, sd) for full, sd in d.get("subcommands", {}).items()}
+    specs = tuple(_keyspec(s) for s in d["key_specs"])
     return Command(
         name=name,
         arity=int(d["arity"]),
         flags=frozenset(d["flags"]),
         categories=frozenset(d["acl"]),
-        key_specs=tuple(_keyspec(s) for s in d["key_specs"]),
+        key_specs=specs,
         subcommands=subs,
         group=d.get("group", ""),
+        simple=_simple(name, specs),
     )
-
-
-def load_raw() -> dict[str, Any]:
-    """The stored table as generated (``{"redis_version": ..., "commands": {...}}``)."""
-    text = resources.files(__package__).joinpath("commands.json").read_text("utf-8")
-    data: dict[str, Any] = json.loads(text)
-    return data
-
-
-_RAW = load_raw()
-REDIS_VERSION: str = _RAW["redis_version"]
-#: Top-level commands by lower-case name.
-COMMANDS: dict[str, Command] = {n: _build(n, d) for n, d in _RAW["commands"].items()}
-#: Every ACL category any command or subcommand is in.
-CATEGORIES: frozenset[str] = frozenset(
-    c for cmd in COMMANDS.values() for x in (cmd, *cmd.subcommands.values()) for c in x.categories
-) | {"all"}
-#: Every rule-nameable command: top-level names and ``name|sub``.
-NAMES: frozenset[str] = frozenset(COMMANDS) | frozenset(
-    s.name for cmd in COMMANDS.values() for s in cmd.subcommands.values()
-)
-del _RAW
 
 
 def _string2ll(b: bytes) -> int | None:
@@ -345,6 +338,28 @@ CUSTOM_KEYS: dict[str, Callable[[int, Getter], list[int] | None]] = {
 }
 
 
+def load_raw() -> dict[str, Any]:
+    """The stored table as generated (``{"redis_version": ..., "commands": {...}}``)."""
+    text = resources.files(__package__).joinpath("commands.json").read_text("utf-8")
+    data: dict[str, Any] = json.loads(text)
+    return data
+
+
+_RAW = load_raw()
+REDIS_VERSION: str = _RAW["redis_version"]
+#: Top-level commands by lower-case name.
+COMMANDS: dict[str, Command] = {n: _build(n, d) for n, d in _RAW["commands"].items()}
+#: Every ACL category any command or subcommand is in.
+CATEGORIES: frozenset[str] = frozenset(
+    c for cmd in COMMANDS.values() for x in (cmd, *cmd.subcommands.values()) for c in x.categories
+) | {"all"}
+#: Every rule-nameable command: top-level names and ``name|sub``.
+NAMES: frozenset[str] = frozenset(COMMANDS) | frozenset(
+    s.name for cmd in COMMANDS.values() for s in cmd.subcommands.values()
+)
+del _RAW
+
+
 def key_positions(cmd: Command, argc: int, get: Getter) -> list[int] | None:
     """The argument positions of ``cmd``'s keys and channels, in order, without repeats.
 
@@ -352,6 +367,13 @@ def key_positions(cmd: Command, argc: int, get: Getter) -> list[int] | None:
     positions cannot be known (a spec Redis itself cannot follow, arguments that do not fit
     the spec): the caller then judges the command with its keys unknown.
     """
+    simple = cmd.simple
+    if simple is not None:
+        first, lastkey, step = simple
+        last = first + lastkey if lastkey >= 0 else argc + lastkey
+        if last >= argc or last < first or first >= argc:
+            return None
+        return list(range(first, last + 1, step))
     base = cmd.name.split("|", 1)[0]
     positions: list[int] = []
     custom = CUSTOM_KEYS.get(base)
@@ -385,13 +407,23 @@ def key_positions(cmd: Command, argc: int, get: Getter) -> list[int] | None:
     return out
 
 
+#: Raw command names seen on the wire (any case) -> top-level entry; bounded.
+_SEEN: dict[bytes, tuple[str, Command | None]] = {}
+
+
 def lookup(name: bytes, sub: bytes | None) -> tuple[str, Command | None]:
     """The policy name (``get``, ``config|get``) and table entry of a command, if known.
 
     ``sub`` is argument 1 when there is one. An unknown subcommand of a container command is
     the container itself (Redis answers it with an error).
     """
+    hit = _SEEN.get(name)
+    if hit is not None and (sub is None or hit[1] is None or not hit[1].subcommands):
+        return hit
     lname = name.lower().decode("utf-8", "backslashreplace")
+    top = COMMANDS.get(lname)
+    if top is not None and len(_SEEN) < 4096:
+        _SEEN[bytes(name)] = (top.name, top)
     cmd = COMMANDS.get(lname)
     if cmd is None:
         return lname, None
