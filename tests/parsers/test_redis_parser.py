@@ -6,6 +6,7 @@ from __future__ import annotations
 import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
+from test_redis_resp import REPLIES
 
 from proxyd.ops import DROP, ERROR, INJECT, MORE, PASS
 from proxyd.parsers.redis.parser import EXECABORT, NOPERM
@@ -365,3 +366,13 @@ def test_claimed_lengths_do_not_grow_buffers(bulk: int, count: int) -> None:
     h.feed(cmd("GET", "k"))
     h.feed(b"*%d\r\n$%d\r\nab" % (count, bulk), reply=True)
     assert h.engine.buffered(True) <= 64 * 1024
+
+
+@pytest.mark.parametrize("reply", [r for r in REPLIES if not r.startswith(b">")])
+def test_every_reply_type_keeps_denials_in_place(reply: bytes) -> None:
+    """Each RESP2/RESP3 reply type, whole and byte by byte: the denial lands right after it."""
+    for split in (None, "bytes"):
+        h = harness()
+        h.feed(GET_A + GET_B + GET_A)
+        h.feed(reply + reply, reply=True, split=split)
+        assert h.to_client == reply + NOPERM + reply and not h.closed
