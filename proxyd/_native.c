@@ -33,6 +33,7 @@ static PyObject *g_ET_REQUEST, *g_ET_RESPONSE, *g_ET_DENIED;
 static PyObject *g_Context;           /* proxyd.context.Context */
 static PyObject *g_ALLOWED;           /* proxyd.context.ALLOWED */
 static PyObject *s__last, *s_audit;
+static PyObject *g_LivePolicy, *g_MemcacheRule, *g_RuleRegex, *g_ALLOW_ALL, *g_anchor;
 
 static PyObject *s_on_data, *s_op, *s_passed, *s_dropped, *s_injected, *s_matches, *s_log,
     *s_inject, *s_code, *s_command, *s_keys, *s_status, *s_error, *s_opcode, *s_key,
@@ -989,11 +990,16 @@ typedef struct {
     Queue q;
     long long req_owed, rep_owed;
     PyObject *counts, *count_key; /* ctx.quiet_counter(): count forwarded requests without a log call */
+    int flat_ok;                  /* the context is a Context: its policy may be flattened */
+    struct FlatRule *flat;        /* the flattened ConnectionPolicy (see flat_matches) */
+    Py_ssize_t nflat;
+    PyObject *flat_cp, *flat_always, *flat_denied;
 } Memcache;
 
 static int Memcache_traverse(Memcache *self, visitproc visit, void *arg) {
     Py_VISIT(self->ctx);
     Py_VISIT(self->counts);
+    Py_VISIT(self->flat_cp);
     return 0;
 }
 
@@ -1004,9 +1010,12 @@ static int Memcache_clear(Memcache *self) {
     return 0;
 }
 
+static void flat_clear(Memcache *self);
+
 static void Memcache_dealloc(Memcache *self) {
     PyObject_GC_UnTrack(self);
     Memcache_clear(self);
+    flat_clear(self);
     q_free(&self->q);
     Py_TYPE(self)->tp_free((PyObject *)self);
 }
@@ -1034,6 +1043,8 @@ static int Memcache_init(Memcache *self, PyObject *args, PyObject *kw) {
     q_free(&self->q);
     Py_CLEAR(self->counts);
     Py_CLEAR(self->count_key);
+    flat_clear(self);
+    self->flat_ok = g_Context != NULL && g_LivePolicy != NULL && Py_TYPE(ctx) == (PyTypeObject *)g_Context;
     if (g_Context != NULL && Py_TYPE(ctx) == (PyTypeObject *)g_Context) {
         PyObject *qc = PyObject_CallMethod(ctx, "quiet_counter", NULL);
         if (qc == NULL) return -1;
@@ -1109,8 +1120,303 @@ static int ctx_inject(Memcache *self, int reply, PyObject *payload) {
     return 0;
 }
 
+/* --- the per-connection policy, flattened (item: a lookup the parser can use directly) --------
+ *
+ * Context.matches(request) is policy.decide(request) -> LiveConnectionPolicy.decide ->
+ * ConnectionPolicy.decide -> each rule's matches -> RuleRegex.search: five Python frames and
+ * more per request. When the connection's policy is a LiveConnectionPolicy, the parser asks it
+ * for the ConnectionPolicy in force (l4(), one call, which also follows reloads), keeps a flat
+ * copy of its rules while that object stays the same, and evaluates them here with the same
+ * semantics (memcache/rules.py MemcacheRule.matches, in policy order, first match decides).
+ * Regexes run in RE2 through the compiled object RuleRegex holds, on the bytes RuleRegex.search
+ * would hand it (wire bytes read as Go reads a string: each byte that is not part of a valid
+ * UTF-8 sequence becomes U+FFFD). Any other matcher type is called as Python. */
+
+typedef struct FlatRule {
+    int kind;           /* 0 allow all, 1 MemcacheRule, 2 other: call matcher.matches(request) */
+    PyObject *matcher;
+    PyObject *commands; /* frozenset or NULL */
+    PyObject *exact, *prefix; /* bytes or NULL */
+    PyObject *regex;    /* RuleRegex or NULL */
+    PyObject *rx_match; /* its compiled Match, when regex is a RuleRegex */
+    PyObject *decision;
+} FlatRule;
+
+static PyObject *s_l4, *s_always, *s_matchers, *s_denied, *s_commands, *s_exact, *s_prefix, *s_regex,
+    *s__match, *s_search, *s_allowed, *s_policy;
+
+static void flat_clear(Memcache *self) {
+    for (Py_ssize_t i = 0; i < self->nflat; i++) {
+        FlatRule *r = &self->flat[i];
+        Py_XDECREF(r->matcher);
+        Py_XDECREF(r->commands);
+        Py_XDECREF(r->exact);
+        Py_XDECREF(r->prefix);
+        Py_XDECREF(r->regex);
+        Py_XDECREF(r->rx_match);
+        Py_XDECREF(r->decision);
+    }
+    PyMem_Free(self->flat);
+    self->flat = NULL;
+    self->nflat = 0;
+    Py_CLEAR(self->flat_cp);
+    Py_CLEAR(self->flat_always);
+    Py_CLEAR(self->flat_denied);
+}
+
+static PyObject *attr_or_null(PyObject *o, PyObject *name) { /* None -> NULL, new ref */
+    PyObject *v = PyObject_GetAttr(o, name);
+    if (v == Py_None) Py_CLEAR(v);
+    return v;
+}
+
+/* Rebuild the flat rules from ConnectionPolicy cp. */
+static int flat_build(Memcache *self, PyObject *cp) {
+    flat_clear(self);
+    PyObject *always = PyObject_GetAttr(cp, s_always);
+    if (always == NULL) return -1;
+    PyObject *denied = PyObject_GetAttr(cp, s_denied);
+    PyObject *matchers = denied ? PyObject_GetAttr(cp, s_matchers) : NULL;
+    if (matchers == NULL || !PyTuple_Check(matchers)) {
+        Py_DECREF(always);
+        Py_XDECREF(denied);
+        Py_XDECREF(matchers);
+        if (!PyErr_Occurred()) PyErr_SetString(PyExc_TypeError, "ConnectionPolicy.matchers is not a tuple");
+        return -1;
+    }
+    Py_ssize_t n = PyTuple_GET_SIZE(matchers);
+    self->flat = PyMem_Calloc((size_t)(n ? n : 1), sizeof(FlatRule));
+    if (self->flat == NULL) {
+        Py_DECREF(always);
+        Py_DECREF(denied);
+        Py_DECREF(matchers);
+        PyErr_NoMemory();
+        return -1;
+    }
+    int rc = 0;
+    for (Py_ssize_t i = 0; i < n && rc == 0; i++) {
+        PyObject *pair = PyTuple_GET_ITEM(matchers, i);
+        if (!PyTuple_Check(pair) || PyTuple_GET_SIZE(pair) != 2) {
+            PyErr_SetString(PyExc_TypeError, "ConnectionPolicy.matchers: not (matcher, decision) pairs");
+            rc = -1;
+            break;
+        }
+        FlatRule *r = &self->flat[i];
+        self->nflat = i + 1;
+        r->matcher = PyTuple_GET_ITEM(pair, 0);
+        r->decision = PyTuple_GET_ITEM(pair, 1);
+        Py_INCREF(r->matcher);
+        Py_INCREF(r->decision);
+        if (r->matcher == g_ALLOW_ALL) {
+            r->kind = 0;
+        } else if ((PyObject *)Py_TYPE(r->matcher) == g_MemcacheRule) {
+            r->kind = 1;
+            r->commands = attr_or_null(r->matcher, s_commands);
+            r->exact = attr_or_null(r->matcher, s_exact);
+            r->prefix = attr_or_null(r->matcher, s_prefix);
+            r->regex = attr_or_null(r->matcher, s_regex);
+            if (PyErr_Occurred() || (r->commands && !PyAnySet_Check(r->commands)) ||
+                (r->exact && !PyBytes_Check(r->exact)) || (r->prefix && !PyBytes_Check(r->prefix))) {
+                PyErr_Clear();
+                r->kind = 2; /* not the shape this code knows: ask the matcher itself */
+            } else if (r->regex && (PyObject *)Py_TYPE(r->regex) == g_RuleRegex) {
+                r->rx_match = PyObject_GetAttr(r->regex, s__match);
+                if (r->rx_match == NULL) PyErr_Clear();
+            }
+        } else {
+            r->kind = 2;
+        }
+    }
+    Py_DECREF(matchers);
+    if (rc < 0) {
+        Py_DECREF(always);
+        Py_DECREF(denied);
+        return -1;
+    }
+    self->flat_always = always == Py_None ? (Py_DECREF(always), NULL) : always;
+    self->flat_denied = denied;
+    self->flat_cp = cp;
+    Py_INCREF(cp);
+    return 0;
+}
+
+static int utf8_seq_len(const unsigned char *p, Py_ssize_t left) {
+    unsigned c = p[0];
+    if (c < 0x80) return 1;
+    if (c >= 0xC2 && c <= 0xDF) return left >= 2 && (p[1] & 0xC0) == 0x80 ? 2 : 0;
+    if (c >= 0xE0 && c <= 0xEF) {
+        if (left < 3 || (p[1] & 0xC0) != 0x80 || (p[2] & 0xC0) != 0x80) return 0;
+        if (c == 0xE0 && p[1] < 0xA0) return 0;  /* overlong */
+        if (c == 0xED && p[1] > 0x9F) return 0;  /* surrogate */
+        return 3;
+    }
+    if (c >= 0xF0 && c <= 0xF4) {
+        if (left < 4 || (p[1] & 0xC0) != 0x80 || (p[2] & 0xC0) != 0x80 || (p[3] & 0xC0) != 0x80) return 0;
+        if (c == 0xF0 && p[1] < 0x90) return 0;  /* overlong */
+        if (c == 0xF4 && p[1] > 0x8F) return 0;  /* > U+10FFFF */
+        return 4;
+    }
+    return 0;
+}
+
+/* RuleRegex.search(key) through its compiled Match: 1, 0 or -1 */
+static int rx_search(FlatRule *r, PyObject *key) {
+    if (r->rx_match == NULL) {
+        PyObject *res = PyObject_CallMethodOneArg(r->regex, s_search, key);
+        if (res == NULL) return -1;
+        int t = PyObject_IsTrue(res);
+        Py_DECREF(res);
+        return t;
+    }
+    const unsigned char *p = (const unsigned char *)PyBytes_AS_STRING(key);
+    Py_ssize_t n = PyBytes_GET_SIZE(key), i;
+    for (i = 0; i < n && p[i] < 0x80; i++) {
+    }
+    PyObject *subject;
+    if (i == n) {
+        subject = key;
+        Py_INCREF(subject);
+    } else {
+        /* each byte outside a valid sequence -> U+FFFD (EF BF BD): at most 3 bytes per byte */
+        subject = PyBytes_FromStringAndSize(NULL, 3 * n);
+        if (subject == NULL) return -1;
+        unsigned char *w = (unsigned char *)PyBytes_AS_STRING(subject);
+        Py_ssize_t o = 0;
+        for (i = 0; i < n;) {
+            int k = utf8_seq_len(p + i, n - i);
+            if (k == 0) {
+                w[o++] = 0xEF;
+                w[o++] = 0xBF;
+                w[o++] = 0xBD;
+                i++;
+            } else {
+                memcpy(w + o, p + i, (size_t)k);
+                o += k;
+                i += k;
+            }
+        }
+        if (_PyBytes_Resize(&subject, o) < 0) return -1;
+    }
+    PyObject *pos = PyLong_FromLong(0), *end = PyLong_FromSsize_t(PyBytes_GET_SIZE(subject));
+    PyObject *spans = (pos && end) ? PyObject_CallFunctionObjArgs(r->rx_match, g_anchor, subject, pos, end, NULL)
+                                   : NULL;
+    Py_XDECREF(pos);
+    Py_XDECREF(end);
+    Py_DECREF(subject);
+    if (spans == NULL) return -1;
+    /* spans[0][0] != -1 */
+    PyObject *first = PySequence_GetItem(spans, 0);
+    Py_DECREF(spans);
+    if (first == NULL) return -1;
+    PyObject *start = PySequence_GetItem(first, 0);
+    Py_DECREF(first);
+    if (start == NULL) return -1;
+    long v = PyLong_AsLong(start);
+    Py_DECREF(start);
+    if (v == -1 && PyErr_Occurred()) return -1;
+    return v != -1;
+}
+
+/* MemcacheRule.matches(MemcacheRequest(name, keys, key_error)) */
+static int flat_rule_matches(FlatRule *r, PyObject *name, PyObject *keys, int key_error, PyObject **req) {
+    if (r->kind == 0) return 1;
+    if (r->kind == 2) {
+        if (*req == NULL) {
+            PyObject *inner = PyTuple_Pack(3, name, keys, BOOL(key_error));
+            PyObject *args = inner ? PyTuple_Pack(1, inner) : NULL;
+            Py_XDECREF(inner);
+            *req = args ? PyTuple_Type.tp_new((PyTypeObject *)g_MemcacheRequest, args, NULL) : NULL;
+            Py_XDECREF(args);
+            if (*req == NULL) return -1;
+        }
+        PyObject *res = PyObject_CallMethodOneArg(r->matcher, s_matches, *req);
+        if (res == NULL) return -1;
+        int t = PyObject_IsTrue(res);
+        Py_DECREF(res);
+        return t;
+    }
+    if (r->commands) {
+        int c = PySet_Contains(r->commands, name);
+        if (c <= 0) return c;
+    }
+    if (!r->exact && !r->prefix && !r->regex) return 1;
+    Py_ssize_t nk = PyTuple_GET_SIZE(keys);
+    if (key_error || nk == 0) return 0;
+    for (Py_ssize_t i = 0; i < nk; i++) {
+        PyObject *key = PyTuple_GET_ITEM(keys, i);
+        const char *kp = PyBytes_AS_STRING(key);
+        Py_ssize_t kl = PyBytes_GET_SIZE(key);
+        if (r->exact && (kl != PyBytes_GET_SIZE(r->exact) || memcmp(kp, PyBytes_AS_STRING(r->exact), (size_t)kl)))
+            return 0;
+        if (r->prefix) {
+            Py_ssize_t pl = PyBytes_GET_SIZE(r->prefix);
+            if (kl < pl || memcmp(kp, PyBytes_AS_STRING(r->prefix), (size_t)pl)) return 0;
+        }
+        if (r->regex) {
+            int m = rx_search(r, key);
+            if (m <= 0) return m;
+        }
+    }
+    return 1;
+}
+
+/* Context.matches through the flat policy: 1, 0, -1; or 2 when it does not apply (the caller
+ * then calls ctx.matches). */
+static int flat_matches(Memcache *self, PyObject *name, PyObject *keys, int key_error) {
+    if (!self->flat_ok) return 2;
+    PyObject *policy = PyObject_GetAttr(self->ctx, s_policy);
+    if (policy == NULL) return -1;
+    if ((PyObject *)Py_TYPE(policy) != g_LivePolicy) {
+        Py_DECREF(policy);
+        return 2;
+    }
+    PyObject *cp = PyObject_CallMethodNoArgs(policy, s_l4);
+    Py_DECREF(policy);
+    if (cp == NULL) return -1;
+    if (cp != self->flat_cp && flat_build(self, cp) < 0) {
+        Py_DECREF(cp);
+        return -1;
+    }
+    Py_DECREF(cp);
+    PyObject *decision = self->flat_always;
+    PyObject *req = NULL;
+    if (decision == NULL) {
+        decision = self->flat_denied;
+        for (Py_ssize_t i = 0; i < self->nflat; i++) {
+            int m = flat_rule_matches(&self->flat[i], name, keys, key_error, &req);
+            if (m < 0) {
+                Py_XDECREF(req);
+                return -1;
+            }
+            if (m) {
+                decision = self->flat[i].decision;
+                break;
+            }
+        }
+    }
+    Py_XDECREF(req);
+    Py_INCREF(decision);
+    /* self._last = decision; return decision.allowed or decision.audit */
+    int rc = PyObject_SetAttr(self->ctx, s__last, decision);
+    int t = -1;
+    if (rc == 0) {
+        PyObject *a = PyObject_GetAttr(decision, s_allowed);
+        t = a ? PyObject_IsTrue(a) : -1;
+        Py_XDECREF(a);
+        if (t == 0) {
+            a = PyObject_GetAttr(decision, s_audit);
+            t = a ? PyObject_IsTrue(a) : -1;
+            Py_XDECREF(a);
+        }
+    }
+    Py_DECREF(decision);
+    return t;
+}
+
 /* ctx.matches(MemcacheRequest(name, keys, key_error)): 1, 0, or -1 */
 static int ctx_matches(Memcache *self, PyObject *name, PyObject *keys, int key_error) {
+    int f = flat_matches(self, name, keys, key_error);
+    if (f != 2) return f;
     PyObject *inner = PyTuple_Pack(3, name, keys, BOOL(key_error));
     if (inner == NULL) return -1;
     PyObject *args = PyTuple_Pack(1, inner);
@@ -2221,7 +2527,23 @@ static PyObject *mod_setup_memcache(PyObject *m, PyObject *args, PyObject *kw) {
     Py_RETURN_NONE;
 }
 
+static PyObject *mod_setup_policy(PyObject *m, PyObject *args, PyObject *kw) {
+    static char *kwlist[] = {"LiveConnectionPolicy", "MemcacheRule", "RuleRegex", "ALLOW_ALL", "unanchored", NULL};
+    PyObject *lp, *mr, *rr, *aa, *an;
+    if (!PyArg_ParseTupleAndKeywords(args, kw, "$OOOOO", kwlist, &lp, &mr, &rr, &aa, &an)) return NULL;
+#define KEEP(g, v) do { Py_INCREF(v); Py_XSETREF(g, v); } while (0)
+    KEEP(g_LivePolicy, lp);
+    KEEP(g_MemcacheRule, mr);
+    KEEP(g_RuleRegex, rr);
+    KEEP(g_ALLOW_ALL, aa);
+    KEEP(g_anchor, an);
+#undef KEEP
+    Py_RETURN_NONE;
+}
+
 static PyMethodDef module_methods[] = {
+    {"setup_policy", (PyCFunction)(void (*)(void))mod_setup_policy, METH_VARARGS | METH_KEYWORDS,
+     "Hand over the policy types the memcache parser flattens (called by proxyd.parsers.memcache)."},
     {"setup", (PyCFunction)(void (*)(void))mod_setup, METH_VARARGS | METH_KEYWORDS,
      "Hand the engine's Python pieces over (called once by proxyd.engine)."},
     {"setup_memcache", (PyCFunction)(void (*)(void))mod_setup_memcache, METH_VARARGS | METH_KEYWORDS,
@@ -2259,6 +2581,18 @@ PyMODINIT_FUNC PyInit__native(void) {
     INTERN(s_empty_str, "");
     INTERN(s__last, "_last");
     INTERN(s_audit, "audit");
+    INTERN(s_l4, "l4");
+    INTERN(s_always, "always");
+    INTERN(s_matchers, "matchers");
+    INTERN(s_denied, "denied");
+    INTERN(s_commands, "commands");
+    INTERN(s_exact, "exact");
+    INTERN(s_prefix, "prefix");
+    INTERN(s_regex, "regex");
+    INTERN(s__match, "_match");
+    INTERN(s_search, "search");
+    INTERN(s_allowed, "allowed");
+    INTERN(s_policy, "policy");
     INTERN(s_no_pending, "reply with no request pending");
     s_empty_bytes = PyBytes_FromStringAndSize(NULL, 0);
     s_empty_tuple = PyTuple_New(0);

@@ -192,7 +192,8 @@ def test_engine_queue_inject_from_outside_a_round_is_equivalent() -> None:
 
 # --- the memcache parser ----------------------------------------------------------------------
 
-KEYS = [b"a/1", b"a/2", b"b/1", b"c/1", b"a/" + b"k" * 250, "a/\u00e9".encode(), b"\x10\xb0x"]
+KEYS = [b"a/1", b"a/2", b"b/1", b"c/1", b"\xffx", b"a/\xed\xa0\x80", b"\xf0\x90\x80", b"a/" + b"k" * 250,
+        "a/\u00e9".encode(), b"\x10\xb0x"]  # fmt: skip
 KEY_B64 = [b"YS8x", b"Yi8x", b"YS8=", b"!!!!", b"YQ"]
 
 TEXT_REQUESTS = [
@@ -424,3 +425,95 @@ def test_memcache_access_log_and_counts_equivalent(
     sched = data.draw(schedules(client, server))
     tmp = tmp_path_factory.mktemp("log")
     assert run_daemon_log("native", mode, sched, tmp) == run_daemon_log("python", mode, sched, tmp)
+
+
+# --- the daemon's live policy (the native parser flattens it) ----------------------------------
+
+POLICY_RULES: list[str] = [
+    '{command: get, keyPrefix: "a/"}',
+    '{command: get, keyRegex: "^a/[0-9]$"}',
+    '{command: writeGroup, keyRegex: "(?s)^.{2}[0-9]"}',
+    '{command: storage, keyExact: "a/1"}',
+    '{command: meta, keyRegex: "\\u00e9|\\ufffd"}',
+    '{command: mg}',
+    '{command: stats}',
+    '{command: gat, keyPrefix: "b/"}',
+    '{command: get, keyRegex: "^.x$"}',
+    "{}",
+]
+
+POLICY_DOC = """\
+apiVersion: cilium.io/v2
+kind: CiliumNetworkPolicy
+metadata: {{name: equiv}}
+spec:
+  endpointSelector: {{matchLabels: {{app: mc}}}}
+  ingress:
+    - fromEndpoints: [{{matchLabels: {{role: client}}}}]
+      toPorts:
+        - ports: [{{port: "11211", protocol: TCP}}]
+          rules:
+            l7proto: memcache
+            l7: [{rules}]
+"""
+
+
+def run_live_policy(impl: str, docs: list[str], audit: bool, sched: Schedule, tmp: Any) -> Any:
+    import json
+
+    from proxyd.accesslog import AccessLog
+    from proxyd.context import ConnInfo, Context
+    from proxyd.metrics import Metrics
+    from proxyd.parser import Endpoint
+    from proxyd.policy.store import PolicyStore
+    from proxyd.registry import Registry
+    from proxyd.testing import engine_class
+
+    labels = {"app": "mc", "role": "client"}
+    pfile = tmp / f"{impl}-policy.yaml"
+    pfile.write_text(docs[0])
+    store = PolicyStore(Registry.load(), [pfile])
+    store.reload_files()
+    view = store.view("ingress", labels, "10.0.0.1", labels, 11211, "memcache", audit)
+    path = tmp / f"{impl}-live.log"
+    metrics = Metrics()
+    log = AccessLog(str(path), "denied", metrics)
+    out: list[tuple[bool, bytes]] = []
+    eng = engine_class(impl)(None, lambda reply, data: out.append((reply, bytes(data))))
+    info = ConnInfo(7, "mc", "ingress", Endpoint("10.0.0.1", 1, labels), Endpoint("10.0.0.2", 11211, labels),
+                    "memcache")  # fmt: skip
+    ctx = Context(info, eng, view, log)
+    factory = MemcacheFactory()
+    eng.parser = factory.create(ctx, factory.validate_config({}))
+    half = len(sched) // 2
+    for i, (reply, chunk) in enumerate(sched):
+        if i == half and len(docs) > 1:
+            pfile.write_text(docs[1])  # a reload mid-connection applies from the next request
+            store.reload_files()
+        eng.feed(reply, chunk)
+    log.close()
+    lines = [json.loads(line) for line in path.read_text().splitlines()]
+    for line in lines:
+        line.pop("timestamp")
+    err = eng.error
+    streams = (b"".join(d for r, d in out if r), b"".join(d for r, d in out if not r))
+    return dict(metrics.l7_counts), streams, lines, None if err is None else (err.kind, str(err))
+
+
+@settings(max_examples=max(20, EXAMPLES // 3), deadline=None)
+@given(
+    traffic=st.one_of(text_traffic(), binary_traffic()),
+    data=st.data(),
+    rules=st.lists(st.lists(st.sampled_from(POLICY_RULES), max_size=4), min_size=1, max_size=2),
+    audit=st.booleans(),
+)
+def test_memcache_live_policy_equivalent(
+    traffic: tuple[bytes, bytes], data: st.DataObject, rules: list[list[str]], audit: bool,
+    tmp_path_factory: pytest.TempPathFactory,
+) -> None:  # fmt: skip
+    docs = [POLICY_DOC.format(rules=", ".join(r)) for r in rules]
+    client, server = traffic
+    sched = data.draw(schedules(client, server))
+    tmp = tmp_path_factory.mktemp("live")
+    native = run_live_policy("native", docs, audit, sched, tmp)
+    assert native == run_live_policy("python", docs, audit, sched, tmp)

@@ -50,6 +50,21 @@ if _native is not None:
         ALLOWED=ALLOWED,
         key_text=key_text,
     )
+    # The native parser evaluates a connection's LiveConnectionPolicy itself when its rules are
+    # MemcacheRule/ALLOW_ALL (same semantics; any other matcher is called), see proxyd/_native.c.
+    from proxyd.parser import ALLOW_ALL
+    from proxyd.policy import regex as _regex
+    from proxyd.policy.store import LiveConnectionPolicy
+
+    from .rules import MemcacheRule
+
+    _native.setup_policy(
+        LiveConnectionPolicy=LiveConnectionPolicy,
+        MemcacheRule=MemcacheRule,
+        RuleRegex=_regex.RuleRegex,
+        ALLOW_ALL=ALLOW_ALL,
+        unanchored=_regex._UNANCHORED,
+    )
 
 
 class MemcacheParser(Parser):
