@@ -139,7 +139,7 @@ _SpecEntry = tuple[Document, Spec, tuple[Rule, ...]]
 class PolicySet:
     """All documents in force, compiled for enforcement. Immutable; one per revision."""
 
-    __slots__ = ("_by_direction", "_cache", "_matchers", "documents", "revision")
+    __slots__ = ("_by_direction", "_cache", "_conn_cache", "_matchers", "documents", "revision")
 
     def __init__(
         self, documents: Sequence[Document], registry: ParserLookup | None = None, revision: int = 0
@@ -168,6 +168,9 @@ class PolicySet:
             raise PolicyError(problems)
         self._by_direction: dict[str, tuple[_SpecEntry, ...]] = {d: tuple(v) for d, v in by_direction.items()}
         self._cache: dict[tuple[str, tuple[tuple[str, str], ...]], tuple[_SpecEntry, ...]] = {}
+        #: connection_policy() by its arguments: a set is immutable, and under connection churn
+        #: the same client asks the same question for every connection (bench/README.md).
+        self._conn_cache: dict[tuple[Any, ...], ConnectionPolicy] = {}
 
     @staticmethod
     def _compile(
@@ -219,7 +222,16 @@ class PolicySet:
 
         Raises ValueError for a bad direction or remote address.
         """
-        return self.evaluate(direction, local_labels, remote_ip, remote_labels, port, l7proto, audit).policy
+        local, remote = tuple(sorted(local_labels.items())), tuple(sorted(remote_labels.items()))
+        key = (direction, local, remote_ip, remote, port, l7proto, audit)
+        found = self._conn_cache.get(key)
+        if found is None:
+            ev = self.evaluate(direction, local_labels, remote_ip, remote_labels, port, l7proto, audit)
+            found = ev.policy
+            if len(self._conn_cache) >= SELECT_CACHE_SIZE:
+                self._conn_cache.clear()
+            self._conn_cache[key] = found
+        return found
 
     def evaluate(
         self,
