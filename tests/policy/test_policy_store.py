@@ -234,3 +234,20 @@ def test_no_paths_no_policy_allows_all() -> None:
     assert cp.l4_allowed
     assert cp.decide(HALT).allowed
     assert store.warnings() == []
+
+
+def test_namespaced_imports_are_keyed_by_namespace_and_name_and_persist(tmp_path: Path) -> None:
+    ns_doc = (
+        "apiVersion: cilium.io/v2\nkind: CiliumNetworkPolicy\nmetadata: {{name: isolate, namespace: {ns}}}\n"
+        "spec:\n  endpointSelector: {{}}\n  ingress:\n  - fromEndpoints: [{{}}]\n"
+    )
+    store = PolicyStore(REGISTRY, [], state_dir=tmp_path)
+    both = ns_doc.format(ns="ns1") + "---\n" + ns_doc.format(ns="ns2")
+    store.import_documents(both, "api", replace_all=False)
+    assert [d["name"] for d in store.documents()] == ["ns1/isolate", "ns2/isolate"]
+    again = PolicyStore(REGISTRY, [], state_dir=tmp_path)  # reloaded from the state file
+    assert [d["name"] for d in again.documents()] == ["ns1/isolate", "ns2/isolate"]
+    again.delete_imported("ns1/isolate")
+    assert [d["name"] for d in again.documents()] == ["ns2/isolate"]
+    with pytest.raises(KeyError):
+        again.delete_imported("isolate")
