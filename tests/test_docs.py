@@ -118,3 +118,30 @@ def test_configuration_error_examples_are_what_check_prints(tmp_path: Path) -> N
     printed = [line.replace(str(cfg), "proxyd.yaml") for line in res.stderr.splitlines()]
     for line in shown.group(1).strip().splitlines():
         assert line in printed, (line, printed)
+
+
+DENIED = {  # l7proto row of parser-api.md's denial table -> (rules, a request those rules deny)
+    "r2d2": ([{"cmd": "HALT"}], b"READ /x\r\n"),
+    "memcache, text and meta": ([{"command": "get"}], b"delete k\r\n"),
+    "http": ([{"method": "GET"}], b"POST / HTTP/1.1\r\nHost: x\r\ncontent-length: 0\r\n\r\n"),
+    "redis": ([{"command": "get"}], b"*2\r\n$3\r\nDEL\r\n$1\r\nk\r\n"),
+}
+
+
+@pytest.mark.parametrize("row", sorted(DENIED))
+def test_parser_api_denial_answers_are_what_the_parsers_send(row: str) -> None:
+    from proxyd.testing import Harness
+
+    doc = (ROOT / "docs" / "parser-api.md").read_text()
+    cells = dict(re.findall(r"^\| ([^|]+?) \| (.+) \|$", doc.split("## Denials", 1)[1], re.M))
+    quoted = re.findall(r"`([^`]+)`", cells[row])
+    shown = [c.encode().decode("unicode_escape").encode("latin-1") for c in quoted]
+    rules, request = DENIED[row]
+    h = Harness(row.split(",")[0], rules=rules)
+    h.feed(request)
+    assert h.to_server == b""  # denied: the server never sees it
+    if row == "http":  # the cell spells the answer in parts
+        assert all(part in h.to_client for part in shown[:3])
+        assert h.to_client.endswith(b"\r\n\r\nAccess denied\r\n")
+    else:
+        assert h.to_client == shown[0]
