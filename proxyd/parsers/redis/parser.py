@@ -102,6 +102,12 @@ E_SWAP = 3  # drop one reply (to proxyd's DISCARD), inject ``payload`` instead
 E_FATAL = 4  # inject ``payload`` (a protocol error), then close the connection
 E_RAW = 5  # one reply, then the reply stream is passed unframed
 
+#: Commands that change what the parser tracks (transactions, db, reply mode, framing).
+_STATEFUL = frozenset(
+    {"exec", "multi", "discard", "reset", "select", "client|reply", "monitor", "sync", "psync"}
+) | PUBSUB
+#: Commands whose reply the parser reads for connection state (the general reader only).
+_REPLY_STATE = frozenset({"hello", "reset"})
 _SUB_FAMILY = {"unsubscribe": 0, "subscribe": 0, "punsubscribe": 1, "psubscribe": 1, "sunsubscribe": 2,
                "ssubscribe": 2}  # fmt: skip
 
@@ -236,7 +242,18 @@ class RedisParser(Parser):
         if name in ALWAYS_ALLOWED:
             return True, name, cmd, []
         keys: list[bytes] | None = None
-        if cmd is not None:
+        simple = cmd.simple if cmd is not None else None
+        if simple is not None:  # one index/range spec (key_positions' fast path, inline)
+            first, lastkey, step = simple
+            argc = head.argc
+            last = first + lastkey if lastkey >= 0 else argc + lastkey
+            if last >= argc or last < first or first >= argc:
+                keys = None  # does not fit the spec: the server refuses it
+            elif last < got:
+                keys = args[first : last + 1 : step]
+            elif head.need:
+                return head.need
+        elif cmd is not None:
 
             def get(i: int) -> bytes:
                 if i < got:
@@ -297,7 +314,9 @@ class RedisParser(Parser):
             return self._emit(head, DROP, entry)
         op = PASS
         kind, count = E_REPLY, 1
-        if name == "exec" and self.multi_dirty:
+        if name not in _STATEFUL:
+            pass
+        elif name == "exec" and self.multi_dirty:
             self.in_multi = self.multi_dirty = False
             ctx.log(
                 EntryType.DENIED,
@@ -441,6 +460,39 @@ class RedisParser(Parser):
         sc = self.scanner
         q = self.pending
         pos = 0
+        # Fast path: simple and bulk string replies to ordinary commands, between frames
+        # (what the general reader below would do for them, without its bookkeeping).
+        while pos < n and q and sc.fresh and not sc.stack:
+            entry = q[0]
+            if entry[0] != E_REPLY or entry[1] in _REPLY_STATE:
+                break
+            t = data[pos]
+            if t == 43 or t == 45:  # '+' '-'
+                eol = data.find(b"\r\n", pos + 1)
+                if eol < 0:
+                    break
+                end = eol + 2
+            elif t == 36:  # '$'
+                eol = data.find(b"\r\n", pos + 1, pos + 22)
+                if eol < 0:
+                    break
+                sz = data[pos + 1 : eol]
+                if not sz.isdigit() or (sz[0] == 48 and eol != pos + 2):
+                    break  # a null, or anything odd: the general reader decides
+                end = eol + 4 + int(sz)
+                if end > n:
+                    break
+            else:
+                break
+            pos = end
+            if entry[2] > 1:
+                entry[2] -= 1
+            else:
+                q.popleft()
+            if q and q[0][0] >= E_DENY:
+                verdict = self._after_frame(data, pos, n, b"")
+                if verdict is not None:
+                    return verdict
         while pos < n:
             start = pos
             # The reply to proxyd's DISCARD is dropped: read it whole before passing anything.

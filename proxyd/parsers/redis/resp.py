@@ -138,7 +138,9 @@ def read_bulk_header(data: bytes | bytearray, pos: int, max_bulk: int) -> int:
 
 def _multibulk(data: bytes | bytearray, base: int, budget: int, max_bulk: int) -> Head | None:
     n = len(data)
-    cr = _find_cr(data, base)
+    cr = data.find(b"\r", base, base + 12)
+    if cr < 0 or not data[base + 1 : cr].isdigit():  # not a plain count: as strchr sees it
+        cr = _find_cr(data, base)
     if cr < 0:
         if n - base > INLINE_MAX:
             raise RequestError("Protocol error: too big mbulk count string")
