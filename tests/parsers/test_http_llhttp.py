@@ -137,7 +137,7 @@ def compare(ours: tuple[list[int], str | None], theirs: tuple[list[int], str | N
     raise AssertionError(f"framing disagrees: proxyd {ours} llhttp {theirs}")
 
 
-@settings(max_examples=250, deadline=None)
+@settings(max_examples=150, deadline=None)
 @given(data=requests())
 @example(b"GET / HTTP/1.1\r\nHost: a\r\n\r\nPOST / HTTP/1.1\r\nHost: a\r\nContent-Length: 3\r\n\r\nabc")
 @example(b"POST / HTTP/1.1\r\nHost: a\r\nTransfer-Encoding: chunked\r\n\r\n3;x=1\r\nabc\r\n0\r\nT: 1\r\n\r\n")
@@ -178,7 +178,7 @@ STRICTER_RESPONSES = {
 }
 
 
-@settings(max_examples=200, deadline=None)
+@settings(max_examples=120, deadline=None)
 @given(data=st.lists(response(), min_size=1, max_size=3).map(b"".join))
 def test_response_framing_agrees_with_llhttp(data: bytes) -> None:
     n = data.count(b"HTTP/") + 1

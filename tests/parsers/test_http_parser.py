@@ -581,3 +581,15 @@ def test_log_responses_off() -> None:
     h.feed(GET)
     h.feed(OK, reply=True)
     assert [e.entry_type for e in h.log] == ["request"]
+
+
+def test_the_answers_are_the_documented_bytes() -> None:
+    assert DENIED == (
+        b"HTTP/1.1 403 Forbidden\r\ncontent-length: 15\r\ncontent-type: text/plain\r\n\r\nAccess denied\r\n"
+    )
+    assert DENIED_CLOSE == (
+        b"HTTP/1.1 403 Forbidden\r\ncontent-length: 15\r\ncontent-type: text/plain\r\n"
+        b"connection: close\r\n\r\nAccess denied\r\n"
+    )
+    assert BAD_REQUEST.startswith(b"HTTP/1.1 400 Bad Request\r\n") and b"connection: close\r\n" in BAD_REQUEST
+    assert TOO_LARGE.startswith(b"HTTP/1.1 431 Request Header Fields Too Large\r\n")

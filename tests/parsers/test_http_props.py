@@ -31,7 +31,7 @@ def test_any_segmentation_gives_the_same_result(reqs: bytes, resps: bytes, cut: 
     assert _run(reqs, resps, "bytes") == whole
 
 
-@settings(max_examples=150, deadline=None)
+@settings(max_examples=100, deadline=None)
 @given(
     data=st.one_of(
         requests(), st.binary(max_size=600), st.tuples(requests(), st.binary(max_size=80)).map(b"".join)
