@@ -4,7 +4,9 @@
 #   docker run --rm -v /srv/proxyd:/etc/proxyd:ro -p 15001:15001 proxyd:0.1.0
 # Config is read from /etc/proxyd/proxyd.yaml and policy from /etc/proxyd/policy/ (mount them
 # read-only; mount a directory, not single files, so edits and ConfigMap updates are seen).
-# Imported policy (admin API, policy.state_dir) lives in /var/lib/proxyd. See docs/deployment.md.
+# Imported policy (admin API, policy.state_dir) lives in /var/lib/proxyd. Policy changes through
+# the admin API need admin.socket (/run/proxyd/admin.sock; mount a volume there to share it) or
+# admin.token_file (a mounted secret); over TCP only reads are open. See docs/deployment.md.
 
 ARG PYTHON_IMAGE=python:3.11-slim-bookworm
 
@@ -34,15 +36,15 @@ RUN apt-get update \
 RUN groupadd --system --gid 10001 proxyd \
     && useradd --system --uid 10001 --gid 10001 --home-dir /var/lib/proxyd --no-create-home \
        --shell /usr/sbin/nologin proxyd \
-    && mkdir -p /etc/proxyd/policy /var/lib/proxyd \
-    && chown 10001:10001 /var/lib/proxyd
+    && mkdir -p /etc/proxyd/policy /var/lib/proxyd /run/proxyd \
+    && chown 10001:10001 /var/lib/proxyd /run/proxyd
 COPY --from=builder /wheels /wheels
 RUN pip install --no-cache-dir --no-index --find-links=/wheels /wheels/proxyd-*.whl \
     && rm -rf /wheels
 ENV PYTHONUNBUFFERED=1 PYTHONDONTWRITEBYTECODE=1
 USER 10001:10001
 WORKDIR /var/lib/proxyd
-# 15001: the example listener; 9901: admin (/healthz, /readyz, /metrics, /v1/policy).
+# 15001: the example listener; 9901: admin (/healthz, /readyz, /metrics, GET /v1/...: reads only).
 EXPOSE 15001 9901
 HEALTHCHECK --interval=10s --timeout=3s --start-period=10s --retries=3 \
     CMD ["python", "-c", "import urllib.request; urllib.request.urlopen('http://127.0.0.1:9901/healthz', timeout=2)"]

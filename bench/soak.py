@@ -1,5 +1,6 @@
 #!/usr/bin/env python3
-# ruff: noqa: E501, ASYNC210, ASYNC220  (report rows read better unwrapped; the driver's few blocking
+# ruff: noqa: E501, E402, ASYNC210, ASYNC220  (report rows read better unwrapped; sys.path is fixed
+# before the imports; the driver's few blocking
 # calls, starting proxyd and one scrape a minute, do not matter to its load loops)
 """Soak: connection churn + slowloris + fuzz against one ``proxyd run``, reporting RSS, fds and
 errors over time. Not part of the test suite (it runs for 30 minutes by default)::
@@ -29,6 +30,11 @@ Prints a markdown table and writes it to ``bench/results/soak-<date>.md``.
 
 from __future__ import annotations
 
+import sys
+
+# bench/http.py would shadow the standard library's http package (urllib imports it).
+sys.path[:] = [p for p in sys.path if p.rstrip("/") != __file__.rsplit("/", 1)[0]]
+
 import argparse
 import asyncio
 import contextlib
@@ -40,7 +46,6 @@ import re
 import socket
 import struct
 import subprocess
-import sys
 import tempfile
 import time
 import urllib.request

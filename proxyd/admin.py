@@ -29,7 +29,7 @@ from typing import TYPE_CHECKING, Any
 
 from aiohttp import web
 
-from proxyd.errors import PolicyError
+from proxyd.errors import ConfigError, PolicyError
 
 if TYPE_CHECKING:
     from proxyd.server import Daemon
@@ -43,6 +43,17 @@ _Handler = Callable[[web.Request], Awaitable[web.StreamResponse]]
 
 def _refuse(status: int, message: str, **headers: str) -> web.Response:
     return web.json_response({"errors": [message]}, status=status, headers=headers or None)
+
+
+def read_token(path: Path) -> bytes:
+    """The bearer token in ``path``. Raises ConfigError naming admin.token_file."""
+    try:
+        token = path.read_text().strip()
+    except (OSError, UnicodeDecodeError) as exc:
+        raise ConfigError([f"{path}:0: admin.token_file: cannot read the token: {exc}"]) from exc
+    if not token:
+        raise ConfigError([f"{path}:0: admin.token_file: the file is empty"])
+    return token.encode()
 
 
 def _why(exc: OSError) -> str:
@@ -70,7 +81,7 @@ class AdminServer:
         self.socket_path: Path | None = cfg.socket if cfg is not None else None
         self.token: bytes | None = None
         if cfg is not None and cfg.token_file is not None:
-            self.token = cfg.token_file.read_text().strip().encode()
+            self.token = read_token(cfg.token_file)
         app = web.Application(client_max_size=MAX_BODY, middlewares=[self._guard])
         app.router.add_get("/metrics", self.metrics)
         app.router.add_get("/healthz", self.healthz)

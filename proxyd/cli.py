@@ -54,6 +54,10 @@ def cmd_check(args: argparse.Namespace) -> int:
         from proxyd.policy.store import PolicyStore
 
         store = PolicyStore(registry, config.policy.paths, config.policy.state_dir)
+        if config.admin is not None and config.admin.token_file is not None:
+            from proxyd.admin import read_token
+
+            read_token(config.admin.token_file)  # as the daemon will, at start
     except (ConfigError, PolicyError) as exc:
         return _problems(exc)
     for warning in getattr(store, "warnings", lambda: [])():

@@ -361,13 +361,9 @@ def parse_config(text: str, path: Path, registry: Registry) -> Config:
             )
         sock = _get(adm, "socket", "admin", p, _str, None)
         token = _get(adm, "token_file", "admin", p, _str, None)
+        # Read when the admin server starts (not here: `proxyd iptables` and the CLI load this
+        # file as users who need not be able to read the token).
         token_file = (base / token) if token else None
-        if token_file is not None:
-            try:
-                if not token_file.read_text().strip():
-                    p.add(adm.where_of("token_file"), "admin.token_file", f"{token_file} is empty")
-            except (OSError, UnicodeDecodeError) as exc:
-                p.add(adm.where_of("token_file"), "admin.token_file", f"cannot read {token_file}: {exc}")
         admin = AdminConfig(host, port, allow_remote, (base / sock) if sock else None, token_file)
     elif adm is not None and adm.get("token_file") is not None:
         p.add(adm.where_of("token_file"), "admin.token_file", "needs admin.address (the token guards it)")

@@ -150,6 +150,11 @@ class ListenerRuntime:
         sock = transport.get_extra_info("socket")
         peer = transport.get_extra_info("peername")
         local = transport.get_extra_info("sockname")
+        if peer is None or local is None:
+            # The client reset the connection before it was handed to us (the event loop could
+            # not read its addresses): nothing to relay or log; connection_lost cleans up.
+            transport.abort()
+            return
         conn_id = next(d.conn_ids)
         src_ip, src_port = unmap(peer[0]), int(peer[1])
         local_ip, local_port = unmap(local[0]), int(local[1])

@@ -776,3 +776,38 @@ async def test_policy_text_is_parsed_off_the_event_loop_and_imports_are_capped(
         assert "over the cap of 2000" in answer["errors"][0]
         assert len(d.policy.documents()) == len(statuses) - 1  # the refused import changed nothing
     assert threads and all(t is not threading.main_thread() for t in threads)
+
+
+async def test_a_client_gone_before_accept_is_dropped_quietly(tmp_path: Path) -> None:
+    """uvloop hands over a connection whose client already reset it with no peer address; seen
+    in the soak (fuzz clients that reset at once) as a TypeError in connection_made."""
+    from proxyutil import daemon
+
+    from proxyd.relay import Connection
+
+    class Gone:
+        aborted = False
+
+        def get_extra_info(self, name: str, default: object = None) -> object:
+            return None
+
+        def set_write_buffer_limits(self, high: int, low: int) -> None:
+            pass
+
+        def pause_reading(self) -> None:
+            pass
+
+        def abort(self) -> None:
+            self.aborted = True
+
+        close = abort
+
+    cfg = 'listeners:\n  - name: x\n    address: "127.0.0.1:0"\n    upstream: "127.0.0.1:9"\n'
+    async with daemon(cfg, tmp_path) as d:
+        lr = d.listeners["x"]
+        conn = Connection(lr)
+        gone = Gone()
+        conn.connection_made(gone)  # type: ignore[arg-type]
+        assert gone.aborted
+        conn.connection_lost(ConnectionResetError())
+        assert not lr.conns and conn.info is None

@@ -95,6 +95,8 @@ def test_paths_and_ports_are_documented() -> None:
     text = DOCKERFILE.read_text()
     for path in ("/etc/proxyd/proxyd.yaml", "/etc/proxyd/policy", "/var/lib/proxyd"):
         assert path in text
+    # The admin socket's directory exists and belongs to the runtime user.
+    assert "chown 10001:10001 /var/lib/proxyd /run/proxyd" in text
     (expose,) = [i["value"] for i in instructions() if i["instruction"] == "EXPOSE"]
     assert "9901" in expose.split()
 

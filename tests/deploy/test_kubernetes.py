@@ -88,6 +88,17 @@ def test_daemonset_invariants() -> None:
     (main,) = spec["containers"]
     _check_proxyd_container(main, via_host=True)
     assert spec["terminationGracePeriodSeconds"] > 10  # limits.drain_timeout
+    # Policy changes over the admin socket, in the pod's own emptyDir (not a host path).
+    admin = _embedded_config(KDIR / "node-daemonset.yaml", "proxyd-node-config")["admin"]
+    assert admin["address"].startswith("127.0.0.1:") and "token_file" not in admin
+    sock_dir = str(Path(admin["socket"]).parent)
+    assert "emptyDir" in vols[_mounts(main)[sock_dir]["name"]]
+
+
+def _embedded_config(path: Path, name: str) -> dict[str, Any]:
+    (cm,) = [d for d in docs(path) if d["kind"] == "ConfigMap" and d["metadata"]["name"] == name]
+    config: dict[str, Any] = yaml.safe_load(cm["data"]["proxyd.yaml"])
+    return config
 
 
 def test_sidecar_invariants() -> None:
@@ -98,6 +109,13 @@ def test_sidecar_invariants() -> None:
     _check_init(init)
     sidecar = next(c for c in spec["containers"] if c["name"] == "proxyd")
     _check_proxyd_container(sidecar, via_host=False)
+    # Policy changes with a bearer token from a Secret, readable by the sidecar's group only.
+    admin = _embedded_config(KDIR / "sidecar-example.yaml", "memcached-proxyd-config")["admin"]
+    token_dir = str(Path(admin["token_file"]).parent)
+    vols = {v["name"]: v for v in spec["volumes"]}
+    secret = vols[_mounts(sidecar)[token_dir]["name"]]["secret"]
+    assert secret["defaultMode"] == 0o440 and spec["securityContext"]["fsGroup"] == 10001
+    assert not any(d["kind"] == "Secret" for d in docs(KDIR / "sidecar-example.yaml")), "no token ships"
 
 
 @pytest.mark.parametrize(
@@ -112,8 +130,12 @@ def test_embedded_config_and_policy_pass_proxyd_check(
 ) -> None:
     maps = {d["metadata"]["name"]: d for d in docs(KDIR / path) if d["kind"] == "ConfigMap"}
     (tmp_path / "proxyd.yaml").write_text(
-        maps[config]["data"]["proxyd.yaml"].replace("/var/lib/proxyd", "state")
+        maps[config]["data"]["proxyd.yaml"]
+        .replace("/var/lib/proxyd", "state")
+        .replace("/etc/proxyd/admin/token", "admin-token")
+        .replace("/run/proxyd/", "run/")
     )
+    (tmp_path / "admin-token").write_text("a-token\n")
     (tmp_path / "state").mkdir()
     (tmp_path / "policy").mkdir()
     for name, text in maps[policy]["data"].items():

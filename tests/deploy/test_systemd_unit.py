@@ -104,3 +104,10 @@ def test_limits_cover_the_config_defaults() -> None:
 def test_sysusers_declares_the_fixed_user() -> None:
     lines = [ln.split() for ln in (REPO / "systemd" / "proxyd.sysusers").read_text().splitlines()]
     assert any(ln[:2] == ["u", "proxyd"] for ln in lines if ln and not ln[0].startswith("#"))
+
+
+def test_runtime_directory_for_the_admin_socket() -> None:
+    e = entries()
+    assert e["RuntimeDirectory"] == ["proxyd"]  # /run/proxyd, for admin.socket
+    assert e["RuntimeDirectoryMode"] == ["0750"]
+    assert "AF_UNIX" in e["RestrictAddressFamilies"][0].split()
