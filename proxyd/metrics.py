@@ -97,6 +97,11 @@ class Metrics:
         self.build_info.info({"version": __version__, "data_path": IMPLEMENTATION})
 
     def for_listener(self, name: str) -> ListenerMetrics:
+        # Series that exist from the start (at 0), so rate() and alerts see them before the
+        # first event.
+        for reason in ("idle", "request"):
+            self.connection_timeouts_total.labels(name, reason)
+        self.accept_pauses_total.labels(name)
         return ListenerMetrics(
             connections=self.connections_total.labels(name),
             active=self.connections_active.labels(name),
