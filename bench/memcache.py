@@ -1,5 +1,5 @@
 #!/usr/bin/env python3
-# ruff: noqa: E501  (report-building f-strings and table rows read better unwrapped)
+# ruff: noqa: E501, E402  (report-building f-strings and table rows read better unwrapped)
 """memcache benchmark: memcached direct vs HAProxy (mode tcp, 1 thread) vs proxyd L4 vs proxyd memcache.
 
 One run starts everything on free loopback ports, measures, stops everything and prints a
@@ -33,6 +33,14 @@ HAProxy measured in the same run: the machine is shared and noisy, absolute numb
 
 from __future__ import annotations
 
+import sys
+from pathlib import Path
+
+# bench/ holds http.py (the http benchmark): as a script's own directory it comes first on
+# sys.path and would shadow the standard library's http package (urllib). Keep it, last.
+_HERE = Path(__file__).resolve().parent
+sys.path[:] = [p for p in sys.path if Path(p or ".").resolve() != _HERE] + [str(_HERE)]
+
 import argparse
 import asyncio
 import datetime as dt
@@ -45,11 +53,9 @@ import shutil
 import signal
 import socket
 import subprocess
-import sys
 import tempfile
 import time
 import urllib.request
-from pathlib import Path
 from typing import Any
 
 REPO = Path(__file__).resolve().parent.parent

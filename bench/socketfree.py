@@ -1,4 +1,5 @@
 #!/usr/bin/env python3
+# ruff: noqa: E402, I001  (sys.path is fixed before the imports)
 """Socket-free cost of the memcache+policy data path: CPU microseconds per get (with its
 ``VALUE ... END`` reply) and per set, native and Python paths side by side.
 
@@ -23,7 +24,10 @@ import tempfile
 import time
 from pathlib import Path
 
-sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
+# bench/ (this script's directory, first on sys.path) holds http.py, which would shadow the
+# standard library's http package: take it off the front, keep it last (for memcache.py).
+_HERE = Path(__file__).resolve().parent
+sys.path[:] = [str(_HERE.parent)] + [p for p in sys.path if Path(p or ".").resolve() != _HERE] + [str(_HERE)]
 
 from proxyd.accesslog import AccessLog
 from proxyd.context import ConnInfo, Context
@@ -33,7 +37,6 @@ from proxyd.policy.store import PolicyStore
 from proxyd.registry import Registry
 from proxyd.testing import engine_class
 
-sys.path.insert(0, str(Path(__file__).resolve().parent))
 from memcache import KEY_REGEX, POLICY
 
 LABELS = {"app": "memcached", "role": "bench-client"}

@@ -1142,6 +1142,12 @@ typedef struct FlatRule {
     PyObject *decision;
 } FlatRule;
 
+/* A regex answer is a pure function of (compiled regex, key); clients reuse keys, and one RE2
+ * call through its Python binding costs thousands of instructions. One cache for the process,
+ * keyed by (the compiled object's Match, key), bounded: cleared when full. */
+#define RX_CACHE 65536
+static PyObject *g_rx_seen;
+
 static PyObject *s_l4, *s_always, *s_matchers, *s_denied, *s_commands, *s_exact, *s_prefix, *s_regex,
     *s__match, *s_search, *s_allowed, *s_policy;
 
@@ -1259,8 +1265,33 @@ static int utf8_seq_len(const unsigned char *p, Py_ssize_t left) {
     return 0;
 }
 
-/* RuleRegex.search(key) through its compiled Match: 1, 0 or -1 */
+static int rx_search_uncached(FlatRule *r, PyObject *key);
+
+/* RuleRegex.search(key), remembered: 1, 0 or -1 */
 static int rx_search(FlatRule *r, PyObject *key) {
+    if (r->rx_match == NULL) return rx_search_uncached(r, key);
+    if (g_rx_seen == NULL) {
+        g_rx_seen = PyDict_New();
+        if (g_rx_seen == NULL) return -1;
+    }
+    PyObject *k = PyTuple_Pack(2, r->rx_match, key);
+    if (k == NULL) return -1;
+    PyObject *hit = PyDict_GetItemWithError(g_rx_seen, k);
+    if (hit != NULL) {
+        Py_DECREF(k);
+        return hit == Py_True;
+    }
+    int m = PyErr_Occurred() ? -1 : rx_search_uncached(r, key);
+    if (m >= 0) {
+        if (PyDict_GET_SIZE(g_rx_seen) >= RX_CACHE) PyDict_Clear(g_rx_seen);
+        if (PyDict_SetItem(g_rx_seen, k, BOOL(m)) < 0) m = -1;
+    }
+    Py_DECREF(k);
+    return m;
+}
+
+/* RuleRegex.search(key) through its compiled Match: 1, 0 or -1 */
+static int rx_search_uncached(FlatRule *r, PyObject *key) {
     if (r->rx_match == NULL) {
         PyObject *res = PyObject_CallMethodOneArg(r->regex, s_search, key);
         if (res == NULL) return -1;
