@@ -15,8 +15,9 @@ Protocol-free I/O on asyncio transports (uvloop). What it guarantees (docs/confi
   upstream connect is pending (an unbounded ``_pending``). Every ``data_received`` that
   arrives while a pause is wanted pauses the transport again, so at most one read's worth of
   bytes (plus the engine's ``buffer_bytes``) is ever held before the upstream is connected.
-  Reading from the client also pauses while the client's own write buffer is full (a client
-  that sends requests but never reads the denials injected for them).
+- Answers proxyd writes itself (injected denials) to a client that sends requests but never
+  reads are bounded too: past ``HIGH_WATER + buffer_bytes`` waiting for the client, reading
+  from the client pauses until it catches up.
 - A reset (RST) from one side is passed on as a reset: the other side is aborted with
   ``SO_LINGER`` 0, so a truncated transfer never looks complete.
 - Timeouts (:meth:`Connection.check_timeouts`, called by the daemon's sweep): ``idle`` (no
@@ -144,6 +145,11 @@ class Connection(asyncio.Protocol):
         self._task: asyncio.Task[None] | None = None
         self._l4 = True  # no parser: relay bytes directly
         self._up_rx = 0  # bytes received from the upstream (idle detection)
+        self._client_full = False  # the client's write buffer is above its high-water mark
+        #: Abort timers of closed transports still flushing: [client, upstream].
+        self._lingers: list[asyncio.TimerHandle | None] | None = None
+        #: Past this many bytes waiting for the client, reading its requests pauses.
+        self._reply_cap = HIGH_WATER + listener.limits.buffer_bytes
         #: Timeout sweep state: activity seen at the last sweep and since when it is unchanged;
         #: the request position (bytes the parser consumed) and since when a partial request
         #: has waited without progress.
@@ -309,9 +315,15 @@ class Connection(asyncio.Protocol):
         if self._closed:
             return
         if reply:
-            assert self.client is not None
+            client = self.client
+            assert client is not None
             self.bytes_out += len(data)
-            self.client.write(data)
+            client.write(data)
+            if self._client_full and client.get_write_buffer_size() > self._reply_cap:
+                # Still growing although the upstream is paused: answers proxyd writes itself
+                # (denials) to a client that sends requests but does not read. Stop reading its
+                # requests until it catches up (resume_writing), as a server would.
+                self.pause_client_reading("client-full")
         elif self.upstream is not None:
             self.upstream.write(data)
         elif self._pending is not None:
@@ -357,6 +369,7 @@ class Connection(asyncio.Protocol):
 
     def connection_lost(self, exc: Exception | None) -> None:
         if self._closed:
+            self._cancel_linger(0)
             return
         if isinstance(exc, ConnectionResetError):
             # Passed on as a reset (DESIGN: never a clean EOF), and the upstream connect, if
@@ -367,11 +380,21 @@ class Connection(asyncio.Protocol):
 
     def upstream_lost(self, exc: Exception | None) -> None:
         if self._closed:
+            self._cancel_linger(1)
             return
         if isinstance(exc, ConnectionResetError):
             self._finish("error", "upstream reset the connection", reset_peer=self.client)
             return
         self._finish("error" if exc else "forwarded", f"upstream closed: {exc}" if exc else "upstream closed")
+
+    def _cancel_linger(self, side: int) -> None:
+        # The transport is gone: drop its linger timer, which would otherwise keep this whole
+        # connection (engine, parser, buffers) alive for CLOSE_LINGER seconds after its end.
+        lingers = self._lingers
+        handle = lingers[side] if lingers is not None else None
+        if handle is not None:
+            handle.cancel()
+            lingers[side] = None  # type: ignore[index]
 
     def _engine_error(self, err: EngineError) -> None:
         lr = self.lr
@@ -403,7 +426,7 @@ class Connection(asyncio.Protocol):
         if self._task is not None and not self._task.done():
             self._task.cancel()
         loop = asyncio.get_running_loop()
-        for t in (self.client, self.upstream):
+        for side, t in enumerate((self.client, self.upstream)):
             if t is not None:
                 if t is reset_peer:
                     reset(t)
@@ -413,7 +436,9 @@ class Connection(asyncio.Protocol):
                     # close() flushes what is buffered first; a peer that never reads would
                     # keep the socket (and its buffer) forever, so it gets a bounded linger.
                     t.close()
-                    loop.call_later(CLOSE_LINGER, t.abort)
+                    if self._lingers is None:
+                        self._lingers = [None, None]
+                    self._lingers[side] = loop.call_later(CLOSE_LINGER, t.abort)
         lr = self.lr
         if self._counted:
             lr.metrics.active.dec()
@@ -440,13 +465,13 @@ class Connection(asyncio.Protocol):
     # --- flow control ----------------------------------------------------------------------
 
     def pause_writing(self) -> None:
-        # The client reads slower than we send: stop reading the upstream, and the client too
-        # (its requests may be answered by us, with injected denials, and those must wait).
+        # The client reads slower than the upstream sends: stop reading the upstream.
+        self._client_full = True
         if self.upstream is not None:
             self.upstream.pause_reading()
-        self.pause_client_reading("client-full")
 
     def resume_writing(self) -> None:
+        self._client_full = False
         if self.upstream is not None and not self._closed:
             self.upstream.resume_reading()
         self.resume_client_reading("client-full")

@@ -302,6 +302,43 @@ def test_bytes_for_an_upstream_that_never_reads_are_bounded(
     assert grew < 48 * 1024, f"RSS grew {grew} KiB"
 
 
+def test_denials_for_a_client_that_never_reads_are_bounded(
+    tmp_path: Path, daemons: list[Proxyd], servers: list[Server]
+) -> None:
+    """Every denied request is answered by proxyd itself; a client that never reads them must
+    be paused like any slow reader, not buffered for."""
+    up = Server(lines)
+    servers.append(up)
+    port, admin = free_port(), free_port()
+    (tmp_path / "policy.yaml").write_text(POLICY.replace("NAME", "reads").replace("PORT", str(up.port)))
+    cfg = config(
+        listener("r2d2", port, up.port, "r2d2"),
+        admin,
+        "identities:\n  - cidr: 127.0.0.1/32\n    labels: {app: backend}\npolicy:\n  paths: [policy.yaml]\n"
+        "  mode: enforce\naccess_log:\n  path: access.log\n  requests: none\n",
+    ).replace("access_log:\n  path: access.log\nadmin", "admin", 1)
+    d = Proxyd(tmp_path, cfg, admin=admin)
+    daemons.append(d)
+    rss0 = d.rss_kib()
+    with socket.create_connection(("127.0.0.1", port)) as c:
+        c.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 4096)
+        c.setblocking(False)
+        chunk = b"HALT\r\n" * 10000
+        sent = 0
+        end = time.monotonic() + 3.0
+        while time.monotonic() < end and sent < 256 * MiB:
+            try:
+                sent += c.send(chunk)
+            except BlockingIOError:
+                time.sleep(0.005)
+        time.sleep(0.3)
+        grew = d.rss_kib() - rss0
+    assert sent < 32 * MiB, f"{sent} bytes of denied requests taken from a client that reads nothing"
+    assert grew < 48 * 1024, f"RSS grew {grew} KiB"
+    # Either the client was paused (answers waiting past 256 KiB + buffer_bytes) or the
+    # engine's own cap on queued answers closed the connection: never unbounded.
+
+
 # --- 2. file descriptors -----------------------------------------------------------------------
 
 
