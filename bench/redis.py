@@ -28,6 +28,7 @@ from __future__ import annotations
 
 import argparse
 import datetime as dt
+import os
 import platform
 import shutil
 import socket
@@ -38,8 +39,14 @@ import time
 from pathlib import Path
 from typing import Any
 
-sys.path.insert(0, str(Path(__file__).resolve().parent))
-from memcache import Procs, cpu_seconds, fmt, free_port, ratio, start_proxyd, version, wait_port
+# bench/ holds http.py (the http benchmark), which would shadow the standard library's http
+# package that urllib needs: import that first, from a path without bench/ on it.
+_BENCH = str(Path(__file__).resolve().parent)
+sys.path[:] = [p for p in sys.path if os.path.abspath(p or ".") != _BENCH]
+import urllib.request  # noqa: E402, F401
+
+sys.path.insert(0, _BENCH)
+from memcache import Procs, cpu_seconds, fmt, free_port, ratio, start_proxyd, version, wait_port  # noqa: E402
 
 REPO = Path(__file__).resolve().parent.parent
 
