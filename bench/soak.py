@@ -1,7 +1,7 @@
 #!/usr/bin/env python3
-# ruff: noqa: E501, E402, ASYNC210, ASYNC220  (report rows read better unwrapped; sys.path is fixed
-# before the imports; the driver's few blocking
-# calls, starting proxyd and one scrape a minute, do not matter to its load loops)
+# ruff: noqa: E501, E402, ASYNC210, ASYNC220
+# (report rows read better unwrapped; sys.path is fixed before the imports; the driver's few
+# blocking calls, starting proxyd and one scrape a minute, do not matter to its load loops)
 """Soak: connection churn + slowloris + fuzz against one ``proxyd run``, reporting RSS, fds and
 errors over time. Not part of the test suite (it runs for 30 minutes by default)::
 
