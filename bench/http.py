@@ -44,16 +44,17 @@ import os
 import platform
 import re
 import shutil
-import signal
 import socket
 import subprocess
 import tempfile
 import time
-import urllib.request
+import urllib.request  # noqa: F401  (the standard http package, before bench/ goes back on sys.path)
 from typing import Any
 
+sys.path.append(str(_HERE))  # last, for benchlib
+from benchlib import Procs, cpu_seconds, free_port, wait_ready
+
 REPO = Path(__file__).resolve().parent.parent
-CLK = os.sysconf("SC_CLK_TCK")
 
 NGINX_CFG = """\
 daemon off;
@@ -153,17 +154,6 @@ spec:
 """
 
 
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return int(s.getsockname()[1])
-
-
-def cpu_seconds(pid: int) -> float:
-    fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
-    return (int(fields[11]) + int(fields[12])) / CLK  # utime, stime
-
-
 def wait_port(port: int, proc: subprocess.Popen[Any], timeout: float = 30) -> None:
     deadline = time.monotonic() + timeout
     while time.monotonic() < deadline:
@@ -175,46 +165,6 @@ def wait_port(port: int, proc: subprocess.Popen[Any], timeout: float = 30) -> No
         except OSError:
             time.sleep(0.05)
     raise RuntimeError(f"port {port} not listening after {timeout}s")
-
-
-def wait_ready(url: str, proc: subprocess.Popen[Any], timeout: float = 30) -> None:
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        if proc.poll() is not None:
-            raise RuntimeError(f"{proc.args!r} exited with {proc.returncode}")
-        try:
-            with urllib.request.urlopen(url, timeout=1) as r:
-                if r.status == 200:
-                    return
-        except OSError:
-            pass
-        time.sleep(0.1)
-    raise RuntimeError(f"{url} not ready after {timeout}s")
-
-
-class Procs:
-    def __init__(self, workdir: Path) -> None:
-        self.workdir = workdir
-        self.procs: list[subprocess.Popen[Any]] = []
-
-    def start(
-        self, name: str, argv: list[str], env: dict[str, str] | None = None, cwd: Path | None = None
-    ) -> subprocess.Popen[Any]:
-        log = open(self.workdir / f"{name}.out", "wb")  # noqa: SIM115
-        p = subprocess.Popen(argv, stdout=log, stderr=subprocess.STDOUT, env=env, cwd=cwd or self.workdir)
-        self.procs.append(p)
-        return p
-
-    def stop_all(self) -> None:
-        for p in reversed(self.procs):
-            if p.poll() is None:
-                p.send_signal(signal.SIGTERM)
-        for p in reversed(self.procs):
-            try:
-                p.wait(5)
-            except subprocess.TimeoutExpired:
-                p.kill()
-                p.wait()
 
 
 def start_proxyd(

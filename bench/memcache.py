@@ -50,16 +50,15 @@ import platform
 import random
 import re
 import shutil
-import signal
 import socket
 import subprocess
 import tempfile
 import time
-import urllib.request
 from typing import Any
 
+from benchlib import Procs, cpu_seconds, exchange, free_port, wait_ready
+
 REPO = Path(__file__).resolve().parent.parent
-CLK = os.sysconf("SC_CLK_TCK")
 KEY_CHARS = "ABCDEFGHIJKLMNOPQRSTUVWXYZabcdefghijklmnopqrstuvwxyz0123456789.-"
 # memaslap's keys: 8 bytes of binary per-connection prefix (e.g. b"\\x10\\xb0\\x10..."), then random
 # characters over KEY_CHARS; the policy allows exactly that shape for get and set.
@@ -205,18 +204,6 @@ def helper_main(argv: list[str]) -> None:
 # --------------------------------------------------------------------------------------------
 
 
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return int(s.getsockname()[1])
-
-
-def cpu_seconds(pid: int) -> float:
-    with open(f"/proc/{pid}/stat") as f:
-        fields = f.read().rsplit(")", 1)[1].split()
-    return (int(fields[11]) + int(fields[12])) / CLK
-
-
 def wait_port(port: int, proc: subprocess.Popen[Any], timeout: float = 20) -> None:
     deadline = time.monotonic() + timeout
     while time.monotonic() < deadline:
@@ -228,44 +215,6 @@ def wait_port(port: int, proc: subprocess.Popen[Any], timeout: float = 20) -> No
         except OSError:
             time.sleep(0.05)
     raise RuntimeError(f"port {port} not ready after {timeout}s ({proc.args!r})")
-
-
-def wait_ready(url: str, proc: subprocess.Popen[Any], timeout: float = 30) -> None:
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        if proc.poll() is not None:
-            raise RuntimeError(f"{proc.args!r} exited with {proc.returncode}")
-        try:
-            with urllib.request.urlopen(url, timeout=1) as r:
-                if r.status == 200:
-                    return
-        except OSError:
-            pass
-        time.sleep(0.1)
-    raise RuntimeError(f"{url} not ready after {timeout}s")
-
-
-class Procs:
-    def __init__(self, workdir: Path) -> None:
-        self.workdir = workdir
-        self.procs: list[subprocess.Popen[Any]] = []
-
-    def start(self, name: str, argv: list[str], env: dict[str, str] | None = None) -> subprocess.Popen[Any]:
-        log = open(self.workdir / f"{name}.out", "wb")  # noqa: SIM115
-        p = subprocess.Popen(argv, stdout=log, stderr=subprocess.STDOUT, env=env, cwd=self.workdir)
-        self.procs.append(p)
-        return p
-
-    def stop_all(self) -> None:
-        for p in reversed(self.procs):
-            if p.poll() is None:
-                p.send_signal(signal.SIGTERM)
-        for p in reversed(self.procs):
-            try:
-                p.wait(5)
-            except subprocess.TimeoutExpired:
-                p.kill()
-                p.wait()
 
 
 HAPROXY_CFG = """\
@@ -391,15 +340,7 @@ def start_proxyd(
 
 def check_policy(port: int) -> str:
     """One allowed and one denied request through the memcache listener."""
-    with socket.create_connection(("127.0.0.1", port), 5) as s:
-        s.sendall(b"set bench-check-key1 0 0 2\r\nok\r\ndelete bench-check-key1\r\nget bench-check-key1\r\n")
-        got = b""
-        deadline = time.monotonic() + 5
-        while got.count(b"\r\n") < 5 and time.monotonic() < deadline:
-            chunk = s.recv(4096)
-            if not chunk:
-                break
-            got += chunk
+    got = exchange(port, b"set bench-check-key1 0 0 2\r\nok\r\ndelete bench-check-key1\r\nget bench-check-key1\r\n", 5)
     want = b"STORED\r\nCLIENT_ERROR access denied\r\nVALUE bench-check-key1 0 2\r\nok\r\nEND\r\n"
     if got != want:
         raise RuntimeError(f"policy check through proxyd memcache failed: {got!r}")

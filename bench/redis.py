@@ -31,7 +31,6 @@ import datetime as dt
 import os
 import platform
 import shutil
-import socket
 import subprocess
 import sys
 import tempfile
@@ -46,7 +45,8 @@ sys.path[:] = [p for p in sys.path if os.path.abspath(p or ".") != _BENCH]
 import urllib.request  # noqa: E402, F401
 
 sys.path.insert(0, _BENCH)
-from memcache import Procs, cpu_seconds, fmt, free_port, ratio, start_proxyd, version, wait_port  # noqa: E402
+from benchlib import Procs, cpu_seconds, exchange, free_port  # noqa: E402
+from memcache import fmt, ratio, start_proxyd, version, wait_port  # noqa: E402
 
 REPO = Path(__file__).resolve().parent.parent
 
@@ -124,15 +124,7 @@ spec:
 
 def check_policy(port: int) -> str:
     """One allowed, one denied and one allowed command through the redis listener."""
-    with socket.create_connection(("127.0.0.1", port), 5) as s:
-        s.sendall(b"SET key:check ok\r\nDEL key:check\r\nGET key:check\r\n")
-        got = b""
-        deadline = time.monotonic() + 5
-        while got.count(b"\r\n") < 4 and time.monotonic() < deadline:
-            chunk = s.recv(4096)
-            if not chunk:
-                break
-            got += chunk
+    got = exchange(port, b"SET key:check ok\r\nDEL key:check\r\nGET key:check\r\n", 4)
     want = b"+OK\r\n-NOPERM access denied\r\n$2\r\nok\r\n"
     if got != want:
         raise RuntimeError(f"policy check through proxyd redis failed: {got!r}")

@@ -51,6 +51,9 @@ import time
 import urllib.request
 from pathlib import Path
 
+sys.path.append(__file__.rsplit("/", 1)[0])  # bench/, last (after the standard http package)
+from benchlib import free_port
+
 REPO = Path(__file__).resolve().parents[1]
 
 POLICY = """\
@@ -67,12 +70,6 @@ spec:
           rules: {l7proto: memcache, l7: [{command: get}, {command: set, keyPrefix: "soak:"}]}
         - ports: [{port: "ECHOPORT", protocol: TCP}]
 """
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return int(s.getsockname()[1])
 
 
 async def echo(r: asyncio.StreamReader, w: asyncio.StreamWriter) -> None:

@@ -1,0 +1,90 @@
+"""Helpers the bench scripts share: loopback ports, process CPU, readiness waits, a process set.
+
+Import it after the script has fixed ``sys.path`` (bench/http.py would shadow the standard
+library's http package that urllib needs: the stdlib must come first, bench/ after it).
+"""
+
+from __future__ import annotations
+
+import os
+import signal
+import socket
+import subprocess
+import time
+import urllib.request
+from pathlib import Path
+from typing import Any
+
+CLK = os.sysconf("SC_CLK_TCK")
+
+
+def free_port() -> int:
+    """A TCP port on 127.0.0.1 that was free a moment ago (bound, read, released)."""
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return int(s.getsockname()[1])
+
+
+def cpu_seconds(pid: int) -> float:
+    """utime + stime of process ``pid`` so far, in seconds, from /proc/PID/stat."""
+    fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
+    return (int(fields[11]) + int(fields[12])) / CLK  # utime, stime
+
+
+def wait_ready(url: str, proc: subprocess.Popen[Any], timeout: float = 30) -> None:
+    """Poll ``url`` until it answers 200; raise if ``proc`` exits or ``timeout`` s pass."""
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        if proc.poll() is not None:
+            raise RuntimeError(f"{proc.args!r} exited with {proc.returncode}")
+        try:
+            with urllib.request.urlopen(url, timeout=1) as r:
+                if r.status == 200:
+                    return
+        except OSError:
+            pass
+        time.sleep(0.1)
+    raise RuntimeError(f"{url} not ready after {timeout}s")
+
+
+def exchange(port: int, payload: bytes, lines: int) -> bytes:
+    """Send ``payload`` to 127.0.0.1:``port`` and read until ``lines`` CRLFs, EOF or 5 s."""
+    with socket.create_connection(("127.0.0.1", port), 5) as s:
+        s.sendall(payload)
+        got = b""
+        deadline = time.monotonic() + 5
+        while got.count(b"\r\n") < lines and time.monotonic() < deadline:
+            chunk = s.recv(4096)
+            if not chunk:
+                break
+            got += chunk
+    return got
+
+
+class Procs:
+    """The processes of one run, each logging to ``workdir/<name>.out``; stopped in reverse."""
+
+    def __init__(self, workdir: Path) -> None:
+        self.workdir = workdir
+        self.procs: list[subprocess.Popen[Any]] = []
+
+    def start(
+        self, name: str, argv: list[str], env: dict[str, str] | None = None, cwd: Path | None = None
+    ) -> subprocess.Popen[Any]:
+        """Start ``argv`` (in ``cwd``, default the workdir) with stdout+stderr to its log."""
+        log = open(self.workdir / f"{name}.out", "wb")  # noqa: SIM115
+        p = subprocess.Popen(argv, stdout=log, stderr=subprocess.STDOUT, env=env, cwd=cwd or self.workdir)
+        self.procs.append(p)
+        return p
+
+    def stop_all(self) -> None:
+        """SIGTERM every process still running, newest first; SIGKILL any not gone in 5 s."""
+        for p in reversed(self.procs):
+            if p.poll() is None:
+                p.send_signal(signal.SIGTERM)
+        for p in reversed(self.procs):
+            try:
+                p.wait(5)
+            except subprocess.TimeoutExpired:
+                p.kill()
+                p.wait()
