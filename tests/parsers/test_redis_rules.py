@@ -47,6 +47,9 @@ def test_empty_rule_allows_everything() -> None:
         ({"command": "get", "keyRegex": "^a[0-9]+$"}, req("get", b"a1b"), False),
         ({"command": "get", "keyPrefix": "a", "keyRegex": "z$"}, req("get", b"abz"), True),
         ({"command": "get", "keyPrefix": "a", "keyRegex": "z$"}, req("get", b"abc"), False),
+        # as Go reads bytes: each byte of a truncated UTF-8 sequence is one U+FFFD, like memcache's
+        ({"command": "get", "keyRegex": "^k\ufffd{2}$"}, req("get", b"k\xe2\x82"), True),
+        ({"command": "get", "keyRegex": "^k.$"}, req("get", b"k\xe2\x82"), False),
         ({"keyPrefix": "a:"}, req("del", b"a:1"), True),
         ({"keyPrefix": "a:"}, req("dbsize"), False),
         ({"keyPrefix": "a:"}, req("nosuchcommand"), False),

@@ -108,7 +108,7 @@ class RedisRule:
             return False
         if self.prefix is not None and not key.startswith(self.prefix):
             return False
-        return self.regex is None or self.regex.search(key.decode("utf-8", "replace"))
+        return self.regex is None or self.regex.search(key)
 
     def __repr__(self) -> str:
         return f"RedisRule({self.source!r})"
