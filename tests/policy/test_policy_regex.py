@@ -92,3 +92,16 @@ def test_wire_bytes_match_as_go_reads_them() -> None:
     assert compile_rule_regex("^.$", "k").search("é".encode())
     assert compile_rule_regex("^caf\u00e9$", "k").fullmatch("café".encode())
     assert not compile_rule_regex("^a$", "k").search(b"a\xff")
+
+
+def test_answers_are_remembered_within_bounds() -> None:
+    from proxyd.policy import regex
+
+    rx = compile_rule_regex("^k[0-9]+$", "keyRegex")
+    for i in range(regex.MEMO_SIZE + 10):
+        assert rx.search(f"k{i}") and rx.search(f"k{i}".encode())
+    assert not rx.search("k1x") and not rx.search("k1x")  # a remembered "no" stays "no"
+    assert not rx.search("x" * (regex.MEMO_VALUE + 1))  # too long to remember: still answered
+    assert len(rx._search) <= regex.MEMO_SIZE  # cleared when full, never grows past the bound
+    assert all(len(k) <= regex.MEMO_VALUE for k in rx._search)
+    assert rx.fullmatch("k12") and not rx.fullmatch("xk12")

@@ -75,67 +75,24 @@ class HttpRequest(NamedTuple):
         return any(n == lname and (value is None or v == value) for n, v in self.headers)
 
 
-class _Full:
-    """A rule regex's full match, with its recent answers kept (methods, hosts and paths repeat).
-
-    RE2 through its Python binding costs microseconds a call; a dict lookup, nanoseconds. Only
-    values up to :data:`_CACHE_VALUE` characters are kept, at most :data:`_CACHE_SIZE` of them
-    (the table is emptied when full), so a client cannot make it grow without bound.
-    """
-
-    __slots__ = ("cache", "rx")
-
-    def __init__(self, rx: RuleRegex) -> None:
-        self.rx = rx
-        self.cache: dict[str, bool] = {}
-
-    def __call__(self, value: str) -> bool:
-        hit = self.cache.get(value)
-        if hit is not None:
-            return hit
-        hit = self.rx.fullmatch(value)
-        if len(value) <= _CACHE_VALUE:
-            if len(self.cache) >= _CACHE_SIZE:
-                self.cache.clear()
-            self.cache[value] = hit
-        return hit
-
-    @property
-    def pattern(self) -> str:
-        return self.rx.pattern
-
-    def __repr__(self) -> str:
-        return f"_Full({self.rx.pattern!r})"
-
-    def __eq__(self, other: object) -> bool:
-        return isinstance(other, _Full) and other.rx == self.rx
-
-    def __hash__(self) -> int:
-        return hash(self.rx)
-
-
-_CACHE_SIZE = 4096
-_CACHE_VALUE = 256
-
-
 @dataclass(frozen=True, slots=True)
 class HttpRule:
     """A compiled ``rules.http`` entry."""
 
-    method: _Full | None
-    path: _Full | None
-    host: _Full | None
+    method: RuleRegex | None
+    path: RuleRegex | None
+    host: RuleRegex | None
     headers: tuple[tuple[str, str | None], ...]
     header_matches: tuple[HeaderMatch, ...]
 
     def matches(self, request: Any) -> bool:
         if not isinstance(request, HttpRequest):
             return False
-        if self.method is not None and not self.method(request.method):
+        if self.method is not None and not self.method.fullmatch(request.method):
             return False
-        if self.path is not None and not self.path(request.path):
+        if self.path is not None and not self.path.fullmatch(request.path):
             return False
-        if self.host is not None and not self.host(request.host):
+        if self.host is not None and not self.host.fullmatch(request.host):
             return False
         for lname, value in self.headers:
             if not request.has(lname, value):
@@ -223,11 +180,11 @@ def compile_rule(rule: Mapping[str, Any]) -> HttpRule:
     matches: tuple[HeaderMatch, ...] = ()
     for key, value in rule.items():
         if key == "method":
-            method = _Full(compile_rule_regex(value, key))
+            method = compile_rule_regex(value, key)
         elif key == "path":
-            path = _Full(compile_rule_regex(value, key))
+            path = compile_rule_regex(value, key)
         elif key == "host":
-            host = _Full(compile_rule_regex(value, key))
+            host = compile_rule_regex(value, key)
         elif key == "headers":
             headers = _headers(value, key)
         elif key == "headerMatches":
