@@ -215,7 +215,11 @@ class RedisParser(Parser):
             if len(pending) >= limit:
                 # Hold: no more requests until replies drain the queue (the engine stops
                 # reading the client and calls again once the server's replies progress).
-                return (PASS, base) if base else NOP_VERDICT
+                # An ordinary command may still join the last entry, so at most one entry
+                # more than the limit is ever queued.
+                last = pending[-1]
+                if len(pending) > limit or last[0] != E_REPLY or last[1] in _REPLY_STATE:
+                    return (PASS, base) if base else NOP_VERDICT
             try:
                 head = parse_request(data, base, self.budget, self.max_bulk)
             except RequestError as exc:
