@@ -25,9 +25,18 @@ a denial to inject; the reply to proxyd's own ``DISCARD`` to swap for ``EXECABOR
 that answer no request pass without touching the queue: RESP3 pushes (``message``,
 ``invalidate`` from ``CLIENT TRACKING``, ...) and, in RESP2 subscribe mode, ``message``,
 ``pmessage`` and ``smessage`` arrays. RESP2 or RESP3 is learnt from ``HELLO``'s reply (a map is
-RESP3) and ``RESET``. ``CLIENT REPLY OFF|SKIP`` suppress replies (denials included, as Redis
-does); ``MONITOR``, ``SYNC`` and ``PSYNC`` turn the reply stream into an unframed one after
-their reply (a command denied after that closes the connection: there is no place for it).
+RESP3) and ``RESET``. ``CLIENT REPLY OFF|SKIP`` suppress replies (denials included) as
+redis-server 7 does: not the subscribe-family confirmations (pushes), nor the answer to
+``SYNC``/``PSYNC``; a SKIP is used up by the next request the server reads, an empty one
+included; a denial that would have used it up is replaced by a ``PING`` to the server.
+``MONITOR``, ``SYNC`` and ``PSYNC`` turn the reply stream into an unframed one from their
+answer on, after any ``\n`` keepalives (a command denied after that closes the connection:
+there is no place for it).
+
+Memory. Ordinary commands in a row share one pending entry (a count), so a client may pipeline
+without bound, as it can to redis-server; other entries count ``ENTRY_COST`` bytes against
+``max_pending_bytes``, and when that is full the request side answers NOP with the client's
+bytes buffered: the engine's *hold* stops reading the client until replies drain the queue.
 
 Denials. A denied command is dropped and ``-NOPERM access denied`` is put in its place in the
 reply order: at once when nothing is pending and the reply stream is between frames, otherwise
@@ -43,9 +52,11 @@ escaped; never arguments, so ``AUTH``/``HELLO`` passwords never reach the log) a
 
 Bad requests are answered as redis-server answers them (``-ERR Protocol error: invalid bulk
 length``, ...), in reply order, and the connection is then closed with the reason logged; a
-reply that is not RESP closes the connection too. Memory stays bounded whatever lengths claim:
-a request holds at most ``max_inspect_bytes`` plus one 64 KiB length line, a reply at most one
-line, and the engine's ``limits.buffer_bytes`` caps both.
+reply that is not RESP closes the connection too, after the replies owed before it. Memory
+stays bounded whatever lengths claim: a request holds at most ``max_inspect_bytes`` plus one
+64 KiB length line, a reply at most one 64-byte line (longer simple strings and errors are
+streamed) and its reader's stack of differently shaped aggregates, and the engine's
+``limits.buffer_bytes`` caps the buffers.
 """
 
 from __future__ import annotations
