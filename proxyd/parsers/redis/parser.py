@@ -174,8 +174,13 @@ class RedisParser(Parser):
         "subs",
     )  # fmt: skip
 
-    def __init__(self, ctx: ConnectionContext, budget: int = DEFAULT_INSPECT,
-                 max_bulk: int = PROTO_MAX_BULK_LEN, max_pending: int = DEFAULT_PENDING_BYTES) -> None:  # fmt: skip
+    def __init__(
+        self,
+        ctx: ConnectionContext,
+        budget: int = DEFAULT_INSPECT,
+        max_bulk: int = PROTO_MAX_BULK_LEN,
+        max_pending: int = DEFAULT_PENDING_BYTES,
+    ) -> None:
         self.ctx = ctx
         self.budget = budget
         self.max_bulk = max_bulk

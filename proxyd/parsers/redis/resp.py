@@ -309,7 +309,8 @@ class ReplyScanner:
     """
 
     __slots__ = (
-        "depth", "error", "first", "fresh", "head_line", "in_line", "max_stack", "need", "stack", "third", "top",
+        "depth", "error", "first", "fresh", "head_line", "in_line", "max_stack", "need", "stack", "third",
+        "top",
     )  # fmt: skip
 
     def __init__(self, max_stack: int = MAX_STACK) -> None:
@@ -414,7 +415,8 @@ class ReplyScanner:
             t = data[pos]
             eol = data.find(b"\r\n", pos + 1)
             if eol < 0:
-                if (t == 43 or t == 45) and n - pos > _LINE_STREAM and not (stack and stack[-1][1] == _STREAM_STR):
+                in_chunks = bool(stack) and stack[-1][1] == _STREAM_STR
+                if (t == 43 or t == 45) and n - pos > _LINE_STREAM and not in_chunks:
                     if self.fresh:
                         self._begin()
                     if not stack:
