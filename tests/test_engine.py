@@ -638,3 +638,19 @@ def test_on_hold_reports_each_change_to_the_driver() -> None:
     assert e.held(False) and not e.held(True) and paused == [(False, True)] and e.error is None
     e.feed(True, b"12345678")
     assert not e.held(False) and paused == [(False, True), (False, False)]
+
+
+def test_the_http_parser_upgrade_wait_is_a_hold_released_by_the_answer() -> None:
+    # The http parser answers NOP for client bytes behind an upgrade until it is answered: with
+    # the hold they go out as soon as the answer arrives, not at the client's next send.
+    req = b"GET /chat HTTP/1.1\r\nHost: x\r\nUpgrade: websocket\r\nConnection: Upgrade\r\n\r\n"
+    for answer, after in [
+        (b"HTTP/1.1 101 Switching Protocols\r\nUpgrade: websocket\r\nConnection: Upgrade\r\n\r\n",
+         b"\x81\x05hello"),
+        (b"HTTP/1.1 400 Bad\r\ncontent-length: 0\r\n\r\n", b"GET /b HTTP/1.1\r\nHost: x\r\n\r\n"),
+    ]:  # fmt: skip
+        h = Harness("http")
+        h.feed(req + after)
+        assert h.to_server == req and h.held(False)
+        h.feed(answer, reply=True)
+        assert h.to_server == req + after and not h.held(False) and h.to_client == answer
