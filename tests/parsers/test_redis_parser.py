@@ -451,7 +451,9 @@ def test_sync_keepalives_then_the_replication_stream_pass_through(split: str | N
     h2 = harness([{}])
     h2.feed(b"SYNC\r\n")
     h2.feed(b"\n\n-NOMASTERLINK Can't SYNC while not connected with my master\r\n", reply=True)
-    assert not h2.closed
+    h2.feed(b"PING\r\n")
+    h2.feed(b"+PONG\r\n", reply=True)  # refused: replies are framed again
+    assert not h2.closed and h2.to_client.endswith(b"master\r\n+PONG\r\n")
 
 
 def test_a_long_error_reply_streams_past_the_buffer_limit() -> None:

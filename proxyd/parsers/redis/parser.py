@@ -711,6 +711,8 @@ class RedisParser(Parser):
         if kind == E_RAW:
             if sc.top not in ERRORS:
                 self.raw_reply = True
+            else:
+                self.raw = False  # refused (-NOMASTERLINK...): commands are answered again
             return
         if name == "hello":
             if sc.top == MAP:
