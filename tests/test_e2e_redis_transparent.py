@@ -313,7 +313,9 @@ def _args(draw: st.DrawFn) -> list[bytes]:
         ["EVAL", "return redis.error_reply('MY error')", "0"], ["EVAL", "return 3.5", "0"],
         ["PING"], ["PING", val], ["ECHO", val], ["SELECT", "1"], ["SELECT", "0"], ["DBSIZE"],
         ["NOSUCHCOMMAND", key], ["GET"], ["SET", key], ["INCR", "h"], ["LPOP", "k", "x"],
-        ["OBJECT", "ENCODING", key], ["PUBLISH", "ch", val],
+        ["OBJECT", "ENCODING", key], ["PUBLISH", "ch", val], ["BLPOP", key, "0.01"],
+        ["EVAL", "return redis.status_reply(string.rep('s', 70000))", "0"],
+        ["SET", key, "b" * 70000], ["WATCH", key], ["UNWATCH"], ["RESET"],
     ]))  # fmt: skip
 
 
@@ -339,11 +341,15 @@ def sessions(draw: st.DrawFn) -> bytes:
             if pats:
                 out.append(command("PSUBSCRIBE", *pats))
             out.append(command("PING"))
+            out.append(command("PUBLISH", "ch", "m"))  # RESP3: a message to itself, then :n
+            if draw(st.booleans()):
+                out.append(command("UNSUBSCRIBE", chans[0]))
             out.append(command("UNSUBSCRIBE") + command("PUNSUBSCRIBE"))
         elif kind == 8:
             out.append(command("HELLO", draw(st.sampled_from([2, 3]))))
         else:
-            out.append(draw(st.sampled_from([b"PING\r\n", b"*0\r\n", b"\r\n", b"GET k\r\n"])))
+            out.append(draw(st.sampled_from([b"PING\r\n", b"*0\r\n", b"\r\n", b"GET k\r\n",
+                                             b'SET k "a\\x41 b"\r\n', b"ECHO 'x y'\n"])))
     return b"".join(out) + command("CLIENT", "REPLY", "ON") + QUIT
 
 
