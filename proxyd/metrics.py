@@ -66,6 +66,13 @@ class Metrics:
             ["listener", "reason"],
             registry=r,
         )
+        self.tls_denials_total = Counter(
+            "proxyd_tls_denials",
+            "Connections refused on their TLS ClientHello (serverNames); reason sni_not_allowed, "
+            "no_sni, not_tls, malformed, incomplete or timeout",
+            ["listener", "reason"],
+            registry=r,
+        )
         self.accept_pauses_total = Counter(
             "proxyd_accept_pauses",
             "Times accepting paused because the process ran out of file descriptors",
