@@ -94,7 +94,8 @@ def log(tmp_path: Path) -> list[dict]:  # type: ignore[type-arg]
 
 
 def conn_lines(tmp_path: Path) -> list[dict]:  # type: ignore[type-arg]
-    return [x for x in log(tmp_path) if x["event"] == "connection"]
+    """Connection lines in accept order (they are written as connections end)."""
+    return sorted((x for x in log(tmp_path) if x["event"] == "connection"), key=lambda x: (x["conn_id"], x["verdict"] != "audit"))
 
 
 async def settle(d: Daemon, tmp_path: Path) -> None:

@@ -187,6 +187,10 @@ class ClientHelloReader:
                     raise _Malformed(f"record of {length} bytes (more than 2^14)")
                 end = pos + RECORD_HEADER + length
                 if end > len(data):
+                    if len(self._hs) < 4:
+                        # Judge the handshake header without waiting for the whole record.
+                        start = pos + RECORD_HEADER
+                        self._header(self._hs + data[start : start + 4 - len(self._hs)])
                     return Outcome(NEED_MORE, record_version=self._record_version, need=end - len(data))
                 self._hs += data[pos + RECORD_HEADER : end]
                 self._pos = end
@@ -196,17 +200,25 @@ class ClientHelloReader:
     def _hello(self) -> ClientHello | None:
         """The ClientHello once its handshake bytes are all in, else None (raises _Malformed)."""
         hs = self._hs
-        if len(hs) < 4:
-            return None
-        if hs[0] != CLIENT_HELLO:
-            raise _Malformed(f"first handshake message is type {hs[0]}, not a ClientHello")
-        length = (hs[1] << 16) | (hs[2] << 8) | hs[3]
-        if 4 + length > self.limit:
-            raise _Malformed(f"ClientHello of {length} bytes, larger than the limit ({self.limit} bytes)")
-        if len(hs) < 4 + length:
+        length = self._header(hs)
+        if length is None or len(hs) < 4 + length:
             return None
         assert self._record_version is not None
         return parse_body(memoryview(hs)[4 : 4 + length], self._record_version)
+
+
+    def _header(self, hs: bytes | bytearray) -> int | None:
+        """The ClientHello's length from its handshake header, None before 4 bytes (raises _Malformed)."""
+        if len(hs) < 1:
+            return None
+        if hs[0] != CLIENT_HELLO:
+            raise _Malformed(f"first handshake message is type {hs[0]}, not a ClientHello")
+        if len(hs) < 4:
+            return None
+        length = (hs[1] << 16) | (hs[2] << 8) | hs[3]
+        if 4 + length > self.limit:
+            raise _Malformed(f"ClientHello of {length} bytes, larger than the limit ({self.limit} bytes)")
+        return length
 
 
 class _Cursor:
