@@ -16,7 +16,7 @@ No I/O here: the relay feeds bytes, the end of the stream and the request timeou
 from __future__ import annotations
 
 from dataclasses import dataclass, field
-from typing import Any, Final, Protocol
+from typing import Any, Protocol
 
 from proxyd.context import L7Policy
 from proxyd.parser import wire_text
@@ -29,10 +29,6 @@ from proxyd.tls.clienthello import (
     Outcome,
     access_denied_alert,
 )
-
-#: Values of the ``reason`` label of ``proxyd_tls_denials_total``.
-DENIAL_REASONS: Final = ("sni_not_allowed", "no_sni", "not_tls", "malformed", "incomplete", "timeout")
-
 
 class SNIView(L7Policy, Protocol):
     """The connection's policy view (:class:`proxyd.policy.store.LiveConnectionPolicy`)."""
@@ -49,7 +45,7 @@ class GateVerdict:
     audit: bool
     #: For the connection log line: why it was (or would have been) refused.
     reason: str
-    #: Bounded label value for ``proxyd_tls_denials_total`` (one of :data:`DENIAL_REASONS`).
+    #: Bounded label value for ``proxyd_tls_denials_total`` (``proxyd.metrics.TLS_DENIAL_REASONS``).
     label: str
     #: The connection's policy from now on (its parser's, on an ``l7proto`` listener).
     policy: L7Policy
