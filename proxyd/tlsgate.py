@@ -30,6 +30,7 @@ from proxyd.tls.clienthello import (
     access_denied_alert,
 )
 
+
 class SNIView(L7Policy, Protocol):
     """The connection's policy view (:class:`proxyd.policy.store.LiveConnectionPolicy`)."""
 

@@ -95,7 +95,10 @@ def log(tmp_path: Path) -> list[dict]:  # type: ignore[type-arg]
 
 def conn_lines(tmp_path: Path) -> list[dict]:  # type: ignore[type-arg]
     """Connection lines in accept order (they are written as connections end)."""
-    return sorted((x for x in log(tmp_path) if x["event"] == "connection"), key=lambda x: (x["conn_id"], x["verdict"] != "audit"))
+    return sorted(
+        (x for x in log(tmp_path) if x["event"] == "connection"),
+        key=lambda x: (x["conn_id"], x["verdict"] != "audit"),
+    )
 
 
 async def settle(d: Daemon, tmp_path: Path) -> None:
@@ -218,8 +221,8 @@ async def bio_session(
     segment: int = 0,
     alpn: list[str] | None = None,
 ) -> tuple[bytes, bytes]:
-    """A full TLS session through ``where`` whose ClientHello is re-framed into records of at most
-    ``record`` bytes and sent in ``segment``-byte writes; returns (ClientHello bytes sent, answer)."""  # fmt: skip
+    """A full TLS session through ``where`` whose ClientHello is re-framed into records of at
+    most ``record`` bytes and sent in ``segment``-byte writes; returns (hello sent, answer)."""
     obj, inc, out, hello = client_hello(client_context(VERSIONS[version], alpn=alpn), sni)
     if record:
         hello = reframe(hello, record)

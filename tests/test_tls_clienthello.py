@@ -51,7 +51,15 @@ def versions_ext(*versions: int) -> bytes:
 
 
 def body(exts: bytes | None = b"", *, legacy: int = 0x0303, session: bytes = b"\x11" * 32) -> bytes:
-    out = u16(legacy) + b"\x42" * 32 + bytes([len(session)]) + session + u16(4) + b"\x13\x01\x00\x2f" + b"\x01\x00"
+    out = (
+        u16(legacy)
+        + b"\x42" * 32
+        + bytes([len(session)])
+        + session
+        + u16(4)
+        + b"\x13\x01\x00\x2f"
+        + b"\x01\x00"
+    )
     if exts is not None:
         out += u16(len(exts)) + exts
     return out
@@ -76,10 +84,10 @@ def read(data: bytes, limit: int = LIMIT) -> Outcome:
 
 def read_split(data: bytes, cuts: list[int], limit: int = LIMIT) -> Outcome:
     reader = ClientHelloReader(limit)
-    out = reader.feed(b"")
+    reader.feed(b"")
     pos = 0
     for cut in sorted(set(cuts)):
-        out = reader.feed(data[pos:cut])
+        reader.feed(data[pos:cut])
         pos = cut
     return reader.feed(data[pos:])
 

@@ -235,7 +235,9 @@ class PolicySet:
         key = (direction, local, remote_ip, remote, port, l7proto, audit, sni)
         found = self._conn_cache.get(key)
         if found is None:
-            ev = self.evaluate(direction, local_labels, remote_ip, remote_labels, port, l7proto, audit, sni=sni)
+            ev = self.evaluate(
+                direction, local_labels, remote_ip, remote_labels, port, l7proto, audit, sni=sni
+            )
             found = ev.policy
             if len(self._conn_cache) >= SELECT_CACHE_SIZE:
                 self._conn_cache.clear()

@@ -209,7 +209,9 @@ def explain_data(
     local, remote = (dst, src) if direction == "ingress" else (src, dst)
     local_labels = identities.labels_for(local[0])
     remote_labels = identities.labels_for(remote[0])
-    ev = pset.evaluate(direction, local_labels, remote[0], remote_labels, dst[1], l7proto, trace=True, sni=sni)
+    ev = pset.evaluate(
+        direction, local_labels, remote[0], remote_labels, dst[1], l7proto, trace=True, sni=sni
+    )
     return Explanation(direction, src, dst, local_labels, remote_labels, l7proto, pset.revision, ev, sni)
 
 

@@ -305,7 +305,8 @@ class LiveConnectionPolicy:
     def with_sni(self, sni: str | None) -> LiveConnectionPolicy:
         """This connection's view once its TLS ClientHello is read: ``serverNames`` rules see ``sni``."""
         direction, local, remote_ip, remote, port, l7proto, audit, _ = self._args
-        return LiveConnectionPolicy(self._store, direction, local, remote_ip, remote, port, l7proto, audit, sni)
+        store = self._store
+        return LiveConnectionPolicy(store, direction, local, remote_ip, remote, port, l7proto, audit, sni)
 
     def l4(self) -> ConnectionPolicy:
         """The connection's verdicts under the current policy (L3/L4 at accept, and L7)."""

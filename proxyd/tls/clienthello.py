@@ -206,7 +206,6 @@ class ClientHelloReader:
         assert self._record_version is not None
         return parse_body(memoryview(hs)[4 : 4 + length], self._record_version)
 
-
     def _header(self, hs: bytes | bytearray) -> int | None:
         """The ClientHello's length from its handshake header, None before 4 bytes (raises _Malformed)."""
         if len(hs) < 1:

@@ -113,7 +113,8 @@ def problems(text: str) -> list[str]:
 def test_bad_names_are_reported_at_their_line() -> None:
     got = problems(DOC.format(extra="", third="a.*.example.org").replace('- "*.example.com"', "- ''"))
     assert got == [
-        "p.yaml:14: spec.egress[0].toPorts[0].serverNames[1]: empty server name is not allowed (as in Cilium)",
+        "p.yaml:14: spec.egress[0].toPorts[0].serverNames[1]: empty server name is not allowed "
+        "(as in Cilium)",
         "p.yaml:15: spec.egress[0].toPorts[0].serverNames[2]: 'a.*.example.org': a wildcard may only be a "
         "whole first label, '*.' (one label) or '**.' (any depth)",
     ]
@@ -156,7 +157,9 @@ def test_cilium_import_json_with_go_case() -> None:
     rules = [
         {
             "EndpointSelector": {},
-            "Egress": [{"ToPorts": [{"Ports": [{"Port": "443", "Protocol": "tcp"}], "ServerNames": ["A.com."]}]}],
+            "Egress": [
+                {"ToPorts": [{"Ports": [{"Port": "443", "Protocol": "tcp"}], "ServerNames": ["A.com."]}]}
+            ],
             "Labels": [{"key": "name", "value": "j", "source": "unspec"}],
         }
     ]
