@@ -214,6 +214,8 @@ class Connection(asyncio.Protocol):
         if verdict.audit:
             lr.access_log.connection(self.info, **verdict.fields, verdict="audit", reason=verdict.reason,
                                      policy=verdict.policy_name)  # fmt: skip
+        # Bytes that arrive while the upstream connects wait in _pending: bounded, as at accept.
+        self.pause_client_reading("connecting")
         self.start(self.info, self.upstream_addr, verdict.policy)
         if self._closed:
             return

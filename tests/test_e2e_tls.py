@@ -393,3 +393,54 @@ async def test_audit_mode_lets_a_refused_name_through_and_logs_it(tmp_path: Path
         ("audit", "refused.example.com"),
         ("forwarded", "refused.example.com"),
     ]
+
+
+async def test_bytes_after_an_allowed_hello_arrive_byte_exact(tmp_path: Path) -> None:
+    """Whatever follows the ClientHello in the same writes (4 MiB here, sent before the upstream
+    is even connected) reaches the server in order and complete."""
+    got = bytearray()
+    done = asyncio.Event()
+
+    async def sink(r: asyncio.StreamReader, w: asyncio.StreamWriter) -> None:
+        while data := await r.read(65536):
+            got.extend(data)
+        done.set()
+        w.close()
+
+    server = await asyncio.start_server(sink, "127.0.0.1", 0)
+    port = server.sockets[0].getsockname()[1]
+    _, _, _, hello = client_hello(client_context(), "x.one.example.net")
+    payload = hello + bytes(range(256)) * (4 * 4096)
+    try:
+        cfg = CONFIG.format(port=port, extra="")
+        async with daemon(cfg, tmp_path, files={"policy.yaml": POLICY.replace("PORT", str(port))}) as d:
+            r, w = await asyncio.open_connection(*addr(d, "tls"))
+            w.write(payload)
+            await w.drain()
+            w.write_eof()
+            await asyncio.wait_for(done.wait(), 20)
+            w.close()
+            await settle(d, tmp_path)
+    finally:
+        server.close()
+    assert got == payload
+    (line,) = conn_lines(tmp_path)
+    assert line["verdict"] == "forwarded" and line["sni"] == "x.one.example.net" and line["bytes_in"] == len(payload)
+
+
+async def test_a_hello_over_buffer_bytes_is_refused(tmp_path: Path, server: SServer) -> None:
+    async with tap(("127.0.0.1", server.port)) as up:
+        cfg = CONFIG.format(port=up.address[1], extra="  buffer_bytes: 8192")
+        async with daemon(cfg, tmp_path, files={"policy.yaml": POLICY.replace("PORT", str(up.address[1]))}) as d:
+            protos = [f"proto-{i:04d}-" + "x" * 40 for i in range(350)]
+            _, _, _, hello = client_hello(client_context(alpn=protos), "api.example.com")
+            r, w = await asyncio.open_connection(*addr(d, "tls"))
+            w.write(hello)
+            await w.drain()
+            assert await asyncio.wait_for(r.read(), 10) == b"\x15" + hello[1:3] + b"\x00\x02\x02\x31"
+            w.close()
+            await settle(d, tmp_path)
+        assert up.conns == []
+    (line,) = conn_lines(tmp_path)
+    assert line["verdict"] == "denied" and line["sni"] is None
+    assert line["reason"].startswith("tls: malformed ClientHello: ClientHello of ") and "limit (8192" in line["reason"]
