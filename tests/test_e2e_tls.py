@@ -414,7 +414,7 @@ async def test_bytes_after_an_allowed_hello_arrive_byte_exact(tmp_path: Path) ->
     try:
         cfg = CONFIG.format(port=port, extra="")
         async with daemon(cfg, tmp_path, files={"policy.yaml": POLICY.replace("PORT", str(port))}) as d:
-            r, w = await asyncio.open_connection(*addr(d, "tls"))
+            _, w = await asyncio.open_connection(*addr(d, "tls"))
             w.write(payload)
             await w.drain()
             w.write_eof()
@@ -425,13 +425,19 @@ async def test_bytes_after_an_allowed_hello_arrive_byte_exact(tmp_path: Path) ->
         server.close()
     assert got == payload
     (line,) = conn_lines(tmp_path)
-    assert line["verdict"] == "forwarded" and line["sni"] == "x.one.example.net" and line["bytes_in"] == len(payload)
+    assert (
+        line["verdict"] == "forwarded"
+        and line["sni"] == "x.one.example.net"
+        and line["bytes_in"] == len(payload)
+    )
 
 
 async def test_a_hello_over_buffer_bytes_is_refused(tmp_path: Path, server: SServer) -> None:
     async with tap(("127.0.0.1", server.port)) as up:
         cfg = CONFIG.format(port=up.address[1], extra="  buffer_bytes: 8192")
-        async with daemon(cfg, tmp_path, files={"policy.yaml": POLICY.replace("PORT", str(up.address[1]))}) as d:
+        async with daemon(
+            cfg, tmp_path, files={"policy.yaml": POLICY.replace("PORT", str(up.address[1]))}
+        ) as d:
             protos = [f"proto-{i:04d}-" + "x" * 40 for i in range(350)]
             _, _, _, hello = client_hello(client_context(alpn=protos), "api.example.com")
             r, w = await asyncio.open_connection(*addr(d, "tls"))
@@ -443,4 +449,7 @@ async def test_a_hello_over_buffer_bytes_is_refused(tmp_path: Path, server: SSer
         assert up.conns == []
     (line,) = conn_lines(tmp_path)
     assert line["verdict"] == "denied" and line["sni"] is None
-    assert line["reason"].startswith("tls: malformed ClientHello: ClientHello of ") and "limit (8192" in line["reason"]
+    assert (
+        line["reason"].startswith("tls: malformed ClientHello: ClientHello of ")
+        and "limit (8192" in line["reason"]
+    )
