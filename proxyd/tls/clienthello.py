@@ -265,23 +265,32 @@ def parse_body(body: memoryview, record_version: int) -> ClientHello:
     alpn: tuple[bytes, ...] = ()
     versions: tuple[int, ...] = ()
     if c.left():
-        exts = _Cursor(c.vec(2, "extensions"))
+        exts = c.vec(2, "extensions")
         if c.left():
             raise _Malformed(f"{c.left()} bytes after the extensions")
+        # A plain index walk: a browser's hello has 15-20 extensions, most of them skipped.
+        buf = bytes(exts)
+        pos, end = 0, len(buf)
         seen: set[int] = set()
-        while exts.left():
-            etype = exts.u16("extension type")
-            data = exts.vec(2, f"extension {etype}")
+        while pos < end:
+            if end - pos < 4:
+                raise _Malformed("extension header runs past the extensions")
+            etype = (buf[pos] << 8) | buf[pos + 1]
+            size = (buf[pos + 2] << 8) | buf[pos + 3]
+            pos += 4
+            if pos + size > end:
+                raise _Malformed(f"extension {etype}: length {size} runs past the extensions")
             if etype in seen:
                 raise _Malformed(f"extension {etype} given twice")
             seen.add(etype)
             if etype == EXT_SERVER_NAME:
-                sni = _server_name(data)
+                sni = _server_name(exts[pos : pos + size])
             elif etype == EXT_ALPN:
-                alpn = _alpn(data)
+                alpn = _alpn(exts[pos : pos + size])
             elif etype == EXT_SUPPORTED_VERSIONS:
-                versions = _versions(data)
+                versions = _versions(exts[pos : pos + size])
             # anything else (GREASE, padding, key_share, ECH, ...) says nothing about the name
+            pos += size
     return ClientHello(
         record_version, legacy_version, sni, alpn, versions or (legacy_version,), len(body) + 4
     )
