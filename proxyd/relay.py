@@ -23,6 +23,9 @@ Protocol-free I/O on asyncio transports (uvloop). What it guarantees (docs/confi
 - Timeouts (:meth:`Connection.check_timeouts`, called by the daemon's sweep): ``idle`` (no
   byte either way) and ``request`` (the parser has waited on MORE, with a partial request
   buffered and no progress, for that long).
+- A connection admitted pending its TLS ClientHello (:mod:`proxyd.tlsgate`) reads the client
+  first, bounded by ``buffer_bytes`` and ``request_timeout``, and connects upstream only once
+  allowed, sending what it read byte-exact; a refused one gets the gate's alert, or nothing.
 - The connection ends when both directions are done, on error, or on policy; exactly one
   ``connection`` access-log line is written, with byte counts and the reason.
 """
@@ -233,9 +236,15 @@ class Connection(asyncio.Protocol):
         """
         if self._closed or self.info is None:
             return None
-        if self._gate is not None and request and now - self._started >= request:
-            self._gate_decided(self._gate.end("timeout"))
-            return "request"
+        if self._gate is not None and request:
+            # Waiting for the ClientHello counts from the first sweep that sees it (as below).
+            if self._req_mark[0] != -2:
+                self._req_mark = (-2, now)
+            elif now - self._req_mark[1] >= request:
+                verdict = self._gate.end("timeout")
+                self._gate_decided(verdict)
+                self._req_mark = (-1, 0.0)
+                return None if verdict.allowed else "request"
         if idle:
             seen = self.bytes_in + self.bytes_out + self._up_rx
             if seen != self._idle_mark[0]:

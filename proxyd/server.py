@@ -10,7 +10,8 @@ Admission (:meth:`ListenerRuntime.accept`) refuses, before any upstream connect:
 over ``max_connections``, connections that were not redirected (no original destination, or
 the listener's own address, which is what ``SO_ORIGINAL_DST`` answers where NAT is loaded) or
 whose original destination is one of proxyd's own listeners (a loop), and connections the
-policy denies at L3/L4.
+policy denies at L3/L4. Where a ``serverNames`` rule could apply, the policy's verdict waits
+for the client's TLS ClientHello (:mod:`proxyd.tlsgate`), still before any upstream connect.
 """
 
 from __future__ import annotations
