@@ -284,3 +284,16 @@ def test_mutated_hellos_never_raise(data: bytes, flips: list[tuple[int, int]]) -
     out = read(bytes(buf))
     assert out.kind in (NEED_MORE, HELLO, NOT_TLS, MALFORMED)
     assert read_split(bytes(buf), [len(buf) // 3, len(buf) // 2]) == out
+
+
+def test_the_reader_is_sans_io() -> None:
+    """Importing the reader (and the SNI matcher) pulls in no event loop and no sockets."""
+    import subprocess
+    import sys
+
+    code = (
+        "import sys, proxyd.tls.clienthello, proxyd.policy.servernames; "
+        "print(sorted(m for m in ('asyncio', 'socket', 'selectors', 'ssl') if m in sys.modules))"
+    )
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
+    assert out.stdout.strip() == "[]"
