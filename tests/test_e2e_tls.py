@@ -26,6 +26,7 @@ from tls_fixture import (
     make_cert,
     reframe,
     start_s_server,
+    start_tls_nginx,
     tap,
 )
 
@@ -209,6 +210,37 @@ async def test_curl(tmp_path: Path, server: SServer) -> None:
     assert [(x["verdict"], x["sni"], x["alpn"]) for x in lines] == [
         ("forwarded", "api.example.com", ["http/1.1"]),
         ("denied", "www.example.com", ["http/1.1"]),
+    ]
+
+
+@pytest.mark.parametrize("http", ["--http2", "--http1.1"])
+async def test_curl_to_nginx(tmp_path: Path, cert: Cert, http: str) -> None:
+    """nginx answers with the SNI, ALPN and version it negotiated through proxyd."""
+    with start_tls_nginx(tmp_path, cert) as port:
+        cfg = CONFIG.format(port=port, extra="")
+        async with daemon(cfg, tmp_path, files={"policy.yaml": POLICY.replace("PORT", str(port))}) as d:
+            host, lport = addr(d, "tls")
+            curl = ["curl", "-sS", "-k", "--max-time", "10", http]
+            for name in ("api.example.com", "a.b.deep.example.org"):
+                url = f"https://{name}:{lport}/"
+                rc, out = await run_tool(*curl, "--resolve", f"{name}:{lport}:{host}", url)
+                alpn = "h2" if http == "--http2" else "http/1.1"
+                assert rc == 0 and out == f"sni={name} alpn={alpn} proto=TLSv1.3\n", out
+            rc, out = await run_tool(
+                *curl, "--tlsv1.2", "--tls-max", "1.2", "--resolve", f"api.example.com:{lport}:{host}",
+                f"https://api.example.com:{lport}/",
+            )  # fmt: skip
+            assert rc == 0 and "proto=TLSv1.2" in out, out
+            rc, out = await run_tool(*curl, "--resolve", f"deep.example.org:{lport}:{host}",
+                                     f"https://deep.example.org:{lport}/")  # fmt: skip
+            assert rc == 35 and "alert access denied" in out, out
+            await settle(d, tmp_path)
+    lines = conn_lines(tmp_path)
+    assert [(x["verdict"], x["sni"]) for x in lines] == [
+        ("forwarded", "api.example.com"),
+        ("forwarded", "a.b.deep.example.org"),
+        ("forwarded", "api.example.com"),
+        ("denied", "deep.example.org"),
     ]
 
 

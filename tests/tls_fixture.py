@@ -217,3 +217,64 @@ async def finish_handshake(
         with contextlib.suppress(ConnectionError):
             await w.drain()
     return bytes(answer)
+
+
+NGINX_TLS_CONF = """
+daemon off;
+master_process off;
+worker_processes 1;
+pid {prefix}/nginx.pid;
+error_log {prefix}/error.log warn;
+events {{ worker_connections 256; }}
+http {{
+    client_body_temp_path {prefix}/body;
+    proxy_temp_path {prefix}/proxy;
+    fastcgi_temp_path {prefix}/fastcgi;
+    uwsgi_temp_path {prefix}/uwsgi;
+    scgi_temp_path {prefix}/scgi;
+    access_log off;
+    server {{
+        listen 127.0.0.1:{port} ssl http2;
+        ssl_certificate {cert};
+        ssl_certificate_key {key};
+        ssl_protocols TLSv1.2 TLSv1.3;
+        location / {{ return 200 "sni=$ssl_server_name alpn=$ssl_alpn_protocol proto=$ssl_protocol\\n"; }}
+    }}
+}}
+"""
+
+
+@contextlib.contextmanager
+def start_tls_nginx(tmp: Path, cert: Cert) -> Iterator[int]:
+    """nginx (Debian's) serving HTTPS and HTTP/2 with the test certificate; yields its port. Its
+    answer names the SNI, ALPN protocol and TLS version it negotiated."""
+    need_binary("nginx")
+    nginx = shutil.which("nginx")
+    assert nginx is not None
+    prefix = tmp / "nginx-tls"
+    prefix.mkdir(parents=True, exist_ok=True)
+    port = free_port()
+    conf = prefix / "nginx.conf"
+    conf.write_text(NGINX_TLS_CONF.format(prefix=prefix, port=port, cert=cert.cert, key=cert.key))
+    proc = subprocess.Popen(
+        [nginx, "-p", str(prefix), "-c", str(conf), "-e", str(prefix / "error.log")],
+        stdout=subprocess.DEVNULL, stderr=subprocess.PIPE,
+    )  # fmt: skip
+    try:
+        deadline = time.monotonic() + 10
+        while True:
+            if proc.poll() is not None:
+                raise RuntimeError(f"nginx exited: {proc.stderr.read().decode() if proc.stderr else ''}")
+            with contextlib.suppress(OSError):
+                socket.create_connection(("127.0.0.1", port), timeout=1).close()
+                break
+            if time.monotonic() > deadline:
+                raise RuntimeError("nginx did not start")
+            time.sleep(0.02)
+        yield port
+    finally:
+        proc.terminate()
+        try:
+            proc.wait(5)
+        except subprocess.TimeoutExpired:
+            proc.kill()
