@@ -485,3 +485,46 @@ async def test_a_hello_over_buffer_bytes_is_refused(tmp_path: Path, server: SSer
         line["reason"].startswith("tls: malformed ClientHello: ClientHello of ")
         and "limit (8192" in line["reason"]
     )
+
+
+def ech_hello(outer: bytes) -> bytes:
+    """A ClientHello in the shape ECH clients send: the outer (public) name in server_name, the
+    real one sealed in an encrypted_client_hello extension (0xfe0d) proxyd cannot read."""
+    sni = b"\x00" + len(outer).to_bytes(2, "big") + outer
+    exts = (
+        b"\x00\x00" + (len(sni) + 2).to_bytes(2, "big") + len(sni).to_bytes(2, "big") + sni
+        + b"\xfe\x0d\x00\x40" + bytes(range(64))
+        + b"\x00\x2b\x00\x03\x02\x03\x04"
+    )  # fmt: skip
+    body = b"\x03\x03" + bytes(32) + b"\x00" + b"\x00\x02\x13\x01" + b"\x01\x00"
+    body += len(exts).to_bytes(2, "big") + exts
+    hs = b"\x01" + len(body).to_bytes(3, "big") + body
+    return b"\x16\x03\x01" + len(hs).to_bytes(2, "big") + hs
+
+
+async def test_ech_outer_name_decides(tmp_path: Path) -> None:
+    async def echo(r: asyncio.StreamReader, w: asyncio.StreamWriter) -> None:
+        w.write(await r.read(65536))
+        await w.drain()
+        w.close()
+
+    server = await asyncio.start_server(echo, "127.0.0.1", 0)
+    port = server.sockets[0].getsockname()[1]
+    try:
+        cfg = CONFIG.format(port=port, extra="")
+        async with daemon(cfg, tmp_path, files={"policy.yaml": POLICY.replace("PORT", str(port))}) as d:
+            got = []
+            for outer in (b"api.example.com", b"public.ech.example"):
+                hello = ech_hello(outer)
+                r, w = await asyncio.open_connection(*addr(d, "tls"))
+                w.write(hello)
+                got.append(await asyncio.wait_for(r.read(), 10))
+                w.close()
+            await settle(d, tmp_path)
+    finally:
+        server.close()
+    assert got == [ech_hello(b"api.example.com"), b"\x15\x03\x01\x00\x02\x02\x31"]
+    assert [(x["verdict"], x["sni"]) for x in conn_lines(tmp_path)] == [
+        ("forwarded", "api.example.com"),
+        ("denied", "public.ech.example"),
+    ]
