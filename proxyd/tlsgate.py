@@ -71,7 +71,8 @@ class HelloGate:
 
     def __init__(self, view: SNIView, limit: int) -> None:
         self.view = view
-        self.reader = ClientHelloReader(limit)
+        # A record header and a handshake header at least, whatever buffer_bytes says.
+        self.reader = ClientHelloReader(max(limit, 16))
 
     @property
     def data(self) -> bytes:
