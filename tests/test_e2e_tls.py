@@ -528,3 +528,26 @@ async def test_ech_outer_name_decides(tmp_path: Path) -> None:
         ("forwarded", "api.example.com"),
         ("denied", "public.ech.example"),
     ]
+
+
+async def test_the_policy_in_force_when_the_hello_completes_decides(tmp_path: Path, server: SServer) -> None:
+    async with tap(("127.0.0.1", server.port)) as up:
+        cfg = CONFIG.format(port=up.address[1], extra="")
+        policy = POLICY.replace("PORT", str(up.address[1]))
+        async with daemon(cfg, tmp_path, files={"policy.yaml": policy}) as d:
+            _, _, _, hello = client_hello(client_context(), "api.example.com")
+            r, w = await asyncio.open_connection(*addr(d, "tls"))
+            w.write(hello[:40])
+            await w.drain()
+            await wait_for(lambda: sum(len(c.reader.data) for c in _gates(d)) == 40)
+            (tmp_path / "policy.yaml").write_text(policy.replace("- api.example.com", "- api2.example.com"))
+            assert d.reload_policy("test")
+            w.write(hello[40:])
+            assert await asyncio.wait_for(r.read(), 10) == b"\x15" + hello[1:3] + b"\x00\x02\x02\x31"
+            w.close()
+            await settle(d, tmp_path)
+        assert up.conns == []
+
+
+def _gates(d: Daemon) -> list:  # type: ignore[type-arg]
+    return [c._gate for lr in d.listeners.values() for c in lr.conns if c._gate is not None]
