@@ -16,6 +16,7 @@ from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
+from needs import need_binary
 from proxyutil import addr, daemon, wait_for
 from tls_fixture import (
     Cert,
@@ -154,6 +155,7 @@ async def test_python_ssl_allowed_and_refused_names(tmp_path: Path, server: SSer
 
 
 async def run_tool(*argv: str, stdin: bytes = b"") -> tuple[int, str]:
+    need_binary(argv[0])
     proc = await asyncio.create_subprocess_exec(
         *argv, stdin=asyncio.subprocess.PIPE, stdout=asyncio.subprocess.PIPE, stderr=asyncio.subprocess.STDOUT
     )
