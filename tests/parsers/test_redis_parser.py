@@ -480,3 +480,11 @@ def test_a_protocol_error_under_reply_off_closes_without_an_answer() -> None:
     h.feed(GET_A + cmd("CLIENT", "REPLY", "OFF") + b"*1\r\n$-7\r\n")
     h.feed(b"+OK\r\n", reply=True)
     assert h.to_client == b"+OK\r\n" and h.closed
+
+
+def test_nothing_is_queued_once_the_reply_stream_is_unframed() -> None:
+    h = harness([{}])
+    h.feed(cmd("PSYNC", "?", "-1"))
+    h.feed(b"+FULLRESYNC x 0\r\n", reply=True)
+    h.feed((cmd("SUBSCRIBE", "a") + cmd("PSYNC", "?", "-1") + cmd("REPLCONF", "ACK", "1")) * 100)
+    assert not h.engine.parser.pending and not h.held(False)  # type: ignore[union-attr]

@@ -337,7 +337,8 @@ class RedisParser(Parser):
         db = self.db
         # After MONITOR/SYNC/PSYNC replies are not framed: nothing is queued for them.
         skip = self.skip_next  # redis-server's CLIENT_REPLY_SKIP, for this command only
-        silent = self.reply_off or skip or self.raw
+        raw_before = self.raw
+        silent = self.reply_off or skip or raw_before
         self.skip_next = False
         entry: list[Any] | None = None
         if not allowed:
@@ -412,7 +413,7 @@ class RedisParser(Parser):
             ctx.log(EntryType.REQUEST, {"command": name, "db": db})
         else:
             ctx.log(EntryType.REQUEST, lambda: self._fields(name, keys, db))
-        if not silent or forced:
+        if (not silent or forced) and not raw_before:  # after MONITOR/SYNC nothing is framed
             entry = self._push([kind, name, count, b"", False])
         if head.complete:
             return None
