@@ -22,6 +22,7 @@ BUILTINS: dict[str, str] = {
     "cassandra": "proxyd.parsers.cassandra:CassandraFactory",
     "redis": "proxyd.parsers.redis:RedisFactory",
     "http": "proxyd.parsers.http:HttpFactory",
+    "kafka": "proxyd.parsers.kafka:KafkaFactory",
     "test.passer": "proxyd.parsers.testparsers:PasserFactory",
     "test.lineparser": "proxyd.parsers.testparsers:LineParserFactory",
     "test.blockparser": "proxyd.parsers.testparsers:BlockParserFactory",
