@@ -233,6 +233,7 @@ class KafkaParser(Parser):
             if reason is not None:
                 allowed = False
             else:
+                keys = list(names)  # logged by name
                 lay = layout(key, head.version, False)
                 topic_type = lay is not None and lay.topics
                 trans = key == INIT_PRODUCER_ID and body.tree.get("TransactionalId") is not None
@@ -492,6 +493,7 @@ class KafkaParser(Parser):
                 "api_key": "metadata",
                 "api_version": entry.version,
                 "correlation_id": entry.corr,
+                "client_id": _text(entry.client_id) if entry.client_id is not None else None,
                 "topics_refused": [_text(x) for x in refused[:MAX_LOGGED_TOPICS]],
             },
         )
