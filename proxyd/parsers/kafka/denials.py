@@ -52,7 +52,6 @@ def code_for(head: Head, body: Body | None) -> int:
     lay = layout(head.api_key, head.version, False)
     if lay is not None and lay.groups:
         return GROUP_AUTHORIZATION_FAILED
-    lay = layout(head.api_key, head.version, False)
     return TOPIC_AUTHORIZATION_FAILED if lay is not None and lay.topics else CLUSTER_AUTHORIZATION_FAILED
 
 
@@ -107,6 +106,13 @@ def _source_array(f: Field, req: Layout | None, tree: dict[str, Any]) -> tuple[F
         pick = next((g for g in candidates if (g.children is not None and _group_key(g.children))
                      or (g.kind == ARRAY and g.group)), None)  # fmt: skip
     if pick is None:
+        # one level down: AlterReplicaLogDirs lists topics per log dir, its response per topic
+        for g in candidates:
+            if g.kind == STRUCTS and g.children is not None and tree.get(g.name):
+                inner = [_source_array(f, g.children, item) for item in tree[g.name]]
+                found = [x for x in inner if x is not None]
+                if found:
+                    return found[0][0], [i for _, items in found for i in items]
         return None
     items = tree.get(pick.name)
     if not items:

@@ -296,7 +296,8 @@ class KafkaParser(Parser):
             def keep() -> None:
                 self.sessions[sid] = new
 
-            return [*own, *dict.fromkeys(k for k, _ in new)], keep, None
+            held = sorted({k for k, _ in new}, key=lambda k: (isinstance(k, bytes), k))
+            return [*own, *held], keep, None
         if epoch == 0:
             return own, None, pairs
         if sid:
