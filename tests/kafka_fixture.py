@@ -17,6 +17,7 @@ import subprocess
 import tempfile
 import time
 from collections.abc import Iterator
+from typing import Any
 
 from needs import find_binary, free_port, need_binary
 
@@ -48,11 +49,15 @@ def start_tansu(advertised_port: int, advertised_host: str = "127.0.0.1") -> Ite
     binary = find_binary("tansu")
     assert binary is not None
     port = free_port()
+    with tempfile.TemporaryFile() as log:  # not a pipe: a chatty broker must never block on it
+        yield from _run(binary, port, advertised_host, advertised_port, log)
+
+
+def _run(binary: str, port: int, host: str, advertised_port: int, log: Any) -> Iterator[int]:
     env = {k: v for k, v in os.environ.items() if not k.startswith(("CLUSTER_ID", "LISTENER", "ADVERTISED"))}
-    log = tempfile.TemporaryFile()  # not a pipe: a chatty broker must never block on it
     proc = subprocess.Popen(
         [binary, "broker", "--listener-url", f"tcp://127.0.0.1:{port}",
-         "--advertised-listener-url", f"tcp://{advertised_host}:{advertised_port}",
+         "--advertised-listener-url", f"tcp://{host}:{advertised_port}",
          "--storage-engine", "memory://tansu/"],
         stdout=log, stderr=log, env=env,
     )  # fmt: skip
@@ -62,4 +67,3 @@ def start_tansu(advertised_port: int, advertised_host: str = "127.0.0.1") -> Ite
     finally:
         proc.kill()
         proc.wait(5)
-        log.close()

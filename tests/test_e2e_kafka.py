@@ -32,9 +32,9 @@ from aiokafka.errors import TopicAuthorizationFailedError  # noqa: E402
 with warnings.catch_warnings():
     # kafka-python 3.0 loads its schemas with importlib.resources.read_text (deprecated)
     warnings.simplefilter("ignore", DeprecationWarning)
-    kafka = pytest.importorskip("kafka")
-    import kafka.errors  # noqa: E402
-    import kafka.structs  # noqa: E402
+    pytest.importorskip("kafka")
+    import kafka.errors
+    import kafka.structs
 
 TIMEOUT = 30.0
 
@@ -85,9 +85,12 @@ ROLES = """
 #: Metadata of every topic is open: requests for other topics reach the parser and are denied.
 #: Group timings short enough for tansu, which otherwise holds a first JoinGroup ~20 s.
 FAST_GROUP = {"session.timeout.ms": 6000, "max.poll.interval.ms": 7000, "heartbeat.interval.ms": 500}
-OPEN_METADATA = ROLES + """
+OPEN_METADATA = (
+    ROLES
+    + """
               - apiKey: metadata
 """
+)
 
 
 @pytest.fixture(scope="module")
@@ -121,7 +124,9 @@ def _topic(base: str) -> str:
 
 
 async def _aio_produce(pport: int, topic: str, value: bytes, **kw: Any) -> Any:
-    p = aiokafka.AIOKafkaProducer(bootstrap_servers=f"127.0.0.1:{pport}", request_timeout_ms=int(TIMEOUT * 1000), **kw)
+    p = aiokafka.AIOKafkaProducer(
+        bootstrap_servers=f"127.0.0.1:{pport}", request_timeout_ms=int(TIMEOUT * 1000), **kw
+    )
     await p.start()
     try:
         return await p.send_and_wait(topic, value)
@@ -159,7 +164,9 @@ async def test_aiokafka_produce_consume_group_and_denials(broker: tuple[int, int
             assert e["fields"]["client_id"].startswith("aiokafka")
 
 
-async def test_aiokafka_produce_denied_by_the_produce_request(broker: tuple[int, int], tmp_path: Path) -> None:
+async def test_aiokafka_produce_denied_by_the_produce_request(
+    broker: tuple[int, int], tmp_path: Path
+) -> None:
     """With Metadata open, the Produce itself is denied: its answer is a Produce response."""
     _, pport = broker
     secret = _topic("secret")
@@ -185,7 +192,9 @@ def _kafka_python_flow(pport: int, secret: str) -> dict[str, Any]:
     TopicPartition = kafka.structs.TopicPartition
     out: dict[str, Any] = {}
     boot = f"127.0.0.1:{pport}"
-    p = kafka.KafkaProducer(bootstrap_servers=boot, request_timeout_ms=int(TIMEOUT * 1000), max_block_ms=10_000)
+    p = kafka.KafkaProducer(
+        bootstrap_servers=boot, request_timeout_ms=int(TIMEOUT * 1000), max_block_ms=10_000
+    )
     try:
         out["sent"] = p.send("allowed2", b"kp1").get(timeout=TIMEOUT).topic
         p.send("allowed", b"kp2").get(timeout=TIMEOUT)
@@ -213,7 +222,9 @@ def _kafka_python_flow(pport: int, secret: str) -> dict[str, Any]:
     finally:
         c.close()
     # assign() a topic outside the policy: the Fetch (or ListOffsets) naming it is denied
-    c = kafka.KafkaConsumer(bootstrap_servers=boot, consumer_timeout_ms=5000, request_timeout_ms=int(TIMEOUT * 1000) + 1000)
+    c = kafka.KafkaConsumer(
+        bootstrap_servers=boot, consumer_timeout_ms=5000, request_timeout_ms=int(TIMEOUT * 1000) + 1000
+    )
     try:
         c.assign([TopicPartition("allowed", 0), TopicPartition(secret, 0)])
         try:
@@ -228,7 +239,9 @@ def _kafka_python_flow(pport: int, secret: str) -> dict[str, Any]:
     return out
 
 
-async def test_kafka_python_producer_group_consumer_multi_topic(broker: tuple[int, int], tmp_path: Path) -> None:
+async def test_kafka_python_producer_group_consumer_multi_topic(
+    broker: tuple[int, int], tmp_path: Path
+) -> None:
     _, pport = broker
     secret = _topic("secret")
     async with kafka_daemon(broker, tmp_path, OPEN_METADATA):
@@ -238,7 +251,11 @@ async def test_kafka_python_producer_group_consumer_multi_topic(broker: tuple[in
     assert out["consumed"] == ["allowed", "allowed2"]
     assert out["assign"] == "denied"
     entries = l7(tmp_path)
-    multi = [e for e in entries if e["fields"].get("api_key") == "fetch" and len(e["fields"].get("topics", [])) == 2]
+    multi = [
+        e
+        for e in entries
+        if e["fields"].get("api_key") == "fetch" and len(e["fields"].get("topics", [])) == 2
+    ]
     assert multi and all(e["verdict"] == "forwarded" for e in multi)
     denied = [e for e in entries if e["verdict"] == "denied"]
     assert {e["fields"]["api_key"] for e in denied} <= {"produce", "fetch", "offsets"}

@@ -152,7 +152,10 @@ def read_files(args: argparse.Namespace) -> tuple[dict[str, str], str]:
         for name in names:
             if name.endswith(".json"):
                 files[Path(name).name] = subprocess.run(
-                    ["git", "--git-dir", args.git, "show", f"{rev}:{name}"], check=True, capture_output=True, text=True
+                    ["git", "--git-dir", args.git, "show", f"{rev}:{name}"],
+                    check=True,
+                    capture_output=True,
+                    text=True,
                 ).stdout
         return files, f"apache/kafka commit {rev}"
     base = Path(args.checkout) / MESSAGE_DIR
@@ -162,7 +165,7 @@ def read_files(args: argparse.Namespace) -> tuple[dict[str, str], str]:
 def build(files: dict[str, str]) -> dict[int, tuple[Any, ...]]:
     requests: dict[int, dict[str, Any]] = {}
     responses: dict[int, dict[str, Any]] = {}
-    for name, text in files.items():
+    for text in files.values():
         doc = load(text)
         if doc.get("type") == "request":
             requests[doc["apiKey"]] = doc

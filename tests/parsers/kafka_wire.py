@@ -49,14 +49,14 @@ def sample(lay: Layout, topic: str, topic_id: bytes) -> dict[str, Any]:
             out[f.name] = topic
         elif f.topic and f.kind == UUID:
             out[f.name] = topic_id
-        elif f.name == "Acks":
-            out[f.name] = -1
-        elif f.name == "SessionEpoch":
+        elif f.name == "Acks" or f.name == "SessionEpoch":
             out[f.name] = -1
     return out
 
 
-def request(key: int, version: int, tree: dict[str, Any], corr: int = 1, client: bytes | None = b"cli") -> bytes:
+def request(
+    key: int, version: int, tree: dict[str, Any], corr: int = 1, client: bytes | None = b"cli"
+) -> bytes:
     hv = request_header_version(key, version)
     hdr = struct.pack(">hhi", key, version, corr)
     if hv >= 1:

@@ -23,7 +23,7 @@ from kafka_wire import (
     sample_response,
 )
 
-from proxyd.ops import DROP, ERROR, MORE, PASS
+from proxyd.ops import DROP, ERROR, PASS
 from proxyd.parsers.kafka.apis import APIS
 from proxyd.parsers.kafka.parser import ALWAYS_ALLOWED
 from proxyd.parsers.kafka.rules import METADATA, PRODUCE
@@ -85,7 +85,9 @@ def test_every_version_denied_gets_its_own_response(key: int, version: int) -> N
         assert codes == set()  # DescribeLogDirs v0-2 has no error field outside its log dirs
     elif named:
         assert codes == {29}
-    elif key in (10, 11, 12, 13, 14, 15, 42, 69, 77, 68, 76, 79, 78, 25) or layout(key, version, False).groups:  # type: ignore[union-attr]
+    elif (
+        key in (10, 11, 12, 13, 14, 15, 42, 69, 77, 68, 76, 79, 78, 25) or layout(key, version, False).groups
+    ):  # type: ignore[union-attr]
         assert codes <= {30}
     else:
         assert codes <= {31}
@@ -175,7 +177,8 @@ def _metadata(version: int, topics: list[tuple[str, bytes]], corr: int) -> bytes
     tree = sample(lay, "x", ID_OK)
     tree["Topics"] = [
         {"ErrorCode": 0, "Name": name, "TopicId": tid, "IsInternal": False,
-         "Partitions": [{"ErrorCode": 0, "PartitionIndex": 0, "LeaderId": 1, "ReplicaNodes": [1], "IsrNodes": [1]}]}
+         "Partitions": [{"ErrorCode": 0, "PartitionIndex": 0, "LeaderId": 1, "ReplicaNodes": [1],
+                         "IsrNodes": [1]}]}
         for name, tid in topics
     ]  # fmt: skip
     return response(METADATA, version, tree, corr)
@@ -185,7 +188,12 @@ def _metadata(version: int, topics: list[tuple[str, bytes]], corr: int) -> bytes
 def test_metadata_named_topics_refused_with_29(version: int) -> None:
     TOPIC_IDS.clear()
     h = harness()
-    req = request(METADATA, version, {"Topics": [{"Name": "ok"}, {"Name": "secret"}], "AllowAutoTopicCreation": False}, corr=4)
+    req = request(
+        METADATA,
+        version,
+        {"Topics": [{"Name": "ok"}, {"Name": "secret"}], "AllowAutoTopicCreation": False},
+        corr=4,
+    )
     h.feed(req)
     assert h.to_server == req
     resp = _metadata(version, [("ok", ID_OK), ("secret", ID_SECRET)], 4)
@@ -300,7 +308,8 @@ def test_two_topic_produce_held_until_both_names_are_read() -> None:
     assert h.to_server == b"" and h.log[-1].fields["topics"] == ["ok", "secret"]
     _, resp = decode_response(PRODUCE, 9, h.to_client)
     assert [(t["Name"], [p["Index"] for p in t["PartitionResponses"]]) for t in resp["Responses"]] == [
-        ("ok", [0]), ("secret", [1])
+        ("ok", [0]),
+        ("secret", [1]),
     ]
     # topics beyond max_inspect_bytes: denied with the reason
     first["PartitionData"][0]["Records"] = b"R" * 6000
@@ -332,7 +341,9 @@ def test_response_with_the_wrong_correlation_id_closes() -> None:
 
 def test_header_versions_and_null_client_id() -> None:
     h = harness([{"clientID": "me"}])
-    wire = request(3, 12, {"Topics": None}, corr=1, client=None) + request(12, 4, {"GroupId": "g"}, corr=2, client=b"me")
+    wire = request(3, 12, {"Topics": None}, corr=1, client=None) + request(
+        12, 4, {"GroupId": "g"}, corr=2, client=b"me"
+    )
     h.feed(wire)
     assert h.log[0].fields["client_id"] is None and h.log[1].fields["client_id"] == "me"
     assert h.to_server == wire  # Metadata is never denied whole; Heartbeat from "me" allowed
@@ -392,7 +403,11 @@ def test_random_frames_fuzz() -> None:
     for key, version in ALL_VERSIONS:
         for _ in range(3):
             body = bytes(rnd.getrandbits(8) for _ in range(rnd.randrange(0, 40)))
-            hdr = struct.pack(">hhih", key, version, 1, 1) + b"c" + (b"\x00" if version >= APIS[key][3] else b"")
+            hdr = (
+                struct.pack(">hhih", key, version, 1, 1)
+                + b"c"
+                + (b"\x00" if version >= APIS[key][3] else b"")
+            )
             h = harness()
             h.feed(struct.pack(">i", len(hdr) + len(body)) + hdr + body, split="random", seed=key)
             assert h.error is None or h.error.kind == "parser_error", (key, version, h.error)

@@ -65,7 +65,9 @@ def test_empire_policy_loads_and_decides() -> None:
     docs = parse_text(EMPIRE, "p.yaml", REGISTRY)
     ps = PolicySet(docs, REGISTRY)
     hq = ps.connection_policy("ingress", {"app": "kafka"}, "10.0.0.2", {"app": "empire-hq"}, 9092, "kafka")
-    outpost = ps.connection_policy("ingress", {"app": "kafka"}, "10.0.0.2", {"app": "empire-outpost"}, 9092, "kafka")
+    outpost = ps.connection_policy(
+        "ingress", {"app": "kafka"}, "10.0.0.2", {"app": "empire-outpost"}, 9092, "kafka"
+    )
     assert hq.decide(r(0, "deathstar-plans")).allowed
     assert hq.decide(r(0, "empire-announce")).allowed
     assert not hq.decide(r(1, "empire-announce")).allowed  # hq may not consume
@@ -124,7 +126,7 @@ AT = "p.yaml:20: spec.ingress[0].toPorts[0].rules.kafka[0]."
 @pytest.mark.parametrize(
     ("rule", "where"),
     [
-        ('        - role: "produce"\n          apiKey: fetch\n', "p.yaml:21: spec.ingress[0].toPorts[0].rules.kafka[0].apiKey: cannot"),
+        ('        - role: "produce"\n          apiKey: fetch\n', AT.replace("20", "21") + "apiKey: cannot"),
         ('        - role: "producer"\n', AT + "role: invalid"),
         ('        - topic: "a b"\n', AT + "topic: invalid"),
         ('        - apiVersion: "v1"\n', AT + "apiVersion: invalid"),
@@ -140,11 +142,13 @@ def test_rule_errors_are_reported_at_their_line(rule: str, where: str) -> None:
 
 def test_cilium_forms_empty_list_json_import_and_one_rule_type_per_port() -> None:
     # `kafka: []`: parsed by the kafka parser, every request allowed (Cilium's visibility form)
-    visibility = EMPIRE.replace('        kafka:\n        - role: "consume"\n          topic: "empire-announce"\n',
-                                "        kafka: []\n")  # fmt: skip
+    consume = '        kafka:\n        - role: "consume"\n          topic: "empire-announce"\n'
+    visibility = EMPIRE.replace(consume, "        kafka: []\n")
     assert "kafka: []" in visibility
     ps = PolicySet(parse_text(visibility, "p.yaml", REGISTRY), REGISTRY)
-    cp = ps.connection_policy("ingress", {"app": "kafka"}, "10.0.0.2", {"app": "empire-outpost"}, 9092, "kafka")
+    cp = ps.connection_policy(
+        "ingress", {"app": "kafka"}, "10.0.0.2", {"app": "empire-outpost"}, 9092, "kafka"
+    )
     assert cp.decide(r(0, "anything")).allowed and cp.decide(r(32, None, typed=False)).allowed
     imported = json.dumps([{
         "endpointSelector": {"matchLabels": {"app": "kafka"}},
@@ -154,7 +158,10 @@ def test_cilium_forms_empty_list_json_import_and_one_rule_type_per_port() -> Non
     ps = PolicySet(parse_text(imported, "p.json", REGISTRY), REGISTRY)
     cp = ps.connection_policy("ingress", {"app": "kafka"}, "10.0.0.2", {}, 9092, "kafka")
     assert cp.decide(r(0, "t")).allowed and not cp.decide(r(0, "u")).allowed
-    both = EMPIRE.replace("        kafka:\n        - role: \"consume\"", "        http: [{}]\n        kafka:\n        - role: \"consume\"")
+    both = EMPIRE.replace(
+        '        kafka:\n        - role: "consume"',
+        '        http: [{}]\n        kafka:\n        - role: "consume"',
+    )
     with pytest.raises(PolicyError) as exc:
         parse_text(both, "p.yaml", REGISTRY)
     assert any("one L7 rule type per port" in p for p in exc.value.problems)

@@ -93,6 +93,9 @@ def test_kafka_python_reads_our_requests_and_denials() -> None:
             if req_cls is not None and version <= req_cls.max_version:
                 lay = layout(key, version, False)
                 assert lay is not None
-                assert _decodes(req_cls, version, encode(lay, sample(lay, "secret", ID_SECRET))), (key, version)
+                assert _decodes(req_cls, version, encode(lay, sample(lay, "secret", ID_SECRET))), (
+                    key,
+                    version,
+                )
             checked += 1
     assert checked > 200

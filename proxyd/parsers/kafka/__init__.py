@@ -52,7 +52,9 @@ class KafkaFactory(ParserFactory):
         budget = DEFAULT_INSPECT
         for key, value in config.items():
             if key != "max_inspect_bytes":
-                raise ParserConfigError("unknown key for parser 'kafka' (known: max_inspect_bytes)", key=str(key))
+                raise ParserConfigError(
+                    "unknown key for parser 'kafka' (known: max_inspect_bytes)", key=str(key)
+                )
             lo, hi = _INSPECT
             if isinstance(value, bool) or not isinstance(value, int) or not lo <= value <= hi:
                 raise ParserConfigError(f"must be an integer from {lo} to {hi}, not {value!r}", key=key)

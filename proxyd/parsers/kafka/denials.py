@@ -26,8 +26,20 @@ import struct
 from typing import Any
 
 from .requests import Body, Head
-from .schema import ARRAY, INT16, INT32, STRING, STRUCT, STRUCTS, UUID, Field, Layout, encode, layout
-from .schema import response_header_version
+from .schema import (
+    ARRAY,
+    INT16,
+    INT32,
+    STRING,
+    STRUCT,
+    STRUCTS,
+    UUID,
+    Field,
+    Layout,
+    encode,
+    layout,
+    response_header_version,
+)
 
 TOPIC_AUTHORIZATION_FAILED = 29
 GROUP_AUTHORIZATION_FAILED = 30
@@ -101,7 +113,8 @@ def _source_array(f: Field, req: Layout | None, tree: dict[str, Any]) -> tuple[F
                      or (g.kind == ARRAY and g.topic)), None)  # fmt: skip
     if pick is None and _partition_key(elem):
         pick = next((g for g in candidates if (g.children is not None and _partition_key(g.children))
-                     or (g.kind == ARRAY and g.elem == INT32 and "partition" in g.name.lower())), None)  # fmt: skip
+                     or (g.kind == ARRAY and g.elem == INT32 and "partition" in g.name.lower())),
+                    None)  # fmt: skip
     if pick is None and _group_key(elem):
         pick = next((g for g in candidates if (g.children is not None and _group_key(g.children))
                      or (g.kind == ARRAY and g.group)), None)  # fmt: skip
@@ -125,8 +138,10 @@ def _key_field(elem: Layout, value: Any) -> Field | None:
     for f in elem.fields:
         if isinstance(value, int) and f.kind == INT32 and f.name.lower() in _PARTITION:
             return f
-        if isinstance(value, str) and f.kind == STRING and (
-            f.topic or f.group or f.name.lower() in ("key", "name")
+        if (
+            isinstance(value, str)
+            and f.kind == STRING
+            and (f.topic or f.group or f.name.lower() in ("key", "name"))
         ):
             return f
     return None

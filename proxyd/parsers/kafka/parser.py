@@ -58,7 +58,13 @@ from typing import Any
 from proxyd.ops import DROP, ERROR, ERROR_PROTOCOL, INJECT, MORE, NOP_VERDICT, PASS, Verdict
 from proxyd.parser import ConnectionContext, Data, EntryType, Parser, wire_text
 
-from .denials import CLUSTER_AUTHORIZATION_FAILED, TOPIC_AUTHORIZATION_FAILED, code_for, denial, response_frame
+from .denials import (
+    CLUSTER_AUTHORIZATION_FAILED,
+    TOPIC_AUTHORIZATION_FAILED,
+    code_for,
+    denial,
+    response_frame,
+)
 from .requests import Body, Head, analyse, read_head
 from .rules import (
     API_NAMES,
@@ -122,7 +128,9 @@ class KafkaParser(Parser):
     __slots__ = ("budget", "close_next", "ctx", "dead", "ids", "pending", "rep_owed", "sasl_raw", "sessions",
                  "upstream")  # fmt: skip
 
-    def __init__(self, ctx: ConnectionContext, budget: int = DEFAULT_INSPECT, ids: TopicIds = TOPIC_IDS) -> None:
+    def __init__(
+        self, ctx: ConnectionContext, budget: int = DEFAULT_INSPECT, ids: TopicIds = TOPIC_IDS
+    ) -> None:
         self.ctx = ctx
         self.budget = budget
         self.ids = ids
@@ -182,11 +190,15 @@ class KafkaParser(Parser):
             KafkaRequest(key, head.version, head.client_id, None, True)
         )
         if allowed:
-            self.ctx.log(EntryType.REQUEST, lambda: self._fields(head, [], "API key or version not in the table"))
+            self.ctx.log(
+                EntryType.REQUEST, lambda: self._fields(head, [], "API key or version not in the table")
+            )
             if not self._push(Entry(E_PASS, head)):
                 return self._fatal("too many pending responses")
             return (PASS, frame)
-        self.ctx.log(EntryType.DENIED, self._fields(head, [], "API key or version not in the table: no answer"))
+        self.ctx.log(
+            EntryType.DENIED, self._fields(head, [], "API key or version not in the table: no answer")
+        )
         return self._fatal("denied a request proxyd cannot answer (API key or version not in its table)")
 
     def _decide(self, head: Head, body: Body | None, frame: int) -> Verdict:
@@ -251,9 +263,9 @@ class KafkaParser(Parser):
         if commit is not None:
             commit()
         ctx.log(EntryType.REQUEST, lambda: self._fields(head, keys, None))
-        if not (key == PRODUCE and body is not None and body.tree.get("Acks") == 0):
-            if not self._push(Entry(kind, head, b"", extra)):
-                return self._fatal("too many pending responses")
+        acks0 = key == PRODUCE and body is not None and body.tree.get("Acks") == 0
+        if not acks0 and not self._push(Entry(kind, head, b"", extra)):
+            return self._fatal("too many pending responses")
         return (PASS, frame)
 
     def _deny(self, head: Head, body: Body | None, keys: list[TopicKey], reason: str | None,
@@ -283,7 +295,7 @@ class KafkaParser(Parser):
             k = t.get("TopicId") if "TopicId" in t else t.get("Topic")
             for p in t.get("Partitions") or ():
                 pairs.add((k, int(p.get("Partition", 0))))
-        own = [*body.topics, *body.topic_ids]
+        own: list[TopicKey] = [*body.topics, *body.topic_ids]
         if epoch > 0:
             sess = self.sessions.get(sid)
             if sess is None:
@@ -415,7 +427,7 @@ class KafkaParser(Parser):
             self.rep_owed = len(payload)
         return (DROP if swap is not None else PASS, pos)
 
-    def _read_special(self, entry: Entry, data: Data, end: int, n: int) -> bytes | None | Verdict:
+    def _read_special(self, entry: Entry, data: Data, end: int, n: int) -> bytes | Verdict | None:
         """A Metadata response (returns its rewrite, or None to pass it) or the head of a Fetch
         response opening a session; a verdict when more bytes are needed or it is malformed."""
         hv = response_header_version(entry.api_key, entry.version)

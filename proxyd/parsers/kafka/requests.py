@@ -43,7 +43,7 @@ class Head:
 def read_head(data: bytes | bytearray, start: int, end: int) -> Head | None:
     """The head of the frame at ``start``, or None until its header is buffered."""
     if end - start < 12:
-        if end - start >= 4 and not 8 <= int.from_bytes(data[start : start + 4], "big", signed=True):
+        if end - start >= 4 and not int.from_bytes(data[start : start + 4], "big", signed=True) >= 8:
             raise Malformed("request size below 8")
         return None
     size, key, version, corr = _HEAD.unpack_from(data, start)
@@ -133,7 +133,7 @@ def _fill(r: Reader, lay: Layout, out: dict[str, Any], tail: bool) -> bool:
         kind = f.kind
         later = tail or lay.topics_after[i]
         if kind <= RECORDS:
-            if (kind == BYTES or kind == RECORDS) and not later:
+            if kind in (BYTES, RECORDS) and not later:
                 return True
             out[f.name] = r.scalar(kind, flex, f.nullable)
         elif kind == STRUCT:

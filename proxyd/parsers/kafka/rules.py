@@ -55,7 +55,9 @@ CILIUM_NAMES: dict[int, str] = {
 #: Every key's name: Cilium's, else Kafka's name in lower case (``saslauthenticate``).
 API_NAMES: dict[int, str] = {k: CILIUM_NAMES.get(k, v[0].lower()) for k, v in APIS.items()}
 #: Names a rule may use: the above plus Kafka's own lower-case names (``listoffsets``).
-NAME_TO_KEY: dict[str, int] = {v[0].lower(): k for k, v in APIS.items()} | {v: k for k, v in API_NAMES.items()}
+NAME_TO_KEY: dict[str, int] = {v[0].lower(): k for k, v in APIS.items()} | {
+    v: k for k, v in API_NAMES.items()
+}
 
 PRODUCE, FETCH, LIST_OFFSETS, METADATA = 0, 1, 2, 3
 OFFSET_COMMIT, OFFSET_FETCH, FIND_COORDINATOR, JOIN_GROUP, HEARTBEAT, LEAVE_GROUP, SYNC_GROUP = range(8, 15)
@@ -156,14 +158,14 @@ def compile_rule(rule: Mapping[str, Any]) -> RuleMatcher:
         if keys is None:
             raise RuleError(f"invalid Kafka role {values['role']!r} (produce or consume)", "role")
     if "apiKey" in values:
-        key = NAME_TO_KEY.get(values["apiKey"].lower())
-        if key is None:
+        code = NAME_TO_KEY.get(values["apiKey"].lower())
+        if code is None:
             raise RuleError(
                 f"invalid Kafka apiKey {values['apiKey']!r} (a name such as produce, fetch, offsets, "
                 "metadata, apiversions; see docs/parsers/kafka.md)",
                 "apiKey",
             )
-        keys = frozenset({key})
+        keys = frozenset({code})
     version: int | None = None
     if "apiVersion" in values:
         text = values["apiVersion"]

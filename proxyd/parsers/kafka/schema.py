@@ -217,8 +217,7 @@ class Reader:
         """One struct, as a dict of field name -> value."""
         out: dict[str, Any] = {}
         flex = lay.flexible
-        fields = lay.fields
-        for i, f in enumerate(fields):
+        for f in lay.fields:
             kind = f.kind
             if kind <= FLOAT64 or kind == UUID:
                 out[f.name] = self.scalar(kind, flex, False)
