@@ -15,7 +15,7 @@ tree by these rules, the same for every API key:
   element; a request array of plain values (``[]string`` group names, ``[]int32`` partition
   indexes) gives one element each, keyed by that value.
 
-Codes (DESIGN §4): ``TOPIC_AUTHORIZATION_FAILED`` (29) for a request naming topics,
+Codes (docs/parsers/kafka.md): ``TOPIC_AUTHORIZATION_FAILED`` (29) for a request naming topics,
 ``GROUP_AUTHORIZATION_FAILED`` (30) for a group request (one carrying a group id, or
 FindCoordinator for a group), ``CLUSTER_AUTHORIZATION_FAILED`` (31) otherwise.
 """
