@@ -125,8 +125,8 @@ def _key_text(k: TopicKey) -> str:
 class KafkaParser(Parser):
     """Per-connection parser; see the module docstring."""
 
-    __slots__ = ("budget", "close_next", "ctx", "dead", "ids", "pending", "rep_owed", "sasl_raw", "sessions",
-                 "upstream")  # fmt: skip
+    __slots__ = ("budget", "close_next", "ctx", "dead", "ids", "meta_seen", "pending", "rep_owed", "sasl_raw",
+                 "sessions", "upstream")  # fmt: skip
 
     def __init__(
         self, ctx: ConnectionContext, budget: int = DEFAULT_INSPECT, ids: TopicIds = TOPIC_IDS
@@ -141,6 +141,7 @@ class KafkaParser(Parser):
         self.close_next = False
         self.sasl_raw = False  # SaslHandshake v0: unframed SASL tokens follow
         self.sessions: dict[int, set[tuple[TopicKey, int]]] = {}
+        self.meta_seen: dict[tuple[int, bytes], list[tuple[str, bytes | None]]] = {}
 
     def on_data(self, reply: bool, end_stream: bool, data: Data) -> Verdict:
         if reply:
@@ -462,30 +463,77 @@ class KafkaParser(Parser):
             if hv:
                 r.tags()
             body_start = r.pos
+            # A first pass reads only the topic names and ids: when every topic is allowed
+            # (the usual case) the response passes as it is, no tree built. Clients refresh
+            # Metadata periodically and the answers repeat: the topics of the last few bodies
+            # are remembered (the policy is asked again every time).
+            key = (entry.version, bytes(data[body_start:end]))
+            topics = self.meta_seen.get(key)
+            if topics is None:
+                topics = self._metadata_topics(r, lay)
+                if r.pos != end:
+                    return self._bad_response("bytes after the Metadata response body")
+                if len(self.meta_seen) >= 4:
+                    self.meta_seen.pop(next(iter(self.meta_seen)))
+                self.meta_seen[key] = topics
+            refused = self._judge_metadata(entry, topics)
+            if not refused:
+                return None
+            r = Reader(data, body_start, end)
             tree = r.struct(lay)
         except (Short, Malformed) as exc:
             return self._bad_response(f"malformed Metadata response: {type(exc).__name__} {exc}")
-        if r.pos != end:
-            return self._bad_response("bytes after the Metadata response body")
-        return self._filter_metadata(entry, data, body_start, end, lay, tree)
+        return self._filter_metadata(entry, lay, tree, refused)
 
-    def _filter_metadata(self, entry: Entry, data: Data, body_start: int, end: int, lay: Any,
-                         tree: dict[str, Any]) -> bytes | None:  # fmt: skip
+    def _judge_metadata(self, entry: Entry, topics: list[tuple[str, bytes | None]]) -> set[str]:
+        """Learn the topic ids of a Metadata response; the topics the policy refuses."""
+        refused: set[str] = set()
+        ctx = self.ctx
+        for name, tid in topics:
+            if tid is not None and any(tid):
+                self.ids.learn(self.upstream, tid, name)
+            if not ctx.matches(KafkaRequest(METADATA, entry.version, entry.client_id, name, True)):
+                refused.add(name)
+        return refused
+
+    @staticmethod
+    def _metadata_topics(r: Reader, lay: Any) -> list[tuple[str, bytes | None]]:
+        """Step over a Metadata response body: its topics' names and ids."""
+        out: list[tuple[str, bytes | None]] = []
+        flex = lay.flexible
+        for f in lay.fields:
+            if f.name != "Topics":
+                r.skip_field(f, flex)
+                continue
+            n = r.length(flex, True)
+            if n > r.end - r.pos:
+                raise Malformed(f"Topics: count {n} beyond the message")
+            elem = f.children
+            for _ in range(max(n, 0)):
+                name: str | None = None
+                tid: bytes | None = None
+                for g in elem.fields:
+                    if g.name == "Name":
+                        name = r.scalar(g.kind, flex, g.nullable)
+                    elif g.name == "TopicId":
+                        tid = r.scalar(g.kind, flex, False)
+                    else:
+                        r.skip_field(g, flex)
+                if flex:
+                    r.tags()
+                if name is not None:
+                    out.append((name, tid))
+        if flex:
+            r.tags()
+        return out
+
+    def _filter_metadata(self, entry: Entry, lay: Any, tree: dict[str, Any], refused: set[str]) -> bytes:
         topics = tree.get("Topics") or []
         kept = []
-        refused: list[str] = []
-        ctx = self.ctx
         for t in topics:
-            name = t.get("Name")
-            tid = t.get("TopicId")
-            if name is not None and tid is not None and any(tid):
-                self.ids.learn(self.upstream, tid, name)
-            if name is None or ctx.matches(
-                KafkaRequest(METADATA, entry.version, entry.client_id, name, True)
-            ):
+            if t.get("Name") not in refused:
                 kept.append(t)
                 continue
-            refused.append(name)
             if entry.extra:  # all topics asked for: leave it out
                 continue
             t["ErrorCode"] = TOPIC_AUTHORIZATION_FAILED
@@ -497,17 +545,16 @@ class KafkaParser(Parser):
             if "TopicAuthorizedOperations" in t:
                 t["TopicAuthorizedOperations"] = _NO_OPS
             kept.append(t)
-        if not refused:
-            return None
         tree["Topics"] = kept
-        ctx.log(
+        names = sorted(refused)
+        self.ctx.log(
             EntryType.RESPONSE,
             {
                 "api_key": "metadata",
                 "api_version": entry.version,
                 "correlation_id": entry.corr,
                 "client_id": _text(entry.client_id) if entry.client_id is not None else None,
-                "topics_refused": [_text(x) for x in refused[:MAX_LOGGED_TOPICS]],
+                "topics_refused": [_text(x) for x in names[:MAX_LOGGED_TOPICS]],
             },
         )
         head = Head(0, METADATA, entry.version, entry.corr, None, 0, True)

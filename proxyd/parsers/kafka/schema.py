@@ -43,9 +43,14 @@ _FIXED = {
     INT32: struct.Struct(">i"), INT64: struct.Struct(">q"), UINT16: struct.Struct(">H"),
     UINT32: struct.Struct(">I"), FLOAT64: struct.Struct(">d"),
 }  # fmt: skip
+_SIZES = {k: v.size for k, v in _FIXED.items()} | {UUID: 16}
 _I16 = struct.Struct(">h")
 _I32 = struct.Struct(">i")
 NO_FLEX = 0x7FFF
+
+
+class Records(int):
+    """A ``records`` field as read: its length only (the batches stay on the wire)."""
 
 
 class Short(Exception):
@@ -199,10 +204,61 @@ class Reader:
                 return None
             raise Malformed("negative length")
         p = self.take(n)
+        if kind == RECORDS:
+            return Records(n)  # record batches are never copied: policy does not read them
         raw = bytes(self.data[p : p + n])
         if kind == STRING:
             return raw.decode("utf-8", "surrogateescape")
         return raw
+
+    def skip(self, lay: Layout) -> None:
+        """Step over one struct without building it."""
+        flex = lay.flexible
+        for f in lay.fields:
+            self.skip_field(f, flex)
+        if flex:
+            for _ in range(self.uvarint()):
+                self.uvarint()
+                self.take(self.uvarint())
+
+    def skip_field(self, f: Field, flex: bool) -> None:
+        kind = f.kind
+        size = _SIZES.get(kind)
+        if size is not None:
+            self.take(size)
+        elif kind <= RECORDS:
+            n = self.length(flex, kind != STRING)
+            if n > 0:
+                self.take(n)
+            elif n < -1 or (n == -1 and not f.nullable):
+                raise Malformed(f"{f.name}: negative length")
+        elif kind == STRUCT:
+            assert f.children is not None
+            if f.nullable:
+                p = self.take(1)
+                if self.data[p] == 0xFF:
+                    return
+            self.skip(f.children)
+        else:
+            n = self.length(flex, True)
+            if n < 0:
+                if n != -1 or not f.nullable:
+                    raise Malformed(f"{f.name}: negative count")
+                return
+            if n > self.end - self.pos:
+                raise Malformed(f"{f.name}: count {n} beyond the message")
+            if kind == ARRAY:
+                esize = _SIZES.get(f.elem)
+                if esize is not None:
+                    self.take(n * esize)
+                    return
+                for _ in range(n):
+                    self.scalar(f.elem, flex, False)
+            else:
+                sub = f.children
+                assert sub is not None
+                for _ in range(n):
+                    self.skip(sub)
 
     def tags(self) -> list[tuple[int, bytes]]:
         out = []
