@@ -277,7 +277,7 @@ def main() -> int:
             dport = free_port()
             direct, _ = start_broker(procs, "tansu-direct", dport, dport)  # advertises itself
             hport = free_port()
-            hb, hbport = start_broker(procs, "tansu-haproxy", hport)
+            _, hbport = start_broker(procs, "tansu-haproxy", hport)
             (tmp / "haproxy.cfg").write_text(HAPROXY_CFG.format(front=hport, broker=hbport))
             hp = procs.start("haproxy", ["haproxy", "-f", str(tmp / "haproxy.cfg")])
             wait_port(hport, hp)

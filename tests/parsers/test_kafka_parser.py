@@ -412,3 +412,34 @@ def test_random_frames_fuzz() -> None:
             h.feed(struct.pack(">i", len(hdr) + len(body)) + hdr + body, split="random", seed=key)
             assert h.error is None or h.error.kind == "parser_error", (key, version, h.error)
     assert ERROR and DROP and PASS  # the ops these outcomes are made of
+
+
+def test_sasl_handshake_v0_then_unframed_tokens_closes() -> None:
+    h = harness()
+    hs = request(17, 0, {"Mechanism": "PLAIN"}, corr=1)
+    h.feed(hs)
+    assert h.to_server == hs and h.error is None
+    h.feed(struct.pack(">i", 5) + b"\0u\0pw")  # a raw SASL token, no request header
+    r = response(17, 0, {"ErrorCode": 0, "Mechanisms": ["PLAIN"]}, corr=1)
+    h.feed(r, reply=True)
+    assert h.to_client == r and h.error is not None  # answered what was owed, then closed
+    assert "SaslHandshake v0" in h.log[-1].fields["error"]
+
+
+def test_repeated_metadata_bodies_are_judged_by_the_policy_in_force() -> None:
+    allowed = {"ok", "secret"}
+    h = Harness("kafka", policy=lambda r: r.topic is None or r.topic in allowed)
+    body = [("ok", ID_OK), ("secret", ID_SECRET)]
+    for corr in (1, 2, 3):
+        h.feed(request(METADATA, 12, {"Topics": None}, corr=corr))
+        before = len(h.to_client)
+        resp = _metadata(12, body, corr)
+        h.feed(resp, reply=True)
+        _, tree = decode_response(METADATA, 12, h.to_client[before:])
+        names = [t["Name"] for t in tree["Topics"]]
+        if corr < 3:
+            assert h.to_client[before:] == resp and names == ["ok", "secret"]
+        else:
+            assert names == ["ok"]
+        if corr == 2:
+            allowed.discard("secret")  # a policy change: the same body, judged again

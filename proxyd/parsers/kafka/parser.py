@@ -156,14 +156,14 @@ class KafkaParser(Parser):
             return NOP_VERDICT
         if self.dead:
             return (DROP, n)
+        if self.sasl_raw:
+            return self._fatal("unframed SASL tokens (SaslHandshake v0) are not supported")
         try:
             head = read_head(data, 0, n)
         except Malformed as exc:
             return self._fatal(f"malformed request: {exc}")
         if head is None:
             return (MORE, 1)
-        if self.sasl_raw:
-            return self._fatal("unframed SASL tokens (SaslHandshake v0) are not supported")
         frame = 4 + head.size
         if not head.known:
             return self._unknown(head, frame)
