@@ -86,8 +86,8 @@ def _kafka_python(boot: str) -> int:
     p.send("rec2", b"kq" * 20).get(10)
     p.close()
     c = kafka.KafkaConsumer(
-        "rec", "rec2", bootstrap_servers=boot, group_id="gk", auto_offset_reset="earliest", consumer_timeout_ms=8000,
-        session_timeout_ms=6000, max_poll_interval_ms=7000, heartbeat_interval_ms=500,
+        "rec", "rec2", bootstrap_servers=boot, group_id="gk", auto_offset_reset="earliest",
+        consumer_timeout_ms=8000, session_timeout_ms=6000, max_poll_interval_ms=7000, heartbeat_interval_ms=500,
     )  # fmt: skip
     got = 0
     for _ in c:
@@ -110,8 +110,8 @@ async def record(client: Any) -> list[dict[str, str]]:
     if got != 2:
         raise RuntimeError(f"{client.__name__}: consumed {got} records, not 2")
     conns.sort(key=lambda c: c["t"])
-    return [{"c2s": base64.b64encode(bytes(c["c2s"])).decode(), "s2c": base64.b64encode(bytes(c["s2c"])).decode()}
-            for c in conns]  # fmt: skip
+    b64 = base64.b64encode
+    return [{"c2s": b64(bytes(c["c2s"])).decode(), "s2c": b64(bytes(c["s2c"])).decode()} for c in conns]
 
 
 def main() -> int:
