@@ -87,7 +87,8 @@ def _kafka_python(boot: str) -> int:
     p.close()
     c = kafka.KafkaConsumer(
         "rec", "rec2", bootstrap_servers=boot, group_id="gk", auto_offset_reset="earliest",
-        consumer_timeout_ms=8000, session_timeout_ms=6000, max_poll_interval_ms=7000, heartbeat_interval_ms=500,
+        consumer_timeout_ms=8000, session_timeout_ms=6000, max_poll_interval_ms=7000,
+        heartbeat_interval_ms=500,
     )  # fmt: skip
     got = 0
     for _ in c:
