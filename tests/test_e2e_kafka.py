@@ -294,6 +294,18 @@ def _confluent_flow(pport: int, secret: str) -> dict[str, Any]:
         c.commit(asynchronous=False)
     finally:
         c.close()
+    # a Fetch (v13+ names topics by id) of a topic outside the policy
+    c = ck.Consumer({"bootstrap.servers": boot, "group.id": "g-ck", "enable.auto.commit": False})
+    try:
+        c.assign([ck.TopicPartition(secret, 0, ck.OFFSET_BEGINNING)])
+        out["fetch_error"] = None
+        for _ in range(int(TIMEOUT * 2)):
+            m = c.poll(0.5)
+            if m is not None and m.error() is not None:
+                out["fetch_error"] = m.error().code()
+                break
+    finally:
+        c.close()
     return out
 
 
@@ -306,6 +318,7 @@ async def test_confluent_kafka_producer_and_group_consumer(broker: tuple[int, in
     assert out["reports"]["allowed"] is None
     assert out["reports"][secret] == out["auth_code"]
     assert out["consumed"] == "allowed"
+    assert out["fetch_error"] == out["auth_code"]
     denied = [e for e in l7(tmp_path) if e["verdict"] == "denied"]
     assert denied and denied[0]["fields"]["client_id"] == "rdkafka"
 
@@ -329,3 +342,58 @@ async def test_policy_reload_applies_to_an_open_connection(broker: tuple[int, in
             await p.stop()
     conns = {e["conn_id"] for e in l7(tmp_path) if e["fields"].get("api_key") == "produce"}
     assert len(conns) == 1  # one connection saw both policies
+
+
+#: Producing only: consumer groups are refused (FindCoordinator, JoinGroup, ... need `consume`).
+PRODUCE_ONLY = """
+              - role: produce
+                topic: allowed
+              - apiKey: metadata
+"""
+
+
+def _group_denied_flows(pport: int) -> dict[str, Any]:
+    import confluent_kafka as ck
+
+    out: dict[str, Any] = {"ck_code": ck.KafkaError.GROUP_AUTHORIZATION_FAILED}
+    boot = f"127.0.0.1:{pport}"
+    c = ck.Consumer({"bootstrap.servers": boot, "group.id": "nogroup", **FAST_GROUP})
+    try:
+        c.subscribe(["allowed"])
+        out["ck"] = None
+        for _ in range(int(TIMEOUT * 2)):
+            m = c.poll(0.5)
+            if m is not None and m.error() is not None:
+                out["ck"] = m.error().code()
+                break
+    finally:
+        c.close()
+    kc = kafka.KafkaConsumer("allowed", bootstrap_servers=boot, group_id="kg", consumer_timeout_ms=int(TIMEOUT * 1000))
+    try:
+        for _ in kc:
+            break
+        out["kp"] = "no error"
+    except kafka.errors.GroupAuthorizationFailedError:
+        out["kp"] = "group denied"
+    finally:
+        kc.close()
+    return out
+
+
+async def test_group_requests_denied_and_acks_zero(broker: tuple[int, int], tmp_path: Path) -> None:
+    _, pport = broker
+    async with kafka_daemon(broker, tmp_path, PRODUCE_ONLY):
+        # acks=0: a denied produce gets no answer, and the connection's next answers stay in order
+        p = aiokafka.AIOKafkaProducer(bootstrap_servers=f"127.0.0.1:{pport}", acks=0)
+        await p.start()
+        try:
+            await p.send_and_wait(_topic("secret"), b"x")
+            await p.send_and_wait("allowed", b"y")
+        finally:
+            await p.stop()
+        assert (await _aio_produce(pport, "allowed", b"z")).topic == "allowed"
+        out = await asyncio.wait_for(asyncio.to_thread(_group_denied_flows, pport), 4 * TIMEOUT)
+    assert out["ck"] == out["ck_code"]
+    assert out["kp"] == "group denied"
+    denied = [e["fields"]["api_key"] for e in l7(tmp_path) if e["verdict"] == "denied"]
+    assert denied[0] == "produce" and "findcoordinator" in denied
