@@ -368,7 +368,9 @@ def _group_denied_flows(pport: int) -> dict[str, Any]:
                 break
     finally:
         c.close()
-    kc = kafka.KafkaConsumer("allowed", bootstrap_servers=boot, group_id="kg", consumer_timeout_ms=int(TIMEOUT * 1000))
+    kc = kafka.KafkaConsumer(
+        "allowed", bootstrap_servers=boot, group_id="kg", consumer_timeout_ms=int(TIMEOUT * 1000)
+    )
     try:
         for _ in kc:
             break
