@@ -320,7 +320,27 @@ def main() -> int:
     args.out.mkdir(parents=True, exist_ok=True)
     stamp = dt.datetime.now(dt.UTC).strftime("%Y-%m-%d")
     (args.out / f"kafka-{stamp}.md").write_text(report + "\n")
+    for key, unit, cpu_unit, title in (
+        ("produce", "records/s", "CPU us/record", "produce, 1 KiB records (librdkafka, acks=1)"),
+        ("fetch", "records/s", "CPU us/record", "fetch, 1 KiB records (librdkafka)"),
+        ("small", "requests/s", "CPU us/request", f"Metadata requests, {args.conns} connections"),
+    ):
+        png = write_png(args.out / f"kafka-{key}-{stamp}.png", results, key, unit, cpu_unit, f"kafka: {title}", when)
+        if png:
+            print(f"wrote {png}")
     return 0
+
+
+def write_png(path: Path, results: dict[str, dict[str, Any]], key: str, unit: str, cpu_unit: str, title: str,
+              when: str) -> Path | None:  # fmt: skip
+    try:
+        from plot import Row, write_ratio_png
+    except ImportError as e:  # matplotlib comes with the [test] extra
+        print(f"no PNG: {e}")
+        return None
+    base = results["HAProxy"][key][0]
+    rows = [Row(name, r[key][0], r[key][0] / base, r[key][2]) for name, r in results.items()]
+    return write_ratio_png(path, title, rows, unit=unit, cpu_unit=cpu_unit, note=when)
 
 
 if __name__ == "__main__":
