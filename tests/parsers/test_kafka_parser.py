@@ -443,3 +443,61 @@ def test_repeated_metadata_bodies_are_judged_by_the_policy_in_force() -> None:
             assert names == ["ok"]
         if corr == 2:
             allowed.discard("secret")  # a policy change: the same body, judged again
+
+
+#: (request, the server's response or None when none comes) pairs for the reply-side property.
+EXCHANGES = [
+    (sample_request(PRODUCE, 9, "ok", corr=11), sample_response(PRODUCE, 9, corr=11)),
+    (sample_request(PRODUCE, 9, "secret", corr=12), None),
+    (sample_request(1, 12, "ok", corr=13), sample_response(1, 12, corr=13)),
+    (
+        request(METADATA, 12, {"Topics": None}, corr=14),
+        _metadata(12, [("ok", ID_OK), ("secret", ID_SECRET)], 14),
+    ),
+    (
+        request(METADATA, 4, {"Topics": [{"Name": "secret"}]}, corr=15),
+        _metadata(4, [("secret", ID_SECRET)], 15),
+    ),
+    (sample_request(11, 9, corr=16), sample_response(11, 9, corr=16)),
+    (sample_request(PRODUCE, 9, "ok", corr=17, Acks=0), None),
+]
+
+
+@settings(max_examples=100, deadline=None)
+@given(
+    picks=st.lists(st.sampled_from(range(len(EXCHANGES))), min_size=1, max_size=6),
+    cut=st.lists(st.integers(1, 60), max_size=40),
+)
+def test_responses_any_segmentation_gives_the_same_result(picks: list[int], cut: list[int]) -> None:
+    reqs, resps = [], []
+    for i in picks:
+        req, resp = EXCHANGES[i]
+        reqs.append(req)
+        if resp is not None:
+            resps.append(resp)
+    wire, answers = b"".join(reqs), b"".join(resps)
+
+    def run(split: Any) -> tuple[Any, ...]:
+        h = harness()
+        h.feed(wire, split=split)
+        h.feed(answers, reply=True, split=split)
+        return h.to_server, h.to_client, h.error and h.error.kind, [e.fields for e in h.log]
+
+    whole = run(None)
+    assert run(cut) == whole == run("bytes")
+    if len(set(picks)) == len(picks):  # distinct correlation ids: a well-formed conversation
+        assert whole[2] is None
+
+
+@settings(max_examples=200, deadline=None)
+@given(
+    frame=st.sampled_from(FRAMES),
+    flips=st.lists(st.tuples(st.integers(0, 10_000), st.integers(1, 255)), min_size=1, max_size=4),
+)
+def test_mutated_frames_never_raise(frame: bytes, flips: list[tuple[int, int]]) -> None:
+    data = bytearray(frame)
+    for pos, x in flips:
+        data[pos % len(data)] ^= x
+    h = harness(buffer_limit=4096, parser_config={"max_inspect_bytes": 4096})
+    h.feed(bytes(data), split="random", seed=len(flips))
+    assert h.error is None or h.error.kind in ("parser_error", "buffer_limit"), h.error
