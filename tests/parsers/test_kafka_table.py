@@ -5,8 +5,10 @@ denial response the parser writes, for every key and version both know."""
 from __future__ import annotations
 
 import importlib
+import importlib.util
 import pkgutil
 import warnings
+from pathlib import Path
 from typing import Any
 
 import pytest
@@ -99,3 +101,51 @@ def test_kafka_python_reads_our_requests_and_denials() -> None:
                 )
             checked += 1
     assert checked > 200
+
+
+def _generator() -> Any:
+    path = Path(__file__).resolve().parents[2] / "tools" / "gen_kafka_table.py"
+    spec = importlib.util.spec_from_file_location("gen_kafka_table", path)
+    assert spec is not None and spec.loader is not None
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+def test_the_generator_reads_kafkas_json_forms() -> None:
+    """Comment lines, version ranges, tagged and nullable fields, common structs, defaults,
+    and only the APIs a broker serves (what tools/gen_kafka_table.py meets in Kafka's files)."""
+    gen = _generator()
+    request = """// Licensed to the Apache Software Foundation (ASF)
+{
+  "apiKey": 90, "type": "request", "listeners": ["broker"], "name": "WidgetRequest",
+  "validVersions": "0-3", "flexibleVersions": "2+",
+  "fields": [
+    // a comment line inside
+    { "name": "Topics", "type": "[]WidgetTopic", "versions": "0+", "nullableVersions": "1+", "fields": [
+      { "name": "Name", "type": "string", "versions": "0+", "entityType": "topicName" },
+      { "name": "Marks", "type": "[]Mark", "versions": "1-2" }
+    ]},
+    { "name": "Hint", "type": "int32", "versions": "3+", "taggedVersions": "3+", "tag": 0, "default": "-1" }
+  ],
+  "commonStructs": [{ "name": "Mark", "versions": "0+", "fields": [
+    { "name": "At", "type": "int64", "versions": "0+", "default": 7 }
+  ]}]
+}"""
+    response = """{ "apiKey": 90, "type": "response", "name": "WidgetResponse", "validVersions": "0-3",
+      "flexibleVersions": "2+", "fields": [{ "name": "ErrorCode", "type": "int16", "versions": "0+" }] }"""
+    controller = """{ "apiKey": 91, "type": "request", "listeners": ["controller"], "name": "InnerRequest",
+      "validVersions": "0", "flexibleVersions": "none", "fields": [] }"""
+    table = gen.build(
+        {"WidgetRequest.json": request, "WidgetResponse.json": response, "InnerRequest.json": controller}
+    )
+    assert list(table) == [90]
+    name, lo, hi, flex, req, resp = table[90]
+    assert (name, lo, hi, flex) == ("Widget", 0, 3, 2)
+    topics, hint = req
+    assert topics[:4] == ("Topics", "[]", (0, 0x7FFF), (1, 0x7FFF))
+    assert topics[8][0][6] == "topicName"
+    marks = topics[8][1]
+    assert marks[1] == "[]" and marks[2] == (1, 2) and marks[8][0][7] == 7  # common struct, bare default
+    assert hint[4] == (3, 0x7FFF) and hint[5] == 0 and hint[7] == -1
+    assert resp[0][:3] == ("ErrorCode", "int16", (0, 0x7FFF))
