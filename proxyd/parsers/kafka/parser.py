@@ -59,7 +59,6 @@ from proxyd.ops import DROP, ERROR, ERROR_PROTOCOL, INJECT, MORE, NOP_VERDICT, P
 from proxyd.parser import ConnectionContext, Data, EntryType, Parser, wire_text
 
 from .denials import (
-    CLUSTER_AUTHORIZATION_FAILED,
     TOPIC_AUTHORIZATION_FAILED,
     code_for,
     denial,
@@ -565,4 +564,4 @@ class KafkaParser(Parser):
         return (ERROR, ERROR_PROTOCOL)
 
 
-__all__ = ["CLUSTER_AUTHORIZATION_FAILED", "KafkaParser"]
+__all__ = ["KafkaParser"]
