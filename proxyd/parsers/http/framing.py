@@ -285,6 +285,7 @@ class RequestHead:
     upgrade: bool  # Connection: upgrade with an Upgrade field (HTTP/1.1)
     connect: bool
     expect_continue: bool
+    prefix: str = ""  # absolute-form: the target's ``scheme://authority`` (``path`` follows it)
 
 
 def parse_request_line(start: bytes) -> tuple[str, str, str]:
@@ -314,6 +315,7 @@ def parse_request(start: bytes | tuple[str, str, str], fields: list[Field]) -> R
     """
     method, target, version = start if isinstance(start, tuple) else parse_request_line(start)
     connect = method == "CONNECT"
+    prefix = ""
     idx = _index(fields)
     hosts = idx.get("host", [])
     if len(hosts) > 1:
@@ -347,6 +349,7 @@ def parse_request(start: bytes | tuple[str, str, str], fields: list[Field]) -> R
             raise FramingError(400, "Host differs from the absolute-form target's authority")
         host = authority
         path = am.group(3)
+        prefix = target[: len(target) - len(path)]
         if not path.startswith("/"):
             path = "/" + path
     cl = _content_length(idx.get("content-length", []), "request")
@@ -372,7 +375,7 @@ def parse_request(start: bytes | tuple[str, str, str], fields: list[Field]) -> R
     upgrade = version == "1.1" and "upgrade" in conn and "upgrade" in idx
     expect = any(v.lower() == "100-continue" for v in idx.get("expect", ()))
     return RequestHead(
-        method, target, version, fields, path, host, body, length, keep_alive, upgrade, connect, expect
+        method, target, version, fields, path, host, body, length, keep_alive, upgrade, connect, expect, prefix
     )
 
 

@@ -41,6 +41,7 @@ from proxyd.ops import DROP, ERROR, ERROR_PROTOCOL, INJECT, MORE, NOP_VERDICT, P
 from proxyd.parser import ConnectionContext, Data, EntryType, Parser
 
 from . import framing as F
+from . import normalize as N
 from .rules import HeaderMatch, HttpRequest
 
 KiB: Final = 1024
@@ -59,6 +60,16 @@ def _answer(status: str, body: bytes, close: bool) -> bytes:
 DENIED: Final = _answer("403 Forbidden", b"Access denied\r\n", False)
 DENIED_CLOSE: Final = _answer("403 Forbidden", b"Access denied\r\n", True)
 BAD_REQUEST: Final = _answer("400 Bad Request", b"Bad Request\r\n", True)
+#: A request framed fine whose path cannot be normalised: answered in place, like a denial.
+BAD_PATH: Final = _answer("400 Bad Request", b"Bad Request\r\n", False)
+BAD_PATH_CLOSE: Final = BAD_REQUEST
+
+
+def redirect_answer(location: str, close: bool) -> bytes:
+    """Envoy's answer to an escaped slash under ``UNESCAPE_AND_REDIRECT``: 307 to the new path."""
+    head = f"HTTP/1.1 307 Temporary Redirect\r\nlocation: {location}\r\ncontent-length: 0\r\n"
+    return (head + ("connection: close\r\n" if close else "") + "\r\n").encode("latin-1")
+
 TOO_LARGE: Final = _answer(
     "431 Request Header Fields Too Large", b"Request Header Fields Too Large\r\n", True
 )
@@ -70,6 +81,18 @@ class HttpConfig:
 
     max_header_bytes: int = 64 * KiB
     log_responses: bool = True
+    normalize_path: bool = True
+    merge_slashes: bool = True
+    path_with_escaped_slashes_action: str = N.UNESCAPE_AND_REDIRECT
+
+
+CONFIG_KEYS: Final = (
+    "max_header_bytes",
+    "log_responses",
+    "normalize_path",
+    "merge_slashes",
+    "path_with_escaped_slashes_action",
+)
 
 
 def validate_config(config: Mapping[str, Any]) -> HttpConfig:
@@ -80,14 +103,18 @@ def validate_config(config: Mapping[str, Any]) -> HttpConfig:
             if isinstance(value, bool) or not isinstance(value, int) or not 256 <= value <= 1024 * KiB:
                 raise ParserConfigError(f"must be an integer from 256 to 1048576, not {value!r}", key=key)
             values[key] = value
-        elif key == "log_responses":
+        elif key in ("log_responses", "normalize_path", "merge_slashes"):
             if not isinstance(value, bool):
                 raise ParserConfigError(f"must be true or false, not {value!r}", key=key)
             values[key] = value
+        elif key == "path_with_escaped_slashes_action":
+            if value not in N.ESCAPED_SLASHES_ACTIONS:
+                raise ParserConfigError(
+                    f"must be one of {', '.join(N.ESCAPED_SLASHES_ACTIONS)}, not {value!r}", key=key
+                )
+            values[key] = value
         else:
-            raise ParserConfigError(
-                "unknown key for parser 'http' (known: max_header_bytes, log_responses)", key=str(key)
-            )
+            raise ParserConfigError(f"unknown key for parser 'http' (known: {', '.join(CONFIG_KEYS)})", key=str(key))
     return HttpConfig(**values)
 
 
@@ -129,6 +156,10 @@ class HttpParser(Parser):
         self.ctx = ctx
         self.limit = config.max_header_bytes
         self.log_responses = config.log_responses
+        self.paths = N.PathOptions(
+            config.normalize_path, config.merge_slashes, config.path_with_escaped_slashes_action
+        )
+        self.normalizing = self.paths.active
         self.pending: deque[_Pending] = deque()
         self.closing = False  # an answer that ends the connection is out: ERROR at the next call
         # request side
@@ -198,15 +229,33 @@ class HttpParser(Parser):
         except F.FramingError as exc:
             return self._reject(exc, len(data))
         hr.reset()
+        sent = head.path
+        if self.normalizing and sent[:1] == "/":
+            norm = N.normalize(sent, self.paths)
+            if norm.action == N.REJECT:
+                self.ctx.log(
+                    EntryType.DENIED,
+                    {**_head_fields(head), "error": norm.reason, "status": 400},
+                )
+                return self._answer_in_place(head, n, len(data), BAD_PATH, BAD_PATH_CLOSE)
+            head.path = norm.path
+            if norm.action == N.REDIRECT:
+                fields = _head_fields(head)
+                fields.update(original_path=sent, reason="escaped slash in the path", status=307)
+                self.ctx.log(EntryType.DENIED, fields)
+                return self._answer_in_place(
+                    head, n, len(data), redirect_answer(norm.path, False), redirect_answer(norm.path, True)
+                )
         req = HttpRequest(
             head.method, head.path, head.host, head.version, tuple([(k, v) for k, v, _ in head.fields]), []
         )
         if len(self.pending) >= MAX_PENDING:
-            self._log_denied(req, "too many pipelined requests")
+            self._log_denied(req, "too many pipelined requests", sent)
             return ERROR, ERROR_PROTOCOL
         if self.ctx.matches(req):
-            return self._forward(head, req, n)
-        return self._deny(head, req, n, len(data))
+            return self._forward(head, req, n, data, sent)
+        self._log_denied(req, "policy", sent)
+        return self._answer_in_place(head, n, len(data), DENIED, DENIED_CLOSE)
 
     def _after_body(self, head: F.RequestHead, denied: bool) -> int:
         if not head.keep_alive:
@@ -215,10 +264,18 @@ class HttpParser(Parser):
             return RS_WAIT
         return RS_HEAD
 
-    def _forward(self, head: F.RequestHead, req: HttpRequest, n: int) -> Verdict:
+    def _forward(self, head: F.RequestHead, req: HttpRequest, n: int, data: Data, sent: str) -> Verdict:
         self.pending.append(_Pending(head.method, head.path, head.host, upgrade=head.upgrade))
         log_extra: dict[str, str] = {}
-        new_head = _rewrite(head, req.actions, log_extra) if req.actions else None
+        new_head: bytes | None = None
+        if sent != head.path:
+            # The server gets the path the rules judged: a new request line, the rest byte-exact.
+            log_extra["original_path"] = sent
+            line_end = len(head.method) + len(head.target) + 12  # METHOD SP target SP HTTP/x.y CRLF
+            head.target = head.prefix + head.path
+            new_head = _request_line(head) + bytes(data[line_end:n])
+        if req.actions:
+            new_head = _rewrite(head, req.actions, log_extra) or new_head
         self.ctx.log(EntryType.REQUEST, lambda: {**_request_fields(req), **log_extra})
         after = self._after_body(head, False)
         if new_head is None:
@@ -237,12 +294,12 @@ class HttpParser(Parser):
                 self.rq.append((PASS, head.length))
         return INJECT, len(new_head)
 
-    def _deny(self, head: F.RequestHead, req: HttpRequest, n: int, have: int) -> Verdict:
-        self._log_denied(req, "policy")
+    def _answer_in_place(self, head: F.RequestHead, n: int, have: int, keep: bytes, close_: bytes) -> Verdict:
+        """Answer a request proxyd does not forward (a denial, a 400 path, a 307), dropping it."""
         # After a final answer to ``Expect: 100-continue`` the client may or may not send the
         # body (RFC 9110 10.1.1): only a close keeps the two sides in step.
         close = not head.keep_alive or (head.expect_continue and head.body != F.BODY_NONE)
-        payload = DENIED_CLOSE if close else DENIED
+        payload = close_ if close else keep
         if head.method == "HEAD":
             payload = payload[: payload.index(b"\r\n\r\n") + 4]  # a HEAD response has no body
         if self._place(_Pending(head.method, head.path, head.host, payload=payload, close=close)):
@@ -284,8 +341,10 @@ class HttpParser(Parser):
         self.ctx.log(EntryType.DENIED, {"error": reason})
         return ERROR, ERROR_PROTOCOL
 
-    def _log_denied(self, req: HttpRequest, reason: str) -> None:
+    def _log_denied(self, req: HttpRequest, reason: str, sent: str) -> None:
         fields = _request_fields(req)
+        if sent != req.path:
+            fields["original_path"] = sent
         fields["reason"] = reason
         self.ctx.log(EntryType.DENIED, fields)
 
@@ -494,6 +553,14 @@ def _request_fields(req: HttpRequest) -> dict[str, Any]:
     return {"method": req.method, "path": req.path, "host": req.host, "version": "HTTP/" + req.version}
 
 
+def _head_fields(head: F.RequestHead) -> dict[str, Any]:
+    return {"method": head.method, "path": head.path, "host": head.host, "version": "HTTP/" + head.version}
+
+
+def _request_line(head: F.RequestHead) -> bytes:
+    return f"{head.method} {head.target} HTTP/{head.version}\r\n".encode("latin-1")
+
+
 def _rewrite(head: F.RequestHead, actions: list[HeaderMatch], log: dict[str, str]) -> bytes | None:
     """The request head with ``headerMatches`` mismatch actions applied (None: unchanged)."""
     lines: list[tuple[str, bytes] | None] = [(k, raw) for k, _, raw in head.fields]
@@ -522,5 +589,4 @@ def _rewrite(head: F.RequestHead, actions: list[HeaderMatch], log: dict[str, str
         log["header_mismatch"] = ",".join(logged)
     if not changed:
         return None
-    start = f"{head.method} {head.target} HTTP/{head.version}\r\n".encode("latin-1")
-    return start + b"".join(raw + b"\r\n" for x in lines if x is not None for raw in (x[1],)) + b"\r\n"
+    return _request_line(head) + b"".join(raw + b"\r\n" for x in lines if x is not None for raw in (x[1],)) + b"\r\n"
