@@ -48,8 +48,13 @@ KiB: Final = 1024
 
 #: ERROR code for a close proxyd chose after an answer (a 403 that ends the connection, a 400).
 ERROR_CLOSE_AFTER_ANSWER: Final = 16
-#: Pipelined requests awaiting a response before the client counts as broken.
-MAX_PENDING: Final = 1024
+#: Bytes of bookkeeping for requests awaiting their responses (each costs its method, path and
+#: host plus :data:`ENTRY_COST`) before the client counts as broken. How many requests can be
+#: outstanding is bounded by the socket buffers between proxyd and a server that answers them in
+#: order; this bound is far above that for any real server (issue 17: a count of 1024 closed
+#: connections nginx served fine) and only stops a server that reads without ever answering.
+PENDING_BUDGET: Final = 16 * 1024 * KiB
+ENTRY_COST: Final = 160
 
 
 def _answer(status: str, body: bytes, close: bool) -> bytes:
@@ -130,7 +135,7 @@ class _Pending:
         host: str,
         *,
         payload: bytes | None = None,
-        close: bool = False,
+        close: int = 0,
         upgrade: bool = False,
     ) -> None:
         self.method = method
@@ -140,7 +145,7 @@ class _Pending:
         self.connect = method == "CONNECT"
         self.upgrade = upgrade
         self.payload = payload  # set: a denial to inject once the responses before it are out
-        self.close = close  # end the connection after this answer
+        self.close = close  # nonzero: end the connection after this answer, with this ERROR code
 
 
 # Request-side states.
@@ -161,7 +166,9 @@ class HttpParser(Parser):
         )
         self.normalizing = self.paths.active
         self.pending: deque[_Pending] = deque()
-        self.closing = False  # an answer that ends the connection is out: ERROR at the next call
+        self.pending_bytes = 0  # what the entries of ``pending`` cost (see PENDING_BUDGET)
+        self.closing = 0  # an answer that ends the connection is out: ERROR (this code) at the next call
+        self.unsolicited = False  # the response being read answers no request
         # request side
         self.rs = RS_HEAD
         self.rq: deque[Verdict] = deque()
@@ -184,14 +191,14 @@ class HttpParser(Parser):
             if not data:
                 return NOP_VERDICT
             if self.closing:
-                return ERROR, ERROR_CLOSE_AFTER_ANSWER
+                return ERROR, self.closing
             return self._response(data)
         if self.rq:
             return self.rq.popleft()
         if not data:
             return NOP_VERDICT
         if self.closing:
-            return ERROR, ERROR_CLOSE_AFTER_ANSWER
+            return ERROR, self.closing
         return self._request(data)
 
     # --- requests ------------------------------------------------------------------------------
@@ -220,7 +227,7 @@ class HttpParser(Parser):
                 if data[1] == 10:
                     return DROP, 2
             elif first == 0x16:
-                return self._not_http("TLS handshake (not HTTP/1.x)")
+                return self._not_http("TLS handshake (not HTTP/1.x)", len(data))
         try:
             n = hr.scan(data, 0, self.limit, F.parse_request_line)  # a bad request line: at once
             if n < 0:
@@ -249,9 +256,9 @@ class HttpParser(Parser):
         req = HttpRequest(
             head.method, head.path, head.host, head.version, tuple([(k, v) for k, v, _ in head.fields]), []
         )
-        if len(self.pending) >= MAX_PENDING:
-            self._log_denied(req, "too many pipelined requests", sent)
-            return ERROR, ERROR_PROTOCOL
+        if self.pending_bytes > PENDING_BUDGET:
+            self._log_denied(req, "too many pipelined requests awaiting responses", sent)
+            return self._close_after_owed(ERROR_PROTOCOL, len(data))
         if self.ctx.matches(req):
             return self._forward(head, req, n, data, sent)
         self._log_denied(req, "policy", sent)
@@ -265,7 +272,7 @@ class HttpParser(Parser):
         return RS_HEAD
 
     def _forward(self, head: F.RequestHead, req: HttpRequest, n: int, data: Data, sent: str) -> Verdict:
-        self.pending.append(_Pending(head.method, head.path, head.host, upgrade=head.upgrade))
+        self._push(_Pending(head.method, head.path, head.host, upgrade=head.upgrade))
         log_extra: dict[str, str] = {}
         new_head: bytes | None = None
         if sent != head.path:
@@ -302,7 +309,8 @@ class HttpParser(Parser):
         payload = close_ if close else keep
         if head.method == "HEAD":
             payload = payload[: payload.index(b"\r\n\r\n") + 4]  # a HEAD response has no body
-        if self._place(_Pending(head.method, head.path, head.host, payload=payload, close=close)):
+        entry = _Pending(head.method, head.path, head.host, payload=payload, close=ERROR_CLOSE_AFTER_ANSWER if close else 0)
+        if self._place(entry):
             return ERROR, ERROR_CLOSE_AFTER_ANSWER
         if close:
             self.rs = RS_DRAIN
@@ -314,32 +322,54 @@ class HttpParser(Parser):
         self.rs = after
         return DROP, n + head.length
 
+    def _push(self, entry: _Pending) -> None:
+        self.pending.append(entry)
+        self.pending_bytes += len(entry.method) + len(entry.path) + len(entry.host) + ENTRY_COST
+
+    def _pop(self, where: int = 0) -> _Pending:
+        entry = self.pending.popleft() if where == 0 else self.pending.pop()
+        self.pending_bytes -= len(entry.method) + len(entry.path) + len(entry.host) + ENTRY_COST
+        return entry
+
     def _place(self, entry: _Pending) -> bool:
         """Put an answer in its place; True when it went out now and the connection must close."""
         if self.pending:
-            self.pending.append(entry)
+            self._push(entry)
             return False
         assert entry.payload is not None
         self.ctx.inject(True, entry.payload)
         if entry.close:
-            self.closing = True
+            self.closing = entry.close
             return True
         return False
 
     def _reject(self, exc: F.FramingError, have: int) -> Verdict:
         """A request proxyd cannot frame: 400/431 and close, after the responses before it."""
         if exc.status is None:
-            return self._not_http(exc.reason)
+            return self._not_http(exc.reason, have)
         self.ctx.log(EntryType.DENIED, {"error": exc.reason, "status": exc.status})
         payload = TOO_LARGE if exc.status == 431 else BAD_REQUEST
         self.rs = RS_DRAIN
-        if self._place(_Pending("", "", "", payload=payload, close=True)):
+        if self._place(_Pending("", "", "", payload=payload, close=ERROR_CLOSE_AFTER_ANSWER)):
             return ERROR, ERROR_CLOSE_AFTER_ANSWER
         return DROP, have
 
-    def _not_http(self, reason: str) -> Verdict:
+    def _not_http(self, reason: str, have: int) -> Verdict:
         self.ctx.log(EntryType.DENIED, {"error": reason})
-        return ERROR, ERROR_PROTOCOL
+        return self._close_after_owed(ERROR_PROTOCOL, have)
+
+    def _close_after_owed(self, code: int, have: int) -> Verdict:
+        """Close (with ERROR ``code``) once the responses already owed are delivered.
+
+        A close proxyd decides must not throw away the answers to earlier pipelined requests
+        the server has already run (issue 17): later client bytes are dropped, the responses
+        before this point still pass, and the connection ends after the last of them.
+        """
+        self.rs = RS_DRAIN
+        if not self.pending:
+            return ERROR, code
+        self._push(_Pending("", "", "", payload=b"", close=code))
+        return DROP, have
 
     def _log_denied(self, req: HttpRequest, reason: str, sent: str) -> None:
         fields = _request_fields(req)
@@ -360,7 +390,7 @@ class HttpParser(Parser):
         try:
             got = _chunk_line(data, self.r_crlf)
         except F.FramingError as exc:
-            return self._body_error(exc.reason)
+            return self._body_error(exc.reason, len(data))
         if got is None:
             return MORE, 1
         n, size = got
@@ -375,17 +405,21 @@ class HttpParser(Parser):
         try:
             n = self.rhr.scan(data, 0, self.limit)
         except F.FramingError as exc:
-            return self._body_error(exc.reason)
+            return self._body_error(exc.reason, len(data))
         if n < 0:
             return MORE, 1
         self.rhr.reset()
         self.rs = self.r_next
         return self.r_op, n
 
-    def _body_error(self, reason: str) -> Verdict:
-        # The head is already forwarded (or dropped): nothing can be answered in step.
+    def _body_error(self, reason: str, have: int) -> Verdict:
+        # The head is already forwarded (or dropped): its own answer cannot be put in step, so
+        # the connection ends after the responses owed to the requests before it.
         self.ctx.log(EntryType.DENIED, {"error": f"request body: {reason}"})
-        return ERROR, ERROR_PROTOCOL
+        pending = self.pending
+        if pending and pending[-1].payload is None and (len(pending) > 1 or self.ps == PS_HEAD):
+            self._pop(-1)  # this request's own entry: its response is not waited for
+        return self._close_after_owed(ERROR_PROTOCOL, have)
 
     # --- responses -----------------------------------------------------------------------------
 
@@ -434,7 +468,11 @@ class HttpParser(Parser):
 
     def _response_head(self, data: Data) -> Verdict:
         if not self.pending:
-            return self._response_error("response with no request pending")
+            # A response nobody asked for (a server's 408 or 503 before it closes an idle or
+            # surplus connection): the client would get it without proxyd, so it passes, framed
+            # as the answer to a GET, and its log line says so.
+            self._push(_Pending("", "", "", close=0))
+            self.unsolicited = True
         entry = self.pending[0]
         hr = self.phr
         try:
@@ -451,7 +489,10 @@ class HttpParser(Parser):
         except F.FramingError as exc:
             return self._response_error(exc.reason)
         hr.reset()
-        if self.log_responses:
+        if self.unsolicited:
+            self.unsolicited = False
+            self.ctx.log(EntryType.RESPONSE, {"status": rh.status, "note": "response with no request pending"})
+        elif self.log_responses:
             status = rh.status
             self.ctx.log(
                 EntryType.RESPONSE,
@@ -474,7 +515,7 @@ class HttpParser(Parser):
             self.p_crlf = False
             return PASS, n
         if body == F.BODY_TUNNEL:
-            self.pending.popleft()
+            self._pop()
             self.ps = PS_TUNNEL
             self.rs = RS_TUNNEL
         else:
@@ -487,18 +528,18 @@ class HttpParser(Parser):
         """The head entry's response ends with the next ``n`` bytes: pass them, place denials."""
         have = len(data)
         pending = self.pending
-        pending.popleft()
+        self._pop()
         self.ps = PS_HEAD
         if self.rs == RS_WAIT:
             self.rs = RS_HEAD  # the upgrade or CONNECT was refused: HTTP goes on
         answers: list[bytes] = []
-        close = False
+        close = 0
         while pending and pending[0].payload is not None:
-            entry = pending.popleft()
+            entry = self._pop()
             assert entry.payload is not None
             answers.append(entry.payload)
             if entry.close:
-                close = True
+                close = entry.close
                 break
         if not answers:
             return PASS, n
@@ -508,15 +549,17 @@ class HttpParser(Parser):
             if n < have:
                 self.pq.append((INJECT, len(out)))
             return PASS, n
-        self.closing = True
+        self.closing = close
         if n < have:
-            self.ctx.inject(True, out)
-            self.pq.extend(((INJECT, len(out)), (ERROR, ERROR_CLOSE_AFTER_ANSWER)))
+            if out:
+                self.ctx.inject(True, out)
+                self.pq.append((INJECT, len(out)))
+            self.pq.append((ERROR, close))
             return PASS, n
         # The response ends exactly at the buffer's end, and the engine calls a parser again
         # only while bytes remain: keep its last byte, send it ahead of the answer, then close.
         self.ctx.inject(True, bytes(data[n - 1 : n]) + out)
-        self.pq.extend(((INJECT, len(out) + 1), (ERROR, ERROR_CLOSE_AFTER_ANSWER)))
+        self.pq.extend(((INJECT, len(out) + 1), (ERROR, close)))
         if n > 1:
             return PASS, n - 1
         return self.pq.popleft()
