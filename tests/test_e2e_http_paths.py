@@ -106,7 +106,12 @@ async def test_through_proxyd_nginx_serves_what_the_rule_judged(nginx: Nginx, tm
     async with proxy(nginx, tmp_path) as d:
         host, port = addr(d, "web")
         before = len(nginx.seen())
-        for target in (b"/api/../index.html", b"/api/%2e%2e/index.html", b"/api/..\\index.html", b"/api/x/../../secret.txt"):
+        for target in (
+            b"/api/../index.html",
+            b"/api/%2e%2e/index.html",
+            b"/api/..\\index.html",
+            b"/api/x/../../secret.txt",
+        ):
             status, _, body = await ask(host, port, target)
             assert (status, body) == (403, b"Access denied\r\n"), target
         assert requests_seen(nginx, before) == []  # nginx never saw them
@@ -120,8 +125,21 @@ async def test_through_proxyd_nginx_serves_what_the_rule_judged(nginx: Nginx, tm
         assert status == 200
         await wait_for(lambda: len(nginx.seen()) >= before + 6)
         assert requests_seen(nginx, before)[-1] == "GET /api/q?a=/../b//c&d=%2F HTTP/1.1"
-        await wait_for(lambda: sum(1 for x in log_lines(tmp_path) if x.get("entry_type") == "request" and "method" in x.get("fields", {})) >= 10)
-        reqs = [x["fields"] for x in log_lines(tmp_path) if x.get("entry_type") == "request" and "method" in x.get("fields", {})]
+        await wait_for(
+            lambda: (
+                sum(
+                    1
+                    for x in log_lines(tmp_path)
+                    if x.get("entry_type") == "request" and "method" in x.get("fields", {})
+                )
+                >= 10
+            )
+        )
+        reqs = [
+            x["fields"]
+            for x in log_lines(tmp_path)
+            if x.get("entry_type") == "request" and "method" in x.get("fields", {})
+        ]
         assert reqs[0]["path"] == "/index.html" and reqs[0]["original_path"] == "/api/../index.html"
         assert reqs[4]["path"] == "/api/x" and reqs[4]["original_path"] == "/api/./x"
         assert "original_path" not in reqs[8]  # /api/x was already normal
@@ -143,6 +161,6 @@ async def test_escaped_slash_reject_request(nginx: Nginx, tmp_path: Path) -> Non
     # served /index.html (docs/parsers/http.md, KEEP_UNCHANGED).
     direct = await ask("127.0.0.1", nginx.port, b"/api/..%2Findex.html")
     assert direct[0] == 200 and direct[2] == b"index\n"
-    async with proxy(nginx, tmp_path, '{path_with_escaped_slashes_action: REJECT_REQUEST}') as d:
+    async with proxy(nginx, tmp_path, "{path_with_escaped_slashes_action: REJECT_REQUEST}") as d:
         status, _, body = await ask(*addr(d, "web"), b"/api/..%2Findex.html")
         assert (status, body) == (400, b"Bad Request\r\n")

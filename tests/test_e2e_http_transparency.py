@@ -154,7 +154,9 @@ async def test_thirty_thousand_pipelined_requests_all_answered(nginx: Nginx, tmp
     assert undated(through) == undated(direct)
 
 
-async def test_malformed_chunk_behind_pipelined_requests_loses_no_answer(nginx: Nginx, tmp_path: Path) -> None:
+async def test_malformed_chunk_behind_pipelined_requests_loses_no_answer(
+    nginx: Nginx, tmp_path: Path
+) -> None:
     bad = b"PUT /dav/t.txt HTTP/1.1\r\nHost: x\r\nTransfer-Encoding: chunked\r\n\r\nzz\r\nabc\r\n0\r\n\r\n"
     wire = GET + GET + bad
     direct = await aexchange(nginx.port, wire)
@@ -199,7 +201,9 @@ async def test_header_blocks_nginx_accepts_pass_and_those_it_refuses_get_its_ans
 # --- the transparency property ------------------------------------------------------------------
 
 PATHS = ["/public/a.txt", "/echo", "/empty", "/api/x", "/api/x?q=1&r=/a", "/secret.txt", "/nope", "/public/"]
-TOKEN = st.text("abcdefghijklmnopqrstuvwxyzABCDEFGHIJKLMNOPQRSTUVWXYZ0123456789-_.~!#$%&'*+^`|", min_size=1, max_size=12)
+TOKEN = st.text(
+    "abcdefghijklmnopqrstuvwxyzABCDEFGHIJKLMNOPQRSTUVWXYZ0123456789-_.~!#$%&'*+^`|", min_size=1, max_size=12
+)
 VALUE = st.text("".join(chr(c) for c in range(0x21, 0x7F)) + " \t", max_size=40).map(str.strip)
 RESERVED = {"host", "content-length", "transfer-encoding", "connection", "expect", "upgrade", "te", "trailer"}
 
@@ -207,12 +211,15 @@ RESERVED = {"host", "content-length", "transfer-encoding", "connection", "expect
 @st.composite
 def request(draw: st.DrawFn, last: bool) -> bytes:
     method = draw(st.sampled_from(["GET", "GET", "HEAD", "POST", "OPTIONS", "DELETE"]))
-    head = f"{method} {draw(st.sampled_from(PATHS))} HTTP/1.1\r\nHost: {draw(st.sampled_from(['x', 'x:80', 'a.b']))}\r\n"
+    path, host = draw(st.sampled_from(PATHS)), draw(st.sampled_from(["x", "x:80", "a.b"]))
+    head = f"{method} {path} HTTP/1.1\r\nHost: {host}\r\n"
     for name, value in draw(st.lists(st.tuples(TOKEN, VALUE), max_size=4)):
         if name.lower() not in RESERVED:
             head += f"{name}: {value}\r\n"
     body = b""
-    kind = draw(st.sampled_from(["none", "cl", "chunked"]) if method in ("POST", "DELETE") else st.just("none"))
+    kind = draw(
+        st.sampled_from(["none", "cl", "chunked"]) if method in ("POST", "DELETE") else st.just("none")
+    )
     if kind == "cl":
         body = draw(st.binary(max_size=64))
         head += f"Content-Length: {len(body)}\r\n"

@@ -649,7 +649,9 @@ def test_the_answers_are_the_documented_bytes() -> None:
     assert TOO_LARGE.startswith(b"HTTP/1.1 431 Request Header Fields Too Large\r\n")
 
 
-def test_past_the_pending_budget_the_connection_ends_after_the_owed_responses(monkeypatch: pytest.MonkeyPatch) -> None:
+def test_past_the_pending_budget_the_connection_ends_after_the_owed_responses(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
     from proxyd.parsers.http import parser as P
 
     monkeypatch.setattr(P, "PENDING_BUDGET", 4 * P.ENTRY_COST)

@@ -66,7 +66,9 @@ NORMALISED = [
 
 
 @pytest.mark.parametrize(("name", "sent", "served"), NORMALISED, ids=[r[0] for r in NORMALISED])
-def test_the_server_gets_the_normalised_path_and_the_rest_byte_exact(name: str, sent: str, served: str) -> None:
+def test_the_server_gets_the_normalised_path_and_the_rest_byte_exact(
+    name: str, sent: str, served: str
+) -> None:
     method = "OPTIONS" if sent == "*" else "GET"
     wire = get(sent).replace(b"GET", method.encode(), 1)
     want = get(served).replace(b"GET", method.encode(), 1)
@@ -83,7 +85,13 @@ def test_access_log_has_the_normalised_path_and_the_original_when_they_differ() 
         (
             "request",
             "forwarded",
-            {"method": "GET", "path": "/api/x", "host": "a", "version": "HTTP/1.1", "original_path": "/api//x"},
+            {
+                "method": "GET",
+                "path": "/api/x",
+                "host": "a",
+                "version": "HTTP/1.1",
+                "original_path": "/api//x",
+            },
         ),
         ("request", "forwarded", {"method": "GET", "path": "/api/x", "host": "a", "version": "HTTP/1.1"}),
         (
@@ -104,7 +112,8 @@ def test_access_log_has_the_normalised_path_and_the_original_when_they_differ() 
 
 
 @pytest.mark.parametrize(
-    "sent", ["/api/../secret", "/api/%2e%2e/secret", "/api/..\\secret", "/api/.%2E/secret", "/api/x/../../secret"]
+    "sent",
+    ["/api/../secret", "/api/%2e%2e/secret", "/api/..\\secret", "/api/.%2E/secret", "/api/x/../../secret"],
 )
 def test_a_prefix_rule_cannot_be_climbed_out_of(sent: str) -> None:
     rules = [{"path": "/api/.*"}]
@@ -213,7 +222,11 @@ def test_the_query_is_never_checked() -> None:
 
 
 def test_all_off_forwards_the_target_as_sent() -> None:
-    cfg = {"normalize_path": False, "merge_slashes": False, "path_with_escaped_slashes_action": "KEEP_UNCHANGED"}
+    cfg = {
+        "normalize_path": False,
+        "merge_slashes": False,
+        "path_with_escaped_slashes_action": "KEEP_UNCHANGED",
+    }
     for sent in ("/api/../x", "/a//b", "/a%2Fb", "/a%zz", "/a#b"):
         h = Harness(HttpFactory(), rules=[{"path": "/api/.*"}], parser_config=cfg)
         h.feed(get(sent))
@@ -275,7 +288,9 @@ def _segments(path: str) -> list[str]:
 
 @settings(max_examples=200, deadline=None)
 @given(path=PATHS, query=QUERIES, opts=OPTIONS)
-def test_normalisation_is_idempotent_and_leaves_no_dot_segment(path: str, query: str, opts: PathOptions) -> None:
+def test_normalisation_is_idempotent_and_leaves_no_dot_segment(
+    path: str, query: str, opts: PathOptions
+) -> None:
     first = normalize(path + query, opts)
     if first.action == REJECT:
         assert opts.escaped_slashes == "REJECT_REQUEST"
@@ -305,7 +320,9 @@ def test_normalisation_is_idempotent_and_leaves_no_dot_segment(path: str, query:
     ),
     cut=st.lists(st.integers(1, 30), max_size=20),
 )
-def test_any_segmentation_gives_the_same_normalised_stream(paths: list[str], cfg: dict[str, Any], cut: list[int]) -> None:
+def test_any_segmentation_gives_the_same_normalised_stream(
+    paths: list[str], cfg: dict[str, Any], cut: list[int]
+) -> None:
     wire = b"".join(get(p) for p in paths)
     rules = [{"path": "/a/.*"}, {"path": "/"}]
     whole = run(wire, [OK] * len(paths), rules=rules, parser_config=cfg)

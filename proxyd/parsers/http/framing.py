@@ -375,7 +375,19 @@ def parse_request(start: bytes | tuple[str, str, str], fields: list[Field]) -> R
     upgrade = version == "1.1" and "upgrade" in conn and "upgrade" in idx
     expect = any(v.lower() == "100-continue" for v in idx.get("expect", ()))
     return RequestHead(
-        method, target, version, fields, path, host, body, length, keep_alive, upgrade, connect, expect, prefix
+        method,
+        target,
+        version,
+        fields,
+        path,
+        host,
+        body,
+        length,
+        keep_alive,
+        upgrade,
+        connect,
+        expect,
+        prefix,
     )
 
 

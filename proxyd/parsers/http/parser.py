@@ -75,6 +75,7 @@ def redirect_answer(location: str, close: bool) -> bytes:
     head = f"HTTP/1.1 307 Temporary Redirect\r\nlocation: {location}\r\ncontent-length: 0\r\n"
     return (head + ("connection: close\r\n" if close else "") + "\r\n").encode("latin-1")
 
+
 TOO_LARGE: Final = _answer(
     "431 Request Header Fields Too Large", b"Request Header Fields Too Large\r\n", True
 )
@@ -119,7 +120,9 @@ def validate_config(config: Mapping[str, Any]) -> HttpConfig:
                 )
             values[key] = value
         else:
-            raise ParserConfigError(f"unknown key for parser 'http' (known: {', '.join(CONFIG_KEYS)})", key=str(key))
+            raise ParserConfigError(
+                f"unknown key for parser 'http' (known: {', '.join(CONFIG_KEYS)})", key=str(key)
+            )
     return HttpConfig(**values)
 
 
@@ -309,7 +312,9 @@ class HttpParser(Parser):
         payload = close_ if close else keep
         if head.method == "HEAD":
             payload = payload[: payload.index(b"\r\n\r\n") + 4]  # a HEAD response has no body
-        entry = _Pending(head.method, head.path, head.host, payload=payload, close=ERROR_CLOSE_AFTER_ANSWER if close else 0)
+        entry = _Pending(
+            head.method, head.path, head.host, payload=payload, close=ERROR_CLOSE_AFTER_ANSWER if close else 0
+        )
         if self._place(entry):
             return ERROR, ERROR_CLOSE_AFTER_ANSWER
         if close:
@@ -491,7 +496,9 @@ class HttpParser(Parser):
         hr.reset()
         if self.unsolicited:
             self.unsolicited = False
-            self.ctx.log(EntryType.RESPONSE, {"status": rh.status, "note": "response with no request pending"})
+            self.ctx.log(
+                EntryType.RESPONSE, {"status": rh.status, "note": "response with no request pending"}
+            )
         elif self.log_responses:
             status = rh.status
             self.ctx.log(
@@ -632,4 +639,8 @@ def _rewrite(head: F.RequestHead, actions: list[HeaderMatch], log: dict[str, str
         log["header_mismatch"] = ",".join(logged)
     if not changed:
         return None
-    return _request_line(head) + b"".join(raw + b"\r\n" for x in lines if x is not None for raw in (x[1],)) + b"\r\n"
+    return (
+        _request_line(head)
+        + b"".join(raw + b"\r\n" for x in lines if x is not None for raw in (x[1],))
+        + b"\r\n"
+    )
