@@ -22,7 +22,11 @@ stands: a denial queued behind a response is injected the moment that response's
 passed, and a denial with nothing pending is injected at once. A denial that must close the
 connection (the request asked to close, HTTP/1.0 without keep-alive, or a body the client may
 or may not send after ``Expect: 100-continue``) or a 400 ends the connection with ERROR once
-the answer is out; client bytes after it are dropped.
+the answer is out; client bytes after it are dropped. Every other close proxyd decides (a
+malformed chunk line, bytes that are not HTTP/1.x, too many requests awaiting answers) waits,
+the same way, for the responses already owed: a sentinel entry with an empty answer closes the
+connection when it reaches the head of the queue. A response with no request pending is
+forwarded (framed as the answer to a GET), not swallowed.
 
 After a ``101`` to an upgrade request, or a 2xx to CONNECT, both directions pass untouched.
 While such a request waits for its answer, later client bytes are held (they may already be
