@@ -21,6 +21,7 @@ from proxyd.parsers.http.normalize import (
     KEEP_UNCHANGED,
     REDIRECT,
     REJECT,
+    SUSPECT,
     PathOptions,
     normalize,
 )
@@ -334,3 +335,15 @@ def test_any_segmentation_gives_the_same_normalised_stream(
         if line.startswith(b"GET "):
             target = line.split(b" ")[1].decode()
             assert normalize(target, opts).path == target
+
+
+@settings(max_examples=300, deadline=None)
+@given(
+    rest=st.text("".join(chr(c) for c in range(0x21, 0x7F)), max_size=30) | PATHS.map(lambda p: p[1:]),
+    opts=OPTIONS,
+)
+def test_a_target_the_parser_skips_is_one_normalisation_leaves_alone(rest: str, opts: PathOptions) -> None:
+    # the parser calls normalize only for targets SUSPECT finds: the others must be normal
+    target = "/" + rest
+    if SUSPECT.search(target) is None:
+        assert normalize(target, opts) == normalize(target, opts).__class__(CONTINUE, target)

@@ -53,6 +53,10 @@ _ESCAPED_SLASH: Final = re.compile(r"%(?:2[fF]|5[cC])")
 _BAD_PERCENT: Final = re.compile(r"%(?![0-9A-Fa-f]{2})")
 _ESCAPE: Final = re.compile(r"%([0-9A-Fa-f]{2})")
 _SLASHES: Final = re.compile(r"//+")
+_DOT_SEGMENT: Final = re.compile(r"/\.\.?(?:/|$)")
+#: What every step needs to find in a target to change or refuse it; a target without any of
+#: these is already normal (the common case, kept to one regex search per request).
+SUSPECT: Final = re.compile(r"[#%\\]|/\.|//")
 _UNRESERVED: Final = frozenset("ABCDEFGHIJKLMNOPQRSTUVWXYZabcdefghijklmnopqrstuvwxyz0123456789-._~")
 
 
@@ -123,7 +127,7 @@ def normalize(target_path: str, opts: PathOptions) -> Normalized:
             path = path.replace("\\", "/")
         if "%" in path:
             path = _ESCAPE.sub(_escape, path)
-        if "." in path:
+        if "/." in path and _DOT_SEGMENT.search(path) is not None:
             path = remove_dot_segments(path)
     if opts.merge_slashes and "//" in path:
         path = _SLASHES.sub("/", path)

@@ -244,7 +244,7 @@ class HttpParser(Parser):
             return self._reject(exc, len(data))
         hr.reset()
         sent = head.path
-        if self.normalizing and sent[:1] == "/":
+        if self.normalizing and sent[:1] == "/" and N.SUSPECT.search(sent) is not None:
             norm = N.normalize(sent, self.paths)
             if norm.action == N.REJECT:
                 self.ctx.log(
