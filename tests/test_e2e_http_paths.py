@@ -164,3 +164,17 @@ async def test_escaped_slash_reject_request(nginx: Nginx, tmp_path: Path) -> Non
     async with proxy(nginx, tmp_path, "{path_with_escaped_slashes_action: REJECT_REQUEST}") as d:
         status, _, body = await ask(*addr(d, "web"), b"/api/..%2Findex.html")
         assert (status, body) == (400, b"Bad Request\r\n")
+
+
+async def test_absolute_form_targets_are_normalised_too(nginx: Nginx, tmp_path: Path) -> None:
+    status, _, body = await ask("127.0.0.1", nginx.port, b"http://x/api/../index.html")
+    assert (status, body) == (200, b"index\n")  # nginx serves absolute-form targets as well
+    async with proxy(nginx, tmp_path) as d:
+        host, port = addr(d, "web")
+        before = len(nginx.seen())
+        status, _, body = await ask(host, port, b"http://x/api/../index.html")
+        assert status == 403
+        status, _, body = await ask(host, port, b"http://x/api//x?y=//")
+        assert (status, body) == (200, b"api /api/x\n")
+        await wait_for(lambda: len(nginx.seen()) >= before + 1)
+        assert requests_seen(nginx, before) == ["GET http://x/api/x?y=// HTTP/1.1"]
