@@ -18,7 +18,6 @@ from proxyd.parsers.http import HttpFactory
 from proxyd.parsers.http.normalize import (
     CONTINUE,
     ESCAPED_SLASHES_ACTIONS,
-    KEEP_UNCHANGED,
     REDIRECT,
     REJECT,
     SUSPECT,
@@ -298,11 +297,11 @@ def test_normalisation_is_idempotent_and_leaves_no_dot_segment(
         return
     again = normalize(first.path, opts)
     assert again.path == first.path
-    assert again.action == CONTINUE or opts.escaped_slashes == KEEP_UNCHANGED or "%2F" not in first.path
+    assert again.action == CONTINUE  # nothing left to redirect for
     assert first.path.endswith(query) if query else "?" not in first.path
     if opts.normalize_path:
         assert not {".", ".."} & set(_segments(first.path))
-        assert "\\" not in _segments(first.path)[-1] and "\\" not in first.path.split("?", 1)[0]
+        assert "\\" not in first.path.split("?", 1)[0]
     if opts.merge_slashes:
         assert "//" not in first.path.split("?", 1)[0]
     if first.action == REDIRECT:
