@@ -198,6 +198,23 @@ async def test_header_blocks_nginx_accepts_pass_and_those_it_refuses_get_its_ans
     assert re.match(rb"HTTP/1.1 (400|414) ", await aexchange(nginx.port, cases[2]))
 
 
+async def test_long_chunk_extensions_nginx_accepts_pass(nginx: Nginx, tmp_path: Path) -> None:
+    # nginx bounds neither chunk extensions nor trailers; proxyd's bound is max_header_bytes
+    # (a fixed 4 KiB chunk line closed these connections)
+    def put(name: bytes) -> bytes:
+        return (
+            b"PUT /dav/" + name + b" HTTP/1.1\r\nHost: x\r\nTransfer-Encoding: chunked\r\n"
+            b"Connection: close\r\n\r\n3;e=" + b"v" * 30000 + b"\r\nabc\r\n0;f=" + b"w" * 30000
+            + b"\r\nX-T: " + b"t" * 30000 + b"\r\n\r\n"
+        )  # fmt: skip
+
+    direct = await aexchange(nginx.port, put(b"ext-direct.txt"))
+    async with proxy(nginx, tmp_path, Recorder()) as (d, _):
+        through = await aexchange(addr(d, "nginx")[1], put(b"ext-proxy.txt"))
+    assert direct[:22] == through[:22] == b"HTTP/1.1 201 Created\r\n"
+    assert (nginx.prefix / "www" / "dav" / "ext-proxy.txt").read_bytes() == b"abc"
+
+
 # --- the transparency property ------------------------------------------------------------------
 
 PATHS = ["/public/a.txt", "/echo", "/empty", "/api/x", "/api/x?q=1&r=/a", "/secret.txt", "/nope", "/public/"]

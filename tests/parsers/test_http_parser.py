@@ -293,10 +293,29 @@ def test_chunked_body_errors_close_the_connection(name: str, body: bytes) -> Non
         assert GET not in out.to_server
 
 
-def test_chunk_line_length_is_bounded() -> None:
+def test_chunk_line_length_is_bounded_by_max_header_bytes() -> None:
+    # nginx bounds neither chunk extensions nor the line: up to max_header_bytes passes (issue 17:
+    # a fixed 4 KiB closed connections nginx served), past it the connection closes
     head = b"POST / HTTP/1.1\r\nHost: a\r\nTransfer-Encoding: chunked\r\n\r\n"
-    out = run(head + b"5;" + b"a" * 5000 + b"\r\n")
-    assert out.closed and "over 4096" in out.errors[0]
+    ok = head + b"5;e=" + b"a" * 60000 + b"\r\nhello\r\n0;f=" + b"b" * 60000 + b"\r\n\r\n"
+    for split in (None, [1000] * 130):
+        out = run(ok, split=split)
+        assert (out.to_server, out.closed) == (ok, False)
+    out = run(head + b"5;" + b"a" * 70000 + b"\r\n")
+    assert out.closed and "over 65536" in out.errors[0]
+    out = run(head + b"5;" + b"a" * 300 + b"\r\n", parser_config={"max_header_bytes": 256})
+    assert out.closed and "over 256" in out.errors[0]
+
+
+def test_a_chunk_line_trickling_in_is_searched_once() -> None:
+    h = Harness(HttpFactory())
+    h.feed(b"POST / HTTP/1.1\r\nHost: a\r\nTransfer-Encoding: chunked\r\n\r\n")
+    h.feed(b"5;e=")
+    for _ in range(2000):
+        h.feed(b"a")
+    assert h.engine.parser.r_seen == 2004  # type: ignore[attr-defined]
+    h.feed(b"\r\nhello\r\n0\r\n\r\n" + GET)
+    assert h.to_server.endswith(b"hello\r\n0\r\n\r\n" + GET) and not h.closed
 
 
 # --- bodies stream past the buffer ---------------------------------------------------------------

@@ -182,6 +182,7 @@ class HttpParser(Parser):
         self.rhr = F.HeadReader()
         self.r_op = PASS  # PASS or DROP for the current request's body
         self.r_crlf = False  # chunk data done: a CRLF must come first
+        self.r_seen = 0  # bytes of the buffer already searched for a chunk line's LF
         self.r_keep = True  # the current request keeps the connection
         self.r_next = RS_HEAD  # state after the current request's body
         # response side
@@ -190,6 +191,7 @@ class HttpParser(Parser):
         self.phr = F.HeadReader(framing_only=True)
         self.p_left = 0  # body bytes still to pass (PS_LENGTH, PS_CHUNK_DATA)
         self.p_crlf = False
+        self.p_seen = 0
 
     def on_data(self, reply: bool, end_stream: bool, data: Data) -> Verdict:
         if reply:
@@ -397,12 +399,13 @@ class HttpParser(Parser):
 
     def _request_chunk(self, data: Data) -> Verdict:
         try:
-            got = _chunk_line(data, self.r_crlf)
+            n, size = _chunk_line(data, self.r_crlf, self.limit, self.r_seen)
         except F.FramingError as exc:
             return self._body_error(exc.reason, len(data))
-        if got is None:
+        if n < 0:
+            self.r_seen = size
             return MORE, 1
-        n, size = got
+        self.r_seen = 0
         if size == 0:
             self.rs = RS_TRAILER
             self.rhr.reset(trailer=True)
@@ -450,12 +453,13 @@ class HttpParser(Parser):
             return self._complete(left, data)
         if ps == PS_CHUNK:
             try:
-                got = _chunk_line(data, self.p_crlf)
+                n, size = _chunk_line(data, self.p_crlf, self.limit, self.p_seen)
             except F.FramingError as exc:
                 return self._response_error(exc.reason)
-            if got is None:
+            if n < 0:
+                self.p_seen = size
                 return MORE, 1
-            n, size = got
+            self.p_seen = 0
             self.p_crlf = False
             if size == 0:
                 self.ps = PS_TRAILER
@@ -580,24 +584,27 @@ class HttpParser(Parser):
         return ERROR, ERROR_PROTOCOL
 
 
-def _chunk_line(data: Data, crlf: bool) -> tuple[int, int] | None:
+def _chunk_line(data: Data, crlf: bool, limit: int, seen: int) -> tuple[int, int]:
     """Find a chunk-size line (after the CRLF that ends the previous chunk's data, if ``crlf``).
 
-    Returns (bytes through the line's CRLF, chunk size), or None when more bytes are needed.
+    Returns (bytes through the line's CRLF, chunk size), or (-1, bytes searched so far) when
+    more bytes are needed; the caller passes that back as ``seen`` so a line trickling in byte
+    by byte is searched once, not once per byte. The line, extensions included, may be up to
+    ``limit`` bytes (``max_header_bytes``: nginx bounds neither extensions nor this line).
     Raises :class:`.framing.FramingError`.
     """
     pos = 0
     if crlf:
         if data[:2] != b"\r\n":
             if len(data) < 2 and data[:1] in (b"", b"\r"):
-                return None
+                return -1, 0
             raise F.FramingError(400, "chunk data not followed by CRLF")
         pos = 2
-    nl = data.find(b"\n", pos, pos + F.MAX_CHUNK_LINE)
+    nl = data.find(b"\n", max(pos, seen), pos + limit)
     if nl < 0:
-        if len(data) - pos >= F.MAX_CHUNK_LINE:
-            raise F.FramingError(400, f"chunk-size line over {F.MAX_CHUNK_LINE} bytes")
-        return None
+        if len(data) - pos >= limit:
+            raise F.FramingError(400, f"chunk-size line over {limit} bytes")
+        return -1, len(data)
     if nl == pos or data[nl - 1] != 13:
         raise F.FramingError(400, "bare LF in a chunk-size line")
     return nl + 1, F.parse_chunk_line(bytes(data[pos : nl - 1]))
