@@ -4,8 +4,11 @@ Theory of operation
 -------------------
 
 Client to server. A request head is scanned as it arrives (:class:`.framing.HeadReader`),
-validated and framed (:func:`.framing.parse_request`), and judged by the policy on its head
-alone. Allowed: the head is passed (or, when a ``headerMatches`` rule rewrites it, dropped and a
+validated and framed (:func:`.framing.parse_request`), its path normalised
+(:mod:`.normalize`: the rules judge the path the server will serve, as Envoy's do), and judged
+by the policy on its head alone. A path that normalisation changed is sent as a new request
+line with the rest of the head byte-exact (the original head dropped, the new one injected); one
+it refuses or redirects is answered in place like a denial. Allowed: the head is passed (or, when a ``headerMatches`` rule rewrites it, dropped and a
 rewritten head injected in its place) and the body passed; denied: head and body are dropped
 and the 403 is put in the request's place among the responses. A Content-Length body is one
 PASS or DROP reaching past the buffered bytes; a chunked body is followed chunk line by chunk
