@@ -44,6 +44,7 @@ http {{
         location = /echo {{ return 200 "echo $request_method $request_uri\\n"; }}
         location = /empty {{ return 204; }}
         location /api/ {{ return 200 "api $uri\n"; }}
+        location = /bighead {{ {bighead} return 200 "big\n"; }}
     }}
 }}
 """
@@ -83,6 +84,7 @@ def start_nginx(tmp: Path, *, workers: int = 1, access_log: bool = True) -> Iter
             master="on" if workers > 1 else "off",
             workers=workers,
             access_log=f"{prefix}/access.log seen" if access_log else "off",
+            bighead=" ".join(f'add_header X-Big-{i} "{"v" * 3000}";' for i in range(40)),  # ~120 KiB
         )
     )
     proc = subprocess.Popen(

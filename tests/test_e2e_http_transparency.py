@@ -14,6 +14,7 @@ import asyncio
 import contextlib
 import re
 import socket
+import subprocess
 import time
 from collections.abc import AsyncIterator, Iterator
 from pathlib import Path
@@ -22,6 +23,7 @@ import pytest
 from http_servers import Nginx, start_nginx
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
+from needs import need_binary
 from proxyutil import addr, daemon, tcp_server
 
 from proxyd.server import Daemon
@@ -213,6 +215,24 @@ async def test_long_chunk_extensions_nginx_accepts_pass(nginx: Nginx, tmp_path: 
         through = await aexchange(addr(d, "nginx")[1], put(b"ext-proxy.txt"))
     assert direct[:22] == through[:22] == b"HTTP/1.1 201 Created\r\n"
     assert (nginx.prefix / "www" / "dav" / "ext-proxy.txt").read_bytes() == b"abc"
+
+
+async def test_a_response_head_over_max_header_bytes_reaches_curl(nginx: Nginx, tmp_path: Path) -> None:
+    # ~120 KiB of response head (curl takes it): it used to close the connection after nginx ran
+    # the request; now it streams past the 64 KiB limit
+    need_binary("curl")
+
+    def curl(port: int) -> bytes:
+        return subprocess.run(
+            ["curl", "-sS", "-i", "--max-time", "20", f"http://127.0.0.1:{port}/bighead"],
+            capture_output=True, check=True, timeout=30,
+        ).stdout  # fmt: skip
+
+    direct = await asyncio.to_thread(curl, nginx.port)
+    assert len(direct) > 120000 and direct.endswith(b"\r\n\r\nbig\n")
+    async with proxy(nginx, tmp_path, Recorder()) as (d, _):
+        through = await asyncio.to_thread(curl, addr(d, "nginx")[1])
+    assert undated(through) == undated(direct)
 
 
 # --- the transparency property ------------------------------------------------------------------

@@ -72,6 +72,11 @@ _AUTHORITY: Final = re.compile(r"(?:\[[0-9A-Fa-f:.]+\]|[A-Za-z0-9\-._~!$&'()*+,;
 _ABSOLUTE: Final = re.compile(r"([A-Za-z][A-Za-z0-9+.\-]*)://([^/?#]*)(.*)")
 
 
+#: Fields a head may carry (kept ones: for a response, those framing looks at). A head is bounded
+#: by ``max_header_bytes`` anyway; a response head that streams past it is not, and this bounds
+#: what proxyd keeps of it.
+MAX_FIELDS: Final = 10000
+
 H2_PREFACE: Final = b"PRI * HTTP/2.0\r\n\r\nSM\r\n\r\n"
 
 
@@ -126,7 +131,7 @@ class HeadReader:
         pos = base + self.pos
         stop = min(len(data), base + limit)
         find = data.find
-        if pos == base and not self.trailer:
+        if pos == base and self.start is None and not self.trailer:
             # Fast path: the whole head is in. When every field line is valid (one regex over
             # the block), the line-by-line scan below would reach the same result.
             end = find(b"\r\n\r\n", base, stop)
@@ -181,7 +186,11 @@ class HeadReader:
                     self.parsed_start = check_start(line)
                 self.start = line
             else:
-                self.fields.append(parse_field_line(line))
+                f = parse_field_line(line)
+                if not self.framing_only or f[0] in _FRAMING_NAMES:
+                    if len(self.fields) >= MAX_FIELDS:
+                        raise FramingError(400, f"more than {MAX_FIELDS} fields")
+                    self.fields.append(f)
             pos = nl + 1
         self.pos = pos - base
         if len(data) - base >= limit:

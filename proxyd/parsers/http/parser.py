@@ -8,8 +8,9 @@ validated and framed (:func:`.framing.parse_request`), its path normalised
 (:mod:`.normalize`: the rules judge the path the server will serve, as Envoy's do), and judged
 by the policy on its head alone. A path that normalisation changed is sent as a new request
 line with the rest of the head byte-exact (the original head dropped, the new one injected); one
-it refuses or redirects is answered in place like a denial. Allowed: the head is passed (or, when a ``headerMatches`` rule rewrites it, dropped and a
-rewritten head injected in its place) and the body passed; denied: head and body are dropped
+it refuses or redirects is answered in place like a denial. Allowed: the head is passed (or,
+when a ``headerMatches`` rule rewrites it, dropped and a rewritten head injected in its place)
+and the body passed; denied: head and body are dropped
 and the 403 is put in the request's place among the responses. A Content-Length body is one
 PASS or DROP reaching past the buffered bytes; a chunked body is followed chunk line by chunk
 line, each chunk's data passed or dropped past the buffer, then the trailer section. Bodies are
@@ -475,7 +476,7 @@ class HttpParser(Parser):
             try:
                 n = self.phr.scan(data, 0, self.limit)
             except F.FramingError as exc:
-                return self._response_error(exc.reason)
+                return self._stream_head(exc)
             if n < 0:
                 return MORE, 1
             self.phr.reset()
@@ -503,7 +504,7 @@ class HttpParser(Parser):
                 upgrade=entry.upgrade,
             )
         except F.FramingError as exc:
-            return self._response_error(exc.reason)
+            return self._stream_head(exc)
         hr.reset()
         if self.unsolicited:
             self.unsolicited = False
@@ -581,6 +582,23 @@ class HttpParser(Parser):
         if n > 1:
             return PASS, n - 1
         return self.pq.popleft()
+
+    def _stream_head(self, exc: F.FramingError) -> Verdict:
+        """A response head (or trailer section) longer than ``max_header_bytes`` streams.
+
+        Clients take larger heads than proxyd needs to hold (curl 100 KiB and more): once
+        ``limit`` bytes are buffered without the head's end, the complete field lines among
+        them, already validated, pass, and reading goes on from there; only the fields framing
+        needs are kept. Where the passes fall depends only on the bytes (every window starts
+        where the last pass ended), so the outcome does not depend on segmentation. A single
+        line longer than the limit still closes the connection.
+        """
+        hr = self.phr
+        if exc.status == 431 and hr.pos > 0 and (hr.start is not None or hr.trailer):
+            n = hr.pos
+            hr.pos = 0
+            return PASS, n
+        return self._response_error(exc.reason)
 
     def _response_error(self, reason: str) -> Verdict:
         self.ctx.log(EntryType.RESPONSE, {"error": reason})
