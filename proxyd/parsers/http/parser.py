@@ -62,7 +62,7 @@ ERROR_CLOSE_AFTER_ANSWER: Final = 16
 #: order; this bound is far above that for any real server (issue 17: a count of 1024 closed
 #: connections nginx served fine) and only stops a server that reads without ever answering.
 PENDING_BUDGET: Final = 16 * 1024 * KiB
-ENTRY_COST: Final = 160
+ENTRY_COST: Final = 256  # about what an entry and its strings take in memory
 
 
 def _answer(status: str, body: bytes, close: bool) -> bytes:
