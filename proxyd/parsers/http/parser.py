@@ -10,8 +10,8 @@ by the policy on its head alone. A path that normalisation changed is sent as a 
 line with the rest of the head byte-exact (the original head dropped, the new one injected); one
 it refuses or redirects is answered in place like a denial. Allowed: the head is passed (or,
 when a ``headerMatches`` rule rewrites it, dropped and a rewritten head injected in its place)
-and the body passed; denied: head and body are dropped
-and the 403 is put in the request's place among the responses. A Content-Length body is one
+and the body passed; denied: head and body are dropped and the 403 is put in the request's
+place among the responses. A Content-Length body is one
 PASS or DROP reaching past the buffered bytes; a chunked body is followed chunk line by chunk
 line, each chunk's data passed or dropped past the buffer, then the trailer section. Bodies are
 never held. A request proxyd cannot frame is answered 400 (431 for a head over
