@@ -18,6 +18,7 @@ from typing import Any
 
 import pytest
 from http_servers import Nginx, start_nginx
+from needs import need_binary
 from proxyutil import addr, daemon, wait_for
 
 from proxyd.server import Daemon
@@ -178,3 +179,21 @@ async def test_absolute_form_targets_are_normalised_too(nginx: Nginx, tmp_path: 
         assert (status, body) == (200, b"api /api/x\n")
         await wait_for(lambda: len(nginx.seen()) >= before + 1)
         assert requests_seen(nginx, before) == ["GET http://x/api/x?y=// HTTP/1.1"]
+
+
+async def test_curl_follows_the_escaped_slash_redirect_to_what_the_rule_allows(
+    nginx: Nginx, tmp_path: Path
+) -> None:
+    need_binary("curl")
+    async with proxy(nginx, tmp_path) as d:
+        host, port = addr(d, "web")
+        before = len(nginx.seen())
+        proc = await asyncio.create_subprocess_exec(
+            "curl", "-sS", "-L", "--path-as-is", "--max-time", "20", "-w", "|%{http_code} %{num_redirects}",
+            f"http://{host}:{port}/api/a%2Fb",
+            stdout=asyncio.subprocess.PIPE, stderr=asyncio.subprocess.PIPE,
+        )  # fmt: skip
+        out, err = await asyncio.wait_for(proc.communicate(), 30)
+        assert out == b"api /api/a/b\n|200 1", err
+        await wait_for(lambda: len(nginx.seen()) >= before + 1)
+        assert requests_seen(nginx, before) == ["GET /api/a/b HTTP/1.1"]
