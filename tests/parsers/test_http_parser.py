@@ -701,3 +701,15 @@ def test_a_response_head_over_the_limit_streams() -> None:
         h.feed(GET)
         h.feed(b"HTTP/1.1 200 OK\r\n" + bad + b"\r\n", reply=True)
         assert h.closed
+
+
+def test_a_request_trailer_section_over_the_limit_streams() -> None:
+    # nginx takes trailer sections of any size; they are not judged, so they stream on
+    head = b"POST / HTTP/1.1\r\nHost: a\r\nTransfer-Encoding: chunked\r\n\r\n2\r\nhi\r\n0\r\n"
+    trailer = b"".join(b"T-%d: %s\r\n" % (i, b"t" * 10) for i in range(12000)) + b"\r\n"
+    for split in (None, "random"):
+        out = run(head + trailer + GET, [OK, OK], split=split)
+        assert (out.to_server, out.to_client, out.closed) == (head + trailer + GET, OK + OK, False)
+    # a denied request's long trailer section is dropped the same way
+    out = run(head.replace(b"POST", b"PUT") + trailer + GET, [OK], rules=[{"method": "GET"}])
+    assert (out.to_server, out.to_client) == (GET, DENIED + OK)

@@ -186,8 +186,8 @@ class HeadReader:
                     self.parsed_start = check_start(line)
                 self.start = line
             else:
-                f = parse_field_line(line)
-                if not self.framing_only or f[0] in _FRAMING_NAMES:
+                f = parse_field_line(line)  # validated; a trailer section's fields are not kept
+                if not self.trailer and (not self.framing_only or f[0] in _FRAMING_NAMES):
                     if len(self.fields) >= MAX_FIELDS:
                         raise FramingError(400, f"more than {MAX_FIELDS} fields")
                     self.fields.append(f)

@@ -418,9 +418,13 @@ class HttpParser(Parser):
         return self.r_op, n + size
 
     def _request_trailer(self, data: Data) -> Verdict:
+        hr = self.rhr
         try:
-            n = self.rhr.scan(data, 0, self.limit)
+            n = hr.scan(data, 0, self.limit)
         except F.FramingError as exc:
+            if exc.status == 431 and hr.pos > 0:  # a long trailer section streams (see _stream_head)
+                n, hr.pos = hr.pos, 0
+                return self.r_op, n
             return self._body_error(exc.reason, len(data))
         if n < 0:
             return MORE, 1
