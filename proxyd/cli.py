@@ -70,16 +70,10 @@ def cmd_check(args: argparse.Namespace) -> int:
     return 0
 
 
-#: Built-in parsers the test suite uses (proxyd.parsers.testparsers); `proxyd parsers --all` shows them.
-TEST_PARSER_PREFIX = "test."
-
-
 def cmd_parsers(args: argparse.Namespace) -> int:
     reg = Registry.load()
     rows = [("NAME", "ORIGIN", "RULE KEYS", "DESCRIPTION")]
     for name, r in reg.items():
-        if name.startswith(TEST_PARSER_PREFIX) and r.origin == "built-in" and not args.all:
-            continue  # the framework's own test parsers: shown with --all
         rows.append((name, r.origin, ",".join(r.factory.rule_keys) or "-", r.factory.description))
     widths = [max(len(row[i]) for row in rows) for i in range(3)]
     for row in rows:
@@ -257,7 +251,6 @@ def build_parser() -> argparse.ArgumentParser:
         description="List the registered parsers (built-in and installed through the proxyd.parsers "
         "entry-point group), where each comes from, and its policy rule keys.",
     )  # fmt: skip
-    parsers.add_argument("--all", action="store_true", help="also list the built-in test parsers (test.*)")
     parsers.set_defaults(func=cmd_parsers)
     exp = sub.add_parser(
         "explain", help="show the policy that applies to a connection",

@@ -1,0 +1,238 @@
+"""What a new operator ran into (issue 17, items 13-16): the bundled config starts without a
+warning, a log file in a missing directory is refused at check time, the test parsers are not
+offered outside the test suite, and admin API changes leave a line in the daemon's log.
+
+Commands run as real subprocesses (``python -m proxyd ...``); daemons that need a log captured run
+in-process with their logger pointed at a list.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import resource
+import shutil
+import signal
+import subprocess
+import sys
+import time
+import urllib.request
+from pathlib import Path
+from typing import Any
+
+import pytest
+from needs import free_port
+from proxyutil import daemon
+from test_operator_messages import POLICY, acli, cli, without_test_parsers, write
+
+from proxyd import adminclient
+from proxyd.accesslog import make_logger
+
+ROOT = Path(__file__).resolve().parents[1]
+
+# --- item 14: the bundled config starts without a descriptor warning ------------------------------
+
+#: The open-files limit of a shell here (soft and hard): what `./dev run` starts the daemon with.
+SHELL_NOFILE = 20000
+
+
+def _bundled_copy(tmp_path: Path) -> tuple[Path, int]:
+    """config/ copied as shipped, only its addresses moved to free ports (others may run tests)."""
+    shutil.copytree(ROOT / "config", tmp_path / "config")
+    cfg = tmp_path / "config" / "proxyd.yaml"
+    admin = free_port()
+    text = cfg.read_text()
+    assert '"127.0.0.1:9001"' in text and '"127.0.0.1:9901"' in text
+    text = text.replace('"127.0.0.1:9001"', f'"127.0.0.1:{free_port()}"')
+    cfg.write_text(text.replace('"127.0.0.1:9901"', f'"127.0.0.1:{admin}"'))
+    return cfg, admin
+
+
+def _shell_limits() -> None:
+    soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
+    if hard == resource.RLIM_INFINITY or hard > SHELL_NOFILE:
+        resource.setrlimit(resource.RLIMIT_NOFILE, (SHELL_NOFILE, SHELL_NOFILE))
+
+
+def test_the_bundled_config_starts_without_a_descriptor_warning(tmp_path: Path) -> None:
+    cfg, admin = _bundled_copy(tmp_path)
+    proc = subprocess.Popen([sys.executable, "-m", "proxyd", "run", "--config", str(cfg)],
+                            stdout=subprocess.DEVNULL, stderr=subprocess.PIPE,
+                            preexec_fn=_shell_limits)  # fmt: skip
+    try:
+        deadline = time.monotonic() + 30
+        while True:
+            assert proc.poll() is None, "the daemon exited"
+            try:
+                with urllib.request.urlopen(f"http://127.0.0.1:{admin}/readyz", timeout=1) as resp:
+                    if resp.status == 200:
+                        break
+            except OSError:
+                pass
+            assert time.monotonic() < deadline, "not ready"
+            time.sleep(0.05)
+        proc.send_signal(signal.SIGTERM)
+        _, err = proc.communicate(timeout=20)
+    finally:
+        proc.kill()
+    assert proc.returncode == 0
+    events = [json.loads(line)["event"] for line in err.decode().splitlines()]
+    assert "listening" in events and "stopped" in events
+    assert "file descriptor limit too low" not in events, err.decode()
+
+
+# --- item 15: access_log.path in a directory that does not exist ---------------------------------
+
+LOG_CONFIG = 'listeners:\n  - name: a\n    address: "127.0.0.1:0"\n    upstream: "127.0.0.1:9"\n' \
+             "access_log:\n  requests: all\n  path: {path}\n"  # fmt: skip
+
+
+@pytest.mark.parametrize("command", ["check", "run"])
+def test_a_log_in_a_missing_directory_is_refused_with_file_line_and_field(
+    tmp_path: Path, command: str
+) -> None:
+    cfg = write(tmp_path, LOG_CONFIG.format(path="logs/access.log"))
+    res = cli(command, "-c", str(cfg), timeout=60)
+    assert res.returncode == 1
+    missing = tmp_path / "logs"
+    assert res.stderr.strip() == (
+        f"{cfg}:7: access_log.path: the directory {missing} does not exist "
+        "(proxyd creates the log file, not its directory)"
+    )
+    assert not missing.exists()
+
+
+def test_a_log_path_that_is_a_directory_is_refused(tmp_path: Path) -> None:
+    (tmp_path / "logs").mkdir()
+    cfg = write(tmp_path, LOG_CONFIG.format(path="logs"))
+    res = cli("check", "-c", str(cfg))
+    assert res.returncode == 1
+    assert res.stderr.strip() == f"{cfg}:7: access_log.path: {tmp_path / 'logs'} is a directory; name a file in it"
+
+
+def test_a_log_in_an_existing_directory_is_fine(tmp_path: Path) -> None:
+    (tmp_path / "logs").mkdir()
+    res = cli("check", "-c", str(write(tmp_path, LOG_CONFIG.format(path="logs/access.log"))))
+    assert res.returncode == 0, res.stderr
+
+
+# --- item 16: the test parsers are the suite's, not built-ins --------------------------------------
+
+
+def test_outside_the_suite_the_unknown_parser_error_lists_real_parsers_only(tmp_path: Path) -> None:
+    cfg = write(tmp_path, 'listeners:\n  - name: a\n    address: "127.0.0.1:0"\n    l7proto: nope\n')
+    res = cli("check", "-c", str(cfg), env=without_test_parsers())
+    assert res.returncode == 1
+    line = res.stderr.strip()
+    assert line.startswith(f"{cfg}:4: listeners[a].l7proto: unknown parser 'nope' (known: ")
+    known = line.split("(known: ", 1)[1].rstrip(")").split(", ")
+    assert {"r2d2", "memcache", "redis", "http", "cassandra"} <= set(known)
+    assert not [n for n in known if n.startswith("test.")]
+    listed = cli("parsers", env=without_test_parsers()).stdout
+    assert "test." not in listed and "testparsers" not in listed
+
+
+def test_the_builtins_hold_no_test_parser() -> None:
+    from proxyd.registry import BUILTINS
+
+    assert not [name for name, target in BUILTINS.items() if "testparsers" in target or name.startswith("test.")]
+
+
+def test_inside_the_suite_a_daemon_subprocess_takes_a_test_parser(tmp_path: Path) -> None:
+    cfg = write(tmp_path, 'listeners:\n  - name: a\n    address: "127.0.0.1:0"\n    l7proto: test.lineparser\n'
+                          '    upstream: "127.0.0.1:9"\n')  # fmt: skip
+    res = cli("check", "-c", str(cfg))
+    assert res.returncode == 0, res.stderr
+    assert cli("check", "-c", str(cfg), env=without_test_parsers()).returncode == 1
+
+
+# --- item 13: admin API changes are logged ----------------------------------------------------------
+
+
+class Lines:
+    """A LineWriter stand-in that keeps the daemon's log lines."""
+
+    def __init__(self) -> None:
+        self.records: list[dict[str, Any]] = []
+
+    def msg(self, message: bytes) -> None:
+        self.records.append(json.loads(message))
+
+    info = warning = error = debug = msg
+
+    def events(self, event: str) -> list[dict[str, Any]]:
+        return [r for r in self.records if r["event"] == event]
+
+
+def _capture(d: Any) -> Lines:
+    lines = Lines()
+    d.log = make_logger(lines)
+    return lines
+
+
+ADMIN_CONFIG = """
+listeners:
+  - name: r2d2
+    address: "127.0.0.1:0"
+    l7proto: r2d2
+    upstream: "127.0.0.1:9"
+policy:
+  paths: [policy/]
+access_log:
+  path: access.log
+admin:
+  address: "127.0.0.1:0"
+  socket: admin.sock
+  token_file: admin.token
+"""
+
+
+async def test_every_admin_change_is_logged_with_who_what_and_the_revision(tmp_path: Path) -> None:
+    files = {"policy/r2d2.yaml": POLICY.format(name="from-a-file"), "admin.token": "s3cret\n"}
+    two = write(tmp_path, POLICY.format(name="one") + "---\n" + POLICY.format(name="two"), "two.yaml")
+    one = write(tmp_path, POLICY.format(name="one").replace("READ", "HALT"), "one.yaml")
+    bad = write(tmp_path, POLICY.format(name="three").replace("cmd: READ", "colour: red"), "bad.yaml")
+    token = str(tmp_path / "admin.token")
+    async with daemon(ADMIN_CONFIG, tmp_path, files=files) as d:
+        lines = _capture(d)
+        host, port = d.admin_address()  # type: ignore[misc]
+        sock = str(tmp_path / "admin.sock")
+        tcp = ["--admin", f"{host}:{port}", "--token-file", token]
+        assert (await acli("policy", "--socket", sock, "import", str(two)))[0] == 0
+        assert (await acli("policy", *tcp, "import", str(one)))[0] == 0
+        assert (await acli("policy", "--socket", sock, "import", str(bad)))[0] == 1
+        assert (await acli("policy", *tcp, "delete", "two"))[0] == 0
+        assert (await acli("policy", "--socket", sock, "delete", "from-a-file"))[0] == 1
+        assert (await acli("policy", "--admin", f"{host}:{port}", "delete", "one"))[0] == 1  # no token
+        revision = d.policy.revision
+    changed = lines.events("policy changed through the admin API")
+    assert [(c["via"], c["method"], c["added"], c["replaced"], c["deleted"]) for c in changed] == [
+        ("socket", "POST", ["one", "two"], [], []),
+        ("token", "POST", [], ["one"], []),
+        ("token", "DELETE", [], [], ["two"]),
+    ]
+    assert [c["revision"] for c in changed] == [revision - 2, revision - 1, revision]
+    rejected = lines.events("policy change through the admin API rejected")
+    assert [(r["via"], r["method"], r["status"]) for r in rejected] == [
+        ("socket", "POST", 400), ("socket", "DELETE", 404), ("tcp without token", "DELETE", 401),
+    ]  # fmt: skip
+    assert any("rules.l7[0].colour" in e for e in rejected[0]["errors"])
+    assert "comes from the file" in rejected[1]["errors"][0]
+    assert all(r["revision"] == revision for r in rejected)  # what stays in force
+
+
+async def test_a_put_logs_what_it_replaced_and_what_it_dropped(tmp_path: Path) -> None:
+    files = {"policy/r2d2.yaml": POLICY.format(name="from-a-file"), "admin.token": "s3cret\n"}
+    two = write(tmp_path, POLICY.format(name="one") + "---\n" + POLICY.format(name="two"), "two.yaml")
+    three = write(tmp_path, POLICY.format(name="two") + "---\n" + POLICY.format(name="three"), "three.yaml")
+    async with daemon(ADMIN_CONFIG, tmp_path, files=files) as d:
+        lines = _capture(d)
+        target = adminclient.AdminTarget(socket=tmp_path / "admin.sock")
+        status, _ = await asyncio.to_thread(adminclient.request, target, "POST", "/v1/policy", two.read_bytes())
+        assert status == 200
+        status, _ = await asyncio.to_thread(adminclient.request, target, "PUT", "/v1/policy", three.read_bytes())
+        assert status == 200
+    put = lines.events("policy changed through the admin API")[-1]
+    assert (put["via"], put["method"], put["added"], put["replaced"], put["deleted"]) == (
+        "socket", "PUT", ["three"], ["two"], ["one"],
+    )  # fmt: skip
