@@ -24,7 +24,7 @@ import hmac
 import json
 import os
 import stat
-from collections.abc import Awaitable, Callable
+from collections.abc import Awaitable, Callable, Mapping
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
@@ -56,6 +56,27 @@ def _errors(response: web.Response) -> list[str]:
     body = response.body
     data = json.loads(bytes(body)) if isinstance(body, (bytes, bytearray)) else {}
     return list(data.get("errors", []))
+
+
+def _query_address(query: Mapping[str, str], key: str, errors: list[str]) -> tuple[str, int] | None:
+    """``src`` (IP, IP:PORT, [IPv6]:PORT) or ``dst`` (IP:PORT, or IP with ``port=``) of /v1/explain."""
+    from proxyd.explainer import parse_dst, parse_src
+
+    value = query.get(key, "")
+    if not value:
+        errors.append(f"{key}: required")
+        return None
+    try:
+        if key == "src":
+            return parse_src(value)
+        if "port" in query:
+            host = value[1:-1] if value.startswith("[") and value.endswith("]") else value
+            value = f"[{host}]:{query['port']}" if ":" in host else f"{host}:{query['port']}"
+        return parse_dst(value)
+    except ValueError as exc:
+        forms = "IP, IP:PORT or [IPv6]:PORT" if key == "src" else "IP:PORT, [IPv6]:PORT, or IP and port="
+        errors.append(f"{key}: {exc} ({forms})")
+        return None
 
 
 def _peer(request: web.Request) -> dict[str, str]:
@@ -107,6 +128,7 @@ class AdminServer:
         app.router.add_get("/readyz", self.readyz)
         app.router.add_get("/v1/listeners", self.listeners)
         app.router.add_get("/v1/policy", self.get_policy)
+        app.router.add_get("/v1/explain", self.explain)
         app.router.add_post("/v1/policy", self.post_policy)
         app.router.add_put("/v1/policy", self.put_policy)
         app.router.add_delete("/v1/policy/{name}", self.delete_policy)
@@ -257,6 +279,27 @@ class AdminServer:
     async def get_policy(self, request: web.Request) -> web.Response:
         store = self.daemon.policy
         return web.json_response({"revision": store.revision, "documents": store.documents()})
+
+    async def explain(self, request: web.Request) -> web.Response:
+        """``proxyd explain`` against what is in force: live listeners, identities, and policy
+        (files and imports) at the current revision."""
+        from proxyd.explainer import ExplainRefused, explain_connection
+
+        query, d = request.query, self.daemon
+        errors: list[str] = []
+        src = _query_address(query, "src", errors)
+        dst = _query_address(query, "dst", errors)
+        if errors or src is None or dst is None:
+            return web.json_response({"errors": errors}, status=400)
+        try:
+            answer = explain_connection(d.config.listeners, d.policy, d.identities, src, dst,
+                                        listener=query.get("listener") or None,
+                                        default_mode=d.config.policy.mode)  # fmt: skip
+        except ExplainRefused as exc:
+            return web.json_response({"errors": [str(exc)]}, status=400)
+        data = answer.as_json()
+        data["config"] = str(d.config.source) if d.config.source is not None else None
+        return web.json_response(data)
 
     async def _change(self, request: web.Request, build: Callable[[], Change]) -> tuple[int, Change]:
         """Run ``build`` through the daemon (one change at a time); returns the revision and the

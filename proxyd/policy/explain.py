@@ -179,8 +179,11 @@ def explain_data(
     src: tuple[str, int],
     dst: tuple[str, int],
     l7proto: str | None,
+    *,
+    audit: bool = False,
 ) -> Explanation:
-    """Evaluate the connection ``src`` -> ``dst`` as a listener of ``direction`` would.
+    """Evaluate the connection ``src`` -> ``dst`` as a listener of ``direction`` would
+    (``audit``: one whose policy mode is audit, which lets a would-be denial through).
 
     Raises ValueError for a bad direction or address.
     """
@@ -190,7 +193,7 @@ def explain_data(
     local, remote = (dst, src) if direction == "ingress" else (src, dst)
     local_labels = identities.labels_for(local[0])
     remote_labels = identities.labels_for(remote[0])
-    ev = pset.evaluate(direction, local_labels, remote[0], remote_labels, dst[1], l7proto, trace=True)
+    ev = pset.evaluate(direction, local_labels, remote[0], remote_labels, dst[1], l7proto, audit, trace=True)
     return Explanation(direction, src, dst, local_labels, remote_labels, l7proto, pset.revision, ev)
 
 
