@@ -45,10 +45,9 @@ def cli(
 
 def without_test_parsers() -> dict[str, str]:
     """The environment of a daemon outside the test suite: no test parsers registered."""
-    from conftest import PARSER_PLUGINS
-
+    plugins = str(ROOT / "tests" / "parser_plugins")  # what conftest.py adds
     paths = os.environ.get("PYTHONPATH", "").split(os.pathsep)
-    return {**os.environ, "PYTHONPATH": os.pathsep.join(p for p in paths if p and p != PARSER_PLUGINS)}
+    return {**os.environ, "PYTHONPATH": os.pathsep.join(p for p in paths if p and p != plugins)}
 
 
 async def acli(*args: str) -> tuple[int, str, str]:
