@@ -566,6 +566,9 @@ class Daemon:
             current = self.listeners.get(name)
             if current is None:
                 lr = ListenerRuntime(self, lc)
+                # The runtime copied the daemon's settings, still the old config's at this point.
+                lr.limits = new_config.limits
+                lr.upstream_mark = new_config.upstream_mark
                 await lr.bind()
                 self.listeners[name] = lr
                 self.log.info("listener added", listener=name, address=lc.address)

@@ -22,7 +22,7 @@ from typing import Any
 
 import pytest
 from needs import free_port
-from proxyutil import daemon
+from proxyutil import addr, daemon, r2d2_server, tcp_server
 from test_operator_messages import POLICY, acli, cli, without_test_parsers, write
 
 from proxyd import adminclient
@@ -236,3 +236,125 @@ async def test_a_put_logs_what_it_replaced_and_what_it_dropped(tmp_path: Path) -
     assert (put["via"], put["method"], put["added"], put["replaced"], put["deleted"]) == (
         "socket", "PUT", ["three"], ["two"], ["one"],
     )  # fmt: skip
+
+
+# --- item 16: docs that say what the code does -------------------------------------------------------
+
+READS_ON = """\
+apiVersion: cilium.io/v2
+kind: CiliumNetworkPolicy
+metadata:
+  name: {name}
+spec:
+  endpointSelector: {{matchLabels: {{app: r2d2}}}}
+  ingress:
+    - fromEndpoints: [{{}}]
+      toPorts:
+        - ports: [{{port: "{port}", protocol: TCP}}]
+          rules: {{l7proto: r2d2, l7: [{{cmd: READ}}]}}
+"""
+
+R2D2_CONFIG = """
+listeners:
+  - name: r2d2
+    address: "127.0.0.1:0"
+    l7proto: r2d2
+    upstream: "127.0.0.1:{port}"
+identities:
+  - cidr: 127.0.0.0/8
+    labels: {{app: r2d2}}
+policy:
+  paths: [policy/]
+access_log:
+  path: access.log
+admin:
+  socket: admin.sock
+"""
+
+
+def _doc_row(doc: str, field: str) -> str:
+    text = (ROOT / "docs" / doc).read_text()
+    return next(line for line in text.splitlines() if line.startswith(f"| {field} |"))
+
+
+async def test_the_policy_field_of_l7_lines_is_as_documented(tmp_path: Path) -> None:
+    async def ask(r: asyncio.StreamReader, w: asyncio.StreamWriter, line: bytes) -> bytes:
+        w.write(line + b"\r\n")
+        await w.drain()
+        return (await asyncio.wait_for(r.readline(), 5)).rstrip(b"\r\n")
+
+    async with tcp_server(r2d2_server) as up:
+        files = {"policy/readers.yaml": READS_ON.format(name="readers", port=up[1])}
+        async with daemon(R2D2_CONFIG.format(port=up[1]), tmp_path, files=files) as d:
+            r, w = await asyncio.open_connection(*addr(d, "r2d2"))
+            assert await ask(r, w, b"READ /a") == b"OK READ /a"
+            assert await ask(r, w, b"WRITE /a") == b"ERROR"  # no l7 rule of `readers` matches
+            # A new revision that denies this connection at L3/L4 by default deny: no document
+            # decides the next request's denial.
+            (tmp_path / "policy" / "readers.yaml").write_text(READS_ON.format(name="readers", port=1))
+            assert d.reload_policy("test")
+            assert await ask(r, w, b"READ /a") == b"ERROR"
+            w.close()
+    requests = [x for x in map(json.loads, (tmp_path / "access.log").read_text().splitlines())
+                if x["event"] == "l7" and x["entry_type"] == "request"]  # fmt: skip
+    assert [(x["verdict"], x["policy"]) for x in requests] == [
+        ("forwarded", "readers"), ("denied", "readers"), ("denied", None),
+    ]  # fmt: skip
+    row = _doc_row("access-log-and-metrics.md", "`policy`")
+    assert "`denied` or `audit` at L7: the document whose rule admitted the connection and put the `l7` " \
+           "rules in force, none of which matched" in row  # fmt: skip
+    assert "now denies by default deny" in row and "`policy: null`" in row
+    deployment = (ROOT / "docs" / "deployment.md").read_text()
+    assert '"verdict":"denied","l7proto":"memcache",\n "fields":{"command":"set","key":"sess:1"},"policy":null' \
+        not in deployment  # fmt: skip
+
+
+async def test_get_v1_policy_source_and_where_are_as_documented(tmp_path: Path) -> None:
+    files = {"policy/readers.yaml": "# the readers\n" + READS_ON.format(name="readers", port=9000)}
+    extra = write(tmp_path, READS_ON.format(name="extra", port=9001), "extra.yaml")
+    async with daemon(R2D2_CONFIG.format(port=9), tmp_path, files=files):
+        sock = str(tmp_path / "admin.sock")
+        assert (await acli("policy", "--socket", sock, "import", str(extra)))[0] == 0
+        rc, out, _ = await acli("policy", "--socket", sock, "get")
+    assert rc == 0
+    docs = {x["name"]: x for x in json.loads(out)["documents"]}
+    path = str(tmp_path / "policy" / "readers.yaml")
+    assert (docs["readers"]["source"], docs["readers"]["where"], docs["readers"]["origin"]) == (
+        path, f"{path}:2", "file",
+    )  # fmt: skip
+    assert (docs["extra"]["source"], docs["extra"]["where"], docs["extra"]["origin"]) == (
+        "admin-api", None, "imported",
+    )  # fmt: skip
+    row = _doc_row("admin-api.md", "`GET /v1/policy`")
+    assert "`source` is the file the document was read from (`admin-api` for an imported one)" in row
+    assert "`where` is `file:line`" in row and "`source` is `file:line`" not in row
+
+
+async def test_sighup_applies_what_the_docs_say_and_keeps_what_they_say(tmp_path: Path) -> None:
+    text = R2D2_CONFIG.format(port=9)
+    files = {"policy/readers.yaml": READS_ON.format(name="readers", port=9)}
+    async with daemon(text, tmp_path, files=files) as d:
+        (tmp_path / "logs").mkdir()
+        new = (text.replace("app: r2d2}", "app: other}")
+               .replace("access_log:\n  path: access.log", "access_log:\n  path: logs/other.log")
+               .replace("policy:\n", "limits:\n  max_connections: 3\n  idle_timeout: 7s\npolicy:\n")
+               .replace("identities:", '  - name: added\n    address: "127.0.0.1:0"\n    upstream: "127.0.0.1:9"\n'
+                        "identities:"))  # fmt: skip
+        (tmp_path / "proxyd.yaml").write_text(new)
+        assert await d.reload()
+        assert d.identities.labels_for("127.0.0.1") == {"app": "other"}
+        assert sorted(d.listeners) == ["added", "r2d2"]
+        for lr in d.listeners.values():
+            assert (lr.limits.max_connections, lr.limits.idle_timeout) == (3, 7.0), lr.config.name
+        assert d.config.access_log.path == str(tmp_path / "access.log")  # a restart applies it
+    assert not (tmp_path / "logs" / "other.log").exists()
+    doc = (ROOT / "docs" / "deployment.md").read_text()
+    table = doc.split("## 6. Upgrading and reloading", 1)[1].split("\n\n")
+    rows = [line for block in table for line in block.splitlines() if line.startswith("| ")]
+    by_change = {row.split(" | ")[0][2:]: row for row in rows}
+    assert "systemctl reload" in by_change["`policy.paths`, `policy.mode`, `identities`"]
+    assert "systemctl reload" in by_change["`listeners` (added, removed, changed), `limits`, `upstream_mark`"]
+    assert "systemctl restart" in by_change["`access_log`, `admin`, `policy.state_dir`"]
+    assert "config (listeners, redirect, limits)" not in doc
+    signals = _doc_row("configuration.md", "SIGHUP")
+    assert "`identities`, `limits`" in signals and "Not applied until a restart: `access_log`, `admin`" in signals

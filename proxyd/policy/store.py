@@ -89,7 +89,11 @@ class PolicyStore:
         return self._revision
 
     def documents(self) -> list[dict[str, Any]]:
-        """Every document in force, files first: name, source, origin, warnings, document."""
+        """Every document in force, files first: name, source, where, origin, warnings, document.
+
+        ``source`` is the file (``admin-api`` for an import); ``where`` is ``file:line`` of the
+        document in its file, None for an import (its text is not kept as it was sent).
+        """
         out: list[dict[str, Any]] = []
         for origin, docs in (("file", self._files), ("imported", tuple(self._imported.values()))):
             for doc in docs:
@@ -97,6 +101,7 @@ class PolicyStore:
                     {
                         "name": doc.name,
                         "source": doc.source,
+                        "where": doc.where if origin == "file" else None,
                         "origin": origin,
                         "warnings": list(doc.warnings),
                         "document": doc.raw,
