@@ -323,7 +323,8 @@ class AdminServer:
         try:
             text = raw.decode("utf-8")
         except UnicodeDecodeError as exc:
-            return self._rejected(request, 400, [f"admin-api:0: the body is not UTF-8 text (byte {exc.start})"])
+            why = f"admin-api:0: the body is not UTF-8 text (byte {exc.start})"
+            return self._rejected(request, 400, [why])
         store = self.daemon.policy
         try:
             revision, change = await self._change(

@@ -110,8 +110,9 @@ def pick_listener(
             raise ExplainRefused(why)
         if lc.upstream is None and lc.redirect is not None and dst[1] not in lc.redirect.ports:
             ports = ", ".join(str(p) for p in lc.redirect.ports)
-            warnings.append(f"listener {lc.name!r} gets redirects for ports {ports} only (redirect.ports): "
-                            f"port {dst[1]} reaches it only through rules proxyd does not install")  # fmt: skip
+            warnings.append(f"listener {lc.name!r} gets redirects for ports {ports} only "
+                            f"(redirect.ports): port {dst[1]} reaches it only through rules proxyd "
+                            "does not install")  # fmt: skip
         return lc, warnings
     judging = [lc for lc in listeners if why_not_judged(lc, dst, listeners) is None]
     fixed = [lc for lc in judging if lc.upstream is not None]
@@ -122,7 +123,9 @@ def pick_listener(
             return group[0], warnings
         if len(group) > 1:
             names = ", ".join(lc.name for lc in group)
-            raise ExplainRefused(f"several listeners could judge {_addr(dst)} ({names}): name one with --listener")
+            raise ExplainRefused(
+                f"several listeners could judge {_addr(dst)} ({names}): name one with --listener"
+            )
     if len(listeners) == 1:
         why = why_not_judged(listeners[0], dst, listeners)
         if why is not None:

@@ -20,9 +20,9 @@ from test_operator_messages import acli, write
 
 from proxyd.config import parse_config
 from proxyd.explainer import ExplainRefused, explain_connection, pick_listener
+from proxyd.policy.engine import PolicySet
 from proxyd.policy.identity import IdentityMap
 from proxyd.policy.loader import parse_text
-from proxyd.policy.engine import PolicySet
 from proxyd.registry import Registry
 
 READERS = """\
@@ -118,7 +118,9 @@ async def test_get_v1_explain_is_an_open_read_over_tcp(tmp_path: Path) -> None:
         assert data["explanation"]["remote_labels"] == {"role": "reader"}
         assert data["text"].startswith("listener: r2d2 (ingress, l7proto r2d2)\ndirection: ingress")
         # dst as an address and a port=
-        status, by_port = await asyncio.to_thread(_get, host, port, src="127.0.0.3", dst="127.0.0.2", port="9000")
+        status, by_port = await asyncio.to_thread(
+            _get, host, port, src="127.0.0.3", dst="127.0.0.2", port="9000"
+        )
         assert status == 200 and by_port["explanation"]["dst"] == "127.0.0.2:9000"
         status, bad = await asyncio.to_thread(_get, host, port, src="nonsense", dst="127.0.0.2")
         assert status == 400
@@ -152,7 +154,9 @@ async def test_unreachable_daemon_is_said_and_the_files_answer(tmp_path: Path) -
     (tmp_path / "policy").mkdir()
     for name, text in FILES.items():
         (tmp_path / name).write_text(text)
-    rc, out, err = await acli("explain", "--config", str(cfg), "--src", "127.0.0.3", "--dst", "127.0.0.2:9000")
+    rc, out, err = await acli(
+        "explain", "--config", str(cfg), "--src", "127.0.0.3", "--dst", "127.0.0.2:9000"
+    )
     assert rc == 0
     assert out.startswith("listener: r2d2 (ingress, l7proto r2d2)\n") and "{cmd: READ}" in out
     (note,) = err.splitlines()
@@ -182,7 +186,8 @@ def _listeners(text: str = LISTENERS) -> Any:
 
 
 @pytest.mark.parametrize(
-    ("dst", "name"), [(("10.0.0.1", 80), "fixed"), (("10.0.0.9", 11211), "memcache"), (("10.0.0.9", 6379), "redis")]
+    ("dst", "name"),
+    [(("10.0.0.1", 80), "fixed"), (("10.0.0.9", 11211), "memcache"), (("10.0.0.9", 6379), "redis")],
 )
 def test_the_listener_is_the_one_that_judges_the_destination(dst: tuple[str, int], name: str) -> None:
     assert pick_listener(_listeners(), dst)[0].name == name
