@@ -25,6 +25,7 @@ import json
 import os
 import stat
 from collections.abc import Awaitable, Callable, Mapping
+from dataclasses import replace
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
@@ -291,8 +292,14 @@ class AdminServer:
         dst = _query_address(query, "dst", errors)
         if errors or src is None or dst is None:
             return web.json_response({"errors": errors}, status=400)
+        listeners = []
+        for lc in d.config.listeners:
+            lr = d.listeners.get(lc.name)
+            if lc.port == 0 and lr is not None and lr.lsock is not None:
+                lc = replace(lc, port=lr.bound_address()[1])  # the port the kernel picked
+            listeners.append(lc)
         try:
-            answer = explain_connection(d.config.listeners, d.policy, d.identities, src, dst,
+            answer = explain_connection(listeners, d.policy, d.identities, src, dst,
                                         listener=query.get("listener") or None,
                                         default_mode=d.config.policy.mode)  # fmt: skip
         except ExplainRefused as exc:

@@ -13,6 +13,7 @@ from proxyd.errors import ConfigError, PolicyError
 from proxyd.registry import Registry, RegistryError
 
 if TYPE_CHECKING:
+    from proxyd.adminclient import AdminTarget
     from proxyd.config import Config
 
 
@@ -87,7 +88,7 @@ def _problems(exc: ConfigError | PolicyError) -> int:
     return 1
 
 
-def _explain_targets(args: argparse.Namespace, config: Config | None) -> tuple[list[Any], str | None]:
+def _explain_targets(args: argparse.Namespace, config: Config | None) -> tuple[list[AdminTarget], str | None]:
     """Where to ask the daemon (in order), or why nowhere: ``--socket``/``--admin``, else the
     config's socket and then its TCP address (an explain is a read: both answer it)."""
     from proxyd import adminclient

@@ -239,3 +239,15 @@ def test_an_audit_listener_is_explained_in_audit_mode() -> None:
     assert "L3/L4 verdict: DENIED (audit mode: allowed and logged)" in answer.explanation.text()
     enforced = explain_connection(_listeners(), PolicySet(deny), ids, ("10.0.0.5", 1), ("10.0.0.9", 11211))
     assert "L3/L4 verdict: DENIED: default deny" in enforced.explanation.text()
+
+
+async def test_a_listener_on_port_0_is_judged_at_the_port_it_got(tmp_path: Path) -> None:
+    text = CONFIG.format(front=0).replace('upstream: "127.0.0.2:9000"', "redirect: {ports: [9000]}")
+    async with daemon(text, tmp_path, files=FILES) as d:
+        host, port = d.admin_address()  # type: ignore[misc]
+        bound = d.listeners["r2d2"].bound_address()[1]
+        status, data = await asyncio.to_thread(_get, host, port, src="127.0.0.3", dst=f"127.0.0.1:{bound}")
+        assert status == 400
+        assert "refuses a connection addressed to its own address" in data["errors"][0]
+        status, data = await asyncio.to_thread(_get, host, port, src="127.0.0.3", dst="127.0.0.2:9000")
+        assert status == 200 and data["listener"]["address"] == f"127.0.0.1:{bound}"
