@@ -10,7 +10,6 @@ from __future__ import annotations
 
 import asyncio
 import json
-import resource
 import shutil
 import signal
 import subprocess
@@ -48,17 +47,22 @@ def _bundled_copy(tmp_path: Path) -> tuple[Path, int]:
     return cfg, admin
 
 
-def _shell_limits() -> None:
-    _, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
-    if hard == resource.RLIM_INFINITY or hard > SHELL_NOFILE:
-        resource.setrlimit(resource.RLIMIT_NOFILE, (SHELL_NOFILE, SHELL_NOFILE))
+#: Runs `proxyd` under that limit (lowered when the test runner's is higher; a limit cannot be
+#: raised without privileges), as a shell's `ulimit -n` would, without a preexec_fn.
+UNDER_SHELL_LIMITS = f"""
+import resource, sys
+_, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
+if hard == resource.RLIM_INFINITY or hard > {SHELL_NOFILE}:
+    resource.setrlimit(resource.RLIMIT_NOFILE, ({SHELL_NOFILE}, {SHELL_NOFILE}))
+from proxyd.cli import main
+sys.exit(main(sys.argv[1:]))
+"""
 
 
 def test_the_bundled_config_starts_without_a_descriptor_warning(tmp_path: Path) -> None:
     cfg, admin = _bundled_copy(tmp_path)
-    proc = subprocess.Popen([sys.executable, "-m", "proxyd", "run", "--config", str(cfg)],
-                            stdout=subprocess.DEVNULL, stderr=subprocess.PIPE,
-                            preexec_fn=_shell_limits)  # fmt: skip
+    proc = subprocess.Popen([sys.executable, "-c", UNDER_SHELL_LIMITS, "run", "--config", str(cfg)],
+                            stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)  # fmt: skip
     try:
         deadline = time.monotonic() + 30
         while True:
