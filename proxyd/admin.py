@@ -300,7 +300,7 @@ class AdminServer:
             listeners.append(lc)
         try:
             answer = explain_connection(listeners, d.policy, d.identities, src, dst,
-                                        listener=query.get("listener") or None,
+                                        listener=query.get("listener") or None, sni=query.get("sni"),
                                         default_mode=d.config.policy.mode)  # fmt: skip
         except ExplainRefused as exc:
             return web.json_response({"errors": [str(exc)]}, status=400)

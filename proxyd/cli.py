@@ -120,6 +120,8 @@ def _ask_daemon(args: argparse.Namespace, config: Config | None) -> tuple[int | 
     params = {"src": args.src, "dst": args.dst}
     if args.listener:
         params["listener"] = args.listener
+    if args.sni is not None:
+        params["sni"] = args.sni
     failures = [why] if why else []
     for target in targets:
         try:
@@ -185,7 +187,7 @@ def cmd_explain(args: argparse.Namespace) -> int:
         return _problems(exc)
     try:
         answer = explain_connection(config.listeners, store, IdentityMap.from_entries(config.identities),
-                                    src, dst, listener=args.listener,
+                                    src, dst, listener=args.listener, sni=args.sni,
                                     default_mode=config.policy.mode)  # fmt: skip
     except ExplainRefused as exc:
         print(f"proxyd explain: {exc}", file=sys.stderr)
@@ -315,6 +317,7 @@ def build_parser() -> argparse.ArgumentParser:
     exp.add_argument("--admin", help="ask the daemon on this admin address HOST:PORT")
     exp.add_argument("--files", action="store_true",
                      help="answer from the config's files alone, without asking the daemon")
+    exp.add_argument("--sni", help="the TLS server name (SNI) the client sends, for serverNames rules")
     exp.set_defaults(func=cmd_explain)
     pol = sub.add_parser("policy", help="manage the running daemon's imported policy (admin API)")
     pol.add_argument("--admin", help="admin address HOST:PORT (default: from --config, else 127.0.0.1:9901)")

@@ -179,10 +179,13 @@ def explain_connection(
     dst: Address,
     *,
     listener: str | None = None,
+    sni: str | None = None,
     default_mode: str = "enforce",
 ) -> Answer:
-    """Explain ``src`` -> ``dst`` as the listener that judges it would. Raises :class:`ExplainRefused`."""
+    """Explain ``src`` -> ``dst`` (a TLS client naming ``sni``, if given) as the listener that
+    judges it would. Raises :class:`ExplainRefused`."""
     lc, warnings = pick_listener(listeners, dst, listener)
     mode = lc.policy_mode or default_mode
-    explanation = explain_data(policy, identities, lc.direction, src, dst, lc.l7proto, audit=mode == "audit")
+    explanation = explain_data(policy, identities, lc.direction, src, dst, lc.l7proto, sni,
+                               audit=mode == "audit")  # fmt: skip
     return Answer(lc, mode, explanation, tuple(warnings))
