@@ -123,7 +123,8 @@ async def test_get_v1_explain_is_an_open_read_over_tcp(tmp_path: Path) -> None:
         )
         assert status == 200 and by_port["explanation"]["dst"] == "127.0.0.2:9000"
         assert by_port["explanation"]["sni"] is None
-        status, tls = await asyncio.to_thread(_get, host, port, src="127.0.0.3", dst="127.0.0.2:9000", sni="a.b")
+        query = {"src": "127.0.0.3", "dst": "127.0.0.2:9000", "sni": "a.b"}
+        status, tls = await asyncio.to_thread(_get, host, port, **query)
         assert status == 200 and tls["explanation"]["sni"] == "a.b" and "sni: a.b" in tls["text"]
         status, bad = await asyncio.to_thread(_get, host, port, src="nonsense", dst="127.0.0.2")
         assert status == 400
