@@ -167,6 +167,13 @@ async def test_escaped_slash_reject_request(nginx: Nginx, tmp_path: Path) -> Non
         assert (status, body) == (400, b"Bad Request\r\n")
 
 
+async def test_keep_unchanged_does_what_its_warning_says(nginx: Nginx, tmp_path: Path) -> None:
+    # the documented risk of the non-default KEEP_UNCHANGED, pinned so the warning stays true
+    async with proxy(nginx, tmp_path / "keep", "{path_with_escaped_slashes_action: KEEP_UNCHANGED}") as d:
+        status, _, body = await ask(*addr(d, "web"), b"/api/..%2Findex.html")
+        assert (status, body) == (200, b"index\n")
+
+
 async def test_absolute_form_targets_are_normalised_too(nginx: Nginx, tmp_path: Path) -> None:
     status, _, body = await ask("127.0.0.1", nginx.port, b"http://x/api/../index.html")
     assert (status, body) == (200, b"index\n")  # nginx serves absolute-form targets as well
