@@ -501,3 +501,35 @@ def test_mutated_frames_never_raise(frame: bytes, flips: list[tuple[int, int]]) 
     h = harness(buffer_limit=4096, parser_config={"max_inspect_bytes": 4096})
     h.feed(bytes(data), split="random", seed=len(flips))
     assert h.error is None or h.error.kind in ("parser_error", "buffer_limit"), h.error
+
+
+def _api_versions(version: int, corr: int, produce_max: int) -> bytes:
+    keys = [
+        {"ApiKey": 0, "MinVersion": 3, "MaxVersion": produce_max},
+        {"ApiKey": 1, "MinVersion": 4, "MaxVersion": 17},
+        {"ApiKey": 18, "MinVersion": 0, "MaxVersion": 4},
+    ]
+    return response(18, version, {"ErrorCode": 0, "ApiKeys": keys}, corr)
+
+
+@pytest.mark.parametrize("version", [0, 1, 2, 3, 4])
+def test_api_versions_capped_only_where_policy_needs_the_request_read(version: int) -> None:
+    table_max = APIS[PRODUCE][2]
+    req = request(18, version, {"ClientSoftwareName": "t", "ClientSoftwareVersion": "1"}, corr=1)
+    newer = _api_versions(version, 1, table_max + 2)
+    for split in SPLITS:
+        h = harness()  # topic rules: a Produce past the table could not be judged
+        h.feed(req)
+        h.feed(newer, reply=True, split=split, seed=version)
+        _, tree = decode_response(18, version, h.to_client)
+        assert [k["MaxVersion"] for k in tree["ApiKeys"]] == [table_max, 17, 4]
+        assert h.log[-1].fields["versions_capped"] == [f"produce v{table_max + 2}->v{table_max}"]
+    h = harness([{}])  # allow-all: the answer passes byte for byte
+    h.feed(req)
+    h.feed(newer, reply=True)
+    assert h.to_client == newer
+    h = harness()  # nothing past the table: byte for byte
+    h.feed(req)
+    same = _api_versions(version, 1, table_max)
+    h.feed(same, reply=True)
+    assert h.to_client == same

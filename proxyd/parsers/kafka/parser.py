@@ -58,6 +58,7 @@ from typing import Any
 from proxyd.ops import DROP, ERROR, ERROR_PROTOCOL, INJECT, MORE, NOP_VERDICT, PASS, Verdict
 from proxyd.parser import ConnectionContext, Data, EntryType, Parser, wire_text
 
+from .apis import APIS
 from .denials import (
     TOPIC_AUTHORIZATION_FAILED,
     code_for,
@@ -94,6 +95,7 @@ E_PASS = 0  # the server's response passes as is
 E_DENY = 1  # no server response: inject ``payload`` in its place
 E_META = 2  # a Metadata response: read whole, learn topic ids, filter topics
 E_SESSION = 3  # a Fetch opening a session: read the session id from the response
+E_VERSIONS = 4  # an ApiVersions response: cap versions past the table that policy needs parsed
 
 TopicKey = str | bytes  # a name, or a 16-byte id
 
@@ -213,6 +215,8 @@ class KafkaParser(Parser):
             allowed = True
             if key == SASL_HANDSHAKE and head.version == 0:
                 self.sasl_raw = True
+            elif key == API_VERSIONS:
+                kind = E_VERSIONS
         elif key == METADATA:
             allowed = True
             kind = E_META
@@ -389,7 +393,7 @@ class KafkaParser(Parser):
                 return (ERROR, ERROR_PROTOCOL)
             end = pos + 4 + size
             swap: bytes | None = None
-            if entry.kind == E_META or entry.kind == E_SESSION:
+            if entry.kind >= E_META:
                 if pos:
                     return (PASS, pos)
                 got = self._read_special(entry, data, end, n)
@@ -433,6 +437,8 @@ class KafkaParser(Parser):
         hv = response_header_version(entry.api_key, entry.version)
         lay = layout(entry.api_key, entry.version, True)
         assert lay is not None
+        if entry.kind == E_VERSIONS:
+            return self._cap_versions(entry, data, end, n, hv, lay)
         if entry.kind == E_SESSION:
             r = Reader(data, 8, min(n, end))
             try:
@@ -483,6 +489,46 @@ class KafkaParser(Parser):
         except (Short, Malformed) as exc:
             return self._bad_response(f"malformed Metadata response: {type(exc).__name__} {exc}")
         return self._filter_metadata(entry, lay, tree, refused)
+
+    def _cap_versions(
+        self, entry: Entry, data: Data, end: int, n: int, hv: int, lay: Any
+    ) -> bytes | Verdict | None:
+        """ApiVersions: where the broker offers a version past proxyd's table and the policy
+        would refuse that version unread (a rule names topics), offer the table's last version
+        instead, so the client sends requests proxyd can read. Otherwise (and for an answer it
+        cannot read, such as the v0 error answer to a version the broker lacks) it passes."""
+        if end > n:
+            if end > self.budget:
+                return None
+            return (MORE, end - n)
+        r = Reader(data, 8, end)
+        try:
+            if hv:
+                r.tags()
+            tree = r.struct(lay)
+        except (Short, Malformed):
+            return None
+        if r.pos != end or tree.get("ErrorCode"):
+            return None
+        capped: list[str] = []
+        for item in tree.get("ApiKeys") or ():
+            key, low, high = item.get("ApiKey"), item.get("MinVersion"), item.get("MaxVersion")
+            api = APIS.get(key)
+            if api is None or high <= api[2] or low > api[2]:
+                continue
+            if self.ctx.matches(KafkaRequest(key, high, entry.client_id, None, True)):
+                continue  # allowed unread anyway: nothing to gain
+            item["MaxVersion"] = api[2]
+            capped.append(f"{API_NAMES.get(key, key)} v{high}->v{api[2]}")
+        if not capped:
+            return None
+        self.ctx.log(
+            EntryType.RESPONSE,
+            {"api_key": "apiversions", "api_version": entry.version, "correlation_id": entry.corr,
+             "versions_capped": capped[:MAX_LOGGED_TOPICS]},
+        )  # fmt: skip
+        head = Head(0, API_VERSIONS, entry.version, entry.corr, None, 0, True)
+        return response_frame(head, encode(lay, tree))
 
     def _judge_metadata(self, entry: Entry, topics: list[tuple[str, bytes | None]]) -> set[str]:
         """Learn the topic ids of a Metadata response; the topics the policy refuses."""
