@@ -31,6 +31,10 @@ entry's; the response is then PASSed, reaching past the buffer, so record batche
 held. A denied request's entry holds its answer, which is injected in the request's place:
 at once when nothing is pending, otherwise right after the response before it.
 
+ApiVersions responses are read too: a version past the table, for an API key the policy would
+refuse unread (a rule names topics), is offered as the table's last version instead, so the
+client sends what the parser can judge; otherwise the answer passes unchanged.
+
 Metadata responses are read whole, the topic ids in them learnt, and each topic judged (as a
 request of API key Metadata naming that topic): a topic the policy does not allow gets
 ``TOPIC_AUTHORIZATION_FAILED`` and no partitions, or, when the client asked for all topics, is
