@@ -533,3 +533,28 @@ def test_api_versions_capped_only_where_policy_needs_the_request_read(version: i
     same = _api_versions(version, 1, table_max)
     h.feed(same, reply=True)
     assert h.to_client == same
+
+
+def test_allowed_produce_streams_once_its_topic_is_read() -> None:
+    """Record batches of an allowed produce are never held: it is decided from its head."""
+    lay = layout(PRODUCE, 9, False)
+    assert lay is not None
+    tree = sample(lay, "ok", ID_OK)
+    tree["TopicData"][0]["PartitionData"] = [{"Index": i, "Records": b"R" * 6000} for i in range(3)]
+    wire = request(PRODUCE, 9, tree, corr=1)
+    for split in [[512] * 60, "random"]:
+        h = harness(buffer_limit=4096)  # far below the 18 KB request
+        h.feed(wire, split=split, seed=5)
+        assert h.to_server == wire and h.error is None
+        assert h.engine.buffered(False) == 0
+    tree["TopicData"][0]["Name"] = "secret"  # a denial reads the whole request (never forwarded)
+    secret = request(PRODUCE, 9, tree, corr=2)
+    outs = set()
+    for split in [None, [512] * 60, "random"]:
+        h = harness()
+        h.feed(secret, split=split, seed=6)
+        assert h.to_server == b"" and h.log[-1].verdict == "denied"
+        outs.add(h.to_client)
+    (frame,) = outs
+    _, resp = decode_response(PRODUCE, 9, frame)
+    assert [p["Index"] for p in resp["Responses"][0]["PartitionResponses"]] == [0, 1, 2]

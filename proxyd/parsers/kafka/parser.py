@@ -10,10 +10,11 @@ Requests. Every request is framed by its ``int32`` length; its header (v0-v2) gi
 version, correlation id and client id (:func:`.requests.read_head`), and its body is read with
 the layout of that key and version (:mod:`.schema`): flexible versions with compact lengths and
 tagged fields included. The topics it names, wherever that version carries them (and topic ids,
-resolved through :mod:`.topicids`), are judged: each must be allowed by some rule. A request up
-to ``max_inspect_bytes`` (1 MiB by default) is read whole before it is judged; a larger one (a
-big produce) is judged as soon as no topic name can follow, and its record data is passed or
-dropped past the buffer. Allowed requests are PASSed unchanged.
+resolved through :mod:`.topicids`), are judged: each must be allowed by some rule. A request is
+judged as soon as no topic name can follow (a produce, right after its last topic name), within
+its first ``max_inspect_bytes`` (1 MiB by default), and an allowed one is PASSed unchanged
+reaching past the buffer, so record batches stream. A denied one is read whole when it fits in
+``max_inspect_bytes`` (its answer lists every partition it named) and dropped.
 
 Always allowed: ApiVersions, SaslHandshake, SaslAuthenticate (their payloads are never read or
 logged). Metadata is always forwarded; its response is rewritten instead (below).
@@ -176,15 +177,20 @@ class KafkaParser(Parser):
         try:
             if frame <= n:
                 body = analyse(head, data, 0, n)
-            elif frame <= self.budget:
-                return (MORE, frame - n)
             else:
+                # Not all here: decide as soon as no topic name can follow (a produce request,
+                # right after its last topic name), so allowed record batches stream. Reading
+                # is bounded by max_inspect_bytes, the same however the bytes arrive.
                 end = min(n, self.budget)
                 try:
                     body = analyse(head, data, 0, end)
                 except Short:
                     if end < self.budget:
-                        return (MORE, min(self.budget, max(2 * end, 4096)) - n)
+                        return (MORE, min(self.budget, max(2 * end, 4096), frame) - n)
+                if frame <= self.budget and not self._judge(head, body)[0]:
+                    # A denial lists every partition of the request: read it all (it is
+                    # dropped, never forwarded), as when it arrived in one piece.
+                    return (MORE, frame - n)
         except Malformed as exc:
             return self._fatal(f"malformed {API_NAMES.get(head.api_key)} v{head.version} request: {exc}")
         return self._decide(head, body, frame)
@@ -208,6 +214,24 @@ class KafkaParser(Parser):
         return self._fatal("denied a request proxyd cannot answer (API key or version not in its table)")
 
     def _decide(self, head: Head, body: Body | None, frame: int) -> Verdict:
+        allowed, keys, reason, code, commit, kind, extra = self._judge(head, body)
+        if not allowed:
+            return self._deny(head, body if code is None else None, keys, reason, code)
+        if head.api_key == SASL_HANDSHAKE and head.version == 0:
+            self.sasl_raw = True
+        if commit is not None:
+            commit()
+        self.ctx.log(EntryType.REQUEST, lambda: self._fields(head, keys, None))
+        acks0 = head.api_key == PRODUCE and body is not None and body.tree.get("Acks") == 0
+        if not acks0 and not self._push(Entry(kind, head, b"", extra)):
+            return self._fatal("too many pending responses")
+        return (PASS, frame)
+
+    def _judge(
+        self, head: Head, body: Body | None
+    ) -> tuple[bool, list[TopicKey], str | None, int | None, Callable[[], None] | None, int, Any]:
+        """Decide a request without acting on it: (allowed, topics for the log, reason, error
+        code when not the usual one, what to remember if allowed, pending kind, its extra)."""
         key = head.api_key
         ctx = self.ctx
         keys: list[TopicKey] = []
@@ -217,9 +241,7 @@ class KafkaParser(Parser):
         extra: Any = None
         if key in ALWAYS_ALLOWED:
             allowed = True
-            if key == SASL_HANDSHAKE and head.version == 0:
-                self.sasl_raw = True
-            elif key == API_VERSIONS:
+            if key == API_VERSIONS:
                 kind = E_VERSIONS
         elif key == METADATA:
             allowed = True
@@ -236,7 +258,7 @@ class KafkaParser(Parser):
             if key == FETCH and head.version >= 7:
                 got = self._fetch_session(head, body)
                 if got is None:
-                    return self._deny(head, None, [], "unknown fetch session", FETCH_SESSION_ID_NOT_FOUND)
+                    return False, [], "unknown fetch session", FETCH_SESSION_ID_NOT_FOUND, None, E_PASS, None
                 keys, commit, pairs = got
                 if pairs is not None:
                     kind, extra = E_SESSION, pairs
@@ -266,15 +288,7 @@ class KafkaParser(Parser):
                         if not ctx.matches(KafkaRequest(key, ver, cid, t, True, trans)):
                             allowed = False
                             break
-        if not allowed:
-            return self._deny(head, body, keys, reason, None)
-        if commit is not None:
-            commit()
-        ctx.log(EntryType.REQUEST, lambda: self._fields(head, keys, None))
-        acks0 = key == PRODUCE and body is not None and body.tree.get("Acks") == 0
-        if not acks0 and not self._push(Entry(kind, head, b"", extra)):
-            return self._fatal("too many pending responses")
-        return (PASS, frame)
+        return allowed, keys, reason, None, commit, kind, extra
 
     def _deny(self, head: Head, body: Body | None, keys: list[TopicKey], reason: str | None,
               code: int | None) -> Verdict:  # fmt: skip
