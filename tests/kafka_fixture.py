@@ -67,3 +67,35 @@ def _run(binary: str, port: int, host: str, advertised_port: int, log: Any) -> I
     finally:
         proc.kill()
         proc.wait(5)
+
+
+BENCH = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "bench")
+
+
+def import_kafka_python() -> Any:
+    """The kafka-python package, however the suite's sys.path looks.
+
+    tests/test_bench_plot.py puts bench/ first on sys.path, where bench/kafka.py would shadow the
+    package; this imports it with bench/ out of the way (and its deprecation warnings quiet:
+    kafka-python 3.0 reads its schemas with importlib.resources.read_text).
+    """
+    import importlib
+    import sys
+    import warnings
+
+    import pytest
+
+    saved = sys.path[:]
+    sys.path[:] = [p for p in sys.path if os.path.abspath(p or ".") != BENCH]
+    try:
+        mod = sys.modules.get("kafka")
+        if mod is not None and not hasattr(mod, "__path__"):
+            del sys.modules["kafka"]  # the bench script, imported by mistake
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore", DeprecationWarning)
+            kafka = pytest.importorskip("kafka")
+            for sub in ("kafka.errors", "kafka.structs", "kafka.protocol"):
+                importlib.import_module(sub)
+        return kafka
+    finally:
+        sys.path[:] = saved

@@ -14,13 +14,12 @@ import asyncio
 import contextlib
 import json
 import uuid
-import warnings
 from collections.abc import AsyncIterator, Iterator
 from pathlib import Path
 from typing import Any
 
 import pytest
-from kafka_fixture import start_tansu
+from kafka_fixture import import_kafka_python, start_tansu
 from needs import free_port
 from proxyutil import daemon
 
@@ -29,12 +28,7 @@ from proxyd.server import Daemon
 aiokafka = pytest.importorskip("aiokafka")
 from aiokafka.errors import TopicAuthorizationFailedError  # noqa: E402
 
-with warnings.catch_warnings():
-    # kafka-python 3.0 loads its schemas with importlib.resources.read_text (deprecated)
-    warnings.simplefilter("ignore", DeprecationWarning)
-    pytest.importorskip("kafka")
-    import kafka.errors
-    import kafka.structs
+kafka = import_kafka_python()
 
 TIMEOUT = 30.0
 

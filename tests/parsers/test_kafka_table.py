@@ -11,7 +11,7 @@ import warnings
 from pathlib import Path
 from typing import Any
 
-import pytest
+from kafka_fixture import import_kafka_python
 from kafka_wire import ID_SECRET, sample, sample_request
 
 from proxyd.parsers.kafka.apis import APIS
@@ -48,9 +48,9 @@ def test_protocol_facts() -> None:
 
 def _kafka_python() -> dict[int, tuple[Any, Any]]:
     """kafka-python's (request class, response class) by API key."""
+    kafka_protocol = import_kafka_python().protocol
     with warnings.catch_warnings():
         warnings.simplefilter("ignore", DeprecationWarning)
-        kafka_protocol = pytest.importorskip("kafka.protocol")
         for m in pkgutil.walk_packages(kafka_protocol.__path__, "kafka.protocol."):
             if ".old" in m.name or m.name.endswith("generate_stubs"):
                 continue
