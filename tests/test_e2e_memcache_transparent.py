@@ -86,7 +86,8 @@ def flush(port: int) -> None:
 @contextlib.asynccontextmanager
 async def allow_all(port: int, tmp_path: Path, upstream: int | None = None) -> AsyncIterator[Daemon]:
     text = CONFIG.format(port=upstream or port)
-    async with daemon(text, tmp_path, files={"policy.yaml": POLICY.replace("PORT", str(upstream or port))}) as d:
+    files = {"policy.yaml": POLICY.replace("PORT", str(upstream or port))}
+    async with daemon(text, tmp_path, files=files) as d:
         yield d
 
 

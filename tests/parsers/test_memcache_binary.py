@@ -182,13 +182,16 @@ def test_log_fields() -> None:
     ],
 )
 @pytest.mark.parametrize("split", [None, "bytes"])
-def test_bad_request_header_forwarded_answered_then_closed(head: bytes, status: int, split: str | None) -> None:
+def test_bad_request_header_forwarded_answered_then_closed(
+    head: bytes, status: int, split: str | None
+) -> None:
     # memcached reads header, extras and key, answers the error, and closes the connection.
     h = Harness(MemcacheFactory())
     h.feed(req(0x0A, opaque=1) + head + b"more client bytes" + req(0x0A), split=split)
     assert h.error is None
     assert h.to_server == req(0x0A, opaque=1) + head
-    answer = resp(head[1], status, value=b"Invalid arguments" if status == 4 else b"Unknown command", opaque=7)
+    text = b"Invalid arguments" if status == 4 else b"Unknown command"
+    answer = resp(head[1], status, value=text, opaque=7)
     h.feed(resp(0x0A, opaque=1) + answer, reply=True, split=split)
     assert h.error is not None
     assert h.error.kind == "parser_error"

@@ -47,8 +47,8 @@ import struct
 from proxyd.ops import (
     ERROR,
     ERROR_INVALID_FRAME_LENGTH,
-    ERROR_PROTOCOL,
     ERROR_INVALID_FRAME_TYPE,
+    ERROR_PROTOCOL,
     MORE,
     NOP_VERDICT,
     PASS,

@@ -79,8 +79,8 @@ from typing import Any
 from proxyd.ops import (
     DROP,
     ERROR,
-    ERROR_PROTOCOL,
     ERROR_INVALID_FRAME_LENGTH,
+    ERROR_PROTOCOL,
     MORE,
     NOP_VERDICT,
     PASS,
