@@ -2526,6 +2526,10 @@ static int bin_request(Memcache *self, const char *cdata, Py_ssize_t have, long 
     if ((uint32_t)(keylen + extlen) > bodylen) bad = "binary request extras and key longer than its body";
     else if (keylen > MAX_KEY) bad = "binary request key over 250 bytes";
     long long nreq = bad ? (long long)head : HEADER + (long long)bodylen;
+    /* binary.MEMCACHED_OPCODES: for any other opcode memcached skips bodylen bytes after the
+     * extras and key it has read */
+    int known = opcode <= 0x1A || opcode == 0x1C || opcode == 0x1D || opcode == 0x1E || (opcode >= 0x20 && opcode <= 0x24);
+    if (!bad && !known) nreq += (long long)extlen + keylen;
     int r;
     int allowed;
     if (is_control(command)) {

@@ -137,6 +137,12 @@ OPCODES: dict[int, tuple[str, str, int, bool]] = {
     0x47: ("tap-checkpoint-end", "tap-checkpoint-end", _DEFINITE, False),
 }
 
+#: The opcodes memcached 1.6 implements. For any other it reads header, extras and key, answers
+#: "unknown command" and skips ``bodylen`` more bytes (``proto_bin.c``, ``dispatch_bin_command``):
+#: ``extras + key`` bytes past the packet. The parser frames such a request as memcached reads it,
+#: so what follows is judged as the request memcached will see.
+MEMCACHED_OPCODES = frozenset([*range(0x00, 0x1B), 0x1C, 0x1D, 0x1E, 0x20, 0x21, 0x22, 0x23, 0x24])
+
 #: Response status names for the access log.
 STATUS_NAMES = {
     0x00: "ok",
@@ -218,6 +224,10 @@ class BinaryProtocol:
         elif keylen > MAX_KEY:
             bad = "binary request key over 250 bytes"
         n = head if bad else HEADER + bodylen
+        if opcode not in MEMCACHED_OPCODES and not bad:
+            # memcached answers "unknown command" and then skips ``bodylen`` more bytes after the
+            # extras and key it has read: the request is that long on its side.
+            n += extlen + keylen
         ctx = self.ctx
         if command in CONTROL_COMMANDS or ctx.matches(MemcacheRequest(command, (key,) if keyed else ())):
             # Fields built lazily: most deployments log denials only (access_log.requests).
