@@ -1769,7 +1769,6 @@ static Command *find_command(const char *p, Py_ssize_t k) {
     return NULL;
 }
 
-#define MAX_TOKS 8192 /* a line of at most 65536 bytes has at most 32768 tokens; see tokenize */
 
 typedef struct {
     const char *p;
