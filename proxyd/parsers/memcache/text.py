@@ -56,9 +56,10 @@ request's reply, shifting the matching of later replies by one (every byte still
 client in order, the last reply as an unsolicited one; what is off is the access log's
 matching, and a denial queued behind lands one reply late). The same holds for any reply a
 quiet request accepts that in fact belongs to the next request (``md k q`` that deleted ``k``,
-then ``md k``: ``NF``). A quiet request with an opaque (``O`` flag, which memcached echoes, and which clients pipelining
-quiet commands use to match replies) accepts only a reply carrying that opaque, which removes
-the ambiguity; clients that pipeline quiet meta commands should send one.
+then ``md k``: ``NF``). A quiet request with an opaque (``O`` flag, which memcached echoes,
+and which clients pipelining quiet commands use to match replies) accepts only a reply
+carrying that opaque, which removes the ambiguity; clients that pipeline quiet meta commands
+should send one.
 
 Unknown commands are decided by the policy like any command (their name is the first token, so
 only a rule that allows every command allows them), forwarded, and memcached answers ``ERROR``.
