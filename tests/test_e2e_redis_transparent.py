@@ -341,6 +341,14 @@ def sessions(draw: st.DrawFn) -> bytes:
             if pats:
                 out.append(command("PSUBSCRIBE", *pats))
             out.append(command("PING"))
+            # Refused in RESP2 subscribe mode (only the subscribe family, PING, QUIT, RESET run
+            # there), run in RESP3: either way proxyd must follow.
+            for _ in range(draw(st.integers(0, 2))):
+                out.append(draw(st.sampled_from([
+                    command("SELECT", "1"), command("GET", "k"), command("MULTI") + command("DISCARD"),
+                    command("CLIENT", "REPLY", "OFF"), command("CLIENT", "REPLY", "SKIP"),
+                    command("CLIENT", "REPLY", "ON"), command("HELLO", "3"), command("HELLO", "2"),
+                ])))  # fmt: skip
             out.append(command("PUBLISH", "ch", "m"))  # RESP3: a message to itself, then :n
             if draw(st.booleans()):
                 out.append(command("UNSUBSCRIBE", chans[0]))

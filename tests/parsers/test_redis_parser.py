@@ -488,3 +488,26 @@ def test_nothing_is_queued_once_the_reply_stream_is_unframed() -> None:
     h.feed(b"+FULLRESYNC x 0\r\n", reply=True)
     h.feed((cmd("SUBSCRIBE", "a") + cmd("PSYNC", "?", "-1") + cmd("REPLCONF", "ACK", "1")) * 100)
     assert not h.engine.parser.pending and not h.held(False)  # type: ignore[union-attr]
+
+
+def test_commands_refused_in_resp2_subscribe_mode_change_nothing() -> None:
+    h = harness([{}])
+    h.feed(cmd("SUBSCRIBE", "a") + cmd("CLIENT", "REPLY", "OFF") + cmd("MULTI") + cmd("SELECT", "2"))
+    parser = h.engine.parser
+    assert not parser.reply_off and not parser.in_multi and parser.db == 0  # type: ignore[union-attr]
+    h.feed(cmd("UNSUBSCRIBE", "a") + cmd("CLIENT", "REPLY", "OFF"))  # no subscription left: runs
+    assert parser.reply_off  # type: ignore[union-attr]
+    h2 = harness([{}])
+    h2.feed(cmd("HELLO", "3") + cmd("SUBSCRIBE", "a") + cmd("MULTI"))  # RESP3: no such mode
+    assert h2.engine.parser.in_multi  # type: ignore[union-attr]
+
+
+def test_subscriptions_past_the_memory_bound_fall_back_to_the_replies_counts() -> None:
+    h = harness([{}], parser_config={"max_pending_bytes": 1024})
+    h.feed(cmd("SUBSCRIBE", *[f"channel-{i}" for i in range(40)]))
+    parser = h.engine.parser
+    assert parser.req_subs is None  # type: ignore[union-attr]
+    h.feed(b"".join(b"*3\r\n$9\r\nsubscribe\r\n$%d\r\nchannel-%d\r\n:%d\r\n" % (len(str(i)) + 8, i, i + 1)
+                    for i in range(40)), reply=True)  # fmt: skip
+    h.feed(cmd("SELECT", "3"))
+    assert parser.db == 0 and not h.closed  # type: ignore[union-attr]

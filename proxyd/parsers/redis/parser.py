@@ -29,6 +29,8 @@ RESP3) and ``RESET``. ``CLIENT REPLY OFF|SKIP`` suppress replies (denials includ
 redis-server 7 does: not the subscribe-family confirmations (pushes), nor the answer to
 ``SYNC``/``PSYNC``; a SKIP is used up by the next request the server reads, an empty one
 included; a denial that would have used it up is replaced by a ``PING`` to the server.
+A command redis-server refuses in RESP2 subscribe mode changes no state here either: the
+request side follows the subscriptions the server will hold when it reads each request.
 ``MONITOR``, ``SYNC`` and ``PSYNC`` turn the reply stream into an unframed one from their
 answer on, after any ``\n`` keepalives (a command denied after that closes the connection:
 there is no place for it).
@@ -130,6 +132,8 @@ _STATEFUL = frozenset(
 ) | PUBSUB
 #: Commands whose reply the parser reads for connection state (the general reader only).
 _REPLY_STATE = frozenset({"hello", "reset"})
+#: What redis-server still runs on a RESP2 connection in subscribe mode.
+_SUBSCRIBE_MODE_COMMANDS = PUBSUB | {"ping", "quit", "reset"}
 _SUB_FAMILY = {"unsubscribe": 0, "subscribe": 0, "punsubscribe": 1, "psubscribe": 1, "sunsubscribe": 2,
                "ssubscribe": 2}  # fmt: skip
 
@@ -158,6 +162,7 @@ class RedisParser(Parser):
         "in_multi",
         "max_bulk",
         "max_entries",
+        "max_sub_bytes",
         "multi_dirty",
         "pending",
         "raw",
@@ -165,6 +170,9 @@ class RedisParser(Parser):
         "rep_owed",
         "reply_off",
         "req_owed",
+        "req_resp3",
+        "req_sub_bytes",
+        "req_subs",
         "resp3",
         "scanner",
         "skip_next",
@@ -197,6 +205,13 @@ class RedisParser(Parser):
         self.dead = False  # a protocol error was found: drop the rest of the client's bytes
         self.raw = False  # MONITOR/SYNC/PSYNC sent
         self.req_owed = 0
+        # What redis-server knows when it reads the next request (not yet from its replies):
+        # the protocol HELLO asked for, and the subscriptions held, so that a command it refuses
+        # in RESP2 subscribe mode changes nothing here either. None: too many names to track.
+        self.req_resp3 = False
+        self.req_subs: list[set[bytes]] | None = [set(), set(), set()]
+        self.req_sub_bytes = 0
+        self.max_sub_bytes = max_pending
         # reply side
         self.pending: deque[list[Any]] = deque()
         self.scanner = ReplyScanner(max(64, max_pending // STACK_ENTRY_COST))
@@ -361,9 +376,9 @@ class RedisParser(Parser):
         op = PASS
         kind, count = E_REPLY, 1
         forced = False  # answered even when replies are off (pushes, replication handshakes)
-        if name not in _STATEFUL:
-            pass
-        elif name == "exec" and self.multi_dirty:
+        # A command redis-server refuses in RESP2 subscribe mode changes nothing.
+        stateful = name in _STATEFUL and not self._refused_in_subscribe_mode(name)
+        if stateful and name == "exec" and self.multi_dirty:
             self.in_multi = self.multi_dirty = False
             ctx.log(
                 EntryType.DENIED,
@@ -374,13 +389,16 @@ class RedisParser(Parser):
             verdict = self._emit(head, DROP, None)
             self._to_server(DISCARD, verdict, have)
             return verdict
-        if name == "multi":
+        if not stateful:
+            pass
+        elif name == "multi":
             self.in_multi = True
         elif name in ("exec", "discard"):
             self.in_multi = self.multi_dirty = False
         elif name == "reset":
             # RESET clears CLIENT REPLY OFF before it answers; a SKIP still applies to it.
-            self.in_multi = self.multi_dirty = self.reply_off = False
+            self.in_multi = self.multi_dirty = self.reply_off = self.req_resp3 = False
+            self.req_subs, self.req_sub_bytes = [set(), set(), set()], 0
             silent = skip or self.raw
             self.db = 0
         elif name == "select" and len(head.args) > 1:
@@ -405,10 +423,19 @@ class RedisParser(Parser):
             # Confirmations are pushes (CLIENT_PUSHING in src/pubsub.c): sent even under
             # CLIENT REPLY OFF/SKIP. A SUBSCRIBE without a channel is an arity error instead.
             forced = count > 0 or name in _UNSUBSCRIBE
+            self._track_subscriptions(name, head)
         elif name in _RAW_AFTER and not self.in_multi:
             kind = E_RAW
             forced = name in _REPLICATION
             self.raw = True
+        if (
+            name == "hello"
+            and len(head.args) > 1
+            and head.args[1] in (b"2", b"3")
+            and not self.in_multi
+            and not self._refused_in_subscribe_mode(name)
+        ):
+            self.req_resp3 = head.args[1] == b"3"
         if name == "auth" or name == "hello":
             ctx.log(EntryType.REQUEST, {"command": name, "db": db})
         else:
@@ -418,6 +445,42 @@ class RedisParser(Parser):
         if head.complete:
             return None
         return self._emit(head, op, entry)
+
+    def _refused_in_subscribe_mode(self, name: str) -> bool:
+        """Whether redis-server refuses this command because the connection is in RESP2
+        subscribe mode (``processCommand``: only the subscribe family, PING, QUIT and RESET)."""
+        if self.req_resp3 or name in _SUBSCRIBE_MODE_COMMANDS:
+            return False
+        subs = self.req_subs
+        if subs is None:  # too many names to track: the counts the replies carried
+            return bool(self.subs[0] or self.subs[1] or self.subs[2])
+        return bool(subs[0] or subs[1] or subs[2])
+
+    def _track_subscriptions(self, name: str, head: Head) -> None:
+        """Follow the subscriptions redis-server will hold after this subscribe-family command."""
+        subs = self.req_subs
+        if subs is None:
+            return
+        held = subs[_SUB_FAMILY[name]]
+        names = head.args[1:]
+        if not head.complete:
+            self.req_subs = None  # names past the inspection budget: stop tracking
+        elif name in _UNSUBSCRIBE:
+            if len(names):
+                for n in names:
+                    if n in held:
+                        held.discard(n)
+                        self.req_sub_bytes -= len(n) + 64
+            else:
+                self.req_sub_bytes -= sum(len(n) + 64 for n in held)
+                held.clear()
+        else:
+            for n in names:
+                if n not in held:
+                    held.add(n)
+                    self.req_sub_bytes += len(n) + 64
+            if self.req_sub_bytes > self.max_sub_bytes:
+                self.req_subs = None
 
     @staticmethod
     def _fields(name: str, keys: list[bytes] | None, db: int) -> dict[str, Any]:
