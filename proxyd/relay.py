@@ -19,7 +19,8 @@ Protocol-free I/O on asyncio transports (uvloop). What it guarantees (docs/confi
   reads are bounded too: past ``HIGH_WATER + buffer_bytes`` waiting for the client, reading
   from the client pauses until it catches up.
 - A reset (RST) from one side is passed on as a reset: the other side is aborted with
-  ``SO_LINGER`` 0, so a truncated transfer never looks complete.
+  ``SO_LINGER`` 0, so a truncated transfer never looks complete. An upstream that refuses,
+  cannot be reached or does not answer the connect in time is passed on the same way.
 - Timeouts (:meth:`Connection.check_timeouts`, called by the daemon's sweep): ``idle`` (no
   byte either way) and ``request`` (the parser has waited on MORE, with a partial request
   buffered and no progress, for that long).
@@ -266,7 +267,9 @@ class Connection(asyncio.Protocol):
             if isinstance(exc, OSError) and exc.errno in (errno.EMFILE, errno.ENFILE):
                 self.lr.daemon.out_of_fds(exc)
             why = "timeout" if isinstance(exc, TimeoutError) else (exc.strerror or str(exc))
-            self._finish("error", f"upstream connect failed: {why}")
+            # A reset, as from an upstream that reset: a clean FIN would read as "the server
+            # answered nothing and closed", which a client may take for a complete exchange.
+            self._finish("error", f"upstream connect failed: {why}", reset_peer=self.client)
             return
         except asyncio.CancelledError:
             if local is not None:

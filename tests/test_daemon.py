@@ -11,6 +11,7 @@ import socket
 from pathlib import Path
 
 import aiohttp
+import pytest
 from proxyutil import addr, daemon, echo, r2d2_server, tcp_server, wait_for
 
 
@@ -109,7 +110,8 @@ async def test_upstream_refused_is_logged_and_counted(tmp_path: Path) -> None:
         async with daemon(cfg(dead), tmp_path) as d:
             r, w = await asyncio.open_connection(*addr(d, "main"))
             w.write(b"hello")
-            assert await asyncio.wait_for(r.read(), 5) == b""
+            with pytest.raises(ConnectionResetError):  # a reset, never a clean EOF
+                await asyncio.wait_for(r.read(), 5)
             w.close()
             m = d.metrics.render().decode()
             assert 'proxyd_upstream_connect_failures_total{listener="main"} 1.0' in m
@@ -133,7 +135,8 @@ async def test_upstream_connect_timeout(tmp_path: Path) -> None:
             text = cfg(s.getsockname(), limits="limits:\n  connect_timeout: 300ms")
             async with daemon(text, tmp_path) as d:
                 r, w = await asyncio.open_connection(*addr(d, "main"))
-                assert await asyncio.wait_for(r.read(), 5) == b""
+                with pytest.raises(ConnectionResetError):
+                    await asyncio.wait_for(r.read(), 5)
                 w.close()
         finally:
             for f in fillers:

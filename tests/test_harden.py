@@ -506,6 +506,39 @@ def test_client_reset_reaches_the_upstream_as_a_reset(
     assert wait_until(lambda: any(e.get("reason") == "client reset the connection" for e in d.log()), 5)
 
 
+def test_refused_and_unanswered_upstream_connects_reach_the_client_as_a_reset(
+    tmp_path: Path, daemons: list[Proxyd]
+) -> None:
+    with socket.socket() as closed:
+        closed.bind(("127.0.0.1", 0))  # bound, never listening: a connect to it is refused
+        ls, fillers = blackhole()  # a connect to it is never answered
+        refused, silent, admin = free_port(), free_port(), free_port()
+        cfg = config(
+            listener("refused", refused, closed.getsockname()[1])
+            + listener("silent", silent, ls.getsockname()[1]),
+            admin,
+            "limits:\n  connect_timeout: 300ms\n",
+        )
+        d = Proxyd(tmp_path, cfg, admin=admin)
+        daemons.append(d)
+        try:
+            for port in (refused, silent):
+                with socket.create_connection(("127.0.0.1", port)) as c:
+                    c.sendall(b"hello")
+                    got, how = read_to_end(c)
+                assert (got, how) == (b"", "reset"), f"listener on {port}: the client saw {how}, not a reset"
+        finally:
+            for f in fillers:
+                f.close()
+            ls.close()
+    m = d.metrics()
+    assert 'proxyd_upstream_connect_failures_total{listener="refused"} 1.0' in m
+    assert 'proxyd_upstream_connect_failures_total{listener="silent"} 1.0' in m
+    assert wait_until(lambda: sum(e.get("event") == "connection" for e in d.log()) >= 2, 5)
+    reasons = sorted(e["reason"] for e in d.log() if e.get("event") == "connection")
+    assert reasons == ["upstream connect failed: Connection refused", "upstream connect failed: timeout"]
+
+
 # --- 5, 6, 7. the admin API and policy text ----------------------------------------------------
 
 
