@@ -44,7 +44,8 @@ from proxyd.relay import Connection
 
 LISTEN_BACKLOG = 1024
 LABELS_CACHE_SIZE = 65536
-FLUSH_INTERVAL = 0.2  # seconds between access-log flushes
+ACCESS_LOG_CHECK = 1.0  # seconds between looks at the access log's sink
+ACCESS_LOG_REPORT_INTERVAL = 10.0  # at most one "access log cannot be written" line per this long
 ACCEPT_PAUSE = 0.5  # seconds accepting pauses when the process is out of file descriptors
 FD_LOG_INTERVAL = 10.0  # at most one "out of file descriptors" log line per this many seconds
 FDS_PER_CONNECTION = 2  # client and upstream socket
@@ -349,7 +350,7 @@ class Daemon:
             self._spawn(self._watchdog(interval))
         if self.config.policy.paths:
             self._spawn(self._watch_policy())
-        self._spawn(self._flush_access_log())
+        self._spawn(self._watch_access_log())
         self._spawn(self._sweep_timeouts())
 
     def spawn(self, coro: Any) -> None:
@@ -366,10 +367,41 @@ class Daemon:
             sdnotify.notify("WATCHDOG=1")
             await asyncio.sleep(interval)
 
-    async def _flush_access_log(self) -> None:
+    async def _watch_access_log(self) -> None:
+        """Say when access-log lines are not being written: one line per interval at most.
+
+        The sink's own thread writes and counts; this only reports, so an operator learns of a
+        full disk from stderr and ``proxyd_access_log_dropped_total``, not from failed requests.
+        """
+        log = self.access_log
+        reported = 0  # dropped lines already reported
+        said_at = -ACCESS_LOG_REPORT_INTERVAL
+        failing = False
         while True:
-            await asyncio.sleep(FLUSH_INTERVAL)
-            self.access_log.flush()
+            await asyncio.sleep(ACCESS_LOG_CHECK)
+            problem, dropped = log.writer.problem(), log.dropped
+            now = time.monotonic()
+            if problem is not None or dropped > reported:
+                if now - said_at >= ACCESS_LOG_REPORT_INTERVAL:
+                    self.log.error(
+                        "access log cannot be written",
+                        path=self.config.access_log.path,
+                        error=problem or "the sink took lines slower than they came",
+                        dropped=dropped - reported,
+                        dropped_total=dropped,
+                        pending_bytes=log.writer.pending(),
+                    )
+                    reported, said_at, failing = dropped, now, True
+            elif failing:
+                self.log.info("access log writing resumed", path=self.config.access_log.path,
+                              dropped_total=dropped)  # fmt: skip
+                failing = False
+
+    def _reopen_access_log(self) -> None:
+        err = self.access_log.reopen()
+        if err is not None:
+            self.log.error("access log reopen failed, still writing to the old file",
+                           path=self.config.access_log.path, error=err.strerror or str(err))  # fmt: skip
 
     async def _sweep_timeouts(self) -> None:
         """Close connections whose idle or request timeout passed (one pass every interval).
@@ -423,7 +455,7 @@ class Daemon:
             signal.SIGTERM: self.request_stop,
             signal.SIGINT: self.request_stop,
             signal.SIGHUP: lambda: self._spawn(self.reload()),
-            signal.SIGUSR1: self.access_log.reopen,
+            signal.SIGUSR1: self._reopen_access_log,
         }
         for sig, fn in handlers.items():
             loop.add_signal_handler(sig, fn)
@@ -456,8 +488,13 @@ class Daemon:
         if self._admin is not None:
             await self._admin.stop()
         await asyncio.sleep(0)
-        self.access_log.close()
-        self.log.info("stopped")
+        self.access_log.close()  # bounded: a sink that takes nothing is given up on, counted
+        dropped = self.access_log.dropped
+        if dropped:
+            self.log.warning("stopped; access log lines were dropped", dropped_total=dropped,
+                             path=self.config.access_log.path)  # fmt: skip
+        else:
+            self.log.info("stopped")
 
     # --- reload ----------------------------------------------------------------------------
 

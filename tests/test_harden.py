@@ -24,7 +24,7 @@ from collections.abc import Callable, Iterator
 from pathlib import Path
 
 import pytest
-from needs import free_port, need_binary
+from needs import free_port, need_binary, need_root
 
 MiB = 1 << 20
 POLICY = """\
@@ -46,7 +46,15 @@ spec:
 class Proxyd:
     """`proxyd run` on a config written to tmp_path; ``admin`` is its TCP admin port."""
 
-    def __init__(self, tmp_path: Path, config: str, *, prefix: tuple[str, ...] = (), admin: int) -> None:
+    def __init__(
+        self,
+        tmp_path: Path,
+        config: str,
+        *,
+        prefix: tuple[str, ...] = (),
+        admin: int,
+        stdout: int | None = None,
+    ) -> None:
         self.dir = tmp_path
         self.cfg = tmp_path / "proxyd.yaml"
         self.cfg.write_text(config)
@@ -55,7 +63,7 @@ class Proxyd:
         self._stderr = self.stderr_path.open("wb")
         self.proc = subprocess.Popen(
             [*prefix, sys.executable, "-m", "proxyd", "run", "--config", str(self.cfg)],
-            stdout=subprocess.DEVNULL,
+            stdout=subprocess.DEVNULL if stdout is None else stdout,
             stderr=self._stderr,
         )
         end = time.monotonic() + 30
@@ -802,6 +810,139 @@ def test_access_log_lines_split_as_one_line_and_keys_are_unambiguous(
     assert logged[:5] == ["a\u2028b", "c\u2029d", "e\x85f", "g\x9bh", "i\x7fj"]  # decoded back exactly
     assert logged[5] == "\\xff" and logged[6] == "\\\\xff"  # byte 0xff vs the text \xff
     assert logged[5] != logged[6]
+
+
+# --- 9. the access log cannot be written ------------------------------------------------------
+
+
+def stderr_lines(d: Proxyd) -> list[dict]:  # type: ignore[type-arg]
+    """The daemon's stderr as JSON lines (every line must be one: no raw tracebacks)."""
+    return [json.loads(x) for x in d.stderr().splitlines() if x]
+
+
+def dropped_total(d: Proxyd) -> float:
+    m = re.search(r"^proxyd_access_log_dropped_total (\S+)$", d.metrics(), re.M)
+    assert m is not None, "proxyd_access_log_dropped_total is not exported"
+    return float(m.group(1))
+
+
+def whole_json_lines(raw: bytes) -> list[dict]:  # type: ignore[type-arg]
+    """Every line of ``raw`` parsed; ``raw`` must end with a newline (no torn last line)."""
+    assert raw.endswith(b"\n"), f"a torn last line: {raw[-80:]!r}"
+    return [json.loads(x) for x in raw.split(b"\n")[:-1]]
+
+
+@pytest.fixture
+def small_disk(tmp_path: Path) -> Iterator[Path]:
+    """A 64 KiB tmpfs mounted on tmp_path/disk (root): an access-log disk that fills up."""
+    need_root()
+    need_binary("mount", "umount")
+    where = tmp_path / "disk"
+    where.mkdir()
+    subprocess.run(["mount", "-t", "tmpfs", "-o", "size=64k", "tmpfs", str(where)], check=True)
+    try:
+        yield where
+    finally:
+        subprocess.run(["umount", "-l", str(where)], check=False)
+
+
+def fill(path: Path) -> None:
+    """Write ``path`` until the filesystem has no byte left."""
+    fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_APPEND)
+    try:
+        for chunk in (4096, 1):
+            with contextlib.suppress(OSError):
+                while os.write(fd, b"x" * chunk):
+                    pass
+    finally:
+        os.close(fd)
+
+
+def test_a_full_access_log_disk_drops_lines_not_requests(
+    tmp_path: Path, daemons: list[Proxyd], small_disk: Path
+) -> None:
+    from memcached_fixture import start_memcached
+    from pymemcache.client.base import Client
+
+    log = small_disk / "access.log"
+    port, admin = free_port(), free_port()
+    with start_memcached() as mc:
+        cfg = (
+            f"listeners:\n{listener('mc', port, mc, 'memcache')}"
+            f"access_log:\n  path: {log}\n"
+            f'admin:\n  address: "127.0.0.1:{admin}"\n'
+        )
+        d = Proxyd(tmp_path, cfg, admin=admin)
+        daemons.append(d)
+        client = Client(("127.0.0.1", port), timeout=5, connect_timeout=5, default_noreply=False)
+        key = "k" * 200  # long lines: the daemon's bounded buffer fills sooner
+        client.set(key, b"before")
+        assert wait_until(lambda: log.exists() and log.stat().st_size > 0, 5)
+        fill(small_disk / "filler")
+        served = 0
+        # Bounded: enough requests to fill the daemon's buffer (1 MiB) many times over.
+        for i in range(20000):
+            assert client.set(key, b"v%d" % i) is True
+            assert client.get(key) == b"v%d" % i
+            served += 1
+            if i % 500 == 499 and dropped_total(d) > 0:
+                break
+        assert dropped_total(d) > 0, "no line was counted as dropped with the disk full"
+        assert d.status("GET", "/healthz")[0] == 200
+        assert wait_until(lambda: "access log cannot be written" in d.stderr(), 5)
+        report = [e for e in stderr_lines(d) if e["event"].startswith("access log cannot be written")]
+        assert report[0]["error"] == "No space left on device" and report[0]["dropped_total"] > 0
+        # Lines while the disk is full: whole lines, or the start of one the sink will finish.
+        raw = log.read_bytes()
+        whole_json_lines(raw[: raw.rfind(b"\n") + 1])
+        # Space comes back: writing resumes by itself (the kept lines first, then new ones).
+        (small_disk / "filler").unlink()
+        client.set("after-space-came-back", b"x")
+        assert wait_until(lambda: b"after-space-came-back" in log.read_bytes(), 10)
+        assert wait_until(lambda: "access log writing resumed" in d.stderr(), 5)
+        client.close()
+        dropped = dropped_total(d)
+        d.proc.terminate()
+        assert d.proc.wait(15) == 0
+    lines = whole_json_lines(log.read_bytes())
+    assert served > 100 and any(e.get("fields", {}).get("keys") == ["after-space-came-back"] for e in lines)
+    err = d.stderr()
+    assert "Traceback" not in err and "cannot start" not in err
+    events = stderr_lines(d)  # every stderr line is one JSON object
+    assert events[-1]["event"] == "stopped; access log lines were dropped"
+    assert events[-1]["dropped_total"] >= dropped
+
+
+def test_an_unread_stdout_pipe_does_not_block_requests_or_shutdown(
+    tmp_path: Path, daemons: list[Proxyd]
+) -> None:
+    from memcached_fixture import start_memcached
+    from pymemcache.client.base import Client
+
+    port, admin = free_port(), free_port()
+    with start_memcached() as mc:
+        cfg = f"listeners:\n{listener('mc', port, mc, 'memcache')}admin:\n  address: \"127.0.0.1:{admin}\"\n"
+        d = Proxyd(tmp_path, cfg, admin=admin, stdout=subprocess.PIPE)  # the access log: stdout
+        daemons.append(d)
+        assert d.proc.stdout is not None
+        client = Client(("127.0.0.1", port), timeout=5, connect_timeout=5, default_noreply=False)
+        key = "k" * 200
+        for i in range(20000):  # bounded; the pipe (64 KiB) and the buffer (1 MiB) fill long before
+            assert client.set(key, b"v%d" % i) is True
+            if i % 500 == 499 and dropped_total(d) > 0:
+                break
+        assert dropped_total(d) > 0
+        assert wait_until(lambda: "access log cannot be written" in d.stderr(), 5)
+        report = [e for e in stderr_lines(d) if e["event"].startswith("access log cannot be written")]
+        assert "blocked" in report[0]["error"]
+        client.close()
+        d.proc.terminate()
+        assert d.proc.wait(15) == 0  # the writer blocked in the pipe does not hold the exit
+        out = d.proc.stdout.read()
+    assert len(out) >= 60000
+    whole_json_lines(out)
+    assert "Traceback" not in d.stderr()
+    assert stderr_lines(d)[-1]["event"] == "stopped; access log lines were dropped"
 
 
 # --- 5. in-process: where policy text is parsed, and the total cap -----------------------------
