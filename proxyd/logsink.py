@@ -107,13 +107,14 @@ class LineSink:
         self.flush_interval = flush_interval
         self.retry_interval = retry_interval
         self._file = self._open()
-        self._cond = threading.Condition(threading.Lock())
+        self._lock = threading.Lock()  # taken directly in msg(): Condition's __enter__ is Python
+        self._cond = threading.Condition(self._lock)
         # Guarded by _cond (the counters are also read without it: plain ints).
         self._buf = bytearray()  # lines for _file; may start with the rest of a torn line
         self._inflight = 0  # bytes the writer took and is writing now
         self._inflight_lines = 0
         #: Files replaced by a reopen, each with the lines queued for it before the reopen.
-        self._retired: list[tuple[_File, bytes]] = []
+        self._retired: list[tuple[_File, bytearray]] = []
         #: Lines dropped: refused while the buffer was full, or unwritten at a reopen or close.
         self.dropped = 0
         #: The last write error, while it lasts (None again once a write succeeds).
@@ -136,7 +137,7 @@ class LineSink:
 
     def msg(self, message: bytes) -> None:
         """Queue one line (``message`` has no newline); drop it whole if the buffer is full."""
-        with self._cond:
+        with self._lock:
             buf = self._buf
             size = len(buf)
             if size + self._inflight + len(message) >= self.max_pending:
@@ -194,7 +195,7 @@ class LineSink:
         except OSError as exc:
             return exc
         with self._cond:
-            self._retired.append((self._file, bytes(self._buf)))
+            self._retired.append((self._file, self._buf))
             self._buf = bytearray()
             self._file = new
             self._cond.notify_all()
@@ -221,7 +222,7 @@ class LineSink:
 
     # --- the writer thread --------------------------------------------------------------------
 
-    def _take(self) -> tuple[_File, bytes, bool] | None:
+    def _take(self) -> tuple[_File, bytearray, bool] | None:
         """The next write: (file, bytes, whether it is a retired file's last attempt); None to end.
 
         Called with the lock held; waits for lines, then up to ``flush_interval`` for more.
@@ -243,7 +244,7 @@ class LineSink:
             return f, data, True
         if not self._buf:
             return None  # closing, and nothing left
-        data = bytes(self._buf)
+        data = self._buf
         self._buf = bytearray()
         return self._file, data, False
 
@@ -292,7 +293,7 @@ class LineSink:
                     return  # the sink refuses bytes: close() counts what is left
                 cond.wait(self.retry_interval)
 
-    def _write(self, f: _File, data: bytes) -> tuple[int, OSError | None]:
+    def _write(self, f: _File, data: bytearray) -> tuple[int, OSError | None]:
         """Write ``data``; returns (bytes written, the error that stopped it, if any).
 
         To a pipe, in pieces of whole lines of at most PIPE_BUF bytes: the kernel writes such a
@@ -317,7 +318,7 @@ class LineSink:
         return done, None
 
 
-def _torn_after(torn: int, data: bytes, written: int) -> int:
+def _torn_after(torn: int, data: bytearray, written: int) -> int:
     """Bytes of an unfinished line in the file after ``data[:written]`` was appended."""
     if not written:
         return torn
