@@ -68,7 +68,7 @@ class Metrics:
         )
         self.accept_pauses_total = Counter(
             "proxyd_accept_pauses",
-            "Times accepting paused because the process ran out of file descriptors",
+            "Times accepting paused for want of file descriptors (the reserve was reached, or EMFILE)",
             ["listener"],
             registry=r,
         )

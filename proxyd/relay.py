@@ -112,6 +112,7 @@ class UpstreamProtocol(asyncio.Protocol):
         return True
 
     def connection_lost(self, exc: Exception | None) -> None:
+        self.conn.lr.daemon.data_fd_closed()
         self.conn.upstream_lost(exc)
 
     def pause_writing(self) -> None:
@@ -241,6 +242,7 @@ class Connection(asyncio.Protocol):
                 infos = await loop.getaddrinfo(host, port, type=socket.SOCK_STREAM)
                 family, _, _, _, addr = infos[0]
             sock = socket.socket(family, socket.SOCK_STREAM)
+            self.lr.daemon.fds.data += 1  # one less when it is closed (data_fd_closed)
             sock.setblocking(False)
             sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
             if self.lr.upstream_mark is not None:
@@ -261,6 +263,7 @@ class Connection(asyncio.Protocol):
                 own.pop(local, None)
             if sock is not None:
                 sock.close()
+                self.lr.daemon.data_fd_closed()
             if self._closed:
                 return
             self.lr.metrics.connect_failures.inc()
@@ -276,6 +279,7 @@ class Connection(asyncio.Protocol):
                 own.pop(local, None)
             if sock is not None:
                 sock.close()
+                self.lr.daemon.data_fd_closed()
             raise
         if local is not None:
             own.pop(local, None)
@@ -371,6 +375,7 @@ class Connection(asyncio.Protocol):
             self._finish("forwarded", None)
 
     def connection_lost(self, exc: Exception | None) -> None:
+        self.lr.daemon.data_fd_closed()  # counted when the event loop accepted it
         if self._closed:
             self._cancel_linger(0)
             return

@@ -34,6 +34,7 @@ from proxyd.accesslog import AccessLog, LineWriter, make_logger
 from proxyd.config import Config, Limits, ListenerConfig, load_config
 from proxyd.context import AllowAllPolicy, ConnInfo, L7Policy
 from proxyd.errors import ConfigError, PolicyError
+from proxyd.fdbudget import FdBudget, listen_backlog, nofile_limit, open_descriptors
 from proxyd.metrics import ListenerMetrics, Metrics
 from proxyd.origdst import original_dst, unmap
 from proxyd.parser import Endpoint, ParserFactory
@@ -42,14 +43,13 @@ from proxyd.policy.store import Change, PolicyStore
 from proxyd.registry import Registry
 from proxyd.relay import Connection
 
-LISTEN_BACKLOG = 1024
 LABELS_CACHE_SIZE = 65536
 ACCESS_LOG_CHECK = 1.0  # seconds between looks at the access log's sink
 ACCESS_LOG_REPORT_INTERVAL = 10.0  # at most one "access log cannot be written" line per this long
-ACCEPT_PAUSE = 0.5  # seconds accepting pauses when the process is out of file descriptors
+ACCEPT_PAUSE = 0.5  # seconds between checks while accepting is paused for file descriptors
 FD_LOG_INTERVAL = 10.0  # at most one "out of file descriptors" log line per this many seconds
 FDS_PER_CONNECTION = 2  # client and upstream socket
-FD_RESERVE = 64  # listeners, admin server, log files, policy files, the event loop itself
+FD_BASE = 64  # about what is open before any connection: listeners, admin, logs, the event loop
 
 
 class ListenerRuntime:
@@ -65,11 +65,14 @@ class ListenerRuntime:
         self.limits: Limits = daemon.config.limits
         self.upstream_mark = daemon.config.upstream_mark
         self.server: asyncio.Server | None = None
+        #: The listen queue: where connections wait while accepting is paused (fdbudget.py).
+        self.backlog = listen_backlog(nofile_limit(), len(daemon.config.listeners))
         #: Our own reference to the listening socket: the event loop's server gets a duplicate,
         #: so accepting can pause (that server closed) while the kernel keeps queueing
         #: connections on this one, and resume with a new server on it.
         self.lsock: socket.socket | None = None
         self.paused = False
+        self._resuming = False
         self._closing = False
         #: (host, port, is wildcard) once bound: checked for every transparent connection.
         self.bound: tuple[str, int, bool] | None = None
@@ -96,7 +99,7 @@ class ListenerRuntime:
                 what = f"listener {self.config.name!r}: cannot bind {self.config.address}: {why}"
                 raise OSError(exc.errno, what) from exc
             sock.setblocking(False)
-            sock.listen(LISTEN_BACKLOG)
+            sock.listen(self.backlog)
             self.server = await self._serve_on(sock)
             bhost, bport = sock.getsockname()[:2]
             self.bound = (unmap(bhost), bport, ipaddress.ip_address(bhost).is_unspecified)
@@ -109,7 +112,7 @@ class ListenerRuntime:
         dup = sock.dup()
         try:
             return await asyncio.get_running_loop().create_server(
-                lambda: Connection(self), sock=dup, backlog=LISTEN_BACKLOG
+                self._new_connection, sock=dup, backlog=self.backlog
             )
         except BaseException:
             dup.close()
@@ -120,27 +123,48 @@ class ListenerRuntime:
         host, port = self.lsock.getsockname()[:2]
         return host, port
 
+    def _new_connection(self) -> Connection:
+        # The event loop calls this for every socket it accepted, before connection_made, as it
+        # accepts a burst: the one place that counts each descriptor as it is taken. Pausing
+        # is left to the daemon (soon): closing the server in here would close this socket.
+        d = self.daemon
+        fds = d.fds
+        fds.data += 1
+        if fds.data >= fds.data_high:
+            d.fds_running_low()
+        return Connection(self)
+
     def pause_accepting(self) -> None:
-        """Stop accepting for :data:`ACCEPT_PAUSE` seconds; the kernel queues new connections."""
+        """Stop accepting: the listening socket stays open, and the kernel queues new
+        connections (up to ``backlog``) until :meth:`resume_accepting`."""
         if self.paused or self._closing or self.server is None:
             return
         self.paused = True
         self.metrics_accept_pauses.inc()
         self.server.close()
-        asyncio.get_running_loop().call_later(ACCEPT_PAUSE, self._resume)
 
-    def _resume(self) -> None:
+    def resume_accepting(self) -> None:
+        if not self.paused or self._resuming or self._closing:
+            return
+        self._resuming = True
         self.daemon.spawn(self._resume_accepting())
 
     async def _resume_accepting(self) -> None:
-        if self._closing or self.lsock is None:
-            return
         try:
-            self.server = await self._serve_on(self.lsock)
-        except OSError:  # still no descriptor for the duplicate: wait again
-            asyncio.get_running_loop().call_later(ACCEPT_PAUSE, self._resume)
-            return
-        self.paused = False
+            if self._closing or self.lsock is None or self.daemon.fd_paused:
+                return
+            try:
+                server = await self._serve_on(self.lsock)
+            except OSError:  # no descriptor even for the duplicate: try again in a moment
+                asyncio.get_running_loop().call_later(ACCEPT_PAUSE, self.resume_accepting)
+                return
+            if self.daemon.fd_paused or self._closing:  # paused again meanwhile
+                server.close()
+                return
+            self.server = server
+            self.paused = False
+        finally:
+            self._resuming = False
 
     def accept(self, conn: Connection) -> None:
         d = self.daemon
@@ -149,6 +173,10 @@ class ListenerRuntime:
         transport = conn.client
         assert transport is not None
         sock = transport.get_extra_info("socket")
+        if sock is not None and sock.fileno() >= d.fds.high:
+            # The kernel hands out the lowest free descriptor: every one below this is in use,
+            # whatever the count says (descriptors proxyd does not count, such as the admin's).
+            d.fds_running_low()
         peer = transport.get_extra_info("peername")
         local = transport.get_extra_info("sockname")
         if peer is None or local is None:
@@ -257,8 +285,14 @@ class Daemon:
         self.metrics.bytes_source = self._bytes_totals
         self._tasks: set[asyncio.Task[Any]] = set()
         self._policy_lock = asyncio.Lock()
+        #: Descriptors: the data path's count and the marks where accepting pauses and resumes
+        #: (set at start, from RLIMIT_NOFILE and what is open then).
+        self.fds = FdBudget(nofile_limit(), 0, [])
+        self.fd_paused = False  # accepting paused on every listener for want of descriptors
+        self._fd_hard = False  # the pause came from EMFILE/ENFILE, not the count: resume on a timer
+        self._fd_pause_soon = False
         self._fd_log_at = -FD_LOG_INTERVAL
-        self._fd_events = 0  # out-of-descriptor events since the last log line
+        self._fd_events = 0  # pauses and EMFILE events since the last log line
 
     # --- queries ---------------------------------------------------------------------------
 
@@ -302,22 +336,82 @@ class Daemon:
         if self.stopping and not self.active_connections():
             self._idle.set()
 
+    # --- file descriptors (fdbudget.py) ---------------------------------------------------
+
+    def fds_running_low(self) -> None:
+        """The data path reached the pause mark: pause accepting, from a callback of its own
+        (the caller may be inside the event loop's accept)."""
+        if self.fd_paused or self._fd_pause_soon:
+            return
+        self._fd_pause_soon = True
+        asyncio.get_running_loop().call_soon(self._pause_for_fds, None)
+
     def out_of_fds(self, exc: OSError) -> None:
-        """EMFILE/ENFILE: pause accepting on every listener for a moment; log, rate-limited."""
+        """EMFILE/ENFILE where the count saw none coming (another process, descriptors proxyd
+        does not count): pause as well, and resume on a timer."""
+        self._fd_hard = True
+        self._pause_for_fds(exc)
+
+    def data_fd_closed(self) -> None:
+        """A client or upstream socket of the data path was closed."""
+        fds = self.fds
+        fds.data -= 1
+        if self.fd_paused and not self._fd_hard and fds.base + fds.data <= fds.low:
+            self._resume_for_fds()
+
+    def _pause_for_fds(self, exc: OSError | None) -> None:
+        self._fd_pause_soon = False
+        if exc is None and self.fds.in_use() < self.fds.high:
+            return  # descriptors were freed before this ran
         self._fd_events += 1
-        for lr in self.listeners.values():
-            lr.pause_accepting()
+        if not self.fd_paused:
+            self.fd_paused = True
+            for lr in self.listeners.values():
+                lr.pause_accepting()
+            asyncio.get_running_loop().call_later(ACCEPT_PAUSE, self._fd_tick)
         now = time.monotonic()
         if now - self._fd_log_at >= FD_LOG_INTERVAL:
+            fds = self.fds
             self.log.error(
                 "out of file descriptors: accepting paused",
-                error=exc.strerror or str(exc),
-                pause_s=ACCEPT_PAUSE,
+                reason=(exc.strerror or str(exc)) if exc is not None else "the reserve is reached",
+                open_fds=fds.in_use(),
+                limit=fds.limit,
+                reserve=fds.reserve,
                 events=self._fd_events,
                 hint="raise LimitNOFILE / ulimit -n, or lower limits.max_connections",
             )
             self._fd_log_at = now
             self._fd_events = 0
+
+    def _fd_tick(self) -> None:
+        if not self.fd_paused:
+            return
+        if self.fds.can_resume():
+            self._resume_for_fds()
+        else:
+            asyncio.get_running_loop().call_later(ACCEPT_PAUSE, self._fd_tick)
+
+    def _resume_for_fds(self) -> None:
+        self.fd_paused = self._fd_hard = False
+        for lr in self.listeners.values():
+            lr.resume_accepting()
+
+    def _count_fds(self, listeners_added: int | None = None) -> None:
+        """Count what is open besides the data path: at start by listing /proc/self/fd, after
+        a reload by the listeners added or removed (two descriptors each: listing every
+        connection's would stall the loop)."""
+        limit = nofile_limit()
+        if listeners_added is not None:
+            base = self.fds.base + 2 * listeners_added
+        else:
+            open_now = open_descriptors()
+            base = open_now - self.fds.data if open_now is not None else 64
+        self.fds.configure(limit, base, [lr.backlog for lr in self.listeners.values()])
+        if self.fds.data_high <= 0:
+            self.log.error("file descriptor limit too low: nothing is left for connections",
+                           nofile=limit, open_fds=base, reserve=self.fds.reserve,
+                           hint="raise LimitNOFILE / ulimit -n")  # fmt: skip
 
     def is_own_listener(self, addr: tuple[str, int], local_ip: str) -> bool:
         ip, port = addr
@@ -343,6 +437,7 @@ class Daemon:
             self._admin = AdminServer(self)
             adm = self.config.admin
             await self._admin.start(adm.host, adm.port)  # OSError naming admin.address/socket
+        self._count_fds()
         self.ready = True
         sdnotify.notify("READY=1", f"STATUS=serving {len(self.listeners)} listeners")
         interval = sdnotify.watchdog_interval()
@@ -567,7 +662,9 @@ class Daemon:
             self.log.warning("policy.state_dir changes apply at the next restart")
         self.identities = IdentityMap.from_entries(new.identities)
         self._labels_cache = {}
+        before = len(self.listeners)
         await self._apply_listeners(new)
+        self._count_fds(listeners_added=len(self.listeners) - before)
         # Settings that only affect new connections take effect now; the access log and admin
         # address are fixed for the process lifetime (a restart applies them).
         self.config = replace(new, access_log=self.config.access_log, admin=self.config.admin)
@@ -602,11 +699,12 @@ class Daemon:
                 current.upstream_mark = new_config.upstream_mark
 
 
-def raise_fd_limit(max_connections: int) -> tuple[int, int, str | None]:
+def raise_fd_limit(max_connections: int, listeners: int = 1) -> tuple[int, int, str | None]:
     """Raise the soft ``RLIMIT_NOFILE`` to the hard limit; returns (soft, needed, warning).
 
-    ``needed`` is what ``max_connections`` takes (two sockets each, plus a reserve); the
-    warning says so when the limit is lower.
+    ``needed`` is what ``max_connections`` takes: two sockets each, what is open before the
+    first connection, and the reserve kept back from connections (fdbudget.py); the warning
+    says so when the limit is lower.
     """
     soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
     if hard == resource.RLIM_INFINITY or soft < hard:
@@ -616,7 +714,8 @@ def raise_fd_limit(max_connections: int) -> tuple[int, int, str | None]:
             soft = target
         except (ValueError, OSError):
             pass
-    needed = max_connections * FDS_PER_CONNECTION + FD_RESERVE
+    reserve = FdBudget(soft, 0, [listen_backlog(soft, listeners)] * max(1, listeners)).reserve
+    needed = max_connections * FDS_PER_CONNECTION + FD_BASE + reserve
     warning = None
     if soft < needed:
         warning = (f"limits.max_connections {max_connections} needs about {needed} file descriptors "
@@ -630,7 +729,7 @@ async def run_daemon(config_path: Path) -> int:
     registry = Registry.load()
     config = load_config(config_path, registry)
     daemon = Daemon(config, registry)
-    soft, needed, warning = raise_fd_limit(config.limits.max_connections)
+    soft, needed, warning = raise_fd_limit(config.limits.max_connections, len(config.listeners))
     if warning:
         daemon.log.warning("file descriptor limit too low", nofile=soft, needed=needed, problem=warning)
     await daemon.start()

@@ -416,7 +416,98 @@ def test_soft_fd_limit_is_raised_and_a_short_one_warned_about(tmp_path: Path, da
     limits = Path(f"/proc/{d.proc.pid}/limits").read_text()
     assert re.search(r"Max open files\s+4096\s+4096", limits), limits
     assert "file descriptor limit too low" in d.stderr()
-    assert "needs about 20064 file descriptors" in d.stderr()
+    # 2 x 10000, 64 open before any connection, a reserve of 256 + 2 x (256 + 1) (fdbudget.py)
+    assert "needs about 20834 file descriptors" in d.stderr()
+
+
+class Client:
+    """A client connecting without blocking: it sends its number once connected and expects it
+    echoed; ``ended`` says how the connection ended if it did before the echo (a failure)."""
+
+    def __init__(self, port: int, n: int) -> None:
+        self.sock = socket.socket()
+        self.sock.setblocking(False)
+        self.sock.connect_ex(("127.0.0.1", port))
+        self.msg = b"client %d\n" % n
+        self.sent = False
+        self.got = b""
+        self.ended: str | None = None
+
+    def step(self) -> None:
+        if self.ended or self.got == self.msg:
+            return
+        try:
+            if not self.sent:
+                if self.sock.getsockopt(socket.SOL_SOCKET, socket.SO_ERROR):
+                    self.ended = "connect failed"
+                    return
+                self.sock.send(self.msg)  # raises until the kernel has completed the connect
+                self.sent = True
+            data = self.sock.recv(100)
+        except (BlockingIOError, OSError) as exc:
+            if isinstance(exc, ConnectionResetError):
+                self.ended = "reset"
+            return
+        if not data:
+            self.ended = "eof"
+        self.got += data
+
+    @property
+    def served(self) -> bool:
+        return self.got == self.msg
+
+
+def test_out_of_descriptors_connections_wait_in_the_backlog_and_the_admin_api_answers(
+    tmp_path: Path, daemons: list[Proxyd], servers: list[Server]
+) -> None:
+    need_binary("prlimit")
+    limit = 160
+    up = Server(echo)
+    servers.append(up)
+    port, admin = free_port(), free_port()
+    cfg = config(listener("l4", port, up.port), admin)
+    d = Proxyd(tmp_path, cfg, prefix=("prlimit", f"--nofile={limit}:{limit}"), admin=admin)
+    daemons.append(d)
+    # More clients than the descriptors allow (two each): some must wait.
+    clients = [Client(port, n) for n in range(limit // 2)]
+    admin_answers: list[int] = []
+
+    def run(until: Callable[[], bool], seconds: float) -> None:
+        end = time.monotonic() + seconds
+        while not until() and time.monotonic() < end:
+            for c in clients:
+                c.step()
+            admin_answers.append(d.status("GET", "/healthz")[0])
+            admin_answers.append(200 if "proxyd_connections_total" in d.metrics() else 0)
+            time.sleep(0.05)
+
+    def paused() -> bool:
+        return 'proxyd_accept_pauses_total{listener="l4"} 0.0' not in d.metrics()
+
+    served_before: list[int] = []
+
+    def settled() -> bool:  # paused, and no client served for a while
+        served_before.append(sum(c.served for c in clients))
+        return paused() and len(served_before) > 20 and served_before[-1] == served_before[-20]
+
+    run(settled, 20)
+    held = [c for c in clients if c.served]
+    waiting = [c for c in clients if not c.served]
+    assert [c.ended for c in clients if c.ended] == [], "connections accepted and closed without a reply"
+    assert paused() and held and waiting, f"{len(held)} served, {len(waiting)} waiting"
+    assert set(admin_answers) == {200}, "the admin API did not answer while descriptors ran out"
+    # Descriptors come free: the clients waiting in the listen queue are served, none dropped.
+    for c in held:
+        c.sock.close()
+    run(lambda: all(c.served or c.ended for c in waiting), 40)
+    assert [c.ended for c in waiting if c.ended] == []
+    assert all(c.served for c in waiting), f"{sum(not c.served for c in waiting)} never served"
+    assert set(admin_answers) == {200}
+    for c in waiting:
+        c.sock.close()
+    pauses = [e for e in stderr_lines(d) if e["event"].startswith("out of file descriptors")]
+    assert 1 <= len(pauses) <= 3, "not logged, or not rate-limited"
+    assert pauses[0]["limit"] == limit and pauses[0]["open_fds"] <= limit
 
 
 # --- 3. timeouts -------------------------------------------------------------------------------
