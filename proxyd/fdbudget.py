@@ -19,7 +19,9 @@ The data path counts its own sockets (:attr:`FdBudget.data`: client and upstream
 now). ``base`` is what the process had open before the first connection (listeners, admin
 server, log files, the event loop's own), counted once at start. Accepting pauses when
 ``base + data`` reaches :attr:`FdBudget.high` and resumes at :attr:`FdBudget.low`, a little
-lower, so it does not flap on every connection.
+lower, so it does not flap on every connection. While accepting is paused the count is checked
+against the descriptors really open (every few seconds, on a worker thread), so a miscount can
+lower the mark for a while but never keep accepting paused for good.
 """
 
 from __future__ import annotations
@@ -81,3 +83,18 @@ class FdBudget:
 
     def can_resume(self) -> bool:
         return self.base + self.data <= self.low
+
+    def correct(self, really_open: int, data_then: int) -> int:
+        """Lower ``base`` when fewer descriptors are open than counted (``data_then``: the data
+        path's count when the listing began); returns by how much.
+
+        A socket is closed a moment before the data path hears of it, so a listing can find a
+        few fewer than counted: only the excess beyond the resume margin is taken off. The
+        count is never raised here: one too low is caught by the descriptor numbers themselves
+        (server.py)."""
+        excess = self.base + min(data_then, self.data) - really_open - (self.high - self.low)
+        if excess <= 0:
+            return 0
+        self.base -= excess
+        self.data_high += excess
+        return excess

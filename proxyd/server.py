@@ -47,6 +47,7 @@ LABELS_CACHE_SIZE = 65536
 ACCESS_LOG_CHECK = 1.0  # seconds between looks at the access log's sink
 ACCESS_LOG_REPORT_INTERVAL = 10.0  # at most one "access log cannot be written" line per this long
 ACCEPT_PAUSE = 0.5  # seconds between checks while accepting is paused for file descriptors
+FD_RECOUNT_INTERVAL = 5.0  # while paused, descriptors really open are listed this often
 FD_LOG_INTERVAL = 10.0  # at most one "out of file descriptors" log line per this many seconds
 FDS_PER_CONNECTION = 2  # client and upstream socket
 FD_BASE = 64  # about what is open before any connection: listeners, admin, logs, the event loop
@@ -291,6 +292,7 @@ class Daemon:
         self.fd_paused = False  # accepting paused on every listener for want of descriptors
         self._fd_hard = False  # the pause came from EMFILE/ENFILE, not the count: resume on a timer
         self._fd_pause_soon = False
+        self._fd_recount_at = 0.0
         self._fd_log_at = -FD_LOG_INTERVAL
         self._fd_events = 0  # pauses and EMFILE events since the last log line
 
@@ -389,8 +391,26 @@ class Daemon:
             return
         if self.fds.can_resume():
             self._resume_for_fds()
-        else:
-            asyncio.get_running_loop().call_later(ACCEPT_PAUSE, self._fd_tick)
+            return
+        now = time.monotonic()
+        if now - self._fd_recount_at >= FD_RECOUNT_INTERVAL:
+            self._fd_recount_at = now
+            self._spawn(self._recount_fds())
+        asyncio.get_running_loop().call_later(ACCEPT_PAUSE, self._fd_tick)
+
+    async def _recount_fds(self) -> None:
+        """List the descriptors really open (on a worker thread: there may be a million) and
+        correct the count down if it was high, so a miscount cannot keep accepting paused."""
+        data_then = self.fds.data
+        really_open = await asyncio.get_running_loop().run_in_executor(None, open_descriptors)
+        if really_open is None:
+            return
+        excess = self.fds.correct(really_open, data_then)
+        if excess:
+            self.log.warning("file descriptors: fewer open than counted; count corrected",
+                             counted_too_many=excess, open_fds=really_open)  # fmt: skip
+            if self.fd_paused and not self._fd_hard and self.fds.can_resume():
+                self._resume_for_fds()
 
     def _resume_for_fds(self) -> None:
         self.fd_paused = self._fd_hard = False

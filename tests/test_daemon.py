@@ -309,3 +309,60 @@ async def test_slow_client_bounds_memory(tmp_path: Path) -> None:
         w.close()
     assert seen == total
     assert peak < 2 << 20, peak
+
+
+async def test_every_counted_descriptor_is_uncounted_when_its_socket_closes(tmp_path: Path) -> None:
+    """Accepting pauses on the data path's own count of its sockets (fdbudget.py): a socket
+    counted and never uncounted would, one by one, stop the daemon accepting for good."""
+
+    def rst(w: asyncio.StreamWriter) -> None:
+        sock = w.get_extra_info("socket")
+        sock.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, b"\x01\x00\x00\x00\x00\x00\x00\x00")
+        w.transport.abort()
+
+    async with tcp_server(echo) as up, daemon(cfg(up, limits="limits:\n  max_connections: 3"), tmp_path) as d:
+        base = d.fds.in_use()
+        assert d.fds.data == 0 and d.fds.high > base
+        # A whole exchange, a client reset, a client gone at once, and a refusal at accept.
+        r, w = await asyncio.open_connection(*addr(d, "main"))
+        w.write(b"ping")
+        assert await r.readexactly(4) == b"ping"
+        w.write_eof()
+        assert await asyncio.wait_for(r.read(), 5) == b""
+        w.close()
+        r, w = await asyncio.open_connection(*addr(d, "main"))
+        w.write(b"ping")
+        assert await r.readexactly(4) == b"ping"
+        rst(w)
+        _, w = await asyncio.open_connection(*addr(d, "main"))
+        w.close()
+        held = [await asyncio.open_connection(*addr(d, "main")) for _ in range(5)]
+        await wait_for(lambda: d.active_connections() == 3)  # two refused over max_connections
+        for _, w in held:
+            w.close()
+        await wait_for(lambda: not d.active_connections() and d.fds.data == 0)
+        assert d.fds.in_use() == base
+    (tmp_path / "refused").mkdir()
+    with socket.socket() as closed:
+        closed.bind(("127.0.0.1", 0))
+        async with daemon(cfg(closed.getsockname()), tmp_path / "refused") as d:
+            for _ in range(3):
+                r, w = await asyncio.open_connection(*addr(d, "main"))
+                with pytest.raises(ConnectionResetError):
+                    await asyncio.wait_for(r.read(), 5)
+                w.close()
+            await wait_for(lambda: not d.active_connections() and d.fds.data == 0)
+
+
+async def test_a_miscount_of_descriptors_cannot_keep_accepting_paused(tmp_path: Path) -> None:
+    async with tcp_server(echo) as up, daemon(cfg(up), tmp_path) as d:
+        d.fds.data += d.fds.data_high + 10  # as if sockets had been counted and never uncounted
+        d.fds_running_low()
+        await wait_for(lambda: d.fd_paused and d.listeners["main"].paused)
+        assert 'proxyd_accept_pauses_total{listener="main"} 1.0' in d.metrics.render().decode()
+        # While paused, the descriptors really open are listed: the count comes back down.
+        await wait_for(lambda: not d.listeners["main"].paused, timeout=10)
+        r, w = await asyncio.open_connection(*addr(d, "main"))
+        w.write(b"ping")
+        assert await asyncio.wait_for(r.readexactly(4), 5) == b"ping"
+        w.close()
