@@ -128,8 +128,8 @@ class LineSink:
     def _open(self) -> _File:
         if self.path == "-":
             return _File(sys.stdout.fileno(), owned=False)
-        directory = os.path.dirname(os.path.abspath(self.path))
-        os.makedirs(directory, exist_ok=True)
+        # The directory must exist (the config check says so): creating it here would make a
+        # typo, or a volume not mounted yet, into a directory owned by whoever started proxyd.
         flags = os.O_WRONLY | os.O_APPEND | os.O_CREAT | os.O_CLOEXEC
         return _File(os.open(self.path, flags, 0o644), owned=True)
 

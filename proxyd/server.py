@@ -10,7 +10,8 @@ Admission (:meth:`ListenerRuntime.accept`) refuses, before any upstream connect:
 over ``max_connections``, connections that were not redirected (no original destination, or
 the listener's own address, which is what ``SO_ORIGINAL_DST`` answers where NAT is loaded) or
 whose original destination is one of proxyd's own listeners (a loop), and connections the
-policy denies at L3/L4.
+policy denies at L3/L4. Where a ``serverNames`` rule could apply, the policy's verdict waits
+for the client's TLS ClientHello (:mod:`proxyd.tlsgate`), still before any upstream connect.
 """
 
 from __future__ import annotations
@@ -211,6 +212,7 @@ class ListenerRuntime:
         if reason is None and d.active_connections() > self.limits.max_connections:
             reason = f"max_connections ({self.limits.max_connections}) reached"
         policy: L7Policy = AllowAllPolicy()
+        hello_view = None
         if reason is None:
             view = d.policy.view(
                 cfg.direction,
@@ -222,7 +224,9 @@ class ListenerRuntime:
                 self.mode == "audit",
             )
             l4 = view.l4()
-            if not l4.l4_allowed:
+            if l4.reads_hello:
+                hello_view = view  # decided on the ClientHello's SNI (proxyd.tlsgate)
+            elif not l4.l4_allowed:
                 reason = f"policy: {l4.l4_reason}"
             elif l4.audit_l4:
                 self.access_log.connection(info, verdict="audit", reason=f"policy: {l4.l4_reason}",
@@ -232,6 +236,9 @@ class ListenerRuntime:
             d.log.warning("connection refused", conn_id=conn_id, listener=cfg.name,
                           src=str(src), dst=str(dst), reason=reason)  # fmt: skip
             conn.refuse(reason, info)
+            return
+        if hello_view is not None:
+            conn.read_hello(info, upstream, hello_view)
             return
         conn.start(info, upstream, policy)
 
@@ -512,12 +519,6 @@ class Daemon:
                               dropped_total=dropped)  # fmt: skip
                 failing = False
 
-    def _reopen_access_log(self) -> None:
-        err = self.access_log.reopen()
-        if err is not None:
-            self.log.error("access log reopen failed, still writing to the old file",
-                           path=self.config.access_log.path, error=err.strerror or str(err))  # fmt: skip
-
     async def _sweep_timeouts(self) -> None:
         """Close connections whose idle or request timeout passed (one pass every interval).
 
@@ -560,6 +561,17 @@ class Daemon:
             return None
         return self._admin.address()  # type: ignore[no-any-return]
 
+    def reopen_access_log(self) -> None:
+        """SIGUSR1 (logrotate moved the file): write to a new file at the configured path.
+
+        When that fails (the directory went away) the old file stays open and the error is
+        logged: lines keep going somewhere rather than nowhere.
+        """
+        exc = self.access_log.reopen()
+        if exc is not None:
+            self.log.error("access log reopen failed, still writing to the old file",
+                           path=self.config.access_log.path, error=exc.strerror or str(exc))  # fmt: skip
+
     def request_stop(self) -> None:
         self._stop.set()
 
@@ -570,7 +582,7 @@ class Daemon:
             signal.SIGTERM: self.request_stop,
             signal.SIGINT: self.request_stop,
             signal.SIGHUP: lambda: self._spawn(self.reload()),
-            signal.SIGUSR1: self._reopen_access_log,
+            signal.SIGUSR1: self.reopen_access_log,
         }
         for sig, fn in handlers.items():
             loop.add_signal_handler(sig, fn)
@@ -708,6 +720,9 @@ class Daemon:
             current = self.listeners.get(name)
             if current is None:
                 lr = ListenerRuntime(self, lc)
+                # The runtime copied the daemon's settings, still the old config's at this point.
+                lr.limits = new_config.limits
+                lr.upstream_mark = new_config.upstream_mark
                 await lr.bind()
                 self.listeners[name] = lr
                 self.log.info("listener added", listener=name, address=lc.address)

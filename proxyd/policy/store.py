@@ -28,7 +28,7 @@ import json
 import os
 import tempfile
 from collections.abc import Mapping, Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Any, Final
 
@@ -54,6 +54,10 @@ class Change:
     files: tuple[Document, ...]
     imported: Mapping[str, Document]
     policy: PolicySet
+    #: Imported documents (by name) the change adds, replaces and deletes: for the daemon's log.
+    added: tuple[str, ...] = ()
+    replaced: tuple[str, ...] = ()
+    deleted: tuple[str, ...] = ()
 
 
 class PolicyStore:
@@ -85,7 +89,11 @@ class PolicyStore:
         return self._revision
 
     def documents(self) -> list[dict[str, Any]]:
-        """Every document in force, files first: name, source, origin, warnings, document."""
+        """Every document in force, files first: name, source, where, origin, warnings, document.
+
+        ``source`` is the file (``admin-api`` for an import); ``where`` is ``file:line`` of the
+        document in its file, None for an import (its text is not kept as it was sent).
+        """
         out: list[dict[str, Any]] = []
         for origin, docs in (("file", self._files), ("imported", tuple(self._imported.values()))):
             for doc in docs:
@@ -93,6 +101,7 @@ class PolicyStore:
                     {
                         "name": doc.name,
                         "source": doc.source,
+                        "where": doc.where if origin == "file" else None,
                         "origin": origin,
                         "warnings": list(doc.warnings),
                         "document": doc.raw,
@@ -155,14 +164,21 @@ class PolicyStore:
                 [f"{source}:0: imported documents would total {total} bytes, over the cap of "
                  f"{MAX_IMPORTED_BYTES} (delete some, or put large policies in policy.paths files)"]
             )  # fmt: skip
-        return self._build(self._files, imported, save=True)
+        names = tuple(dict.fromkeys(d.name for d in docs))
+        change = self._build(self._files, imported, save=True)
+        return replace(
+            change,
+            added=tuple(n for n in names if n not in self._imported),
+            replaced=tuple(n for n in names if n in self._imported),
+            deleted=tuple(n for n in self._imported if n not in imported),
+        )
 
     def build_delete(self, name: str) -> Change:
         """:meth:`delete_imported` up to the swap. Raises KeyError for an unknown name."""
         if name not in self._imported:
             raise KeyError(name)
         imported = {k: v for k, v in self._imported.items() if k != name}
-        return self._build(self._files, imported, save=True)
+        return replace(self._build(self._files, imported, save=True), deleted=(name,))
 
     def _build(self, files: tuple[Document, ...], imported: Mapping[str, Document], *, save: bool) -> Change:
         new = PolicySet((*files, *imported.values()), self.registry, self._revision + 1)
@@ -295,11 +311,18 @@ class LiveConnectionPolicy:
         port: int,
         l7proto: str | None,
         audit: bool,
+        sni: str | None = None,
     ) -> None:
         self._store = store
-        self._args = (direction, local_labels, remote_ip, remote_labels, port, l7proto, audit)
+        self._args = (direction, local_labels, remote_ip, remote_labels, port, l7proto, audit, sni)
         self._set = store.current
         self._policy = self._set.connection_policy(*self._args)
+
+    def with_sni(self, sni: str | None) -> LiveConnectionPolicy:
+        """This connection's view once its TLS ClientHello is read: ``serverNames`` rules see ``sni``."""
+        direction, local, remote_ip, remote, port, l7proto, audit, _ = self._args
+        store = self._store
+        return LiveConnectionPolicy(store, direction, local, remote_ip, remote, port, l7proto, audit, sni)
 
     def l4(self) -> ConnectionPolicy:
         """The connection's verdicts under the current policy (L3/L4 at accept, and L7)."""
