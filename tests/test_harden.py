@@ -1004,32 +1004,47 @@ def test_a_full_access_log_disk_drops_lines_not_requests(
     assert events[-1]["dropped_total"] >= dropped
 
 
+@pytest.mark.parametrize("nonblocking", [False, True], ids=["blocking", "nonblocking"])
 def test_an_unread_stdout_pipe_does_not_block_requests_or_shutdown(
-    tmp_path: Path, daemons: list[Proxyd]
+    tmp_path: Path, daemons: list[Proxyd], nonblocking: bool
 ) -> None:
+    """The access log on stdout, a pipe nobody reads: writes block (or, when the pipe was
+    handed over non-blocking, fail with EAGAIN)."""
     from memcached_fixture import start_memcached
     from pymemcache.client.base import Client
 
     port, admin = free_port(), free_port()
-    with start_memcached() as mc:
-        cfg = f"listeners:\n{listener('mc', port, mc, 'memcache')}admin:\n  address: \"127.0.0.1:{admin}\"\n"
-        d = Proxyd(tmp_path, cfg, admin=admin, stdout=subprocess.PIPE)  # the access log: stdout
-        daemons.append(d)
-        assert d.proc.stdout is not None
-        client = Client(("127.0.0.1", port), timeout=5, connect_timeout=5, default_noreply=False)
-        key = "k" * 200
-        for i in range(20000):  # bounded; the pipe (64 KiB) and the buffer (1 MiB) fill long before
-            assert client.set(key, b"v%d" % i) is True
-            if i % 500 == 499 and dropped_total(d) > 0:
-                break
-        assert dropped_total(d) > 0
-        assert wait_until(lambda: "access log cannot be written" in d.stderr(), 5)
-        report = [e for e in stderr_lines(d) if e["event"].startswith("access log cannot be written")]
-        assert "blocked" in report[0]["error"]
-        client.close()
-        d.proc.terminate()
-        assert d.proc.wait(15) == 0  # the writer blocked in the pipe does not hold the exit
-        out = d.proc.stdout.read()
+    r, w = os.pipe()
+    os.set_blocking(w, not nonblocking)
+    try:
+        with start_memcached() as mc:
+            mc_listener = listener("mc", port, mc, "memcache")
+            cfg = f'listeners:\n{mc_listener}admin:\n  address: "127.0.0.1:{admin}"\n'
+            d = Proxyd(tmp_path, cfg, admin=admin, stdout=w)  # the access log: stdout
+            daemons.append(d)
+            client = Client(("127.0.0.1", port), timeout=5, connect_timeout=5, default_noreply=False)
+            key = "k" * 200
+            for i in range(20000):  # bounded; the pipe (64 KiB) and the buffer (1 MiB) fill long before
+                assert client.set(key, b"v%d" % i) is True
+                if i % 500 == 499 and dropped_total(d) > 0:
+                    break
+            assert dropped_total(d) > 0
+            assert wait_until(lambda: "access log cannot be written" in d.stderr(), 5)
+            report = [e for e in stderr_lines(d) if e["event"].startswith("access log cannot be written")]
+            why = "Resource temporarily unavailable" if nonblocking else "a write has been blocked"
+            assert report[0]["error"].startswith(why), report[0]
+            client.close()
+            d.proc.terminate()
+            assert d.proc.wait(15) == 0  # a writer blocked on the pipe does not hold the exit
+        os.close(w)
+        w = -1
+        with os.fdopen(r, "rb") as pipe:
+            r = -1
+            out = pipe.read()
+    finally:
+        for fd in (r, w):
+            if fd >= 0:
+                os.close(fd)
     assert len(out) >= 60000
     whole_json_lines(out)
     assert "Traceback" not in d.stderr()
