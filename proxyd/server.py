@@ -496,28 +496,29 @@ class Daemon:
         full disk from stderr and ``proxyd_access_log_dropped_total``, not from failed requests.
         """
         log = self.access_log
+        path = self.config.access_log.path
         reported = 0  # dropped lines already reported
         said_at = -ACCESS_LOG_REPORT_INTERVAL
-        failing = False
+        failing = False  # a problem was reported and has not been seen to end
         while True:
             await asyncio.sleep(ACCESS_LOG_CHECK)
             problem, dropped = log.writer.problem(), log.dropped
             now = time.monotonic()
-            if problem is not None or dropped > reported:
-                if now - said_at >= ACCESS_LOG_REPORT_INTERVAL:
-                    self.log.error(
-                        "access log cannot be written",
-                        path=self.config.access_log.path,
-                        error=problem or "the sink took lines slower than they came",
-                        dropped=dropped - reported,
-                        dropped_total=dropped,
-                        pending_bytes=log.writer.pending(),
-                    )
-                    reported, said_at, failing = dropped, now, True
-            elif failing:
-                self.log.info("access log writing resumed", path=self.config.access_log.path,
+            if problem is None and failing:
+                self.log.info("access log writing resumed", path=path, dropped=dropped - reported,
                               dropped_total=dropped)  # fmt: skip
-                failing = False
+                reported, failing = dropped, False
+            elif (problem is not None or dropped > reported) and now - said_at >= ACCESS_LOG_REPORT_INTERVAL:
+                self.log.error(
+                    "access log cannot be written",
+                    path=path,
+                    # No problem now but lines dropped: a write blocked for a moment.
+                    error=problem or "the sink took lines slower than they came",
+                    dropped=dropped - reported,
+                    dropped_total=dropped,
+                    pending_bytes=log.writer.pending(),
+                )
+                reported, said_at, failing = dropped, now, problem is not None
 
     async def _sweep_timeouts(self) -> None:
         """Close connections whose idle or request timeout passed (one pass every interval).

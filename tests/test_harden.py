@@ -991,6 +991,10 @@ def test_a_full_access_log_disk_drops_lines_not_requests(
         client.set("after-space-came-back", b"x")
         assert wait_until(lambda: b"after-space-came-back" in log.read_bytes(), 10)
         assert wait_until(lambda: "access log writing resumed" in d.stderr(), 5)
+        # Full again, and stopped while full: a line the disk cut is cut off the file.
+        fill(small_disk / "filler2")
+        for i in range(300):
+            assert client.get(key) is not None
         client.close()
         dropped = dropped_total(d)
         d.proc.terminate()
