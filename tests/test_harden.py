@@ -993,7 +993,7 @@ def test_a_full_access_log_disk_drops_lines_not_requests(
         assert wait_until(lambda: "access log writing resumed" in d.stderr(), 5)
         # Full again, and stopped while full: a line the disk cut is cut off the file.
         fill(small_disk / "filler2")
-        for i in range(300):
+        for _ in range(300):
             assert client.get(key) is not None
         client.close()
         dropped = dropped_total(d)
