@@ -1,27 +1,30 @@
-"""How many file descriptors the data path may use, and how many are kept back for the rest.
+"""How many file descriptors the data path may use, and how it accepts as the limit nears.
 
 Running out of descriptors must not turn into connections accepted and dropped, or a blind
 admin API. Two things go wrong at ``EMFILE`` with an event loop on libuv: the accept fails, and
 libuv then accepts and closes at once every connection waiting in that listener's queue (its
 "EMFILE trick"); and the admin API, the policy files and the upstream sockets of connections
 already accepted find no descriptor either. So accepting stops *before* the limit (docs/
-configuration.md, "Limits and timeouts"): new connections then wait in the kernel's listen
-queue, and the descriptors above the mark stay free for:
+configuration.md, "Limits and timeouts"), and new connections wait in the kernel's listen queue
+(``LISTEN_BACKLOG`` each: waiting there costs no descriptor).
 
-- the accept burst: the event loop accepts everything queued on a listener in one go before
-  proxyd's code runs, up to the listen backlog (+1), and each of those connections needs an
-  upstream socket too: ``2 * (backlog + 1)`` per listener. The backlog is sized from the limit
-  so this stays a small share of it;
-- everything else: admin API connections, policy files being read, name lookups, the log
-  files. ``limit / 16``, at least 16 and at most 256.
+- ``other`` descriptors are never used by connections: the admin API, policy files being read,
+  name lookups, the log files. ``limit / 16``, at least 16 and at most 256.
+- The event loop's server accepts in bursts: everything queued on a listener in one go, before
+  proxyd's code runs (up to the backlog + 1, each needing an upstream socket too). That fast
+  path is used only while a whole burst of every listener still fits under the ceiling.
+- Above that, up to the ceiling, proxyd accepts one connection at a time itself (a reader on
+  the listening socket, the socket then handed to the event loop): a little slower, and exact.
+- At the ceiling, accepting pauses until connections close.
 
-The data path counts its own sockets (:attr:`FdBudget.data`: client and upstream sockets open
-now). ``base`` is what the process had open before the first connection (listeners, admin
-server, log files, the event loop's own), counted once at start. Accepting pauses when
-``base + data`` reaches :attr:`FdBudget.high` and resumes at :attr:`FdBudget.low`, a little
-lower, so it does not flap on every connection. While accepting is paused the count is checked
-against the descriptors really open (every few seconds, on a worker thread), so a miscount can
-lower the mark for a while but never keep accepting paused for good.
+The data path counts its own sockets (:attr:`FdBudget.data`): two per connection from the
+moment it is accepted (its own and the upstream socket it will open; one is given back if it
+ends without opening it), less each one closed. ``base`` is what the process had open besides
+(listeners, admin server, log files, the event loop's own), counted at start. The count is
+checked both ways: an accepted descriptor's number proves the ones below it are in use (a count
+too low is raised to match), and while accepting is paused the descriptors really open are
+listed every few seconds on a worker thread (a count too high is lowered), so a miscount can
+cost a little room for a while but never keep accepting paused for good.
 """
 
 from __future__ import annotations
@@ -29,9 +32,9 @@ from __future__ import annotations
 import os
 import resource
 
-#: The kernel's listen queue per listener at a large limit (and the most the burst can add).
-MAX_BACKLOG = 1024
-MIN_BACKLOG = 4
+#: The kernel's listen queue per listener: where connections wait while accepting is paused
+#: (it costs no descriptor), and the most one burst of the event loop's accepting can take.
+LISTEN_BACKLOG = 1024
 OTHER_MIN, OTHER_MAX = 16, 256  # descriptors kept for the admin API, policy files, lookups, logs
 
 
@@ -49,16 +52,20 @@ def open_descriptors() -> int | None:
         return None
 
 
-def listen_backlog(limit: int, listeners: int) -> int:
-    """The listen backlog for each of ``listeners`` listeners under descriptor limit ``limit``:
-    all their accept bursts together take at most about an eighth of the limit."""
-    return max(MIN_BACKLOG, min(MAX_BACKLOG, limit // (16 * max(1, listeners))))
-
-
 class FdBudget:
-    """The pause and resume marks; ``data`` is kept by the relay, one per socket."""
+    """The marks, from the limit down; ``data`` is kept by the relay, one per socket.
 
-    __slots__ = ("base", "data", "data_high", "high", "limit", "low", "other", "reserve")
+    - ``high``: the data path's ceiling (``limit`` less the ``other`` uses). A connection is
+      accepted only while ``in_use() + 2 <= high``; past that, accepting pauses.
+    - ``low``: where a pause ends.
+    - ``fast_high``: below it the event loop's server accepts in bursts (the fast path);
+      from it up to ``high`` proxyd accepts one connection at a time, each checked against
+      ``high``. The gap is every listener's worst burst, ``2 * (backlog + 1)``, so a burst that
+      starts below ``fast_high`` cannot pass ``high``.
+    - ``fast_low``: where accepting in bursts starts again.
+    """
+
+    __slots__ = ("base", "data", "data_fast_high", "fast_high", "fast_low", "high", "limit", "low", "other")
 
     def __init__(self, limit: int, base: int, backlogs: list[int]) -> None:
         self.data = 0
@@ -69,32 +76,44 @@ class FdBudget:
         and when listeners change); the data path's count carries over."""
         self.limit = limit
         self.base = base
+        #: Kept back from the data path for the admin API, policy files, lookups, logs.
         self.other = max(OTHER_MIN, min(OTHER_MAX, limit // 16))
-        #: Kept back from the data path: the other uses, and every listener's accept burst.
-        self.reserve = self.other + sum(2 * (b + 1) for b in backlogs)
-        self.high = limit - self.reserve
-        self.low = self.high - max(2, limit // 100)
-        #: ``data`` at which accepting pauses (the one comparison made per accepted connection).
-        self.data_high = self.high - base
+        margin = max(2, limit // 100)
+        self.high = limit - self.other
+        self.low = self.high - margin
+        self.fast_high = self.high - sum(2 * (b + 1) for b in backlogs)
+        self.fast_low = self.fast_high - margin
+        self._rebase()
+
+    def _rebase(self) -> None:
+        #: ``data`` at which bursts stop (the one comparison made per connection accepted so).
+        self.data_fast_high = self.fast_high - self.base
 
     def in_use(self) -> int:
         """Descriptors in use, as counted: the start-time ``base`` plus the data path's."""
         return self.base + self.data
 
-    def can_resume(self) -> bool:
-        return self.base + self.data <= self.low
+    def room(self) -> bool:
+        """Whether one more connection (two sockets) stays under ``high``."""
+        return self.base + self.data + 2 <= self.high
+
+    def seen(self, fd: int) -> None:
+        """Descriptor ``fd`` was just handed out. The kernel hands out the lowest free number,
+        so every one below it is in use: if the count says fewer, it missed some (descriptors
+        proxyd does not count, such as the admin API's) and ``base`` is raised to match."""
+        if fd >= self.base + self.data:
+            self.base = fd + 1 - self.data
+            self._rebase()
 
     def correct(self, really_open: int, data_then: int) -> int:
         """Lower ``base`` when fewer descriptors are open than counted (``data_then``: the data
         path's count when the listing began); returns by how much.
 
         A socket is closed a moment before the data path hears of it, so a listing can find a
-        few fewer than counted: only the excess beyond the resume margin is taken off. The
-        count is never raised here: one too low is caught by the descriptor numbers themselves
-        (server.py)."""
+        few fewer than counted: only the excess beyond the resume margin is taken off."""
         excess = self.base + min(data_then, self.data) - really_open - (self.high - self.low)
         if excess <= 0:
             return 0
         self.base -= excess
-        self.data_high += excess
+        self._rebase()
         return excess

@@ -149,6 +149,9 @@ class Connection(asyncio.Protocol):
         self.bytes_out = 0
         self._unparsed = [0, 0]
         self._task: asyncio.Task[None] | None = None
+        #: The upstream socket this connection will open was counted at accept, so accepting
+        #: stops in time (fdbudget.py); given back if the connection ends without opening it.
+        self.upstream_fd_counted = False
         self._l4 = True  # no parser: relay bytes directly
         self._up_rx = 0  # bytes received from the upstream (idle detection)
         self._client_full = False  # the client's write buffer is above its high-water mark
@@ -295,7 +298,9 @@ class Connection(asyncio.Protocol):
                 infos = await loop.getaddrinfo(host, port, type=socket.SOCK_STREAM)
                 family, _, _, _, addr = infos[0]
             sock = socket.socket(family, socket.SOCK_STREAM)
-            self.lr.daemon.fds.data += 1  # one less when it is closed (data_fd_closed)
+            # Counted at accept (upstream_fd_counted); uncounted when closed (data_fd_closed).
+            self.upstream_fd_counted = False
+            self.lr.daemon.fds.seen(sock.fileno())
             sock.setblocking(False)
             sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
             if self.lr.upstream_mark is not None:
@@ -493,6 +498,9 @@ class Connection(asyncio.Protocol):
         self._closed = True
         if self._task is not None and not self._task.done():
             self._task.cancel()
+        if self.upstream_fd_counted:
+            self.upstream_fd_counted = False
+            self.lr.daemon.data_fd_closed()
         loop = asyncio.get_running_loop()
         for side, t in enumerate((self.client, self.upstream)):
             if t is not None:

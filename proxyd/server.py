@@ -18,6 +18,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import errno
 import ipaddress
 import itertools
 import os
@@ -35,7 +36,7 @@ from proxyd.accesslog import AccessLog, LineWriter, make_logger
 from proxyd.config import Config, Limits, ListenerConfig, load_config
 from proxyd.context import AllowAllPolicy, ConnInfo, L7Policy
 from proxyd.errors import ConfigError, PolicyError
-from proxyd.fdbudget import FdBudget, listen_backlog, nofile_limit, open_descriptors
+from proxyd.fdbudget import LISTEN_BACKLOG, FdBudget, nofile_limit, open_descriptors
 from proxyd.metrics import ListenerMetrics, Metrics
 from proxyd.origdst import original_dst, unmap
 from proxyd.parser import Endpoint, ParserFactory
@@ -51,6 +52,8 @@ ACCEPT_PAUSE = 0.5  # seconds between checks while accepting is paused for file 
 FD_RECOUNT_INTERVAL = 5.0  # while paused, descriptors really open are listed this often
 FD_LOG_INTERVAL = 10.0  # at most one "out of file descriptors" log line per this many seconds
 FDS_PER_CONNECTION = 2  # client and upstream socket
+CAREFUL_BATCH = 32  # connections accepted one at a time per wake-up of the listening socket
+FAST, CAREFUL, PAUSED = "fast", "careful", "paused"  # how a listener accepts (fdbudget.py)
 FD_BASE = 64  # about what is open before any connection: listeners, admin, logs, the event loop
 
 
@@ -68,13 +71,15 @@ class ListenerRuntime:
         self.upstream_mark = daemon.config.upstream_mark
         self.server: asyncio.Server | None = None
         #: The listen queue: where connections wait while accepting is paused (fdbudget.py).
-        self.backlog = listen_backlog(nofile_limit(), len(daemon.config.listeners))
+        self.backlog = LISTEN_BACKLOG
         #: Our own reference to the listening socket: the event loop's server gets a duplicate,
         #: so accepting can pause (that server closed) while the kernel keeps queueing
         #: connections on this one, and resume with a new server on it.
         self.lsock: socket.socket | None = None
-        self.paused = False
-        self._resuming = False
+        #: How connections are accepted now (fdbudget.py): FAST (the event loop's server, in
+        #: bursts), CAREFUL (one at a time, each checked against the budget) or PAUSED.
+        self.accepting = FAST
+        self._reading = False  # CAREFUL: a reader on lsock
         self._closing = False
         #: (host, port, is wildcard) once bound: checked for every transparent connection.
         self.bound: tuple[str, int, bool] | None = None
@@ -126,47 +131,91 @@ class ListenerRuntime:
         return host, port
 
     def _new_connection(self) -> Connection:
-        # The event loop calls this for every socket it accepted, before connection_made, as it
-        # accepts a burst: the one place that counts each descriptor as it is taken. Pausing
-        # is left to the daemon (soon): closing the server in here would close this socket.
+        # The event loop calls this for every socket its server accepted, before
+        # connection_made, as it accepts a burst: the one place that counts each descriptor as
+        # it is taken. The mode changes soon, not here: closing the server in here would close
+        # this very socket.
         d = self.daemon
         fds = d.fds
-        fds.data += 1
-        if fds.data >= fds.data_high:
-            d.fds_running_low()
-        return Connection(self)
+        fds.data += FDS_PER_CONNECTION  # its socket, and the upstream socket it will open
+        if fds.data >= fds.data_fast_high:
+            d.fds_check_soon()
+        conn = Connection(self)
+        conn.upstream_fd_counted = True
+        return conn
 
-    def pause_accepting(self) -> None:
-        """Stop accepting: the listening socket stays open, and the kernel queues new
-        connections (up to ``backlog``) until :meth:`resume_accepting`."""
-        if self.paused or self._closing or self.server is None:
+    @property
+    def paused(self) -> bool:
+        return self.accepting == PAUSED
+
+    def set_accepting(self, mode: str) -> None:
+        """Accept in bursts (FAST), one at a time (CAREFUL), or not at all (PAUSED: the kernel
+        queues new connections, up to ``backlog``)."""
+        if self._closing or self.lsock is None or mode == self.accepting:
             return
-        self.paused = True
-        self.metrics_accept_pauses.inc()
-        self.server.close()
+        old, self.accepting = self.accepting, mode
+        if mode == PAUSED:
+            self.metrics_accept_pauses.inc()
+        if old == FAST and self.server is not None:
+            self.server.close()
+        loop = asyncio.get_running_loop()
+        if mode == CAREFUL and not self._reading:
+            loop.add_reader(self.lsock.fileno(), self._accept_carefully)
+            self._reading = True
+        elif mode != CAREFUL and self._reading:
+            loop.remove_reader(self.lsock.fileno())
+            self._reading = False
+        if mode == FAST:
+            self.daemon.spawn(self._serve_fast())
 
-    def resume_accepting(self) -> None:
-        if not self.paused or self._resuming or self._closing:
-            return
-        self._resuming = True
-        self.daemon.spawn(self._resume_accepting())
-
-    async def _resume_accepting(self) -> None:
+    async def _serve_fast(self) -> None:
+        assert self.lsock is not None
         try:
-            if self._closing or self.lsock is None or self.daemon.fd_paused:
+            server = await self._serve_on(self.lsock)
+        except OSError:  # no descriptor even for the duplicate: one at a time for now
+            self.accepting = PAUSED
+            self.set_accepting(CAREFUL)
+            return
+        if self.accepting != FAST or self._closing:  # changed meanwhile
+            server.close()
+            return
+        self.server = server
+
+    def _accept_carefully(self) -> None:
+        """CAREFUL: accept while the budget has room for the connection and its upstream."""
+        d = self.daemon
+        fds = d.fds
+        lsock = self.lsock
+        assert lsock is not None
+        for _ in range(CAREFUL_BATCH):
+            if not fds.room():
+                d.fds_check()
                 return
             try:
-                server = await self._serve_on(self.lsock)
-            except OSError:  # no descriptor even for the duplicate: try again in a moment
-                asyncio.get_running_loop().call_later(ACCEPT_PAUSE, self.resume_accepting)
+                sock, _ = lsock.accept()
+            except (BlockingIOError, InterruptedError):
                 return
-            if self.daemon.fd_paused or self._closing:  # paused again meanwhile
-                server.close()
-                return
-            self.server = server
-            self.paused = False
-        finally:
-            self._resuming = False
+            except OSError as exc:
+                if exc.errno in (errno.EMFILE, errno.ENFILE):
+                    d.out_of_fds(exc)
+                return  # ECONNABORTED and the like: the reader fires again for the rest
+            fds.data += FDS_PER_CONNECTION  # as in _new_connection
+            fds.seen(sock.fileno())
+            sock.setblocking(False)
+            d.spawn(self._adopt(sock))
+
+    def _adopted(self) -> Connection:
+        conn = Connection(self)
+        conn.upstream_fd_counted = True
+        return conn
+
+    async def _adopt(self, sock: socket.socket) -> None:
+        try:
+            await asyncio.get_running_loop().connect_accepted_socket(self._adopted, sock)
+        except OSError:
+            sock.close()
+            self.daemon.data_fd_closed()
+            self.daemon.data_fd_closed()
 
     def accept(self, conn: Connection) -> None:
         d = self.daemon
@@ -175,10 +224,9 @@ class ListenerRuntime:
         transport = conn.client
         assert transport is not None
         sock = transport.get_extra_info("socket")
-        if sock is not None and sock.fileno() >= d.fds.high:
-            # The kernel hands out the lowest free descriptor: every one below this is in use,
-            # whatever the count says (descriptors proxyd does not count, such as the admin's).
-            d.fds_running_low()
+        if sock is not None and sock.fileno() >= d.fds.in_use():
+            d.fds.seen(sock.fileno())  # the count missed descriptors: it is raised to match
+            d.fds_check_soon()
         peer = transport.get_extra_info("peername")
         local = transport.get_extra_info("sockname")
         if peer is None or local is None:
@@ -251,6 +299,9 @@ class ListenerRuntime:
         self._closing = True
         if self.server is not None:
             self.server.close()
+        if self._reading and self.lsock is not None:
+            asyncio.get_running_loop().remove_reader(self.lsock.fileno())
+            self._reading = False
         if self.lsock is not None:
             self.lsock.close()
 
@@ -296,9 +347,9 @@ class Daemon:
         #: Descriptors: the data path's count and the marks where accepting pauses and resumes
         #: (set at start, from RLIMIT_NOFILE and what is open then).
         self.fds = FdBudget(nofile_limit(), 0, [])
-        self.fd_paused = False  # accepting paused on every listener for want of descriptors
-        self._fd_hard = False  # the pause came from EMFILE/ENFILE, not the count: resume on a timer
-        self._fd_pause_soon = False
+        self.accept_mode = FAST  # how every listener accepts (ListenerRuntime.set_accepting)
+        self._fd_hard = False  # paused for EMFILE/ENFILE, not by the count: resume on a timer
+        self._fd_check_soon = False
         self._fd_recount_at = 0.0
         self._fd_log_at = -FD_LOG_INTERVAL
         self._fd_events = 0  # pauses and EMFILE events since the last log line
@@ -347,57 +398,77 @@ class Daemon:
 
     # --- file descriptors (fdbudget.py) ---------------------------------------------------
 
-    def fds_running_low(self) -> None:
-        """The data path reached the pause mark: pause accepting, from a callback of its own
-        (the caller may be inside the event loop's accept)."""
-        if self.fd_paused or self._fd_pause_soon:
+    def fds_check_soon(self) -> None:
+        """Check the mode from a callback of its own (the caller may be inside the event
+        loop's accept)."""
+        if not self._fd_check_soon:
+            self._fd_check_soon = True
+            asyncio.get_running_loop().call_soon(self._fds_check_now)
+
+    def _fds_check_now(self) -> None:
+        self._fd_check_soon = False
+        self.fds_check()
+
+    def fds_check(self, exc: OSError | None = None) -> None:
+        """Put every listener in the mode the count calls for (fdbudget.py, the marks)."""
+        fds, mode = self.fds, self.accept_mode
+        n = fds.in_use()
+        if self._fd_hard or n + FDS_PER_CONNECTION > fds.high or (mode == PAUSED and n > fds.low):
+            new = PAUSED
+        elif n >= fds.fast_high or (mode != FAST and n > fds.fast_low):
+            new = CAREFUL
+        else:
+            new = FAST
+        if new == mode:
             return
-        self._fd_pause_soon = True
-        asyncio.get_running_loop().call_soon(self._pause_for_fds, None)
+        self.accept_mode = new
+        for lr in self.listeners.values():
+            lr.set_accepting(new)
+        if new == PAUSED:
+            self._fd_events += 1
+            asyncio.get_running_loop().call_later(ACCEPT_PAUSE, self._fd_tick)
+            self._log_fd_pause(exc)
 
     def out_of_fds(self, exc: OSError) -> None:
         """EMFILE/ENFILE where the count saw none coming (another process, descriptors proxyd
-        does not count): pause as well, and resume on a timer."""
+        does not count): pause, and resume on a timer."""
+        if self._fd_hard:
+            return
         self._fd_hard = True
-        self._pause_for_fds(exc)
+        if self.accept_mode == PAUSED:
+            self._fd_events += 1
+            self._log_fd_pause(exc)
+        self.fds_check(exc)
 
     def data_fd_closed(self) -> None:
         """A client or upstream socket of the data path was closed."""
-        fds = self.fds
-        fds.data -= 1
-        if self.fd_paused and not self._fd_hard and fds.base + fds.data <= fds.low:
-            self._resume_for_fds()
+        self.fds.data -= 1
+        if self.accept_mode != FAST:
+            self.fds_check()
 
-    def _pause_for_fds(self, exc: OSError | None) -> None:
-        self._fd_pause_soon = False
-        if exc is None and self.fds.in_use() < self.fds.high:
-            return  # descriptors were freed before this ran
-        self._fd_events += 1
-        if not self.fd_paused:
-            self.fd_paused = True
-            for lr in self.listeners.values():
-                lr.pause_accepting()
-            asyncio.get_running_loop().call_later(ACCEPT_PAUSE, self._fd_tick)
+    def _log_fd_pause(self, exc: OSError | None) -> None:
         now = time.monotonic()
-        if now - self._fd_log_at >= FD_LOG_INTERVAL:
-            fds = self.fds
-            self.log.error(
-                "out of file descriptors: accepting paused",
-                reason=(exc.strerror or str(exc)) if exc is not None else "the reserve is reached",
-                open_fds=fds.in_use(),
-                limit=fds.limit,
-                reserve=fds.reserve,
-                events=self._fd_events,
-                hint="raise LimitNOFILE / ulimit -n, or lower limits.max_connections",
-            )
-            self._fd_log_at = now
-            self._fd_events = 0
+        if now - self._fd_log_at < FD_LOG_INTERVAL:
+            return
+        fds = self.fds
+        self.log.error(
+            "out of file descriptors: accepting paused",
+            reason=(exc.strerror or str(exc)) if exc is not None else "only the reserve is left",
+            open_fds=fds.in_use(),
+            limit=fds.limit,
+            reserve=fds.other,
+            events=self._fd_events,
+            hint="raise LimitNOFILE / ulimit -n, or lower limits.max_connections",
+        )
+        self._fd_log_at = now
+        self._fd_events = 0
 
     def _fd_tick(self) -> None:
-        if not self.fd_paused:
+        if self.accept_mode != PAUSED:
             return
-        if self.fds.can_resume():
-            self._resume_for_fds()
+        self._fd_hard = False
+        self.fds_check()
+        if self.accept_mode != PAUSED:
             return
         now = time.monotonic()
         if now - self._fd_recount_at >= FD_RECOUNT_INTERVAL:
@@ -416,13 +487,7 @@ class Daemon:
         if excess:
             self.log.warning("file descriptors: fewer open than counted; count corrected",
                              counted_too_many=excess, open_fds=really_open)  # fmt: skip
-            if self.fd_paused and not self._fd_hard and self.fds.can_resume():
-                self._resume_for_fds()
-
-    def _resume_for_fds(self) -> None:
-        self.fd_paused = self._fd_hard = False
-        for lr in self.listeners.values():
-            lr.resume_accepting()
+            self.fds_check()
 
     def _count_fds(self, listeners_added: int | None = None) -> None:
         """Count what is open besides the data path: at start by listing /proc/self/fd, after
@@ -435,10 +500,11 @@ class Daemon:
             open_now = open_descriptors()
             base = open_now - self.fds.data if open_now is not None else 64
         self.fds.configure(limit, base, [lr.backlog for lr in self.listeners.values()])
-        if self.fds.data_high <= 0:
+        if base + FDS_PER_CONNECTION > self.fds.high:
             self.log.error("file descriptor limit too low: nothing is left for connections",
-                           nofile=limit, open_fds=base, reserve=self.fds.reserve,
+                           nofile=limit, open_fds=base, reserve=self.fds.other,
                            hint="raise LimitNOFILE / ulimit -n")  # fmt: skip
+        self.fds_check()
 
     def is_own_listener(self, addr: tuple[str, int], local_ip: str) -> bool:
         ip, port = addr
@@ -735,7 +801,7 @@ class Daemon:
                 current.upstream_mark = new_config.upstream_mark
 
 
-def raise_fd_limit(max_connections: int, listeners: int = 1) -> tuple[int, int, str | None]:
+def raise_fd_limit(max_connections: int) -> tuple[int, int, str | None]:
     """Raise the soft ``RLIMIT_NOFILE`` to the hard limit; returns (soft, needed, warning).
 
     ``needed`` is what ``max_connections`` takes: two sockets each, what is open before the
@@ -750,8 +816,7 @@ def raise_fd_limit(max_connections: int, listeners: int = 1) -> tuple[int, int, 
             soft = target
         except (ValueError, OSError):
             pass
-    reserve = FdBudget(soft, 0, [listen_backlog(soft, listeners)] * max(1, listeners)).reserve
-    needed = max_connections * FDS_PER_CONNECTION + FD_BASE + reserve
+    needed = max_connections * FDS_PER_CONNECTION + FD_BASE + FdBudget(soft, 0, []).other
     warning = None
     if soft < needed:
         warning = (f"limits.max_connections {max_connections} needs about {needed} file descriptors "
@@ -765,7 +830,7 @@ async def run_daemon(config_path: Path) -> int:
     registry = Registry.load()
     config = load_config(config_path, registry)
     daemon = Daemon(config, registry)
-    soft, needed, warning = raise_fd_limit(config.limits.max_connections, len(config.listeners))
+    soft, needed, warning = raise_fd_limit(config.limits.max_connections)
     if warning:
         daemon.log.warning("file descriptor limit too low", nofile=soft, needed=needed, problem=warning)
     await daemon.start()
