@@ -22,9 +22,9 @@ moment it is accepted (its own and the upstream socket it will open; one is give
 ends without opening it), less each one closed. ``base`` is what the process had open besides
 (listeners, admin server, log files, the event loop's own), counted at start. The count is
 checked both ways: an accepted descriptor's number proves the ones below it are in use (a count
-too low is raised to match), and while accepting is paused the descriptors really open are
-listed every few seconds on a worker thread (a count too high is lowered), so a miscount can
-cost a little room for a while but never keep accepting paused for good.
+too low is raised to match), and off the fast path the descriptors really open are listed
+every few seconds on a worker thread (a count too high is lowered), so a miscount can cost a
+little room for a while but never keep accepting paused, or one at a time, for good.
 """
 
 from __future__ import annotations

@@ -49,7 +49,7 @@ LABELS_CACHE_SIZE = 65536
 ACCESS_LOG_CHECK = 1.0  # seconds between looks at the access log's sink
 ACCESS_LOG_REPORT_INTERVAL = 10.0  # at most one "access log cannot be written" line per this long
 ACCEPT_PAUSE = 0.5  # seconds between checks while accepting is paused for file descriptors
-FD_RECOUNT_INTERVAL = 5.0  # while paused, descriptors really open are listed this often
+FD_RECOUNT_INTERVAL = 5.0  # off the fast path, descriptors really open are listed this often
 FD_LOG_INTERVAL = 10.0  # at most one "out of file descriptors" log line per this many seconds
 FDS_PER_CONNECTION = 2  # client and upstream socket
 CAREFUL_BATCH = 32  # connections accepted one at a time per wake-up of the listening socket
@@ -350,6 +350,7 @@ class Daemon:
         self.accept_mode = FAST  # how every listener accepts (ListenerRuntime.set_accepting)
         self._fd_hard = False  # paused for EMFILE/ENFILE, not by the count: resume on a timer
         self._fd_check_soon = False
+        self._fd_ticking = False  # _fd_tick is scheduled
         self._fd_recount_at = 0.0
         self._fd_log_at = -FD_LOG_INTERVAL
         self._fd_events = 0  # pauses and EMFILE events since the last log line
@@ -424,9 +425,11 @@ class Daemon:
         self.accept_mode = new
         for lr in self.listeners.values():
             lr.set_accepting(new)
+        if not self._fd_ticking:
+            self._fd_ticking = True
+            asyncio.get_running_loop().call_later(ACCEPT_PAUSE, self._fd_tick)
         if new == PAUSED:
             self._fd_events += 1
-            asyncio.get_running_loop().call_later(ACCEPT_PAUSE, self._fd_tick)
             self._log_fd_pause(exc)
 
     def out_of_fds(self, exc: OSError) -> None:
@@ -464,11 +467,11 @@ class Daemon:
         self._fd_events = 0
 
     def _fd_tick(self) -> None:
-        if self.accept_mode != PAUSED:
-            return
+        """While not on the fast path: end an EMFILE pause, and check the count now and then."""
         self._fd_hard = False
         self.fds_check()
-        if self.accept_mode != PAUSED:
+        if self.accept_mode == FAST:
+            self._fd_ticking = False
             return
         now = time.monotonic()
         if now - self._fd_recount_at >= FD_RECOUNT_INTERVAL:

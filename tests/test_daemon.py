@@ -364,3 +364,45 @@ async def test_a_miscount_of_descriptors_cannot_keep_accepting_paused(tmp_path: 
         w.write(b"ping")
         assert await asyncio.wait_for(r.readexactly(4), 5) == b"ping"
         w.close()
+
+
+async def test_near_the_descriptor_limit_accepting_goes_one_by_one_then_pauses_and_back(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """The marks of fdbudget.py, set just above what this process has open: the fast path,
+    then one connection at a time, then a pause (a client waits in the listen queue, and is
+    served when another leaves), then back to the fast path once all have left."""
+    import proxyd.server as server_mod
+    from proxyd.fdbudget import FdBudget
+
+    monkeypatch.setattr(server_mod, "FD_RECOUNT_INTERVAL", 0.5)
+    async with tcp_server(echo) as up, daemon(cfg(up), tmp_path) as d:
+        fds = d.fds
+        n = fds.in_use()
+        limit = next(lim for lim in range(n, n + 10000) if lim - FdBudget(lim, 0, []).other == n + 24)
+        fds.configure(limit, fds.base, [2])  # high: n + 24; bursts of 3 until n + 18
+        d.fds_check()
+        assert d.accept_mode == "fast"
+        modes, conns = [], []
+        for i in range(20):
+            r, w = await asyncio.open_connection(*addr(d, "main"))
+            conns.append((r, w))
+            w.write(b"%d\n" % i)
+            try:
+                assert await asyncio.wait_for(r.readline(), 1) == b"%d\n" % i
+            except TimeoutError:
+                break  # waiting in the listen queue: accepting is paused
+            modes.append(d.accept_mode)
+        assert modes[0] == "fast" and "careful" in modes, modes
+        assert d.accept_mode == "paused" and d.listeners["main"].paused
+        r, _ = conns[-1]
+        for _, w in conns[:-1]:
+            w.close()
+        assert await asyncio.wait_for(r.readline(), 5) == b"%d\n" % (len(conns) - 1)
+        conns[-1][1].close()
+        await wait_for(lambda: d.accept_mode == "fast" and d.fds.data == 0, timeout=10)
+        assert 'proxyd_accept_pauses_total{listener="main"} 1.0' in d.metrics.render().decode()
+        r, w = await asyncio.open_connection(*addr(d, "main"))
+        w.write(b"again\n")
+        assert await asyncio.wait_for(r.readline(), 5) == b"again\n"
+        w.close()
