@@ -1,0 +1,184 @@
+"""Identities from cluster objects (docs/kubernetes.md): the sans-IO state, fed events directly."""
+
+from __future__ import annotations
+
+from hypothesis import given, settings
+from hypothesis import strategies as st
+
+from proxyd.kube.state import ClusterState, Node, Pod
+
+
+def pod(uid: str, ip: str, *, ns: str = "prod", name: str | None = None, **kw: object) -> Pod:
+    return Pod(uid=uid, namespace=ns, name=name or f"p-{uid}", ips=(ip,), **kw)  # type: ignore[arg-type]
+
+
+def test_pod_labels_are_derived_as_cilium_does() -> None:
+    s = ClusterState(cluster_name="east")
+    s.apply_namespace("ADDED", "prod", {"team": "a", "kubernetes.io/metadata.name": "prod"})
+    changed = s.apply_pod("ADDED", Pod("u1", "prod", "web-1", {"app": "web"}, "websa", ("10.0.0.5", "fd00::5")))
+    assert changed == {"10.0.0.5", "fd00::5"}
+    ident = s.identity("10.0.0.5")
+    assert ident is not None
+    assert dict(ident.labels) == {
+        "k8s:app": "web",
+        "k8s:io.kubernetes.pod.namespace": "prod",
+        "k8s:io.cilium.k8s.policy.serviceaccount": "websa",
+        "k8s:io.cilium.k8s.policy.cluster": "east",
+        "k8s:io.cilium.k8s.namespace.labels.team": "a",
+        "k8s:io.cilium.k8s.namespace.labels.kubernetes.io/metadata.name": "prod",
+    }
+    assert ident.origin == "pod prod/web-1"
+    assert s.identity("fd00::5") == ident
+
+
+def test_namespace_relabel_touches_only_its_pods() -> None:
+    s = ClusterState()
+    s.apply_pod("ADDED", pod("a", "10.0.0.1", ns="one"))
+    s.apply_pod("ADDED", pod("b", "10.0.0.2", ns="two"))
+    assert s.apply_namespace("ADDED", "one", {"env": "x"}) == {"10.0.0.1"}
+    assert s.identity("10.0.0.1").labels["k8s:io.cilium.k8s.namespace.labels.env"] == "x"  # type: ignore[union-attr]
+    assert s.apply_namespace("MODIFIED", "one", {"env": "x"}) == set()
+    assert s.apply_namespace("DELETED", "one", {}) == {"10.0.0.1"}
+
+
+def test_host_network_pods_and_pods_without_ip_are_not_endpoints() -> None:
+    s = ClusterState()
+    assert s.apply_pod("ADDED", pod("a", "10.0.0.1", host_network=True)) == set()
+    assert s.apply_pod("ADDED", Pod("b", "prod", "pending")) == set()
+    assert s.identities() == {}
+
+
+def test_relabel_and_delete() -> None:
+    s = ClusterState()
+    s.apply_pod("ADDED", pod("a", "10.0.0.1", labels={"app": "web"}))
+    assert s.apply_pod("MODIFIED", pod("a", "10.0.0.1", labels={"app": "db"})) == {"10.0.0.1"}
+    assert s.identity("10.0.0.1").labels["k8s:app"] == "db"  # type: ignore[union-attr]
+    assert s.apply_pod("DELETED", pod("a", "10.0.0.1")) == {"10.0.0.1"}
+    assert s.identity("10.0.0.1") is None
+
+
+def test_reused_ip_goes_to_the_new_pod_whatever_the_order() -> None:
+    old = pod("old", "10.0.0.9", labels={"app": "old"})
+    new = pod("new", "10.0.0.9", labels={"app": "new"})
+    # delete first, then add
+    s = ClusterState()
+    s.apply_pod("ADDED", old)
+    s.apply_pod("DELETED", old)
+    s.apply_pod("ADDED", new)
+    assert s.identity("10.0.0.9").labels["k8s:app"] == "new"  # type: ignore[union-attr]
+    # add first, then the late delete of the old pod
+    s = ClusterState()
+    s.apply_pod("ADDED", old)
+    s.apply_pod("ADDED", new)
+    assert s.identity("10.0.0.9").labels["k8s:app"] == "new"  # type: ignore[union-attr]
+    s.apply_pod("DELETED", old)
+    assert s.identity("10.0.0.9").labels["k8s:app"] == "new"  # type: ignore[union-attr]
+
+
+def test_a_terminating_pod_yields_its_ip_to_a_live_one() -> None:
+    s = ClusterState()
+    s.apply_pod("ADDED", pod("new", "10.0.0.9", labels={"app": "new"}))
+    s.apply_pod("ADDED", pod("old", "10.0.0.9", labels={"app": "old"}, terminating=True))
+    assert s.identity("10.0.0.9").labels["k8s:app"] == "new"  # type: ignore[union-attr]
+    # an update of the old pod is not a new claim on the address
+    s.apply_pod("MODIFIED", pod("new", "10.0.0.9", labels={"app": "new2"}))
+    assert s.identity("10.0.0.9").labels["k8s:app"] == "new2"  # type: ignore[union-attr]
+
+
+def test_relist_removes_what_vanished() -> None:
+    s = ClusterState()
+    s.apply_pod("ADDED", pod("a", "10.0.0.1"))
+    s.apply_pod("ADDED", pod("b", "10.0.0.2"))
+    changed = s.replace_pods([pod("b", "10.0.0.2"), pod("c", "10.0.0.3")])
+    assert changed == {"10.0.0.1", "10.0.0.3"}
+    assert set(s.identities()) == {"10.0.0.2", "10.0.0.3"}
+
+
+def test_nodes_and_the_api_server() -> None:
+    s = ClusterState(node_name="n1")
+    s.apply_node("ADDED", Node("n1", {"zone": "a"}, ("192.168.0.1",)))
+    s.apply_node("ADDED", Node("n2", {"zone": "b"}, ("192.168.0.2",)))
+    s.set_apiserver(["192.168.0.2", "192.168.0.10"])
+    h = s.identity("192.168.0.1")
+    assert h is not None and dict(h.labels) == {"node:zone": "a", "reserved:host": ""}
+    assert h.origin == "node n1"
+    r = s.identity("192.168.0.2")
+    assert r is not None
+    assert dict(r.labels) == {"node:zone": "b", "reserved:remote-node": "", "reserved:kube-apiserver": ""}
+    a = s.identity("192.168.0.10")
+    assert a is not None and dict(a.labels) == {"reserved:kube-apiserver": ""}
+    assert s.apply_node("DELETED", Node("n2")) == {"192.168.0.2"}
+    assert dict(s.identity("192.168.0.2").labels) == {"reserved:kube-apiserver": ""}  # type: ignore[union-attr]
+
+
+def test_ipv4_mapped_addresses_are_the_ipv4_address() -> None:
+    s = ClusterState()
+    s.apply_pod("ADDED", pod("a", "::ffff:10.0.0.1"))
+    assert s.identity("10.0.0.1") is not None
+
+
+# --- any order of events ends where the final state applied at once does -----------------------
+
+NAMESPACES = ("a", "b")
+IPS = [f"10.1.0.{i}" for i in range(1, 6)]
+
+
+@st.composite
+def histories(draw: st.DrawFn) -> tuple[list[tuple[str, object]], list[Pod], dict[str, dict[str, str]]]:
+    """Per-object histories interleaved at random, and the final state they end in."""
+    per_object: list[list[tuple[str, object]]] = []
+    final_pods: list[Pod] = []
+    final_ips = draw(st.lists(st.sampled_from(IPS), unique=True, max_size=4))
+    n_pods = draw(st.integers(0, 6))
+    for i in range(n_pods):
+        uid = f"u{i}"
+        ns = draw(st.sampled_from(NAMESPACES))
+        versions = [
+            Pod(uid, ns, uid, {"v": str(j), "app": draw(st.sampled_from(["x", "y"]))},
+                ips=(draw(st.sampled_from(IPS)),))
+            for j in range(draw(st.integers(1, 3)))
+        ]  # fmt: skip
+        events: list[tuple[str, object]] = [("ADDED", versions[0])]
+        events += [("MODIFIED", v) for v in versions[1:]]
+        if i < len(final_ips):  # survives, holding an address no other survivor holds
+            last = Pod(uid, ns, uid, {"final": "1"}, ips=(final_ips[i],))
+            events.append(("MODIFIED", last))
+            final_pods.append(last)
+        else:
+            events.append(("DELETED", versions[-1]))
+        per_object.append(events)
+    final_ns: dict[str, dict[str, str]] = {}
+    for ns in NAMESPACES:
+        versions_ns = draw(st.lists(st.sampled_from(["1", "2", "3"]), max_size=3))
+        events_ns: list[tuple[str, object]] = [("NS", (ns, {"gen": v})) for v in versions_ns]
+        if versions_ns and draw(st.booleans()):
+            events_ns.append(("NSDEL", (ns, {})))
+        elif versions_ns:
+            final_ns[ns] = {"gen": versions_ns[-1]}
+        per_object.append(events_ns)
+    merged: list[tuple[str, object]] = []
+    queues = [list(q) for q in per_object if q]
+    while queues:
+        q = queues[draw(st.integers(0, len(queues) - 1))]
+        merged.append(q.pop(0))
+        queues = [q for q in queues if q]
+    return merged, final_pods, final_ns
+
+
+@settings(max_examples=150, deadline=None)
+@given(histories())
+def test_any_event_order_ends_in_the_final_state(
+    history: tuple[list[tuple[str, object]], list[Pod], dict[str, dict[str, str]]],
+) -> None:
+    events, final_pods, final_ns = history
+    s = ClusterState()
+    for kind, obj in events:
+        if kind in ("NS", "NSDEL"):
+            name, labels = obj  # type: ignore[misc]
+            s.apply_namespace("DELETED" if kind == "NSDEL" else "MODIFIED", name, labels)
+        else:
+            s.apply_pod(kind, obj)  # type: ignore[arg-type]
+    at_once = ClusterState()
+    at_once.replace_namespaces(final_ns)
+    at_once.replace_pods(final_pods)
+    assert dict(s.identities()) == dict(at_once.identities())
