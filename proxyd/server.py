@@ -265,6 +265,8 @@ class Daemon:
         self._policy_lock = asyncio.Lock()
         self._fd_log_at = -FD_LOG_INTERVAL
         self._fd_events = 0  # out-of-descriptor events since the last log line
+        #: The cluster source (docs/kubernetes.md), made at start: its client needs a loop.
+        self.kube: Any = None
 
     # --- queries ---------------------------------------------------------------------------
 
@@ -279,10 +281,14 @@ class Daemon:
         if labels is None:
             if len(self._labels_cache) >= LABELS_CACHE_SIZE:
                 self._labels_cache.clear()
-            try:
-                labels = self.identities.labels_for(ip)
-            except ValueError:  # a fixed upstream given by name: no address, no labels
-                labels = {}
+            cluster = self.kube.identity(ip) if self.kube is not None else None
+            if cluster is not None:  # an address the cluster knows wins over a static prefix
+                labels = cluster.labels
+            else:
+                try:
+                    labels = self.identities.labels_for(ip)
+                except ValueError:  # a fixed upstream given by name: no address, no labels
+                    labels = {}
             self._labels_cache[ip] = labels
         return labels
 
@@ -338,17 +344,14 @@ class Daemon:
     # --- lifecycle -------------------------------------------------------------------------
 
     async def start(self) -> None:
+        if self.config.kubernetes is not None:
+            await self._start_kubernetes()
         for lc in self.config.listeners:
             lr = ListenerRuntime(self, lc)
             await lr.bind()
             self.listeners[lc.name] = lr
             self.log.info("listening", listener=lc.name, address=lc.address, l7proto=lc.l7proto)
-        if self.config.admin is not None:
-            from proxyd.admin import AdminServer
-
-            self._admin = AdminServer(self)
-            adm = self.config.admin
-            await self._admin.start(adm.host, adm.port)  # OSError naming admin.address/socket
+        await self._start_admin()
         self.ready = True
         sdnotify.notify("READY=1", f"STATUS=serving {len(self.listeners)} listeners")
         interval = sdnotify.watchdog_interval()
@@ -358,6 +361,48 @@ class Daemon:
             self._spawn(self._watch_policy())
         self._spawn(self._flush_access_log())
         self._spawn(self._sweep_timeouts())
+
+    async def _start_admin(self) -> None:
+        if self.config.admin is not None and self._admin is None:
+            from proxyd.admin import AdminServer
+
+            self._admin = AdminServer(self)
+            adm = self.config.admin
+            await self._admin.start(adm.host, adm.port)  # OSError naming admin.address/socket
+
+    async def _start_kubernetes(self) -> None:
+        """Start the cluster source and wait for its first full sync (admin up, /readyz 503)."""
+        from proxyd.kube.cluster import KubeSource
+
+        kc = self.config.kubernetes
+        assert kc is not None
+        await self._start_admin()
+
+        def on_state(synced: bool, last_event: float) -> None:
+            self.metrics.kubernetes_synced.set(1 if synced else 0)
+            if last_event:
+                self.metrics.kubernetes_last_event.set(last_event)
+
+        self.kube = KubeSource(
+            kc, on_change=self._cluster_changed, on_state=on_state,
+            log_warning=lambda event, **kw: self.log.warning(event, **kw),
+        )  # fmt: skip
+        self.kube.start()
+        self.log.info("kubernetes: waiting for the first full sync before accepting")
+        await self.kube.source.synced.wait()
+        self.log.info("kubernetes: synced", addresses=len(self.kube.state.identities()))
+
+    def _cluster_changed(self, ips: set[str]) -> None:
+        """Addresses whose cluster identity changed: the next accept from them looks again."""
+        if not ips:
+            return
+        if len(ips) > 256:  # a relist or a namespace relabel: cheaper to forget everything
+            self._labels_cache = {}
+            return
+        cache = self._labels_cache
+        for ip in ips:  # the keys are addresses as sockets report them (dual-stack: mapped)
+            cache.pop(ip, None)
+            cache.pop(f"::ffff:{ip}", None)
 
     def spawn(self, coro: Any) -> None:
         """Run ``coro`` as a task the daemon keeps a reference to and cancels at stop."""
@@ -472,6 +517,8 @@ class Daemon:
                 conn.close_now("drain timeout at shutdown")
         for task in list(self._tasks):
             task.cancel()
+        if self.kube is not None:
+            await self.kube.stop()
         if self._admin is not None:
             await self._admin.stop()
         await asyncio.sleep(0)

@@ -1,0 +1,79 @@
+"""The daemon's Kubernetes source: reflectors wired to the cluster state and to the daemon.
+
+This is the whole integration surface: the daemon makes one :class:`KubeSource`, asks it for
+an address's identity at accept (:meth:`KubeSource.identity`, one dict probe), starts it, and
+waits on ``synced`` before binding its listeners. Each applied event reports the addresses it
+changed through ``on_change`` (the daemon drops them from its label cache), and the freshness
+through the two ``proxyd_kubernetes_*`` gauges.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from typing import Any
+
+from proxyd.config import KubernetesConfig
+from proxyd.kube.objects import endpoints_ips, namespace_labels, node_record, pod_record
+from proxyd.kube.state import ClusterState, Identity, canonical_ip
+from proxyd.kube.watch import ClusterSource, Log, make_client, node_name
+
+
+class KubeSource:
+    def __init__(
+        self,
+        kc: KubernetesConfig,
+        *,
+        on_change: Callable[[set[str]], None],
+        on_state: Callable[[bool, float], None],
+        log_warning: Log,
+        client: Any = None,
+    ) -> None:
+        self.config = kc
+        self.node_name = node_name(kc)
+        if self.node_name is None:
+            log_warning("kubernetes: no node_name and no $NODE_NAME: no address is the entity host")
+        self.state = ClusterState(kc.cluster_name, self.node_name)
+        self.on_change = on_change
+        self.source = ClusterSource(client if client is not None else make_client(kc), log_warning)
+        self.source.on_state = lambda: on_state(self.source.all_watching, self.source.last_event)
+        if kc.identities:
+            self._wire_identities()
+
+    def _wire_identities(self) -> None:
+        from lightkube.resources.core_v1 import Endpoints, Namespace, Node, Pod
+
+        s, src, changed = self.state, self.source, self.on_change
+        src.add(
+            Namespace,
+            lambda objs: changed(s.replace_namespaces(dict(namespace_labels(o) for o in objs))),
+            lambda ev, o: changed(s.apply_namespace(ev, *namespace_labels(o))),
+        )
+        src.add(
+            Pod,
+            lambda objs: changed(s.replace_pods(pod_record(o) for o in objs)),
+            lambda ev, o: changed(s.apply_pod(ev, pod_record(o))),
+        )
+        src.add(
+            Node,
+            lambda objs: changed(s.replace_nodes(node_record(o) for o in objs)),
+            lambda ev, o: changed(s.apply_node(ev, node_record(o))),
+        )
+        src.add(
+            Endpoints,
+            lambda objs: changed(s.set_apiserver(endpoints_ips(objs))),
+            lambda ev, o: changed(s.set_apiserver(() if ev == "DELETED" else endpoints_ips([o]))),
+            namespace="default",
+            fields={"metadata.name": "kubernetes"},
+            name="Endpoints default/kubernetes",
+        )
+
+    def identity(self, ip: str) -> Identity | None:
+        """The cluster's identity for an address as a socket reports it, or None."""
+        c = canonical_ip(ip)
+        return None if c is None else self.state.identity(c)
+
+    def start(self) -> None:
+        self.source.start()
+
+    async def stop(self) -> None:
+        await self.source.stop()
