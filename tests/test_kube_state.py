@@ -15,7 +15,9 @@ def pod(uid: str, ip: str, *, ns: str = "prod", name: str | None = None, **kw: o
 def test_pod_labels_are_derived_as_cilium_does() -> None:
     s = ClusterState(cluster_name="east")
     s.apply_namespace("ADDED", "prod", {"team": "a", "kubernetes.io/metadata.name": "prod"})
-    changed = s.apply_pod("ADDED", Pod("u1", "prod", "web-1", {"app": "web"}, "websa", ("10.0.0.5", "fd00::5")))
+    changed = s.apply_pod(
+        "ADDED", Pod("u1", "prod", "web-1", {"app": "web"}, "websa", ("10.0.0.5", "fd00::5"))
+    )
     assert changed == {"10.0.0.5", "fd00::5"}
     ident = s.identity("10.0.0.5")
     assert ident is not None

@@ -40,6 +40,7 @@ class KubeSource:
             self._wire_identities()
 
     def _wire_identities(self) -> None:
+        from lightkube import ALL_NS
         from lightkube.resources.core_v1 import Endpoints, Namespace, Node, Pod
 
         s, src, changed = self.state, self.source, self.on_change
@@ -52,6 +53,7 @@ class KubeSource:
             Pod,
             lambda objs: changed(s.replace_pods(pod_record(o) for o in objs)),
             lambda ev, o: changed(s.apply_pod(ev, pod_record(o))),
+            namespace=ALL_NS,
         )
         src.add(
             Node,

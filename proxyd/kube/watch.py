@@ -19,6 +19,7 @@ every reflector's first list was applied (the daemon binds its listeners then), 
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import os
 import random
 import time
@@ -82,6 +83,7 @@ class Reflector:
         self.watching = False  # a list or watch succeeded since the last failure
         self.last_event = 0.0  # wall-clock time of the last list or event applied
         self.lists = 0  # lists applied (1 + relists), for tests and logs
+        self.path: str | None = None  # the URL path it lists and watches (set by ClusterSource)
 
     def _kw(self) -> dict[str, Any]:
         kw: dict[str, Any] = {}
@@ -147,10 +149,24 @@ class Reflector:
             self.last_event = time.time()
             self._set_watching(True)
 
+    def mark_up(self) -> None:
+        if self.listed and self.resource_version is not None:
+            self._set_watching(True)
+
     def _set_watching(self, on: bool) -> None:
         if on != self.watching:
             self.watching = on
             self.on_state()
+
+
+def _path_of(client: Any, r: Reflector) -> str | None:
+    """The URL path lightkube lists ``r``'s resource at (None if that cannot be asked)."""
+    try:
+        br = client._client.prepare_request("list", res=r.resource, namespace=r.namespace, watch=True)
+        url = str(br.url)
+    except Exception:
+        return None
+    return url if url.startswith("/") else "/" + url
 
 
 def make_client(kc: KubernetesConfig) -> Any:
@@ -185,9 +201,31 @@ class ClusterSource:
         self.reflectors.append(r)
         return r
 
+    def _watch_answered(self, response: Any) -> None:
+        """A watch request got its 200: that watch is up even before its first event."""
+        request = response.request
+        if response.status_code != 200 or request.url.params.get("watch") != "true":
+            return
+        for r in self.reflectors:
+            if r.path == request.url.path:
+                r.mark_up()
+
     def start(self) -> None:
+        # lightkube hands the watch's events over, not the moment its request is answered;
+        # an httpx response hook sees that, so proxyd_kubernetes_synced is 1 again as soon as
+        # a watch is re-established after an outage, not at the next event.
+        http = getattr(getattr(self.client, "_client", None), "_client", None)
+        hooks = getattr(http, "event_hooks", None)
+        if isinstance(hooks, dict):
+            hooks.setdefault("response", []).append(self._on_response)
+            http.event_hooks = hooks  # type: ignore[union-attr]
+        for r in self.reflectors:
+            r.path = _path_of(self.client, r)
         loop = asyncio.get_running_loop()
         self._tasks = [loop.create_task(r.run()) for r in self.reflectors]
+
+    async def _on_response(self, response: Any) -> None:
+        self._watch_answered(response)
 
     @property
     def all_watching(self) -> bool:
@@ -206,11 +244,8 @@ class ClusterSource:
         for t in self._tasks:
             t.cancel()
         for t in self._tasks:
-            try:
+            with contextlib.suppress(asyncio.CancelledError):
                 await t
-            except asyncio.CancelledError:
-                pass
         aclose = getattr(self.client, "aclose", None)
         if aclose is not None:
             await aclose()
-

@@ -1,0 +1,229 @@
+"""The daemon's Kubernetes source against the stand-in API server, through lightkube itself.
+
+Covers docs/kubernetes.md: identities from pods, namespaces, nodes and ``default/kubernetes``;
+list then watch resuming from the last ``resourceVersion`` (bookmarks too); ``410 Gone``
+relists and swaps atomically; an outage keeps the last state and reports it; listeners accept
+only after the first full sync.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+from collections.abc import AsyncIterator, Callable
+from pathlib import Path
+
+import aiohttp
+import pytest
+from kube_apiserver import FakeApiServer, pod
+
+import proxyd.kube.watch
+from proxyd.config import parse_config
+from proxyd.registry import Registry
+from proxyd.server import Daemon
+
+
+@pytest.fixture(autouse=True)
+def fast_backoff(monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setattr(proxyd.kube.watch, "BACKOFF_START", 0.02)
+
+
+@pytest.fixture
+async def api() -> AsyncIterator[FakeApiServer]:
+    server = FakeApiServer()
+    await server.start()
+    try:
+        yield server
+    finally:
+        await server.stop()
+
+
+async def until(cond: Callable[[], bool], what: str) -> None:
+    for _ in range(500):
+        if cond():
+            return
+        await asyncio.sleep(0.01)
+    raise AssertionError(f"never happened: {what}")
+
+
+def config_text(kubeconfig: Path, extra: str = "") -> str:
+    return f"""
+listeners:
+  - name: l
+    address: "127.0.0.1:0"
+admin:
+  address: "127.0.0.1:0"
+kubernetes:
+  kubeconfig: {kubeconfig}
+  cluster_name: east
+  node_name: n1
+{extra}"""
+
+
+@contextlib.asynccontextmanager
+async def kube_daemon(api: FakeApiServer, tmp_path: Path, extra: str = "") -> AsyncIterator[Daemon]:
+    text = config_text(api.kubeconfig(tmp_path / "kubeconfig"), extra)
+    cfg = tmp_path / "proxyd.yaml"
+    cfg.write_text(text)
+    registry = Registry.load()
+    d = Daemon(parse_config(text, cfg, registry), registry)
+    await d.start()
+    try:
+        yield d
+    finally:
+        await d.stop()
+
+
+def labels(d: Daemon, ip: str) -> dict[str, str]:
+    return dict(d.labels_for(ip))
+
+
+async def test_pods_namespaces_nodes_and_apiserver_become_identities(
+    api: FakeApiServer, tmp_path: Path
+) -> None:
+    await api.put("namespaces", {"metadata": {"name": "prod", "labels": {"team": "a"}}})
+    await api.put("pods", pod("web-1", "10.0.0.5", ns="prod", labels={"app": "web"}, sa="websa"))
+    await api.put("pods", pod("hostnet", "10.9.9.9", hostNetwork=True))
+    await api.put("nodes", {"metadata": {"name": "n1", "labels": {"zone": "a"}},
+                            "status": {"addresses": [{"type": "InternalIP", "address": "192.168.1.1"},
+                                                     {"type": "Hostname", "address": "n1"}]}})  # fmt: skip
+    n2 = {"addresses": [{"type": "InternalIP", "address": "192.168.1.2"}]}
+    await api.put("nodes", {"metadata": {"name": "n2"}, "status": n2})
+    await api.put("endpoints", {"metadata": {"name": "kubernetes", "namespace": "default"},
+                                "subsets": [{"addresses": [{"ip": "192.168.1.100"}]}]})  # fmt: skip
+    await api.put("endpoints", {"metadata": {"name": "other", "namespace": "default"},
+                                "subsets": [{"addresses": [{"ip": "192.168.1.101"}]}]})  # fmt: skip
+    async with kube_daemon(
+        api, tmp_path, "identities:\n  - cidr: 10.0.0.0/8\n    labels: {static: 'yes'}\n"
+    ) as d:
+        assert labels(d, "10.0.0.5") == {
+            "k8s:app": "web",
+            "k8s:io.kubernetes.pod.namespace": "prod",
+            "k8s:io.cilium.k8s.policy.serviceaccount": "websa",
+            "k8s:io.cilium.k8s.policy.cluster": "east",
+            "k8s:io.cilium.k8s.namespace.labels.team": "a",
+        }
+        assert labels(d, "::ffff:10.0.0.5")["k8s:app"] == "web"
+        assert d.kube.identity("10.0.0.5").origin == "pod prod/web-1"
+        assert labels(d, "10.9.9.9") == {"static": "yes"}  # hostNetwork: not an endpoint; static applies
+        assert labels(d, "192.168.1.1") == {"node:zone": "a", "reserved:host": ""}
+        assert labels(d, "192.168.1.2") == {"reserved:remote-node": ""}
+        assert labels(d, "192.168.1.100") == {"reserved:kube-apiserver": ""}
+        assert labels(d, "192.168.1.101") == {}
+
+        # events: relabel, namespace relabel, delete; each seen at the next lookup
+        await api.put("pods", pod("web-1", "10.0.0.5", ns="prod", labels={"app": "db"}, sa="websa"))
+        await until(lambda: labels(d, "10.0.0.5").get("k8s:app") == "db", "relabel")
+        await api.put("namespaces", {"metadata": {"name": "prod", "labels": {"team": "b"}}})
+        await until(lambda: labels(d, "10.0.0.5").get("k8s:io.cilium.k8s.namespace.labels.team") == "b",
+                    "namespace relabel")  # fmt: skip
+        await api.delete("pods", "web-1", "prod")
+        await until(lambda: labels(d, "10.0.0.5") == {"static": "yes"}, "delete")
+
+
+async def test_reused_ip_both_orders_through_the_watch(api: FakeApiServer, tmp_path: Path) -> None:
+    await api.put("pods", pod("old", "10.0.0.7", labels={"app": "old"}))
+    async with kube_daemon(api, tmp_path) as d:
+        await api.put("pods", pod("new", "10.0.0.7", labels={"app": "new"}))  # add before the delete
+        await until(lambda: labels(d, "10.0.0.7").get("k8s:app") == "new", "new pod takes the ip")
+        await api.delete("pods", "old", "default")
+        await asyncio.sleep(0.05)
+        await until(lambda: labels(d, "10.0.0.7").get("k8s:app") == "new", "late delete keeps it")
+        await api.delete("pods", "new", "default")  # delete before the add
+        await until(lambda: labels(d, "10.0.0.7") == {}, "gone")
+        await api.put("pods", pod("newer", "10.0.0.7", labels={"app": "newer"}))
+        await until(lambda: labels(d, "10.0.0.7").get("k8s:app") == "newer", "newer pod")
+
+
+async def test_410_gone_relists_and_removes_what_vanished(api: FakeApiServer, tmp_path: Path) -> None:
+    await api.put("pods", pod("a", "10.0.0.1", labels={"app": "a"}))
+    await api.put("pods", pod("b", "10.0.0.2", labels={"app": "b"}))
+    async with kube_daemon(api, tmp_path) as d:
+        pods = next(r for r in d.kube.source.reflectors if r.name == "Pod")
+        assert pods.lists == 1
+        # while the watch is cut, a pod goes away and history is compacted past our version
+        api.down = True
+        await api.drop_streams()
+        await until(lambda: not pods.watching, "watch down")
+        await api.delete("pods", "a", "default")
+        await api.put("pods", pod("c", "10.0.0.3", labels={"app": "c"}))
+        api.compact()
+        api.down = False
+        await until(lambda: pods.lists == 2, "relisted after 410")
+        assert labels(d, "10.0.0.1") == {}
+        assert labels(d, "10.0.0.2")["k8s:app"] == "b"
+        assert labels(d, "10.0.0.3")["k8s:app"] == "c"
+        await until(lambda: pods.watching, "watching again")
+
+
+async def test_watch_resumes_from_the_last_version_and_bookmarks(api: FakeApiServer, tmp_path: Path) -> None:
+    async with kube_daemon(api, tmp_path) as d:
+        pods = next(r for r in d.kube.source.reflectors if r.name == "Pod")
+        await api.put("pods", pod("a", "10.0.0.1"))
+        await until(lambda: labels(d, "10.0.0.1") != {}, "event applied")
+        await api.put("namespaces", {"metadata": {"name": "x"}})  # moves the store's version on
+        await api.bookmark("pods")
+        bookmark_rv = str(api.rv)
+        await until(lambda: pods.resource_version == bookmark_rv, "bookmark version kept")
+        await api.drop_streams()
+        await until(
+            lambda: any(p == "/api/v1/pods" and q.get("watch") == "true"
+                        and q.get("resourceVersion") == bookmark_rv for p, q in api.requests),
+            "re-watch from the bookmark's version",
+        )  # fmt: skip
+        assert pods.lists == 1  # a dropped stream is resumed, not relisted
+        await api.put("pods", pod("b", "10.0.0.2"))
+        await until(lambda: labels(d, "10.0.0.2") != {}, "events after the resume")
+
+
+async def test_outage_keeps_the_last_state_and_reports_it(api: FakeApiServer, tmp_path: Path) -> None:
+    await api.put("pods", pod("a", "10.0.0.1", labels={"app": "a"}))
+    async with kube_daemon(api, tmp_path) as d:
+        metrics = d.metrics
+        assert metrics.kubernetes_synced._value.get() == 1
+        first = metrics.kubernetes_last_event._value.get()
+        assert first > 0
+        api.down = True
+        await api.drop_streams()
+        await until(lambda: metrics.kubernetes_synced._value.get() == 0, "synced drops to 0")
+        assert labels(d, "10.0.0.1")["k8s:app"] == "a"  # last state in force
+        host, port = d.admin_address()  # type: ignore[misc]
+        async with aiohttp.ClientSession() as s:
+            async with s.get(f"http://{host}:{port}/readyz") as r:
+                assert r.status == 200  # the last state is in force: still ready
+            async with s.get(f"http://{host}:{port}/metrics") as r:
+                text = await r.text()
+        assert "proxyd_kubernetes_synced 0.0" in text
+        assert "proxyd_kubernetes_last_event_timestamp_seconds" in text
+        api.down = False
+        await until(lambda: metrics.kubernetes_synced._value.get() == 1, "synced again")
+        await api.put("pods", pod("a", "10.0.0.1", labels={"app": "a2"}))
+        await until(lambda: labels(d, "10.0.0.1")["k8s:app"] == "a2", "events flow again")
+
+
+async def test_listeners_accept_only_after_the_first_sync(api: FakeApiServer, tmp_path: Path) -> None:
+    api.down = True
+    text = config_text(api.kubeconfig(tmp_path / "kubeconfig"))
+    cfg = tmp_path / "proxyd.yaml"
+    cfg.write_text(text)
+    registry = Registry.load()
+    d = Daemon(parse_config(text, cfg, registry), registry)
+    start = asyncio.get_running_loop().create_task(d.start())
+    try:
+        await until(lambda: d.admin_address() is not None, "admin up")
+        host, port = d.admin_address()  # type: ignore[misc]
+        async with aiohttp.ClientSession() as s:
+            async with s.get(f"http://{host}:{port}/readyz") as r:
+                assert r.status == 503
+            assert d.listeners == {}  # nothing bound, nothing accepted
+            api.down = False
+            await asyncio.wait_for(start, 10)
+            async with s.get(f"http://{host}:{port}/readyz") as r:
+                assert r.status == 200
+        assert d.listeners["l"].server is not None
+    finally:
+        if not start.done():
+            start.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await start
+        await d.stop()
