@@ -227,3 +227,68 @@ async def test_listeners_accept_only_after_the_first_sync(api: FakeApiServer, tm
             with contextlib.suppress(asyncio.CancelledError):
                 await start
         await d.stop()
+
+
+KUBE_POLICY = """
+apiVersion: cilium.io/v2
+kind: CiliumNetworkPolicy
+metadata:
+  name: cache
+  namespace: shop
+spec:
+  endpointSelector:
+    matchLabels: {app: memcached}
+  ingress:
+    - fromEndpoints:
+        - matchLabels: {app: client}
+"""
+
+
+async def memcache_set(src: str, port: int) -> bytes:
+    """One ``set`` from a client bound to ``src`` (a pod's address on loopback); b"" when closed."""
+    r, w = await asyncio.open_connection("127.0.0.1", port, local_addr=(src, 0))
+    try:
+        w.write(b"set k 0 0 1\r\nx\r\n")
+        await w.drain()
+        try:
+            return await asyncio.wait_for(r.readline(), 5)
+        except ConnectionError:
+            return b""
+    finally:
+        w.close()
+
+
+async def test_end_to_end_a_pod_address_gets_its_pod_labels(api: FakeApiServer, tmp_path: Path) -> None:
+    """Real memcached behind the daemon; clients bound to pod addresses on loopback."""
+    from memcached_fixture import start_memcached
+
+    await api.put("namespaces", {"metadata": {"name": "shop"}})
+    await api.put("pods", pod("cache-0", "127.0.0.1", ns="shop", labels={"app": "memcached"}))
+    await api.put("pods", pod("client-0", "127.0.0.23", ns="shop", labels={"app": "client"}))
+    await api.put("pods", pod("other-0", "127.0.0.24", ns="shop", labels={"app": "other"}))
+    await api.put("pods", pod("client-elsewhere", "127.0.0.25", ns="dev", labels={"app": "client"}))
+    (tmp_path / "policy.yaml").write_text(KUBE_POLICY)
+    with start_memcached() as mc_port:
+        extra = "policy:\n  paths: [policy.yaml]\n"
+        text = config_text(api.kubeconfig(tmp_path / "kubeconfig"), extra).replace(
+            'address: "127.0.0.1:0"\nadmin', f'address: "127.0.0.1:0"\n    l7proto: memcache\n'
+            f'    upstream: "127.0.0.1:{mc_port}"\nadmin', 1)  # fmt: skip
+        cfg = tmp_path / "proxyd.yaml"
+        cfg.write_text(text)
+        registry = Registry.load()
+        d = Daemon(parse_config(text, cfg, registry), registry)
+        await d.start()
+        try:
+            port = d.listeners["l"].bound_address()[1]
+            assert await memcache_set("127.0.0.23", port) == b"STORED\r\n"
+            assert await memcache_set("127.0.0.24", port) == b""  # app=other: denied at L3
+            assert await memcache_set("127.0.0.25", port) == b""  # other namespace: not selected
+            # the pod is relabelled: its next connection is judged by the new labels
+            await api.put("pods", pod("client-0", "127.0.0.23", ns="shop", labels={"app": "gone"}))
+            await until(lambda: d.labels_for("127.0.0.23").get("k8s:app") == "gone", "relabel")
+            assert await memcache_set("127.0.0.23", port) == b""
+            await api.put("pods", pod("other-0", "127.0.0.24", ns="shop", labels={"app": "client"}))
+            await until(lambda: d.labels_for("127.0.0.24").get("k8s:app") == "client", "relabel")
+            assert await memcache_set("127.0.0.24", port) == b"STORED\r\n"
+        finally:
+            await d.stop()
