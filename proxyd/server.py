@@ -383,14 +383,55 @@ class Daemon:
             if last_event:
                 self.metrics.kubernetes_last_event.set(last_event)
 
+        self._kube_policies_due = asyncio.Event()
         self.kube = KubeSource(
             kc, on_change=self._cluster_changed, on_state=on_state,
             log_warning=lambda event, **kw: self.log.warning(event, **kw),
+            on_policies=self._kube_policies_due.set,
         )  # fmt: skip
         self.kube.start()
         self.log.info("kubernetes: waiting for the first full sync before accepting")
         await self.kube.source.synced.wait()
+        await self._apply_kube_policies()  # the first full list of policies, before accepting
+        self._spawn(self._watch_kube_policies())
         self.log.info("kubernetes: synced", addresses=len(self.kube.state.identities()))
+
+    async def _watch_kube_policies(self) -> None:
+        while True:
+            await self._kube_policies_due.wait()
+            self._kube_policies_due.clear()
+            try:
+                await self._apply_kube_policies()
+            except Exception as exc:  # a bug, not a bad object: log it and keep watching
+                self.log.error("kubernetes: policy update failed", error=f"{type(exc).__name__}: {exc}")
+
+    async def _apply_kube_policies(self) -> None:
+        """Validate the changed API policy objects each alone (on a worker), then apply them."""
+        from proxyd.kube.policies import validate
+
+        pol = self.kube.policies
+        while pol.pending:
+            batch = pol.take()
+            async with self._policy_lock:
+
+                def build(batch: Any = batch) -> tuple[Any, Change]:
+                    results = validate(batch, self.registry)
+                    return results, self.policy.build_cluster(pol.preview(results))
+
+                try:
+                    results, change = await asyncio.get_running_loop().run_in_executor(None, build)
+                except PolicyError as exc:  # the objects parse, the set does not compile
+                    self._reload_rejected("kubernetes", exc)
+                    continue
+                refused = pol.commit(results)
+                revision = self.policy.commit(change)
+                self.policy.cluster_errors = dict(pol.errors)
+            for name, problems in refused:
+                self.metrics.policy_reloads_total.labels("failure").inc()
+                self.log.error("kubernetes: policy object refused; its last good version stays",
+                               name=name, problems=problems)  # fmt: skip
+            if len(refused) < len(results):
+                self._reloaded("kubernetes", revision)
 
     def _cluster_changed(self, ips: set[str]) -> None:
         """Addresses whose cluster identity changed: the next accept from them looks again."""

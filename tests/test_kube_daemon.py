@@ -292,3 +292,86 @@ async def test_end_to_end_a_pod_address_gets_its_pod_labels(api: FakeApiServer, 
             assert await memcache_set("127.0.0.24", port) == b"STORED\r\n"
         finally:
             await d.stop()
+
+
+def cnp(name: str, ns: str, from_app: str, **extra: object) -> dict[str, object]:
+    return {
+        "metadata": {"name": name, "namespace": ns},
+        "spec": {
+            "endpointSelector": {"matchLabels": {"app": "memcached"}},
+            "ingress": [{"fromEndpoints": [{"matchLabels": {"app": from_app}}], **extra}],
+        },
+        "status": {"nodes": {"n1": {"ok": True}}},
+    }
+
+
+async def get_json(d: Daemon, path: str) -> object:
+    host, port = d.admin_address()  # type: ignore[misc]
+    async with aiohttp.ClientSession() as s, s.get(f"http://{host}:{port}{path}") as r:
+        return await r.json()
+
+
+async def test_api_policies_each_validated_alone(api: FakeApiServer, tmp_path: Path) -> None:
+    from memcached_fixture import start_memcached
+
+    await api.put("pods", pod("cache-0", "127.0.0.1", ns="shop", labels={"app": "memcached"}))
+    await api.put("pods", pod("client-0", "127.0.0.23", ns="shop", labels={"app": "client"}))
+    await api.put("pods", pod("other-0", "127.0.0.24", ns="shop", labels={"app": "other"}))
+    await api.put("ciliumnetworkpolicies", cnp("cache", "shop", "client"))
+    await api.put("ciliumnetworkpolicies", cnp("broken", "shop", "other", toFQDNs=[{"matchName": "x"}]))
+    with start_memcached() as mc_port:
+        text = config_text(api.kubeconfig(tmp_path / "kubeconfig")).replace(
+            'address: "127.0.0.1:0"\nadmin',
+            f'address: "127.0.0.1:0"\n    upstream: "127.0.0.1:{mc_port}"\nadmin',
+            1,
+        )
+        # a file document of the same name as an API object: named apart, both in force
+        (tmp_path / "policy.yaml").write_text(
+            "apiVersion: cilium.io/v2\nkind: CiliumNetworkPolicy\nmetadata: {name: cache, namespace: shop}\n"
+            "spec:\n  endpointSelector: {matchLabels: {app: nothing}}\n  ingress: [{}]\n"
+        )
+        text += "policy:\n  paths: [policy.yaml]\n"
+        cfg = tmp_path / "proxyd.yaml"
+        cfg.write_text(text)
+        registry = Registry.load()
+        d = Daemon(parse_config(text, cfg, registry), registry)
+        await d.start()
+        try:
+            port = d.listeners["l"].bound_address()[1]
+            assert await memcache_set("127.0.0.23", port) == b"STORED\r\n"
+            assert await memcache_set("127.0.0.24", port) == b""  # the broken object is not enforced
+            docs = (await get_json(d, "/v1/policy"))["documents"]  # type: ignore[index]
+            by = {(x["name"], x.get("origin")): x for x in docs}
+            assert by[("shop/cache", "file")]["source"].endswith("policy.yaml")
+            assert by[("shop/cache", "kubernetes")]["source"] == "kubernetes"
+            refused = by[("shop/broken", None)]
+            assert refused["source"] == "kubernetes" and "toFQDNs" in " ".join(refused["errors"])
+            assert d.metrics.policy_reloads_total.labels("failure")._value.get() == 1
+
+            # an invalid edit of a good object: its last good version stays
+            await api.put(
+                "ciliumnetworkpolicies", cnp("cache", "shop", "client", toFQDNs=[{"matchName": "y"}])
+            )
+            await until(lambda: "shop/cache" in d.policy.cluster_errors, "edit refused")
+            assert d.metrics.policy_reloads_total.labels("failure")._value.get() == 2
+            assert await memcache_set("127.0.0.23", port) == b"STORED\r\n"
+            # fixing the broken one puts it in force; deleting the good one removes it
+            await api.put("ciliumnetworkpolicies", cnp("broken", "shop", "other"))
+            await until(lambda: "shop/broken" not in d.policy.cluster_errors, "fixed")
+            assert await memcache_set("127.0.0.24", port) == b"STORED\r\n"
+            await api.delete("ciliumnetworkpolicies", "cache", "shop")
+            await until(lambda: "shop/cache" not in d.policy.cluster_errors, "deleted")
+            assert await memcache_set("127.0.0.23", port) == b""
+        finally:
+            await d.stop()
+
+
+async def test_missing_crds_are_a_warning_and_retried(api: FakeApiServer, tmp_path: Path) -> None:
+    api.missing = {"ciliumnetworkpolicies", "ciliumclusterwidenetworkpolicies"}
+    async with kube_daemon(api, tmp_path) as d:
+        assert d.metrics.kubernetes_synced._value.get() == 1
+        assert [x for x in d.policy.documents()] == []
+        api.missing = set()
+        await api.put("ciliumclusterwidenetworkpolicies", {
+            "metadata": {"name": "cw"}, "spec": {"endpointSelector": {}, "ingress": [{}]}})  # fmt: skip
+        await until(lambda: [x["name"] for x in d.policy.documents()] == ["cw"], "found once installed")

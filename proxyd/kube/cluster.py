@@ -14,6 +14,7 @@ from typing import Any
 
 from proxyd.config import KubernetesConfig
 from proxyd.kube.objects import endpoints_ips, namespace_labels, node_record, pod_record
+from proxyd.kube.policies import CCNP, CNP, ApiPolicies
 from proxyd.kube.state import ClusterState, Identity, canonical_ip
 from proxyd.kube.watch import ClusterSource, Log, make_client, node_name
 
@@ -26,6 +27,7 @@ class KubeSource:
         on_change: Callable[[set[str]], None],
         on_state: Callable[[bool, float], None],
         log_warning: Log,
+        on_policies: Callable[[], None] = lambda: None,
         client: Any = None,
     ) -> None:
         self.config = kc
@@ -36,8 +38,34 @@ class KubeSource:
         self.on_change = on_change
         self.source = ClusterSource(client if client is not None else make_client(kc), log_warning)
         self.source.on_state = lambda: on_state(self.source.all_watching, self.source.last_event)
+        self.policies = ApiPolicies()
+        self.on_policies = on_policies
         if kc.identities:
             self._wire_identities()
+        if kc.policies:
+            self._wire_policies()
+
+    def _wire_policies(self) -> None:
+        from lightkube import ALL_NS
+        from lightkube.generic_resource import create_global_resource, create_namespaced_resource
+
+        cnp = create_namespaced_resource("cilium.io", "v2", CNP, "ciliumnetworkpolicies")
+        ccnp = create_global_resource("cilium.io", "v2", CCNP, "ciliumclusterwidenetworkpolicies")
+        pol = self.policies
+
+        def wire(kind: str) -> tuple[Callable[[list[Any]], None], Callable[[str, Any], None]]:
+            def replace(objs: list[Any]) -> None:
+                pol.replace(kind, [_plain(o) for o in objs])
+                self.on_policies()
+
+            def apply(event: str, obj: Any) -> None:
+                pol.apply(kind, event, _plain(obj))
+                self.on_policies()
+
+            return replace, apply
+
+        self.source.add(cnp, *wire(CNP), namespace=ALL_NS, name=CNP, optional=True)
+        self.source.add(ccnp, *wire(CCNP), name=CCNP, optional=True)
 
     def _wire_identities(self) -> None:
         from lightkube import ALL_NS
@@ -79,3 +107,9 @@ class KubeSource:
 
     async def stop(self) -> None:
         await self.source.stop()
+
+
+def _plain(obj: Any) -> dict[str, Any]:
+    """A generic resource as plain JSON data (what the policy loader reads)."""
+    to_dict = getattr(obj, "to_dict", None)
+    return dict(to_dict() if to_dict is not None else obj)

@@ -58,6 +58,8 @@ class Change:
     added: tuple[str, ...] = ()
     replaced: tuple[str, ...] = ()
     deleted: tuple[str, ...] = ()
+    #: Documents from the Kubernetes API (None: unchanged), see :meth:`PolicyStore.build_cluster`.
+    cluster: Mapping[str, Document] | None = None
 
 
 class PolicyStore:
@@ -76,6 +78,10 @@ class PolicyStore:
         self._revision = 0
         self._mtimes: _Snapshot = ()
         self._current = PolicySet((), registry, 0)
+        #: Documents from Kubernetes API objects, by ``namespace/name`` (apart from files and
+        #: imports: the same name may exist there), and the objects refused with their errors.
+        self._cluster: Mapping[str, Document] = {}
+        self.cluster_errors: Mapping[str, list[str]] = {}
         self.reload_files()
 
     # --- reading -------------------------------------------------------------------------------
@@ -107,6 +113,11 @@ class PolicyStore:
                         "document": doc.raw,
                     }
                 )
+        for doc in self._cluster.values():
+            out.append({"name": doc.name, "source": "kubernetes", "where": None, "origin": "kubernetes",
+                        "warnings": list(doc.warnings), "document": doc.raw})  # fmt: skip
+        for name, errors in self.cluster_errors.items():
+            out.append({"name": name, "source": "kubernetes", "errors": list(errors)})
         return out
 
     def warnings(self) -> list[str]:
@@ -180,8 +191,15 @@ class PolicyStore:
         imported = {k: v for k, v in self._imported.items() if k != name}
         return replace(self._build(self._files, imported, save=True), deleted=(name,))
 
+    def build_cluster(self, cluster: Mapping[str, Document]) -> Change:
+        """Files and imports as they are, with ``cluster`` as the Kubernetes API's documents."""
+        docs = (*self._files, *self._imported.values(), *cluster.values())
+        new = PolicySet(docs, self.registry, self._revision + 1)
+        return Change(self._files, self._imported, new, cluster=dict(cluster))
+
     def _build(self, files: tuple[Document, ...], imported: Mapping[str, Document], *, save: bool) -> Change:
-        new = PolicySet((*files, *imported.values()), self.registry, self._revision + 1)
+        docs = (*files, *imported.values(), *self._cluster.values())
+        new = PolicySet(docs, self.registry, self._revision + 1)
         if save:
             self._save_state(imported)
         return Change(files, dict(imported), new)
@@ -190,6 +208,8 @@ class PolicyStore:
         """Put a built change in force; returns its revision."""
         self._files = change.files
         self._imported = dict(change.imported)
+        if change.cluster is not None:
+            self._cluster = change.cluster
         self._current = change.policy
         self._revision = change.policy.revision
         return self._revision
