@@ -146,3 +146,28 @@ def test_embedded_config_and_policy_pass_proxyd_check(
         capture_output=True, text=True, env=env, check=False,
     )  # fmt: skip
     assert proc.returncode == 0, proc.stdout + proc.stderr
+
+
+def test_rbac_grants_exactly_what_the_cluster_source_reads() -> None:
+    """The ClusterRole and Role name every (group, resource) proxyd lists and watches, no more."""
+    from proxyd.config import KubernetesConfig
+    from proxyd.kube.cluster import KubeSource
+
+    src = KubeSource(KubernetesConfig(node_name="n"), on_change=lambda ips: None,
+                     on_state=lambda synced, t: None, log_warning=lambda *a, **k: None,
+                     client=object())  # fmt: skip
+    read = set()
+    for r in src.source.reflectors:
+        info = r.resource._api_info
+        read.add((info.resource.group, info.plural, r.namespace if r.namespace != "*" else None))
+    path = KDIR / "node-daemonset.yaml"
+    granted = set()
+    for kind, ns in (("ClusterRole", None), ("Role", "default")):
+        for rule in one(path, kind)["rules"]:
+            assert rule["verbs"] == ["get", "list", "watch"]  # reads only
+            granted |= {(g, res, ns) for g in rule["apiGroups"] for res in rule["resources"]}
+    assert granted == read
+    ds = one(path, "DaemonSet")["spec"]["template"]["spec"]
+    assert ds["serviceAccountName"] == one(path, "ServiceAccount")["metadata"]["name"]
+    env = {e["name"]: e for e in ds["containers"][0]["env"]}
+    assert env["NODE_NAME"]["valueFrom"]["fieldRef"]["fieldPath"] == "spec.nodeName"
