@@ -292,6 +292,12 @@ class Daemon:
             self._labels_cache[ip] = labels
         return labels
 
+    def identity_view(self) -> Any:
+        """The identities in force, with where each address's labels came from (explain, admin)."""
+        from proxyd.kube.cluster import LayeredIdentities
+
+        return LayeredIdentities(self.kube, self.identities)
+
     def add_closed_bytes(self, listener: str, bytes_in: int, bytes_out: int) -> None:
         totals = self._closed_bytes.get(listener)
         if totals is None:

@@ -375,3 +375,30 @@ async def test_missing_crds_are_a_warning_and_retried(api: FakeApiServer, tmp_pa
         await api.put("ciliumclusterwidenetworkpolicies", {
             "metadata": {"name": "cw"}, "spec": {"endpointSelector": {}, "ingress": [{}]}})  # fmt: skip
         await until(lambda: [x["name"] for x in d.policy.documents()] == ["cw"], "found once installed")
+
+
+async def test_identities_and_explain_say_where_labels_came_from(api: FakeApiServer, tmp_path: Path) -> None:
+    await api.put("pods", pod("web-1", "10.0.0.5", ns="prod", labels={"app": "web"}))
+    n2 = {"addresses": [{"type": "InternalIP", "address": "192.168.1.2"}]}
+    await api.put("nodes", {"metadata": {"name": "n2"}, "status": n2})
+    extra = "identities:\n  - cidr: 172.16.0.0/16\n    labels: {static: 'yes'}\n"
+    async with kube_daemon(api, tmp_path, extra) as d:
+        one = await get_json(d, "/v1/identities?ip=10.0.0.5")
+        assert one["origin"] == "pod prod/web-1" and one["labels"]["k8s:app"] == "web"  # type: ignore[index]
+        node = await get_json(d, "/v1/identities?ip=192.168.1.2")
+        assert node["origin"] == "node n2"  # type: ignore[index]
+        static = await get_json(d, "/v1/identities?ip=172.16.3.4")
+        assert static == {
+            "ip": "172.16.3.4",
+            "labels": {"static": "yes"},
+            "origin": "identities entry 172.16.0.0/16",
+        }
+        everything = await get_json(d, "/v1/identities")
+        origins = {e["cidr"]: e["origin"] for e in everything["identities"]}  # type: ignore[index]
+        assert origins == {"10.0.0.5/32": "pod prod/web-1", "192.168.1.2/32": "node n2",
+                           "172.16.0.0/16": "identities entry 172.16.0.0/16"}  # fmt: skip
+        port = d.listeners["l"].bound_address()[1]
+        answer = await get_json(d, f"/v1/explain?src=172.16.3.4&dst=10.0.0.5:{port}")
+        assert answer["explanation"]["local_origin"] == "pod prod/web-1"  # type: ignore[index]
+        assert answer["explanation"]["remote_origin"] == "identities entry 172.16.0.0/16"  # type: ignore[index]
+        assert "[from pod prod/web-1]" in answer["text"]  # type: ignore[index]

@@ -9,7 +9,7 @@ through the two ``proxyd_kubernetes_*`` gauges.
 
 from __future__ import annotations
 
-from collections.abc import Callable
+from collections.abc import Callable, Mapping
 from typing import Any
 
 from proxyd.config import KubernetesConfig
@@ -113,3 +113,41 @@ def _plain(obj: Any) -> dict[str, Any]:
     """A generic resource as plain JSON data (what the policy loader reads)."""
     to_dict = getattr(obj, "to_dict", None)
     return dict(to_dict() if to_dict is not None else obj)
+
+
+class LayeredIdentities:
+    """The identities the daemon enforces: the cluster's addresses first, then static prefixes.
+
+    For ``proxyd explain`` and ``GET /v1/identities``, which also say where labels came from.
+    """
+
+    def __init__(self, kube: KubeSource | None, static: Any) -> None:
+        self.kube = kube
+        self.static = static
+
+    def labels_for(self, ip: str) -> Mapping[str, str]:
+        found = self.kube.identity(ip) if self.kube is not None else None
+        if found is not None:
+            return found.labels
+        return self.static.labels_for(ip)  # type: ignore[no-any-return]
+
+    def origin_for(self, ip: str) -> str:
+        found = self.kube.identity(ip) if self.kube is not None else None
+        if found is not None:
+            return found.origin
+        try:
+            net = self.static.prefix_for(ip)
+        except ValueError:
+            return ""
+        return f"identities entry {net}" if net is not None else ""
+
+    def entries(self) -> list[dict[str, Any]]:
+        """Every address the cluster knows, then every static entry, with labels and origin."""
+        out: list[dict[str, Any]] = []
+        if self.kube is not None:
+            for ip, ident in sorted(self.kube.state.identities().items()):
+                out.append({"cidr": f"{ip}/{128 if ':' in ip else 32}", "labels": dict(ident.labels),
+                            "origin": ident.origin})  # fmt: skip
+        for net, labels in self.static.entries:
+            out.append({"cidr": str(net), "labels": dict(labels), "origin": f"identities entry {net}"})
+        return out
