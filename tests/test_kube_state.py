@@ -184,3 +184,18 @@ def test_any_event_order_ends_in_the_final_state(
     at_once.replace_namespaces(final_ns)
     at_once.replace_pods(final_pods)
     assert dict(s.identities()) == dict(at_once.identities())
+
+
+def test_node_labels_select_only_as_node_keys_and_do_not_make_an_endpoint() -> None:
+    from proxyd.policy.selector import EndpointSelector, LabelSet
+
+    s = ClusterState(node_name="n1")
+    s.apply_node("ADDED", Node("n2", {"zone": "a"}, ("192.168.0.2",)))
+    ident = s.identity("192.168.0.2")
+    assert ident is not None
+    labels = LabelSet(ident.labels)
+    assert not labels.is_endpoint and labels.entity == "remote-node"
+    assert not EndpointSelector().matches_peer(labels)  # fromEndpoints: [{}] never admits a node
+    assert not EndpointSelector.from_labels({"zone": "a"}).matches(labels)
+    assert not EndpointSelector.from_labels({"k8s:zone": "a"}).matches(labels)
+    assert EndpointSelector.from_labels({"node:zone": "a"}).matches(labels)

@@ -31,13 +31,12 @@ from types import MappingProxyType
 from typing import Final
 
 from proxyd.policy.identity import parse_ip
+from proxyd.policy.selector import NODE_SOURCE
 
 NAMESPACE_LABEL: Final = "k8s:io.kubernetes.pod.namespace"
 SERVICEACCOUNT_LABEL: Final = "k8s:io.cilium.k8s.policy.serviceaccount"
 CLUSTER_LABEL: Final = "k8s:io.cilium.k8s.policy.cluster"
 NAMESPACE_LABELS_PREFIX: Final = "k8s:io.cilium.k8s.namespace.labels."
-#: Source of node labels on node addresses: selected by fromNodes/toNodes/nodeSelector only.
-NODE_SOURCE: Final = "node"
 HOST: Final = "reserved:host"
 REMOTE_NODE: Final = "reserved:remote-node"
 KUBE_APISERVER: Final = "reserved:kube-apiserver"

@@ -37,6 +37,9 @@ from typing import Final
 
 ANY_SOURCE: Final = "any"
 RESERVED_SOURCE: Final = "reserved"
+#: Node labels on node addresses (docs/kubernetes.md): only ``node:`` keys select them, and they
+#: do not make an address an endpoint (Cilium's nodes are entities, selected by fromNodes).
+NODE_SOURCE: Final = "node"
 WORLD: Final = "world"
 WORLD_LABEL: Final = "reserved:world"
 #: The reserved names a world address carries (``world`` plus its address family's).
@@ -73,7 +76,7 @@ class LabelSet:
             by_name.setdefault(name, []).append((source, str(value)))
             if source == RESERVED_SOURCE:
                 reserved.add(name)
-            else:
+            elif source != NODE_SOURCE:
                 endpoint = True
         self._by_name: dict[str, tuple[tuple[str | None, str], ...]] = {
             k: tuple(v) for k, v in by_name.items()
@@ -109,8 +112,8 @@ class LabelSet:
         """Values of the labels a selector key (source, name) refers to."""
         entries = self._by_name.get(name, ())
         if source is None:
-            return [v for _, v in entries]
-        if source == RESERVED_SOURCE:
+            return [v for s, v in entries if s != NODE_SOURCE]
+        if source in (RESERVED_SOURCE, NODE_SOURCE):
             return [v for s, v in entries if s == source]
         return [v for s, v in entries if s is None or s == source]
 
