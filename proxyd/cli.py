@@ -54,7 +54,8 @@ def cmd_check(args: argparse.Namespace) -> int:
         config = _load(args.config, registry)
         from proxyd.policy.store import PolicyStore
 
-        store = PolicyStore(registry, config.policy.paths, config.policy.state_dir)
+        store = PolicyStore(registry, config.policy.paths, config.policy.state_dir,
+                            kubernetes=config.kubernetes is not None)  # fmt: skip
         if config.admin is not None and config.admin.token_file is not None:
             from proxyd.admin import read_token
 
@@ -182,7 +183,8 @@ def cmd_explain(args: argparse.Namespace) -> int:
             return 1
     assert config is not None
     try:
-        store = PolicyStore(Registry.load(), config.policy.paths, config.policy.state_dir)
+        store = PolicyStore(Registry.load(), config.policy.paths, config.policy.state_dir,
+                            kubernetes=config.kubernetes is not None)  # fmt: skip
     except PolicyError as exc:
         return _problems(exc)
     try:

@@ -243,7 +243,12 @@ class Daemon:
         self.log = make_logger(LineWriter("stderr"))
         self.identities = IdentityMap.from_entries(config.identities)
         self._labels_cache: dict[str, Mapping[str, str]] = {}
-        self.policy = PolicyStore(self.registry, config.policy.paths, config.policy.state_dir)
+        self.policy = PolicyStore(
+            self.registry,
+            config.policy.paths,
+            config.policy.state_dir,
+            kubernetes=config.kubernetes is not None,
+        )
         self.metrics.policy_revision.set(self.policy.revision)
         self.metrics.connections_max.set(config.limits.max_connections)
         self.listeners: dict[str, ListenerRuntime] = {}

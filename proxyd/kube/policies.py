@@ -49,7 +49,7 @@ def validate(
         body.setdefault("apiVersion", "cilium.io/v2")
         text = json.dumps(body, indent=1, default=str)
         try:
-            docs = parse_text(text, f"{SOURCE}:{kind}/{key}", registry)
+            docs = parse_text(text, f"{SOURCE}:{kind}/{key}", registry, kubernetes=True)
         except PolicyError as exc:
             out[key] = list(exc.problems)
             continue

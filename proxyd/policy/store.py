@@ -65,12 +65,21 @@ class Change:
 class PolicyStore:
     """Current :class:`PolicySet`, its revision, and the ways to change it."""
 
-    def __init__(self, registry: ParserLookup, paths: Sequence[Path], state_dir: Path | None = None) -> None:
+    def __init__(
+        self,
+        registry: ParserLookup,
+        paths: Sequence[Path],
+        state_dir: Path | None = None,
+        *,
+        kubernetes: bool = False,
+    ) -> None:
         """Load the imported documents kept in ``state_dir`` and the files of ``paths``.
 
         Raises :class:`PolicyError` when either is invalid (the daemon must not start then).
         """
         self.registry = registry
+        #: A ``kubernetes`` source is on: node selectors load (docs/kubernetes.md).
+        self.kubernetes = kubernetes
         self.paths: tuple[Path, ...] = tuple(Path(p) for p in paths)
         self.state_dir = Path(state_dir) if state_dir is not None else None
         self._files: tuple[Document, ...] = ()
@@ -151,7 +160,7 @@ class PolicyStore:
         # Snapshot before reading: an edit made while we read is seen by the next poll, and a
         # broken file is not re-read every second until it changes again.
         self._mtimes = self._snapshot()
-        files = tuple(load_paths(self.paths, self.registry, taken=self._imported))
+        files = tuple(load_paths(self.paths, self.registry, taken=self._imported, kubernetes=self.kubernetes))
         same = [(d.name, d.source, d.raw) for d in files] == [(d.name, d.source, d.raw) for d in self._files]
         if same and self._revision:
             # Nothing changed (a SIGHUP or touch): the revision stays.
@@ -161,7 +170,7 @@ class PolicyStore:
     def build_import(self, text: str, source: str, replace_all: bool) -> Change:
         """:meth:`import_documents` up to the swap (the state file is written)."""
         files_by_name = {d.name: d for d in self._files}
-        docs = parse_text(text, source, self.registry, taken=files_by_name)
+        docs = parse_text(text, source, self.registry, taken=files_by_name, kubernetes=self.kubernetes)
         if replace_all:
             imported = {d.name: d for d in docs}
         else:
@@ -259,7 +268,7 @@ class PolicyStore:
         for i, entry in enumerate(entries):
             try:
                 text = json.dumps(entry["document"], indent=2)
-                docs.extend(parse_text(text, str(entry["source"]), self.registry))
+                docs.extend(parse_text(text, str(entry["source"]), self.registry, kubernetes=self.kubernetes))
             except PolicyError as exc:
                 problems.extend(f"{path}: imported document {i}: {p}" for p in exc.problems)
             except (KeyError, TypeError) as exc:

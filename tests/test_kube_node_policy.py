@@ -1,0 +1,97 @@
+"""fromNodes / toNodes / nodeSelector: enforced with a kubernetes source, load errors without one."""
+
+from __future__ import annotations
+
+import pytest
+
+from proxyd.errors import PolicyError
+from proxyd.kube.state import ClusterState, Node, Pod
+from proxyd.policy.engine import PolicySet
+from proxyd.policy.loader import parse_text
+from proxyd.registry import Registry
+
+REGISTRY = Registry.load()
+
+FROM_NODES = """
+apiVersion: cilium.io/v2
+kind: CiliumNetworkPolicy
+metadata: {name: from-nodes, namespace: shop}
+spec:
+  endpointSelector: {matchLabels: {app: db}}
+  ingress:
+    - fromNodes:
+        - matchLabels: {zone: a}
+"""
+
+NODE_SELECTOR = """
+apiVersion: cilium.io/v2
+kind: CiliumClusterwideNetworkPolicy
+metadata: {name: host}
+spec:
+  nodeSelector: {matchLabels: {node-access: ssh}}
+  ingress:
+    - fromEntities: [world]
+      toPorts: [{ports: [{port: "22"}]}]
+"""
+
+
+def cluster() -> ClusterState:
+    s = ClusterState(node_name="n1")
+    s.apply_node("ADDED", Node("n1", {"zone": "a", "node-access": "ssh"}, ("192.168.0.1",)))
+    s.apply_node("ADDED", Node("n2", {"zone": "a"}, ("192.168.0.2",)))
+    s.apply_node("ADDED", Node("n3", {"zone": "b"}, ("192.168.0.3",)))
+    s.apply_pod("ADDED", Pod("u1", "shop", "db-0", {"app": "db"}, ips=("10.0.0.5",)))
+    s.apply_pod("ADDED", Pod("u2", "shop", "web-0", {"zone": "a"}, ips=("10.0.0.6",)))
+    return s
+
+
+def labels(s: ClusterState, ip: str) -> dict[str, str]:
+    ident = s.identity(ip)
+    return dict(ident.labels) if ident is not None else {}
+
+
+@pytest.mark.parametrize(
+    ("text", "field"),
+    [(FROM_NODES, "spec.ingress[0].fromNodes"), (NODE_SELECTOR, "spec.nodeSelector"),
+     (FROM_NODES.replace("ingress", "egress").replace("fromNodes", "toNodes"), "spec.egress[0].toNodes")],
+)  # fmt: skip
+def test_without_a_kubernetes_section_they_are_errors_that_say_so(text: str, field: str) -> None:
+    with pytest.raises(PolicyError) as exc:
+        parse_text(text, "p.yaml", REGISTRY)
+    assert len(exc.value.problems) == 1
+    assert f"{field}: not supported by proxyd" in exc.value.problems[0]
+    assert "needs a `kubernetes` section" in exc.value.problems[0]
+
+
+def test_from_nodes_admits_the_nodes_whose_labels_match() -> None:
+    s = cluster()
+    ps = PolicySet(parse_text(FROM_NODES, "p.yaml", REGISTRY, kubernetes=True), REGISTRY)
+    db = labels(s, "10.0.0.5")
+
+    def allowed(ip: str) -> bool:
+        return ps.connection_policy("ingress", db, ip, labels(s, ip), 5432, None).l4_allowed
+
+    assert allowed("192.168.0.1")  # this node (host), zone a
+    assert allowed("192.168.0.2")  # remote-node, zone a
+    assert not allowed("192.168.0.3")  # zone b
+    assert not allowed("10.0.0.6")  # a pod labelled zone=a is not a node
+
+
+def test_to_nodes_on_egress() -> None:
+    s = cluster()
+    text = FROM_NODES.replace("ingress", "egress").replace("fromNodes", "toNodes")
+    ps = PolicySet(parse_text(text, "p.yaml", REGISTRY, kubernetes=True), REGISTRY)
+    db = labels(s, "10.0.0.5")
+    for ip, allowed in (("192.168.0.2", True), ("192.168.0.3", False)):
+        assert ps.connection_policy("egress", db, ip, labels(s, ip), 10250, None).l4_allowed is allowed
+
+
+def test_node_selector_selects_this_node_when_its_labels_match() -> None:
+    s = cluster()
+    ps = PolicySet(parse_text(NODE_SELECTOR, "p.yaml", REGISTRY, kubernetes=True), REGISTRY)
+    host = labels(s, "192.168.0.1")
+    # selected: only port 22 from world is allowed now
+    assert ps.connection_policy("ingress", host, "8.8.8.8", {}, 22, None).l4_allowed
+    assert not ps.connection_policy("ingress", host, "8.8.8.8", {}, 80, None).l4_allowed
+    # a pod is not selected by a node selector: no policy, allowed
+    assert ps.connection_policy("ingress", labels(s, "10.0.0.5"), "8.8.8.8", {}, 80, None).l4_allowed
