@@ -98,9 +98,16 @@ class KubeSource:
         )
 
     def identity(self, ip: str) -> Identity | None:
-        """The cluster's identity for an address as a socket reports it, or None."""
+        """The cluster's identity for an address as a socket reports it, or None.
+
+        Sockets report IPv4 in the canonical dotted form, so the common case is one dict probe;
+        an IPv6 text (IPv4-mapped, a zone, another spelling) is canonicalised on a miss.
+        """
+        found = self.state.identity(ip)
+        if found is not None or ":" not in ip:
+            return found
         c = canonical_ip(ip)
-        return None if c is None else self.state.identity(c)
+        return None if c is None or c == ip else self.state.identity(c)
 
     def start(self) -> None:
         self.source.start()
