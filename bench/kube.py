@@ -89,7 +89,7 @@ async def fill(api: FakeApiServer, pods: int, namespaces: int, policies: int) ->
 
 async def start_daemon(cfg: Path, admin_port: int) -> tuple[subprocess.Popen[bytes], float]:
     t0 = time.perf_counter()
-    proc = subprocess.Popen([sys.executable, "-m", "proxyd", "run", "--config", str(cfg)],
+    proc = subprocess.Popen([sys.executable, "-m", "proxyd", "run", "--config", str(cfg)],  # noqa: ASYNC220
                             env={**os.environ, "PYTHONPATH": str(ROOT)},
                             stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)  # fmt: skip
     async with aiohttp.ClientSession() as s:
