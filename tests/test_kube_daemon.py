@@ -402,3 +402,14 @@ async def test_identities_and_explain_say_where_labels_came_from(api: FakeApiSer
         assert answer["explanation"]["local_origin"] == "pod prod/web-1"  # type: ignore[index]
         assert answer["explanation"]["remote_origin"] == "identities entry 172.16.0.0/16"  # type: ignore[index]
         assert "[from pod prod/web-1]" in answer["text"]  # type: ignore[index]
+
+
+async def test_named_ports_come_from_the_pods_container_ports(api: FakeApiServer, tmp_path: Path) -> None:
+    containers = [{"name": "c", "image": "x", "ports": [{"name": "http", "containerPort": 8080},
+                                                        {"name": "dns", "containerPort": 53, "protocol": "UDP"},
+                                                        {"containerPort": 9000}]}]  # fmt: skip
+    await api.put("pods", pod("web-0", "10.0.0.5", labels={"app": "web"}, containers=containers))
+    async with kube_daemon(api, tmp_path) as d:
+        got = labels(d, "10.0.0.5")
+        assert got["namedport:http"] == "8080"
+        assert "namedport:dns" not in got

@@ -95,3 +95,40 @@ def test_node_selector_selects_this_node_when_its_labels_match() -> None:
     assert not ps.connection_policy("ingress", host, "8.8.8.8", {}, 80, None).l4_allowed
     # a pod is not selected by a node selector: no policy, allowed
     assert ps.connection_policy("ingress", labels(s, "10.0.0.5"), "8.8.8.8", {}, 80, None).l4_allowed
+
+
+NAMED_PORT = """
+apiVersion: cilium.io/v2
+kind: CiliumNetworkPolicy
+metadata: {name: web, namespace: shop}
+spec:
+  endpointSelector: {matchLabels: {app: web}}
+  ingress:
+    - fromEndpoints: [{}]
+      toPorts: [{ports: [{port: http, protocol: TCP}]}]
+"""
+
+
+def test_named_ports_resolve_through_the_destination_pods_container_ports() -> None:
+    with pytest.raises(PolicyError) as exc:
+        parse_text(NAMED_PORT, "p.yaml", REGISTRY)
+    assert "named port 'http': needs a `kubernetes` section" in exc.value.problems[0]
+    s = ClusterState()
+    s.apply_pod("ADDED", Pod("u1", "shop", "web-0", {"app": "web"}, ips=("10.0.0.5",),
+                             named_ports={"http": (8080, "TCP"), "dns": (53, "UDP")}))  # fmt: skip
+    s.apply_pod("ADDED", Pod("u2", "shop", "web-1", {"app": "web"}, ips=("10.0.0.6",),
+                             named_ports={"http": (9090, "TCP")}))  # fmt: skip
+    s.apply_pod("ADDED", Pod("u3", "shop", "client", {"app": "client"}, ips=("10.0.0.7",)))
+    ps = PolicySet(parse_text(NAMED_PORT, "p.yaml", REGISTRY, kubernetes=True), REGISTRY)
+    client = labels(s, "10.0.0.7")
+
+    def allowed(dst: str, port: int) -> bool:
+        return ps.connection_policy("ingress", labels(s, dst), "10.0.0.7", client, port, None).l4_allowed
+
+    assert allowed("10.0.0.5", 8080) and not allowed("10.0.0.5", 9090)
+    assert allowed("10.0.0.6", 9090) and not allowed("10.0.0.6", 8080)
+    assert "namedport:dns" not in labels(s, "10.0.0.5")  # UDP: never matches a TCP connection
+    # the named-port labels select nothing and are not endpoint labels
+    from proxyd.policy.selector import EndpointSelector, LabelSet
+
+    assert not EndpointSelector.from_labels({"http": "8080"}).matches(LabelSet(labels(s, "10.0.0.5")))

@@ -31,7 +31,7 @@ from types import MappingProxyType
 from typing import Final
 
 from proxyd.policy.identity import parse_ip
-from proxyd.policy.selector import NODE_SOURCE
+from proxyd.policy.selector import NAMED_PORT_SOURCE, NODE_SOURCE
 
 NAMESPACE_LABEL: Final = "k8s:io.kubernetes.pod.namespace"
 SERVICEACCOUNT_LABEL: Final = "k8s:io.cilium.k8s.policy.serviceaccount"
@@ -259,6 +259,9 @@ class ClusterState:
         labels = {f"k8s:{k}": str(v) for k, v in pod.labels.items()}
         for k, v in self.namespaces.get(pod.namespace, {}).items():
             labels[NAMESPACE_LABELS_PREFIX + k] = str(v)
+        for name, (number, protocol) in pod.named_ports.items():
+            if protocol.upper() == "TCP":  # proxyd relays TCP only
+                labels[f"{NAMED_PORT_SOURCE}:{name}"] = str(number)
         labels[NAMESPACE_LABEL] = pod.namespace
         labels[SERVICEACCOUNT_LABEL] = pod.service_account
         labels[CLUSTER_LABEL] = self.cluster_name

@@ -61,6 +61,8 @@ KINDS: Final = ("CiliumNetworkPolicy", "CiliumClusterwideNetworkPolicy")
 #: File suffixes read from a policy directory (other files, and dot-files such as the
 #: ``..data`` links of a Kubernetes ConfigMap volume, are skipped).
 POLICY_SUFFIXES: Final = (".yaml", ".yml", ".json")
+#: A container port name (Kubernetes' IANA_SVC_NAME): at most 15 of a-z 0-9 -, with a letter.
+NAMED_PORT_RE: Final = re.compile(r"^(?=.*[a-z])(?!-)(?!.*--)[a-z0-9-]{1,15}(?<!-)$")
 NAME_RE: Final = re.compile(r"^[A-Za-z0-9]([-A-Za-z0-9_.]{0,251}[A-Za-z0-9])?$")
 #: Rule labels that name a document in a bare JSON rule list.
 NAME_LABELS: Final = ("io.cilium.k8s.policy.name", "name")
@@ -842,6 +844,16 @@ class _Loader:
         if "port" not in node:
             self.err(node.where, _join(path, "port"), "missing (use 0 for all ports)")
         else:
+            if self.kubernetes and isinstance(node["port"], str) and NAMED_PORT_RE.match(node["port"]):
+                if "endPort" in node:
+                    self.err(node.where_of("endPort"), _join(path, "endPort"), "not with a named port")
+                    return None
+                proto = str(node.get("protocol") or "ANY").upper()
+                if proto not in PROTOCOLS:
+                    self.err(node.where_of("protocol"), _join(path, "protocol"),
+                             f"must be one of {', '.join(PROTOCOLS)}, not {proto!r}")  # fmt: skip
+                    return None
+                return PortProtocol(0, 0, proto, name=node["port"])
             port = self.port_number(node["port"], node.where_of("port"), _join(path, "port"))
         end = port
         if "endPort" in node:
@@ -880,7 +892,8 @@ class _Loader:
         if isinstance(value, str) and value.strip().isdigit():
             value = int(value.strip())
         if isinstance(value, str):
-            self.err(where, path, f"named port {value!r} is not supported by proxyd (use the number)")
+            why = "not a port name (IANA_SVC_NAME)" if self.kubernetes else NEEDS_KUBERNETES
+            self.err(where, path, f"named port {value!r}: {why}; or use the number")
             return None
         if not isinstance(value, int) or isinstance(value, bool) or not 0 <= value <= 65535:
             self.err(where, path, f"must be a port number 0-65535, not {_typename(value)}")

@@ -85,14 +85,22 @@ class PortProtocol:
     port: int
     end_port: int
     protocol: str = "ANY"
+    #: A named port (``port: http``, with a ``kubernetes`` source): the destination pod's
+    #: container port of that name, read from its ``namedport:NAME`` label (docs/kubernetes.md).
+    name: str = ""
 
-    def matches(self, port: int) -> bool:
-        """Whether a TCP connection to ``port`` matches."""
+    def matches(self, port: int, destination: Mapping[str, str] | None = None) -> bool:
+        """Whether a TCP connection to ``port`` (of an endpoint with labels ``destination``) matches."""
         if self.protocol not in TCP_PROTOCOLS:
             return False
+        if self.name:
+            named = destination.get(f"namedport:{self.name}") if destination is not None else None
+            return named is not None and named == str(port)
         return self.port == 0 or self.port <= port <= self.end_port
 
     def __str__(self) -> str:
+        if self.name:
+            return f"{self.name}/{self.protocol}"
         if self.port == 0:
             where = "*"
         elif self.end_port != self.port:
@@ -139,8 +147,8 @@ class PortRule:
     where: str = ""
     server_names: ServerNames | None = None
 
-    def matches(self, port: int) -> bool:
-        return any(p.matches(port) for p in self.ports)
+    def matches(self, port: int, destination: Mapping[str, str] | None = None) -> bool:
+        return any(p.matches(port, destination) for p in self.ports)
 
 
 @dataclass(frozen=True, slots=True)

@@ -40,6 +40,11 @@ RESERVED_SOURCE: Final = "reserved"
 #: Node labels on node addresses (docs/kubernetes.md): only ``node:`` keys select them, and they
 #: do not make an address an endpoint (Cilium's nodes are entities, selected by fromNodes).
 NODE_SOURCE: Final = "node"
+#: A pod's named container ports on its address (``namedport:http=8080``): read by named-port
+#: rules (``port: http``), never by a selector.
+NAMED_PORT_SOURCE: Final = "namedport"
+#: Sources only keys naming them select, which do not make an address an endpoint.
+HIDDEN_SOURCES: Final = frozenset({NODE_SOURCE, NAMED_PORT_SOURCE})
 WORLD: Final = "world"
 WORLD_LABEL: Final = "reserved:world"
 #: The reserved names a world address carries (``world`` plus its address family's).
@@ -76,7 +81,7 @@ class LabelSet:
             by_name.setdefault(name, []).append((source, str(value)))
             if source == RESERVED_SOURCE:
                 reserved.add(name)
-            elif source != NODE_SOURCE:
+            elif source not in HIDDEN_SOURCES:
                 endpoint = True
         self._by_name: dict[str, tuple[tuple[str | None, str], ...]] = {
             k: tuple(v) for k, v in by_name.items()
@@ -112,8 +117,8 @@ class LabelSet:
         """Values of the labels a selector key (source, name) refers to."""
         entries = self._by_name.get(name, ())
         if source is None:
-            return [v for s, v in entries if s != NODE_SOURCE]
-        if source in (RESERVED_SOURCE, NODE_SOURCE):
+            return [v for s, v in entries if s not in HIDDEN_SOURCES]
+        if source == RESERVED_SOURCE or source in HIDDEN_SOURCES:
             return [v for s, v in entries if s == source]
         return [v for s, v in entries if s is None or s == source]
 
