@@ -405,9 +405,12 @@ async def test_identities_and_explain_say_where_labels_came_from(api: FakeApiSer
 
 
 async def test_named_ports_come_from_the_pods_container_ports(api: FakeApiServer, tmp_path: Path) -> None:
-    containers = [{"name": "c", "image": "x", "ports": [{"name": "http", "containerPort": 8080},
-                                                        {"name": "dns", "containerPort": 53, "protocol": "UDP"},
-                                                        {"containerPort": 9000}]}]  # fmt: skip
+    ports = [
+        {"name": "http", "containerPort": 8080},
+        {"name": "dns", "containerPort": 53, "protocol": "UDP"},
+        {"containerPort": 9000},
+    ]
+    containers = [{"name": "c", "image": "x", "ports": ports}]
     await api.put("pods", pod("web-0", "10.0.0.5", labels={"app": "web"}, containers=containers))
     async with kube_daemon(api, tmp_path) as d:
         got = labels(d, "10.0.0.5")
