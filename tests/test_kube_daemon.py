@@ -416,3 +416,24 @@ async def test_named_ports_come_from_the_pods_container_ports(api: FakeApiServer
         got = labels(d, "10.0.0.5")
         assert got["namedport:http"] == "8080"
         assert "namedport:dns" not in got
+
+
+async def test_services_and_endpointslices_through_the_watch(api: FakeApiServer, tmp_path: Path) -> None:
+    await api.put("services", {"metadata": {"name": "db", "namespace": "shop", "labels": {"tier": "data"}}})
+    slice_ = {
+        "metadata": {"name": "db-x1", "namespace": "shop", "labels": {"kubernetes.io/service-name": "db"}},
+        "addressType": "IPv4",
+        "endpoints": [
+            {"addresses": ["10.0.0.5"], "conditions": {"ready": True}},
+            {"addresses": ["10.0.0.6"], "conditions": {"ready": False}},
+        ],
+    }
+    await api.put("endpointslices", slice_)
+    async with kube_daemon(api, tmp_path) as d:
+        assert labels(d, "10.0.0.5") == {"service:shop/db": "tier=data"}
+        assert labels(d, "10.0.0.6") == {}  # not ready: not a backend
+        assert d.kube.identity("10.0.0.5").origin == "endpointslices of shop/db"
+        await api.put("services", {"metadata": {"name": "db", "namespace": "shop", "labels": {"tier": "x"}}})
+        await until(lambda: labels(d, "10.0.0.5") == {"service:shop/db": "tier=x"}, "service relabel")
+        await api.delete("endpointslices", "db-x1", "shop")
+        await until(lambda: labels(d, "10.0.0.5") == {}, "slice deleted")

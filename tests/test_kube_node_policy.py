@@ -132,3 +132,52 @@ def test_named_ports_resolve_through_the_destination_pods_container_ports() -> N
     from proxyd.policy.selector import EndpointSelector, LabelSet
 
     assert not EndpointSelector.from_labels({"http": "8080"}).matches(LabelSet(labels(s, "10.0.0.5")))
+
+
+TO_SERVICES = """
+apiVersion: cilium.io/v2
+kind: CiliumNetworkPolicy
+metadata: {name: to-db, namespace: shop}
+spec:
+  endpointSelector: {matchLabels: {app: web}}
+  egress:
+    - toServices:
+        - k8sService: {serviceName: db}
+        - k8sServiceSelector: {selector: {matchLabels: {tier: cache}}, namespace: infra}
+"""
+
+
+def test_to_services_select_the_backends_of_the_services() -> None:
+    from proxyd.kube.state import EndpointSlice
+
+    with pytest.raises(PolicyError) as exc:
+        parse_text(TO_SERVICES, "p.yaml", REGISTRY)
+    assert "spec.egress[0].toServices: not supported by proxyd" in exc.value.problems[0]
+    assert "needs a `kubernetes` section" in exc.value.problems[0]
+    s = cluster()
+    s.apply_pod("ADDED", Pod("w", "shop", "web-1", {"app": "web"}, ips=("10.0.1.1",)))
+    s.apply_service("ADDED", "shop", "db", {"app": "db"})
+    s.apply_service("ADDED", "infra", "redis", {"tier": "cache"})
+    s.apply_service("ADDED", "other", "redis", {"tier": "cache"})
+    s.apply_endpointslice("ADDED", EndpointSlice("shop", "db-abc", "db", ("10.0.0.5",)))
+    s.apply_endpointslice("ADDED", EndpointSlice("infra", "redis-1", "redis", ("203.0.113.9",)))  # external
+    s.apply_endpointslice("ADDED", EndpointSlice("other", "redis-1", "redis", ("203.0.113.10",)))
+    ps = PolicySet(parse_text(TO_SERVICES, "p.yaml", REGISTRY, kubernetes=True), REGISTRY)
+    web = labels(s, "10.0.1.1")
+
+    def allowed(ip: str) -> bool:
+        return ps.connection_policy("egress", web, ip, labels(s, ip), 5432, None).l4_allowed
+
+    assert allowed("10.0.0.5")  # the db pod backs shop/db
+    assert not allowed("10.0.0.6")  # a pod backing nothing
+    assert allowed("203.0.113.9")  # an external backend of infra/redis (labels tier=cache)
+    assert not allowed("203.0.113.10")  # the same labels in another namespace
+    assert not allowed("203.0.113.11")
+    # an external backend is still world to CIDR rules; a pod backend keeps its own labels
+    from proxyd.policy.selector import LabelSet
+
+    assert LabelSet.remote(labels(s, "203.0.113.9")).is_world
+    assert labels(s, "10.0.0.5")["k8s:app"] == "db"
+    # the slice goes away: so does the permission
+    s.apply_endpointslice("DELETED", EndpointSlice("shop", "db-abc", "db"))
+    assert not allowed("10.0.0.5")

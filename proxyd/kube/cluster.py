@@ -13,7 +13,14 @@ from collections.abc import Callable, Mapping
 from typing import Any
 
 from proxyd.config import KubernetesConfig
-from proxyd.kube.objects import endpoints_ips, namespace_labels, node_record, pod_record
+from proxyd.kube.objects import (
+    endpoints_ips,
+    endpointslice_record,
+    namespace_labels,
+    node_record,
+    pod_record,
+    service_labels,
+)
 from proxyd.kube.policies import CCNP, CNP, ApiPolicies
 from proxyd.kube.state import ClusterState, Identity, canonical_ip
 from proxyd.kube.watch import ClusterSource, Log, make_client, node_name
@@ -69,7 +76,8 @@ class KubeSource:
 
     def _wire_identities(self) -> None:
         from lightkube import ALL_NS
-        from lightkube.resources.core_v1 import Endpoints, Namespace, Node, Pod
+        from lightkube.resources.core_v1 import Endpoints, Namespace, Node, Pod, Service
+        from lightkube.resources.discovery_v1 import EndpointSlice
 
         s, src, changed = self.state, self.source, self.on_change
         src.add(
@@ -87,6 +95,18 @@ class KubeSource:
             Node,
             lambda objs: changed(s.replace_nodes(node_record(o) for o in objs)),
             lambda ev, o: changed(s.apply_node(ev, node_record(o))),
+        )
+        src.add(
+            Service,
+            lambda objs: changed(s.replace_services({k[:2]: k[2] for k in map(service_labels, objs)})),
+            lambda ev, o: changed(s.apply_service(ev, *service_labels(o))),
+            namespace=ALL_NS,
+        )
+        src.add(
+            EndpointSlice,
+            lambda objs: changed(s.replace_endpointslices(endpointslice_record(o) for o in objs)),
+            lambda ev, o: changed(s.apply_endpointslice(ev, endpointslice_record(o))),
+            namespace=ALL_NS,
         )
         src.add(
             Endpoints,

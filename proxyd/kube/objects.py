@@ -9,7 +9,9 @@ from __future__ import annotations
 from collections.abc import Iterable
 from typing import Any
 
-from proxyd.kube.state import Node, Pod
+from proxyd.kube.state import EndpointSlice, Node, Pod
+
+SERVICE_NAME_LABEL = "kubernetes.io/service-name"
 
 #: Phases whose pod has given its IP back (Cilium drops such pods' endpoints too).
 DONE_PHASES = ("Succeeded", "Failed")
@@ -64,3 +66,21 @@ def endpoints_ips(objs: Iterable[Any]) -> list[str]:
         for subset in getattr(obj, "subsets", None) or ():
             out.extend(a.ip for a in (subset.addresses or ()) if a.ip)
     return out
+
+
+def service_labels(obj: Any) -> tuple[str, str, dict[str, str]]:
+    md = obj.metadata
+    return md.namespace or "default", md.name or "", dict(md.labels or {})
+
+
+def endpointslice_record(obj: Any) -> EndpointSlice:
+    """A slice's ready addresses (``conditions.ready`` unset counts as ready, as in Kubernetes)."""
+    md = obj.metadata
+    addresses: list[str] = []
+    for ep in obj.endpoints or ():
+        ready = ep.conditions.ready if ep.conditions is not None else None
+        if ready is False:
+            continue
+        addresses.extend(ep.addresses or ())
+    service = (md.labels or {}).get(SERVICE_NAME_LABEL, "")
+    return EndpointSlice(md.namespace or "default", md.name or "", service, tuple(addresses))

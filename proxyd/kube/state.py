@@ -31,7 +31,7 @@ from types import MappingProxyType
 from typing import Final
 
 from proxyd.policy.identity import parse_ip
-from proxyd.policy.selector import NAMED_PORT_SOURCE, NODE_SOURCE
+from proxyd.policy.selector import NAMED_PORT_SOURCE, NODE_SOURCE, SERVICE_SOURCE, encode_service_labels
 
 NAMESPACE_LABEL: Final = "k8s:io.kubernetes.pod.namespace"
 SERVICEACCOUNT_LABEL: Final = "k8s:io.cilium.k8s.policy.serviceaccount"
@@ -67,6 +67,16 @@ class Node:
 
 
 @dataclass(frozen=True, slots=True)
+class EndpointSlice:
+    """The ready addresses one EndpointSlice gives its service (``kubernetes.io/service-name``)."""
+
+    namespace: str
+    name: str
+    service: str
+    addresses: tuple[str, ...] = ()
+
+
+@dataclass(frozen=True, slots=True)
 class Identity:
     """An address's labels and where they came from (``pod ns/name``, ``node NAME``, ...)."""
 
@@ -96,6 +106,10 @@ class ClusterState:
         #: ip -> {uid: seq when this pod's claim on the ip appeared}
         self._claims: dict[str, dict[str, int]] = {}
         self._node_ips: dict[str, str] = {}  # ip -> node name
+        self.services: dict[tuple[str, str], Mapping[str, str]] = {}  # (ns, name) -> labels
+        self.slices: dict[tuple[str, str], EndpointSlice] = {}
+        self._backends: dict[str, dict[tuple[str, str], int]] = {}  # ip -> {(ns, service): slices}
+        self._service_ips: dict[tuple[str, str], set[str]] = {}  # (ns, service) -> ips
         self._seq = itertools.count(1)
         self._by_ip: dict[str, Identity] = {}
         self._interned: dict[tuple[tuple[str, str], ...], Mapping[str, str]] = {}
@@ -253,6 +267,74 @@ class ClusterState:
         self.apiserver = new
         return self._recompute(touched)
 
+    # --- services ------------------------------------------------------------------------------
+
+    def apply_service(self, event: str, namespace: str, name: str, labels: Mapping[str, str]) -> set[str]:
+        key = (namespace, name)
+        if event == "DELETED":
+            self.services.pop(key, None)
+        elif self.services.get(key) == labels:
+            return set()
+        else:
+            self.services[key] = dict(labels)
+        return self._recompute(set(self._service_ips.get(key, ())))
+
+    def replace_services(self, services: Mapping[tuple[str, str], Mapping[str, str]]) -> set[str]:
+        touched: set[str] = set()
+        for key in set(self.services) | set(services):
+            if self.services.get(key) != services.get(key):
+                touched |= self._service_ips.get(key, set())
+        self.services = {k: dict(v) for k, v in services.items()}
+        return self._recompute(touched)
+
+    def apply_endpointslice(self, event: str, es: EndpointSlice) -> set[str]:
+        touched = self._drop_slice((es.namespace, es.name))
+        if event != "DELETED":
+            touched |= self._add_slice(es)
+        return self._recompute(touched)
+
+    def replace_endpointslices(self, slices: Iterable[EndpointSlice]) -> set[str]:
+        touched: set[str] = set()
+        for key in list(self.slices):
+            touched |= self._drop_slice(key)
+        for es in slices:
+            touched |= self._add_slice(es)
+        return self._recompute(touched)
+
+    def _drop_slice(self, key: tuple[str, str]) -> set[str]:
+        old = self.slices.pop(key, None)
+        if old is None:
+            return set()
+        svc = (old.namespace, old.service)
+        out = set()
+        for ip in old.addresses:
+            c = canonical_ip(ip)
+            backs = self._backends.get(c, {}) if c is not None else {}
+            if c is None or svc not in backs:
+                continue
+            out.add(c)
+            backs[svc] -= 1
+            if not backs[svc]:
+                del backs[svc]
+                self._service_ips.get(svc, set()).discard(c)
+            if not backs:
+                del self._backends[c]
+        return out
+
+    def _add_slice(self, es: EndpointSlice) -> set[str]:
+        self.slices[(es.namespace, es.name)] = es
+        svc = (es.namespace, es.service)
+        out = set()
+        for ip in es.addresses:
+            c = canonical_ip(ip)
+            if c is None:
+                continue
+            backs = self._backends.setdefault(c, {})
+            backs[svc] = backs.get(svc, 0) + 1
+            self._service_ips.setdefault(svc, set()).add(c)
+            out.add(c)
+        return out
+
     # --- deriving ------------------------------------------------------------------------------
 
     def pod_labels(self, pod: Pod) -> dict[str, str]:
@@ -268,10 +350,15 @@ class ClusterState:
         return labels
 
     def _derive(self, ip: str) -> Identity | None:
+        services = {
+            f"{SERVICE_SOURCE}:{ns}/{name}": encode_service_labels(self.services.get((ns, name), {}))
+            for ns, name in self._backends.get(ip, ())
+        }
         pod = self.owner(ip)
         if pod is not None:
-            return Identity(self._intern(self.pod_labels(pod)), f"pod {pod.namespace}/{pod.name}")
-        labels: dict[str, str] = {}
+            labels = {**self.pod_labels(pod), **services}
+            return Identity(self._intern(labels), f"pod {pod.namespace}/{pod.name}")
+        labels = dict(services)
         origins = []
         node_name = self._node_ips.get(ip)
         if node_name is not None:
@@ -282,6 +369,8 @@ class ClusterState:
         if ip in self.apiserver:
             labels[KUBE_APISERVER] = ""
             origins.append("endpoints default/kubernetes")
+        if services and not origins:
+            origins.append("endpointslices of " + ", ".join(sorted(k.partition(":")[2] for k in services)))
         if not origins:
             return None
         return Identity(self._intern(labels), ", ".join(origins))

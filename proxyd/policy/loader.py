@@ -42,6 +42,7 @@ from proxyd.policy.model import (
     PortProtocol,
     PortRule,
     Rule,
+    ServiceSelector,
     Spec,
 )
 from proxyd.policy.selector import (
@@ -81,7 +82,7 @@ UNSUPPORTED_RULE_FIELDS: Final[Mapping[str, str]] = {
     "toGroups": "cloud provider groups are not available",
     "fromNodes": f"node identities come from the cluster: {NEEDS_KUBERNETES}",
     "toNodes": f"node identities come from the cluster: {NEEDS_KUBERNETES}",
-    "toServices": "proxyd's kubernetes source does not resolve services yet; use toEndpoints or toCIDR",
+    "toServices": f"service backends come from the cluster: {NEEDS_KUBERNETES}",
     "toFQDNs": "proxyd has no DNS proxy to learn FQDN addresses; use toCIDR",
     "icmps": "proxyd relays TCP only",
     "authentication": "mutual authentication is not implemented",
@@ -91,7 +92,7 @@ UNSUPPORTED_SPEC_FIELDS: Final[Mapping[str, str]] = {
     "or select the endpoints with endpointSelector",
 }
 #: Fields a ``kubernetes`` config section makes enforceable (docs/kubernetes.md).
-NODE_RULE_FIELDS: Final = ("fromNodes", "toNodes")
+NODE_RULE_FIELDS: Final = ("fromNodes", "toNodes", "toServices")
 UNSUPPORTED_PORT_RULE_FIELDS: Final[Mapping[str, str]] = {
     "terminatingTLS": "TLS interception is not implemented",
     "originatingTLS": "TLS interception is not implemented",
@@ -639,7 +640,7 @@ class _Loader:
         side = "from" if direction == INGRESS else "to"
         l3_fields: tuple[str, ...] = (f"{side}Endpoints", f"{side}CIDR", f"{side}CIDRSet", f"{side}Entities")
         if self.kubernetes:
-            l3_fields = (*l3_fields, f"{side}Nodes")
+            l3_fields = (*l3_fields, f"{side}Nodes", *(("toServices",) if side == "to" else ()))
             unsupported = {k: v for k, v in UNSUPPORTED_RULE_FIELDS.items() if k not in NODE_RULE_FIELDS}
         else:
             unsupported = dict(UNSUPPORTED_RULE_FIELDS)
@@ -678,6 +679,12 @@ class _Loader:
                 sel = self.selector(item, iwhere, ipath)
                 if sel is not None:  # nodes are entities: never namespace-scoped
                     endpoints.extend(node_selectors(sel, ("host", "remote-node")))
+        services: list[ServiceSelector] = []
+        if len(l3_fields) > 5 and node.get(l3_fields[5]) is not None:
+            for item, iwhere, ipath in self.items(node, l3_fields[5], path):
+                svc = self.service(item, iwhere, ipath)
+                if svc is not None:
+                    services.append(svc)
         if node.get(l3_fields[3]) is not None:
             for item, iwhere, ipath in self.items(node, l3_fields[3], path):
                 name = self.as_str(item, iwhere, ipath)
@@ -703,7 +710,44 @@ class _Loader:
             str(where),
             entities=tuple(entities),
             l3=l3,
+            services=tuple(services),
         )
+
+    def service(self, value: Any, where: Where, path: str) -> ServiceSelector | None:
+        """A ``toServices`` entry: ``k8sService`` (serviceName, namespace) or ``k8sServiceSelector``
+        (selector, namespace). The namespace defaults to the document's (any, for a clusterwide one)."""
+        node = self.as_map(value, where, path)
+        if node is None:
+            return None
+        node = self.fields(node, path, ("k8sService", "k8sServiceSelector"))
+        if len(node) != 1:
+            self.err(where, path, "give exactly one of k8sService, k8sServiceSelector")
+            return None
+        key = next(iter(node))
+        kpath = _join(path, key)
+        inner = self.as_map(node[key], node.where_of(key), kpath)
+        if inner is None:
+            return None
+        if key == "k8sService":
+            inner = self.fields(inner, kpath, ("serviceName", "namespace"))
+            if "serviceName" not in inner:
+                self.err(inner.where, _join(kpath, "serviceName"), "missing")
+                return None
+            spath, npath = _join(kpath, "serviceName"), _join(kpath, "namespace")
+            name = self.as_str(inner["serviceName"], inner.where_of("serviceName"), spath)
+            ns = self.as_str(inner.get("namespace") or "", inner.where_of("namespace"), npath)
+            if name is None or ns is None:
+                return None
+            return ServiceSelector(ns or self.namespace, name=name)
+        inner = self.fields(inner, kpath, ("selector", "namespace"))
+        if "selector" not in inner:
+            self.err(inner.where, _join(kpath, "selector"), "missing")
+            return None
+        sel = self.selector(inner["selector"], inner.where_of("selector"), _join(kpath, "selector"))
+        ns = self.as_str(inner.get("namespace") or "", inner.where_of("namespace"), _join(kpath, "namespace"))
+        if sel is None or ns is None:
+            return None
+        return ServiceSelector(ns or self.namespace, selector=sel)
 
     def scoped(
         self, sel: EndpointSelector, where: Where, path: str, subject: bool = False
