@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from pathlib import Path
+
 import pytest
 
 from proxyd.errors import PolicyError
@@ -181,3 +183,24 @@ def test_to_services_select_the_backends_of_the_services() -> None:
     # the slice goes away: so does the permission
     s.apply_endpointslice("DELETED", EndpointSlice("shop", "db-abc", "db"))
     assert not allowed("10.0.0.5")
+
+
+def test_check_validates_cluster_only_fields_offline(tmp_path: Path) -> None:
+    """`proxyd check` with a kubernetes section loads them without asking any API server."""
+    import os
+    import subprocess
+    import sys
+
+    (tmp_path / "policy.yaml").write_text("---".join((FROM_NODES, NODE_SELECTOR, NAMED_PORT, TO_SERVICES)))
+    (tmp_path / "kubeconfig").write_text("apiVersion: v1\nkind: Config\nclusters: []\ncontexts: []\n")
+    base = 'listeners:\n  - name: l\n    address: "127.0.0.1:0"\npolicy:\n  paths: [policy.yaml]\n'
+    env = {**os.environ}
+    for text, code in ((base + "kubernetes:\n  kubeconfig: kubeconfig\n", 0), (base, 1)):
+        (tmp_path / "proxyd.yaml").write_text(text)
+        cmd = [sys.executable, "-m", "proxyd", "check", "--config", str(tmp_path / "proxyd.yaml")]
+        res = subprocess.run(cmd, capture_output=True, text=True, timeout=60, env=env)
+        assert res.returncode == code, res.stderr
+        if code:
+            assert "needs a `kubernetes` section" in res.stderr
+        else:
+            assert "4 policy documents" in res.stdout and "warning" not in res.stderr
