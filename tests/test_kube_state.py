@@ -199,3 +199,29 @@ def test_node_labels_select_only_as_node_keys_and_do_not_make_an_endpoint() -> N
     assert not EndpointSelector.from_labels({"zone": "a"}).matches(labels)
     assert not EndpointSelector.from_labels({"k8s:zone": "a"}).matches(labels)
     assert EndpointSelector.from_labels({"node:zone": "a"}).matches(labels)
+
+
+def test_kubernetes_config_section_errors_name_file_line_and_field(tmp_path) -> None:  # type: ignore[no-untyped-def]
+    import pytest
+
+    from proxyd.config import KubernetesConfig, parse_config
+    from proxyd.errors import ConfigError
+    from proxyd.registry import Registry
+
+    base = 'listeners:\n  - name: l\n    address: "127.0.0.1:0"\n'
+    cfg = tmp_path / "proxyd.yaml"
+    (tmp_path / "kc").write_text("{}")
+    good = parse_config(base + "kubernetes:\n  kubeconfig: kc\n  cluster_name: east\n  node_name: n1\n",
+                        cfg, Registry.load())  # fmt: skip
+    assert good.kubernetes == KubernetesConfig(tmp_path / "kc", "east", "n1", True, True)
+    assert parse_config(base + "kubernetes:\n", cfg, Registry.load()).kubernetes == KubernetesConfig()
+    assert parse_config(base, cfg, Registry.load()).kubernetes is None
+    bad = base + "kubernetes:\n  kubeconfig: missing\n  identities: 'yes'\n  clustr_name: x\n"
+    with pytest.raises(ConfigError) as exc:
+        parse_config(bad, cfg, Registry.load())
+    assert exc.value.problems == [
+        f"{cfg}:5: kubernetes.kubeconfig: no such file: {tmp_path / 'missing'}",
+        f"{cfg}:6: kubernetes.identities: must be true or false, not 'yes'",
+        f"{cfg}:7: kubernetes.clustr_name: unknown key (known: kubeconfig, cluster_name, node_name, "
+        "identities, policies)",
+    ]
