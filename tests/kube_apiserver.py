@@ -42,6 +42,7 @@ class FakeApiServer:
         self.down = False
         self.missing: set[str] = set()
         self.requests: list[tuple[str, dict[str, str]]] = []
+        self.token: str | None = None  # when set, requests need `Authorization: Bearer <token>`
         self._changed = asyncio.Condition()
         self._streams: set[web.StreamResponse] = set()
         self._drop = 0
@@ -51,26 +52,28 @@ class FakeApiServer:
 
     # --- driving ---------------------------------------------------------------------------
 
-    async def start(self) -> None:
+    async def start(self, ssl_context: Any = None) -> None:
+        """Serve on loopback: http, or https with ``ssl_context`` (which may require client certs)."""
         app = web.Application()
         app.router.add_get("/{tail:.*}", self.handle)
         self.runner = web.AppRunner(app, shutdown_timeout=0.1)
         await self.runner.setup()
-        site = web.TCPSite(self.runner, "127.0.0.1", 0)
+        site = web.TCPSite(self.runner, "127.0.0.1", 0, ssl_context=ssl_context)
         await site.start()
         port = site._server.sockets[0].getsockname()[1]  # type: ignore[union-attr]
-        self.url = f"http://127.0.0.1:{port}"
+        self.url = f"{'https' if ssl_context else 'http'}://127.0.0.1:{port}"
 
     async def stop(self) -> None:
         await self.drop_streams()
         if self.runner is not None:
             await self.runner.cleanup()
 
-    def kubeconfig(self, path: Path, token: str = "t0ken") -> Path:
+    def kubeconfig(self, path: Path, token: str = "t0ken", cluster: dict[str, Any] | None = None,
+                   user: dict[str, Any] | None = None) -> Path:  # fmt: skip
         path.write_text(json.dumps({
             "apiVersion": "v1", "kind": "Config", "current-context": "test",
-            "clusters": [{"name": "test", "cluster": {"server": self.url}}],
-            "users": [{"name": "test", "user": {"token": token}}],
+            "clusters": [{"name": "test", "cluster": {"server": self.url, **(cluster or {})}}],
+            "users": [{"name": "test", "user": {"token": token, **(user or {})}}],
             "contexts": [{"name": "test", "context": {"cluster": "test", "user": "test"}}],
         }))  # fmt: skip
         return path
@@ -143,6 +146,8 @@ class FakeApiServer:
     async def handle(self, request: web.Request) -> web.StreamResponse:
         query = dict(request.query)
         self.requests.append((request.path, query))
+        if self.token is not None and request.headers.get("Authorization") != f"Bearer {self.token}":
+            return web.json_response(_status(401, "Unauthorized", "Unauthorized"), status=401)
         if self.down:
             return web.json_response(_status(503, "ServiceUnavailable", "down"), status=503)
         route = self._route(request.path)

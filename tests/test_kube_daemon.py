@@ -437,3 +437,52 @@ async def test_services_and_endpointslices_through_the_watch(api: FakeApiServer,
         await until(lambda: labels(d, "10.0.0.5") == {"service:shop/db": "tier=x"}, "service relabel")
         await api.delete("endpointslices", "db-x1", "shop")
         await until(lambda: labels(d, "10.0.0.5") == {}, "slice deleted")
+
+
+def _self_signed(tmp: Path, name: str, san: str) -> tuple[Path, Path]:
+    import subprocess
+
+    from needs import need_binary
+
+    need_binary("openssl")
+    cert, key = tmp / f"{name}.pem", tmp / f"{name}-key.pem"
+    subprocess.run(
+        ["openssl", "req", "-x509", "-newkey", "ec", "-pkeyopt", "ec_paramgen_curve:prime256v1", "-nodes",
+         "-keyout", str(key), "-out", str(cert), "-days", "2", "-subj", f"/CN={name}", "-addext", san],
+        check=True, capture_output=True,
+    )  # fmt: skip
+    return cert, key
+
+
+async def test_https_with_ca_client_certificate_and_token(tmp_path: Path) -> None:
+    """The kubeconfig's CA verifies the server, its client certificate and token authenticate."""
+    import ssl
+
+    server_cert, server_key = _self_signed(tmp_path, "apiserver", "subjectAltName=IP:127.0.0.1")
+    client_cert, client_key = _self_signed(tmp_path, "proxyd", "extendedKeyUsage=clientAuth")
+    ctx = ssl.create_default_context(ssl.Purpose.CLIENT_AUTH)
+    ctx.load_cert_chain(server_cert, server_key)
+    ctx.verify_mode = ssl.CERT_REQUIRED  # no client certificate, no connection
+    ctx.load_verify_locations(client_cert)
+    api = FakeApiServer()
+    api.token = "s3cret"
+    await api.start(ssl_context=ctx)
+    try:
+        await api.put("pods", pod("web-1", "10.0.0.5", labels={"app": "web"}))
+        kc = api.kubeconfig(
+            tmp_path / "kubeconfig", token="s3cret",
+            cluster={"certificate-authority": str(server_cert)},
+            user={"client-certificate": str(client_cert), "client-key": str(client_key)},
+        )  # fmt: skip
+        text = config_text(kc)
+        cfg = tmp_path / "proxyd.yaml"
+        cfg.write_text(text)
+        registry = Registry.load()
+        d = Daemon(parse_config(text, cfg, registry), registry)
+        await asyncio.wait_for(d.start(), 20)
+        try:
+            assert labels(d, "10.0.0.5")["k8s:app"] == "web"
+        finally:
+            await d.stop()
+    finally:
+        await api.stop()
