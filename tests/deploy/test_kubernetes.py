@@ -148,7 +148,8 @@ def test_embedded_config_and_policy_pass_proxyd_check(
     assert proc.returncode == 0, proc.stdout + proc.stderr
 
 
-def test_rbac_grants_exactly_what_the_cluster_source_reads() -> None:
+@pytest.mark.parametrize("path", ["node-daemonset.yaml", "sidecar-example.yaml"])
+def test_rbac_grants_exactly_what_the_cluster_source_reads(path: str) -> None:
     """The ClusterRole and Role name every (group, resource) proxyd lists and watches, no more."""
     from proxyd.config import KubernetesConfig
     from proxyd.kube.cluster import KubeSource
@@ -160,14 +161,18 @@ def test_rbac_grants_exactly_what_the_cluster_source_reads() -> None:
     for r in src.source.reflectors:
         info = r.resource._api_info
         read.add((info.resource.group, info.plural, r.namespace if r.namespace != "*" else None))
-    path = KDIR / "node-daemonset.yaml"
     granted = set()
     for kind, ns in (("ClusterRole", None), ("Role", "default")):
-        for rule in one(path, kind)["rules"]:
+        for rule in one(KDIR / path, kind)["rules"]:
             assert rule["verbs"] == ["get", "list", "watch"]  # reads only
             granted |= {(g, res, ns) for g in rule["apiGroups"] for res in rule["resources"]}
     assert granted == read
-    ds = one(path, "DaemonSet")["spec"]["template"]["spec"]
-    assert ds["serviceAccountName"] == one(path, "ServiceAccount")["metadata"]["name"]
-    env = {e["name"]: e for e in ds["containers"][0]["env"]}
+    workload = next(d for d in docs(KDIR / path) if d["kind"] in ("DaemonSet", "Deployment"))
+    spec = workload["spec"]["template"]["spec"]
+    assert spec["serviceAccountName"] == one(KDIR / path, "ServiceAccount")["metadata"]["name"]
+    proxyd = next(c for c in spec["containers"] if c["name"] == "proxyd")
+    env = {e["name"]: e for e in proxyd["env"]}
     assert env["NODE_NAME"]["valueFrom"]["fieldRef"]["fieldPath"] == "spec.nodeName"
+    config = next(d for d in docs(KDIR / path) if d["kind"] == "ConfigMap" and "proxyd.yaml" in d["data"])
+    embedded = yaml.safe_load(config["data"]["proxyd.yaml"])
+    assert "kubernetes" in embedded and "identities" not in embedded  # no hand-written identities
