@@ -646,12 +646,15 @@ class Daemon:
             return False
         if new.policy.state_dir != self.config.policy.state_dir:
             self.log.warning("policy.state_dir changes apply at the next restart")
+        if new.kubernetes != self.config.kubernetes:
+            self.log.warning("kubernetes section changes apply at the next restart")
         self.identities = IdentityMap.from_entries(new.identities)
         self._labels_cache = {}
         await self._apply_listeners(new)
         # Settings that only affect new connections take effect now; the access log and admin
         # address are fixed for the process lifetime (a restart applies them).
-        self.config = replace(new, access_log=self.config.access_log, admin=self.config.admin)
+        self.config = replace(new, access_log=self.config.access_log, admin=self.config.admin,
+                              kubernetes=self.config.kubernetes)  # fmt: skip
         self.metrics.connections_max.set(new.limits.max_connections)
         self.log.info("config reloaded", listeners=sorted(self.listeners))
         return True

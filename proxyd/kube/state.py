@@ -378,6 +378,9 @@ class ClusterState:
     def _intern(self, labels: dict[str, str]) -> Mapping[str, str]:
         """One shared mapping per distinct label set: 10,000 pods of a deployment cost one."""
         key = tuple(sorted(labels.items()))
+        if len(self._interned) > 2 * len(self._by_ip) + 1024:
+            # label sets of pods long gone (every rollout brings a new pod-template-hash)
+            self._interned = {tuple(sorted(i.labels.items())): i.labels for i in self._by_ip.values()}
         found = self._interned.get(key)
         if found is None:
             found = self._interned[key] = MappingProxyType({sys.intern(k): v for k, v in key})
