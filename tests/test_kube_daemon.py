@@ -284,9 +284,12 @@ async def test_end_to_end_a_pod_address_gets_its_pod_labels(api: FakeApiServer, 
             assert await memcache_set("127.0.0.24", port) == b""  # app=other: denied at L3
             assert await memcache_set("127.0.0.25", port) == b""  # other namespace: not selected
             # the pod is relabelled: its next connection is judged by the new labels
+            revision, policy_set = d.policy.revision, d.policy.current
             await api.put("pods", pod("client-0", "127.0.0.23", ns="shop", labels={"app": "gone"}))
             await until(lambda: d.labels_for("127.0.0.23").get("k8s:app") == "gone", "relabel")
             assert await memcache_set("127.0.0.23", port) == b""
+            # a pod event changes identities only: the compiled policy is the same object
+            assert d.policy.revision == revision and d.policy.current is policy_set
             await api.put("pods", pod("other-0", "127.0.0.24", ns="shop", labels={"app": "client"}))
             await until(lambda: d.labels_for("127.0.0.24").get("k8s:app") == "client", "relabel")
             assert await memcache_set("127.0.0.24", port) == b"STORED\r\n"
