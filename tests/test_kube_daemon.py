@@ -489,3 +489,28 @@ async def test_https_with_ca_client_certificate_and_token(tmp_path: Path) -> Non
             await d.stop()
     finally:
         await api.stop()
+
+
+async def test_reconnects_back_off_up_to_30_seconds(
+    api: FakeApiServer, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    monkeypatch.setattr(proxyd.kube.watch, "BACKOFF_START", 0.5)
+    waits: list[float] = []
+    real_sleep = asyncio.sleep
+
+    async def recorded(seconds: float) -> None:
+        waits.append(seconds)
+        await real_sleep(0)
+
+    async with kube_daemon(api, tmp_path) as d:
+        pods = next(r for r in d.kube.source.reflectors if r.name == "Pod")
+        monkeypatch.setattr(proxyd.kube.watch, "sleep", recorded)
+        api.down = True
+        await api.drop_streams()
+        await until(lambda: len(waits) >= 120, "many retries")  # every reflector retries
+        assert pods.watching is False
+        assert max(waits) <= 30.0
+        assert max(waits) >= 0.8 * 30.0  # the cap is reached
+        assert min(waits) >= 0.8 * 0.5
+        api.down = False
+        await until(lambda: d.metrics.kubernetes_synced._value.get() == 1, "back")

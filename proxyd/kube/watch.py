@@ -34,6 +34,9 @@ BACKOFF_MAX: Final = 30.0
 #: a half-open connection the server forgot is noticed within this time.
 WATCH_TIMEOUT_S: Final = 300
 
+#: How the reflectors wait between attempts (a test records the backoff through it).
+sleep = asyncio.sleep
+
 Replace = Callable[[list[Any]], None]
 Apply = Callable[[str, Any], None]
 Log = Callable[..., None]
@@ -84,6 +87,7 @@ class Reflector:
         self.last_event = 0.0  # wall-clock time of the last list or event applied
         self.lists = 0  # lists applied (1 + relists), for tests and logs
         self.path: str | None = None  # the URL path it lists and watches (set by ClusterSource)
+        self.progress = 0  # lists, answered watches and events so far (a success resets backoff)
 
     def _kw(self) -> dict[str, Any]:
         kw: dict[str, Any] = {}
@@ -96,14 +100,16 @@ class Reflector:
     async def run(self) -> None:
         backoff = BACKOFF_START
         while True:
+            progress = self.progress
             try:
                 if self.resource_version is None:
                     await self._list()
-                backoff = BACKOFF_START
                 await self._watch()
             except asyncio.CancelledError:
                 raise
             except Exception as exc:
+                if self.progress != progress:  # it worked for a while: start the backoff over
+                    backoff = BACKOFF_START
                 status = status_of(exc)
                 self._set_watching(False)
                 if status == 410:
@@ -121,7 +127,7 @@ class Reflector:
                 else:
                     self.log_warning("kubernetes: list/watch failed; last state kept in force",
                                      resource=self.name, error=what, retry_s=round(backoff, 2))  # fmt: skip
-                await asyncio.sleep(backoff * random.uniform(0.8, 1.0))
+                await sleep(backoff * random.uniform(0.8, 1.0))
                 backoff = min(backoff * 2, BACKOFF_MAX)
 
     async def _list(self) -> None:
@@ -131,6 +137,7 @@ class Reflector:
         self.replace(items)  # the whole new list at once: a relist swaps atomically
         self.resource_version = rv
         self.lists += 1
+        self.progress += 1
         self.listed = True
         self.last_event = time.time()
         self._set_watching(True)
@@ -146,11 +153,13 @@ class Reflector:
                 self.apply(event, obj)
             if rv:
                 self.resource_version = rv
+            self.progress += 1
             self.last_event = time.time()
             self._set_watching(True)
 
     def mark_up(self) -> None:
         if self.listed and self.resource_version is not None:
+            self.progress += 1
             self._set_watching(True)
 
     def _set_watching(self, on: bool) -> None:
