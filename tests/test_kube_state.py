@@ -225,3 +225,25 @@ def test_kubernetes_config_section_errors_name_file_line_and_field(tmp_path) -> 
         f"{cfg}:7: kubernetes.clustr_name: unknown key (known: kubeconfig, cluster_name, node_name, "
         "identities, policies)",
     ]
+
+
+def test_no_node_name_means_no_host_with_a_warning(monkeypatch) -> None:  # type: ignore[no-untyped-def]
+    from proxyd.config import KubernetesConfig
+    from proxyd.kube.cluster import KubeSource
+
+    def source(kc: KubernetesConfig) -> tuple[KubeSource, list[str]]:
+        said: list[str] = []
+        src = KubeSource(kc, on_change=lambda ips: None, on_state=lambda up, t: None,
+                         log_warning=lambda event, **kw: said.append(event), client=object())  # fmt: skip
+        return src, said
+
+    monkeypatch.delenv("NODE_NAME", raising=False)
+    src, said = source(KubernetesConfig())
+    assert src.node_name is None and any("no address is the entity host" in s for s in said)
+    src.state.apply_node("ADDED", Node("n1", {}, ("192.168.0.1",)))
+    assert dict(src.state.identity("192.168.0.1").labels) == {"reserved:remote-node": ""}  # type: ignore[union-attr]
+    monkeypatch.setenv("NODE_NAME", "n1")
+    src, said = source(KubernetesConfig())
+    assert src.node_name == "n1" and said == []
+    src, _ = source(KubernetesConfig(node_name="n2"))  # the config wins over the environment
+    assert src.node_name == "n2"
