@@ -514,3 +514,15 @@ async def test_reconnects_back_off_up_to_30_seconds(
         assert min(waits) >= 0.8 * 0.5
         api.down = False
         await until(lambda: d.metrics.kubernetes_synced._value.get() == 1, "back")
+
+
+async def test_identities_only_and_nothing_at_all(api: FakeApiServer, tmp_path: Path) -> None:
+    await api.put("pods", pod("a", "10.0.0.1", labels={"app": "a"}))
+    await api.put("ciliumnetworkpolicies", cnp("c", "default", "x"))
+    async with kube_daemon(api, tmp_path, "  policies: false\n") as d:
+        assert labels(d, "10.0.0.1")["k8s:app"] == "a"
+        assert d.policy.documents() == []
+        assert not any("cilium" in p for p, _ in api.requests)  # not even asked
+    async with kube_daemon(api, tmp_path, "  policies: false\n  identities: false\n") as d:
+        assert labels(d, "10.0.0.1") == {}
+        assert d.listeners["l"].server is not None

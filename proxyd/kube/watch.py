@@ -230,6 +230,8 @@ class ClusterSource:
             http.event_hooks = hooks  # type: ignore[union-attr]
         for r in self.reflectors:
             r.path = _path_of(self.client, r)
+        if not self.reflectors:  # identities: false and policies: false: nothing to wait for
+            self.synced.set()
         loop = asyncio.get_running_loop()
         self._tasks = [loop.create_task(r.run()) for r in self.reflectors]
 
