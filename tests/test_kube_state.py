@@ -149,6 +149,13 @@ def histories(draw: st.DrawFn) -> tuple[list[tuple[str, object]], list[Pod], dic
         else:
             events.append(("DELETED", versions[-1]))
         per_object.append(events)
+    if final_pods and draw(st.booleans()):
+        # a pod on its way out holding a survivor's address: the survivor keeps it, in any order
+        ip = final_pods[0].ips[0]
+        live = Pod("t", "a", "t", {"old": "1"}, ips=(ip,))
+        dying = Pod("t", "a", "t", {"old": "1"}, ips=(ip,), terminating=True)
+        per_object.append([("ADDED", live), ("MODIFIED", dying)])
+        final_pods.append(dying)
     final_ns: dict[str, dict[str, str]] = {}
     for ns in NAMESPACES:
         versions_ns = draw(st.lists(st.sampled_from(["1", "2", "3"]), max_size=3))
