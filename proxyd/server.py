@@ -377,9 +377,14 @@ class Daemon:
         if self.config.admin is not None and self._admin is None:
             from proxyd.admin import AdminServer
 
-            self._admin = AdminServer(self)
+            admin = AdminServer(self)
             adm = self.config.admin
-            await self._admin.start(adm.host, adm.port)  # OSError naming admin.address/socket
+            try:
+                await admin.start(adm.host, adm.port)  # OSError naming admin.address/socket
+            except BaseException:
+                await admin.stop()
+                raise
+            self._admin = admin  # only once it answers: admin_address() is then complete
 
     async def _start_kubernetes(self) -> None:
         """Start the cluster source and wait for its first full sync (admin up, /readyz 503)."""
