@@ -254,3 +254,12 @@ def test_no_node_name_means_no_host_with_a_warning(monkeypatch) -> None:  # type
     assert src.node_name == "n1" and said == []
     src, _ = source(KubernetesConfig(node_name="n2"))  # the config wins over the environment
     assert src.node_name == "n2"
+
+
+def test_a_terminating_pod_alone_keeps_its_ip_until_deleted() -> None:
+    s = ClusterState()
+    s.apply_pod("ADDED", pod("a", "10.0.0.3", labels={"app": "a"}))
+    assert s.apply_pod("MODIFIED", pod("a", "10.0.0.3", labels={"app": "a"}, terminating=True)) == set()
+    assert s.identity("10.0.0.3").labels["k8s:app"] == "a"  # type: ignore[union-attr]
+    s.apply_pod("DELETED", pod("a", "10.0.0.3"))
+    assert s.identity("10.0.0.3") is None
