@@ -89,10 +89,9 @@ async def test_pods_namespaces_nodes_and_apiserver_become_identities(
                                                      {"type": "Hostname", "address": "n1"}]}})  # fmt: skip
     n2 = {"addresses": [{"type": "InternalIP", "address": "192.168.1.2"}]}
     await api.put("nodes", {"metadata": {"name": "n2"}, "status": n2})
-    await api.put("endpoints", {"metadata": {"name": "kubernetes", "namespace": "default"},
-                                "subsets": [{"addresses": [{"ip": "192.168.1.100"}]}]})  # fmt: skip
-    await api.put("endpoints", {"metadata": {"name": "other", "namespace": "default"},
-                                "subsets": [{"addresses": [{"ip": "192.168.1.101"}]}]})  # fmt: skip
+    for svc, ip in (("kubernetes", "192.168.1.100"), ("other", "192.168.1.101")):
+        md = {"name": f"{svc}-1", "namespace": "default", "labels": {"kubernetes.io/service-name": svc}}
+        await api.put("endpointslices", {"metadata": md, "addressType": "IPv4", "endpoints": [{"addresses": [ip]}]})
     async with kube_daemon(
         api, tmp_path, "identities:\n  - cidr: 10.0.0.0/8\n    labels: {static: 'yes'}\n"
     ) as d:
@@ -108,8 +107,9 @@ async def test_pods_namespaces_nodes_and_apiserver_become_identities(
         assert labels(d, "10.9.9.9") == {"static": "yes"}  # hostNetwork: not an endpoint; static applies
         assert labels(d, "192.168.1.1") == {"node:zone": "a", "reserved:host": ""}
         assert labels(d, "192.168.1.2") == {"reserved:remote-node": ""}
-        assert labels(d, "192.168.1.100") == {"reserved:kube-apiserver": ""}
-        assert labels(d, "192.168.1.101") == {}
+        assert labels(d, "192.168.1.100") == {"reserved:kube-apiserver": "", "service:default/kubernetes": ""}
+        assert d.kube.identity("192.168.1.100").origin == "service default/kubernetes"
+        assert labels(d, "192.168.1.101") == {"service:default/other": ""}  # a backend, no entity
 
         # events: relabel, namespace relabel, delete; each seen at the next lookup
         await api.put("pods", pod("web-1", "10.0.0.5", ns="prod", labels={"app": "db"}, sa="websa"))

@@ -14,7 +14,6 @@ from typing import Any
 
 from proxyd.config import KubernetesConfig
 from proxyd.kube.objects import (
-    endpoints_ips,
     endpointslice_record,
     namespace_labels,
     node_record,
@@ -76,7 +75,7 @@ class KubeSource:
 
     def _wire_identities(self) -> None:
         from lightkube import ALL_NS
-        from lightkube.resources.core_v1 import Endpoints, Namespace, Node, Pod, Service
+        from lightkube.resources.core_v1 import Namespace, Node, Pod, Service
         from lightkube.resources.discovery_v1 import EndpointSlice
 
         s, src, changed = self.state, self.source, self.on_change
@@ -107,14 +106,6 @@ class KubeSource:
             lambda objs: changed(s.replace_endpointslices(endpointslice_record(o) for o in objs)),
             lambda ev, o: changed(s.apply_endpointslice(ev, endpointslice_record(o))),
             namespace=ALL_NS,
-        )
-        src.add(
-            Endpoints,
-            lambda objs: changed(s.set_apiserver(endpoints_ips(objs))),
-            lambda ev, o: changed(s.set_apiserver(() if ev == "DELETED" else endpoints_ips([o]))),
-            namespace="default",
-            fields={"metadata.name": "kubernetes"},
-            name="Endpoints default/kubernetes",
         )
 
     def identity(self, ip: str) -> Identity | None:

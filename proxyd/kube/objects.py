@@ -6,7 +6,6 @@ watch code so these rules (which IPs a pod holds, when it counts as terminating)
 
 from __future__ import annotations
 
-from collections.abc import Iterable
 from typing import Any
 
 from proxyd.kube.state import EndpointSlice, Node, Pod
@@ -57,15 +56,6 @@ def node_record(obj: Any) -> Node:
 
 def namespace_labels(obj: Any) -> tuple[str, dict[str, str]]:
     return obj.metadata.name or "", dict(obj.metadata.labels or {})
-
-
-def endpoints_ips(objs: Iterable[Any]) -> list[str]:
-    """Every ready address of ``default/kubernetes``'s Endpoints object(s)."""
-    out: list[str] = []
-    for obj in objs:
-        for subset in getattr(obj, "subsets", None) or ():
-            out.extend(a.ip for a in (subset.addresses or ()) if a.ip)
-    return out
 
 
 def service_labels(obj: Any) -> tuple[str, str, dict[str, str]]:

@@ -14,7 +14,7 @@ identity is tested by feeding records in any order.
   UID, so a late delete of the old pod never takes the IP from the new one.
 - A node's addresses are ``reserved:host`` (this node) or ``reserved:remote-node``, carrying
   the node's labels with source ``node:`` (which no endpoint selector matches); the
-  ``default/kubernetes`` endpoints are ``reserved:kube-apiserver``. A pod address wins over a
+  ``default/kubernetes`` service's endpoints are ``reserved:kube-apiserver``. A pod address wins over a
   node's (Cilium never gives a pod a node's IP unless it is ``hostNetwork``, skipped here).
 
 Every ``apply_*`` returns the set of addresses whose identity changed, so the daemon drops only
@@ -40,6 +40,8 @@ NAMESPACE_LABELS_PREFIX: Final = "k8s:io.cilium.k8s.namespace.labels."
 HOST: Final = "reserved:host"
 REMOTE_NODE: Final = "reserved:remote-node"
 KUBE_APISERVER: Final = "reserved:kube-apiserver"
+#: The service whose backends are the API server (its EndpointSlices, as Cilium reads them).
+APISERVER_SERVICE: Final = ("default", "kubernetes")
 
 
 @dataclass(frozen=True, slots=True)
@@ -366,10 +368,10 @@ class ClusterState:
             labels.update({f"{NODE_SOURCE}:{k}": str(v) for k, v in node.labels.items()})
             labels[HOST if node_name == self.node_name else REMOTE_NODE] = ""
             origins.append(f"node {node_name}")
-        if ip in self.apiserver:
+        if ip in self.apiserver or APISERVER_SERVICE in self._backends.get(ip, ()):
             labels[KUBE_APISERVER] = ""
-            origins.append("endpoints default/kubernetes")
-        if services and not origins:
+            origins.append("service default/kubernetes")
+        if services and not origins and KUBE_APISERVER not in labels:
             origins.append("endpointslices of " + ", ".join(sorted(k.partition(":")[2] for k in services)))
         if not origins:
             return None

@@ -150,7 +150,7 @@ def test_embedded_config_and_policy_pass_proxyd_check(
 
 @pytest.mark.parametrize("path", ["node-daemonset.yaml", "sidecar-example.yaml"])
 def test_rbac_grants_exactly_what_the_cluster_source_reads(path: str) -> None:
-    """The ClusterRole and Role name every (group, resource) proxyd lists and watches, no more."""
+    """The ClusterRole names every (group, resource) proxyd lists and watches, no more."""
     from proxyd.config import KubernetesConfig
     from proxyd.kube.cluster import KubeSource
 
@@ -162,10 +162,10 @@ def test_rbac_grants_exactly_what_the_cluster_source_reads(path: str) -> None:
         info = r.resource._api_info
         read.add((info.resource.group, info.plural, r.namespace if r.namespace != "*" else None))
     granted = set()
-    for kind, ns in (("ClusterRole", None), ("Role", "default")):
-        for rule in one(KDIR / path, kind)["rules"]:
-            assert rule["verbs"] == ["get", "list", "watch"]  # reads only
-            granted |= {(g, res, ns) for g in rule["apiGroups"] for res in rule["resources"]}
+    for rule in one(KDIR / path, "ClusterRole")["rules"]:
+        assert rule["verbs"] == ["get", "list", "watch"]  # reads only
+        granted |= {(g, res, None) for g in rule["apiGroups"] for res in rule["resources"]}
+    assert not any(d["kind"] in ("Role", "RoleBinding") for d in docs(KDIR / path))
     assert granted == read
     workload = next(d for d in docs(KDIR / path) if d["kind"] in ("DaemonSet", "Deployment"))
     spec = workload["spec"]["template"]["spec"]
