@@ -91,7 +91,8 @@ async def test_pods_namespaces_nodes_and_apiserver_become_identities(
     await api.put("nodes", {"metadata": {"name": "n2"}, "status": n2})
     for svc, ip in (("kubernetes", "192.168.1.100"), ("other", "192.168.1.101")):
         md = {"name": f"{svc}-1", "namespace": "default", "labels": {"kubernetes.io/service-name": svc}}
-        await api.put("endpointslices", {"metadata": md, "addressType": "IPv4", "endpoints": [{"addresses": [ip]}]})
+        eps = [{"addresses": [ip]}]
+        await api.put("endpointslices", {"metadata": md, "addressType": "IPv4", "endpoints": eps})
     async with kube_daemon(
         api, tmp_path, "identities:\n  - cidr: 10.0.0.0/8\n    labels: {static: 'yes'}\n"
     ) as d:
