@@ -92,6 +92,17 @@ class Limits:
 
 
 @dataclass(frozen=True, slots=True)
+class KubernetesConfig:
+    """Where to read identities and policies from a cluster (docs/kubernetes.md)."""
+
+    kubeconfig: Path | None = None  # None: in-cluster (service-account token and CA)
+    cluster_name: str = "default"
+    node_name: str | None = None  # None: $NODE_NAME when the daemon starts, else no node is `host`
+    identities: bool = True
+    policies: bool = True
+
+
+@dataclass(frozen=True, slots=True)
 class Config:
     listeners: tuple[ListenerConfig, ...]
     identities: tuple[tuple[str, Mapping[str, str]], ...] = ()
@@ -101,6 +112,7 @@ class Config:
     limits: Limits = Limits()
     upstream_mark: int | None = None
     source: Path | None = None
+    kubernetes: KubernetesConfig | None = None
 
     def listener(self, name: str) -> ListenerConfig:
         for lc in self.listeners:
@@ -303,7 +315,8 @@ def _line_of(problem: str) -> int:
 
 # --- the loader ------------------------------------------------------------------------------
 
-_TOP = ("listeners", "identities", "policy", "access_log", "admin", "limits", "upstream_mark")
+_TOP = ("listeners", "identities", "policy", "access_log", "admin", "limits", "upstream_mark", "kubernetes")
+_KUBERNETES = ("kubeconfig", "cluster_name", "node_name", "identities", "policies")
 _LISTENER = (
     "name", "address", "l7proto", "upstream", "direction", "parser_config", "policy_mode", "redirect",
     "idle_timeout", "request_timeout",
@@ -404,6 +417,7 @@ def parse_config(text: str, path: Path, registry: Registry) -> Config:
             request_timeout=_get(lim, "request_timeout", "limits", p, parse_duration, 30.0),
         )
     mark = _get(doc, "upstream_mark", "", p, _positive(_int), None)
+    kubernetes = _kubernetes(doc, p, base)
     if p.lines:
         raise ConfigError(sorted(p.lines, key=_line_of))
     return Config(
@@ -415,6 +429,25 @@ def parse_config(text: str, path: Path, registry: Registry) -> Config:
         limits=limits,
         upstream_mark=mark,
         source=path,
+        kubernetes=kubernetes,
+    )
+
+
+def _kubernetes(doc: LMap, p: _Problems, base: Path) -> KubernetesConfig | None:
+    if "kubernetes" in doc and doc.get("kubernetes") is None:
+        return KubernetesConfig()  # `kubernetes:` alone: every default (in-cluster)
+    kube = _section(doc, "kubernetes", p, "kubernetes", _KUBERNETES)
+    if kube is None:
+        return None
+    kubeconfig = _get(kube, "kubeconfig", "kubernetes", p, _str, None)
+    if kubeconfig is not None and not (base / kubeconfig).is_file():
+        p.add(kube.where_of("kubeconfig"), "kubernetes.kubeconfig", f"no such file: {base / kubeconfig}")
+    return KubernetesConfig(
+        kubeconfig=(base / kubeconfig) if kubeconfig else None,
+        cluster_name=_get(kube, "cluster_name", "kubernetes", p, _str, "default"),
+        node_name=_get(kube, "node_name", "kubernetes", p, _str, None),
+        identities=_get(kube, "identities", "kubernetes", p, _bool, True),
+        policies=_get(kube, "policies", "kubernetes", p, _bool, True),
     )
 
 
