@@ -8,6 +8,7 @@ starts half-configured. Listener ``parser_config`` is validated by the parser's 
 from __future__ import annotations
 
 import ipaddress
+import os
 import re
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
@@ -100,6 +101,8 @@ class Config:
     admin: AdminConfig | None = None
     limits: Limits = Limits()
     upstream_mark: int | None = None
+    #: Worker processes (docs/configuration.md "workers"); 1 is the single-process daemon.
+    workers: int = 1
     source: Path | None = None
 
     def listener(self, name: str) -> ListenerConfig:
@@ -261,6 +264,22 @@ def _positive(conv: Callable[[Any], Any]) -> Callable[[Any], Any]:
     return wrapped
 
 
+#: More workers than this is a typo, not a machine: each one is a whole process.
+MAX_WORKERS = 1024
+
+
+def parse_workers(v: Any) -> int:
+    """``workers``: a count, or ``auto`` for the CPUs this process may run on (its affinity
+    mask, which honours taskset and a container's cpuset; not the machine's core count)."""
+    if v == "auto":
+        return max(1, len(os.sched_getaffinity(0)))
+    if isinstance(v, bool) or not isinstance(v, int):
+        raise ValueError(f"must be a number of worker processes or auto, not {v!r}")
+    if not 1 <= v <= MAX_WORKERS:
+        raise ValueError(f"must be between 1 and {MAX_WORKERS} (or auto), not {v}")
+    return v
+
+
 def _str_list(v: Any) -> tuple[str, ...]:
     if not isinstance(v, list) or not all(isinstance(x, str) for x in v):
         raise ValueError("must be a list of strings")
@@ -303,7 +322,7 @@ def _line_of(problem: str) -> int:
 
 # --- the loader ------------------------------------------------------------------------------
 
-_TOP = ("listeners", "identities", "policy", "access_log", "admin", "limits", "upstream_mark")
+_TOP = ("listeners", "identities", "policy", "access_log", "admin", "limits", "upstream_mark", "workers")
 _LISTENER = (
     "name", "address", "l7proto", "upstream", "direction", "parser_config", "policy_mode", "redirect",
     "idle_timeout", "request_timeout",
@@ -404,6 +423,7 @@ def parse_config(text: str, path: Path, registry: Registry) -> Config:
             request_timeout=_get(lim, "request_timeout", "limits", p, parse_duration, 30.0),
         )
     mark = _get(doc, "upstream_mark", "", p, _positive(_int), None)
+    workers = _get(doc, "workers", "", p, parse_workers, 1)
     if p.lines:
         raise ConfigError(sorted(p.lines, key=_line_of))
     return Config(
@@ -414,6 +434,7 @@ def parse_config(text: str, path: Path, registry: Registry) -> Config:
         admin=admin,
         limits=limits,
         upstream_mark=mark,
+        workers=workers,
         source=path,
     )
 
