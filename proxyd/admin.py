@@ -248,7 +248,7 @@ class AdminServer:
                 self.socket_path.unlink()
 
     async def metrics(self, request: web.Request) -> web.Response:
-        body = self.daemon.metrics.render()
+        body = await self.daemon.render_metrics()
         return web.Response(body=body, headers={"Content-Type": "text/plain; version=0.0.4; charset=utf-8"})
 
     async def healthz(self, request: web.Request) -> web.Response:

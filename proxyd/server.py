@@ -87,6 +87,8 @@ class ListenerRuntime:
         sock = socket.socket(family, socket.SOCK_STREAM)
         try:
             sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+            if self.daemon.reuse_port:  # worker processes share the address (proxyd.workers)
+                sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEPORT, 1)
             if family == socket.AF_INET6 and ipaddress.ip_address(host).is_unspecified:
                 sock.setsockopt(socket.IPPROTO_IPV6, socket.IPV6_V6ONLY, 0)
             try:
@@ -234,6 +236,9 @@ class ListenerRuntime:
 
 class Daemon:
     """One proxyd process's worth of state; tests run several in one event loop."""
+
+    #: Bind listeners with SO_REUSEPORT: set by the worker processes of ``workers: N``.
+    reuse_port = False
 
     def __init__(self, config: Config, registry: Registry | None = None) -> None:
         self.config = config
@@ -431,6 +436,10 @@ class Daemon:
         except OSError as exc:
             self.log.error("access log reopen failed, still writing to the old file",
                            path=self.config.access_log.path, error=exc.strerror or str(exc))  # fmt: skip
+
+    async def render_metrics(self) -> bytes:
+        """The ``/metrics`` body (the control process of ``workers: N`` gathers its workers')."""
+        return self.metrics.render()
 
     def request_stop(self) -> None:
         self._stop.set()
