@@ -45,6 +45,7 @@ from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any
 
+from prometheus_client import CollectorRegistry, generate_latest
 from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, Metric
 from prometheus_client.registry import Collector
 
@@ -196,7 +197,9 @@ class ControlDaemon(Daemon):
         self._seq = itertools.count(1)
         #: Counters of workers that exited: they stay in the totals.
         self._retired_counters: Families = []
-        self.metrics.registry.register(_Families(self._own_families))
+        #: What /metrics shows: the control's own families and the workers' summed.
+        self._scrape = CollectorRegistry(auto_describe=False)
+        self._scrape.register(_Families(self._families))
 
     # --- workers -----------------------------------------------------------------------
 
@@ -335,9 +338,12 @@ class ControlDaemon(Daemon):
     async def render_metrics(self) -> bytes:
         answers = await self._ask_all(lambda seq: ("metrics?", seq), SCRAPE_TIMEOUT)
         del answers  # each answer updated its worker's report
-        return self.metrics.render()
+        return generate_latest(self._scrape)
 
-    def _own_families(self) -> Iterator[Metric]:
+    def _families(self) -> Iterator[Metric]:
+        for fam in self.metrics.registry.collect():
+            if fam.name in CONTROL_FAMILIES:
+                yield fam
         reports = [w.report for w in self.workers.values()]
         yield from _sum_families([*reports, self._retired_counters])
         g = GaugeMetricFamily("proxyd_workers", "Worker processes running (workers: N)")
