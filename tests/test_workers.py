@@ -1,0 +1,280 @@
+"""``workers: N`` end to end: a `proxyd run` subprocess with two worker processes in front of a
+real memcached. Which worker holds a connection is read from the kernel (/proc/net/tcp gives the
+accepted socket's inode, /proc/PID/fd says which process holds it), not from proxyd.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import re
+import signal
+import socket
+import subprocess
+import sys
+import time
+from collections.abc import Iterator
+from pathlib import Path
+
+import pytest
+from memcached_fixture import start_memcached
+from needs import free_port
+from test_harden import Proxyd
+
+from proxyd.config import load_config
+from proxyd.errors import ConfigError
+
+TOKEN = "workers-test-token"
+POLICY = """\
+apiVersion: cilium.io/v2
+kind: CiliumNetworkPolicy
+metadata: {name: only-pub}
+spec:
+  endpointSelector: {matchLabels: {app: memcached}}
+  ingress:
+    - toPorts:
+        - ports: [{port: "PORT", protocol: TCP}]
+          rules:
+            l7proto: memcache
+            l7: [{command: get, keyPrefix: "pub/"}]
+"""
+
+
+def _config(listen: int, upstream: int, admin: int, workers: str = "2") -> str:
+    return f"""\
+listeners:
+  - name: mc
+    address: "127.0.0.1:{listen}"
+    l7proto: memcache
+    upstream: "127.0.0.1:{upstream}"
+identities:
+  - cidr: 127.0.0.0/8
+    labels: {{app: memcached}}
+access_log:
+  path: access.log
+admin:
+  address: "127.0.0.1:{admin}"
+  token_file: admin.token
+limits:
+  max_connections: 1000
+workers: {workers}
+"""
+
+
+@pytest.fixture
+def memcached() -> Iterator[int]:
+    with start_memcached() as port:
+        yield port
+
+
+def make(tmp_path: Path, memcached: int, workers: str = "2") -> tuple[Proxyd, int]:
+    (tmp_path / "admin.token").write_text(TOKEN + "\n")
+    (tmp_path / "admin.token").chmod(0o600)
+    listen, admin = free_port(), free_port()
+    return Proxyd(tmp_path, _config(listen, memcached, admin, workers), admin=admin), listen
+
+
+def worker_pids(control: int) -> set[int]:
+    out = set()
+    for entry in os.listdir("/proc"):
+        if entry.isdigit():
+            try:
+                stat = Path(f"/proc/{entry}/stat").read_text()
+            except OSError:
+                continue
+            if int(stat.rsplit(")", 1)[1].split()[1]) == control:
+                out.add(int(entry))
+    return out
+
+
+def holder(client: socket.socket, listen: int, pids: set[int]) -> int:
+    """The pid among ``pids`` holding the accepted end of ``client``'s connection."""
+    cport = client.getsockname()[1]
+    inode = None
+    for line in Path("/proc/net/tcp").read_text().splitlines()[1:]:
+        f = line.split()
+        if int(f[1].split(":")[1], 16) == listen and int(f[2].split(":")[1], 16) == cport:
+            inode = f[9]
+    assert inode is not None, f"no accepted socket for client port {cport}"
+    for pid in pids:
+        for fd in os.listdir(f"/proc/{pid}/fd"):
+            try:
+                if os.readlink(f"/proc/{pid}/fd/{fd}") == f"socket:[{inode}]":
+                    return pid
+            except OSError:
+                continue
+    raise AssertionError(f"no worker holds socket {inode}")
+
+
+def connect(listen: int) -> socket.socket:
+    s = socket.create_connection(("127.0.0.1", listen), timeout=10)
+    return s
+
+
+def ask(s: socket.socket, request: bytes) -> bytes:
+    s.sendall(request)
+    data = b""
+    while not data.endswith((b"END\r\n", b"STORED\r\n")) and not (b"ERROR" in data and data.endswith(b"\n")):
+        chunk = s.recv(4096)
+        if not chunk:
+            break
+        data += chunk
+    return data
+
+
+def accepted(s: socket.socket) -> None:
+    """Wait until the proxy accepted ``s`` (one round trip through it)."""
+    assert ask(s, b"get pub/x\r\n") == b"END\r\n"
+
+
+def metric(d: Proxyd, name: str) -> float:
+    total = 0.0
+    for line in d.metrics().splitlines():
+        if line.startswith(name + "{") or line.startswith(name + " "):
+            total += float(line.rsplit(" ", 1)[1])
+    return total
+
+
+def wait_until(cond: object, what: str, timeout: float = 30) -> None:
+    end = time.monotonic() + timeout
+    while not cond():  # type: ignore[operator]
+        assert time.monotonic() < end, what
+        time.sleep(0.05)
+
+
+def test_workers_key_is_validated(tmp_path: Path) -> None:
+    cfg = tmp_path / "p.yaml"
+    base = 'listeners:\n  - name: a\n    address: "127.0.0.1:1"\n    upstream: "127.0.0.1:2"\n'
+    for bad, why in (("0", "between 1 and"), ("two", "number of worker processes or auto"), ("true", "auto")):
+        cfg.write_text(base + f"workers: {bad}\n")
+        with pytest.raises(ConfigError) as exc:
+            load_config(cfg)
+        assert exc.value.problems[0].startswith(f"{cfg}:5: workers: "), exc.value.problems
+        assert why in exc.value.problems[0]
+    cfg.write_text(base + "workers: auto\n")
+    assert load_config(cfg).workers == len(os.sched_getaffinity(0))
+    cfg.write_text(base)
+    assert load_config(cfg).workers == 1
+
+
+def test_two_workers_share_connections_policy_metrics_and_log(tmp_path: Path, memcached: int) -> None:
+    d, listen = make(tmp_path, memcached)
+    try:
+        pids = worker_pids(d.proc.pid)
+        assert len(pids) == 2
+        assert metric(d, "proxyd_workers") == 2
+        clients = [connect(listen) for _ in range(40)]
+        for c in clients:
+            accepted(c)
+        by_worker = {holder(c, listen, pids) for c in clients}
+        assert by_worker == pids  # SO_REUSEPORT spread them over both
+        assert metric(d, "proxyd_connections_active") == 40
+        for c in clients:
+            c.close()
+
+        # A policy change through the admin API: 200 once both workers apply it.
+        body = POLICY.replace("PORT", str(memcached)).encode()
+        hdrs = {"Content-Type": "application/yaml", "Authorization": f"Bearer {TOKEN}"}
+        status, answer = d.status("POST", "/v1/policy", body, hdrs)
+        assert status == 200, answer
+        assert d.status("GET", "/v1/policy")[1]["revision"] == answer["revision"]
+        clients = [connect(listen) for _ in range(40)]
+        for c in clients:
+            accepted(c)  # pub/ is still allowed
+        assert {holder(c, listen, pids) for c in clients} == pids
+        for c in clients:
+            assert b"ERROR" in ask(c, b"get secret\r\n")  # every worker's next request is denied
+            c.close()
+
+        assert metric(d, "proxyd_connections_total") == 80
+        assert metric(d, 'proxyd_l7_requests_total{l7proto="memcache",verdict="denied"}') == 40
+        d.proc.send_signal(signal.SIGTERM)
+        assert d.proc.wait(30) == 0
+        assert not worker_pids(d.proc.pid)
+        raw = (tmp_path / "access.log").read_bytes()
+        assert raw.endswith(b"\n")
+        lines = [json.loads(x) for x in raw.split(b"\n") if x]  # every line whole
+        assert sum(1 for x in lines if x["event"] == "connection") == 80
+        denied = [x for x in lines if x["event"] == "l7" and x["verdict"] == "denied"]
+        assert len(denied) == 40
+    finally:
+        d.stop()
+
+
+def test_killed_worker_is_restarted_and_others_undisturbed(tmp_path: Path, memcached: int) -> None:
+    d, listen = make(tmp_path, memcached)
+    try:
+        pids = worker_pids(d.proc.pid)
+        clients: dict[int, list[socket.socket]] = {p: [] for p in pids}
+        for _ in range(64):
+            c = connect(listen)
+            accepted(c)
+            clients[holder(c, listen, pids)].append(c)
+            if all(clients.values()):
+                break
+        victim, survivor = sorted(pids)
+        os.kill(victim, signal.SIGKILL)
+        for c in clients[victim]:
+            c.settimeout(10)
+            assert c.recv(100) == b""  # its own connections are gone
+        for c in clients[survivor]:
+            assert ask(c, b"set pub/k 0 0 1\r\nv\r\n") == b"STORED\r\n"
+            assert ask(c, b"get pub/k\r\n") == b"VALUE pub/k 0 1\r\nv\r\nEND\r\n"
+        wait_until(lambda: len(worker_pids(d.proc.pid)) == 2 and metric(d, "proxyd_workers") == 2,
+                   "worker not restarted")  # fmt: skip
+        assert metric(d, "proxyd_worker_restarts_total") == 1
+        new = worker_pids(d.proc.pid)
+        assert survivor in new and victim not in new
+        assert '"worker exited, restarting it"' in d.stderr()
+        for c in [*clients[survivor], *(connect(listen) for _ in range(8))]:
+            accepted(c)
+            c.close()
+        d.proc.send_signal(signal.SIGTERM)
+        assert d.proc.wait(30) == 0
+    finally:
+        d.stop()
+
+
+def test_a_worker_that_cannot_bind_fails_the_start(tmp_path: Path, memcached: int) -> None:
+    taken = socket.socket()
+    taken.bind(("127.0.0.1", 0))
+    taken.listen()
+    port = taken.getsockname()[1]
+    cfg = tmp_path / "p.yaml"
+    cfg.write_text(_config(port, memcached, free_port()).replace("  token_file: admin.token\n", ""))
+    try:
+        res = subprocess.run([sys.executable, "-m", "proxyd", "run", "--config", str(cfg)],
+                             capture_output=True, text=True, timeout=60)  # fmt: skip
+    finally:
+        taken.close()
+    assert res.returncode == 1
+    assert re.search(rf"proxyd: cannot start: worker \d: listener 'mc': cannot bind 127.0.0.1:{port}: "
+                     "Address already in use", res.stderr), res.stderr  # fmt: skip
+
+
+def test_sigusr1_reopens_the_log_in_every_worker(tmp_path: Path, memcached: int) -> None:
+    d, listen = make(tmp_path, memcached)
+    try:
+        pids = worker_pids(d.proc.pid)
+        log = tmp_path / "access.log"
+        (tmp_path / "rotated.log").unlink(missing_ok=True)
+        log.rename(tmp_path / "rotated.log")
+        d.proc.send_signal(signal.SIGUSR1)
+        wait_until(log.exists, "access log not reopened")
+        port_of: dict[int, int] = {}  # client port -> worker pid
+        end = time.monotonic() + 30
+        while True:  # until a connection line of each worker is in the new file
+            c = connect(listen)
+            accepted(c)
+            port_of[c.getsockname()[1]] = holder(c, listen, pids)
+            c.close()
+            time.sleep(0.3)  # a flush interval
+            ports = {int(x["src"].rsplit(":", 1)[1]) for x in d.log() if x["event"] == "connection"}
+            if {port_of[p] for p in ports if p in port_of} == pids:
+                break
+            assert time.monotonic() < end, "a worker never wrote to the reopened file"
+        d.proc.send_signal(signal.SIGTERM)
+        assert d.proc.wait(30) == 0
+        assert all(json.loads(x) for x in (tmp_path / "rotated.log").read_bytes().split(b"\n") if x)
+    finally:
+        d.stop()
