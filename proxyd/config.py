@@ -424,6 +424,11 @@ def parse_config(text: str, path: Path, registry: Registry) -> Config:
         )
     mark = _get(doc, "upstream_mark", "", p, _positive(_int), None)
     workers = _get(doc, "workers", "", p, parse_workers, 1)
+    zero = [lc.name for lc in listeners if lc.port == 0]
+    if workers > 1 and zero:
+        # Each worker binds the address itself: port 0 would give each a different port.
+        p.add(doc.where_of("workers"), "workers",
+              f"listeners {', '.join(zero)} have port 0; more than one worker needs fixed ports")  # fmt: skip
     if p.lines:
         raise ConfigError(sorted(p.lines, key=_line_of))
     return Config(

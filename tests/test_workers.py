@@ -12,6 +12,7 @@ import signal
 import socket
 import subprocess
 import sys
+import threading
 import time
 from collections.abc import Iterator
 from pathlib import Path
@@ -151,6 +152,12 @@ def test_workers_key_is_validated(tmp_path: Path) -> None:
             load_config(cfg)
         assert exc.value.problems[0].startswith(f"{cfg}:5: workers: "), exc.value.problems
         assert why in exc.value.problems[0]
+    cfg.write_text(base.replace(":1", ":0") + "workers: 2\n")
+    with pytest.raises(ConfigError) as exc:
+        load_config(cfg)
+    assert exc.value.problems == [
+        f"{cfg}:5: workers: listeners a have port 0; more than one worker needs fixed ports"
+    ]
     cfg.write_text(base + "workers: auto\n")
     assert load_config(cfg).workers == len(os.sched_getaffinity(0))
     cfg.write_text(base)
@@ -278,3 +285,51 @@ def test_sigusr1_reopens_the_log_in_every_worker(tmp_path: Path, memcached: int)
         assert all(json.loads(x) for x in (tmp_path / "rotated.log").read_bytes().split(b"\n") if x)
     finally:
         d.stop()
+
+
+def test_stdout_log_lines_stay_whole_with_concurrent_workers(tmp_path: Path, memcached: int) -> None:
+    listen, admin = free_port(), free_port()
+    cfg = tmp_path / "p.yaml"
+    cfg.write_text(_config(listen, memcached, admin).replace("path: access.log", 'path: "-"')
+                   .replace("  token_file: admin.token\n", ""))  # fmt: skip
+    proc = subprocess.Popen([sys.executable, "-m", "proxyd", "run", "--config", str(cfg)],
+                            stdout=subprocess.PIPE, stderr=subprocess.DEVNULL)  # fmt: skip
+    out: list[bytes] = []
+    reader = threading.Thread(target=lambda: out.append(proc.stdout.read()), daemon=True)  # type: ignore[union-attr]
+    reader.start()
+    try:
+        wait_until(lambda: _answers(admin), "daemon not ready")
+        key = b"pub/" + b"k" * 240
+
+        def client() -> None:
+            for _ in range(50):
+                c = connect(listen)
+                for _ in range(10):
+                    assert ask(c, b"get " + key + b"\r\n") == b"END\r\n"
+                c.close()
+
+        threads = [threading.Thread(target=client) for _ in range(4)]
+        for t in threads:
+            t.start()
+        for t in threads:
+            t.join(120)
+        proc.send_signal(signal.SIGTERM)
+        assert proc.wait(30) == 0
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+            proc.wait(5)
+    reader.join(10)
+    proc.stdout.close()  # type: ignore[union-attr]
+    lines = [json.loads(x) for x in out[0].split(b"\n") if x]  # every line whole
+    assert sum(1 for x in lines if x["event"] == "connection") == 200
+    assert sum(1 for x in lines if x["event"] == "l7") == 200 * 10 * 2
+
+
+def _answers(admin: int) -> bool:
+    try:
+        with socket.create_connection(("127.0.0.1", admin), timeout=2) as s:
+            s.sendall(b"GET /readyz HTTP/1.0\r\n\r\n")
+            return s.recv(100).split(b" ")[1:2] == [b"200"]
+    except OSError:
+        return False
