@@ -75,6 +75,8 @@ RESTART_BACKOFF = 1.0
 CONTROL_FAMILIES = frozenset({"proxyd_policy_reloads", "proxyd_policy_revision", "proxyd_connections_max",
                               "proxyd_build"})  # fmt: skip
 PR_SET_PDEATHSIG = 1
+#: A worker's conn_ids are (its start number << this) + 1, 2, ...: 4 billion connections each.
+CONN_ID_BITS = 32
 #: Environment a worker must not inherit: systemd would take its notifications for the daemon's.
 _CONTROL_ONLY_ENV = ("NOTIFY_SOCKET", "WATCHDOG_USEC", "WATCHDOG_PID")
 
@@ -196,6 +198,7 @@ class ControlDaemon(Daemon):
         self.workers: dict[int, WorkerHandle] = {}
         self.restarts = 0
         self._seq = itertools.count(1)
+        self._spawns = itertools.count(0)  # every worker start gets its own conn_id range
         #: Counters of workers that exited: they stay in the totals.
         self._retired_counters: Families = []
         #: What /metrics shows: the control's own families and the workers' summed.
@@ -224,8 +227,9 @@ class ControlDaemon(Daemon):
         w = WorkerHandle(index, proc, reader, writer)
         async with self._policy_lock:
             store = self.policy
-            await _send(writer, ("start", worker_config(self.config, self.n_workers), index,
-                                 store.revision, policy_entries(store.current.documents)))  # fmt: skip
+            cfg = worker_config(self.config, self.n_workers)
+            entries = policy_entries(store.current.documents)
+            await _send(writer, ("start", cfg, index, next(self._spawns), store.revision, entries))
             self.workers[index] = w
         try:
             msg = await asyncio.wait_for(_recv(reader), START_TIMEOUT)
@@ -549,9 +553,11 @@ async def _worker(sock: socket.socket) -> int:
     msg = await _recv(reader)
     if msg is None or msg[0] != "start":
         return 1
-    _, config, index, revision, entries = msg
+    _, config, index, spawn, revision, entries = msg
     registry = Registry.load()
     daemon = WorkerDaemon(config, registry, index)
+    # conn_id stays unique per daemon run: each worker start counts in its own range.
+    daemon.conn_ids = itertools.count((spawn << CONN_ID_BITS) + 1)
     raise_fd_limit(config.limits.max_connections)
     try:
         await daemon.apply_policy(revision, entries)

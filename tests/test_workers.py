@@ -202,6 +202,7 @@ def test_two_workers_share_connections_policy_metrics_and_log(tmp_path: Path, me
         assert raw.endswith(b"\n")
         lines = [json.loads(x) for x in raw.split(b"\n") if x]  # every line whole
         assert sum(1 for x in lines if x["event"] == "connection") == 80
+        assert len({x["conn_id"] for x in lines if x["event"] == "connection"}) == 80  # unique daemon-wide
         denied = [x for x in lines if x["event"] == "l7" and x["verdict"] == "denied"]
         assert len(denied) == 40
     finally:
@@ -333,3 +334,26 @@ def _answers(admin: int) -> bool:
             return s.recv(100).split(b" ")[1:2] == [b"200"]
     except OSError:
         return False
+
+
+def test_sighup_reaches_every_worker(tmp_path: Path, memcached: int) -> None:
+    d, _ = make(tmp_path, memcached)
+    try:
+        pids = worker_pids(d.proc.pid)
+        second = free_port()
+        text = d.cfg.read_text()
+        added = (f'  - name: mc2\n    address: "127.0.0.1:{second}"\n    l7proto: memcache\n'
+                 f'    upstream: "127.0.0.1:{memcached}"\n')  # fmt: skip
+        d.cfg.write_text(text.replace("identities:", added + "identities:", 1))
+        d.proc.send_signal(signal.SIGHUP)
+        wait_until(lambda: '"config reloaded"' in d.stderr(), "config not reloaded")
+        clients = [connect(second) for _ in range(40)]
+        for c in clients:
+            accepted(c)
+        assert {holder(c, second, pids) for c in clients} == pids  # both workers bound mc2
+        for c in clients:
+            c.close()
+        assert worker_pids(d.proc.pid) == pids
+        assert metric(d, 'proxyd_connections_total{listener="mc2"}') == 40
+    finally:
+        d.stop()
