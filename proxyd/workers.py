@@ -47,7 +47,7 @@ from pathlib import Path
 from typing import IO, Any, cast
 
 from prometheus_client import CollectorRegistry, generate_latest
-from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, Metric
+from prometheus_client.core import Metric
 from prometheus_client.registry import Collector
 
 from proxyd import sdnotify
@@ -73,7 +73,7 @@ SCRAPE_TIMEOUT = 2.0
 RESTART_BACKOFF = 1.0
 #: Families the control process answers itself (its config and policy, not the data path).
 CONTROL_FAMILIES = frozenset({"proxyd_policy_reloads", "proxyd_policy_revision", "proxyd_connections_max",
-                              "proxyd_build"})  # fmt: skip
+                              "proxyd_build", "proxyd_workers", "proxyd_worker_restarts"})  # fmt: skip
 PR_SET_PDEATHSIG = 1
 #: A worker's conn_ids are (its start number << this) + 1, 2, ...: 4 billion connections each.
 CONN_ID_BITS = 32
@@ -278,6 +278,7 @@ class ControlDaemon(Daemon):
         if self.stopping:
             return
         self.restarts += 1
+        self.metrics.worker_restarts_total.inc()
         self.log.error("worker exited, restarting it", worker=w.index, pid=w.pid, status=status,
                        restarts=self.restarts)  # fmt: skip
         while not self.stopping:
@@ -341,6 +342,7 @@ class ControlDaemon(Daemon):
         self.spawn(self._ask_all(lambda seq: ("reopen", seq), APPLY_TIMEOUT))
 
     async def render_metrics(self) -> bytes:
+        self.metrics.workers.set(len(self.workers))
         answers = await self._ask_all(lambda seq: ("metrics?", seq), SCRAPE_TIMEOUT)
         del answers  # each answer updated its worker's report
         return generate_latest(self._scrape)
@@ -351,12 +353,6 @@ class ControlDaemon(Daemon):
                 yield fam
         reports = [w.report for w in self.workers.values()]
         yield from _sum_families([*reports, self._retired_counters])
-        g = GaugeMetricFamily("proxyd_workers", "Worker processes running (workers: N)")
-        g.add_metric([], len(self.workers))
-        yield g
-        c = CounterMetricFamily("proxyd_worker_restarts", "Worker processes restarted after they exited")
-        c.add_metric([], self.restarts)
-        yield c
 
     # --- lifecycle -------------------------------------------------------------------------
 

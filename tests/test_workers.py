@@ -19,7 +19,7 @@ from pathlib import Path
 
 import pytest
 from memcached_fixture import start_memcached
-from needs import free_port
+from needs import free_port, need_binary
 from test_harden import Proxyd
 
 from proxyd.config import load_config
@@ -194,6 +194,12 @@ def test_two_workers_share_connections_policy_metrics_and_log(tmp_path: Path, me
             c.close()
 
         assert metric(d, "proxyd_connections_total") == 80
+        need_binary("promtool")
+        res = subprocess.run(["promtool", "check", "metrics"], input=d.metrics(), capture_output=True,
+                             text=True, timeout=60)  # fmt: skip
+        assert res.returncode == 0 and not res.stdout.strip() and not res.stderr.strip(), (
+            res.stdout + res.stderr
+        )
         assert metric(d, 'proxyd_l7_requests_total{l7proto="memcache",verdict="denied"}') == 40
         d.proc.send_signal(signal.SIGTERM)
         assert d.proc.wait(30) == 0
