@@ -236,7 +236,11 @@ class ControlDaemon(Daemon):
         except TimeoutError:
             msg = ("failed", f"worker {index} did not start within {START_TIMEOUT:.0f}s")
         if msg is None or msg[0] != "ready":
-            self.workers.pop(index, None)
+            if self.workers.get(index) is w:
+                del self.workers[index]
+            for fut in w.waiting.values():  # a change pushed meanwhile: do not wait for it
+                if not fut.done():
+                    fut.set_result(None)
             writer.close()
             proc.kill()
             status = await asyncio.get_running_loop().run_in_executor(None, proc.wait)
@@ -289,24 +293,26 @@ class ControlDaemon(Daemon):
                 self.log.error("worker restart failed, retrying", worker=w.index, error=exc.strerror)
                 await asyncio.sleep(RESTART_BACKOFF)
 
-    async def _ask_all(self, make: Callable[[int], tuple[Any, ...]], wait_s: float) -> list[Any]:
-        """Send a message to every worker and wait for each one's answer (None: it exited or
-        did not answer in time)."""
+    async def _ask_all(
+        self, make: Callable[[int], tuple[Any, ...]], wait_s: float
+    ) -> list[tuple[WorkerHandle, Any]]:
+        """Send a message to every worker and wait for each one's answer: (worker, answer), the
+        answer None when it exited or did not answer in time."""
         loop = asyncio.get_running_loop()
-        futs = []
+        asked: list[tuple[WorkerHandle, asyncio.Future[Any]]] = []
         for w in list(self.workers.values()):
             seq = next(self._seq)
             fut: asyncio.Future[Any] = loop.create_future()
             w.waiting[seq] = fut
-            futs.append(fut)
+            asked.append((w, fut))
             try:
                 await _send(w.writer, make(seq))
             except (ConnectionError, RuntimeError):
                 fut.set_result(None)  # exiting: its reader task restarts it
-        if not futs:
+        if not asked:
             return []
-        done, _ = await asyncio.wait(futs, timeout=wait_s)
-        return [f.result() if f in done else None for f in futs]
+        done, _ = await asyncio.wait([f for _, f in asked], timeout=wait_s)
+        return [(w, f.result() if f in done else None) for w, f in asked]
 
     # --- what reaches the workers ----------------------------------------------------------
 
@@ -322,7 +328,7 @@ class ControlDaemon(Daemon):
     async def _push_policy(self) -> None:
         revision, entries = self.policy.revision, policy_entries(self.policy.current.documents)
         answers = await self._ask_all(lambda seq: ("policy", seq, revision, entries), APPLY_TIMEOUT)
-        for w, answer in zip(list(self.workers.values()), answers, strict=False):
+        for w, answer in answers:
             if answer is not None and answer[0] == "apply_failed":
                 # Valid here, refused there: a bug. The worker restarts with the current policy.
                 self.log.error("worker could not apply the policy; restarting it", worker=w.index,

@@ -363,3 +363,24 @@ def test_sighup_reaches_every_worker(tmp_path: Path, memcached: int) -> None:
         assert metric(d, 'proxyd_connections_total{listener="mc2"}') == 40
     finally:
         d.stop()
+
+
+def test_workers_die_with_the_control_process(tmp_path: Path, memcached: int) -> None:
+    d, listen = make(tmp_path, memcached)
+    try:
+        pids = worker_pids(d.proc.pid)
+        assert len(pids) == 2
+        d.proc.kill()  # SIGKILL: no chance to stop them
+        d.proc.wait(10)
+
+        def gone(pid: int) -> bool:
+            try:
+                return Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[0] == "Z"
+            except OSError:
+                return True
+
+        wait_until(lambda: all(gone(p) for p in pids), "workers outlived the control process")
+        with pytest.raises(OSError):
+            connect(listen)
+    finally:
+        d.stop()
