@@ -227,10 +227,27 @@ def test_killed_worker_is_restarted_and_others_undisturbed(tmp_path: Path, memca
             if all(clients.values()):
                 break
         victim, survivor = sorted(pids)
+        # Load on a connection the survivor holds while the victim dies: every request answered.
+        loaded = clients[survivor][0]
+        stop, answers = threading.Event(), []
+
+        def load() -> None:
+            for i in range(20000):  # bounded; stopped once the restart is seen
+                if stop.is_set():
+                    return
+                answers.append(ask(loaded, b"set pub/l 0 0 %d\r\n%d\r\n" % (len(str(i)), i)))
+
+        loader = threading.Thread(target=load)
+        loader.start()
+        wait_until(lambda: len(answers) > 50, "no load")
         os.kill(victim, signal.SIGKILL)
         for c in clients[victim]:
             c.settimeout(10)
             assert c.recv(100) == b""  # its own connections are gone
+        wait_until(lambda: len(worker_pids(d.proc.pid)) == 2, "worker not restarted")
+        stop.set()
+        loader.join(60)
+        assert answers and set(answers) == {b"STORED\r\n"}
         for c in clients[survivor]:
             assert ask(c, b"set pub/k 0 0 1\r\nv\r\n") == b"STORED\r\n"
             assert ask(c, b"get pub/k\r\n") == b"VALUE pub/k 0 1\r\nv\r\nEND\r\n"
