@@ -227,6 +227,9 @@ def test_killed_worker_is_restarted_and_others_undisturbed(tmp_path: Path, memca
             if all(clients.values()):
                 break
         victim, survivor = sorted(pids)
+        body = POLICY.replace("PORT", str(memcached)).encode()
+        hdrs = {"Content-Type": "application/yaml", "Authorization": f"Bearer {TOKEN}"}
+        assert d.status("POST", "/v1/policy", body, hdrs)[0] == 200
         # Load on a connection the survivor holds while the victim dies: every request answered.
         loaded = clients[survivor][0]
         stop, answers = threading.Event(), []
@@ -235,7 +238,7 @@ def test_killed_worker_is_restarted_and_others_undisturbed(tmp_path: Path, memca
             for i in range(20000):  # bounded; stopped once the restart is seen
                 if stop.is_set():
                     return
-                answers.append(ask(loaded, b"set pub/l 0 0 %d\r\n%d\r\n" % (len(str(i)), i)))
+                answers.append(ask(loaded, b"get pub/l%d\r\n" % i))
 
         loader = threading.Thread(target=load)
         loader.start()
@@ -247,19 +250,31 @@ def test_killed_worker_is_restarted_and_others_undisturbed(tmp_path: Path, memca
         wait_until(lambda: len(worker_pids(d.proc.pid)) == 2, "worker not restarted")
         stop.set()
         loader.join(60)
-        assert answers and set(answers) == {b"STORED\r\n"}
+        assert answers and set(answers) == {b"END\r\n"}
         for c in clients[survivor]:
-            assert ask(c, b"set pub/k 0 0 1\r\nv\r\n") == b"STORED\r\n"
-            assert ask(c, b"get pub/k\r\n") == b"VALUE pub/k 0 1\r\nv\r\nEND\r\n"
+            assert ask(c, b"get pub/k\r\n") == b"END\r\n"
+            assert b"ERROR" in ask(c, b"get secret\r\n")
         wait_until(lambda: len(worker_pids(d.proc.pid)) == 2 and metric(d, "proxyd_workers") == 2,
                    "worker not restarted")  # fmt: skip
         assert metric(d, "proxyd_worker_restarts_total") == 1
         new = worker_pids(d.proc.pid)
         assert survivor in new and victim not in new
         assert '"worker exited, restarting it"' in d.stderr()
-        for c in [*clients[survivor], *(connect(listen) for _ in range(8))]:
+        for c in clients[survivor]:
             accepted(c)
             c.close()
+        # The restarted worker has the policy imported before it started.
+        (restarted,) = new - {survivor}
+        on_new = 0
+        for _ in range(64):
+            c = connect(listen)
+            accepted(c)
+            assert b"ERROR" in ask(c, b"get secret\r\n")
+            on_new += holder(c, listen, new) == restarted
+            c.close()
+            if on_new >= 3:
+                break
+        assert on_new >= 3
         d.proc.send_signal(signal.SIGTERM)
         assert d.proc.wait(30) == 0
     finally:
@@ -399,5 +414,21 @@ def test_workers_die_with_the_control_process(tmp_path: Path, memcached: int) ->
         wait_until(lambda: all(gone(p) for p in pids), "workers outlived the control process")
         with pytest.raises(OSError):
             connect(listen)
+    finally:
+        d.stop()
+
+
+def test_workers_1_is_the_single_process_daemon(tmp_path: Path, memcached: int) -> None:
+    d, listen = make(tmp_path, memcached, workers="1")
+    try:
+        assert not worker_pids(d.proc.pid)  # no children: the process itself listens
+        c = connect(listen)
+        accepted(c)
+        assert holder(c, listen, {d.proc.pid}) == d.proc.pid
+        c.close()
+        assert metric(d, "proxyd_workers") == 1
+        assert metric(d, "proxyd_worker_restarts_total") == 0
+        d.proc.send_signal(signal.SIGTERM)
+        assert d.proc.wait(30) == 0
     finally:
         d.stop()
