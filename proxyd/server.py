@@ -181,7 +181,7 @@ class ListenerRuntime:
         info = ConnInfo(conn_id, cfg.name, cfg.direction, src, dst, cfg.l7proto or "")
         if reason is None and cfg.upstream is None and d.upstream_locals.get((src_ip, src_port)) == upstream:
             reason = "loop: this is proxyd's own upstream connection, redirected back to it"
-        if reason is None and d.active_connections() > self.limits.max_connections:
+        if reason is None and d.admitted_connections() > self.limits.max_connections:
             reason = f"max_connections ({self.limits.max_connections}) reached"
         policy: L7Policy = AllowAllPolicy()
         hello_view = None
@@ -216,6 +216,7 @@ class ListenerRuntime:
 
     def forget(self, conn: Connection) -> None:
         self.conns.discard(conn)
+        self.daemon.connection_ended()
         if not self.conns:
             self.daemon.listener_idle(self)
 
@@ -277,6 +278,14 @@ class Daemon:
         return sum(len(lr.conns) for lr in self.listeners.values()) + sum(
             len(lr.conns) for lr in self._retired
         )
+
+    def admitted_connections(self) -> int:
+        """Connections counted against ``limits.max_connections`` (a worker of ``workers: N``
+        adds the other workers')."""
+        return self.active_connections()
+
+    def connection_ended(self) -> None:
+        """A connection ended (a worker of ``workers: N`` publishes its count)."""
 
     def labels_for(self, ip: str) -> Mapping[str, str]:
         """Identity labels of an address, memoised: the same few peers connect again and again."""

@@ -33,6 +33,7 @@ import contextlib
 import ctypes
 import itertools
 import json
+import mmap
 import os
 import pickle
 import select
@@ -75,6 +76,7 @@ RESTART_BACKOFF = 1.0
 CONTROL_FAMILIES = frozenset({"proxyd_policy_reloads", "proxyd_policy_revision", "proxyd_connections_max",
                               "proxyd_build", "proxyd_workers", "proxyd_worker_restarts"})  # fmt: skip
 PR_SET_PDEATHSIG = 1
+_SLOT = struct.Struct("=q")
 #: A worker's conn_ids are (its start number << this) + 1, 2, ...: 4 billion connections each.
 CONN_ID_BITS = 32
 #: Environment a worker must not inherit: systemd would take its notifications for the daemon's.
@@ -108,11 +110,36 @@ def policy_entries(documents: Sequence[Document]) -> PolicyEntries:
     return tuple((json.dumps(d.raw, default=str), d.source) for d in documents)
 
 
-def worker_config(config: Config, workers: int) -> Config:
-    """A worker's share of ``config``: no admin, no policy files, its part of max_connections."""
-    limits = replace(config.limits, max_connections=max(1, config.limits.max_connections // workers))
+def worker_config(config: Config) -> Config:
+    """A worker's part of ``config``: no admin server, no policy files."""
     policy = replace(config.policy, paths=(), state_dir=None)
-    return replace(config, admin=None, policy=policy, limits=limits, workers=1)
+    return replace(config, admin=None, policy=policy, workers=1)
+
+
+class ConnectionCounts:
+    """Open connections per worker, in shared memory: ``limits.max_connections`` holds for the
+    whole daemon. Each worker writes only its own 8-byte slot (its count, at every accept and
+    close) and reads the others' at accept; no lock, so workers accepting at the same instant
+    at the limit can together pass it by at most N - 1. The control process zeroes a dead
+    worker's slot before restarting it."""
+
+    def __init__(self, fd: int, workers: int) -> None:
+        self.fd = fd
+        self.workers = workers
+        self.map = mmap.mmap(fd, 8 * workers)
+        self._all = struct.Struct(f"={workers}q")
+
+    @classmethod
+    def create(cls, workers: int) -> ConnectionCounts:
+        fd = os.memfd_create("proxyd-connections", 0)  # inheritable only where passed (pass_fds)
+        os.ftruncate(fd, 8 * workers)
+        return cls(fd, workers)
+
+    def publish(self, index: int, count: int) -> None:
+        _SLOT.pack_into(self.map, 8 * index, count)
+
+    def total(self) -> int:
+        return sum(self._all.unpack_from(self.map))
 
 
 # --- metrics ---------------------------------------------------------------------------------
@@ -199,6 +226,7 @@ class ControlDaemon(Daemon):
         self.restarts = 0
         self._seq = itertools.count(1)
         self._spawns = itertools.count(0)  # every worker start gets its own conn_id range
+        self.counts = ConnectionCounts.create(self.n_workers)
         #: Counters of workers that exited: they stay in the totals.
         self._retired_counters: Families = []
         #: What /metrics shows: the control's own families and the workers' summed.
@@ -216,8 +244,15 @@ class ControlDaemon(Daemon):
         env = {k: v for k, v in os.environ.items() if k not in _CONTROL_ONLY_ENV}
         try:
             proc = subprocess.Popen(  # noqa: ASYNC220 (fork+exec: quick; nothing to wait on)
-                [sys.executable, "-m", "proxyd.workers", str(child.fileno()), str(os.getpid())],
-                pass_fds=[child.fileno()],
+                [
+                    sys.executable,
+                    "-m",
+                    "proxyd.workers",
+                    str(child.fileno()),
+                    str(os.getpid()),
+                    str(self.counts.fd),
+                ],
+                pass_fds=[child.fileno(), self.counts.fd],
                 env=env,
                 process_group=0,  # a terminal's Ctrl-C reaches the control process only
             )
@@ -227,9 +262,10 @@ class ControlDaemon(Daemon):
         w = WorkerHandle(index, proc, reader, writer)
         async with self._policy_lock:
             store = self.policy
-            cfg = worker_config(self.config, self.n_workers)
+            cfg = worker_config(self.config)
             entries = policy_entries(store.current.documents)
-            await _send(writer, ("start", cfg, index, next(self._spawns), store.revision, entries))
+            start = ("start", cfg, index, self.n_workers, next(self._spawns), store.revision, entries)
+            await _send(writer, start)
             self.workers[index] = w
         try:
             msg = await asyncio.wait_for(_recv(reader), START_TIMEOUT)
@@ -279,6 +315,7 @@ class ControlDaemon(Daemon):
         except TimeoutError:
             w.proc.kill()
             status = await loop.run_in_executor(None, w.proc.wait)
+        self.counts.publish(w.index, 0)  # its connections died with it
         if self.stopping:
             return
         self.restarts += 1
@@ -340,7 +377,7 @@ class ControlDaemon(Daemon):
         if new_config.workers != self.n_workers:
             self.log.warning("workers changes apply at the next restart", workers=self.n_workers,
                              configured=new_config.workers)  # fmt: skip
-        cfg = worker_config(replace(new_config, access_log=self.config.access_log), self.n_workers)
+        cfg = worker_config(replace(new_config, access_log=self.config.access_log))
         await self._ask_all(lambda seq: ("config", seq, cfg), APPLY_TIMEOUT)
 
     def reopen_access_log(self) -> None:
@@ -462,9 +499,10 @@ class WorkerDaemon(Daemon):
 
     reuse_port = True
 
-    def __init__(self, config: Config, registry: Registry, index: int) -> None:
+    def __init__(self, config: Config, registry: Registry, index: int, counts: ConnectionCounts) -> None:
         super().__init__(config, registry)
         self.index = index
+        self.counts = counts
         if config.access_log.path == "-":
             self.access_log.writer._file = cast("IO[bytes]", WholeLinesToPipe(sys.stdout.fileno()))
         self._parsed: dict[tuple[str, str], list[Document]] = {}
@@ -495,6 +533,13 @@ class WorkerDaemon(Daemon):
         self._labels_cache = {}
         await self._apply_listeners(config)
         self.config = replace(config, access_log=self.config.access_log)
+
+    def admitted_connections(self) -> int:
+        self.counts.publish(self.index, self.active_connections())
+        return self.counts.total()
+
+    def connection_ended(self) -> None:
+        self.counts.publish(self.index, self.active_connections())
 
     async def reload(self) -> bool:
         return True  # SIGHUP goes to the control process, which pushes what changed
@@ -550,14 +595,14 @@ async def _report(daemon: WorkerDaemon, writer: asyncio.StreamWriter) -> None:
         await _send(writer, ("metrics", 0, list(daemon.metrics.registry.collect())))
 
 
-async def _worker(sock: socket.socket) -> int:
+async def _worker(sock: socket.socket, counts_fd: int) -> int:
     reader, writer = await asyncio.open_connection(sock=sock)
     msg = await _recv(reader)
     if msg is None or msg[0] != "start":
         return 1
-    _, config, index, spawn, revision, entries = msg
+    _, config, index, config_workers, spawn, revision, entries = msg
     registry = Registry.load()
-    daemon = WorkerDaemon(config, registry, index)
+    daemon = WorkerDaemon(config, registry, index, ConnectionCounts(counts_fd, config_workers))
     # conn_id stays unique per daemon run: each worker start counts in its own range.
     daemon.conn_ids = itertools.count((spawn << CONN_ID_BITS) + 1)
     raise_fd_limit(config.limits.max_connections)
@@ -582,7 +627,7 @@ async def _worker(sock: socket.socket) -> int:
 
 
 def worker_main(argv: Sequence[str]) -> int:
-    """``python -m proxyd.workers FD CONTROL_PID``: what the control process starts."""
+    """``python -m proxyd.workers FD CONTROL_PID COUNTS_FD``: what the control process starts."""
     import uvloop
 
     fd, control_pid = int(argv[0]), int(argv[1])
@@ -590,7 +635,7 @@ def worker_main(argv: Sequence[str]) -> int:
     if os.getppid() != control_pid:  # it exited before the prctl: nobody would stop us
         return 1
     sock = socket.socket(fileno=fd)
-    return uvloop.run(_worker(sock))
+    return uvloop.run(_worker(sock, int(argv[2])))
 
 
 if __name__ == "__main__":

@@ -432,3 +432,49 @@ def test_workers_1_is_the_single_process_daemon(tmp_path: Path, memcached: int) 
         assert d.proc.wait(30) == 0
     finally:
         d.stop()
+
+
+def test_max_connections_holds_for_the_whole_daemon(tmp_path: Path, memcached: int) -> None:
+    (tmp_path / "admin.token").write_text(TOKEN + "\n")
+    listen, admin = free_port(), free_port()
+    config = _config(listen, memcached, admin).replace("max_connections: 1000", "max_connections: 6")
+    d = Proxyd(tmp_path, config, admin=admin)
+    try:
+        pids = worker_pids(d.proc.pid)
+
+        def refused(c: socket.socket) -> bool:
+            try:
+                return ask(c, b"get pub/x\r\n") == b""
+            except ConnectionResetError:
+                return True
+
+        held = []
+        for _ in range(6):  # whichever worker the kernel picks, six are admitted
+            c = connect(listen)
+            accepted(c)
+            held.append(c)
+        for _ in range(6):
+            c = connect(listen)
+            assert refused(c)
+            c.close()
+        for c in held[:2]:
+            c.close()
+        wait_until(lambda: metric(d, "proxyd_connections_active") == 4, "closes not seen")
+        more = []
+        for _ in range(2):
+            c = connect(listen)
+            accepted(c)
+            more.append(c)
+        assert refused(connect(listen))
+        everyone = [*held[2:], *more]
+        assert {holder(c, listen, pids) for c in everyone} <= pids
+
+        def refusals() -> int:
+            return sum(1 for x in d.log() if "max_connections (6) reached" in str(x.get("reason")))
+
+        wait_until(lambda: refusals() >= 7, "refusals not logged")
+        assert refusals() == 7
+        for c in everyone:
+            c.close()
+    finally:
+        d.stop()
