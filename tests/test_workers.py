@@ -88,23 +88,31 @@ def worker_pids(control: int) -> set[int]:
     return out
 
 
+def holders(listen: int) -> dict[int, int]:
+    """Client port -> pid of the process holding the accepted end, for every established
+    connection to ``listen`` (``ss`` filters in the kernel: /proc/net/tcp lists every socket of
+    the machine, tens of thousands on a busy test host)."""
+    need_binary("ss")
+    out = subprocess.run(["ss", "-tnpH", "state", "established", f"( sport = :{listen} )"],
+                         capture_output=True, text=True, check=True, timeout=30).stdout  # fmt: skip
+    found = {}
+    for line in out.splitlines():
+        m = re.search(r""":(\d+)\s+users:\(\("[^"]*",pid=(\d+),""", line)
+        if m:
+            found[int(m.group(1))] = int(m.group(2))
+    return found
+
+
 def holder(client: socket.socket, listen: int, pids: set[int]) -> int:
     """The pid among ``pids`` holding the accepted end of ``client``'s connection."""
-    cport = client.getsockname()[1]
-    inode = None
-    for line in Path("/proc/net/tcp").read_text().splitlines()[1:]:
-        f = line.split()
-        if int(f[1].split(":")[1], 16) == listen and int(f[2].split(":")[1], 16) == cport:
-            inode = f[9]
-    assert inode is not None, f"no accepted socket for client port {cport}"
-    for pid in pids:
-        for fd in os.listdir(f"/proc/{pid}/fd"):
-            try:
-                if os.readlink(f"/proc/{pid}/fd/{fd}") == f"socket:[{inode}]":
-                    return pid
-            except OSError:
-                continue
-    raise AssertionError(f"no worker holds socket {inode}")
+    pid = holders(listen).get(client.getsockname()[1])
+    assert pid in pids, f"connection from port {client.getsockname()[1]} held by {pid}, not by {pids}"
+    return pid
+
+
+def held_by(clients: list[socket.socket], listen: int) -> set[int]:
+    found = holders(listen)
+    return {found[c.getsockname()[1]] for c in clients}
 
 
 def connect(listen: int) -> socket.socket:
@@ -173,7 +181,7 @@ def test_two_workers_share_connections_policy_metrics_and_log(tmp_path: Path, me
         clients = [connect(listen) for _ in range(40)]
         for c in clients:
             accepted(c)
-        by_worker = {holder(c, listen, pids) for c in clients}
+        by_worker = held_by(clients, listen)
         assert by_worker == pids  # SO_REUSEPORT spread them over both
         assert metric(d, "proxyd_connections_active") == 40
         for c in clients:
@@ -188,7 +196,7 @@ def test_two_workers_share_connections_policy_metrics_and_log(tmp_path: Path, me
         clients = [connect(listen) for _ in range(40)]
         for c in clients:
             accepted(c)  # pub/ is still allowed
-        assert {holder(c, listen, pids) for c in clients} == pids
+        assert held_by(clients, listen) == pids
         for c in clients:
             assert b"ERROR" in ask(c, b"get secret\r\n")  # every worker's next request is denied
             c.close()
@@ -388,7 +396,7 @@ def test_sighup_reaches_every_worker(tmp_path: Path, memcached: int) -> None:
         clients = [connect(second) for _ in range(40)]
         for c in clients:
             accepted(c)
-        assert {holder(c, second, pids) for c in clients} == pids  # both workers bound mc2
+        assert held_by(clients, second) == pids  # both workers bound mc2
         for c in clients:
             c.close()
         assert worker_pids(d.proc.pid) == pids
@@ -467,7 +475,7 @@ def test_max_connections_holds_for_the_whole_daemon(tmp_path: Path, memcached: i
             more.append(c)
         assert refused(connect(listen))
         everyone = [*held[2:], *more]
-        assert {holder(c, listen, pids) for c in everyone} <= pids
+        assert held_by(everyone, listen) <= pids
 
         def refusals() -> int:
             return sum(1 for x in d.log() if "max_connections (6) reached" in str(x.get("reason")))
