@@ -206,7 +206,7 @@ class WorkerHandle:
     writer: asyncio.StreamWriter
     pid: int = 0
     ready: bool = False
-    #: Sequence number -> future answered by the worker's ack (True) or its exit (False).
+    #: Sequence number -> future set to the worker's answer, or to None when it exits first.
     waiting: dict[int, asyncio.Future[Any]] = field(default_factory=dict)
     report: Families = field(default_factory=list)
 
@@ -308,7 +308,8 @@ class ControlDaemon(Daemon):
             if not fut.done():
                 fut.set_result(None)
         w.writer.close()
-        self._retired_counters = [*self._retired_counters, *_counters_only(w.report)]
+        # Folded into one set of sums: restarts do not make the scrape grow.
+        self._retired_counters = list(_sum_families([self._retired_counters, _counters_only(w.report)]))
         loop = asyncio.get_running_loop()
         try:
             status = await asyncio.wait_for(loop.run_in_executor(None, w.proc.wait), 10)
