@@ -260,6 +260,9 @@ class AdminServer:
         return web.json_response({"ready": ready}, status=200 if ready else 503)
 
     async def listeners(self, request: web.Request) -> web.Response:
+        rows = getattr(self.daemon, "listener_rows", None)  # the control process of workers: N
+        if rows is not None:
+            return web.json_response({"listeners": await rows()})
         out: list[dict[str, Any]] = []
         for name, lr in sorted(self.daemon.listeners.items()):
             c = lr.config

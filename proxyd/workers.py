@@ -391,6 +391,31 @@ class ControlDaemon(Daemon):
         del answers  # each answer updated its worker's report
         return generate_latest(self._scrape)
 
+    async def listener_rows(self) -> list[dict[str, Any]]:
+        """``GET /v1/listeners``: the configured listeners, bound in every worker, with their
+        open connections summed over the workers (asked now, as a scrape does)."""
+        await self._ask_all(lambda seq: ("metrics?", seq), SCRAPE_TIMEOUT)
+        active: dict[str, float] = {}
+        for fam in _sum_families([w.report for w in self.workers.values()]):
+            if fam.name == "proxyd_connections_active":
+                for sample in fam.samples:
+                    active[sample.labels["listener"]] = sample.value
+        mode = self.config.policy.mode
+        return [
+            {
+                "name": c.name,
+                "address": c.address,
+                "bound": c.address if self.workers else None,
+                "l7proto": c.l7proto,
+                "upstream": "original-destination" if c.upstream is None else "{}:{}".format(*c.upstream),
+                "direction": c.direction,
+                "policy_mode": c.policy_mode or mode,
+                "active_connections": int(active.get(c.name, 0)),
+                "workers": len(self.workers),
+            }
+            for c in sorted(self.config.listeners, key=lambda c: c.name)
+        ]
+
     def _families(self) -> Iterator[Metric]:
         for fam in self.metrics.registry.collect():
             if fam.name in CONTROL_FAMILIES:

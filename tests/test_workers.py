@@ -184,6 +184,9 @@ def test_two_workers_share_connections_policy_metrics_and_log(tmp_path: Path, me
         by_worker = held_by(clients, listen)
         assert by_worker == pids  # SO_REUSEPORT spread them over both
         assert metric(d, "proxyd_connections_active") == 40
+        (row,) = d.status("GET", "/v1/listeners")[1]["listeners"]
+        assert (row["name"], row["active_connections"], row["workers"]) == ("mc", 40, 2)
+        assert row["bound"] == row["address"] == f"127.0.0.1:{listen}"
         for c in clients:
             c.close()
 
