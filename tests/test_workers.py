@@ -254,6 +254,8 @@ def test_killed_worker_is_restarted_and_others_undisturbed(tmp_path: Path, memca
         loader = threading.Thread(target=load)
         loader.start()
         wait_until(lambda: len(answers) > 50, "no load")
+        made = metric(d, "proxyd_connections_total")  # a scrape: every worker reports now
+        assert made == sum(len(v) for v in clients.values())
         os.kill(victim, signal.SIGKILL)
         for c in clients[victim]:
             c.settimeout(10)
@@ -268,6 +270,7 @@ def test_killed_worker_is_restarted_and_others_undisturbed(tmp_path: Path, memca
         wait_until(lambda: len(worker_pids(d.proc.pid)) == 2 and metric(d, "proxyd_workers") == 2,
                    "worker not restarted")  # fmt: skip
         assert metric(d, "proxyd_worker_restarts_total") == 1
+        assert metric(d, "proxyd_connections_total") == made  # the dead worker's counts stay
         new = worker_pids(d.proc.pid)
         assert survivor in new and victim not in new
         assert '"worker exited, restarting it"' in d.stderr()
