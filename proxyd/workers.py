@@ -227,6 +227,8 @@ class ControlDaemon(Daemon):
         self._seq = itertools.count(1)
         self._spawns = itertools.count(0)  # every worker start gets its own conn_id range
         self.counts = ConnectionCounts.create(self.n_workers)
+        self._push_lock = asyncio.Lock()
+        self._pushed: PolicySet | None = None  # the set every worker was last sent
         #: Counters of workers that exited: they stay in the totals.
         self._retired_counters: Families = []
         #: What /metrics shows: the control's own families and the workers' summed.
@@ -238,7 +240,7 @@ class ControlDaemon(Daemon):
     async def _spawn_worker(self, index: int) -> WorkerHandle:
         """Start worker ``index`` with the current config and policy; returns when it listens.
 
-        Holds the policy lock from the snapshot it is given until it is registered, so it
+        Holds the push lock from the snapshot it is given until it is registered, so it
         misses no revision. Raises :class:`WorkerStartError`."""
         parent, child = socket.socketpair()
         env = {k: v for k, v in os.environ.items() if k not in _CONTROL_ONLY_ENV}
@@ -260,7 +262,7 @@ class ControlDaemon(Daemon):
             child.close()
         reader, writer = await asyncio.open_connection(sock=parent)
         w = WorkerHandle(index, proc, reader, writer)
-        async with self._policy_lock:
+        async with self._push_lock:
             store = self.policy
             cfg = worker_config(self.config)
             entries = policy_entries(store.current.documents)
@@ -355,17 +357,23 @@ class ControlDaemon(Daemon):
     # --- what reaches the workers ----------------------------------------------------------
 
     async def change_policy(self, build: Callable[[], Change]) -> int:
-        async with self._policy_lock:
-            change = await asyncio.get_running_loop().run_in_executor(None, build)
-            old = self.policy.current
-            revision = self.policy.commit(change)
-            if self.policy.current is not old:
-                await self._push_policy()
-            return revision
+        # Daemon.change_policy builds and commits (one change at a time); then every worker gets
+        # what is in force, and only then does the caller (an admin request) get its answer.
+        revision = await super().change_policy(build)
+        await self._push_policy()
+        return revision
 
     async def _push_policy(self) -> None:
-        revision, entries = self.policy.revision, policy_entries(self.policy.current.documents)
-        answers = await self._ask_all(lambda seq: ("policy", seq, revision, entries), APPLY_TIMEOUT)
+        """Send every worker the policy in force now, unless it already has it. One push at a
+        time, each reading the store when it starts: the last push carries the last commit,
+        and a worker never receives an older revision after a newer one."""
+        async with self._push_lock:
+            current = self.policy.current
+            if current is self._pushed:
+                return
+            revision, entries = self.policy.revision, policy_entries(current.documents)
+            answers = await self._ask_all(lambda seq: ("policy", seq, revision, entries), APPLY_TIMEOUT)
+            self._pushed = current
         for w, answer in answers:
             if answer is not None and answer[0] == "apply_failed":
                 # Valid here, refused there: a bug. The worker restarts with the current policy.
@@ -426,6 +434,7 @@ class ControlDaemon(Daemon):
     # --- lifecycle -------------------------------------------------------------------------
 
     async def start(self) -> None:
+        self._pushed = self.policy.current  # what every worker starts with
         try:
             await asyncio.gather(*(self._spawn_worker(i) for i in range(self.n_workers)))
         except BaseException:

@@ -396,14 +396,17 @@ def test_sighup_reaches_every_worker(tmp_path: Path, memcached: int) -> None:
         text = d.cfg.read_text()
         added = (f'  - name: mc2\n    address: "127.0.0.1:{second}"\n    l7proto: memcache\n'
                  f'    upstream: "127.0.0.1:{memcached}"\n')  # fmt: skip
-        d.cfg.write_text(text.replace("identities:", added + "identities:", 1))
+        (tmp_path / "pol.yaml").write_text(POLICY.replace("PORT", str(memcached)))
+        text = text.replace("identities:", added + "identities:", 1)
+        d.cfg.write_text(text.replace("access_log:", "policy:\n  paths: [pol.yaml]\naccess_log:", 1))
         d.proc.send_signal(signal.SIGHUP)
         wait_until(lambda: '"config reloaded"' in d.stderr(), "config not reloaded")
         clients = [connect(second) for _ in range(40)]
         for c in clients:
             accepted(c)
         assert held_by(clients, second) == pids  # both workers bound mc2
-        for c in clients:
+        for c in clients:  # and both have the policy the reload added
+            assert b"ERROR" in ask(c, b"get secret\r\n")
             c.close()
         assert worker_pids(d.proc.pid) == pids
         assert metric(d, 'proxyd_connections_total{listener="mc2"}') == 40
