@@ -19,7 +19,8 @@ Protocol-free I/O on asyncio transports (uvloop). What it guarantees (docs/confi
   reads are bounded too: past ``HIGH_WATER + buffer_bytes`` waiting for the client, reading
   from the client pauses until it catches up.
 - A reset (RST) from one side is passed on as a reset: the other side is aborted with
-  ``SO_LINGER`` 0, so a truncated transfer never looks complete.
+  ``SO_LINGER`` 0, so a truncated transfer never looks complete. An upstream that refuses,
+  cannot be reached or does not answer the connect in time is passed on the same way.
 - Timeouts (:meth:`Connection.check_timeouts`, called by the daemon's sweep): ``idle`` (no
   byte either way) and ``request`` (the parser has waited on MORE, with a partial request
   buffered and no progress, for that long).
@@ -115,6 +116,7 @@ class UpstreamProtocol(asyncio.Protocol):
         return True
 
     def connection_lost(self, exc: Exception | None) -> None:
+        self.conn.lr.daemon.data_fd_closed()
         self.conn.upstream_lost(exc)
 
     def pause_writing(self) -> None:
@@ -147,6 +149,9 @@ class Connection(asyncio.Protocol):
         self.bytes_out = 0
         self._unparsed = [0, 0]
         self._task: asyncio.Task[None] | None = None
+        #: The upstream socket this connection will open was counted at accept, so accepting
+        #: stops in time (fdbudget.py); given back if the connection ends without opening it.
+        self.upstream_fd_counted = False
         self._l4 = True  # no parser: relay bytes directly
         self._up_rx = 0  # bytes received from the upstream (idle detection)
         self._client_full = False  # the client's write buffer is above its high-water mark
@@ -293,6 +298,9 @@ class Connection(asyncio.Protocol):
                 infos = await loop.getaddrinfo(host, port, type=socket.SOCK_STREAM)
                 family, _, _, _, addr = infos[0]
             sock = socket.socket(family, socket.SOCK_STREAM)
+            # Counted at accept (upstream_fd_counted); uncounted when closed (data_fd_closed).
+            self.upstream_fd_counted = False
+            self.lr.daemon.fds.seen(sock.fileno())
             sock.setblocking(False)
             sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
             if self.lr.upstream_mark is not None:
@@ -313,19 +321,23 @@ class Connection(asyncio.Protocol):
                 own.pop(local, None)
             if sock is not None:
                 sock.close()
+                self.lr.daemon.data_fd_closed()
             if self._closed:
                 return
             self.lr.metrics.connect_failures.inc()
             if isinstance(exc, OSError) and exc.errno in (errno.EMFILE, errno.ENFILE):
                 self.lr.daemon.out_of_fds(exc)
             why = "timeout" if isinstance(exc, TimeoutError) else (exc.strerror or str(exc))
-            self._finish("error", f"upstream connect failed: {why}")
+            # A reset, as from an upstream that reset: a clean FIN would read as "the server
+            # answered nothing and closed", which a client may take for a complete exchange.
+            self._finish("error", f"upstream connect failed: {why}", reset_peer=self.client)
             return
         except asyncio.CancelledError:
             if local is not None:
                 own.pop(local, None)
             if sock is not None:
                 sock.close()
+                self.lr.daemon.data_fd_closed()
             raise
         if local is not None:
             own.pop(local, None)
@@ -428,6 +440,7 @@ class Connection(asyncio.Protocol):
             self._finish("forwarded", None)
 
     def connection_lost(self, exc: Exception | None) -> None:
+        self.lr.daemon.data_fd_closed()  # counted when the event loop accepted it
         if self._closed:
             self._cancel_linger(0)
             return
@@ -485,6 +498,9 @@ class Connection(asyncio.Protocol):
         self._closed = True
         if self._task is not None and not self._task.done():
             self._task.cancel()
+        if self.upstream_fd_counted:
+            self.upstream_fd_counted = False
+            self.lr.daemon.data_fd_closed()
         loop = asyncio.get_running_loop()
         for side, t in enumerate((self.client, self.upstream)):
             if t is not None:

@@ -36,7 +36,6 @@ import json
 import mmap
 import os
 import pickle
-import select
 import signal
 import socket
 import struct
@@ -45,7 +44,7 @@ import sys
 from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass, field, replace
 from pathlib import Path
-from typing import IO, Any, cast
+from typing import Any
 
 from prometheus_client import CollectorRegistry, generate_latest
 from prometheus_client.core import Metric
@@ -497,38 +496,6 @@ async def run_control(config_path: Path) -> int:
 # --- a worker process ------------------------------------------------------------------------
 
 
-class WholeLinesToPipe:
-    """The access log's file when it is stdout and several workers share it (a pipe to
-    journald or a container runtime, usually): flushed in ``write()`` calls of whole lines of at
-    most ``PIPE_BUF`` bytes, which the kernel never interleaves with another writer's. A single
-    line longer than that is one ``write()`` of its own (whole unless the pipe is full)."""
-
-    def __init__(self, fd: int) -> None:
-        self.fd = fd
-        self.buf = bytearray()
-
-    def write(self, data: bytes) -> int:
-        self.buf += data
-        if len(self.buf) >= 1 << 16:
-            self.flush()
-        return len(data)
-
-    def flush(self) -> None:
-        buf, start = self.buf, 0
-        while start < len(buf):
-            end = buf.rfind(b"\n", start, start + select.PIPE_BUF) + 1
-            if end <= start:  # one line longer than PIPE_BUF
-                end = buf.find(b"\n", start) + 1 or len(buf)
-            view = memoryview(buf)[start:end]
-            while view:
-                view = view[os.write(self.fd, view) :]
-            start = end
-        self.buf = bytearray()
-
-    def close(self) -> None:
-        self.flush()
-
-
 class WorkerDaemon(Daemon):
     """A worker: listeners with SO_REUSEPORT, policy pushed by the control process."""
 
@@ -538,8 +505,6 @@ class WorkerDaemon(Daemon):
         super().__init__(config, registry)
         self.index = index
         self.counts = counts
-        if config.access_log.path == "-":
-            self.access_log.writer._file = cast("IO[bytes]", WholeLinesToPipe(sys.stdout.fileno()))
         self._parsed: dict[tuple[str, str], list[Document]] = {}
 
     def _build(
