@@ -505,6 +505,7 @@ class WorkerDaemon(Daemon):
         super().__init__(config, registry)
         self.index = index
         self.counts = counts
+        self.log = self.log.bind(worker=index, pid=os.getpid())  # N processes share stderr
         self._parsed: dict[tuple[str, str], list[Document]] = {}
 
     def _build(
