@@ -18,6 +18,9 @@ Protocol-free I/O on asyncio transports (uvloop). What it guarantees (docs/confi
 - Answers proxyd writes itself (injected denials) to a client that sends requests but never
   reads are bounded too: past ``HIGH_WATER + buffer_bytes`` waiting for the client, reading
   from the client pauses until it catches up.
+- A direction the parser *holds* (it waits on the other direction: the engine's hold, see
+  :mod:`proxyd.engine`) is not read until the hold clears, so its buffered bytes stay within
+  ``buffer_bytes`` plus one read; an EOF behind held bytes is passed on once they are.
 - A reset (RST) from one side is passed on as a reset: the other side is aborted with
   ``SO_LINGER`` 0, so a truncated transfer never looks complete. An upstream that refuses,
   cannot be reached or does not answer the connect in time is passed on the same way.
@@ -155,6 +158,7 @@ class Connection(asyncio.Protocol):
         self._l4 = True  # no parser: relay bytes directly
         self._up_rx = 0  # bytes received from the upstream (idle detection)
         self._client_full = False  # the client's write buffer is above its high-water mark
+        self._upstream_held = False  # the parser holds the server's bytes (engine hold)
         #: Abort timers of closed transports still flushing: [client, upstream].
         self._lingers: list[asyncio.TimerHandle | None] | None = None
         #: Past this many bytes waiting for the client, reading its requests pauses.
@@ -186,7 +190,7 @@ class Connection(asyncio.Protocol):
             self.lr.metrics.active.inc()
         factory = self.lr.factory
         self.engine = Engine(None, self._send, buffer_limit=self.lr.limits.buffer_bytes,
-                             on_error=self._engine_error)  # fmt: skip
+                             on_error=self._engine_error, on_hold=self._on_hold)  # fmt: skip
         if factory is not None:
             self._l4 = False
             self.ctx = Context(info, self.engine, policy, self.lr.access_log)
@@ -259,7 +263,8 @@ class Connection(asyncio.Protocol):
                 return "idle"
         engine = self.engine
         if request and not self._l4 and engine is not None and self.upstream is not None:
-            buffered = engine.buffered(False)
+            # Held bytes wait on the server's answers, not on the client: no request timeout.
+            buffered = 0 if engine.held(False) else engine.buffered(False)
             if not buffered:
                 self._req_mark = (-1, 0.0)
             else:
@@ -373,6 +378,8 @@ class Connection(asyncio.Protocol):
 
     def upstream_data(self, data: bytes) -> None:
         self._up_rx += len(data)
+        if self._upstream_held and self.upstream is not None:
+            self.upstream.pause_reading()  # as for the client: a pause is enforced, not assumed
         if self._l4:
             assert self.client is not None
             self.bytes_out += len(data)
@@ -427,6 +434,9 @@ class Connection(asyncio.Protocol):
         transport = self.client if reply else self.upstream
         if transport is None or self._closed or self._shut[reply]:
             return
+        engine = self.engine
+        if engine is not None and engine.held(reply) and engine.error is None:
+            return  # bytes of this direction are still held: _on_hold passes the EOF on later
         if transport.get_write_buffer_size():
             # Poll until flushed: uvloop offers no drain callback below the low-water mark.
             asyncio.get_running_loop().call_later(0.005, self._maybe_shutdown, reply)
@@ -550,9 +560,27 @@ class Connection(asyncio.Protocol):
 
     def resume_writing(self) -> None:
         self._client_full = False
-        if self.upstream is not None and not self._closed:
+        if self.upstream is not None and not self._closed and not self._upstream_held:
             self.upstream.resume_reading()
         self.resume_client_reading("client-full")
+
+    def _on_hold(self, reply: bool, held: bool) -> None:
+        """The engine holds (or releases) one direction: stop (resume) reading it."""
+        if reply:
+            self._upstream_held = held
+            if self.upstream is not None and not self._closed:
+                if held:
+                    self.upstream.pause_reading()
+                elif not self._client_full:
+                    self.upstream.resume_reading()
+            if not held and self._upstream_eof:
+                self._maybe_shutdown(True)
+        elif held:
+            self.pause_client_reading("held")
+        else:
+            self.resume_client_reading("held")
+            if self._client_eof:
+                self._maybe_shutdown(False)
 
     def pause_client_reading(self, why: str) -> None:
         # Always ask the transport: a pause asked for in connection_made did not take (see
