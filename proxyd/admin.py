@@ -249,7 +249,7 @@ class AdminServer:
                 self.socket_path.unlink()
 
     async def metrics(self, request: web.Request) -> web.Response:
-        body = self.daemon.metrics.render()
+        body = await self.daemon.render_metrics()
         return web.Response(body=body, headers={"Content-Type": "text/plain; version=0.0.4; charset=utf-8"})
 
     async def healthz(self, request: web.Request) -> web.Response:
@@ -261,6 +261,9 @@ class AdminServer:
         return web.json_response({"ready": ready}, status=200 if ready else 503)
 
     async def listeners(self, request: web.Request) -> web.Response:
+        rows = getattr(self.daemon, "listener_rows", None)  # the control process of workers: N
+        if rows is not None:
+            return web.json_response({"listeners": await rows()})
         out: list[dict[str, Any]] = []
         for name, lr in sorted(self.daemon.listeners.items()):
             c = lr.config

@@ -30,12 +30,16 @@ def cmd_run(args: argparse.Namespace) -> int:
 
     try:
         registry = Registry.load()
-        _load(args.config, registry)  # validate before anything binds
+        config = _load(args.config, registry)  # validate before anything binds
     except (ConfigError, PolicyError) as exc:
         for line in exc.problems:
             print(line, file=sys.stderr)
         return 1
     try:
+        if config.workers > 1:
+            from proxyd.workers import run_control
+
+            return uvloop.run(run_control(args.config))
         return uvloop.run(run_daemon(args.config))
     except (ConfigError, PolicyError) as exc:
         for line in exc.problems:

@@ -8,6 +8,7 @@ starts half-configured. Listener ``parser_config`` is validated by the parser's 
 from __future__ import annotations
 
 import ipaddress
+import os
 import re
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
@@ -111,6 +112,8 @@ class Config:
     admin: AdminConfig | None = None
     limits: Limits = Limits()
     upstream_mark: int | None = None
+    #: Worker processes (docs/configuration.md "workers"); 1 is the single-process daemon.
+    workers: int = 1
     source: Path | None = None
     kubernetes: KubernetesConfig | None = None
 
@@ -273,6 +276,22 @@ def _positive(conv: Callable[[Any], Any]) -> Callable[[Any], Any]:
     return wrapped
 
 
+#: More workers than this is a typo, not a machine: each one is a whole process.
+MAX_WORKERS = 1024
+
+
+def parse_workers(v: Any) -> int:
+    """``workers``: a count, or ``auto`` for the CPUs this process may run on (its affinity
+    mask, which honours taskset and a container's cpuset; not the machine's core count)."""
+    if v == "auto":
+        return max(1, len(os.sched_getaffinity(0)))
+    if isinstance(v, bool) or not isinstance(v, int):
+        raise ValueError(f"must be a number of worker processes or auto, not {v!r}")
+    if not 1 <= v <= MAX_WORKERS:
+        raise ValueError(f"must be between 1 and {MAX_WORKERS} (or auto), not {v}")
+    return v
+
+
 def _str_list(v: Any) -> tuple[str, ...]:
     if not isinstance(v, list) or not all(isinstance(x, str) for x in v):
         raise ValueError("must be a list of strings")
@@ -315,7 +334,9 @@ def _line_of(problem: str) -> int:
 
 # --- the loader ------------------------------------------------------------------------------
 
-_TOP = ("listeners", "identities", "policy", "access_log", "admin", "limits", "upstream_mark", "kubernetes")
+_TOP = (
+    "listeners", "identities", "policy", "access_log", "admin", "limits", "upstream_mark", "workers", "kubernetes",
+)
 _KUBERNETES = ("kubeconfig", "cluster_name", "node_name", "identities", "policies")
 _LISTENER = (
     "name", "address", "l7proto", "upstream", "direction", "parser_config", "policy_mode", "redirect",
@@ -418,6 +439,17 @@ def parse_config(text: str, path: Path, registry: Registry) -> Config:
         )
     mark = _get(doc, "upstream_mark", "", p, _positive(_int), None)
     kubernetes = _kubernetes(doc, p, base)
+    workers = _get(doc, "workers", "", p, parse_workers, 1)
+    zero = [lc.name for lc in listeners if lc.port == 0]
+    if workers > 1 and zero:
+        # Each worker binds the address itself: port 0 would give each a different port.
+        p.add(doc.where_of("workers"), "workers",
+              f"listeners {', '.join(zero)} have port 0; more than one worker needs fixed ports")  # fmt: skip
+    if workers > 1 and kubernetes is not None:
+        # The cluster source lives in the control process; its identities are not pushed to
+        # workers yet, so together they would enforce without the cluster's labels.
+        p.add(doc.where_of("workers"), "workers",
+              "more than one worker cannot be combined with a kubernetes section yet; use workers: 1")  # fmt: skip
     if p.lines:
         raise ConfigError(sorted(p.lines, key=_line_of))
     return Config(
@@ -428,6 +460,7 @@ def parse_config(text: str, path: Path, registry: Registry) -> Config:
         admin=admin,
         limits=limits,
         upstream_mark=mark,
+        workers=workers,
         source=path,
         kubernetes=kubernetes,
     )

@@ -97,6 +97,8 @@ class ListenerRuntime:
         sock = socket.socket(family, socket.SOCK_STREAM)
         try:
             sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+            if self.daemon.reuse_port:  # worker processes share the address (proxyd.workers)
+                sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEPORT, 1)
             if family == socket.AF_INET6 and ipaddress.ip_address(host).is_unspecified:
                 sock.setsockopt(socket.IPPROTO_IPV6, socket.IPV6_V6ONLY, 0)
             try:
@@ -257,7 +259,7 @@ class ListenerRuntime:
         info = ConnInfo(conn_id, cfg.name, cfg.direction, src, dst, cfg.l7proto or "")
         if reason is None and cfg.upstream is None and d.upstream_locals.get((src_ip, src_port)) == upstream:
             reason = "loop: this is proxyd's own upstream connection, redirected back to it"
-        if reason is None and d.active_connections() > self.limits.max_connections:
+        if reason is None and d.admitted_connections() > self.limits.max_connections:
             reason = f"max_connections ({self.limits.max_connections}) reached"
         policy: L7Policy = AllowAllPolicy()
         hello_view = None
@@ -292,6 +294,7 @@ class ListenerRuntime:
 
     def forget(self, conn: Connection) -> None:
         self.conns.discard(conn)
+        self.daemon.connection_ended()
         if not self.conns:
             self.daemon.listener_idle(self)
 
@@ -315,6 +318,9 @@ class ListenerRuntime:
 
 class Daemon:
     """One proxyd process's worth of state; tests run several in one event loop."""
+
+    #: Bind listeners with SO_REUSEPORT: set by the worker processes of ``workers: N``.
+    reuse_port = False
 
     def __init__(self, config: Config, registry: Registry | None = None) -> None:
         self.config = config
@@ -368,6 +374,14 @@ class Daemon:
         return sum(len(lr.conns) for lr in self.listeners.values()) + sum(
             len(lr.conns) for lr in self._retired
         )
+
+    def admitted_connections(self) -> int:
+        """Connections counted against ``limits.max_connections`` (a worker of ``workers: N``
+        adds the other workers')."""
+        return self.active_connections()
+
+    def connection_ended(self) -> None:
+        """A connection ended (a worker of ``workers: N`` publishes its count)."""
 
     def labels_for(self, ip: str) -> Mapping[str, str]:
         """Identity labels of an address, memoised: the same few peers connect again and again."""
@@ -743,6 +757,10 @@ class Daemon:
         if exc is not None:
             self.log.error("access log reopen failed, still writing to the old file",
                            path=self.config.access_log.path, error=exc.strerror or str(exc))  # fmt: skip
+
+    async def render_metrics(self) -> bytes:
+        """The ``/metrics`` body (the control process of ``workers: N`` gathers its workers')."""
+        return self.metrics.render()
 
     def request_stop(self) -> None:
         self._stop.set()
