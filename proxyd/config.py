@@ -15,6 +15,7 @@ from pathlib import Path
 from typing import Any
 
 from proxyd.errors import ConfigError, ParserConfigError
+from proxyd.policy.identity import LabelInterner, fast_cidr
 from proxyd.policy.model import ENTITIES
 from proxyd.registry import Registry
 from proxyd.yamlsrc import LList, LMap, Where, YamlSyntaxError, load_one
@@ -495,6 +496,9 @@ def _listeners(doc: LMap, p: _Problems, registry: Registry) -> list[ListenerConf
     return out
 
 
+_IDENTITY_KEYS = frozenset(("cidr", "labels", "entity"))
+
+
 def _identities(doc: LMap, p: _Problems) -> list[tuple[str, Mapping[str, str]]]:
     raw = doc.get("identities")
     if raw is None:
@@ -503,20 +507,24 @@ def _identities(doc: LMap, p: _Problems) -> list[tuple[str, Mapping[str, str]]]:
         p.add(doc.where_of("identities"), "identities", "must be a list of {cidr, labels}")
         return []
     out: list[tuple[str, Mapping[str, str]]] = []
+    intern = LabelInterner()  # 100,000 pods share a few hundred label sets
     for i, item in enumerate(raw):
-        path = f"identities[{i}]"
         if not isinstance(item, LMap):
-            p.add(raw.where_of(i), path, "must be a mapping with cidr and labels and/or entity")
+            p.add(raw.where_of(i), f"identities[{i}]", "must be a mapping with cidr and labels and/or entity")
             continue
+        path = f"identities[{i}]"
         for k in item:
-            if k not in ("cidr", "labels", "entity"):
+            if k not in _IDENTITY_KEYS:
                 p.add(item.where_of(k), f"{path}.{k}", "unknown key (known: cidr, labels, entity)")
         cidr = item.get("cidr")
-        try:
-            net = ipaddress.ip_network(str(cidr), strict=False)
-        except ValueError as exc:
-            p.add(item.where_of("cidr"), f"{path}.cidr", f"bad CIDR: {exc}")
-            continue
+        if isinstance(cidr, str) and fast_cidr(cidr) is not None:
+            net_text = cidr if "/" in cidr else f"{cidr}/32"
+        else:
+            try:
+                net_text = str(ipaddress.ip_network(str(cidr), strict=False))
+            except ValueError as exc:
+                p.add(item.where_of("cidr"), f"{path}.cidr", f"bad CIDR: {exc}")
+                continue
         # An entity is Cilium's reserved identity for what is not a pod; it becomes the label
         # reserved:<entity>, which only proxyd assigns (policy selects it with fromEntities).
         entity = item.get("entity")
@@ -547,5 +555,5 @@ def _identities(doc: LMap, p: _Problems) -> list[tuple[str, Mapping[str, str]]]:
         out_labels = {str(k): str(v).lower() if isinstance(v, bool) else str(v) for k, v in labels.items()}
         if entity is not None:
             out_labels[f"reserved:{entity}"] = ""
-        out.append((str(net), out_labels))
+        out.append((net_text, intern(out_labels)))
     return out

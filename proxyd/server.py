@@ -39,6 +39,7 @@ from proxyd.origdst import original_dst, unmap
 from proxyd.parser import Endpoint, ParserFactory
 from proxyd.policy.identity import IdentityMap
 from proxyd.policy.store import Change, PolicyStore
+from proxyd.policywatch import PolicyWatcher, Rescan
 from proxyd.registry import Registry
 from proxyd.relay import Connection
 
@@ -237,6 +238,9 @@ class Daemon:
         self.identities = IdentityMap.from_entries(config.identities)
         self._labels_cache: dict[str, Mapping[str, str]] = {}
         self.policy = PolicyStore(self.registry, config.policy.paths, config.policy.state_dir)
+        self.policy.endpoint_labels = self.identities.label_sets()
+        self.last_change: Change | None = None
+        self._watch_task: asyncio.Task[Any] | None = None
         self.metrics.policy_revision.set(self.policy.revision)
         self.metrics.connections_max.set(config.limits.max_connections)
         self.listeners: dict[str, ListenerRuntime] = {}
@@ -347,19 +351,27 @@ class Daemon:
         interval = sdnotify.watchdog_interval()
         if interval:
             self._spawn(self._watchdog(interval))
-        if self.config.policy.paths:
-            self._spawn(self._watch_policy())
+        self._watch_files()
         self._spawn(self._flush_access_log())
         self._spawn(self._sweep_timeouts())
+
+    def _watch_files(self) -> None:
+        """(Re)start watching ``policy.paths`` (at start, and when a SIGHUP changed them)."""
+        if self._watch_task is not None:
+            self._watch_task.cancel()
+            self._watch_task = None
+        if self.policy.paths:
+            self._watch_task = self._spawn(self._watch_policy())
 
     def spawn(self, coro: Any) -> None:
         """Run ``coro`` as a task the daemon keeps a reference to and cancels at stop."""
         self._spawn(coro)
 
-    def _spawn(self, coro: Any) -> None:
+    def _spawn(self, coro: Any) -> asyncio.Task[Any]:
         task = asyncio.get_running_loop().create_task(coro)
         self._tasks.add(task)
         task.add_done_callback(self._tasks.discard)
+        return task
 
     async def _watchdog(self, interval: float) -> None:
         while True:
@@ -394,7 +406,43 @@ class Daemon:
                     conn.check_timeouts(now, idle, request)
 
     async def _watch_policy(self) -> None:
-        # Nothing a policy file contains may end this loop: a later good edit must still load.
+        """Reload the policy files the watcher reports written (proxyd/policywatch.py).
+
+        Nothing a policy file contains may end this loop: a later good edit must still load.
+        Where inotify cannot be used, fall back to comparing the files' identities every second.
+        """
+        while True:
+            paths = self.policy.paths
+            try:
+                watcher = PolicyWatcher(paths)
+            except OSError as exc:
+                self.log.warning("policy files: inotify unavailable, checking them every second instead",
+                                 error=exc.strerror or str(exc))  # fmt: skip
+                self.policy.polling = True
+                await self._poll_policy()
+                return
+            self.policy.polling = False
+            try:
+                while True:
+                    rescan = False
+                    try:
+                        changed: set[str] | None = await watcher.changes()
+                    except Rescan:
+                        changed, rescan = None, True
+                    if changed is not None and any(str(p) in changed for p in paths):
+                        changed, rescan = None, True  # a watched path itself was replaced
+                    try:
+                        await self.reload_policy_async("file change", changed)
+                    except Exception as exc:  # a bug, not a bad file: log it and keep watching
+                        self.log.error("policy reload failed", trigger="file change",
+                                       error=f"{type(exc).__name__}: {exc}")  # fmt: skip
+                    if rescan:
+                        break
+            finally:
+                watcher.close()
+            await asyncio.sleep(1.0)  # a directory went away: look for it again in a while
+
+    async def _poll_policy(self) -> None:
         while True:
             await asyncio.sleep(1.0)
             try:
@@ -470,10 +518,11 @@ class Daemon:
             return self._reload_rejected(why, exc)
         return self._reloaded(why, revision)
 
-    async def reload_policy_async(self, why: str) -> bool:
-        """Re-read the policy files, parsing on a worker thread; the old policy stays on error."""
+    async def reload_policy_async(self, why: str, changed: set[str] | None = None) -> bool:
+        """Re-read the policy files (only ``changed`` ones when given), parsing on a worker
+        thread; the old policy stays on error."""
         try:
-            revision = await self.change_policy(self.policy.build_reload)
+            revision = await self.change_policy(lambda: self.policy.build_reload(changed))
         except PolicyError as exc:
             return self._reload_rejected(why, exc)
         return self._reloaded(why, revision)
@@ -486,7 +535,11 @@ class Daemon:
     def _reloaded(self, why: str, revision: int) -> bool:
         self.metrics.policy_reloads_total.labels("success").inc()
         self.metrics.policy_revision.set(revision)
-        self.log.info("policy reloaded", trigger=why, revision=revision)
+        change = self.last_change
+        read = change.read if change is not None else ()
+        self.log.info("policy reloaded", trigger=why, revision=revision,
+                      compiled=change.compiled if change is not None else 0, files_read=len(read),
+                      files=list(read[:10]))  # fmt: skip
         return True
 
     async def change_policy(self, build: Callable[[], Change]) -> int:
@@ -495,7 +548,14 @@ class Daemon:
         One change at a time. Raises what ``build`` raises; the old policy stays then."""
         async with self._policy_lock:
             change = await asyncio.get_running_loop().run_in_executor(None, build)
-            return self.policy.commit(change)
+            return self._commit(change)
+
+    def _commit(self, change: Change) -> int:
+        revision = self.policy.commit(change)
+        self.last_change = change
+        for warning in change.warnings:
+            self.log.warning("policy change leaves endpoints without rules", problem=warning)
+        return revision
 
     def policy_changed(self, revision: int) -> None:
         """Called after the admin API replaced imported documents."""
@@ -514,29 +574,43 @@ class Daemon:
         source = self.config.source
         if source is None:
             return await self.reload_policy_async("SIGHUP")
-        try:
-            new = load_config(source, self.registry)
-        except ConfigError as exc:
-            self.metrics.policy_reloads_total.labels("failure").inc()
-            self.log.error("config reload rejected, old config kept", problems=exc.problems)
-            return False
-        # Open connections hold live views of this store, so it is updated, never replaced.
-        old_paths = self.policy.paths
-        self.policy.paths = tuple(new.policy.paths)
-        if not await self.reload_policy_async("SIGHUP"):
-            self.policy.paths = old_paths
-            return False
+        # Reading the config, building the identities table and the policy all happen on a
+        # worker thread (100,000 identities take seconds); the event loop only swaps them in.
+        async with self._policy_lock:
+            loop = asyncio.get_running_loop()
+            try:
+                new, identities, change = await loop.run_in_executor(None, self._build_config, source)
+            except ConfigError as exc:
+                self.metrics.policy_reloads_total.labels("failure").inc()
+                self.log.error("config reload rejected, old config kept", problems=exc.problems)
+                return False
+            except PolicyError as exc:
+                return self._reload_rejected("SIGHUP", exc)
+            # Open connections hold live views of this store, so it is updated, never replaced.
+            revision = self._commit(change)
+            self.identities = identities
+            self._labels_cache = {}
+        self._reloaded("SIGHUP", revision)
         if new.policy.state_dir != self.config.policy.state_dir:
             self.log.warning("policy.state_dir changes apply at the next restart")
-        self.identities = IdentityMap.from_entries(new.identities)
-        self._labels_cache = {}
         await self._apply_listeners(new)
         # Settings that only affect new connections take effect now; the access log and admin
         # address are fixed for the process lifetime (a restart applies them).
         self.config = replace(new, access_log=self.config.access_log, admin=self.config.admin)
         self.metrics.connections_max.set(new.limits.max_connections)
-        self.log.info("config reloaded", listeners=sorted(self.listeners))
+        self.log.info("config reloaded", listeners=sorted(self.listeners), identities=len(identities))
+        self._watch_files()  # the paths may have changed, or a watched directory come back
         return True
+
+    def _build_config(self, source: Path) -> tuple[Config, IdentityMap, Change]:
+        """The worker-thread part of a SIGHUP: config, identities, policy (nothing swapped)."""
+        new = load_config(source, self.registry)
+        try:
+            identities = IdentityMap.from_entries(new.identities)
+        except ValueError as exc:
+            raise ConfigError([f"{source}:0: {exc}"]) from exc
+        change = self.policy.build_reload(paths=new.policy.paths, endpoint_labels=identities.label_sets())
+        return new, identities, change
 
     async def _apply_listeners(self, new_config: Config) -> None:
         wanted_by_name = {lc.name: lc for lc in new_config.listeners}

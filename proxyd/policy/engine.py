@@ -34,6 +34,13 @@ properties in ``tests/policy``).
 A :class:`PolicySet` is immutable and built once per policy revision. Per connection it
 computes a :class:`ConnectionPolicy` (the specs selecting the local labels are cached); the
 per-request :meth:`ConnectionPolicy.decide` is then a loop over precompiled matchers.
+
+Built incrementally: each document's compiled part (its specs by direction, its compiled
+``l7`` matchers) is kept per :class:`Document` object, and a set built with ``previous=`` reuses
+the parts of every document it shares with the previous set, so a change to one document of
+10,000 compiles one (``compiled`` counts them). Which specs select an endpoint is found through
+an index by ``(label name, value)`` of each selector's ``In`` requirements, so a new local label
+set costs a look at the few candidate specs, not a match against every spec.
 In audit mode a denial is reported as ``audit`` and let through (docs/configuration.md).
 """
 
@@ -49,7 +56,7 @@ from proxyd.parser import RuleMatcher
 from proxyd.policy.identity import parse_ip
 from proxyd.policy.loader import ParserLookup
 from proxyd.policy.model import DIRECTIONS, Document, L7Rules, PortRule, Rule, Spec
-from proxyd.policy.selector import LabelSet
+from proxyd.policy.selector import LabelSet, split_key
 
 #: Bound on the cache of "which specs select these local labels" per PolicySet.
 SELECT_CACHE_SIZE: Final = 4096
@@ -136,41 +143,104 @@ class Evaluation:
 _SpecEntry = tuple[Document, Spec, tuple[Rule, ...]]
 
 
+@dataclass(frozen=True, slots=True)
+class _Compiled:
+    """One document, compiled: its selecting specs per direction and its ``l7`` matchers."""
+
+    document: Document
+    entries: Mapping[str, tuple[_SpecEntry, ...]]
+    matchers: Mapping[int, tuple[RuleMatcher, ...] | None]
+
+
+class _SelectorIndex:
+    """Which specs of one direction may select a label set: by (name, value) of an ``In``
+    requirement, plus the specs without one (checked every time). Positions keep policy order."""
+
+    __slots__ = ("by_pair", "entries", "scan")
+
+    def __init__(self, entries: tuple[_SpecEntry, ...]) -> None:
+        self.entries = entries
+        by_pair: dict[tuple[str, str], list[int]] = {}
+        scan: list[int] = []
+        for pos, (_doc, spec, _rules) in enumerate(entries):
+            req = next((r for r in spec.endpoint_selector.requirements if r.operator == "In"), None)
+            if req is None:
+                scan.append(pos)
+                continue
+            name = split_key(req.key)[1]
+            for value in req.values:
+                by_pair.setdefault((name, value), []).append(pos)
+        self.by_pair = by_pair
+        self.scan = tuple(scan)
+
+    def candidates(self, labels: Mapping[str, str]) -> list[int]:
+        found = set(self.scan)
+        for key, value in labels.items():
+            hit = self.by_pair.get((split_key(str(key))[1], str(value)))
+            if hit:
+                found.update(hit)
+        return sorted(found)
+
+
 class PolicySet:
     """All documents in force, compiled for enforcement. Immutable; one per revision."""
 
-    __slots__ = ("_by_direction", "_cache", "_conn_cache", "_matchers", "documents", "revision")
+    __slots__ = ("_cache", "_compiled", "_conn_cache", "_index", "_matchers", "compiled", "documents",
+                 "revision")  # fmt: skip
 
     def __init__(
-        self, documents: Sequence[Document], registry: ParserLookup | None = None, revision: int = 0
+        self,
+        documents: Sequence[Document],
+        registry: ParserLookup | None = None,
+        revision: int = 0,
+        previous: PolicySet | None = None,
     ) -> None:
         """Compile ``documents``; ``registry`` decides which ``l7proto`` names are known.
 
-        Raises :class:`PolicyError` when a rule left uncompiled at load (its parser was not
-        registered then) fails to compile with ``registry``.
+        With ``previous``, a document object that set holds is not compiled again (``compiled``
+        counts the documents that were). Raises :class:`PolicyError` when a rule left
+        uncompiled at load (its parser was not registered then) fails to compile with
+        ``registry``.
         """
         self.documents: tuple[Document, ...] = tuple(documents)
         self.revision = revision
         self._matchers: dict[int, tuple[RuleMatcher, ...] | None] = {}
+        self._compiled: dict[int, _Compiled] = {}
+        self.compiled = 0
+        reuse = previous._compiled if previous is not None else {}
         problems: list[str] = []
         by_direction: dict[str, list[_SpecEntry]] = {d: [] for d in DIRECTIONS}
         for doc in self.documents:
-            for spec in doc.specs:
-                for direction in DIRECTIONS:
-                    if spec.selects_direction(direction):
-                        rules = tuple(r for r in spec.rules if r.direction == direction)
-                        by_direction[direction].append((doc, spec, rules))
-                for rule in spec.rules:
-                    for pr in rule.to_ports:
-                        if pr.l7 is not None:
-                            self._matchers[id(pr.l7)] = self._compile(pr.l7, pr, registry, problems)
+            part = reuse.get(id(doc))
+            if part is None or part.document is not doc:
+                part = self._compile_document(doc, registry, problems)
+                self.compiled += 1
+            self._compiled[id(doc)] = part
+            self._matchers.update(part.matchers)
+            for direction in DIRECTIONS:
+                by_direction[direction].extend(part.entries[direction])
         if problems:
             raise PolicyError(problems)
-        self._by_direction: dict[str, tuple[_SpecEntry, ...]] = {d: tuple(v) for d, v in by_direction.items()}
+        self._index = {d: _SelectorIndex(tuple(v)) for d, v in by_direction.items()}
         self._cache: dict[tuple[str, tuple[tuple[str, str], ...]], tuple[_SpecEntry, ...]] = {}
         #: connection_policy() by its arguments: a set is immutable, and under connection churn
         #: the same client asks the same question for every connection (bench/README.md).
         self._conn_cache: dict[tuple[Any, ...], ConnectionPolicy] = {}
+
+    @classmethod
+    def _compile_document(cls, doc: Document, registry: ParserLookup | None, problems: list[str]) -> _Compiled:
+        entries: dict[str, list[_SpecEntry]] = {d: [] for d in DIRECTIONS}
+        matchers: dict[int, tuple[RuleMatcher, ...] | None] = {}
+        for spec in doc.specs:
+            for direction in DIRECTIONS:
+                if spec.selects_direction(direction):
+                    rules = tuple(r for r in spec.rules if r.direction == direction)
+                    entries[direction].append((doc, spec, rules))
+            for rule in spec.rules:
+                for pr in rule.to_ports:
+                    if pr.l7 is not None:
+                        matchers[id(pr.l7)] = cls._compile(pr.l7, pr, registry, problems)
+        return _Compiled(doc, {d: tuple(v) for d, v in entries.items()}, matchers)
 
     @staticmethod
     def _compile(
@@ -202,7 +272,13 @@ class PolicySet:
         found = self._cache.get(key)
         if found is None:
             labels = LabelSet(local_labels)
-            found = tuple(e for e in self._by_direction[direction] if e[1].endpoint_selector.matches(labels))
+            index = self._index[direction]
+            entries = index.entries
+            found = tuple(
+                entries[pos]
+                for pos in index.candidates(local_labels)
+                if entries[pos][1].endpoint_selector.matches(labels)
+            )
             if len(self._cache) >= SELECT_CACHE_SIZE:
                 self._cache.clear()
             self._cache[key] = found

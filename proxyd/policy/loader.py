@@ -23,6 +23,7 @@ partially loaded. Document names must be unique across all sources.
 from __future__ import annotations
 
 import datetime
+import os
 import re
 from collections.abc import Collection, Iterable, Mapping, Sequence
 from pathlib import Path
@@ -980,11 +981,13 @@ class _Loader:
 def policy_files(path: Path) -> list[Path]:
     """The files a policy path stands for: itself, or a directory's policy files, sorted."""
     if path.is_dir():
-        return sorted(
-            p
-            for p in path.iterdir()
-            if p.suffix in POLICY_SUFFIXES and not p.name.startswith(".") and p.is_file()
-        )
+        # scandir's entries know their type without a stat each (10,000 files is a node's worth)
+        with os.scandir(path) as entries:
+            return sorted(
+                path / e.name
+                for e in entries
+                if e.name.endswith(POLICY_SUFFIXES) and not e.name.startswith(".") and e.is_file()
+            )
     return [path]
 
 
@@ -1016,6 +1019,27 @@ def load_paths(
     loader.check_names(docs, taken)
     loader.finish()
     return docs
+
+
+def load_file(file: Path, registry: ParserLookup) -> list[Document]:
+    """The documents of one policy file (names not checked against other files: see
+    :func:`check_names`). Raises :class:`PolicyError` naming the file."""
+    loader = _Loader(registry)
+    try:
+        text = file.read_text(encoding="utf-8")
+    except (OSError, UnicodeDecodeError) as exc:
+        loader.err(f"{file}:0", "", f"cannot read: {exc}")
+        text = None
+    docs = loader.parse_source(text, str(file)) if text is not None else []
+    loader.finish()
+    return docs
+
+
+def check_names(docs: Sequence[Document], registry: ParserLookup, taken: Mapping[str, Document] | None = None) -> None:
+    """Raise :class:`PolicyError` when two of ``docs`` (or one of them and ``taken``) share a name."""
+    loader = _Loader(registry)
+    loader.check_names(docs, taken)
+    loader.finish()
 
 
 def parse_text(

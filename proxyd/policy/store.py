@@ -2,10 +2,20 @@
 
 Theory of operation (docs/policy.md, "Policy changes"). The store holds one immutable
 :class:`~proxyd.policy.engine.PolicySet` and a revision number that only goes up. Every change
-(re-reading ``policy.paths`` on SIGHUP or when :meth:`PolicyStore.watch_mtimes` sees a file
-change; POST/PUT/DELETE on ``/v1/policy``) builds and validates a complete new set first; only
+(re-reading ``policy.paths`` on SIGHUP or when the daemon's file watcher reports written files;
+POST/PUT/DELETE on ``/v1/policy``) builds and validates a complete new set first; only
 when that succeeds is it swapped in and the revision bumped. A rejected change raises
 :class:`~proxyd.errors.PolicyError` and leaves the old set and revision untouched.
+
+Changes are incremental, so a node-sized policy (10,000 documents) changes in milliseconds:
+the store keeps each file's documents with the file's identity (inode, size, mtime, ctime);
+a reload re-reads only the files named as changed (:meth:`PolicyStore.build_reload` with
+``changed``: the watcher's closed-after-write and renamed-into-place files) or, on SIGHUP, the
+files whose identity changed; and the new set compiles only the documents that are new
+(:class:`~proxyd.policy.engine.PolicySet` with ``previous``). The same holds for imports: the
+documents a POST leaves alone are not compiled again. ``Change.compiled`` counts what was.
+A change that leaves an endpoint that had rules with none (a file emptied, truncated, removed,
+or a selector that stops selecting) carries a warning naming the file (``Change.warnings``).
 
 Open connections see a change at their next request: :meth:`PolicyStore.view` gives each
 connection a :class:`LiveConnectionPolicy` that notices a new set by identity and recomputes
@@ -27,16 +37,16 @@ from __future__ import annotations
 import json
 import os
 import tempfile
-from collections.abc import Mapping, Sequence
-from dataclasses import dataclass
+from collections.abc import Collection, Mapping, Sequence
+from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Any, Final
 
 from proxyd.context import L7Decision
 from proxyd.errors import PolicyError
 from proxyd.policy.engine import ConnectionPolicy, PolicySet
-from proxyd.policy.loader import ParserLookup, load_paths, parse_text, policy_files
-from proxyd.policy.model import Document
+from proxyd.policy.loader import ParserLookup, check_names, load_file, parse_text, policy_files
+from proxyd.policy.model import DIRECTIONS, Document
 
 STATE_FILE: Final = "imported-policy.json"
 STATE_VERSION: Final = 1
@@ -47,13 +57,44 @@ MAX_IMPORTED_BYTES: Final = 16 << 20
 _Snapshot = tuple[tuple[Any, ...], ...]
 
 
+_StatKey = tuple[int, int, int, int]
+
+
+@dataclass(frozen=True, slots=True)
+class FileEntry:
+    """A policy file as last read: its identity then, and its documents."""
+
+    stat: _StatKey | None
+    documents: tuple[Document, ...]
+
+
 @dataclass(frozen=True, slots=True)
 class Change:
     """A validated policy change, ready for :meth:`PolicyStore.commit`."""
 
-    files: tuple[Document, ...]
+    files: Mapping[str, FileEntry]
     imported: Mapping[str, Document]
     policy: PolicySet
+    #: Endpoints this change leaves without the rules they had, naming the file.
+    warnings: tuple[str, ...] = ()
+    #: Files read for this change.
+    read: tuple[str, ...] = ()
+    #: ``policy.paths`` and identity label sets this change was built with (None: unchanged).
+    paths: tuple[Path, ...] | None = None
+    endpoint_labels: Sequence[Mapping[str, str]] | None = None
+
+    @property
+    def compiled(self) -> int:
+        """How many documents this change compiled (the rest were kept from the old set)."""
+        return self.policy.compiled if self.policy.revision else 0
+
+
+def _stat_key(path: Path) -> _StatKey | None:
+    try:
+        st = path.stat()
+    except OSError:
+        return None
+    return (st.st_ino, st.st_size, st.st_mtime_ns, st.st_ctime_ns)
 
 
 class PolicyStore:
@@ -67,11 +108,17 @@ class PolicyStore:
         self.registry = registry
         self.paths: tuple[Path, ...] = tuple(Path(p) for p in paths)
         self.state_dir = Path(state_dir) if state_dir is not None else None
-        self._files: tuple[Document, ...] = ()
+        self._files: dict[str, FileEntry] = {}
         self._imported: dict[str, Document] = {d.name: d for d in self._load_state()}
         self._revision = 0
         self._mtimes: _Snapshot = ()
         self._current = PolicySet((), registry, 0)
+        #: The distinct label sets of the identities table (for the "left without rules"
+        #: warning); the daemon sets it with every identities change.
+        self.endpoint_labels: Sequence[Mapping[str, str]] = ()
+        #: Whether :meth:`watch_mtimes` is in use (it stats every file at each reload); the
+        #: daemon turns it off when it watches the files by inotify events instead.
+        self.polling = True
         self.reload_files()
 
     # --- reading -------------------------------------------------------------------------------
@@ -87,7 +134,7 @@ class PolicyStore:
     def documents(self) -> list[dict[str, Any]]:
         """Every document in force, files first: name, source, origin, warnings, document."""
         out: list[dict[str, Any]] = []
-        for origin, docs in (("file", self._files), ("imported", tuple(self._imported.values()))):
+        for origin, docs in (("file", self._file_documents()), ("imported", tuple(self._imported.values()))):
             for doc in docs:
                 out.append(
                     {
@@ -126,21 +173,115 @@ class PolicyStore:
         """
         return self.commit(self.build_delete(name))
 
-    def build_reload(self) -> Change:
-        """Re-read ``paths`` into a :class:`Change`. Raises :class:`PolicyError`."""
+    def _file_documents(self, files: Mapping[str, FileEntry] | None = None) -> tuple[Document, ...]:
+        entries = (self._files if files is None else files).values()
+        return tuple(doc for entry in entries for doc in entry.documents)
+
+    def build_reload(
+        self,
+        changed: Collection[str] | None = None,
+        *,
+        paths: Sequence[Path] | None = None,
+        endpoint_labels: Sequence[Mapping[str, str]] | None = None,
+    ) -> Change:
+        """Re-read ``paths`` into a :class:`Change`. Raises :class:`PolicyError`.
+
+        ``changed`` (paths as strings): read only these files, keeping every other file as
+        last read, even if it changed since (a file being written is read once its writer
+        closes it, when it is named here). None (start, SIGHUP): read every file whose
+        identity changed since it was last read. ``paths`` and ``endpoint_labels`` (a config
+        reload) replace the store's when the change is committed.
+        """
+        change = self._build_reload(changed, tuple(Path(p) for p in paths) if paths is not None else self.paths,
+                                    self.endpoint_labels if endpoint_labels is None else endpoint_labels)  # fmt: skip
+        return replace(change, paths=None if paths is None else tuple(Path(p) for p in paths),
+                       endpoint_labels=endpoint_labels)  # fmt: skip
+
+    def _build_reload(
+        self, changed: Collection[str] | None, paths: tuple[Path, ...], endpoint_labels: Sequence[Mapping[str, str]]
+    ) -> Change:
         # Snapshot before reading: an edit made while we read is seen by the next poll, and a
         # broken file is not re-read every second until it changes again.
-        self._mtimes = self._snapshot()
-        files = tuple(load_paths(self.paths, self.registry, taken=self._imported))
-        same = [(d.name, d.source, d.raw) for d in files] == [(d.name, d.source, d.raw) for d in self._files]
+        if self.polling:
+            self._mtimes = self._snapshot()
+        problems: list[str] = []
+        files: dict[str, FileEntry] = {}
+        read: list[str] = []
+        for path in paths:
+            if not path.exists():
+                problems.append(f"{path}: no such file or directory (listed in policy.paths)")
+                continue
+            for file in policy_files(path):
+                name = str(file)
+                old = self._files.get(name)
+                if changed is not None and name not in changed:
+                    if old is not None:
+                        files[name] = old
+                    continue  # not written yet (no close or rename seen): not read
+                stat = _stat_key(file)
+                if changed is None and old is not None and stat is not None and old.stat == stat:
+                    files[name] = old
+                    continue
+                read.append(name)
+                try:
+                    files[name] = FileEntry(stat, tuple(load_file(file, self.registry)))
+                except PolicyError as exc:
+                    problems.extend(exc.problems)
+        if problems:
+            raise PolicyError(problems)
+        same = files.keys() == self._files.keys() and all(files[k] is self._files[k] for k in files)
+        if not same:
+            # A file read again with the same documents (touched, or written unchanged) keeps
+            # its old document objects, so nothing is compiled and the revision stays.
+            for name in read:
+                old = self._files.get(name)
+                if old is not None and _same_documents(old.documents, files[name].documents):
+                    files[name] = FileEntry(files[name].stat, old.documents)
+            same = files.keys() == self._files.keys() and all(
+                files[k].documents is self._files[k].documents for k in files
+            )
         if same and self._revision:
             # Nothing changed (a SIGHUP or touch): the revision stays.
-            return Change(self._files, self._imported, self._current)
-        return self._build(files, self._imported, save=False)
+            return Change(files, self._imported, self._current, read=tuple(read))
+        check_names(self._file_documents(files), self.registry, self._imported)
+        change = self._build(files, self._imported, save=False)
+        return replace(change, warnings=self._lost_rules(files, endpoint_labels), read=tuple(read))
+
+    def _lost_rules(
+        self, files: Mapping[str, FileEntry], endpoint_labels: Sequence[Mapping[str, str]]
+    ) -> tuple[str, ...]:
+        """Warnings for endpoints that had rules from a changed file and now have none."""
+        if not self._revision:
+            return ()
+        out: list[str] = []
+        for name in sorted(set(self._files) | set(files)):
+            old, new = self._files.get(name), files.get(name)
+            if old is not None and new is not None and old.documents is new.documents:
+                continue
+            old_docs = old.documents if old is not None else ()
+            new_docs = new.documents if new is not None else ()
+            if not any(spec.rules for doc in old_docs for spec in doc.specs):
+                continue
+            what = "is gone" if new is None else "changed"
+            if not endpoint_labels:
+                if not any(spec.rules for doc in new_docs for spec in doc.specs):
+                    out.append(f"{name}: the file {what} and gives no rule any more, where it gave "
+                               "rules before: the endpoints it selected may now allow everything")  # fmt: skip
+                continue
+            old_set = PolicySet(old_docs)
+            new_set = PolicySet((*self._file_documents(files), *self._imported.values()))
+            for labels in endpoint_labels:
+                for direction in DIRECTIONS:
+                    if old_set.selecting(direction, labels) and not new_set.selecting(direction, labels):
+                        shown = ",".join(f"{k}={v}" for k, v in sorted(labels.items()))
+                        out.append(f"{name}: the file {what}; endpoints with labels {{{shown}}} had "
+                                   f"{direction} rules from it and now have none: {direction} "
+                                   "is allowed for them unless another policy selects them")  # fmt: skip
+        return tuple(out)
 
     def build_import(self, text: str, source: str, replace_all: bool) -> Change:
         """:meth:`import_documents` up to the swap (the state file is written)."""
-        files_by_name = {d.name: d for d in self._files}
+        files_by_name = {d.name: d for d in self._file_documents()}
         docs = parse_text(text, source, self.registry, taken=files_by_name)
         if replace_all:
             imported = {d.name: d for d in docs}
@@ -164,15 +305,20 @@ class PolicyStore:
         imported = {k: v for k, v in self._imported.items() if k != name}
         return self._build(self._files, imported, save=True)
 
-    def _build(self, files: tuple[Document, ...], imported: Mapping[str, Document], *, save: bool) -> Change:
-        new = PolicySet((*files, *imported.values()), self.registry, self._revision + 1)
+    def _build(self, files: Mapping[str, FileEntry], imported: Mapping[str, Document], *, save: bool) -> Change:
+        docs = (*self._file_documents(files), *imported.values())
+        new = PolicySet(docs, self.registry, self._revision + 1, previous=self._current)
         if save:
             self._save_state(imported)
-        return Change(files, dict(imported), new)
+        return Change(dict(files), dict(imported), new)
 
     def commit(self, change: Change) -> int:
         """Put a built change in force; returns its revision."""
-        self._files = change.files
+        self._files = dict(change.files)
+        if change.paths is not None:
+            self.paths = change.paths
+        if change.endpoint_labels is not None:
+            self.endpoint_labels = change.endpoint_labels
         self._imported = dict(change.imported)
         self._current = change.policy
         self._revision = change.policy.revision
@@ -278,6 +424,10 @@ class PolicyStore:
         return LiveConnectionPolicy(
             self, direction, local_labels, remote_ip, remote_labels, port, l7proto, audit
         )
+
+
+def _same_documents(a: Sequence[Document], b: Sequence[Document]) -> bool:
+    return [(d.name, d.source, d.raw) for d in a] == [(d.name, d.source, d.raw) for d in b]
 
 
 class LiveConnectionPolicy:
