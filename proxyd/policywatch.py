@@ -33,7 +33,7 @@ FILE_EVENTS: Final = Mask.CLOSE_WRITE | Mask.MOVED_TO | Mask.MOVED_FROM | Mask.D
 #: The events that mean "the watched directory itself is gone".
 GONE_EVENTS: Final = Mask.DELETE_SELF | Mask.MOVE_SELF | Mask.IGNORED
 #: How long a burst of events (a deploy writing many files) is gathered into one reload.
-SETTLE: Final = 0.05
+SETTLE: Final = 0.01
 
 
 class Rescan(Exception):

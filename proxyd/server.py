@@ -17,17 +17,19 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import gc
 import ipaddress
 import itertools
 import os
 import resource
 import signal
 import socket
+import sys
 import time
 from collections.abc import Callable, Mapping
 from dataclasses import replace
 from pathlib import Path
-from typing import Any
+from typing import Any, TypeVar
 
 from proxyd import sdnotify
 from proxyd.accesslog import AccessLog, LineWriter, make_logger
@@ -43,6 +45,7 @@ from proxyd.policywatch import PolicyWatcher, Rescan
 from proxyd.registry import Registry
 from proxyd.relay import Connection
 
+T = TypeVar("T")
 LISTEN_BACKLOG = 1024
 LABELS_CACHE_SIZE = 65536
 FLUSH_INTERVAL = 0.2  # seconds between access-log flushes
@@ -547,12 +550,14 @@ class Daemon:
         loop: a slow or hostile document must not stall the data path), then put it in force.
         One change at a time. Raises what ``build`` raises; the old policy stays then."""
         async with self._policy_lock:
-            change = await asyncio.get_running_loop().run_in_executor(None, build)
+            change = await off_loop(build)
             return self._commit(change)
 
     def _commit(self, change: Change) -> int:
+        old = [self.policy.current, self.last_change]
         revision = self.policy.commit(change)
         self.last_change = change
+        self._retire(old)
         for warning in change.warnings:
             self.log.warning("policy change leaves endpoints without rules", problem=warning)
         return revision
@@ -577,9 +582,8 @@ class Daemon:
         # Reading the config, building the identities table and the policy all happen on a
         # worker thread (100,000 identities take seconds); the event loop only swaps them in.
         async with self._policy_lock:
-            loop = asyncio.get_running_loop()
             try:
-                new, identities, change = await loop.run_in_executor(None, self._build_config, source)
+                new, identities, change = await off_loop(lambda: self._build_config(source))
             except ConfigError as exc:
                 self.metrics.policy_reloads_total.labels("failure").inc()
                 self.log.error("config reload rejected, old config kept", problems=exc.problems)
@@ -588,6 +592,7 @@ class Daemon:
                 return self._reload_rejected("SIGHUP", exc)
             # Open connections hold live views of this store, so it is updated, never replaced.
             revision = self._commit(change)
+            self._retire([self.identities, self._labels_cache])
             self.identities = identities
             self._labels_cache = {}
         self._reloaded("SIGHUP", revision)
@@ -596,11 +601,21 @@ class Daemon:
         await self._apply_listeners(new)
         # Settings that only affect new connections take effect now; the access log and admin
         # address are fixed for the process lifetime (a restart applies them).
-        self.config = replace(new, access_log=self.config.access_log, admin=self.config.admin)
+        old_config, self.config = self.config, replace(new, access_log=self.config.access_log,
+                                                       admin=self.config.admin)  # fmt: skip
+        self._retire([old_config])
+        del old_config
         self.metrics.connections_max.set(new.limits.max_connections)
         self.log.info("config reloaded", listeners=sorted(self.listeners), identities=len(identities))
         self._watch_files()  # the paths may have changed, or a watched directory come back
         return True
+
+    def _retire(self, old: list[Any]) -> None:
+        """Free what a change replaced on a worker thread: freeing 100,000 identities on the
+        event loop thread would stall it for tens of milliseconds. (What is in force is frozen
+        out of the cycle collector's sight by :func:`off_loop`; it is freed by reference
+        counting when replaced, as the policy and identities hold no reference cycles.)"""
+        self._spawn(off_loop(old.clear))
 
     def _build_config(self, source: Path) -> tuple[Config, IdentityMap, Change]:
         """The worker-thread part of a SIGHUP: config, identities, policy (nothing swapped)."""
@@ -639,6 +654,40 @@ class Daemon:
                 current.upstream_mark = new_config.upstream_mark
 
 
+#: The interpreter's thread switch interval while a worker thread builds a change. At the
+#: default 5 ms, the event loop thread waits up to that long for the interpreter lock each time
+#: it gave it up (every epoll wait, every socket call), several times per request: a busy
+#: worker thread would stall open connections by tens of milliseconds.
+BUILD_SWITCH_INTERVAL = 0.0005
+_builds = 0
+_saved = [0.005]
+
+
+async def off_loop(build: Callable[[], T]) -> T:
+    """Run ``build`` on a worker thread without stalling the event loop thread meanwhile.
+
+    Two things would: the interpreter lock (see :data:`BUILD_SWITCH_INTERVAL`), and the cycle
+    collector, which a build allocating a million objects (100,000 identities) sets off in a
+    full collection holding the lock for a tenth of a second. So the collector is off while
+    builds run; :meth:`Daemon._retire` then freezes what the change put in force (loading
+    policy and config leaves no cyclic garbage), and turns it back on.
+    """
+    global _builds
+    if not _builds:
+        _saved[0] = sys.getswitchinterval()
+        sys.setswitchinterval(BUILD_SWITCH_INTERVAL)
+        gc.disable()
+    _builds += 1
+    try:
+        return await asyncio.get_running_loop().run_in_executor(None, build)
+    finally:
+        _builds -= 1
+        if not _builds:
+            sys.setswitchinterval(_saved[0])
+            gc.freeze()  # what the build made, now in force or about to be dropped
+            gc.enable()
+
+
 def raise_fd_limit(max_connections: int) -> tuple[int, int, str | None]:
     """Raise the soft ``RLIMIT_NOFILE`` to the hard limit; returns (soft, needed, warning).
 
@@ -671,5 +720,6 @@ async def run_daemon(config_path: Path) -> int:
     if warning:
         daemon.log.warning("file descriptor limit too low", nofile=soft, needed=needed, problem=warning)
     await daemon.start()
+    gc.freeze()  # the config, identities and policy just loaded: see Daemon._retire
     await daemon.serve()
     return 0

@@ -245,10 +245,11 @@ class PolicyStore:
             return Change(files, self._imported, self._current, read=tuple(read))
         check_names(self._file_documents(files), self.registry, self._imported)
         change = self._build(files, self._imported, save=False)
-        return replace(change, warnings=self._lost_rules(files, endpoint_labels), read=tuple(read))
+        warnings = self._lost_rules(files, endpoint_labels, change.policy)
+        return replace(change, warnings=warnings, read=tuple(read))
 
     def _lost_rules(
-        self, files: Mapping[str, FileEntry], endpoint_labels: Sequence[Mapping[str, str]]
+        self, files: Mapping[str, FileEntry], endpoint_labels: Sequence[Mapping[str, str]], new_set: PolicySet
     ) -> tuple[str, ...]:
         """Warnings for endpoints that had rules from a changed file and now have none."""
         if not self._revision:
@@ -269,7 +270,6 @@ class PolicyStore:
                                "rules before: the endpoints it selected may now allow everything")  # fmt: skip
                 continue
             old_set = PolicySet(old_docs)
-            new_set = PolicySet((*self._file_documents(files), *self._imported.values()))
             for labels in endpoint_labels:
                 for direction in DIRECTIONS:
                     if old_set.selecting(direction, labels) and not new_set.selecting(direction, labels):
