@@ -615,7 +615,17 @@ class Daemon:
         event loop thread would stall it for tens of milliseconds. (What is in force is frozen
         out of the cycle collector's sight by :func:`off_loop`; it is freed by reference
         counting when replaced, as the policy and identities hold no reference cycles.)"""
-        self._spawn(off_loop(old.clear))
+        def free() -> None:
+            while old:
+                item = old.pop()
+                if isinstance(item, IdentityMap):
+                    item.dismantle()
+                elif isinstance(item, dict):
+                    while item:
+                        item.popitem()
+                del item
+
+        self._spawn(off_loop(free))
 
     def _build_config(self, source: Path) -> tuple[Config, IdentityMap, Change]:
         """The worker-thread part of a SIGHUP: config, identities, policy (nothing swapped)."""

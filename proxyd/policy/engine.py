@@ -143,12 +143,27 @@ class Evaluation:
 _SpecEntry = tuple[Document, Spec, tuple[Rule, ...]]
 
 
+_Pairs = tuple[tuple[str, str], ...] | None
+
+
+def _index_pairs(spec: Spec) -> _Pairs:
+    """The (label name, value) pairs under which a spec is indexed: those of its selector's
+    first ``In`` requirement (a label set it selects has one of them); None: no such
+    requirement, the spec is checked against every label set."""
+    for req in spec.endpoint_selector.requirements:
+        if req.operator == "In":
+            name = split_key(req.key)[1]
+            return tuple((name, value) for value in req.values)
+    return None
+
+
 @dataclass(frozen=True, slots=True)
 class _Compiled:
-    """One document, compiled: its selecting specs per direction and its ``l7`` matchers."""
+    """One document, compiled: its selecting specs per direction (with their index pairs)
+    and its ``l7`` matchers."""
 
     document: Document
-    entries: Mapping[str, tuple[_SpecEntry, ...]]
+    entries: Mapping[str, tuple[tuple[_SpecEntry, _Pairs], ...]]
     matchers: Mapping[int, tuple[RuleMatcher, ...] | None]
 
 
@@ -158,20 +173,25 @@ class _SelectorIndex:
 
     __slots__ = ("by_pair", "entries", "scan")
 
-    def __init__(self, entries: tuple[_SpecEntry, ...]) -> None:
-        self.entries = entries
-        by_pair: dict[tuple[str, str], list[int]] = {}
-        scan: list[int] = []
-        for pos, (_doc, spec, _rules) in enumerate(entries):
-            req = next((r for r in spec.endpoint_selector.requirements if r.operator == "In"), None)
-            if req is None:
-                scan.append(pos)
+    def __init__(self) -> None:
+        self.entries: list[_SpecEntry] = []
+        self.by_pair: dict[tuple[str, str], list[int]] = {}
+        self.scan: list[int] = []
+
+    def add(self, entries: tuple[tuple[_SpecEntry, _Pairs], ...]) -> None:
+        out, by_pair = self.entries, self.by_pair
+        for entry, pairs in entries:
+            pos = len(out)
+            out.append(entry)
+            if pairs is None:
+                self.scan.append(pos)
                 continue
-            name = split_key(req.key)[1]
-            for value in req.values:
-                by_pair.setdefault((name, value), []).append(pos)
-        self.by_pair = by_pair
-        self.scan = tuple(scan)
+            for pair in pairs:
+                found = by_pair.get(pair)
+                if found is None:
+                    by_pair[pair] = [pos]
+                else:
+                    found.append(pos)
 
     def candidates(self, labels: Mapping[str, str]) -> list[int]:
         found = set(self.scan)
@@ -209,19 +229,20 @@ class PolicySet:
         self.compiled = 0
         reuse = previous._compiled if previous is not None else {}
         problems: list[str] = []
-        by_direction: dict[str, list[_SpecEntry]] = {d: [] for d in DIRECTIONS}
+        self._index = {d: _SelectorIndex() for d in DIRECTIONS}
         for doc in self.documents:
             part = reuse.get(id(doc))
             if part is None or part.document is not doc:
                 part = self._compile_document(doc, registry, problems)
                 self.compiled += 1
             self._compiled[id(doc)] = part
-            self._matchers.update(part.matchers)
-            for direction in DIRECTIONS:
-                by_direction[direction].extend(part.entries[direction])
+            if part.matchers:
+                self._matchers.update(part.matchers)
+            for direction, entries in part.entries.items():
+                if entries:
+                    self._index[direction].add(entries)
         if problems:
             raise PolicyError(problems)
-        self._index = {d: _SelectorIndex(tuple(v)) for d, v in by_direction.items()}
         self._cache: dict[tuple[str, tuple[tuple[str, str], ...]], tuple[_SpecEntry, ...]] = {}
         #: connection_policy() by its arguments: a set is immutable, and under connection churn
         #: the same client asks the same question for every connection (bench/README.md).
@@ -229,13 +250,14 @@ class PolicySet:
 
     @classmethod
     def _compile_document(cls, doc: Document, registry: ParserLookup | None, problems: list[str]) -> _Compiled:
-        entries: dict[str, list[_SpecEntry]] = {d: [] for d in DIRECTIONS}
+        entries: dict[str, list[tuple[_SpecEntry, _Pairs]]] = {d: [] for d in DIRECTIONS}
         matchers: dict[int, tuple[RuleMatcher, ...] | None] = {}
         for spec in doc.specs:
+            pairs = _index_pairs(spec)
             for direction in DIRECTIONS:
                 if spec.selects_direction(direction):
                     rules = tuple(r for r in spec.rules if r.direction == direction)
-                    entries[direction].append((doc, spec, rules))
+                    entries[direction].append(((doc, spec, rules), pairs))
             for rule in spec.rules:
                 for pr in rule.to_ports:
                     if pr.l7 is not None:

@@ -102,7 +102,7 @@ class IdentityMap:
         # (version -> [(prefixlen, mask, {network_int: labels})]) longest prefix first, hosts excluded
         self._tables: dict[int, list[tuple[int, int, dict[int, Mapping[str, str]]]]] = {4: [], 6: []}
         #: (version, network, prefixlen, labels) in the order given, for ``entries``.
-        self._order: tuple[tuple[int, int, int, Mapping[str, str]], ...] = ()
+        self._order: list[tuple[int, int, int, Mapping[str, str]]] = []
 
     @classmethod
     def from_entries(
@@ -144,8 +144,17 @@ class IdentityMap:
             bits = 32 if version == 4 else 128
             mask = ((1 << plen) - 1) << (bits - plen)
             self._tables[version].append((plen, mask, table))
-        self._order = tuple(kept)
+        self._order = kept
         return self
+
+    def dismantle(self) -> None:
+        """Empty a table that is no longer in force, entry by entry (a reload calls this on a
+        worker thread: freed whole, 100,000 entries hold the interpreter lock for milliseconds)."""
+        for table in (self._exact, *(t for tables in self._tables.values() for _, _, t in tables)):
+            while table:
+                table.popitem()
+        while self._order:
+            self._order.pop()
 
     def labels_for(self, ip: str) -> Mapping[str, str]:
         """The labels of the longest prefix holding ``ip`` (empty when none does).

@@ -980,15 +980,21 @@ class _Loader:
 
 def policy_files(path: Path) -> list[Path]:
     """The files a policy path stands for: itself, or a directory's policy files, sorted."""
+    return [Path(p) for p in policy_file_names(path)]
+
+
+def policy_file_names(path: Path) -> list[str]:
+    """:func:`policy_files` as strings: cheap for a directory of 10,000 files (no stat or
+    ``Path`` object each: a reload that reads one file lists them all)."""
     if path.is_dir():
-        # scandir's entries know their type without a stat each (10,000 files is a node's worth)
+        base = str(path)
         with os.scandir(path) as entries:
             return sorted(
-                path / e.name
+                os.path.join(base, e.name)
                 for e in entries
                 if e.name.endswith(POLICY_SUFFIXES) and not e.name.startswith(".") and e.is_file()
             )
-    return [path]
+    return [str(path)]
 
 
 def load_paths(

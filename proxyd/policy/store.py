@@ -45,7 +45,7 @@ from typing import Any, Final
 from proxyd.context import L7Decision
 from proxyd.errors import PolicyError
 from proxyd.policy.engine import ConnectionPolicy, PolicySet
-from proxyd.policy.loader import ParserLookup, check_names, load_file, parse_text, policy_files
+from proxyd.policy.loader import ParserLookup, check_names, load_file, parse_text, policy_file_names, policy_files
 from proxyd.policy.model import DIRECTIONS, Document
 
 STATE_FILE: Final = "imported-policy.json"
@@ -83,10 +83,8 @@ class Change:
     paths: tuple[Path, ...] | None = None
     endpoint_labels: Sequence[Mapping[str, str]] | None = None
 
-    @property
-    def compiled(self) -> int:
-        """How many documents this change compiled (the rest were kept from the old set)."""
-        return self.policy.compiled if self.policy.revision else 0
+    #: How many documents this change compiled (the rest were kept from the old set).
+    compiled: int = 0
 
 
 def _stat_key(path: Path) -> _StatKey | None:
@@ -207,17 +205,17 @@ class PolicyStore:
         problems: list[str] = []
         files: dict[str, FileEntry] = {}
         read: list[str] = []
-        for path in paths:
-            if not path.exists():
+        for path, names in self._listing(paths, changed):
+            if names is None:
                 problems.append(f"{path}: no such file or directory (listed in policy.paths)")
                 continue
-            for file in policy_files(path):
-                name = str(file)
+            for name in names:
                 old = self._files.get(name)
                 if changed is not None and name not in changed:
                     if old is not None:
                         files[name] = old
                     continue  # not written yet (no close or rename seen): not read
+                file = Path(name)
                 stat = _stat_key(file)
                 if changed is None and old is not None and stat is not None and old.stat == stat:
                     files[name] = old
@@ -247,6 +245,18 @@ class PolicyStore:
         change = self._build(files, self._imported, save=False)
         warnings = self._lost_rules(files, endpoint_labels, change.policy)
         return replace(change, warnings=warnings, read=tuple(read))
+
+    def _listing(
+        self, paths: tuple[Path, ...], changed: Collection[str] | None
+    ) -> list[tuple[Path | None, list[str] | None]]:
+        """The policy files of ``paths`` (None: the path is missing). When only ``changed``
+        files changed and none of them is new, the files known are the listing (listing a
+        directory of 10,000 files would be most of a one-document reload)."""
+        if changed is not None and paths == self.paths and self._revision and all(
+            name in self._files for name in changed
+        ):
+            return [(None, [name for name in self._files if name not in changed or os.path.isfile(name)])]
+        return [(path, policy_file_names(path) if path.exists() else None) for path in paths]
 
     def _lost_rules(
         self, files: Mapping[str, FileEntry], endpoint_labels: Sequence[Mapping[str, str]], new_set: PolicySet
@@ -310,7 +320,7 @@ class PolicyStore:
         new = PolicySet(docs, self.registry, self._revision + 1, previous=self._current)
         if save:
             self._save_state(imported)
-        return Change(dict(files), dict(imported), new)
+        return Change(dict(files), dict(imported), new, compiled=new.compiled)
 
     def commit(self, change: Change) -> int:
         """Put a built change in force; returns its revision."""
