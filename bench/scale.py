@@ -172,8 +172,8 @@ def run_size(n_docs: int, n_ids: int, args: argparse.Namespace, base: Path) -> d
     out = work / "proxyd.out"
     t0 = time.monotonic()
     with out.open("wb") as log:
-        proc = subprocess.Popen([sys.executable, "-m", "proxyd", "run", "--config", str(work / "proxyd.yaml")],
-                                stdout=log, stderr=subprocess.STDOUT, env=env, cwd=work)  # fmt: skip
+        argv = [sys.executable, "-m", "proxyd", "run", "--config", str(work / "proxyd.yaml")]
+        proc = subprocess.Popen(argv, stdout=log, stderr=subprocess.STDOUT, env=env, cwd=work)
     try:
         wait_ready(f"http://127.0.0.1:{admin}/readyz", proc, timeout=300)
         ready = time.monotonic() - t0
@@ -244,8 +244,10 @@ FLOORS = {"ready_s": 10, "reload_one_ms": 100, "stall_one_ms": 20, "stall_sighup
 
 
 def table(rows: list[dict[str, Any]]) -> str:
-    head = ("| documents | identities | ready | RSS | CPU at rest | accept (median / p99) | one-document reload "
-            "(compiled) | its longest stall | SIGHUP reload | its longest stall | stall with no reload |")
+    head = (
+        "| documents | identities | ready | RSS | CPU at rest | accept (median / p99) | one-document reload "
+        "(compiled) | its longest stall | SIGHUP reload | its longest stall | stall with no reload |"
+    )
     out = [head, "|" + "---|" * 11]
     for r in rows:
         out.append(

@@ -615,6 +615,7 @@ class Daemon:
         event loop thread would stall it for tens of milliseconds. (What is in force is frozen
         out of the cycle collector's sight by :func:`off_loop`; it is freed by reference
         counting when replaced, as the policy and identities hold no reference cycles.)"""
+
         def free() -> None:
             while old:
                 item = old.pop()

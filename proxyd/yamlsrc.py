@@ -245,7 +245,7 @@ def _from_events(text: str, file: str, aliases: bool) -> list[tuple[Any, Where]]
     doc_line = 0
     try:
         while loader.check_event():
-            event = loader.get_event()
+            event: Any = loader.get_event()  # the C parser's events: attributes by kind
             kind = type(event)
             if kind is yaml.ScalarEvent or kind is yaml.MappingStartEvent or kind is yaml.SequenceStartEvent:
                 if event.anchor is not None:
@@ -262,7 +262,7 @@ def _from_events(text: str, file: str, aliases: bool) -> list[tuple[Any, Where]]
                     tag = event.tag
                     if tag is None or tag == "!":
                         if event.implicit[0] and (event.value[:1] in resolvers or not event.value):
-                            tag = loader.resolve(yaml.ScalarNode, event.value, event.implicit)
+                            tag = loader.resolve(yaml.ScalarNode, event.value, event.implicit)  # type: ignore[no-untyped-call]
                         else:
                             tag = _STR_TAG
                     if tag == _STR_TAG:
@@ -271,7 +271,9 @@ def _from_events(text: str, file: str, aliases: bool) -> list[tuple[Any, Where]]
                         make = constructors.get(tag)
                         if make is None:
                             return None
-                        node = yaml.ScalarNode(tag, event.value, event.start_mark, event.end_mark, event.style)
+                        node = yaml.ScalarNode(
+                            tag, event.value, event.start_mark, event.end_mark, event.style
+                        )
                         value = make(loader, node)
                 elif kind is yaml.MappingStartEvent:
                     if event.tag not in _MAP_TAGS:
@@ -297,7 +299,7 @@ def _from_events(text: str, file: str, aliases: bool) -> list[tuple[Any, Where]]
                         if kind is not yaml.ScalarEvent:
                             return None  # a mapping key must be a scalar
                         key = value if type(value) is str else str(value)
-                        if key in parent or key == "<<" and event.tag is None and event.implicit[0]:
+                        if key in parent or (key == "<<" and event.tag is None and event.implicit[0]):
                             return None  # duplicate, or a merge key (the node path flattens it)
                         top[1], top[2] = key, line
                     else:

@@ -34,6 +34,9 @@ spec:
 """
 
 
+ME = "  - cidr: 127.0.0.1/32\n    labels: {app: backend}\n"
+
+
 def filler_identities(n: int, start: int = 0) -> str:
     """``n`` pod addresses in 10.0.0.0/8, three labels each (500 label sets between them)."""
     out = []
@@ -191,9 +194,10 @@ def test_sighup_with_many_identities_keeps_answering_and_applies(
     open connection keep being answered between the SIGHUP and the "config reloaded" line."""
     port = free_port()
     (tmp_path / "policy").mkdir()
-    (tmp_path / "policy" / "p.yaml").write_text(POLICY.replace("NAME", "p").replace("PORT", str(upstream.port)))
-    me = "  - cidr: 127.0.0.1/32\n    labels: {app: backend}\n"
-    d = Proxyd(tmp_path, config(port, upstream.port, me + filler_identities(20_000)), port)
+    (tmp_path / "policy" / "p.yaml").write_text(
+        POLICY.replace("NAME", "p").replace("PORT", str(upstream.port))
+    )
+    d = Proxyd(tmp_path, config(port, upstream.port, ME + filler_identities(20_000)), port)
     started.append(d)
     assert ask(port, b"HALT") == b"ERROR"  # the policy selects app=backend: READ only
     client = Client(port)
@@ -202,8 +206,11 @@ def test_sighup_with_many_identities_keeps_answering_and_applies(
     # The new config gives 127.0.0.1 other labels (the policy stops selecting it) and 20,000
     # other identities.
     (tmp_path / "proxyd.yaml").write_text(
-        config(port, upstream.port, "  - cidr: 127.0.0.1/32\n    labels: {app: other}\n"
-               + filler_identities(20_000, 20_000))  # fmt: skip
+        config(
+            port,
+            upstream.port,
+            "  - cidr: 127.0.0.1/32\n    labels: {app: other}\n" + filler_identities(20_000, 20_000),
+        )
     )
     sent = time.monotonic()
     os.kill(d.proc.pid, signal.SIGHUP)
@@ -227,7 +234,7 @@ def test_policy_file_written_in_two_halves_never_loads_the_half(
     pdir.mkdir()
     full = POLICY.replace("NAME", "p").replace("PORT", str(upstream.port))
     (pdir / "p.yaml").write_text(full)
-    d = Proxyd(tmp_path, config(port, upstream.port, "  - cidr: 127.0.0.1/32\n    labels: {app: backend}\n"), port)
+    d = Proxyd(tmp_path, config(port, upstream.port, ME), port)
     started.append(d)
     assert ask(port, b"HALT") == b"ERROR"
     edited = full.replace("metadata: {name: p}", "metadata: {name: p, labels: {edited: 'yes'}}")
@@ -254,9 +261,13 @@ def test_hundred_thousand_identities_with_three_labels_load(
 ) -> None:
     port = free_port()
     (tmp_path / "policy").mkdir()
-    (tmp_path / "policy" / "p.yaml").write_text(POLICY.replace("NAME", "p").replace("PORT", str(upstream.port)))
+    (tmp_path / "policy" / "p.yaml").write_text(
+        POLICY.replace("NAME", "p").replace("PORT", str(upstream.port))
+    )
     me = "  - cidr: 127.0.0.1/32\n    labels: {app: backend, role: db, team: core}\n"
-    d = Proxyd(tmp_path, config(port, upstream.port, filler_identities(100_000) + me), port, ready_timeout=180)
+    d = Proxyd(
+        tmp_path, config(port, upstream.port, filler_identities(100_000) + me), port, ready_timeout=180
+    )
     started.append(d)
     assert ask(port, b"READ x") == b"OK READ x"
     assert ask(port, b"HALT") == b"ERROR"  # the last of 100,001 entries labels 127.0.0.1
@@ -274,11 +285,12 @@ def test_editing_one_document_of_many_compiles_only_that_one(
         if i != 150:
             text = text.replace("{app: backend}}\n  ingress", f"{{app: app{i}}}}}\n  ingress")
         (pdir / f"p{i:03d}.yaml").write_text(text)
-    d = Proxyd(tmp_path, config(port, upstream.port, "  - cidr: 127.0.0.1/32\n    labels: {app: backend}\n"), port)
+    d = Proxyd(tmp_path, config(port, upstream.port, ME), port)
     started.append(d)
     assert ask(port, b"HALT") == b"ERROR"
     # Written atomically, as docs/policy.md says: a temporary file renamed into place.
-    edited = POLICY.replace("NAME", "p150").replace("PORT", str(upstream.port)).replace("{cmd: READ}", "{cmd: HALT}")
+    edited = POLICY.replace("NAME", "p150").replace("PORT", str(upstream.port))
+    edited = edited.replace("{cmd: READ}", "{cmd: HALT}")
     tmp = pdir / ".p150.yaml.tmp"
     tmp.write_text(edited)
     tmp.rename(pdir / "p150.yaml")
@@ -296,7 +308,7 @@ def test_a_file_that_stops_giving_rules_is_warned_about_by_name(
     pdir = tmp_path / "policy"
     pdir.mkdir()
     (pdir / "p.yaml").write_text(POLICY.replace("NAME", "p").replace("PORT", str(upstream.port)))
-    d = Proxyd(tmp_path, config(port, upstream.port, "  - cidr: 127.0.0.1/32\n    labels: {app: backend}\n"), port)
+    d = Proxyd(tmp_path, config(port, upstream.port, ME), port)
     started.append(d)
     tmp = pdir / ".p.tmp"
     tmp.write_text("# emptied\n")

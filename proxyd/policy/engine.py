@@ -249,7 +249,9 @@ class PolicySet:
         self._conn_cache: dict[tuple[Any, ...], ConnectionPolicy] = {}
 
     @classmethod
-    def _compile_document(cls, doc: Document, registry: ParserLookup | None, problems: list[str]) -> _Compiled:
+    def _compile_document(
+        cls, doc: Document, registry: ParserLookup | None, problems: list[str]
+    ) -> _Compiled:
         entries: dict[str, list[tuple[_SpecEntry, _Pairs]]] = {d: [] for d in DIRECTIONS}
         matchers: dict[int, tuple[RuleMatcher, ...] | None] = {}
         for spec in doc.specs:

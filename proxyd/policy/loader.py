@@ -1041,7 +1041,9 @@ def load_file(file: Path, registry: ParserLookup) -> list[Document]:
     return docs
 
 
-def check_names(docs: Sequence[Document], registry: ParserLookup, taken: Mapping[str, Document] | None = None) -> None:
+def check_names(
+    docs: Sequence[Document], registry: ParserLookup, taken: Mapping[str, Document] | None = None
+) -> None:
     """Raise :class:`PolicyError` when two of ``docs`` (or one of them and ``taken``) share a name."""
     loader = _Loader(registry)
     loader.check_names(docs, taken)

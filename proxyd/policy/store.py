@@ -45,7 +45,14 @@ from typing import Any, Final
 from proxyd.context import L7Decision
 from proxyd.errors import PolicyError
 from proxyd.policy.engine import ConnectionPolicy, PolicySet
-from proxyd.policy.loader import ParserLookup, check_names, load_file, parse_text, policy_file_names, policy_files
+from proxyd.policy.loader import (
+    ParserLookup,
+    check_names,
+    load_file,
+    parse_text,
+    policy_file_names,
+    policy_files,
+)
 from proxyd.policy.model import DIRECTIONS, Document
 
 STATE_FILE: Final = "imported-policy.json"
@@ -190,13 +197,16 @@ class PolicyStore:
         identity changed since it was last read. ``paths`` and ``endpoint_labels`` (a config
         reload) replace the store's when the change is committed.
         """
-        change = self._build_reload(changed, tuple(Path(p) for p in paths) if paths is not None else self.paths,
-                                    self.endpoint_labels if endpoint_labels is None else endpoint_labels)  # fmt: skip
-        return replace(change, paths=None if paths is None else tuple(Path(p) for p in paths),
-                       endpoint_labels=endpoint_labels)  # fmt: skip
+        new_paths = None if paths is None else tuple(Path(p) for p in paths)
+        labels = self.endpoint_labels if endpoint_labels is None else endpoint_labels
+        change = self._build_reload(changed, self.paths if new_paths is None else new_paths, labels)
+        return replace(change, paths=new_paths, endpoint_labels=endpoint_labels)
 
     def _build_reload(
-        self, changed: Collection[str] | None, paths: tuple[Path, ...], endpoint_labels: Sequence[Mapping[str, str]]
+        self,
+        changed: Collection[str] | None,
+        paths: tuple[Path, ...],
+        endpoint_labels: Sequence[Mapping[str, str]],
     ) -> Change:
         # Snapshot before reading: an edit made while we read is seen by the next poll, and a
         # broken file is not re-read every second until it changes again.
@@ -252,8 +262,11 @@ class PolicyStore:
         """The policy files of ``paths`` (None: the path is missing). When only ``changed``
         files changed and none of them is new, the files known are the listing (listing a
         directory of 10,000 files would be most of a one-document reload)."""
-        if changed is not None and paths == self.paths and self._revision and all(
-            name in self._files for name in changed
+        if (
+            changed is not None
+            and paths == self.paths
+            and self._revision
+            and all(name in self._files for name in changed)
         ):
             return [(None, [name for name in self._files if name not in changed or os.path.isfile(name)])]
         return [(path, policy_file_names(path) if path.exists() else None) for path in paths]
@@ -276,8 +289,10 @@ class PolicyStore:
             what = "is gone" if new is None else "changed"
             if not endpoint_labels:
                 if not any(spec.rules for doc in new_docs for spec in doc.specs):
-                    out.append(f"{name}: the file {what} and gives no rule any more, where it gave "
-                               "rules before: the endpoints it selected may now allow everything")  # fmt: skip
+                    out.append(
+                        f"{name}: the file {what} and gives no rule any more, where it gave "
+                        "rules before: the endpoints it selected may now allow everything"
+                    )
                 continue
             old_set = PolicySet(old_docs)
             for labels in endpoint_labels:
@@ -315,7 +330,9 @@ class PolicyStore:
         imported = {k: v for k, v in self._imported.items() if k != name}
         return self._build(self._files, imported, save=True)
 
-    def _build(self, files: Mapping[str, FileEntry], imported: Mapping[str, Document], *, save: bool) -> Change:
+    def _build(
+        self, files: Mapping[str, FileEntry], imported: Mapping[str, Document], *, save: bool
+    ) -> Change:
         docs = (*self._file_documents(files), *imported.values())
         new = PolicySet(docs, self.registry, self._revision + 1, previous=self._current)
         if save:
