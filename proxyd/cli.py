@@ -155,7 +155,7 @@ def cmd_explain(args: argparse.Namespace) -> int:
         return 2
     print(f"listener: {listener.name} ({listener.direction}, l7proto {listener.l7proto or 'none'})")
     ids = IdentityMap.from_entries(config.identities)
-    print(explain(store, ids, listener.direction, src, dst, listener.l7proto))
+    print(explain(store, ids, listener.direction, src, dst, listener.l7proto, args.sni))
     return 0
 
 
@@ -268,6 +268,7 @@ def build_parser() -> argparse.ArgumentParser:
     exp.add_argument("--src", required=True, help="client IP (or IP:PORT)")
     exp.add_argument("--dst", required=True, help="destination IP:PORT ([IPv6]:PORT)")
     exp.add_argument("--listener", help="listener name (default: the one serving the destination port)")
+    exp.add_argument("--sni", help="the TLS server name (SNI) the client sends, for serverNames rules")
     exp.set_defaults(func=cmd_explain)
     pol = sub.add_parser("policy", help="manage the running daemon's imported policy (admin API)")
     pol.add_argument("--admin", help="admin address HOST:PORT (default: from --config, else 127.0.0.1:9901)")

@@ -19,6 +19,8 @@ from prometheus_client import CollectorRegistry, Counter, Gauge, Info, generate_
 from prometheus_client.core import CounterMetricFamily, Metric
 from prometheus_client.registry import Collector
 
+#: Values of the ``reason`` label of ``proxyd_tls_denials_total`` (see proxyd.tlsgate).
+TLS_DENIAL_REASONS = ("sni_not_allowed", "no_sni", "not_tls", "malformed", "incomplete", "timeout")
 #: (listener, bytes from clients, bytes to clients) for every listener that ever existed.
 BytesSource = Callable[[], Iterable[tuple[str, int, int]]]
 
@@ -66,6 +68,13 @@ class Metrics:
             ["listener", "reason"],
             registry=r,
         )
+        self.tls_denials_total = Counter(
+            "proxyd_tls_denials",
+            "Connections refused on their TLS ClientHello (serverNames); reason sni_not_allowed, "
+            "no_sni, not_tls, malformed, incomplete or timeout",
+            ["listener", "reason"],
+            registry=r,
+        )
         self.accept_pauses_total = Counter(
             "proxyd_accept_pauses",
             "Times accepting paused because the process ran out of file descriptors",
@@ -101,6 +110,8 @@ class Metrics:
         # first event.
         for reason in ("idle", "request"):
             self.connection_timeouts_total.labels(name, reason)
+        for reason in TLS_DENIAL_REASONS:
+            self.tls_denials_total.labels(name, reason)
         self.accept_pauses_total.labels(name)
         return ListenerMetrics(
             connections=self.connections_total.labels(name),

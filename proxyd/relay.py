@@ -23,6 +23,9 @@ Protocol-free I/O on asyncio transports (uvloop). What it guarantees (docs/confi
 - Timeouts (:meth:`Connection.check_timeouts`, called by the daemon's sweep): ``idle`` (no
   byte either way) and ``request`` (the parser has waited on MORE, with a partial request
   buffered and no progress, for that long).
+- A connection admitted pending its TLS ClientHello (:mod:`proxyd.tlsgate`) reads the client
+  first, bounded by ``buffer_bytes`` and ``request_timeout``, and connects upstream only once
+  allowed, sending what it read byte-exact; a refused one gets the gate's alert, or nothing.
 - The connection ends when both directions are done, on error, or on policy; exactly one
   ``connection`` access-log line is written, with byte counts and the reason.
 """
@@ -43,6 +46,7 @@ from typing import TYPE_CHECKING, Any, cast
 from proxyd.context import ConnInfo, Context, L7Policy
 from proxyd.engine import Engine, EngineError
 from proxyd.origdst import unmap
+from proxyd.tlsgate import GateVerdict, HelloGate, SNIView
 
 if TYPE_CHECKING:
     from proxyd.server import ListenerRuntime
@@ -155,6 +159,9 @@ class Connection(asyncio.Protocol):
         #: has waited without progress.
         self._idle_mark = (-1, 0.0)
         self._req_mark = (-1, 0.0)
+        #: Reading the ClientHello before connecting (a serverNames rule could apply).
+        self._gate: HelloGate | None = None
+        self._tls_fields: dict[str, Any] | None = None
 
     # --- accept ----------------------------------------------------------------------------
 
@@ -169,8 +176,9 @@ class Connection(asyncio.Protocol):
         assert self.client is not None
         self.info = info
         self.upstream_addr = upstream
-        self._counted = True
-        self.lr.metrics.active.inc()
+        if not self._counted:
+            self._counted = True
+            self.lr.metrics.active.inc()
         factory = self.lr.factory
         self.engine = Engine(None, self._send, buffer_limit=self.lr.limits.buffer_bytes,
                              on_error=self._engine_error)  # fmt: skip
@@ -184,6 +192,42 @@ class Connection(asyncio.Protocol):
                 return
         self._task = asyncio.get_running_loop().create_task(self._connect())
 
+    def read_hello(self, info: ConnInfo, upstream: tuple[str, int], view: SNIView) -> None:
+        """Admitted pending its TLS ClientHello (proxyd.tlsgate): read it before connecting."""
+        self.info = info
+        self.upstream_addr = upstream
+        self._counted = True
+        self.lr.metrics.active.inc()
+        self._gate = HelloGate(view, self.lr.limits.buffer_bytes)
+        self.resume_client_reading("connecting")
+
+    def _gate_decided(self, verdict: GateVerdict) -> None:
+        gate, self._gate = self._gate, None
+        assert gate is not None and self.info is not None and self.upstream_addr is not None
+        self._tls_fields = verdict.fields
+        lr = self.lr
+        if not verdict.allowed:
+            lr.metrics.denials.inc()
+            lr.daemon.metrics.tls_denials_total.labels(lr.config.name, verdict.label).inc()
+            if verdict.alert is not None and self.client is not None:
+                self.bytes_out += len(verdict.alert)
+                self.client.write(verdict.alert)
+            self._finish("denied", verdict.reason)
+            return
+        if verdict.audit:
+            lr.access_log.connection(self.info, **verdict.fields, verdict="audit", reason=verdict.reason,
+                                     policy=verdict.policy_name)  # fmt: skip
+        # Bytes that arrive while the upstream connects wait in _pending: bounded, as at accept.
+        self.pause_client_reading("connecting")
+        self.start(self.info, self.upstream_addr, verdict.policy)
+        if self._closed:
+            return
+        if self._l4 or self.engine is None:
+            assert self._pending is not None
+            self._pending.append(gate.data)
+        else:
+            self.engine.feed(False, gate.data)
+
     def check_timeouts(self, now: float, idle: float, request: float) -> str | None:
         """Close this connection if a timeout passed (0 = off); returns the reason or None.
 
@@ -192,6 +236,15 @@ class Connection(asyncio.Protocol):
         """
         if self._closed or self.info is None:
             return None
+        if self._gate is not None and request:
+            # Waiting for the ClientHello counts from the first sweep that sees it (as below).
+            if self._req_mark[0] != -2:
+                self._req_mark = (-2, now)
+            elif now - self._req_mark[1] >= request:
+                verdict = self._gate.end("timeout")
+                self._gate_decided(verdict)
+                self._req_mark = (-1, 0.0)
+                return None if verdict.allowed else "request"
         if idle:
             seen = self.bytes_in + self.bytes_out + self._up_rx
             if seen != self._idle_mark[0]:
@@ -295,6 +348,11 @@ class Connection(asyncio.Protocol):
         if self._client_pauses and self.client is not None:
             # A pause that did not take (asked for before uvloop started reading): take it now.
             self.client.pause_reading()
+        if self._gate is not None:
+            verdict = self._gate.feed(data)
+            if verdict is not None:
+                self._gate_decided(verdict)
+            return
         if self._l4 and self.upstream is not None:
             self.upstream.write(data)
             return
@@ -335,6 +393,8 @@ class Connection(asyncio.Protocol):
         if self._client_eof:
             return True
         self._client_eof = True
+        if self._gate is not None:
+            self._gate_decided(self._gate.end("incomplete"))
         if self.engine is not None:
             self._unparsed[0] = self.engine.feed_eof(False)
         self._maybe_shutdown(False)
@@ -453,6 +513,8 @@ class Connection(asyncio.Protocol):
             "bytes_out": self.bytes_out,
             "verdict": verdict,
         }
+        if self._tls_fields is not None:
+            kv.update(self._tls_fields)
         if reason and not (verdict == "forwarded" and reason in ("client closed", "upstream closed")):
             kv["reason"] = reason
         elif reason:

@@ -10,7 +10,8 @@ Admission (:meth:`ListenerRuntime.accept`) refuses, before any upstream connect:
 over ``max_connections``, connections that were not redirected (no original destination, or
 the listener's own address, which is what ``SO_ORIGINAL_DST`` answers where NAT is loaded) or
 whose original destination is one of proxyd's own listeners (a loop), and connections the
-policy denies at L3/L4.
+policy denies at L3/L4. Where a ``serverNames`` rule could apply, the policy's verdict waits
+for the client's TLS ClientHello (:mod:`proxyd.tlsgate`), still before any upstream connect.
 """
 
 from __future__ import annotations
@@ -185,6 +186,7 @@ class ListenerRuntime:
         if reason is None and d.active_connections() > self.limits.max_connections:
             reason = f"max_connections ({self.limits.max_connections}) reached"
         policy: L7Policy = AllowAllPolicy()
+        hello_view = None
         if reason is None:
             view = d.policy.view(
                 cfg.direction,
@@ -196,7 +198,9 @@ class ListenerRuntime:
                 self.mode == "audit",
             )
             l4 = view.l4()
-            if not l4.l4_allowed:
+            if l4.reads_hello:
+                hello_view = view  # decided on the ClientHello's SNI (proxyd.tlsgate)
+            elif not l4.l4_allowed:
                 reason = f"policy: {l4.l4_reason}"
             elif l4.audit_l4:
                 self.access_log.connection(info, verdict="audit", reason=f"policy: {l4.l4_reason}",
@@ -206,6 +210,9 @@ class ListenerRuntime:
             d.log.warning("connection refused", conn_id=conn_id, listener=cfg.name,
                           src=str(src), dst=str(dst), reason=reason)  # fmt: skip
             conn.refuse(reason, info)
+            return
+        if hello_view is not None:
+            conn.read_hello(info, upstream, hello_view)
             return
         conn.start(info, upstream, policy)
 

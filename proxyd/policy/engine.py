@@ -47,7 +47,7 @@ In audit mode a denial is reported as ``audit`` and let through (docs/configurat
 from __future__ import annotations
 
 from collections.abc import Mapping, Sequence
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from typing import Any, Final
 
 from proxyd.context import ALLOWED, L7Decision
@@ -82,6 +82,9 @@ class ConnectionPolicy:
     matchers: tuple[tuple[RuleMatcher, L7Decision], ...] = ()
     #: And the answer when none matches.
     denied: L7Decision = field(default=L7Decision(False))
+    #: A ``serverNames`` rule matches this remote and port (and no deny rule does): the
+    #: verdict depends on the TLS ClientHello's SNI, which must be read before connecting.
+    reads_hello: bool = False
 
     def decide(self, request: Any) -> L7Decision:
         """Whether the policy allows ``request``; exceptions of a matcher propagate."""
@@ -138,6 +141,10 @@ class Evaluation:
     #: Rules of the selecting specs that do not match, and why (only when traced).
     not_matching: tuple[tuple[RuleRef, str], ...] = ()
     policy: ConnectionPolicy = field(default=ConnectionPolicy(True, ""))
+    #: Matching (remote and port) allow rules with ``serverNames``, whatever the SNI.
+    sni_rules: tuple[RuleRef, ...] = ()
+    #: The SNI the evaluation was made for (None: none, or no ClientHello).
+    sni: str | None = None
 
 
 _SpecEntry = tuple[Document, Spec, tuple[Rule, ...]]
@@ -317,16 +324,20 @@ class PolicySet:
         port: int,
         l7proto: str | None,
         audit: bool = False,
+        sni: str | None = None,
     ) -> ConnectionPolicy:
         """The verdicts for one connection (see the module docstring for the semantics).
 
-        Raises ValueError for a bad direction or remote address.
+        ``sni`` is the server name of the connection's TLS ClientHello (None: no SNI, no
+        ClientHello, or not read yet). Raises ValueError for a bad direction or remote address.
         """
         local, remote = tuple(sorted(local_labels.items())), tuple(sorted(remote_labels.items()))
-        key = (direction, local, remote_ip, remote, port, l7proto, audit)
+        key = (direction, local, remote_ip, remote, port, l7proto, audit, sni)
         found = self._conn_cache.get(key)
         if found is None:
-            ev = self.evaluate(direction, local_labels, remote_ip, remote_labels, port, l7proto, audit)
+            ev = self.evaluate(
+                direction, local_labels, remote_ip, remote_labels, port, l7proto, audit, sni=sni
+            )
             found = ev.policy
             if len(self._conn_cache) >= SELECT_CACHE_SIZE:
                 self._conn_cache.clear()
@@ -344,6 +355,7 @@ class PolicySet:
         audit: bool = False,
         *,
         trace: bool = False,
+        sni: str | None = None,
     ) -> Evaluation:
         """Like :meth:`connection_policy`, with what matched and why (``trace``: also what did not)."""
         specs = self.selecting(direction, local_labels)
@@ -358,6 +370,7 @@ class PolicySet:
         deny_all: list[tuple[RuleRef, str]] = []
         ignored: list[tuple[RuleRef, str]] = []
         not_matching: list[tuple[RuleRef, str]] = []
+        sni_rules: list[RuleRef] = []
         for doc, spec, rules in specs:
             for rule in rules:
                 if not rule.matches_remote(addr, remote):
@@ -377,6 +390,14 @@ class PolicySet:
                     l7 = pr.l7
                     if rule.deny:
                         deny.append(ref)
+                    elif pr.server_names is not None:
+                        # Cilium: the port rule matches only connections whose SNI it allows.
+                        sni_rules.append(ref)
+                        if pr.server_names.matches(sni):
+                            allow_l4.append(ref)
+                        elif trace:
+                            what = f"SNI {sni!r} is not" if sni else "no SNI: the connection's name must be"
+                            not_matching.append((ref, f"{what} in serverNames {pr.server_names}"))
                     elif l7 is None:
                         allow_l4.append(ref)
                     elif l7proto is None:
@@ -392,6 +413,8 @@ class PolicySet:
                         else:
                             allow_l7.append((ref, matchers))
         policy = _decide(direction, port, l7proto, audit, specs, deny, allow_l4, allow_l7, deny_all, ignored)
+        if sni_rules and not deny:
+            policy = replace(policy, reads_hello=True)
         return Evaluation(
             direction,
             port,
@@ -404,6 +427,8 @@ class PolicySet:
             tuple(ignored),
             tuple(not_matching),
             policy,
+            tuple(sni_rules),
+            sni,
         )
 
 

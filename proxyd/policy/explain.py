@@ -32,6 +32,8 @@ class Explanation:
     l7proto: str | None
     revision: int
     evaluation: Evaluation
+    #: The TLS SNI the connection was evaluated with (``--sni``), or None.
+    sni: str | None = None
 
     @property
     def remote_ip(self) -> str:
@@ -66,6 +68,8 @@ class Explanation:
             "deny_all_l7": [{"rule": str(ref), "why": why} for ref, why in ev.deny_all_l7],
             "ignored": [{"rule": str(ref), "why": why} for ref, why in ev.ignored],
             "not_matching": [{"rule": str(ref), "why": why} for ref, why in ev.not_matching],
+            "sni": self.sni,
+            "reads_hello": pol.reads_hello,
             "l4_allowed": pol.l4_allowed and not pol.audit_l4,
             "l4_reason": pol.l4_reason,
             "policy": pol.policy_name,
@@ -80,7 +84,8 @@ class Explanation:
         remote_addr = self.src if local == "dst" else self.dst
         lines = [
             f"direction: {self.direction}   port: {self.dst[1]}/TCP   "
-            f"listener l7proto: {self.l7proto or '(none: plain L4)'}   policy revision: {self.revision}",
+            f"listener l7proto: {self.l7proto or '(none: plain L4)'}   policy revision: {self.revision}"
+            + (f"   sni: {self.sni}" if self.sni is not None else ""),
             f"local  ({local}) {_addr(local_addr)}: {_labels(self.local_labels)}",
             f"remote ({remote}) {_addr(remote_addr)}: {_remote(self.remote_labels, remote_addr[0])}",
         ]
@@ -118,6 +123,17 @@ class Explanation:
         else:
             verdict = "allowed" if pol.l4_allowed else "DENIED"
         lines.append(f"L3/L4 verdict: {verdict}: {pol.l4_reason}")
+        if pol.reads_hello:
+            names = "; ".join(
+                str(ref.port_rule.server_names)
+                for ref in ev.sni_rules
+                if ref.port_rule is not None and ref.port_rule.server_names is not None
+            )
+            given = f"SNI {self.sni!r}" if self.sni else "no SNI (give --sni NAME)"
+            lines.append(
+                f"TLS: serverNames rules apply ({names}): proxyd reads the ClientHello before connecting; "
+                f"verdict above for {given}"
+            )
         lines.append(f"L7: {_l7_summary(ev)}")
         for ref, _ in ev.allow_l7:
             pr = ref.port_rule
@@ -155,7 +171,8 @@ def _ports(ref: Any) -> str:
     pr = ref.port_rule
     if pr is None:
         return ", all ports"
-    return ", ports " + ", ".join(str(p) for p in pr.ports)
+    names = f", serverNames {pr.server_names}" if pr.server_names is not None else ""
+    return ", ports " + ", ".join(str(p) for p in pr.ports) + names
 
 
 def _l7_summary(ev: Evaluation) -> str:
@@ -179,8 +196,10 @@ def explain_data(
     src: tuple[str, int],
     dst: tuple[str, int],
     l7proto: str | None,
+    sni: str | None = None,
 ) -> Explanation:
-    """Evaluate the connection ``src`` -> ``dst`` as a listener of ``direction`` would.
+    """Evaluate the connection ``src`` -> ``dst`` as a listener of ``direction`` would, for a
+    TLS client whose ClientHello names ``sni`` (None: no SNI).
 
     Raises ValueError for a bad direction or address.
     """
@@ -190,8 +209,10 @@ def explain_data(
     local, remote = (dst, src) if direction == "ingress" else (src, dst)
     local_labels = identities.labels_for(local[0])
     remote_labels = identities.labels_for(remote[0])
-    ev = pset.evaluate(direction, local_labels, remote[0], remote_labels, dst[1], l7proto, trace=True)
-    return Explanation(direction, src, dst, local_labels, remote_labels, l7proto, pset.revision, ev)
+    ev = pset.evaluate(
+        direction, local_labels, remote[0], remote_labels, dst[1], l7proto, trace=True, sni=sni
+    )
+    return Explanation(direction, src, dst, local_labels, remote_labels, l7proto, pset.revision, ev, sni)
 
 
 def explain(
@@ -201,6 +222,7 @@ def explain(
     src: tuple[str, int],
     dst: tuple[str, int],
     l7proto: str | None,
+    sni: str | None = None,
 ) -> str:
     """Human-readable account of the policy for ``src`` -> ``dst`` (see :func:`explain_data`)."""
-    return explain_data(store_or_set, identities, direction, src, dst, l7proto).text()
+    return explain_data(store_or_set, identities, direction, src, dst, l7proto, sni).text()

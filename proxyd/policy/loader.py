@@ -53,6 +53,7 @@ from proxyd.policy.selector import (
     Requirement,
     split_key,
 )
+from proxyd.policy.servernames import ServerNames, parse_pattern
 from proxyd.yamlsrc import LList, LMap, Where, YamlSyntaxError, load_documents
 
 API_VERSION: Final = "cilium.io/v2"
@@ -89,7 +90,6 @@ UNSUPPORTED_SPEC_FIELDS: Final[Mapping[str, str]] = {
 UNSUPPORTED_PORT_RULE_FIELDS: Final[Mapping[str, str]] = {
     "terminatingTLS": "TLS interception is not implemented",
     "originatingTLS": "TLS interception is not implemented",
-    "serverNames": "SNI matching is not implemented",
     "listener": "Envoy listeners are not available",
 }
 _L7_HINT = "rules for proxyd's own parsers are written as `l7proto: NAME` with `l7` key-value rules"
@@ -750,7 +750,7 @@ class _Loader:
         if node is None:
             return None
         start = len(self.problems)
-        node = self.fields(node, path, ("ports", "rules"), UNSUPPORTED_PORT_RULE_FIELDS)
+        node = self.fields(node, path, ("ports", "rules", "serverNames"), UNSUPPORTED_PORT_RULE_FIELDS)
         ports: list[PortProtocol] = []
         if not node.get("ports"):
             # Cilium accepts a toPorts entry without ports; it names no port, so grants nothing.
@@ -772,9 +772,41 @@ class _Loader:
                 self.err(
                     node.where_of("rules"), rpath, "L7 rules are not allowed in deny rules (as in Cilium)"
                 )
+        names = self.server_names(node, path, deny, l7)
         if len(self.problems) > start:
             return None
-        return PortRule(tuple(ports), l7, path, str(where))
+        return PortRule(tuple(ports), l7, path, str(where), names)
+
+    def server_names(self, node: LMap, path: str, deny: bool, l7: L7Rules | None) -> ServerNames | None:
+        """``toPorts[].serverNames`` (docs/policy.md, "TLS server names"): None when absent or empty."""
+        if node.get("serverNames") is None:
+            return None
+        spath = _join(path, "serverNames")
+        at = node.where_of("serverNames")
+        patterns: list[str] = []
+        for item, iwhere, ipath in self.items(node, "serverNames", path):
+            text = self.as_str(item, iwhere, ipath)
+            if text is None:
+                continue
+            try:
+                pattern = parse_pattern(text)
+            except ValueError as exc:
+                self.err(iwhere, ipath, str(exc))
+                continue
+            if pattern not in patterns:
+                patterns.append(pattern)
+        if not patterns:
+            return None
+        if deny:
+            self.err(at, spath, "not allowed in deny rules (Cilium's deny port rules have no serverNames)")
+        elif l7 is not None:
+            self.err(
+                at,
+                spath,
+                "not allowed with L7 rules or l7proto on the same port: that needs TLS termination, "
+                "which proxyd does not do (Cilium rejects it too without terminatingTLS)",
+            )
+        return ServerNames.build(tuple(patterns))
 
     def port(self, value: Any, where: Where, path: str) -> PortProtocol | None:
         node = self.as_map(value, where, path)

@@ -32,6 +32,7 @@ from typing import Any, Final
 from proxyd.parser import RuleMatcher
 from proxyd.policy.identity import IPAddress, IPNetwork, parse_ip
 from proxyd.policy.selector import WORLD_NAMES, EndpointSelector, LabelSet
+from proxyd.policy.servernames import ServerNames
 
 INGRESS: Final = "ingress"
 EGRESS: Final = "egress"
@@ -126,12 +127,17 @@ class L7Rules:
 
 @dataclass(frozen=True, slots=True)
 class PortRule:
-    """One ``toPorts`` entry: the ports it names and, optionally, their L7 rules."""
+    """One ``toPorts`` entry: the ports it names and, optionally, their L7 rules.
+
+    ``server_names`` (``serverNames``): the entry matches only connections whose TLS
+    ClientHello carries an SNI they allow (never together with L7 rules: the loader refuses it).
+    """
 
     ports: tuple[PortProtocol, ...]
     l7: L7Rules | None = None
     path: str = ""
     where: str = ""
+    server_names: ServerNames | None = None
 
     def matches(self, port: int) -> bool:
         return any(p.matches(port) for p in self.ports)

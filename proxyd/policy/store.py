@@ -472,11 +472,18 @@ class LiveConnectionPolicy:
         port: int,
         l7proto: str | None,
         audit: bool,
+        sni: str | None = None,
     ) -> None:
         self._store = store
-        self._args = (direction, local_labels, remote_ip, remote_labels, port, l7proto, audit)
+        self._args = (direction, local_labels, remote_ip, remote_labels, port, l7proto, audit, sni)
         self._set = store.current
         self._policy = self._set.connection_policy(*self._args)
+
+    def with_sni(self, sni: str | None) -> LiveConnectionPolicy:
+        """This connection's view once its TLS ClientHello is read: ``serverNames`` rules see ``sni``."""
+        direction, local, remote_ip, remote, port, l7proto, audit, _ = self._args
+        store = self._store
+        return LiveConnectionPolicy(store, direction, local, remote_ip, remote, port, l7proto, audit, sni)
 
     def l4(self) -> ConnectionPolicy:
         """The connection's verdicts under the current policy (L3/L4 at accept, and L7)."""

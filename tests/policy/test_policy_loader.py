@@ -61,9 +61,9 @@ ERRORS: list[tuple[str, str, str]] = [
         "not supported by proxyd (proxyd relays TCP only)",
     ),
     (
-        ING + "toPorts:\n    - ports: [{port: '443'}]\n      serverNames: [a.com]\n",
-        "9: spec.ingress[0].toPorts[0].serverNames",
-        "not supported",
+        ING + "toPorts:\n    - ports: [{port: '443'}]\n      serverNames: [a.com, 'x.*.com']\n",
+        "9: spec.ingress[0].toPorts[0].serverNames[1]",
+        "a wildcard may only be a whole first label",
     ),
     (
         ING + "toPorts:\n    - ports: [{port: '443'}]\n      terminatingTLS: {}\n",
