@@ -518,6 +518,8 @@ def _identities(doc: LMap, p: _Problems) -> list[tuple[str, Mapping[str, str]]]:
         return []
     out: list[tuple[str, Mapping[str, str]]] = []
     intern = LabelInterner()  # 100,000 pods share a few hundred label sets
+    #: label sets already validated (all strings, no entity) -> their interned mapping
+    checked: dict[frozenset[tuple[str, Any]], Mapping[str, str]] = {}
     for i, item in enumerate(raw):
         if not isinstance(item, LMap):
             p.add(raw.where_of(i), f"identities[{i}]", "must be a mapping with cidr and labels and/or entity")
@@ -527,6 +529,16 @@ def _identities(doc: LMap, p: _Problems) -> list[tuple[str, Mapping[str, str]]]:
             if k not in _IDENTITY_KEYS:
                 p.add(item.where_of(k), f"{path}.{k}", "unknown key (known: cidr, labels, entity)")
         cidr = item.get("cidr")
+        labels = item.get("labels")
+        if "entity" not in item and isinstance(labels, LMap) and isinstance(cidr, str) and fast_cidr(cidr):
+            # The common entry (a pod: an IPv4 address and labels seen before) in one look-up.
+            try:
+                known = checked.get(frozenset(labels.items()))
+            except TypeError:  # a list or mapping as a label value: reported below
+                known = None
+            if known is not None:
+                out.append((cidr if "/" in cidr else f"{cidr}/32", known))
+                continue
         if isinstance(cidr, str) and fast_cidr(cidr) is not None:
             net_text = cidr if "/" in cidr else f"{cidr}/32"
         else:
@@ -542,7 +554,6 @@ def _identities(doc: LMap, p: _Problems) -> list[tuple[str, Mapping[str, str]]]:
             p.add(item.where_of("entity"), f"{path}.entity",
                   f"must be one of {', '.join(ENTITIES)}, not {entity!r}")  # fmt: skip
             continue
-        labels = item.get("labels")
         if labels is None and entity is not None:
             labels = {}
         if not isinstance(labels, dict) or (not labels and entity is None):
@@ -565,5 +576,8 @@ def _identities(doc: LMap, p: _Problems) -> list[tuple[str, Mapping[str, str]]]:
         out_labels = {str(k): str(v).lower() if isinstance(v, bool) else str(v) for k, v in labels.items()}
         if entity is not None:
             out_labels[f"reserved:{entity}"] = ""
-        out.append((net_text, intern(out_labels)))
+        interned = intern(out_labels)
+        if entity is None and all(type(k) is str and type(v) is str for k, v in labels.items()):
+            checked[frozenset(labels.items())] = interned
+        out.append((net_text, interned))
     return out

@@ -205,6 +205,8 @@ if yaml.__with_libyaml__:
 
 
 _STR_TAG = "tag:yaml.org,2002:str"
+#: Most distinct plain scalars whose resolved tag one text remembers.
+RESOLVED_CACHE = 65536
 _MAP_TAGS = (None, "!", "tag:yaml.org,2002:map")
 _SEQ_TAGS = (None, "!", "tag:yaml.org,2002:seq")
 
@@ -243,11 +245,20 @@ def _from_events(text: str, file: str, aliases: bool) -> list[tuple[Any, Where]]
     stack: list[list[Any]] = []
     nodes = 0
     doc_line = 0
+    # Locals, not module attributes: this loop runs once per value (a million for 100,000
+    # identities), and each global lookup shows.
+    scalar_event, map_event, seq_event = yaml.ScalarEvent, yaml.MappingStartEvent, yaml.SequenceStartEvent
+    end_events = (yaml.MappingEndEvent, yaml.SequenceEndEvent)
+    stream_end, alias_event = yaml.StreamEndEvent, yaml.AliasEvent
+    resolve: Any = loader.resolve
+    get_event, scalar_node = loader.get_event, yaml.ScalarNode
+    str_tag, no_key, lmap, llist, where = _STR_TAG, _NO_KEY, LMap, LList, Where
+    resolved: dict[str, str] = {}
     try:
-        while loader.check_event():
-            event: Any = loader.get_event()  # the C parser's events: attributes by kind
+        while True:
+            event: Any = get_event()  # the C parser's events: attributes by kind
             kind = type(event)
-            if kind is yaml.ScalarEvent or kind is yaml.MappingStartEvent or kind is yaml.SequenceStartEvent:
+            if kind is scalar_event:
                 if event.anchor is not None:
                     if not aliases:
                         return None
@@ -255,73 +266,92 @@ def _from_events(text: str, file: str, aliases: bool) -> list[tuple[Any, Where]]
                 nodes += 1
                 if nodes > cap:
                     return None
-                line = event.start_mark.line + 1
-                if not stack:
-                    doc_line = line
-                if kind is yaml.ScalarEvent:
-                    tag = event.tag
-                    if tag is None or tag == "!":
-                        if event.implicit[0] and (event.value[:1] in resolvers or not event.value):
-                            tag = loader.resolve(yaml.ScalarNode, event.value, event.implicit)  # type: ignore[no-untyped-call]
-                        else:
-                            tag = _STR_TAG
-                    if tag == _STR_TAG:
-                        value: Any = event.value
+                tag = event.tag
+                text_value = event.value
+                if tag is None or tag == "!":
+                    if event.implicit[0] and (not text_value or text_value[:1] in resolvers):
+                        # Plain scalars repeat (label values, keys): resolve each text once.
+                        tag = resolved.get(text_value)
+                        if tag is None:
+                            tag = resolve(scalar_node, text_value, event.implicit)
+                            if len(resolved) < RESOLVED_CACHE:
+                                resolved[text_value] = tag
                     else:
-                        make = constructors.get(tag)
-                        if make is None:
-                            return None
-                        node = yaml.ScalarNode(
-                            tag, event.value, event.start_mark, event.end_mark, event.style
-                        )
-                        value = make(loader, node)
-                elif kind is yaml.MappingStartEvent:
+                        tag = str_tag
+                if tag == str_tag:
+                    value: Any = text_value
+                else:
+                    make = constructors.get(tag)
+                    if make is None:
+                        return None
+                    value = make(
+                        loader, scalar_node(tag, text_value, event.start_mark, event.end_mark, event.style)
+                    )
+                if not stack:
+                    out.append((value, where(file, event.start_mark.line + 1)))
+                    nodes = 0
+                    continue
+                top = stack[-1]
+                parent = top[0]
+                if type(parent) is llist:
+                    parent.append(value)
+                    parent.item_lines.append(event.start_mark.line + 1)
+                elif top[1] is no_key:
+                    key = value if type(value) is str else str(value)
+                    if key in parent or (key == "<<" and event.tag is None and event.implicit[0]):
+                        return None  # duplicate, or a merge key (the node path flattens it)
+                    top[1], top[2] = key, event.start_mark.line + 1
+                else:
+                    parent[top[1]] = value
+                    parent.key_lines[top[1]] = top[2]
+                    top[1] = no_key
+            elif kind is map_event or kind is seq_event:
+                if event.anchor is not None:
+                    if not aliases:
+                        return None
+                    raise _NeedsNodes
+                nodes += 1
+                if nodes > cap or len(stack) >= MAX_DEPTH:
+                    return None
+                line = event.start_mark.line + 1
+                if kind is map_event:
                     if event.tag not in _MAP_TAGS:
                         return None
-                    m = LMap()
-                    m.where = Where(file, line)
-                    m.key_lines = {}
-                    value = m
+                    value = lmap()
+                    value.where = where(file, line)
+                    value.key_lines = {}
                 else:
                     if event.tag not in _SEQ_TAGS:
                         return None
-                    seq = LList()
-                    seq.where = Where(file, line)
-                    seq.item_lines = []
-                    value = seq
+                    value = llist()
+                    value.where = where(file, line)
+                    value.item_lines = []
                 if stack:
                     top = stack[-1]
                     parent = top[0]
-                    if type(parent) is LList:
+                    if type(parent) is llist:
                         parent.append(value)
                         parent.item_lines.append(line)
-                    elif top[1] is _NO_KEY:
-                        if kind is not yaml.ScalarEvent:
-                            return None  # a mapping key must be a scalar
-                        key = value if type(value) is str else str(value)
-                        if key in parent or (key == "<<" and event.tag is None and event.implicit[0]):
-                            return None  # duplicate, or a merge key (the node path flattens it)
-                        top[1], top[2] = key, line
+                    elif top[1] is no_key:
+                        return None  # a mapping key must be a scalar
                     else:
                         parent[top[1]] = value
                         parent.key_lines[top[1]] = top[2]
-                        top[1] = _NO_KEY
-                elif kind is yaml.ScalarEvent:
-                    out.append((value, Where(file, doc_line)))
-                    nodes = 0
-                if kind is not yaml.ScalarEvent:
-                    if len(stack) >= MAX_DEPTH:
-                        return None
-                    stack.append([value, _NO_KEY, 0])
-            elif kind is yaml.MappingEndEvent or kind is yaml.SequenceEndEvent:
+                        top[1] = no_key
+                else:
+                    doc_line = line
+                stack.append([value, no_key, 0])
+            elif kind in end_events:
                 done = stack.pop()
                 if not stack:
-                    out.append((done[0], Where(file, doc_line)))
+                    out.append((done[0], where(file, doc_line)))
                     nodes = 0
-            elif kind is yaml.AliasEvent:
+            elif kind is alias_event:
                 if not aliases:
                     return None
                 raise _NeedsNodes
+            elif kind is stream_end:
+                break
     finally:
         loader.dispose()
     return out
