@@ -15,6 +15,9 @@ to avoid.
 Watches: a directory in ``policy.paths`` is watched for its policy files; a single file is
 watched through its directory (an atomic rename replaces the file's inode, which would end a
 watch on the file itself). A watched directory that disappears is reported as a full rescan.
+So is a ``..``-name renamed into a watched directory: a Kubernetes ConfigMap volume updates by
+swapping its ``..data`` symlink, and every policy file there is a symlink through it (the files
+whose identity changed are then read).
 """
 
 from __future__ import annotations
@@ -49,6 +52,7 @@ class PolicyWatcher:
         self._inotify = Inotify()
         #: watched directory -> the file names it stands for (None: every policy file in it)
         self._wanted: dict[Path, set[str] | None] = {}
+        self._everything = False
         try:
             for path in self.paths:
                 if path.is_dir():
@@ -72,16 +76,18 @@ class PolicyWatcher:
             return name.endswith(POLICY_SUFFIXES) and not name.startswith(".")
         return name in names
 
-    async def changes(self) -> set[str]:
-        """The files written, renamed or removed since the last call (waits for at least one).
+    async def changes(self) -> set[str] | None:
+        """The files written, renamed or removed since the last call (waits for at least one);
+        None: look at every file (a ConfigMap's ``..data`` swap).
 
         Raises :class:`Rescan` when a watched directory is gone.
         """
         changed: set[str] = set()
+        self._everything = False
         while True:
             event = await self._inotify.get()
             self._note(event.watch.path if event.watch else None, event.name, event.mask, changed)
-            if changed:
+            if changed or self._everything:
                 break
         loop = asyncio.get_running_loop()
         deadline = loop.time() + SETTLE
@@ -91,12 +97,14 @@ class PolicyWatcher:
             except TimeoutError:
                 break
             self._note(event.watch.path if event.watch else None, event.name, event.mask, changed)
-        return changed
+        return None if self._everything else changed
 
     def _note(self, directory: Path | None, name: Path | None, mask: Mask, changed: set[str]) -> None:
         if mask & GONE_EVENTS and name is None:
             raise Rescan(f"{directory} is gone")
         if directory is None or name is None or not mask & FILE_EVENTS:
             return
-        if self._wants(directory, name.name):
+        if name.name.startswith("..") and mask & Mask.MOVED_TO:
+            self._everything = True
+        elif self._wants(directory, name.name):
             changed.add(str(directory / name))

@@ -317,3 +317,24 @@ def test_a_file_that_stops_giving_rules_is_warned_about_by_name(
     warning = next(e for e in d.events() if e.get("event") == "policy change leaves endpoints without rules")
     assert str(pdir / "p.yaml") in warning["problem"] and "app=backend" in warning["problem"], warning
     assert ask(port, b"HALT") == b"OK HALT"  # as the warning says: nothing selects it any more
+
+
+def test_a_configmap_volume_update_is_picked_up(tmp_path: Path, upstream: Upstream, started: list[Proxyd]) -> None:
+    """kubelet updates a ConfigMap volume by renaming a new ``..data`` symlink into place; the
+    policy files are symlinks through it, so no event names them."""
+    port = free_port()
+    pdir = tmp_path / "policy"
+    (pdir / "..v1").mkdir(parents=True)
+    (pdir / "..v1" / "p.yaml").write_text(POLICY.replace("NAME", "p").replace("PORT", str(upstream.port)))
+    (pdir / "..data").symlink_to("..v1")
+    (pdir / "p.yaml").symlink_to("..data/p.yaml")
+    d = Proxyd(tmp_path, config(port, upstream.port, ME), port)
+    started.append(d)
+    assert ask(port, b"HALT") == b"ERROR"
+    (pdir / "..v2").mkdir()
+    edited = POLICY.replace("NAME", "p").replace("PORT", str(upstream.port))
+    (pdir / "..v2" / "p.yaml").write_text(edited.replace("{cmd: READ}", "{cmd: HALT}"))
+    (pdir / "..data_tmp").symlink_to("..v2")
+    (pdir / "..data_tmp").rename(pdir / "..data")
+    assert wait_until(lambda: d.count("policy reloaded") == 1, 30), d.stderr()
+    assert ask(port, b"HALT") == b"OK HALT"
