@@ -319,7 +319,9 @@ def test_a_file_that_stops_giving_rules_is_warned_about_by_name(
     assert ask(port, b"HALT") == b"OK HALT"  # as the warning says: nothing selects it any more
 
 
-def test_a_configmap_volume_update_is_picked_up(tmp_path: Path, upstream: Upstream, started: list[Proxyd]) -> None:
+def test_a_configmap_volume_update_is_picked_up(
+    tmp_path: Path, upstream: Upstream, started: list[Proxyd]
+) -> None:
     """kubelet updates a ConfigMap volume by renaming a new ``..data`` symlink into place; the
     policy files are symlinks through it, so no event names them."""
     port = free_port()
