@@ -174,46 +174,81 @@ class _Compiled:
     matchers: Mapping[int, tuple[RuleMatcher, ...] | None]
 
 
+_Item = tuple[int, _SpecEntry]  # (the spec's number in its document, the entry)
+
+
 class _SelectorIndex:
     """Which specs of one direction may select a label set: by (name, value) of an ``In``
-    requirement, plus the specs without one (checked every time). Positions keep policy order."""
+    requirement, plus the specs without one (checked every time).
 
-    __slots__ = ("by_pair", "entries", "scan")
+    Copied on write: a set built from a previous one shares the index lists no change touched
+    (a change to one document of 10,000 copies a few lists, not the index)."""
 
-    def __init__(self) -> None:
-        self.entries: list[_SpecEntry] = []
-        self.by_pair: dict[tuple[str, str], list[int]] = {}
-        self.scan: list[int] = []
+    __slots__ = ("_owned", "by_pair", "scan")
+
+    def __init__(self, by_pair: dict[tuple[str, str], list[_Item]] | None = None,
+                 scan: list[_Item] | None = None) -> None:  # fmt: skip
+        self.by_pair: dict[tuple[str, str], list[_Item]] = {} if by_pair is None else by_pair
+        self.scan: list[_Item] = [] if scan is None else scan
+        #: The pairs whose lists this index made (the others are shared with the index it was
+        #: copied from, and copied before a change); _ALL: every list is its own.
+        self._owned: set[tuple[str, str]] = _ALL if by_pair is None else set()
+
+    def copy(self) -> _SelectorIndex:
+        return _SelectorIndex(dict(self.by_pair), list(self.scan))
+
+    def _own(self, pair: tuple[str, str]) -> list[_Item] | None:
+        found = self.by_pair.get(pair)
+        if found is not None and self._owned is not _ALL and pair not in self._owned:
+            found = self.by_pair[pair] = list(found)
+            self._owned.add(pair)
+        return found
 
     def add(self, entries: tuple[tuple[_SpecEntry, _Pairs], ...]) -> None:
-        out, by_pair = self.entries, self.by_pair
-        for entry, pairs in entries:
-            pos = len(out)
-            out.append(entry)
+        for n, (entry, pairs) in enumerate(entries):
+            item = (n, entry)
             if pairs is None:
-                self.scan.append(pos)
+                self.scan.append(item)
                 continue
             for pair in pairs:
-                found = by_pair.get(pair)
+                found = self._own(pair)
                 if found is None:
-                    by_pair[pair] = [pos]
+                    self.by_pair[pair] = [item]
+                    if self._owned is not _ALL:
+                        self._owned.add(pair)
                 else:
-                    found.append(pos)
+                    found.append(item)
 
-    def candidates(self, labels: Mapping[str, str]) -> list[int]:
-        found = set(self.scan)
+    def remove(self, entries: tuple[tuple[_SpecEntry, _Pairs], ...]) -> None:
+        gone = {id(entry) for entry, _ in entries}
+        pairs_touched = {pair for _, pairs in entries if pairs is not None for pair in pairs}
+        if any(pairs is None for _, pairs in entries):
+            self.scan = [item for item in self.scan if id(item[1]) not in gone]
+        for pair in pairs_touched:
+            found = self._own(pair)
+            if found is not None:
+                found[:] = [item for item in found if id(item[1]) not in gone]
+                if not found:
+                    del self.by_pair[pair]
+
+    def candidates(self, labels: Mapping[str, str]) -> list[_Item]:
+        found = {id(item[1]): item for item in self.scan}
         for key, value in labels.items():
             hit = self.by_pair.get((split_key(str(key))[1], str(value)))
             if hit:
-                found.update(hit)
-        return sorted(found)
+                for item in hit:
+                    found[id(item[1])] = item
+        return list(found.values())
+
+
+_ALL: set[tuple[str, str]] = set()  # marker: every list of this index is its own
 
 
 class PolicySet:
     """All documents in force, compiled for enforcement. Immutable; one per revision."""
 
-    __slots__ = ("_cache", "_compiled", "_conn_cache", "_index", "_matchers", "compiled", "documents",
-                 "revision")  # fmt: skip
+    __slots__ = ("_cache", "_compiled", "_conn_cache", "_index", "_matchers", "_order", "compiled",
+                 "documents", "revision")  # fmt: skip
 
     def __init__(
         self,
@@ -231,13 +266,37 @@ class PolicySet:
         """
         self.documents: tuple[Document, ...] = tuple(documents)
         self.revision = revision
-        self._matchers: dict[int, tuple[RuleMatcher, ...] | None] = {}
-        self._compiled: dict[int, _Compiled] = {}
         self.compiled = 0
-        reuse = previous._compiled if previous is not None else {}
+        #: Each document's place, for policy order among the specs the index finds.
+        self._order = {id(doc): i for i, doc in enumerate(self.documents)}
         problems: list[str] = []
-        self._index = {d: _SelectorIndex() for d in DIRECTIONS}
-        for doc in self.documents:
+        reuse = previous._compiled if previous is not None else {}
+        added = [
+            doc for doc in self.documents if (part := reuse.get(id(doc))) is None or part.document is not doc
+        ]
+        gone = [part for key, part in reuse.items() if key not in self._order]
+        todo: Sequence[Document] = self.documents
+        self._compiled: dict[int, _Compiled]
+        self._matchers: dict[int, tuple[RuleMatcher, ...] | None]
+        self._index: dict[str, _SelectorIndex]
+        if previous is not None and len(added) + len(gone) <= len(self.documents) // 2:
+            # Most documents are the previous set's: start from its tables, copied on write.
+            self._compiled = dict(previous._compiled)
+            self._matchers = dict(previous._matchers)
+            self._index = {d: index.copy() for d, index in previous._index.items()}
+            for part in gone:
+                del self._compiled[id(part.document)]
+                for key in part.matchers:
+                    del self._matchers[key]
+                for direction, entries in part.entries.items():
+                    if entries:
+                        self._index[direction].remove(entries)
+            todo = added
+        else:
+            self._compiled = {}
+            self._matchers = {}
+            self._index = {d: _SelectorIndex() for d in DIRECTIONS}
+        for doc in todo:
             part = reuse.get(id(doc))
             if part is None or part.document is not doc:
                 part = self._compile_document(doc, registry, problems)
@@ -303,13 +362,11 @@ class PolicySet:
         found = self._cache.get(key)
         if found is None:
             labels = LabelSet(local_labels)
-            index = self._index[direction]
-            entries = index.entries
-            found = tuple(
-                entries[pos]
-                for pos in index.candidates(local_labels)
-                if entries[pos][1].endpoint_selector.matches(labels)
+            order = self._order
+            items = sorted(
+                self._index[direction].candidates(local_labels), key=lambda it: (order[id(it[1][0])], it[0])
             )
+            found = tuple(entry for _, entry in items if entry[1].endpoint_selector.matches(labels))
             if len(self._cache) >= SELECT_CACHE_SIZE:
                 self._cache.clear()
             self._cache[key] = found

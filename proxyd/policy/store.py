@@ -54,6 +54,7 @@ from proxyd.policy.loader import (
     policy_files,
 )
 from proxyd.policy.model import DIRECTIONS, Document
+from proxyd.policy.selector import LabelSet
 
 STATE_FILE: Final = "imported-policy.json"
 STATE_VERSION: Final = 1
@@ -124,6 +125,9 @@ class PolicyStore:
         #: Whether :meth:`watch_mtimes` is in use (it stats every file at each reload); the
         #: daemon turns it off when it watches the files by inotify events instead.
         self.polling = True
+        self._label_cache: (
+            tuple[Sequence[Mapping[str, str]], list[tuple[Mapping[str, str], LabelSet]]] | None
+        ) = None
         self.reload_files()
 
     # --- reading -------------------------------------------------------------------------------
@@ -271,6 +275,15 @@ class PolicyStore:
             return [(None, [name for name in self._files if name not in changed or os.path.isfile(name)])]
         return [(path, policy_file_names(path) if path.exists() else None) for path in paths]
 
+    def _indexed_labels(
+        self, endpoint_labels: Sequence[Mapping[str, str]]
+    ) -> list[tuple[Mapping[str, str], LabelSet]]:
+        """The identities' label sets, indexed for selector matching (kept while they last)."""
+        cached = self._label_cache
+        if cached is None or cached[0] is not endpoint_labels:
+            cached = self._label_cache = (endpoint_labels, [(lb, LabelSet(lb)) for lb in endpoint_labels])
+        return cached[1]
+
     def _lost_rules(
         self, files: Mapping[str, FileEntry], endpoint_labels: Sequence[Mapping[str, str]], new_set: PolicySet
     ) -> tuple[str, ...]:
@@ -278,10 +291,13 @@ class PolicyStore:
         if not self._revision:
             return ()
         out: list[str] = []
-        for name in sorted(set(self._files) | set(files)):
+        label_sets: list[tuple[Mapping[str, str], LabelSet]] | None = None
+        touched = [
+            n for n, e in files.items() if (o := self._files.get(n)) is None or o.documents is not e.documents
+        ]
+        touched += [n for n in self._files if n not in files]
+        for name in touched:
             old, new = self._files.get(name), files.get(name)
-            if old is not None and new is not None and old.documents is new.documents:
-                continue
             old_docs = old.documents if old is not None else ()
             new_docs = new.documents if new is not None else ()
             if not any(spec.rules for doc in old_docs for spec in doc.specs):
@@ -294,10 +310,16 @@ class PolicyStore:
                         "rules before: the endpoints it selected may now allow everything"
                     )
                 continue
-            old_set = PolicySet(old_docs)
-            for labels in endpoint_labels:
+            if label_sets is None:
+                label_sets = self._indexed_labels(endpoint_labels)
+            # Only the label sets the file's old specs selected, then only those, in the new set.
+            specs = [spec for doc in old_docs for spec in doc.specs]
+            for labels, indexed in label_sets:
                 for direction in DIRECTIONS:
-                    if old_set.selecting(direction, labels) and not new_set.selecting(direction, labels):
+                    had = any(
+                        s.selects_direction(direction) and s.endpoint_selector.matches(indexed) for s in specs
+                    )
+                    if had and not new_set.selecting(direction, labels):
                         shown = ",".join(f"{k}={v}" for k, v in sorted(labels.items()))
                         out.append(f"{name}: the file {what}; endpoints with labels {{{shown}}} had "
                                    f"{direction} rules from it and now have none: {direction} "
