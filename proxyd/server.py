@@ -251,6 +251,7 @@ class Daemon:
         self.policy.endpoint_labels = self.identities.label_sets()
         self.last_change: Change | None = None
         self._watch_task: asyncio.Task[Any] | None = None
+        self._watched: tuple[tuple[Path, bool], ...] = ()
         self.metrics.policy_revision.set(self.policy.revision)
         self.metrics.connections_max.set(config.limits.max_connections)
         self.listeners: dict[str, ListenerRuntime] = {}
@@ -365,11 +366,16 @@ class Daemon:
         self._spawn(self._flush_access_log())
         self._spawn(self._sweep_timeouts())
 
+    def _watch_shape(self) -> tuple[tuple[Path, bool], ...]:
+        """What the file watcher is set up for: each path, and whether it is a directory."""
+        return tuple((p, p.is_dir()) for p in self.policy.paths)
+
     def _watch_files(self) -> None:
         """(Re)start watching ``policy.paths`` (at start, and when a SIGHUP changed them)."""
         if self._watch_task is not None:
             self._watch_task.cancel()
             self._watch_task = None
+        self._watched = self._watch_shape()
         if self.policy.paths:
             self._watch_task = self._spawn(self._watch_policy())
 
@@ -449,7 +455,8 @@ class Daemon:
                     if rescan:
                         break
             finally:
-                watcher.close()
+                # Closing an inotify descriptor waits for the kernel (~15 ms): not on this thread.
+                asyncio.get_running_loop().run_in_executor(None, watcher.close)
             await asyncio.sleep(1.0)  # a directory went away: look for it again in a while
 
     async def _poll_policy(self) -> None:
@@ -614,7 +621,8 @@ class Daemon:
         del old_config
         self.metrics.connections_max.set(new.limits.max_connections)
         self.log.info("config reloaded", listeners=sorted(self.listeners), identities=len(identities))
-        self._watch_files()  # the paths may have changed, or a watched directory come back
+        if self._watch_shape() != self._watched or self._watch_task is None or self._watch_task.done():
+            self._watch_files()  # the paths changed, or the watcher ended
         return True
 
     def _retire(self, old: list[Any]) -> None:
