@@ -160,3 +160,20 @@ def test_identities_exact_and_prefixes_share_label_sets() -> None:
     assert ids.labels_for("10.1.0.1") is ids.labels_for("10.1.0.4")
     ids.dismantle()
     assert len(ids) == 0 and dict(ids.labels_for("10.1.0.7")) == {}
+
+
+def test_a_named_file_may_not_take_another_file_s_or_an_import_s_name(tmp_path: Path) -> None:
+    d = policy_dir(tmp_path, 5)
+    store = PolicyStore(REGISTRY, [d])
+    store.import_documents(doc("imp", "app1"), "admin-api", replace_all=False)
+    replace_file(d / "p01.yaml", doc("p3", "app1"))
+    with pytest.raises(PolicyError, match="duplicate policy name 'p3'"):
+        store.build_reload({str(d / "p01.yaml")})
+    replace_file(d / "p01.yaml", doc("imp", "app1"))
+    with pytest.raises(PolicyError, match="duplicate policy name 'imp'"):
+        store.build_reload({str(d / "p01.yaml")})
+    # Renamed in one file and taken by another in the same change: fine.
+    replace_file(d / "p01.yaml", doc("p1-renamed", "app1"))
+    replace_file(d / "p02.yaml", doc("p1", "app2"))
+    store.commit(store.build_reload({str(d / "p01.yaml"), str(d / "p02.yaml")}))
+    assert sorted(x["name"] for x in store.documents()) == ["imp", "p0", "p1", "p1-renamed", "p3", "p4"]
