@@ -687,6 +687,9 @@ class Daemon:
 BUILD_SWITCH_INTERVAL = 0.0005
 _builds = 0
 _saved = [0.005]
+#: Whether builds freeze what they made (the daemon process, see :func:`run_daemon`; not a test
+#: process running daemons in its own interpreter, whose cyclic garbage would be frozen too).
+_freeze = [False]
 
 
 async def off_loop(build: Callable[[], T]) -> T:
@@ -695,8 +698,9 @@ async def off_loop(build: Callable[[], T]) -> T:
     Two things would: the interpreter lock (see :data:`BUILD_SWITCH_INTERVAL`), and the cycle
     collector, which a build allocating a million objects (100,000 identities) sets off in a
     full collection holding the lock for a tenth of a second. So the collector is off while
-    builds run; :meth:`Daemon._retire` then freezes what the change put in force (loading
-    policy and config leaves no cyclic garbage), and turns it back on.
+    builds run; then what they made is frozen out of its sight (:func:`gc.freeze`: loading
+    policy and config leaves no cyclic garbage, and what is replaced is freed by reference
+    counting) and the collector is turned back on.
     """
     global _builds
     if not _builds:
@@ -710,7 +714,8 @@ async def off_loop(build: Callable[[], T]) -> T:
         _builds -= 1
         if not _builds:
             sys.setswitchinterval(_saved[0])
-            gc.freeze()  # what the build made, now in force or about to be dropped
+            if _freeze[0]:
+                gc.freeze()  # what the build made, now in force or about to be dropped
             gc.enable()
 
 
@@ -742,6 +747,7 @@ async def run_daemon(config_path: Path) -> int:
     # Loading builds millions of objects and no cyclic garbage: the cycle collector would walk
     # the growing heap again and again (a third of the start time at 100,000 identities).
     gc.disable()
+    _freeze[0] = True
     try:
         registry = Registry.load()
         config = load_config(config_path, registry)
