@@ -48,6 +48,6 @@ WORKDIR /var/lib/proxyd
 EXPOSE 15001 9901
 HEALTHCHECK --interval=10s --timeout=3s --start-period=10s --retries=3 \
     CMD ["python", "-c", "import urllib.request; urllib.request.urlopen('http://127.0.0.1:9901/healthz', timeout=2)"]
-# Exec form: proxyd is PID 1 and receives SIGTERM (drain) and SIGHUP (policy reload) itself.
+# Exec form: proxyd is PID 1 and receives SIGTERM (drain) and SIGHUP (config and policy reload) itself.
 ENTRYPOINT ["proxyd"]
 CMD ["run", "--config", "/etc/proxyd/proxyd.yaml"]

@@ -41,7 +41,7 @@ static PyObject *s_on_data, *s_op, *s_passed, *s_dropped, *s_injected, *s_matche
 static PyObject *s_denied_reply;   /* bytes */
 static PyObject *s_text_barrier;   /* bytes */
 static PyObject *s_bin_barrier;    /* bytes */
-static PyObject *s_no_pending;     /* "reply with no request pending" */
+static PyObject *s_unsolicited;    /* "unsolicited" */
 static PyObject *s_empty_bytes, *s_empty_tuple;
 
 enum { OP_MORE = 1, OP_PASS = 2, OP_DROP = 3, OP_INJECT = 4, OP_ERROR = 5, OP_NOP = 6 };
@@ -898,7 +898,6 @@ static PyObject *lazy_fields(int kind, PyObject *a, PyObject *b) {
 
 #define MAX_KEY 250
 #define MAX_LINE 2048
-#define MAX_RETRIEVAL_LINE 65536
 #define MAX_REPLY_LINE 8192
 #define MAX_PENDING 10000
 
@@ -989,6 +988,11 @@ typedef struct {
     int stream;
     Queue q;
     long long req_owed, rep_owed;
+    int held;                     /* PendingQueue.held: the last reply's last byte to pass (1) or drop (2) */
+    PyObject *after;              /* PendingQueue.after: bytes or NULL (b"") */
+    long long closing;            /* PendingQueue.closing: the error code of a close decided */
+    PyObject *reason;             /* PendingQueue.reason: str or NULL */
+    PyObject *final;              /* PendingQueue.final: bytes or NULL */
     PyObject *counts, *count_key; /* ctx.quiet_counter(): count forwarded requests without a log call */
     int flat_ok;                  /* the context is a Context: its policy may be flattened */
     struct FlatRule *flat;        /* the flattened ConnectionPolicy (see flat_matches) */
@@ -1007,6 +1011,9 @@ static int Memcache_clear(Memcache *self) {
     Py_CLEAR(self->ctx);
     Py_CLEAR(self->counts);
     Py_CLEAR(self->count_key);
+    Py_CLEAR(self->after);
+    Py_CLEAR(self->reason);
+    Py_CLEAR(self->final);
     return 0;
 }
 
@@ -1040,6 +1047,11 @@ static int Memcache_init(Memcache *self, PyObject *args, PyObject *kw) {
     self->scan = self->rscan = 0;
     self->stream = 0;
     self->req_owed = self->rep_owed = 0;
+    self->held = 0;
+    self->closing = 0;
+    Py_CLEAR(self->after);
+    Py_CLEAR(self->reason);
+    Py_CLEAR(self->final);
     q_free(&self->q);
     Py_CLEAR(self->counts);
     Py_CLEAR(self->count_key);
@@ -1465,31 +1477,138 @@ static int ctx_matches(Memcache *self, PyObject *name, PyObject *keys, int key_e
     return t;
 }
 
-/* unexpected_reply: log it; ERROR, ERROR_PROTOCOL */
-static int unexpected_reply(Memcache *self, PyObject *status, long long *n) { /* steals status */
+/* unsolicited: a reply with no request pending; log it and PASS it */
+static int mc_unsolicited(Memcache *self, PyObject *status, long long nrep, long long *n) { /* steals status */
     if (status == NULL) return -1;
     PyObject *d = PyDict_New();
-    if (d == NULL || PyDict_SetItem(d, s_status, status) < 0 || PyDict_SetItem(d, s_error, s_no_pending) < 0) {
+    if (d == NULL || PyDict_SetItem(d, s_status, status) < 0 || PyDict_SetItem(d, s_unsolicited, Py_True) < 0) {
         Py_XDECREF(d);
         Py_DECREF(status);
         return -1;
     }
     Py_DECREF(status);
     if (ctx_log(self, g_ET_RESPONSE, d) < 0) return -1;
-    *n = 4;
-    return OP_ERROR;
+    *n = nrep;
+    return OP_PASS;
 }
 
 static PyObject *latin1_status(const char *p, Py_ssize_t k) {
     return PyUnicode_DecodeLatin1(p, k > 64 ? 64 : k, NULL);
 }
 
-/* PendingQueue.deny: DROP n, or ERROR when the queue is full */
+/* *acc += b (bytes; NULL stands for b"") */
+static int bytes_add(PyObject **acc, PyObject *b) {
+    if (b == NULL || PyBytes_GET_SIZE(b) == 0) return 0;
+    if (*acc == NULL) {
+        Py_INCREF(b);
+        *acc = b;
+        return 0;
+    }
+    PyBytes_Concat(acc, b);
+    return *acc == NULL ? -1 : 0;
+}
+
+/* PendingQueue.finish: inject answer (stolen, may be NULL) + final, log the reason, ERROR */
+static int mc_finish(Memcache *self, PyObject *answer, long long *n) {
+    PyObject *out = answer;
+    if (bytes_add(&out, self->final) < 0) return -1;
+    Py_CLEAR(self->final);
+    int rc = 0;
+    if (out != NULL && PyBytes_GET_SIZE(out)) rc = ctx_inject(self, 1, out);
+    Py_XDECREF(out);
+    if (rc < 0) return -1;
+    PyObject *d = PyDict_New();
+    if (d == NULL || PyDict_SetItem(d, s_error, self->reason ? self->reason : s_empty_str) < 0) {
+        Py_XDECREF(d);
+        return -1;
+    }
+    if (ctx_log(self, g_ET_RESPONSE, d) < 0) return -1;
+    *n = self->closing;
+    return OP_ERROR;
+}
+
+/* PendingQueue.close: reason (stolen), answer (borrowed, may be NULL) */
+static int mc_close(Memcache *self, long long code, PyObject *reason, PyObject *answer, Py_ssize_t have,
+                    long long *n) {
+    if (reason == NULL) return -1;
+    self->closing = code;
+    Py_XSETREF(self->reason, reason);
+    Py_XINCREF(answer);
+    Py_XSETREF(self->final, answer);
+    Queue *q = &self->q;
+    if (q->len == 0 && !self->held) return mc_finish(self, NULL, n);
+    if (q->len && q_at(q, q->len - 1)->mtype != M_ALWAYS) {
+        /* the last request may stay silent: a barrier's answer tells when all are done */
+        Entry e = {0};
+        e.kind = K_BARRIER;
+        e.name = s_empty_str;
+        Py_INCREF(e.name);
+        if (q_append_raw(q, &e) < 0) return -1;
+        if (ctx_inject(self, 0, self->dialect == 2 ? s_bin_barrier : s_text_barrier) < 0) return -1;
+    }
+    *n = have;
+    return OP_DROP;
+}
+
+/* PendingQueue.drain_then_close (reason stolen) */
+static int mc_drain_then_close(Memcache *self, long long code, PyObject *reason) {
+    if (reason == NULL) return -1;
+    self->closing = code;
+    Py_XSETREF(self->reason, reason);
+    return 0;
+}
+
+/* PendingQueue.closed_request */
+static int mc_closed_request(Memcache *self, Py_ssize_t have, long long *n) {
+    if (self->q.len == 0 && !self->held) return mc_finish(self, NULL, n);
+    *n = have;
+    return OP_DROP;
+}
+
+/* PendingQueue.release: the held last byte of the last reply is data[0] */
+static int mc_release(Memcache *self, const char *data, Py_ssize_t have, long long *n) {
+    int held = self->held;
+    self->held = 0;
+    PyObject *after = self->after; /* owned */
+    self->after = NULL;
+    if (self->closing && self->q.len == 0) {
+        PyObject *head = NULL;
+        if (held == 1) {
+            head = PyBytes_FromStringAndSize(data, 1);
+            if (head == NULL) {
+                Py_XDECREF(after);
+                return -1;
+            }
+        }
+        int rc = bytes_add(&head, after);
+        Py_XDECREF(after);
+        if (rc < 0) return -1;
+        return mc_finish(self, head, n);
+    }
+    if (after != NULL && PyBytes_GET_SIZE(after)) {
+        int rc = ctx_inject(self, 1, after);
+        if (rc == 0 && have > 1) self->rep_owed = PyBytes_GET_SIZE(after);
+        Py_DECREF(after);
+        if (rc < 0) return -1;
+    } else {
+        Py_XDECREF(after);
+    }
+    *n = 1;
+    return held == 1 ? OP_PASS : OP_DROP;
+}
+
+#define QUEUE_FULL "more than 10000 replies pending"
+
+/* PendingQueue.deny: DROP n, or the close when the queue is full */
 static int mc_deny(Memcache *self, PyObject *name, PyObject *payload, PyObject *barrier, long long nreq,
-                   Py_ssize_t have, long long *n, long long err_code) {
+                   Py_ssize_t have, long long *n) {
     Queue *q = &self->q;
     if (q->len == 0) {
-        if (ctx_inject(self, 1, payload) < 0) return -1;
+        if (self->held) {
+            if (bytes_add(&self->after, payload) < 0) return -1;
+        } else if (ctx_inject(self, 1, payload) < 0) {
+            return -1;
+        }
     } else if (q_at(q, q->len - 1)->mtype == M_ALWAYS) {
         Entry e = {0};
         e.kind = K_DENY;
@@ -1499,7 +1618,7 @@ static int mc_deny(Memcache *self, PyObject *name, PyObject *payload, PyObject *
         Py_INCREF(payload);
         int r = q_push(q, &e);
         if (r < 0) return -1;
-        if (r == 0) { *n = err_code; return OP_ERROR; }
+        if (r == 0) return mc_close(self, 4, PyUnicode_FromString(QUEUE_FULL), NULL, have, n);
     } else {
         Entry e = {0};
         e.kind = K_BARRIER;
@@ -1509,7 +1628,7 @@ static int mc_deny(Memcache *self, PyObject *name, PyObject *payload, PyObject *
         Py_INCREF(payload);
         int r = q_push(q, &e);
         if (r < 0) return -1;
-        if (r == 0) { *n = err_code; return OP_ERROR; }
+        if (r == 0) return mc_close(self, 4, PyUnicode_FromString(QUEUE_FULL), NULL, have, n);
         if (ctx_inject(self, 0, barrier) < 0) return -1;
         if (nreq < have) self->req_owed = PyBytes_GET_SIZE(barrier);
     }
@@ -1518,22 +1637,21 @@ static int mc_deny(Memcache *self, PyObject *name, PyObject *payload, PyObject *
 }
 
 /* PendingQueue.complete: the head entry's reply ends with the next nrep bytes.
- * status: a str (binary) or NULL with code/codelen (text). */
+ * status: a str (binary) or NULL with code/codelen (text); first: the reply's first byte. */
 static int mc_complete(Memcache *self, long long nrep, Py_ssize_t have, PyObject *status_str,
-                       const char *code, Py_ssize_t codelen, long long *n) {
+                       const char *code, Py_ssize_t codelen, char first, long long *n) {
     Queue *q = &self->q;
     Entry head = *q_at(q, 0);
     /* take the references out of the slot, then pop it */
     q_at(q, 0)->name = NULL;
     q_at(q, 0)->payload = NULL;
     q_popleft(q);
-    long long owed = 0;
     int drop = head.kind == K_BARRIER;
     int rc = 0;
+    PyObject *answers = NULL;
     if (drop) {
-        PyObject *payload = head.payload ? head.payload : s_empty_bytes;
-        rc = ctx_inject(self, 1, payload);
-        owed = PyBytes_GET_SIZE(payload);
+        answers = head.payload;
+        Py_XINCREF(answers);
     } else if (self->log_responses) {
         PyObject *status = status_str ? (Py_INCREF(status_str), status_str) : latin1_status(code, codelen);
         if (status == NULL) rc = -1;
@@ -1543,19 +1661,68 @@ static int mc_complete(Memcache *self, long long nrep, Py_ssize_t have, PyObject
         }
     }
     entry_clear(&head);
-    if (rc < 0) return -1;
-    while (q->len && q_at(q, 0)->kind == K_DENY) {
-        PyObject *payload = q_at(q, 0)->payload ? q_at(q, 0)->payload : s_empty_bytes;
-        Py_INCREF(payload);
-        q_popleft(q);
-        rc = ctx_inject(self, 1, payload);
-        owed += PyBytes_GET_SIZE(payload);
-        Py_DECREF(payload);
-        if (rc < 0) return -1;
+    if (rc < 0) {
+        Py_XDECREF(answers);
+        return -1;
     }
-    if (owed && nrep < have) self->rep_owed = owed;
+    while (q->len && q_at(q, 0)->kind == K_DENY) {
+        PyObject *payload = q_at(q, 0)->payload;
+        Py_XINCREF(payload);
+        q_popleft(q);
+        rc = bytes_add(&answers, payload);
+        Py_XDECREF(payload);
+        if (rc < 0) {
+            Py_XDECREF(answers);
+            return -1;
+        }
+    }
+    if (q->len == 0 && (nrep > have || self->closing)) {
+        if (nrep > 1) {
+            self->held = drop ? 2 : 1;
+            Py_XSETREF(self->after, answers);
+            *n = nrep - 1;
+            return drop ? OP_DROP : OP_PASS;
+        }
+        if (self->closing) {
+            PyObject *hb = NULL;
+            if (!drop) {
+                hb = PyBytes_FromStringAndSize(&first, 1);
+                if (hb == NULL) {
+                    Py_XDECREF(answers);
+                    return -1;
+                }
+            }
+            rc = bytes_add(&hb, answers);
+            Py_XDECREF(answers);
+            if (rc < 0) return -1;
+            return mc_finish(self, hb, n);
+        }
+    }
+    if (answers != NULL && PyBytes_GET_SIZE(answers)) {
+        rc = ctx_inject(self, 1, answers);
+        if (rc == 0 && nrep < have) self->rep_owed = PyBytes_GET_SIZE(answers);
+    }
+    Py_XDECREF(answers);
+    if (rc < 0) return -1;
     *n = nrep;
     return drop ? OP_DROP : OP_PASS;
+}
+
+/* unsolicited_line: a text line where no text reply can be (no dialect yet, or binary) */
+static int mc_unsolicited_line(Memcache *self, const char *data, Py_ssize_t have, long long *n) {
+    const char *nl = memchr(data, '\n', (size_t)have);
+    if (nl == NULL) {
+        if (have > MAX_REPLY_LINE) {
+            *n = 2;
+            return OP_ERROR;
+        }
+        *n = 1;
+        return OP_MORE;
+    }
+    Py_ssize_t end = nl - data;
+    Py_ssize_t stop = (end > 0 && data[end - 1] == '\r') ? end - 1 : end;
+    const char *sp = memchr(data, ' ', (size_t)stop);
+    return mc_unsolicited(self, latin1_status(data, sp ? sp - data : stop), end + 1, n);
 }
 
 /* --- text dialect (memcache/text.py) ---------------------------------------------------------- */
@@ -1602,7 +1769,6 @@ static Command *find_command(const char *p, Py_ssize_t k) {
     return NULL;
 }
 
-#define MAX_TOKS 8192 /* a line of at most 65536 bytes has at most 32768 tokens; see tokenize */
 
 typedef struct {
     const char *p;
@@ -1625,6 +1791,60 @@ static int digits(const char *p, Py_ssize_t k, Py_ssize_t most) {
 static long long to_int(const char *p, Py_ssize_t k) {
     long long v = 0;
     for (Py_ssize_t i = 0; i < k; i++) v = v * 10 + (p[i] - '0');
+    return v;
+}
+
+/* text._strto: C strtol/strtoull of a whole token as memcached's safe_strto* check it */
+static int is_cspace(char c) { return c == ' ' || (c >= '\t' && c <= '\r'); }
+
+static int c_strto(const char *p, Py_ssize_t k, uint64_t *mag, int *neg) {
+    Py_ssize_t i = 0;
+    while (i < k && is_cspace(p[i])) i++;
+    *neg = 0;
+    if (i < k && (p[i] == '+' || p[i] == '-')) {
+        *neg = p[i] == '-';
+        i++;
+    }
+    Py_ssize_t j = i;
+    while (j < k && p[j] >= '0' && p[j] <= '9') j++;
+    if (j == i || (j < k && !is_cspace(p[j]))) return 0;
+    Py_ssize_t s = i;
+    while (s < j && p[s] == '0') s++;
+    if (j - s > 20) return 0;
+    uint64_t v = 0;
+    for (Py_ssize_t x = s; x < j; x++) {
+        unsigned d = (unsigned)(p[x] - '0');
+        if (v > (UINT64_MAX - d) / 10) return 0;
+        v = v * 10 + d;
+    }
+    *mag = v;
+    return 1;
+}
+
+/* text._strtol32: safe_strtol (64-bit long stored into an int32_t); 1 valid, 0 rejected */
+static int strtol32(const char *p, Py_ssize_t k, int32_t *out) {
+    uint64_t mag;
+    int neg;
+    if (!c_strto(p, k, &mag, &neg)) return 0;
+    if (neg ? mag > ((uint64_t)1 << 63) : mag > (uint64_t)INT64_MAX) return 0;
+    uint32_t u = (uint32_t)(neg ? (uint64_t)0 - mag : mag);
+    *out = u >= 0x80000000u ? (int32_t)((int64_t)u - 0x100000000LL) : (int32_t)u;
+    return 1;
+}
+
+/* text._strtoul_ok: safe_strtoul/safe_strtoull accept the token */
+static int strtoul_ok(const char *p, Py_ssize_t k) {
+    uint64_t mag;
+    int neg;
+    if (!c_strto(p, k, &mag, &neg)) return 0;
+    uint64_t v = neg ? (uint64_t)0 - mag : mag;
+    return !(v >= ((uint64_t)1 << 63) && memchr(p, '-', (size_t)k) != NULL);
+}
+
+/* text._size: a data block size as memcached reads it, or -1 */
+static long long block_size(Tok t) {
+    int32_t v;
+    if (!strtol32(t.p, t.len, &v) || v < 0 || v > INT32_MAX - 2) return -1;
     return v;
 }
 
@@ -1728,10 +1948,7 @@ static int text_decide(Memcache *self, PyObject *name, PyObject *keys, int key_e
             }
             int r = q_push(&self->q, &e);
             if (r < 0) return -1;
-            if (r == 0) {
-                *n = 4;
-                return OP_ERROR;
-            }
+            if (r == 0) return mc_close(self, 4, PyUnicode_FromString(QUEUE_FULL), NULL, have, n);
         }
         *n = nreq;
         return OP_PASS;
@@ -1741,7 +1958,7 @@ static int text_decide(Memcache *self, PyObject *name, PyObject *keys, int key_e
         *n = nreq;
         return OP_DROP;
     }
-    return mc_deny(self, name, s_denied_reply, s_text_barrier, nreq, have, n, 4);
+    return mc_deny(self, name, s_denied_reply, s_text_barrier, nreq, have, n);
 }
 
 static PyObject *keys_from(Tok *toks, Py_ssize_t a, Py_ssize_t b) {
@@ -1784,12 +2001,10 @@ static int text_meta(Memcache *self, Command *cmd, Tok *toks, Py_ssize_t ntoks, 
     if (family == F_MS) {
         if (keylen > MAX_KEY || ntoks < 3 || ntoks >= 20)
             return text_decide_toks(self, name, toks, 1, 2, K_UNIT, 0, nreq, have, n);
-        Tok size = toks[2];
-        if (!digits(size.p, size.len, 9)) {
-            *n = 4;
-            return OP_ERROR;
-        }
-        nreq += to_int(size.p, size.len) + 2;
+        long long size = block_size(toks[2]);
+        if (size < 0) /* memcached: CLIENT_ERROR before reading the block; it is read as commands */
+            return text_decide_toks(self, name, toks, 1, 2, K_UNIT, 0, nreq, have, n);
+        nreq += size + 2;
         first_flag = 3;
     }
     int quiet = 0, key_error = 0;
@@ -1835,12 +2050,10 @@ static int text_meta(Memcache *self, Command *cmd, Tok *toks, Py_ssize_t ntoks, 
                 opq_len = (int)(flag.len > 38 ? 38 : flag.len); /* only used when valid (<= 33) */
             }
         } else if (c && strchr("NTR", c)) {
-            const char *p = flag.p + 1;
-            Py_ssize_t k = flag.len - 1;
-            if (k > 0 && p[0] == '-') { p++; k--; }
-            valid = valid && digits(p, k, 9);
+            int32_t v;
+            valid = valid && strtol32(flag.p + 1, flag.len - 1, &v);
         } else if (c && strchr("FCJD", c)) {
-            valid = valid && digits(flag.p + 1, flag.len - 1, 19);
+            valid = valid && strtoul_ok(flag.p + 1, flag.len - 1);
         } else if (c != 'M' || flag.len != 2) {
             valid = 0;
         } else if (family == F_MS) {
@@ -1879,18 +2092,21 @@ static int text_meta(Memcache *self, Command *cmd, Tok *toks, Py_ssize_t ntoks, 
     return r;
 }
 
+#define TOO_LONG "request line over 2048 bytes that is not a multi-key get"
+
 static int text_request(Memcache *self, const char *data, Py_ssize_t have, long long *n) {
     if (self->req_owed) {
         *n = self->req_owed;
         self->req_owed = 0;
         return OP_INJECT;
     }
+    if (self->closing) return mc_closed_request(self, have, n);
     Py_ssize_t from = self->scan < have ? self->scan : have;
     const char *nl = memchr(data + from, '\n', (size_t)(have - from));
     if (nl == NULL) {
-        if (have > MAX_LINE && (have > MAX_RETRIEVAL_LINE || !is_retrieval(data, have))) {
-            *n = 2;
-            return OP_ERROR;
+        if (have > MAX_LINE && !is_retrieval(data, have)) {
+            self->scan = 0;
+            return mc_close(self, 2, PyUnicode_FromString(TOO_LONG), NULL, have, n);
         }
         self->scan = have;
         *n = 1;
@@ -1898,10 +2114,8 @@ static int text_request(Memcache *self, const char *data, Py_ssize_t have, long 
     }
     Py_ssize_t end = nl - data;
     self->scan = 0;
-    if (end > MAX_LINE && (end > MAX_RETRIEVAL_LINE || !is_retrieval(data, have))) {
-        *n = 2;
-        return OP_ERROR;
-    }
+    if (end > MAX_LINE && !is_retrieval(data, have))
+        return mc_close(self, 2, PyUnicode_FromString(TOO_LONG), NULL, have, n);
     Py_ssize_t linelen = (end > 1 && data[end - 1] == '\r') ? end - 1 : end;
     const char *nul = memchr(data, '\0', (size_t)linelen);
     if (nul) linelen = nul - data;
@@ -1973,16 +2187,12 @@ static int text_request(Memcache *self, const char *data, Py_ssize_t have, long 
             r = text_decide_toks(self, name, toks, 1, 2, kind, noreply, nreq, have, n);
             goto out;
         }
-        Tok size = toks[4];
-        Tok exp = toks[3];
-        if (exp.len > 0 && exp.p[0] == '-') { exp.p++; exp.len--; }
-        if (!(digits(toks[2].p, toks[2].len, 10) && digits(exp.p, exp.len, 10) && digits(size.p, size.len, 9) &&
-              (family == F_STORE || digits(toks[5].p, toks[5].len, 19)))) {
-            *n = 4;
-            r = OP_ERROR;
-            goto out;
-        }
-        nreq += to_int(size.p, size.len) + 2;
+        long long size = block_size(toks[4]);
+        int32_t exptime;
+        if (size >= 0 && strtoul_ok(toks[2].p, toks[2].len) && strtol32(toks[3].p, toks[3].len, &exptime) &&
+            (family == F_STORE || strtoul_ok(toks[5].p, toks[5].len)))
+            nreq += size + 2;
+        /* else memcached answers CLIENT_ERROR, and the data block is read as commands */
         r = text_decide_toks(self, name, toks, 1, 2, kind, noreply, nreq, have, n);
     } else if (family == F_KEYED || family == F_NOREPLY) {
         Py_ssize_t b = family == F_KEYED ? (ntoks < 2 ? ntoks : 2) : 1;
@@ -2057,6 +2267,7 @@ static int text_reply(Memcache *self, const char *data, Py_ssize_t have, long lo
         self->rep_owed = 0;
         return OP_INJECT;
     }
+    if (self->held) return mc_release(self, data, have, n);
     if (self->stream) {
         *n = have;
         return OP_PASS;
@@ -2119,7 +2330,7 @@ static int text_reply(Memcache *self, const char *data, Py_ssize_t have, long lo
     Queue *q = &self->q;
     Entry *head;
     for (;;) {
-        if (q->len == 0) return unexpected_reply(self, latin1_status(code, codelen), n);
+        if (q->len == 0) return mc_unsolicited(self, latin1_status(code, codelen), nrep, n);
         head = q_at(q, 0);
         if (head->mtype == M_ALWAYS) break;
         if (head->mtype == M_TEXT) {
@@ -2154,7 +2365,7 @@ static int text_reply(Memcache *self, const char *data, Py_ssize_t have, long lo
     char codebuf[64];
     Py_ssize_t cl = codelen > 64 ? 64 : codelen;
     memcpy(codebuf, code, (size_t)cl);
-    return mc_complete(self, nrep, have, NULL, codebuf, cl, n);
+    return mc_complete(self, nrep, have, NULL, codebuf, cl, data[0], n);
 }
 
 /* --- binary dialect (memcache/binary.py) ------------------------------------------------------ */
@@ -2271,20 +2482,15 @@ static int bin_request(Memcache *self, const char *cdata, Py_ssize_t have, long 
         self->req_owed = 0;
         return OP_INJECT;
     }
+    if (self->closing) return mc_closed_request(self, have, n);
     if (have < HEADER) {
         *n = HEADER - have;
         return OP_MORE;
     }
     unsigned magic = data[0], opcode = data[1], keylen = be16(data + 2), extlen = data[4];
     uint32_t bodylen = be32(data + 8), opaque = be32(data + 12);
-    if (magic != 0x80) {
-        *n = 1;
-        return OP_ERROR;
-    }
-    if (keylen > MAX_KEY || (uint32_t)(keylen + extlen) > bodylen) {
-        *n = 2;
-        return OP_ERROR;
-    }
+    if (magic != 0x80)
+        return mc_close(self, 1, PyUnicode_FromFormat("binary request magic 0x%02x", magic), NULL, have, n);
     Py_ssize_t head = HEADER + extlen + keylen;
     if (have < head) {
         *n = head - have;
@@ -2313,7 +2519,16 @@ static int bin_request(Memcache *self, const char *cdata, Py_ssize_t have, long 
         quiet = Q_DEFINITE;
         keyed = keylen > 0;
     }
-    long long nreq = HEADER + (long long)bodylen;
+    /* memcached answers these two with an error after reading header, extras and key, then
+     * closes the connection */
+    const char *bad = NULL;
+    if ((uint32_t)(keylen + extlen) > bodylen) bad = "binary request extras and key longer than its body";
+    else if (keylen > MAX_KEY) bad = "binary request key over 250 bytes";
+    long long nreq = bad ? (long long)head : HEADER + (long long)bodylen;
+    /* binary.MEMCACHED_OPCODES: for any other opcode memcached skips bodylen bytes after the
+     * extras and key it has read */
+    int known = opcode <= 0x1A || opcode == 0x1C || opcode == 0x1D || opcode == 0x1E || (opcode >= 0x20 && opcode <= 0x24);
+    if (!bad && !known) nreq += (long long)extlen + keylen;
     int r;
     int allowed;
     if (is_control(command)) {
@@ -2327,22 +2542,19 @@ static int bin_request(Memcache *self, const char *cdata, Py_ssize_t have, long 
         r = -1;
     } else if (allowed) {
         r = log_forwarded(self, lazy_fields(2, opname, key));
-        if (r == 0 && quiet != Q_SILENT) {
+        if (r == 0 && (quiet != Q_SILENT || bad)) {
             Entry e = {0};
-            e.kind = opcode == 0x10 ? K_STATS : K_UNIT;
-            e.mtype = quiet == Q_QUIET ? M_BIN : M_ALWAYS;
+            e.kind = opcode == 0x10 && !bad ? K_STATS : K_UNIT;
+            e.mtype = quiet == Q_QUIET && !bad ? M_BIN : M_ALWAYS;
             e.opcode = opcode;
             e.opaque = opaque;
             e.name = opname;
             Py_INCREF(opname);
             int p = q_push(&self->q, &e);
-            if (p < 0) {
-                r = -1;
-            } else if (p == 0) {
-                *n = 2;
-                r = OP_ERROR;
-            }
+            if (p < 0) r = -1;
+            else if (p == 0) r = mc_close(self, 4, PyUnicode_FromString(QUEUE_FULL), NULL, have, n);
         }
+        if (r == 0 && bad) r = mc_drain_then_close(self, 2, PyUnicode_FromString(bad));
         if (r == 0) {
             *n = nreq;
             r = OP_PASS;
@@ -2351,7 +2563,9 @@ static int bin_request(Memcache *self, const char *cdata, Py_ssize_t have, long 
         r = ctx_log(self, g_ET_DENIED, fields_dict(2, opname, key));
         if (r == 0) {
             PyObject *payload = bin_denied(opcode, opaque);
-            r = payload ? mc_deny(self, opname, payload, s_bin_barrier, nreq, have, n, 2) : -1;
+            if (payload == NULL) r = -1;
+            else if (bad) r = mc_close(self, 2, PyUnicode_FromString(bad), payload, have, n);
+            else r = mc_deny(self, opname, payload, s_bin_barrier, nreq, have, n);
             Py_XDECREF(payload);
         }
     }
@@ -2369,17 +2583,16 @@ static int bin_reply(Memcache *self, const char *cdata, Py_ssize_t have, long lo
         self->rep_owed = 0;
         return OP_INJECT;
     }
+    if (self->held) return mc_release(self, cdata, have, n);
+    /* not a response: a text line such as memcached's "ERROR Too many open connections" */
+    if (data[0] != 0x81) return mc_unsolicited_line(self, cdata, have, n);
     if (have < HEADER) {
         *n = HEADER - have;
         return OP_MORE;
     }
-    unsigned magic = data[0], opcode = data[1], keylen = be16(data + 2), extlen = data[4];
+    unsigned opcode = data[1], keylen = be16(data + 2), extlen = data[4];
     unsigned status = be16(data + 6);
     uint32_t bodylen = be32(data + 8), opaque = be32(data + 12);
-    if (magic != 0x81) {
-        *n = 1;
-        return OP_ERROR;
-    }
     if ((uint32_t)(keylen + extlen) > bodylen) {
         *n = 2;
         return OP_ERROR;
@@ -2388,7 +2601,11 @@ static int bin_reply(Memcache *self, const char *cdata, Py_ssize_t have, long lo
     Queue *q = &self->q;
     Entry *head;
     for (;;) {
-        if (q->len == 0) return unexpected_reply(self, PyUnicode_FromFormat("0x%04x", status), n);
+        if (q->len == 0) {
+            const char *sn = status_name(status);
+            return mc_unsolicited(self, sn ? PyUnicode_FromString(sn) : PyUnicode_FromFormat("0x%04x", status), nrep,
+                                  n);
+        }
         head = q_at(q, 0);
         if (head->mtype == M_ALWAYS) break;
         if (head->mtype == M_BIN && head->opcode == opcode && head->opaque == opaque) break;
@@ -2401,7 +2618,7 @@ static int bin_reply(Memcache *self, const char *cdata, Py_ssize_t have, long lo
     const char *sn = status_name(status);
     PyObject *st = sn ? PyUnicode_FromString(sn) : PyUnicode_FromFormat("0x%04x", status);
     if (st == NULL) return -1;
-    int r = mc_complete(self, nrep, have, st, NULL, 0, n);
+    int r = mc_complete(self, nrep, have, st, NULL, 0, cdata[0], n);
     Py_DECREF(st);
     return r;
 }
@@ -2422,13 +2639,8 @@ static int mc_on_data(NativeParser *np, int reply, int end_stream, PyObject *buf
     }
     if (self->dialect == 1) return reply ? text_reply(self, data, have, n) : text_request(self, data, have, n);
     if (self->dialect == 2) return reply ? bin_reply(self, data, have, n) : bin_request(self, data, have, n);
-    if (reply) {
-        /* bytes(data[:16]).split(b"\r", 1)[0] */
-        Py_ssize_t k = have < 16 ? have : 16;
-        const char *cr = memchr(data, '\r', (size_t)k);
-        if (cr) k = cr - data;
-        return unexpected_reply(self, latin1_status(data, k), n);
-    }
+    /* before the client's first byte only an unsolicited line can come: forwarded */
+    if (reply) return mc_unsolicited_line(self, data, have, n);
     if ((unsigned char)data[0] >= 0x80) {
         self->dialect = 2;
         return bin_request(self, data, have, n);
@@ -2624,7 +2836,7 @@ PyMODINIT_FUNC PyInit__native(void) {
     INTERN(s_search, "search");
     INTERN(s_allowed, "allowed");
     INTERN(s_policy, "policy");
-    INTERN(s_no_pending, "reply with no request pending");
+    INTERN(s_unsolicited, "unsolicited");
     s_empty_bytes = PyBytes_FromStringAndSize(NULL, 0);
     s_empty_tuple = PyTuple_New(0);
     if (!s_empty_bytes || !s_empty_tuple) return NULL;

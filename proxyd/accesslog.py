@@ -17,7 +17,6 @@ from __future__ import annotations
 
 import datetime
 import json
-import os
 import re
 import sys
 import threading
@@ -82,7 +81,8 @@ class LineWriter:
             return sys.stdout.buffer
         if self.path == "stderr":
             return sys.stderr.buffer
-        os.makedirs(os.path.dirname(os.path.abspath(self.path)), exist_ok=True)
+        # The directory must exist (the config check says so): creating it here would make a
+        # typo, or a volume not mounted yet, into a directory owned by whoever started proxyd.
         return open(self.path, "ab", buffering=1 << 16)
 
     def msg(self, message: bytes) -> None:

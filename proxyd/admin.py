@@ -21,15 +21,18 @@ from __future__ import annotations
 
 import contextlib
 import hmac
+import json
 import os
 import stat
-from collections.abc import Awaitable, Callable
+from collections.abc import Awaitable, Callable, Mapping
+from dataclasses import replace
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 from aiohttp import web
 
 from proxyd.errors import ConfigError, PolicyError
+from proxyd.policy.store import Change
 
 if TYPE_CHECKING:
     from proxyd.server import Daemon
@@ -41,8 +44,46 @@ READ_METHODS = ("GET", "HEAD")
 _Handler = Callable[[web.Request], Awaitable[web.StreamResponse]]
 
 
+#: Who asked for a change, for the daemon's log: ``socket``, ``token`` (TCP with the bearer
+#: token), or ``tcp without token`` / ``tcp with a wrong token`` for a refused one.
+VIA = web.RequestKey("via", str)
+
+
 def _refuse(status: int, message: str, **headers: str) -> web.Response:
     return web.json_response({"errors": [message]}, status=status, headers=headers or None)
+
+
+def _errors(response: web.Response) -> list[str]:
+    body = response.body
+    data = json.loads(bytes(body)) if isinstance(body, (bytes, bytearray)) else {}
+    return list(data.get("errors", []))
+
+
+def _query_address(query: Mapping[str, str], key: str, errors: list[str]) -> tuple[str, int] | None:
+    """``src`` (IP, IP:PORT, [IPv6]:PORT) or ``dst`` (IP:PORT, or IP with ``port=``) of /v1/explain."""
+    from proxyd.explainer import parse_dst, parse_src
+
+    value = query.get(key, "")
+    if not value:
+        errors.append(f"{key}: required")
+        return None
+    try:
+        if key == "src":
+            return parse_src(value)
+        if "port" in query:
+            host = value[1:-1] if value.startswith("[") and value.endswith("]") else value
+            value = f"[{host}]:{query['port']}" if ":" in host else f"{host}:{query['port']}"
+        return parse_dst(value)
+    except ValueError as exc:
+        forms = "IP, IP:PORT or [IPv6]:PORT" if key == "src" else "IP:PORT, [IPv6]:PORT, or IP and port="
+        errors.append(f"{key}: {exc} ({forms})")
+        return None
+
+
+def _peer(request: web.Request) -> dict[str, str]:
+    """The client's address over TCP (the socket's peer has none worth logging)."""
+    remote = request.remote
+    return {"peer": remote} if remote and not _via_socket(request) else {}
 
 
 def read_token(path: Path) -> bytes:
@@ -88,6 +129,7 @@ class AdminServer:
         app.router.add_get("/readyz", self.readyz)
         app.router.add_get("/v1/listeners", self.listeners)
         app.router.add_get("/v1/policy", self.get_policy)
+        app.router.add_get("/v1/explain", self.explain)
         app.router.add_post("/v1/policy", self.post_policy)
         app.router.add_put("/v1/policy", self.put_policy)
         app.router.add_delete("/v1/policy/{name}", self.delete_policy)
@@ -126,10 +168,20 @@ class AdminServer:
     async def _guard(self, request: web.Request, handler: _Handler) -> web.StreamResponse:
         if request.method in READ_METHODS:
             return await handler(request)
+        refused = self._refusal(request)
+        if refused is not None:
+            self._log_rejected(request, refused.status, _errors(refused))
+            return refused
+        return await handler(request)
+
+    def _refusal(self, request: web.Request) -> web.Response | None:
+        """The answer refusing a change before any handler runs, or None; sets ``via``."""
+        via_socket = _via_socket(request)
+        request[VIA] = "socket" if via_socket else "tcp"
         if "Origin" in request.headers:
             return _refuse(403, "changes refused: the request has an Origin header (a browser's "
                            "cross-site request); proxyd clients never send one")  # fmt: skip
-        if not _via_socket(request):
+        if not via_socket:
             auth = request.headers.get("Authorization", "")
             if self.token is None:
                 how = (f"use the unix socket {self.socket_path} (proxyd policy --config uses it)"
@@ -139,15 +191,48 @@ class AdminServer:
                 return _refuse(403, f"changes over the TCP admin address are disabled: {how}")
             scheme, _, given = auth.partition(" ")
             if scheme.lower() != "bearer" or not hmac.compare_digest(given.strip().encode(), self.token):
+                request[VIA] = "tcp with a wrong token" if auth else "tcp without token"
                 return _refuse(401, "changes need Authorization: Bearer <the token in admin.token_file> "
                                "(proxyd policy --token-file FILE)",
                                **{"WWW-Authenticate": "Bearer"})  # fmt: skip
+            request[VIA] = "token"
         if request.method in ("POST", "PUT"):
             ctype = request.content_type
             if ctype not in CHANGE_TYPES:
                 return _refuse(415, f"Content-Type must be application/json or application/yaml, "
                                f"not {ctype or 'missing'}")  # fmt: skip
-        return await handler(request)
+        return None
+
+    # --- the daemon's log: one line per change, accepted or not -------------------------------
+
+    def _log_changed(self, request: web.Request, change: Change) -> None:
+        self.daemon.log.info(
+            "policy changed through the admin API",
+            via=request.get(VIA, "?"),
+            method=request.method,
+            path=request.path,
+            revision=change.policy.revision,
+            added=list(change.added),
+            replaced=list(change.replaced),
+            deleted=list(change.deleted),
+            **_peer(request),
+        )
+
+    def _log_rejected(self, request: web.Request, status: int, errors: list[str]) -> None:
+        self.daemon.log.warning(
+            "policy change through the admin API rejected",
+            via=request.get(VIA, "?"),
+            method=request.method,
+            path=request.path,
+            status=status,
+            errors=errors,
+            revision=self.daemon.policy.revision,
+            **_peer(request),
+        )
+
+    def _rejected(self, request: web.Request, status: int, errors: list[str]) -> web.Response:
+        self._log_rejected(request, status, errors)
+        return web.json_response({"errors": errors}, status=status)
 
     def address(self) -> tuple[str, int]:
         server = self.runner.server
@@ -196,23 +281,72 @@ class AdminServer:
         store = self.daemon.policy
         return web.json_response({"revision": store.revision, "documents": store.documents()})
 
+    async def explain(self, request: web.Request) -> web.Response:
+        """``proxyd explain`` against what is in force: live listeners, identities, and policy
+        (files and imports) at the current revision."""
+        from proxyd.explainer import ExplainRefused, explain_connection
+
+        query, d = request.query, self.daemon
+        errors: list[str] = []
+        src = _query_address(query, "src", errors)
+        dst = _query_address(query, "dst", errors)
+        if errors or src is None or dst is None:
+            return web.json_response({"errors": errors}, status=400)
+        listeners = []
+        for lc in d.config.listeners:
+            lr = d.listeners.get(lc.name)
+            if lc.port == 0 and lr is not None and lr.lsock is not None:
+                lc = replace(lc, port=lr.bound_address()[1])  # the port the kernel picked
+            listeners.append(lc)
+        try:
+            answer = explain_connection(listeners, d.policy, d.identities, src, dst,
+                                        listener=query.get("listener") or None, sni=query.get("sni"),
+                                        default_mode=d.config.policy.mode)  # fmt: skip
+        except ExplainRefused as exc:
+            return web.json_response({"errors": [str(exc)]}, status=400)
+        data = answer.as_json()
+        data["config"] = str(d.config.source) if d.config.source is not None else None
+        return web.json_response(data)
+
+    async def _change(self, request: web.Request, build: Callable[[], Change]) -> tuple[int, Change]:
+        """Run ``build`` through the daemon (one change at a time); returns the revision and the
+        change it put in force."""
+        built: list[Change] = []
+
+        def keep() -> Change:
+            change = build()
+            built.append(change)
+            return change
+
+        revision = await self.daemon.change_policy(keep)
+        return revision, built[0]
+
     async def _import(self, request: web.Request, replace_all: bool) -> web.Response:
-        raw = await request.read()  # over MAX_BODY: aiohttp answers 413
+        try:
+            raw = await request.read()
+        except web.HTTPRequestEntityTooLarge:
+            self._log_rejected(request, 413, [f"the body is over {MAX_BODY} bytes"])
+            raise
         try:
             text = raw.decode("utf-8")
         except UnicodeDecodeError as exc:
-            return web.json_response(
-                {"errors": [f"admin-api:0: the body is not UTF-8 text (byte {exc.start})"]}, status=400
-            )
+            why = f"admin-api:0: the body is not UTF-8 text (byte {exc.start})"
+            return self._rejected(request, 400, [why])
         store = self.daemon.policy
         try:
-            revision = await self.daemon.change_policy(
-                lambda: store.build_import(text, "admin-api", replace_all)
+            revision, change = await self._change(
+                request, lambda: store.build_import(text, "admin-api", replace_all)
             )
         except PolicyError as exc:
             self.daemon.metrics.policy_reloads_total.labels("failure").inc()
-            return web.json_response({"errors": exc.problems}, status=400)
+            return self._rejected(request, 400, exc.problems)
+        except OSError as exc:  # policy.state_dir not writable: nothing changed
+            self.daemon.metrics.policy_reloads_total.labels("failure").inc()
+            where = store.state_dir or "policy.state_dir"
+            return self._rejected(request, 500, [f"{where}: cannot keep the imported policy: "
+                                                 f"{exc.strerror or exc}"])  # fmt: skip
         self.daemon.policy_changed(revision)
+        self._log_changed(request, change)
         return web.json_response({"revision": revision})
 
     async def post_policy(self, request: web.Request) -> web.Response:
@@ -225,15 +359,20 @@ class AdminServer:
         name = request.match_info["name"]
         store = self.daemon.policy
         try:
-            revision = await self.daemon.change_policy(lambda: store.build_delete(name))
+            revision, change = await self._change(request, lambda: store.build_delete(name))
         except KeyError:
             source = next((d["source"] for d in self.daemon.policy.documents() if d["name"] == name), None)
             why = f"no imported policy named {name!r}"
             if source:
                 why = (f"policy {name!r} comes from the file {source} (policy.paths), not from an import: "
                        "edit or remove the file to change it")  # fmt: skip
-            return web.json_response({"errors": [why]}, status=404)
+            return self._rejected(request, 404, [why])
         except PolicyError as exc:
-            return web.json_response({"errors": exc.problems}, status=400)
+            return self._rejected(request, 400, exc.problems)
+        except OSError as exc:
+            where = store.state_dir or "policy.state_dir"
+            return self._rejected(request, 500, [f"{where}: cannot keep the imported policy: "
+                                                 f"{exc.strerror or exc}"])  # fmt: skip
         self.daemon.policy_changed(revision)
+        self._log_changed(request, change)
         return web.json_response({"revision": revision})

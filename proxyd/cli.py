@@ -13,6 +13,7 @@ from proxyd.errors import ConfigError, PolicyError
 from proxyd.registry import Registry, RegistryError
 
 if TYPE_CHECKING:
+    from proxyd.adminclient import AdminTarget
     from proxyd.config import Config
 
 
@@ -70,16 +71,10 @@ def cmd_check(args: argparse.Namespace) -> int:
     return 0
 
 
-#: Built-in parsers the test suite uses (proxyd.parsers.testparsers); `proxyd parsers --all` shows them.
-TEST_PARSER_PREFIX = "test."
-
-
 def cmd_parsers(args: argparse.Namespace) -> int:
     reg = Registry.load()
     rows = [("NAME", "ORIGIN", "RULE KEYS", "DESCRIPTION")]
     for name, r in reg.items():
-        if name.startswith(TEST_PARSER_PREFIX) and r.origin == "built-in" and not args.all:
-            continue  # the framework's own test parsers: shown with --all
         rows.append((name, r.origin, ",".join(r.factory.rule_keys) or "-", r.factory.description))
     widths = [max(len(row[i]) for row in rows) for i in range(3)]
     for row in rows:
@@ -93,69 +88,116 @@ def _problems(exc: ConfigError | PolicyError) -> int:
     return 1
 
 
-def _parse_src(value: str) -> tuple[str, int]:
-    """``IP``, ``IP:PORT``, ``[IPv6]:PORT`` or a bare IPv6 address -> (ip, port); ValueError if not."""
-    import ipaddress
+def _explain_targets(args: argparse.Namespace, config: Config | None) -> tuple[list[AdminTarget], str | None]:
+    """Where to ask the daemon (in order), or why nowhere: ``--socket``/``--admin``, else the
+    config's socket and then its TCP address (an explain is a read: both answer it)."""
+    from proxyd import adminclient
 
-    from proxyd.config import parse_port
+    if args.socket or args.admin:
+        target = adminclient.resolve(admin=args.admin, socket_path=args.socket, token_file=None,
+                                     config=None, config_path=None)  # fmt: skip
+        return [target], None
+    if config is None or config.admin is None:
+        return [], "the config has no admin address or socket"
+    adm = config.admin
+    targets = [adminclient.AdminTarget(socket=adm.socket)] if adm.socket is not None else []
+    if adm.host is not None:
+        targets.append(adminclient.AdminTarget(host=adm.host, port=adm.port))
+    return targets, None
 
-    host, port = value, "0"
-    if value.startswith("["):
-        host, sep, port = value[1:].partition("]:")
-        if not sep:
-            raise ValueError(f"{value!r} is not an address")
-    elif value.count(":") == 1:
-        host, _, port = value.partition(":")
+
+def _ask_daemon(args: argparse.Namespace, config: Config | None) -> tuple[int | None, str]:
+    """Ask the running daemon (GET /v1/explain) and print its answer: (exit code, "") when it
+    answered, else (None, why it did not)."""
+    from urllib.parse import urlencode
+
+    from proxyd import adminclient
+
     try:
-        ipaddress.ip_address(host)
-    except ValueError:
-        raise ValueError(f"{host!r} is not an IP address") from None
-    return host, parse_port(port, allow_zero=True)
+        targets, why = _explain_targets(args, config)
+    except ConfigError as exc:
+        return _problems(exc), ""
+    params = {"src": args.src, "dst": args.dst}
+    if args.listener:
+        params["listener"] = args.listener
+    if args.sni is not None:
+        params["sni"] = args.sni
+    failures = [why] if why else []
+    for target in targets:
+        try:
+            status, data = adminclient.request(target, "GET", f"/v1/explain?{urlencode(params)}")
+        except OSError as exc:
+            failures.append(f"no daemon answers at {target.describe()} ({exc.strerror or exc})")
+            continue
+        if status == 404:  # a daemon from before /v1/explain
+            failures.append(f"the daemon at {target.describe()} has no GET /v1/explain (an older proxyd)")
+            continue
+        if status != 200:
+            for line in data.get("errors", [f"HTTP {status}"]):
+                print(f"proxyd explain: {line}", file=sys.stderr)
+            return 2, ""
+        for warning in data.get("warnings", []):
+            print(f"proxyd explain: warning: {warning}", file=sys.stderr)
+        runs = data.get("config")
+        if args.config is not None and runs and Path(runs).resolve() != args.config.resolve():
+            print(f"proxyd explain: the daemon at {target.describe()} runs {runs}, not {args.config}; "
+                  "this is its answer", file=sys.stderr)  # fmt: skip
+        print(data["text"], end="")
+        return 0, ""
+    return None, "; ".join(failures)
 
 
 def cmd_explain(args: argparse.Namespace) -> int:
-    from proxyd.config import parse_hostport
-    from proxyd.policy.explain import explain
+    from proxyd.explainer import ExplainRefused, explain_connection, parse_dst, parse_src
     from proxyd.policy.identity import IdentityMap
     from proxyd.policy.store import PolicyStore
 
     try:
-        registry = Registry.load()
-        config = _load(args.config, registry)
-        store = PolicyStore(registry, config.policy.paths, config.policy.state_dir)
-    except (ConfigError, PolicyError) as exc:
-        return _problems(exc)
-    try:
-        dst = parse_hostport(args.dst)
+        dst = parse_dst(args.dst)
     except ValueError as exc:
         print(f"proxyd explain: --dst: {exc} (IP:PORT or [IPv6]:PORT)", file=sys.stderr)
         return 2
     try:
-        src = _parse_src(args.src)
+        src = parse_src(args.src)
     except ValueError as exc:
         print(f"proxyd explain: --src: {exc} (IP, IP:PORT or [IPv6]:PORT)", file=sys.stderr)
         return 2
-    listener = None
-    if args.listener:
-        listener = next((lc for lc in config.listeners if lc.name == args.listener), None)
-        if listener is None:
-            print(f"proxyd explain: no listener named {args.listener!r}", file=sys.stderr)
-            return 2
-    else:
-        for lc in config.listeners:
-            ports = lc.redirect.ports if lc.redirect else ()
-            if (lc.upstream and lc.upstream[1] == dst[1]) or dst[1] in ports:
-                listener = lc
-                break
-        if listener is None and len(config.listeners) == 1:
-            listener = config.listeners[0]
-    if listener is None:
-        print("proxyd explain: several listeners could carry this connection; name one with --listener",
-              file=sys.stderr)  # fmt: skip
+    if args.config is None and (args.files or not (args.socket or args.admin)):
+        print("proxyd explain: give --config (the daemon's config file), or --socket / --admin to ask "
+              "a running daemon", file=sys.stderr)  # fmt: skip
         return 2
-    print(f"listener: {listener.name} ({listener.direction}, l7proto {listener.l7proto or 'none'})")
-    ids = IdentityMap.from_entries(config.identities)
-    print(explain(store, ids, listener.direction, src, dst, listener.l7proto, args.sni))
+    config = None
+    if args.config is not None:
+        try:
+            config = _load(args.config, Registry.load())
+        except (ConfigError, PolicyError) as exc:
+            return _problems(exc)
+    why = ""
+    if not args.files:
+        rc, why = _ask_daemon(args, config)
+        if rc is not None:
+            return rc
+        if config is None:
+            print(f"proxyd explain: cannot reach the daemon's admin API: {why}", file=sys.stderr)
+            return 1
+    assert config is not None
+    try:
+        store = PolicyStore(Registry.load(), config.policy.paths, config.policy.state_dir)
+    except PolicyError as exc:
+        return _problems(exc)
+    try:
+        answer = explain_connection(config.listeners, store, IdentityMap.from_entries(config.identities),
+                                    src, dst, listener=args.listener, sni=args.sni,
+                                    default_mode=config.policy.mode)  # fmt: skip
+    except ExplainRefused as exc:
+        print(f"proxyd explain: {exc}", file=sys.stderr)
+        return 2
+    if why:
+        print(f"proxyd explain: answering from the files alone ({args.config}, its policy.paths and "
+              f"policy.state_dir), not from the running daemon: {why}", file=sys.stderr)  # fmt: skip
+    for warning in answer.warnings:
+        print(f"proxyd explain: warning: {warning}", file=sys.stderr)
+    print(answer.as_json()["text"], end="")
     return 0
 
 
@@ -257,17 +299,24 @@ def build_parser() -> argparse.ArgumentParser:
         description="List the registered parsers (built-in and installed through the proxyd.parsers "
         "entry-point group), where each comes from, and its policy rule keys.",
     )  # fmt: skip
-    parsers.add_argument("--all", action="store_true", help="also list the built-in test parsers (test.*)")
     parsers.set_defaults(func=cmd_parsers)
     exp = sub.add_parser(
         "explain", help="show the policy that applies to a connection",
-        description="Show how the config's identities and policy treat a connection from --src to --dst: "
-        "both endpoints' labels, the documents that select them, the L3/L4 verdict and the L7 rules.",
+        description="Show how identities and policy treat a connection from --src to --dst: both "
+        "endpoints' labels, the documents that select them, the L3/L4 verdict and the L7 rules. The "
+        "running daemon answers when its admin API is reachable (its live policy, imports included); "
+        "otherwise the answer comes from the files alone, and a line on stderr says so.",
     )  # fmt: skip
-    exp.add_argument("--config", "-c", type=Path, required=True)
+    exp.add_argument("--config", "-c", type=Path,
+                     help="the daemon's config: where its admin API is, and the files to read without it")
     exp.add_argument("--src", required=True, help="client IP (or IP:PORT)")
-    exp.add_argument("--dst", required=True, help="destination IP:PORT ([IPv6]:PORT)")
-    exp.add_argument("--listener", help="listener name (default: the one serving the destination port)")
+    exp.add_argument("--dst", required=True, help="destination IP:PORT ([IPv6]:PORT): the original "
+                     "destination, or the listener's fixed upstream")  # fmt: skip
+    exp.add_argument("--listener", help="listener name (default: the one that judges the destination)")
+    exp.add_argument("--socket", type=Path, help="ask the daemon on this admin unix socket")
+    exp.add_argument("--admin", help="ask the daemon on this admin address HOST:PORT")
+    exp.add_argument("--files", action="store_true",
+                     help="answer from the config's files alone, without asking the daemon")
     exp.add_argument("--sni", help="the TLS server name (SNI) the client sends, for serverNames rules")
     exp.set_defaults(func=cmd_explain)
     pol = sub.add_parser("policy", help="manage the running daemon's imported policy (admin API)")

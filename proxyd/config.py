@@ -281,6 +281,22 @@ def _port_list(v: Any) -> tuple[int, ...]:
     return tuple(parse_port(p) for p in v)
 
 
+def _log_path_problem(path: Path) -> str | None:
+    """Why the access log cannot be a file at ``path``, or None.
+
+    The daemon creates the file, never its directory: a directory that does not exist is a typo
+    or a missing volume, and one created by a root-started daemon would belong to root.
+    """
+    parent = path.parent
+    if not parent.exists():
+        return f"the directory {parent} does not exist (proxyd creates the log file, not its directory)"
+    if not parent.is_dir():
+        return f"{parent} is not a directory"
+    if path.is_dir():
+        return f"{path} is a directory; name a file in it"
+    return None
+
+
 def _line_of(problem: str) -> int:
     parts = problem.split(":", 2)
     return int(parts[1]) if len(parts) > 2 and parts[1].isdigit() else 0
@@ -341,6 +357,10 @@ def parse_config(text: str, path: Path, registry: Registry) -> Config:
     access_log = AccessLogConfig()
     if alog is not None:
         lp = _get(alog, "path", "access_log", p, _str, "-")
+        if lp != "-":
+            problem = _log_path_problem(base / lp)
+            if problem:
+                p.add(alog.where_of("path"), "access_log.path", problem)
         access_log = AccessLogConfig(
             path=lp if lp == "-" else str(base / lp),
             requests=_get(alog, "requests", "access_log", p, _choice(LOG_REQUESTS), "all"),

@@ -478,6 +478,18 @@ class Daemon:
             return None
         return self._admin.address()  # type: ignore[no-any-return]
 
+    def reopen_access_log(self) -> None:
+        """SIGUSR1 (logrotate moved the file): write to a new file at the configured path.
+
+        When that fails (the directory went away) the old file stays open and the error is
+        logged: lines keep going somewhere rather than nowhere.
+        """
+        try:
+            self.access_log.reopen()
+        except OSError as exc:
+            self.log.error("access log reopen failed, still writing to the old file",
+                           path=self.config.access_log.path, error=exc.strerror or str(exc))  # fmt: skip
+
     def request_stop(self) -> None:
         self._stop.set()
 
@@ -488,7 +500,7 @@ class Daemon:
             signal.SIGTERM: self.request_stop,
             signal.SIGINT: self.request_stop,
             signal.SIGHUP: lambda: self._spawn(self.reload()),
-            signal.SIGUSR1: self.access_log.reopen,
+            signal.SIGUSR1: self.reopen_access_log,
         }
         for sig, fn in handlers.items():
             loop.add_signal_handler(sig, fn)
@@ -669,6 +681,9 @@ class Daemon:
             current = self.listeners.get(name)
             if current is None:
                 lr = ListenerRuntime(self, lc)
+                # The runtime copied the daemon's settings, still the old config's at this point.
+                lr.limits = new_config.limits
+                lr.upstream_mark = new_config.upstream_mark
                 await lr.bind()
                 self.listeners[name] = lr
                 self.log.info("listener added", listener=name, address=lc.address)

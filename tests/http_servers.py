@@ -43,6 +43,8 @@ http {{
         location /dav/ {{ dav_methods PUT; create_full_put_path on; }}
         location = /echo {{ return 200 "echo $request_method $request_uri\\n"; }}
         location = /empty {{ return 204; }}
+        location /api/ {{ return 200 "api $uri\n"; }}
+        location = /bighead {{ {bighead} return 200 "big\n"; }}
     }}
 }}
 """
@@ -71,6 +73,7 @@ def start_nginx(tmp: Path, *, workers: int = 1, access_log: bool = True) -> Iter
     (prefix / "www" / "public").mkdir(parents=True)
     (prefix / "www" / "public" / "a.txt").write_text("public a\n")
     (prefix / "www" / "secret.txt").write_text("secret\n")
+    (prefix / "www" / "index.html").write_text("index\n")
     (prefix / "www" / "public" / "big.bin").write_bytes(bytes(range(256)) * 4096)  # 1 MiB
     port = free_port()
     conf = prefix / "nginx.conf"
@@ -81,6 +84,7 @@ def start_nginx(tmp: Path, *, workers: int = 1, access_log: bool = True) -> Iter
             master="on" if workers > 1 else "off",
             workers=workers,
             access_log=f"{prefix}/access.log seen" if access_log else "off",
+            bighead=" ".join(f'add_header X-Big-{i} "{"v" * 3000}";' for i in range(40)),  # ~120 KiB
         )
     )
     proc = subprocess.Popen(

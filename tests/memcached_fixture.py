@@ -34,13 +34,13 @@ def _wait_accepting(proc: subprocess.Popen[bytes], port: int, timeout: float = 1
 
 
 @contextlib.contextmanager
-def start_memcached() -> Iterator[int]:
-    """``memcached -u root -l 127.0.0.1 -p PORT -t 1 -m 64``; killed afterwards."""
+def start_memcached(*args: str) -> Iterator[int]:
+    """``memcached -u root -l 127.0.0.1 -p PORT -t 1 -m 64 ARGS...``; killed afterwards."""
     need_binary("memcached")
     port = free_port()
     user = ["-u", "root"] if os.geteuid() == 0 else []
     proc = subprocess.Popen(
-        ["memcached", *user, "-l", "127.0.0.1", "-p", str(port), "-U", "0", "-t", "1", "-m", "64"],
+        ["memcached", *user, "-l", "127.0.0.1", "-p", str(port), "-U", "0", "-t", "1", "-m", "64", *args],
         stdout=subprocess.DEVNULL,
         stderr=subprocess.PIPE,
     )

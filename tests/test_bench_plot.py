@@ -14,9 +14,13 @@ BENCH = Path(__file__).resolve().parent.parent / "bench"
 
 
 def _load(name: str) -> ModuleType:
-    """Import bench/<name>.py as the scripts see it (bench/ on sys.path: they import plot as a sibling)."""
+    """Import bench/<name>.py as the scripts see it (bench/ on sys.path: they import plot as a sibling).
+
+    bench/ goes last on the path: first, its http.py and kafka.py would shadow the standard
+    library's http package and kafka-python for every test collected after this one.
+    """
     if str(BENCH) not in sys.path:
-        sys.path.insert(0, str(BENCH))
+        sys.path.append(str(BENCH))
     if name == "plot":
         return importlib.import_module("plot")
     spec = importlib.util.spec_from_file_location(f"bench_{name}", BENCH / f"{name}.py")

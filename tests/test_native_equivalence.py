@@ -211,6 +211,14 @@ TEXT_REQUESTS = [
     b"ms {k} x\r\n", b"ms {k}\r\n", b"ms {b} 1 b q O1\r\nz\r\n", b"md {k} q\r\n", b"md {k} q O99\r\n",
     b"ma {k} q MI\r\n", b"ma {k} M+ D5 J3\r\n", b"ma {k} q MX\r\n", b"me {k}\r\n", b"me {k} q\r\n",
     b"mg {k} " + b"O" + b"9" * 40 + b" q\r\n", b"get " + b"{k} " * 30 + b"\r\n",
+    # lines memcached answers CLIENT_ERROR without reading the block, and sizes it reads oddly
+    b"set {k} 0 blah 1\r\nX\r\n", b"cas {k} blah 0 0 0\r\n", b"set {k} 0 0 -1\r\n",
+    b"set {k} 0 0 4294967295\r\n", b"set {k} 0 0 +2\r\nxy\r\n", b"set {k} 0 0 4294967296\r\n\r\n",
+    b"set {k} -1 0 1\r\nx\r\n", b"set {k} 0 0 1 noreply x\r\n", b"set {k} 0 0 2x noreply\r\nab\r\n",
+    b"ms {k} -1\r\n", b"ms {k} +1 q\r\nx\r\n", b"mg {k} T+5 q\r\n", b"mg {k} T99999999999 q\r\n",
+    b"ma {k} D-1 q\r\n", b"mg {k} F18446744073709551616 q\r\n",
+    # a long multi-key get (over 2048 bytes), and a long line memcached closes on
+    b"get " + b"{k} " * 600 + b"\r\n", b"set " + b"x" * 2100 + b"\r\n",
 ]  # fmt: skip
 
 TEXT_REPLIES = [
@@ -220,6 +228,7 @@ TEXT_REPLIES = [
     b"ERROR\r\n", b"CLIENT_ERROR bad\r\n", b"SERVER_ERROR oom\r\n", b"HD\r\n", b"HD O7\r\n", b"HD Oabc\r\n",
     b"VA 2 t\r\nxy\r\n", b"VA 1 O7\r\nz\r\n", b"NS\r\n", b"EX\r\n", b"NF\r\n", b"NF O99\r\n", b"MN\r\n",
     b"VALUE {k} 0\r\n", b"VALUE {k} 0 x\r\n", b"VA\r\n", b"ts=1 gid=2\n", b"\r\n", b"x" * 20 + b"\r\n",
+    b"ERROR Too many open connections\r\n", b"VALUE {k} 0 60\r\n" + b"v" * 60 + b"\r\n",
 ]  # fmt: skip
 
 RULE_CHOICES: list[Mapping[str, str]] = [
@@ -268,8 +277,12 @@ def text_traffic(draw: st.DrawFn) -> tuple[bytes, bytes]:
     reqs = [fill(t, draw) for t in draw(st.lists(st.sampled_from(TEXT_REQUESTS), max_size=12))]
     reps = [fill(t, draw) for t in draw(st.lists(st.sampled_from(TEXT_REPLIES), max_size=14))]
     client, server = b"".join(reqs), b"".join(reps)
-    kind = draw(st.integers(0, 4))
-    if kind == 1:
+    kind = draw(st.integers(0, 5))
+    if kind == 4:
+        # a close decided while replies are owed: drain, then close
+        client += draw(st.sampled_from([b"set " + b"y" * 2100, b"x" * 3000, b"gat 1 " + b"z" * 2100]))
+        client += fill(draw(st.sampled_from(TEXT_REQUESTS)), draw)
+    elif kind == 1:
         client = mutate(client, draw)
     elif kind == 2:
         server = mutate(server, draw)
@@ -288,13 +301,17 @@ BIN_OPCODES = [0x00, 0x01, 0x04, 0x05, 0x07, 0x08, 0x09, 0x0A, 0x0B, 0x0C, 0x0D,
 def binary_traffic(draw: st.DrawFn) -> tuple[bytes, bytes]:
     client = bytearray()
     server = bytearray()
+    if draw(st.integers(0, 5)) == 0:
+        server += b"ERROR Too many open connections\r\n"
     for i in range(draw(st.integers(0, 8))):
         op = draw(st.sampled_from(BIN_OPCODES))
-        key = draw(st.sampled_from([b"", *KEYS[:3]]))
+        key = draw(st.sampled_from([b"", *KEYS[:3], b"k" * 251, b"a/" * 140]))
         extras = b"\x00" * draw(st.sampled_from([0, 4, 8]))
         value = draw(st.binary(max_size=6))
         body = extras + key + value
-        client += _PKT.pack(0x80, op, len(key), len(extras), 0, 0, len(body), i, 0) + body
+        bodylen = max(0, len(body) - draw(st.sampled_from([0, 0, 0, 0, len(value) + 1])))
+        magic = draw(st.sampled_from([0x80] * 12 + [0x90]))
+        client += _PKT.pack(magic, op, len(key), len(extras), 0, 0, bodylen, i, 0) + body
         if draw(st.booleans()):
             status = draw(st.sampled_from([0, 0, 1, 0x81, 0x77]))
             rv = draw(st.binary(max_size=5))
@@ -344,6 +361,21 @@ def test_memcache_equivalent(
         (b"x" * 3000, b""),
         (b"get " + b"k " * 20000 + b"\r\n", b""),
         (b"", b"VALUE x 0 1\r\nx\r\nEND\r\n"),
+        # drain then close: owed replies (a quiet one behind a barrier, a streaming value) first
+        (b"get a/1\r\nmg a/2 v q\r\nget b/1\r\n" + b"x" * 3000 + b"\r\nget a/1\r\n",
+         b"VALUE a/1 0 3\r\nabc\r\nEND\r\nVERSION 1\r\n"),
+        (b"mg a/1 v\r\nset " + b"y" * 2100, b"VA 100\r\n" + b"v" * 100 + b"\r\n"),
+        (b"mg a/1 v\r\nmg b/1 v\r\n", b"VA 100\r\n" + b"v" * 100 + b"\r\n"),
+        # bad command lines: forwarded, block read as commands; unsolicited lines forwarded
+        (b"set a/1 0 blah 1\r\nX\r\nset a/1 0 0 4294967296\r\n\r\nset b/1 0 0 -1\r\n",
+         b"CLIENT_ERROR bad command line format\r\nERROR\r\nSTORED\r\n"),
+        (b"", b"ERROR Too many open connections\r\n"),
+        # binary: a key over 250 bytes is answered by the server, then the connection closes
+        (_PKT.pack(0x80, 0x0A, 0, 0, 0, 0, 0, 1, 0) + _PKT.pack(0x80, 0, 300, 0, 0, 0, 300, 2, 0) + b"a" * 300
+         + b"junk", _PKT.pack(0x81, 0x0A, 0, 0, 0, 0, 0, 1, 0) + _PKT.pack(0x81, 0, 0, 0, 0, 4, 17, 2, 0)
+         + b"Invalid arguments"),
+        (_PKT.pack(0x80, 0x0D, 3, 0, 0, 0, 3, 1, 0) + b"a/1" + b"\x90" * 30,
+         b"ERROR Too many open connections\r\n" + _PKT.pack(0x81, 0x0A, 0, 0, 0, 0, 0, 0xFFFFFFFF, 0)),
     ],
 )
 def test_memcache_tables_equivalent(client: bytes, server: bytes) -> None:

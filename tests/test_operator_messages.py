@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import asyncio
 import json
+import os
 import shutil
 import socket
 import subprocess
@@ -35,9 +36,18 @@ spec:
 """
 
 
-def cli(*args: str, cwd: Path | None = None, timeout: float = 60) -> subprocess.CompletedProcess[str]:
-    return subprocess.run([sys.executable, "-m", "proxyd", *args], cwd=cwd or ROOT,
+def cli(
+    *args: str, cwd: Path | None = None, timeout: float = 60, env: dict[str, str] | None = None
+) -> subprocess.CompletedProcess[str]:
+    return subprocess.run([sys.executable, "-m", "proxyd", *args], cwd=cwd or ROOT, env=env,
                           capture_output=True, text=True, timeout=timeout, check=False)  # fmt: skip
+
+
+def without_test_parsers() -> dict[str, str]:
+    """The environment of a daemon outside the test suite: no test parsers registered."""
+    plugins = str(ROOT / "tests" / "parser_plugins")  # what conftest.py adds
+    paths = os.environ.get("PYTHONPATH", "").split(os.pathsep)
+    return {**os.environ, "PYTHONPATH": os.pathsep.join(p for p in paths if p and p != plugins)}
 
 
 async def acli(*args: str) -> tuple[int, str, str]:
@@ -222,10 +232,10 @@ async def test_sighup_with_nothing_changed_keeps_the_revision(tmp_path: Path) ->
 # --- parsers, --help, iptables hint ---------------------------------------------------------------
 
 
-def test_parsers_hides_the_test_parsers_unless_asked() -> None:
-    plain = cli("parsers").stdout
+def test_parsers_lists_the_test_parsers_only_where_the_tests_register_them() -> None:
+    assert "test.passer" in cli("parsers").stdout  # conftest.py registers them for the suite
+    plain = cli("parsers", env=without_test_parsers()).stdout
     assert "test." not in plain and "r2d2" in plain
-    assert "test.passer" in cli("parsers", "--all").stdout
 
 
 @pytest.mark.parametrize("command", ["run", "check", "parsers", "explain", "iptables"])

@@ -1,5 +1,8 @@
 """The framework's own test parsers: small protocols that exercise every op of the engine.
 
+Not built-ins: the test suite registers them through the ``proxyd.parsers`` entry points of
+tests/parser_plugins (see its README), so a daemon outside the suite never offers them.
+
 - ``test.passer``: passes everything (the L7 path with no protocol cost; used by benchmarks).
 - ``test.lineparser``: ``\\n``-terminated lines, both directions. A line starting with
   ``DROP`` is dropped; ``INJECT`` is dropped and its text is sent back in the same direction

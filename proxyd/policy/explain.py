@@ -197,9 +197,12 @@ def explain_data(
     dst: tuple[str, int],
     l7proto: str | None,
     sni: str | None = None,
+    *,
+    audit: bool = False,
 ) -> Explanation:
     """Evaluate the connection ``src`` -> ``dst`` as a listener of ``direction`` would, for a
-    TLS client whose ClientHello names ``sni`` (None: no SNI).
+    TLS client whose ClientHello names ``sni`` (None: no SNI); ``audit``: a listener whose policy
+    mode is audit, which lets a would-be denial through.
 
     Raises ValueError for a bad direction or address.
     """
@@ -210,7 +213,7 @@ def explain_data(
     local_labels = identities.labels_for(local[0])
     remote_labels = identities.labels_for(remote[0])
     ev = pset.evaluate(
-        direction, local_labels, remote[0], remote_labels, dst[1], l7proto, trace=True, sni=sni
+        direction, local_labels, remote[0], remote_labels, dst[1], l7proto, audit, trace=True, sni=sni
     )
     return Explanation(direction, src, dst, local_labels, remote_labels, l7proto, pset.revision, ev, sni)
 

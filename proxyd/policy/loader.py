@@ -98,8 +98,11 @@ HTTP: Final = "http"
 #: Fields of Cilium's PortRuleHTTP and HeaderMatch (for Go's case-insensitive JSON keys).
 HTTP_RULE_FIELDS: Final = ("path", "method", "host", "headers", "headerMatches")
 HTTP_HEADER_MATCH_FIELDS: Final = ("mismatch", "name", "secret", "value")
+#: ``toPorts[].rules.kafka``: the rule list of the parser registered under this name.
+KAFKA: Final = "kafka"
+#: Fields of Cilium's PortRuleKafka (for Go's case-insensitive JSON keys).
+KAFKA_RULE_FIELDS: Final = ("role", "apiKey", "apiVersion", "clientID", "topic")
 UNSUPPORTED_L7_FIELDS: Final[Mapping[str, str]] = {
-    "kafka": f"proxyd has no Kafka parser; {_L7_HINT}",
     "dns": f"proxyd has no DNS proxy; {_L7_HINT}",
 }
 UNSUPPORTED_CIDR_SET_FIELDS: Final[Mapping[str, str]] = {
@@ -875,20 +878,23 @@ class _Loader:
         if node is None:
             return None
         start = len(self.problems)
-        node = self.fields(node, path, ("l7proto", "l7", HTTP), UNSUPPORTED_L7_FIELDS)
-        if HTTP in node and node[HTTP] is None:
-            del node[HTTP]  # `http: null` is as if absent, as Go reads it (then `rules: {}`)
+        node = self.fields(node, path, ("l7proto", "l7", HTTP, KAFKA), UNSUPPORTED_L7_FIELDS)
+        for own in (HTTP, KAFKA):
+            if own in node and node[own] is None:
+                del node[own]  # `http: null` is as if absent, as Go reads it (then `rules: {}`)
         if len(self.problems) > start or not node:
             return None
-        if HTTP in node:
-            if "l7proto" in node or "l7" in node:
+        for own, entry in ((HTTP, self.http_rule), (KAFKA, self.kafka_rule)):
+            if own not in node:
+                continue
+            if len([k for k in ("l7proto", HTTP, KAFKA) if k in node]) > 1 or "l7" in node:
                 self.err(
-                    node.where_of(HTTP),
+                    node.where_of(own),
                     path,
-                    "give either http or l7proto with l7, not both (as in Cilium: one L7 rule type per port)",
+                    "give one of http, kafka, or l7proto with l7 (as in Cilium: one L7 rule type per port)",
                 )
                 return None
-            return self.rule_list(node, HTTP, HTTP, path, ports, self.http_rule)
+            return self.rule_list(node, own, own, path, ports, entry)
         proto: str | None = None
         if "l7proto" not in node:
             self.err(node.where, _join(path, "l7proto"), "missing (the parser that enforces the l7 rules)")
@@ -926,6 +932,12 @@ class _Loader:
                             self.canon(item, _join(ipath, key), HTTP_HEADER_MATCH_FIELDS)
         return {str(k): plain(v) for k, v in m.items()}
 
+    def kafka_rule(self, m: LMap, ipath: str) -> dict[str, Any]:
+        """One ``kafka`` entry, as written (the kafka rule compiler checks the values)."""
+        if self.fold:
+            self.canon(m, ipath, KAFKA_RULE_FIELDS)
+        return {str(k): plain(v) for k, v in m.items()}
+
     def rule_list(
         self,
         node: LMap,
@@ -946,7 +958,7 @@ class _Loader:
                     continue
                 rules.append(entry(m, ipath))
                 wheres.append((m, ipath))
-        at = node.where_of(HTTP) if key == HTTP else node.where_of("l7proto")
+        at = node.where_of(key) if key in (HTTP, KAFKA) else node.where_of("l7proto")
         if not rules and len(self.problems) == start:
             # Visibility: parse with the parser, allow every request (as `[{}]` does).
             rules.append({})
@@ -971,13 +983,13 @@ class _Loader:
         else:
             port_text = ", ".join(str(p) for p in ports)
             what = (
-                "no http parser is registered"
-                if key == HTTP
+                f"no {key} parser is registered"
+                if key in (HTTP, KAFKA)
                 else f"unknown l7proto {proto!r} (no parser of that name)"
             )
             self.warn(
                 at,
-                _join(path, key if key == HTTP else "l7proto"),
+                _join(path, key if key in (HTTP, KAFKA) else "l7proto"),
                 f"{what}: port {port_text} denies every request",
             )
         if len(self.problems) > start:

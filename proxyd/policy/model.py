@@ -116,8 +116,8 @@ class L7Rules:
     rules: tuple[Mapping[str, Any], ...]
     matchers: tuple[RuleMatcher, ...] | None = field(default=None, compare=False)
     where: str = ""
-    #: The policy field the rules came from: ``l7`` (key-value rules for ``l7proto``) or
-    #: ``http`` (Cilium's HTTP rules, for the parser registered as ``http``).
+    #: The policy field the rules came from: ``l7`` (key-value rules for ``l7proto``), ``http``
+    #: or ``kafka`` (Cilium's own rule lists, for the parser registered under that name).
     key: str = "l7"
 
     @property

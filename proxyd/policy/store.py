@@ -95,6 +95,10 @@ class Change:
 
     #: How many documents this change compiled (the rest were kept from the old set).
     compiled: int = 0
+    #: Imported documents (by name) the change adds, replaces and deletes: for the daemon's log.
+    added: tuple[str, ...] = ()
+    replaced: tuple[str, ...] = ()
+    deleted: tuple[str, ...] = ()
 
 
 def _stat_key(path: Path) -> _StatKey | None:
@@ -144,7 +148,11 @@ class PolicyStore:
         return self._revision
 
     def documents(self) -> list[dict[str, Any]]:
-        """Every document in force, files first: name, source, origin, warnings, document."""
+        """Every document in force, files first: name, source, where, origin, warnings, document.
+
+        ``source`` is the file (``admin-api`` for an import); ``where`` is ``file:line`` of the
+        document in its file, None for an import (its text is not kept as it was sent).
+        """
         out: list[dict[str, Any]] = []
         for origin, docs in (("file", self._file_documents()), ("imported", tuple(self._imported.values()))):
             for doc in docs:
@@ -152,6 +160,7 @@ class PolicyStore:
                     {
                         "name": doc.name,
                         "source": doc.source,
+                        "where": doc.where if origin == "file" else None,
                         "origin": origin,
                         "warnings": list(doc.warnings),
                         "document": doc.raw,
@@ -391,14 +400,21 @@ class PolicyStore:
                 [f"{source}:0: imported documents would total {total} bytes, over the cap of "
                  f"{MAX_IMPORTED_BYTES} (delete some, or put large policies in policy.paths files)"]
             )  # fmt: skip
-        return self._build(self._files, imported, save=True)
+        names = tuple(dict.fromkeys(d.name for d in docs))
+        change = self._build(self._files, imported, save=True)
+        return replace(
+            change,
+            added=tuple(n for n in names if n not in self._imported),
+            replaced=tuple(n for n in names if n in self._imported),
+            deleted=tuple(n for n in self._imported if n not in imported),
+        )
 
     def build_delete(self, name: str) -> Change:
         """:meth:`delete_imported` up to the swap. Raises KeyError for an unknown name."""
         if name not in self._imported:
             raise KeyError(name)
         imported = {k: v for k, v in self._imported.items() if k != name}
-        return self._build(self._files, imported, save=True)
+        return replace(self._build(self._files, imported, save=True), deleted=(name,))
 
     def _build(
         self, files: Mapping[str, FileEntry], imported: Mapping[str, Document], *, save: bool

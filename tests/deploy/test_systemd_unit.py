@@ -11,6 +11,7 @@ from pathlib import Path
 from needs import need_binary
 
 from proxyd.config import Limits
+from proxyd.server import FD_RESERVE, FDS_PER_CONNECTION
 
 REPO = Path(__file__).resolve().parents[2]
 UNIT = REPO / "systemd" / "proxyd.service"
@@ -97,7 +98,8 @@ def test_user_capabilities_and_hardening() -> None:
 def test_limits_cover_the_config_defaults() -> None:
     e = entries()
     limits = Limits()
-    assert int(e["LimitNOFILE"][0]) > 2 * limits.max_connections  # client + upstream socket each
+    # What proxyd's start-up check asks for (server.raise_fd_limit): two sockets each, and a reserve.
+    assert int(e["LimitNOFILE"][0]) >= FDS_PER_CONNECTION * limits.max_connections + FD_RESERVE
     assert seconds(e["TimeoutStopSec"][0]) > limits.drain_timeout
 
 

@@ -227,3 +227,55 @@ def test_driver_through_parser(
     assert "INSERT INTO users (id, name) VALUES (5, 'eve')" in responder.statements
     denied_tables = {e.fields.get("query_table") for e in relay.log if e.verdict == "denied"}
     assert {"ks.users", "ks.admins"} <= denied_tables
+
+
+@pytest.mark.parametrize("version", [4, 5])
+def test_driver_reply_larger_than_max_frame_bytes(responder: CqlResponder, loop_thread: LoopThread,
+                                                   version: int) -> None:  # fmt: skip
+    """``max_frame_bytes`` bounds requests only: a result frame past it reaches the driver.
+
+    Replies pass without being buffered and the protocol's length is 32 bits; proxyd closed the
+    connection on such a reply (a cap below the protocol's own, and the driver lost the result).
+    """
+    relay = MiniRelay(responder.port, [{}], {"max_frame_bytes": 65536})
+    loop_thread.run(relay.start())
+    cluster = _cluster(relay.port, version, False)
+    try:
+        session = cluster.connect()
+        for i in range(10, 13):
+            session.execute(f"INSERT INTO ks.users (id, name) VALUES ({i}, '{chr(97 + i) * 30000}')")
+        rows = list(session.execute("SELECT * FROM ks.users"))
+    finally:
+        cluster.shutdown()
+        loop_thread.run(relay.stop())
+    assert relay.errors == []
+    assert {r.id: len(r.name) for r in rows if r.id >= 10} == {10: 30000, 11: 30000, 12: 30000}
+
+
+def test_malformed_request_closes_after_the_replies_owed(
+    responder: CqlResponder, loop_thread: LoopThread
+) -> None:
+    """A malformed frame pipelined behind a query: the query's rows arrive, then the close."""
+    import socket
+    import struct
+
+    from cql_responder import frame, query_body, startup_body
+
+    relay = MiniRelay(responder.port, [{}], {})
+    loop_thread.run(relay.start())
+    try:
+        with socket.create_connection(("127.0.0.1", relay.port), timeout=5) as s:
+            s.sendall(frame(4, 1, "STARTUP", startup_body()))
+            assert s.recv(9)[4] == 0x02  # READY
+            query = frame(4, 2, "QUERY", query_body("SELECT * FROM ks.users"))
+            s.sendall(query + frame(4, 3, "RESULT", b""))  # a response opcode from the client
+            got = b""
+            while chunk := s.recv(65536):
+                got += chunk
+    finally:
+        loop_thread.run(relay.stop())
+    version, _, stream, opcode, length = struct.unpack_from(">BBhBI", got)
+    assert (version, stream, opcode, len(got)) == (0x84, 2, 0x08, 9 + length)  # RESULT, then EOF
+    assert b"alice" in got
+    assert relay.errors and "parser error" in relay.errors[0]
+    assert relay.log[-1].fields["error"] == "protocol error 1 in a request"

@@ -526,7 +526,60 @@ def test_version_change_is_an_error() -> None:
     h = harness(ALLOW_SELECT)
     h.feed(frame(4, 1, "STARTUP", startup_body()))
     h.feed(frame(3, 2, "OPTIONS"))
+    assert h.error is None  # the STARTUP's answer is owed first
+    h.feed(frame(4, 1, "READY", response=True), reply=True)
     assert h.error is not None
+    assert h.to_client == frame(4, 1, "READY", response=True)
+
+
+@pytest.mark.parametrize("split", [None, "bytes"])
+@pytest.mark.parametrize("v", [4, 5])
+def test_protocol_error_closes_after_the_replies_owed(v: int, split: str | None) -> None:
+    """A malformed request closes the connection, after the replies to earlier requests."""
+    h = harness(ALLOW_SELECT)
+    handshake(h, v)
+    q1 = frame(v, 2, "QUERY", query_body("SELECT * FROM ks.t", version=v))
+    q2 = frame(v, 3, "QUERY", query_body("SELECT * FROM ks.u", version=v))
+    bad = frame(v, 4, "RESULT", b"")  # a response opcode from the client
+    wire = (lambda b: segments(b)) if v == 5 else (lambda b: b)
+    sent_before = len(h.to_server)
+    h.feed(wire(q1 + q2) + wire(bad) + wire(frame(v, 5, "OPTIONS")), split=split)
+    assert h.error is None
+    assert h.to_server[sent_before:] == wire(q1 + q2)
+    event = frame(v, -1, "EVENT", b"\x00\x0dSCHEMA_CHANGE", response=True)  # not a reply
+    r1 = frame(v, 2, "RESULT", result_void(), response=True)
+    r2 = frame(v, 3, "RESULT", rows_body("ks", "u", [("v", 13)], [["w" * 3000]]), response=True)
+    before = len(h.to_client)
+    h.feed(wire(r1) + wire(event), reply=True, split=split)
+    assert h.error is None
+    h.feed(wire(r2), reply=True, split=split)
+    assert h.error is not None
+    assert h.error.kind == "parser_error"
+    assert h.to_client[before:] == wire(r1) + wire(event) + wire(r2)
+    assert h.log[-1].fields["error"] in ("protocol error 1 in a request", "malformed request: bad envelope")
+
+
+def test_reply_frames_have_no_size_cap() -> None:
+    """The protocol's length is 32 bits; replies pass unbuffered, so proxyd adds no cap."""
+    h = harness(ALLOW_SELECT, parser_config={"max_frame_bytes": 100})
+    handshake(h, 4)
+    h.feed(frame(4, 2, "OPTIONS"))
+    head = frame(4, 2, "SUPPORTED", response=True)[:5] + struct.pack(">I", 300 << 20)
+    h.feed(head + b"x" * 1000, reply=True)
+    assert h.error is None
+    assert h.to_client.endswith(head + b"x" * 1000)
+
+
+def test_denial_waits_for_the_end_of_a_streaming_reply() -> None:
+    h = harness(ALLOW_SELECT)
+    handshake(h, 4)
+    h.feed(frame(4, 2, "QUERY", query_body("SELECT * FROM ks.t")))
+    rows = frame(4, 2, "RESULT", rows_body("ks", "t", [("v", 13)], [["w" * 5000]]), response=True)
+    h.feed(rows[:100], reply=True)
+    h.feed(frame(4, 3, "QUERY", query_body("DELETE FROM ks.t WHERE k = 1")))
+    h.feed(rows[100:-1], reply=True)
+    h.feed(rows[-1:], reply=True)
+    assert h.to_client.endswith(rows + unauthorized(4, 3))
 
 
 @pytest.mark.parametrize(

@@ -293,10 +293,29 @@ def test_chunked_body_errors_close_the_connection(name: str, body: bytes) -> Non
         assert GET not in out.to_server
 
 
-def test_chunk_line_length_is_bounded() -> None:
+def test_chunk_line_length_is_bounded_by_max_header_bytes() -> None:
+    # nginx bounds neither chunk extensions nor the line: up to max_header_bytes passes (issue 17:
+    # a fixed 4 KiB closed connections nginx served), past it the connection closes
     head = b"POST / HTTP/1.1\r\nHost: a\r\nTransfer-Encoding: chunked\r\n\r\n"
-    out = run(head + b"5;" + b"a" * 5000 + b"\r\n")
-    assert out.closed and "over 4096" in out.errors[0]
+    ok = head + b"5;e=" + b"a" * 60000 + b"\r\nhello\r\n0;f=" + b"b" * 60000 + b"\r\n\r\n"
+    for split in (None, [1000] * 130):
+        out = run(ok, split=split)
+        assert (out.to_server, out.closed) == (ok, False)
+    out = run(head + b"5;" + b"a" * 70000 + b"\r\n")
+    assert out.closed and "over 65536" in out.errors[0]
+    out = run(head + b"5;" + b"a" * 300 + b"\r\n", parser_config={"max_header_bytes": 256})
+    assert out.closed and "over 256" in out.errors[0]
+
+
+def test_a_chunk_line_trickling_in_is_searched_once() -> None:
+    h = Harness(HttpFactory())
+    h.feed(b"POST / HTTP/1.1\r\nHost: a\r\nTransfer-Encoding: chunked\r\n\r\n")
+    h.feed(b"5;e=")
+    for _ in range(2000):
+        h.feed(b"a")
+    assert h.engine.parser.r_seen == 2004  # type: ignore[attr-defined]
+    h.feed(b"\r\nhello\r\n0\r\n\r\n" + GET)
+    assert h.to_server.endswith(b"hello\r\n0\r\n\r\n" + GET) and not h.closed
 
 
 # --- bodies stream past the buffer ---------------------------------------------------------------
@@ -408,9 +427,63 @@ def test_unframeable_responses_close(name: str, resp: bytes) -> None:
     assert h.closed and h.to_client == b""
 
 
-def test_unsolicited_response_closes() -> None:
-    out = run(b"", [OK])
-    assert out.closed and out.errors == ("response with no request pending",)
+def test_unsolicited_response_is_forwarded_and_logged() -> None:
+    # issue 17: a server's answer with no request pending (a 408 or 503 before it closes) is
+    # what the client would get without proxyd: it passes, and its log line says so
+    timeout = b"HTTP/1.1 408 Request Timeout\r\nConnection: close\r\nContent-Length: 0\r\n\r\n"
+    for split in splits(timeout + OK, every_cut=False):
+        h = Harness(HttpFactory())
+        h.feed(timeout + OK, reply=True, split=split)
+        assert h.to_client == timeout + OK and not h.closed, split
+        assert [(e.entry_type, e.fields) for e in h.log] == [
+            ("response", {"status": 408, "note": "response with no request pending"}),
+            ("response", {"status": 200, "note": "response with no request pending"}),
+        ]
+    # and the connection goes on in step: a request after it is answered by the next response
+    h = Harness(HttpFactory())
+    h.feed(timeout, reply=True)
+    h.feed(GET)
+    h.feed(OK, reply=True)
+    assert (h.to_server, h.to_client) == (GET, timeout + OK)
+    # bytes that are not a response, with nothing pending, still close
+    assert run(b"", [b"garbage\r\n\r\n"]).closed
+
+
+# --- a close proxyd decides delivers the responses already owed (issue 17) -----------------------
+
+
+def test_malformed_chunk_behind_pipelined_requests_delivers_their_responses_first() -> None:
+    bad = b"POST / HTTP/1.1\r\nHost: a\r\nTransfer-Encoding: chunked\r\n\r\n5 \r\nhello\r\n0\r\n\r\n"
+    wire = GET + GET + bad + GET
+    for split in splits(wire, every_cut=False):
+        h = Harness(HttpFactory())
+        h.feed(wire, split=split)
+        assert not h.closed, split
+        assert h.to_server == GET + GET + bad[: bad.index(b"5 ")], split  # never the bad chunk line
+        h.feed(OK, reply=True)
+        assert not h.closed
+        h.feed(OK, reply=True)
+        assert h.to_client == OK + OK and h.closed, split
+        assert h.error is not None and h.error.code == 4
+
+
+def test_not_http_behind_a_pipelined_request_delivers_its_response_first() -> None:
+    h = Harness(HttpFactory())
+    h.feed(GET + b"\x16\x03\x01\x00\x05hello")
+    assert h.to_server == GET and not h.closed
+    h.feed(OK, reply=True)
+    assert h.to_client == OK and h.closed
+
+
+def test_thousands_of_pipelined_requests_are_all_answered() -> None:
+    # a count of 1024 outstanding requests used to close the connection (issue 17)
+    n = 20000
+    h = Harness(HttpFactory(), buffer_limit=1 << 24)
+    h.feed(GET * n)
+    assert h.to_server == GET * n and not h.closed
+    h.feed(OK * n, reply=True)
+    assert h.to_client == OK * n and not h.closed
+    assert not h.engine.parser.pending and h.engine.parser.pending_bytes == 0  # type: ignore[attr-defined]
 
 
 # --- denials in place -----------------------------------------------------------------------------
@@ -593,3 +666,50 @@ def test_the_answers_are_the_documented_bytes() -> None:
     )
     assert BAD_REQUEST.startswith(b"HTTP/1.1 400 Bad Request\r\n") and b"connection: close\r\n" in BAD_REQUEST
     assert TOO_LARGE.startswith(b"HTTP/1.1 431 Request Header Fields Too Large\r\n")
+
+
+def test_past_the_pending_budget_the_connection_ends_after_the_owed_responses(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    from proxyd.parsers.http import parser as P
+
+    monkeypatch.setattr(P, "PENDING_BUDGET", 4 * P.ENTRY_COST)
+    h = Harness(HttpFactory())
+    h.feed(GET * 10)
+    forwarded = h.to_server.count(GET)
+    assert 0 < forwarded < 10 and not h.closed
+    h.feed(OK * forwarded, reply=True)
+    assert h.to_client == OK * forwarded and h.closed
+    assert any(e.fields.get("reason") == "too many pipelined requests awaiting responses" for e in h.log)
+
+
+def test_a_response_head_over_the_limit_streams() -> None:
+    # curl takes response heads of 100 KiB and more: one over max_header_bytes passes (issue 17)
+    big = b"".join(b"Set-Cookie: c%d=%s\r\n" % (i, b"v" * 900) for i in range(200))  # ~180 KiB
+    resp = b"HTTP/1.1 200 OK\r\n" + big + b"Content-Length: 2\r\n\r\nhi"
+    trailer = b"HTTP/1.1 200 OK\r\nTransfer-Encoding: chunked\r\n\r\n2\r\nhi\r\n0\r\n" + big + b"\r\n"
+    for split in (None, "random", [7000] * 100):
+        h = Harness(HttpFactory(), buffer_limit=1 << 20)
+        h.feed(GET + GET + GET)
+        h.feed(resp + trailer + OK, reply=True, split=split)
+        assert h.to_client == resp + trailer + OK and not h.closed, split
+        assert h.engine.buffered(True) == 0
+        assert len(h.engine.parser.phr.fields) <= 2  # type: ignore[attr-defined]
+    # a single line over the limit still closes, and so does a malformed line in a streamed head
+    for bad in (b"X: " + b"v" * 70000 + b"\r\n", big + b"Bad Line\r\n"):
+        h = Harness(HttpFactory())
+        h.feed(GET)
+        h.feed(b"HTTP/1.1 200 OK\r\n" + bad + b"\r\n", reply=True)
+        assert h.closed
+
+
+def test_a_request_trailer_section_over_the_limit_streams() -> None:
+    # nginx takes trailer sections of any size; they are not judged, so they stream on
+    head = b"POST / HTTP/1.1\r\nHost: a\r\nTransfer-Encoding: chunked\r\n\r\n2\r\nhi\r\n0\r\n"
+    trailer = b"".join(b"T-%d: %s\r\n" % (i, b"t" * 10) for i in range(12000)) + b"\r\n"
+    for split in (None, "random"):
+        out = run(head + trailer + GET, [OK, OK], split=split)
+        assert (out.to_server, out.to_client, out.closed) == (head + trailer + GET, OK + OK, False)
+    # a denied request's long trailer section is dropped the same way
+    out = run(head.replace(b"POST", b"PUT") + trailer + GET, [OK], rules=[{"method": "GET"}])
+    assert (out.to_server, out.to_client) == (GET, DENIED + OK)

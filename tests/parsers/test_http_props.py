@@ -8,6 +8,7 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from proxyd.parsers.http import HttpFactory
+from proxyd.parsers.http.parser import ENTRY_COST, PENDING_BUDGET
 from proxyd.testing import Harness
 
 RULES = [
@@ -51,4 +52,31 @@ def test_verdicts_or_error_never_an_exception_never_unbounded(data: bytes, resps
     h.eof(True)
     assert h.error is None or h.error.kind == "parser_error", h.error
     parser = h.engine.parser
-    assert len(parser.pending) <= 1024  # type: ignore[attr-defined]
+    assert parser.pending_bytes <= PENDING_BUDGET + 512 + ENTRY_COST  # type: ignore[attr-defined]
+
+
+LINES = st.sampled_from(
+    [b"X-A: " + b"a" * 90 + b"\r\n", b"Set-Cookie: " + b"c" * 200 + b"\r\n", b"Content-Length: 1\r\n",
+     b"X-B: b\r\n", b"Bad Line\r\n", b"X-L: " + b"l" * 300 + b"\r\n", b"X-C: c\n"]
+)  # fmt: skip
+
+
+@settings(max_examples=80, deadline=None)
+@given(lines=st.lists(LINES, max_size=12), cut=st.lists(st.integers(1, 60), max_size=40))
+def test_a_streamed_response_head_gives_the_same_result_however_cut(
+    lines: list[bytes], cut: list[int]
+) -> None:
+    resp = b"HTTP/1.1 200 OK\r\n" + b"".join(lines) + b"\r\nx" + b"HTTP/1.1 204 No Content\r\n\r\n"
+
+    def go(split: object) -> tuple[object, ...]:
+        h = Harness(HttpFactory(), parser_config={"max_header_bytes": 256})
+        h.feed(GET2)
+        h.feed(resp, reply=True, split=split)  # type: ignore[arg-type]
+        return (h.to_client, h.closed, [(e.verdict, e.fields) for e in h.log])
+
+    whole = go(None)
+    assert go(cut) == whole
+    assert go("bytes") == whole
+
+
+GET2 = b"GET / HTTP/1.1\r\nHost: a\r\n\r\nGET / HTTP/1.1\r\nHost: a\r\n\r\n"

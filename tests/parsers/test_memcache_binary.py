@@ -174,22 +174,54 @@ def test_log_fields() -> None:
 
 
 @pytest.mark.parametrize(
-    "data",
+    ("head", "status"),
     [
-        _PKT.pack(0x80, 0, 0, 5, 0, 0, 1, 0, 0),  # extras longer than the body
-        _PKT.pack(0x80, 0, 300, 0, 0, 0, 300, 0, 0),  # key over 250 bytes
+        (_PKT.pack(0x80, 0, 0, 5, 0, 0, 1, 7, 0) + b"12345", 0x81),  # extras longer than the body
+        (_PKT.pack(0x80, 0, 300, 0, 0, 0, 300, 7, 0) + b"k" * 300, 0x04),  # key over 250 bytes
+        (_PKT.pack(0x80, 0x09, 300, 0, 0, 0, 300, 7, 0) + b"k" * 300, 0x04),  # quiet: answered too
     ],
 )
-def test_bad_request_headers(data: bytes) -> None:
+@pytest.mark.parametrize("split", [None, "bytes"])
+def test_bad_request_header_forwarded_answered_then_closed(
+    head: bytes, status: int, split: str | None
+) -> None:
+    # memcached reads header, extras and key, answers the error, and closes the connection.
     h = Harness(MemcacheFactory())
-    h.feed(data)
+    h.feed(req(0x0A, opaque=1) + head + b"more client bytes" + req(0x0A), split=split)
+    assert h.error is None
+    assert h.to_server == req(0x0A, opaque=1) + head
+    text = b"Invalid arguments" if status == 4 else b"Unknown command"
+    answer = resp(head[1], status, value=text, opaque=7)
+    h.feed(resp(0x0A, opaque=1) + answer, reply=True, split=split)
     assert h.error is not None
     assert h.error.kind == "parser_error"
+    assert h.to_client == resp(0x0A, opaque=1) + answer
 
 
-def test_bad_response_magic_and_unexpected() -> None:
-    h = run(req(0x0A), b"\x80" + b"\x00" * 23, None)
+def test_bad_request_header_denied_answered_then_closed() -> None:
+    bad = _PKT.pack(0x80, 0, 300, 0, 0, 0, 300, 7, 0) + b"k" * 300
+    h = Harness(MemcacheFactory(), rules=[{"command": "noop"}])
+    h.feed(bad)
     assert h.error is not None
-    h = run(req(0x0A), resp(0x0A) + resp(0x0A), None)
+    assert h.to_server == b""
+    assert h.to_client == denied_response(0, 7)
+
+
+def test_bad_request_magic_closes_after_owed_replies() -> None:
+    h = Harness(MemcacheFactory())
+    h.feed(req(0x0A, opaque=1) + b"\x90" + b"\x00" * 30)
+    assert h.error is None
+    assert h.to_server == req(0x0A, opaque=1)
+    h.feed(resp(0x0A, opaque=1), reply=True)
     assert h.error is not None
-    assert h.log[-1].fields["error"] == "reply with no request pending"
+    assert h.to_client == resp(0x0A, opaque=1)
+
+
+def test_text_line_and_unexpected_responses_are_forwarded() -> None:
+    line = b"ERROR Too many open connections\r\n"
+    h = run(req(0x0A), line + resp(0x0A) + resp(0x0A, opaque=9), None)
+    assert h.error is None
+    assert h.to_client == line + resp(0x0A) + resp(0x0A, opaque=9)
+    assert [e.fields.get("unsolicited") for e in h.log if e.entry_type == "response"] == [True, None, True]
+    h = run(req(0x0A), b"\x80" + b"\x00" * 9000, None)
+    assert h.error is not None

@@ -235,3 +235,28 @@ def test_binary_policy_through_real_server(memcached: int) -> None:
     assert client.count(d6) == 1
     assert client.index(d2) < client.index(d4) < client.index(d6) < len(client) - 24
     assert client.endswith(BIN_SENTINEL_RESP)
+
+
+def test_binary_unknown_opcode_framed_as_memcached_reads_it(memcached: int) -> None:
+    """For an opcode it does not implement, memcached reads header, extras and key, then skips
+    ``bodylen`` more bytes: extras plus key past the packet. Framing by the header alone put
+    proxyd 4 bytes behind memcached here, and the GET of ``deathstar/plans`` that memcached then
+    read (from inside a NoOp's extras, which proxyd always allows) got its value out."""
+    with socket.create_connection(("127.0.0.1", memcached), timeout=5) as s:
+        s.sendall(b"set deathstar/plans 0 0 6\r\nsecret\r\n")
+        assert s.recv(64) == b"STORED\r\n"
+    key = b"deathstar/plans"
+    verbosity = _PKT.pack(0x80, 0x1B, 0, 4, 0, 0, 8, 1, 0) + b"\0\0\0\1" + b"\0\0\0\0"
+    # A NoOp whose header, read 4 bytes late, is a GET of `key`; its extras hold the key and
+    # then the sentinel NoOp, which makes memcached flush its answers.
+    noop = bytearray(_PKT.pack(0x80, 0x0A, 0, 0x80, 0, len(key), 0x80, len(key), 0) + b"\0" * 0x80)
+    noop[28 : 28 + len(key)] = key
+    noop[28 + len(key) : 52 + len(key)] = BIN_SENTINEL_REQ
+    h = Harness(MemcacheFactory(), rules=[{"command": "verbosity"}])
+    h.feed(verbosity + bytes(noop))
+    replies = exchange(memcached, h.to_server, BIN_SENTINEL_RESP)
+    h.feed(replies, reply=True)
+    assert replies.endswith(BIN_SENTINEL_RESP)
+    assert b"secret" not in replies
+    assert b"secret" not in h.to_client
+    assert [e.fields for e in h.log if e.verdict == "denied"] == [{"opcode": "get", "key": "deathstar/plans"}]

@@ -15,6 +15,7 @@ from typing import Any
 
 from proxyd.errors import RuleError
 from proxyd.parser import ConnectionContext, Parser, ParserFactory, RuleMatcher
+from proxyd.parsers.kafka import KafkaFactory
 from proxyd.parsers.r2d2 import R2d2Factory
 from proxyd.policy.engine import PolicySet
 from proxyd.policy.loader import parse_text
@@ -68,6 +69,7 @@ def make_registry() -> Registry:
     reg = Registry()
     reg.register("r2d2", R2d2Factory(), "built-in")
     reg.register("memcache", StubMemcacheFactory(), "test stub")
+    reg.register("kafka", KafkaFactory(), "built-in")  # rules.kafka: Cilium's own fields, light to compile
     return reg
 
 

@@ -157,7 +157,8 @@ def test_rules_http_without_an_http_parser_is_deny_all_with_a_warning() -> None:
     [
         ("l7proto: http\n        l7: [{method: GET}]\n", "HTTP rules are written as Cilium writes them"),
         ("l7proto: http\n", "`http: [{}]` or `http: []` allows every request"),
-        ("kafka: [{topic: deathstar-plans}]\n", "not supported by proxyd (proxyd has no Kafka parser"),
+        ("kafka: [{role: consume, apiKey: fetch}]\n", "cannot set both role"),
+        ("http: []\n        kafka: []\n", "one L7 rule type per port"),
         ("dns: [{matchPattern: '*'}]\n", "not supported by proxyd (proxyd has no DNS proxy"),
         ("HTTP: [{method: GET}]\n", "unknown field"),  # YAML documents are case-sensitive, as in Kubernetes
     ],

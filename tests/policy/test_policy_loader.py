@@ -28,9 +28,9 @@ def problems_of(text: str, source: str = "p.yaml") -> list[str]:
 ERRORS: list[tuple[str, str, str]] = [
     # (body after HEAD, "line: path", fragment of the message)
     (
-        PORTS + "        kafka: [{topic: t}]\n",
-        "10: spec.ingress[0].toPorts[0].rules.kafka",
-        "not supported by proxyd",
+        PORTS + "        kafka: [{topic: 't t'}]\n",
+        "10: spec.ingress[0].toPorts[0].rules.kafka[0].topic",
+        "invalid Kafka topic name",
     ),
     (
         PORTS + "        dns: [{matchName: x}]\n",
@@ -160,7 +160,7 @@ ERRORS: list[tuple[str, str, str]] = [
     (
         PORTS + "        http: [{method: GET}]\n        l7proto: r2d2\n",
         "10: spec.ingress[0].toPorts[0].rules",
-        "give either http or l7proto",
+        "give one of http, kafka, or l7proto",
     ),
     (
         PORTS + "        l7proto: r2d2\n        l7:\n        - cmd: READ\n          file: '(['\n",

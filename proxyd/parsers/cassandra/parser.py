@@ -41,6 +41,17 @@ client is wrapped in its own segment, and held back while the reply stream is in
 multi-segment envelope (drivers concatenate segment payloads, so a segment may not be put in
 the middle of an envelope).
 
+Closing without losing replies. A protocol error on the request side (a malformed frame, a bad
+header) closes the connection, but first every reply already owed is delivered: the parser
+counts the requests it forwarded per stream id until their reply frame (EVENT frames, stream
+-1, are not replies and pass at any time), stops taking client bytes (dropped), keeps passing
+replies, and once nothing is in flight logs the reason and returns ERROR. The engine calls the
+parser only when bytes are buffered, so the last reply owed keeps its last byte back and it is
+sent (injected) by the call that closes; a reply that empties the in-flight set while reaching
+past the buffered bytes does the same, so a close decided while it streams waits for its end.
+Reply frames have no size cap of their own (they pass without being buffered; the protocol's
+length is 32 bits): only requests are bounded by ``max_frame_bytes``.
+
 Not supported (fail closed): protocol v1/v2 and v6-beta (answered with the same "unsupported
 protocol version" ERROR a server gives, so drivers downgrade), snappy compressed segments in v5
 (the spec does not allow them).
@@ -90,7 +101,7 @@ class CassandraConfig:
 
 
 _INT_KEYS = {
-    "max_frame_bytes": (9, 256 * MiB),
+    "max_frame_bytes": (9, (1 << 31) - 1),  # the protocol's [int] length
     "max_inspect_bytes": (64, 256 * MiB),
     "max_prepared": (1, 10**7),
 }
@@ -147,7 +158,7 @@ class _Member:
 _Prepared = tuple[_Member, ...]
 
 _INSPECTED = frozenset({F.OP_QUERY, F.OP_PREPARE, F.OP_EXECUTE, F.OP_BATCH})
-_MAX_HELD = 4096  # error frames held back for the client in v5 before giving up
+_MAX_HELD = 32768  # error frames held back for the client in v5: one per stream id in flight
 
 
 class _TooLarge(Exception):
@@ -181,6 +192,11 @@ class CassandraParser(Parser):
         self._rx_body = bytearray()
         self._rx_keep = False
         self._held: list[bytes] = []
+        # Requests forwarded and not yet answered, per stream id; a close waits for them.
+        self._inflight: dict[int, int] = {}
+        self._closing = 0  # the error code of a close waiting for replies owed
+        self._close_reason = ""
+        self._tail = False  # the last reply owed still has its last byte to send
 
     # --- entry point -------------------------------------------------------------------------
 
@@ -190,12 +206,77 @@ class CassandraParser(Parser):
             return queued.pop(0)
         if not data:
             return NOP_VERDICT
-        try:
-            if reply:
+        if reply:
+            if self._tail:
+                if self._closing:
+                    return self._finish(bytes(data[:1]))
+                self._tail = False
+                if self._held:  # answers that waited for the end of that reply
+                    held = b"".join(self._held)
+                    self._held.clear()
+                    self.ctx.inject(True, held)
+                    if len(data) > 1:
+                        self._queued[True].append((INJECT, len(held)))
+                return PASS, 1
+            try:
                 return self._reply_segments(data) if self.segments else self._reply_frames(data)
-            return self._request_segments(data) if self.segments else self._request_frames(data)
-        except F.Malformed:
-            return ERROR, ERROR_PROTOCOL
+            except F.Malformed:
+                return ERROR, ERROR_PROTOCOL
+        if self._closing:
+            return self._closed_request(len(data))
+        try:
+            verdict = self._request_segments(data) if self.segments else self._request_frames(data)
+        except F.Malformed as exc:
+            return self._close(ERROR_PROTOCOL, f"malformed request: {exc}", len(data))
+        if verdict[0] == ERROR:
+            return self._close(verdict[1], f"protocol error {verdict[1]} in a request", len(data))
+        return verdict
+
+    # --- closing after the replies owed ------------------------------------------------------
+
+    def _sent(self, stream: int) -> None:
+        self._inflight[stream] = self._inflight.get(stream, 0) + 1
+
+    def _answered(self, stream: int) -> None:
+        n = self._inflight.get(stream)
+        if n is not None:
+            if n > 1:
+                self._inflight[stream] = n - 1
+            else:
+                del self._inflight[stream]
+
+    def _owed(self) -> bool:
+        return bool(self._inflight) or self._tail or (self.segments and self._rx_in_envelope())
+
+    def _close(self, code: int, reason: str, have: int) -> Verdict:
+        """Close once every reply owed is delivered; client bytes are dropped meanwhile."""
+        self._closing = code
+        self._close_reason = reason
+        return self._closed_request(have)
+
+    def _closed_request(self, have: int) -> Verdict:
+        if not self._owed():
+            return self._finish(b"")
+        return DROP, have
+
+    def _finish(self, last: bytes) -> Verdict:
+        out = last + b"".join(self._held)
+        self._held.clear()
+        self._tail = False
+        if out:
+            self.ctx.inject(True, out)
+        self.ctx.log(EntryType.RESPONSE, {"error": self._close_reason})
+        return ERROR, self._closing
+
+    def _last_reply(self, n: int, have: int, data: Data) -> Verdict:
+        """PASS a reply of ``n`` bytes; the last one owed keeps its last byte (see above)."""
+        if not self._inflight and (self._closing or n > have):
+            if n > 1:
+                self._tail = True
+                return PASS, n - 1
+            if self._closing:
+                return self._finish(bytes(data[:1]))
+        return PASS, n
 
     # --- requests, v3/v4 framing -------------------------------------------------------------
 
@@ -220,8 +301,12 @@ class CassandraParser(Parser):
                 return ERROR, ERROR_INVALID_FRAME_LENGTH
             if len(data) < total:
                 return MORE, total - len(data)
-            return self._startup(h, data)
+            verdict = self._startup(h, data)
+            if verdict[0] == PASS:
+                self._sent(h.stream)
+            return verdict
         if h.opcode not in _INSPECTED:
+            self._sent(h.stream)
             return PASS, total
         try:
             r = self._body(h, data)
@@ -237,7 +322,9 @@ class CassandraParser(Parser):
             return self._deny_unjudged(h, total, "request too large to inspect")
         allowed, answer = self._decide(h, parsed)
         if answer:
-            self.ctx.inject(True, answer)
+            self._send_client(answer)
+        if allowed:
+            self._sent(h.stream)
         return (PASS if allowed else DROP), total
 
     def _body(self, h: F.FrameHeader, data: Data) -> F.Reader:
@@ -267,7 +354,7 @@ class CassandraParser(Parser):
             algo = algo.lower()
             if algo not in F.available_compressions() or (h.version >= 5 and algo != "lz4"):
                 msg = f"proxyd cannot inspect {algo!r} compression on protocol v{h.version}"
-                self.ctx.inject(True, F.protocol_error_frame(h.version, h.stream, msg))
+                self._send_client(F.protocol_error_frame(h.version, h.stream, msg))
                 return DROP, h.total
         self.version = h.version
         self.compression = algo
@@ -294,7 +381,7 @@ class CassandraParser(Parser):
         if length > self.cfg.max_frame_bytes:
             return ERROR, ERROR_INVALID_FRAME_LENGTH
         msg = f"Invalid or unsupported protocol version ({v}); supported versions are (3/v3, 4/v4, 5/v5)"
-        self.ctx.inject(True, F.protocol_error_frame(4, stream, msg))
+        self._send_client(F.protocol_error_frame(4, stream, msg))
         return DROP, total
 
     # --- request bodies ----------------------------------------------------------------------
@@ -465,7 +552,7 @@ class CassandraParser(Parser):
 
     def _deny_unjudged(self, h: F.FrameHeader, total: int, why: str) -> Verdict:
         self.ctx.log(EntryType.DENIED, {"stream": h.stream, "opcode": F.OPCODE_NAMES[h.opcode], "error": why})
-        self.ctx.inject(True, self._wrap(F.unauthorized_frame(h.version, h.stream)))
+        self._send_client(self._wrap(F.unauthorized_frame(h.version, h.stream)))
         return DROP, total
 
     def _wrap(self, frame: bytes) -> bytes:
@@ -475,8 +562,9 @@ class CassandraParser(Parser):
         return frame
 
     def _send_client(self, data: bytes) -> None:
-        """Queue bytes for the client, holding them while a v5 reply envelope is half sent."""
-        if self.segments and self._rx_in_envelope():
+        """Queue bytes for the client, holding them while a v5 reply envelope is half sent, or
+        while the last byte of a reply is still to pass (see the module docstring)."""
+        if self._tail or (self.segments and self._rx_in_envelope()):
             if len(self._held) >= _MAX_HELD:
                 raise F.Malformed("too many answers held back")
             self._held.append(data)
@@ -559,11 +647,14 @@ class CassandraParser(Parser):
     def _envelope(self, h: F.FrameHeader, payload: bytes, pos: int) -> bool:
         """Judge one whole envelope of a self-contained segment; True to forward it."""
         if h.opcode not in _INSPECTED:
+            self._sent(h.stream)
             return True
         parsed = self._parse_request(h, F.Reader(payload, pos + 9, pos + h.total, True))
         allowed, answer = self._decide(h, parsed)
         if answer:
             self._send_client(answer)
+        if allowed:
+            self._sent(h.stream)
         return allowed
 
     def _run_start(self, data: Data, off: int) -> Verdict:
@@ -612,6 +703,8 @@ class CassandraParser(Parser):
             verdict_drop = True
         assert h is not None
         cache.clear()
+        if not verdict_drop:
+            self._sent(h.stream)
         self._run_left = h.total - len(body)
         self._run_drop = verdict_drop
         return (DROP if verdict_drop else PASS), wire
@@ -634,8 +727,6 @@ class CassandraParser(Parser):
         h = F.parse_header(data)
         if not h.response or h.opcode not in F.RESPONSE_OPCODES:
             return ERROR, ERROR_INVALID_FRAME_TYPE
-        if h.length > self.cfg.max_frame_bytes:
-            return ERROR, ERROR_INVALID_FRAME_LENGTH
         if self._interesting(h):
             try:
                 self._learn(h, self._body(h, data))
@@ -651,7 +742,8 @@ class CassandraParser(Parser):
             if h.opcode != F.OP_ERROR and self.version is not None and self.version >= 5:
                 self.segments = True
                 self.seg_compressed = self.compression == "lz4"
-        return PASS, h.total
+        self._answered(h.stream)
+        return self._last_reply(h.total, len(data), data)
 
     def _interesting(self, h: F.FrameHeader) -> bool:
         """A RESULT or ERROR answering a PREPARE or USE proxyd waits on."""
@@ -709,6 +801,8 @@ class CassandraParser(Parser):
         self._rx_feed(seg.payload)
         if seg.self_contained and self._rx_in_envelope():
             raise F.Malformed("self-contained segment ends inside an envelope")
+        if self._closing and not self._inflight and not self._rx_in_envelope():
+            return self._last_reply(wl, len(data), data)
         if self._held and not self._rx_in_envelope():
             held = b"".join(self._held)
             self._held.clear()
@@ -734,8 +828,7 @@ class CassandraParser(Parser):
                 self._rx_hdr.clear()
                 if not h.response or h.opcode not in F.RESPONSE_OPCODES:
                     raise F.Malformed("bad reply envelope")
-                if h.length > self.cfg.max_frame_bytes:
-                    raise F.Malformed("reply envelope too long")
+                self._answered(h.stream)
                 self._rx_head = h
                 self._rx_left = h.length
                 self._rx_body.clear()

@@ -21,7 +21,9 @@ Example policy (written as Cilium's ``toPorts[].rules.http``)::
 A denied request is dropped (head and body) and answered in its place among the responses:
 ``HTTP/1.1 403 Forbidden`` with body ``Access denied``. See ``docs/parsers/http.md``.
 
-``parser_config`` keys: ``max_header_bytes`` (default 65536), ``log_responses`` (true).
+``parser_config`` keys: ``max_header_bytes`` (default 65536), ``log_responses`` (true), and
+the path normalisation keys of :mod:`.normalize`: ``normalize_path`` (true), ``merge_slashes``
+(true), ``path_with_escaped_slashes_action`` (``UNESCAPE_AND_REDIRECT``).
 """
 
 from __future__ import annotations

@@ -71,8 +71,11 @@ _HOST: Final = re.compile(r"(?:\[[0-9A-Fa-f:.]+\]|[A-Za-z0-9\-._~!$&'()*+,;=%]*)
 _AUTHORITY: Final = re.compile(r"(?:\[[0-9A-Fa-f:.]+\]|[A-Za-z0-9\-._~!$&'()*+,;=%]+):[0-9]{1,5}")
 _ABSOLUTE: Final = re.compile(r"([A-Za-z][A-Za-z0-9+.\-]*)://([^/?#]*)(.*)")
 
-#: Longest chunk-size line, extensions included (llhttp has no bound; nginx reads a few KiB).
-MAX_CHUNK_LINE: Final = 4096
+
+#: Fields a head may carry (kept ones: for a response, those framing looks at). A head is bounded
+#: by ``max_header_bytes`` anyway; a response head that streams past it is not, and this bounds
+#: what proxyd keeps of it.
+MAX_FIELDS: Final = 10000
 
 H2_PREFACE: Final = b"PRI * HTTP/2.0\r\n\r\nSM\r\n\r\n"
 
@@ -128,7 +131,7 @@ class HeadReader:
         pos = base + self.pos
         stop = min(len(data), base + limit)
         find = data.find
-        if pos == base and not self.trailer:
+        if pos == base and self.start is None and not self.trailer:
             # Fast path: the whole head is in. When every field line is valid (one regex over
             # the block), the line-by-line scan below would reach the same result.
             end = find(b"\r\n\r\n", base, stop)
@@ -183,7 +186,11 @@ class HeadReader:
                     self.parsed_start = check_start(line)
                 self.start = line
             else:
-                self.fields.append(parse_field_line(line))
+                f = parse_field_line(line)  # validated; a trailer section's fields are not kept
+                if not self.trailer and (not self.framing_only or f[0] in _FRAMING_NAMES):
+                    if len(self.fields) >= MAX_FIELDS:
+                        raise FramingError(400, f"more than {MAX_FIELDS} fields")
+                    self.fields.append(f)
             pos = nl + 1
         self.pos = pos - base
         if len(data) - base >= limit:
@@ -285,6 +292,7 @@ class RequestHead:
     upgrade: bool  # Connection: upgrade with an Upgrade field (HTTP/1.1)
     connect: bool
     expect_continue: bool
+    prefix: str = ""  # absolute-form: the target's ``scheme://authority`` (``path`` follows it)
 
 
 def parse_request_line(start: bytes) -> tuple[str, str, str]:
@@ -314,6 +322,7 @@ def parse_request(start: bytes | tuple[str, str, str], fields: list[Field]) -> R
     """
     method, target, version = start if isinstance(start, tuple) else parse_request_line(start)
     connect = method == "CONNECT"
+    prefix = ""
     idx = _index(fields)
     hosts = idx.get("host", [])
     if len(hosts) > 1:
@@ -347,6 +356,7 @@ def parse_request(start: bytes | tuple[str, str, str], fields: list[Field]) -> R
             raise FramingError(400, "Host differs from the absolute-form target's authority")
         host = authority
         path = am.group(3)
+        prefix = target[: len(target) - len(path)]
         if not path.startswith("/"):
             path = "/" + path
     cl = _content_length(idx.get("content-length", []), "request")
@@ -372,7 +382,19 @@ def parse_request(start: bytes | tuple[str, str, str], fields: list[Field]) -> R
     upgrade = version == "1.1" and "upgrade" in conn and "upgrade" in idx
     expect = any(v.lower() == "100-continue" for v in idx.get("expect", ()))
     return RequestHead(
-        method, target, version, fields, path, host, body, length, keep_alive, upgrade, connect, expect
+        method,
+        target,
+        version,
+        fields,
+        path,
+        host,
+        body,
+        length,
+        keep_alive,
+        upgrade,
+        connect,
+        expect,
+        prefix,
     )
 
 

@@ -14,7 +14,8 @@ A rule's fields are optional and all must match; ``{}`` allows every request::
             - {name: X-Audit, value: "on", mismatch: ADD}
 
 - ``method``, ``path``, ``host``: RE2 regular expressions, matched against the whole value
-  (the method; the request-target as sent, path and query; the Host value, port included).
+  (the method; the normalised path with the query as sent, see :mod:`.normalize`; the Host
+  value, port included).
 - ``headers``: ``"Name"`` (present) or ``"Name: value"`` (a field of that name with exactly
   that value). Names are case-insensitive, values are not.
 - ``headerMatches``: ``{name, value, mismatch}``. A field of that name with exactly ``value``

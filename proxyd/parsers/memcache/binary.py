@@ -12,9 +12,15 @@ Spec: https://github.com/memcached/memcached/wiki/BinaryProtocolRevamped (and me
     body:  extras, key, value   (value length = body - extras - key)
 
 A request is PASS-ed as soon as header, extras and key are buffered: the value part is PASS-ed
-(or DROP-ped) by the same op, reaching past the input, so values are never buffered. A key over
-250 bytes (memcached closes such connections), extras and key longer than the body, or a bad
-magic byte is a protocol error.
+(or DROP-ped) by the same op, reaching past the input, so values are never buffered.
+
+Requests memcached answers with an error and then closes the connection on: a key over 250
+bytes (status 0x0004 ``Invalid arguments``) and extras plus key longer than the body (0x0081).
+memcached reads header, extras and key, answers and closes; the parser forwards exactly those
+bytes when the policy allows the request (judged by its command and key like any other),
+passes the server's answer and closes after it, dropping what the client sends meanwhile. A
+denied one is answered with the denial and closed the same way. A bad magic byte (memcached
+closes without a word) closes the connection once the replies already owed are delivered.
 
 Policy: the opcode maps to a command name (``GetKQ`` is ``get``, ``IncrementQ`` is ``incr``,
 ``Stat`` is ``stats``, ...; see :data:`OPCODES`) and the key is the request's key (none for
@@ -42,6 +48,7 @@ from proxyd.ops import (
     ERROR,
     ERROR_INVALID_FRAME_LENGTH,
     ERROR_INVALID_FRAME_TYPE,
+    ERROR_PROTOCOL,
     MORE,
     NOP_VERDICT,
     PASS,
@@ -49,7 +56,7 @@ from proxyd.ops import (
 )
 from proxyd.parser import ConnectionContext, Data, EntryType
 
-from .common import K_STATS, K_UNIT, MAX_KEY, PendingQueue, key_text, unexpected_reply
+from .common import K_STATS, K_UNIT, MAX_KEY, PendingQueue, key_text, unsolicited, unsolicited_line
 from .rules import CONTROL_COMMANDS, MemcacheRequest
 
 REQUEST_MAGIC = 0x80
@@ -130,6 +137,12 @@ OPCODES: dict[int, tuple[str, str, int, bool]] = {
     0x47: ("tap-checkpoint-end", "tap-checkpoint-end", _DEFINITE, False),
 }
 
+#: The opcodes memcached 1.6 implements. For any other it reads header, extras and key, answers
+#: "unknown command" and skips ``bodylen`` more bytes (``proto_bin.c``, ``dispatch_bin_command``):
+#: ``extras + key`` bytes past the packet. The parser frames such a request as memcached reads it,
+#: so what follows is judged as the request memcached will see.
+MEMCACHED_OPCODES = frozenset([*range(0x00, 0x1B), 0x1C, 0x1D, 0x1E, 0x20, 0x21, 0x22, 0x23, 0x24])
+
 #: Response status names for the access log.
 STATUS_NAMES = {
     0x00: "ok",
@@ -186,13 +199,13 @@ class BinaryProtocol:
         if pending.req_owed:
             return pending.take_owed(False)  # type: ignore[return-value]
         have = len(data)
+        if pending.closing:
+            return pending.closed_request(have)
         if have < HEADER:
             return MORE, HEADER - have
         magic, opcode, keylen, extlen, _, _, bodylen, opaque = _HEAD.unpack_from(data)
         if magic != REQUEST_MAGIC:
-            return ERROR, ERROR_INVALID_FRAME_TYPE
-        if keylen > MAX_KEY or keylen + extlen > bodylen:
-            return ERROR, ERROR_INVALID_FRAME_LENGTH
+            return pending.close(ERROR_INVALID_FRAME_TYPE, f"binary request magic 0x{magic:02x}", b"", have)
         head = HEADER + extlen + keylen
         if have < head:
             return MORE, head - have
@@ -203,44 +216,62 @@ class BinaryProtocol:
             quiet, keyed = _DEFINITE, bool(key)
         else:
             opname, command, quiet, keyed = info
-        n = HEADER + bodylen
+        # memcached answers these two with an error after reading header, extras and key, then
+        # closes the connection.
+        bad = ""
+        if keylen + extlen > bodylen:
+            bad = "binary request extras and key longer than its body"
+        elif keylen > MAX_KEY:
+            bad = "binary request key over 250 bytes"
+        n = head if bad else HEADER + bodylen
+        if opcode not in MEMCACHED_OPCODES and not bad:
+            # memcached answers "unknown command" and then skips ``bodylen`` more bytes after the
+            # extras and key it has read: the request is that long on its side.
+            n += extlen + keylen
         ctx = self.ctx
         if command in CONTROL_COMMANDS or ctx.matches(MemcacheRequest(command, (key,) if keyed else ())):
             # Fields built lazily: most deployments log denials only (access_log.requests).
             ctx.log(
                 EntryType.REQUEST, lambda: {"opcode": opname, "key": key_text(key)}
             )
-            if quiet != _SILENT:
+            if quiet != _SILENT or bad:
                 entry = (
-                    K_STATS if opcode == 0x10 else K_UNIT,
-                    (opcode, opaque) if quiet == _QUIET else None,
+                    K_STATS if opcode == 0x10 and not bad else K_UNIT,
+                    (opcode, opaque) if quiet == _QUIET and not bad else None,
                     opname,
                     b"",
                 )
                 if not pending.push(entry):
-                    return ERROR, ERROR_INVALID_FRAME_LENGTH
+                    return pending.close(ERROR_PROTOCOL, _QUEUE_FULL, b"", have)
+            if bad:
+                pending.drain_then_close(ERROR_INVALID_FRAME_LENGTH, bad)
             return PASS, n
         ctx.log(EntryType.DENIED, {"opcode": opname, "key": key_text(key)})
+        if bad:
+            return pending.close(ERROR_INVALID_FRAME_LENGTH, bad, denied_response(opcode, opaque), have)
         verdict = pending.deny(opname, denied_response(opcode, opaque), n, have)
-        return verdict if verdict is not None else (ERROR, ERROR_INVALID_FRAME_LENGTH)
+        return verdict if verdict is not None else pending.close(ERROR_PROTOCOL, _QUEUE_FULL, b"", have)
 
     def _reply(self, data: Data) -> Verdict:
         pending = self.pending
         if pending.rep_owed:
             return pending.take_owed(True)  # type: ignore[return-value]
+        if pending.held:
+            return pending.release(data)
+        if data[0] != RESPONSE_MAGIC:
+            # Not a response: a text line such as memcached's "ERROR Too many open connections".
+            return unsolicited_line(self.ctx, data)
         have = len(data)
         if have < HEADER:
             return MORE, HEADER - have
-        magic, opcode, keylen, extlen, _, status, bodylen, opaque = _HEAD.unpack_from(data)
-        if magic != RESPONSE_MAGIC:
-            return ERROR, ERROR_INVALID_FRAME_TYPE
+        _, opcode, keylen, extlen, _, status, bodylen, opaque = _HEAD.unpack_from(data)
         if keylen + extlen > bodylen:
             return ERROR, ERROR_INVALID_FRAME_LENGTH
         n = HEADER + bodylen
         q = pending.q
         while True:
             if not q:
-                return unexpected_reply(self.ctx, f"0x{status:04x}")
+                return unsolicited(self.ctx, STATUS_NAMES.get(status) or f"0x{status:04x}", n)
             head = q[0]
             match = head[1]
             if match is None or (match[0] == opcode and match[1] == opaque):
@@ -248,4 +279,9 @@ class BinaryProtocol:
             q.popleft()  # a quiet request that was answered with silence
         if head[0] == K_STATS and status == 0 and bodylen:
             return PASS, n  # one stat; the group ends with an empty response
-        return pending.complete(n, have, STATUS_NAMES.get(status) or f"0x{status:04x}", self.log_responses)
+        return pending.complete(
+            n, have, STATUS_NAMES.get(status) or f"0x{status:04x}", self.log_responses, data
+        )
+
+
+_QUEUE_FULL = "more than 10000 replies pending"

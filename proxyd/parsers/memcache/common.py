@@ -40,6 +40,20 @@ than the buffered bytes), and left to the end-of-round flush otherwise.
 The queue is bounded: at :data:`MAX_PENDING` entries a maybe entry at the head is assumed to
 have been answered with silence and dropped; if the head is an always-answered request the
 connection is closed with a protocol error (a peer that never reads its replies).
+
+Closing without losing replies
+------------------------------
+
+A close the parser decides (a request memcached itself would close on, a full queue) first
+delivers every reply already owed: :meth:`PendingQueue.close` stops taking client bytes (they
+are dropped), a barrier is sent if the last pending request may stay silent, replies keep
+being framed and passed, and once the queue is empty the parser injects its last answer (if
+any), logs the reason and returns ERROR. The engine sends what a round passed and injected
+before it closes, but it only calls the parser when bytes are buffered, so the parser keeps
+the *last byte* of the last owed reply (the reply passes as ``n - 1`` bytes, and the byte is
+passed or injected at the next call). It does so whenever a reply that empties the queue
+reaches past the buffered bytes, closing or not: a close decided while such a reply is still
+streaming then waits for it, and answers queued behind it (``after``) go out after its end.
 """
 
 from __future__ import annotations
@@ -47,21 +61,21 @@ from __future__ import annotations
 from collections import deque
 from typing import Any
 
-from proxyd.ops import DROP, ERROR, ERROR_PROTOCOL, INJECT, PASS, Verdict
-from proxyd.parser import ConnectionContext, EntryType, wire_text
+from proxyd.ops import DROP, ERROR, ERROR_INVALID_FRAME_LENGTH, INJECT, MORE, PASS, Verdict
+from proxyd.parser import ConnectionContext, Data, EntryType, wire_text
 
 #: Keys longer than this are rejected by memcached (``KEY_MAX_LENGTH``).
 MAX_KEY = 250
-#: Longest request line (memcached closes a connection with no newline in 2048 bytes).
+#: Longest request line (memcached closes a connection with no newline in 2048 bytes, unless
+#: the line is a multi-key ``get``: those are bounded only by ``limits.buffer_bytes``).
 MAX_LINE = 2048
-#: Longest retrieval request line (multi-key ``get``); the bound on buffered request bytes.
-MAX_RETRIEVAL_LINE = 65536
 #: Longest reply line (``VALUE`` lines are < 300 bytes; stats and dump lines are short).
 MAX_REPLY_LINE = 8192
 #: Pending replies per connection before the peer counts as broken.
 MAX_PENDING = 10000
-#: The most bytes the parser ever holds unconsumed in one direction (before erroring).
-MAX_BUFFERED = MAX_RETRIEVAL_LINE
+#: The most bytes the parser holds unconsumed in one direction, multi-key ``get`` lines aside
+#: (those are held whole, up to the engine's ``buffer_bytes``, as memcached holds them).
+MAX_BUFFERED = MAX_REPLY_LINE
 
 # Entry kinds: how the reply to a pending entry is framed.
 K_UNIT = 0  # exactly one reply unit (a line, or a VALUE/VA line with its data block)
@@ -78,7 +92,7 @@ Entry = tuple[int, Any, str, bytes]
 class PendingQueue:
     """The pending-reply queue of one connection and the denial placement rules above."""
 
-    __slots__ = ("barrier", "ctx", "q", "rep_owed", "req_owed")
+    __slots__ = ("after", "barrier", "closing", "ctx", "final", "held", "q", "reason", "rep_owed", "req_owed")
 
     def __init__(self, ctx: ConnectionContext, barrier: bytes) -> None:
         self.ctx = ctx
@@ -86,6 +100,11 @@ class PendingQueue:
         self.barrier = barrier  # request bytes whose reply no maybe entry accepts
         self.req_owed = 0  # bytes injected toward the server still to name with INJECT
         self.rep_owed = 0  # bytes injected toward the client still to name with INJECT
+        self.held = 0  # 1/2: the last byte of the last reply is still to pass/drop (see above)
+        self.after = b""  # answers to inject right after that byte
+        self.closing = 0  # the error code of a close decided, waiting for owed replies
+        self.reason = ""  # why, for the log
+        self.final = b""  # the answer to inject at the close
 
     def push(self, entry: Entry) -> bool:
         """Queue an entry; False when the queue is full of always-answered requests."""
@@ -105,7 +124,10 @@ class PendingQueue:
         """
         q = self.q
         if not q:
-            self.ctx.inject(True, payload)
+            if self.held:
+                self.after += payload
+            else:
+                self.ctx.inject(True, payload)
         elif q[-1][1] is None:
             if not self.push((K_DENY, None, name, payload)):
                 return None
@@ -118,29 +140,90 @@ class PendingQueue:
                 self.req_owed = len(barrier)
         return (DROP, n)
 
-    def complete(self, n: int, have: int, status: bytes | str, log: bool) -> Verdict:
+    def complete(self, n: int, have: int, status: bytes | str, log: bool, data: Data) -> Verdict:
         """The head entry's reply ends with the next ``n`` bytes: pass them.
 
         Pops the entry, logs the response, then injects the denials queued right behind it.
-        A barrier's reply is dropped instead, and its denial injected in its place.
+        A barrier's reply is dropped instead, and its denial injected in its place. The last
+        reply owed keeps its last byte back when it reaches past the input or a close waits
+        for it (see the module docstring).
         """
         q = self.q
         kind, _, name, payload = q.popleft()
-        owed = 0
         ctx = self.ctx
         drop = kind == K_BARRIER
+        answers = b""
         if drop:
-            ctx.inject(True, payload)
-            owed = len(payload)
+            answers = payload
         elif log:
             ctx.log(EntryType.RESPONSE, lambda: {"command": name, "status": _status(status)})
         while q and q[0][0] == K_DENY:
-            payload = q.popleft()[3]
-            ctx.inject(True, payload)
-            owed += len(payload)
-        if owed and n < have:
-            self.rep_owed = owed
+            answers += q.popleft()[3]
+        if not q and (n > have or self.closing):
+            if n > 1:
+                self.held = 2 if drop else 1
+                self.after = answers
+                return (DROP, n - 1) if drop else (PASS, n - 1)
+            if self.closing:
+                return self.finish((b"" if drop else bytes(data[:1])) + answers)
+        if answers:
+            ctx.inject(True, answers)
+            if n < have:
+                self.rep_owed = len(answers)
         return (DROP, n) if drop else (PASS, n)
+
+    def release(self, data: Data) -> Verdict:
+        """The held last byte of the last reply is here: pass (or drop) it, then the answers."""
+        held = self.held
+        self.held = 0
+        after = self.after
+        self.after = b""
+        if self.closing and not self.q:
+            return self.finish((bytes(data[:1]) if held == 1 else b"") + after)
+        if after:
+            self.ctx.inject(True, after)
+            if len(data) > 1:
+                self.rep_owed = len(after)
+        return (PASS, 1) if held == 1 else (DROP, 1)
+
+    def close(self, code: int, reason: str, answer: bytes, have: int) -> Verdict:
+        """Close the connection once every reply already owed is delivered (module docstring).
+
+        ``answer`` is injected toward the client at the close, after those replies. Returns
+        the verdict for the ``have`` request bytes at hand: ERROR when nothing is owed, else
+        DROP (client bytes are no longer taken).
+        """
+        self.closing = code
+        self.reason = reason
+        self.final = answer
+        q = self.q
+        if not q and not self.held:
+            return self.finish(b"")
+        if q and q[-1][1] is not None:
+            # The last request may stay silent: a barrier's answer tells when all are done.
+            q.append((K_BARRIER, None, "", b""))
+            self.ctx.inject(False, self.barrier)
+        return (DROP, have)
+
+    def drain_then_close(self, code: int, reason: str) -> None:
+        """Like :meth:`close`, for a request forwarded whose answer the server closes after."""
+        self.closing = code
+        self.reason = reason
+
+    def closed_request(self, have: int) -> Verdict:
+        """Client bytes while a close waits for owed replies: dropped (or the close, if none)."""
+        if not self.q and not self.held:
+            return self.finish(b"")
+        return (DROP, have)
+
+    def finish(self, answer: bytes) -> Verdict:
+        """The close: inject what is still owed and the final answer, log why, ERROR."""
+        out = answer + self.final
+        self.final = b""
+        if out:
+            self.ctx.inject(True, out)
+        self.ctx.log(EntryType.RESPONSE, {"error": self.reason})
+        return (ERROR, self.closing)
 
     def take_owed(self, reply: bool) -> Verdict | None:
         """The INJECT naming bytes queued in this round, if any are owed."""
@@ -171,9 +254,25 @@ def _status(status: bytes | str) -> str:
     return status[:64].decode("latin-1") if isinstance(status, bytes) else status
 
 
-def unexpected_reply(ctx: ConnectionContext, status: bytes | str) -> Verdict:
-    """A reply arrived with no request pending: log it; a protocol error for the connection."""
+def unsolicited(ctx: ConnectionContext, status: bytes | str, n: int) -> Verdict:
+    """A reply with no request pending: forward it (and log it).
+
+    memcached sends ``ERROR Too many open connections`` unasked at its connection limit (then
+    closes); a proxy that swallowed it would leave the client guessing.
+    """
     if isinstance(status, bytes):
         status = status[:64].decode("latin-1")
-    ctx.log(EntryType.RESPONSE, {"status": status, "error": "reply with no request pending"})
-    return (ERROR, ERROR_PROTOCOL)
+    ctx.log(EntryType.RESPONSE, {"status": status, "unsolicited": True})
+    return (PASS, n)
+
+
+def unsolicited_line(ctx: ConnectionContext, data: Data) -> Verdict:
+    """A text line the server sent where no text reply can be (no dialect yet, or binary)."""
+    end = data.find(b"\n")
+    if end < 0:
+        if len(data) > MAX_REPLY_LINE:
+            return (ERROR, ERROR_INVALID_FRAME_LENGTH)
+        return (MORE, 1)
+    stop = end - 1 if end > 0 and data[end - 1] == 13 else end
+    sp = data.find(b" ", 0, stop)
+    return unsolicited(ctx, bytes(data[: sp if sp >= 0 else stop]), end + 1)

@@ -32,7 +32,7 @@ from proxyd.parser import ConnectionContext, Data, EntryType, Parser, ParserFact
 
 from . import binary, text
 from .binary import BinaryProtocol
-from .common import key_text, unexpected_reply
+from .common import key_text, unsolicited_line
 from .rules import RULE_KEYS, MemcacheRequest, compile_rule
 from .text import TextProtocol
 
@@ -79,7 +79,9 @@ class MemcacheParser(Parser):
         if not data:
             return NOP_VERDICT
         if reply:
-            return unexpected_reply(self.ctx, bytes(data[:16]).split(b"\r", 1)[0])
+            # Before the client's first byte only an unsolicited line can come (memcached's
+            # "ERROR Too many open connections"): forwarded.
+            return unsolicited_line(self.ctx, data)
         dialect: TextProtocol | BinaryProtocol
         if data[0] >= 0x80:
             dialect = BinaryProtocol(self.ctx, self.log_responses)

@@ -14,11 +14,17 @@ skipped). Storage commands (``set add replace append prepend cas``) and ``ms`` a
 data block of the size given in the line plus ``\\r\\n``: the parser PASSes (or DROPs) line and
 block in one op that may reach past the buffered bytes, so values are never buffered.
 
-Whether memcached reads that data block depends on the line: with a wrong token count or a key
-over 250 bytes it answers an error and parses the block as commands. The parser mirrors that
-(the line alone is the request, the block is read as requests); a number it cannot be sure
-memcached parses the same way (not plain ASCII digits, or 10 digits and more) is a protocol
-error that closes the connection.
+Whether memcached reads that data block depends on the line: with a wrong token count, a key
+over 250 bytes, or a flags, exptime, size or cas token its ``safe_strto*`` functions reject
+(``set k 0 blah 1``, ``set k 0 0 -1``), it answers an error and parses the block as commands.
+The parser mirrors that exactly (the line alone is the request, the block is read as
+requests): numbers are read as memcached reads them, C ``strtol`` included (leading
+whitespace and a sign accepted, anything but whitespace after the digits rejected, range
+errors rejected, and the size truncated to 32 bits as ``safe_strtol`` stores it, so
+``4294967295`` is ``-1`` and rejected, ``4294967296`` is ``0``). Such a line is judged by its
+command and key like any other request: forwarded when allowed (memcached answers
+``CLIENT_ERROR bad command line format``), dropped and answered ``CLIENT_ERROR access
+denied`` when denied.
 
 Each request gets a pending entry (see :mod:`.common`) saying how its reply is framed:
 
@@ -46,12 +52,14 @@ bad, and ``ma``, whose value may not be numeric). A quiet line that memcached re
 or repeated flag, bad numeric token, key over 250 bytes, opaque over 32, bad base64 key, too many
 tokens) is always answered with an error, so it is an ordinary entry. The one ambiguity left: a
 ``CLIENT_ERROR`` right after an ``ms q``/``ma q`` that succeeded silently is taken as that
-request's reply, shifting the matching of later replies by one (a connection that then gets a
-reply with nothing pending is closed). The same holds for any reply a quiet request accepts
-that in fact belongs to the next request (``md k q`` that deleted ``k``, then ``md k``: ``NF``).
-A quiet request with an opaque (``O`` flag, which memcached echoes, and which clients pipelining
-quiet commands use to match replies) accepts only a reply carrying that opaque, which removes
-the ambiguity; clients that pipeline quiet meta commands should send one.
+request's reply, shifting the matching of later replies by one (every byte still reaches the
+client in order, the last reply as an unsolicited one; what is off is the access log's
+matching, and a denial queued behind lands one reply late). The same holds for any reply a
+quiet request accepts that in fact belongs to the next request (``md k q`` that deleted ``k``,
+then ``md k``: ``NF``). A quiet request with an opaque (``O`` flag, which memcached echoes,
+and which clients pipelining quiet commands use to match replies) accepts only a reply
+carrying that opaque, which removes the ambiguity; clients that pipeline quiet meta commands
+should send one.
 
 Unknown commands are decided by the policy like any command (their name is the first token, so
 only a rule that allows every command allows them), forwarded, and memcached answers ``ERROR``.
@@ -91,10 +99,9 @@ from .common import (
     MAX_KEY,
     MAX_LINE,
     MAX_REPLY_LINE,
-    MAX_RETRIEVAL_LINE,
     PendingQueue,
     key_text,
-    unexpected_reply,
+    unsolicited,
 )
 from .rules import CONTROL_COMMANDS, MemcacheRequest
 
@@ -173,8 +180,8 @@ _MA_Q_ACCEPT = frozenset({b"NF", b"NS", b"EX", b"SERVER_ERROR", b"CLIENT_ERROR"}
 _QUIET_ACCEPT = {_F_MG: _MG_Q_ACCEPT, _F_MS: _MS_Q_ACCEPT, _F_MD: _MD_Q_ACCEPT, _F_MA: _MA_Q_ACCEPT}
 #: Meta flags memcached 1.6 knows, by the kind of token they take.
 _META_PLAIN = frozenset(b"bklstcfvhuqIPLO")
-_META_SIGNED = frozenset(b"NTR")  # int32 token
-_META_UNSIGNED = frozenset(b"FCJD")  # unsigned token
+_META_SIGNED = frozenset(b"NTR")  # safe_strtol token
+_META_UNSIGNED = frozenset(b"FCJD")  # safe_strtoul(l) token
 #: Admin commands honouring ``noreply`` (memcached's ``set_noreply_maybe``).
 _ADMIN_NOREPLY = frozenset({"lru", "extstore", "refresh_certs"})
 
@@ -183,6 +190,8 @@ _RETRIEVAL_PREFIXES = (b"get ", b"gets ", b"gat ", b"gats ", b"bget ")
 _BASE64 = re.compile(rb"(?:[A-Za-z0-9+/]{4})*(?:[A-Za-z0-9+/]{2}==|[A-Za-z0-9+/]{3}=)?")
 _NO_KEYS: tuple[bytes, ...] = ()
 _K_NONE = -1  # the request is never answered: no pending entry
+_QUEUE_FULL = "more than 10000 replies pending"
+_TOO_LONG = "request line over 2048 bytes that is not a multi-key get"
 
 
 def _is_retrieval(data: Data) -> bool:
@@ -192,8 +201,68 @@ def _is_retrieval(data: Data) -> bool:
 
 
 def _digits(tok: bytes, most: int) -> bool:
-    """1..most plain ASCII digits: a number every C ``strto*`` reads the same way."""
+    """1..most plain ASCII digits."""
     return 0 < len(tok) <= most and tok.isdigit()
+
+
+_C_SPACE = b" \t\n\v\f\r"  # C isspace() in the C locale
+_INT_MAX = (1 << 31) - 1
+_ULONG_MAX = (1 << 64) - 1
+
+
+def _strto(tok: bytes) -> tuple[int, bool] | None:
+    """C ``strtol``/``strtoull`` of a whole token as memcached's ``safe_strto*`` check it.
+
+    Returns (magnitude, negative), or None when memcached rejects the token: no digits, a
+    character after them that is not whitespace, or a magnitude past 64 bits (ERANGE). Used
+    only on request lines (at most 2048 bytes, multi-key gets aside).
+    """
+    i = 0
+    k = len(tok)
+    while i < k and tok[i] in _C_SPACE:
+        i += 1
+    neg = False
+    if i < k and tok[i] in b"+-":
+        neg = tok[i] == 45
+        i += 1
+    j = i
+    while j < k and 48 <= tok[j] <= 57:
+        j += 1
+    if j == i or (j < k and tok[j] not in _C_SPACE):
+        return None
+    digits = tok[i:j].lstrip(b"0")
+    if len(digits) > 20:
+        return None
+    mag = int(digits) if digits else 0
+    if mag > _ULONG_MAX:
+        return None
+    return mag, neg
+
+
+def _strtol32(tok: bytes) -> int | None:
+    """memcached's ``safe_strtol``: C ``strtol`` (64-bit long), stored into an int32_t."""
+    r = _strto(tok)
+    if r is None:
+        return None
+    v = -r[0] if r[1] else r[0]
+    if v > (1 << 63) - 1 or v < -(1 << 63):
+        return None
+    return ((v + (1 << 31)) & 0xFFFFFFFF) - (1 << 31)
+
+
+def _strtoul_ok(tok: bytes) -> bool:
+    """memcached's ``safe_strtoul``/``safe_strtoull`` accept the token (64-bit unsigned long)."""
+    r = _strto(tok)
+    if r is None:
+        return False
+    v = (-r[0]) & _ULONG_MAX if r[1] else r[0]
+    return not (v >= 1 << 63 and b"-" in tok)
+
+
+def _size(tok: bytes) -> int:
+    """A data block size as memcached reads it, or -1 when it answers an error instead."""
+    v = _strtol32(tok)
+    return -1 if v is None or v < 0 or v > _INT_MAX - 2 else v
 
 
 def _decode_b64_key(key: bytes) -> bytes | None:
@@ -247,16 +316,18 @@ class TextProtocol:
         pending = self.pending
         if pending.req_owed:
             return pending.take_owed(False)  # type: ignore[return-value]
+        if pending.closing:
+            return pending.closed_request(len(data))
         have = len(data)
         end = data.find(b"\n", self._scan)
         if end < 0:
-            if have > MAX_LINE and (have > MAX_RETRIEVAL_LINE or not _is_retrieval(data)):
-                return ERROR, ERROR_INVALID_FRAME_LENGTH
+            if have > MAX_LINE and not _is_retrieval(data):
+                return self._too_long(have)
             self._scan = have
             return MORE, 1
         self._scan = 0
-        if end > MAX_LINE and (end > MAX_RETRIEVAL_LINE or not _is_retrieval(data)):
-            return ERROR, ERROR_INVALID_FRAME_LENGTH
+        if end > MAX_LINE and not _is_retrieval(data):
+            return self._too_long(have)
         line = bytes(data[: end - 1 if end > 1 and data[end - 1] == 13 else end])
         if b"\0" in line:
             line = line[: line.index(b"\0")]
@@ -283,15 +354,15 @@ class TextProtocol:
             if len(key) > MAX_KEY:
                 # memcached: CLIENT_ERROR, and the data block is read as commands.
                 return self._decide(name, (key,), False, kind, None, noreply, n, have)
-            size = toks[4]
-            if not (
-                _digits(toks[2], 10)
-                and _digits(toks[3].removeprefix(b"-"), 10)
-                and _digits(size, 9)
-                and (family == _F_STORE or _digits(toks[5], 19))
+            size = _size(toks[4])
+            if (
+                size >= 0
+                and _strtoul_ok(toks[2])
+                and _strtol32(toks[3]) is not None
+                and (family == _F_STORE or _strtoul_ok(toks[5]))
             ):
-                return ERROR, ERROR_PROTOCOL
-            n += int(size) + 2
+                n += size + 2
+            # else memcached answers CLIENT_ERROR, and the data block is read as commands.
             return self._decide(name, (key,), False, kind, None, noreply, n, have)
         if family in (_F_KEYED, _F_NOREPLY):
             keys = tuple(toks[1:2]) if family == _F_KEYED else _NO_KEYS
@@ -329,10 +400,11 @@ class TextProtocol:
             if len(key) > MAX_KEY or len(toks) < 3 or len(toks) >= 20:
                 # memcached: CLIENT_ERROR before reading the size; the block is read as commands.
                 return self._decide(name, (key,), False, K_UNIT, None, False, n, have)
-            size = toks[2]
-            if not _digits(size, 9):
-                return ERROR, ERROR_PROTOCOL
-            n += int(size) + 2
+            size = _size(toks[2])
+            if size < 0:
+                # memcached: CLIENT_ERROR before reading the block; it is read as commands.
+                return self._decide(name, (key,), False, K_UNIT, None, False, n, have)
+            n += size + 2
             first_flag = 3
         quiet = False
         key_error = False
@@ -359,9 +431,9 @@ class TextProtocol:
                     valid = valid and len(flag) <= 33
                     opaque = b" " + flag
             elif c in _META_SIGNED:
-                valid = valid and _digits(flag[1:].removeprefix(b"-"), 9)
+                valid = valid and _strtol32(flag[1:]) is not None
             elif c in _META_UNSIGNED:
-                valid = valid and _digits(flag[1:], 19)
+                valid = valid and _strtoul_ok(flag[1:])
             elif c != 77 or len(flag) != 2:  # M<mode>
                 valid = False
             elif family == _F_MS:
@@ -404,13 +476,18 @@ class TextProtocol:
             # Fields built lazily: most deployments log denials only (access_log.requests).
             ctx.log(EntryType.REQUEST, lambda: {"command": name, "keys": _log_keys(keys)})
             if kind >= 0 and not self.pending.push((kind, accept, name, opaque if accept else b"")):
-                return ERROR, ERROR_PROTOCOL
+                return self.pending.close(ERROR_PROTOCOL, _QUEUE_FULL, b"", have)
             return PASS, n
         ctx.log(EntryType.DENIED, {"command": name, "keys": _log_keys(keys)})
         if silent:
             return DROP, n
         verdict = self.pending.deny(name, DENIED_REPLY, n, have)
-        return verdict if verdict is not None else (ERROR, ERROR_PROTOCOL)
+        return verdict if verdict is not None else self.pending.close(ERROR_PROTOCOL, _QUEUE_FULL, b"", have)
+
+    def _too_long(self, have: int) -> Verdict:
+        """memcached closes a connection on a line over 2048 bytes that is not a multi-key get."""
+        self._scan = 0
+        return self.pending.close(ERROR_INVALID_FRAME_LENGTH, _TOO_LONG, b"", have)
 
     # --- replies ----------------------------------------------------------------------------
 
@@ -418,6 +495,8 @@ class TextProtocol:
         pending = self.pending
         if pending.rep_owed:
             return pending.take_owed(True)  # type: ignore[return-value]
+        if pending.held:
+            return pending.release(data)
         if self._stream:
             return PASS, len(data)
         have = len(data)
@@ -445,7 +524,7 @@ class TextProtocol:
         q = pending.q
         while True:
             if not q:
-                return unexpected_reply(self.ctx, code)
+                return unsolicited(self.ctx, code, n)
             head = q[0]
             accept = head[1]
             if accept is None or (code in accept and (not head[3] or _echoes(data, stop, head[3]))):
@@ -463,4 +542,4 @@ class TextProtocol:
                 return PASS, n
         elif kind == K_WATCH and code == b"OK":
             self._stream = True
-        return pending.complete(n, have, code, self.log_responses)
+        return pending.complete(n, have, code, self.log_responses, data)
