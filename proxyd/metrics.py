@@ -77,7 +77,7 @@ class Metrics:
         )
         self.accept_pauses_total = Counter(
             "proxyd_accept_pauses",
-            "Times accepting paused because the process ran out of file descriptors",
+            "Times accepting paused for want of file descriptors (the reserve was reached, or EMFILE)",
             ["listener"],
             registry=r,
         )
@@ -85,6 +85,8 @@ class Metrics:
         self.l7_counts: dict[tuple[str, str], int] = {}
         #: Set by the daemon: where byte totals come from at scrape time.
         self.bytes_source: BytesSource = lambda: ()
+        #: Set by the access log: lines its sink dropped (counted by its writer thread).
+        self.access_log_dropped: Callable[[], int] = lambda: 0
         r.register(_DataPathCollector(self))
         self.parser_errors_total = Counter(
             "proxyd_parser_errors",
@@ -143,6 +145,12 @@ class _DataPathCollector(Collector):
         for (l7proto, verdict), n in sorted(self.metrics.l7_counts.items()):
             r.add_metric([l7proto, verdict], n)
         yield r
+        yield CounterMetricFamily(
+            "proxyd_access_log_dropped",
+            "Access log lines dropped because the log could not be written (disk full, I/O error, "
+            "a pipe nobody reads); the requests themselves were served",
+            value=self.metrics.access_log_dropped(),
+        )
 
     def describe(self) -> Iterator[Metric]:
         return iter(())

@@ -18,8 +18,12 @@ Protocol-free I/O on asyncio transports (uvloop). What it guarantees (docs/confi
 - Answers proxyd writes itself (injected denials) to a client that sends requests but never
   reads are bounded too: past ``HIGH_WATER + buffer_bytes`` waiting for the client, reading
   from the client pauses until it catches up.
+- A direction the parser *holds* (it waits on the other direction: the engine's hold, see
+  :mod:`proxyd.engine`) is not read until the hold clears, so its buffered bytes stay within
+  ``buffer_bytes`` plus one read; an EOF behind held bytes is passed on once they are.
 - A reset (RST) from one side is passed on as a reset: the other side is aborted with
-  ``SO_LINGER`` 0, so a truncated transfer never looks complete.
+  ``SO_LINGER`` 0, so a truncated transfer never looks complete. An upstream that refuses,
+  cannot be reached or does not answer the connect in time is passed on the same way.
 - Timeouts (:meth:`Connection.check_timeouts`, called by the daemon's sweep): ``idle`` (no
   byte either way) and ``request`` (the parser has waited on MORE, with a partial request
   buffered and no progress, for that long).
@@ -115,6 +119,7 @@ class UpstreamProtocol(asyncio.Protocol):
         return True
 
     def connection_lost(self, exc: Exception | None) -> None:
+        self.conn.lr.daemon.data_fd_closed()
         self.conn.upstream_lost(exc)
 
     def pause_writing(self) -> None:
@@ -147,9 +152,13 @@ class Connection(asyncio.Protocol):
         self.bytes_out = 0
         self._unparsed = [0, 0]
         self._task: asyncio.Task[None] | None = None
+        #: The upstream socket this connection will open was counted at accept, so accepting
+        #: stops in time (fdbudget.py); given back if the connection ends without opening it.
+        self.upstream_fd_counted = False
         self._l4 = True  # no parser: relay bytes directly
         self._up_rx = 0  # bytes received from the upstream (idle detection)
         self._client_full = False  # the client's write buffer is above its high-water mark
+        self._upstream_held = False  # the parser holds the server's bytes (engine hold)
         #: Abort timers of closed transports still flushing: [client, upstream].
         self._lingers: list[asyncio.TimerHandle | None] | None = None
         #: Past this many bytes waiting for the client, reading its requests pauses.
@@ -181,7 +190,7 @@ class Connection(asyncio.Protocol):
             self.lr.metrics.active.inc()
         factory = self.lr.factory
         self.engine = Engine(None, self._send, buffer_limit=self.lr.limits.buffer_bytes,
-                             on_error=self._engine_error)  # fmt: skip
+                             on_error=self._engine_error, on_hold=self._on_hold)  # fmt: skip
         if factory is not None:
             self._l4 = False
             self.ctx = Context(info, self.engine, policy, self.lr.access_log)
@@ -254,7 +263,8 @@ class Connection(asyncio.Protocol):
                 return "idle"
         engine = self.engine
         if request and not self._l4 and engine is not None and self.upstream is not None:
-            buffered = engine.buffered(False)
+            # Held bytes wait on the server's answers, not on the client: no request timeout.
+            buffered = 0 if engine.held(False) else engine.buffered(False)
             if not buffered:
                 self._req_mark = (-1, 0.0)
             else:
@@ -293,6 +303,9 @@ class Connection(asyncio.Protocol):
                 infos = await loop.getaddrinfo(host, port, type=socket.SOCK_STREAM)
                 family, _, _, _, addr = infos[0]
             sock = socket.socket(family, socket.SOCK_STREAM)
+            # Counted at accept (upstream_fd_counted); uncounted when closed (data_fd_closed).
+            self.upstream_fd_counted = False
+            self.lr.daemon.fds.seen(sock.fileno())
             sock.setblocking(False)
             sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
             if self.lr.upstream_mark is not None:
@@ -313,19 +326,23 @@ class Connection(asyncio.Protocol):
                 own.pop(local, None)
             if sock is not None:
                 sock.close()
+                self.lr.daemon.data_fd_closed()
             if self._closed:
                 return
             self.lr.metrics.connect_failures.inc()
             if isinstance(exc, OSError) and exc.errno in (errno.EMFILE, errno.ENFILE):
                 self.lr.daemon.out_of_fds(exc)
             why = "timeout" if isinstance(exc, TimeoutError) else (exc.strerror or str(exc))
-            self._finish("error", f"upstream connect failed: {why}")
+            # A reset, as from an upstream that reset: a clean FIN would read as "the server
+            # answered nothing and closed", which a client may take for a complete exchange.
+            self._finish("error", f"upstream connect failed: {why}", reset_peer=self.client)
             return
         except asyncio.CancelledError:
             if local is not None:
                 own.pop(local, None)
             if sock is not None:
                 sock.close()
+                self.lr.daemon.data_fd_closed()
             raise
         if local is not None:
             own.pop(local, None)
@@ -361,6 +378,8 @@ class Connection(asyncio.Protocol):
 
     def upstream_data(self, data: bytes) -> None:
         self._up_rx += len(data)
+        if self._upstream_held and self.upstream is not None:
+            self.upstream.pause_reading()  # as for the client: a pause is enforced, not assumed
         if self._l4:
             assert self.client is not None
             self.bytes_out += len(data)
@@ -415,6 +434,9 @@ class Connection(asyncio.Protocol):
         transport = self.client if reply else self.upstream
         if transport is None or self._closed or self._shut[reply]:
             return
+        engine = self.engine
+        if engine is not None and engine.held(reply) and engine.error is None:
+            return  # bytes of this direction are still held: _on_hold passes the EOF on later
         if transport.get_write_buffer_size():
             # Poll until flushed: uvloop offers no drain callback below the low-water mark.
             asyncio.get_running_loop().call_later(0.005, self._maybe_shutdown, reply)
@@ -428,6 +450,7 @@ class Connection(asyncio.Protocol):
             self._finish("forwarded", None)
 
     def connection_lost(self, exc: Exception | None) -> None:
+        self.lr.daemon.data_fd_closed()  # counted when the event loop accepted it
         if self._closed:
             self._cancel_linger(0)
             return
@@ -485,6 +508,9 @@ class Connection(asyncio.Protocol):
         self._closed = True
         if self._task is not None and not self._task.done():
             self._task.cancel()
+        if self.upstream_fd_counted:
+            self.upstream_fd_counted = False
+            self.lr.daemon.data_fd_closed()
         loop = asyncio.get_running_loop()
         for side, t in enumerate((self.client, self.upstream)):
             if t is not None:
@@ -534,9 +560,27 @@ class Connection(asyncio.Protocol):
 
     def resume_writing(self) -> None:
         self._client_full = False
-        if self.upstream is not None and not self._closed:
+        if self.upstream is not None and not self._closed and not self._upstream_held:
             self.upstream.resume_reading()
         self.resume_client_reading("client-full")
+
+    def _on_hold(self, reply: bool, held: bool) -> None:
+        """The engine holds (or releases) one direction: stop (resume) reading it."""
+        if reply:
+            self._upstream_held = held
+            if self.upstream is not None and not self._closed:
+                if held:
+                    self.upstream.pause_reading()
+                elif not self._client_full:
+                    self.upstream.resume_reading()
+            if not held and self._upstream_eof:
+                self._maybe_shutdown(True)
+        elif held:
+            self.pause_client_reading("held")
+        else:
+            self.resume_client_reading("held")
+            if self._client_eof:
+                self._maybe_shutdown(False)
 
     def pause_client_reading(self, why: str) -> None:
         # Always ask the transport: a pause asked for in connection_made did not take (see
