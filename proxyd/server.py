@@ -19,17 +19,19 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import errno
+import gc
 import ipaddress
 import itertools
 import os
 import resource
 import signal
 import socket
+import sys
 import time
 from collections.abc import Callable, Mapping
 from dataclasses import replace
 from pathlib import Path
-from typing import Any
+from typing import Any, TypeVar
 
 from proxyd import sdnotify
 from proxyd.accesslog import AccessLog, LineWriter, make_logger
@@ -42,9 +44,11 @@ from proxyd.origdst import original_dst, unmap
 from proxyd.parser import Endpoint, ParserFactory
 from proxyd.policy.identity import IdentityMap
 from proxyd.policy.store import Change, PolicyStore
+from proxyd.policywatch import PolicyWatcher, Rescan
 from proxyd.registry import Registry
 from proxyd.relay import Connection
 
+T = TypeVar("T")
 LABELS_CACHE_SIZE = 65536
 ACCESS_LOG_CHECK = 1.0  # seconds between looks at the access log's sink
 ACCESS_LOG_REPORT_INTERVAL = 10.0  # at most one "access log cannot be written" line per this long
@@ -330,12 +334,12 @@ class Daemon:
         self.log = make_logger(LineWriter("stderr"))
         self.identities = IdentityMap.from_entries(config.identities)
         self._labels_cache: dict[str, Mapping[str, str]] = {}
-        self.policy = PolicyStore(
-            self.registry,
-            config.policy.paths,
-            config.policy.state_dir,
-            kubernetes=config.kubernetes is not None,
-        )
+        self.policy = PolicyStore(self.registry, config.policy.paths, config.policy.state_dir,
+                                  kubernetes=config.kubernetes is not None)  # fmt: skip
+        self.policy.endpoint_labels = self.identities.label_sets()
+        self.last_change: Change | None = None
+        self._watch_task: asyncio.Task[Any] | None = None
+        self._watched: tuple[tuple[Path, bool], ...] = ()
         self.metrics.policy_revision.set(self.policy.revision)
         self.metrics.connections_max.set(config.limits.max_connections)
         self.listeners: dict[str, ListenerRuntime] = {}
@@ -567,8 +571,7 @@ class Daemon:
         interval = sdnotify.watchdog_interval()
         if interval:
             self._spawn(self._watchdog(interval))
-        if self.config.policy.paths:
-            self._spawn(self._watch_policy())
+        self._watch_files()
         self._spawn(self._watch_access_log())
         self._spawn(self._sweep_timeouts())
 
@@ -660,14 +663,28 @@ class Daemon:
             cache.pop(ip, None)
             cache.pop(f"::ffff:{ip}", None)
 
+    def _watch_shape(self) -> tuple[tuple[Path, bool], ...]:
+        """What the file watcher is set up for: each path, and whether it is a directory."""
+        return tuple((p, p.is_dir()) for p in self.policy.paths)
+
+    def _watch_files(self) -> None:
+        """(Re)start watching ``policy.paths`` (at start, and when a SIGHUP changed them)."""
+        if self._watch_task is not None:
+            self._watch_task.cancel()
+            self._watch_task = None
+        self._watched = self._watch_shape()
+        if self.policy.paths:
+            self._watch_task = self._spawn(self._watch_policy())
+
     def spawn(self, coro: Any) -> None:
         """Run ``coro`` as a task the daemon keeps a reference to and cancels at stop."""
         self._spawn(coro)
 
-    def _spawn(self, coro: Any) -> None:
+    def _spawn(self, coro: Any) -> asyncio.Task[Any]:
         task = asyncio.get_running_loop().create_task(coro)
         self._tasks.add(task)
         task.add_done_callback(self._tasks.discard)
+        return task
 
     async def _watchdog(self, interval: float) -> None:
         while True:
@@ -728,7 +745,44 @@ class Daemon:
                     conn.check_timeouts(now, idle, request)
 
     async def _watch_policy(self) -> None:
-        # Nothing a policy file contains may end this loop: a later good edit must still load.
+        """Reload the policy files the watcher reports written (proxyd/policywatch.py).
+
+        Nothing a policy file contains may end this loop: a later good edit must still load.
+        Where inotify cannot be used, fall back to comparing the files' identities every second.
+        """
+        while True:
+            paths = self.policy.paths
+            try:
+                watcher = PolicyWatcher(paths)
+            except OSError as exc:
+                self.log.warning("policy files: inotify unavailable, checking them every second instead",
+                                 error=exc.strerror or str(exc))  # fmt: skip
+                self.policy.polling = True
+                await self._poll_policy()
+                return
+            self.policy.polling = False
+            try:
+                while True:
+                    rescan = False
+                    try:
+                        changed: set[str] | None = await watcher.changes()
+                    except Rescan:
+                        changed, rescan = None, True
+                    if changed is not None and any(str(p) in changed for p in paths):
+                        changed, rescan = None, True  # a watched path itself was replaced
+                    try:
+                        await self.reload_policy_async("file change", changed)
+                    except Exception as exc:  # a bug, not a bad file: log it and keep watching
+                        self.log.error("policy reload failed", trigger="file change",
+                                       error=f"{type(exc).__name__}: {exc}")  # fmt: skip
+                    if rescan:
+                        break
+            finally:
+                # Closing an inotify descriptor waits for the kernel (~15 ms): not on this thread.
+                asyncio.get_running_loop().run_in_executor(None, watcher.close)
+            await asyncio.sleep(1.0)  # a directory went away: look for it again in a while
+
+    async def _poll_policy(self) -> None:
         while True:
             await asyncio.sleep(1.0)
             try:
@@ -826,10 +880,11 @@ class Daemon:
             return self._reload_rejected(why, exc)
         return self._reloaded(why, revision)
 
-    async def reload_policy_async(self, why: str) -> bool:
-        """Re-read the policy files, parsing on a worker thread; the old policy stays on error."""
+    async def reload_policy_async(self, why: str, changed: set[str] | None = None) -> bool:
+        """Re-read the policy files (only ``changed`` ones when given), parsing on a worker
+        thread; the old policy stays on error."""
         try:
-            revision = await self.change_policy(self.policy.build_reload)
+            revision = await self.change_policy(lambda: self.policy.build_reload(changed))
         except PolicyError as exc:
             return self._reload_rejected(why, exc)
         return self._reloaded(why, revision)
@@ -842,7 +897,11 @@ class Daemon:
     def _reloaded(self, why: str, revision: int) -> bool:
         self.metrics.policy_reloads_total.labels("success").inc()
         self.metrics.policy_revision.set(revision)
-        self.log.info("policy reloaded", trigger=why, revision=revision)
+        change = self.last_change
+        read = change.read if change is not None else ()
+        self.log.info("policy reloaded", trigger=why, revision=revision,
+                      compiled=change.compiled if change is not None else 0, files_read=len(read),
+                      files=list(read[:10]))  # fmt: skip
         return True
 
     async def change_policy(self, build: Callable[[], Change]) -> int:
@@ -850,8 +909,17 @@ class Daemon:
         loop: a slow or hostile document must not stall the data path), then put it in force.
         One change at a time. Raises what ``build`` raises; the old policy stays then."""
         async with self._policy_lock:
-            change = await asyncio.get_running_loop().run_in_executor(None, build)
-            return self.policy.commit(change)
+            change = await off_loop(build)
+            return self._commit(change)
+
+    def _commit(self, change: Change) -> int:
+        old = [self.policy.current, self.last_change]
+        revision = self.policy.commit(change)
+        self.last_change = change
+        self._retire(old)
+        for warning in change.warnings:
+            self.log.warning("policy change leaves endpoints without rules", problem=warning)
+        return revision
 
     def policy_changed(self, revision: int) -> None:
         """Called after the admin API replaced imported documents."""
@@ -870,34 +938,70 @@ class Daemon:
         source = self.config.source
         if source is None:
             return await self.reload_policy_async("SIGHUP")
-        try:
-            new = load_config(source, self.registry)
-        except ConfigError as exc:
-            self.metrics.policy_reloads_total.labels("failure").inc()
-            self.log.error("config reload rejected, old config kept", problems=exc.problems)
-            return False
-        # Open connections hold live views of this store, so it is updated, never replaced.
-        old_paths = self.policy.paths
-        self.policy.paths = tuple(new.policy.paths)
-        if not await self.reload_policy_async("SIGHUP"):
-            self.policy.paths = old_paths
-            return False
+        # Reading the config, building the identities table and the policy all happen on a
+        # worker thread (100,000 identities take seconds); the event loop only swaps them in.
+        async with self._policy_lock:
+            try:
+                new, identities, change = await off_loop(lambda: self._build_config(source))
+            except ConfigError as exc:
+                self.metrics.policy_reloads_total.labels("failure").inc()
+                self.log.error("config reload rejected, old config kept", problems=exc.problems)
+                return False
+            except PolicyError as exc:
+                return self._reload_rejected("SIGHUP", exc)
+            # Open connections hold live views of this store, so it is updated, never replaced.
+            revision = self._commit(change)
+            self._retire([self.identities, self._labels_cache])
+            self.identities = identities
+            self._labels_cache = {}
+        self._reloaded("SIGHUP", revision)
         if new.policy.state_dir != self.config.policy.state_dir:
             self.log.warning("policy.state_dir changes apply at the next restart")
         if new.kubernetes != self.config.kubernetes:
             self.log.warning("kubernetes section changes apply at the next restart")
-        self.identities = IdentityMap.from_entries(new.identities)
-        self._labels_cache = {}
         before = len(self.listeners)
         await self._apply_listeners(new)
         self._count_fds(listeners_added=len(self.listeners) - before)
         # Settings that only affect new connections take effect now; the access log and admin
         # address are fixed for the process lifetime (a restart applies them).
-        self.config = replace(new, access_log=self.config.access_log, admin=self.config.admin,
-                              kubernetes=self.config.kubernetes)  # fmt: skip
+        old_config, self.config = self.config, replace(new, access_log=self.config.access_log,
+                                                       admin=self.config.admin,
+                                                       kubernetes=self.config.kubernetes)  # fmt: skip
+        self._retire([old_config])
+        del old_config
         self.metrics.connections_max.set(new.limits.max_connections)
-        self.log.info("config reloaded", listeners=sorted(self.listeners))
+        self.log.info("config reloaded", listeners=sorted(self.listeners), identities=len(identities))
+        if self._watch_shape() != self._watched or self._watch_task is None or self._watch_task.done():
+            self._watch_files()  # the paths changed, or the watcher ended
         return True
+
+    def _retire(self, old: list[Any]) -> None:
+        """Free what a change replaced on a worker thread: freeing 100,000 identities on the
+        event loop thread would stall it for tens of milliseconds. (What is in force is frozen
+        out of the cycle collector's sight by :func:`off_loop`; it is freed by reference
+        counting when replaced, as the policy and identities hold no reference cycles.)"""
+
+        def free() -> None:
+            while old:
+                item = old.pop()
+                if isinstance(item, IdentityMap):
+                    item.dismantle()
+                elif isinstance(item, dict):
+                    while item:
+                        item.popitem()
+                del item
+
+        self._spawn(off_loop(free))
+
+    def _build_config(self, source: Path) -> tuple[Config, IdentityMap, Change]:
+        """The worker-thread part of a SIGHUP: config, identities, policy (nothing swapped)."""
+        new = load_config(source, self.registry)
+        try:
+            identities = IdentityMap.from_entries(new.identities)
+        except ValueError as exc:
+            raise ConfigError([f"{source}:0: {exc}"]) from exc
+        change = self.policy.build_reload(paths=new.policy.paths, endpoint_labels=identities.label_sets())
+        return new, identities, change
 
     async def _apply_listeners(self, new_config: Config) -> None:
         wanted_by_name = {lc.name: lc for lc in new_config.listeners}
@@ -929,6 +1033,45 @@ class Daemon:
                 current.upstream_mark = new_config.upstream_mark
 
 
+#: The interpreter's thread switch interval while a worker thread builds a change. At the
+#: default 5 ms, the event loop thread waits up to that long for the interpreter lock each time
+#: it gave it up (every epoll wait, every socket call), several times per request: a busy
+#: worker thread would stall open connections by tens of milliseconds.
+BUILD_SWITCH_INTERVAL = 0.0005
+_builds = 0
+_saved = [0.005]
+#: Whether builds freeze what they made (the daemon process, see :func:`run_daemon`; not a test
+#: process running daemons in its own interpreter, whose cyclic garbage would be frozen too).
+_freeze = [False]
+
+
+async def off_loop(build: Callable[[], T]) -> T:
+    """Run ``build`` on a worker thread without stalling the event loop thread meanwhile.
+
+    Two things would: the interpreter lock (see :data:`BUILD_SWITCH_INTERVAL`), and the cycle
+    collector, which a build allocating a million objects (100,000 identities) sets off in a
+    full collection holding the lock for a tenth of a second. So the collector is off while
+    builds run; then what they made is frozen out of its sight (:func:`gc.freeze`: loading
+    policy and config leaves no cyclic garbage, and what is replaced is freed by reference
+    counting) and the collector is turned back on.
+    """
+    global _builds
+    if not _builds:
+        _saved[0] = sys.getswitchinterval()
+        sys.setswitchinterval(BUILD_SWITCH_INTERVAL)
+        gc.disable()
+    _builds += 1
+    try:
+        return await asyncio.get_running_loop().run_in_executor(None, build)
+    finally:
+        _builds -= 1
+        if not _builds:
+            sys.setswitchinterval(_saved[0])
+            if _freeze[0]:
+                gc.freeze()  # what the build made, now in force or about to be dropped
+            gc.enable()
+
+
 def raise_fd_limit(max_connections: int) -> tuple[int, int, str | None]:
     """Raise the soft ``RLIMIT_NOFILE`` to the hard limit; returns (soft, needed, warning).
 
@@ -955,12 +1098,20 @@ def raise_fd_limit(max_connections: int) -> tuple[int, int, str | None]:
 
 async def run_daemon(config_path: Path) -> int:
     """Entry point of ``proxyd run``: returns the process exit code."""
-    registry = Registry.load()
-    config = load_config(config_path, registry)
-    daemon = Daemon(config, registry)
-    soft, needed, warning = raise_fd_limit(config.limits.max_connections)
-    if warning:
-        daemon.log.warning("file descriptor limit too low", nofile=soft, needed=needed, problem=warning)
-    await daemon.start()
+    # Loading builds millions of objects and no cyclic garbage: the cycle collector would walk
+    # the growing heap again and again (a third of the start time at 100,000 identities).
+    gc.disable()
+    _freeze[0] = True
+    try:
+        registry = Registry.load()
+        config = load_config(config_path, registry)
+        daemon = Daemon(config, registry)
+        soft, needed, warning = raise_fd_limit(config.limits.max_connections)
+        if warning:
+            daemon.log.warning("file descriptor limit too low", nofile=soft, needed=needed, problem=warning)
+        await daemon.start()
+    finally:
+        gc.freeze()  # what was just loaded is in force for good: see off_loop
+        gc.enable()
     await daemon.serve()
     return 0

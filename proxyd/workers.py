@@ -56,7 +56,7 @@ from proxyd.errors import ConfigError, PolicyError
 from proxyd.policy.engine import PolicySet
 from proxyd.policy.loader import parse_text
 from proxyd.policy.model import Document
-from proxyd.policy.store import Change
+from proxyd.policy.store import Change, FileEntry
 from proxyd.registry import Registry
 from proxyd.server import Daemon, raise_fd_limit
 
@@ -518,7 +518,9 @@ class WorkerDaemon(Daemon):
             got = self._parsed.get((text, source)) or parse_text(text, source, self.registry)
             parsed[(text, source)] = got
             docs.extend(got)
-        return Change(tuple(docs), {}, PolicySet(docs, self.registry, revision)), parsed
+        # The worker reads no file: every document is the control process's, under one entry.
+        files = {"control process": FileEntry(None, tuple(docs))}
+        return Change(files, {}, PolicySet(docs, self.registry, revision)), parsed
 
     async def apply_policy(self, revision: int, entries: PolicyEntries) -> None:
         change, parsed = await asyncio.get_running_loop().run_in_executor(

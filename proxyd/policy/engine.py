@@ -34,6 +34,13 @@ properties in ``tests/policy``).
 A :class:`PolicySet` is immutable and built once per policy revision. Per connection it
 computes a :class:`ConnectionPolicy` (the specs selecting the local labels are cached); the
 per-request :meth:`ConnectionPolicy.decide` is then a loop over precompiled matchers.
+
+Built incrementally: each document's compiled part (its specs by direction, its compiled
+``l7`` matchers) is kept per :class:`Document` object, and a set built with ``previous=`` reuses
+the parts of every document it shares with the previous set, so a change to one document of
+10,000 compiles one (``compiled`` counts them). Which specs select an endpoint is found through
+an index by ``(label name, value)`` of each selector's ``In`` requirements, so a new local label
+set costs a look at the few candidate specs, not a match against every spec.
 In audit mode a denial is reported as ``audit`` and let through (docs/configuration.md).
 """
 
@@ -49,7 +56,7 @@ from proxyd.parser import RuleMatcher
 from proxyd.policy.identity import parse_ip
 from proxyd.policy.loader import ParserLookup
 from proxyd.policy.model import DIRECTIONS, INGRESS, Document, L7Rules, PortRule, Rule, Spec
-from proxyd.policy.selector import LabelSet
+from proxyd.policy.selector import LabelSet, split_key
 
 #: Bound on the cache of "which specs select these local labels" per PolicySet.
 SELECT_CACHE_SIZE: Final = 4096
@@ -143,41 +150,187 @@ class Evaluation:
 _SpecEntry = tuple[Document, Spec, tuple[Rule, ...]]
 
 
+_Pairs = tuple[tuple[str, str], ...] | None
+
+
+def _index_pairs(spec: Spec) -> _Pairs:
+    """The (label name, value) pairs under which a spec is indexed: those of its selector's
+    first ``In`` requirement (a label set it selects has one of them); None: no such
+    requirement, the spec is checked against every label set."""
+    for req in spec.endpoint_selector.requirements:
+        if req.operator == "In":
+            name = split_key(req.key)[1]
+            return tuple((name, value) for value in req.values)
+    return None
+
+
+@dataclass(frozen=True, slots=True)
+class _Compiled:
+    """One document, compiled: its selecting specs per direction (with their index pairs)
+    and its ``l7`` matchers."""
+
+    document: Document
+    entries: Mapping[str, tuple[tuple[_SpecEntry, _Pairs], ...]]
+    matchers: Mapping[int, tuple[RuleMatcher, ...] | None]
+
+
+_Item = tuple[int, _SpecEntry]  # (the spec's number in its document, the entry)
+
+
+class _SelectorIndex:
+    """Which specs of one direction may select a label set: by (name, value) of an ``In``
+    requirement, plus the specs without one (checked every time).
+
+    Copied on write: a set built from a previous one shares the index lists no change touched
+    (a change to one document of 10,000 copies a few lists, not the index)."""
+
+    __slots__ = ("_owned", "by_pair", "scan")
+
+    def __init__(self, by_pair: dict[tuple[str, str], list[_Item]] | None = None,
+                 scan: list[_Item] | None = None) -> None:  # fmt: skip
+        self.by_pair: dict[tuple[str, str], list[_Item]] = {} if by_pair is None else by_pair
+        self.scan: list[_Item] = [] if scan is None else scan
+        #: The pairs whose lists this index made (the others are shared with the index it was
+        #: copied from, and copied before a change); _ALL: every list is its own.
+        self._owned: set[tuple[str, str]] = _ALL if by_pair is None else set()
+
+    def copy(self) -> _SelectorIndex:
+        return _SelectorIndex(dict(self.by_pair), list(self.scan))
+
+    def _own(self, pair: tuple[str, str]) -> list[_Item] | None:
+        found = self.by_pair.get(pair)
+        if found is not None and self._owned is not _ALL and pair not in self._owned:
+            found = self.by_pair[pair] = list(found)
+            self._owned.add(pair)
+        return found
+
+    def add(self, entries: tuple[tuple[_SpecEntry, _Pairs], ...]) -> None:
+        for n, (entry, pairs) in enumerate(entries):
+            item = (n, entry)
+            if pairs is None:
+                self.scan.append(item)
+                continue
+            for pair in pairs:
+                found = self._own(pair)
+                if found is None:
+                    self.by_pair[pair] = [item]
+                    if self._owned is not _ALL:
+                        self._owned.add(pair)
+                else:
+                    found.append(item)
+
+    def remove(self, entries: tuple[tuple[_SpecEntry, _Pairs], ...]) -> None:
+        gone = {id(entry) for entry, _ in entries}
+        pairs_touched = {pair for _, pairs in entries if pairs is not None for pair in pairs}
+        if any(pairs is None for _, pairs in entries):
+            self.scan = [item for item in self.scan if id(item[1]) not in gone]
+        for pair in pairs_touched:
+            found = self._own(pair)
+            if found is not None:
+                found[:] = [item for item in found if id(item[1]) not in gone]
+                if not found:
+                    del self.by_pair[pair]
+
+    def candidates(self, labels: Mapping[str, str]) -> list[_Item]:
+        found = {id(item[1]): item for item in self.scan}
+        for key, value in labels.items():
+            hit = self.by_pair.get((split_key(str(key))[1], str(value)))
+            if hit:
+                for item in hit:
+                    found[id(item[1])] = item
+        return list(found.values())
+
+
+_ALL: set[tuple[str, str]] = set()  # marker: every list of this index is its own
+
+
 class PolicySet:
     """All documents in force, compiled for enforcement. Immutable; one per revision."""
 
-    __slots__ = ("_by_direction", "_cache", "_conn_cache", "_matchers", "documents", "revision")
+    __slots__ = ("_cache", "_compiled", "_conn_cache", "_index", "_matchers", "_order", "compiled",
+                 "documents", "revision")  # fmt: skip
 
     def __init__(
-        self, documents: Sequence[Document], registry: ParserLookup | None = None, revision: int = 0
+        self,
+        documents: Sequence[Document],
+        registry: ParserLookup | None = None,
+        revision: int = 0,
+        previous: PolicySet | None = None,
     ) -> None:
         """Compile ``documents``; ``registry`` decides which ``l7proto`` names are known.
 
-        Raises :class:`PolicyError` when a rule left uncompiled at load (its parser was not
-        registered then) fails to compile with ``registry``.
+        With ``previous``, a document object that set holds is not compiled again (``compiled``
+        counts the documents that were). Raises :class:`PolicyError` when a rule left
+        uncompiled at load (its parser was not registered then) fails to compile with
+        ``registry``.
         """
         self.documents: tuple[Document, ...] = tuple(documents)
         self.revision = revision
-        self._matchers: dict[int, tuple[RuleMatcher, ...] | None] = {}
+        self.compiled = 0
+        #: Each document's place, for policy order among the specs the index finds.
+        self._order = {id(doc): i for i, doc in enumerate(self.documents)}
         problems: list[str] = []
-        by_direction: dict[str, list[_SpecEntry]] = {d: [] for d in DIRECTIONS}
-        for doc in self.documents:
-            for spec in doc.specs:
-                for direction in DIRECTIONS:
-                    if spec.selects_direction(direction):
-                        rules = tuple(r for r in spec.rules if r.direction == direction)
-                        by_direction[direction].append((doc, spec, rules))
-                for rule in spec.rules:
-                    for pr in rule.to_ports:
-                        if pr.l7 is not None:
-                            self._matchers[id(pr.l7)] = self._compile(pr.l7, pr, registry, problems)
+        reuse = previous._compiled if previous is not None else {}
+        added = [
+            doc for doc in self.documents if (part := reuse.get(id(doc))) is None or part.document is not doc
+        ]
+        gone = [part for key, part in reuse.items() if key not in self._order]
+        todo: Sequence[Document] = self.documents
+        self._compiled: dict[int, _Compiled]
+        self._matchers: dict[int, tuple[RuleMatcher, ...] | None]
+        self._index: dict[str, _SelectorIndex]
+        if previous is not None and len(added) + len(gone) <= len(self.documents) // 2:
+            # Most documents are the previous set's: start from its tables, copied on write.
+            self._compiled = dict(previous._compiled)
+            self._matchers = dict(previous._matchers)
+            self._index = {d: index.copy() for d, index in previous._index.items()}
+            for part in gone:
+                del self._compiled[id(part.document)]
+                for key in part.matchers:
+                    del self._matchers[key]
+                for direction, entries in part.entries.items():
+                    if entries:
+                        self._index[direction].remove(entries)
+            todo = added
+        else:
+            self._compiled = {}
+            self._matchers = {}
+            self._index = {d: _SelectorIndex() for d in DIRECTIONS}
+        for doc in todo:
+            part = reuse.get(id(doc))
+            if part is None or part.document is not doc:
+                part = self._compile_document(doc, registry, problems)
+                self.compiled += 1
+            self._compiled[id(doc)] = part
+            if part.matchers:
+                self._matchers.update(part.matchers)
+            for direction, entries in part.entries.items():
+                if entries:
+                    self._index[direction].add(entries)
         if problems:
             raise PolicyError(problems)
-        self._by_direction: dict[str, tuple[_SpecEntry, ...]] = {d: tuple(v) for d, v in by_direction.items()}
         self._cache: dict[tuple[str, tuple[tuple[str, str], ...]], tuple[_SpecEntry, ...]] = {}
         #: connection_policy() by its arguments: a set is immutable, and under connection churn
         #: the same client asks the same question for every connection (bench/README.md).
         self._conn_cache: dict[tuple[Any, ...], ConnectionPolicy] = {}
+
+    @classmethod
+    def _compile_document(
+        cls, doc: Document, registry: ParserLookup | None, problems: list[str]
+    ) -> _Compiled:
+        entries: dict[str, list[tuple[_SpecEntry, _Pairs]]] = {d: [] for d in DIRECTIONS}
+        matchers: dict[int, tuple[RuleMatcher, ...] | None] = {}
+        for spec in doc.specs:
+            pairs = _index_pairs(spec)
+            for direction in DIRECTIONS:
+                if spec.selects_direction(direction):
+                    rules = tuple(r for r in spec.rules if r.direction == direction)
+                    entries[direction].append(((doc, spec, rules), pairs))
+            for rule in spec.rules:
+                for pr in rule.to_ports:
+                    if pr.l7 is not None:
+                        matchers[id(pr.l7)] = cls._compile(pr.l7, pr, registry, problems)
+        return _Compiled(doc, {d: tuple(v) for d, v in entries.items()}, matchers)
 
     @staticmethod
     def _compile(
@@ -209,7 +362,11 @@ class PolicySet:
         found = self._cache.get(key)
         if found is None:
             labels = LabelSet(local_labels)
-            found = tuple(e for e in self._by_direction[direction] if e[1].endpoint_selector.matches(labels))
+            order = self._order
+            items = sorted(
+                self._index[direction].candidates(local_labels), key=lambda it: (order[id(it[1][0])], it[0])
+            )
+            found = tuple(entry for _, entry in items if entry[1].endpoint_selector.matches(labels))
             if len(self._cache) >= SELECT_CACHE_SIZE:
                 self._cache.clear()
             self._cache[key] = found

@@ -23,6 +23,7 @@ partially loaded. Document names must be unique across all sources.
 from __future__ import annotations
 
 import datetime
+import os
 import re
 from collections.abc import Collection, Iterable, Mapping, Sequence
 from pathlib import Path
@@ -1120,13 +1121,21 @@ def node_selectors(sel: EndpointSelector, entities: Sequence[str]) -> list[Endpo
 
 def policy_files(path: Path) -> list[Path]:
     """The files a policy path stands for: itself, or a directory's policy files, sorted."""
+    return [Path(p) for p in policy_file_names(path)]
+
+
+def policy_file_names(path: Path) -> list[str]:
+    """:func:`policy_files` as strings: cheap for a directory of 10,000 files (no stat or
+    ``Path`` object each: a reload that reads one file lists them all)."""
     if path.is_dir():
-        return sorted(
-            p
-            for p in path.iterdir()
-            if p.suffix in POLICY_SUFFIXES and not p.name.startswith(".") and p.is_file()
-        )
-    return [path]
+        base = str(path)
+        with os.scandir(path) as entries:
+            return sorted(
+                os.path.join(base, e.name)
+                for e in entries
+                if e.name.endswith(POLICY_SUFFIXES) and not e.name.startswith(".") and e.is_file()
+            )
+    return [str(path)]
 
 
 def load_paths(
@@ -1159,6 +1168,30 @@ def load_paths(
     loader.check_names(docs, taken)
     loader.finish()
     return docs
+
+
+def load_file(file: Path, registry: ParserLookup, *, kubernetes: bool = False) -> list[Document]:
+    """The documents of one policy file (names not checked against other files: see
+    :func:`check_names`). Raises :class:`PolicyError` naming the file. ``kubernetes``: a
+    cluster source is on, so node selectors, services and named ports load."""
+    loader = _Loader(registry, kubernetes)
+    try:
+        text = file.read_text(encoding="utf-8")
+    except (OSError, UnicodeDecodeError) as exc:
+        loader.err(f"{file}:0", "", f"cannot read: {exc}")
+        text = None
+    docs = loader.parse_source(text, str(file)) if text is not None else []
+    loader.finish()
+    return docs
+
+
+def check_names(
+    docs: Sequence[Document], registry: ParserLookup, taken: Mapping[str, Document] | None = None
+) -> None:
+    """Raise :class:`PolicyError` when two of ``docs`` (or one of them and ``taken``) share a name."""
+    loader = _Loader(registry)
+    loader.check_names(docs, taken)
+    loader.finish()
 
 
 def parse_text(

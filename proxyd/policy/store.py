@@ -2,10 +2,20 @@
 
 Theory of operation (docs/policy.md, "Policy changes"). The store holds one immutable
 :class:`~proxyd.policy.engine.PolicySet` and a revision number that only goes up. Every change
-(re-reading ``policy.paths`` on SIGHUP or when :meth:`PolicyStore.watch_mtimes` sees a file
-change; POST/PUT/DELETE on ``/v1/policy``) builds and validates a complete new set first; only
+(re-reading ``policy.paths`` on SIGHUP or when the daemon's file watcher reports written files;
+POST/PUT/DELETE on ``/v1/policy``) builds and validates a complete new set first; only
 when that succeeds is it swapped in and the revision bumped. A rejected change raises
 :class:`~proxyd.errors.PolicyError` and leaves the old set and revision untouched.
+
+Changes are incremental, so a node-sized policy (10,000 documents) changes in milliseconds:
+the store keeps each file's documents with the file's identity (inode, size, mtime, ctime);
+a reload re-reads only the files named as changed (:meth:`PolicyStore.build_reload` with
+``changed``: the watcher's closed-after-write and renamed-into-place files) or, on SIGHUP, the
+files whose identity changed; and the new set compiles only the documents that are new
+(:class:`~proxyd.policy.engine.PolicySet` with ``previous``). The same holds for imports: the
+documents a POST leaves alone are not compiled again. ``Change.compiled`` counts what was.
+A change that leaves an endpoint that had rules with none (a file emptied, truncated, removed,
+or a selector that stops selecting) carries a warning naming the file (``Change.warnings``).
 
 Open connections see a change at their next request: :meth:`PolicyStore.view` gives each
 connection a :class:`LiveConnectionPolicy` that notices a new set by identity and recomputes
@@ -27,7 +37,7 @@ from __future__ import annotations
 import json
 import os
 import tempfile
-from collections.abc import Mapping, Sequence
+from collections.abc import Collection, Mapping, Sequence
 from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Any, Final
@@ -35,8 +45,16 @@ from typing import Any, Final
 from proxyd.context import L7Decision
 from proxyd.errors import PolicyError
 from proxyd.policy.engine import ConnectionPolicy, PolicySet
-from proxyd.policy.loader import ParserLookup, load_paths, parse_text, policy_files
-from proxyd.policy.model import Document
+from proxyd.policy.loader import (
+    ParserLookup,
+    check_names,
+    load_file,
+    parse_text,
+    policy_file_names,
+    policy_files,
+)
+from proxyd.policy.model import DIRECTIONS, Document
+from proxyd.policy.selector import LabelSet
 
 STATE_FILE: Final = "imported-policy.json"
 STATE_VERSION: Final = 1
@@ -47,19 +65,50 @@ MAX_IMPORTED_BYTES: Final = 16 << 20
 _Snapshot = tuple[tuple[Any, ...], ...]
 
 
+_StatKey = tuple[int, int, int, int]
+
+
+@dataclass(frozen=True, slots=True)
+class FileEntry:
+    """A policy file as last read: its identity then, and its documents."""
+
+    stat: _StatKey | None
+    documents: tuple[Document, ...]
+
+
 @dataclass(frozen=True, slots=True)
 class Change:
     """A validated policy change, ready for :meth:`PolicyStore.commit`."""
 
-    files: tuple[Document, ...]
+    files: Mapping[str, FileEntry]
     imported: Mapping[str, Document]
     policy: PolicySet
+    #: Endpoints this change leaves without the rules they had, naming the file.
+    warnings: tuple[str, ...] = ()
+    #: Files read for this change.
+    read: tuple[str, ...] = ()
+    #: Every file document by name (None: unchanged), to check the names of the next change.
+    names: Mapping[str, Document] | None = None
+    #: ``policy.paths`` and identity label sets this change was built with (None: unchanged).
+    paths: tuple[Path, ...] | None = None
+    endpoint_labels: Sequence[Mapping[str, str]] | None = None
+
+    #: How many documents this change compiled (the rest were kept from the old set).
+    compiled: int = 0
     #: Imported documents (by name) the change adds, replaces and deletes: for the daemon's log.
     added: tuple[str, ...] = ()
     replaced: tuple[str, ...] = ()
     deleted: tuple[str, ...] = ()
     #: Documents from the Kubernetes API (None: unchanged), see :meth:`PolicyStore.build_cluster`.
     cluster: Mapping[str, Document] | None = None
+
+
+def _stat_key(path: Path) -> _StatKey | None:
+    try:
+        st = path.stat()
+    except OSError:
+        return None
+    return (st.st_ino, st.st_size, st.st_mtime_ns, st.st_ctime_ns)
 
 
 class PolicyStore:
@@ -82,7 +131,8 @@ class PolicyStore:
         self.kubernetes = kubernetes
         self.paths: tuple[Path, ...] = tuple(Path(p) for p in paths)
         self.state_dir = Path(state_dir) if state_dir is not None else None
-        self._files: tuple[Document, ...] = ()
+        self._files: dict[str, FileEntry] = {}
+        self._names: Mapping[str, Document] = {}
         self._imported: dict[str, Document] = {d.name: d for d in self._load_state()}
         self._revision = 0
         self._mtimes: _Snapshot = ()
@@ -91,6 +141,15 @@ class PolicyStore:
         #: imports: the same name may exist there), and the objects refused with their errors.
         self._cluster: Mapping[str, Document] = {}
         self.cluster_errors: Mapping[str, list[str]] = {}
+        #: The distinct label sets of the identities table (for the "left without rules"
+        #: warning); the daemon sets it with every identities change.
+        self.endpoint_labels: Sequence[Mapping[str, str]] = ()
+        #: Whether :meth:`watch_mtimes` is in use (it stats every file at each reload); the
+        #: daemon turns it off when it watches the files by inotify events instead.
+        self.polling = True
+        self._label_cache: (
+            tuple[Sequence[Mapping[str, str]], list[tuple[Mapping[str, str], LabelSet]]] | None
+        ) = None
         self.reload_files()
 
     # --- reading -------------------------------------------------------------------------------
@@ -110,7 +169,7 @@ class PolicyStore:
         document in its file, None for an import (its text is not kept as it was sent).
         """
         out: list[dict[str, Any]] = []
-        for origin, docs in (("file", self._files), ("imported", tuple(self._imported.values()))):
+        for origin, docs in (("file", self._file_documents()), ("imported", tuple(self._imported.values()))):
             for doc in docs:
                 out.append(
                     {
@@ -155,21 +214,201 @@ class PolicyStore:
         """
         return self.commit(self.build_delete(name))
 
-    def build_reload(self) -> Change:
-        """Re-read ``paths`` into a :class:`Change`. Raises :class:`PolicyError`."""
+    def _file_documents(self, files: Mapping[str, FileEntry] | None = None) -> tuple[Document, ...]:
+        entries = (self._files if files is None else files).values()
+        return tuple(doc for entry in entries for doc in entry.documents)
+
+    def build_reload(
+        self,
+        changed: Collection[str] | None = None,
+        *,
+        paths: Sequence[Path] | None = None,
+        endpoint_labels: Sequence[Mapping[str, str]] | None = None,
+    ) -> Change:
+        """Re-read ``paths`` into a :class:`Change`. Raises :class:`PolicyError`.
+
+        ``changed`` (paths as strings): read only these files, keeping every other file as
+        last read, even if it changed since (a file being written is read once its writer
+        closes it, when it is named here). None (start, SIGHUP): read every file whose
+        identity changed since it was last read. ``paths`` and ``endpoint_labels`` (a config
+        reload) replace the store's when the change is committed.
+        """
+        new_paths = None if paths is None else tuple(Path(p) for p in paths)
+        labels = self.endpoint_labels if endpoint_labels is None else endpoint_labels
+        change = self._build_reload(changed, self.paths if new_paths is None else new_paths, labels)
+        return replace(change, paths=new_paths, endpoint_labels=endpoint_labels)
+
+    def _build_reload(
+        self,
+        changed: Collection[str] | None,
+        paths: tuple[Path, ...],
+        endpoint_labels: Sequence[Mapping[str, str]],
+    ) -> Change:
         # Snapshot before reading: an edit made while we read is seen by the next poll, and a
         # broken file is not re-read every second until it changes again.
-        self._mtimes = self._snapshot()
-        files = tuple(load_paths(self.paths, self.registry, taken=self._imported, kubernetes=self.kubernetes))
-        same = [(d.name, d.source, d.raw) for d in files] == [(d.name, d.source, d.raw) for d in self._files]
+        if self.polling:
+            self._mtimes = self._snapshot()
+        if (
+            changed is not None
+            and paths == self.paths
+            and self._revision
+            and all(n in self._files for n in changed)
+        ):
+            return self._build_changed(sorted(changed), endpoint_labels)
+        problems: list[str] = []
+        files: dict[str, FileEntry] = {}
+        read: list[str] = []
+        for path, names in self._listing(paths, changed):
+            if names is None:
+                problems.append(f"{path}: no such file or directory (listed in policy.paths)")
+                continue
+            for name in names:
+                old = self._files.get(name)
+                if changed is not None and name not in changed:
+                    if old is not None:
+                        files[name] = old
+                    continue  # not written yet (no close or rename seen): not read
+                file = Path(name)
+                stat = _stat_key(file)
+                if changed is None and old is not None and stat is not None and old.stat == stat:
+                    files[name] = old
+                    continue
+                read.append(name)
+                try:
+                    files[name] = FileEntry(stat, self._load_file(file))
+                except PolicyError as exc:
+                    problems.extend(exc.problems)
+        if problems:
+            raise PolicyError(problems)
+        same = files.keys() == self._files.keys() and all(files[k] is self._files[k] for k in files)
+        if not same:
+            # A file read again with the same documents (touched, or written unchanged) keeps
+            # its old document objects, so nothing is compiled and the revision stays.
+            for name in read:
+                old = self._files.get(name)
+                if old is not None and _same_documents(old.documents, files[name].documents):
+                    files[name] = FileEntry(files[name].stat, old.documents)
+            same = files.keys() == self._files.keys() and all(
+                files[k].documents is self._files[k].documents for k in files
+            )
         if same and self._revision:
             # Nothing changed (a SIGHUP or touch): the revision stays.
-            return Change(self._files, self._imported, self._current)
-        return self._build(files, self._imported, save=False)
+            return Change(files, self._imported, self._current, read=tuple(read))
+        docs = self._file_documents(files)
+        check_names(docs, self.registry, self._imported)
+        change = self._build(files, self._imported, save=False)
+        warnings = self._lost_rules(files, endpoint_labels, change.policy)
+        return replace(change, warnings=warnings, read=tuple(read), names={d.name: d for d in docs})
+
+    def _build_changed(self, changed: list[str], endpoint_labels: Sequence[Mapping[str, str]]) -> Change:
+        """:meth:`build_reload` of known files only (the watcher's events): the cost is that of
+        the files named, plus copying the tables of the others (10,000 files: milliseconds)."""
+        files = dict(self._files)
+        read: list[str] = []
+        problems: list[str] = []
+        for name in changed:
+            if not os.path.isfile(name):
+                del files[name]  # removed
+                continue
+            read.append(name)
+            file = Path(name)
+            try:
+                entry = FileEntry(_stat_key(file), self._load_file(file))
+            except PolicyError as exc:
+                problems.extend(exc.problems)
+                continue
+            old = self._files[name]
+            if _same_documents(old.documents, entry.documents):
+                entry = FileEntry(entry.stat, old.documents)
+            files[name] = entry
+        if problems:
+            raise PolicyError(problems)
+        if all(name in files and files[name].documents is self._files[name].documents for name in changed):
+            return Change(files, self._imported, self._current, read=tuple(read))
+        # Names: the changed files' documents against each other and every other document.
+        names = dict(self._names)
+        for name in changed:
+            for doc in self._files[name].documents:
+                if names.get(doc.name) is doc:
+                    del names[doc.name]
+        mine = [doc for name in changed if name in files for doc in files[name].documents]
+        taken = {d.name: other for d in mine if (other := names.get(d.name) or self._imported.get(d.name))}
+        check_names(mine, self.registry, taken)
+        names.update((d.name, d) for d in mine)
+        change = self._build(files, self._imported, save=False)
+        warnings = self._lost_rules(files, endpoint_labels, change.policy, touched=changed)
+        return replace(change, warnings=warnings, read=tuple(read), names=names)
+
+    def _load_file(self, file: Path) -> tuple[Document, ...]:
+        return tuple(load_file(file, self.registry, kubernetes=self.kubernetes))
+
+    def _listing(
+        self, paths: tuple[Path, ...], changed: Collection[str] | None
+    ) -> list[tuple[Path | None, list[str] | None]]:
+        """The policy files of each of ``paths`` (None: the path is missing)."""
+        return [(path, policy_file_names(path) if path.exists() else None) for path in paths]
+
+    def _indexed_labels(
+        self, endpoint_labels: Sequence[Mapping[str, str]]
+    ) -> list[tuple[Mapping[str, str], LabelSet]]:
+        """The identities' label sets, indexed for selector matching (kept while they last)."""
+        cached = self._label_cache
+        if cached is None or cached[0] is not endpoint_labels:
+            cached = self._label_cache = (endpoint_labels, [(lb, LabelSet(lb)) for lb in endpoint_labels])
+        return cached[1]
+
+    def _lost_rules(
+        self,
+        files: Mapping[str, FileEntry],
+        endpoint_labels: Sequence[Mapping[str, str]],
+        new_set: PolicySet,
+        touched: Sequence[str] | None = None,
+    ) -> tuple[str, ...]:
+        """Warnings for endpoints that had rules from a changed file and now have none."""
+        if not self._revision:
+            return ()
+        out: list[str] = []
+        label_sets: list[tuple[Mapping[str, str], LabelSet]] | None = None
+        if touched is None:
+            touched = [
+                n
+                for n, e in files.items()
+                if (o := self._files.get(n)) is None or o.documents is not e.documents
+            ]
+            touched += [n for n in self._files if n not in files]
+        for name in touched:
+            old, new = self._files.get(name), files.get(name)
+            old_docs = old.documents if old is not None else ()
+            new_docs = new.documents if new is not None else ()
+            if not any(spec.rules for doc in old_docs for spec in doc.specs):
+                continue
+            what = "is gone" if new is None else "changed"
+            if not endpoint_labels:
+                if not any(spec.rules for doc in new_docs for spec in doc.specs):
+                    out.append(
+                        f"{name}: the file {what} and gives no rule any more, where it gave "
+                        "rules before: the endpoints it selected may now allow everything"
+                    )
+                continue
+            if label_sets is None:
+                label_sets = self._indexed_labels(endpoint_labels)
+            # Only the label sets the file's old specs selected, then only those, in the new set.
+            specs = [spec for doc in old_docs for spec in doc.specs]
+            for labels, indexed in label_sets:
+                for direction in DIRECTIONS:
+                    had = any(
+                        s.selects_direction(direction) and s.endpoint_selector.matches(indexed) for s in specs
+                    )
+                    if had and not new_set.selecting(direction, labels):
+                        shown = ",".join(f"{k}={v}" for k, v in sorted(labels.items()))
+                        out.append(f"{name}: the file {what}; endpoints with labels {{{shown}}} had "
+                                   f"{direction} rules from it and now have none: {direction} "
+                                   "is allowed for them unless another policy selects them")  # fmt: skip
+        return tuple(out)
 
     def build_import(self, text: str, source: str, replace_all: bool) -> Change:
         """:meth:`import_documents` up to the swap (the state file is written)."""
-        files_by_name = {d.name: d for d in self._files}
+        files_by_name = {d.name: d for d in self._file_documents()}
         docs = parse_text(text, source, self.registry, taken=files_by_name, kubernetes=self.kubernetes)
         if replace_all:
             imported = {d.name: d for d in docs}
@@ -202,20 +441,28 @@ class PolicyStore:
 
     def build_cluster(self, cluster: Mapping[str, Document]) -> Change:
         """Files and imports as they are, with ``cluster`` as the Kubernetes API's documents."""
-        docs = (*self._files, *self._imported.values(), *cluster.values())
-        new = PolicySet(docs, self.registry, self._revision + 1)
+        docs = (*self._file_documents(), *self._imported.values(), *cluster.values())
+        new = PolicySet(docs, self.registry, self._revision + 1, previous=self._current)
         return Change(self._files, self._imported, new, cluster=dict(cluster))
 
-    def _build(self, files: tuple[Document, ...], imported: Mapping[str, Document], *, save: bool) -> Change:
-        docs = (*files, *imported.values(), *self._cluster.values())
-        new = PolicySet(docs, self.registry, self._revision + 1)
+    def _build(
+        self, files: Mapping[str, FileEntry], imported: Mapping[str, Document], *, save: bool
+    ) -> Change:
+        docs = (*self._file_documents(files), *imported.values(), *self._cluster.values())
+        new = PolicySet(docs, self.registry, self._revision + 1, previous=self._current)
         if save:
             self._save_state(imported)
-        return Change(files, dict(imported), new)
+        return Change(dict(files), dict(imported), new, compiled=new.compiled)
 
     def commit(self, change: Change) -> int:
         """Put a built change in force; returns its revision."""
-        self._files = change.files
+        self._files = dict(change.files)
+        if change.names is not None:
+            self._names = change.names
+        if change.paths is not None:
+            self.paths = change.paths
+        if change.endpoint_labels is not None:
+            self.endpoint_labels = change.endpoint_labels
         self._imported = dict(change.imported)
         if change.cluster is not None:
             self._cluster = change.cluster
@@ -323,6 +570,10 @@ class PolicyStore:
         return LiveConnectionPolicy(
             self, direction, local_labels, remote_ip, remote_labels, port, l7proto, audit
         )
+
+
+def _same_documents(a: Sequence[Document], b: Sequence[Document]) -> bool:
+    return [(d.name, d.source, d.raw) for d in a] == [(d.name, d.source, d.raw) for d in b]
 
 
 class LiveConnectionPolicy:
