@@ -19,7 +19,10 @@ peer) is looked up as the IPv4 address it carries, so one ``identities`` entry s
 from __future__ import annotations
 
 import ipaddress
-import socket
+
+# inet_pton from the C module: the policy package stays free of the socket module's I/O
+# machinery (selectors), which the sans-IO readers that import it are checked for.
+from _socket import AF_INET, inet_pton
 from collections.abc import Mapping, Sequence
 from types import MappingProxyType
 from typing import Final
@@ -82,7 +85,7 @@ def fast_cidr(text: str) -> tuple[int, int, int] | None:
     if ":" in addr or not (plen_text.isdigit() or not slash):
         return None
     try:
-        value = int.from_bytes(socket.inet_pton(socket.AF_INET, addr), "big")
+        value = int.from_bytes(inet_pton(AF_INET, addr), "big")
     except OSError:
         return None
     plen = int(plen_text) if slash else 32
