@@ -51,7 +51,7 @@ if _native is not None:
         key_text=key_text,
     )
     # The native parser evaluates a connection's LiveConnectionPolicy itself when its rules are
-    # MemcacheRule/ALLOW_ALL (same semantics; any other matcher is called), see proxyd/_native.c.
+    # MemcacheRule/ALLOW_ALL (same semantics; any other matcher is called), see proxyd/_native/policy.c.
     from proxyd.parser import ALLOW_ALL
     from proxyd.policy import regex as _regex
     from proxyd.policy.store import LiveConnectionPolicy
