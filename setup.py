@@ -48,8 +48,8 @@ if os.environ.get("PROXYD_PURE_BUILD") != "1":
     ext_modules.append(
         Extension(
             "proxyd._native",
-            sources=sorted(glob.glob("proxyd/_native/*.c")),
-            depends=["proxyd/_native/native.h"],
+            sources=sorted(glob.glob("proxyd/_native_src/*.c")),
+            depends=["proxyd/_native_src/native.h"],
             extra_compile_args=["-O2", "-Wall", "-Wno-missing-field-initializers", *extra],
             extra_link_args=[f for f in extra if f.startswith("-fsanitize")],
         )

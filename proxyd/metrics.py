@@ -101,7 +101,7 @@ class Metrics:
         for result in ("success", "failure"):
             self.policy_reloads_total.labels(result)
         from proxyd import __version__
-        from proxyd.engine import IMPLEMENTATION
+        from proxyd.native import IMPLEMENTATION
 
         #: proxyd_build_info{version, data_path}: data_path is native (compiled twin) or python.
         self.build_info = Info("proxyd_build", "proxyd version and which data path runs", registry=r)
