@@ -98,8 +98,22 @@ class Metrics:
             "proxyd_policy_reloads", "Policy reload attempts by result", ["result"], registry=r
         )
         self.policy_revision = Gauge("proxyd_policy_revision", "Revision of the policy in force", registry=r)
+        #: `workers`: 1 for the single-process daemon; the control process of workers: N sets it.
+        self.workers = Gauge("proxyd_workers", "Worker processes running", registry=r)
+        self.workers.set(1)
+        self.worker_restarts_total = Counter(
+            "proxyd_worker_restarts", "Worker processes restarted after they exited", registry=r
+        )
         for result in ("success", "failure"):
             self.policy_reloads_total.labels(result)
+        #: Only with a `kubernetes` section (docs/kubernetes.md): how fresh the cluster state is.
+        self.kubernetes_synced = Gauge(
+            "proxyd_kubernetes_synced", "1 while every Kubernetes list/watch is up, else 0", registry=r
+        )
+        self.kubernetes_last_event = Gauge(
+            "proxyd_kubernetes_last_event_timestamp_seconds",
+            "Unix time of the last Kubernetes list or watch event applied", registry=r,
+        )  # fmt: skip
         from proxyd import __version__
         from proxyd.native import IMPLEMENTATION
 

@@ -97,6 +97,8 @@ class ListenerRuntime:
         sock = socket.socket(family, socket.SOCK_STREAM)
         try:
             sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+            if self.daemon.reuse_port:  # worker processes share the address (proxyd.workers)
+                sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEPORT, 1)
             if family == socket.AF_INET6 and ipaddress.ip_address(host).is_unspecified:
                 sock.setsockopt(socket.IPPROTO_IPV6, socket.IPV6_V6ONLY, 0)
             try:
@@ -257,7 +259,7 @@ class ListenerRuntime:
         info = ConnInfo(conn_id, cfg.name, cfg.direction, src, dst, cfg.l7proto or "")
         if reason is None and cfg.upstream is None and d.upstream_locals.get((src_ip, src_port)) == upstream:
             reason = "loop: this is proxyd's own upstream connection, redirected back to it"
-        if reason is None and d.active_connections() > self.limits.max_connections:
+        if reason is None and d.admitted_connections() > self.limits.max_connections:
             reason = f"max_connections ({self.limits.max_connections}) reached"
         policy: L7Policy = AllowAllPolicy()
         hello_view = None
@@ -292,6 +294,7 @@ class ListenerRuntime:
 
     def forget(self, conn: Connection) -> None:
         self.conns.discard(conn)
+        self.daemon.connection_ended()
         if not self.conns:
             self.daemon.listener_idle(self)
 
@@ -316,6 +319,9 @@ class ListenerRuntime:
 class Daemon:
     """One proxyd process's worth of state; tests run several in one event loop."""
 
+    #: Bind listeners with SO_REUSEPORT: set by the worker processes of ``workers: N``.
+    reuse_port = False
+
     def __init__(self, config: Config, registry: Registry | None = None) -> None:
         self.config = config
         self.registry = registry or Registry.load()
@@ -324,7 +330,12 @@ class Daemon:
         self.log = make_logger(LineWriter("stderr"))
         self.identities = IdentityMap.from_entries(config.identities)
         self._labels_cache: dict[str, Mapping[str, str]] = {}
-        self.policy = PolicyStore(self.registry, config.policy.paths, config.policy.state_dir)
+        self.policy = PolicyStore(
+            self.registry,
+            config.policy.paths,
+            config.policy.state_dir,
+            kubernetes=config.kubernetes is not None,
+        )
         self.metrics.policy_revision.set(self.policy.revision)
         self.metrics.connections_max.set(config.limits.max_connections)
         self.listeners: dict[str, ListenerRuntime] = {}
@@ -354,6 +365,8 @@ class Daemon:
         self._fd_recount_at = 0.0
         self._fd_log_at = -FD_LOG_INTERVAL
         self._fd_events = 0  # pauses and EMFILE events since the last log line
+        #: The cluster source (docs/kubernetes.md), made at start: its client needs a loop.
+        self.kube: Any = None
 
     # --- queries ---------------------------------------------------------------------------
 
@@ -362,18 +375,36 @@ class Daemon:
             len(lr.conns) for lr in self._retired
         )
 
+    def admitted_connections(self) -> int:
+        """Connections counted against ``limits.max_connections`` (a worker of ``workers: N``
+        adds the other workers')."""
+        return self.active_connections()
+
+    def connection_ended(self) -> None:
+        """A connection ended (a worker of ``workers: N`` publishes its count)."""
+
     def labels_for(self, ip: str) -> Mapping[str, str]:
         """Identity labels of an address, memoised: the same few peers connect again and again."""
         labels = self._labels_cache.get(ip)
         if labels is None:
             if len(self._labels_cache) >= LABELS_CACHE_SIZE:
                 self._labels_cache.clear()
-            try:
-                labels = self.identities.labels_for(ip)
-            except ValueError:  # a fixed upstream given by name: no address, no labels
-                labels = {}
+            cluster = self.kube.identity(ip) if self.kube is not None else None
+            if cluster is not None:  # an address the cluster knows wins over a static prefix
+                labels = cluster.labels
+            else:
+                try:
+                    labels = self.identities.labels_for(ip)
+                except ValueError:  # a fixed upstream given by name: no address, no labels
+                    labels = {}
             self._labels_cache[ip] = labels
         return labels
+
+    def identity_view(self) -> Any:
+        """The identities in force, with where each address's labels came from (explain, admin)."""
+        from proxyd.kube.cluster import LayeredIdentities
+
+        return LayeredIdentities(self.kube, self.identities)
 
     def add_closed_bytes(self, listener: str, bytes_in: int, bytes_out: int) -> None:
         totals = self._closed_bytes.get(listener)
@@ -522,17 +553,14 @@ class Daemon:
     # --- lifecycle -------------------------------------------------------------------------
 
     async def start(self) -> None:
+        if self.config.kubernetes is not None:
+            await self._start_kubernetes()
         for lc in self.config.listeners:
             lr = ListenerRuntime(self, lc)
             await lr.bind()
             self.listeners[lc.name] = lr
             self.log.info("listening", listener=lc.name, address=lc.address, l7proto=lc.l7proto)
-        if self.config.admin is not None:
-            from proxyd.admin import AdminServer
-
-            self._admin = AdminServer(self)
-            adm = self.config.admin
-            await self._admin.start(adm.host, adm.port)  # OSError naming admin.address/socket
+        await self._start_admin()
         self._count_fds()
         self.ready = True
         sdnotify.notify("READY=1", f"STATUS=serving {len(self.listeners)} listeners")
@@ -543,6 +571,94 @@ class Daemon:
             self._spawn(self._watch_policy())
         self._spawn(self._watch_access_log())
         self._spawn(self._sweep_timeouts())
+
+    async def _start_admin(self) -> None:
+        if self.config.admin is not None and self._admin is None:
+            from proxyd.admin import AdminServer
+
+            admin = AdminServer(self)
+            adm = self.config.admin
+            try:
+                await admin.start(adm.host, adm.port)  # OSError naming admin.address/socket
+            except BaseException:
+                await admin.stop()
+                raise
+            self._admin = admin  # only once it answers: admin_address() is then complete
+
+    async def _start_kubernetes(self) -> None:
+        """Start the cluster source and wait for its first full sync (admin up, /readyz 503)."""
+        from proxyd.kube.cluster import KubeSource
+
+        kc = self.config.kubernetes
+        assert kc is not None
+        await self._start_admin()
+
+        def on_state(synced: bool, last_event: float) -> None:
+            self.metrics.kubernetes_synced.set(1 if synced else 0)
+            if last_event:
+                self.metrics.kubernetes_last_event.set(last_event)
+
+        self._kube_policies_due = asyncio.Event()
+        self.kube = KubeSource(
+            kc, on_change=self._cluster_changed, on_state=on_state,
+            log_warning=lambda event, **kw: self.log.warning(event, **kw),
+            on_policies=self._kube_policies_due.set,
+        )  # fmt: skip
+        self.kube.start()
+        self.log.info("kubernetes: waiting for the first full sync before accepting")
+        await self.kube.source.synced.wait()
+        await self._apply_kube_policies()  # the first full list of policies, before accepting
+        self._spawn(self._watch_kube_policies())
+        self.log.info("kubernetes: synced", addresses=len(self.kube.state.identities()))
+
+    async def _watch_kube_policies(self) -> None:
+        while True:
+            await self._kube_policies_due.wait()
+            self._kube_policies_due.clear()
+            try:
+                await self._apply_kube_policies()
+            except Exception as exc:  # a bug, not a bad object: log it and keep watching
+                self.log.error("kubernetes: policy update failed", error=f"{type(exc).__name__}: {exc}")
+
+    async def _apply_kube_policies(self) -> None:
+        """Validate the changed API policy objects each alone (on a worker), then apply them."""
+        from proxyd.kube.policies import validate
+
+        pol = self.kube.policies
+        while pol.pending:
+            batch = pol.take()
+            async with self._policy_lock:
+
+                def build(batch: Any = batch) -> tuple[Any, Change]:
+                    results = validate(batch, self.registry)
+                    return results, self.policy.build_cluster(pol.preview(results))
+
+                try:
+                    results, change = await asyncio.get_running_loop().run_in_executor(None, build)
+                except PolicyError as exc:  # the objects parse, the set does not compile
+                    self._reload_rejected("kubernetes", exc)
+                    continue
+                refused = pol.commit(results)
+                revision = self.policy.commit(change)
+                self.policy.cluster_errors = dict(pol.errors)
+            for name, problems in refused:
+                self.metrics.policy_reloads_total.labels("failure").inc()
+                self.log.error("kubernetes: policy object refused; its last good version stays",
+                               name=name, problems=problems)  # fmt: skip
+            if len(refused) < len(results):
+                self._reloaded("kubernetes", revision)
+
+    def _cluster_changed(self, ips: set[str]) -> None:
+        """Addresses whose cluster identity changed: the next accept from them looks again."""
+        if not ips:
+            return
+        if len(ips) > 256:  # a relist or a namespace relabel: cheaper to forget everything
+            self._labels_cache = {}
+            return
+        cache = self._labels_cache
+        for ip in ips:  # the keys are addresses as sockets report them (dual-stack: mapped)
+            cache.pop(ip, None)
+            cache.pop(f"::ffff:{ip}", None)
 
     def spawn(self, coro: Any) -> None:
         """Run ``coro`` as a task the daemon keeps a reference to and cancels at stop."""
@@ -642,6 +758,10 @@ class Daemon:
             self.log.error("access log reopen failed, still writing to the old file",
                            path=self.config.access_log.path, error=exc.strerror or str(exc))  # fmt: skip
 
+    async def render_metrics(self) -> bytes:
+        """The ``/metrics`` body (the control process of ``workers: N`` gathers its workers')."""
+        return self.metrics.render()
+
     def request_stop(self) -> None:
         self._stop.set()
 
@@ -682,6 +802,8 @@ class Daemon:
                 conn.close_now("drain timeout at shutdown")
         for task in list(self._tasks):
             task.cancel()
+        if self.kube is not None:
+            await self.kube.stop()
         if self._admin is not None:
             await self._admin.stop()
         await asyncio.sleep(0)
@@ -762,6 +884,8 @@ class Daemon:
             return False
         if new.policy.state_dir != self.config.policy.state_dir:
             self.log.warning("policy.state_dir changes apply at the next restart")
+        if new.kubernetes != self.config.kubernetes:
+            self.log.warning("kubernetes section changes apply at the next restart")
         self.identities = IdentityMap.from_entries(new.identities)
         self._labels_cache = {}
         before = len(self.listeners)
@@ -769,7 +893,8 @@ class Daemon:
         self._count_fds(listeners_added=len(self.listeners) - before)
         # Settings that only affect new connections take effect now; the access log and admin
         # address are fixed for the process lifetime (a restart applies them).
-        self.config = replace(new, access_log=self.config.access_log, admin=self.config.admin)
+        self.config = replace(new, access_log=self.config.access_log, admin=self.config.admin,
+                              kubernetes=self.config.kubernetes)  # fmt: skip
         self.metrics.connections_max.set(new.limits.max_connections)
         self.log.info("config reloaded", listeners=sorted(self.listeners))
         return True
