@@ -68,13 +68,18 @@ def engine_class(implementation: str | None) -> type[PyEngine]:
     raise ValueError(f"implementation must be 'python' or 'native', not {implementation!r}")
 
 
-def parser_twins(engine: object) -> Any:
-    """The compiled module whose parser twins a connection on ``engine`` gets, or None.
+def parser_twins(ctx: object) -> Any:
+    """The compiled module whose parser twins serve ``ctx``'s connection, or None.
 
-    Set exactly when ``engine`` is the compiled engine: a connection is all native or all
-    Python, whatever ``PROXYD_PURE`` says (a test may ask for the native engine).
+    Set exactly when ``ctx`` is a :class:`proxyd.context.Context` on the compiled engine: a
+    connection is all native or all Python, whatever ``PROXYD_PURE`` says (a test may ask for
+    the native engine).
     """
     mod = native_module()
-    if mod is not None and type(engine) is mod.Engine:
+    if mod is None:
+        return None
+    from proxyd.context import Context  # imports this module: not at the top
+
+    if isinstance(ctx, Context) and type(ctx.engine) is mod.Engine:
         return mod
     return None

@@ -51,10 +51,9 @@ static PyObject *mod_setup(PyObject *m, PyObject *args, PyObject *kw) {
 
 static PyObject *mod_setup_memcache(PyObject *m, PyObject *args, PyObject *kw) {
     static char *kwlist[] = {"MemcacheRequest", "REQUEST", "RESPONSE", "DENIED", "denied_reply",
-                             "text_barrier", "binary_barrier", "Context", "ALLOWED", "key_text", NULL};
-    PyObject *req, *rq, *rs, *dn, *dr, *tb, *bb, *cx, *al, *kt;
-    if (!PyArg_ParseTupleAndKeywords(args, kw, "$OOOOSSSOOO", kwlist, &req, &rq, &rs, &dn, &dr, &tb, &bb, &cx, &al,
-                                     &kt))
+                             "text_barrier", "binary_barrier", "key_text", "MemcacheRule", NULL};
+    PyObject *req, *rq, *rs, *dn, *dr, *tb, *bb, *kt, *mr;
+    if (!PyArg_ParseTupleAndKeywords(args, kw, "$OOOOSSSOO", kwlist, &req, &rq, &rs, &dn, &dr, &tb, &bb, &kt, &mr))
         return NULL;
     if (!PyType_Check(req) || !PyType_IsSubtype((PyTypeObject *)req, &PyTuple_Type)) {
         PyErr_SetString(PyExc_TypeError, "MemcacheRequest must be a tuple subclass");
@@ -68,20 +67,28 @@ static PyObject *mod_setup_memcache(PyObject *m, PyObject *args, PyObject *kw) {
     KEEP(s_denied_reply, dr);
     KEEP(s_text_barrier, tb);
     KEEP(s_bin_barrier, bb);
-    KEEP(g_Context, cx);
-    KEEP(g_ALLOWED, al);
     KEEP(g_key_text, kt);
+    KEEP(g_MemcacheRule, mr);
 #undef KEEP
     Py_RETURN_NONE;
 }
 
 static PyObject *mod_setup_policy(PyObject *m, PyObject *args, PyObject *kw) {
-    static char *kwlist[] = {"LiveConnectionPolicy", "MemcacheRule", "RuleRegex", "ALLOW_ALL", "unanchored", NULL};
-    PyObject *lp, *mr, *rr, *aa, *an;
-    if (!PyArg_ParseTupleAndKeywords(args, kw, "$OOOOO", kwlist, &lp, &mr, &rr, &aa, &an)) return NULL;
+    static char *kwlist[] = {"version", "LiveConnectionPolicy", "RuleRegex", "ALLOW_ALL", "unanchored",
+                             "Context", "ALLOWED", NULL};
+    int version;
+    PyObject *lp, *rr, *aa, *an, *cx, *al;
+    if (!PyArg_ParseTupleAndKeywords(args, kw, "$iOOOOOO", kwlist, &version, &lp, &rr, &aa, &an, &cx, &al))
+        return NULL;
+    if (version != FLAT_POLICY_VERSION) {
+        PyErr_Format(PyExc_ValueError, "flattened-policy interface version %d, this build reads version %d",
+                     version, FLAT_POLICY_VERSION);
+        return NULL;
+    }
 #define KEEP(g, v) do { Py_INCREF(v); Py_XSETREF(g, v); } while (0)
     KEEP(g_LivePolicy, lp);
-    KEEP(g_MemcacheRule, mr);
+    KEEP(g_Context, cx);
+    KEEP(g_ALLOWED, al);
     KEEP(g_RuleRegex, rr);
     KEEP(g_ALLOW_ALL, aa);
     KEEP(g_anchor, an);
@@ -91,7 +98,7 @@ static PyObject *mod_setup_policy(PyObject *m, PyObject *args, PyObject *kw) {
 
 static PyMethodDef module_methods[] = {
     {"setup_policy", (PyCFunction)(void (*)(void))mod_setup_policy, METH_VARARGS | METH_KEYWORDS,
-     "Hand over the policy types the memcache parser flattens (called by proxyd.parsers.memcache)."},
+     "Hand over the flattened-policy interface (called by proxyd.policy.flat; docs/native.md)."},
     {"setup", (PyCFunction)(void (*)(void))mod_setup, METH_VARARGS | METH_KEYWORDS,
      "Hand the engine's Python pieces over (called once by proxyd.engine)."},
     {"setup_memcache", (PyCFunction)(void (*)(void))mod_setup_memcache, METH_VARARGS | METH_KEYWORDS,

@@ -79,6 +79,10 @@ int memcache_init(void);
 /* ------------------------------------------------------------------------------------------ */
 /* The flattened per-connection policy (policy.c), embedded in a native parser.                */
 
+/* The version of the interface proxyd.policy.flat hands over through setup_policy() (the types
+ * and attributes listed in docs/native.md); a mismatch is refused at import. */
+#define FLAT_POLICY_VERSION 1
+
 struct FlatRule;
 
 typedef struct FlatPolicy {

@@ -24,16 +24,16 @@ from __future__ import annotations
 from collections.abc import Mapping
 from typing import Any, cast
 
-from proxyd.context import ALLOWED, Context
 from proxyd.errors import ParserConfigError
 from proxyd.native import native_module, parser_twins
 from proxyd.ops import NOP_VERDICT, Verdict
 from proxyd.parser import ConnectionContext, Data, EntryType, Parser, ParserFactory, RuleMatcher
+from proxyd.policy.flat import hand_over
 
 from . import binary, text
 from .binary import BinaryProtocol
 from .common import key_text, unsolicited_line
-from .rules import RULE_KEYS, MemcacheRequest, compile_rule
+from .rules import RULE_KEYS, MemcacheRequest, MemcacheRule, compile_rule
 from .text import TextProtocol
 
 _native = native_module()
@@ -46,25 +46,13 @@ if _native is not None:
         denied_reply=text.DENIED_REPLY,
         text_barrier=text.BARRIER_REQUEST,
         binary_barrier=binary.BARRIER_REQUEST,
-        Context=Context,
-        ALLOWED=ALLOWED,
         key_text=key_text,
-    )
-    # The native parser evaluates a connection's LiveConnectionPolicy itself when its rules are
-    # MemcacheRule/ALLOW_ALL (same semantics; any other matcher is called), see proxyd/_native_src/policy.c.
-    from proxyd.parser import ALLOW_ALL
-    from proxyd.policy import regex as _regex
-    from proxyd.policy.store import LiveConnectionPolicy
-
-    from .rules import MemcacheRule
-
-    _native.setup_policy(
-        LiveConnectionPolicy=LiveConnectionPolicy,
         MemcacheRule=MemcacheRule,
-        RuleRegex=_regex.RuleRegex,
-        ALLOW_ALL=ALLOW_ALL,
-        unanchored=_regex._UNANCHORED,
     )
+    # The native parser evaluates a connection's policy itself when its rules are
+    # MemcacheRule/ALLOW_ALL (same semantics; any other matcher is called), through the
+    # flattened-policy interface (proxyd.policy.flat; see proxyd/_native_src/policy.c).
+    hand_over(_native)
 
 
 class MemcacheParser(Parser):
@@ -128,7 +116,7 @@ class MemcacheFactory(ParserFactory):
         log_responses = True if config is None else bool(config.get("log_responses", True))
         # Response entries the access-log mode discards are not built at all.
         log_responses = log_responses and bool(getattr(ctx, "logs_responses", True))
-        twins = parser_twins(ctx.engine) if isinstance(ctx, Context) else None
+        twins = parser_twins(ctx)
         if twins is not None:
             # The native engine runs (or a test asked for it): the compiled twin of this parser.
             return cast(Parser, twins.Memcache(ctx, log_responses))
