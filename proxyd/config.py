@@ -335,8 +335,9 @@ def _line_of(problem: str) -> int:
 # --- the loader ------------------------------------------------------------------------------
 
 _TOP = (
-    "listeners", "identities", "policy", "access_log", "admin", "limits", "upstream_mark", "workers", "kubernetes",
-)
+    "listeners", "identities", "policy", "access_log", "admin", "limits", "upstream_mark", "workers",
+    "kubernetes",
+)  # fmt: skip
 _KUBERNETES = ("kubeconfig", "cluster_name", "node_name", "identities", "policies")
 _LISTENER = (
     "name", "address", "l7proto", "upstream", "direction", "parser_config", "policy_mode", "redirect",
@@ -449,7 +450,8 @@ def parse_config(text: str, path: Path, registry: Registry) -> Config:
         # The cluster source lives in the control process; its identities are not pushed to
         # workers yet, so together they would enforce without the cluster's labels.
         p.add(doc.where_of("workers"), "workers",
-              "more than one worker cannot be combined with a kubernetes section yet; use workers: 1")  # fmt: skip
+              "more than one worker cannot be combined with a kubernetes section yet; "
+              "use workers: 1")  # fmt: skip
     if p.lines:
         raise ConfigError(sorted(p.lines, key=_line_of))
     return Config(
