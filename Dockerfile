@@ -11,7 +11,7 @@
 ARG PYTHON_IMAGE=python:3.11-slim-bookworm
 
 FROM ${PYTHON_IMAGE} AS builder
-# The C compiler builds proxyd's native data path (proxyd/_native.c) into the wheel; it stays in
+# The C compiler builds proxyd's native data path (proxyd/_native_src/*.c) into the wheel; it stays in
 # this stage: the runtime stage gets the built wheel and no compiler.
 # hadolint ignore=DL3008
 RUN apt-get update \

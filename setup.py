@@ -8,6 +8,7 @@ the extension on purpose; ``PROXYD_NATIVE_CFLAGS`` adds compiler flags (CI's san
 
 from __future__ import annotations
 
+import glob
 import os
 import shlex
 import sys
@@ -47,7 +48,8 @@ if os.environ.get("PROXYD_PURE_BUILD") != "1":
     ext_modules.append(
         Extension(
             "proxyd._native",
-            sources=["proxyd/_native.c"],
+            sources=sorted(glob.glob("proxyd/_native_src/*.c")),
+            depends=["proxyd/_native_src/native.h"],
             extra_compile_args=["-O2", "-Wall", "-Wno-missing-field-initializers", *extra],
             extra_link_args=[f for f in extra if f.startswith("-fsanitize")],
         )

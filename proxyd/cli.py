@@ -8,8 +8,8 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 from proxyd import __version__
-from proxyd.engine import IMPLEMENTATION
 from proxyd.errors import ConfigError, PolicyError
+from proxyd.native import IMPLEMENTATION
 from proxyd.registry import Registry, RegistryError
 
 if TYPE_CHECKING:

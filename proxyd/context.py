@@ -10,7 +10,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 from typing import Any, Protocol
 
-from proxyd.engine import Engine
+from proxyd.native import Engine
 from proxyd.parser import Endpoint, EntryType, Fields
 
 

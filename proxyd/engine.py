@@ -39,7 +39,6 @@ and injected data has no size cap other than the buffer limit.
 
 from __future__ import annotations
 
-import os
 from collections.abc import Callable
 from typing import TYPE_CHECKING, Any, Protocol
 
@@ -89,8 +88,8 @@ class _Side:
 class PyEngine:
     """Applies verdicts for one connection. ``parser=None`` relays bytes untouched (L4).
 
-    The reference implementation; :data:`Engine` is this class or its compiled twin
-    (``proxyd._native.Engine``), which behaves the same (see :data:`IMPLEMENTATION`).
+    The reference implementation; :data:`proxyd.native.Engine` is this class or its compiled
+    twin (``proxyd._native.Engine``), which behaves the same (see :mod:`proxyd.native`).
     """
 
     __slots__ = (
@@ -396,36 +395,24 @@ def _opcode(op: object) -> int:
     return 0
 
 
-_native_module: Any = None
-
-
-def native_module() -> Any:
-    """The compiled module (set up for use), or None when it is not built.
-
-    Ignores ``PROXYD_PURE``: the equivalence tests drive both paths in one process.
-    """
-    global _native_module
-    if _native_module is None:
-        try:
-            from proxyd import _native  # type: ignore[attr-defined]
-        except ImportError:
-            return None
-        _native.setup(EngineError=EngineError, ops=tuple(Op), unpack=_unpack, opcode=_opcode, opname=_name)
-        _native_module = _native
-    return _native_module
-
-
-def pure_forced() -> bool:
-    """Whether ``PROXYD_PURE`` (set, not empty, not 0) forces the Python path."""
-    return os.environ.get("PROXYD_PURE", "") not in ("", "0")
-
-
-#: The compiled module when the native path runs (built, and not ``PROXYD_PURE=1``), else None.
-native: Any = None if pure_forced() else native_module()
-#: Which data path runs: ``native`` (compiled twin) or ``python`` (reference).
-IMPLEMENTATION = "native" if native is not None else "python"
+# The choice between PyEngine and its twin is made in proxyd.native, the one selector for every
+# twin. These names stay importable from here for code written before it existed.
+_SELECTED = ("Engine", "IMPLEMENTATION", "native", "native_module", "pure_forced")
 
 if TYPE_CHECKING:
     Engine = PyEngine
+    IMPLEMENTATION: str
+    native: Any
+
+    def native_module() -> Any: ...
+
+    def pure_forced() -> bool: ...
+
 else:
-    Engine = native.Engine if native is not None else PyEngine
+
+    def __getattr__(name: str) -> Any:
+        if name in _SELECTED:
+            from proxyd import native as _selector
+
+            return getattr(_selector, name)
+        raise AttributeError(f"module {__name__!r} has no attribute {name!r}")

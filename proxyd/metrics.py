@@ -115,7 +115,7 @@ class Metrics:
             "Unix time of the last Kubernetes list or watch event applied", registry=r,
         )  # fmt: skip
         from proxyd import __version__
-        from proxyd.engine import IMPLEMENTATION
+        from proxyd.native import IMPLEMENTATION
 
         #: proxyd_build_info{version, data_path}: data_path is native (compiled twin) or python.
         self.build_info = Info("proxyd_build", "proxyd version and which data path runs", registry=r)

@@ -48,7 +48,8 @@ import time
 from typing import TYPE_CHECKING, Any, cast
 
 from proxyd.context import ConnInfo, Context, L7Policy
-from proxyd.engine import Engine, EngineError
+from proxyd.engine import EngineError
+from proxyd.native import Engine
 from proxyd.origdst import unmap
 from proxyd.tlsgate import GateVerdict, HelloGate, SNIView
 

@@ -11,7 +11,7 @@ Example::
     assert h.forwarded[False] == b"READ a\\r\\n"
     assert h.to_client == b"ERROR\\r\\n"
 
-The harness drives the same :class:`proxyd.engine.Engine` and :class:`proxyd.context.Context` the
+The harness drives the same :class:`proxyd.native.Engine` and :class:`proxyd.context.Context` the
 daemon uses, so what passes here behaves the same on the wire. Policy is given as a predicate, as
 ``rules`` (``l7`` rule dicts compiled by the factory, any match allows), or as an object with a
 ``decide(request)`` method (the policy layer's per-connection view).
@@ -28,9 +28,9 @@ from collections.abc import Callable, Iterable, Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
-from proxyd import engine as _engine
 from proxyd.context import ALLOWED, ConnInfo, Context, L7Decision, L7Policy
-from proxyd.engine import Engine, EngineError, PyEngine
+from proxyd.engine import EngineError
+from proxyd.native import engine_class
 from proxyd.ops import Op, Verdict
 from proxyd.parser import Endpoint, Fields, ParserFactory
 
@@ -244,20 +244,6 @@ class Harness:
     def held(self, reply: bool = False) -> bool:
         """Whether the parser holds this direction (the relay would stop reading it)."""
         return self.engine.held(reply)
-
-
-def engine_class(implementation: str | None) -> type[PyEngine]:
-    """The engine class for ``implementation`` (``python``, ``native`` or None: the default)."""
-    if implementation is None:
-        return Engine
-    if implementation == "python":
-        return PyEngine
-    if implementation == "native":
-        mod = _engine.native_module()
-        if mod is None:
-            raise ValueError("the native engine is not built (proxyd._native)")
-        return mod.Engine  # type: ignore[no-any-return]
-    raise ValueError(f"implementation must be 'python' or 'native', not {implementation!r}")
 
 
 #: Public names for tests that build their own Context (e.g. a relay written in the test).

@@ -4,6 +4,7 @@ forces the Python path at run time; and which path ``proxyd --version`` and ``/m
 
 from __future__ import annotations
 
+import importlib.machinery
 import importlib.util
 import os
 import shutil
@@ -12,10 +13,12 @@ import sys
 import zipfile
 from pathlib import Path
 
+import pytest
 from needs import need_binary
 
-from proxyd import engine
+from proxyd import engine, native
 from proxyd.metrics import Metrics
+from proxyd.policy import flat
 
 REPO = Path(__file__).resolve().parent.parent
 
@@ -76,3 +79,32 @@ def test_pure_switch_selects_the_reference() -> None:
     elif engine.native_module() is not None:
         assert engine.Engine is engine.native_module().Engine
         assert engine.IMPLEMENTATION == "native"
+
+
+def test_one_selector_for_every_twin() -> None:
+    """proxyd.native decides; the names proxyd.engine kept for older imports are its objects."""
+    assert engine.Engine is native.Engine
+    assert engine.IMPLEMENTATION == native.IMPLEMENTATION
+    assert engine.native_module is native.native_module
+    assert engine.pure_forced is native.pure_forced
+
+
+def test_a_missing_build_leaves_nothing_in_its_place(tmp_path: Path) -> None:
+    """Without the extension, ``proxyd._native`` must not resolve, so the Python path takes over: a
+    directory of that name (say, for the C sources) would be imported as a namespace package."""
+    skip = shutil.ignore_patterns("*.so", "__pycache__")
+    shutil.copytree(REPO / "proxyd", tmp_path / "proxyd", ignore=skip)
+    spec = importlib.machinery.PathFinder.find_spec("proxyd._native", [str(tmp_path / "proxyd")])
+    assert spec is None, spec
+
+
+def test_the_flat_policy_interface_is_versioned() -> None:
+    """The compiled module reads the policy through one versioned interface and refuses another."""
+    mod = native.native_module()
+    if mod is None:  # pragma: no cover - CI always builds it
+        if os.environ.get("PROXYD_REQUIRE_BINARIES", "") not in ("", "0"):
+            pytest.fail("proxyd._native is not built (required: PROXYD_REQUIRE_BINARIES=1)")
+        pytest.skip("proxyd._native is not built")
+    with pytest.raises(ValueError, match="interface version 2, this build reads version 1"):
+        mod.setup_policy(version=flat.VERSION + 1, LiveConnectionPolicy=object, RuleRegex=object,
+                         ALLOW_ALL=object(), unanchored=None, Context=object, ALLOWED=object())  # fmt: skip

@@ -7,10 +7,10 @@ directions to :class:`.text.TextProtocol` or :class:`.binary.BinaryProtocol`. It
 dialect's ``on_data`` onto the instance, so the engine calls the dialect directly afterwards
 (one Python call per verdict on the hot path, not two).
 
-When the connection runs on the native engine (``proxyd._native``, see :mod:`proxyd.engine`),
-the factory creates
-the compiled twin of this parser (``proxyd._native.Memcache``) instead: the same framing,
-pending queue and denial placement, called by the engine without a Python call per verdict.
+When the connection runs on the native engine (``proxyd._native``; :mod:`proxyd.native`
+decides), the factory creates the compiled twin of this parser (``proxyd._native.Memcache``)
+instead: the same framing, pending queue and denial placement, called by the engine without a
+Python call per verdict.
 All three dialects (text, meta, binary) are native; policy decisions, rule matching (RE2
 included) and the access log stay in Python and are called from it.
 
@@ -24,16 +24,16 @@ from __future__ import annotations
 from collections.abc import Mapping
 from typing import Any, cast
 
-from proxyd.context import ALLOWED, Context
-from proxyd.engine import native_module
 from proxyd.errors import ParserConfigError
+from proxyd.native import native_module, parser_twins
 from proxyd.ops import NOP_VERDICT, Verdict
 from proxyd.parser import ConnectionContext, Data, EntryType, Parser, ParserFactory, RuleMatcher
+from proxyd.policy.flat import hand_over
 
 from . import binary, text
 from .binary import BinaryProtocol
 from .common import key_text, unsolicited_line
-from .rules import RULE_KEYS, MemcacheRequest, compile_rule
+from .rules import RULE_KEYS, MemcacheRequest, MemcacheRule, compile_rule
 from .text import TextProtocol
 
 _native = native_module()
@@ -46,25 +46,13 @@ if _native is not None:
         denied_reply=text.DENIED_REPLY,
         text_barrier=text.BARRIER_REQUEST,
         binary_barrier=binary.BARRIER_REQUEST,
-        Context=Context,
-        ALLOWED=ALLOWED,
         key_text=key_text,
-    )
-    # The native parser evaluates a connection's LiveConnectionPolicy itself when its rules are
-    # MemcacheRule/ALLOW_ALL (same semantics; any other matcher is called), see proxyd/_native.c.
-    from proxyd.parser import ALLOW_ALL
-    from proxyd.policy import regex as _regex
-    from proxyd.policy.store import LiveConnectionPolicy
-
-    from .rules import MemcacheRule
-
-    _native.setup_policy(
-        LiveConnectionPolicy=LiveConnectionPolicy,
         MemcacheRule=MemcacheRule,
-        RuleRegex=_regex.RuleRegex,
-        ALLOW_ALL=ALLOW_ALL,
-        unanchored=_regex._UNANCHORED,
     )
+    # The native parser evaluates a connection's policy itself when its rules are
+    # MemcacheRule/ALLOW_ALL (same semantics; any other matcher is called), through the
+    # flattened-policy interface (proxyd.policy.flat; see proxyd/_native_src/policy.c).
+    hand_over(_native)
 
 
 class MemcacheParser(Parser):
@@ -128,7 +116,8 @@ class MemcacheFactory(ParserFactory):
         log_responses = True if config is None else bool(config.get("log_responses", True))
         # Response entries the access-log mode discards are not built at all.
         log_responses = log_responses and bool(getattr(ctx, "logs_responses", True))
-        if _native is not None and isinstance(ctx, Context) and type(ctx.engine) is _native.Engine:
+        twins = parser_twins(ctx)
+        if twins is not None:
             # The native engine runs (or a test asked for it): the compiled twin of this parser.
-            return cast(Parser, _native.Memcache(ctx, log_responses))
+            return cast(Parser, twins.Memcache(ctx, log_responses))
         return MemcacheParser(ctx, log_responses)
