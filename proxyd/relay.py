@@ -32,6 +32,7 @@ Protocol-free I/O on asyncio transports (uvloop). What it guarantees (docs/confi
 
 from __future__ import annotations
 
+import _socket
 import asyncio
 import contextlib
 import errno
@@ -59,8 +60,12 @@ CLOSE_LINGER = 10.0  # seconds a closed connection may take to flush before it i
 _LINGER_RST = struct.pack("ii", 1, 0)  # SO_LINGER on, 0 s: close() sends RST
 
 
-def _sock_of(transport: asyncio.Transport) -> socket.socket | None:
-    """A socket object on the transport's own descriptor (no ``dup``); ``detach()`` it after."""
+def _sock_of(transport: asyncio.Transport) -> _socket.socket | None:
+    """A socket object on the transport's own descriptor (no ``dup``); ``detach()`` it after.
+
+    The C-level ``_socket.socket``: the ``socket.socket`` wrapper's Python ``__init__`` and
+    enum conversions were a visible share of a short connection's teardown.
+    """
     pseudo = transport.get_extra_info("socket")
     if pseudo is None:
         return None
@@ -68,7 +73,7 @@ def _sock_of(transport: asyncio.Transport) -> socket.socket | None:
         fd = pseudo.fileno()
         if fd < 0:
             return None
-        return socket.socket(pseudo.family, pseudo.type, 0, fd)
+        return _socket.socket(pseudo.family, pseudo.type, 0, fd)
     except OSError:
         return None
 
@@ -146,7 +151,15 @@ class Connection(asyncio.Protocol):
         self.bytes_in = 0
         self.bytes_out = 0
         self._unparsed = [0, 0]
-        self._task: asyncio.Task[None] | None = None
+        self._task: asyncio.Task[None] | None = None  # resolving the upstream's name
+        #: The upstream connect in progress (see _connect_start): socket, whether add_writer
+        #: watches it, the connect_timeout timer, its local address in upstream_locals, and
+        #: create_connection(sock=) once the handshake is done.
+        self._csock: socket.socket | None = None
+        self._cwatch = False
+        self._ctimer: asyncio.TimerHandle | None = None
+        self._clocal: tuple[str, int] | None = None
+        self._coro: Any = None
         self._l4 = True  # no parser: relay bytes directly
         self._up_rx = 0  # bytes received from the upstream (idle detection)
         self._client_full = False  # the client's write buffer is above its high-water mark
@@ -180,17 +193,21 @@ class Connection(asyncio.Protocol):
             self._counted = True
             self.lr.metrics.active.inc()
         factory = self.lr.factory
-        self.engine = Engine(None, self._send, buffer_limit=self.lr.limits.buffer_bytes,
-                             on_error=self._engine_error)  # fmt: skip
-        if factory is not None:
+        if factory is not None:  # an L4 listener relays bytes itself: no engine, no parser
             self._l4 = False
-            self.ctx = Context(info, self.engine, policy, self.lr.access_log)
+            self.engine = engine = Engine(None, self._send, buffer_limit=self.lr.limits.buffer_bytes,
+                                          on_error=self._engine_error)  # fmt: skip
+            self.ctx = Context(info, engine, policy, self.lr.access_log)
             try:
-                self.engine.parser = factory.create(self.ctx, self.lr.config.parser_settings)
+                engine.parser = factory.create(self.ctx, self.lr.config.parser_settings)
             except Exception as exc:  # the sandbox: a factory bug closes this connection only
                 self._engine_error(EngineError("exception", f"{type(exc).__name__}: {exc}"))
                 return
-        self._task = asyncio.get_running_loop().create_task(self._connect())
+        host, port = upstream
+        if _is_ip(host):
+            self._connect_start(socket.AF_INET6 if ":" in host else socket.AF_INET, upstream)
+        else:
+            self._task = asyncio.get_running_loop().create_task(self._resolve(host, port))
 
     def read_hello(self, info: ConnInfo, upstream: tuple[str, int], view: SNIView) -> None:
         """Admitted pending its TLS ClientHello (proxyd.tlsgate): read it before connecting."""
@@ -278,61 +295,113 @@ class Connection(asyncio.Protocol):
         self.info = info
         self._finish("denied", reason)
 
-    async def _connect(self) -> None:
-        assert self.upstream_addr is not None
-        loop = asyncio.get_running_loop()
-        host, port = self.upstream_addr
-        sock: socket.socket | None = None
-        own = self.lr.daemon.upstream_locals
-        local: tuple[str, int] | None = None
+    # --- upstream connect ------------------------------------------------------------------
+    #
+    # A plain callback chain, no task or coroutine of our own per connection (a name to resolve
+    # is the exception): socket, non-blocking connect started by hand, add_writer for its end,
+    # one timer for connect_timeout, then uvloop's create_connection(sock=) stepped by hand
+    # (it only waits for connection_made, one loop iteration). Started by hand so the local
+    # address is known before the handshake: if a NAT rule sends this very connection back to
+    # one of our listeners, the accept side recognises it and refuses it (no redirect loop).
+
+    async def _resolve(self, host: str, port: int) -> None:
         try:
-            if _is_ip(host):
-                family = socket.AF_INET6 if ":" in host else socket.AF_INET
-                addr: Any = (host, port)
-            else:
-                infos = await loop.getaddrinfo(host, port, type=socket.SOCK_STREAM)
-                family, _, _, _, addr = infos[0]
-            sock = socket.socket(family, socket.SOCK_STREAM)
-            sock.setblocking(False)
-            sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
-            if self.lr.upstream_mark is not None:
-                sock.setsockopt(socket.SOL_SOCKET, socket.SO_MARK, self.lr.upstream_mark)
-            async with asyncio.timeout(self.lr.limits.connect_timeout):
-                # The connect is started by hand so the local address is known before the
-                # handshake: if a NAT rule sends this very connection back to one of our
-                # listeners, the accept side recognises it and refuses it (no redirect loop).
-                with contextlib.suppress(BlockingIOError):
-                    sock.connect(addr)
-                name = sock.getsockname()
-                local = (unmap(name[0]), name[1])
-                own[local] = (host, port)
-                await _wait_connected(loop, sock)
-            transport, _ = await loop.create_connection(lambda: UpstreamProtocol(self), sock=sock)
-        except (OSError, TimeoutError) as exc:
-            if local is not None:
-                own.pop(local, None)
-            if sock is not None:
-                sock.close()
-            if self._closed:
-                return
-            self.lr.metrics.connect_failures.inc()
-            if isinstance(exc, OSError) and exc.errno in (errno.EMFILE, errno.ENFILE):
-                self.lr.daemon.out_of_fds(exc)
-            why = "timeout" if isinstance(exc, TimeoutError) else (exc.strerror or str(exc))
-            self._finish("error", f"upstream connect failed: {why}")
+            infos = await asyncio.get_running_loop().getaddrinfo(host, port, type=socket.SOCK_STREAM)
+        except OSError as exc:
+            self._connect_failed(exc)
             return
-        except asyncio.CancelledError:
-            if local is not None:
-                own.pop(local, None)
-            if sock is not None:
-                sock.close()
-            raise
-        if local is not None:
-            own.pop(local, None)
+        family, _, _, _, addr = infos[0]
+        self._connect_start(family, addr)
+
+    def _connect_start(self, family: int, addr: Any) -> None:
+        lr = self.lr
+        loop = asyncio.get_running_loop()
+        sock: socket.socket | None = None
+        try:
+            sock = socket.socket(family, socket.SOCK_STREAM)
+            self._csock = sock
+            sock.setblocking(False)
+            # No TCP_NODELAY here: uvloop sets it on every TCP transport it makes.
+            if lr.upstream_mark is not None:
+                sock.setsockopt(socket.SOL_SOCKET, socket.SO_MARK, lr.upstream_mark)
+            with contextlib.suppress(BlockingIOError):
+                sock.connect(addr)
+            name = sock.getsockname()
+            self._clocal = local = (unmap(name[0]), name[1])
+            lr.daemon.upstream_locals[local] = cast("tuple[str, int]", self.upstream_addr)
+            loop.add_writer(sock.fileno(), self._connect_ready)
+            self._cwatch = True
+        except OSError as exc:
+            # Reported where a failure found by add_writer is (_connect_ready), not from inside
+            # connection_made, before the event loop has started reading the client.
+            loop.call_soon(loop.call_soon, loop.call_soon, self._connect_failed, exc)
+            return
+        self._ctimer = loop.call_later(lr.limits.connect_timeout, self._connect_failed, TimeoutError())
+
+    def _connect_cleanup(self) -> socket.socket | None:
+        """Undo what a connect in progress registered; returns its socket (still open)."""
+        sock, self._csock = self._csock, None
+        if self._cwatch and sock is not None:
+            self._cwatch = False
+            asyncio.get_running_loop().remove_writer(sock.fileno())
+        if self._ctimer is not None:
+            self._ctimer.cancel()
+            self._ctimer = None
+        if self._clocal is not None:
+            self.lr.daemon.upstream_locals.pop(self._clocal, None)
+            self._clocal = None
+        return sock
+
+    def _connect_ready(self) -> None:
+        sock = self._connect_cleanup()
+        assert sock is not None
+        err = sock.getsockopt(socket.SOL_SOCKET, socket.SO_ERROR)
+        if err:
+            # Two loop iterations later, where the task this chain replaced saw it: what a
+            # client sent right after connecting is read, not left unread under the close.
+            self._csock = sock
+            loop = asyncio.get_running_loop()
+            loop.call_soon(loop.call_soon, self._connect_failed, OSError(err, os.strerror(err)))
+            return
+        self._coro = asyncio.get_running_loop().create_connection(self._upstream_protocol, sock=sock)
+        self._step()
+
+    def _upstream_protocol(self) -> UpstreamProtocol:
+        return UpstreamProtocol(self)
+
+    def _step(self, _: Any = None) -> None:
+        """Drive create_connection(sock=) by hand: what a Task would do, without one."""
+        coro = self._coro
+        assert coro is not None
+        try:
+            waiter = coro.send(None)
+        except StopIteration as done:
+            self._coro = None
+            self._connected(done.value[0])
+            return
+        except OSError as exc:  # uvloop closed the transport and detached the socket
+            self._coro = None
+            self._connect_failed(exc)
+            return
+        waiter.add_done_callback(self._step)
+
+    def _connect_failed(self, exc: OSError) -> None:
+        sock = self._connect_cleanup()
+        if sock is not None:
+            sock.close()
+        if self._closed:
+            return
+        self.lr.metrics.connect_failures.inc()
+        if exc.errno in (errno.EMFILE, errno.ENFILE):
+            self.lr.daemon.out_of_fds(exc)
+        why = "timeout" if isinstance(exc, TimeoutError) else (exc.strerror or str(exc))
+        self._finish("error", f"upstream connect failed: {why}")
+
+    def _connected(self, transport: Any) -> None:
         if self._closed:
             transport.abort()
             return
-        self.upstream = transport  # type: ignore[assignment]
+        self.upstream = transport
         transport.set_write_buffer_limits(HIGH_WATER, LOW_WATER)
         pending, self._pending = self._pending, None
         if pending:
@@ -353,8 +422,11 @@ class Connection(asyncio.Protocol):
             if verdict is not None:
                 self._gate_decided(verdict)
             return
-        if self._l4 and self.upstream is not None:
-            self.upstream.write(data)
+        if self._l4:
+            if self.upstream is not None:
+                self.upstream.write(data)
+            elif self._pending is not None:  # bounded: reading pauses while connecting
+                self._pending.append(data)
             return
         if self.engine is not None:
             self.engine.feed(False, data)
@@ -485,6 +557,10 @@ class Connection(asyncio.Protocol):
         self._closed = True
         if self._task is not None and not self._task.done():
             self._task.cancel()
+        if self._csock is not None:
+            sock = self._connect_cleanup()
+            if sock is not None:
+                sock.close()
         loop = asyncio.get_running_loop()
         for side, t in enumerate((self.client, self.upstream)):
             if t is not None:
@@ -495,10 +571,13 @@ class Connection(asyncio.Protocol):
                 else:
                     # close() flushes what is buffered first; a peer that never reads would
                     # keep the socket (and its buffer) forever, so it gets a bounded linger.
+                    # Nothing buffered: close() is immediate, no timer needed.
+                    buffered = t.get_write_buffer_size()
                     t.close()
-                    if self._lingers is None:
-                        self._lingers = [None, None]
-                    self._lingers[side] = loop.call_later(CLOSE_LINGER, t.abort)
+                    if buffered:
+                        if self._lingers is None:
+                            self._lingers = [None, None]
+                        self._lingers[side] = loop.call_later(CLOSE_LINGER, t.abort)
         lr = self.lr
         if self._counted:
             lr.metrics.active.dec()
@@ -558,25 +637,6 @@ def _is_ip(host: str) -> bool:
     except ValueError:
         return False
     return True
-
-
-async def _wait_connected(loop: asyncio.AbstractEventLoop, sock: socket.socket) -> None:
-    """Wait for a non-blocking connect started with ``sock.connect()`` to finish."""
-    fut: asyncio.Future[None] = loop.create_future()
-    fd = sock.fileno()
-
-    def ready() -> None:
-        if not fut.done():
-            fut.set_result(None)
-
-    loop.add_writer(fd, ready)
-    try:
-        await fut
-    finally:
-        loop.remove_writer(fd)
-    err = sock.getsockopt(socket.SOL_SOCKET, socket.SO_ERROR)
-    if err:
-        raise OSError(err, os.strerror(err))
 
 
 def _fmt(addr: tuple[str, int]) -> str:
