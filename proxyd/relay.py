@@ -492,7 +492,10 @@ class Connection(asyncio.Protocol):
             asyncio.get_running_loop().call_later(0.005, self._maybe_shutdown, reply)
             return
         self._shut[reply] = True
-        shutdown_write(transport)
+        if not (self._upstream_eof if reply else self._client_eof) or not self._shut[not reply]:
+            shutdown_write(transport)
+        # else: the last direction of the pair; _maybe_done closes both now, and close() sends
+        # the same FIN (everything from this peer was read: its EOF arrived), one call fewer.
         self._maybe_done()
 
     def _maybe_done(self) -> None:

@@ -50,7 +50,7 @@ def test_connection_line_matches_the_structlog_chain(tmp_path: Path, reason: str
     ],
 )  # fmt: skip
 def test_common_connection_line_written_by_hand_matches_the_chain(tmp_path: Path, kv: dict[str, object]) -> None:
-    """The hand-written common line (ASCII strings, ints, floats, None): same bytes as orjson's."""
+    """Common lines (ASCII strings, ints, floats, None, a bool) and the cached timestamp: the same bytes."""
     info = ConnInfo(123456, "web-1", "egress", Endpoint("10.0.0.1", 40000), Endpoint("fe80::1", 443), "http")
     log = AccessLog(str(tmp_path / "fast.log"), "denied", Metrics())
     log.connection(info, **kv)
@@ -63,3 +63,16 @@ def test_common_connection_line_written_by_hand_matches_the_chain(tmp_path: Path
     stamp = re.compile(rb'"timestamp":"\d{4}-\d\d-\d\dT\d\d:\d\d:\d\d(\.\d{6})?Z"')
     assert stamp.search(fast) and stamp.search(chain)
     assert stamp.sub(b"", fast) == stamp.sub(b"", chain)
+
+
+def test_cached_timestamp_is_the_datetime_one() -> None:
+    """The connection line's timestamp (date part formatted once a second) reads as datetime's."""
+    import datetime
+
+    from proxyd.accesslog import _utc_now, _utc_stamp
+
+    for _ in range(200):
+        fast, slow = _utc_stamp(), _utc_now()
+        assert re.fullmatch(r"\d{4}-\d\d-\d\dT\d\d:\d\d:\d\d(\.\d{6})?Z", fast)
+        delta = datetime.datetime.fromisoformat(slow) - datetime.datetime.fromisoformat(fast)
+        assert datetime.timedelta(0) <= delta < datetime.timedelta(seconds=1)
