@@ -2177,7 +2177,8 @@ static int text_request(Memcache *self, const char *data, Py_ssize_t have, long 
         r = text_decide_toks(self, name, toks, 1, ntoks, K_RETR, 0, nreq, have, n);
     } else if (family == F_STORE || family == F_CAS) {
         if (nargs < cmd->lo || nargs > cmd->hi) {
-            r = text_decide_toks(self, name, toks, 1, 2, K_UNIT, 0, nreq, have, n);
+            /* toks[1:2] as the reference slices it: a bare "set" has no key token */
+            r = text_decide_toks(self, name, toks, 1, ntoks < 2 ? ntoks : 2, K_UNIT, 0, nreq, have, n);
             goto out;
         }
         int noreply = tok_is(toks[ntoks - 1], "noreply");

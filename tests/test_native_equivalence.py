@@ -217,6 +217,8 @@ TEXT_REQUESTS = [
     b"set {k} -1 0 1\r\nx\r\n", b"set {k} 0 0 1 noreply x\r\n", b"set {k} 0 0 2x noreply\r\nab\r\n",
     b"ms {k} -1\r\n", b"ms {k} +1 q\r\nx\r\n", b"mg {k} T+5 q\r\n", b"mg {k} T99999999999 q\r\n",
     b"ma {k} D-1 q\r\n", b"mg {k} F18446744073709551616 q\r\n",
+    # a storage command with no key token (the C twin once read a token past the last one)
+    b"set\r\n", b"set\x00{k} 0 0 3\r\nabc\r\n", b"cas\r\n",
     # a long multi-key get (over 2048 bytes), and a long line memcached closes on
     b"get " + b"{k} " * 600 + b"\r\n", b"set " + b"x" * 2100 + b"\r\n",
 ]  # fmt: skip
