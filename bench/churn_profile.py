@@ -211,7 +211,7 @@ def run_upstream(port_file: str) -> None:
 
     async def main() -> None:
         srv = await asyncio.get_running_loop().create_server(Answer, "127.0.0.1", 0, backlog=4096)
-        Path(port_file).write_text(str(srv.sockets[0].getsockname()[1]))
+        Path(port_file).write_text(str(srv.sockets[0].getsockname()[1]))  # noqa: ASYNC240 (once, at start)
         await asyncio.Event().wait()
 
     uvloop.run(main())
@@ -272,7 +272,8 @@ async def profile(args: argparse.Namespace, up: int, d: Path) -> list[str]:
     (d / "web.yaml").write_text(CONFIG_HTTP.format(up=up, d=d))
     registry = Registry.load()
     lines = [
-        f"source {args.src}; data path: {IMPLEMENTATION}; {args.n} connections per pass, {args.workers} at a time; "
+        f"source {args.src}; data path: {IMPLEMENTATION}; "
+        f"{args.n} connections per pass, {args.workers} at a time; "
         f"load average {' '.join(f'{x:.1f}' for x in os.getloadavg())}",
         "",
     ]
@@ -319,8 +320,9 @@ async def profile(args: argparse.Namespace, up: int, d: Path) -> list[str]:
             if args.top:
                 lines += [f"top {args.top} functions (own CPU per connection under the profiler):", "", "```"]
                 for tt, ct, func in sorted(rows, reverse=True)[: args.top]:
-                    lines.append(f"{tt / max(ok2, 1) * 1e6:8.1f} {ct / max(ok2, 1) * 1e6:8.1f}  "
-                                 f"{stage_of(func):22} {Path(func[0]).name}:{func[1]}({func[2]})")  # fmt: skip
+                    per = 1e6 / max(ok2, 1)
+                    where = f"{Path(func[0]).name}:{func[1]}({func[2]})"
+                    lines.append(f"{tt * per:8.1f} {ct * per:8.1f}  {stage_of(func):22} {where}")
                 lines += ["```", ""]
         finally:
             await daemon.stop()

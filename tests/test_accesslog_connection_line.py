@@ -41,22 +41,23 @@ def test_connection_line_matches_the_structlog_chain(tmp_path: Path, reason: str
 @pytest.mark.parametrize(
     "kv",
     [
-        {"upstream": "127.0.0.1:11211", "duration_ms": 0.0, "bytes_in": 0, "bytes_out": 0, "verdict": "forwarded",
-         "closed_by": "client"},
+        {"upstream": "127.0.0.1:11211", "duration_ms": 0.0, "bytes_in": 0, "bytes_out": 0,
+         "verdict": "forwarded", "closed_by": "client"},
         {"upstream": None, "duration_ms": 12345.678, "bytes_in": 1 << 40, "bytes_out": 7, "verdict": "denied",
          "reason": "policy: denied by 'x' (file.yaml:3)"},
         {"upstream": "[::1]:80", "duration_ms": 1e-05, "bytes_in": 1, "bytes_out": 2, "verdict": "error",
          "reason": "client closed: [Errno 104]", "tls_sni": None, "flag": True},
     ],
 )  # fmt: skip
-def test_common_connection_line_written_by_hand_matches_the_chain(tmp_path: Path, kv: dict[str, object]) -> None:
-    """Common lines (ASCII strings, ints, floats, None, a bool) and the cached timestamp: the same bytes."""
+def test_common_connection_lines_match_the_chain(tmp_path: Path, kv: dict[str, object]) -> None:
+    """Common lines (ASCII strings, ints, floats, None, a bool), cached timestamp: the same bytes."""
     info = ConnInfo(123456, "web-1", "egress", Endpoint("10.0.0.1", 40000), Endpoint("fe80::1", 443), "http")
     log = AccessLog(str(tmp_path / "fast.log"), "denied", Metrics())
     log.connection(info, **kv)
     log.close()
     writer = LineWriter(str(tmp_path / "chain.log"))
-    make_logger(writer).info("connection", conn_id=123456, listener="web-1", src=str(info.src), dst=str(info.dst), **kv)
+    src, dst = str(info.src), str(info.dst)
+    make_logger(writer).info("connection", conn_id=123456, listener="web-1", src=src, dst=dst, **kv)
     writer.close()
     fast = (tmp_path / "fast.log").read_bytes()
     chain = (tmp_path / "chain.log").read_bytes()
