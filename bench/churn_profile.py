@@ -19,8 +19,10 @@ most ``--max-seconds`` per pass. Two passes per listener:
     PROXYD_PURE=1 python bench/churn_profile.py -n 3000
     python bench/churn_profile.py -n 3000 --top 25   # and the 25 most expensive functions
     python bench/churn_profile.py --src /path/to/other/checkout   # profile another tree (before/after)
+    python bench/churn_profile.py --floor            # and a bare uvloop relay: what is left to cut
 
-CPU per connection is the lowest of ``--repeat`` unprofiled passes (the machine is shared).
+CPU per connection is the lowest of ``--repeat`` unprofiled passes (the machine is shared),
+with its user-time part (the rest is the kernel: sockets, loopback TCP, epoll).
 cProfile inflates the cost of each Python call, so stages made of many small calls (the log
 line, metrics) show larger shares than they cost unprofiled; read the split as where to look,
 and measure a change with the unprofiled figure.
@@ -248,6 +250,72 @@ def run_client(port: int, n: int, workers: int, max_seconds: float) -> None:
     uvloop.run(main())
 
 
+# --- the floor: a bare uvloop relay ------------------------------------------------------------
+
+
+class _BareUp(asyncio.Protocol):
+    def __init__(self, down: _BareDown) -> None:
+        self.down = down
+
+    def data_received(self, data: bytes) -> None:
+        assert self.down.t is not None
+        self.down.t.write(data)
+
+    def eof_received(self) -> bool:
+        assert self.down.t is not None
+        self.down.t.close()  # the upstream answered and closed: so does the client side
+        return False
+
+
+class _BareDown(asyncio.Protocol):
+    """Accept, connect (uvloop's own create_connection), relay, close: no policy, no log line,
+    no counters, no flow control, no half-close: what uvloop and the kernel cost at least."""
+
+    def __init__(self, up_port: int) -> None:
+        self.up_port = up_port
+        self.t: Any = None
+        self.up: Any = None
+        self.pending: list[bytes] = []
+
+    def connection_made(self, transport: Any) -> None:
+        self.t = transport
+        asyncio.get_running_loop().create_task(self._connect())
+
+    async def _connect(self) -> None:
+        loop = asyncio.get_running_loop()
+        self.up, _ = await loop.create_connection(lambda: _BareUp(self), "127.0.0.1", self.up_port)
+        self.up.write(b"".join(self.pending))
+
+    def data_received(self, data: bytes) -> None:
+        if self.up is None:
+            self.pending.append(data)
+        else:
+            self.up.write(data)
+
+    def connection_lost(self, exc: Exception | None) -> None:
+        if self.up is not None:
+            self.up.close()
+
+
+async def floor(args: argparse.Namespace, up: int) -> list[str]:
+    srv = await asyncio.get_running_loop().create_server(lambda: _BareDown(up), "127.0.0.1", 0, backlog=1024)
+    port = srv.sockets[0].getsockname()[1]
+    try:
+        await drive(port, min(args.n, 300), args.workers, args.max_seconds)
+        best, user = float("inf"), 0.0
+        for _ in range(args.repeat):
+            c0, t0 = time.process_time(), os.times()
+            ok, _ = await drive(port, args.n, args.workers, args.max_seconds)
+            await asyncio.sleep(0.3)
+            us = (time.process_time() - c0) / max(ok, 1) * 1e6
+            if us < best:
+                best, user = us, (os.times().user - t0.user) / max(ok, 1) * 1e6
+    finally:
+        srv.close()
+    return [f"### bare uvloop relay (the floor of this design): {best:.0f} us CPU per connection, "
+            f"{user:.0f} of it user time", ""]  # fmt: skip
+
+
 # --- the profile ---------------------------------------------------------------------------------
 
 
@@ -277,19 +345,21 @@ async def profile(args: argparse.Namespace, up: int, d: Path) -> list[str]:
         f"load average {' '.join(f'{x:.1f}' for x in os.getloadavg())}",
         "",
     ]
-    for name in ("l4", "web"):
+    for name in args.listeners.split(","):
         daemon = Daemon(load_config(d / f"{name}.yaml", registry), registry)
         await daemon.start()
         try:
             port = daemon.listeners[name].bound_address()[1]
             await drive(port, min(args.n, 300), args.workers, args.max_seconds)  # warm up
             await asyncio.sleep(0.3)
-            base_us = float("inf")
+            base_us, user_us = float("inf"), 0.0
             for _ in range(args.repeat):  # the least disturbed pass of a busy machine
-                c0 = time.process_time()
+                c0, t0 = time.process_time(), os.times()
                 ok, errors = await drive(port, args.n, args.workers, args.max_seconds)
                 await asyncio.sleep(0.3)  # closes and the last log lines
-                base_us = min(base_us, (time.process_time() - c0) / max(ok, 1) * 1e6)
+                us = (time.process_time() - c0) / max(ok, 1) * 1e6
+                if us < base_us:
+                    base_us, user_us = us, (os.times().user - t0.user) / max(ok, 1) * 1e6
             prof = cProfile.Profile(time.process_time)
             c0 = time.process_time()
             prof.enable()
@@ -308,7 +378,8 @@ async def profile(args: argparse.Namespace, up: int, d: Path) -> list[str]:
             by_stage["event loop (uvloop/kernel, no Python frame)"] = max(total - seen, 0.0)
             label = "proxyd L4" if name == "l4" else "proxyd http + rules.http"
             lines += [
-                f"### {label}: {base_us:.0f} us CPU per connection ({ok} ok, {errors} errors)",
+                f"### {label}: {base_us:.0f} us CPU per connection, {user_us:.0f} of it user time "
+                f"({ok} ok, {errors} errors)",
                 "",
                 "| stage | us/conn | share |",
                 "|---|---:|---:|",
@@ -342,6 +413,8 @@ def main() -> None:
     ap.add_argument("--max-seconds", type=float, default=30.0, help="time bound per pass")
     ap.add_argument("--repeat", type=int, default=3, help="unprofiled passes; the lowest CPU counts")
     ap.add_argument("--src", type=Path, default=REPO, help="the proxyd source tree to profile (e.g. main)")
+    ap.add_argument("--listeners", default="l4,web", help="which of l4,web to measure")
+    ap.add_argument("--floor", action="store_true", help="also measure a bare uvloop relay (no proxyd)")
     ap.add_argument("--top", type=int, default=0, help="also list the N most expensive functions")
     args = ap.parse_args()
     sys.path.insert(0, str(args.src.resolve()))
@@ -358,6 +431,8 @@ def main() -> None:
                     raise SystemExit("upstream did not start")
                 time.sleep(0.05)
             lines = uvloop.run(profile(args, int(port_file.read_text()), d))
+            if args.floor:
+                lines += uvloop.run(floor(args, int(port_file.read_text())))
         finally:
             up.terminate()
             up.wait(5)

@@ -160,6 +160,7 @@ class Connection(asyncio.Protocol):
         self._ctimer: asyncio.TimerHandle | None = None
         self._clocal: tuple[str, int] | None = None
         self._coro: Any = None
+        self._loop: asyncio.AbstractEventLoop = cast(asyncio.AbstractEventLoop, None)  # connection_made
         self._l4 = True  # no parser: relay bytes directly
         self._up_rx = 0  # bytes received from the upstream (idle detection)
         self._client_full = False  # the client's write buffer is above its high-water mark
@@ -179,6 +180,8 @@ class Connection(asyncio.Protocol):
     # --- accept ----------------------------------------------------------------------------
 
     def connection_made(self, transport: asyncio.BaseTransport) -> None:
+        # Once: asyncio.get_running_loop() is a getpid() system call in CPython 3.11.
+        self._loop = asyncio.get_running_loop()
         self.client = client = cast(asyncio.Transport, transport)  # uvloop's is not a subclass
         client.set_write_buffer_limits(HIGH_WATER, LOW_WATER)
         self.pause_client_reading("connecting")
@@ -207,7 +210,7 @@ class Connection(asyncio.Protocol):
         if _is_ip(host):
             self._connect_start(socket.AF_INET6 if ":" in host else socket.AF_INET, upstream)
         else:
-            self._task = asyncio.get_running_loop().create_task(self._resolve(host, port))
+            self._task = self._loop.create_task(self._resolve(host, port))
 
     def read_hello(self, info: ConnInfo, upstream: tuple[str, int], view: SNIView) -> None:
         """Admitted pending its TLS ClientHello (proxyd.tlsgate): read it before connecting."""
@@ -315,12 +318,12 @@ class Connection(asyncio.Protocol):
 
     def _connect_start(self, family: int, addr: Any) -> None:
         lr = self.lr
-        loop = asyncio.get_running_loop()
+        loop = self._loop
         sock: socket.socket | None = None
         try:
-            sock = socket.socket(family, socket.SOCK_STREAM)
+            # Non-blocking from socket() on: no ioctl(FIONBIO) of its own.
+            sock = socket.socket(family, socket.SOCK_STREAM | socket.SOCK_NONBLOCK)
             self._csock = sock
-            sock.setblocking(False)
             # No TCP_NODELAY here: uvloop sets it on every TCP transport it makes.
             if lr.upstream_mark is not None:
                 sock.setsockopt(socket.SOL_SOCKET, socket.SO_MARK, lr.upstream_mark)
@@ -343,7 +346,7 @@ class Connection(asyncio.Protocol):
         sock, self._csock = self._csock, None
         if self._cwatch and sock is not None:
             self._cwatch = False
-            asyncio.get_running_loop().remove_writer(sock.fileno())
+            self._loop.remove_writer(sock.fileno())
         if self._ctimer is not None:
             self._ctimer.cancel()
             self._ctimer = None
@@ -360,10 +363,10 @@ class Connection(asyncio.Protocol):
             # Two loop iterations later, where the task this chain replaced saw it: what a
             # client sent right after connecting is read, not left unread under the close.
             self._csock = sock
-            loop = asyncio.get_running_loop()
+            loop = self._loop
             loop.call_soon(loop.call_soon, self._connect_failed, OSError(err, os.strerror(err)))
             return
-        self._coro = asyncio.get_running_loop().create_connection(self._upstream_protocol, sock=sock)
+        self._coro = self._loop.create_connection(self._upstream_protocol, sock=sock)
         self._step()
 
     def _upstream_protocol(self) -> UpstreamProtocol:
@@ -489,7 +492,7 @@ class Connection(asyncio.Protocol):
             return
         if transport.get_write_buffer_size():
             # Poll until flushed: uvloop offers no drain callback below the low-water mark.
-            asyncio.get_running_loop().call_later(0.005, self._maybe_shutdown, reply)
+            self._loop.call_later(0.005, self._maybe_shutdown, reply)
             return
         self._shut[reply] = True
         if not (self._upstream_eof if reply else self._client_eof) or not self._shut[not reply]:
@@ -541,7 +544,7 @@ class Connection(asyncio.Protocol):
                 fields["error_code"] = err.code
             lr.access_log.l7_line(self.info, "request", "error", fields, None)
         # Defer the close: we may be inside the engine's own call stack.
-        asyncio.get_running_loop().call_soon(self._finish, "error", f"{err.kind}: {err}")
+        self._loop.call_soon(self._finish, "error", f"{err.kind}: {err}")
 
     def close_now(self, reason: str) -> None:
         """Abort both sides (drain timeout, listener removed)."""
@@ -564,7 +567,7 @@ class Connection(asyncio.Protocol):
             sock = self._connect_cleanup()
             if sock is not None:
                 sock.close()
-        loop = asyncio.get_running_loop()
+        loop = self._loop
         for side, t in enumerate((self.client, self.upstream)):
             if t is not None:
                 if t is reset_peer:
