@@ -108,6 +108,7 @@ typedef struct {
     PyObject *inject_q;  /* bytearray */
     int ended;
     long long dropped_bytes;
+    int held;            /* the last round ended with NOP and bytes still buffered */
 } Side;
 
 typedef struct {
@@ -116,6 +117,7 @@ typedef struct {
     PyObject *send;
     PyObject *observer;
     PyObject *on_error;
+    PyObject *on_hold;
     PyObject *error;
     Py_ssize_t limit;
     int in_round;
@@ -127,7 +129,7 @@ static int side_init(Side *s) {
     s->buf = PyByteArray_FromStringAndSize(NULL, 0);
     s->inject_q = PyByteArray_FromStringAndSize(NULL, 0);
     s->want = s->skip = s->dropped_bytes = 0;
-    s->skip_drop = s->ended = 0;
+    s->skip_drop = s->ended = s->held = 0;
     return (s->buf && s->inject_q) ? 0 : -1;
 }
 
@@ -136,6 +138,7 @@ static int Engine_traverse(Engine *self, visitproc visit, void *arg) {
     Py_VISIT(self->send);
     Py_VISIT(self->observer);
     Py_VISIT(self->on_error);
+    Py_VISIT(self->on_hold);
     Py_VISIT(self->error);
     return 0;
 }
@@ -145,6 +148,7 @@ static int Engine_clear(Engine *self) {
     Py_CLEAR(self->send);
     Py_CLEAR(self->observer);
     Py_CLEAR(self->on_error);
+    Py_CLEAR(self->on_hold);
     Py_CLEAR(self->error);
     return 0;
 }
@@ -161,11 +165,11 @@ static void Engine_dealloc(Engine *self) {
 }
 
 static int Engine_init(Engine *self, PyObject *args, PyObject *kw) {
-    static char *kwlist[] = {"parser", "send", "buffer_limit", "observer", "on_error", NULL};
-    PyObject *parser, *send, *observer = Py_None, *on_error = Py_None;
+    static char *kwlist[] = {"parser", "send", "buffer_limit", "observer", "on_error", "on_hold", NULL};
+    PyObject *parser, *send, *observer = Py_None, *on_error = Py_None, *on_hold = Py_None;
     Py_ssize_t limit = 1 << 20;
-    if (!PyArg_ParseTupleAndKeywords(args, kw, "OO|$nOO", kwlist, &parser, &send, &limit, &observer,
-                                     &on_error))
+    if (!PyArg_ParseTupleAndKeywords(args, kw, "OO|$nOOO", kwlist, &parser, &send, &limit, &observer,
+                                     &on_error, &on_hold))
         return -1;
     if (g_EngineError == NULL) {
         PyErr_SetString(PyExc_RuntimeError, "proxyd._native.setup() was not called");
@@ -177,6 +181,7 @@ static int Engine_init(Engine *self, PyObject *args, PyObject *kw) {
     Py_XSETREF(self->send, send);
     Py_XSETREF(self->observer, observer == Py_None ? NULL : (Py_INCREF(observer), observer));
     Py_XSETREF(self->on_error, on_error == Py_None ? NULL : (Py_INCREF(on_error), on_error));
+    Py_XSETREF(self->on_hold, on_hold == Py_None ? NULL : (Py_INCREF(on_hold), on_hold));
     Py_CLEAR(self->error);
     self->limit = limit;
     self->in_round = 0;
@@ -346,6 +351,39 @@ static int engine_flush(Engine *self, int reply, Out *o) {
 
 static int engine_round(Engine *self, int reply, int end_stream);
 
+/* Engine._set_held */
+static int engine_set_held(Engine *self, int reply, int held) {
+    Side *side = &self->sides[reply];
+    if (held == side->held) return 0;
+    side->held = held;
+    if (self->on_hold == NULL) return 0;
+    PyObject *r = PyObject_CallFunctionObjArgs(self->on_hold, BOOL(reply), BOOL(held), NULL);
+    if (r == NULL) return -1;
+    Py_DECREF(r);
+    return 0;
+}
+
+/* Engine._wake: the other direction progressed or ended; run held rounds while they progress. */
+static int engine_wake(Engine *self, int reply) {
+    while (self->error == NULL) {
+        Side *side = &self->sides[reply];
+        if (!side->held) return 0;
+        Py_ssize_t before = PyByteArray_GET_SIZE(side->buf);
+        if (engine_round(self, reply, side->ended) < 0) return -1;
+        if (self->error == NULL && side->ended && !side->held && PyByteArray_Resize(side->buf, 0) < 0)
+            return -1;
+        if (side->held && PyByteArray_GET_SIZE(side->buf) == before) {
+            if (self->sides[!reply].ended) {
+                if (engine_set_held(self, reply, 0) < 0) return -1;
+                if (side->ended && PyByteArray_Resize(side->buf, 0) < 0) return -1;
+            }
+            return 0;
+        }
+        reply = !reply;
+    }
+    return 0;
+}
+
 /* Engine._consume_skip: returns the rest of data (new ref), or NULL on error. */
 static PyObject *engine_consume_skip(Engine *self, int reply, Side *side, PyObject *data,
                                      Py_ssize_t n) {
@@ -432,8 +470,9 @@ static PyObject *Engine_feed(Engine *self, PyObject *const *args, Py_ssize_t nar
     if (rc < 0) return NULL;
     if (PyByteArray_GET_SIZE(buf) >= side->want) {
         if (engine_round(self, reply, 0) < 0) return NULL;
+        if (engine_wake(self, !reply) < 0) return NULL;
     }
-    if (self->error == NULL && PyByteArray_GET_SIZE(side->buf) > self->limit) {
+    if (self->error == NULL && PyByteArray_GET_SIZE(side->buf) > self->limit && !side->held) {
         if (engine_fail(self, make_error(s_buffer_limit,
                                          PyUnicode_FromFormat("more than %zd unparsed bytes buffered",
                                                               self->limit),
@@ -452,6 +491,11 @@ static PyObject *Engine_feed_eof(Engine *self, PyObject *arg) {
     if (self->error != NULL || self->parser == Py_None || self->parser == NULL) return PyLong_FromLong(0);
     if (!side->skip) {
         if (engine_round(self, reply, 1) < 0) return NULL;
+    }
+    if (engine_wake(self, !reply) < 0) return NULL;
+    if (side->held && self->error == NULL) {
+        if (!self->sides[!reply].ended) return PyLong_FromLong(0);
+        if (engine_set_held(self, reply, 0) < 0) return NULL;
     }
     Py_ssize_t left = PyByteArray_GET_SIZE(side->buf);
     if (PyByteArray_Resize(side->buf, 0) < 0) return NULL;
@@ -507,6 +551,12 @@ static PyObject *Engine_dropped(Engine *self, PyObject *arg) {
     return PyLong_FromLongLong(self->sides[reply].dropped_bytes);
 }
 
+static PyObject *Engine_held(Engine *self, PyObject *arg) {
+    int reply = PyObject_IsTrue(arg);
+    if (reply < 0) return NULL;
+    return PyBool_FromLong(self->sides[reply].held);
+}
+
 /* The sandbox message: f"{type(exc).__name__}: {exc}" for the exception being handled. */
 static PyObject *exception_message(void) {
     PyObject *type, *value, *tb;
@@ -541,6 +591,7 @@ static int engine_round(Engine *self, int reply, int end_stream) {
     Out out;
     out_init(&out);
     long long injected = 0;
+    int nop = 0;
     int rc = 0;
     int done = 0; /* returned from inside the loop: skip the final flush_injections */
     self->in_round = 1;
@@ -624,7 +675,7 @@ static int engine_round(Engine *self, int reply, int end_stream) {
             Py_DECREF(r);
         }
         if (!n_ok) {
-            if (op == OP_NOP) { Py_DECREF(op_obj); Py_DECREF(n_obj); break; }
+            if (op == OP_NOP) { nop = 1; Py_DECREF(op_obj); Py_DECREF(n_obj); break; }
             PyObject *name = PyObject_CallOneArg(g_opname, op_obj);
             PyObject *msg = name ? PyUnicode_FromFormat("%S with n=%R", name, n_obj) : NULL;
             Py_XDECREF(name);
@@ -741,6 +792,7 @@ static int engine_round(Engine *self, int reply, int end_stream) {
             done = 1;
             break;
         } else if (op == OP_NOP) {
+            nop = 1;
             Py_DECREF(op_obj);
             Py_DECREF(n_obj);
             break;
@@ -760,6 +812,8 @@ static int engine_round(Engine *self, int reply, int end_stream) {
     Py_DECREF(buf);
     Py_DECREF(parser);
     if (rc == 0 && !done) rc = engine_flush_injections(self);
+    if (rc == 0 && !done && self->error == NULL)
+        rc = engine_set_held(self, reply, nop && PyByteArray_GET_SIZE(side->buf) > 0);
     return rc;
 }
 
@@ -803,6 +857,7 @@ static PyMethodDef Engine_methods[] = {
     {"queue_inject", (PyCFunction)(void (*)(void))Engine_queue_inject, METH_FASTCALL, "Queue bytes."},
     {"buffered", (PyCFunction)Engine_buffered, METH_O, "Bytes held for the parser."},
     {"dropped", (PyCFunction)Engine_dropped, METH_O, "Bytes dropped so far."},
+    {"held", (PyCFunction)Engine_held, METH_O, "Whether a direction is held (waits on the other)."},
     {NULL},
 };
 

@@ -15,18 +15,20 @@ strings, so the byte-level rewrite is exact.
 
 from __future__ import annotations
 
+import contextlib
 import datetime
 import json
 import re
 import sys
 import threading
 import time
-from typing import IO, Any
+from typing import IO, Any, Protocol
 
 import orjson
 import structlog
 
 from proxyd.context import ConnInfo, Context
+from proxyd.logsink import LineSink
 from proxyd.metrics import Metrics
 from proxyd.parser import Fields, wire_text
 
@@ -77,16 +79,14 @@ def _utc_stamp() -> str:
 
 
 class LineWriter:
-    """A structlog logger that writes rendered lines to a file it can reopen (logrotate).
+    """A structlog logger that writes each rendered line at once (the daemon's own messages).
 
-    ``buffered`` writers (the access log) leave flushing to :meth:`flush`, which the daemon
-    calls every ``FLUSH_INTERVAL`` and at reopen and shutdown: one write system call per
-    request was a visible cost with ``requests: all``. A crash may lose that interval's lines.
+    A write that fails is lost, never raised: the caller may be the data path. The access log
+    uses :class:`proxyd.logsink.LineSink` instead, which never blocks either.
     """
 
-    def __init__(self, path: str, *, buffered: bool = False) -> None:
+    def __init__(self, path: str) -> None:
         self.path = path
-        self.buffered = buffered
         self._lock = threading.Lock()
         self._file: IO[bytes] = self._open()
 
@@ -101,32 +101,25 @@ class LineWriter:
 
     def msg(self, message: bytes) -> None:
         with self._lock:
-            self._file.write(message + b"\n")
-            if not self.buffered:
+            try:
+                self._file.write(message + b"\n")
                 self._file.flush()
-
-    def flush(self) -> None:
-        with self._lock:
-            self._file.flush()
+            except (OSError, ValueError):  # ValueError: written after close
+                pass
 
     info = warning = error = debug = msg
 
-    def reopen(self) -> None:
-        if self.path in ("-", "stderr"):
-            return
-        with self._lock:
-            old = self._file
-            self._file = self._open()
-            old.close()  # flushes what the old file still buffers
-
     def close(self) -> None:
         if self.path not in ("-", "stderr"):
-            self._file.close()
-        else:
-            self.flush()
+            with contextlib.suppress(OSError):
+                self._file.close()
 
 
-def make_logger(writer: LineWriter) -> Any:
+class _Lines(Protocol):
+    def msg(self, message: bytes) -> None: ...
+
+
+def make_logger(writer: _Lines) -> Any:
     return structlog.wrap_logger(
         writer,
         processors=[
@@ -145,8 +138,10 @@ class AccessLog:
     """
 
     def __init__(self, path: str, requests: str, metrics: Metrics) -> None:
-        self.writer = LineWriter(path, buffered=True)
+        #: Never raises and never blocks (a full disk or a stuck pipe drops lines, counted).
+        self.writer = LineSink(path)
         self.log = make_logger(self.writer)
+        metrics.access_log_dropped = lambda: self.writer.dropped
         self.requests = requests
         self.metrics = metrics
         self._counts = metrics.l7_counts
@@ -215,11 +210,18 @@ class AccessLog:
                  "dst": str(info.dst), **kv, "event": "connection", "timestamp": _utc_stamp()}  # fmt: skip
         self.writer.msg(_dumps(event))
 
-    def reopen(self) -> None:
-        self.writer.reopen()
+    def reopen(self) -> OSError | None:
+        """Reopen the file (SIGUSR1); the error if it cannot be opened (the old file stays)."""
+        return self.writer.reopen()
 
-    def flush(self) -> None:
-        self.writer.flush()
+    def flush(self) -> bool:
+        """Wait (bounded) until what is buffered is written; the sink's thread flushes by itself."""
+        return self.writer.flush()
 
     def close(self) -> None:
         self.writer.close()
+
+    @property
+    def dropped(self) -> int:
+        """Lines dropped because the sink did not take them (``proxyd_access_log_dropped_total``)."""
+        return self.writer.dropped

@@ -130,6 +130,7 @@ class AdminServer:
         app.router.add_get("/v1/listeners", self.listeners)
         app.router.add_get("/v1/policy", self.get_policy)
         app.router.add_get("/v1/explain", self.explain)
+        app.router.add_get("/v1/identities", self.get_identities)
         app.router.add_post("/v1/policy", self.post_policy)
         app.router.add_put("/v1/policy", self.put_policy)
         app.router.add_delete("/v1/policy/{name}", self.delete_policy)
@@ -248,7 +249,7 @@ class AdminServer:
                 self.socket_path.unlink()
 
     async def metrics(self, request: web.Request) -> web.Response:
-        body = self.daemon.metrics.render()
+        body = await self.daemon.render_metrics()
         return web.Response(body=body, headers={"Content-Type": "text/plain; version=0.0.4; charset=utf-8"})
 
     async def healthz(self, request: web.Request) -> web.Response:
@@ -260,6 +261,9 @@ class AdminServer:
         return web.json_response({"ready": ready}, status=200 if ready else 503)
 
     async def listeners(self, request: web.Request) -> web.Response:
+        rows = getattr(self.daemon, "listener_rows", None)  # the control process of workers: N
+        if rows is not None:
+            return web.json_response({"listeners": await rows()})
         out: list[dict[str, Any]] = []
         for name, lr in sorted(self.daemon.listeners.items()):
             c = lr.config
@@ -281,6 +285,18 @@ class AdminServer:
         store = self.daemon.policy
         return web.json_response({"revision": store.revision, "documents": store.documents()})
 
+    async def get_identities(self, request: web.Request) -> web.Response:
+        """Every identity in force (``?ip=ADDR``: that address's), with where its labels came from."""
+        view = self.daemon.identity_view()
+        ip = request.query.get("ip")
+        if ip is None:
+            return web.json_response({"identities": view.entries()})
+        try:
+            labels = view.labels_for(ip)
+        except ValueError:
+            return web.json_response({"errors": [f"ip: {ip!r} is not an IP address"]}, status=400)
+        return web.json_response({"ip": ip, "labels": dict(labels), "origin": view.origin_for(ip)})
+
     async def explain(self, request: web.Request) -> web.Response:
         """``proxyd explain`` against what is in force: live listeners, identities, and policy
         (files and imports) at the current revision."""
@@ -299,7 +315,7 @@ class AdminServer:
                 lc = replace(lc, port=lr.bound_address()[1])  # the port the kernel picked
             listeners.append(lc)
         try:
-            answer = explain_connection(listeners, d.policy, d.identities, src, dst,
+            answer = explain_connection(listeners, d.policy, d.identity_view(), src, dst,
                                         listener=query.get("listener") or None, sni=query.get("sni"),
                                         default_mode=d.config.policy.mode)  # fmt: skip
         except ExplainRefused as exc:

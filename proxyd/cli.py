@@ -30,12 +30,16 @@ def cmd_run(args: argparse.Namespace) -> int:
 
     try:
         registry = Registry.load()
-        _load(args.config, registry)  # validate before anything binds
+        config = _load(args.config, registry)  # validate before anything binds
     except (ConfigError, PolicyError) as exc:
         for line in exc.problems:
             print(line, file=sys.stderr)
         return 1
     try:
+        if config.workers > 1:
+            from proxyd.workers import run_control
+
+            return uvloop.run(run_control(args.config))
         return uvloop.run(run_daemon(args.config))
     except (ConfigError, PolicyError) as exc:
         for line in exc.problems:
@@ -54,7 +58,8 @@ def cmd_check(args: argparse.Namespace) -> int:
         config = _load(args.config, registry)
         from proxyd.policy.store import PolicyStore
 
-        store = PolicyStore(registry, config.policy.paths, config.policy.state_dir)
+        store = PolicyStore(registry, config.policy.paths, config.policy.state_dir,
+                            kubernetes=config.kubernetes is not None)  # fmt: skip
         if config.admin is not None and config.admin.token_file is not None:
             from proxyd.admin import read_token
 
@@ -65,7 +70,10 @@ def cmd_check(args: argparse.Namespace) -> int:
         print(f"warning: {warning}", file=sys.stderr)
     from proxyd.policy.loader import selector_key_warnings
 
-    for warning in selector_key_warnings(store.current.documents, config.identities):
+    # With a kubernetes source the labels come from the cluster, which check does not ask.
+    identity_warnings = [] if config.kubernetes is not None else (
+        selector_key_warnings(store.current.documents, config.identities))  # fmt: skip
+    for warning in identity_warnings:
         print(f"warning: {warning}", file=sys.stderr)
     print(f"{args.config}: OK ({len(config.listeners)} listeners, {len(store.documents())} policy documents)")
     return 0
@@ -182,7 +190,8 @@ def cmd_explain(args: argparse.Namespace) -> int:
             return 1
     assert config is not None
     try:
-        store = PolicyStore(Registry.load(), config.policy.paths, config.policy.state_dir)
+        store = PolicyStore(Registry.load(), config.policy.paths, config.policy.state_dir,
+                            kubernetes=config.kubernetes is not None)  # fmt: skip
     except PolicyError as exc:
         return _problems(exc)
     try:

@@ -8,6 +8,7 @@ starts half-configured. Listener ``parser_config`` is validated by the parser's 
 from __future__ import annotations
 
 import ipaddress
+import os
 import re
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
@@ -92,6 +93,17 @@ class Limits:
 
 
 @dataclass(frozen=True, slots=True)
+class KubernetesConfig:
+    """Where to read identities and policies from a cluster (docs/kubernetes.md)."""
+
+    kubeconfig: Path | None = None  # None: in-cluster (service-account token and CA)
+    cluster_name: str = "default"
+    node_name: str | None = None  # None: $NODE_NAME when the daemon starts, else no node is `host`
+    identities: bool = True
+    policies: bool = True
+
+
+@dataclass(frozen=True, slots=True)
 class Config:
     listeners: tuple[ListenerConfig, ...]
     identities: tuple[tuple[str, Mapping[str, str]], ...] = ()
@@ -100,7 +112,10 @@ class Config:
     admin: AdminConfig | None = None
     limits: Limits = Limits()
     upstream_mark: int | None = None
+    #: Worker processes (docs/configuration.md "workers"); 1 is the single-process daemon.
+    workers: int = 1
     source: Path | None = None
+    kubernetes: KubernetesConfig | None = None
 
     def listener(self, name: str) -> ListenerConfig:
         for lc in self.listeners:
@@ -261,6 +276,22 @@ def _positive(conv: Callable[[Any], Any]) -> Callable[[Any], Any]:
     return wrapped
 
 
+#: More workers than this is a typo, not a machine: each one is a whole process.
+MAX_WORKERS = 1024
+
+
+def parse_workers(v: Any) -> int:
+    """``workers``: a count, or ``auto`` for the CPUs this process may run on (its affinity
+    mask, which honours taskset and a container's cpuset; not the machine's core count)."""
+    if v == "auto":
+        return max(1, len(os.sched_getaffinity(0)))
+    if isinstance(v, bool) or not isinstance(v, int):
+        raise ValueError(f"must be a number of worker processes or auto, not {v!r}")
+    if not 1 <= v <= MAX_WORKERS:
+        raise ValueError(f"must be between 1 and {MAX_WORKERS} (or auto), not {v}")
+    return v
+
+
 def _str_list(v: Any) -> tuple[str, ...]:
     if not isinstance(v, list) or not all(isinstance(x, str) for x in v):
         raise ValueError("must be a list of strings")
@@ -303,7 +334,11 @@ def _line_of(problem: str) -> int:
 
 # --- the loader ------------------------------------------------------------------------------
 
-_TOP = ("listeners", "identities", "policy", "access_log", "admin", "limits", "upstream_mark")
+_TOP = (
+    "listeners", "identities", "policy", "access_log", "admin", "limits", "upstream_mark", "workers",
+    "kubernetes",
+)  # fmt: skip
+_KUBERNETES = ("kubeconfig", "cluster_name", "node_name", "identities", "policies")
 _LISTENER = (
     "name", "address", "l7proto", "upstream", "direction", "parser_config", "policy_mode", "redirect",
     "idle_timeout", "request_timeout",
@@ -404,6 +439,19 @@ def parse_config(text: str, path: Path, registry: Registry) -> Config:
             request_timeout=_get(lim, "request_timeout", "limits", p, parse_duration, 30.0),
         )
     mark = _get(doc, "upstream_mark", "", p, _positive(_int), None)
+    kubernetes = _kubernetes(doc, p, base)
+    workers = _get(doc, "workers", "", p, parse_workers, 1)
+    zero = [lc.name for lc in listeners if lc.port == 0]
+    if workers > 1 and zero:
+        # Each worker binds the address itself: port 0 would give each a different port.
+        p.add(doc.where_of("workers"), "workers",
+              f"listeners {', '.join(zero)} have port 0; more than one worker needs fixed ports")  # fmt: skip
+    if workers > 1 and kubernetes is not None:
+        # The cluster source lives in the control process; its identities are not pushed to
+        # workers yet, so together they would enforce without the cluster's labels.
+        p.add(doc.where_of("workers"), "workers",
+              "more than one worker cannot be combined with a kubernetes section yet; "
+              "use workers: 1")  # fmt: skip
     if p.lines:
         raise ConfigError(sorted(p.lines, key=_line_of))
     return Config(
@@ -414,7 +462,27 @@ def parse_config(text: str, path: Path, registry: Registry) -> Config:
         admin=admin,
         limits=limits,
         upstream_mark=mark,
+        workers=workers,
         source=path,
+        kubernetes=kubernetes,
+    )
+
+
+def _kubernetes(doc: LMap, p: _Problems, base: Path) -> KubernetesConfig | None:
+    if "kubernetes" in doc and doc.get("kubernetes") is None:
+        return KubernetesConfig()  # `kubernetes:` alone: every default (in-cluster)
+    kube = _section(doc, "kubernetes", p, "kubernetes", _KUBERNETES)
+    if kube is None:
+        return None
+    kubeconfig = _get(kube, "kubeconfig", "kubernetes", p, _str, None)
+    if kubeconfig is not None and not (base / kubeconfig).is_file():
+        p.add(kube.where_of("kubeconfig"), "kubernetes.kubeconfig", f"no such file: {base / kubeconfig}")
+    return KubernetesConfig(
+        kubeconfig=(base / kubeconfig) if kubeconfig else None,
+        cluster_name=_get(kube, "cluster_name", "kubernetes", p, _str, "default"),
+        node_name=_get(kube, "node_name", "kubernetes", p, _str, None),
+        identities=_get(kube, "identities", "kubernetes", p, _bool, True),
+        policies=_get(kube, "policies", "kubernetes", p, _bool, True),
     )
 
 

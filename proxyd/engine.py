@@ -20,6 +20,18 @@ Theory of operation, per direction (``reply`` False: client to server; True: ser
   What the round decided before the failure still goes out (bytes passed, injections at a
   frame boundary), so the outcome does not depend on how the input was segmented.
 
+- *Hold*: a round that ends with NOP while bytes are still buffered leaves its direction
+  **held**: the parser cannot take more of it until the other direction progresses (the
+  redis parser's queue of owed replies is full; an HTTP request waits for the answer to its
+  upgrade). While held, that direction's buffered bytes over ``buffer_limit`` are not an error:
+  :meth:`Engine.held` says so (and ``on_hold(reply, held)`` reports every change), and the relay
+  stops reading that direction, so at most the limit plus one read is ever held. After every
+  round of the other direction, and when it ends, the held direction's round runs again on its
+  buffered bytes (then, if that progressed, the first direction's if it is held, and so on
+  until a round makes no progress); the hold clears when a round ends any other way, or when
+  the other direction has ended and a round made no progress (nothing can release it then).
+  An end of stream behind held bytes is kept until they are taken.
+
 These are proxylib's semantics with its sharp edges filed off: the round stops at the first
 ERROR, injection toward the other direction does not wait for that direction's next input,
 and injected data has no size cap other than the buffer limit.
@@ -61,7 +73,7 @@ class Observer(Protocol):
 class _Side:
     """State of one direction of the stream."""
 
-    __slots__ = ("buf", "dropped_bytes", "ended", "inject_q", "skip", "skip_drop", "want")
+    __slots__ = ("buf", "dropped_bytes", "ended", "held", "inject_q", "skip", "skip_drop", "want")
 
     def __init__(self) -> None:
         self.buf = bytearray()
@@ -71,6 +83,7 @@ class _Side:
         self.inject_q = bytearray()  # bytes the parser queued for this direction
         self.ended = False  # end of stream seen on this direction
         self.dropped_bytes = 0
+        self.held = False  # the last round ended with NOP and bytes still buffered
 
 
 class PyEngine:
@@ -80,7 +93,9 @@ class PyEngine:
     (``proxyd._native.Engine``), which behaves the same (see :data:`IMPLEMENTATION`).
     """
 
-    __slots__ = ("_in_round", "_observer", "_on_error", "_send", "_sides", "error", "limit", "parser")
+    __slots__ = (
+        "_in_round", "_observer", "_on_error", "_on_hold", "_send", "_sides", "error", "limit", "parser",
+    )  # fmt: skip
 
     def __init__(
         self,
@@ -90,6 +105,7 @@ class PyEngine:
         buffer_limit: int = 1 << 20,
         observer: Observer | None = None,
         on_error: Callable[[EngineError], None] | None = None,
+        on_hold: Callable[[bool, bool], None] | None = None,
     ) -> None:
         self.parser = parser
         self.limit = buffer_limit
@@ -99,6 +115,7 @@ class PyEngine:
         self._observer = observer
         self._in_round = False
         self._on_error = on_error
+        self._on_hold = on_hold
 
     # --- inputs ----------------------------------------------------------------------------
 
@@ -120,7 +137,8 @@ class PyEngine:
         buf += data
         if len(buf) >= side.want:
             self._round(reply, side, end_stream=False)
-        if self.error is None and len(side.buf) > self.limit:
+            self._wake(not reply)
+        if self.error is None and len(side.buf) > self.limit and not side.held:
             self._fail(EngineError("buffer_limit", f"more than {self.limit} unparsed bytes buffered"))
 
     def feed_eof(self, reply: bool) -> int:
@@ -137,6 +155,11 @@ class PyEngine:
             return 0
         if not side.skip:
             self._round(reply, side, end_stream=True)
+        self._wake(not reply)
+        if side.held and self.error is None:
+            if not self._sides[not reply].ended:
+                return 0  # kept: the rounds that follow the other direction's progress finish it
+            self._set_held(reply, side, False)  # the other direction is over: it never will
         left = len(side.buf)
         side.buf.clear()
         return left
@@ -162,6 +185,11 @@ class PyEngine:
     def dropped(self, reply: bool) -> int:
         """Bytes of one direction the parser dropped so far."""
         return self._sides[reply].dropped_bytes
+
+    def held(self, reply: bool) -> bool:
+        """Whether one direction is held (its parser waits on the other direction): its
+        reader should pause until the hold clears."""
+        return self._sides[reply].held
 
     # --- internals -------------------------------------------------------------------------
 
@@ -189,6 +217,7 @@ class PyEngine:
         out: list[bytes | bytearray] = []
         observer = self._observer
         injected = 0
+        nop = False
         self._in_round = True
         try:
             while buf or end_stream:
@@ -203,6 +232,7 @@ class PyEngine:
                     observer.op(reply, op, n)
                 if type(n) is not int or n <= 0:
                     if op == Op.NOP:
+                        nop = True
                         break
                     self._flush(reply, out)
                     self._flush_injections()
@@ -272,6 +302,7 @@ class PyEngine:
                     self._fail(EngineError("parser_error", f"parser error {n}", code=n))
                     return
                 elif op == Op.NOP:
+                    nop = True
                     break
                 else:
                     self._flush(reply, out)
@@ -283,6 +314,34 @@ class PyEngine:
         finally:
             self._in_round = False
         self._flush_injections()
+        if self.error is None:
+            self._set_held(reply, side, nop and bool(side.buf))
+
+    def _set_held(self, reply: bool, side: _Side, held: bool) -> None:
+        if held != side.held:
+            side.held = held
+            if self._on_hold is not None:
+                self._on_hold(reply, held)
+
+    def _wake(self, reply: bool) -> None:
+        """The other direction progressed or ended: run held rounds again while they progress."""
+        sides = self._sides
+        while self.error is None:
+            side = sides[reply]
+            if not side.held:
+                return
+            before = len(side.buf)
+            self._round(reply, side, end_stream=side.ended)
+            if self.error is None and side.ended and not side.held:
+                side.buf.clear()  # its stream ended: what the parser did not take never will be
+            if side.held and len(side.buf) == before:
+                # No progress: wait for the other direction again, unless it is over.
+                if sides[not reply].ended:
+                    self._set_held(reply, side, False)
+                    if side.ended:
+                        side.buf.clear()
+                return
+            reply = not reply
 
     def _flush(self, reply: bool, out: list[bytes | bytearray]) -> None:
         if out:

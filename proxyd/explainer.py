@@ -19,8 +19,7 @@ from typing import Any
 
 from proxyd.config import ListenerConfig, parse_hostport, parse_port
 from proxyd.policy.engine import PolicySet
-from proxyd.policy.explain import Explanation, explain_data
-from proxyd.policy.identity import IdentityMap
+from proxyd.policy.explain import Explanation, IdentityLookup, explain_data
 from proxyd.policy.store import PolicyStore
 
 Address = tuple[str, int]
@@ -174,7 +173,7 @@ class Answer:
 def explain_connection(
     listeners: Sequence[ListenerConfig],
     policy: PolicyStore | PolicySet,
-    identities: IdentityMap,
+    identities: IdentityLookup,
     src: Address,
     dst: Address,
     *,

@@ -77,7 +77,7 @@ class Metrics:
         )
         self.accept_pauses_total = Counter(
             "proxyd_accept_pauses",
-            "Times accepting paused because the process ran out of file descriptors",
+            "Times accepting paused for want of file descriptors (the reserve was reached, or EMFILE)",
             ["listener"],
             registry=r,
         )
@@ -85,6 +85,8 @@ class Metrics:
         self.l7_counts: dict[tuple[str, str], int] = {}
         #: Set by the daemon: where byte totals come from at scrape time.
         self.bytes_source: BytesSource = lambda: ()
+        #: Set by the access log: lines its sink dropped (counted by its writer thread).
+        self.access_log_dropped: Callable[[], int] = lambda: 0
         r.register(_DataPathCollector(self))
         self.parser_errors_total = Counter(
             "proxyd_parser_errors",
@@ -96,8 +98,22 @@ class Metrics:
             "proxyd_policy_reloads", "Policy reload attempts by result", ["result"], registry=r
         )
         self.policy_revision = Gauge("proxyd_policy_revision", "Revision of the policy in force", registry=r)
+        #: `workers`: 1 for the single-process daemon; the control process of workers: N sets it.
+        self.workers = Gauge("proxyd_workers", "Worker processes running", registry=r)
+        self.workers.set(1)
+        self.worker_restarts_total = Counter(
+            "proxyd_worker_restarts", "Worker processes restarted after they exited", registry=r
+        )
         for result in ("success", "failure"):
             self.policy_reloads_total.labels(result)
+        #: Only with a `kubernetes` section (docs/kubernetes.md): how fresh the cluster state is.
+        self.kubernetes_synced = Gauge(
+            "proxyd_kubernetes_synced", "1 while every Kubernetes list/watch is up, else 0", registry=r
+        )
+        self.kubernetes_last_event = Gauge(
+            "proxyd_kubernetes_last_event_timestamp_seconds",
+            "Unix time of the last Kubernetes list or watch event applied", registry=r,
+        )  # fmt: skip
         from proxyd import __version__
         from proxyd.engine import IMPLEMENTATION
 
@@ -143,6 +159,12 @@ class _DataPathCollector(Collector):
         for (l7proto, verdict), n in sorted(self.metrics.l7_counts.items()):
             r.add_metric([l7proto, verdict], n)
         yield r
+        yield CounterMetricFamily(
+            "proxyd_access_log_dropped",
+            "Access log lines dropped because the log could not be written (disk full, I/O error, "
+            "a pipe nobody reads); the requests themselves were served",
+            value=self.metrics.access_log_dropped(),
+        )
 
     def describe(self) -> Iterator[Metric]:
         return iter(())

@@ -18,8 +18,12 @@ Protocol-free I/O on asyncio transports (uvloop). What it guarantees (docs/confi
 - Answers proxyd writes itself (injected denials) to a client that sends requests but never
   reads are bounded too: past ``HIGH_WATER + buffer_bytes`` waiting for the client, reading
   from the client pauses until it catches up.
+- A direction the parser *holds* (it waits on the other direction: the engine's hold, see
+  :mod:`proxyd.engine`) is not read until the hold clears, so its buffered bytes stay within
+  ``buffer_bytes`` plus one read; an EOF behind held bytes is passed on once they are.
 - A reset (RST) from one side is passed on as a reset: the other side is aborted with
-  ``SO_LINGER`` 0, so a truncated transfer never looks complete.
+  ``SO_LINGER`` 0, so a truncated transfer never looks complete. An upstream that refuses,
+  cannot be reached or does not answer the connect in time is passed on the same way.
 - Timeouts (:meth:`Connection.check_timeouts`, called by the daemon's sweep): ``idle`` (no
   byte either way) and ``request`` (the parser has waited on MORE, with a partial request
   buffered and no progress, for that long).
@@ -120,6 +124,7 @@ class UpstreamProtocol(asyncio.Protocol):
         return True
 
     def connection_lost(self, exc: Exception | None) -> None:
+        self.conn.lr.daemon.data_fd_closed()
         self.conn.upstream_lost(exc)
 
     def pause_writing(self) -> None:
@@ -161,8 +166,12 @@ class Connection(asyncio.Protocol):
         self._clocal: tuple[str, int] | None = None
         self._coro: Any = None
         self._loop: asyncio.AbstractEventLoop = cast(asyncio.AbstractEventLoop, None)  # connection_made
+        #: The upstream socket this connection will open was counted at accept, so accepting
+        #: stops in time (fdbudget.py); given back if the connection ends without opening it.
+        self.upstream_fd_counted = False
         self._l4 = True  # no parser: relay bytes directly
         self._up_rx = 0  # bytes received from the upstream (idle detection)
+        self._upstream_held = False  # the parser holds the server's bytes (engine hold)
         self._client_full = False  # the client's write buffer is above its high-water mark
         #: Abort timers of closed transports still flushing: [client, upstream].
         self._lingers: list[asyncio.TimerHandle | None] | None = None
@@ -199,7 +208,7 @@ class Connection(asyncio.Protocol):
         if factory is not None:  # an L4 listener relays bytes itself: no engine, no parser
             self._l4 = False
             self.engine = engine = Engine(None, self._send, buffer_limit=self.lr.limits.buffer_bytes,
-                                          on_error=self._engine_error)  # fmt: skip
+                                          on_error=self._engine_error, on_hold=self._on_hold)  # fmt: skip
             self.ctx = Context(info, engine, policy, self.lr.access_log)
             try:
                 engine.parser = factory.create(self.ctx, self.lr.config.parser_settings)
@@ -274,7 +283,8 @@ class Connection(asyncio.Protocol):
                 return "idle"
         engine = self.engine
         if request and not self._l4 and engine is not None and self.upstream is not None:
-            buffered = engine.buffered(False)
+            # Held bytes wait on the server's answers, not on the client: no request timeout.
+            buffered = 0 if engine.held(False) else engine.buffered(False)
             if not buffered:
                 self._req_mark = (-1, 0.0)
             else:
@@ -324,6 +334,9 @@ class Connection(asyncio.Protocol):
             # Non-blocking from socket() on: no ioctl(FIONBIO) of its own.
             sock = socket.socket(family, socket.SOCK_STREAM | socket.SOCK_NONBLOCK)
             self._csock = sock
+            # Counted at accept (upstream_fd_counted); uncounted when closed (data_fd_closed).
+            self.upstream_fd_counted = False
+            lr.daemon.fds.seen(sock.fileno())
             # No TCP_NODELAY here: uvloop sets it on every TCP transport it makes.
             if lr.upstream_mark is not None:
                 sock.setsockopt(socket.SOL_SOCKET, socket.SO_MARK, lr.upstream_mark)
@@ -337,7 +350,7 @@ class Connection(asyncio.Protocol):
         except OSError as exc:
             # Reported where a failure found by add_writer is (_connect_ready), not from inside
             # connection_made, before the event loop has started reading the client.
-            loop.call_soon(loop.call_soon, loop.call_soon, self._connect_failed, exc)
+            loop.call_soon(self._connect_failed, exc)
             return
         self._ctimer = loop.call_later(lr.limits.connect_timeout, self._connect_failed, TimeoutError())
 
@@ -360,11 +373,8 @@ class Connection(asyncio.Protocol):
         assert sock is not None
         err = sock.getsockopt(socket.SOL_SOCKET, socket.SO_ERROR)
         if err:
-            # Two loop iterations later, where the task this chain replaced saw it: what a
-            # client sent right after connecting is read, not left unread under the close.
             self._csock = sock
-            loop = self._loop
-            loop.call_soon(loop.call_soon, self._connect_failed, OSError(err, os.strerror(err)))
+            self._connect_failed(OSError(err, os.strerror(err)))
             return
         self._coro = self._loop.create_connection(self._upstream_protocol, sock=sock)
         self._step()
@@ -384,21 +394,26 @@ class Connection(asyncio.Protocol):
             return
         except OSError as exc:  # uvloop closed the transport and detached the socket
             self._coro = None
-            self._connect_failed(exc)
+            self._connect_failed(exc, fd_closed=True)
             return
         waiter.add_done_callback(self._step)
 
-    def _connect_failed(self, exc: OSError) -> None:
+    def _connect_failed(self, exc: OSError, fd_closed: bool = False) -> None:
         sock = self._connect_cleanup()
         if sock is not None:
             sock.close()
+            fd_closed = True
+        if fd_closed:
+            self.lr.daemon.data_fd_closed()
         if self._closed:
             return
         self.lr.metrics.connect_failures.inc()
         if exc.errno in (errno.EMFILE, errno.ENFILE):
             self.lr.daemon.out_of_fds(exc)
         why = "timeout" if isinstance(exc, TimeoutError) else (exc.strerror or str(exc))
-        self._finish("error", f"upstream connect failed: {why}")
+        # A reset, as from an upstream that reset: a clean FIN would read as "the server
+        # answered nothing and closed", which a client may take for a complete exchange.
+        self._finish("error", f"upstream connect failed: {why}", reset_peer=self.client)
 
     def _connected(self, transport: Any) -> None:
         if self._closed:
@@ -436,6 +451,8 @@ class Connection(asyncio.Protocol):
 
     def upstream_data(self, data: bytes) -> None:
         self._up_rx += len(data)
+        if self._upstream_held and self.upstream is not None:
+            self.upstream.pause_reading()  # as for the client: a pause is enforced, not assumed
         if self._l4:
             assert self.client is not None
             self.bytes_out += len(data)
@@ -490,6 +507,9 @@ class Connection(asyncio.Protocol):
         transport = self.client if reply else self.upstream
         if transport is None or self._closed or self._shut[reply]:
             return
+        engine = self.engine
+        if engine is not None and engine.held(reply) and engine.error is None:
+            return  # bytes of this direction are still held: _on_hold passes the EOF on later
         if transport.get_write_buffer_size():
             # Poll until flushed: uvloop offers no drain callback below the low-water mark.
             self._loop.call_later(0.005, self._maybe_shutdown, reply)
@@ -506,6 +526,7 @@ class Connection(asyncio.Protocol):
             self._finish("forwarded", None)
 
     def connection_lost(self, exc: Exception | None) -> None:
+        self.lr.daemon.data_fd_closed()  # counted when the event loop accepted it
         if self._closed:
             self._cancel_linger(0)
             return
@@ -567,6 +588,10 @@ class Connection(asyncio.Protocol):
             sock = self._connect_cleanup()
             if sock is not None:
                 sock.close()
+                self.lr.daemon.data_fd_closed()
+        if self.upstream_fd_counted:
+            self.upstream_fd_counted = False
+            self.lr.daemon.data_fd_closed()
         loop = self._loop
         for side, t in enumerate((self.client, self.upstream)):
             if t is not None:
@@ -619,7 +644,7 @@ class Connection(asyncio.Protocol):
 
     def resume_writing(self) -> None:
         self._client_full = False
-        if self.upstream is not None and not self._closed:
+        if self.upstream is not None and not self._closed and not self._upstream_held:
             self.upstream.resume_reading()
         self.resume_client_reading("client-full")
 
@@ -634,6 +659,24 @@ class Connection(asyncio.Protocol):
         self._client_pauses.discard(why)
         if not self._client_pauses and self.client is not None and not self._closed:
             self.client.resume_reading()
+
+    def _on_hold(self, reply: bool, held: bool) -> None:
+        """The engine holds (or releases) one direction: stop (resume) reading it."""
+        if reply:
+            self._upstream_held = held
+            if self.upstream is not None and not self._closed:
+                if held:
+                    self.upstream.pause_reading()
+                elif not self._client_full:
+                    self.upstream.resume_reading()
+            if not held and self._upstream_eof:
+                self._maybe_shutdown(True)
+        elif held:
+            self.pause_client_reading("held")
+        else:
+            self.resume_client_reading("held")
+            if self._client_eof:
+                self._maybe_shutdown(False)
 
 
 @functools.lru_cache(maxsize=1024)

@@ -18,6 +18,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import errno
 import ipaddress
 import itertools
 import os
@@ -35,6 +36,7 @@ from proxyd.accesslog import AccessLog, LineWriter, make_logger
 from proxyd.config import Config, Limits, ListenerConfig, load_config
 from proxyd.context import AllowAllPolicy, ConnInfo, L7Policy
 from proxyd.errors import ConfigError, PolicyError
+from proxyd.fdbudget import LISTEN_BACKLOG, FdBudget, nofile_limit, open_descriptors
 from proxyd.metrics import ListenerMetrics, Metrics
 from proxyd.origdst import original_dst, unmap
 from proxyd.parser import Endpoint, ParserFactory
@@ -43,13 +45,16 @@ from proxyd.policy.store import Change, PolicyStore
 from proxyd.registry import Registry
 from proxyd.relay import Connection
 
-LISTEN_BACKLOG = 1024
 LABELS_CACHE_SIZE = 65536
-FLUSH_INTERVAL = 0.2  # seconds between access-log flushes
-ACCEPT_PAUSE = 0.5  # seconds accepting pauses when the process is out of file descriptors
+ACCESS_LOG_CHECK = 1.0  # seconds between looks at the access log's sink
+ACCESS_LOG_REPORT_INTERVAL = 10.0  # at most one "access log cannot be written" line per this long
+ACCEPT_PAUSE = 0.5  # seconds between checks while accepting is paused for file descriptors
+FD_RECOUNT_INTERVAL = 5.0  # off the fast path, descriptors really open are listed this often
 FD_LOG_INTERVAL = 10.0  # at most one "out of file descriptors" log line per this many seconds
 FDS_PER_CONNECTION = 2  # client and upstream socket
-FD_RESERVE = 64  # listeners, admin server, log files, policy files, the event loop itself
+CAREFUL_BATCH = 32  # connections accepted one at a time per wake-up of the listening socket
+FAST, CAREFUL, PAUSED = "fast", "careful", "paused"  # how a listener accepts (fdbudget.py)
+FD_BASE = 64  # about what is open before any connection: listeners, admin, logs, the event loop
 
 
 class ListenerRuntime:
@@ -65,11 +70,16 @@ class ListenerRuntime:
         self.limits: Limits = daemon.config.limits
         self.upstream_mark = daemon.config.upstream_mark
         self.server: asyncio.Server | None = None
+        #: The listen queue: where connections wait while accepting is paused (fdbudget.py).
+        self.backlog = LISTEN_BACKLOG
         #: Our own reference to the listening socket: the event loop's server gets a duplicate,
         #: so accepting can pause (that server closed) while the kernel keeps queueing
         #: connections on this one, and resume with a new server on it.
         self.lsock: socket.socket | None = None
-        self.paused = False
+        #: How connections are accepted now (fdbudget.py): FAST (the event loop's server, in
+        #: bursts), CAREFUL (one at a time, each checked against the budget) or PAUSED.
+        self.accepting = FAST
+        self._reading = False  # CAREFUL: a reader on lsock
         self._closing = False
         #: (host, port, is wildcard) once bound: checked for every transparent connection.
         self.bound: tuple[str, int, bool] | None = None
@@ -87,6 +97,8 @@ class ListenerRuntime:
         sock = socket.socket(family, socket.SOCK_STREAM)
         try:
             sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+            if self.daemon.reuse_port:  # worker processes share the address (proxyd.workers)
+                sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEPORT, 1)
             if family == socket.AF_INET6 and ipaddress.ip_address(host).is_unspecified:
                 sock.setsockopt(socket.IPPROTO_IPV6, socket.IPV6_V6ONLY, 0)
             try:
@@ -96,7 +108,7 @@ class ListenerRuntime:
                 what = f"listener {self.config.name!r}: cannot bind {self.config.address}: {why}"
                 raise OSError(exc.errno, what) from exc
             sock.setblocking(False)
-            sock.listen(LISTEN_BACKLOG)
+            sock.listen(self.backlog)
             self.server = await self._serve_on(sock)
             bhost, bport = sock.getsockname()[:2]
             self.bound = (unmap(bhost), bport, ipaddress.ip_address(bhost).is_unspecified)
@@ -109,7 +121,7 @@ class ListenerRuntime:
         dup = sock.dup()
         try:
             return await asyncio.get_running_loop().create_server(
-                lambda: Connection(self), sock=dup, backlog=LISTEN_BACKLOG
+                self._new_connection, sock=dup, backlog=self.backlog
             )
         except BaseException:
             dup.close()
@@ -120,27 +132,92 @@ class ListenerRuntime:
         host, port = self.lsock.getsockname()[:2]
         return host, port
 
-    def pause_accepting(self) -> None:
-        """Stop accepting for :data:`ACCEPT_PAUSE` seconds; the kernel queues new connections."""
-        if self.paused or self._closing or self.server is None:
-            return
-        self.paused = True
-        self.metrics_accept_pauses.inc()
-        self.server.close()
-        asyncio.get_running_loop().call_later(ACCEPT_PAUSE, self._resume)
+    def _new_connection(self) -> Connection:
+        # The event loop calls this for every socket its server accepted, before
+        # connection_made, as it accepts a burst: the one place that counts each descriptor as
+        # it is taken. The mode changes soon, not here: closing the server in here would close
+        # this very socket.
+        d = self.daemon
+        fds = d.fds
+        fds.data += FDS_PER_CONNECTION  # its socket, and the upstream socket it will open
+        if fds.data >= fds.data_fast_high:
+            d.fds_check_soon()
+        conn = Connection(self)
+        conn.upstream_fd_counted = True
+        return conn
 
-    def _resume(self) -> None:
-        self.daemon.spawn(self._resume_accepting())
+    @property
+    def paused(self) -> bool:
+        return self.accepting == PAUSED
 
-    async def _resume_accepting(self) -> None:
-        if self._closing or self.lsock is None:
+    def set_accepting(self, mode: str) -> None:
+        """Accept in bursts (FAST), one at a time (CAREFUL), or not at all (PAUSED: the kernel
+        queues new connections, up to ``backlog``)."""
+        if self._closing or self.lsock is None or mode == self.accepting:
             return
+        old, self.accepting = self.accepting, mode
+        if mode == PAUSED:
+            self.metrics_accept_pauses.inc()
+        if old == FAST and self.server is not None:
+            self.server.close()
+        loop = asyncio.get_running_loop()
+        if mode == CAREFUL and not self._reading:
+            loop.add_reader(self.lsock.fileno(), self._accept_carefully)
+            self._reading = True
+        elif mode != CAREFUL and self._reading:
+            loop.remove_reader(self.lsock.fileno())
+            self._reading = False
+        if mode == FAST:
+            self.daemon.spawn(self._serve_fast())
+
+    async def _serve_fast(self) -> None:
+        assert self.lsock is not None
         try:
-            self.server = await self._serve_on(self.lsock)
-        except OSError:  # still no descriptor for the duplicate: wait again
-            asyncio.get_running_loop().call_later(ACCEPT_PAUSE, self._resume)
+            server = await self._serve_on(self.lsock)
+        except OSError:  # no descriptor even for the duplicate: one at a time for now
+            self.accepting = PAUSED
+            self.set_accepting(CAREFUL)
             return
-        self.paused = False
+        if self.accepting != FAST or self._closing:  # changed meanwhile
+            server.close()
+            return
+        self.server = server
+
+    def _accept_carefully(self) -> None:
+        """CAREFUL: accept while the budget has room for the connection and its upstream."""
+        d = self.daemon
+        fds = d.fds
+        lsock = self.lsock
+        assert lsock is not None
+        for _ in range(CAREFUL_BATCH):
+            if not fds.room():
+                d.fds_check()
+                return
+            try:
+                sock, _ = lsock.accept()
+            except (BlockingIOError, InterruptedError):
+                return
+            except OSError as exc:
+                if exc.errno in (errno.EMFILE, errno.ENFILE):
+                    d.out_of_fds(exc)
+                return  # ECONNABORTED and the like: the reader fires again for the rest
+            fds.data += FDS_PER_CONNECTION  # as in _new_connection
+            fds.seen(sock.fileno())
+            sock.setblocking(False)
+            d.spawn(self._adopt(sock))
+
+    def _adopted(self) -> Connection:
+        conn = Connection(self)
+        conn.upstream_fd_counted = True
+        return conn
+
+    async def _adopt(self, sock: socket.socket) -> None:
+        try:
+            await asyncio.get_running_loop().connect_accepted_socket(self._adopted, sock)
+        except OSError:
+            sock.close()
+            self.daemon.data_fd_closed()
+            self.daemon.data_fd_closed()
 
     def accept(self, conn: Connection) -> None:
         d = self.daemon
@@ -149,6 +226,9 @@ class ListenerRuntime:
         transport = conn.client
         assert transport is not None
         sock = transport.get_extra_info("socket")
+        if sock is not None and sock.fileno() >= d.fds.in_use():
+            d.fds.seen(sock.fileno())  # the count missed descriptors: it is raised to match
+            d.fds_check_soon()
         peer = transport.get_extra_info("peername")
         local = transport.get_extra_info("sockname")
         if peer is None or local is None:
@@ -179,7 +259,7 @@ class ListenerRuntime:
         info = ConnInfo(conn_id, cfg.name, cfg.direction, src, dst, cfg.l7proto or "")
         if reason is None and cfg.upstream is None and d.upstream_locals.get((src_ip, src_port)) == upstream:
             reason = "loop: this is proxyd's own upstream connection, redirected back to it"
-        if reason is None and d.active_connections() > self.limits.max_connections:
+        if reason is None and d.admitted_connections() > self.limits.max_connections:
             reason = f"max_connections ({self.limits.max_connections}) reached"
         policy: L7Policy = AllowAllPolicy()
         hello_view = None
@@ -214,6 +294,7 @@ class ListenerRuntime:
 
     def forget(self, conn: Connection) -> None:
         self.conns.discard(conn)
+        self.daemon.connection_ended()
         if not self.conns:
             self.daemon.listener_idle(self)
 
@@ -221,6 +302,9 @@ class ListenerRuntime:
         self._closing = True
         if self.server is not None:
             self.server.close()
+        if self._reading and self.lsock is not None:
+            asyncio.get_running_loop().remove_reader(self.lsock.fileno())
+            self._reading = False
         if self.lsock is not None:
             self.lsock.close()
 
@@ -235,6 +319,9 @@ class ListenerRuntime:
 class Daemon:
     """One proxyd process's worth of state; tests run several in one event loop."""
 
+    #: Bind listeners with SO_REUSEPORT: set by the worker processes of ``workers: N``.
+    reuse_port = False
+
     def __init__(self, config: Config, registry: Registry | None = None) -> None:
         self.config = config
         self.registry = registry or Registry.load()
@@ -243,7 +330,12 @@ class Daemon:
         self.log = make_logger(LineWriter("stderr"))
         self.identities = IdentityMap.from_entries(config.identities)
         self._labels_cache: dict[str, Mapping[str, str]] = {}
-        self.policy = PolicyStore(self.registry, config.policy.paths, config.policy.state_dir)
+        self.policy = PolicyStore(
+            self.registry,
+            config.policy.paths,
+            config.policy.state_dir,
+            kubernetes=config.kubernetes is not None,
+        )
         self.metrics.policy_revision.set(self.policy.revision)
         self.metrics.connections_max.set(config.limits.max_connections)
         self.listeners: dict[str, ListenerRuntime] = {}
@@ -263,8 +355,18 @@ class Daemon:
         self.metrics.bytes_source = self._bytes_totals
         self._tasks: set[asyncio.Task[Any]] = set()
         self._policy_lock = asyncio.Lock()
+        #: Descriptors: the data path's count and the marks where accepting pauses and resumes
+        #: (set at start, from RLIMIT_NOFILE and what is open then).
+        self.fds = FdBudget(nofile_limit(), 0, [])
+        self.accept_mode = FAST  # how every listener accepts (ListenerRuntime.set_accepting)
+        self._fd_hard = False  # paused for EMFILE/ENFILE, not by the count: resume on a timer
+        self._fd_check_soon = False
+        self._fd_ticking = False  # _fd_tick is scheduled
+        self._fd_recount_at = 0.0
         self._fd_log_at = -FD_LOG_INTERVAL
-        self._fd_events = 0  # out-of-descriptor events since the last log line
+        self._fd_events = 0  # pauses and EMFILE events since the last log line
+        #: The cluster source (docs/kubernetes.md), made at start: its client needs a loop.
+        self.kube: Any = None
 
     # --- queries ---------------------------------------------------------------------------
 
@@ -273,18 +375,36 @@ class Daemon:
             len(lr.conns) for lr in self._retired
         )
 
+    def admitted_connections(self) -> int:
+        """Connections counted against ``limits.max_connections`` (a worker of ``workers: N``
+        adds the other workers')."""
+        return self.active_connections()
+
+    def connection_ended(self) -> None:
+        """A connection ended (a worker of ``workers: N`` publishes its count)."""
+
     def labels_for(self, ip: str) -> Mapping[str, str]:
         """Identity labels of an address, memoised: the same few peers connect again and again."""
         labels = self._labels_cache.get(ip)
         if labels is None:
             if len(self._labels_cache) >= LABELS_CACHE_SIZE:
                 self._labels_cache.clear()
-            try:
-                labels = self.identities.labels_for(ip)
-            except ValueError:  # a fixed upstream given by name: no address, no labels
-                labels = {}
+            cluster = self.kube.identity(ip) if self.kube is not None else None
+            if cluster is not None:  # an address the cluster knows wins over a static prefix
+                labels = cluster.labels
+            else:
+                try:
+                    labels = self.identities.labels_for(ip)
+                except ValueError:  # a fixed upstream given by name: no address, no labels
+                    labels = {}
             self._labels_cache[ip] = labels
         return labels
+
+    def identity_view(self) -> Any:
+        """The identities in force, with where each address's labels came from (explain, admin)."""
+        from proxyd.kube.cluster import LayeredIdentities
+
+        return LayeredIdentities(self.kube, self.identities)
 
     def add_closed_bytes(self, listener: str, bytes_in: int, bytes_out: int) -> None:
         totals = self._closed_bytes.get(listener)
@@ -308,22 +428,117 @@ class Daemon:
         if self.stopping and not self.active_connections():
             self._idle.set()
 
-    def out_of_fds(self, exc: OSError) -> None:
-        """EMFILE/ENFILE: pause accepting on every listener for a moment; log, rate-limited."""
-        self._fd_events += 1
+    # --- file descriptors (fdbudget.py) ---------------------------------------------------
+
+    def fds_check_soon(self) -> None:
+        """Check the mode from a callback of its own (the caller may be inside the event
+        loop's accept)."""
+        if not self._fd_check_soon:
+            self._fd_check_soon = True
+            asyncio.get_running_loop().call_soon(self._fds_check_now)
+
+    def _fds_check_now(self) -> None:
+        self._fd_check_soon = False
+        self.fds_check()
+
+    def fds_check(self, exc: OSError | None = None) -> None:
+        """Put every listener in the mode the count calls for (fdbudget.py, the marks)."""
+        fds, mode = self.fds, self.accept_mode
+        n = fds.in_use()
+        if self._fd_hard or n + FDS_PER_CONNECTION > fds.high or (mode == PAUSED and n > fds.low):
+            new = PAUSED
+        elif n >= fds.fast_high or (mode != FAST and n > fds.fast_low):
+            new = CAREFUL
+        else:
+            new = FAST
+        if new == mode:
+            return
+        self.accept_mode = new
         for lr in self.listeners.values():
-            lr.pause_accepting()
+            lr.set_accepting(new)
+        if not self._fd_ticking:
+            self._fd_ticking = True
+            asyncio.get_running_loop().call_later(ACCEPT_PAUSE, self._fd_tick)
+        if new == PAUSED:
+            self._fd_events += 1
+            self._log_fd_pause(exc)
+
+    def out_of_fds(self, exc: OSError) -> None:
+        """EMFILE/ENFILE where the count saw none coming (another process, descriptors proxyd
+        does not count): pause, and resume on a timer."""
+        if self._fd_hard:
+            return
+        self._fd_hard = True
+        if self.accept_mode == PAUSED:
+            self._fd_events += 1
+            self._log_fd_pause(exc)
+        self.fds_check(exc)
+
+    def data_fd_closed(self) -> None:
+        """A client or upstream socket of the data path was closed."""
+        self.fds.data -= 1
+        if self.accept_mode != FAST:
+            self.fds_check()
+
+    def _log_fd_pause(self, exc: OSError | None) -> None:
         now = time.monotonic()
-        if now - self._fd_log_at >= FD_LOG_INTERVAL:
-            self.log.error(
-                "out of file descriptors: accepting paused",
-                error=exc.strerror or str(exc),
-                pause_s=ACCEPT_PAUSE,
-                events=self._fd_events,
-                hint="raise LimitNOFILE / ulimit -n, or lower limits.max_connections",
-            )
-            self._fd_log_at = now
-            self._fd_events = 0
+        if now - self._fd_log_at < FD_LOG_INTERVAL:
+            return
+        fds = self.fds
+        self.log.error(
+            "out of file descriptors: accepting paused",
+            reason=(exc.strerror or str(exc)) if exc is not None else "only the reserve is left",
+            open_fds=fds.in_use(),
+            limit=fds.limit,
+            reserve=fds.other,
+            events=self._fd_events,
+            hint="raise LimitNOFILE / ulimit -n, or lower limits.max_connections",
+        )
+        self._fd_log_at = now
+        self._fd_events = 0
+
+    def _fd_tick(self) -> None:
+        """While not on the fast path: end an EMFILE pause, and check the count now and then."""
+        self._fd_hard = False
+        self.fds_check()
+        if self.accept_mode == FAST:
+            self._fd_ticking = False
+            return
+        now = time.monotonic()
+        if now - self._fd_recount_at >= FD_RECOUNT_INTERVAL:
+            self._fd_recount_at = now
+            self._spawn(self._recount_fds())
+        asyncio.get_running_loop().call_later(ACCEPT_PAUSE, self._fd_tick)
+
+    async def _recount_fds(self) -> None:
+        """List the descriptors really open (on a worker thread: there may be a million) and
+        correct the count down if it was high, so a miscount cannot keep accepting paused."""
+        data_then = self.fds.data
+        really_open = await asyncio.get_running_loop().run_in_executor(None, open_descriptors)
+        if really_open is None:
+            return
+        excess = self.fds.correct(really_open, data_then)
+        if excess:
+            self.log.warning("file descriptors: fewer open than counted; count corrected",
+                             counted_too_many=excess, open_fds=really_open)  # fmt: skip
+            self.fds_check()
+
+    def _count_fds(self, listeners_added: int | None = None) -> None:
+        """Count what is open besides the data path: at start by listing /proc/self/fd, after
+        a reload by the listeners added or removed (two descriptors each: listing every
+        connection's would stall the loop)."""
+        limit = nofile_limit()
+        if listeners_added is not None:
+            base = self.fds.base + 2 * listeners_added
+        else:
+            open_now = open_descriptors()
+            base = open_now - self.fds.data if open_now is not None else 64
+        self.fds.configure(limit, base, [lr.backlog for lr in self.listeners.values()])
+        if base + FDS_PER_CONNECTION > self.fds.high:
+            self.log.error("file descriptor limit too low: nothing is left for connections",
+                           nofile=limit, open_fds=base, reserve=self.fds.other,
+                           hint="raise LimitNOFILE / ulimit -n")  # fmt: skip
+        self.fds_check()
 
     def is_own_listener(self, addr: tuple[str, int], local_ip: str) -> bool:
         ip, port = addr
@@ -338,17 +553,15 @@ class Daemon:
     # --- lifecycle -------------------------------------------------------------------------
 
     async def start(self) -> None:
+        if self.config.kubernetes is not None:
+            await self._start_kubernetes()
         for lc in self.config.listeners:
             lr = ListenerRuntime(self, lc)
             await lr.bind()
             self.listeners[lc.name] = lr
             self.log.info("listening", listener=lc.name, address=lc.address, l7proto=lc.l7proto)
-        if self.config.admin is not None:
-            from proxyd.admin import AdminServer
-
-            self._admin = AdminServer(self)
-            adm = self.config.admin
-            await self._admin.start(adm.host, adm.port)  # OSError naming admin.address/socket
+        await self._start_admin()
+        self._count_fds()
         self.ready = True
         sdnotify.notify("READY=1", f"STATUS=serving {len(self.listeners)} listeners")
         interval = sdnotify.watchdog_interval()
@@ -356,8 +569,96 @@ class Daemon:
             self._spawn(self._watchdog(interval))
         if self.config.policy.paths:
             self._spawn(self._watch_policy())
-        self._spawn(self._flush_access_log())
+        self._spawn(self._watch_access_log())
         self._spawn(self._sweep_timeouts())
+
+    async def _start_admin(self) -> None:
+        if self.config.admin is not None and self._admin is None:
+            from proxyd.admin import AdminServer
+
+            admin = AdminServer(self)
+            adm = self.config.admin
+            try:
+                await admin.start(adm.host, adm.port)  # OSError naming admin.address/socket
+            except BaseException:
+                await admin.stop()
+                raise
+            self._admin = admin  # only once it answers: admin_address() is then complete
+
+    async def _start_kubernetes(self) -> None:
+        """Start the cluster source and wait for its first full sync (admin up, /readyz 503)."""
+        from proxyd.kube.cluster import KubeSource
+
+        kc = self.config.kubernetes
+        assert kc is not None
+        await self._start_admin()
+
+        def on_state(synced: bool, last_event: float) -> None:
+            self.metrics.kubernetes_synced.set(1 if synced else 0)
+            if last_event:
+                self.metrics.kubernetes_last_event.set(last_event)
+
+        self._kube_policies_due = asyncio.Event()
+        self.kube = KubeSource(
+            kc, on_change=self._cluster_changed, on_state=on_state,
+            log_warning=lambda event, **kw: self.log.warning(event, **kw),
+            on_policies=self._kube_policies_due.set,
+        )  # fmt: skip
+        self.kube.start()
+        self.log.info("kubernetes: waiting for the first full sync before accepting")
+        await self.kube.source.synced.wait()
+        await self._apply_kube_policies()  # the first full list of policies, before accepting
+        self._spawn(self._watch_kube_policies())
+        self.log.info("kubernetes: synced", addresses=len(self.kube.state.identities()))
+
+    async def _watch_kube_policies(self) -> None:
+        while True:
+            await self._kube_policies_due.wait()
+            self._kube_policies_due.clear()
+            try:
+                await self._apply_kube_policies()
+            except Exception as exc:  # a bug, not a bad object: log it and keep watching
+                self.log.error("kubernetes: policy update failed", error=f"{type(exc).__name__}: {exc}")
+
+    async def _apply_kube_policies(self) -> None:
+        """Validate the changed API policy objects each alone (on a worker), then apply them."""
+        from proxyd.kube.policies import validate
+
+        pol = self.kube.policies
+        while pol.pending:
+            batch = pol.take()
+            async with self._policy_lock:
+
+                def build(batch: Any = batch) -> tuple[Any, Change]:
+                    results = validate(batch, self.registry)
+                    return results, self.policy.build_cluster(pol.preview(results))
+
+                try:
+                    results, change = await asyncio.get_running_loop().run_in_executor(None, build)
+                except PolicyError as exc:  # the objects parse, the set does not compile
+                    self._reload_rejected("kubernetes", exc)
+                    continue
+                refused = pol.commit(results)
+                revision = self.policy.commit(change)
+                self.policy.cluster_errors = dict(pol.errors)
+            for name, problems in refused:
+                self.metrics.policy_reloads_total.labels("failure").inc()
+                self.log.error("kubernetes: policy object refused; its last good version stays",
+                               name=name, problems=problems)  # fmt: skip
+            if len(refused) < len(results):
+                self._reloaded("kubernetes", revision)
+
+    def _cluster_changed(self, ips: set[str]) -> None:
+        """Addresses whose cluster identity changed: the next accept from them looks again."""
+        if not ips:
+            return
+        if len(ips) > 256:  # a relist or a namespace relabel: cheaper to forget everything
+            self._labels_cache = {}
+            return
+        cache = self._labels_cache
+        for ip in ips:  # the keys are addresses as sockets report them (dual-stack: mapped)
+            cache.pop(ip, None)
+            cache.pop(f"::ffff:{ip}", None)
 
     def spawn(self, coro: Any) -> None:
         """Run ``coro`` as a task the daemon keeps a reference to and cancels at stop."""
@@ -373,10 +674,36 @@ class Daemon:
             sdnotify.notify("WATCHDOG=1")
             await asyncio.sleep(interval)
 
-    async def _flush_access_log(self) -> None:
+    async def _watch_access_log(self) -> None:
+        """Say when access-log lines are not being written: one line per interval at most.
+
+        The sink's own thread writes and counts; this only reports, so an operator learns of a
+        full disk from stderr and ``proxyd_access_log_dropped_total``, not from failed requests.
+        """
+        log = self.access_log
+        path = self.config.access_log.path
+        reported = 0  # dropped lines already reported
+        said_at = -ACCESS_LOG_REPORT_INTERVAL
+        failing = False  # a problem was reported and has not been seen to end
         while True:
-            await asyncio.sleep(FLUSH_INTERVAL)
-            self.access_log.flush()
+            await asyncio.sleep(ACCESS_LOG_CHECK)
+            problem, dropped = log.writer.problem(), log.dropped
+            now = time.monotonic()
+            if problem is None and failing:
+                self.log.info("access log writing resumed", path=path, dropped=dropped - reported,
+                              dropped_total=dropped)  # fmt: skip
+                reported, failing = dropped, False
+            elif (problem is not None or dropped > reported) and now - said_at >= ACCESS_LOG_REPORT_INTERVAL:
+                self.log.error(
+                    "access log cannot be written",
+                    path=path,
+                    # No problem now but lines dropped: a write blocked for a moment.
+                    error=problem or "the sink took lines slower than they came",
+                    dropped=dropped - reported,
+                    dropped_total=dropped,
+                    pending_bytes=log.writer.pending(),
+                )
+                reported, said_at, failing = dropped, now, problem is not None
 
     async def _sweep_timeouts(self) -> None:
         """Close connections whose idle or request timeout passed (one pass every interval).
@@ -426,11 +753,14 @@ class Daemon:
         When that fails (the directory went away) the old file stays open and the error is
         logged: lines keep going somewhere rather than nowhere.
         """
-        try:
-            self.access_log.reopen()
-        except OSError as exc:
+        exc = self.access_log.reopen()
+        if exc is not None:
             self.log.error("access log reopen failed, still writing to the old file",
                            path=self.config.access_log.path, error=exc.strerror or str(exc))  # fmt: skip
+
+    async def render_metrics(self) -> bytes:
+        """The ``/metrics`` body (the control process of ``workers: N`` gathers its workers')."""
+        return self.metrics.render()
 
     def request_stop(self) -> None:
         self._stop.set()
@@ -472,11 +802,18 @@ class Daemon:
                 conn.close_now("drain timeout at shutdown")
         for task in list(self._tasks):
             task.cancel()
+        if self.kube is not None:
+            await self.kube.stop()
         if self._admin is not None:
             await self._admin.stop()
         await asyncio.sleep(0)
-        self.access_log.close()
-        self.log.info("stopped")
+        self.access_log.close()  # bounded: a sink that takes nothing is given up on, counted
+        dropped = self.access_log.dropped
+        if dropped:
+            self.log.warning("stopped; access log lines were dropped", dropped_total=dropped,
+                             path=self.config.access_log.path)  # fmt: skip
+        else:
+            self.log.info("stopped")
 
     # --- reload ----------------------------------------------------------------------------
 
@@ -547,12 +884,17 @@ class Daemon:
             return False
         if new.policy.state_dir != self.config.policy.state_dir:
             self.log.warning("policy.state_dir changes apply at the next restart")
+        if new.kubernetes != self.config.kubernetes:
+            self.log.warning("kubernetes section changes apply at the next restart")
         self.identities = IdentityMap.from_entries(new.identities)
         self._labels_cache = {}
+        before = len(self.listeners)
         await self._apply_listeners(new)
+        self._count_fds(listeners_added=len(self.listeners) - before)
         # Settings that only affect new connections take effect now; the access log and admin
         # address are fixed for the process lifetime (a restart applies them).
-        self.config = replace(new, access_log=self.config.access_log, admin=self.config.admin)
+        self.config = replace(new, access_log=self.config.access_log, admin=self.config.admin,
+                              kubernetes=self.config.kubernetes)  # fmt: skip
         self.metrics.connections_max.set(new.limits.max_connections)
         self.log.info("config reloaded", listeners=sorted(self.listeners))
         return True
@@ -590,8 +932,9 @@ class Daemon:
 def raise_fd_limit(max_connections: int) -> tuple[int, int, str | None]:
     """Raise the soft ``RLIMIT_NOFILE`` to the hard limit; returns (soft, needed, warning).
 
-    ``needed`` is what ``max_connections`` takes (two sockets each, plus a reserve); the
-    warning says so when the limit is lower.
+    ``needed`` is what ``max_connections`` takes: two sockets each, what is open before the
+    first connection, and the reserve kept back from connections (fdbudget.py); the warning
+    says so when the limit is lower.
     """
     soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
     if hard == resource.RLIM_INFINITY or soft < hard:
@@ -601,7 +944,7 @@ def raise_fd_limit(max_connections: int) -> tuple[int, int, str | None]:
             soft = target
         except (ValueError, OSError):
             pass
-    needed = max_connections * FDS_PER_CONNECTION + FD_RESERVE
+    needed = max_connections * FDS_PER_CONNECTION + FD_BASE + FdBudget(soft, 0, []).other
     warning = None
     if soft < needed:
         warning = (f"limits.max_connections {max_connections} needs about {needed} file descriptors "

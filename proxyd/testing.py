@@ -154,9 +154,11 @@ class Harness:
             l7 = _PredicatePolicy(policy)  # type: ignore[arg-type]
         self.out: dict[bool, bytearray] = {False: bytearray(), True: bytearray()}
         self.log: list[LogEntry] = []
+        #: Every change of a direction's hold, in order: ``(reply, held)``.
+        self.holds: list[tuple[bool, bool]] = []
         self._rec = _Recorder()
         self.engine = engine_class(implementation)(
-            None, self._send, buffer_limit=buffer_limit, observer=self._rec
+            None, self._send, buffer_limit=buffer_limit, observer=self._rec, on_hold=self._hold
         )
         info = ConnInfo(1, listener, direction, src, dst, factory.name)
         self.ctx = Context(info, self.engine, l7, _ListSink(self.log))
@@ -166,6 +168,9 @@ class Harness:
 
     def _send(self, reply: bool, data: bytes | bytearray) -> None:
         self.out[reply] += data
+
+    def _hold(self, reply: bool, held: bool) -> None:
+        self.holds.append((reply, held))
 
     # --- driving ---------------------------------------------------------------------------
 
@@ -235,6 +240,10 @@ class Harness:
     @property
     def closed(self) -> bool:
         return self.engine.error is not None
+
+    def held(self, reply: bool = False) -> bool:
+        """Whether the parser holds this direction (the relay would stop reading it)."""
+        return self.engine.held(reply)
 
 
 def engine_class(implementation: str | None) -> type[PyEngine]:

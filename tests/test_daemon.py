@@ -11,6 +11,7 @@ import socket
 from pathlib import Path
 
 import aiohttp
+import pytest
 from proxyutil import addr, daemon, echo, r2d2_server, tcp_server, wait_for
 
 
@@ -109,7 +110,8 @@ async def test_upstream_refused_is_logged_and_counted(tmp_path: Path) -> None:
         async with daemon(cfg(dead), tmp_path) as d:
             r, w = await asyncio.open_connection(*addr(d, "main"))
             w.write(b"hello")
-            assert await asyncio.wait_for(r.read(), 5) == b""
+            with pytest.raises(ConnectionResetError):  # a reset, never a clean EOF
+                await asyncio.wait_for(r.read(), 5)
             w.close()
             m = d.metrics.render().decode()
             assert 'proxyd_upstream_connect_failures_total{listener="main"} 1.0' in m
@@ -133,7 +135,8 @@ async def test_upstream_connect_timeout(tmp_path: Path) -> None:
             text = cfg(s.getsockname(), limits="limits:\n  connect_timeout: 300ms")
             async with daemon(text, tmp_path) as d:
                 r, w = await asyncio.open_connection(*addr(d, "main"))
-                assert await asyncio.wait_for(r.read(), 5) == b""
+                with pytest.raises(ConnectionResetError):
+                    await asyncio.wait_for(r.read(), 5)
                 w.close()
         finally:
             for f in fillers:
@@ -306,3 +309,111 @@ async def test_slow_client_bounds_memory(tmp_path: Path) -> None:
         w.close()
     assert seen == total
     assert peak < 2 << 20, peak
+
+
+async def test_every_counted_descriptor_is_uncounted_when_its_socket_closes(tmp_path: Path) -> None:
+    """Accepting pauses on the data path's own count of its sockets (fdbudget.py): a socket
+    counted and never uncounted would, one by one, stop the daemon accepting for good."""
+
+    def rst(w: asyncio.StreamWriter) -> None:
+        sock = w.get_extra_info("socket")
+        sock.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, b"\x01\x00\x00\x00\x00\x00\x00\x00")
+        w.transport.abort()
+
+    async with tcp_server(echo) as up, daemon(cfg(up, limits="limits:\n  max_connections: 3"), tmp_path) as d:
+        assert d.fds.data == 0 and d.fds.high > d.fds.in_use()
+        # A whole exchange, a client reset, a client gone at once, and a refusal at accept.
+        r, w = await asyncio.open_connection(*addr(d, "main"))
+        w.write(b"ping")
+        assert await r.readexactly(4) == b"ping"
+        w.write_eof()
+        assert await asyncio.wait_for(r.read(), 5) == b""
+        w.close()
+        r, w = await asyncio.open_connection(*addr(d, "main"))
+        w.write(b"ping")
+        assert await r.readexactly(4) == b"ping"
+        rst(w)
+        _, w = await asyncio.open_connection(*addr(d, "main"))
+        w.close()
+        held = [await asyncio.open_connection(*addr(d, "main")) for _ in range(5)]
+        await wait_for(lambda: d.active_connections() == 3)  # two refused over max_connections
+        for _, w in held:
+            w.close()
+        await wait_for(lambda: not d.active_connections() and d.fds.data == 0)
+    (tmp_path / "refused").mkdir()
+    with socket.socket() as closed:
+        closed.bind(("127.0.0.1", 0))
+        async with daemon(cfg(closed.getsockname()), tmp_path / "refused") as d:
+            for _ in range(3):
+                r, w = await asyncio.open_connection(*addr(d, "main"))
+                with pytest.raises(ConnectionResetError):
+                    await asyncio.wait_for(r.read(), 5)
+                w.close()
+            await wait_for(lambda: not d.active_connections() and d.fds.data == 0)
+
+
+async def test_a_miscount_of_descriptors_cannot_keep_accepting_paused(tmp_path: Path) -> None:
+    async with tcp_server(echo) as up, daemon(cfg(up), tmp_path) as d:
+        d.fds.data += d.fds.high  # as if sockets had been counted and never uncounted
+        d.fds_check()
+        await wait_for(lambda: d.accept_mode == "paused" and d.listeners["main"].paused)
+        assert 'proxyd_accept_pauses_total{listener="main"} 1.0' in d.metrics.render().decode()
+        # While paused, the descriptors really open are listed: the count comes back down.
+        await wait_for(lambda: not d.listeners["main"].paused, timeout=10)
+        r, w = await asyncio.open_connection(*addr(d, "main"))
+        w.write(b"ping")
+        assert await asyncio.wait_for(r.readexactly(4), 5) == b"ping"
+        w.close()
+
+
+async def test_near_the_descriptor_limit_accepting_goes_one_by_one_then_pauses_and_back(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """The marks of fdbudget.py, set just above what this process has open: the fast path,
+    then one connection at a time, then a pause (a client waits in the listen queue, and is
+    served when another leaves), then back to the fast path once all have left."""
+    import proxyd.server as server_mod
+    from proxyd.fdbudget import FdBudget
+
+    monkeypatch.setattr(server_mod, "FD_RECOUNT_INTERVAL", 0.5)
+    modes: list[str] = []
+    real = server_mod.ListenerRuntime.set_accepting
+
+    def spy(lr: server_mod.ListenerRuntime, mode: str) -> None:
+        modes.append(mode)
+        real(lr, mode)
+
+    monkeypatch.setattr(server_mod.ListenerRuntime, "set_accepting", spy)
+    async with tcp_server(echo) as up, daemon(cfg(up), tmp_path) as d:
+        fds = d.fds
+        n = fds.in_use()
+        # The ceiling 80 descriptors up; one at a time from 22 below it (bursts of 11 and their
+        # upstream sockets). In this process each connection takes four: its client and the
+        # echo server's end are counted once their numbers show (FdBudget.seen).
+        limit = next(lim for lim in range(n, n + 10000) if lim - FdBudget(lim, 0, []).other == n + 80)
+        fds.configure(limit, fds.base, [10])
+        d.fds_check()
+        assert d.accept_mode == "fast"
+        conns = []
+        for i in range(60):
+            r, w = await asyncio.open_connection(*addr(d, "main"))
+            conns.append((r, w))
+            w.write(b"%d\n" % i)
+            try:
+                assert await asyncio.wait_for(r.readline(), 1) == b"%d\n" % i
+            except TimeoutError:
+                break  # waiting in the listen queue: accepting is paused
+        assert modes[:2] == ["careful", "paused"], modes
+        assert d.listeners["main"].paused
+        r, _ = conns[-1]
+        for _, w in conns[:-1]:
+            w.close()
+        assert await asyncio.wait_for(r.readline(), 5) == b"%d\n" % (len(conns) - 1)
+        conns[-1][1].close()
+        await wait_for(lambda: d.accept_mode == "fast" and d.fds.data == 0, timeout=10)
+        assert modes[-1] == "fast"
+        assert 'proxyd_accept_pauses_total{listener="main"} 0.0' not in d.metrics.render().decode()
+        r, w = await asyncio.open_connection(*addr(d, "main"))
+        w.write(b"again\n")
+        assert await asyncio.wait_for(r.readline(), 5) == b"again\n"
+        w.close()

@@ -501,7 +501,7 @@ def test_eof_in_the_middle_of_a_pass_does_not_call_the_parser() -> None:
 
 
 def test_eof_on_one_side_leaves_the_other_running() -> None:
-    h = harness({False: [(MORE, 9)], True: [(PASS, 2)]})
+    h = harness({False: [(MORE, 9), (MORE, 9)], True: [(PASS, 2)]})
     h.feed(b"abc")
     assert h.eof(False) == 3
     check(h, b"ok", PASS, 2, reply=True)
@@ -542,3 +542,115 @@ def test_one_send_per_round_in_order() -> None:
     # The round's passed bytes are joined into one write.
     assert out == [(False, b"acd")]
     assert e.buffered(False) == 1
+
+
+# --- hold: a direction that waits on the other one ----------------------------------------------
+
+
+class Gate(Parser):
+    """Client bytes pass one per server byte seen; with no credit the client side is held."""
+
+    def __init__(self, ctx: ConnectionContext) -> None:
+        self.ctx = ctx
+        self.credit = 0
+        self.calls: list[tuple[bool, bool, bytes]] = []
+
+    def on_data(self, reply: bool, end_stream: bool, data: Data) -> Verdict:
+        self.calls.append((reply, end_stream, bytes(data)))
+        if not data:
+            return NOP, 0
+        if reply:
+            self.credit += len(data)
+            return PASS, len(data)
+        if not self.credit:
+            return NOP, 0
+        k = min(self.credit, len(data))
+        self.credit -= k
+        return PASS, k
+
+
+class GateFactory(ParserFactory):
+    name = "gate"
+
+    def create(self, ctx: ConnectionContext, config: Any) -> Parser:
+        return Gate(ctx)
+
+
+def test_nop_with_bytes_buffered_holds_and_the_other_direction_releases_it() -> None:
+    h = Harness(GateFactory(), buffer_limit=8)
+    h.feed(b"abcdefghijkl")  # over the 8-byte limit, but held: not an error
+    assert h.held(False) and h.error is None and h.holds == [(False, True)]
+    assert h.engine.buffered(False) == 12 and h.to_server == b""
+    h.feed(b"xyz", reply=True)  # three credits: the held round runs again at once
+    assert h.to_server == b"abc" and h.held(False) and h.holds == [(False, True)]
+    h.feed(b"x" * 9, reply=True)
+    assert h.to_server == b"abcdefghijkl" and not h.held(False)
+    assert h.holds == [(False, True), (False, False)]
+    assert h.error is None
+
+
+def test_over_the_limit_without_a_hold_is_still_an_error() -> None:
+    h = Harness(GateFactory(), buffer_limit=8)
+    h.feed(b"x", reply=True)
+    h.feed(b"abcdefghijkl")  # one byte passes, the rest is held
+    assert h.held(False) and h.error is None
+    h.feed(b"x" * 11, reply=True)  # all of it passes: the hold clears
+    assert not h.held(False)
+    h.engine.parser.credit = 0  # type: ignore[union-attr]
+    h.feed(b"abc")  # held again, within the limit
+    h.feed(b"x" * 20, reply=True)
+    assert h.error is None and h.to_server == b"a" + b"bcdefghijkl" + b"abc"
+
+
+def test_end_of_stream_behind_held_bytes_waits_for_them() -> None:
+    h = Harness(GateFactory())
+    h.feed(b"abcd")
+    assert h.eof(False) == 0  # kept, not lost: the server has not answered yet
+    assert h.held(False)
+    h.feed(b"xx", reply=True)
+    assert h.to_server == b"ab" and h.held(False)
+    parser = h.engine.parser
+    assert isinstance(parser, Gate) and parser.calls[-1] == (False, True, b"cd")  # end_stream kept
+    h.feed(b"xx", reply=True)
+    assert h.to_server == b"abcd" and not h.held(False)
+
+
+def test_a_hold_the_other_direction_can_no_longer_release_is_let_go() -> None:
+    h = Harness(GateFactory())
+    h.feed(b"abcd")
+    h.feed(b"x", reply=True)
+    assert h.eof(True) == 0 and not h.held(False)  # the server is done: nothing can free it
+    assert h.to_server == b"a" and h.holds == [(False, True), (False, False)]
+    assert h.eof(False) == 3  # what is left is counted at the end, as for MORE
+
+
+def test_existing_nop_answers_without_bytes_do_not_hold() -> None:
+    h = harness({False: [(PASS, 3), (NOP, 0)]})
+    h.feed(b"abc")
+    assert not h.held(False) and h.holds == []
+
+
+def test_on_hold_reports_each_change_to_the_driver() -> None:
+    paused: list[tuple[bool, bool]] = []
+    parser = Gate(_NoCtx())  # type: ignore[arg-type]
+    e = Engine(parser, lambda r, d: None, buffer_limit=4, on_hold=lambda r, held: paused.append((r, held)))
+    e.feed(False, b"abcdefgh")
+    assert e.held(False) and not e.held(True) and paused == [(False, True)] and e.error is None
+    e.feed(True, b"12345678")
+    assert not e.held(False) and paused == [(False, True), (False, False)]
+
+
+def test_the_http_parser_upgrade_wait_is_a_hold_released_by_the_answer() -> None:
+    # The http parser answers NOP for client bytes behind an upgrade until it is answered: with
+    # the hold they go out as soon as the answer arrives, not at the client's next send.
+    req = b"GET /chat HTTP/1.1\r\nHost: x\r\nUpgrade: websocket\r\nConnection: Upgrade\r\n\r\n"
+    for answer, after in [
+        (b"HTTP/1.1 101 Switching Protocols\r\nUpgrade: websocket\r\nConnection: Upgrade\r\n\r\n",
+         b"\x81\x05hello"),
+        (b"HTTP/1.1 400 Bad\r\ncontent-length: 0\r\n\r\n", b"GET /b HTTP/1.1\r\nHost: x\r\n\r\n"),
+    ]:  # fmt: skip
+        h = Harness("http")
+        h.feed(req + after)
+        assert h.to_server == req and h.held(False)
+        h.feed(answer, reply=True)
+        assert h.to_server == req + after and not h.held(False) and h.to_client == answer

@@ -24,7 +24,7 @@ from collections.abc import Callable, Iterator
 from pathlib import Path
 
 import pytest
-from needs import free_port, need_binary
+from needs import free_port, need_binary, need_root
 
 MiB = 1 << 20
 POLICY = """\
@@ -46,7 +46,15 @@ spec:
 class Proxyd:
     """`proxyd run` on a config written to tmp_path; ``admin`` is its TCP admin port."""
 
-    def __init__(self, tmp_path: Path, config: str, *, prefix: tuple[str, ...] = (), admin: int) -> None:
+    def __init__(
+        self,
+        tmp_path: Path,
+        config: str,
+        *,
+        prefix: tuple[str, ...] = (),
+        admin: int,
+        stdout: int | None = None,
+    ) -> None:
         self.dir = tmp_path
         self.cfg = tmp_path / "proxyd.yaml"
         self.cfg.write_text(config)
@@ -55,7 +63,7 @@ class Proxyd:
         self._stderr = self.stderr_path.open("wb")
         self.proc = subprocess.Popen(
             [*prefix, sys.executable, "-m", "proxyd", "run", "--config", str(self.cfg)],
-            stdout=subprocess.DEVNULL,
+            stdout=subprocess.DEVNULL if stdout is None else stdout,
             stderr=self._stderr,
         )
         end = time.monotonic() + 30
@@ -408,7 +416,99 @@ def test_soft_fd_limit_is_raised_and_a_short_one_warned_about(tmp_path: Path, da
     limits = Path(f"/proc/{d.proc.pid}/limits").read_text()
     assert re.search(r"Max open files\s+4096\s+4096", limits), limits
     assert "file descriptor limit too low" in d.stderr()
-    assert "needs about 20064 file descriptors" in d.stderr()
+    # 2 x 10000, 64 open before any connection, and a reserve of 256 (fdbudget.py)
+    assert "needs about 20320 file descriptors" in d.stderr()
+
+
+class Client:
+    """A client connecting without blocking: it sends its number once connected and expects it
+    echoed; ``ended`` says how the connection ended if it did before the echo (a failure)."""
+
+    def __init__(self, port: int, n: int) -> None:
+        self.sock = socket.socket()
+        self.sock.setblocking(False)
+        self.sock.connect_ex(("127.0.0.1", port))
+        self.msg = b"client %d\n" % n
+        self.sent = False
+        self.got = b""
+        self.ended: str | None = None
+
+    def step(self) -> None:
+        if self.ended or self.got == self.msg:
+            return
+        try:
+            if not self.sent:
+                err = self.sock.getsockopt(socket.SOL_SOCKET, socket.SO_ERROR)
+                if err:
+                    self.ended = f"connect failed: {os.strerror(err)}"
+                    return
+                self.sock.send(self.msg)  # raises until the kernel has completed the connect
+                self.sent = True
+            data = self.sock.recv(100)
+        except (BlockingIOError, OSError) as exc:
+            if isinstance(exc, ConnectionResetError):
+                self.ended = "reset"
+            return
+        if not data:
+            self.ended = "eof"
+        self.got += data
+
+    @property
+    def served(self) -> bool:
+        return self.got == self.msg
+
+
+def test_out_of_descriptors_connections_wait_in_the_backlog_and_the_admin_api_answers(
+    tmp_path: Path, daemons: list[Proxyd], servers: list[Server]
+) -> None:
+    need_binary("prlimit")
+    limit = 160
+    up = Server(echo)
+    servers.append(up)
+    port, admin = free_port(), free_port()
+    cfg = config(listener("l4", port, up.port), admin)
+    d = Proxyd(tmp_path, cfg, prefix=("prlimit", f"--nofile={limit}:{limit}"), admin=admin)
+    daemons.append(d)
+    # More clients than the descriptors allow (two each): some must wait.
+    clients = [Client(port, n) for n in range(limit // 2)]
+    admin_answers: list[int] = []
+
+    def run(until: Callable[[], bool], seconds: float) -> None:
+        end = time.monotonic() + seconds
+        while not until() and time.monotonic() < end:
+            for c in clients:
+                c.step()
+            admin_answers.append(d.status("GET", "/healthz")[0])
+            admin_answers.append(200 if "proxyd_connections_total" in d.metrics() else 0)
+            time.sleep(0.05)
+
+    def paused() -> bool:
+        return 'proxyd_accept_pauses_total{listener="l4"} 0.0' not in d.metrics()
+
+    served_before: list[int] = []
+
+    def settled() -> bool:  # paused, and no client served for a while
+        served_before.append(sum(c.served for c in clients))
+        return paused() and len(served_before) > 20 and served_before[-1] == served_before[-20]
+
+    run(settled, 20)
+    held = [c for c in clients if c.served]
+    waiting = [c for c in clients if not c.served]
+    assert [c.ended for c in clients if c.ended] == [], "connections accepted and closed without a reply"
+    assert paused() and held and waiting, f"{len(held)} served, {len(waiting)} waiting"
+    assert set(admin_answers) == {200}, "the admin API did not answer while descriptors ran out"
+    # Descriptors come free: the clients waiting in the listen queue are served, none dropped.
+    for c in held:
+        c.sock.close()
+    run(lambda: all(c.served or c.ended for c in waiting), 40)
+    assert [c.ended for c in waiting if c.ended] == []
+    assert all(c.served for c in waiting), f"{sum(not c.served for c in waiting)} never served"
+    assert set(admin_answers) == {200}
+    for c in waiting:
+        c.sock.close()
+    pauses = [e for e in stderr_lines(d) if e["event"].startswith("out of file descriptors")]
+    assert 1 <= len(pauses) <= 3, "not logged, or not rate-limited"
+    assert pauses[0]["limit"] == limit and pauses[0]["open_fds"] <= limit
 
 
 # --- 3. timeouts -------------------------------------------------------------------------------
@@ -504,6 +604,39 @@ def test_client_reset_reaches_the_upstream_as_a_reset(
     assert wait_until(lambda: bool(seen), 10)
     assert seen == ["reset"]
     assert wait_until(lambda: any(e.get("reason") == "client reset the connection" for e in d.log()), 5)
+
+
+def test_refused_and_unanswered_upstream_connects_reach_the_client_as_a_reset(
+    tmp_path: Path, daemons: list[Proxyd]
+) -> None:
+    with socket.socket() as closed:
+        closed.bind(("127.0.0.1", 0))  # bound, never listening: a connect to it is refused
+        ls, fillers = blackhole()  # a connect to it is never answered
+        refused, silent, admin = free_port(), free_port(), free_port()
+        cfg = config(
+            listener("refused", refused, closed.getsockname()[1])
+            + listener("silent", silent, ls.getsockname()[1]),
+            admin,
+            "limits:\n  connect_timeout: 300ms\n",
+        )
+        d = Proxyd(tmp_path, cfg, admin=admin)
+        daemons.append(d)
+        try:
+            for port in (refused, silent):
+                with socket.create_connection(("127.0.0.1", port)) as c:
+                    c.sendall(b"hello")
+                    got, how = read_to_end(c)
+                assert (got, how) == (b"", "reset"), f"listener on {port}: the client saw {how}, not a reset"
+        finally:
+            for f in fillers:
+                f.close()
+            ls.close()
+    m = d.metrics()
+    assert 'proxyd_upstream_connect_failures_total{listener="refused"} 1.0' in m
+    assert 'proxyd_upstream_connect_failures_total{listener="silent"} 1.0' in m
+    assert wait_until(lambda: sum(e.get("event") == "connection" for e in d.log()) >= 2, 5)
+    reasons = sorted(e["reason"] for e in d.log() if e.get("event") == "connection")
+    assert reasons == ["upstream connect failed: Connection refused", "upstream connect failed: timeout"]
 
 
 # --- 5, 6, 7. the admin API and policy text ----------------------------------------------------
@@ -769,6 +902,158 @@ def test_access_log_lines_split_as_one_line_and_keys_are_unambiguous(
     assert logged[:5] == ["a\u2028b", "c\u2029d", "e\x85f", "g\x9bh", "i\x7fj"]  # decoded back exactly
     assert logged[5] == "\\xff" and logged[6] == "\\\\xff"  # byte 0xff vs the text \xff
     assert logged[5] != logged[6]
+
+
+# --- 9. the access log cannot be written ------------------------------------------------------
+
+
+def stderr_lines(d: Proxyd) -> list[dict]:  # type: ignore[type-arg]
+    """The daemon's stderr as JSON lines (every line must be one: no raw tracebacks)."""
+    return [json.loads(x) for x in d.stderr().splitlines() if x]
+
+
+def dropped_total(d: Proxyd) -> float:
+    m = re.search(r"^proxyd_access_log_dropped_total (\S+)$", d.metrics(), re.M)
+    assert m is not None, "proxyd_access_log_dropped_total is not exported"
+    return float(m.group(1))
+
+
+def whole_json_lines(raw: bytes) -> list[dict]:  # type: ignore[type-arg]
+    """Every line of ``raw`` parsed; ``raw`` must end with a newline (no torn last line)."""
+    assert raw.endswith(b"\n"), f"a torn last line: {raw[-80:]!r}"
+    return [json.loads(x) for x in raw.split(b"\n")[:-1]]
+
+
+@pytest.fixture
+def small_disk(tmp_path: Path) -> Iterator[Path]:
+    """A 64 KiB tmpfs mounted on tmp_path/disk (root): an access-log disk that fills up."""
+    need_root()
+    need_binary("mount", "umount")
+    where = tmp_path / "disk"
+    where.mkdir()
+    subprocess.run(["mount", "-t", "tmpfs", "-o", "size=64k", "tmpfs", str(where)], check=True)
+    try:
+        yield where
+    finally:
+        subprocess.run(["umount", "-l", str(where)], check=False)
+
+
+def fill(path: Path) -> None:
+    """Write ``path`` until the filesystem has no byte left."""
+    fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_APPEND)
+    try:
+        for chunk in (4096, 1):
+            with contextlib.suppress(OSError):
+                while os.write(fd, b"x" * chunk):
+                    pass
+    finally:
+        os.close(fd)
+
+
+def test_a_full_access_log_disk_drops_lines_not_requests(
+    tmp_path: Path, daemons: list[Proxyd], small_disk: Path
+) -> None:
+    from memcached_fixture import start_memcached
+    from pymemcache.client.base import Client
+
+    log = small_disk / "access.log"
+    port, admin = free_port(), free_port()
+    with start_memcached() as mc:
+        cfg = (
+            f"listeners:\n{listener('mc', port, mc, 'memcache')}"
+            f"access_log:\n  path: {log}\n"
+            f'admin:\n  address: "127.0.0.1:{admin}"\n'
+        )
+        d = Proxyd(tmp_path, cfg, admin=admin)
+        daemons.append(d)
+        client = Client(("127.0.0.1", port), timeout=5, connect_timeout=5, default_noreply=False)
+        key = "k" * 200  # long lines: the daemon's bounded buffer fills sooner
+        client.set(key, b"before")
+        assert wait_until(lambda: log.exists() and log.stat().st_size > 0, 5)
+        fill(small_disk / "filler")
+        served = 0
+        # Bounded: enough requests to fill the daemon's buffer (1 MiB) many times over.
+        for i in range(20000):
+            assert client.set(key, b"v%d" % i) is True
+            assert client.get(key) == b"v%d" % i
+            served += 1
+            if i % 500 == 499 and dropped_total(d) > 0:
+                break
+        assert dropped_total(d) > 0, "no line was counted as dropped with the disk full"
+        assert d.status("GET", "/healthz")[0] == 200
+        assert wait_until(lambda: "access log cannot be written" in d.stderr(), 5)
+        report = [e for e in stderr_lines(d) if e["event"].startswith("access log cannot be written")]
+        assert report[0]["error"] == "No space left on device" and report[0]["dropped_total"] > 0
+        # Lines while the disk is full: whole lines, or the start of one the sink will finish.
+        raw = log.read_bytes()
+        whole_json_lines(raw[: raw.rfind(b"\n") + 1])
+        # Space comes back: writing resumes by itself (the kept lines first, then new ones).
+        (small_disk / "filler").unlink()
+        client.set("after-space-came-back", b"x")
+        assert wait_until(lambda: b"after-space-came-back" in log.read_bytes(), 10)
+        assert wait_until(lambda: "access log writing resumed" in d.stderr(), 5)
+        # Full again, and stopped while full: a line the disk cut is cut off the file.
+        fill(small_disk / "filler2")
+        for _ in range(300):
+            assert client.get(key) is not None
+        client.close()
+        dropped = dropped_total(d)
+        d.proc.terminate()
+        assert d.proc.wait(15) == 0
+    lines = whole_json_lines(log.read_bytes())
+    assert served > 100 and any(e.get("fields", {}).get("keys") == ["after-space-came-back"] for e in lines)
+    err = d.stderr()
+    assert "Traceback" not in err and "cannot start" not in err
+    events = stderr_lines(d)  # every stderr line is one JSON object
+    assert events[-1]["event"] == "stopped; access log lines were dropped"
+    assert events[-1]["dropped_total"] >= dropped
+
+
+@pytest.mark.parametrize("nonblocking", [False, True], ids=["blocking", "nonblocking"])
+def test_an_unread_stdout_pipe_does_not_block_requests_or_shutdown(
+    tmp_path: Path, daemons: list[Proxyd], nonblocking: bool
+) -> None:
+    """The access log on stdout, a pipe nobody reads: writes block (or, when the pipe was
+    handed over non-blocking, fail with EAGAIN)."""
+    from memcached_fixture import start_memcached
+    from pymemcache.client.base import Client
+
+    port, admin = free_port(), free_port()
+    r, w = os.pipe()
+    os.set_blocking(w, not nonblocking)
+    try:
+        with start_memcached() as mc:
+            mc_listener = listener("mc", port, mc, "memcache")
+            cfg = f'listeners:\n{mc_listener}admin:\n  address: "127.0.0.1:{admin}"\n'
+            d = Proxyd(tmp_path, cfg, admin=admin, stdout=w)  # the access log: stdout
+            daemons.append(d)
+            client = Client(("127.0.0.1", port), timeout=5, connect_timeout=5, default_noreply=False)
+            key = "k" * 200
+            for i in range(20000):  # bounded; the pipe (64 KiB) and the buffer (1 MiB) fill long before
+                assert client.set(key, b"v%d" % i) is True
+                if i % 500 == 499 and dropped_total(d) > 0:
+                    break
+            assert dropped_total(d) > 0
+            assert wait_until(lambda: "access log cannot be written" in d.stderr(), 5)
+            report = [e for e in stderr_lines(d) if e["event"].startswith("access log cannot be written")]
+            why = "Resource temporarily unavailable" if nonblocking else "a write has been blocked"
+            assert report[0]["error"].startswith(why), report[0]
+            client.close()
+            d.proc.terminate()
+            assert d.proc.wait(15) == 0  # a writer blocked on the pipe does not hold the exit
+        os.close(w)
+        w = -1
+        with os.fdopen(r, "rb") as pipe:
+            r = -1
+            out = pipe.read()
+    finally:
+        for fd in (r, w):
+            if fd >= 0:
+                os.close(fd)
+    assert len(out) >= 60000
+    whole_json_lines(out)
+    assert "Traceback" not in d.stderr()
+    assert stderr_lines(d)[-1]["event"] == "stopped; access log lines were dropped"
 
 
 # --- 5. in-process: where policy text is parsed, and the total cap -----------------------------

@@ -50,6 +50,8 @@ def outcome(h: Harness) -> dict[str, Any]:
         "buffered": (h.engine.buffered(False), h.engine.buffered(True)),
         "dropped_count": (h.engine.dropped(False), h.engine.dropped(True)),
         "unparsed": dict(h.unparsed_at_eof),
+        "holds": list(h.holds),
+        "held": (h.held(False), h.held(True)),
     }
 
 
@@ -188,6 +190,83 @@ def test_engine_queue_inject_from_outside_a_round_is_equivalent() -> None:
         h.feed(b"x" * 97)
         assert h.to_server == b"abc" + b"x" * 97 + b"held"
         assert h.to_client == b"to-client"
+
+
+# --- the engine's hold, with a gate parser ----------------------------------------------------
+
+
+class Gate(Parser):
+    """Holds client bytes (NOP) while no server byte has opened the gate: every server byte
+    gives ``credit`` client bytes. Op choices come from a script, so the hold meets MORE, INJECT,
+    DROP, ERROR and end of stream in every order."""
+
+    def __init__(self, ctx: ConnectionContext, credit: int, script: Sequence[int]) -> None:
+        self.ctx = ctx
+        self.credit = credit
+        self.open = 0
+        self.script = list(script)
+        self.seen: list[tuple[bool, bool, int]] = []
+
+    def on_data(self, reply: bool, end_stream: bool, data: Data) -> Any:
+        self.seen.append((reply, end_stream, len(data)))
+        pick = self.script.pop(0) if self.script else 0
+        if not data:
+            return (Op.NOP, 0)
+        if reply:
+            if pick == 1:
+                return (Op.MORE, 1) if len(data) < 2 else (Op.PASS, 2)
+            if pick == 2:
+                self.ctx.inject(False, b"!")
+            if pick == 3:
+                return (Op.ERROR, 9)
+            self.open += self.credit
+            return (Op.PASS, 1)
+        if not self.open:
+            return (Op.NOP, 0)
+        k = min(self.open, len(data))
+        self.open -= k
+        if pick == 1:
+            return (Op.DROP, k)
+        if pick == 2:
+            self.ctx.inject(True, b"?")
+        return (Op.PASS, k)
+
+
+class GateFactory(ParserFactory):
+    name = "gate"
+
+    def __init__(self, credit: int, script: Sequence[int]) -> None:
+        self.credit = credit
+        self.script = script
+
+    def create(self, ctx: ConnectionContext, config: Any) -> Parser:
+        return Gate(ctx, self.credit, self.script)
+
+
+@SETTINGS
+@given(
+    credit=st.integers(1, 8),
+    script=st.lists(st.sampled_from([0, 0, 0, 0, 1, 2, 3]), max_size=60),
+    client=st.binary(min_size=1, max_size=300),
+    server=st.binary(max_size=60),
+    data=st.data(),
+    eof=st.tuples(st.booleans(), st.booleans()),
+    limit=st.sampled_from([1 << 20, 16, 64]),
+)
+def test_engine_hold_equivalent(
+    credit: int, script: list[int], client: bytes, server: bytes, data: st.DataObject,
+    eof: tuple[bool, bool], limit: int,
+) -> None:  # fmt: skip
+    sched = data.draw(schedules(client, server))
+    results = []
+    for impl in ("python", "native"):
+        h = Harness(GateFactory(credit, script), buffer_limit=limit, implementation=impl)
+        res = run(h, sched, eof)
+        parser = h.engine.parser
+        assert isinstance(parser, Gate)
+        res["seen"] = parser.seen
+        results.append(res)
+    assert results[0] == results[1]
 
 
 # --- the memcache parser ----------------------------------------------------------------------

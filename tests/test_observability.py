@@ -241,7 +241,7 @@ def test_promtool_check_rules() -> None:
     res = subprocess.run(["promtool", "check", "rules", str(ALERTS)], capture_output=True, text=True,
                          timeout=60)  # fmt: skip
     assert res.returncode == 0, res.stdout + res.stderr
-    assert "SUCCESS: 7 rules found" in res.stdout
+    assert "SUCCESS: 9 rules found" in res.stdout
 
 
 def test_promtool_test_rules() -> None:
@@ -264,7 +264,8 @@ def test_every_alert_is_unit_tested_and_labelled() -> None:
         assert r["labels"]["severity"] in ("page", "warning"), r["alert"]
         assert r["annotations"]["summary"] and r["annotations"]["description"], r["alert"]
     wanted = ["ProxydDown", "ProxydPolicyReloadFailing", "ProxydParserErrorsRising", "ProxydDenialsSpiking",
-              "ProxydUpstreamConnectFailures", "ProxydConnectionsNearLimit"]  # fmt: skip
+              "ProxydUpstreamConnectFailures", "ProxydConnectionsNearLimit", "ProxydOutOfFileDescriptors",
+              "ProxydAccessLogDropping"]  # fmt: skip
     assert set(wanted) <= names
 
 

@@ -48,7 +48,7 @@ from proxyd.errors import PolicyError, RuleError
 from proxyd.parser import RuleMatcher
 from proxyd.policy.identity import parse_ip
 from proxyd.policy.loader import ParserLookup
-from proxyd.policy.model import DIRECTIONS, Document, L7Rules, PortRule, Rule, Spec
+from proxyd.policy.model import DIRECTIONS, INGRESS, Document, L7Rules, PortRule, Rule, Spec
 from proxyd.policy.selector import LabelSet
 
 #: Bound on the cache of "which specs select these local labels" per PolicySet.
@@ -282,7 +282,7 @@ class PolicySet:
                     continue
                 for pr in rule.to_ports:
                     ref = RuleRef(doc, spec, rule, pr)
-                    if not pr.matches(port):
+                    if not pr.matches(port, local_labels if direction == INGRESS else remote_labels):
                         if trace:
                             ports = ", ".join(str(p) for p in pr.ports)
                             not_matching.append((ref, f"port {port}/TCP is not in {ports}"))

@@ -12,12 +12,32 @@ from __future__ import annotations
 
 from collections.abc import Mapping
 from dataclasses import dataclass
-from typing import Any
+from typing import Any, Protocol
 
 from proxyd.policy.engine import Evaluation, PolicySet
-from proxyd.policy.identity import IdentityMap, parse_ip
+from proxyd.policy.identity import parse_ip
 from proxyd.policy.selector import LabelSet
 from proxyd.policy.store import PolicyStore
+
+
+class IdentityLookup(Protocol):
+    """What explaining needs of the identities: :class:`IdentityMap`, or the daemon's view that
+    puts the cluster's identities first (``origin_for`` then says where labels came from)."""
+
+    def labels_for(self, ip: str) -> Mapping[str, str]: ...
+
+
+def origin_of(identities: IdentityLookup, ip: str) -> str:
+    """Where ``ip``'s labels came from: ``pod ns/name``, ``node NAME``, a static entry, or ""."""
+    origin_for = getattr(identities, "origin_for", None)
+    if origin_for is not None:
+        return str(origin_for(ip))
+    prefix_for = getattr(identities, "prefix_for", None)
+    try:
+        net = prefix_for(ip) if prefix_for is not None else None
+    except ValueError:
+        return ""
+    return f"identities entry {net}" if net is not None else ""
 
 
 @dataclass(frozen=True, slots=True)
@@ -34,6 +54,10 @@ class Explanation:
     evaluation: Evaluation
     #: The TLS SNI the connection was evaluated with (``--sni``), or None.
     sni: str | None = None
+    #: Where each endpoint's labels came from (``pod ns/name``, ``node NAME``, ``identities
+    #: entry CIDR``), "" when nothing gave it labels.
+    local_origin: str = ""
+    remote_origin: str = ""
 
     @property
     def remote_ip(self) -> str:
@@ -48,6 +72,8 @@ class Explanation:
             "dst": _addr(self.dst),
             "local_labels": dict(self.local_labels),
             "remote_labels": dict(self.remote_labels),
+            "local_origin": self.local_origin,
+            "remote_origin": self.remote_origin,
             "remote_entity": LabelSet.remote(
                 self.remote_labels, ":" in self.remote_ip and parse_ip(self.remote_ip).version == 6
             ).entity,
@@ -86,8 +112,9 @@ class Explanation:
             f"direction: {self.direction}   port: {self.dst[1]}/TCP   "
             f"listener l7proto: {self.l7proto or '(none: plain L4)'}   policy revision: {self.revision}"
             + (f"   sni: {self.sni}" if self.sni is not None else ""),
-            f"local  ({local}) {_addr(local_addr)}: {_labels(self.local_labels)}",
-            f"remote ({remote}) {_addr(remote_addr)}: {_remote(self.remote_labels, remote_addr[0])}",
+            f"local  ({local}) {_addr(local_addr)}: {_labels(self.local_labels)}{_from(self.local_origin)}",
+            f"remote ({remote}) {_addr(remote_addr)}: {_remote(self.remote_labels, remote_addr[0])}"
+            + _from(self.remote_origin),
         ]
         if not ev.selecting:
             lines.append(f"selected by: no policy selects the local endpoint for {self.direction}")
@@ -145,6 +172,10 @@ class Explanation:
         return "\n".join(lines) + "\n"
 
 
+def _from(origin: str) -> str:
+    return f"   [from {origin}]" if origin else ""
+
+
 def _addr(a: tuple[str, int]) -> str:
     return f"[{a[0]}]:{a[1]}" if ":" in a[0] else f"{a[0]}:{a[1]}"
 
@@ -191,7 +222,7 @@ def _l7_summary(ev: Evaluation) -> str:
 
 def explain_data(
     store_or_set: PolicyStore | PolicySet,
-    identities: IdentityMap,
+    identities: IdentityLookup,
     direction: str,
     src: tuple[str, int],
     dst: tuple[str, int],
@@ -215,12 +246,13 @@ def explain_data(
     ev = pset.evaluate(
         direction, local_labels, remote[0], remote_labels, dst[1], l7proto, audit, trace=True, sni=sni
     )
-    return Explanation(direction, src, dst, local_labels, remote_labels, l7proto, pset.revision, ev, sni)
+    return Explanation(direction, src, dst, local_labels, remote_labels, l7proto, pset.revision, ev, sni,
+                       origin_of(identities, local[0]), origin_of(identities, remote[0]))  # fmt: skip
 
 
 def explain(
     store_or_set: PolicyStore | PolicySet,
-    identities: IdentityMap,
+    identities: IdentityLookup,
     direction: str,
     src: tuple[str, int],
     dst: tuple[str, int],

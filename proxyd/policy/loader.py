@@ -42,9 +42,11 @@ from proxyd.policy.model import (
     PortProtocol,
     PortRule,
     Rule,
+    ServiceSelector,
     Spec,
 )
 from proxyd.policy.selector import (
+    NODE_SOURCE,
     OPERATORS,
     RESERVED_SOURCE,
     EndpointSelector,
@@ -60,6 +62,8 @@ KINDS: Final = ("CiliumNetworkPolicy", "CiliumClusterwideNetworkPolicy")
 #: File suffixes read from a policy directory (other files, and dot-files such as the
 #: ``..data`` links of a Kubernetes ConfigMap volume, are skipped).
 POLICY_SUFFIXES: Final = (".yaml", ".yml", ".json")
+#: A container port name (Kubernetes' IANA_SVC_NAME): at most 15 of a-z 0-9 -, with a letter.
+NAMED_PORT_RE: Final = re.compile(r"^(?=.*[a-z])(?!-)(?!.*--)[a-z0-9-]{1,15}(?<!-)$")
 NAME_RE: Final = re.compile(r"^[A-Za-z0-9]([-A-Za-z0-9_.]{0,251}[A-Za-z0-9])?$")
 #: Rule labels that name a document in a bare JSON rule list.
 NAME_LABELS: Final = ("io.cilium.k8s.policy.name", "name")
@@ -69,23 +73,26 @@ POD_NAMESPACE: Final = "io.kubernetes.pod.namespace"
 POD_NAMESPACE_KEY: Final = f"k8s:{POD_NAMESPACE}"
 #: Namespace labels Cilium gives endpoints; a selector on them is not namespace-scoped.
 NAMESPACE_LABELS: Final = "io.cilium.k8s.namespace.labels"
+NEEDS_KUBERNETES: Final = "needs a `kubernetes` section in the config (docs/kubernetes.md)"
 #: Fields of Cilium rules that proxyd knows and refuses, with why (or what to do instead).
 UNSUPPORTED_RULE_FIELDS: Final[Mapping[str, str]] = {
     "fromRequires": "deprecated in Cilium; not enforced",
     "toRequires": "deprecated in Cilium; not enforced",
     "fromGroups": "cloud provider groups are not available",
     "toGroups": "cloud provider groups are not available",
-    "fromNodes": "proxyd has no node identities",
-    "toNodes": "proxyd has no node identities",
-    "toServices": "proxyd does not track Kubernetes services; use toEndpoints or toCIDR",
+    "fromNodes": f"node identities come from the cluster: {NEEDS_KUBERNETES}",
+    "toNodes": f"node identities come from the cluster: {NEEDS_KUBERNETES}",
+    "toServices": f"service backends come from the cluster: {NEEDS_KUBERNETES}",
     "toFQDNs": "proxyd has no DNS proxy to learn FQDN addresses; use toCIDR",
     "icmps": "proxyd relays TCP only",
     "authentication": "mutual authentication is not implemented",
 }
 UNSUPPORTED_SPEC_FIELDS: Final[Mapping[str, str]] = {
-    "nodeSelector": "host policies select nodes, and proxyd has no node identities; "
-    "select the endpoints with endpointSelector",
+    "nodeSelector": f"host policies select nodes, whose labels come from the cluster: {NEEDS_KUBERNETES}; "
+    "or select the endpoints with endpointSelector",
 }
+#: Fields a ``kubernetes`` config section makes enforceable (docs/kubernetes.md).
+NODE_RULE_FIELDS: Final = ("fromNodes", "toNodes", "toServices")
 UNSUPPORTED_PORT_RULE_FIELDS: Final[Mapping[str, str]] = {
     "terminatingTLS": "TLS interception is not implemented",
     "originatingTLS": "TLS interception is not implemented",
@@ -153,8 +160,10 @@ def plain(value: Any) -> Any:
 class _Loader:
     """Accumulates problems over any number of sources."""
 
-    def __init__(self, registry: ParserLookup) -> None:
+    def __init__(self, registry: ParserLookup, kubernetes: bool = False) -> None:
         self.registry = registry
+        #: A ``kubernetes`` source is on: node selectors are enforceable.
+        self.kubernetes = kubernetes
         self.problems: list[str] = []
         self._warnings: list[str] = []
         #: Fold field names case-insensitively (bare JSON rule lists, read as Go reads them).
@@ -443,12 +452,21 @@ class _Loader:
         node = self.fields(
             node,
             path,
-            ("endpointSelector", *sections, "description", "labels", "enableDefaultDeny"),
-            UNSUPPORTED_SPEC_FIELDS,
-        )
+            ("endpointSelector", *sections, "description", "labels", "enableDefaultDeny",
+             *(("nodeSelector",) if self.kubernetes else ())),
+            {} if self.kubernetes else UNSUPPORTED_SPEC_FIELDS,
+        )  # fmt: skip
         selector: EndpointSelector | None = None
         self.subject_init = False
-        if "endpointSelector" not in node:
+        if "endpointSelector" in node and "nodeSelector" in node and self.kubernetes:
+            self.err(node.where_of("nodeSelector"), _join(path, "nodeSelector"),
+                     "give endpointSelector or nodeSelector, not both (as in Cilium)")  # fmt: skip
+        elif "nodeSelector" in node and self.kubernetes:
+            npath = _join(path, "nodeSelector")
+            nsel = self.selector(node["nodeSelector"], node.where_of("nodeSelector"), npath)
+            if nsel is not None:  # this node (Cilium's host endpoint) when its labels match
+                selector = node_selectors(nsel, ("host",))[0]
+        elif "endpointSelector" not in node:
             if "nodeSelector" not in node:  # that one has its own, clearer, error
                 self.err(
                     node.where, _join(path, "endpointSelector"), "missing (use {} to select every endpoint)"
@@ -623,8 +641,13 @@ class _Loader:
             return None
         start = len(self.problems)
         side = "from" if direction == INGRESS else "to"
-        l3_fields = (f"{side}Endpoints", f"{side}CIDR", f"{side}CIDRSet", f"{side}Entities")
-        node = self.fields(node, path, (*l3_fields, "toPorts"), UNSUPPORTED_RULE_FIELDS)
+        l3_fields: tuple[str, ...] = (f"{side}Endpoints", f"{side}CIDR", f"{side}CIDRSet", f"{side}Entities")
+        if self.kubernetes:
+            l3_fields = (*l3_fields, f"{side}Nodes", *(("toServices",) if side == "to" else ()))
+            unsupported = {k: v for k, v in UNSUPPORTED_RULE_FIELDS.items() if k not in NODE_RULE_FIELDS}
+        else:
+            unsupported = dict(UNSUPPORTED_RULE_FIELDS)
+        node = self.fields(node, path, (*l3_fields, "toPorts"), unsupported)
         given = [f for f in l3_fields if node.get(f)]
         if len(given) > 1:
             self.err(
@@ -654,6 +677,17 @@ class _Loader:
                 rule = self.cidr_set(item, iwhere, ipath)
                 if rule is not None:
                     cidrs.append(rule)
+        if len(l3_fields) > 4 and node.get(l3_fields[4]) is not None:
+            for item, iwhere, ipath in self.items(node, l3_fields[4], path):
+                sel = self.selector(item, iwhere, ipath)
+                if sel is not None:  # nodes are entities: never namespace-scoped
+                    endpoints.extend(node_selectors(sel, ("host", "remote-node")))
+        services: list[ServiceSelector] = []
+        if len(l3_fields) > 5 and node.get(l3_fields[5]) is not None:
+            for item, iwhere, ipath in self.items(node, l3_fields[5], path):
+                svc = self.service(item, iwhere, ipath)
+                if svc is not None:
+                    services.append(svc)
         if node.get(l3_fields[3]) is not None:
             for item, iwhere, ipath in self.items(node, l3_fields[3], path):
                 name = self.as_str(item, iwhere, ipath)
@@ -679,7 +713,44 @@ class _Loader:
             str(where),
             entities=tuple(entities),
             l3=l3,
+            services=tuple(services),
         )
+
+    def service(self, value: Any, where: Where, path: str) -> ServiceSelector | None:
+        """A ``toServices`` entry: ``k8sService`` (serviceName, namespace) or ``k8sServiceSelector``
+        (selector, namespace). The namespace defaults to the document's (any, for a clusterwide one)."""
+        node = self.as_map(value, where, path)
+        if node is None:
+            return None
+        node = self.fields(node, path, ("k8sService", "k8sServiceSelector"))
+        if len(node) != 1:
+            self.err(where, path, "give exactly one of k8sService, k8sServiceSelector")
+            return None
+        key = next(iter(node))
+        kpath = _join(path, key)
+        inner = self.as_map(node[key], node.where_of(key), kpath)
+        if inner is None:
+            return None
+        if key == "k8sService":
+            inner = self.fields(inner, kpath, ("serviceName", "namespace"))
+            if "serviceName" not in inner:
+                self.err(inner.where, _join(kpath, "serviceName"), "missing")
+                return None
+            spath, npath = _join(kpath, "serviceName"), _join(kpath, "namespace")
+            name = self.as_str(inner["serviceName"], inner.where_of("serviceName"), spath)
+            ns = self.as_str(inner.get("namespace") or "", inner.where_of("namespace"), npath)
+            if name is None or ns is None:
+                return None
+            return ServiceSelector(ns or self.namespace, name=name)
+        inner = self.fields(inner, kpath, ("selector", "namespace"))
+        if "selector" not in inner:
+            self.err(inner.where, _join(kpath, "selector"), "missing")
+            return None
+        sel = self.selector(inner["selector"], inner.where_of("selector"), _join(kpath, "selector"))
+        ns = self.as_str(inner.get("namespace") or "", inner.where_of("namespace"), _join(kpath, "namespace"))
+        if sel is None or ns is None:
+            return None
+        return ServiceSelector(ns or self.namespace, selector=sel)
 
     def scoped(
         self, sel: EndpointSelector, where: Where, path: str, subject: bool = False
@@ -820,6 +891,16 @@ class _Loader:
         if "port" not in node:
             self.err(node.where, _join(path, "port"), "missing (use 0 for all ports)")
         else:
+            if self.kubernetes and isinstance(node["port"], str) and NAMED_PORT_RE.match(node["port"]):
+                if "endPort" in node:
+                    self.err(node.where_of("endPort"), _join(path, "endPort"), "not with a named port")
+                    return None
+                proto = str(node.get("protocol") or "ANY").upper()
+                if proto not in PROTOCOLS:
+                    self.err(node.where_of("protocol"), _join(path, "protocol"),
+                             f"must be one of {', '.join(PROTOCOLS)}, not {proto!r}")  # fmt: skip
+                    return None
+                return PortProtocol(0, 0, proto, name=node["port"])
             port = self.port_number(node["port"], node.where_of("port"), _join(path, "port"))
         end = port
         if "endPort" in node:
@@ -858,7 +939,8 @@ class _Loader:
         if isinstance(value, str) and value.strip().isdigit():
             value = int(value.strip())
         if isinstance(value, str):
-            self.err(where, path, f"named port {value!r} is not supported by proxyd (use the number)")
+            why = "not a port name (IANA_SVC_NAME)" if self.kubernetes else NEEDS_KUBERNETES
+            self.err(where, path, f"named port {value!r}: {why}; or use the number")
             return None
         if not isinstance(value, int) or isinstance(value, bool) or not 0 <= value <= 65535:
             self.err(where, path, f"must be a port number 0-65535, not {_typename(value)}")
@@ -1021,6 +1103,21 @@ class _Loader:
             raise PolicyError(self.problems)
 
 
+def node_selectors(sel: EndpointSelector, entities: Sequence[str]) -> list[EndpointSelector]:
+    """A node selector (``fromNodes``, ``nodeSelector``) as endpoint selectors, one per entity.
+
+    Node addresses carry their node's labels with source ``node:`` and the entity ``host`` or
+    ``remote-node`` (docs/kubernetes.md); a key without a source, or with ``k8s:``, means the
+    node label of that name.
+    """
+    reqs = []
+    for r in sel.requirements:
+        source, name = split_key(r.key)
+        key = r.key if source == RESERVED_SOURCE else f"{NODE_SOURCE}:{name}"
+        reqs.append(Requirement(key, r.operator, r.values))
+    return [EndpointSelector((*reqs, Requirement(f"{RESERVED_SOURCE}:{e}", "Exists"))) for e in entities]
+
+
 def policy_files(path: Path) -> list[Path]:
     """The files a policy path stands for: itself, or a directory's policy files, sorted."""
     if path.is_dir():
@@ -1037,13 +1134,15 @@ def load_paths(
     registry: ParserLookup,
     *,
     taken: Mapping[str, Document] | None = None,
+    kubernetes: bool = False,
 ) -> list[Document]:
     """Load every document of ``paths`` (files, or directories of ``*.yaml|*.yml|*.json``).
 
     ``taken`` holds documents from elsewhere (imported ones) whose names may not be reused.
     Raises :class:`PolicyError` with every problem of every file; nothing is partially loaded.
+    ``kubernetes``: a cluster source is on, so node selectors are enforceable.
     """
-    loader = _Loader(registry)
+    loader = _Loader(registry, kubernetes)
     docs: list[Document] = []
     for path in paths:
         path = Path(path)
@@ -1068,13 +1167,14 @@ def parse_text(
     registry: ParserLookup,
     *,
     taken: Mapping[str, Document] | None = None,
+    kubernetes: bool = False,
 ) -> list[Document]:
     """Parse documents given as text (YAML, or JSON: CNP objects or a bare rule list).
 
     ``source`` names the text in messages (``source:line: path: problem``). Raises
     :class:`PolicyError` with every problem found.
     """
-    loader = _Loader(registry)
+    loader = _Loader(registry, kubernetes)
     docs = loader.parse_source(text, source)
     loader.check_names(docs, taken)
     loader.finish()

@@ -31,7 +31,13 @@ from typing import Any, Final
 
 from proxyd.parser import RuleMatcher
 from proxyd.policy.identity import IPAddress, IPNetwork, parse_ip
-from proxyd.policy.selector import WORLD_NAMES, EndpointSelector, LabelSet
+from proxyd.policy.selector import (
+    SERVICE_SOURCE,
+    WORLD_NAMES,
+    EndpointSelector,
+    LabelSet,
+    decode_service_labels,
+)
 from proxyd.policy.servernames import ServerNames
 
 INGRESS: Final = "ingress"
@@ -85,14 +91,22 @@ class PortProtocol:
     port: int
     end_port: int
     protocol: str = "ANY"
+    #: A named port (``port: http``, with a ``kubernetes`` source): the destination pod's
+    #: container port of that name, read from its ``namedport:NAME`` label (docs/kubernetes.md).
+    name: str = ""
 
-    def matches(self, port: int) -> bool:
-        """Whether a TCP connection to ``port`` matches."""
+    def matches(self, port: int, destination: Mapping[str, str] | None = None) -> bool:
+        """Whether a TCP connection to ``port`` (of an endpoint with labels ``destination``) matches."""
         if self.protocol not in TCP_PROTOCOLS:
             return False
+        if self.name:
+            named = destination.get(f"namedport:{self.name}") if destination is not None else None
+            return named is not None and named == str(port)
         return self.port == 0 or self.port <= port <= self.end_port
 
     def __str__(self) -> str:
+        if self.name:
+            return f"{self.name}/{self.protocol}"
         if self.port == 0:
             where = "*"
         elif self.end_port != self.port:
@@ -139,8 +153,42 @@ class PortRule:
     where: str = ""
     server_names: ServerNames | None = None
 
-    def matches(self, port: int) -> bool:
-        return any(p.matches(port) for p in self.ports)
+    def matches(self, port: int, destination: Mapping[str, str] | None = None) -> bool:
+        return any(p.matches(port, destination) for p in self.ports)
+
+
+@dataclass(frozen=True, slots=True)
+class ServiceSelector:
+    """One ``toServices`` entry: a service by name, or services by label, in a namespace.
+
+    It matches an address that backs a matching service (its ``service:NS/NAME`` labels, from
+    the EndpointSlices the ``kubernetes`` source reads; docs/kubernetes.md).
+    """
+
+    namespace: str | None  # None: any namespace
+    name: str | None = None  # k8sService
+    selector: EndpointSelector | None = None  # k8sServiceSelector
+
+    def matches(self, labels: LabelSet) -> bool:
+        for key, value in labels.labels.items():
+            source, sep, rest = str(key).partition(":")
+            if source != SERVICE_SOURCE or not sep:
+                continue
+            ns, _, name = rest.partition("/")
+            if self.namespace is not None and ns != self.namespace:
+                continue
+            if self.name is not None and name != self.name:
+                continue
+            sel = self.selector
+            if sel is None or sel.matches(LabelSet(decode_service_labels(value))):
+                return True
+        return False
+
+    def __str__(self) -> str:
+        ns = self.namespace or "*"
+        if self.name is not None:
+            return f"k8sService {ns}/{self.name}"
+        return f"k8sServiceSelector {ns} {self.selector}"
 
 
 @dataclass(frozen=True, slots=True)
@@ -157,6 +205,7 @@ class Rule:
     entities: tuple[str, ...] = ()
     #: Whether the rule gives an L3 field at all; given but empty, it selects no remote.
     l3: bool = False
+    services: tuple[ServiceSelector, ...] = ()
 
     @property
     def section(self) -> str:
@@ -165,7 +214,7 @@ class Rule:
 
     @property
     def has_l3(self) -> bool:
-        return self.l3 or bool(self.endpoints or self.cidrs or self.entities)
+        return self.l3 or bool(self.endpoints or self.cidrs or self.entities or self.services)
 
     def matches_remote(self, addr: IPAddress, labels: LabelSet) -> bool:
         """Whether the rule's L3 part matches the remote endpoint (see module docstring)."""
@@ -175,6 +224,8 @@ class Rule:
             return labels.is_world and any(c.contains(addr) for c in self.cidrs)
         if self.entities:
             return any(entity_matches(e, labels) for e in self.entities)
+        if self.services:
+            return any(s.matches(labels) for s in self.services)
         if self.l3:
             return False  # an explicitly empty list selects nothing
         return bool(self.to_ports)
@@ -187,6 +238,8 @@ class Rule:
             return f"{side}CIDR " + " | ".join(str(c) for c in self.cidrs)
         if self.entities:
             return f"{side}Entities " + ", ".join(self.entities)
+        if self.services:
+            return "toServices " + " | ".join(str(s) for s in self.services)
         if self.l3:
             return "no remote (an empty list selects nothing)"
         if self.to_ports:

@@ -37,6 +37,26 @@ from typing import Final
 
 ANY_SOURCE: Final = "any"
 RESERVED_SOURCE: Final = "reserved"
+#: Node labels on node addresses (docs/kubernetes.md): only ``node:`` keys select them, and they
+#: do not make an address an endpoint (Cilium's nodes are entities, selected by fromNodes).
+NODE_SOURCE: Final = "node"
+#: A pod's named container ports on its address (``namedport:http=8080``): read by named-port
+#: rules (``port: http``), never by a selector.
+NAMED_PORT_SOURCE: Final = "namedport"
+#: The services an address backs (``service:NS/NAME`` = the service's labels, encoded by
+#: :func:`encode_service_labels`): read by ``toServices`` rules, never by a selector.
+SERVICE_SOURCE: Final = "service"
+#: Sources only keys naming them select, which do not make an address an endpoint.
+HIDDEN_SOURCES: Final = frozenset({NODE_SOURCE, NAMED_PORT_SOURCE, SERVICE_SOURCE})
+
+
+def encode_service_labels(labels: Mapping[str, str]) -> str:
+    """A service's labels as one label value (``k=v,k2=v2``; label keys and values have no ``,``)."""
+    return ",".join(f"{k}={v}" for k, v in sorted(labels.items()))
+
+
+def decode_service_labels(value: str) -> dict[str, str]:
+    return dict(item.split("=", 1) for item in value.split(",") if "=" in item)
 WORLD: Final = "world"
 WORLD_LABEL: Final = "reserved:world"
 #: The reserved names a world address carries (``world`` plus its address family's).
@@ -73,7 +93,7 @@ class LabelSet:
             by_name.setdefault(name, []).append((source, str(value)))
             if source == RESERVED_SOURCE:
                 reserved.add(name)
-            else:
+            elif source not in HIDDEN_SOURCES:
                 endpoint = True
         self._by_name: dict[str, tuple[tuple[str | None, str], ...]] = {
             k: tuple(v) for k, v in by_name.items()
@@ -90,6 +110,10 @@ class LabelSet:
         if not labels or (len(labels) == 1 and WORLD_LABEL in labels):
             family = "reserved:world-ipv6" if ipv6 else "reserved:world-ipv4"
             return cls({WORLD_LABEL: "", family: ""})
+        if all(split_key(str(k))[0] in HIDDEN_SOURCES for k in labels):
+            # e.g. an external address a service's EndpointSlice names: still world to policy
+            family = "reserved:world-ipv6" if ipv6 else "reserved:world-ipv4"
+            return cls({**labels, WORLD_LABEL: "", family: ""})
         return cls(labels)
 
     @property
@@ -109,8 +133,8 @@ class LabelSet:
         """Values of the labels a selector key (source, name) refers to."""
         entries = self._by_name.get(name, ())
         if source is None:
-            return [v for _, v in entries]
-        if source == RESERVED_SOURCE:
+            return [v for s, v in entries if s not in HIDDEN_SOURCES]
+        if source == RESERVED_SOURCE or source in HIDDEN_SOURCES:
             return [v for s, v in entries if s == source]
         return [v for s, v in entries if s is None or s == source]
 

@@ -58,17 +58,28 @@ class Change:
     added: tuple[str, ...] = ()
     replaced: tuple[str, ...] = ()
     deleted: tuple[str, ...] = ()
+    #: Documents from the Kubernetes API (None: unchanged), see :meth:`PolicyStore.build_cluster`.
+    cluster: Mapping[str, Document] | None = None
 
 
 class PolicyStore:
     """Current :class:`PolicySet`, its revision, and the ways to change it."""
 
-    def __init__(self, registry: ParserLookup, paths: Sequence[Path], state_dir: Path | None = None) -> None:
+    def __init__(
+        self,
+        registry: ParserLookup,
+        paths: Sequence[Path],
+        state_dir: Path | None = None,
+        *,
+        kubernetes: bool = False,
+    ) -> None:
         """Load the imported documents kept in ``state_dir`` and the files of ``paths``.
 
         Raises :class:`PolicyError` when either is invalid (the daemon must not start then).
         """
         self.registry = registry
+        #: A ``kubernetes`` source is on: node selectors load (docs/kubernetes.md).
+        self.kubernetes = kubernetes
         self.paths: tuple[Path, ...] = tuple(Path(p) for p in paths)
         self.state_dir = Path(state_dir) if state_dir is not None else None
         self._files: tuple[Document, ...] = ()
@@ -76,6 +87,10 @@ class PolicyStore:
         self._revision = 0
         self._mtimes: _Snapshot = ()
         self._current = PolicySet((), registry, 0)
+        #: Documents from Kubernetes API objects, by ``namespace/name`` (apart from files and
+        #: imports: the same name may exist there), and the objects refused with their errors.
+        self._cluster: Mapping[str, Document] = {}
+        self.cluster_errors: Mapping[str, list[str]] = {}
         self.reload_files()
 
     # --- reading -------------------------------------------------------------------------------
@@ -107,6 +122,11 @@ class PolicyStore:
                         "document": doc.raw,
                     }
                 )
+        for doc in self._cluster.values():
+            out.append({"name": doc.name, "source": "kubernetes", "where": None, "origin": "kubernetes",
+                        "warnings": list(doc.warnings), "document": doc.raw})  # fmt: skip
+        for name, errors in self.cluster_errors.items():
+            out.append({"name": name, "source": "kubernetes", "errors": list(errors)})
         return out
 
     def warnings(self) -> list[str]:
@@ -140,7 +160,7 @@ class PolicyStore:
         # Snapshot before reading: an edit made while we read is seen by the next poll, and a
         # broken file is not re-read every second until it changes again.
         self._mtimes = self._snapshot()
-        files = tuple(load_paths(self.paths, self.registry, taken=self._imported))
+        files = tuple(load_paths(self.paths, self.registry, taken=self._imported, kubernetes=self.kubernetes))
         same = [(d.name, d.source, d.raw) for d in files] == [(d.name, d.source, d.raw) for d in self._files]
         if same and self._revision:
             # Nothing changed (a SIGHUP or touch): the revision stays.
@@ -150,7 +170,7 @@ class PolicyStore:
     def build_import(self, text: str, source: str, replace_all: bool) -> Change:
         """:meth:`import_documents` up to the swap (the state file is written)."""
         files_by_name = {d.name: d for d in self._files}
-        docs = parse_text(text, source, self.registry, taken=files_by_name)
+        docs = parse_text(text, source, self.registry, taken=files_by_name, kubernetes=self.kubernetes)
         if replace_all:
             imported = {d.name: d for d in docs}
         else:
@@ -180,8 +200,15 @@ class PolicyStore:
         imported = {k: v for k, v in self._imported.items() if k != name}
         return replace(self._build(self._files, imported, save=True), deleted=(name,))
 
+    def build_cluster(self, cluster: Mapping[str, Document]) -> Change:
+        """Files and imports as they are, with ``cluster`` as the Kubernetes API's documents."""
+        docs = (*self._files, *self._imported.values(), *cluster.values())
+        new = PolicySet(docs, self.registry, self._revision + 1)
+        return Change(self._files, self._imported, new, cluster=dict(cluster))
+
     def _build(self, files: tuple[Document, ...], imported: Mapping[str, Document], *, save: bool) -> Change:
-        new = PolicySet((*files, *imported.values()), self.registry, self._revision + 1)
+        docs = (*files, *imported.values(), *self._cluster.values())
+        new = PolicySet(docs, self.registry, self._revision + 1)
         if save:
             self._save_state(imported)
         return Change(files, dict(imported), new)
@@ -190,6 +217,8 @@ class PolicyStore:
         """Put a built change in force; returns its revision."""
         self._files = change.files
         self._imported = dict(change.imported)
+        if change.cluster is not None:
+            self._cluster = change.cluster
         self._current = change.policy
         self._revision = change.policy.revision
         return self._revision
@@ -239,7 +268,7 @@ class PolicyStore:
         for i, entry in enumerate(entries):
             try:
                 text = json.dumps(entry["document"], indent=2)
-                docs.extend(parse_text(text, str(entry["source"]), self.registry))
+                docs.extend(parse_text(text, str(entry["source"]), self.registry, kubernetes=self.kubernetes))
             except PolicyError as exc:
                 problems.extend(f"{path}: imported document {i}: {p}" for p in exc.problems)
             except (KeyError, TypeError) as exc:

@@ -146,3 +146,33 @@ def test_embedded_config_and_policy_pass_proxyd_check(
         capture_output=True, text=True, env=env, check=False,
     )  # fmt: skip
     assert proc.returncode == 0, proc.stdout + proc.stderr
+
+
+@pytest.mark.parametrize("path", ["node-daemonset.yaml", "sidecar-example.yaml"])
+def test_rbac_grants_exactly_what_the_cluster_source_reads(path: str) -> None:
+    """The ClusterRole names every (group, resource) proxyd lists and watches, no more."""
+    from proxyd.config import KubernetesConfig
+    from proxyd.kube.cluster import KubeSource
+
+    src = KubeSource(KubernetesConfig(node_name="n"), on_change=lambda ips: None,
+                     on_state=lambda synced, t: None, log_warning=lambda *a, **k: None,
+                     client=object())  # fmt: skip
+    read = set()
+    for r in src.source.reflectors:
+        info = r.resource._api_info
+        read.add((info.resource.group, info.plural, r.namespace if r.namespace != "*" else None))
+    granted = set()
+    for rule in one(KDIR / path, "ClusterRole")["rules"]:
+        assert rule["verbs"] == ["get", "list", "watch"]  # reads only
+        granted |= {(g, res, None) for g in rule["apiGroups"] for res in rule["resources"]}
+    assert not any(d["kind"] in ("Role", "RoleBinding") for d in docs(KDIR / path))
+    assert granted == read
+    workload = next(d for d in docs(KDIR / path) if d["kind"] in ("DaemonSet", "Deployment"))
+    spec = workload["spec"]["template"]["spec"]
+    assert spec["serviceAccountName"] == one(KDIR / path, "ServiceAccount")["metadata"]["name"]
+    proxyd = next(c for c in spec["containers"] if c["name"] == "proxyd")
+    env = {e["name"]: e for e in proxyd["env"]}
+    assert env["NODE_NAME"]["valueFrom"]["fieldRef"]["fieldPath"] == "spec.nodeName"
+    config = next(d for d in docs(KDIR / path) if d["kind"] == "ConfigMap" and "proxyd.yaml" in d["data"])
+    embedded = yaml.safe_load(config["data"]["proxyd.yaml"])
+    assert "kubernetes" in embedded and "identities" not in embedded  # no hand-written identities

@@ -11,7 +11,8 @@ from pathlib import Path
 from needs import need_binary
 
 from proxyd.config import Limits
-from proxyd.server import FD_RESERVE, FDS_PER_CONNECTION
+from proxyd.fdbudget import FdBudget
+from proxyd.server import FD_BASE, FDS_PER_CONNECTION
 
 REPO = Path(__file__).resolve().parents[2]
 UNIT = REPO / "systemd" / "proxyd.service"
@@ -99,7 +100,9 @@ def test_limits_cover_the_config_defaults() -> None:
     e = entries()
     limits = Limits()
     # What proxyd's start-up check asks for (server.raise_fd_limit): two sockets each, and a reserve.
-    assert int(e["LimitNOFILE"][0]) >= FDS_PER_CONNECTION * limits.max_connections + FD_RESERVE
+    nofile = int(e["LimitNOFILE"][0])
+    reserve = FdBudget(nofile, 0, []).other  # what the daemon keeps back from connections
+    assert nofile >= FDS_PER_CONNECTION * limits.max_connections + FD_BASE + reserve
     assert seconds(e["TimeoutStopSec"][0]) > limits.drain_timeout
 
 

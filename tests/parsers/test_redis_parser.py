@@ -376,3 +376,138 @@ def test_every_reply_type_keeps_denials_in_place(reply: bytes) -> None:
         h.feed(GET_A + GET_B + GET_A)
         h.feed(reply + reply, reply=True, split=split)
         assert h.to_client == reply + NOPERM + reply and not h.closed
+
+
+# --- issue 17: transparency to what redis-server 7 does ------------------------------------------
+
+
+def test_ordinary_replies_in_a_row_share_one_pending_entry() -> None:
+    h = harness([{}])
+    h.feed(GET_A * 200_000)
+    parser = h.engine.parser
+    assert len(parser.pending) == 1 and parser.pending[0][2] == 200_000  # type: ignore[union-attr]
+    h.feed(b"$-1\r\n" * 200_000, reply=True, split=[5 * 1000] * 200)
+    assert not parser.pending and not h.closed  # type: ignore[union-attr]
+
+
+def test_a_full_reply_queue_holds_the_client_instead_of_closing() -> None:
+    h = harness([{}], parser_config={"max_pending_bytes": 1024}, buffer_limit=4096)  # 8 entries
+    hello = cmd("HELLO", "2")  # its reply is read for state: never shares an entry
+    h.feed(hello * 20 + GET_A * 200)
+    assert h.held(False) and not h.closed
+    assert h.to_server == hello * 8  # the ninth waits for a reply
+    reply = b"*0\r\n"
+    h.feed(reply * 3, reply=True)
+    assert h.to_server == hello * 11 and h.held(False)
+    for _ in range(10):  # each reply lets one more request through
+        h.feed(reply, reply=True)
+    assert h.to_server == hello * 20 + GET_A * 200 and not h.held(False)
+    h.feed(reply * 7 + b"$-1\r\n" * 200, reply=True)
+    assert h.holds == [(False, True), (False, False)]
+    assert h.to_client == reply * 20 + b"$-1\r\n" * 200 and not h.closed
+
+
+def test_client_reply_off_and_skip_still_expect_subscribe_confirmations() -> None:
+    h = harness([{}])
+    conf = b"*3\r\n$9\r\nsubscribe\r\n$1\r\na\r\n:1\r\n"
+    unconf = b"*3\r\n$11\r\nunsubscribe\r\n$1\r\na\r\n:0\r\n"
+    h.feed(cmd("CLIENT", "REPLY", "OFF") + cmd("SUBSCRIBE", "a") + cmd("UNSUBSCRIBE") + cmd("SUBSCRIBE"))
+    h.feed(conf + unconf, reply=True)  # pushes: sent; SUBSCRIBE alone: an arity error, silenced
+    h.feed(cmd("CLIENT", "REPLY", "ON") + b"PING\r\n")
+    h.feed(b"+OK\r\n+PONG\r\n", reply=True)
+    h.feed(cmd("CLIENT", "REPLY", "SKIP") + cmd("SUBSCRIBE", "a") + cmd("CLIENT", "REPLY", "SKIP"))
+    h.feed(b"*0\r\n" + b"PING\r\n")  # an empty request ends a SKIP, as resetClient does
+    h.feed(conf + b"+PONG\r\n", reply=True)
+    assert h.to_client == conf + unconf + b"+OK\r\n+PONG\r\n" + conf + b"+PONG\r\n"
+    assert not h.closed
+
+
+def test_reset_clears_reply_off_but_a_skip_still_silences_it() -> None:
+    h = harness([{}])
+    h.feed(cmd("CLIENT", "REPLY", "OFF") + cmd("RESET") + cmd("CLIENT", "REPLY", "SKIP") + cmd("RESET"))
+    h.feed(b"PING\r\n")
+    h.feed(b"+RESET\r\n+PONG\r\n", reply=True)
+    assert h.to_client == b"+RESET\r\n+PONG\r\n" and not h.closed
+    assert not h.engine.parser.pending  # type: ignore[union-attr]
+
+
+def test_a_denial_under_skip_sends_a_ping_to_use_up_the_servers_skip() -> None:
+    h = harness()
+    h.feed(cmd("CLIENT", "REPLY", "SKIP") + GET_B + GET_A)
+    ping = b"*1\r\n$4\r\nPING\r\n"
+    assert h.to_server == cmd("CLIENT", "REPLY", "SKIP") + ping + GET_A
+    h.feed(b"$1\r\nx\r\n", reply=True)
+    assert h.to_client == b"$1\r\nx\r\n" and not h.closed
+
+
+@pytest.mark.parametrize("split", [None, "bytes"])
+def test_sync_keepalives_then_the_replication_stream_pass_through(split: str | None) -> None:
+    h = harness([{}])
+    h.feed(cmd("REPLCONF", "capa", "eof") + cmd("PSYNC", "?", "-1"))
+    stream = b"+OK\r\n\n\n+FULLRESYNC 8de1 0\r\n\n$5\r\nREDIS" + b"*1\r\n$4\r\nPING\r\n" + b"\n"
+    h.feed(stream, reply=True, split=split)
+    h.feed(cmd("REPLCONF", "ACK", "0"))
+    assert h.to_client == stream and not h.closed
+    h2 = harness([{}])
+    h2.feed(b"SYNC\r\n")
+    h2.feed(b"\n\n-NOMASTERLINK Can't SYNC while not connected with my master\r\n", reply=True)
+    h2.feed(b"PING\r\n")
+    h2.feed(b"+PONG\r\n", reply=True)  # refused: replies are framed again
+    assert not h2.closed and h2.to_client.endswith(b"master\r\n+PONG\r\n")
+
+
+def test_a_long_error_reply_streams_past_the_buffer_limit() -> None:
+    h = harness([{}], buffer_limit=1024)
+    h.feed(GET_A + GET_A)
+    long_err = b"-ERR " + b"x" * 100_000 + b"\r\n"
+    h.feed(long_err + b"+OK\r\n", reply=True, split="random")
+    assert h.to_client == long_err + b"+OK\r\n" and not h.closed
+
+
+def test_replies_owed_go_out_before_a_close_on_a_bad_reply() -> None:
+    h = harness([{}])
+    h.feed(GET_A + GET_A + GET_A)
+    h.feed(b"+OK\r\n$1\r\nx\r\n?garbage\r\n", reply=True)
+    assert h.to_client == b"+OK\r\n$1\r\nx\r\n" and h.closed
+    h = harness([{}])
+    h.feed(GET_A)
+    h.feed(b"+OK\r\n+surplus\r\n", reply=True)
+    assert h.to_client == b"+OK\r\n" and h.closed
+
+
+def test_a_protocol_error_under_reply_off_closes_without_an_answer() -> None:
+    h = harness([{}])
+    h.feed(GET_A + cmd("CLIENT", "REPLY", "OFF") + b"*1\r\n$-7\r\n")
+    h.feed(b"+OK\r\n", reply=True)
+    assert h.to_client == b"+OK\r\n" and h.closed
+
+
+def test_nothing_is_queued_once_the_reply_stream_is_unframed() -> None:
+    h = harness([{}])
+    h.feed(cmd("PSYNC", "?", "-1"))
+    h.feed(b"+FULLRESYNC x 0\r\n", reply=True)
+    h.feed((cmd("SUBSCRIBE", "a") + cmd("PSYNC", "?", "-1") + cmd("REPLCONF", "ACK", "1")) * 100)
+    assert not h.engine.parser.pending and not h.held(False)  # type: ignore[union-attr]
+
+
+def test_commands_refused_in_resp2_subscribe_mode_change_nothing() -> None:
+    h = harness([{}])
+    h.feed(cmd("SUBSCRIBE", "a") + cmd("CLIENT", "REPLY", "OFF") + cmd("MULTI") + cmd("SELECT", "2"))
+    parser = h.engine.parser
+    assert not parser.reply_off and not parser.in_multi and parser.db == 0  # type: ignore[union-attr]
+    h.feed(cmd("UNSUBSCRIBE", "a") + cmd("CLIENT", "REPLY", "OFF"))  # no subscription left: runs
+    assert parser.reply_off  # type: ignore[union-attr]
+    h2 = harness([{}])
+    h2.feed(cmd("HELLO", "3") + cmd("SUBSCRIBE", "a") + cmd("MULTI"))  # RESP3: no such mode
+    assert h2.engine.parser.in_multi  # type: ignore[union-attr]
+
+
+def test_subscriptions_past_the_memory_bound_fall_back_to_the_replies_counts() -> None:
+    h = harness([{}], parser_config={"max_pending_bytes": 1024})
+    h.feed(cmd("SUBSCRIBE", *[f"channel-{i}" for i in range(40)]))
+    parser = h.engine.parser
+    assert parser.req_subs is None  # type: ignore[union-attr]
+    h.feed(b"".join(b"*3\r\n$9\r\nsubscribe\r\n$%d\r\nchannel-%d\r\n:%d\r\n" % (len(str(i)) + 8, i, i + 1)
+                    for i in range(40)), reply=True)  # fmt: skip
+    h.feed(cmd("SELECT", "3"))
+    assert parser.db == 0 and not h.closed  # type: ignore[union-attr]

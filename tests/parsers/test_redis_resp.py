@@ -212,9 +212,49 @@ def test_big_bulk_is_passed_past_the_buffer() -> None:
     "data",
     [b"?x\r\n", b":x\r\n", b"$-2\r\n", b"*-2\r\n", b"%-1\r\n", b"#x\r\n", b"_x\r\n", b".\r\n",
      b"$?\r\n+x\r\n",
-     b"*1\r\n" * 70 + b":1\r\n", b",\r\n"],
+     b",\r\n"],
 )  # fmt: skip
 def test_bad_replies(data: bytes) -> None:
     sc = ReplyScanner()
     st, _ = sc.scan(bytearray(data), 0)
     assert st == BAD
+
+
+@pytest.mark.parametrize("seg", [None, 1, 5, 997])
+def test_deep_nesting_is_framed_in_constant_memory(seg: int | None) -> None:
+    # What EVAL returns for a Lua table nested 8000 deep, and mixed shapes around it.
+    deep = b"*1\r\n" * 8000 + b":1\r\n"
+    mixed = b"*2\r\n" * 3000 + b":1\r\n" + b"$1\r\nx\r\n" * 3000
+    odd = b"*1\r\n*2\r\n%1\r\n" * 500 + b"+k\r\n" + (b"_\r\n" + b"#t\r\n") * 500
+    stream = deep + mixed + odd
+    assert scan_all(stream, seg) == [len(deep), len(deep) + len(mixed), len(stream)]
+    sc = ReplyScanner()
+    st, _ = sc.scan(bytearray(b"*1\r\n" * 100000), 0)
+    assert st == PARTIAL and len(sc.stack) == 1 and sc.depth == 100000
+
+
+def test_distinct_nesting_is_bounded_by_memory_not_depth() -> None:
+    # Levels of different shapes cannot share an entry: those are capped (by max_stack).
+    data = bytearray(b"".join(b"*%d\r\n" % (2 + i % 2) for i in range(40)))
+    sc = ReplyScanner(max_stack=32)
+    st, _ = sc.scan(data, 0)
+    assert st == BAD and "memory" in sc.error
+    assert ReplyScanner(max_stack=64).scan(data, 0)[0] == PARTIAL
+
+
+@pytest.mark.parametrize("seg", [None, 1, 64, 1000])
+def test_long_simple_strings_and_errors_stream(seg: int | None) -> None:
+    long_ok = b"+" + b"a" * 100_000 + b"\r\n"
+    long_err = b"-ERR " + b"\rx" * 50_000 + b"\r\n"  # a lone CR is text, as Redis reads it
+    nested = b"*2\r\n+" + b"b" * 500 + b"\r\n:1\r\n"
+    stream = long_ok + long_err + nested + b"+OK\r\n"
+    ends = [len(long_ok), len(long_ok) + len(long_err), len(stream) - 5, len(stream)]
+    assert scan_all(stream, seg) == ends
+
+
+def test_a_long_line_is_passed_keeping_a_final_cr_back() -> None:
+    sc = ReplyScanner()
+    data = bytearray(b"-" + b"e" * 100 + b"\r")
+    assert sc.scan(data, 0) == (PARTIAL, len(data) - 1)
+    assert sc.top == ord("-") and sc.head_line == b"e" * 64 and not sc.at_boundary
+    assert sc.scan(bytearray(b"\r\n"), 0) == (DONE, 2)

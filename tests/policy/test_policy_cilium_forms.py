@@ -251,6 +251,7 @@ def test_node_selector_is_one_clear_line() -> None:
     text += "spec:\n  nodeSelector: {matchLabels: {node-access: ssh}}\n"
     text += "  ingress: [{toPorts: [{ports: [{port: '22'}]}]}]\n"
     assert problems_of(text) == [
-        "p.yaml:5: spec.nodeSelector: not supported by proxyd (host policies select nodes, and proxyd has no "
-        "node identities; select the endpoints with endpointSelector)"
+        "p.yaml:5: spec.nodeSelector: not supported by proxyd (host policies select nodes, whose labels come "
+        "from the cluster: needs a `kubernetes` section in the config (docs/kubernetes.md); or select the "
+        "endpoints with endpointSelector)"
     ]

@@ -174,10 +174,11 @@ def test_entity_remotes_are_shown_as_their_entity() -> None:
     )
     pset = PolicySet(docs, REGISTRY)
     text = explain(pset, ids, "ingress", ("10.0.0.1", 4000), ("10.0.1.10", 11211), "memcache")
-    assert "remote (src) 10.0.0.1:4000: entity host\n" in text
+    assert "remote (src) 10.0.0.1:4000: entity host   [from identities entry 10.0.0.1/32]\n" in text
     assert "fromEntities host" in text and "L3/L4 verdict: allowed" in text
     data = explain_data(pset, ids, "ingress", ("10.0.0.2", 4000), ("10.0.1.10", 11211), "memcache")
-    assert "remote (src) 10.0.0.2:4000: {app: agent} (entity health)\n" in data.text()
+    agent = "remote (src) 10.0.0.2:4000: {app: agent} (entity health)"
+    assert f"{agent}   [from identities entry 10.0.0.2/32]\n" in data.text()
     assert data.as_dict()["remote_entity"] == "health"
     ipv6 = explain_data(pset, ids, "ingress", ("2001:db8::1", 4000), ("10.0.1.10", 11211), "memcache")
     assert ipv6.as_dict()["remote_entity"] == "world"

@@ -27,7 +27,9 @@ replies. See ``docs/parsers/redis.md`` for the full behaviour.
 
 ``parser_config`` keys: ``max_inspect_bytes`` (default 65536): how much of a request may be
 held to find its keys; ``proto_max_bulk_len`` (default 536870912, redis-server's own default):
-a longer argument is a protocol error, as on the server.
+a longer argument is a protocol error, as on the server; ``max_pending_bytes`` (default 1 MiB):
+memory for the replies owed and the reply reader's open aggregates; when it is full, reading the
+client pauses until replies drain it (the engine's hold), nothing is closed.
 """
 
 from __future__ import annotations
@@ -38,13 +40,14 @@ from typing import Any
 from proxyd.errors import ParserConfigError
 from proxyd.parser import ConnectionContext, Parser, ParserFactory, RuleMatcher
 
-from .parser import DEFAULT_INSPECT, RedisParser
+from .parser import DEFAULT_INSPECT, DEFAULT_PENDING_BYTES, RedisParser
 from .resp import PROTO_MAX_BULK_LEN
 from .rules import RULE_KEYS, RedisRequest, RedisRule, compile_rule
 
 _INT_KEYS = {
     "max_inspect_bytes": (1024, 256 << 20),
     "proto_max_bulk_len": (1 << 20, 1 << 40),
+    "max_pending_bytes": (1024, 1 << 30),
 }
 
 
@@ -56,7 +59,11 @@ class RedisFactory(ParserFactory):
     description = "Redis RESP2/RESP3 and inline commands (command, @category and key policy)"
 
     def validate_config(self, config: Mapping[str, Any]) -> Any:
-        values = {"max_inspect_bytes": DEFAULT_INSPECT, "proto_max_bulk_len": PROTO_MAX_BULK_LEN}
+        values = {
+            "max_inspect_bytes": DEFAULT_INSPECT,
+            "proto_max_bulk_len": PROTO_MAX_BULK_LEN,
+            "max_pending_bytes": DEFAULT_PENDING_BYTES,
+        }
         for key, value in config.items():
             if key not in _INT_KEYS:
                 known = ", ".join(_INT_KEYS)
@@ -76,6 +83,7 @@ class RedisFactory(ParserFactory):
             ctx,
             int(cfg.get("max_inspect_bytes", DEFAULT_INSPECT)),
             int(cfg.get("proto_max_bulk_len", PROTO_MAX_BULK_LEN)),
+            int(cfg.get("max_pending_bytes", DEFAULT_PENDING_BYTES)),
         )
 
 

@@ -25,9 +25,20 @@ a denial to inject; the reply to proxyd's own ``DISCARD`` to swap for ``EXECABOR
 that answer no request pass without touching the queue: RESP3 pushes (``message``,
 ``invalidate`` from ``CLIENT TRACKING``, ...) and, in RESP2 subscribe mode, ``message``,
 ``pmessage`` and ``smessage`` arrays. RESP2 or RESP3 is learnt from ``HELLO``'s reply (a map is
-RESP3) and ``RESET``. ``CLIENT REPLY OFF|SKIP`` suppress replies (denials included, as Redis
-does); ``MONITOR``, ``SYNC`` and ``PSYNC`` turn the reply stream into an unframed one after
-their reply (a command denied after that closes the connection: there is no place for it).
+RESP3) and ``RESET``. ``CLIENT REPLY OFF|SKIP`` suppress replies (denials included) as
+redis-server 7 does: not the subscribe-family confirmations (pushes), nor the answer to
+``SYNC``/``PSYNC``; a SKIP is used up by the next request the server reads, an empty one
+included; a denial that would have used it up is replaced by a ``PING`` to the server.
+A command redis-server refuses in RESP2 subscribe mode changes no state here either: the
+request side follows the subscriptions the server will hold when it reads each request.
+``MONITOR``, ``SYNC`` and ``PSYNC`` turn the reply stream into an unframed one from their
+answer on, after any ``\n`` keepalives (a command denied after that closes the connection:
+there is no place for it).
+
+Memory. Ordinary commands in a row share one pending entry (a count), so a client may pipeline
+without bound, as it can to redis-server; other entries count ``ENTRY_COST`` bytes against
+``max_pending_bytes``, and when that is full the request side answers NOP with the client's
+bytes buffered: the engine's *hold* stops reading the client until replies drain the queue.
 
 Denials. A denied command is dropped and ``-NOPERM access denied`` is put in its place in the
 reply order: at once when nothing is pending and the reply stream is between frames, otherwise
@@ -43,9 +54,11 @@ escaped; never arguments, so ``AUTH``/``HELLO`` passwords never reach the log) a
 
 Bad requests are answered as redis-server answers them (``-ERR Protocol error: invalid bulk
 length``, ...), in reply order, and the connection is then closed with the reason logged; a
-reply that is not RESP closes the connection too. Memory stays bounded whatever lengths claim:
-a request holds at most ``max_inspect_bytes`` plus one 64 KiB length line, a reply at most one
-line, and the engine's ``limits.buffer_bytes`` caps both.
+reply that is not RESP closes the connection too, after the replies owed before it. Memory
+stays bounded whatever lengths claim: a request holds at most ``max_inspect_bytes`` plus one
+64 KiB length line, a reply at most one 64-byte line (longer simple strings and errors are
+streamed) and its reader's stack of differently shaped aggregates, and the engine's
+``limits.buffer_bytes`` caps the buffers.
 """
 
 from __future__ import annotations
@@ -78,6 +91,8 @@ from .table import Command, NeedArg, key_positions, lookup
 NOPERM = b"-NOPERM access denied\r\n"
 EXECABORT = b"-EXECABORT Transaction discarded because of previous errors.\r\n"
 DISCARD = b"*1\r\n$7\r\nDISCARD\r\n"
+#: Sent in place of a denied command while the server's CLIENT REPLY SKIP is armed (see _commit).
+PING = b"*1\r\n$4\r\nPING\r\n"
 
 #: Commands every policy allows (the commands inside a transaction are judged one by one).
 ALWAYS_ALLOWED = frozenset(
@@ -88,11 +103,20 @@ ALWAYS_ALLOWED = frozenset(
 PUBSUB = frozenset({"subscribe", "psubscribe", "ssubscribe", "unsubscribe", "punsubscribe", "sunsubscribe"})
 _OOB_MESSAGES = frozenset({b"message", b"pmessage", b"smessage"})
 _RAW_AFTER = frozenset({"monitor", "sync", "psync"})
+#: Replication handshakes: their answer is written straight to the socket by redis-server
+#: (``connWrite`` in ``src/replication.c``), so CLIENT REPLY OFF/SKIP do not silence it.
+_REPLICATION = frozenset({"sync", "psync"})
+#: Subscribe-family commands whose confirmations come even with no channel argument.
+_UNSUBSCRIBE = frozenset({"unsubscribe", "punsubscribe", "sunsubscribe"})
 MAX_LOGGED_KEYS = 8
 MAX_LOGGED_KEY_BYTES = 256
-#: Pending replies per connection before the peer counts as broken (it never reads replies).
-MAX_PENDING = 100_000
 DEFAULT_INSPECT = 64 * 1024
+#: Default memory for the replies owed and the reply reader's open aggregates.
+DEFAULT_PENDING_BYTES = 1 << 20
+#: What one pending entry is counted as (a small list and its deque slot).
+ENTRY_COST = 128
+#: What one entry of the reply reader's stack is counted as.
+STACK_ENTRY_COST = 64
 
 # Pending entry kinds; an entry is a list [kind, name, count, payload, started].
 E_REPLY = 0  # ``count`` replies (1 for every command but the subscribe family)
@@ -108,6 +132,8 @@ _STATEFUL = frozenset(
 ) | PUBSUB
 #: Commands whose reply the parser reads for connection state (the general reader only).
 _REPLY_STATE = frozenset({"hello", "reset"})
+#: What redis-server still runs on a RESP2 connection in subscribe mode.
+_SUBSCRIBE_MODE_COMMANDS = PUBSUB | {"ping", "quit", "reset"}
 _SUB_FAMILY = {"unsubscribe": 0, "subscribe": 0, "punsubscribe": 1, "psubscribe": 1, "sunsubscribe": 2,
                "ssubscribe": 2}  # fmt: skip
 
@@ -135,6 +161,8 @@ class RedisParser(Parser):
         "dead",
         "in_multi",
         "max_bulk",
+        "max_entries",
+        "max_sub_bytes",
         "multi_dirty",
         "pending",
         "raw",
@@ -142,6 +170,9 @@ class RedisParser(Parser):
         "rep_owed",
         "reply_off",
         "req_owed",
+        "req_resp3",
+        "req_sub_bytes",
+        "req_subs",
         "resp3",
         "scanner",
         "skip_next",
@@ -151,11 +182,17 @@ class RedisParser(Parser):
         "subs",
     )  # fmt: skip
 
-    def __init__(self, ctx: ConnectionContext, budget: int = DEFAULT_INSPECT,
-                 max_bulk: int = PROTO_MAX_BULK_LEN) -> None:  # fmt: skip
+    def __init__(
+        self,
+        ctx: ConnectionContext,
+        budget: int = DEFAULT_INSPECT,
+        max_bulk: int = PROTO_MAX_BULK_LEN,
+        max_pending: int = DEFAULT_PENDING_BYTES,
+    ) -> None:
         self.ctx = ctx
         self.budget = budget
         self.max_bulk = max_bulk
+        self.max_entries = max(2, max_pending // ENTRY_COST)
         # request side
         self.stream_rest = 0  # arguments of the decided command still to pass or drop
         self.stream_op = PASS
@@ -168,9 +205,16 @@ class RedisParser(Parser):
         self.dead = False  # a protocol error was found: drop the rest of the client's bytes
         self.raw = False  # MONITOR/SYNC/PSYNC sent
         self.req_owed = 0
+        # What redis-server knows when it reads the next request (not yet from its replies):
+        # the protocol HELLO asked for, and the subscriptions held, so that a command it refuses
+        # in RESP2 subscribe mode changes nothing here either. None: too many names to track.
+        self.req_resp3 = False
+        self.req_subs: list[set[bytes]] | None = [set(), set(), set()]
+        self.req_sub_bytes = 0
+        self.max_sub_bytes = max_pending
         # reply side
         self.pending: deque[list[Any]] = deque()
-        self.scanner = ReplyScanner()
+        self.scanner = ReplyScanner(max(64, max_pending // STACK_ENTRY_COST))
         self.resp3 = False
         self.subs = [0, 0, 0]  # channels, patterns, shard channels held (from confirmations)
         self.raw_reply = False
@@ -196,7 +240,17 @@ class RedisParser(Parser):
             return self._stream(data)
         n = len(data)
         base = 0
+        pending = self.pending
+        limit = self.max_entries
         while base < n:
+            if len(pending) >= limit:
+                # Hold: no more requests until replies drain the queue (the engine stops
+                # reading the client and calls again once the server's replies progress).
+                # An ordinary command may still join the last entry, so at most one entry
+                # more than the limit is ever queued.
+                last = pending[-1]
+                if len(pending) > limit or last[0] != E_REPLY or last[1] in _REPLY_STATE:
+                    return (PASS, base) if base else NOP_VERDICT
             try:
                 head = parse_request(data, base, self.budget, self.max_bulk)
             except RequestError as exc:
@@ -205,7 +259,8 @@ class RedisParser(Parser):
                 return self._protocol_error(str(exc), n)
             if head is None:
                 return (PASS, base) if base else (MORE, 1)
-            if head.argc == 0:  # an empty request: redis-server ignores it
+            if head.argc == 0:  # an empty request: redis-server answers nothing, but resets the
+                self.skip_next = False  # client, which ends a CLIENT REPLY SKIP (resetClient)
                 base = head.end
                 continue
             judged = self._judge(head)
@@ -296,7 +351,9 @@ class RedisParser(Parser):
         ctx = self.ctx
         db = self.db
         # After MONITOR/SYNC/PSYNC replies are not framed: nothing is queued for them.
-        silent = self.reply_off or self.skip_next or self.raw
+        skip = self.skip_next  # redis-server's CLIENT_REPLY_SKIP, for this command only
+        raw_before = self.raw
+        silent = self.reply_off or skip or raw_before
         self.skip_next = False
         entry: list[Any] | None = None
         if not allowed:
@@ -306,66 +363,124 @@ class RedisParser(Parser):
             if self.in_multi:
                 self.multi_dirty = True
             if not silent:
-                entry = [E_DENY, name, 0, NOPERM, False]
-                if not self._push(entry):
-                    return self._fatal("too many pending replies")
+                entry = self._push([E_DENY, name, 0, NOPERM, False])
                 self._flush_denials()
             ctx.log(EntryType.DENIED, self._fields(name, keys, db))
-            return self._emit(head, DROP, entry)
+            verdict = self._emit(head, DROP, entry)
+            if skip and not self.reply_off:
+                # The server's SKIP is armed for the next command it reads, and this one never
+                # reaches it: a PING goes in its place, so the skip lands where the client
+                # expects it (on nothing the client will read).
+                self._to_server(PING, verdict, have)
+            return verdict
         op = PASS
         kind, count = E_REPLY, 1
-        if name not in _STATEFUL:
-            pass
-        elif name == "exec" and self.multi_dirty:
+        forced = False  # answered even when replies are off (pushes, replication handshakes)
+        # A command redis-server refuses in RESP2 subscribe mode changes nothing.
+        stateful = name in _STATEFUL and not self._refused_in_subscribe_mode(name)
+        if stateful and name == "exec" and self.multi_dirty:
             self.in_multi = self.multi_dirty = False
             ctx.log(
                 EntryType.DENIED,
                 {"command": name, "db": db, "error": "transaction aborted: a command in it was denied"},
             )
-            if silent:
-                ctx.inject(False, DISCARD)  # its +OK is not sent either
-            elif not self._push([E_SWAP, name, 1, EXECABORT, False]):
-                return self._fatal("too many pending replies")
-            else:
-                ctx.inject(False, DISCARD)
-            if head.complete and head.end < have:
-                self.req_owed = len(DISCARD)
-            return self._emit(head, DROP, None)
-        if name == "multi":
+            if not silent:  # else its +OK is not sent either
+                self._push([E_SWAP, name, 1, EXECABORT, False])
+            verdict = self._emit(head, DROP, None)
+            self._to_server(DISCARD, verdict, have)
+            return verdict
+        if not stateful:
+            pass
+        elif name == "multi":
             self.in_multi = True
         elif name in ("exec", "discard"):
             self.in_multi = self.multi_dirty = False
         elif name == "reset":
-            self.in_multi = self.multi_dirty = self.reply_off = self.skip_next = silent = False
+            # RESET clears CLIENT REPLY OFF before it answers; a SKIP still applies to it.
+            self.in_multi = self.multi_dirty = self.reply_off = self.req_resp3 = False
+            self.req_subs, self.req_sub_bytes = [set(), set(), set()], 0
+            silent = skip or self.raw
             self.db = 0
         elif name == "select" and len(head.args) > 1:
             v = string2ll(head.args[1])
             if v is not None and v >= 0:
                 self.db = v
-        elif name == "client|reply" and len(head.args) > 2:
+        elif name == "client|reply" and head.argc == 3 and len(head.args) == 3 and not self.in_multi:
+            # As clientCommand: OFF and SKIP answer nothing, SKIP is ignored while OFF, and
+            # ON clears both before answering +OK.
             mode = head.args[2].lower()
             if mode == b"off":
                 self.reply_off = silent = True
             elif mode == b"skip":
-                self.skip_next = silent = True
+                if not self.reply_off:
+                    self.skip_next = True
+                silent = True
             elif mode == b"on":
-                self.reply_off = silent = False
+                self.reply_off = False
+                silent = self.raw
         elif name in PUBSUB and not self.in_multi:
             kind, count = E_SUB, head.argc - 1
+            # Confirmations are pushes (CLIENT_PUSHING in src/pubsub.c): sent even under
+            # CLIENT REPLY OFF/SKIP. A SUBSCRIBE without a channel is an arity error instead.
+            forced = count > 0 or name in _UNSUBSCRIBE
+            self._track_subscriptions(name, head)
         elif name in _RAW_AFTER and not self.in_multi:
             kind = E_RAW
+            forced = name in _REPLICATION
             self.raw = True
+        if (
+            name == "hello"
+            and len(head.args) > 1
+            and head.args[1] in (b"2", b"3")
+            and not self.in_multi
+            and not self._refused_in_subscribe_mode(name)
+        ):
+            self.req_resp3 = head.args[1] == b"3"
         if name == "auth" or name == "hello":
             ctx.log(EntryType.REQUEST, {"command": name, "db": db})
         else:
             ctx.log(EntryType.REQUEST, lambda: self._fields(name, keys, db))
-        if not silent:
-            entry = [kind, name, count, b"", False]
-            if not self._push(entry):
-                return self._fatal("too many pending replies")
+        if (not silent or forced) and not raw_before:  # after MONITOR/SYNC nothing is framed
+            entry = self._push([kind, name, count, b"", False])
         if head.complete:
             return None
         return self._emit(head, op, entry)
+
+    def _refused_in_subscribe_mode(self, name: str) -> bool:
+        """Whether redis-server refuses this command because the connection is in RESP2
+        subscribe mode (``processCommand``: only the subscribe family, PING, QUIT and RESET)."""
+        if self.req_resp3 or name in _SUBSCRIBE_MODE_COMMANDS:
+            return False
+        subs = self.req_subs
+        if subs is None:  # too many names to track: the counts the replies carried
+            return bool(self.subs[0] or self.subs[1] or self.subs[2])
+        return bool(subs[0] or subs[1] or subs[2])
+
+    def _track_subscriptions(self, name: str, head: Head) -> None:
+        """Follow the subscriptions redis-server will hold after this subscribe-family command."""
+        subs = self.req_subs
+        if subs is None:
+            return
+        held = subs[_SUB_FAMILY[name]]
+        names = head.args[1:]
+        if not head.complete:
+            self.req_subs = None  # names past the inspection budget: stop tracking
+        elif name in _UNSUBSCRIBE:
+            if len(names):
+                for n in names:
+                    if n in held:
+                        held.discard(n)
+                        self.req_sub_bytes -= len(n) + 64
+            else:
+                self.req_sub_bytes -= sum(len(n) + 64 for n in held)
+                held.clear()
+        else:
+            for n in names:
+                if n not in held:
+                    held.add(n)
+                    self.req_sub_bytes += len(n) + 64
+            if self.req_sub_bytes > self.max_sub_bytes:
+                self.req_subs = None
 
     @staticmethod
     def _fields(name: str, keys: list[bytes] | None, db: int) -> dict[str, Any]:
@@ -408,12 +523,27 @@ class RedisParser(Parser):
             return (self.stream_op, pos)
         return (MORE, 1)
 
-    def _push(self, entry: list[Any]) -> bool:
+    def _push(self, entry: list[Any]) -> list[Any]:
+        """Queue an entry; returns the one that now stands for it. Ordinary replies in a row
+        share one entry (a count), so a pipeline of a million GETs costs one entry: the queue's
+        memory (bounded by ``max_pending_bytes``, see _on_request) grows only with entries of
+        other kinds."""
         q = self.pending
-        if len(q) >= MAX_PENDING:
-            return False
+        if entry[0] == E_REPLY and q and entry[1] not in _REPLY_STATE:
+            last = q[-1]
+            if last[0] == E_REPLY and last[1] not in _REPLY_STATE:
+                last[2] += entry[2]
+                return last
         q.append(entry)
-        return True
+        return entry
+
+    def _to_server(self, payload: bytes, verdict: Verdict, have: int) -> None:
+        """Queue bytes for the server right after the dropped request ``verdict`` applies to:
+        at the next call when more buffered input follows it (INJECT then), else at the end
+        of this round."""
+        self.ctx.inject(False, payload)
+        if verdict[1] < have:
+            self.req_owed += len(payload)
 
     def _flush_denials(self) -> None:
         """Inject the denials at the head of the queue while the reply stream is between frames."""
@@ -429,10 +559,15 @@ class RedisParser(Parser):
         self.stream_rest = 0
         entry = self.stream_entry
         if entry is not None:  # a command cut short: the server will never answer it
-            with contextlib.suppress(ValueError):
-                self.pending.remove(entry)
+            if entry[2] > 1 and entry[0] == E_REPLY:
+                entry[2] -= 1
+            else:
+                with contextlib.suppress(ValueError):
+                    self.pending.remove(entry)
             self.stream_entry = None
-        payload = b"-ERR " + message.encode() + b"\r\n"
+        # Under CLIENT REPLY OFF/SKIP redis-server writes no error either; it still closes.
+        silent = self.reply_off or self.skip_next
+        payload = b"" if silent else b"-ERR " + message.encode() + b"\r\n"
         self.ctx.log(EntryType.DENIED, {"error": message})
         if not self.pending and self.scanner.at_boundary and not self.raw_reply:
             self.ctx.inject(True, payload)
@@ -495,10 +630,28 @@ class RedisParser(Parser):
                     return verdict
         while pos < n:
             start = pos
+            if q and q[0][0] == E_RAW and sc.at_boundary:
+                # A replication handshake: redis-server sends "\n" keepalives while the save
+                # it waits for is pending (replicationCron), before +FULLRESYNC and before the
+                # payload's $len; after them the stream is the RDB payload (no CRLF after it,
+                # or an EOF mark when diskless) and then the commands the master propagates:
+                # passed through unframed. An error (-NOMASTERLINK...) is a reply like any other.
+                while pos < n and data[pos] == 10:
+                    pos += 1
+                if pos == n:
+                    return (PASS, n)
+                if data[pos] != 45:  # '-'
+                    q.popleft()
+                    self.raw_reply = True
+                    return (PASS, n)
+                start = pos
             # The reply to proxyd's DISCARD is dropped: read it whole before passing anything.
             whole = bool(q) and q[0][0] == E_SWAP and sc.at_boundary
             st, pos = sc.scan(data, pos)
             if st == BAD:
+                if start:  # the replies before it are owed: they go out first
+                    sc.reset()
+                    return (PASS, start)
                 self.ctx.log(EntryType.RESPONSE, {"error": f"not a RESP reply: {sc.error}"})
                 return (ERROR, ERROR_PROTOCOL)
             if st == PARTIAL:
@@ -515,6 +668,9 @@ class RedisParser(Parser):
                 self._count_subs()
             elif not q:
                 if sc.top not in ERRORS:  # an error may come first ("max number of clients")
+                    if start:  # the replies before it are owed: they go out first
+                        sc.reset()
+                        return (PASS, start)
                     self.ctx.log(EntryType.RESPONSE, {"error": "reply with no request pending"})
                     return (ERROR, ERROR_PROTOCOL)
             elif q[0][0] == E_SWAP:
@@ -612,10 +768,15 @@ class RedisParser(Parser):
             if entry[2] <= 0:
                 q.popleft()
             return
+        if entry[2] > 1:  # ordinary replies in a row share an entry
+            entry[2] -= 1
+            return
         q.popleft()
         if kind == E_RAW:
             if sc.top not in ERRORS:
                 self.raw_reply = True
+            else:
+                self.raw = False  # refused (-NOMASTERLINK...): commands are answered again
             return
         if name == "hello":
             if sc.top == MAP:

@@ -16,13 +16,20 @@ request differently from the server lets a client smuggle a command past the pol
 
 Errors carry the text redis-server answers (``Protocol error: invalid bulk length``, ...).
 
-Replies (server to client) are read by :class:`ReplyScanner`, a small recursive-descent reader
-with an explicit stack (so a 16 MiB bulk is passed through, never held, and an aggregate of a
-million elements costs nothing): one branch per type byte, aggregates by count, attributes
-(``|``) not counting as values, streamed strings (``$?`` + ``;n`` chunks) and streamed
-aggregates (``*?`` ... ``.``). It records what the parser needs to classify a frame: the
-top-level type, and for a top-level array or push its first element (``message``,
-``subscribe``, ``invalidate``, ...) and third (a subscription count).
+Replies (server to client) are read by :class:`ReplyScanner`, an iterative reader with an
+explicit stack (so a 16 MiB bulk is passed through, never held, and an aggregate of a million
+elements costs nothing): one branch per type byte, aggregates by count, attributes (``|``) not
+counting as values, streamed strings (``$?`` + ``;n`` chunks) and streamed aggregates (``*?``
+... ``.``). It records what the parser needs to classify a frame: the top-level type, and for a
+top-level array or push its first element (``message``, ``subscribe``, ``invalidate``, ...) and
+third (a subscription count).
+
+Memory is bounded, not depth: Redis nests script replies thousands deep (a Lua table in a
+table, ~8000 levels before ``reached lua stack limit``), so the stack stores runs of levels of
+the same shape (``*1`` in ``*1`` in ``*1``...) as one entry with a repeat count, and only the
+number of *distinct* entries is capped (``max_stack``, from the parser's memory budget). A
+simple string or error line longer than 64 bytes is passed on as it arrives (keeping a final
+``\r`` back), so its length is bounded by nothing but the server.
 """
 
 from __future__ import annotations
@@ -277,8 +284,12 @@ PARTIAL = 1  # the frame goes on: every byte up to the returned offset is read
 BAD = 2  # not RESP
 
 _NORMAL, _ATTR, _STREAM_AGG, _STREAM_STR = 0, 1, 2, 3
-#: Deepest aggregate nesting accepted (redis-server nests a few levels at most).
-MAX_DEPTH = 64
+#: Distinct stack entries (runs of same-shaped levels) a reply may open by default: ~64 bytes
+#: each, so 1 MiB. Real replies need one per differently shaped level.
+MAX_STACK = 16384
+#: A line with no CRLF yet and more than this many bytes buffered is streamed (the parser
+#: classifies frames by lines of at most 64 bytes).
+_LINE_STREAM = 67
 _SCALARS = frozenset(b"+-:_,#(")
 _BULKS = frozenset(b"$!=")
 _AGGS = frozenset(b"*%~>|")
@@ -297,10 +308,17 @@ class ReplyScanner:
     64 bytes). ``error`` says what is wrong after :data:`BAD`.
     """
 
-    __slots__ = ("error", "first", "fresh", "head_line", "need", "stack", "third", "top")
+    __slots__ = (
+        "depth", "error", "first", "fresh", "head_line", "in_line", "max_stack", "need", "stack", "third",
+        "top",
+    )  # fmt: skip
 
-    def __init__(self) -> None:
-        self.stack: list[list[int]] = []  # [remaining, kind, total] per open aggregate
+    def __init__(self, max_stack: int = MAX_STACK) -> None:
+        #: [remaining, kind, total, repeat] per run of open aggregates of the same shape
+        self.stack: list[list[int]] = []
+        self.depth = 0  # open aggregates (the sum of the repeats)
+        self.max_stack = max_stack
+        self.in_line = False  # inside a long simple string or error line, passed as it comes
         self.fresh = True
         self.top = 0
         self.first: bytes | None = None
@@ -312,28 +330,60 @@ class ReplyScanner:
     def reset(self) -> None:
         """Forget a frame read in part (the caller will read it again from its start)."""
         self.stack.clear()
+        self.depth = 0
+        self.in_line = False
         self.fresh = True
 
     @property
     def at_boundary(self) -> bool:
         """Whether the stream is between frames."""
-        return self.fresh and not self.stack
+        return self.fresh and not self.stack and not self.in_line
 
     def _done(self) -> bool:
         """A value ended: pop finished aggregates; True when the top-level frame ended."""
         stack = self.stack
         while stack:
             top = stack[-1]
-            if top[1] >= _STREAM_AGG:
+            kind = top[1]
+            if kind >= _STREAM_AGG:
                 return False
-            top[0] -= 1
-            if top[0] > 0:
+            if top[0] > 1:
+                if top[3] > 1:  # only the innermost level of the run moves on
+                    top[3] -= 1
+                    stack.append([top[0] - 1, kind, top[2], 1])
+                else:
+                    top[0] -= 1
                 return False
+            # Its last value ended: so does every level of the run (each one's last value is
+            # the level inside it).
             stack.pop()
-            if top[1] == _ATTR:
+            self.depth -= top[3]
+            if kind == _ATTR:
                 return False  # the value the attribute describes is still to come
         self.fresh = True
         return True
+
+    def _push(self, entry: list[int]) -> bool:
+        """Open an aggregate; False when that would pass the memory bound."""
+        stack = self.stack
+        self.depth += 1
+        if stack and entry[1] == _NORMAL:
+            top = stack[-1]
+            if top[1] == _NORMAL and top[0] == entry[0] and top[2] == entry[0]:
+                top[3] += 1  # the same shape as the level around it, its first value: one run
+                return True
+        if len(stack) >= self.max_stack:
+            return False
+        stack.append(entry)
+        return True
+
+    def _begin(self) -> None:
+        """The first token of a frame."""
+        self.fresh = False
+        self.top = 0
+        self.first = None
+        self.third = None
+        self.head_line = b""
 
     def _bad(self, why: str) -> tuple[int, int]:
         self.error = why
@@ -349,22 +399,38 @@ class ReplyScanner:
         n = len(data)
         stack = self.stack
         while True:
+            if self.in_line:  # the rest of a long simple string or error
+                eol = data.find(b"\r\n", pos)
+                if eol < 0:
+                    self.need = 1
+                    return PARTIAL, (n - 1 if n > pos and data[n - 1] == 13 else n)
+                self.in_line = False
+                pos = eol + 2
+                if self._done():
+                    return DONE, pos
+                continue
             if pos >= n:
                 self.need = 1
                 return PARTIAL, pos
             t = data[pos]
             eol = data.find(b"\r\n", pos + 1)
             if eol < 0:
+                in_chunks = bool(stack) and stack[-1][1] == _STREAM_STR
+                if (t == 43 or t == 45) and n - pos > _LINE_STREAM and not in_chunks:
+                    if self.fresh:
+                        self._begin()
+                    if not stack:
+                        self.top = t
+                        self.head_line = bytes(data[pos + 1 : pos + 65])
+                    self.in_line = True
+                    self.need = 1
+                    return PARTIAL, (n - 1 if data[n - 1] == 13 else n)
                 self.need = 1
                 return PARTIAL, pos
-            if self.fresh:  # the first token of a frame
-                self.fresh = False
-                self.top = 0
-                self.first = None
-                self.third = None
-                self.head_line = b""
-            depth = len(stack)
-            if depth and stack[-1][1] == _STREAM_STR:
+            if self.fresh:
+                self._begin()
+            depth = self.depth
+            if stack and stack[-1][1] == _STREAM_STR:
                 if t != 59:  # ';'
                     return self._bad(f"expected ';' in a streamed string, got {chr(t)!r}")
                 ln = string2ll(data[pos + 1 : eol])
@@ -372,6 +438,7 @@ class ReplyScanner:
                     return self._bad("bad streamed string chunk length")
                 if ln == 0:
                     stack.pop()
+                    self.depth -= 1
                     pos = eol + 2
                     if self._done():
                         return DONE, pos
@@ -409,9 +476,8 @@ class ReplyScanner:
             if t in _BULKS:
                 sz = data[pos + 1 : eol]
                 if sz == b"?" and t == 36:
-                    if depth >= MAX_DEPTH:
-                        return self._bad("nesting too deep")
-                    stack.append([0, _STREAM_STR, 0])
+                    if not self._push([0, _STREAM_STR, 0, 1]):
+                        return self._bad("nesting beyond the memory bound")
                     pos = eol + 2
                     continue
                 ln = string2ll(sz)
@@ -433,10 +499,9 @@ class ReplyScanner:
             if t in _AGGS:
                 sz = data[pos + 1 : eol]
                 pos = eol + 2
-                if depth >= MAX_DEPTH:
-                    return self._bad("nesting too deep")
                 if sz == b"?":
-                    stack.append([0, _STREAM_AGG, 0])
+                    if not self._push([0, _STREAM_AGG, 0, 1]):
+                        return self._bad("nesting beyond the memory bound")
                     continue
                 cnt = string2ll(sz)
                 if cnt is None or cnt < -1 or (cnt == -1 and t != ARRAY):
@@ -449,12 +514,14 @@ class ReplyScanner:
                     if self._done():
                         return DONE, pos
                     continue
-                stack.append([cnt, _ATTR if t == 124 else _NORMAL, cnt])
+                if not self._push([cnt, _ATTR if t == 124 else _NORMAL, cnt, 1]):
+                    return self._bad("nesting beyond the memory bound")
                 continue
             if t == 46:  # '.'
-                if not depth or stack[-1][1] != _STREAM_AGG or eol != pos + 1:
+                if not stack or stack[-1][1] != _STREAM_AGG or eol != pos + 1:
                     return self._bad("unexpected end of streamed aggregate")
                 stack.pop()
+                self.depth -= 1
                 pos = eol + 2
                 if self._done():
                     return DONE, pos
