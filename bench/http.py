@@ -8,6 +8,7 @@ a PNG drawn by ``bench/plot.py``)::
 
     flock /tmp/proxyd-bench.lock python bench/http.py            # 10 s per target
     flock /tmp/proxyd-bench.lock python bench/http.py --quick    # 3 s per target
+    flock /tmp/proxyd-bench.lock python bench/http.py --close    # Connection: close: churn
 
 What runs:
 
@@ -20,6 +21,8 @@ What runs:
   a subprocess ``python -m proxyd run``, ready when its admin ``/readyz`` answers 200.
 - Load: ``wrk -t1 -c50 -d{seconds}s`` keep-alive GETs of ``/public/a.txt`` (wrk and the proxy
   and nginx share the 2 cores; one wrk thread).
+- ``--close``: wrk sends ``Connection: close``, so every request is a new connection (accept
+  to close); CPU per request is then CPU per connection.
 - CPU per request: utime+stime of the proxy process (nginx's for direct) from /proc/PID/stat,
   before and after, divided by the requests wrk completed.
 - Before measuring, each L7 target is checked to allow ``GET /public/a.txt`` and deny
@@ -168,7 +171,7 @@ def wait_port(port: int, proc: subprocess.Popen[Any], timeout: float = 30) -> No
 
 
 def start_proxyd(
-    procs: Procs, tmp: Path, tag: str, text: str, files: dict[str, str]
+    procs: Procs, tmp: Path, tag: str, text: str, files: dict[str, str], src: Path = REPO
 ) -> subprocess.Popen[Any]:
     d = tmp / tag
     d.mkdir()
@@ -177,7 +180,7 @@ def start_proxyd(
     for name, body in files.items():
         (d / name).write_text(body)
     env = dict(os.environ)
-    env["PYTHONPATH"] = str(REPO) + (os.pathsep + env["PYTHONPATH"] if env.get("PYTHONPATH") else "")
+    env["PYTHONPATH"] = str(src) + (os.pathsep + env["PYTHONPATH"] if env.get("PYTHONPATH") else "")
     p = procs.start(
         tag, [sys.executable, "-m", "proxyd", "run", "--config", str(d / "proxyd.yaml")], env, cwd=d
     )
@@ -194,13 +197,14 @@ def status_of(port: int, method: str, path: str) -> int:
     return int(got[9:12])
 
 
-def run_wrk(port: int, seconds: float, conns: int) -> dict[str, Any]:
+def run_wrk(port: int, seconds: float, conns: int, close: bool = False) -> dict[str, Any]:
     argv = [
         "wrk",
         "-t1",
         f"-c{conns}",
         f"-d{seconds:g}s",
         "--latency",
+        *(["-H", "Connection: close"] if close else []),  # wrk reconnects after each response
         f"http://127.0.0.1:{port}/public/a.txt",
     ]
     out = subprocess.run(argv, capture_output=True, text=True, timeout=seconds + 60, check=True).stdout
@@ -223,6 +227,10 @@ def main() -> None:
     ap.add_argument("--seconds", type=float, default=10.0)
     ap.add_argument("--quick", action="store_true", help="3 s per target")
     ap.add_argument("--connections", type=int, default=50)
+    ap.add_argument("--proxyd-src", type=Path, action="append", default=[],
+                    help="also measure proxyd from this source tree (repeatable), e.g. main for before/after")
+    ap.add_argument("--close", action="store_true",
+                    help="Connection: close (a new connection per request): CPU per connection")
     ap.add_argument("--out", type=Path, default=REPO / "bench" / "results")
     args = ap.parse_args()
     seconds = 3.0 if args.quick else args.seconds
@@ -256,48 +264,59 @@ def main() -> None:
         haproxy = procs.start("haproxy", ["haproxy", "-db", "-f", str(tmp / "haproxy.cfg")])
         wait_port(ha_port, haproxy)
 
-        l4_port = free_port()
-        l4 = start_proxyd(
-            procs, tmp, "proxyd-l4", PROXYD_L4.format(front=l4_port, nginx=nginx_port, admin="{admin}"), {}
-        )
-        http_port = free_port()
-        l7 = start_proxyd(
-            procs, tmp, "proxyd-http",
-            PROXYD_HTTP.format(front=http_port, nginx=nginx_port, admin="{admin}"),
-            {"policy.yaml": POLICY.format(nginx=nginx_port)},
-        )  # fmt: skip
-
-        for name, port in (("HAProxy", ha_port), ("proxyd http", http_port)):
-            got = (status_of(port, "GET", "/public/a.txt"), status_of(port, "DELETE", "/public/a.txt"))
+        srcs = [REPO, *args.proxyd_src]
+        proxyds: list[tuple[str, int, int, int, int]] = []  # (tag, l4 port, l4 pid, http port, http pid)
+        for i, src in enumerate(srcs):
+            tag = "" if i == 0 else f" ({src.name or src})"
+            l4_port = free_port()
+            l4 = start_proxyd(
+                procs, tmp, f"proxyd-l4-{i}", PROXYD_L4.format(front=l4_port, nginx=nginx_port, admin="{admin}"), {}, src
+            )
+            http_port = free_port()
+            l7 = start_proxyd(
+                procs, tmp, f"proxyd-http-{i}",
+                PROXYD_HTTP.format(front=http_port, nginx=nginx_port, admin="{admin}"),
+                {"policy.yaml": POLICY.format(nginx=nginx_port)}, src,
+            )  # fmt: skip
+            proxyds.append((tag, l4_port, l4.pid, http_port, l7.pid))
+            got = (status_of(http_port, "GET", "/public/a.txt"), status_of(http_port, "DELETE", "/public/a.txt"))
             if got != (200, 403):
-                raise RuntimeError(f"{name}: policy check failed: GET/DELETE gave {got}")
+                raise RuntimeError(f"proxyd http{tag}: policy check failed: GET/DELETE gave {got}")
+
+        got = (status_of(ha_port, "GET", "/public/a.txt"), status_of(ha_port, "DELETE", "/public/a.txt"))
+        if got != (200, 403):
+            raise RuntimeError(f"HAProxy: policy check failed: GET/DELETE gave {got}")
 
         targets = [
             ("nginx direct", nginx_port, nginx.pid),
             ("HAProxy mode http + ACL", ha_port, haproxy.pid),
-            ("proxyd L4", l4_port, l4.pid),
-            ("proxyd http + rules.http", http_port, l7.pid),
         ]
+        for tag, l4_port, l4_pid, http_port, http_pid in proxyds:
+            targets += [(f"proxyd L4{tag}", l4_port, l4_pid), (f"proxyd http + rules.http{tag}", http_port, http_pid)]
         results: dict[str, dict[str, Any]] = {}
         for name, port, pid in targets:
-            run_wrk(port, 1, args.connections)  # warm up (connections, caches, the JIT-less hot paths)
+            run_wrk(port, 1, args.connections, args.close)  # warm up (connections, caches)
             c0 = cpu_seconds(pid)
-            res = run_wrk(port, seconds, args.connections)
+            res = run_wrk(port, seconds, args.connections, args.close)
             res["cpu_us"] = (cpu_seconds(pid) - c0) / max(res["requests"], 1) * 1e6
             results[name] = res
             print(f"{name}: {res['rps']:,.0f} req/s, {res['cpu_us']:.1f} us CPU/req", file=sys.stderr)
+            if args.close:
+                time.sleep(1)  # let TIME_WAIT and the proxies' closes settle between targets
     finally:
         procs.stop_all()
 
     base = results["HAProxy mode http + ACL"]
     date = dt.date.today().isoformat()
+    mode = "Connection: close (a new connection per request; CPU per request = CPU per connection)" if args.close else "keep-alive"
     lines = [
-        f"# http benchmark {date}",
+        f"# http benchmark {date}{' (Connection: close)' if args.close else ''}",
         "",
-        f"wrk -t1 -c{args.connections} -d{seconds:g}s, keep-alive GET /public/a.txt (9 bytes) from nginx; "
-        f"{platform.machine()}, {os.cpu_count()} cores, Python {platform.python_version()}; ratios to HAProxy in this run.",
+        f"wrk -t1 -c{args.connections} -d{seconds:g}s, {mode} GET /public/a.txt (9 bytes) from nginx; "
+        f"{platform.machine()}, {os.cpu_count()} cores, Python {platform.python_version()}; ratios to HAProxy in this run; "
+        f"load average {' '.join(f'{x:.1f}' for x in os.getloadavg())} at the end.",
         "",
-        f"| {args.connections} connections | req/s | x HAProxy | CPU us/req | x HAProxy | p50 ms | non-2xx |",
+        f"| {args.connections} connections | req/s | x HAProxy | CPU us/{'conn' if args.close else 'req'} | x HAProxy | p50 ms | non-2xx |",
         "|---|---:|---:|---:|---:|---:|---:|",
     ]
     for name, r in results.items():
@@ -308,7 +327,8 @@ def main() -> None:
     report = "\n".join(lines) + "\n"
     print(report)
     args.out.mkdir(parents=True, exist_ok=True)
-    (args.out / f"http-{date}.md").write_text(report)
+    suffix = "-close" if args.close else ""
+    (args.out / f"http-{date}{suffix}.md").write_text(report)
     try:
         import importlib.util
 
@@ -319,7 +339,7 @@ def main() -> None:
         spec.loader.exec_module(plot)
         Row, write_ratio_png = plot.Row, plot.write_ratio_png
         rows = [Row(n, r["rps"], r["rps"] / base["rps"], r["cpu_us"]) for n, r in results.items()]
-        write_ratio_png(args.out / f"http-{date}.png", f"http, {args.connections} connections (wrk)", rows,
+        write_ratio_png(args.out / f"http-{date}{suffix}.png", f"http, {args.connections} connections (wrk{', Connection: close' if args.close else ''})", rows,
                         baseline="HAProxy mode http + ACL", unit="req/s", cpu_unit="CPU us/req")  # fmt: skip
     except ImportError as exc:
         print(f"no PNG: {exc}", file=sys.stderr)

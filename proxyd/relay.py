@@ -36,6 +36,7 @@ Protocol-free I/O on asyncio transports (uvloop). What it guarantees (docs/confi
 
 from __future__ import annotations
 
+import _socket
 import asyncio
 import contextlib
 import errno
@@ -64,8 +65,12 @@ CLOSE_LINGER = 10.0  # seconds a closed connection may take to flush before it i
 _LINGER_RST = struct.pack("ii", 1, 0)  # SO_LINGER on, 0 s: close() sends RST
 
 
-def _sock_of(transport: asyncio.Transport) -> socket.socket | None:
-    """A socket object on the transport's own descriptor (no ``dup``); ``detach()`` it after."""
+def _sock_of(transport: asyncio.Transport) -> _socket.socket | None:
+    """A socket object on the transport's own descriptor (no ``dup``); ``detach()`` it after.
+
+    The C-level ``_socket.socket``: the ``socket.socket`` wrapper's Python ``__init__`` and
+    enum conversions were a visible share of a short connection's teardown.
+    """
     pseudo = transport.get_extra_info("socket")
     if pseudo is None:
         return None
@@ -73,7 +78,7 @@ def _sock_of(transport: asyncio.Transport) -> socket.socket | None:
         fd = pseudo.fileno()
         if fd < 0:
             return None
-        return socket.socket(pseudo.family, pseudo.type, 0, fd)
+        return _socket.socket(pseudo.family, pseudo.type, 0, fd)
     except OSError:
         return None
 
@@ -152,14 +157,23 @@ class Connection(asyncio.Protocol):
         self.bytes_in = 0
         self.bytes_out = 0
         self._unparsed = [0, 0]
-        self._task: asyncio.Task[None] | None = None
+        self._task: asyncio.Task[None] | None = None  # resolving the upstream's name
+        #: The upstream connect in progress (see _connect_start): socket, whether add_writer
+        #: watches it, the connect_timeout timer, its local address in upstream_locals, and
+        #: create_connection(sock=) once the handshake is done.
+        self._csock: socket.socket | None = None
+        self._cwatch = False
+        self._ctimer: asyncio.TimerHandle | None = None
+        self._clocal: tuple[str, int] | None = None
+        self._coro: Any = None
+        self._loop: asyncio.AbstractEventLoop = cast(asyncio.AbstractEventLoop, None)  # connection_made
         #: The upstream socket this connection will open was counted at accept, so accepting
         #: stops in time (fdbudget.py); given back if the connection ends without opening it.
         self.upstream_fd_counted = False
         self._l4 = True  # no parser: relay bytes directly
         self._up_rx = 0  # bytes received from the upstream (idle detection)
-        self._client_full = False  # the client's write buffer is above its high-water mark
         self._upstream_held = False  # the parser holds the server's bytes (engine hold)
+        self._client_full = False  # the client's write buffer is above its high-water mark
         #: Abort timers of closed transports still flushing: [client, upstream].
         self._lingers: list[asyncio.TimerHandle | None] | None = None
         #: Past this many bytes waiting for the client, reading its requests pauses.
@@ -176,6 +190,8 @@ class Connection(asyncio.Protocol):
     # --- accept ----------------------------------------------------------------------------
 
     def connection_made(self, transport: asyncio.BaseTransport) -> None:
+        # Once: asyncio.get_running_loop() is a getpid() system call in CPython 3.11.
+        self._loop = asyncio.get_running_loop()
         self.client = client = cast(asyncio.Transport, transport)  # uvloop's is not a subclass
         client.set_write_buffer_limits(HIGH_WATER, LOW_WATER)
         self.pause_client_reading("connecting")
@@ -190,17 +206,21 @@ class Connection(asyncio.Protocol):
             self._counted = True
             self.lr.metrics.active.inc()
         factory = self.lr.factory
-        self.engine = Engine(None, self._send, buffer_limit=self.lr.limits.buffer_bytes,
-                             on_error=self._engine_error, on_hold=self._on_hold)  # fmt: skip
-        if factory is not None:
+        if factory is not None:  # an L4 listener relays bytes itself: no engine, no parser
             self._l4 = False
-            self.ctx = Context(info, self.engine, policy, self.lr.access_log)
+            self.engine = engine = Engine(None, self._send, buffer_limit=self.lr.limits.buffer_bytes,
+                                          on_error=self._engine_error, on_hold=self._on_hold)  # fmt: skip
+            self.ctx = Context(info, engine, policy, self.lr.access_log)
             try:
-                self.engine.parser = factory.create(self.ctx, self.lr.config.parser_settings)
+                engine.parser = factory.create(self.ctx, self.lr.config.parser_settings)
             except Exception as exc:  # the sandbox: a factory bug closes this connection only
                 self._engine_error(EngineError("exception", f"{type(exc).__name__}: {exc}"))
                 return
-        self._task = asyncio.get_running_loop().create_task(self._connect())
+        host, port = upstream
+        if _is_ip(host):
+            self._connect_start(socket.AF_INET6 if ":" in host else socket.AF_INET, upstream)
+        else:
+            self._task = self._loop.create_task(self._resolve(host, port))
 
     def read_hello(self, info: ConnInfo, upstream: tuple[str, int], view: SNIView) -> None:
         """Admitted pending its TLS ClientHello (proxyd.tlsgate): read it before connecting."""
@@ -289,68 +309,118 @@ class Connection(asyncio.Protocol):
         self.info = info
         self._finish("denied", reason)
 
-    async def _connect(self) -> None:
-        assert self.upstream_addr is not None
-        loop = asyncio.get_running_loop()
-        host, port = self.upstream_addr
-        sock: socket.socket | None = None
-        own = self.lr.daemon.upstream_locals
-        local: tuple[str, int] | None = None
+    # --- upstream connect ------------------------------------------------------------------
+    #
+    # A plain callback chain, no task or coroutine of our own per connection (a name to resolve
+    # is the exception): socket, non-blocking connect started by hand, add_writer for its end,
+    # one timer for connect_timeout, then uvloop's create_connection(sock=) stepped by hand
+    # (it only waits for connection_made, one loop iteration). Started by hand so the local
+    # address is known before the handshake: if a NAT rule sends this very connection back to
+    # one of our listeners, the accept side recognises it and refuses it (no redirect loop).
+
+    async def _resolve(self, host: str, port: int) -> None:
         try:
-            if _is_ip(host):
-                family = socket.AF_INET6 if ":" in host else socket.AF_INET
-                addr: Any = (host, port)
-            else:
-                infos = await loop.getaddrinfo(host, port, type=socket.SOCK_STREAM)
-                family, _, _, _, addr = infos[0]
-            sock = socket.socket(family, socket.SOCK_STREAM)
+            infos = await asyncio.get_running_loop().getaddrinfo(host, port, type=socket.SOCK_STREAM)
+        except OSError as exc:
+            self._connect_failed(exc)
+            return
+        family, _, _, _, addr = infos[0]
+        self._connect_start(family, addr)
+
+    def _connect_start(self, family: int, addr: Any) -> None:
+        lr = self.lr
+        loop = self._loop
+        sock: socket.socket | None = None
+        try:
+            # Non-blocking from socket() on: no ioctl(FIONBIO) of its own.
+            sock = socket.socket(family, socket.SOCK_STREAM | socket.SOCK_NONBLOCK)
+            self._csock = sock
             # Counted at accept (upstream_fd_counted); uncounted when closed (data_fd_closed).
             self.upstream_fd_counted = False
-            self.lr.daemon.fds.seen(sock.fileno())
-            sock.setblocking(False)
-            sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
-            if self.lr.upstream_mark is not None:
-                sock.setsockopt(socket.SOL_SOCKET, socket.SO_MARK, self.lr.upstream_mark)
-            async with asyncio.timeout(self.lr.limits.connect_timeout):
-                # The connect is started by hand so the local address is known before the
-                # handshake: if a NAT rule sends this very connection back to one of our
-                # listeners, the accept side recognises it and refuses it (no redirect loop).
-                with contextlib.suppress(BlockingIOError):
-                    sock.connect(addr)
-                name = sock.getsockname()
-                local = (unmap(name[0]), name[1])
-                own[local] = (host, port)
-                await _wait_connected(loop, sock)
-            transport, _ = await loop.create_connection(lambda: UpstreamProtocol(self), sock=sock)
-        except (OSError, TimeoutError) as exc:
-            if local is not None:
-                own.pop(local, None)
-            if sock is not None:
-                sock.close()
-                self.lr.daemon.data_fd_closed()
-            if self._closed:
-                return
-            self.lr.metrics.connect_failures.inc()
-            if isinstance(exc, OSError) and exc.errno in (errno.EMFILE, errno.ENFILE):
-                self.lr.daemon.out_of_fds(exc)
-            why = "timeout" if isinstance(exc, TimeoutError) else (exc.strerror or str(exc))
-            # A reset, as from an upstream that reset: a clean FIN would read as "the server
-            # answered nothing and closed", which a client may take for a complete exchange.
-            self._finish("error", f"upstream connect failed: {why}", reset_peer=self.client)
+            lr.daemon.fds.seen(sock.fileno())
+            # No TCP_NODELAY here: uvloop sets it on every TCP transport it makes.
+            if lr.upstream_mark is not None:
+                sock.setsockopt(socket.SOL_SOCKET, socket.SO_MARK, lr.upstream_mark)
+            with contextlib.suppress(BlockingIOError):
+                sock.connect(addr)
+            name = sock.getsockname()
+            self._clocal = local = (unmap(name[0]), name[1])
+            lr.daemon.upstream_locals[local] = cast("tuple[str, int]", self.upstream_addr)
+            loop.add_writer(sock.fileno(), self._connect_ready)
+            self._cwatch = True
+        except OSError as exc:
+            # Reported where a failure found by add_writer is (_connect_ready), not from inside
+            # connection_made, before the event loop has started reading the client.
+            loop.call_soon(self._connect_failed, exc)
             return
-        except asyncio.CancelledError:
-            if local is not None:
-                own.pop(local, None)
-            if sock is not None:
-                sock.close()
-                self.lr.daemon.data_fd_closed()
-            raise
-        if local is not None:
-            own.pop(local, None)
+        self._ctimer = loop.call_later(lr.limits.connect_timeout, self._connect_failed, TimeoutError())
+
+    def _connect_cleanup(self) -> socket.socket | None:
+        """Undo what a connect in progress registered; returns its socket (still open)."""
+        sock, self._csock = self._csock, None
+        if self._cwatch and sock is not None:
+            self._cwatch = False
+            self._loop.remove_writer(sock.fileno())
+        if self._ctimer is not None:
+            self._ctimer.cancel()
+            self._ctimer = None
+        if self._clocal is not None:
+            self.lr.daemon.upstream_locals.pop(self._clocal, None)
+            self._clocal = None
+        return sock
+
+    def _connect_ready(self) -> None:
+        sock = self._connect_cleanup()
+        assert sock is not None
+        err = sock.getsockopt(socket.SOL_SOCKET, socket.SO_ERROR)
+        if err:
+            self._csock = sock
+            self._connect_failed(OSError(err, os.strerror(err)))
+            return
+        self._coro = self._loop.create_connection(self._upstream_protocol, sock=sock)
+        self._step()
+
+    def _upstream_protocol(self) -> UpstreamProtocol:
+        return UpstreamProtocol(self)
+
+    def _step(self, _: Any = None) -> None:
+        """Drive create_connection(sock=) by hand: what a Task would do, without one."""
+        coro = self._coro
+        assert coro is not None
+        try:
+            waiter = coro.send(None)
+        except StopIteration as done:
+            self._coro = None
+            self._connected(done.value[0])
+            return
+        except OSError as exc:  # uvloop closed the transport and detached the socket
+            self._coro = None
+            self._connect_failed(exc, fd_closed=True)
+            return
+        waiter.add_done_callback(self._step)
+
+    def _connect_failed(self, exc: OSError, fd_closed: bool = False) -> None:
+        sock = self._connect_cleanup()
+        if sock is not None:
+            sock.close()
+            fd_closed = True
+        if fd_closed:
+            self.lr.daemon.data_fd_closed()
+        if self._closed:
+            return
+        self.lr.metrics.connect_failures.inc()
+        if exc.errno in (errno.EMFILE, errno.ENFILE):
+            self.lr.daemon.out_of_fds(exc)
+        why = "timeout" if isinstance(exc, TimeoutError) else (exc.strerror or str(exc))
+        # A reset, as from an upstream that reset: a clean FIN would read as "the server
+        # answered nothing and closed", which a client may take for a complete exchange.
+        self._finish("error", f"upstream connect failed: {why}", reset_peer=self.client)
+
+    def _connected(self, transport: Any) -> None:
         if self._closed:
             transport.abort()
             return
-        self.upstream = transport  # type: ignore[assignment]
+        self.upstream = transport
         transport.set_write_buffer_limits(HIGH_WATER, LOW_WATER)
         pending, self._pending = self._pending, None
         if pending:
@@ -371,8 +441,11 @@ class Connection(asyncio.Protocol):
             if verdict is not None:
                 self._gate_decided(verdict)
             return
-        if self._l4 and self.upstream is not None:
-            self.upstream.write(data)
+        if self._l4:
+            if self.upstream is not None:
+                self.upstream.write(data)
+            elif self._pending is not None:  # bounded: reading pauses while connecting
+                self._pending.append(data)
             return
         if self.engine is not None:
             self.engine.feed(False, data)
@@ -440,10 +513,13 @@ class Connection(asyncio.Protocol):
             return  # bytes of this direction are still held: _on_hold passes the EOF on later
         if transport.get_write_buffer_size():
             # Poll until flushed: uvloop offers no drain callback below the low-water mark.
-            asyncio.get_running_loop().call_later(0.005, self._maybe_shutdown, reply)
+            self._loop.call_later(0.005, self._maybe_shutdown, reply)
             return
         self._shut[reply] = True
-        shutdown_write(transport)
+        if not (self._upstream_eof if reply else self._client_eof) or not self._shut[not reply]:
+            shutdown_write(transport)
+        # else: the last direction of the pair; _maybe_done closes both now, and close() sends
+        # the same FIN (everything from this peer was read: its EOF arrived), one call fewer.
         self._maybe_done()
 
     def _maybe_done(self) -> None:
@@ -490,7 +566,7 @@ class Connection(asyncio.Protocol):
                 fields["error_code"] = err.code
             lr.access_log.l7_line(self.info, "request", "error", fields, None)
         # Defer the close: we may be inside the engine's own call stack.
-        asyncio.get_running_loop().call_soon(self._finish, "error", f"{err.kind}: {err}")
+        self._loop.call_soon(self._finish, "error", f"{err.kind}: {err}")
 
     def close_now(self, reason: str) -> None:
         """Abort both sides (drain timeout, listener removed)."""
@@ -509,10 +585,15 @@ class Connection(asyncio.Protocol):
         self._closed = True
         if self._task is not None and not self._task.done():
             self._task.cancel()
+        if self._csock is not None:
+            sock = self._connect_cleanup()
+            if sock is not None:
+                sock.close()
+                self.lr.daemon.data_fd_closed()
         if self.upstream_fd_counted:
             self.upstream_fd_counted = False
             self.lr.daemon.data_fd_closed()
-        loop = asyncio.get_running_loop()
+        loop = self._loop
         for side, t in enumerate((self.client, self.upstream)):
             if t is not None:
                 if t is reset_peer:
@@ -522,10 +603,13 @@ class Connection(asyncio.Protocol):
                 else:
                     # close() flushes what is buffered first; a peer that never reads would
                     # keep the socket (and its buffer) forever, so it gets a bounded linger.
+                    # Nothing buffered: close() is immediate, no timer needed.
+                    buffered = t.get_write_buffer_size()
                     t.close()
-                    if self._lingers is None:
-                        self._lingers = [None, None]
-                    self._lingers[side] = loop.call_later(CLOSE_LINGER, t.abort)
+                    if buffered:
+                        if self._lingers is None:
+                            self._lingers = [None, None]
+                        self._lingers[side] = loop.call_later(CLOSE_LINGER, t.abort)
         lr = self.lr
         if self._counted:
             lr.metrics.active.dec()
@@ -565,6 +649,18 @@ class Connection(asyncio.Protocol):
             self.upstream.resume_reading()
         self.resume_client_reading("client-full")
 
+    def pause_client_reading(self, why: str) -> None:
+        # Always ask the transport: a pause asked for in connection_made did not take (see
+        # the module docstring), and pause_reading() is a no-op when already paused.
+        if self.client is not None:
+            self.client.pause_reading()
+        self._client_pauses.add(why)
+
+    def resume_client_reading(self, why: str) -> None:
+        self._client_pauses.discard(why)
+        if not self._client_pauses and self.client is not None and not self._closed:
+            self.client.resume_reading()
+
     def _on_hold(self, reply: bool, held: bool) -> None:
         """The engine holds (or releases) one direction: stop (resume) reading it."""
         if reply:
@@ -583,18 +679,6 @@ class Connection(asyncio.Protocol):
             if self._client_eof:
                 self._maybe_shutdown(False)
 
-    def pause_client_reading(self, why: str) -> None:
-        # Always ask the transport: a pause asked for in connection_made did not take (see
-        # the module docstring), and pause_reading() is a no-op when already paused.
-        if self.client is not None:
-            self.client.pause_reading()
-        self._client_pauses.add(why)
-
-    def resume_client_reading(self, why: str) -> None:
-        self._client_pauses.discard(why)
-        if not self._client_pauses and self.client is not None and not self._closed:
-            self.client.resume_reading()
-
 
 @functools.lru_cache(maxsize=1024)
 def _is_ip(host: str) -> bool:
@@ -603,25 +687,6 @@ def _is_ip(host: str) -> bool:
     except ValueError:
         return False
     return True
-
-
-async def _wait_connected(loop: asyncio.AbstractEventLoop, sock: socket.socket) -> None:
-    """Wait for a non-blocking connect started with ``sock.connect()`` to finish."""
-    fut: asyncio.Future[None] = loop.create_future()
-    fd = sock.fileno()
-
-    def ready() -> None:
-        if not fut.done():
-            fut.set_result(None)
-
-    loop.add_writer(fd, ready)
-    try:
-        await fut
-    finally:
-        loop.remove_writer(fd)
-    err = sock.getsockopt(socket.SOL_SOCKET, socket.SO_ERROR)
-    if err:
-        raise OSError(err, os.strerror(err))
 
 
 def _fmt(addr: tuple[str, int]) -> str:

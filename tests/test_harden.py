@@ -1119,6 +1119,9 @@ async def test_a_client_gone_before_accept_is_dropped_quietly(tmp_path: Path) ->
         def pause_reading(self) -> None:
             pass
 
+        def get_write_buffer_size(self) -> int:
+            return 0
+
         def abort(self) -> None:
             self.aborted = True
 
