@@ -355,8 +355,13 @@ class Connection(asyncio.Protocol):
             return
         self._ctimer = loop.call_later(lr.limits.connect_timeout, self._connect_failed, TimeoutError())
 
-    def _connect_cleanup(self) -> socket.socket | None:
-        """Undo what a connect in progress registered; returns its socket (still open)."""
+    def _connect_cleanup(self, keep_local: bool = False) -> socket.socket | None:
+        """Undo what a connect in progress registered; returns its socket (still open).
+
+        ``keep_local``: the connect succeeded; its local address stays registered until the
+        connection ends. On loopback the handshake is over before a listener accepts the
+        connection a NAT rule sent back to us, so the accept side must still find it then.
+        """
         sock, self._csock = self._csock, None
         if self._cwatch and sock is not None:
             self._cwatch = False
@@ -364,13 +369,13 @@ class Connection(asyncio.Protocol):
         if self._ctimer is not None:
             self._ctimer.cancel()
             self._ctimer = None
-        if self._clocal is not None:
+        if self._clocal is not None and not keep_local:
             self.lr.daemon.upstream_locals.pop(self._clocal, None)
             self._clocal = None
         return sock
 
     def _connect_ready(self) -> None:
-        sock = self._connect_cleanup()
+        sock = self._connect_cleanup(keep_local=True)
         assert sock is not None
         err = sock.getsockopt(socket.SOL_SOCKET, socket.SO_ERROR)
         if err:
@@ -583,6 +588,9 @@ class Connection(asyncio.Protocol):
         if self._closed:
             return
         self._closed = True
+        if self._clocal is not None:
+            self.lr.daemon.upstream_locals.pop(self._clocal, None)
+            self._clocal = None
         if self._task is not None and not self._task.done():
             self._task.cancel()
         if self._csock is not None:

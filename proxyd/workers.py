@@ -30,6 +30,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import copyreg
 import ctypes
 import itertools
 import json
@@ -44,6 +45,7 @@ import sys
 from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass, field, replace
 from pathlib import Path
+from types import MappingProxyType
 from typing import Any
 
 from prometheus_client import CollectorRegistry, generate_latest
@@ -85,6 +87,14 @@ PolicyEntries = tuple[tuple[str, str], ...]  # (document JSON, source) in force 
 
 
 # --- the channel -----------------------------------------------------------------------------
+
+# Identity labels are interned as read-only mappings (policy/identity.py), which pickle cannot
+# carry; a worker gets them as the same mappings over plain dicts.
+def _read_only(labels: dict[str, str]) -> MappingProxyType[str, str]:
+    return MappingProxyType(labels)
+
+
+copyreg.pickle(MappingProxyType, lambda m: (_read_only, (dict(m),)))
 
 
 async def _send(writer: asyncio.StreamWriter, msg: tuple[Any, ...]) -> None:
@@ -381,7 +391,9 @@ class ControlDaemon(Daemon):
                 w.proc.kill()
 
     async def _apply_listeners(self, new_config: Config) -> None:
-        # Called by Daemon._reload (SIGHUP) once the new policy is in force everywhere.
+        # Called by Daemon._reload (SIGHUP), which commits the new policy itself (built off the
+        # loop with the config): it reaches every worker before their listeners change.
+        await self._push_policy()
         if new_config.workers != self.n_workers:
             self.log.warning("workers changes apply at the next restart", workers=self.n_workers,
                              configured=new_config.workers)  # fmt: skip
