@@ -12,13 +12,12 @@ import contextlib
 import hashlib
 import shutil
 import subprocess
-import time
 from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
 
 from aiohttp import WSMsgType, web
-from needs import free_port, need_binary
+from needs import free_port, need_binary, serving
 
 NGINX_CONF = """
 daemon off;
@@ -92,27 +91,12 @@ def start_nginx(tmp: Path, *, workers: int = 1, access_log: bool = True) -> Iter
         stdout=subprocess.DEVNULL,
         stderr=subprocess.PIPE,
     )
-    try:
-        deadline = time.monotonic() + 10
-        while True:
-            if proc.poll() is not None:
-                raise RuntimeError(f"nginx exited: {proc.stderr.read().decode() if proc.stderr else ''}")
-            with contextlib.suppress(OSError):
-                import socket
 
-                socket.create_connection(("127.0.0.1", port), timeout=1).close()
-                break
-            if time.monotonic() > deadline:
-                raise RuntimeError("nginx did not start")
-            time.sleep(0.02)
+    def why() -> str:
+        return proc.stderr.read().decode() if proc.stderr else ""
+
+    with serving(proc, port, "nginx", why):
         yield Nginx(port, prefix)
-    finally:
-        proc.terminate()
-        try:
-            proc.wait(5)
-        except subprocess.TimeoutExpired:
-            proc.kill()
-            proc.wait()
 
 
 # --- the aiohttp app ----------------------------------------------------------------------------

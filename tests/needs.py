@@ -5,10 +5,14 @@ each other under ``from conftest import``.)"""
 
 from __future__ import annotations
 
+import contextlib
 import importlib.util
 import os
 import shutil
 import socket
+import subprocess
+import time
+from collections.abc import Callable, Iterator
 
 import pytest
 
@@ -71,3 +75,32 @@ def free_port(host: str = "127.0.0.1") -> int:
     with socket.socket(fam, socket.SOCK_STREAM) as s:
         s.bind((host, 0))
         return int(s.getsockname()[1])
+
+
+@contextlib.contextmanager
+def serving(
+    proc: subprocess.Popen[bytes], port: int, name: str, why: Callable[[], str] = lambda: ""
+) -> Iterator[None]:
+    """Wait (10 s at most) until ``proc`` accepts on 127.0.0.1:``port``; stop it on exit.
+
+    ``why`` says what the process reported when it exits before accepting.
+    """
+    try:
+        deadline = time.monotonic() + 10
+        while True:
+            if proc.poll() is not None:
+                raise RuntimeError(f"{name} exited: {why()}")
+            with contextlib.suppress(OSError):
+                socket.create_connection(("127.0.0.1", port), timeout=1).close()
+                break
+            if time.monotonic() > deadline:
+                raise RuntimeError(f"{name} did not start")
+            time.sleep(0.02)
+        yield
+    finally:
+        proc.terminate()
+        try:
+            proc.wait(5)
+        except subprocess.TimeoutExpired:
+            proc.kill()
+            proc.wait()

@@ -15,7 +15,7 @@ from collections.abc import AsyncIterator, Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from needs import free_port, need_binary
+from needs import free_port, need_binary, serving
 
 NAMES = ("api.example.com", "*.example.com", "**.deep.example.org", "localhost")
 
@@ -58,24 +58,8 @@ def start_s_server(cert: Cert) -> Iterator[SServer]:
          "-www", "-alpn", "h2,http/1.1"],
         stdin=subprocess.DEVNULL, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
     )  # fmt: skip
-    try:
-        deadline = time.monotonic() + 10
-        while True:
-            if proc.poll() is not None:
-                raise RuntimeError("openssl s_server exited")
-            with contextlib.suppress(OSError):
-                socket.create_connection(("127.0.0.1", port), timeout=1).close()
-                break
-            if time.monotonic() > deadline:
-                raise RuntimeError("openssl s_server did not start")
-            time.sleep(0.02)
+    with serving(proc, port, "openssl s_server"):
         yield SServer(port, proc)
-    finally:
-        proc.terminate()
-        try:
-            proc.wait(5)
-        except subprocess.TimeoutExpired:
-            proc.kill()
 
 
 @dataclass
