@@ -447,12 +447,6 @@ def parse_config(text: str, path: Path, registry: Registry) -> Config:
         # Each worker binds the address itself: port 0 would give each a different port.
         p.add(doc.where_of("workers"), "workers",
               f"listeners {', '.join(zero)} have port 0; more than one worker needs fixed ports")  # fmt: skip
-    if workers > 1 and kubernetes is not None:
-        # The cluster source lives in the control process; its identities are not pushed to
-        # workers yet, so together they would enforce without the cluster's labels.
-        p.add(doc.where_of("workers"), "workers",
-              "more than one worker cannot be combined with a kubernetes section yet; "
-              "use workers: 1")  # fmt: skip
     dismantle(doc.get("identities"))
     if p.lines:
         raise ConfigError(sorted(p.lines, key=_line_of))

@@ -18,6 +18,13 @@ already valid JSON of only the documents it has not seen (cached by text) and bu
 off its loop. Every change goes through :meth:`ControlDaemon.change_policy`, which answers only
 once every worker acknowledged the revision.
 
+Kubernetes (docs/kubernetes.md): the control process runs the one cluster source. Policy objects
+from the API are documents like the others (pushed as above, with every revision); identities
+travel as deltas of the addresses an event changed (:mod:`proxyd.kube.mirror`), coalesced while
+a push is in flight, and a worker (re)starting gets the whole table in its start message, so it
+binds its listeners with the current cluster state. The control process reports ready only
+after the first full sync, as the single-process daemon does.
+
 Metrics: workers report their registry's samples (on every scrape, which asks them, every
 second, and when they exit); the control process sums them. prometheus_client's multiprocess
 mode was not used: it cannot carry proxyd's custom scrape-time collector (bytes and L7 request
@@ -55,12 +62,13 @@ from prometheus_client.registry import Collector
 from proxyd import sdnotify
 from proxyd.config import Config, load_config
 from proxyd.errors import ConfigError, PolicyError
+from proxyd.kube.mirror import ClusterMirror, Delta, delta, snapshot
 from proxyd.policy.engine import PolicySet
 from proxyd.policy.loader import parse_text
 from proxyd.policy.model import Document
 from proxyd.policy.store import Change, FileEntry
 from proxyd.registry import Registry
-from proxyd.server import Daemon, raise_fd_limit
+from proxyd.server import Daemon, off_loop, raise_fd_limit
 
 _LEN = struct.Struct("!I")
 #: How long a worker may take from spawn to "listening" before the start (or restart) fails.
@@ -75,11 +83,15 @@ SCRAPE_TIMEOUT = 2.0
 RESTART_BACKOFF = 1.0
 #: Families the control process answers itself (its config and policy, not the data path).
 CONTROL_FAMILIES = frozenset({"proxyd_policy_reloads", "proxyd_policy_revision", "proxyd_connections_max",
-                              "proxyd_build", "proxyd_workers", "proxyd_worker_restarts"})  # fmt: skip
+                              "proxyd_build", "proxyd_workers", "proxyd_worker_restarts",
+                              "proxyd_kubernetes_synced",
+                              "proxyd_kubernetes_last_event_timestamp_seconds"})  # fmt: skip
 PR_SET_PDEATHSIG = 1
 _SLOT = struct.Struct("=q")
 #: A worker's conn_ids are (its start number << this) + 1, 2, ...: 4 billion connections each.
 CONN_ID_BITS = 32
+#: A pickled identities delta larger than this is read off a worker's event loop (a relist).
+BIG_DELTA = 1 << 16
 #: Environment a worker must not inherit: systemd would take its notifications for the daemon's.
 _CONTROL_ONLY_ENV = ("NOTIFY_SOCKET", "WATCHDOG_USEC", "WATCHDOG_PID")
 
@@ -238,6 +250,9 @@ class ControlDaemon(Daemon):
         self.counts = ConnectionCounts.create(self.n_workers)
         self._push_lock = asyncio.Lock()
         self._pushed: PolicySet | None = None  # the set every worker was last sent
+        #: Addresses whose cluster identity changed since the last push to the workers.
+        self._identities_pending: set[str] = set()
+        self._identities_due = asyncio.Event()
         #: Counters of workers that exited: they stay in the totals.
         self._retired_counters: Families = []
         #: What /metrics shows: the control's own families and the workers' summed.
@@ -275,7 +290,9 @@ class ControlDaemon(Daemon):
             store = self.policy
             cfg = worker_config(self.config)
             entries = policy_entries(store.current.documents)
-            start = ("start", cfg, index, self.n_workers, next(self._spawns), store.revision, entries)
+            cluster = snapshot(self.kube.state) if self.kube is not None else None
+            start = ("start", cfg, index, self.n_workers, next(self._spawns), store.revision, entries,
+                     cluster)  # fmt: skip
             await _send(writer, start)
             self.workers[index] = w
         try:
@@ -390,6 +407,42 @@ class ControlDaemon(Daemon):
                                revision=revision, error=answer[2])  # fmt: skip
                 w.proc.kill()
 
+    async def _apply_kube_policies(self) -> None:
+        # Daemon's commits the API objects' documents; every worker then gets the new revision.
+        await super()._apply_kube_policies()
+        await self._push_policy()
+
+    def _cluster_changed(self, ips: set[str]) -> None:
+        super()._cluster_changed(ips)  # the control's own label cache (explain, /v1/identities)
+        if ips:
+            self._identities_pending |= ips
+            self._identities_due.set()
+
+    async def _push_identities(self) -> None:
+        """Send every worker the identities of the addresses that changed, as they are now.
+
+        Events that arrive while a push waits for the workers' answers are sent together next:
+        a burst of pod events costs a few messages, not one per event per worker."""
+        while True:
+            await self._identities_due.wait()
+            self._identities_due.clear()
+            try:
+                async with self._push_lock:
+                    ips, self._identities_pending = self._identities_pending, set()
+                    if not ips or self.kube is None:
+                        continue
+                    # Pickled once for every worker; the worker unpickles it (off its loop if big).
+                    blob = pickle.dumps(delta(self.kube.state, ips), protocol=pickle.HIGHEST_PROTOCOL)
+                    answers = await self._ask_all(lambda seq, b=blob: ("identities", seq, b), APPLY_TIMEOUT)
+            except Exception as exc:  # a bug: log it and keep pushing
+                self.log.error("kubernetes: identities push failed", error=f"{type(exc).__name__}: {exc}")
+                continue
+            for w, answer in answers:
+                if answer is None and w.ready and self.workers.get(w.index) is w:
+                    # It did not answer in time: restarted, it gets the whole table.
+                    self.log.error("worker did not apply the identities; restarting it", worker=w.index)
+                    w.proc.kill()
+
     async def _apply_listeners(self, new_config: Config) -> None:
         # Called by Daemon._reload (SIGHUP), which commits the new policy itself (built off the
         # loop with the config): it reaches every worker before their listeners change.
@@ -445,7 +498,12 @@ class ControlDaemon(Daemon):
     # --- lifecycle -------------------------------------------------------------------------
 
     async def start(self) -> None:
+        if self.config.kubernetes is not None:
+            # As the single-process daemon: admin up (/readyz 503) until the first full sync
+            # of identities and policies; only then do the workers start and bind.
+            await self._start_kubernetes()
         self._pushed = self.policy.current  # what every worker starts with
+        self._identities_pending.clear()  # every worker starts with the whole table
         try:
             await asyncio.gather(*(self._spawn_worker(i) for i in range(self.n_workers)))
         except BaseException:
@@ -453,12 +511,10 @@ class ControlDaemon(Daemon):
             await self._stop_workers(0.0)
             raise
         self.log.info("workers started", workers=self.n_workers, pids=[w.pid for w in self.workers.values()])
+        if self.kube is not None:
+            self.spawn(self._push_identities())
         # Daemon.start without the listeners (the workers have them).
-        if self.config.admin is not None:
-            from proxyd.admin import AdminServer
-
-            self._admin = AdminServer(self)
-            await self._admin.start(self.config.admin.host, self.config.admin.port)
+        await self._start_admin()
         self.ready = True
         sdnotify.notify("READY=1", f"STATUS=serving with {self.n_workers} workers")
         interval = sdnotify.watchdog_interval()
@@ -519,6 +575,16 @@ class WorkerDaemon(Daemon):
         self.counts = counts
         self.log = self.log.bind(worker=index, pid=os.getpid())  # N processes share stderr
         self._parsed: dict[tuple[str, str], list[Document]] = {}
+        #: The cluster's identities as the control process sends them (proxyd/kube/mirror.py).
+        self.kube = ClusterMirror() if config.kubernetes is not None else None
+
+    async def _start_kubernetes(self) -> None:
+        """Nothing to start: the control process runs the cluster source, and the start message
+        brought the current identities (applied before :meth:`start` binds the listeners)."""
+
+    def apply_identities(self, changes: Delta) -> None:
+        if self.kube is not None:
+            self._cluster_changed(self.kube.apply(changes))
 
     def _build(
         self, revision: int, entries: PolicyEntries
@@ -527,12 +593,16 @@ class WorkerDaemon(Daemon):
         parsed: dict[tuple[str, str], list[Document]] = {}
         docs: list[Document] = []
         for text, source in entries:
-            got = self._parsed.get((text, source)) or parse_text(text, source, self.registry)
+            got = self._parsed.get((text, source)) or parse_text(
+                text, source, self.registry, kubernetes=self.policy.kubernetes
+            )
             parsed[(text, source)] = got
             docs.extend(got)
         # The worker reads no file: every document is the control process's, under one entry.
         files = {"control process": FileEntry(None, tuple(docs))}
-        return Change(files, {}, PolicySet(docs, self.registry, revision)), parsed
+        # Documents parsed at an earlier revision are the same objects: not compiled again.
+        new = PolicySet(docs, self.registry, revision, previous=self.policy.current)
+        return Change(files, {}, new), parsed
 
     async def apply_policy(self, revision: int, entries: PolicyEntries) -> None:
         change, parsed = await asyncio.get_running_loop().run_in_executor(
@@ -592,6 +662,9 @@ async def _worker_loop(
                 await _send(writer, ("apply_failed", seq, "; ".join(exc.problems)))
                 continue
             await _send(writer, ("applied", seq))
+        elif kind == "identities":
+            daemon.apply_identities(await _unpickle(msg[2]))
+            await _send(writer, ("applied", seq))
         elif kind == "config":
             await daemon.apply_config(msg[2])
             await _send(writer, ("applied", seq))
@@ -602,6 +675,13 @@ async def _worker_loop(
             await _send(writer, ("metrics", seq, list(daemon.metrics.registry.collect())))
         elif kind == "stop":
             daemon.control_stop()
+
+
+async def _unpickle(blob: bytes) -> Any:
+    """A pickled delta; a big one (a relist) off the loop with the cycle collector paused."""
+    if len(blob) > BIG_DELTA:
+        return await off_loop(lambda: pickle.loads(blob))
+    return pickle.loads(blob)
 
 
 async def _report(daemon: WorkerDaemon, writer: asyncio.StreamWriter) -> None:
@@ -615,12 +695,14 @@ async def _worker(sock: socket.socket, counts_fd: int) -> int:
     msg = await _recv(reader)
     if msg is None or msg[0] != "start":
         return 1
-    _, config, index, config_workers, spawn, revision, entries = msg
+    _, config, index, config_workers, spawn, revision, entries, cluster = msg
     registry = Registry.load()
     daemon = WorkerDaemon(config, registry, index, ConnectionCounts(counts_fd, config_workers))
     # conn_id stays unique per daemon run: each worker start counts in its own range.
     daemon.conn_ids = itertools.count((spawn << CONN_ID_BITS) + 1)
     raise_fd_limit(config.limits.max_connections)
+    if cluster is not None:
+        daemon.apply_identities(cluster)
     try:
         await daemon.apply_policy(revision, entries)
         await daemon.start()
