@@ -8,13 +8,15 @@ at it, so the numbers are the daemon's own::
 
     flock /tmp/proxyd-bench.lock .venv/bin/python bench/kube.py             # about a minute
     flock /tmp/proxyd-bench.lock .venv/bin/python bench/kube.py --pods 1000 --namespaces 50 --policies 100
+    flock /tmp/proxyd-bench.lock .venv/bin/python bench/kube.py --workers 2   # control process + 2 workers
 
 Measured:
 
 - time to first sync: from the process start to ``/readyz`` 200 (listeners accept only after
   the first full list of identities and policies), and the same for a daemon without the
   ``kubernetes`` section (interpreter start and imports), so the difference is the sync;
-- RSS of both daemons (``VmRSS`` from /proc) once ready;
+- RSS of both daemons (``VmRSS`` from /proc) once ready; with ``--workers N``, of the control
+  process and its workers together (each worker holds the whole identity table);
 - one policy object event: until ``GET /v1/policy`` shows a new revision (the object is
   validated alone, the set compiled again), median and max over 10;
 - one pod event: the sans-IO apply (``ClusterState.apply_pod`` on a 10,000-pod state, median and
@@ -61,10 +63,14 @@ def pod_ip(i: int) -> str:
 
 
 def rss_kib(pid: int) -> int:
-    for line in Path(f"/proc/{pid}/status").read_text().splitlines():
-        if line.startswith("VmRSS:"):
-            return int(line.split()[1])
-    return 0
+    """The process's RSS plus its children's (the workers of ``workers: N``)."""
+    total = 0
+    children = Path(f"/proc/{pid}/task/{pid}/children").read_text().split()
+    for p in (pid, *map(int, children)):
+        for line in Path(f"/proc/{p}/status").read_text().splitlines():
+            if line.startswith("VmRSS:"):
+                total += int(line.split()[1])
+    return total
 
 
 def pct(xs: list[float], p: float) -> float:
@@ -121,7 +127,9 @@ async def main() -> None:
     ap.add_argument("--pods", type=int, default=10000)
     ap.add_argument("--namespaces", type=int, default=500)
     ap.add_argument("--policies", type=int, default=1000)
+    ap.add_argument("--workers", type=int, default=1, help="workers: N for both daemons")
     args = ap.parse_args()
+    workers = f"workers: {args.workers}\n" if args.workers > 1 else ""
 
     api = FakeApiServer()
     await api.start()
@@ -135,12 +143,15 @@ async def main() -> None:
         for name, extra in (("static", ""), ("kubernetes", f"kubernetes:\n  kubeconfig: {kc}\n  node_name: n1\n")):
             port = free_port()
             cfg = tmp / f"{name}.yaml"
-            cfg.write_text(f'listeners:\n  - name: l\n    address: "127.0.0.1:0"\nadmin:\n  address: "127.0.0.1:{port}"\n{extra}')
+            listen = free_port() if args.workers > 1 else 0  # workers need a fixed port
+            cfg.write_text(f'listeners:\n  - name: l\n    address: "127.0.0.1:{listen}"\nadmin:\n  address: "127.0.0.1:{port}"\n{workers}{extra}')
             proc, ready = await start_daemon(cfg, port)
             procs.append(proc)
             results[name] = (proc, ready, port)
         k_proc, k_ready, k_port = results["kubernetes"]
         s_proc, s_ready, _ = results["static"]
+        if args.workers > 1:
+            rows.append(("workers (control process + N; RSS is all of them)", str(args.workers)))
         rows.append(("time to ready, no kubernetes section (interpreter, imports)", f"{s_ready:.2f} s"))
         rows.append((f"time to ready after the first full sync ({args.pods} pods, {args.namespaces} namespaces, {args.policies} policies)", f"{k_ready:.2f} s"))
         rows.append(("RSS once ready, no kubernetes section", f"{rss_kib(s_proc.pid) / 1024:.1f} MiB"))
@@ -224,7 +235,7 @@ async def main() -> None:
     results_dir = ROOT / "bench" / "results"
     results_dir.mkdir(exist_ok=True)
     (results_dir / f"kube-{time.strftime('%Y%m%d-%H%M%S')}.md").write_text(
-        f"`python bench/kube.py --pods {args.pods} --namespaces {args.namespaces} --policies {args.policies}`\n\n{text}\n"
+        f"`python bench/kube.py --pods {args.pods} --namespaces {args.namespaces} --policies {args.policies} --workers {args.workers}`\n\n{text}\n"
     )
 
 

@@ -427,21 +427,27 @@ class ControlDaemon(Daemon):
             await self._identities_due.wait()
             self._identities_due.clear()
             try:
-                async with self._push_lock:
-                    ips, self._identities_pending = self._identities_pending, set()
-                    if not ips or self.kube is None:
-                        continue
-                    # Pickled once for every worker; the worker unpickles it (off its loop if big).
-                    blob = pickle.dumps(delta(self.kube.state, ips), protocol=pickle.HIGHEST_PROTOCOL)
-                    answers = await self._ask_all(lambda seq, b=blob: ("identities", seq, b), APPLY_TIMEOUT)
+                await self._send_identities()
             except Exception as exc:  # a bug: log it and keep pushing
                 self.log.error("kubernetes: identities push failed", error=f"{type(exc).__name__}: {exc}")
-                continue
-            for w, answer in answers:
-                if answer is None and w.ready and self.workers.get(w.index) is w:
-                    # It did not answer in time: restarted, it gets the whole table.
-                    self.log.error("worker did not apply the identities; restarting it", worker=w.index)
-                    w.proc.kill()
+
+    async def _send_identities(self) -> None:
+        async with self._push_lock:
+            ips, self._identities_pending = self._identities_pending, set()
+            if not ips or self.kube is None:
+                return
+            try:
+                # Pickled once for every worker; a worker unpickles a big one off its loop.
+                blob = pickle.dumps(delta(self.kube.state, ips), protocol=pickle.HIGHEST_PROTOCOL)
+                answers = await self._ask_all(lambda seq: ("identities", seq, blob), APPLY_TIMEOUT)
+            except BaseException:
+                self._identities_pending |= ips  # sent again with the next change
+                raise
+        for w, answer in answers:
+            if answer is None and w.ready and self.workers.get(w.index) is w and not self.stopping:
+                # It did not answer in time: restarted, it gets the whole table.
+                self.log.error("worker did not apply the identities; restarting it", worker=w.index)
+                w.proc.kill()
 
     async def _apply_listeners(self, new_config: Config) -> None:
         # Called by Daemon._reload (SIGHUP), which commits the new policy itself (built off the

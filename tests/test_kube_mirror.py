@@ -39,6 +39,9 @@ def test_a_pod_event_is_a_delta_of_its_addresses_only() -> None:
     changed = s.apply_pod("ADDED", pod(5000, app="new"))
     one = delta(s, changed)
     assert list(one) == ["10.0.19.136"]
+    # What goes to each worker for it: a few hundred bytes, not the table (tens of kilobytes here).
+    assert len(pickle.dumps(one, protocol=pickle.HIGHEST_PROTOCOL)) < 512
+    assert len(pickle.dumps(snapshot(s), protocol=pickle.HIGHEST_PROTOCOL)) > 50_000
     assert m.apply(sent(one)) == {"10.0.19.136"}
     assert m.identity("10.0.19.136").origin == "pod prod/p5000"  # type: ignore[union-attr]
     assert m.identity("::ffff:10.0.19.136") == m.identity("10.0.19.136")  # as the socket reports it
