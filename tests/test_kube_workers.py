@@ -276,6 +276,11 @@ def test_a_restarted_worker_starts_with_the_current_cluster_state(
             wait_until(lambda src=src: holds_on(listen, src, restarted), "restarted worker not reached")  # type: ignore[misc]
             each_worker(new, listen, src, current)
         assert "worker exited, restarting it" in d.stderr()
+        # A reload (SIGHUP) reaches every worker and keeps the cluster's identities and policy.
+        d.proc.send_signal(signal.SIGHUP)
+        wait_until(lambda: '"config reloaded"' in d.stderr(), "config not reloaded")
+        for src in (CLIENT, OTHER):
+            each_worker(new, listen, src, current)
         d.proc.send_signal(signal.SIGTERM)
         assert d.proc.wait(30) == 0
     finally:
