@@ -360,17 +360,19 @@ class ControlDaemon(Daemon):
                 await asyncio.sleep(RESTART_BACKOFF)
 
     async def _ask_all(
-        self, make: Callable[[int], tuple[Any, ...]], wait_s: float
+        self, make: Callable[[int], tuple[Any, ...]], wait_s: float, *, starting: bool = True
     ) -> list[tuple[WorkerHandle, Any]]:
         """Send a message to every worker and wait for each one's answer: (worker, answer), the
-        answer None when it exited or did not answer in time."""
+        answer None when it exited or did not answer in time. ``starting=False``: a worker still
+        starting gets the message (it reads it once it listens) but is not waited for."""
         loop = asyncio.get_running_loop()
         asked: list[tuple[WorkerHandle, asyncio.Future[Any]]] = []
         for w in list(self.workers.values()):
             seq = next(self._seq)
             fut: asyncio.Future[Any] = loop.create_future()
             w.waiting[seq] = fut
-            asked.append((w, fut))
+            if starting or w.ready:
+                asked.append((w, fut))
             try:
                 await _send(w.writer, make(seq))
             except (ConnectionError, RuntimeError):
@@ -439,7 +441,10 @@ class ControlDaemon(Daemon):
             try:
                 # Pickled once for every worker; a worker unpickles a big one off its loop.
                 blob = pickle.dumps(delta(self.kube.state, ips), protocol=pickle.HIGHEST_PROTOCOL)
-                answers = await self._ask_all(lambda seq: ("identities", seq, blob), APPLY_TIMEOUT)
+                # Not waiting for a worker that is starting: it may take seconds to load
+                # (100,000 identities), and the others' tables must not lag meanwhile.
+                answers = await self._ask_all(lambda seq: ("identities", seq, blob), APPLY_TIMEOUT,
+                                              starting=False)  # fmt: skip
             except BaseException:
                 self._identities_pending |= ips  # sent again with the next change
                 raise
