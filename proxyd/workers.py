@@ -132,7 +132,9 @@ def policy_entries(documents: Sequence[Document]) -> PolicyEntries:
 
 
 def worker_config(config: Config) -> Config:
-    """A worker's part of ``config``: no admin server, no policy files."""
+    """A worker's part of ``config``: no admin server, no policy files. A ``kubernetes``
+    section stays: in a worker it makes Kubernetes-only policy fields load and the cluster's
+    identities come from the control process (:class:`WorkerDaemon`), never from the API."""
     policy = replace(config.policy, paths=(), state_dir=None)
     return replace(config, admin=None, policy=policy, workers=1)
 
