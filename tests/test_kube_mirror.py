@@ -98,3 +98,18 @@ def test_snapshot_then_deltas_equal_the_state(evs: list[tuple[str, int, int]], r
     assert same(always, s)
     if restart_at < len(evs):
         assert same(late, s)
+
+
+async def test_a_big_delta_is_read_off_the_loop_the_same() -> None:
+    """A relist's delta (over BIG_DELTA pickled) is unpickled on a thread: same result."""
+    from proxyd.workers import BIG_DELTA, _unpickle
+
+    s = ClusterState()
+    small = delta(s, s.apply_pod("ADDED", pod(1)))
+    big = delta(s, s.replace_pods(pod(i) for i in range(3000)))
+    for changes in (small, big):
+        blob = pickle.dumps(changes, protocol=pickle.HIGHEST_PROTOCOL)
+        assert (len(blob) > BIG_DELTA) == (changes is big)
+        m = ClusterMirror()
+        m.apply(await _unpickle(blob))
+        assert dict(m.identities()) == {ip: i for ip, i in s.identities().items() if ip in changes}
