@@ -55,7 +55,7 @@ from proxyd.origdst import unmap
 from proxyd.tlsgate import GateVerdict, HelloGate, SNIView
 
 if TYPE_CHECKING:
-    from proxyd.server import ListenerRuntime
+    from proxyd.listener import ListenerRuntime
 
 HIGH_WATER = 256 * 1024
 LOW_WATER = 64 * 1024
