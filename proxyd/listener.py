@@ -15,19 +15,15 @@ import errno
 import ipaddress
 import os
 import socket
-from typing import TYPE_CHECKING
 
 from proxyd.accesslog import AccessLog
-from proxyd.config import Limits, ListenerConfig
+from proxyd.admission import ADMIT, AUDIT, READ_HELLO, Refuse, admit, by_policy
 from proxyd.context import AllowAllPolicy, ConnInfo, L7Policy
+from proxyd.dataside import DataHost, LimitsView, ListenerSettings, ListenerSinks
 from proxyd.fdbudget import LISTEN_BACKLOG
-from proxyd.metrics import ListenerMetrics
 from proxyd.origdst import original_dst, unmap
 from proxyd.parser import Endpoint, ParserFactory
 from proxyd.relay import Connection
-
-if TYPE_CHECKING:
-    from proxyd.server import Daemon
 
 FDS_PER_CONNECTION = 2  # client and upstream socket
 CAREFUL_BATCH = 32  # connections accepted one at a time per wake-up of the listening socket
@@ -35,17 +31,22 @@ FAST, CAREFUL, PAUSED = "fast", "careful", "paused"  # how a listener accepts (f
 
 
 class ListenerRuntime:
-    """A bound listener and the connections it accepted."""
+    """A bound listener and the connections it accepted.
 
-    def __init__(self, daemon: Daemon, config: ListenerConfig) -> None:
-        self.daemon = daemon
+    ``host`` is the control side (proxyd.dataside.DataHost): the policy in force, limits, the
+    log and metric sinks, the descriptor budget. The control side replaces ``config``,
+    ``factory``, ``limits`` and ``upstream_mark`` on a reload; new connections use them.
+    """
+
+    def __init__(self, host: DataHost[ListenerRuntime], config: ListenerSettings) -> None:
+        self.host = host
         self.config = config
-        self.factory: ParserFactory | None = daemon.registry.get(config.l7proto) if config.l7proto else None
-        self.metrics: ListenerMetrics = daemon.metrics.for_listener(config.name)
-        self.metrics_accept_pauses = daemon.metrics.accept_pauses_total.labels(config.name)
-        self.access_log: AccessLog = daemon.access_log
-        self.limits: Limits = daemon.config.limits
-        self.upstream_mark = daemon.config.upstream_mark
+        self.factory: ParserFactory | None = host.registry.get(config.l7proto) if config.l7proto else None
+        self.metrics: ListenerSinks = host.metrics.for_listener(config.name)
+        self.metrics_accept_pauses = host.metrics.accept_pauses_total.labels(config.name)
+        self.access_log: AccessLog = host.access_log
+        self.limits: LimitsView = host.limits
+        self.upstream_mark = host.upstream_mark
         self.server: asyncio.Server | None = None
         #: The listen queue: where connections wait while accepting is paused (fdbudget.py).
         self.backlog = LISTEN_BACKLOG
@@ -64,7 +65,7 @@ class ListenerRuntime:
 
     @property
     def mode(self) -> str:
-        return self.config.policy_mode or self.daemon.config.policy.mode
+        return self.config.policy_mode or self.host.policy_mode
 
     async def bind(self) -> None:
         # The socket is made here rather than by create_server, which sets IPV6_V6ONLY: a
@@ -74,7 +75,7 @@ class ListenerRuntime:
         sock = socket.socket(family, socket.SOCK_STREAM)
         try:
             sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
-            if self.daemon.reuse_port:  # worker processes share the address (proxyd.workers)
+            if self.host.reuse_port:  # worker processes share the address (proxyd.workers)
                 sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEPORT, 1)
             if family == socket.AF_INET6 and ipaddress.ip_address(host).is_unspecified:
                 sock.setsockopt(socket.IPPROTO_IPV6, socket.IPV6_V6ONLY, 0)
@@ -114,7 +115,7 @@ class ListenerRuntime:
         # connection_made, as it accepts a burst: the one place that counts each descriptor as
         # it is taken. The mode changes soon, not here: closing the server in here would close
         # this very socket.
-        d = self.daemon
+        d = self.host
         fds = d.fds
         fds.data += FDS_PER_CONNECTION  # its socket, and the upstream socket it will open
         if fds.data >= fds.data_fast_high:
@@ -145,7 +146,7 @@ class ListenerRuntime:
             loop.remove_reader(self.lsock.fileno())
             self._reading = False
         if mode == FAST:
-            self.daemon.spawn(self._serve_fast())
+            self.host.spawn(self._serve_fast())
 
     async def _serve_fast(self) -> None:
         assert self.lsock is not None
@@ -162,7 +163,7 @@ class ListenerRuntime:
 
     def _accept_carefully(self) -> None:
         """CAREFUL: accept while the budget has room for the connection and its upstream."""
-        d = self.daemon
+        d = self.host
         fds = d.fds
         lsock = self.lsock
         assert lsock is not None
@@ -193,11 +194,11 @@ class ListenerRuntime:
             await asyncio.get_running_loop().connect_accepted_socket(self._adopted, sock)
         except OSError:
             sock.close()
-            self.daemon.data_fd_closed()
-            self.daemon.data_fd_closed()
+            self.host.data_fd_closed()
+            self.host.data_fd_closed()
 
     def accept(self, conn: Connection) -> None:
-        d = self.daemon
+        d = self.host
         self.metrics.connections.inc()
         self.conns.add(conn)
         transport = conn.client
@@ -217,30 +218,22 @@ class ListenerRuntime:
         src_ip, src_port = unmap(peer[0]), int(peer[1])
         local_ip, local_port = unmap(local[0]), int(local[1])
         cfg = self.config
-        reason: str | None = None
-        if cfg.upstream is not None:
-            upstream = cfg.upstream
-        else:
+        fixed = cfg.upstream
+        odst = None
+        if fixed is None:
             odst = original_dst(sock)
-            if odst is None:
-                upstream, reason = (local_ip, local_port), "not redirected: no original destination"
-            else:
-                upstream = (unmap(odst[0]), odst[1])
-                if upstream == (local_ip, local_port):
-                    reason = "not redirected: original destination is the listener itself"
-                elif d.is_own_listener(upstream, local_ip):
-                    reason = f"loop: original destination {upstream[0]}:{upstream[1]} is a proxyd listener"
+            if odst is not None:
+                odst = (unmap(odst[0]), odst[1])
+        upstream, refused = admit(fixed, (local_ip, local_port), (src_ip, src_port), odst, d.is_own_listener,
+                                  d.upstream_locals, d.admitted_connections,
+                                  self.limits.max_connections)  # fmt: skip
         dst_ip, dst_port = upstream
         src = Endpoint(src_ip, src_port, d.labels_for(src_ip))
         dst = Endpoint(dst_ip, dst_port, d.labels_for(dst_ip))
         info = ConnInfo(conn_id, cfg.name, cfg.direction, src, dst, cfg.l7proto or "")
-        if reason is None and cfg.upstream is None and d.upstream_locals.get((src_ip, src_port)) == upstream:
-            reason = "loop: this is proxyd's own upstream connection, redirected back to it"
-        if reason is None and d.admitted_connections() > self.limits.max_connections:
-            reason = f"max_connections ({self.limits.max_connections}) reached"
         policy: L7Policy = AllowAllPolicy()
-        hello_view = None
-        if reason is None:
+        decision: str | Refuse = ADMIT
+        if refused is None:
             view = d.policy.view(
                 cfg.direction,
                 info.local.labels,
@@ -251,29 +244,28 @@ class ListenerRuntime:
                 self.mode == "audit",
             )
             l4 = view.l4()
-            if l4.reads_hello:
-                hello_view = view  # decided on the ClientHello's SNI (proxyd.tlsgate)
-            elif not l4.l4_allowed:
-                reason = f"policy: {l4.l4_reason}"
-            elif l4.audit_l4:
+            decision = by_policy(l4)
+            if decision is AUDIT:
                 self.access_log.connection(info, verdict="audit", reason=f"policy: {l4.l4_reason}",
                                            policy=l4.policy_name)  # fmt: skip
+            elif decision is READ_HELLO:
+                conn.read_hello(info, upstream, view)
+                return
+            elif type(decision) is Refuse:
+                refused = decision
             policy = view
-        if reason is not None:
+        if refused is not None:
             d.log.warning("connection refused", conn_id=conn_id, listener=cfg.name,
-                          src=str(src), dst=str(dst), reason=reason)  # fmt: skip
-            conn.refuse(reason, info)
-            return
-        if hello_view is not None:
-            conn.read_hello(info, upstream, hello_view)
+                          src=str(src), dst=str(dst), reason=refused.reason)  # fmt: skip
+            conn.refuse(refused.reason, info)
             return
         conn.start(info, upstream, policy)
 
     def forget(self, conn: Connection) -> None:
         self.conns.discard(conn)
-        self.daemon.connection_ended()
+        self.host.connection_ended()
         if not self.conns:
-            self.daemon.listener_idle(self)
+            self.host.listener_idle(self)
 
     def close_server(self) -> None:
         self._closing = True

@@ -27,7 +27,7 @@ from typing import Any, TypeVar
 
 from proxyd import sdnotify
 from proxyd.accesslog import AccessLog, LineWriter, make_logger
-from proxyd.config import Config, load_config
+from proxyd.config import Config, Limits, ListenerConfig, load_config
 from proxyd.errors import ConfigError, PolicyError
 from proxyd.fdbudget import FdBudget, nofile_limit, open_descriptors
 from proxyd.listener import CAREFUL, FAST, FDS_PER_CONNECTION, PAUSED, ListenerRuntime
@@ -99,6 +99,20 @@ class Daemon:
         #: The cluster source (docs/kubernetes.md), made at start: its client needs a loop.
         self.kube: Any = None
 
+    # --- what the data side reads (proxyd.dataside.DataHost) ------------------------------
+
+    @property
+    def limits(self) -> Limits:
+        return self.config.limits
+
+    @property
+    def upstream_mark(self) -> int | None:
+        return self.config.upstream_mark
+
+    @property
+    def policy_mode(self) -> str:
+        return self.config.policy.mode
+
     # --- queries ---------------------------------------------------------------------------
 
     def active_connections(self) -> int:
@@ -152,6 +166,44 @@ class Daemon:
                 t[0] += conn.bytes_in
                 t[1] += conn.bytes_out
         return [(name, t[0], t[1]) for name, t in sorted(totals.items())]
+
+    # --- what the admin API asks (proxyd.admin.Control) ---------------------------------------
+
+    def is_ready(self) -> bool:
+        bound = all(lr.server is not None for lr in self.listeners.values())
+        return self.ready and not self.stopping and bound
+
+    async def listener_rows(self) -> list[dict[str, Any]]:
+        out: list[dict[str, Any]] = []
+        for name, lr in sorted(self.listeners.items()):
+            c = lr.config
+            out.append(
+                {
+                    "name": name,
+                    "address": c.address,
+                    "bound": "{}:{}".format(*lr.bound_address()) if lr.server else None,
+                    "l7proto": c.l7proto,
+                    "upstream": "original-destination" if c.upstream is None else "{}:{}".format(*c.upstream),
+                    "direction": c.direction,
+                    "policy_mode": lr.mode,
+                    "active_connections": len(lr.conns),
+                }
+            )
+        return out
+
+    def live_listeners(self) -> list[ListenerConfig]:
+        listeners = []
+        for lc in self.config.listeners:
+            lr = self.listeners.get(lc.name)
+            if lc.port == 0 and lr is not None and lr.lsock is not None:
+                lc = replace(lc, port=lr.bound_address()[1])  # the port the kernel picked
+            listeners.append(lc)
+        return listeners
+
+    def policy_change_failed(self) -> None:
+        self.metrics.policy_reloads_total.labels("failure").inc()
+
+    # --- what the data side tells (proxyd.dataside.DataHost) -------------------------------
 
     def listener_idle(self, lr: ListenerRuntime) -> None:
         """A listener's last connection ended: retire it if removed; end a drain if all idle."""
