@@ -1,11 +1,12 @@
-"""Listeners: a bound listening socket, how it accepts (fdbudget.py), and admission.
+"""Listeners (the data side): a bound listening socket, how it accepts, and admission.
 
-Admission (:meth:`ListenerRuntime.accept`) refuses, before any upstream connect: connections
-over ``max_connections``, connections that were not redirected (no original destination, or
-the listener's own address, which is what ``SO_ORIGINAL_DST`` answers where NAT is loaded) or
-whose original destination is one of proxyd's own listeners (a loop), and connections the
-policy denies at L3/L4. Where a ``serverNames`` rule could apply, the policy's verdict waits
-for the client's TLS ClientHello (:mod:`proxyd.tlsgate`), still before any upstream connect.
+How a listener accepts follows the descriptor budget (fdbudget.py): in bursts, one at a time,
+or not at all. :meth:`ListenerRuntime.accept` gathers an accepted connection's facts and asks
+:mod:`proxyd.admission` whether to relay it and where to: before any upstream connect it
+refuses connections that were not redirected, loops, connections over ``max_connections`` and
+what the policy denies at L3/L4; where a ``serverNames`` rule could apply, the verdict waits for
+the client's TLS ClientHello (:mod:`proxyd.tlsgate`). Everything of the control side it needs
+comes through ``host`` (:class:`proxyd.dataside.DataHost`).
 """
 
 from __future__ import annotations

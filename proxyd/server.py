@@ -1,4 +1,4 @@
-"""The daemon: its listeners, policy, reload, and graceful shutdown.
+"""The daemon (the control side, docs/architecture.md): its listeners, policy, reload, shutdown.
 
 Stages, as in uvicorn's server: :meth:`Daemon.start` (load policy, bind every listener, start
 the admin server, then report ready), :meth:`Daemon.serve` (signal handlers installed and
