@@ -22,6 +22,7 @@ import re
 import sys
 import threading
 import time
+from collections.abc import Callable
 from typing import IO, Any, Protocol
 
 import orjson
@@ -29,7 +30,6 @@ import structlog
 
 from proxyd.context import ConnInfo, Context
 from proxyd.logsink import LineSink
-from proxyd.metrics import Metrics
 from proxyd.parser import Fields, wire_text
 
 #: UTF-8 of U+0080-U+009F (C1 controls, U+0085 among them), U+2028, U+2029, and DEL.
@@ -130,6 +130,16 @@ def make_logger(writer: _Lines) -> Any:
     )
 
 
+class Counts(Protocol):
+    """Where the access log's counts go (:class:`proxyd.metrics.Metrics` fits): L7 verdicts as
+    plain ints, and a way to read the lines its sink dropped, both summed at scrape."""
+
+    @property
+    def l7_counts(self) -> dict[tuple[str, str], int]: ...
+
+    access_log_dropped: Callable[[], int]
+
+
 class AccessLog:
     """Writes ``l7`` and ``connection`` lines and counts L7 verdicts.
 
@@ -137,7 +147,7 @@ class AccessLog:
     written.
     """
 
-    def __init__(self, path: str, requests: str, metrics: Metrics) -> None:
+    def __init__(self, path: str, requests: str, metrics: Counts) -> None:
         #: Never raises and never blocks (a full disk or a stuck pipe drops lines, counted).
         self.writer = LineSink(path)
         self.log = make_logger(self.writer)

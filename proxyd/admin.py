@@ -25,17 +25,15 @@ import json
 import os
 import stat
 from collections.abc import Awaitable, Callable, Mapping
-from dataclasses import replace
 from pathlib import Path
-from typing import TYPE_CHECKING, Any
+from typing import Any, Protocol
 
 from aiohttp import web
 
+from proxyd.config import Config, ListenerConfig
+from proxyd.dataside import Log
 from proxyd.errors import ConfigError, PolicyError
-from proxyd.policy.store import Change
-
-if TYPE_CHECKING:
-    from proxyd.server import Daemon
+from proxyd.policy.store import Change, PolicyStore
 
 MAX_BODY = 2 << 20
 CHANGE_TYPES = ("application/json", "application/yaml", "application/x-yaml")
@@ -115,8 +113,55 @@ def _via_socket(request: web.Request) -> bool:
     return isinstance(transport.get_extra_info("sockname"), str)
 
 
+class Control(Protocol):
+    """What the admin API asks of the control side (:class:`proxyd.server.Daemon`, and
+    :class:`proxyd.workers.ControlDaemon` for ``workers: N``). Nothing else is read or changed:
+    the API never walks the daemon's listeners or bumps its counters itself."""
+
+    @property
+    def config(self) -> Config: ...
+
+    @property
+    def log(self) -> Log: ...
+
+    @property
+    def policy(self) -> PolicyStore: ...
+
+    def is_ready(self) -> bool:
+        """``/readyz``: every listener bound, not draining."""
+        ...
+
+    async def render_metrics(self) -> bytes:
+        """The ``/metrics`` body."""
+        ...
+
+    async def listener_rows(self) -> list[dict[str, Any]]:
+        """``/v1/listeners``: one row per listener, in name order."""
+        ...
+
+    def live_listeners(self) -> list[ListenerConfig]:
+        """The listeners in force, with the port the kernel picked where the config says 0."""
+        ...
+
+    def identity_view(self) -> Any:
+        """The identities in force and where each address's labels came from."""
+        ...
+
+    async def change_policy(self, build: Callable[[], Change]) -> int:
+        """Build a change off the event loop and put it in force (one at a time); its revision."""
+        ...
+
+    def policy_changed(self, revision: int) -> None:
+        """A change through the API is in force: counted as a successful reload."""
+        ...
+
+    def policy_change_failed(self) -> None:
+        """A change through the API was rejected: counted as a failed reload."""
+        ...
+
+
 class AdminServer:
-    def __init__(self, daemon: Daemon) -> None:
+    def __init__(self, daemon: Control) -> None:
         self.daemon = daemon
         cfg = daemon.config.admin
         self.socket_path: Path | None = cfg.socket if cfg is not None else None
@@ -256,30 +301,11 @@ class AdminServer:
         return web.json_response({"status": "ok"})
 
     async def readyz(self, request: web.Request) -> web.Response:
-        d = self.daemon
-        ready = d.ready and not d.stopping and all(lr.server is not None for lr in d.listeners.values())
+        ready = self.daemon.is_ready()
         return web.json_response({"ready": ready}, status=200 if ready else 503)
 
     async def listeners(self, request: web.Request) -> web.Response:
-        rows = getattr(self.daemon, "listener_rows", None)  # the control process of workers: N
-        if rows is not None:
-            return web.json_response({"listeners": await rows()})
-        out: list[dict[str, Any]] = []
-        for name, lr in sorted(self.daemon.listeners.items()):
-            c = lr.config
-            out.append(
-                {
-                    "name": name,
-                    "address": c.address,
-                    "bound": "{}:{}".format(*lr.bound_address()) if lr.server else None,
-                    "l7proto": c.l7proto,
-                    "upstream": "original-destination" if c.upstream is None else "{}:{}".format(*c.upstream),
-                    "direction": c.direction,
-                    "policy_mode": lr.mode,
-                    "active_connections": len(lr.conns),
-                }
-            )
-        return web.json_response({"listeners": out})
+        return web.json_response({"listeners": await self.daemon.listener_rows()})
 
     async def get_policy(self, request: web.Request) -> web.Response:
         store = self.daemon.policy
@@ -308,12 +334,7 @@ class AdminServer:
         dst = _query_address(query, "dst", errors)
         if errors or src is None or dst is None:
             return web.json_response({"errors": errors}, status=400)
-        listeners = []
-        for lc in d.config.listeners:
-            lr = d.listeners.get(lc.name)
-            if lc.port == 0 and lr is not None and lr.lsock is not None:
-                lc = replace(lc, port=lr.bound_address()[1])  # the port the kernel picked
-            listeners.append(lc)
+        listeners = d.live_listeners()
         try:
             answer = explain_connection(listeners, d.policy, d.identity_view(), src, dst,
                                         listener=query.get("listener") or None, sni=query.get("sni"),
@@ -354,10 +375,10 @@ class AdminServer:
                 request, lambda: store.build_import(text, "admin-api", replace_all)
             )
         except PolicyError as exc:
-            self.daemon.metrics.policy_reloads_total.labels("failure").inc()
+            self.daemon.policy_change_failed()
             return self._rejected(request, 400, exc.problems)
         except OSError as exc:  # policy.state_dir not writable: nothing changed
-            self.daemon.metrics.policy_reloads_total.labels("failure").inc()
+            self.daemon.policy_change_failed()
             where = store.state_dir or "policy.state_dir"
             return self._rejected(request, 500, [f"{where}: cannot keep the imported policy: "
                                                  f"{exc.strerror or exc}"])  # fmt: skip

@@ -55,7 +55,7 @@ from proxyd.origdst import unmap
 from proxyd.tlsgate import GateVerdict, HelloGate, SNIView
 
 if TYPE_CHECKING:
-    from proxyd.server import ListenerRuntime
+    from proxyd.dataside import ListenerSide
 
 HIGH_WATER = 256 * 1024
 LOW_WATER = 64 * 1024
@@ -125,7 +125,7 @@ class UpstreamProtocol(asyncio.Protocol):
         return True
 
     def connection_lost(self, exc: Exception | None) -> None:
-        self.conn.lr.daemon.data_fd_closed()
+        self.conn.lr.host.data_fd_closed()
         self.conn.upstream_lost(exc)
 
     def pause_writing(self) -> None:
@@ -138,7 +138,7 @@ class UpstreamProtocol(asyncio.Protocol):
 class Connection(asyncio.Protocol):
     """The client side of a relayed connection, and the owner of the whole pair."""
 
-    def __init__(self, listener: ListenerRuntime) -> None:
+    def __init__(self, listener: ListenerSide) -> None:
         self.lr = listener
         self.client: asyncio.Transport | None = None
         self.upstream: asyncio.Transport | None = None
@@ -238,7 +238,7 @@ class Connection(asyncio.Protocol):
         lr = self.lr
         if not verdict.allowed:
             lr.metrics.denials.inc()
-            lr.daemon.metrics.tls_denials_total.labels(lr.config.name, verdict.label).inc()
+            lr.host.metrics.tls_denials_total.labels(lr.config.name, verdict.label).inc()
             if verdict.alert is not None and self.client is not None:
                 self.bytes_out += len(verdict.alert)
                 self.client.write(verdict.alert)
@@ -300,7 +300,7 @@ class Connection(asyncio.Protocol):
         return None
 
     def _timed_out(self, kind: str, reason: str) -> None:
-        self.lr.daemon.metrics.connection_timeouts_total.labels(self.lr.config.name, kind).inc()
+        self.lr.host.metrics.connection_timeouts_total.labels(self.lr.config.name, kind).inc()
         self._finish("error", reason, abort=True)
 
     def refuse(self, reason: str, info: ConnInfo | None) -> None:
@@ -337,7 +337,7 @@ class Connection(asyncio.Protocol):
             self._csock = sock
             # Counted at accept (upstream_fd_counted); uncounted when closed (data_fd_closed).
             self.upstream_fd_counted = False
-            lr.daemon.fds.seen(sock.fileno())
+            lr.host.fds.seen(sock.fileno())
             # No TCP_NODELAY here: uvloop sets it on every TCP transport it makes.
             if lr.upstream_mark is not None:
                 sock.setsockopt(socket.SOL_SOCKET, socket.SO_MARK, lr.upstream_mark)
@@ -345,7 +345,7 @@ class Connection(asyncio.Protocol):
                 sock.connect(addr)
             name = sock.getsockname()
             self._clocal = local = (unmap(name[0]), name[1])
-            lr.daemon.upstream_locals[local] = cast("tuple[str, int]", self.upstream_addr)
+            lr.host.upstream_locals[local] = cast("tuple[str, int]", self.upstream_addr)
             loop.add_writer(sock.fileno(), self._connect_ready)
             self._cwatch = True
         except OSError as exc:
@@ -370,7 +370,7 @@ class Connection(asyncio.Protocol):
             self._ctimer.cancel()
             self._ctimer = None
         if self._clocal is not None and not keep_local:
-            self.lr.daemon.upstream_locals.pop(self._clocal, None)
+            self.lr.host.upstream_locals.pop(self._clocal, None)
             self._clocal = None
         return sock
 
@@ -410,12 +410,12 @@ class Connection(asyncio.Protocol):
             sock.close()
             fd_closed = True
         if fd_closed:
-            self.lr.daemon.data_fd_closed()
+            self.lr.host.data_fd_closed()
         if self._closed:
             return
         self.lr.metrics.connect_failures.inc()
         if exc.errno in (errno.EMFILE, errno.ENFILE):
-            self.lr.daemon.out_of_fds(exc)
+            self.lr.host.out_of_fds(exc)
         why = "timeout" if isinstance(exc, TimeoutError) else (exc.strerror or str(exc))
         # A reset, as from an upstream that reset: a clean FIN would read as "the server
         # answered nothing and closed", which a client may take for a complete exchange.
@@ -532,7 +532,7 @@ class Connection(asyncio.Protocol):
             self._finish("forwarded", None)
 
     def connection_lost(self, exc: Exception | None) -> None:
-        self.lr.daemon.data_fd_closed()  # counted when the event loop accepted it
+        self.lr.host.data_fd_closed()  # counted when the event loop accepted it
         if self._closed:
             self._cancel_linger(0)
             return
@@ -564,7 +564,7 @@ class Connection(asyncio.Protocol):
     def _engine_error(self, err: EngineError) -> None:
         lr = self.lr
         l7proto = lr.config.l7proto or ""
-        lr.daemon.metrics.parser_errors_total.labels(l7proto).inc()
+        lr.host.metrics.parser_errors_total.labels(l7proto).inc()
         if self.info is not None:
             fields: dict[str, Any] = {"error_kind": err.kind, "error": str(err)}
             if err.code:
@@ -589,7 +589,7 @@ class Connection(asyncio.Protocol):
             return
         self._closed = True
         if self._clocal is not None:
-            self.lr.daemon.upstream_locals.pop(self._clocal, None)
+            self.lr.host.upstream_locals.pop(self._clocal, None)
             self._clocal = None
         if self._task is not None and not self._task.done():
             self._task.cancel()
@@ -597,10 +597,10 @@ class Connection(asyncio.Protocol):
             sock = self._connect_cleanup()
             if sock is not None:
                 sock.close()
-                self.lr.daemon.data_fd_closed()
+                self.lr.host.data_fd_closed()
         if self.upstream_fd_counted:
             self.upstream_fd_counted = False
-            self.lr.daemon.data_fd_closed()
+            self.lr.host.data_fd_closed()
         loop = self._loop
         for side, t in enumerate((self.client, self.upstream)):
             if t is not None:
@@ -621,7 +621,7 @@ class Connection(asyncio.Protocol):
         lr = self.lr
         if self._counted:
             lr.metrics.active.dec()
-        lr.daemon.add_closed_bytes(lr.config.name, self.bytes_in, self.bytes_out)
+        lr.host.add_closed_bytes(lr.config.name, self.bytes_in, self.bytes_out)
         lr.forget(self)
         if self.info is None:
             return

@@ -1,4 +1,4 @@
-"""The daemon: listeners, admission, policy, reload, and graceful shutdown.
+"""The daemon (the control side, docs/architecture.md): its listeners, policy, reload, shutdown.
 
 Stages, as in uvicorn's server: :meth:`Daemon.start` (load policy, bind every listener, start
 the admin server, then report ready), :meth:`Daemon.serve` (signal handlers installed and
@@ -6,26 +6,18 @@ restored in one place; SIGHUP reloads, SIGUSR1 reopens the access log, SIGTERM/S
 :meth:`Daemon.stop` (stop accepting, let open connections finish up to ``drain_timeout``, then
 close the rest).
 
-Admission (:meth:`ListenerRuntime.accept`) refuses, before any upstream connect: connections
-over ``max_connections``, connections that were not redirected (no original destination, or
-the listener's own address, which is what ``SO_ORIGINAL_DST`` answers where NAT is loaded) or
-whose original destination is one of proxyd's own listeners (a loop), and connections the
-policy denies at L3/L4. Where a ``serverNames`` rule could apply, the policy's verdict waits
-for the client's TLS ClientHello (:mod:`proxyd.tlsgate`), still before any upstream connect.
+The listeners, their accept path and admission are in :mod:`proxyd.listener`.
 """
 
 from __future__ import annotations
 
 import asyncio
 import contextlib
-import errno
 import gc
 import ipaddress
 import itertools
-import os
 import resource
 import signal
-import socket
 import sys
 import time
 from collections.abc import Callable, Mapping
@@ -36,17 +28,14 @@ from typing import Any, TypeVar
 from proxyd import sdnotify
 from proxyd.accesslog import AccessLog, LineWriter, make_logger
 from proxyd.config import Config, Limits, ListenerConfig, load_config
-from proxyd.context import AllowAllPolicy, ConnInfo, L7Policy
 from proxyd.errors import ConfigError, PolicyError
-from proxyd.fdbudget import LISTEN_BACKLOG, FdBudget, nofile_limit, open_descriptors
-from proxyd.metrics import ListenerMetrics, Metrics
-from proxyd.origdst import original_dst, unmap
-from proxyd.parser import Endpoint, ParserFactory
+from proxyd.fdbudget import FdBudget, nofile_limit, open_descriptors
+from proxyd.listener import CAREFUL, FAST, FDS_PER_CONNECTION, PAUSED, ListenerRuntime
+from proxyd.metrics import Metrics
 from proxyd.policy.identity import IdentityMap
 from proxyd.policy.store import Change, PolicyStore
 from proxyd.policywatch import PolicyWatcher, Rescan
 from proxyd.registry import Registry
-from proxyd.relay import Connection
 
 T = TypeVar("T")
 LABELS_CACHE_SIZE = 65536
@@ -55,269 +44,7 @@ ACCESS_LOG_REPORT_INTERVAL = 10.0  # at most one "access log cannot be written" 
 ACCEPT_PAUSE = 0.5  # seconds between checks while accepting is paused for file descriptors
 FD_RECOUNT_INTERVAL = 5.0  # off the fast path, descriptors really open are listed this often
 FD_LOG_INTERVAL = 10.0  # at most one "out of file descriptors" log line per this many seconds
-FDS_PER_CONNECTION = 2  # client and upstream socket
-CAREFUL_BATCH = 32  # connections accepted one at a time per wake-up of the listening socket
-FAST, CAREFUL, PAUSED = "fast", "careful", "paused"  # how a listener accepts (fdbudget.py)
 FD_BASE = 64  # about what is open before any connection: listeners, admin, logs, the event loop
-
-
-class ListenerRuntime:
-    """A bound listener and the connections it accepted."""
-
-    def __init__(self, daemon: Daemon, config: ListenerConfig) -> None:
-        self.daemon = daemon
-        self.config = config
-        self.factory: ParserFactory | None = daemon.registry.get(config.l7proto) if config.l7proto else None
-        self.metrics: ListenerMetrics = daemon.metrics.for_listener(config.name)
-        self.metrics_accept_pauses = daemon.metrics.accept_pauses_total.labels(config.name)
-        self.access_log: AccessLog = daemon.access_log
-        self.limits: Limits = daemon.config.limits
-        self.upstream_mark = daemon.config.upstream_mark
-        self.server: asyncio.Server | None = None
-        #: The listen queue: where connections wait while accepting is paused (fdbudget.py).
-        self.backlog = LISTEN_BACKLOG
-        #: Our own reference to the listening socket: the event loop's server gets a duplicate,
-        #: so accepting can pause (that server closed) while the kernel keeps queueing
-        #: connections on this one, and resume with a new server on it.
-        self.lsock: socket.socket | None = None
-        #: How connections are accepted now (fdbudget.py): FAST (the event loop's server, in
-        #: bursts), CAREFUL (one at a time, each checked against the budget) or PAUSED.
-        self.accepting = FAST
-        self._reading = False  # CAREFUL: a reader on lsock
-        self._closing = False
-        #: (host, port, is wildcard) once bound: checked for every transparent connection.
-        self.bound: tuple[str, int, bool] | None = None
-        self.conns: set[Connection] = set()
-
-    @property
-    def mode(self) -> str:
-        return self.config.policy_mode or self.daemon.config.policy.mode
-
-    async def bind(self) -> None:
-        # The socket is made here rather than by create_server, which sets IPV6_V6ONLY: a
-        # "[::]" listener must also accept the IPv4 connections iptables redirects to it.
-        host, port = self.config.host, self.config.port
-        family = socket.AF_INET6 if ":" in host else socket.AF_INET
-        sock = socket.socket(family, socket.SOCK_STREAM)
-        try:
-            sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
-            if self.daemon.reuse_port:  # worker processes share the address (proxyd.workers)
-                sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEPORT, 1)
-            if family == socket.AF_INET6 and ipaddress.ip_address(host).is_unspecified:
-                sock.setsockopt(socket.IPPROTO_IPV6, socket.IPV6_V6ONLY, 0)
-            try:
-                sock.bind((host, port))
-            except OSError as exc:
-                why = os.strerror(exc.errno) if exc.errno else str(exc)
-                what = f"listener {self.config.name!r}: cannot bind {self.config.address}: {why}"
-                raise OSError(exc.errno, what) from exc
-            sock.setblocking(False)
-            sock.listen(self.backlog)
-            self.server = await self._serve_on(sock)
-            bhost, bport = sock.getsockname()[:2]
-            self.bound = (unmap(bhost), bport, ipaddress.ip_address(bhost).is_unspecified)
-            self.lsock = sock
-        except BaseException:
-            sock.close()
-            raise
-
-    async def _serve_on(self, sock: socket.socket) -> asyncio.Server:
-        dup = sock.dup()
-        try:
-            return await asyncio.get_running_loop().create_server(
-                self._new_connection, sock=dup, backlog=self.backlog
-            )
-        except BaseException:
-            dup.close()
-            raise
-
-    def bound_address(self) -> tuple[str, int]:
-        assert self.lsock is not None
-        host, port = self.lsock.getsockname()[:2]
-        return host, port
-
-    def _new_connection(self) -> Connection:
-        # The event loop calls this for every socket its server accepted, before
-        # connection_made, as it accepts a burst: the one place that counts each descriptor as
-        # it is taken. The mode changes soon, not here: closing the server in here would close
-        # this very socket.
-        d = self.daemon
-        fds = d.fds
-        fds.data += FDS_PER_CONNECTION  # its socket, and the upstream socket it will open
-        if fds.data >= fds.data_fast_high:
-            d.fds_check_soon()
-        conn = Connection(self)
-        conn.upstream_fd_counted = True
-        return conn
-
-    @property
-    def paused(self) -> bool:
-        return self.accepting == PAUSED
-
-    def set_accepting(self, mode: str) -> None:
-        """Accept in bursts (FAST), one at a time (CAREFUL), or not at all (PAUSED: the kernel
-        queues new connections, up to ``backlog``)."""
-        if self._closing or self.lsock is None or mode == self.accepting:
-            return
-        old, self.accepting = self.accepting, mode
-        if mode == PAUSED:
-            self.metrics_accept_pauses.inc()
-        if old == FAST and self.server is not None:
-            self.server.close()
-        loop = asyncio.get_running_loop()
-        if mode == CAREFUL and not self._reading:
-            loop.add_reader(self.lsock.fileno(), self._accept_carefully)
-            self._reading = True
-        elif mode != CAREFUL and self._reading:
-            loop.remove_reader(self.lsock.fileno())
-            self._reading = False
-        if mode == FAST:
-            self.daemon.spawn(self._serve_fast())
-
-    async def _serve_fast(self) -> None:
-        assert self.lsock is not None
-        try:
-            server = await self._serve_on(self.lsock)
-        except OSError:  # no descriptor even for the duplicate: one at a time for now
-            self.accepting = PAUSED
-            self.set_accepting(CAREFUL)
-            return
-        if self.accepting != FAST or self._closing:  # changed meanwhile
-            server.close()
-            return
-        self.server = server
-
-    def _accept_carefully(self) -> None:
-        """CAREFUL: accept while the budget has room for the connection and its upstream."""
-        d = self.daemon
-        fds = d.fds
-        lsock = self.lsock
-        assert lsock is not None
-        for _ in range(CAREFUL_BATCH):
-            if not fds.room():
-                d.fds_check()
-                return
-            try:
-                sock, _ = lsock.accept()
-            except (BlockingIOError, InterruptedError):
-                return
-            except OSError as exc:
-                if exc.errno in (errno.EMFILE, errno.ENFILE):
-                    d.out_of_fds(exc)
-                return  # ECONNABORTED and the like: the reader fires again for the rest
-            fds.data += FDS_PER_CONNECTION  # as in _new_connection
-            fds.seen(sock.fileno())
-            sock.setblocking(False)
-            d.spawn(self._adopt(sock))
-
-    def _adopted(self) -> Connection:
-        conn = Connection(self)
-        conn.upstream_fd_counted = True
-        return conn
-
-    async def _adopt(self, sock: socket.socket) -> None:
-        try:
-            await asyncio.get_running_loop().connect_accepted_socket(self._adopted, sock)
-        except OSError:
-            sock.close()
-            self.daemon.data_fd_closed()
-            self.daemon.data_fd_closed()
-
-    def accept(self, conn: Connection) -> None:
-        d = self.daemon
-        self.metrics.connections.inc()
-        self.conns.add(conn)
-        transport = conn.client
-        assert transport is not None
-        sock = transport.get_extra_info("socket")
-        if sock is not None and sock.fileno() >= d.fds.in_use():
-            d.fds.seen(sock.fileno())  # the count missed descriptors: it is raised to match
-            d.fds_check_soon()
-        peer = transport.get_extra_info("peername")
-        local = transport.get_extra_info("sockname")
-        if peer is None or local is None:
-            # The client reset the connection before it was handed to us (the event loop could
-            # not read its addresses): nothing to relay or log; connection_lost cleans up.
-            transport.abort()
-            return
-        conn_id = next(d.conn_ids)
-        src_ip, src_port = unmap(peer[0]), int(peer[1])
-        local_ip, local_port = unmap(local[0]), int(local[1])
-        cfg = self.config
-        reason: str | None = None
-        if cfg.upstream is not None:
-            upstream = cfg.upstream
-        else:
-            odst = original_dst(sock)
-            if odst is None:
-                upstream, reason = (local_ip, local_port), "not redirected: no original destination"
-            else:
-                upstream = (unmap(odst[0]), odst[1])
-                if upstream == (local_ip, local_port):
-                    reason = "not redirected: original destination is the listener itself"
-                elif d.is_own_listener(upstream, local_ip):
-                    reason = f"loop: original destination {upstream[0]}:{upstream[1]} is a proxyd listener"
-        dst_ip, dst_port = upstream
-        src = Endpoint(src_ip, src_port, d.labels_for(src_ip))
-        dst = Endpoint(dst_ip, dst_port, d.labels_for(dst_ip))
-        info = ConnInfo(conn_id, cfg.name, cfg.direction, src, dst, cfg.l7proto or "")
-        if reason is None and cfg.upstream is None and d.upstream_locals.get((src_ip, src_port)) == upstream:
-            reason = "loop: this is proxyd's own upstream connection, redirected back to it"
-        if reason is None and d.admitted_connections() > self.limits.max_connections:
-            reason = f"max_connections ({self.limits.max_connections}) reached"
-        policy: L7Policy = AllowAllPolicy()
-        hello_view = None
-        if reason is None:
-            view = d.policy.view(
-                cfg.direction,
-                info.local.labels,
-                info.remote.ip,
-                info.remote.labels,
-                dst_port,
-                cfg.l7proto,
-                self.mode == "audit",
-            )
-            l4 = view.l4()
-            if l4.reads_hello:
-                hello_view = view  # decided on the ClientHello's SNI (proxyd.tlsgate)
-            elif not l4.l4_allowed:
-                reason = f"policy: {l4.l4_reason}"
-            elif l4.audit_l4:
-                self.access_log.connection(info, verdict="audit", reason=f"policy: {l4.l4_reason}",
-                                           policy=l4.policy_name)  # fmt: skip
-            policy = view
-        if reason is not None:
-            d.log.warning("connection refused", conn_id=conn_id, listener=cfg.name,
-                          src=str(src), dst=str(dst), reason=reason)  # fmt: skip
-            conn.refuse(reason, info)
-            return
-        if hello_view is not None:
-            conn.read_hello(info, upstream, hello_view)
-            return
-        conn.start(info, upstream, policy)
-
-    def forget(self, conn: Connection) -> None:
-        self.conns.discard(conn)
-        self.daemon.connection_ended()
-        if not self.conns:
-            self.daemon.listener_idle(self)
-
-    def close_server(self) -> None:
-        self._closing = True
-        if self.server is not None:
-            self.server.close()
-        if self._reading and self.lsock is not None:
-            asyncio.get_running_loop().remove_reader(self.lsock.fileno())
-            self._reading = False
-        if self.lsock is not None:
-            self.lsock.close()
-
-    def timeouts(self) -> tuple[float, float]:
-        """(idle, request) timeouts in force for new sweeps of this listener (0: off)."""
-        c, lim = self.config, self.limits
-        idle = lim.idle_timeout if c.idle_timeout is None else c.idle_timeout
-        request = lim.request_timeout if c.request_timeout is None else c.request_timeout
-        return idle, request
 
 
 class Daemon:
@@ -372,6 +99,20 @@ class Daemon:
         #: The cluster source (docs/kubernetes.md), made at start: its client needs a loop.
         self.kube: Any = None
 
+    # --- what the data side reads (proxyd.dataside.DataHost) ------------------------------
+
+    @property
+    def limits(self) -> Limits:
+        return self.config.limits
+
+    @property
+    def upstream_mark(self) -> int | None:
+        return self.config.upstream_mark
+
+    @property
+    def policy_mode(self) -> str:
+        return self.config.policy.mode
+
     # --- queries ---------------------------------------------------------------------------
 
     def active_connections(self) -> int:
@@ -425,6 +166,44 @@ class Daemon:
                 t[0] += conn.bytes_in
                 t[1] += conn.bytes_out
         return [(name, t[0], t[1]) for name, t in sorted(totals.items())]
+
+    # --- what the admin API asks (proxyd.admin.Control) ---------------------------------------
+
+    def is_ready(self) -> bool:
+        bound = all(lr.server is not None for lr in self.listeners.values())
+        return self.ready and not self.stopping and bound
+
+    async def listener_rows(self) -> list[dict[str, Any]]:
+        out: list[dict[str, Any]] = []
+        for name, lr in sorted(self.listeners.items()):
+            c = lr.config
+            out.append(
+                {
+                    "name": name,
+                    "address": c.address,
+                    "bound": "{}:{}".format(*lr.bound_address()) if lr.server else None,
+                    "l7proto": c.l7proto,
+                    "upstream": "original-destination" if c.upstream is None else "{}:{}".format(*c.upstream),
+                    "direction": c.direction,
+                    "policy_mode": lr.mode,
+                    "active_connections": len(lr.conns),
+                }
+            )
+        return out
+
+    def live_listeners(self) -> list[ListenerConfig]:
+        listeners = []
+        for lc in self.config.listeners:
+            lr = self.listeners.get(lc.name)
+            if lc.port == 0 and lr is not None and lr.lsock is not None:
+                lc = replace(lc, port=lr.bound_address()[1])  # the port the kernel picked
+            listeners.append(lc)
+        return listeners
+
+    def policy_change_failed(self) -> None:
+        self.metrics.policy_reloads_total.labels("failure").inc()
+
+    # --- what the data side tells (proxyd.dataside.DataHost) -------------------------------
 
     def listener_idle(self, lr: ListenerRuntime) -> None:
         """A listener's last connection ended: retire it if removed; end a drain if all idle."""
