@@ -97,6 +97,12 @@ class _UpstreamSocket(socket.socket):
     family = _socket.socket.family  # type: ignore[assignment]
     type = _socket.socket.type  # type: ignore[assignment]
 
+    def setblocking(self, flag: bool) -> None:
+        # Made SOCK_NONBLOCK (Python knows: its timeout is 0.0), so uvloop's setblocking(False)
+        # would be an ioctl(FIONBIO) that changes nothing.
+        if flag or self.gettimeout() != 0.0:
+            super().setblocking(flag)
+
 
 def shutdown_write(transport: asyncio.Transport) -> None:
     """Half-close a transport's socket without ``write_eof()`` and without a new descriptor."""
