@@ -71,7 +71,9 @@ def _sock_of(transport: asyncio.Transport) -> _socket.socket | None:
     """A socket object on the transport's own descriptor (no ``dup``); ``detach()`` it after.
 
     The C-level ``_socket.socket``: the ``socket.socket`` wrapper's Python ``__init__`` and
-    enum conversions were a visible share of a short connection's teardown.
+    enum conversions were a visible share of a short connection's teardown. It is only a
+    handle for ``shutdown`` and ``SO_LINGER``, which do not depend on the address family, so
+    the family is not read off uvloop's pseudo-socket (whose getters convert to enums too).
     """
     pseudo = transport.get_extra_info("socket")
     if pseudo is None:
@@ -80,7 +82,7 @@ def _sock_of(transport: asyncio.Transport) -> _socket.socket | None:
         fd = pseudo.fileno()
         if fd < 0:
             return None
-        return _socket.socket(pseudo.family, pseudo.type, 0, fd)
+        return _socket.socket(_socket.AF_INET, _socket.SOCK_STREAM, 0, fd)
     except OSError:
         return None
 
