@@ -335,8 +335,9 @@ class Connection(asyncio.Protocol):
     # --- upstream connect ------------------------------------------------------------------
     #
     # A plain callback chain, no task or coroutine of our own per connection (a name to resolve
-    # is the exception): socket, non-blocking connect started by hand, add_writer for its end,
-    # one timer for connect_timeout, then uvloop's create_connection(sock=) stepped by hand
+    # is the exception): socket, non-blocking connect started by hand, add_writer for its end
+    # and one timer for connect_timeout unless the handshake was over when connect() returned
+    # (a local upstream: then neither), then uvloop's create_connection(sock=) stepped by hand
     # (it only waits for connection_made, one loop iteration). Started by hand so the local
     # address is known before the handshake: if a NAT rule sends this very connection back to
     # one of our listeners, the accept side recognises it and refuses it (no redirect loop).
