@@ -11,10 +11,12 @@ Protocol-free I/O on asyncio transports (uvloop). What it guarantees (docs/confi
   process has no descriptor to spare) instead of ``transport.write_eof()``, which aborted
   uvloop processes under connection churn on these machines.
 - Reading pauses are enforced, not assumed: uvloop starts reading *after* ``connection_made``
-  returns, so the pause asked for there is a no-op, and reading would run on while the
-  upstream connect is pending (an unbounded ``_pending``). Every ``data_received`` that
-  arrives while a pause is wanted pauses the transport again, so at most one read's worth of
-  bytes (plus the engine's ``buffer_bytes``) is ever held before the upstream is connected.
+  returns, so a pause asked for there would be a no-op. Every ``data_received`` that arrives
+  while a pause is wanted pauses the transport again. While the upstream connects the client
+  is read until ``buffer_bytes`` wait for it, then paused, so at most that plus one read's
+  worth of bytes (plus the engine's ``buffer_bytes``) is ever held before the upstream is
+  connected. (Pausing at accept instead cost a pause and a resume, two to four ``epoll_ctl``
+  calls, on nearly every short connection, whose request arrives while it connects.)
 - Answers proxyd writes itself (injected denials) to a client that sends requests but never
   reads are bounded too: past ``HIGH_WATER + buffer_bytes`` waiting for the client, reading
   from the client pauses until it catches up.
@@ -69,7 +71,9 @@ def _sock_of(transport: asyncio.Transport) -> _socket.socket | None:
     """A socket object on the transport's own descriptor (no ``dup``); ``detach()`` it after.
 
     The C-level ``_socket.socket``: the ``socket.socket`` wrapper's Python ``__init__`` and
-    enum conversions were a visible share of a short connection's teardown.
+    enum conversions were a visible share of a short connection's teardown. It is only a
+    handle for ``shutdown`` and ``SO_LINGER``, which do not depend on the address family, so
+    the family is not read off uvloop's pseudo-socket (whose getters convert to enums too).
     """
     pseudo = transport.get_extra_info("socket")
     if pseudo is None:
@@ -78,9 +82,28 @@ def _sock_of(transport: asyncio.Transport) -> _socket.socket | None:
         fd = pseudo.fileno()
         if fd < 0:
             return None
-        return _socket.socket(pseudo.family, pseudo.type, 0, fd)
+        return _socket.socket(_socket.AF_INET, _socket.SOCK_STREAM, 0, fd)
     except OSError:
         return None
+
+
+class _UpstreamSocket(socket.socket):
+    """The upstream's socket: ``family`` and ``type`` as the plain ints ``_socket`` gives.
+
+    uvloop's ``create_connection(sock=)`` reads both; ``socket.socket`` converts each to its
+    enum on every read, a visible share of a short connection's connect. Still a
+    ``socket.socket``, so uvloop detaches it (never closes the descriptor twice) at the end.
+    """
+
+    __slots__ = ()
+    family = _socket.socket.family  # type: ignore[assignment]
+    type = _socket.socket.type  # type: ignore[assignment]
+
+    def setblocking(self, flag: bool) -> None:
+        # Made SOCK_NONBLOCK (Python knows: its timeout is 0.0), so uvloop's setblocking(False)
+        # would be an ioctl(FIONBIO) that changes nothing.
+        if flag or self.gettimeout() != 0.0:
+            super().setblocking(flag)
 
 
 def shutdown_write(transport: asyncio.Transport) -> None:
@@ -147,6 +170,7 @@ class Connection(asyncio.Protocol):
         self.info: ConnInfo | None = None
         self.upstream_addr: tuple[str, int] | None = None
         self._pending: list[bytes | bytearray] | None = []  # to upstream, before it is connected
+        self._pending_size = 0  # bytes in _pending; past buffer_bytes, reading the client pauses
         self._client_pauses: set[str] = set()
         self._client_eof = False
         self._upstream_eof = False
@@ -163,7 +187,7 @@ class Connection(asyncio.Protocol):
         #: create_connection(sock=) once the handshake is done.
         self._csock: socket.socket | None = None
         self._cwatch = False
-        self._ctimer: asyncio.TimerHandle | None = None
+        self._ctimer: asyncio.Handle | None = None  # or the fast path's call_soon
         self._clocal: tuple[str, int] | None = None
         self._coro: Any = None
         self._loop: asyncio.AbstractEventLoop = cast(asyncio.AbstractEventLoop, None)  # connection_made
@@ -194,7 +218,7 @@ class Connection(asyncio.Protocol):
         self._loop = asyncio.get_running_loop()
         self.client = client = cast(asyncio.Transport, transport)  # uvloop's is not a subclass
         client.set_write_buffer_limits(HIGH_WATER, LOW_WATER)
-        self.pause_client_reading("connecting")
+        # No pause while the upstream connects: _pend pauses once buffer_bytes wait.
         self.lr.accept(self)
 
     def start(self, info: ConnInfo, upstream: tuple[str, int], policy: L7Policy) -> None:
@@ -228,8 +252,7 @@ class Connection(asyncio.Protocol):
         self.upstream_addr = upstream
         self._counted = True
         self.lr.metrics.active.inc()
-        self._gate = HelloGate(view, self.lr.limits.buffer_bytes)
-        self.resume_client_reading("connecting")
+        self._gate = HelloGate(view, self.lr.limits.buffer_bytes)  # the client is being read
 
     def _gate_decided(self, verdict: GateVerdict) -> None:
         gate, self._gate = self._gate, None
@@ -312,8 +335,9 @@ class Connection(asyncio.Protocol):
     # --- upstream connect ------------------------------------------------------------------
     #
     # A plain callback chain, no task or coroutine of our own per connection (a name to resolve
-    # is the exception): socket, non-blocking connect started by hand, add_writer for its end,
-    # one timer for connect_timeout, then uvloop's create_connection(sock=) stepped by hand
+    # is the exception): socket, non-blocking connect started by hand, add_writer for its end
+    # and one timer for connect_timeout unless the handshake was over when connect() returned
+    # (a local upstream: then neither), then uvloop's create_connection(sock=) stepped by hand
     # (it only waits for connection_made, one loop iteration). Started by hand so the local
     # address is known before the handshake: if a NAT rule sends this very connection back to
     # one of our listeners, the accept side recognises it and refuses it (no redirect loop).
@@ -333,7 +357,7 @@ class Connection(asyncio.Protocol):
         sock: socket.socket | None = None
         try:
             # Non-blocking from socket() on: no ioctl(FIONBIO) of its own.
-            sock = socket.socket(family, socket.SOCK_STREAM | socket.SOCK_NONBLOCK)
+            sock = _UpstreamSocket(family, socket.SOCK_STREAM | socket.SOCK_NONBLOCK)
             self._csock = sock
             # Counted at accept (upstream_fd_counted); uncounted when closed (data_fd_closed).
             self.upstream_fd_counted = False
@@ -346,8 +370,21 @@ class Connection(asyncio.Protocol):
             name = sock.getsockname()
             self._clocal = local = (unmap(name[0]), name[1])
             lr.host.upstream_locals[local] = cast("tuple[str, int]", self.upstream_addr)
-            loop.add_writer(sock.fileno(), self._connect_ready)
-            self._cwatch = True
+            try:
+                # Connected already? On loopback (a local upstream) the handshake is over when
+                # connect() returns EINPROGRESS. getpeername() fails while it is not (SYN_SENT,
+                # or refused): one system call instead of add_writer's poll handle (ioctl and
+                # six to eight epoll_ctl in uvloop), its timer and the SO_ERROR check.
+                sock.getpeername()
+            except OSError:
+                loop.add_writer(sock.fileno(), self._connect_ready)
+                self._cwatch = True
+            else:
+                # Finished on the next iteration, as add_writer's callback would be: never from
+                # inside connection_made. The handle sits where the timer does, so _finish and
+                # _connect_cleanup cancel it alike.
+                self._ctimer = loop.call_soon(self._connect_ready, True)
+                return
         except OSError as exc:
             # Reported where a failure found by add_writer is (_connect_ready), not from inside
             # connection_made, before the event loop has started reading the client.
@@ -374,10 +411,10 @@ class Connection(asyncio.Protocol):
             self._clocal = None
         return sock
 
-    def _connect_ready(self) -> None:
+    def _connect_ready(self, connected: bool = False) -> None:
         sock = self._connect_cleanup(keep_local=True)
         assert sock is not None
-        err = sock.getsockopt(socket.SOL_SOCKET, socket.SO_ERROR)
+        err = 0 if connected else sock.getsockopt(socket.SOL_SOCKET, socket.SO_ERROR)
         if err:
             self._csock = sock
             self._connect_failed(OSError(err, os.strerror(err)))
@@ -432,7 +469,16 @@ class Connection(asyncio.Protocol):
             transport.write(b"".join(pending))
         if self._client_eof:
             self._maybe_shutdown(False)
-        self.resume_client_reading("connecting")
+        if "connecting" in self._client_pauses:
+            self.resume_client_reading("connecting")
+
+    def _pend(self, data: bytes | bytearray) -> None:
+        """Keep bytes for the upstream that is still connecting; bounded by pausing the client."""
+        assert self._pending is not None
+        self._pending.append(data)
+        self._pending_size += len(data)
+        if self._pending_size >= self.lr.limits.buffer_bytes:
+            self.pause_client_reading("connecting")
 
     # --- data ------------------------------------------------------------------------------
 
@@ -450,7 +496,7 @@ class Connection(asyncio.Protocol):
             if self.upstream is not None:
                 self.upstream.write(data)
             elif self._pending is not None:  # bounded: reading pauses while connecting
-                self._pending.append(data)
+                self._pend(data)
             return
         if self.engine is not None:
             self.engine.feed(False, data)
@@ -483,7 +529,7 @@ class Connection(asyncio.Protocol):
         elif self.upstream is not None:
             self.upstream.write(data)
         elif self._pending is not None:
-            self._pending.append(data)
+            self._pend(data)
 
     # --- half-close and end ----------------------------------------------------------------
 

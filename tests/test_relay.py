@@ -4,7 +4,9 @@ from __future__ import annotations
 
 import asyncio
 import hashlib
+import json
 import os
+import socket
 from pathlib import Path
 
 from proxyutil import addr, daemon, echo, r2d2_server, tcp_server, wait_for
@@ -67,6 +69,65 @@ async def test_half_close_client_first(tmp_path: Path) -> None:
             w.write_eof()
             assert await asyncio.wait_for(r.read(), 5) == b"got hello\n"
             w.close()
+
+
+async def test_request_and_eof_sent_while_the_upstream_connect_waits_are_forwarded(tmp_path: Path) -> None:
+    """The connect that is not over when connect() returns (add_writer; on loopback only when
+    the upstream's accept queue is full and its SYN is dropped): what the client sent and its
+    EOF, read while proxyd connects, reach the upstream once it answers the retried SYN."""
+    loop = asyncio.get_running_loop()
+    ls = socket.socket()
+    ls.bind(("127.0.0.1", 0))
+    ls.listen(0)
+    ls.setblocking(False)
+    fillers = []
+    for _ in range(4):  # fill the accept queue: the next SYN is dropped, retried after ~1 s
+        f = socket.socket()
+        f.setblocking(False)
+        f.connect_ex(ls.getsockname())
+        fillers.append(f)
+    await asyncio.sleep(0.2)
+    filler_ends = {f.getsockname() for f in fillers}
+    up = ls.getsockname()
+    try:
+        async with daemon(l4_config(up), tmp_path) as d:
+            for name in ("tcp", "lines"):
+                r, w = await asyncio.open_connection(*addr(d, name))
+                w.write(b"hello\n")
+                w.write_eof()
+                await asyncio.sleep(0.3)  # proxyd has read both while its connect waits
+                while True:  # empty the queue: the proxyd's retried SYN then gets in
+                    conn, peer = await asyncio.wait_for(loop.sock_accept(ls), 10)
+                    if peer not in filler_ends:
+                        break
+                    conn.close()
+                conn.setblocking(False)
+                got = b""
+                while chunk := await asyncio.wait_for(loop.sock_recv(conn, 4096), 10):
+                    got += chunk
+                assert got == b"hello\n"
+                await loop.sock_sendall(conn, b"got " + got)
+                conn.close()
+                assert await asyncio.wait_for(r.read(), 10) == b"got hello\n"
+                w.close()
+                for f in fillers:
+                    f.close()
+                fillers = []
+                for _ in range(4):  # and full again for the next listener
+                    f = socket.socket()
+                    f.setblocking(False)
+                    f.connect_ex(ls.getsockname())
+                    fillers.append(f)
+                await asyncio.sleep(0.2)
+                filler_ends |= {f.getsockname() for f in fillers}  # old ones may still be queued
+            await wait_for(lambda: not d.active_connections())
+        ends = [json.loads(line) for line in (tmp_path / "access.log").read_text().splitlines()]
+        ends = [e for e in ends if e["event"] == "connection"]
+        assert [(e["verdict"], e["bytes_in"], e["bytes_out"]) for e in ends] == [("forwarded", 6, 10)] * 2
+    finally:
+        for f in fillers:
+            f.close()
+        ls.close()
 
 
 async def test_half_close_server_first(tmp_path: Path) -> None:
