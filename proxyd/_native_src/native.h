@@ -7,6 +7,9 @@
  *               denial placement, text/meta and binary dialects)
  *   policy.c    the memcache rules of a connection's policy, flattened and evaluated in C
  *               (proxyd/policy/store.py LiveConnectionPolicy, memcache/rules.py MemcacheRule)
+ *   redis.c     proxyd/parsers/redis/parser.py's common case (whole multibulk requests of simple
+ *               commands, their RedisRule policy, simple and bulk string replies, denials in
+ *               place), handing every other request or reply to the reference RedisParser
  *   module.c    PyInit, the setup functions that hand the Python pieces over, shared state
  * This header holds what more than one of them uses. tests/test_native_equivalence.py drives
  * both implementations with the same inputs and compares ops, bytes, log entries and errors.
@@ -72,9 +75,15 @@ typedef struct NativeParser {
 extern PyTypeObject EngineType;     /* engine.c */
 extern PyTypeObject MemcacheType;   /* memcache.c */
 extern PyTypeObject LazyFieldsType; /* memcache.c */
+extern PyTypeObject RedisType;      /* redis.c */
+extern PyTypeObject RedisFieldsType; /* redis.c */
+/* handed over by proxyd.parsers.redis (setup_redis) */
+extern PyObject *g_RedisParser, *g_RedisRequest, *g_RedisRule, *g_redis_key_text, *g_redis_table, *s_noperm;
 
 /* memcache.c: intern the command and opcode names, ready the types. 0 or -1. */
 int memcache_init(void);
+/* redis.c: intern its attribute names. 0 or -1. */
+int redis_init(void);
 
 /* ------------------------------------------------------------------------------------------ */
 /* The flattened per-connection policy (policy.c), embedded in a native parser.                */
