@@ -27,7 +27,7 @@ from proxyd.engine import native_module
 from proxyd.parsers.redis import RedisFactory
 from proxyd.testing import Harness
 
-KEYS = [b"a:1", b"a:2", b"b:1", b"key:9", b"\xffx", b"a:" + b"k" * 300, "a:\u00e9".encode(), b""]
+KEYS = [b"a:1", b"a:2", b"b:1", b"key:9", b"\xffx", b"a:" + b"k" * 300, "a:\u00e9".encode(), b"", b"a:", b"b"]
 
 
 def bulk(*args: bytes) -> bytes:

@@ -111,14 +111,32 @@ typedef struct {
     PyObject *exact, *prefix;         /* bytes or NULL */
     PyObject *regex;                  /* RuleRegex or NULL: regex.search(key) */
     int keyed;
+    int pass, audit;                  /* decision.allowed or decision.audit; decision.audit */
 } RRule;
 
 typedef struct {
     int ok;
+    int pure;               /* every rule is evaluated here without a Python call */
     RRule *rules;
     Py_ssize_t n;
     PyObject *cp, *always, *denied;
+    int always_pass, always_audit, denied_pass, denied_audit;
 } RFlat;
+
+/* decision.allowed or decision.audit, and decision.audit (Context.matches): 0 or -1 */
+static int decision_flags(PyObject *d, int *pass, int *audit) {
+    PyObject *a = PyObject_GetAttr(d, s_rd_allowed);
+    int al = a ? PyObject_IsTrue(a) : -1;
+    Py_XDECREF(a);
+    if (al < 0) return -1;
+    a = PyObject_GetAttr(d, s_audit);
+    int au = a ? PyObject_IsTrue(a) : -1;
+    Py_XDECREF(a);
+    if (au < 0) return -1;
+    *pass = al || au;
+    *audit = au;
+    return 0;
+}
 
 static void rflat_clear(RFlat *fp) {
     for (Py_ssize_t i = 0; i < fp->n; i++) {
@@ -139,6 +157,8 @@ static void rflat_clear(RFlat *fp) {
     Py_CLEAR(fp->always);
     Py_CLEAR(fp->denied);
 }
+
+static int str_eq(PyObject *a, PyObject *b);
 
 static PyObject *attr_none_null(PyObject *o, PyObject *name) {
     PyObject *v = PyObject_GetAttr(o, name);
@@ -212,7 +232,38 @@ static int rflat_build(RFlat *fp, PyObject *cp) {
     fp->denied = denied;
     fp->cp = cp;
     Py_INCREF(cp);
+    fp->pure = 1;
+    for (Py_ssize_t i = 0; i < n; i++) {
+        RRule *r = &fp->rules[i];
+        if (r->kind == 2 || r->regex != NULL) fp->pure = 0;
+        if (decision_flags(r->decision, &r->pass, &r->audit) < 0) return -1;
+    }
+    if (fp->always && decision_flags(fp->always, &fp->always_pass, &fp->always_audit) < 0) return -1;
+    if (decision_flags(fp->denied, &fp->denied_pass, &fp->denied_audit) < 0) return -1;
     return 0;
+}
+
+/* rules.py RedisRule.matches for a rule without regex, on a key's bytes (NULL: no key) */
+static int rrule_matches_raw(RRule *r, PyObject *name, PyObject *base, PyObject *cats, const char *kp,
+                             Py_ssize_t kl) {
+    if (r->kind == 0) return 1;
+    int c;
+    if (r->base) c = str_eq(base, r->base);
+    else if (r->name) c = str_eq(name, r->name);
+    else if (r->category) {
+        c = str_eq(r->category, s_all);
+        if (c == 0) c = PySet_Contains(cats, r->category);
+    } else c = 1;
+    if (c <= 0) return c;
+    if (!r->keyed) return 1;
+    if (kp == NULL) return 0;
+    if (r->exact && (kl != PyBytes_GET_SIZE(r->exact) || memcmp(kp, PyBytes_AS_STRING(r->exact), (size_t)kl)))
+        return 0;
+    if (r->prefix) {
+        Py_ssize_t pl = PyBytes_GET_SIZE(r->prefix);
+        if (kl < pl || memcmp(kp, PyBytes_AS_STRING(r->prefix), (size_t)pl)) return 0;
+    }
+    return 1;
 }
 
 /* One question: tuple.__new__(RedisRequest, (name, base, categories, True, key)) */
@@ -293,7 +344,15 @@ typedef struct {
     long long rep_owed;
     Py_ssize_t budget, max_bulk, max_entries;
     PyObject *counts, *count_key; /* ctx.quiet_counter() */
+    long long quiet_pending;      /* forwarded requests counted, not yet added to counts */
     RFlat flat;
+    int call_flat;                /* this call's policy is flat's (LivePolicy, l4() asked) */
+    struct {
+        Py_ssize_t len;
+        char raw[40];
+        PyObject *value; /* the table's tuple */
+    } seen[4];                    /* the last command names looked up, as sent */
+    int seen_next;
 } Redis;
 
 static REntry *rq_at(Redis *s, Py_ssize_t i) { return &s->q[(s->qhead + i) % s->qcap]; }
@@ -342,6 +401,7 @@ static int Redis_traverse(Redis *self, visitproc visit, void *arg) {
 }
 
 static int Redis_clear(Redis *self) {
+    for (int i = 0; i < 4; i++) Py_CLEAR(self->seen[i].value);
     Py_CLEAR(self->py);
     Py_CLEAR(self->ctx);
     Py_CLEAR(self->counts);
@@ -534,8 +594,14 @@ static int rd_hand_over(Redis *self, PyObject *method, PyObject *buf, Py_ssize_t
 
 /* --- calls into the context ----------------------------------------------------------------- */
 
+static int rd_flush_counts(Redis *self);
+
 static int rd_log(Redis *self, PyObject *entry_type, PyObject *fields) { /* steals fields */
     if (fields == NULL) return -1;
+    if (rd_flush_counts(self) < 0) {
+        Py_DECREF(fields);
+        return -1;
+    }
     PyObject *r = PyObject_CallMethodObjArgs(self->ctx, s_log, entry_type, fields, NULL);
     Py_DECREF(fields);
     if (r == NULL) return -1;
@@ -586,6 +652,22 @@ static int rd_log_forwarded(Redis *self, PyObject *fields) {
     return rd_log(self, g_ET_REQUEST, fields);
 }
 
+/* counts[count_key] += the requests counted in this call (what the log's counter would do) */
+static int rd_flush_counts(Redis *self) {
+    if (!self->quiet_pending) return 0;
+    PyObject *old = PyDict_GetItemWithError(self->counts, self->count_key);
+    if (old == NULL && PyErr_Occurred()) return -1;
+    PyObject *k = PyLong_FromLongLong(self->quiet_pending);
+    if (k == NULL) return -1;
+    self->quiet_pending = 0;
+    PyObject *sum = old ? PyNumber_Add(old, k) : (Py_INCREF(k), k);
+    Py_DECREF(k);
+    if (sum == NULL) return -1;
+    int rc = PyDict_SetItem(self->counts, self->count_key, sum);
+    Py_DECREF(sum);
+    return rc;
+}
+
 static int rd_inject(Redis *self, int reply, PyObject *payload) {
     PyObject *r = PyObject_CallMethodObjArgs(self->ctx, s_inject, BOOL(reply), payload, NULL);
     if (r == NULL) return -1;
@@ -596,10 +678,7 @@ static int rd_inject(Redis *self, int reply, PyObject *payload) {
 /* Context.matches(RedisRequest(name, base, categories, True, key)): 1, 0, -1 */
 static int rd_matches(Redis *self, PyObject *name, PyObject *base, PyObject *cats, PyObject *key) {
     RFlat *fp = &self->flat;
-    PyObject *policy = fp->ok ? PyObject_GetAttr(self->ctx, s_rd_policy) : NULL;
-    if (fp->ok && policy == NULL) return -1;
-    if (policy == NULL || (PyObject *)Py_TYPE(policy) != g_LivePolicy) {
-        Py_XDECREF(policy);
+    if (!self->call_flat) {
         PyObject *req = redis_request(name, base, cats, key);
         if (req == NULL) return -1;
         PyObject *r = PyObject_CallMethodOneArg(self->ctx, s_matches, req);
@@ -609,14 +688,6 @@ static int rd_matches(Redis *self, PyObject *name, PyObject *base, PyObject *cat
         Py_DECREF(r);
         return t;
     }
-    PyObject *cp = PyObject_CallMethodNoArgs(policy, s_rd_l4);
-    Py_DECREF(policy);
-    if (cp == NULL) return -1;
-    if (cp != fp->cp && rflat_build(fp, cp) < 0) {
-        Py_DECREF(cp);
-        return -1;
-    }
-    Py_DECREF(cp);
     PyObject *decision = fp->always;
     if (decision == NULL) {
         decision = fp->denied;
@@ -646,6 +717,65 @@ static int rd_matches(Redis *self, PyObject *name, PyObject *base, PyObject *cat
     return t;
 }
 
+/* The policy in force for this call: LiveConnectionPolicy.l4(), flattened again when it is a
+ * new object (a reload). A reload runs in the event loop, never inside a parser call, so one
+ * l4() a call sees what Context.matches would see at each request. 0 or -1. */
+static int rd_policy_refresh(Redis *self) {
+    RFlat *fp = &self->flat;
+    self->call_flat = 0;
+    if (!fp->ok) return 0;
+    PyObject *policy = PyObject_GetAttr(self->ctx, s_rd_policy);
+    if (policy == NULL) return -1;
+    if ((PyObject *)Py_TYPE(policy) != g_LivePolicy) {
+        Py_DECREF(policy);
+        return 0;
+    }
+    PyObject *cp = PyObject_CallMethodNoArgs(policy, s_rd_l4);
+    Py_DECREF(policy);
+    if (cp == NULL) return -1;
+    if (cp != fp->cp && rflat_build(fp, cp) < 0) {
+        Py_DECREF(cp);
+        return -1;
+    }
+    Py_DECREF(cp);
+    self->call_flat = 1;
+    return 0;
+}
+
+/* The flat policy's decision for each key (or one keyless question), as Context.matches would
+ * answer them one by one, stopping at the first refusal; without a Python call (fp->pure).
+ * Returns whether the request is allowed; *decision is the last decision (borrowed). */
+static int rd_decide_raw(Redis *self, PyObject *name, PyObject *base, PyObject *cats, const char *d,
+                         const Py_ssize_t *kstart, const Py_ssize_t *klen, Py_ssize_t nk, PyObject **decision,
+                         int *audit) {
+    RFlat *fp = &self->flat;
+    if (fp->always) {
+        *decision = fp->always;
+        *audit = fp->always_audit;
+        return fp->always_pass;
+    }
+    int pass = 1;
+    for (Py_ssize_t k = 0; k < (nk ? nk : 1) && pass; k++) {
+        const char *kp = nk ? d + kstart[k] : NULL;
+        Py_ssize_t kl = nk ? klen[k] : 0;
+        *decision = fp->denied;
+        pass = fp->denied_pass;
+        *audit = fp->denied_audit;
+        for (Py_ssize_t i = 0; i < fp->n; i++) {
+            RRule *r = &fp->rules[i];
+            int m = rrule_matches_raw(r, name, base, cats, kp, kl);
+            if (m < 0) return -1;
+            if (m) {
+                *decision = r->decision;
+                pass = r->pass;
+                *audit = r->audit;
+                break;
+            }
+        }
+    }
+    return pass;
+}
+
 /* --- requests (parser.py _on_request / _requests, _judge, _commit for plain commands) --------- */
 
 /* The table entry handed over for a lower-case name: (name, base, categories, mode, first,
@@ -655,9 +785,27 @@ typedef struct {
     long mode, first, lastkey, step;
 } TEntry;
 
-static int table_get(const char *p, Py_ssize_t k, TEntry *t) {
+static int table_entry(PyObject *v, TEntry *t) {
+    if (!PyTuple_CheckExact(v) || PyTuple_GET_SIZE(v) != 7) return 0;
+    t->name = PyTuple_GET_ITEM(v, 0);
+    t->base = PyTuple_GET_ITEM(v, 1);
+    t->cats = PyTuple_GET_ITEM(v, 2);
+    t->mode = PyLong_AsLong(PyTuple_GET_ITEM(v, 3));
+    t->first = PyLong_AsLong(PyTuple_GET_ITEM(v, 4));
+    t->lastkey = PyLong_AsLong(PyTuple_GET_ITEM(v, 5));
+    t->step = PyLong_AsLong(PyTuple_GET_ITEM(v, 6));
+    return PyErr_Occurred() ? -1 : 1;
+}
+
+/* table.lookup for a name of the handed-over table: 1, 0 (not there: the reference decides), -1.
+ * The entry's objects are borrowed from self->seen, which keeps the tuple. */
+static int table_get(Redis *self, const char *p, Py_ssize_t k, TEntry *t) {
     char low[40];
     if (k <= 0 || k > (Py_ssize_t)sizeof(low)) return 0;
+    for (int i = 0; i < 4; i++) {
+        if (self->seen[i].value && self->seen[i].len == k && !memcmp(self->seen[i].raw, p, (size_t)k))
+            return table_entry(self->seen[i].value, t);
+    }
     for (Py_ssize_t i = 0; i < k; i++) {
         unsigned char c = (unsigned char)p[i];
         if (c >= 0x80) return 0;
@@ -668,15 +816,13 @@ static int table_get(const char *p, Py_ssize_t k, TEntry *t) {
     PyObject *v = PyDict_GetItemWithError(g_redis_table, key);
     Py_DECREF(key);
     if (v == NULL) return PyErr_Occurred() ? -1 : 0;
-    if (!PyTuple_CheckExact(v) || PyTuple_GET_SIZE(v) != 7) return 0;
-    t->name = PyTuple_GET_ITEM(v, 0);
-    t->base = PyTuple_GET_ITEM(v, 1);
-    t->cats = PyTuple_GET_ITEM(v, 2);
-    t->mode = PyLong_AsLong(PyTuple_GET_ITEM(v, 3));
-    t->first = PyLong_AsLong(PyTuple_GET_ITEM(v, 4));
-    t->lastkey = PyLong_AsLong(PyTuple_GET_ITEM(v, 5));
-    t->step = PyLong_AsLong(PyTuple_GET_ITEM(v, 6));
-    return PyErr_Occurred() ? -1 : 1;
+    int slot = self->seen_next;
+    self->seen_next = (slot + 1) % 4;
+    Py_INCREF(v);
+    Py_XSETREF(self->seen[slot].value, v);
+    self->seen[slot].len = k;
+    memcpy(self->seen[slot].raw, p, (size_t)k);
+    return table_entry(v, t);
 }
 
 /* "\r" in [from, to) (to clamped to have), or -1 */
@@ -739,16 +885,41 @@ static int push_reply(Redis *self, PyObject *name) {
     return rq_append(self, E_REPLY, 1, name);
 }
 
-static int rd_request(Redis *self, PyObject *buf, long long *n) {
+/* The keys' bytes as a tuple (for the log and for a policy with Python matchers) */
+static PyObject *keys_tuple(const char *d, const Py_ssize_t *kstart, const Py_ssize_t *klen, Py_ssize_t nk) {
+    PyObject *keys = PyTuple_New(nk);
+    if (keys == NULL) return NULL;
+    for (Py_ssize_t i = 0; i < nk; i++) {
+        PyObject *k = PyBytes_FromStringAndSize(d + kstart[i], klen[i]);
+        if (k == NULL) {
+            Py_DECREF(keys);
+            return NULL;
+        }
+        PyTuple_SET_ITEM(keys, i, k);
+    }
+    return keys;
+}
+
+static PyObject *lazy_redis_fields(PyObject *name, PyObject *keys, PyObject *db) { /* steals keys */
+    RedisFields *f = PyObject_New(RedisFields, &RedisFieldsType);
+    if (f == NULL) {
+        Py_XDECREF(keys);
+        return NULL;
+    }
+    f->name = name;
+    Py_INCREF(name);
+    f->keys = keys;
+    f->db = db;
+    Py_INCREF(db);
+    return (PyObject *)f;
+}
+
+static int rd_request_loop(Redis *self, PyObject *buf, long long *n) {
     const char *d;
     Py_ssize_t have;
-    if (bytes_view(buf, &d, &have) < 0) return -1;
-    if (have == 0) {
-        *n = 0;
-        return OP_NOP;
-    }
+    if (rd_policy_refresh(self) < 0 || bytes_view(buf, &d, &have) < 0) return -1;
     Py_ssize_t base = 0;
-    Py_ssize_t starts[MAX_ARGS], lens[MAX_ARGS];
+    Py_ssize_t starts[MAX_ARGS], lens[MAX_ARGS], kstart[MAX_ARGS], klen[MAX_ARGS];
     while (base < have) {
         if (self->qlen >= self->max_entries) {
             REntry *last = rq_at(self, self->qlen - 1);
@@ -760,39 +931,57 @@ static int rd_request(Redis *self, PyObject *buf, long long *n) {
         Py_ssize_t argc = 0, end = 0;
         TEntry t;
         int got = d[base] == '*' && frame_request(self, d, have, base, &argc, starts, lens, &end);
-        if (got) got = table_get(d + starts[0], lens[0], &t);
+        if (got) got = table_get(self, d + starts[0], lens[0], &t);
         if (got < 0) return -1;
-        if (!got) return rd_hand_over(self, s_py_requests, buf, base, n);
-        /* _judge: the keys, then one question per key (or one keyless) */
-        PyObject *keys = NULL; /* NULL: no keys or unknown (None) */
+        if (!got) {
+            if (rd_flush_counts(self) < 0) return -1;
+            return rd_hand_over(self, s_py_requests, buf, base, n);
+        }
+        /* _judge: the keys (args[first:last + 1:step]; none when they do not fit the spec) */
+        Py_ssize_t nk = 0;
         if (t.mode == 1) {
             long last = t.lastkey >= 0 ? t.first + t.lastkey : (long)argc + t.lastkey;
             if (!(last >= argc || last < t.first || t.first >= argc) && t.step > 0) {
-                Py_ssize_t nk = (last - t.first) / t.step + 1;
-                keys = PyTuple_New(nk);
-                if (keys == NULL) return -1;
-                for (Py_ssize_t i = 0; i < nk; i++) {
-                    Py_ssize_t a = t.first + i * t.step;
-                    PyObject *k = PyBytes_FromStringAndSize(d + starts[a], lens[a]);
-                    if (k == NULL) {
-                        Py_DECREF(keys);
-                        return -1;
-                    }
-                    PyTuple_SET_ITEM(keys, i, k);
+                for (long a = t.first; a <= last; a += t.step, nk++) {
+                    kstart[nk] = starts[a];
+                    klen[nk] = lens[a];
                 }
             }
         }
-        /* d is not read after this point in the round: the policy may call Python */
-        int allowed = 1;
-        if (t.mode != 0) {
-            Py_ssize_t nk = keys ? PyTuple_GET_SIZE(keys) : 0;
+        /* then one question per key (or one keyless), stopping at a refusal */
+        PyObject *keys = NULL;        /* the keys as bytes, once made */
+        PyObject *decision = NULL;    /* decided here: what Context.matches leaves in _last */
+        int allowed = 1, audit = 0;
+        if (t.mode == 0) {
+            /* always allowed: no question */
+        } else if (self->call_flat && self->flat.pure) {
+            allowed = rd_decide_raw(self, t.name, t.base, t.cats, d, kstart, klen, nk, &decision, &audit);
+        } else {
+            if (nk && (keys = keys_tuple(d, kstart, klen, nk)) == NULL) return -1;
+            /* d is not read after this point: the policy may call Python */
             if (nk == 0) {
                 allowed = rd_matches(self, t.name, t.base, t.cats, NULL);
             } else {
                 for (Py_ssize_t i = 0; i < nk && allowed == 1; i++)
                     allowed = rd_matches(self, t.name, t.base, t.cats, PyTuple_GET_ITEM(keys, i));
             }
-            if (allowed < 0) {
+        }
+        if (allowed < 0) {
+            Py_XDECREF(keys);
+            return -1;
+        }
+        if (decision != NULL) {
+            if (allowed && !audit && self->counts != NULL) {
+                /* forwarded, and the access log writes no line for it: counted (Context.log
+                 * would count it and reset _last), one more reply owed */
+                if (PyObject_SetAttr(self->ctx, s__last, g_ALLOWED) < 0) return -1;
+                self->quiet_pending++;
+                if (push_reply(self, t.name) < 0) return -1;
+                base = end;
+                continue;
+            }
+            if (nk && keys == NULL && (keys = keys_tuple(d, kstart, klen, nk)) == NULL) return -1;
+            if (PyObject_SetAttr(self->ctx, s__last, decision) < 0) {
                 Py_XDECREF(keys);
                 return -1;
             }
@@ -822,18 +1011,8 @@ static int rd_request(Redis *self, PyObject *buf, long long *n) {
             return OP_DROP;
         }
         /* _commit, allowed and whole: the log entry (lazy), one more reply owed */
-        RedisFields *f = PyObject_New(RedisFields, &RedisFieldsType);
-        if (f == NULL) {
-            Py_XDECREF(keys);
-            return -1;
-        }
-        f->name = t.name;
-        Py_INCREF(t.name);
-        f->keys = keys; /* stolen */
-        f->db = self->db;
-        Py_INCREF(self->db);
-        PyObject *fields = (PyObject *)f;
-        if (rd_log_forwarded(self, fields) < 0) return -1;
+        PyObject *fields = lazy_redis_fields(t.name, keys, self->db);
+        if (decision != NULL ? rd_log(self, g_ET_REQUEST, fields) : rd_log_forwarded(self, fields)) return -1;
         if (push_reply(self, t.name) < 0) return -1;
         if (bytes_view(buf, &d, &have) < 0 || end > have) {
             PyErr_SetString(PyExc_RuntimeError, "redis parser: the buffer changed during a call");
@@ -843,6 +1022,16 @@ static int rd_request(Redis *self, PyObject *buf, long long *n) {
     }
     *n = base;
     return OP_PASS;
+}
+
+static int rd_request(Redis *self, PyObject *buf, long long *n) {
+    if ((PyByteArray_CheckExact(buf) ? PyByteArray_GET_SIZE(buf) : PyBytes_GET_SIZE(buf)) == 0) {
+        *n = 0;
+        return OP_NOP;
+    }
+    int op = rd_request_loop(self, buf, n);
+    if (op >= 0 && rd_flush_counts(self) < 0) return -1;
+    return op;
 }
 
 /* --- replies (parser.py _on_reply's fast path, _after_frame for denials) --------------------- */
