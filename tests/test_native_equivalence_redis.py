@@ -35,27 +35,87 @@ def bulk(*args: bytes) -> bytes:
 
 
 REQUESTS: list[Any] = [
-    ("get", "{k}"), ("GET", "{k}"), ("set", "{k}", "v"), ("SET", "{k}", "value", "EX", "10"), ("mget", "{k}", "{k}"),
-    ("mset", "{k}", "1", "{k}", "2"), ("del", "{k}"), ("incr", "{k}"), ("ping",), ("PING", "hi"), ("echo", "x"),
-    ("dbsize",), ("time",), ("get",), ("get", "{k}", "extra"), ("bogus", "{k}"), ("publish", "{k}", "m"),
-    ("config", "get", "save"), ("client", "setname", "n"), ("client", "reply", "off"), ("client", "reply", "on"),
-    ("client", "reply", "skip"), ("multi",), ("exec",), ("discard",), ("select", "3"), ("reset",),
-    ("hello", "3"), ("hello", "2"), ("subscribe", "{k}"), ("unsubscribe",), ("psubscribe", "a*"),
-    ("monitor",), ("auth", "pw"), ("eval", "return 1", "1", "{k}"), ("sort", "{k}", "get", "x"),
-    ("get", "x" * 200), ("set", "{k}", "v" * 300), ("quit",), ("unwatch",),
-]  # fmt: skip
+    ("get", "{k}"),
+    ("GET", "{k}"),
+    ("set", "{k}", "v"),
+    ("SET", "{k}", "value", "EX", "10"),
+    ("mget", "{k}", "{k}"),
+    ("mset", "{k}", "1", "{k}", "2"),
+    ("del", "{k}"),
+    ("incr", "{k}"),
+    ("ping",),
+    ("PING", "hi"),
+    ("echo", "x"),
+    ("dbsize",),
+    ("time",),
+    ("get",),
+    ("get", "{k}", "extra"),
+    ("bogus", "{k}"),
+    ("publish", "{k}", "m"),
+    ("config", "get", "save"),
+    ("client", "setname", "n"),
+    ("client", "reply", "off"),
+    ("client", "reply", "on"),
+    ("client", "reply", "skip"),
+    ("multi",),
+    ("exec",),
+    ("discard",),
+    ("select", "3"),
+    ("reset",),
+    ("hello", "3"),
+    ("hello", "2"),
+    ("subscribe", "{k}"),
+    ("unsubscribe",),
+    ("psubscribe", "a*"),
+    ("monitor",),
+    ("auth", "pw"),
+    ("eval", "return 1", "1", "{k}"),
+    ("sort", "{k}", "get", "x"),
+    ("get", "x" * 200),
+    ("set", "{k}", "v" * 300),
+    ("quit",),
+    ("unwatch",),
+]
 RAW_REQUESTS = [
-    b"PING\r\n", b"get a:1\r\n", b"set \"a:1\" 'v'\r\n", b"\r\n", b"*0\r\n", b"*-1\r\n", b"*1\r\n$4\r\nPING\r\n",
-    b"*2\r\n$03\r\nget\r\n$3\r\na:1\r\n", b"*2\r\n$3\r\nget\r\n$-1\r\n", b"*x\r\n", b"*2\r\n+3\r\nget\r\n",
-    b"*2\r\n$3\r\nget\r\n$3\r\na:\x001\r\n", b"*1\r\n$4\r\nPI\x00G\r\n", b"*2\r\n$3\r\nget\r\n$999999999999\r\n",
-]  # fmt: skip
+    b"PING\r\n",
+    b"get a:1\r\n",
+    b"set \"a:1\" 'v'\r\n",
+    b"\r\n",
+    b"*0\r\n",
+    b"*-1\r\n",
+    b"*1\r\n$4\r\nPING\r\n",
+    b"*2\r\n$03\r\nget\r\n$3\r\na:1\r\n",
+    b"*2\r\n$3\r\nget\r\n$-1\r\n",
+    b"*x\r\n",
+    b"*2\r\n+3\r\nget\r\n",
+    b"*2\r\n$3\r\nget\r\n$3\r\na:\x001\r\n",
+    b"*1\r\n$4\r\nPI\x00G\r\n",
+    b"*2\r\n$3\r\nget\r\n$999999999999\r\n",
+]
 REPLIES = [
-    b"+OK\r\n", b"-ERR x\r\n", b"$1\r\nx\r\n", b"$-1\r\n", b"$0\r\n\r\n", b":1\r\n", b"*2\r\n$1\r\na\r\n:1\r\n",
-    b"*-1\r\n", b"_\r\n", b"%1\r\n+a\r\n:1\r\n", b">3\r\n$7\r\nmessage\r\n$1\r\nc\r\n$1\r\nm\r\n",
-    b"*3\r\n$9\r\nsubscribe\r\n$3\r\na:1\r\n:1\r\n", b"+QUEUED\r\n", b"$300\r\n" + b"v" * 300 + b"\r\n",
-    b"+" + b"l" * 100 + b"\r\n", b"$05\r\nabcde\r\n", b"$3\r\nab", b"+OK\n", b"?\r\n", b"\n",
-    b"|1\r\n+k\r\n+v\r\n+OK\r\n", b"$?\r\n;2\r\nab\r\n;0\r\n",
-]  # fmt: skip
+    b"+OK\r\n",
+    b"-ERR x\r\n",
+    b"$1\r\nx\r\n",
+    b"$-1\r\n",
+    b"$0\r\n\r\n",
+    b":1\r\n",
+    b"*2\r\n$1\r\na\r\n:1\r\n",
+    b"*-1\r\n",
+    b"_\r\n",
+    b"%1\r\n+a\r\n:1\r\n",
+    b">3\r\n$7\r\nmessage\r\n$1\r\nc\r\n$1\r\nm\r\n",
+    b"*3\r\n$9\r\nsubscribe\r\n$3\r\na:1\r\n:1\r\n",
+    b"+QUEUED\r\n",
+    b"$300\r\n" + b"v" * 300 + b"\r\n",
+    b"+" + b"l" * 100 + b"\r\n",
+    b"$05\r\nabcde\r\n",
+    b"$3\r\nab",
+    b"+OK\n",
+    b"?\r\n",
+    b"\n",
+    b"|1\r\n+k\r\n+v\r\n+OK\r\n",
+    b"$?\r\n;2\r\nab\r\n;0\r\n",
+]
 RULES: list[Mapping[str, str]] = [
     {"command": "get", "keyPrefix": "a:"},
     {"command": "set", "keyExact": "a:1"},
@@ -95,15 +155,28 @@ def traffic(draw: st.DrawFn) -> tuple[bytes, bytes]:
     return client, server
 
 
-def run_redis(impl: str, rules: list[Mapping[str, str]] | None, config: dict[str, int], sched: Schedule,
-              eof: tuple[bool, bool]) -> dict[str, Any]:  # fmt: skip
+def run_redis(
+    impl: str,
+    rules: list[Mapping[str, str]] | None,
+    config: dict[str, int],
+    sched: Schedule,
+    eof: tuple[bool, bool],
+) -> dict[str, Any]:
     h = Harness(RedisFactory(), rules=rules, parser_config=config, implementation=impl)
     res = run(h, sched, eof)
     p: Any = h.engine.parser
     res["state"] = (
-        [list(e) for e in p.pending], p.db, p.in_multi, p.multi_dirty, p.reply_off, p.skip_next, p.raw,
-        p.resp3, p.subs, p.dead,
-    )  # fmt: skip
+        [list(e) for e in p.pending],
+        p.db,
+        p.in_multi,
+        p.multi_dirty,
+        p.reply_off,
+        p.skip_next,
+        p.raw,
+        p.resp3,
+        p.subs,
+        p.dead,
+    )
     return res
 
 
@@ -112,11 +185,20 @@ configs = st.sampled_from([{}, {"max_inspect_bytes": 1024, "max_pending_bytes": 
 
 
 @SETTINGS
-@given(traffic=traffic(), rules=policies, data=st.data(), config=configs, eof=st.tuples(st.booleans(), st.booleans()))
+@given(
+    traffic=traffic(),
+    rules=policies,
+    data=st.data(),
+    config=configs,
+    eof=st.tuples(st.booleans(), st.booleans()),
+)
 def test_redis_equivalent(
-    traffic: tuple[bytes, bytes], rules: list[Mapping[str, str]] | None, data: st.DataObject,
-    config: dict[str, int], eof: tuple[bool, bool],
-) -> None:  # fmt: skip
+    traffic: tuple[bytes, bytes],
+    rules: list[Mapping[str, str]] | None,
+    data: st.DataObject,
+    config: dict[str, int],
+    eof: tuple[bool, bool],
+) -> None:
     client, server = traffic
     sched = data.draw(schedules(client, server))
     assert run_redis("native", rules, config, sched, eof) == run_redis("python", rules, config, sched, eof)
@@ -126,20 +208,30 @@ def test_redis_equivalent(
     ("client", "server"),
     [
         # the hot case: pipelined GET/SET, one allowed, one denied in the middle
-        (bulk(b"set", b"a:1", b"v") + bulk(b"get", b"a:1") + bulk(b"get", b"zz") + bulk(b"get", b"a:2"),
-         b"+OK\r\n$1\r\nv\r\n$-1\r\n"),
+        (
+            bulk(b"set", b"a:1", b"v") + bulk(b"get", b"a:1") + bulk(b"get", b"zz") + bulk(b"get", b"a:2"),
+            b"+OK\r\n$1\r\nv\r\n$-1\r\n",
+        ),
         # MULTI with a denial: EXEC swapped for DISCARD, then the common case again
-        (bulk(b"multi") + bulk(b"get", b"zz") + bulk(b"exec") + bulk(b"get", b"a:1"),
-         b"+OK\r\n+OK\r\n$1\r\nx\r\n"),
+        (
+            bulk(b"multi") + bulk(b"get", b"zz") + bulk(b"exec") + bulk(b"get", b"a:1"),
+            b"+OK\r\n+OK\r\n$1\r\nx\r\n",
+        ),
         # a value past the budget, streamed, then more requests
-        (bulk(b"set", b"a:1", b"v" * 3000) + bulk(b"get", b"a:1"), b"+OK\r\n$3000\r\n" + b"v" * 3000 + b"\r\n"),
+        (
+            bulk(b"set", b"a:1", b"v" * 3000) + bulk(b"get", b"a:1"),
+            b"+OK\r\n$3000\r\n" + b"v" * 3000 + b"\r\n",
+        ),
         # many ordinary replies owed: the hold with a small budget
         (bulk(b"get", b"zz") * 40 + bulk(b"get", b"a:1") * 40, b"$1\r\nx\r\n" * 40),
     ],
 )
 def test_redis_tables_equivalent(client: bytes, server: bytes) -> None:
-    rules: list[Mapping[str, str]] = [{"command": "get", "keyPrefix": "a:"}, {"command": "set", "keyPrefix": "a:"},
-                                      {"command": "multi"}]  # fmt: skip
+    rules: list[Mapping[str, str]] = [
+        {"command": "get", "keyPrefix": "a:"},
+        {"command": "set", "keyPrefix": "a:"},
+        {"command": "multi"},
+    ]
     for split in (None, 1, 7):
         sched: Schedule = []
         for reply, stream in ((False, client), (True, server)):
@@ -170,7 +262,7 @@ POLICY_RULES = [
     '{command: "@write", keyPrefix: "b"}',
     '{command: "@admin", keyPrefix: "admin:"}',
     '{command: "@all", keyPrefix: "key:"}',
-    '{command: dbsize}',
+    "{command: dbsize}",
     "{}",
 ]
 
@@ -210,8 +302,9 @@ def run_live(impl: str, docs: list[str], audit: bool, mode: str, sched: Schedule
     log = AccessLog(str(path), mode, metrics)
     out: list[tuple[bool, bytes]] = []
     eng = engine_class(impl)(None, lambda reply, data: out.append((reply, bytes(data))))
-    info = ConnInfo(7, "rd", "ingress", Endpoint("10.0.0.1", 1, labels), Endpoint("10.0.0.2", 6379, labels),
-                    "redis")  # fmt: skip
+    info = ConnInfo(
+        7, "rd", "ingress", Endpoint("10.0.0.1", 1, labels), Endpoint("10.0.0.2", 6379, labels), "redis"
+    )
     ctx = Context(info, eng, view, log)
     factory = RedisFactory()
     eng.parser = factory.create(ctx, factory.validate_config({}))
@@ -239,11 +332,17 @@ def run_live(impl: str, docs: list[str], audit: bool, mode: str, sched: Schedule
     mode=st.sampled_from(["all", "denied", "none"]),
 )
 def test_redis_live_policy_and_log_equivalent(
-    traffic: tuple[bytes, bytes], data: st.DataObject, rules: list[list[str]], audit: bool, mode: str,
+    traffic: tuple[bytes, bytes],
+    data: st.DataObject,
+    rules: list[list[str]],
+    audit: bool,
+    mode: str,
     tmp_path_factory: pytest.TempPathFactory,
-) -> None:  # fmt: skip
+) -> None:
     docs = [POLICY_DOC.format(rules=", ".join(r)) for r in rules]
     client, server = traffic
     sched = data.draw(schedules(client, server))
     tmp = tmp_path_factory.mktemp("live")
-    assert run_live("native", docs, audit, mode, sched, tmp) == run_live("python", docs, audit, mode, sched, tmp)
+    assert run_live("native", docs, audit, mode, sched, tmp) == run_live(
+        "python", docs, audit, mode, sched, tmp
+    )
