@@ -1067,19 +1067,32 @@ static int rd_reply(Redis *self, PyObject *buf, long long *n) {
         if (entry->kind != E_REPLY) break;
         char t = d[pos];
         Py_ssize_t end;
+        /* the fast path, and what the general reader does for the same frames at the top
+         * level (resp.py ReplyScanner.scan): the line ends at the first CRLF after the type */
+        Py_ssize_t eol = find_crlf(d, pos + 1, have, have);
+        if (eol < 0) {
+            if ((t == '+' || t == '-') && have - pos > 67) break; /* a long line, streamed */
+            *n = pos ? pos : 1; /* the line is not all here (PARTIAL, nothing read) */
+            return pos ? OP_PASS : OP_MORE;
+        }
         if (t == '+' || t == '-') {
-            Py_ssize_t eol = find_crlf(d, pos + 1, have, have);
-            if (eol < 0) break;
             end = eol + 2;
         } else if (t == '$') {
-            Py_ssize_t eol = find_crlf(d, pos + 1, pos + 22, have);
-            if (eol < 0) break;
-            if (d[pos + 1] == '0' && eol != pos + 2) break;
-            long long ln = plain_len(d, pos + 1, eol);
-            if (ln < 0) break; /* a null, or anything odd: the general reader decides */
-            if (ln > have) break;
-            end = eol + 4 + (Py_ssize_t)ln;
-            if (end > have) break;
+            if (eol == pos + 3 && d[pos + 1] == '-' && d[pos + 2] == '1') {
+                end = eol + 2; /* a null */
+            } else {
+                long long ln = plain_len(d, pos + 1, eol);
+                if (ln < 0) break; /* anything odd: the general reader decides */
+                end = eol + 4 + (Py_ssize_t)ln; /* may lie past the buffer: passed through */
+            }
+        } else if (t == ':') {
+            Py_ssize_t a = pos + 1;
+            if (a < eol && (d[a] == '-' || d[a] == '+')) a++;
+            if (a == eol || eol - a > 20) break;
+            for (; a < eol && d[a] >= '0' && d[a] <= '9'; a++) {
+            }
+            if (a != eol) break;
+            end = eol + 2;
         } else {
             break;
         }
