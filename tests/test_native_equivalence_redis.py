@@ -115,6 +115,12 @@ REPLIES = [
     b"\n",
     b"|1\r\n+k\r\n+v\r\n+OK\r\n",
     b"$?\r\n;2\r\nab\r\n;0\r\n",
+    b"*3\r\n$3\r\nfoo\r\n$-1\r\n+x\r\n",
+    b"*0\r\n",
+    b"*1\r\n*1\r\n:1\r\n",
+    b"*2\r\n:+5\r\n:-0\r\n",
+    b"*2\r\n:5x\r\n-e\r\n",
+    b"*01\r\n+a\r\n",
 ]
 RULES: list[Mapping[str, str]] = [
     {"command": "get", "keyPrefix": "a:"},

@@ -1048,6 +1048,50 @@ static Py_ssize_t find_crlf(const char *d, Py_ssize_t from, Py_ssize_t to, Py_ss
     return -1;
 }
 
+/* A ':' line [a, eol) as resp.py _int accepts it */
+static int int_line(const char *d, Py_ssize_t a, Py_ssize_t eol) {
+    if (a < eol && (d[a] == '-' || d[a] == '+')) a++;
+    if (a == eol || eol - a > 20) return 0;
+    for (; a < eol; a++)
+        if (d[a] < '0' || d[a] > '9') return 0;
+    return 1;
+}
+
+/* A whole top-level array of simple strings, errors, integers and bulk strings, all buffered,
+ * whose '*' line ends at eol: where it ends, or -1 (anything else). What the general reader
+ * reads of it: the count as string2ll (a null or empty array ends at its line), each element
+ * as ReplyScanner.scan checks it. */
+static Py_ssize_t flat_array(const char *d, Py_ssize_t have, Py_ssize_t pos, Py_ssize_t eol) {
+    long long cnt;
+    if (eol == pos + 3 && d[pos + 1] == '-' && d[pos + 2] == '1') cnt = 0;
+    else if ((cnt = plain_len(d, pos + 1, eol)) < 0) return -1;
+    Py_ssize_t p = eol + 2;
+    for (long long i = 0; i < cnt; i++) {
+        if (p >= have) return -1;
+        char t = d[p];
+        Py_ssize_t e = find_crlf(d, p + 1, have, have);
+        if (e < 0) return -1;
+        if (t == '+' || t == '-') {
+            p = e + 2;
+        } else if (t == ':') {
+            if (!int_line(d, p + 1, e)) return -1;
+            p = e + 2;
+        } else if (t == '$') {
+            if (e == p + 3 && d[p + 1] == '-' && d[p + 2] == '1') {
+                p = e + 2;
+            } else {
+                long long ln = plain_len(d, p + 1, e);
+                if (ln < 0 || ln > have) return -1;
+                p = e + 4 + (Py_ssize_t)ln;
+                if (p > have) return -1;
+            }
+        } else {
+            return -1;
+        }
+    }
+    return p;
+}
+
 static int rd_reply(Redis *self, PyObject *buf, long long *n) {
     if (self->rep_owed) {
         *n = self->rep_owed;
@@ -1086,13 +1130,11 @@ static int rd_reply(Redis *self, PyObject *buf, long long *n) {
                 end = eol + 4 + (Py_ssize_t)ln; /* may lie past the buffer: passed through */
             }
         } else if (t == ':') {
-            Py_ssize_t a = pos + 1;
-            if (a < eol && (d[a] == '-' || d[a] == '+')) a++;
-            if (a == eol || eol - a > 20) break;
-            for (; a < eol && d[a] >= '0' && d[a] <= '9'; a++) {
-            }
-            if (a != eol) break;
+            if (!int_line(d, pos + 1, eol)) break;
             end = eol + 2;
+        } else if (t == '*') {
+            end = flat_array(d, have, pos, eol);
+            if (end < 0) break; /* nested, not all here, or odd: the general reader decides */
         } else {
             break;
         }
