@@ -255,6 +255,9 @@ def test_the_native_redis_parser_runs_on_the_native_engine() -> None:
     h.feed(bulk(b"get", b"a:1"))
     assert h.engine.parser.native_state == 1  # type: ignore[attr-defined]
     h.feed(bulk(b"multi"))
+    assert h.engine.parser.native_state == 1  # type: ignore[attr-defined]
+    assert h.engine.parser.in_multi  # type: ignore[attr-defined]
+    h.feed(bulk(b"exec") + bulk(b"subscribe", b"c"))
     assert h.engine.parser.native_state == 0  # type: ignore[attr-defined]
     assert type(Harness(RedisFactory(), implementation="python").engine.parser).__name__ == "RedisParser"
 

@@ -33,7 +33,7 @@ static PyObject *s_py_requests, *s_py_replies, *s_pending, *s_db, *s_rep_owed, *
     *s_subs, *s_scanner, *s_fresh, *s_stack, *s_in_line, *s_budget, *s_max_bulk, *s_max_entries, *s_clear,
     *s_append, *s_keys_total, *s_hello, *s_reset, *s_rd_policy, *s_rd_l4, *s_rd_always, *s_rd_denied,
     *s_rd_matchers, *s_rd_allowed, *s_base, *s_name, *s_category, *s_exact, *s_prefix, *s_regex, *s_keyed,
-    *s_search, *s_all, *s_db_key;
+    *s_search, *s_all, *s_db_key, *s_refused, *s_multi;
 
 #define MAX_LOGGED_KEYS 8
 #define E_REPLY 0
@@ -342,6 +342,8 @@ typedef struct {
     Py_ssize_t qhead, qlen, qcap;
     PyObject *db;  /* int */
     long long rep_owed;
+    int in_multi;  /* MULTI read, no EXEC/DISCARD yet (no command denied in it: else the reference) */
+    int tx_ok;     /* redis-server runs MULTI/EXEC/DISCARD here (not refused in RESP2 subscribe mode) */
     Py_ssize_t budget, max_bulk, max_entries;
     PyObject *counts, *count_key; /* ctx.quiet_counter() */
     long long quiet_pending;      /* forwarded requests counted, not yet added to counts */
@@ -439,6 +441,7 @@ static int rd_sync_out(Redis *self) {
         Py_DECREF(r);
     }
     Py_DECREF(pending);
+    if (PyObject_SetAttr(self->py, s_in_multi, BOOL(self->in_multi)) < 0) return -1;
     PyObject *owed = PyLong_FromLongLong(self->rep_owed);
     if (owed == NULL) return -1;
     int rc = PyObject_SetAttr(self->py, s_rep_owed, owed);
@@ -469,7 +472,7 @@ static int attr_false(PyObject *o, PyObject *name) {
 
 /* Take the state back when the reference is in the common case again. 0 or -1. */
 static int rd_promote(Redis *self) {
-    static PyObject **flags[] = {&s_stream_rest, &s_in_multi, &s_multi_dirty, &s_reply_off, &s_skip_next,
+    static PyObject **flags[] = {&s_stream_rest, &s_multi_dirty, &s_reply_off, &s_skip_next,
                                  &s_dead, &s_raw, &s_req_owed, &s_raw_reply, &s_close_next, NULL};
     PyObject *py = self->py;
     for (int i = 0; flags[i]; i++) {
@@ -515,7 +518,14 @@ static int rd_promote(Redis *self) {
             plain = kind == E_DENY;
         }
     }
-    PyObject *owed = plain ? PyObject_GetAttr(py, s_rep_owed) : NULL;
+    int in_multi = plain ? !attr_false(py, s_in_multi) : 0;
+    int refused = 0;
+    if (plain && !PyErr_Occurred()) {
+        PyObject *r = PyObject_CallMethodOneArg(py, s_refused, s_multi);
+        refused = r ? PyObject_IsTrue(r) : -1;
+        Py_XDECREF(r);
+    }
+    PyObject *owed = plain && !PyErr_Occurred() ? PyObject_GetAttr(py, s_rep_owed) : NULL;
     PyObject *db = owed ? PyObject_GetAttr(py, s_db) : NULL;
     long long rep_owed = owed ? PyLong_AsLongLong(owed) : 0;
     Py_XDECREF(owed);
@@ -551,6 +561,8 @@ static int rd_promote(Redis *self) {
         Py_XSETREF(self->db, db);
         db = NULL;
         self->rep_owed = rep_owed;
+        self->in_multi = in_multi;
+        self->tx_ok = !refused;
         self->fast = 1;
     }
     Py_XDECREF(db);
@@ -937,6 +949,10 @@ static int rd_request_loop(Redis *self, PyObject *buf, long long *n) {
             if (rd_flush_counts(self) < 0) return -1;
             return rd_hand_over(self, s_py_requests, buf, base, n);
         }
+        if (t.mode >= 3 && !self->tx_ok) {
+            if (rd_flush_counts(self) < 0) return -1;
+            return rd_hand_over(self, s_py_requests, buf, base, n);
+        }
         /* _judge: the keys (args[first:last + 1:step]; none when they do not fit the spec) */
         Py_ssize_t nk = 0;
         if (t.mode == 1) {
@@ -952,7 +968,7 @@ static int rd_request_loop(Redis *self, PyObject *buf, long long *n) {
         PyObject *keys = NULL;        /* the keys as bytes, once made */
         PyObject *decision = NULL;    /* decided here: what Context.matches leaves in _last */
         int allowed = 1, audit = 0;
-        if (t.mode == 0) {
+        if (t.mode == 0 || t.mode >= 3) {
             /* always allowed: no question */
         } else if (self->call_flat && self->flat.pure) {
             allowed = rd_decide_raw(self, t.name, t.base, t.cats, d, kstart, klen, nk, &decision, &audit);
@@ -992,6 +1008,11 @@ static int rd_request_loop(Redis *self, PyObject *buf, long long *n) {
                 *n = base; /* the next call decides this command again, from the head */
                 return OP_PASS;
             }
+            if (self->in_multi) { /* the transaction is marked: the reference commits it */
+                Py_XDECREF(keys);
+                if (rd_flush_counts(self) < 0) return -1;
+                return rd_hand_over(self, s_py_requests, buf, base, n);
+            }
             /* _commit, denied: queued in place, injected at once when nothing is owed before it */
             if (rq_append(self, E_DENY, 0, t.name) < 0) {
                 Py_XDECREF(keys);
@@ -1010,7 +1031,10 @@ static int rd_request_loop(Redis *self, PyObject *buf, long long *n) {
             *n = end;
             return OP_DROP;
         }
-        /* _commit, allowed and whole: the log entry (lazy), one more reply owed */
+        /* _commit, allowed and whole: MULTI/EXEC/DISCARD's state, the log entry (lazy), one
+         * more reply owed */
+        if (t.mode == 3) self->in_multi = 1;
+        else if (t.mode == 4) self->in_multi = 0;
         PyObject *fields = lazy_redis_fields(t.name, keys, self->db);
         if (decision != NULL ? rd_log(self, g_ET_REQUEST, fields) : rd_log_forwarded(self, fields)) return -1;
         if (push_reply(self, t.name) < 0) return -1;
@@ -1345,6 +1369,8 @@ int redis_init(void) {
     INTERN(s_keyed, "keyed");
     INTERN(s_search, "search");
     INTERN(s_all, "all");
+    INTERN(s_refused, "_refused_in_subscribe_mode");
+    INTERN(s_multi, "multi");
     return 0;
 }
 

@@ -806,13 +806,18 @@ def native_table() -> dict[bytes, tuple[str, str, frozenset[str], int, int, int,
 
     ``mode`` 0: always allowed and stateless (``ping``, ``echo``...); 1: its keys are
     ``args[first:last + 1:step]`` (:attr:`.table.Command.simple`); 2: no keys (no key spec, not
-    a channel command). Commands that change what the parser tracks, container commands and
-    commands with other key specs are not here: the twin hands them to this module.
+    a channel command); 3: ``multi``; 4: ``exec`` and ``discard`` (the twin follows
+    ``in_multi``, and hands a transaction with a denied command to this module). Other
+    commands that change what the parser tracks, container commands and commands with other
+    key specs are not here: the twin hands them to this module.
     """
     from .table import CHANNELS, COMMANDS, CUSTOM_KEYS
 
     out: dict[bytes, tuple[str, str, frozenset[str], int, int, int, int]] = {}
     for name, cmd in COMMANDS.items():
+        if name in ("multi", "exec", "discard"):
+            out[name.encode()] = (cmd.name, name, cmd.categories, 3 if name == "multi" else 4, 0, 0, 1)
+            continue
         if cmd.subcommands or name in _STATEFUL or name in _REPLY_STATE or name == "auth":
             continue
         if name in ALWAYS_ALLOWED:
