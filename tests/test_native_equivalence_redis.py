@@ -78,6 +78,14 @@ REQUESTS: list[Any] = [
 ]
 RAW_REQUESTS = [
     b"PING\r\n",
+    b"GET  a:1 \r\n",
+    b"get\ta:1\n",
+    b"mget a:1 a:2 b:1\r\n",
+    b"  \r\n",
+    b"get a:1\x00\r\n",
+    b"set a:1 x\ry\r\n",
+    b"multi\r\n",
+    b"exec\r\n",
     b"get a:1\r\n",
     b"set \"a:1\" 'v'\r\n",
     b"\r\n",

@@ -7,9 +7,10 @@
  *               denial placement, text/meta and binary dialects)
  *   policy.c    the memcache rules of a connection's policy, flattened and evaluated in C
  *               (proxyd/policy/store.py LiveConnectionPolicy, memcache/rules.py MemcacheRule)
- *   redis.c     proxyd/parsers/redis/parser.py's common case (whole multibulk requests of simple
- *               commands, their RedisRule policy, simple and bulk string replies, denials in
- *               place), handing every other request or reply to the reference RedisParser
+ *   redis.c     proxyd/parsers/redis/parser.py's common case (whole requests of simple commands
+ *               and MULTI/EXEC/DISCARD, their RedisRule policy, top-level string, integer and
+ *               flat array replies, denials in place), handing every other request or reply to
+ *               the reference RedisParser at the offset where it starts
  *   module.c    PyInit, the setup functions that hand the Python pieces over, shared state
  * This header holds what more than one of them uses. tests/test_native_equivalence.py drives
  * both implementations with the same inputs and compares ops, bytes, log entries and errors.

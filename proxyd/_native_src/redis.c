@@ -3,18 +3,22 @@
  *
  * A connection's RedisParser (the Python reference) is created with this object and holds the
  * state whenever the connection is off the common case. The common case is a connection with
- * nothing special going on (no MULTI, no subscriptions, no CLIENT REPLY OFF/SKIP, no
- * MONITOR/SYNC, no request streamed or reply read in part, no protocol error): its state is then
- * the pending queue (ordinary replies in a row as one count, denials), the db and the reply
- * bytes owed, and this file owns them (``fast``). In that state it frames, decides and commits:
+ * nothing special going on (no command denied inside MULTI, no subscriptions, no CLIENT REPLY
+ * OFF/SKIP, no MONITOR/SYNC, no request streamed or reply read in part, no protocol error): its
+ * state is then the pending queue (ordinary replies in a row as one count, denials), the db,
+ * whether a MULTI is open and the reply bytes owed, and this file owns them (``fast``). In that
+ * state it frames, decides and commits:
  *
- *   requests  parser.py _on_request/_requests: whole multibulk requests with plain lengths, of
- *             commands the table entry handed over marks simple (table.py key_positions' simple
- *             index/range spec, or no keys; ALWAYS_ALLOWED's stateless ones), their policy
- *             (RedisRule semantics, rules.py), the access log, the pending queue, the hold,
- *             and denials in place (NOPERM injected at once or after the reply before it);
- *   replies   parser.py _on_reply's fast path: simple strings, errors and bulk strings answering
- *             ordinary commands, and the denials they release (_after_frame).
+ *   requests  parser.py _on_request/_requests: whole multibulk requests with plain lengths and
+ *             inline commands without quotes (resp.py), of commands the table handed over
+ *             marks simple (table.py key_positions' simple index/range spec, or no keys;
+ *             ALWAYS_ALLOWED's stateless ones; MULTI/EXEC/DISCARD), their policy (RedisRule
+ *             semantics, rules.py), the access log, the pending queue, the hold, and denials in
+ *             place (NOPERM injected at once or after the reply before it);
+ *   replies   parser.py _on_reply's fast path and what the general reader does for the same
+ *             top-level frames: simple strings, errors, integers, bulk strings (passed through
+ *             past the buffer) and flat arrays answering ordinary commands, and the denials they
+ *             release (_after_frame).
  *
  * Anything else, at the request or reply where it starts, is handed to the reference at that
  * very point: the state is written back into the RedisParser (the pending queue as the deque
@@ -885,6 +889,37 @@ static int frame_request(Redis *self, const char *d, Py_ssize_t have, Py_ssize_t
     return 1;
 }
 
+/* An inline request at base (resp.py _inline, split_args without quotes: bytes.split()), its
+ * line all buffered: 1 with the argument offsets and *end (argc 0: an empty line); 0 when it is
+ * anything else (no newline yet, a NUL before it, quotes, \v or \f, more than MAX_ARGS
+ * arguments: the reference reads it). */
+static int frame_inline(const char *d, Py_ssize_t have, Py_ssize_t base, Py_ssize_t *argc, Py_ssize_t *starts,
+                        Py_ssize_t *lens, Py_ssize_t *end) {
+    Py_ssize_t nl = -1;
+    for (Py_ssize_t i = base; i < have; i++) {
+        char c = d[i];
+        if (c == '\n') {
+            nl = i;
+            break;
+        }
+        if (c == '\0' || c == '"' || c == '\'' || c == '\v' || c == '\f') return 0;
+    }
+    if (nl < 0) return 0;
+    Py_ssize_t stop = nl > base && d[nl - 1] == '\r' ? nl - 1 : nl, k = 0;
+    for (Py_ssize_t i = base; i < stop;) {
+        while (i < stop && (d[i] == ' ' || d[i] == '\t' || d[i] == '\r')) i++;
+        if (i >= stop) break;
+        if (k == MAX_ARGS) return 0;
+        starts[k] = i;
+        while (i < stop && d[i] != ' ' && d[i] != '\t' && d[i] != '\r') i++;
+        lens[k] = i - starts[k];
+        k++;
+    }
+    *argc = k;
+    *end = nl + 1;
+    return 1;
+}
+
 /* _push for an ordinary command: joins the last entry when it is an ordinary reply */
 static int push_reply(Redis *self, PyObject *name) {
     if (self->qlen) {
@@ -942,7 +977,12 @@ static int rd_request_loop(Redis *self, PyObject *buf, long long *n) {
         }
         Py_ssize_t argc = 0, end = 0;
         TEntry t;
-        int got = d[base] == '*' && frame_request(self, d, have, base, &argc, starts, lens, &end);
+        int got = d[base] == '*' ? frame_request(self, d, have, base, &argc, starts, lens, &end)
+                                 : frame_inline(d, have, base, &argc, starts, lens, &end);
+        if (got && argc == 0) { /* an empty line: nothing to answer (skip_next is already off) */
+            base = end;
+            continue;
+        }
         if (got) got = table_get(self, d + starts[0], lens[0], &t);
         if (got < 0) return -1;
         if (!got) {
