@@ -166,7 +166,7 @@ PyMODINIT_FUNC PyInit__native(void) {
     s_empty_bytes = PyBytes_FromStringAndSize(NULL, 0);
     s_empty_tuple = PyTuple_New(0);
     if (!s_empty_bytes || !s_empty_tuple) return NULL;
-    if (policy_init() < 0 || memcache_init() < 0 || redis_init() < 0) return NULL;
+    if (policy_init() < 0 || memcache_init() < 0 || redis_init() < 0 || redis_rules_init() < 0) return NULL;
     if (PyType_Ready(&EngineType) < 0 || PyType_Ready(&MemcacheType) < 0 || PyType_Ready(&LazyFieldsType) < 0 ||
         PyType_Ready(&RedisType) < 0 || PyType_Ready(&RedisFieldsType) < 0)
         return NULL;

@@ -1,5 +1,6 @@
 /* The redis parser: the twin of proxyd/parsers/redis/parser.py's common case, over its
- * reference (resp.py framing, table.py lookup, rules.py RedisRule matching).
+ * reference (framing: redis_resp.c for resp.py; rule matching: redis_rules.c for rules.py; the
+ * command table: the entries parser.py native_table() hands over from table.py).
  *
  * A connection's RedisParser (the Python reference) is created with this object and holds the
  * state whenever the connection is off the common case. The common case is a connection with
@@ -35,9 +36,8 @@ PyObject *g_RedisParser, *g_RedisRequest, *g_RedisRule, *g_redis_key_text, *g_re
 static PyObject *s_py_requests, *s_py_replies, *s_pending, *s_db, *s_rep_owed, *s_stream_rest, *s_in_multi,
     *s_multi_dirty, *s_reply_off, *s_skip_next, *s_dead, *s_raw, *s_req_owed, *s_raw_reply, *s_close_next,
     *s_subs, *s_scanner, *s_fresh, *s_stack, *s_in_line, *s_budget, *s_max_bulk, *s_max_entries, *s_clear,
-    *s_append, *s_keys_total, *s_hello, *s_reset, *s_rd_policy, *s_rd_l4, *s_rd_always, *s_rd_denied,
-    *s_rd_matchers, *s_rd_allowed, *s_base, *s_name, *s_category, *s_exact, *s_prefix, *s_regex, *s_keyed,
-    *s_search, *s_all, *s_db_key, *s_refused, *s_multi;
+    *s_append, *s_keys_total, *s_hello, *s_reset, *s_rd_policy, *s_rd_l4, *s_rd_allowed, *s_db_key, *s_refused,
+    *s_multi;
 
 #define MAX_LOGGED_KEYS 8
 #define E_REPLY 0
@@ -103,230 +103,6 @@ PyTypeObject RedisFieldsType = {
     .tp_dealloc = (destructor)RedisFields_dealloc,
     .tp_call = (ternaryfunc)RedisFields_call,
 };
-
-/* ========================================================================================== */
-/* The redis rules of a connection's policy, flattened (rules.py RedisRule.matches), read
- * through the interface proxyd.policy.flat hands over (docs/native.md).                       */
-
-typedef struct {
-    int kind;           /* 0 allow all, 1 RedisRule, 2 other: call matcher.matches(request) */
-    PyObject *matcher, *decision;
-    PyObject *base, *name, *category; /* str or NULL */
-    PyObject *exact, *prefix;         /* bytes or NULL */
-    PyObject *regex;                  /* RuleRegex or NULL: regex.search(key) */
-    int keyed;
-    int pass, audit;                  /* decision.allowed or decision.audit; decision.audit */
-} RRule;
-
-typedef struct {
-    int ok;
-    int pure;               /* every rule is evaluated here without a Python call */
-    RRule *rules;
-    Py_ssize_t n;
-    PyObject *cp, *always, *denied;
-    int always_pass, always_audit, denied_pass, denied_audit;
-} RFlat;
-
-/* decision.allowed or decision.audit, and decision.audit (Context.matches): 0 or -1 */
-static int decision_flags(PyObject *d, int *pass, int *audit) {
-    PyObject *a = PyObject_GetAttr(d, s_rd_allowed);
-    int al = a ? PyObject_IsTrue(a) : -1;
-    Py_XDECREF(a);
-    if (al < 0) return -1;
-    a = PyObject_GetAttr(d, s_audit);
-    int au = a ? PyObject_IsTrue(a) : -1;
-    Py_XDECREF(a);
-    if (au < 0) return -1;
-    *pass = al || au;
-    *audit = au;
-    return 0;
-}
-
-static void rflat_clear(RFlat *fp) {
-    for (Py_ssize_t i = 0; i < fp->n; i++) {
-        RRule *r = &fp->rules[i];
-        Py_XDECREF(r->matcher);
-        Py_XDECREF(r->decision);
-        Py_XDECREF(r->base);
-        Py_XDECREF(r->name);
-        Py_XDECREF(r->category);
-        Py_XDECREF(r->exact);
-        Py_XDECREF(r->prefix);
-        Py_XDECREF(r->regex);
-    }
-    PyMem_Free(fp->rules);
-    fp->rules = NULL;
-    fp->n = 0;
-    Py_CLEAR(fp->cp);
-    Py_CLEAR(fp->always);
-    Py_CLEAR(fp->denied);
-}
-
-static int str_eq(PyObject *a, PyObject *b);
-
-static PyObject *attr_none_null(PyObject *o, PyObject *name) {
-    PyObject *v = PyObject_GetAttr(o, name);
-    if (v == Py_None) Py_CLEAR(v);
-    return v;
-}
-
-static int rflat_build(RFlat *fp, PyObject *cp) {
-    rflat_clear(fp);
-    PyObject *always = PyObject_GetAttr(cp, s_rd_always);
-    if (always == NULL) return -1;
-    PyObject *denied = PyObject_GetAttr(cp, s_rd_denied);
-    PyObject *matchers = denied ? PyObject_GetAttr(cp, s_rd_matchers) : NULL;
-    if (matchers == NULL || !PyTuple_Check(matchers)) {
-        Py_DECREF(always);
-        Py_XDECREF(denied);
-        Py_XDECREF(matchers);
-        if (!PyErr_Occurred()) PyErr_SetString(PyExc_TypeError, "ConnectionPolicy.matchers is not a tuple");
-        return -1;
-    }
-    Py_ssize_t n = PyTuple_GET_SIZE(matchers);
-    fp->rules = PyMem_Calloc((size_t)(n ? n : 1), sizeof(RRule));
-    if (fp->rules == NULL) {
-        Py_DECREF(always);
-        Py_DECREF(denied);
-        Py_DECREF(matchers);
-        PyErr_NoMemory();
-        return -1;
-    }
-    for (Py_ssize_t i = 0; i < n; i++) {
-        PyObject *pair = PyTuple_GET_ITEM(matchers, i);
-        if (!PyTuple_Check(pair) || PyTuple_GET_SIZE(pair) != 2) {
-            PyErr_SetString(PyExc_TypeError, "ConnectionPolicy.matchers: not (matcher, decision) pairs");
-            Py_DECREF(matchers);
-            Py_DECREF(always);
-            Py_DECREF(denied);
-            return -1;
-        }
-        RRule *r = &fp->rules[i];
-        fp->n = i + 1;
-        r->matcher = PyTuple_GET_ITEM(pair, 0);
-        r->decision = PyTuple_GET_ITEM(pair, 1);
-        Py_INCREF(r->matcher);
-        Py_INCREF(r->decision);
-        if (r->matcher == g_ALLOW_ALL) {
-            r->kind = 0;
-        } else if (g_RedisRule != NULL && (PyObject *)Py_TYPE(r->matcher) == g_RedisRule) {
-            r->kind = 1;
-            r->base = attr_none_null(r->matcher, s_base);
-            r->name = attr_none_null(r->matcher, s_name);
-            r->category = attr_none_null(r->matcher, s_category);
-            r->exact = attr_none_null(r->matcher, s_exact);
-            r->prefix = attr_none_null(r->matcher, s_prefix);
-            r->regex = attr_none_null(r->matcher, s_regex);
-            PyObject *keyed = PyErr_Occurred() ? NULL : PyObject_GetAttr(r->matcher, s_keyed);
-            r->keyed = keyed ? PyObject_IsTrue(keyed) : -1;
-            Py_XDECREF(keyed);
-            if (PyErr_Occurred() || r->keyed < 0 || (r->base && !PyUnicode_CheckExact(r->base)) ||
-                (r->name && !PyUnicode_CheckExact(r->name)) ||
-                (r->category && !PyUnicode_CheckExact(r->category)) || (r->exact && !PyBytes_Check(r->exact)) ||
-                (r->prefix && !PyBytes_Check(r->prefix))) {
-                PyErr_Clear();
-                r->kind = 2; /* not the shape this code knows: ask the matcher itself */
-            }
-        } else {
-            r->kind = 2;
-        }
-    }
-    Py_DECREF(matchers);
-    fp->always = always == Py_None ? (Py_DECREF(always), NULL) : always;
-    fp->denied = denied;
-    fp->cp = cp;
-    Py_INCREF(cp);
-    fp->pure = 1;
-    for (Py_ssize_t i = 0; i < n; i++) {
-        RRule *r = &fp->rules[i];
-        if (r->kind == 2 || r->regex != NULL) fp->pure = 0;
-        if (decision_flags(r->decision, &r->pass, &r->audit) < 0) return -1;
-    }
-    if (fp->always && decision_flags(fp->always, &fp->always_pass, &fp->always_audit) < 0) return -1;
-    if (decision_flags(fp->denied, &fp->denied_pass, &fp->denied_audit) < 0) return -1;
-    return 0;
-}
-
-/* rules.py RedisRule.matches for a rule without regex, on a key's bytes (NULL: no key) */
-static int rrule_matches_raw(RRule *r, PyObject *name, PyObject *base, PyObject *cats, const char *kp,
-                             Py_ssize_t kl) {
-    if (r->kind == 0) return 1;
-    int c;
-    if (r->base) c = str_eq(base, r->base);
-    else if (r->name) c = str_eq(name, r->name);
-    else if (r->category) {
-        c = str_eq(r->category, s_all);
-        if (c == 0) c = PySet_Contains(cats, r->category);
-    } else c = 1;
-    if (c <= 0) return c;
-    if (!r->keyed) return 1;
-    if (kp == NULL) return 0;
-    if (r->exact && (kl != PyBytes_GET_SIZE(r->exact) || memcmp(kp, PyBytes_AS_STRING(r->exact), (size_t)kl)))
-        return 0;
-    if (r->prefix) {
-        Py_ssize_t pl = PyBytes_GET_SIZE(r->prefix);
-        if (kl < pl || memcmp(kp, PyBytes_AS_STRING(r->prefix), (size_t)pl)) return 0;
-    }
-    return 1;
-}
-
-/* One question: tuple.__new__(RedisRequest, (name, base, categories, True, key)) */
-static PyObject *redis_request(PyObject *name, PyObject *base, PyObject *cats, PyObject *key) {
-    PyObject *inner = PyTuple_Pack(5, name, base, cats, Py_True, key ? key : Py_None);
-    if (inner == NULL) return NULL;
-    PyObject *args = PyTuple_Pack(1, inner);
-    Py_DECREF(inner);
-    if (args == NULL) return NULL;
-    PyObject *req = PyTuple_Type.tp_new((PyTypeObject *)g_RedisRequest, args, NULL);
-    Py_DECREF(args);
-    return req;
-}
-
-static int str_eq(PyObject *a, PyObject *b) {
-    if (a == b) return 1;
-    int r = PyUnicode_Compare(a, b);
-    if (r == -1 && PyErr_Occurred()) return -1;
-    return r == 0;
-}
-
-/* RedisRule.matches(RedisRequest(name, base, categories, True, key)): 1, 0, -1 */
-static int rrule_matches(RRule *r, PyObject *name, PyObject *base, PyObject *cats, PyObject *key) {
-    if (r->kind == 0) return 1;
-    if (r->kind == 2) {
-        PyObject *req = redis_request(name, base, cats, key);
-        if (req == NULL) return -1;
-        PyObject *res = PyObject_CallMethodOneArg(r->matcher, s_matches, req);
-        Py_DECREF(req);
-        if (res == NULL) return -1;
-        int t = PyObject_IsTrue(res);
-        Py_DECREF(res);
-        return t;
-    }
-    int c;
-    if (r->base) c = str_eq(base, r->base);
-    else if (r->name) c = str_eq(name, r->name);
-    else if (r->category) {
-        c = str_eq(r->category, s_all);
-        if (c == 0) c = PySet_Contains(cats, r->category);
-    } else c = 1;
-    if (c <= 0) return c;
-    if (!r->keyed) return 1;
-    if (key == NULL) return 0;
-    const char *kp = PyBytes_AS_STRING(key);
-    Py_ssize_t kl = PyBytes_GET_SIZE(key);
-    if (r->exact && (kl != PyBytes_GET_SIZE(r->exact) || memcmp(kp, PyBytes_AS_STRING(r->exact), (size_t)kl)))
-        return 0;
-    if (r->prefix) {
-        Py_ssize_t pl = PyBytes_GET_SIZE(r->prefix);
-        if (kl < pl || memcmp(kp, PyBytes_AS_STRING(r->prefix), (size_t)pl)) return 0;
-    }
-    if (r->regex == NULL) return 1;
-    PyObject *res = PyObject_CallMethodOneArg(r->regex, s_search, key);
-    if (res == NULL) return -1;
-    int t = PyObject_IsTrue(res);
-    Py_DECREF(res);
-    return t;
-}
 
 /* ========================================================================================== */
 /* The parser object                                                                          */
@@ -841,85 +617,6 @@ static int table_get(Redis *self, const char *p, Py_ssize_t k, TEntry *t) {
     return table_entry(v, t);
 }
 
-/* "\r" in [from, to) (to clamped to have), or -1 */
-static Py_ssize_t find_cr(const char *d, Py_ssize_t from, Py_ssize_t to, Py_ssize_t have) {
-    if (to > have) to = have;
-    for (Py_ssize_t i = from; i < to; i++)
-        if (d[i] == '\r') return i;
-    return -1;
-}
-
-/* plain digits [a, b): the value, or -1 (not digits, a leading zero, more than 18 digits) */
-static long long plain_len(const char *d, Py_ssize_t a, Py_ssize_t b) {
-    if (b <= a || b - a > 18 || (d[a] == '0' && b - a > 1)) return -1;
-    long long v = 0;
-    for (Py_ssize_t i = a; i < b; i++) {
-        if (d[i] < '0' || d[i] > '9') return -1;
-        v = v * 10 + (d[i] - '0');
-    }
-    return v;
-}
-
-#define MAX_ARGS 64
-
-/* A whole multibulk request at base with plain lengths, within the budget: 1 with the argument
- * offsets and *end; 0 when it is anything else (the reference reads it). */
-static int frame_request(Redis *self, const char *d, Py_ssize_t have, Py_ssize_t base, Py_ssize_t *argc,
-                         Py_ssize_t *starts, Py_ssize_t *lens, Py_ssize_t *end) {
-    /* _multibulk: the count line, as its fast path reads it */
-    Py_ssize_t cr = find_cr(d, base, base + 12, have);
-    if (cr < 0 || cr > have - 2) return 0;
-    long long count = plain_len(d, base + 1, cr);
-    if (count <= 0 || count > MAX_ARGS) return 0;
-    Py_ssize_t pos = cr + 2, limit = base + self->budget;
-    for (long long i = 0; i < count; i++) {
-        /* "$<plain digits>\r" found within 20 bytes, its CRLF buffered */
-        Py_ssize_t c = find_cr(d, pos, pos + 20, have);
-        if (c <= pos + 1 || c > have - 2 || d[pos] != '$') return 0;
-        long long ln = plain_len(d, pos + 1, c);
-        if (ln < 0 || ln > self->max_bulk) return 0;
-        Py_ssize_t start = c + 2, e = start + (Py_ssize_t)ln + 2;
-        if (e > limit || e > have) return 0;
-        starts[i] = start;
-        lens[i] = (Py_ssize_t)ln;
-        pos = e;
-    }
-    *argc = (Py_ssize_t)count;
-    *end = pos;
-    return 1;
-}
-
-/* An inline request at base (resp.py _inline, split_args without quotes: bytes.split()), its
- * line all buffered: 1 with the argument offsets and *end (argc 0: an empty line); 0 when it is
- * anything else (no newline yet, a NUL before it, quotes, \v or \f, more than MAX_ARGS
- * arguments: the reference reads it). */
-static int frame_inline(const char *d, Py_ssize_t have, Py_ssize_t base, Py_ssize_t *argc, Py_ssize_t *starts,
-                        Py_ssize_t *lens, Py_ssize_t *end) {
-    Py_ssize_t nl = -1;
-    for (Py_ssize_t i = base; i < have; i++) {
-        char c = d[i];
-        if (c == '\n') {
-            nl = i;
-            break;
-        }
-        if (c == '\0' || c == '"' || c == '\'' || c == '\v' || c == '\f') return 0;
-    }
-    if (nl < 0) return 0;
-    Py_ssize_t stop = nl > base && d[nl - 1] == '\r' ? nl - 1 : nl, k = 0;
-    for (Py_ssize_t i = base; i < stop;) {
-        while (i < stop && (d[i] == ' ' || d[i] == '\t' || d[i] == '\r')) i++;
-        if (i >= stop) break;
-        if (k == MAX_ARGS) return 0;
-        starts[k] = i;
-        while (i < stop && d[i] != ' ' && d[i] != '\t' && d[i] != '\r') i++;
-        lens[k] = i - starts[k];
-        k++;
-    }
-    *argc = k;
-    *end = nl + 1;
-    return 1;
-}
-
 /* _push for an ordinary command: joins the last entry when it is an ordinary reply */
 static int push_reply(Redis *self, PyObject *name) {
     if (self->qlen) {
@@ -966,7 +663,7 @@ static int rd_request_loop(Redis *self, PyObject *buf, long long *n) {
     Py_ssize_t have;
     if (rd_policy_refresh(self) < 0 || bytes_view(buf, &d, &have) < 0) return -1;
     Py_ssize_t base = 0;
-    Py_ssize_t starts[MAX_ARGS], lens[MAX_ARGS], kstart[MAX_ARGS], klen[MAX_ARGS];
+    Py_ssize_t starts[REDIS_MAX_ARGS], lens[REDIS_MAX_ARGS], kstart[REDIS_MAX_ARGS], klen[REDIS_MAX_ARGS];
     while (base < have) {
         if (self->qlen >= self->max_entries) {
             REntry *last = rq_at(self, self->qlen - 1);
@@ -977,8 +674,8 @@ static int rd_request_loop(Redis *self, PyObject *buf, long long *n) {
         }
         Py_ssize_t argc = 0, end = 0;
         TEntry t;
-        int got = d[base] == '*' ? frame_request(self, d, have, base, &argc, starts, lens, &end)
-                                 : frame_inline(d, have, base, &argc, starts, lens, &end);
+        int got = d[base] == '*' ? resp_frame_request(self->budget, self->max_bulk, d, have, base, &argc, starts, lens, &end)
+                                 : resp_frame_inline(d, have, base, &argc, starts, lens, &end);
         if (got && argc == 0) { /* an empty line: nothing to answer (skip_next is already off) */
             base = end;
             continue;
@@ -1100,62 +797,6 @@ static int rd_request(Redis *self, PyObject *buf, long long *n) {
 
 /* --- replies (parser.py _on_reply's fast path, _after_frame for denials) --------------------- */
 
-/* data.find(b"\r\n", from, to), to clamped to have */
-static Py_ssize_t find_crlf(const char *d, Py_ssize_t from, Py_ssize_t to, Py_ssize_t have) {
-    if (to > have) to = have;
-    for (Py_ssize_t i = from; i + 1 < to; i++) {
-        const char *c = memchr(d + i, '\r', (size_t)(to - 1 - i));
-        if (c == NULL) return -1;
-        i = c - d;
-        if (d[i + 1] == '\n') return i;
-    }
-    return -1;
-}
-
-/* A ':' line [a, eol) as resp.py _int accepts it */
-static int int_line(const char *d, Py_ssize_t a, Py_ssize_t eol) {
-    if (a < eol && (d[a] == '-' || d[a] == '+')) a++;
-    if (a == eol || eol - a > 20) return 0;
-    for (; a < eol; a++)
-        if (d[a] < '0' || d[a] > '9') return 0;
-    return 1;
-}
-
-/* A whole top-level array of simple strings, errors, integers and bulk strings, all buffered,
- * whose '*' line ends at eol: where it ends, or -1 (anything else). What the general reader
- * reads of it: the count as string2ll (a null or empty array ends at its line), each element
- * as ReplyScanner.scan checks it. */
-static Py_ssize_t flat_array(const char *d, Py_ssize_t have, Py_ssize_t pos, Py_ssize_t eol) {
-    long long cnt;
-    if (eol == pos + 3 && d[pos + 1] == '-' && d[pos + 2] == '1') cnt = 0;
-    else if ((cnt = plain_len(d, pos + 1, eol)) < 0) return -1;
-    Py_ssize_t p = eol + 2;
-    for (long long i = 0; i < cnt; i++) {
-        if (p >= have) return -1;
-        char t = d[p];
-        Py_ssize_t e = find_crlf(d, p + 1, have, have);
-        if (e < 0) return -1;
-        if (t == '+' || t == '-') {
-            p = e + 2;
-        } else if (t == ':') {
-            if (!int_line(d, p + 1, e)) return -1;
-            p = e + 2;
-        } else if (t == '$') {
-            if (e == p + 3 && d[p + 1] == '-' && d[p + 2] == '1') {
-                p = e + 2;
-            } else {
-                long long ln = plain_len(d, p + 1, e);
-                if (ln < 0 || ln > have) return -1;
-                p = e + 4 + (Py_ssize_t)ln;
-                if (p > have) return -1;
-            }
-        } else {
-            return -1;
-        }
-    }
-    return p;
-}
-
 static int rd_reply(Redis *self, PyObject *buf, long long *n) {
     if (self->rep_owed) {
         *n = self->rep_owed;
@@ -1177,7 +818,7 @@ static int rd_reply(Redis *self, PyObject *buf, long long *n) {
         Py_ssize_t end;
         /* the fast path, and what the general reader does for the same frames at the top
          * level (resp.py ReplyScanner.scan): the line ends at the first CRLF after the type */
-        Py_ssize_t eol = find_crlf(d, pos + 1, have, have);
+        Py_ssize_t eol = resp_find_crlf(d, pos + 1, have, have);
         if (eol < 0) {
             if ((t == '+' || t == '-') && have - pos > 67) break; /* a long line, streamed */
             *n = pos ? pos : 1; /* the line is not all here (PARTIAL, nothing read) */
@@ -1189,15 +830,15 @@ static int rd_reply(Redis *self, PyObject *buf, long long *n) {
             if (eol == pos + 3 && d[pos + 1] == '-' && d[pos + 2] == '1') {
                 end = eol + 2; /* a null */
             } else {
-                long long ln = plain_len(d, pos + 1, eol);
+                long long ln = resp_plain_len(d, pos + 1, eol);
                 if (ln < 0) break; /* anything odd: the general reader decides */
                 end = eol + 4 + (Py_ssize_t)ln; /* may lie past the buffer: passed through */
             }
         } else if (t == ':') {
-            if (!int_line(d, pos + 1, eol)) break;
+            if (!resp_int_line(d, pos + 1, eol)) break;
             end = eol + 2;
         } else if (t == '*') {
-            end = flat_array(d, have, pos, eol);
+            end = resp_flat_array(d, have, pos, eol);
             if (end < 0) break; /* nested, not all here, or odd: the general reader decides */
         } else {
             break;
@@ -1396,19 +1037,7 @@ int redis_init(void) {
     INTERN(s_reset, "reset");
     INTERN(s_rd_policy, "policy");
     INTERN(s_rd_l4, "l4");
-    INTERN(s_rd_always, "always");
-    INTERN(s_rd_denied, "denied");
-    INTERN(s_rd_matchers, "matchers");
     INTERN(s_rd_allowed, "allowed");
-    INTERN(s_base, "base");
-    INTERN(s_name, "name");
-    INTERN(s_category, "category");
-    INTERN(s_exact, "exact");
-    INTERN(s_prefix, "prefix");
-    INTERN(s_regex, "regex");
-    INTERN(s_keyed, "keyed");
-    INTERN(s_search, "search");
-    INTERN(s_all, "all");
     INTERN(s_refused, "_refused_in_subscribe_mode");
     INTERN(s_multi, "multi");
     return 0;
