@@ -73,6 +73,30 @@ static PyObject *mod_setup_memcache(PyObject *m, PyObject *args, PyObject *kw) {
     Py_RETURN_NONE;
 }
 
+static PyObject *mod_setup_redis(PyObject *m, PyObject *args, PyObject *kw) {
+    static char *kwlist[] = {"RedisParser", "RedisRequest", "RedisRule", "key_text", "table", "noperm",
+                             "REQUEST", "DENIED", NULL};
+    PyObject *rp, *rq, *rr, *kt, *tb, *np, *et_rq, *et_dn;
+    if (!PyArg_ParseTupleAndKeywords(args, kw, "$OOOOO!SOO", kwlist, &rp, &rq, &rr, &kt, &PyDict_Type, &tb, &np,
+                                     &et_rq, &et_dn))
+        return NULL;
+    if (!PyType_Check(rq) || !PyType_IsSubtype((PyTypeObject *)rq, &PyTuple_Type)) {
+        PyErr_SetString(PyExc_TypeError, "RedisRequest must be a tuple subclass");
+        return NULL;
+    }
+#define KEEP(g, v) do { Py_INCREF(v); Py_XSETREF(g, v); } while (0)
+    KEEP(g_RedisParser, rp);
+    KEEP(g_RedisRequest, rq);
+    KEEP(g_RedisRule, rr);
+    KEEP(g_redis_key_text, kt);
+    KEEP(g_redis_table, tb);
+    KEEP(s_noperm, np);
+    KEEP(g_ET_REQUEST, et_rq);
+    KEEP(g_ET_DENIED, et_dn);
+#undef KEEP
+    Py_RETURN_NONE;
+}
+
 static PyObject *mod_setup_policy(PyObject *m, PyObject *args, PyObject *kw) {
     static char *kwlist[] = {"version", "LiveConnectionPolicy", "RuleRegex", "ALLOW_ALL", "unanchored",
                              "Context", "ALLOWED", NULL};
@@ -101,6 +125,8 @@ static PyMethodDef module_methods[] = {
      "Hand over the flattened-policy interface (called by proxyd.policy.flat; docs/native.md)."},
     {"setup", (PyCFunction)(void (*)(void))mod_setup, METH_VARARGS | METH_KEYWORDS,
      "Hand the engine's Python pieces over (called once by proxyd.engine)."},
+    {"setup_redis", (PyCFunction)(void (*)(void))mod_setup_redis, METH_VARARGS | METH_KEYWORDS,
+     "Hand the redis parser's Python pieces over (called once by proxyd.parsers.redis)."},
     {"setup_memcache", (PyCFunction)(void (*)(void))mod_setup_memcache, METH_VARARGS | METH_KEYWORDS,
      "Hand the memcache parser's Python pieces over (called once by proxyd.parsers.memcache)."},
     {NULL},
@@ -140,15 +166,18 @@ PyMODINIT_FUNC PyInit__native(void) {
     s_empty_bytes = PyBytes_FromStringAndSize(NULL, 0);
     s_empty_tuple = PyTuple_New(0);
     if (!s_empty_bytes || !s_empty_tuple) return NULL;
-    if (policy_init() < 0 || memcache_init() < 0) return NULL;
-    if (PyType_Ready(&EngineType) < 0 || PyType_Ready(&MemcacheType) < 0 || PyType_Ready(&LazyFieldsType) < 0)
+    if (policy_init() < 0 || memcache_init() < 0 || redis_init() < 0 || redis_rules_init() < 0) return NULL;
+    if (PyType_Ready(&EngineType) < 0 || PyType_Ready(&MemcacheType) < 0 || PyType_Ready(&LazyFieldsType) < 0 ||
+        PyType_Ready(&RedisType) < 0 || PyType_Ready(&RedisFieldsType) < 0)
         return NULL;
     PyObject *m = PyModule_Create(&moduledef);
     if (m == NULL) return NULL;
     Py_INCREF(&EngineType);
     Py_INCREF(&MemcacheType);
+    Py_INCREF(&RedisType);
     if (PyModule_AddObject(m, "Engine", (PyObject *)&EngineType) < 0 ||
-        PyModule_AddObject(m, "Memcache", (PyObject *)&MemcacheType) < 0)
+        PyModule_AddObject(m, "Memcache", (PyObject *)&MemcacheType) < 0 ||
+        PyModule_AddObject(m, "Redis", (PyObject *)&RedisType) < 0)
         return NULL;
     return m;
 }

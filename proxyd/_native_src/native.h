@@ -1,4 +1,4 @@
-/* proxyd._native: the compiled twin of proxyd.engine.PyEngine and of the memcache parser.
+/* proxyd._native: the compiled twin of proxyd.engine.PyEngine and of the memcache and redis parsers.
  *
  * One C file per Python reference module, each following its reference statement by
  * statement, in the same order, so the two can be read side by side:
@@ -7,6 +7,12 @@
  *               denial placement, text/meta and binary dialects)
  *   policy.c    the memcache rules of a connection's policy, flattened and evaluated in C
  *               (proxyd/policy/store.py LiveConnectionPolicy, memcache/rules.py MemcacheRule)
+ *   redis.c     proxyd/parsers/redis/parser.py's common case (whole requests of simple commands
+ *               and MULTI/EXEC/DISCARD, their RedisRule policy, top-level string, integer and
+ *               flat array replies, denials in place), handing every other request or reply to
+ *               the reference RedisParser at the offset where it starts
+ *   redis_resp.c  proxyd/parsers/redis/resp.py: the request and reply framing redis.c reads itself
+ *   redis_rules.c proxyd/parsers/redis/rules.py: a connection's redis rules, flattened
  *   module.c    PyInit, the setup functions that hand the Python pieces over, shared state
  * This header holds what more than one of them uses. tests/test_native_equivalence.py drives
  * both implementations with the same inputs and compares ops, bytes, log entries and errors.
@@ -72,9 +78,15 @@ typedef struct NativeParser {
 extern PyTypeObject EngineType;     /* engine.c */
 extern PyTypeObject MemcacheType;   /* memcache.c */
 extern PyTypeObject LazyFieldsType; /* memcache.c */
+extern PyTypeObject RedisType;      /* redis.c */
+extern PyTypeObject RedisFieldsType; /* redis.c */
+/* handed over by proxyd.parsers.redis (setup_redis) */
+extern PyObject *g_RedisParser, *g_RedisRequest, *g_RedisRule, *g_redis_key_text, *g_redis_table, *s_noperm;
 
 /* memcache.c: intern the command and opcode names, ready the types. 0 or -1. */
 int memcache_init(void);
+/* redis.c: intern its attribute names. 0 or -1. */
+int redis_init(void);
 
 /* ------------------------------------------------------------------------------------------ */
 /* The flattened per-connection policy (policy.c), embedded in a native parser.                */
@@ -101,6 +113,51 @@ void flat_clear(FlatPolicy *fp);
 int flat_matches(FlatPolicy *fp, PyObject *ctx, PyObject *name, PyObject *keys, int key_error);
 
 /* ------------------------------------------------------------------------------------------ */
+/* The redis twin: redis.c (parser.py), redis_resp.c (resp.py), redis_rules.c (rules.py).      */
+
+#define REDIS_MAX_ARGS 64 /* more arguments: the reference frames the request */
+
+/* redis_resp.c: framing, each bounded by have */
+Py_ssize_t resp_find_cr(const char *d, Py_ssize_t from, Py_ssize_t to, Py_ssize_t have);
+Py_ssize_t resp_find_crlf(const char *d, Py_ssize_t from, Py_ssize_t to, Py_ssize_t have);
+long long resp_plain_len(const char *d, Py_ssize_t a, Py_ssize_t b);
+int resp_int_line(const char *d, Py_ssize_t a, Py_ssize_t eol);
+int resp_frame_request(Py_ssize_t budget, Py_ssize_t max_bulk, const char *d, Py_ssize_t have, Py_ssize_t base,
+                       Py_ssize_t *argc, Py_ssize_t *starts, Py_ssize_t *lens, Py_ssize_t *end);
+int resp_frame_inline(const char *d, Py_ssize_t have, Py_ssize_t base, Py_ssize_t *argc, Py_ssize_t *starts,
+                      Py_ssize_t *lens, Py_ssize_t *end);
+Py_ssize_t resp_flat_array(const char *d, Py_ssize_t have, Py_ssize_t pos, Py_ssize_t eol);
+
+/* redis_rules.c: a connection's redis rules, flattened */
+typedef struct {
+    int kind;           /* 0 allow all, 1 RedisRule, 2 other: call matcher.matches(request) */
+    PyObject *matcher, *decision;
+    PyObject *base, *name, *category; /* str or NULL */
+    PyObject *exact, *prefix;         /* bytes or NULL */
+    PyObject *regex;                  /* RuleRegex or NULL: regex.search(key) */
+    int keyed;
+    int pass, audit;                  /* decision.allowed or decision.audit; decision.audit */
+} RRule;
+
+typedef struct {
+    int ok;
+    int pure;               /* every rule is evaluated here without a Python call */
+    RRule *rules;
+    Py_ssize_t n;
+    PyObject *cp, *always, *denied;
+    int always_pass, always_audit, denied_pass, denied_audit;
+} RFlat;
+
+int redis_rules_init(void);
+void rflat_clear(RFlat *fp);
+int rflat_build(RFlat *fp, PyObject *cp);
+/* RedisRule.matches(RedisRequest(name, base, cats, True, key)), key bytes or NULL: 1, 0, -1 */
+int rrule_matches(RRule *r, PyObject *name, PyObject *base, PyObject *cats, PyObject *key);
+/* the same on a key's bytes (NULL: none), for a rule that needs no Python call (kind 0/1, no regex) */
+int rrule_matches_raw(RRule *r, PyObject *name, PyObject *base, PyObject *cats, const char *kp, Py_ssize_t kl);
+PyObject *redis_request(PyObject *name, PyObject *base, PyObject *cats, PyObject *key);
+
+/* ------------------------------------------------------------------------------------------ */
 /* Small helpers                                                                               */
 
 static inline int bytes_view(PyObject *o, const char **p, Py_ssize_t *n) {
@@ -118,5 +175,13 @@ static inline int bytes_view(PyObject *o, const char **p, Py_ssize_t *n) {
 }
 
 static inline PyObject *BOOL(int r) { return r ? Py_True : Py_False; }
+
+/* a == b for two str: 1, 0, -1 */
+static inline int str_eq(PyObject *a, PyObject *b) {
+    if (a == b) return 1;
+    int r = PyUnicode_Compare(a, b);
+    if (r == -1 && PyErr_Occurred()) return -1;
+    return r == 0;
+}
 
 #endif /* PROXYD_NATIVE_H */

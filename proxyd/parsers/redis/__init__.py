@@ -35,14 +35,32 @@ client pauses until replies drain it (the engine's hold), nothing is closed.
 from __future__ import annotations
 
 from collections.abc import Mapping
-from typing import Any
+from typing import Any, cast
 
 from proxyd.errors import ParserConfigError
-from proxyd.parser import ConnectionContext, Parser, ParserFactory, RuleMatcher
+from proxyd.native import native_module, parser_twins
+from proxyd.parser import ConnectionContext, EntryType, Parser, ParserFactory, RuleMatcher
+from proxyd.policy.flat import hand_over
 
-from .parser import DEFAULT_INSPECT, DEFAULT_PENDING_BYTES, RedisParser
+from .parser import DEFAULT_INSPECT, DEFAULT_PENDING_BYTES, NOPERM, RedisParser, _key_text, native_table
 from .resp import PROTO_MAX_BULK_LEN
 from .rules import RULE_KEYS, RedisRequest, RedisRule, compile_rule
+
+_native = native_module()
+if _native is not None:
+    # The native twin (proxyd._native.Redis) decides the common case itself, RedisRule policy
+    # included, and hands everything else to a RedisParser it keeps (proxyd/_native_src/redis.c).
+    _native.setup_redis(
+        RedisParser=RedisParser,
+        RedisRequest=RedisRequest,
+        RedisRule=RedisRule,
+        key_text=_key_text,
+        table=native_table(),
+        noperm=NOPERM,
+        REQUEST=EntryType.REQUEST,
+        DENIED=EntryType.DENIED,
+    )
+    hand_over(_native)
 
 _INT_KEYS = {
     "max_inspect_bytes": (1024, 256 << 20),
@@ -79,12 +97,16 @@ class RedisFactory(ParserFactory):
 
     def create(self, ctx: ConnectionContext, config: Any) -> Parser:
         cfg = config or {}
-        return RedisParser(
-            ctx,
+        args = (
             int(cfg.get("max_inspect_bytes", DEFAULT_INSPECT)),
             int(cfg.get("proto_max_bulk_len", PROTO_MAX_BULK_LEN)),
             int(cfg.get("max_pending_bytes", DEFAULT_PENDING_BYTES)),
         )
+        twins = parser_twins(ctx)
+        if twins is not None:
+            # The native engine runs (or a test asked for it): the compiled twin of this parser.
+            return cast(Parser, twins.Redis(ctx, *args))
+        return RedisParser(ctx, *args)
 
 
 __all__ = ["RedisFactory", "RedisParser", "RedisRequest", "RedisRule", "compile_rule"]

@@ -238,8 +238,12 @@ class RedisParser(Parser):
             return (ERROR, ERROR_PROTOCOL) if self.close_next else (DROP, len(data))
         if self.stream_rest:
             return self._stream(data)
+        return self._requests(data, 0)
+
+    def _requests(self, data: Data, base: int) -> Verdict:
+        """Decide the requests from ``data[base]`` on (the ones before it went out in this
+        verdict's PASS): the loop of :meth:`_on_request`, where the native twin hands over."""
         n = len(data)
-        base = 0
         pending = self.pending
         limit = self.max_entries
         while base < n:
@@ -628,6 +632,14 @@ class RedisParser(Parser):
                 verdict = self._after_frame(data, pos, n, b"")
                 if verdict is not None:
                     return verdict
+        return self._replies(data, pos)
+
+    def _replies(self, data: Data, pos: int) -> Verdict:
+        """The general reply reader from ``data[pos]`` on (the frames before it went out in this
+        verdict's PASS): where :meth:`_on_reply`'s fast path, and the native twin, hand over."""
+        n = len(data)
+        sc = self.scanner
+        q = self.pending
         while pos < n:
             start = pos
             if q and q[0][0] == E_RAW and sc.at_boundary:
@@ -786,3 +798,35 @@ class RedisParser(Parser):
         elif name == "reset" and sc.top == 43:
             self.resp3 = False
             self.subs = [0, 0, 0]
+
+
+def native_table() -> dict[bytes, tuple[str, str, frozenset[str], int, int, int, int]]:
+    """The commands the native twin (``proxyd/_native_src/redis.c``) decides itself, by
+    lower-case name: ``(name, base, categories, mode, first, lastkey, step)``.
+
+    ``mode`` 0: always allowed and stateless (``ping``, ``echo``...); 1: its keys are
+    ``args[first:last + 1:step]`` (:attr:`.table.Command.simple`); 2: no keys (no key spec, not
+    a channel command); 3: ``multi``; 4: ``exec`` and ``discard`` (the twin follows
+    ``in_multi``, and hands a transaction with a denied command to this module). Other
+    commands that change what the parser tracks, container commands and commands with other
+    key specs are not here: the twin hands them to this module.
+    """
+    from .table import CHANNELS, COMMANDS, CUSTOM_KEYS
+
+    out: dict[bytes, tuple[str, str, frozenset[str], int, int, int, int]] = {}
+    for name, cmd in COMMANDS.items():
+        if name in ("multi", "exec", "discard"):
+            out[name.encode()] = (cmd.name, name, cmd.categories, 3 if name == "multi" else 4, 0, 0, 1)
+            continue
+        if cmd.subcommands or name in _STATEFUL or name in _REPLY_STATE or name == "auth":
+            continue
+        if name in ALWAYS_ALLOWED:
+            mode, simple = 0, (0, 0, 1)
+        elif cmd.simple is not None:
+            mode, simple = 1, cmd.simple
+        elif not cmd.key_specs and name not in CHANNELS and name not in CUSTOM_KEYS:
+            mode, simple = 2, (0, 0, 1)
+        else:
+            continue
+        out[name.encode()] = (cmd.name, name.partition("|")[0], cmd.categories, mode, *simple)
+    return out
