@@ -101,6 +101,51 @@ void flat_clear(FlatPolicy *fp);
 int flat_matches(FlatPolicy *fp, PyObject *ctx, PyObject *name, PyObject *keys, int key_error);
 
 /* ------------------------------------------------------------------------------------------ */
+/* http: http_framing.c (framing.py), http_rules.c (rules.py, flattened), http_parser.c       */
+/* (parser.py). The twin handles the common states and hands the rest to the reference parser. */
+
+extern PyTypeObject HttpType;          /* http_parser.c */
+extern PyObject *g_HttpRequest;        /* http.rules.HttpRequest */
+extern PyObject *g_HttpRule;           /* http.rules.HttpRule */
+extern PyObject *g_ET_H_REQUEST, *g_ET_H_RESPONSE;
+
+/* A request or response head the fast subset of framing.py accepted (offsets into the data). */
+typedef struct HttpHead {
+    Py_ssize_t method_len;             /* the method is data[0:method_len] */
+    Py_ssize_t target_off, target_len;
+    int v11;                           /* HTTP/1.1 (else 1.0) */
+    Py_ssize_t host_off, host_len;     /* the Host value, stripped; host_off < 0: no Host */
+    Py_ssize_t fields_off, fields_end; /* the field lines, each with its CRLF */
+    long long length;                  /* Content-Length (0: no body) */
+    int keep_alive;
+    int status;                        /* responses */
+} HttpHead;
+
+/* The head at the start of d: its length, or 0 when framing.py must decide (an incomplete head,
+ * an error, or a case outside the subset: chunked, CONNECT, an upgrade, a non-origin target...). */
+Py_ssize_t http_request_head(const char *d, Py_ssize_t have, Py_ssize_t limit, HttpHead *h);
+Py_ssize_t http_response_head(const char *d, Py_ssize_t have, Py_ssize_t limit, int head_req, HttpHead *h);
+/* HttpRequest.has(lname, value) over a validated field block; value NULL: any value. */
+int http_field_has(const char *block, Py_ssize_t blen, const char *lname, Py_ssize_t nl, const char *value,
+                   Py_ssize_t vl);
+
+struct HttpFlatRule;
+typedef struct HttpFlat {
+    int ok;
+    struct HttpFlatRule *rules;
+    Py_ssize_t n;
+    PyObject *cp, *always, *denied;
+} HttpFlat;
+
+int http_parser_init(void); /* interns its names, then http_rules_init() */
+int http_rules_init(void);
+void http_flat_clear(HttpFlat *fp);
+/* ctx.matches(HttpRequest(...)) through the flat policy: 1, 0 (ctx._last set as Context does), -1;
+ * or 2 when it does not apply (nothing was set: the caller asks ctx.matches). */
+int http_flat_matches(HttpFlat *fp, PyObject *ctx, PyObject *method, PyObject *path, PyObject *host,
+                      const char *block, Py_ssize_t blen);
+
+/* ------------------------------------------------------------------------------------------ */
 /* Small helpers                                                                               */
 
 static inline int bytes_view(PyObject *o, const char **p, Py_ssize_t *n) {
