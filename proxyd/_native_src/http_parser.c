@@ -541,7 +541,22 @@ static PyObject *Http_counts(Http *s, PyObject *unused) {
     return Py_BuildValue("LL", s->handled, s->handed);
 }
 
+/* HttpParser.pending_requests(): (method, path, host, payload) per pending entry */
+static PyObject *Http_pending(Http *s, PyObject *unused) {
+    if (s->delegated) return PyObject_CallMethod(s->py, "pending_requests", NULL);
+    PyObject *out = PyList_New(s->qlen);
+    for (Py_ssize_t i = 0; out && i < s->qlen; i++) {
+        HEntry *e = q_at(s, i);
+        PyObject *t = PyTuple_Pack(4, e->method, e->path, e->host, Py_None);
+        if (t == NULL) Py_CLEAR(out);
+        else PyList_SET_ITEM(out, i, t);
+    }
+    return out;
+}
+
 static PyMethodDef Http_methods[] = {
+    {"pending_requests", (PyCFunction)Http_pending, METH_NOARGS,
+     "HttpParser.pending_requests(): what awaits its response (for tests)."},
     {"on_data", (PyCFunction)(void (*)(void))Http_py_on_data, METH_FASTCALL,
      "The parser API's on_data (proxyd.parser.Parser)."},
     {"counts", (PyCFunction)Http_counts, METH_NOARGS,

@@ -214,6 +214,10 @@ class HttpParser(Parser):
             return ERROR, self.closing
         return self._request(data)
 
+    def pending_requests(self) -> list[tuple[str, str, str, bytes | None]]:
+        """``(method, path, host, answer)`` per entry awaiting its place (tests compare the twins)."""
+        return [(e.method, e.path, e.host, e.payload) for e in self.pending]
+
     # --- hand-over with the native twin ----------------------------------------------------
 
     def twin_export(self) -> tuple[tuple[tuple[str, str, str], ...], int, int, int] | None:
