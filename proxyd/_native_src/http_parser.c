@@ -23,7 +23,6 @@ PyObject *g_HttpRequest, *g_HttpRule, *g_ET_H_REQUEST, *g_ET_H_RESPONSE;
 /* parser.py's state numbers (the ones this file uses) */
 enum { RS_HEAD = 0, RS_DRAIN = 5 };
 enum { PS_HEAD = 0, PS_LENGTH = 1 };
-#define PENDING_BUDGET (16LL * 1024 * 1024)
 #define ENTRY_COST 256
 
 static PyObject *hs_method, *hs_path, *hs_host, *hs_version, *hs_status, *hs_twin_export, *hs_twin_adopt,
@@ -45,6 +44,7 @@ typedef struct {
     int rs, ps;
     long long p_left;
     long long pending_bytes;
+    long long budget;   /* parser.PENDING_BUDGET when the connection was created */
     HEntry *q;
     Py_ssize_t qhead, qlen, qcap;
     PyObject *counts, *count_key; /* ctx.quiet_counter() */
@@ -328,7 +328,7 @@ static int h_request(Http *s, int end_stream, PyObject *buf, const char *data, P
     HttpHead h;
     Py_ssize_t hn = c0 == 13 || c0 == 0x16 ? 0 : http_request_head(data, have, s->limit, &h);
     if (hn == 0) return h_delegate(s, 0, end_stream, buf, n, NULL);
-    if ((s->normalizing && suspect(data + h.target_off, h.target_len)) || s->pending_bytes > PENDING_BUDGET)
+    if ((s->normalizing && suspect(data + h.target_off, h.target_len)) || s->pending_bytes > s->budget)
         return h_delegate(s, 0, end_stream, buf, n, NULL);
     /* Nothing of data is read after the policy (a call back into Python): copy what it needs. */
     PyObject *method = PyUnicode_DecodeASCII(data, h.method_len, NULL);
@@ -467,12 +467,16 @@ static void Http_dealloc(Http *s) {
 }
 
 static int Http_init(Http *s, PyObject *args, PyObject *kw) {
-    static char *kwlist[] = {"ctx", "reference", "max_header_bytes", "log_responses", "normalizing", NULL};
+    static char *kwlist[] = {"ctx", "reference", "max_header_bytes", "log_responses", "normalizing",
+                             "pending_budget", NULL};
     PyObject *ctx, *py;
     Py_ssize_t limit;
     int log_responses, normalizing;
-    if (!PyArg_ParseTupleAndKeywords(args, kw, "OOnpp", kwlist, &ctx, &py, &limit, &log_responses, &normalizing))
+    long long budget;
+    if (!PyArg_ParseTupleAndKeywords(args, kw, "OOnppL", kwlist, &ctx, &py, &limit, &log_responses, &normalizing,
+                                     &budget))
         return -1;
+    s->budget = budget;
     if (g_HttpRequest == NULL) {
         PyErr_SetString(PyExc_RuntimeError, "proxyd._native.setup_http() was not called");
         return -1;
@@ -571,6 +575,16 @@ static PyMemberDef Http_members[] = {
     {NULL},
 };
 
+static PyObject *Http_pending_bytes(Http *s, void *closure) {
+    if (s->delegated) return PyObject_GetAttrString(s->py, "pending_bytes");
+    return PyLong_FromLongLong(s->pending_bytes);
+}
+
+static PyGetSetDef Http_getset[] = {
+    {"pending_bytes", (getter)Http_pending_bytes, NULL, "HttpParser.pending_bytes", NULL},
+    {NULL},
+};
+
 PyTypeObject HttpType = {
     PyVarObject_HEAD_INIT(NULL, 0)
     .tp_name = "proxyd._native.Http",
@@ -584,6 +598,7 @@ PyTypeObject HttpType = {
     .tp_clear = (inquiry)Http_clear,
     .tp_methods = Http_methods,
     .tp_members = Http_members,
+    .tp_getset = Http_getset,
 };
 
 #define INTERN(var, s) do { var = PyUnicode_InternFromString(s); if (var == NULL) return -1; } while (0)

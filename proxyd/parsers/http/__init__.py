@@ -36,6 +36,7 @@ from proxyd.native import native_module, parser_twins
 from proxyd.parser import ConnectionContext, EntryType, Parser, ParserFactory, RuleMatcher
 from proxyd.policy.flat import hand_over
 
+from . import parser as _parser
 from .parser import HttpConfig, HttpParser, validate_config
 from .rules import RULE_KEYS, HttpRequest, HttpRule, compile_rule
 
@@ -75,7 +76,12 @@ class HttpFactory(ParserFactory):
         if twins is not None:
             # The native engine runs (or a test asked for it): the compiled twin, which hands
             # the states it does not handle to this reference parser and takes them back.
-            return cast(Parser, twins.Http(ctx, parser, cfg.max_header_bytes, cfg.log_responses, parser.normalizing))
+            return cast(
+                Parser,
+                twins.Http(
+                    ctx, parser, cfg.max_header_bytes, cfg.log_responses, parser.normalizing, _parser.PENDING_BUDGET
+                ),
+            )
         return parser
 
 
