@@ -248,3 +248,48 @@ int http_field_has(const char *block, Py_ssize_t blen, const char *lname, Py_ssi
     }
     return 0;
 }
+
+/* HeadReader.scan on an incomplete head (no "\r\n\r\n" in d), from its start: 1 when it would
+ * answer -1 (more bytes needed) having raised nothing, so the parser answers MORE itself; 0 when
+ * the reference must decide (a line it refuses, the limit, the field count). Every complete line
+ * is checked as the reference checks it when its LF arrives: CRLF only, the start line
+ * (parse_request_line or parse_status_line), then field lines (parse_field_line). */
+int http_head_more(const char *d, Py_ssize_t have, Py_ssize_t limit, int request) {
+    if (have >= limit) return 0;
+    Py_ssize_t pos = 0, lines = 0;
+    for (;;) {
+        const char *lf = memchr(d + pos, '\n', (size_t)(have - pos));
+        if (lf == NULL) return 1;
+        Py_ssize_t nl = lf - d;
+        if (nl == pos || d[nl - 1] != '\r' || nl == pos + 1) return 0;
+        Py_ssize_t end = nl - 1; /* the line is d[pos:end] */
+        if (memchr(d + pos, '\r', (size_t)(end - pos)) != NULL) return 0;
+        if (pos == 0) {
+            if (request) {
+                Py_ssize_t i = 0;
+                while (i < end && tchar((unsigned char)d[i])) i++;
+                if (i == 0 || i >= end || d[i] != ' ') return 0;
+                Py_ssize_t t = ++i;
+                while (i < end && (unsigned char)d[i] >= 0x21 && (unsigned char)d[i] <= 0x7e) i++;
+                if (i == t || end - i != 9 || memcmp(d + i, " HTTP/1.", 8) != 0) return 0;
+                if (d[end - 1] != '0' && d[end - 1] != '1') return 0;
+            } else {
+                if (end < 12 || memcmp(d, "HTTP/1.", 7) != 0 || (d[7] != '0' && d[7] != '1') || d[8] != ' ')
+                    return 0;
+                for (int k = 9; k < 12; k++)
+                    if (d[k] < '0' || d[k] > '9') return 0;
+                if (d[9] == '0') return 0; /* status < 100 */
+                if (end > 12) {
+                    if (d[12] != ' ') return 0;
+                    for (Py_ssize_t k = 13; k < end; k++)
+                        if (!vchar((unsigned char)d[k])) return 0;
+                }
+            }
+        } else {
+            Py_ssize_t colon, vs, ve;
+            if (field_line(d, pos, nl + 1, &colon, &vs, &ve) != nl + 1) return 0;
+            if (++lines >= 9999) return 0;
+        }
+        pos = nl + 1;
+    }
+}

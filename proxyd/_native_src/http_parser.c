@@ -327,7 +327,14 @@ static int h_request(Http *s, int end_stream, PyObject *buf, const char *data, P
     unsigned char c0 = (unsigned char)data[0];
     HttpHead h;
     Py_ssize_t hn = c0 == 13 || c0 == 0x16 ? 0 : http_request_head(data, have, s->limit, &h);
-    if (hn == 0) return h_delegate(s, 0, end_stream, buf, n, NULL);
+    if (hn == 0) {
+        if (c0 != 13 && c0 != 0x16 && http_head_more(data, have, s->limit, 1)) {
+            s->handled++;
+            *n = 1;
+            return OP_MORE; /* the head is not all in, and nothing in it is refused so far */
+        }
+        return h_delegate(s, 0, end_stream, buf, n, NULL);
+    }
     if ((s->normalizing && suspect(data + h.target_off, h.target_len)) || s->pending_bytes > s->budget)
         return h_delegate(s, 0, end_stream, buf, n, NULL);
     /* Nothing of data is read after the policy (a call back into Python): copy what it needs. */
@@ -401,7 +408,14 @@ static int h_response(Http *s, int end_stream, PyObject *buf, const char *data, 
     HEntry *e = q_at(s, 0);
     HttpHead h;
     Py_ssize_t hn = http_response_head(data, have, s->limit, e->head, &h);
-    if (hn == 0) return h_delegate(s, 1, end_stream, buf, n, NULL);
+    if (hn == 0) {
+        if (http_head_more(data, have, s->limit, 0)) {
+            s->handled++;
+            *n = 1;
+            return OP_MORE;
+        }
+        return h_delegate(s, 1, end_stream, buf, n, NULL);
+    }
     s->handled++;
     if (s->log_responses) {
         PyObject *status = PyLong_FromLong(h.status);

@@ -125,6 +125,9 @@ typedef struct HttpHead {
  * an error, or a case outside the subset: chunked, CONNECT, an upgrade, a non-origin target...). */
 Py_ssize_t http_request_head(const char *d, Py_ssize_t have, Py_ssize_t limit, HttpHead *h);
 Py_ssize_t http_response_head(const char *d, Py_ssize_t have, Py_ssize_t limit, int head_req, HttpHead *h);
+/* 1 when HeadReader.scan would answer "more bytes" (nothing refused) for the incomplete head at
+ * the start of d; 0 when the reference must decide. */
+int http_head_more(const char *d, Py_ssize_t have, Py_ssize_t limit, int request);
 /* HttpRequest.has(lname, value) over a validated field block; value NULL: any value. */
 int http_field_has(const char *block, Py_ssize_t blen, const char *lname, Py_ssize_t nl, const char *value,
                    Py_ssize_t vl);
