@@ -184,7 +184,9 @@ def compare(ours: tuple[list[int], str | None], theirs: tuple[list[int], str | N
 @settings(max_examples=150, deadline=None)
 @given(data=requests())
 @example(data=b"GET / HTTP/1.1\r\nHost: a\r\n\r\nPOST / HTTP/1.1\r\nHost: a\r\nContent-Length: 3\r\n\r\nabc")
-@example(data=b"POST / HTTP/1.1\r\nHost: a\r\nTransfer-Encoding: chunked\r\n\r\n3;x=1\r\nabc\r\n0\r\nT: 1\r\n\r\n")
+@example(
+    data=b"POST / HTTP/1.1\r\nHost: a\r\nTransfer-Encoding: chunked\r\n\r\n3;x=1\r\nabc\r\n0\r\nT: 1\r\n\r\n"
+)
 @example(data=b"\r\n\r\nGET / HTTP/1.1\r\nHost: a\r\n\r\n")
 def test_request_framing_agrees_with_llhttp(data: bytes, impl: str) -> None:
     compare(proxyd_request_ends(data, impl), llhttp_ends(data))

@@ -26,7 +26,7 @@ from http_grammar import request as grammar_request
 from http_grammar import response as grammar_response
 from hypothesis import given
 from hypothesis import strategies as st
-from test_native_equivalence import EXAMPLES, SETTINGS, Schedule, mutate, outcome, run, schedules
+from test_native_equivalence import EXAMPLES, SETTINGS, Schedule, mutate, run, schedules
 
 from proxyd.parsers.http import HttpFactory
 from proxyd.testing import Harness
@@ -45,7 +45,13 @@ EXTRA = [
     b"Content-Length: 3\r\nContent-Length: 3", b"Content-Length: 3\r\nTransfer-Encoding: chunked",
     b"Host: dup", b" folded", b"Bad Name: x", b"X:\x00", b"X-Long: " + b"v" * 300, b"content-LENGTH: 3",
 ]  # fmt: skip
-BODIES = [b"abc", b"3\r\nabc\r\n0\r\n\r\n", b"3 ;x\r\nabc\r\n0\r\n\r\n", b"zz\r\n", b"3\r\nabc\r\n0\r\nT: 1\r\n\r\n"]
+BODIES = [
+    b"abc",
+    b"3\r\nabc\r\n0\r\n\r\n",
+    b"3 ;x\r\nabc\r\n0\r\n\r\n",
+    b"zz\r\n",
+    b"3\r\nabc\r\n0\r\nT: 1\r\n\r\n",
+]
 RESPONSES = [
     b"HTTP/1.1 200 OK\r\nContent-Length: 5\r\n\r\nhello",
     b"HTTP/1.1 200 OK\r\nContent-Length: 5\r\nServer: x\r\n\r\nhello",
@@ -180,8 +186,13 @@ def run_http(impl: str, rules: Sequence[Mapping[str, Any]] | None, config: Mappi
 
 
 @SETTINGS
-@given(traffic=http_traffic(), rules=st.one_of(st.none(), st.lists(st.sampled_from(RULE_CHOICES), max_size=4)),
-       config=st.sampled_from(CONFIGS), data=st.data(), eof=st.tuples(st.booleans(), st.booleans()))  # fmt: skip
+@given(
+    traffic=http_traffic(),
+    rules=st.one_of(st.none(), st.lists(st.sampled_from(RULE_CHOICES), max_size=4)),
+    config=st.sampled_from(CONFIGS),
+    data=st.data(),
+    eof=st.tuples(st.booleans(), st.booleans()),
+)
 def test_http_equivalent(
     traffic: tuple[bytes, bytes], rules: list[Mapping[str, Any]] | None, config: Mapping[str, Any],
     data: st.DataObject, eof: tuple[bool, bool],
@@ -194,20 +205,37 @@ def test_http_equivalent(
 @pytest.mark.parametrize(
     ("client", "server"),
     [
-        (b"GET /public/a.txt HTTP/1.1\r\nHost: a\r\n\r\n" * 3, b"HTTP/1.1 200 OK\r\nContent-Length: 5\r\n\r\nhello" * 3),
-        (b"POST /api/v1/x HTTP/1.1\r\nHost: a\r\nContent-Length: 3\r\n\r\nabcGET / HTTP/1.1\r\nHost: a\r\n\r\n",
-         b"HTTP/1.1 200 OK\r\nContent-Length: 40\r\n\r\n" + b"b" * 40),
+        (
+            b"GET /public/a.txt HTTP/1.1\r\nHost: a\r\n\r\n" * 3,
+            b"HTTP/1.1 200 OK\r\nContent-Length: 5\r\n\r\nhello" * 3,
+        ),
+        (
+            b"POST /api/v1/x HTTP/1.1\r\nHost: a\r\nContent-Length: 3\r\n\r\nabc"
+            b"GET / HTTP/1.1\r\nHost: a\r\n\r\n",
+            b"HTTP/1.1 200 OK\r\nContent-Length: 40\r\n\r\n" + b"b" * 40,
+        ),
         # smuggling: CL+TE, two CLs, obs-fold, bare LF, a bad chunk size, after an allowed request
-        (b"GET / HTTP/1.1\r\nHost: a\r\n\r\nPOST / HTTP/1.1\r\nHost: a\r\nContent-Length: 3\r\n"
-         b"Transfer-Encoding: chunked\r\n\r\n0\r\n\r\n", b"HTTP/1.1 204 No Content\r\n\r\n"),
+        (
+            b"GET / HTTP/1.1\r\nHost: a\r\n\r\nPOST / HTTP/1.1\r\nHost: a\r\nContent-Length: 3\r\n"
+            b"Transfer-Encoding: chunked\r\n\r\n0\r\n\r\n",
+            b"HTTP/1.1 204 No Content\r\n\r\n",
+        ),
         (b"GET / HTTP/1.1\r\nHost: a\r\nContent-Length: 1\r\nContent-Length: 2\r\n\r\nab", b""),
         (b"GET / HTTP/1.1\r\nHost: a\r\nX: a\r\n b\r\n\r\n", b""),
         (b"GET / HTTP/1.1\nHost: a\r\n\r\n", b""),
         (b"POST / HTTP/1.1\r\nHost: a\r\nTransfer-Encoding: chunked\r\n\r\n3 \r\nabc\r\n0\r\n\r\n", b""),
-        (b"DELETE /x HTTP/1.1\r\nHost: a\r\n\r\nGET /public/a HTTP/1.1\r\nHost: a\r\n\r\n",
-         b"HTTP/1.1 200 OK\r\nContent-Length: 0\r\n\r\n"),
-        (b"GET /public/../secret HTTP/1.1\r\nHost: a\r\n\r\nGET /public/%2F HTTP/1.1\r\nHost: a\r\n\r\n", b""),
-        (b"GET /public/a HTTP/1.0\r\n\r\nGET /public/b HTTP/1.1\r\nHost: a\r\n\r\n", b"HTTP/1.0 200 OK\r\n\r\nx"),
+        (
+            b"DELETE /x HTTP/1.1\r\nHost: a\r\n\r\nGET /public/a HTTP/1.1\r\nHost: a\r\n\r\n",
+            b"HTTP/1.1 200 OK\r\nContent-Length: 0\r\n\r\n",
+        ),
+        (
+            b"GET /public/../secret HTTP/1.1\r\nHost: a\r\n\r\nGET /public/%2F HTTP/1.1\r\nHost: a\r\n\r\n",
+            b"",
+        ),
+        (
+            b"GET /public/a HTTP/1.0\r\n\r\nGET /public/b HTTP/1.1\r\nHost: a\r\n\r\n",
+            b"HTTP/1.0 200 OK\r\n\r\nx",
+        ),
     ],
 )
 @pytest.mark.parametrize("whole", [True, False])
@@ -218,7 +246,9 @@ def test_http_tables_equivalent(client: bytes, server: bytes, whole: bool) -> No
     else:
         sched = [(False, client[i : i + 7]) for i in range(0, len(client), 7)]
         sched += [(True, server[i : i + 5]) for i in range(0, len(server), 5)]
-    assert run_http("native", rules, {}, sched, (True, True)) == run_http("python", rules, {}, sched, (True, True))
+    assert run_http("native", rules, {}, sched, (True, True)) == run_http(
+        "python", rules, {}, sched, (True, True)
+    )
 
 
 def test_the_twin_answers_keep_alive_gets_itself() -> None:
@@ -291,7 +321,9 @@ def run_live_policy(impl: str, docs: list[str], audit: bool, mode: str, sched: S
     log = AccessLog(str(path), mode, metrics)
     out: list[tuple[bool, bytes]] = []
     eng = engine_class(impl)(None, lambda reply, data: out.append((reply, bytes(data))))
-    info = ConnInfo(7, "web", "ingress", Endpoint("10.0.0.1", 1, labels), Endpoint("10.0.0.2", 80, labels), "http")
+    info = ConnInfo(
+        7, "web", "ingress", Endpoint("10.0.0.1", 1, labels), Endpoint("10.0.0.2", 80, labels), "http"
+    )
     ctx = Context(info, eng, view, log)
     factory = HttpFactory()
     eng.parser = factory.create(ctx, factory.validate_config({}))
@@ -307,7 +339,12 @@ def run_live_policy(impl: str, docs: list[str], audit: bool, mode: str, sched: S
         line.pop("timestamp")
     err = eng.error
     streams = (b"".join(d for r, d in out if r), b"".join(d for r, d in out if not r))
-    return (dict(metrics.l7_counts), streams, lines, None if err is None else (err.kind, str(err))), eng.parser
+    return (
+        dict(metrics.l7_counts),
+        streams,
+        lines,
+        None if err is None else (err.kind, str(err)),
+    ), eng.parser
 
 
 @SETTINGS.__class__(parent=SETTINGS, max_examples=max(20, EXAMPLES // 2))

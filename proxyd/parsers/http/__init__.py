@@ -79,7 +79,12 @@ class HttpFactory(ParserFactory):
             return cast(
                 Parser,
                 twins.Http(
-                    ctx, parser, cfg.max_header_bytes, cfg.log_responses, parser.normalizing, _parser.PENDING_BUDGET
+                    ctx,
+                    parser,
+                    cfg.max_header_bytes,
+                    cfg.log_responses,
+                    parser.normalizing,
+                    _parser.PENDING_BUDGET,
                 ),
             )
         return parser

@@ -321,9 +321,8 @@ class HttpParser(Parser):
                     head, n, len(data), redirect_answer(norm.path, False), redirect_answer(norm.path, True)
                 )
         if judged is None:
-            req = HttpRequest(
-                head.method, head.path, head.host, head.version, tuple([(k, v) for k, v, _ in head.fields]), []
-            )
+            headers = tuple([(k, v) for k, v, _ in head.fields])
+            req = HttpRequest(head.method, head.path, head.host, head.version, headers, [])
         else:
             req = judged[0]
         if self.pending_bytes > PENDING_BUDGET:
