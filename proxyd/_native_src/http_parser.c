@@ -204,17 +204,26 @@ static int ctx_log(Http *s, PyObject *entry_type, PyObject *fields) { /* steals 
     return 0;
 }
 
-/* ctx.log(EntryType.REQUEST, fields) for an allowed request; when the access log writes no line
- * for it (ctx.quiet_counter()) and the decision was not audit, count it in place instead, as
- * Context.log and AccessLog.l7 would (memcache.c does the same). Steals fields. */
-static int log_forwarded(Http *s, PyObject *fields) {
-    if (fields == NULL) return -1;
+static PyObject *fields4(PyObject *k1, PyObject *v1, PyObject *k2, PyObject *v2, PyObject *k3, PyObject *v3,
+                         PyObject *k4, PyObject *v4) {
+    PyObject *d = PyDict_New();
+    if (d == NULL) return NULL;
+    if (PyDict_SetItem(d, k1, v1) < 0 || PyDict_SetItem(d, k2, v2) < 0 || PyDict_SetItem(d, k3, v3) < 0 ||
+        PyDict_SetItem(d, k4, v4) < 0) {
+        Py_DECREF(d);
+        return NULL;
+    }
+    return d;
+}
+
+/* ctx.log(EntryType.REQUEST, {method, path, host, version}) for an allowed request; when the
+ * access log writes no line for it (ctx.quiet_counter()) and the decision was not audit, count it
+ * in place instead, as Context.log and AccessLog.l7 would (memcache.c does the same), without
+ * building the fields. */
+static int log_forwarded(Http *s, PyObject *method, PyObject *path, PyObject *host, int v11) {
     if (s->counts != NULL) {
         PyObject *last = PyObject_GetAttr(s->ctx, s__last);
-        if (last == NULL) {
-            Py_DECREF(fields);
-            return -1;
-        }
+        if (last == NULL) return -1;
         int audit = 1;
         if (last == g_ALLOWED) {
             audit = 0;
@@ -226,12 +235,8 @@ static int log_forwarded(Http *s, PyObject *fields) {
             }
         }
         Py_DECREF(last);
-        if (audit < 0 || PyErr_Occurred()) {
-            Py_DECREF(fields);
-            return -1;
-        }
+        if (audit < 0 || PyErr_Occurred()) return -1;
         if (!audit) {
-            Py_DECREF(fields);
             PyObject *old = PyDict_GetItemWithError(s->counts, s->count_key);
             if (old == NULL && PyErr_Occurred()) return -1;
             PyObject *one = PyLong_FromLong(1);
@@ -245,7 +250,8 @@ static int log_forwarded(Http *s, PyObject *fields) {
             return PyObject_SetAttr(s->ctx, s__last, g_ALLOWED);
         }
     }
-    return ctx_log(s, g_ET_H_REQUEST, fields);
+    return ctx_log(s, g_ET_H_REQUEST,
+                   fields4(hs_method, method, hs_path, path, hs_host, host, hs_version, v11 ? hs_http11 : hs_http10));
 }
 
 /* --- requests (parser.py _request_head, _forward) --------------------------------------------- */
@@ -306,18 +312,6 @@ fail:
     return NULL;
 }
 
-static PyObject *fields4(PyObject *k1, PyObject *v1, PyObject *k2, PyObject *v2, PyObject *k3, PyObject *v3,
-                         PyObject *k4, PyObject *v4) {
-    PyObject *d = PyDict_New();
-    if (d == NULL) return NULL;
-    if (PyDict_SetItem(d, k1, v1) < 0 || PyDict_SetItem(d, k2, v2) < 0 || PyDict_SetItem(d, k3, v3) < 0 ||
-        PyDict_SetItem(d, k4, v4) < 0) {
-        Py_DECREF(d);
-        return NULL;
-    }
-    return d;
-}
-
 static int h_request(Http *s, int end_stream, PyObject *buf, const char *data, Py_ssize_t have, long long *n) {
     if (s->rs == RS_DRAIN) {
         *n = have;
@@ -371,9 +365,7 @@ static int h_request(Http *s, int end_stream, PyObject *buf, const char *data, P
     /* _forward: the request is allowed and its head unchanged */
     s->handled++;
     if (q_push(s, method, path, host) < 0) goto done;
-    if (log_forwarded(s, fields4(hs_method, method, hs_path, path, hs_host, host, hs_version,
-                                 v11 ? hs_http11 : hs_http10)) < 0)
-        goto done;
+    if (log_forwarded(s, method, path, host, v11) < 0) goto done;
     s->rs = keep_alive ? RS_HEAD : RS_DRAIN;
     *n = hn + length;
     op = OP_PASS;
@@ -390,7 +382,7 @@ done:
 /* --- responses (parser.py _response, _response_head, _complete) ------------------------------- */
 
 static int h_response(Http *s, int end_stream, PyObject *buf, const char *data, Py_ssize_t have, long long *n) {
-    if (s->ps == PS_LENGTH) {
+    if (s->ps == PS_LENGTH && s->qlen > 0) {
         s->handled++;
         long long left = s->p_left;
         if (have < left) {
@@ -404,7 +396,7 @@ static int h_response(Http *s, int end_stream, PyObject *buf, const char *data, 
         *n = left;
         return OP_PASS;
     }
-    if (s->qlen == 0) return h_delegate(s, 1, end_stream, buf, n, NULL); /* unsolicited */
+    if (s->qlen == 0) return h_delegate(s, 1, end_stream, buf, n, NULL); /* unsolicited (or no entry) */
     HEntry *e = q_at(s, 0);
     HttpHead h;
     Py_ssize_t hn = http_response_head(data, have, s->limit, e->head, &h);
