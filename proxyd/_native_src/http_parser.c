@@ -256,11 +256,15 @@ static int log_forwarded(Http *s, PyObject *method, PyObject *path, PyObject *ho
 
 /* --- requests (parser.py _request_head, _forward) --------------------------------------------- */
 
-/* normalize.SUSPECT: [#%\\]|/\.|// */
+/* Whether normalize.normalize could change or refuse the target: a '#' anywhere, or in the path
+ * (before the first '?') a '%', a '\\', "/." or "//". Where normalize.SUSPECT matches only in
+ * the query, normalize returns the target unchanged (every step looks at the path alone), so such
+ * a target (a percent-encoded query, say) stays here. */
 static int suspect(const char *t, Py_ssize_t n) {
-    for (Py_ssize_t i = 0; i < n; i++) {
+    if (memchr(t, '#', (size_t)n) != NULL) return 1;
+    for (Py_ssize_t i = 0; i < n && t[i] != '?'; i++) {
         char c = t[i];
-        if (c == '#' || c == '%' || c == '\\') return 1;
+        if (c == '%' || c == '\\') return 1;
         if (c == '/' && i + 1 < n && (t[i + 1] == '.' || t[i + 1] == '/')) return 1;
     }
     return 0;

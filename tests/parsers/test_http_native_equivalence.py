@@ -71,7 +71,8 @@ RESPONSES = [
 ]
 
 
-CLEAN_PATHS = [b"/public/a.txt", b"/api/v1/x?q=1", b"/a/b", b"/", b"/x/public/", b"/\xc3\xa9"]
+CLEAN_PATHS = [b"/public/a.txt", b"/api/v1/x?q=1", b"/a/b", b"/", b"/x/public/", b"/\xc3\xa9", b"/public/q?a=%2F..//x",
+               b"/public/?./a", b"/public/a?#", b"/public/a%3F?x", b"/p/.?x", b"/p/?"]  # fmt: skip
 CLEAN_EXTRA = [b"X-Team: blue", b"X-Team: red", b"Authorization: t", b"X-Audit: on", b"User-Agent: wrk",
                b"Connection: keep-alive", b"Accept: */*"]  # fmt: skip
 
@@ -377,3 +378,11 @@ def test_the_live_policy_is_evaluated_in_c(tmp_path: Any) -> None:
     assert streams == (resp * 4, req * 4) and lines == [] and err is None
     assert parser.counts() == (8, 0)
     assert counts == run_live_policy("python", docs, False, "denied", sched, tmp_path)[0][0]
+
+
+def test_a_query_normalisation_leaves_alone_stays_in_the_twin() -> None:
+    """normalize.py only ever changes the path: a '%' or '//' in the query alone is the twin's."""
+    for target, handed in ((b"/public/s?q=a%20b//c/..", 0), (b"/public/a/../b", 1), (b"/public/s?q#f", 1)):
+        h = Harness(HttpFactory(), rules=[{"path": "/public/.*"}], implementation="native")
+        h.feed(b"GET " + target + b" HTTP/1.1\r\nHost: a\r\n\r\n")
+        assert h.engine.parser.counts()[1] == handed, target  # type: ignore[attr-defined]
