@@ -127,7 +127,7 @@ static PyMethodDef module_methods[] = {
 
 static struct PyModuleDef moduledef = {
     PyModuleDef_HEAD_INIT, "proxyd._native",
-    "Compiled twins of proxyd.engine and the memcache parser (see proxyd/_native_src/).", -1, module_methods,
+    "Compiled twins of proxyd.engine, the memcache and the http parsers (see proxyd/_native_src/).", -1, module_methods,
 };
 
 #define INTERN(var, s) do { var = PyUnicode_InternFromString(s); if (var == NULL) return NULL; } while (0)

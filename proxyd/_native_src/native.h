@@ -1,4 +1,4 @@
-/* proxyd._native: the compiled twin of proxyd.engine.PyEngine and of the memcache parser.
+/* proxyd._native: the compiled twin of proxyd.engine.PyEngine, the memcache and the http parsers.
  *
  * One C file per Python reference module, each following its reference statement by
  * statement, in the same order, so the two can be read side by side:
@@ -7,6 +7,9 @@
  *               denial placement, text/meta and binary dialects)
  *   policy.c    the memcache rules of a connection's policy, flattened and evaluated in C
  *               (proxyd/policy/store.py LiveConnectionPolicy, memcache/rules.py MemcacheRule)
+ *   http_framing.c  proxyd/parsers/http/framing.py (the heads the common states read)
+ *   http_rules.c    proxyd/parsers/http/rules.py HttpRule, over the flattened policy
+ *   http_parser.c   proxyd/parsers/http/parser.py (common states; the rest handed to the reference)
  *   module.c    PyInit, the setup functions that hand the Python pieces over, shared state
  * This header holds what more than one of them uses. tests/test_native_equivalence.py drives
  * both implementations with the same inputs and compares ops, bytes, log entries and errors.
