@@ -199,7 +199,8 @@ Py_ssize_t http_response_head(const char *d, Py_ssize_t have, Py_ssize_t limit, 
     int status = (d[9] - '0') * 100 + (d[10] - '0') * 10 + (d[11] - '0');
     if (status < 200) return 0; /* 1xx (and < 100, an error) go to the reference */
     h->status = status;
-    int cls = 0;
+    h->chunked = 0;
+    int cls = 0, tes = 0, te_chunked = 0;
     Py_ssize_t cl_off = 0, cl_len = 0;
     for (Py_ssize_t pos = first + 2; pos < n - 2;) {
         Py_ssize_t colon, vs, ve;
@@ -210,12 +211,13 @@ Py_ssize_t http_response_head(const char *d, Py_ssize_t have, Py_ssize_t limit, 
             cl_off = vs;
             cl_len = ve - vs;
         } else if (lower_is(d + pos, colon - pos, "transfer-encoding")) {
-            return 0;
+            tes++;
+            te_chunked = lower_is(d + vs, ve - vs, "chunked");
         }
         pos = next;
     }
     /* response_body: lengths are checked even where there is no body */
-    if (cls > 1) return 0;
+    if (cls > 1 || (cls && tes)) return 0;
     h->length = 0;
     long long cl = -1;
     if (cls) {
@@ -223,6 +225,11 @@ Py_ssize_t http_response_head(const char *d, Py_ssize_t have, Py_ssize_t limit, 
         if (cl < 0) return 0;
     }
     if (head_req || status == 204 || status == 304) return n;
+    if (tes) {
+        if (tes != 1 || !te_chunked) return 0; /* other codings (_chunked_last): the reference */
+        h->chunked = 1;
+        return n;
+    }
     if (cl < 0) return 0; /* read until close: the reference */
     h->length = cl;
     return n;
@@ -292,4 +299,32 @@ int http_head_more(const char *d, Py_ssize_t have, Py_ssize_t limit, int request
         }
         pos = nl + 1;
     }
+}
+
+Py_ssize_t http_chunk_line(const char *d, Py_ssize_t have, Py_ssize_t limit, int crlf, long long *size) {
+    Py_ssize_t pos = 0;
+    if (crlf) {
+        if (have < 2 && (have == 0 || d[0] == '\r')) return -1;
+        if (have < 2 || d[0] != '\r' || d[1] != '\n') return 0;
+        pos = 2;
+    }
+    Py_ssize_t stop = pos + limit < have ? pos + limit : have;
+    const char *lf = memchr(d + pos, '\n', (size_t)(stop - pos));
+    if (lf == NULL) return have - pos >= limit ? 0 : -1; /* over the limit: the reference refuses */
+    Py_ssize_t nl = lf - d;
+    /* chunk-size only (1 to 16 hex digits), then CRLF; extensions go to the reference */
+    Py_ssize_t k = nl - 1 - pos;
+    if (nl == pos || d[nl - 1] != '\r' || k < 1 || k > 16) return 0;
+    unsigned long long v = 0;
+    for (Py_ssize_t i = pos; i < nl - 1; i++) {
+        int c = (unsigned char)d[i], x;
+        if (c >= '0' && c <= '9') x = c - '0';
+        else if (c >= 'a' && c <= 'f') x = c - 'a' + 10;
+        else if (c >= 'A' && c <= 'F') x = c - 'A' + 10;
+        else return 0;
+        v = v * 16 + (unsigned)x;
+    }
+    if (v > (1ULL << 61)) return 0; /* beyond what the engine counts exactly: the reference */
+    *size = (long long)v;
+    return nl + 1;
 }

@@ -6,7 +6,9 @@
  *              would not touch, allowed by the policy (http_rules.c, or ctx.matches) without
  *              headerMatches actions: forwarded with its Content-Length body; draining after a
  *              request that ends the connection;
- *   responses: a whole head whose body is none or a Content-Length (passed past the buffer).
+ *   responses: a whole head whose body is none, a Content-Length (passed past the buffer) or
+ *              chunked (chunk lines without extensions, chunk data past the buffer, an empty
+ *              trailer section).
  * Any other call (a partial head, an error, a denial, a normalised path, chunked, an upgrade,
  * an unsolicited response, 1xx, ...) is handed to the reference: its state is set to this one's
  * (HttpParser.twin_adopt) and it answers the call; after each call it answers, this object
@@ -22,7 +24,7 @@ PyObject *g_HttpRequest, *g_HttpRule, *g_ET_H_REQUEST, *g_ET_H_RESPONSE;
 
 /* parser.py's state numbers (the ones this file uses) */
 enum { RS_HEAD = 0, RS_DRAIN = 5 };
-enum { PS_HEAD = 0, PS_LENGTH = 1 };
+enum { PS_HEAD = 0, PS_LENGTH = 1, PS_CHUNK = 2, PS_CHUNK_DATA = 3, PS_TRAILER = 4 };
 #define ENTRY_COST 256
 
 static PyObject *hs_method, *hs_path, *hs_host, *hs_version, *hs_status, *hs_twin_export, *hs_twin_adopt,
@@ -43,6 +45,7 @@ typedef struct {
     int delegated;      /* the reference holds the state now */
     int rs, ps;
     long long p_left;
+    int p_crlf;         /* PS_CHUNK: the previous chunk's CRLF comes first */
     long long pending_bytes;
     long long budget;   /* parser.PENDING_BUDGET when the connection was created */
     HEntry *q;
@@ -118,7 +121,7 @@ static int h_adopt(Http *s) {
         }
         PyTuple_SET_ITEM(entries, i, t);
     }
-    PyObject *r = PyObject_CallMethod(s->py, "twin_adopt", "NiiL", entries, s->rs, s->ps, s->p_left);
+    PyObject *r = PyObject_CallMethod(s->py, "twin_adopt", "NiiLi", entries, s->rs, s->ps, s->p_left, s->p_crlf);
     if (r == NULL) return -1;
     Py_DECREF(r);
     q_clear(s);
@@ -135,9 +138,9 @@ static int h_export(Http *s) {
         return 0;
     }
     PyObject *entries;
-    int rs, ps;
+    int rs, ps, p_crlf;
     long long p_left;
-    if (!PyArg_ParseTuple(st, "O!iiL", &PyTuple_Type, &entries, &rs, &ps, &p_left)) {
+    if (!PyArg_ParseTuple(st, "O!iiLp", &PyTuple_Type, &entries, &rs, &ps, &p_left, &p_crlf)) {
         Py_DECREF(st);
         return -1;
     }
@@ -156,6 +159,7 @@ static int h_export(Http *s) {
     s->rs = rs;
     s->ps = ps;
     s->p_left = p_left;
+    s->p_crlf = p_crlf;
     s->delegated = 0;
     return 0;
 }
@@ -386,7 +390,7 @@ done:
 /* --- responses (parser.py _response, _response_head, _complete) ------------------------------- */
 
 static int h_response(Http *s, int end_stream, PyObject *buf, const char *data, Py_ssize_t have, long long *n) {
-    if (s->ps == PS_LENGTH && s->qlen > 0) {
+    if ((s->ps == PS_LENGTH || s->ps == PS_CHUNK_DATA) && s->qlen > 0) {
         s->handled++;
         long long left = s->p_left;
         if (have < left) {
@@ -395,11 +399,46 @@ static int h_response(Http *s, int end_stream, PyObject *buf, const char *data, 
             return OP_PASS;
         }
         s->p_left = 0;
+        *n = left;
+        if (s->ps == PS_CHUNK_DATA) {
+            s->ps = PS_CHUNK;
+            s->p_crlf = 1;
+            return OP_PASS;
+        }
         q_popleft(s); /* _complete: no answer waits behind it in the states this file holds */
         s->ps = PS_HEAD;
-        *n = left;
         return OP_PASS;
     }
+    if (s->ps == PS_CHUNK && s->qlen > 0) {
+        long long size;
+        Py_ssize_t k = http_chunk_line(data, have, s->limit, s->p_crlf, &size);
+        if (k == 0) return h_delegate(s, 1, end_stream, buf, n, NULL);
+        s->handled++;
+        if (k < 0) { /* _chunk_line's (-1, seen): MORE; where the search resumes changes nothing */
+            *n = 1;
+            return OP_MORE;
+        }
+        s->p_crlf = 0;
+        s->ps = size == 0 ? PS_TRAILER : PS_CHUNK_DATA;
+        s->p_left = size;
+        *n = k;
+        return OP_PASS;
+    }
+    if (s->ps == PS_TRAILER && s->qlen > 0) {
+        /* an empty trailer section ends the response; any trailer field is the reference's */
+        if (have == 1 && data[0] == '\r') { /* HeadReader.scan: no LF yet, nothing judged */
+            s->handled++;
+            *n = 1;
+            return OP_MORE;
+        }
+        if (have < 2 || data[0] != '\r' || data[1] != '\n') return h_delegate(s, 1, end_stream, buf, n, NULL);
+        s->handled++;
+        q_popleft(s);
+        s->ps = PS_HEAD;
+        *n = 2;
+        return OP_PASS;
+    }
+    if (s->ps != PS_HEAD) return h_delegate(s, 1, end_stream, buf, n, NULL);
     if (s->qlen == 0) return h_delegate(s, 1, end_stream, buf, n, NULL); /* unsolicited (or no entry) */
     HEntry *e = q_at(s, 0);
     HttpHead h;
@@ -419,6 +458,12 @@ static int h_response(Http *s, int end_stream, PyObject *buf, const char *data, 
         PyObject *f = fields4(hs_method, e->method, hs_path, e->path, hs_host, e->host, hs_status, status);
         Py_DECREF(status);
         if (ctx_log(s, g_ET_H_RESPONSE, f) < 0) return -1;
+    }
+    if (h.chunked) {
+        s->ps = PS_CHUNK;
+        s->p_crlf = 0;
+        *n = hn;
+        return OP_PASS;
     }
     long long total = hn + h.length;
     if (h.length == 0 || total <= have) {
@@ -507,6 +552,7 @@ static int Http_init(Http *s, PyObject *args, PyObject *kw) {
     s->rs = RS_HEAD;
     s->ps = PS_HEAD;
     s->p_left = s->pending_bytes = 0;
+    s->p_crlf = 0;
     s->handled = s->handed = 0;
     int is_ctx = g_Context != NULL && Py_TYPE(ctx) == (PyTypeObject *)g_Context;
     s->flat.ok = is_ctx && g_LivePolicy != NULL;

@@ -122,7 +122,13 @@ typedef struct HttpHead {
     long long length;                  /* Content-Length (0: no body) */
     int keep_alive;
     int status;                        /* responses */
+    int chunked;                       /* responses: Transfer-Encoding: chunked (one field, that coding) */
 } HttpHead;
+/* A chunk-size line at the start of d (after the previous chunk's CRLF when crlf): its length
+ * through the LF and the size; -1 when _chunk_line would ask for more bytes (nothing refused:
+ * the line is only judged once its LF is in); 0 when parser.py's _chunk_line must decide (an
+ * error, extensions, a size past 2^61). */
+Py_ssize_t http_chunk_line(const char *d, Py_ssize_t have, Py_ssize_t limit, int crlf, long long *size);
 
 /* The head at the start of d: its length, or 0 when framing.py must decide (an incomplete head,
  * an error, or a case outside the subset: chunked, CONNECT, an upgrade, a non-origin target...). */

@@ -52,6 +52,15 @@ BODIES = [
     b"zz\r\n",
     b"3\r\nabc\r\n0\r\nT: 1\r\n\r\n",
 ]
+CHUNKED = [
+    b"HTTP/1.1 200 OK\r\nTransfer-Encoding: chunked\r\n\r\n5\r\nhello\r\n3\r\nabc\r\n0\r\n\r\n",
+    b"HTTP/1.1 200 OK\r\ntransfer-encoding: Chunked\r\n\r\n1A\r\n" + b"z" * 26 + b"\r\n0\r\nT: 1\r\n\r\n",
+    b"HTTP/1.1 200 OK\r\nTransfer-Encoding: chunked\r\n\r\n4;x=y\r\nabcd\r\n0\r\n\r\n",
+    b"HTTP/1.1 200 OK\r\nTransfer-Encoding: gzip, chunked\r\n\r\n0\r\n\r\n",
+    b"HTTP/1.1 200 OK\r\nTransfer-Encoding: chunked\r\n\r\n3\r\nabcX\r\n0\r\n\r\n",
+    b"HTTP/1.1 200 OK\r\nTransfer-Encoding: chunked\r\nContent-Length: 3\r\n\r\n0\r\n\r\n",
+    b"HTTP/1.1 204 No Content\r\nTransfer-Encoding: chunked\r\n\r\n",
+]
 RESPONSES = [
     b"HTTP/1.1 200 OK\r\nContent-Length: 5\r\n\r\nhello",
     b"HTTP/1.1 200 OK\r\nContent-Length: 5\r\nServer: x\r\n\r\nhello",
@@ -121,7 +130,7 @@ def http_traffic(draw: st.DrawFn) -> tuple[bytes, bytes]:
     reqs = draw(st.lists(st.one_of(hot_request(), grammar_request()) if kind == 1 else hot_request(),
                          min_size=1, max_size=6))  # fmt: skip
     reps = draw(st.lists(st.one_of(st.sampled_from(RESPONSES), grammar_response()) if kind == 2
-                         else st.sampled_from(RESPONSES[:5]), max_size=8))  # fmt: skip
+                         else st.sampled_from(RESPONSES[:5] + CHUNKED), max_size=8))  # fmt: skip
     client, server = b"".join(reqs), b"".join(reps)
     if draw(st.integers(0, 4)) == 0:
         client = mutate(client, draw)
@@ -389,3 +398,14 @@ def test_a_query_normalisation_leaves_alone_stays_in_the_twin() -> None:
         h = Harness(HttpFactory(), rules=[{"path": "/public/.*"}], implementation="native")
         h.feed(b"GET " + target + b" HTTP/1.1\r\nHost: a\r\n\r\n")
         assert (h.engine.parser.counts()[1] == 0) == native, target  # type: ignore[attr-defined]
+
+
+def test_chunked_responses_stay_in_the_twin() -> None:
+    """Chunk lines without extensions, chunk data and an empty trailer section are the twin's."""
+    resp = CHUNKED[0]
+    for split in (None, 3):
+        h = Harness(HttpFactory(), implementation="native")
+        h.feed(b"GET / HTTP/1.1\r\nHost: a\r\n\r\n" * 2)
+        for i in range(0, 2 * len(resp), split or 2 * len(resp)):
+            h.feed((resp * 2)[i : i + (split or 2 * len(resp))], reply=True)
+        assert h.to_client == resp * 2 and h.engine.parser.counts()[1] == 0  # type: ignore[attr-defined]

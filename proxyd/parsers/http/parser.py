@@ -220,16 +220,17 @@ class HttpParser(Parser):
 
     # --- hand-over with the native twin ----------------------------------------------------
 
-    def twin_export(self) -> tuple[tuple[tuple[str, str, str], ...], int, int, int] | None:
+    def twin_export(self) -> tuple[tuple[tuple[str, str, str], ...], int, int, int, bool] | None:
         """This parser's state when the native twin can carry it on, else None.
 
         The twin (``proxyd._native.Http``, ``proxyd/_native_src/http_parser.c``) handles the
         common states itself: between request heads (or draining after the last request),
-        between response heads or inside a Content-Length body, with only forwarded, plain
+        between response heads or inside a Content-Length or chunked body (between its chunk
+        lines, inside a chunk, before its trailer section), with only forwarded, plain
         requests awaiting responses. Anything else (a partial head, a chunked body, an answer
         waiting for its place, an upgrade, a close decided) it hands to this parser with
         :meth:`twin_adopt` and takes back when this returns a state:
-        ``((method, path, host) per pending request, rs, ps, p_left)``.
+        ``((method, path, host) per pending request, rs, ps, p_left, p_crlf)``.
         """
         if (
             self.rq
@@ -237,7 +238,9 @@ class HttpParser(Parser):
             or self.closing
             or self.unsolicited
             or self.rs not in (RS_HEAD, RS_DRAIN)
-            or self.ps not in (PS_HEAD, PS_LENGTH)
+            or self.ps not in (PS_HEAD, PS_LENGTH, PS_CHUNK, PS_CHUNK_DATA, PS_TRAILER)
+            or self.p_seen
+            or self.phr.trailer != (self.ps == PS_TRAILER)
             or self.rhr.pos
             or self.rhr.start is not None
             or self.rhr.trailer
@@ -250,9 +253,11 @@ class HttpParser(Parser):
             if e.payload is not None or e.upgrade:
                 return None
             entries.append((e.method, e.path, e.host))
-        return tuple(entries), self.rs, self.ps, self.p_left
+        return tuple(entries), self.rs, self.ps, self.p_left, self.p_crlf
 
-    def twin_adopt(self, entries: tuple[tuple[str, str, str], ...], rs: int, ps: int, p_left: int) -> None:
+    def twin_adopt(
+        self, entries: tuple[tuple[str, str, str], ...], rs: int, ps: int, p_left: int, p_crlf: bool
+    ) -> None:
         """Take over from the native twin in a state :meth:`twin_export` describes."""
         self.pending.clear()
         self.pending_bytes = 0
@@ -261,6 +266,9 @@ class HttpParser(Parser):
         self.rs = rs
         self.ps = ps
         self.p_left = p_left
+        self.p_crlf = bool(p_crlf)
+        self.p_seen = 0
+        self.phr.reset(trailer=ps == PS_TRAILER)
 
     # --- requests ------------------------------------------------------------------------------
 
