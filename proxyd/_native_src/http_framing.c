@@ -38,9 +38,9 @@ static int lower_is(const char *p, Py_ssize_t n, const char *lname) {
     return 1;
 }
 
-/* find "\r\n\r\n" in d[0:stop) (bytearray.find(sub, 0, stop)) */
-static Py_ssize_t find_end(const char *d, Py_ssize_t stop) {
-    for (Py_ssize_t i = 0; i + 4 <= stop; i++) {
+/* find "\r\n\r\n" in d[from:stop) (bytearray.find(sub, 0, stop) when nothing before from can hold it) */
+static Py_ssize_t find_end(const char *d, Py_ssize_t from, Py_ssize_t stop) {
+    for (Py_ssize_t i = from; i + 4 <= stop; i++) {
         const char *r = memchr(d + i, '\r', (size_t)(stop - 3 - i));
         if (r == NULL) return -1;
         i = r - d;
@@ -70,9 +70,10 @@ static Py_ssize_t field_line(const char *d, Py_ssize_t pos, Py_ssize_t end, Py_s
 }
 
 /* The head's end and its start line; 0 when HeadReader's fast path would not take it. */
-static Py_ssize_t head_bounds(const char *d, Py_ssize_t have, Py_ssize_t limit, Py_ssize_t *first) {
+static Py_ssize_t head_bounds(const char *d, Py_ssize_t have, Py_ssize_t limit, Py_ssize_t from,
+                              Py_ssize_t *first) {
     Py_ssize_t stop = have < limit ? have : limit;
-    Py_ssize_t end = find_end(d, stop);
+    Py_ssize_t end = find_end(d, from >= 2 ? from - 2 : 0, stop);
     if (end < 0) return 0;
     const char *f = memchr(d, '\r', (size_t)(end + 1)); /* the first "\r\n" is at or before end */
     while (f != NULL && f[1] != '\n') f = memchr(f + 1, '\r', (size_t)(d + end + 1 - (f + 1)));
@@ -112,8 +113,8 @@ static long long content_length(const char *p, Py_ssize_t n) {
     return v;
 }
 
-Py_ssize_t http_request_head(const char *d, Py_ssize_t have, Py_ssize_t limit, HttpHead *h) {
-    Py_ssize_t first, n = head_bounds(d, have, limit, &first);
+Py_ssize_t http_request_head(const char *d, Py_ssize_t have, Py_ssize_t limit, Py_ssize_t from, HttpHead *h) {
+    Py_ssize_t first, n = head_bounds(d, have, limit, from, &first);
     if (n == 0) return 0;
     /* parse_request_line: (token) SP ([\x21-\x7e]+) SP HTTP/d.d, only 1.0 and 1.1 */
     Py_ssize_t i = 0;
@@ -130,7 +131,7 @@ Py_ssize_t http_request_head(const char *d, Py_ssize_t have, Py_ssize_t limit, H
     /* origin-form only: CONNECT, "*" and absolute-form go to the reference */
     if (d[t] != '/' || (h->method_len == 7 && memcmp(d, "CONNECT", 7) == 0)) return 0;
     /* the fields framing looks at (_index) */
-    int hosts = 0, cls = 0, conn_close = 0, conn_keep = 0, conn_upgrade = 0, upgrade = 0;
+    int hosts = 0, cls = 0, conn_close = 0, conn_keep = 0, conn_upgrade = 0, upgrade = 0, tes = 0, te_chunked = 0;
     Py_ssize_t cl_off = 0, cl_len = 0;
     h->host_off = -1;
     h->host_len = 0;
@@ -151,7 +152,8 @@ Py_ssize_t http_request_head(const char *d, Py_ssize_t have, Py_ssize_t limit, H
             cl_off = vs;
             cl_len = ve - vs;
         } else if (lower_is(name, nl, "transfer-encoding")) {
-            return 0;
+            tes++;
+            te_chunked = lower_is(d + vs, ve - vs, "chunked");
         } else if (lower_is(name, nl, "upgrade")) {
             upgrade = 1;
         } else if (lower_is(name, nl, "connection")) {
@@ -179,13 +181,21 @@ Py_ssize_t http_request_head(const char *d, Py_ssize_t have, Py_ssize_t limit, H
         h->length = content_length(d + cl_off, cl_len);
         if (h->length < 0) return 0;
     }
+    /* Transfer-Encoding: one field naming chunked alone, in HTTP/1.1, without Content-Length;
+     * anything else (the smuggling refusals included) is the reference's */
+    h->chunked = 0;
+    if (tes) {
+        if (tes != 1 || !te_chunked || cls || !h->v11) return 0;
+        h->chunked = 1;
+    }
     h->keep_alive = h->v11 ? !conn_close : (conn_keep && !conn_close);
     if (h->v11 && conn_upgrade && upgrade) return 0; /* an upgrade: the reference waits for its answer */
     return n;
 }
 
-Py_ssize_t http_response_head(const char *d, Py_ssize_t have, Py_ssize_t limit, int head_req, HttpHead *h) {
-    Py_ssize_t first, n = head_bounds(d, have, limit, &first);
+Py_ssize_t http_response_head(const char *d, Py_ssize_t have, Py_ssize_t limit, Py_ssize_t from, int head_req,
+                              HttpHead *h) {
+    Py_ssize_t first, n = head_bounds(d, have, limit, from, &first);
     if (n == 0) return 0;
     /* parse_status_line: HTTP/1.x SP 3DIGIT [SP reason], x in 0 1, status >= 100 */
     if (first < 12 || memcmp(d, "HTTP/1.", 7) != 0 || (d[7] != '0' && d[7] != '1') || d[8] != ' ') return 0;
@@ -261,12 +271,16 @@ int http_field_has(const char *block, Py_ssize_t blen, const char *lname, Py_ssi
  * the reference must decide (a line it refuses, the limit, the field count). Every complete line
  * is checked as the reference checks it when its LF arrives: CRLF only, the start line
  * (parse_request_line or parse_status_line), then field lines (parse_field_line). */
-int http_head_more(const char *d, Py_ssize_t have, Py_ssize_t limit, int request) {
+int http_head_more(const char *d, Py_ssize_t have, Py_ssize_t limit, int request, HeadScan *scan) {
     if (have >= limit) return 0;
-    Py_ssize_t pos = 0, lines = 0;
+    Py_ssize_t pos = scan->pos, lines = scan->lines;
     for (;;) {
         const char *lf = memchr(d + pos, '\n', (size_t)(have - pos));
-        if (lf == NULL) return 1;
+        if (lf == NULL) {
+            scan->pos = pos;
+            scan->lines = lines;
+            return 1;
+        }
         Py_ssize_t nl = lf - d;
         if (nl == pos || d[nl - 1] != '\r' || nl == pos + 1) return 0;
         Py_ssize_t end = nl - 1; /* the line is d[pos:end] */
@@ -301,7 +315,8 @@ int http_head_more(const char *d, Py_ssize_t have, Py_ssize_t limit, int request
     }
 }
 
-Py_ssize_t http_chunk_line(const char *d, Py_ssize_t have, Py_ssize_t limit, int crlf, long long *size) {
+Py_ssize_t http_chunk_line(const char *d, Py_ssize_t have, Py_ssize_t limit, int crlf, long long *size,
+                           Py_ssize_t *seen) {
     Py_ssize_t pos = 0;
     if (crlf) {
         if (have < 2 && (have == 0 || d[0] == '\r')) return -1;
@@ -309,8 +324,14 @@ Py_ssize_t http_chunk_line(const char *d, Py_ssize_t have, Py_ssize_t limit, int
         pos = 2;
     }
     Py_ssize_t stop = pos + limit < have ? pos + limit : have;
-    const char *lf = memchr(d + pos, '\n', (size_t)(stop - pos));
-    if (lf == NULL) return have - pos >= limit ? 0 : -1; /* over the limit: the reference refuses */
+    Py_ssize_t from = *seen > pos ? *seen : pos; /* _chunk_line's ``seen``: searched already */
+    const char *lf = from < stop ? memchr(d + from, '\n', (size_t)(stop - from)) : NULL;
+    if (lf == NULL) {
+        if (have - pos >= limit) return 0; /* over the limit: the reference refuses */
+        *seen = have;
+        return -1;
+    }
+    *seen = 0;
     Py_ssize_t nl = lf - d;
     /* chunk-size only (1 to 16 hex digits), then CRLF; extensions go to the reference */
     Py_ssize_t k = nl - 1 - pos;

@@ -4,8 +4,9 @@
  * one handles the common states itself, following the reference statement by statement:
  *   requests:  a whole origin-form head in the buffer (http_framing.c), a path normalisation
  *              would not touch, allowed by the policy (http_rules.c, or ctx.matches) without
- *              headerMatches actions: forwarded with its Content-Length body; draining after a
- *              request that ends the connection;
+ *              headerMatches actions: forwarded with its Content-Length or chunked body (chunk
+ *              lines without extensions, an empty trailer section); draining after a request
+ *              that ends the connection;
  *   responses: a whole head whose body is none, a Content-Length (passed past the buffer) or
  *              chunked (chunk lines without extensions, chunk data past the buffer, an empty
  *              trailer section).
@@ -23,7 +24,7 @@
 PyObject *g_HttpRequest, *g_HttpRule, *g_ET_H_REQUEST, *g_ET_H_RESPONSE;
 
 /* parser.py's state numbers (the ones this file uses) */
-enum { RS_HEAD = 0, RS_DRAIN = 5 };
+enum { RS_HEAD = 0, RS_CHUNK = 1, RS_TRAILER = 2, RS_DRAIN = 5 };
 enum { PS_HEAD = 0, PS_LENGTH = 1, PS_CHUNK = 2, PS_CHUNK_DATA = 3, PS_TRAILER = 4 };
 #define ENTRY_COST 256
 
@@ -46,6 +47,9 @@ typedef struct {
     int rs, ps;
     long long p_left;
     int p_crlf;         /* PS_CHUNK: the previous chunk's CRLF comes first */
+    int r_op, r_crlf, r_next; /* a chunked request body: PASS or DROP, CRLF owed, state after it */
+    HeadScan rscan, pscan;     /* a request or response head arriving in pieces: lines checked */
+    Py_ssize_t r_seen, p_seen; /* a chunk line arriving in pieces: bytes searched (_chunk_line) */
     long long pending_bytes;
     long long budget;   /* parser.PENDING_BUDGET when the connection was created */
     HEntry *q;
@@ -121,11 +125,15 @@ static int h_adopt(Http *s) {
         }
         PyTuple_SET_ITEM(entries, i, t);
     }
-    PyObject *r = PyObject_CallMethod(s->py, "twin_adopt", "NiiLi", entries, s->rs, s->ps, s->p_left, s->p_crlf);
+    PyObject *r = PyObject_CallMethod(s->py, "twin_adopt", "NiiLiiii", entries, s->rs, s->ps, s->p_left, s->p_crlf,
+                                      s->r_op, s->r_crlf, s->r_next);
     if (r == NULL) return -1;
     Py_DECREF(r);
     q_clear(s);
     s->delegated = 1;
+    memset(&s->rscan, 0, sizeof(HeadScan));
+    memset(&s->pscan, 0, sizeof(HeadScan));
+    s->r_seen = s->p_seen = 0;
     return 0;
 }
 
@@ -138,9 +146,10 @@ static int h_export(Http *s) {
         return 0;
     }
     PyObject *entries;
-    int rs, ps, p_crlf;
+    int rs, ps, p_crlf, r_op, r_crlf, r_next;
     long long p_left;
-    if (!PyArg_ParseTuple(st, "O!iiLp", &PyTuple_Type, &entries, &rs, &ps, &p_left, &p_crlf)) {
+    if (!PyArg_ParseTuple(st, "O!iiLpipi", &PyTuple_Type, &entries, &rs, &ps, &p_left, &p_crlf, &r_op, &r_crlf,
+                          &r_next)) {
         Py_DECREF(st);
         return -1;
     }
@@ -160,6 +169,9 @@ static int h_export(Http *s) {
     s->ps = ps;
     s->p_left = p_left;
     s->p_crlf = p_crlf;
+    s->r_op = r_op;
+    s->r_crlf = r_crlf;
+    s->r_next = r_next;
     s->delegated = 0;
     return 0;
 }
@@ -325,18 +337,50 @@ static int h_request(Http *s, int end_stream, PyObject *buf, const char *data, P
         *n = have;
         return OP_DROP;
     }
+    if (s->rs == RS_CHUNK) { /* _request_chunk */
+        long long size;
+        Py_ssize_t k = http_chunk_line(data, have, s->limit, s->r_crlf, &size, &s->r_seen);
+        if (k == 0) return h_delegate(s, 0, end_stream, buf, n, NULL);
+        s->handled++;
+        if (k < 0) {
+            *n = 1;
+            return OP_MORE;
+        }
+        if (size == 0) {
+            s->rs = RS_TRAILER;
+            *n = k;
+            return s->r_op;
+        }
+        s->r_crlf = 1;
+        *n = k + size;
+        return s->r_op;
+    }
+    if (s->rs == RS_TRAILER) { /* _request_trailer: an empty trailer section is the twin's */
+        if (have == 1 && data[0] == '\r') {
+            s->handled++;
+            *n = 1;
+            return OP_MORE;
+        }
+        if (have < 2 || data[0] != '\r' || data[1] != '\n') return h_delegate(s, 0, end_stream, buf, n, NULL);
+        s->handled++;
+        s->rs = s->r_next;
+        *n = 2;
+        return s->r_op;
+    }
+    if (s->rs != RS_HEAD) return h_delegate(s, 0, end_stream, buf, n, NULL);
     /* a CR first (empty lines before a request line) or a TLS handshake: the reference */
     unsigned char c0 = (unsigned char)data[0];
     HttpHead h;
-    Py_ssize_t hn = c0 == 13 || c0 == 0x16 ? 0 : http_request_head(data, have, s->limit, &h);
+    Py_ssize_t hn = c0 == 13 || c0 == 0x16 ? 0 : http_request_head(data, have, s->limit, s->rscan.pos, &h);
     if (hn == 0) {
-        if (c0 != 13 && c0 != 0x16 && http_head_more(data, have, s->limit, 1)) {
+        if (c0 != 13 && c0 != 0x16 && http_head_more(data, have, s->limit, 1, &s->rscan)) {
             s->handled++;
             *n = 1;
             return OP_MORE; /* the head is not all in, and nothing in it is refused so far */
         }
         return h_delegate(s, 0, end_stream, buf, n, NULL);
     }
+    memset(&s->rscan, 0, sizeof(HeadScan)); /* the head is all in */
     if ((s->normalizing && suspect(data + h.target_off, h.target_len)) || s->pending_bytes > s->budget)
         return h_delegate(s, 0, end_stream, buf, n, NULL);
     /* Nothing of data is read after the policy (a call back into Python): copy what it needs. */
@@ -347,7 +391,7 @@ static int h_request(Http *s, int end_stream, PyObject *buf, const char *data, P
     PyObject *block = PyBytes_FromStringAndSize(data + h.fields_off, h.fields_end - h.fields_off);
     PyObject *req = NULL, *judged = NULL;
     long long length = h.length;
-    int v11 = h.v11, keep_alive = h.keep_alive, op = -1;
+    int v11 = h.v11, keep_alive = h.keep_alive, chunked = h.chunked, op = -1;
     if (method == NULL || path == NULL || host == NULL || block == NULL) goto done;
     int m = http_flat_matches(&s->flat, s->ctx, method, path, host, PyBytes_AS_STRING(block),
                               PyBytes_GET_SIZE(block));
@@ -374,8 +418,16 @@ static int h_request(Http *s, int end_stream, PyObject *buf, const char *data, P
     s->handled++;
     if (q_push(s, method, path, host) < 0) goto done;
     if (log_forwarded(s, method, path, host, v11) < 0) goto done;
-    s->rs = keep_alive ? RS_HEAD : RS_DRAIN;
-    *n = hn + length;
+    if (chunked) { /* _start_chunked(PASS, after) */
+        s->rs = RS_CHUNK;
+        s->r_op = OP_PASS;
+        s->r_crlf = 0;
+        s->r_next = keep_alive ? RS_HEAD : RS_DRAIN;
+        *n = hn;
+    } else {
+        s->rs = keep_alive ? RS_HEAD : RS_DRAIN;
+        *n = hn + length;
+    }
     op = OP_PASS;
 done:
     Py_XDECREF(method);
@@ -411,7 +463,7 @@ static int h_response(Http *s, int end_stream, PyObject *buf, const char *data, 
     }
     if (s->ps == PS_CHUNK && s->qlen > 0) {
         long long size;
-        Py_ssize_t k = http_chunk_line(data, have, s->limit, s->p_crlf, &size);
+        Py_ssize_t k = http_chunk_line(data, have, s->limit, s->p_crlf, &size, &s->p_seen);
         if (k == 0) return h_delegate(s, 1, end_stream, buf, n, NULL);
         s->handled++;
         if (k < 0) { /* _chunk_line's (-1, seen): MORE; where the search resumes changes nothing */
@@ -442,9 +494,9 @@ static int h_response(Http *s, int end_stream, PyObject *buf, const char *data, 
     if (s->qlen == 0) return h_delegate(s, 1, end_stream, buf, n, NULL); /* unsolicited (or no entry) */
     HEntry *e = q_at(s, 0);
     HttpHead h;
-    Py_ssize_t hn = http_response_head(data, have, s->limit, e->head, &h);
+    Py_ssize_t hn = http_response_head(data, have, s->limit, s->pscan.pos, e->head, &h);
     if (hn == 0) {
-        if (http_head_more(data, have, s->limit, 0)) {
+        if (http_head_more(data, have, s->limit, 0, &s->pscan)) {
             s->handled++;
             *n = 1;
             return OP_MORE;
@@ -452,6 +504,7 @@ static int h_response(Http *s, int end_stream, PyObject *buf, const char *data, 
         return h_delegate(s, 1, end_stream, buf, n, NULL);
     }
     s->handled++;
+    memset(&s->pscan, 0, sizeof(HeadScan));
     if (s->log_responses) {
         PyObject *status = PyLong_FromLong(h.status);
         if (status == NULL) return -1;
@@ -553,7 +606,13 @@ static int Http_init(Http *s, PyObject *args, PyObject *kw) {
     s->ps = PS_HEAD;
     s->p_left = s->pending_bytes = 0;
     s->p_crlf = 0;
+    s->r_op = OP_PASS;
+    s->r_crlf = 0;
+    s->r_next = RS_HEAD;
     s->handled = s->handed = 0;
+    memset(&s->rscan, 0, sizeof(HeadScan));
+    memset(&s->pscan, 0, sizeof(HeadScan));
+    s->r_seen = s->p_seen = 0;
     int is_ctx = g_Context != NULL && Py_TYPE(ctx) == (PyTypeObject *)g_Context;
     s->flat.ok = is_ctx && g_LivePolicy != NULL;
     if (is_ctx) {
@@ -628,6 +687,7 @@ static PyMemberDef Http_members[] = {
     {"ctx", T_OBJECT, offsetof(Http, ctx), READONLY, NULL},
     {"reference", T_OBJECT, offsetof(Http, py), READONLY, "the reference HttpParser it hands states to"},
     {"delegated", T_INT, offsetof(Http, delegated), READONLY, "1 while the reference holds the state"},
+    {"r_seen", T_PYSSIZET, offsetof(Http, r_seen), READONLY, "HttpParser.r_seen (while the twin holds the state)"},
     {NULL},
 };
 

@@ -122,21 +122,31 @@ typedef struct HttpHead {
     long long length;                  /* Content-Length (0: no body) */
     int keep_alive;
     int status;                        /* responses */
-    int chunked;                       /* responses: Transfer-Encoding: chunked (one field, that coding) */
+    int chunked;                       /* Transfer-Encoding: chunked (one field, that coding alone) */
 } HttpHead;
 /* A chunk-size line at the start of d (after the previous chunk's CRLF when crlf): its length
  * through the LF and the size; -1 when _chunk_line would ask for more bytes (nothing refused:
  * the line is only judged once its LF is in); 0 when parser.py's _chunk_line must decide (an
  * error, extensions, a size past 2^61). */
-Py_ssize_t http_chunk_line(const char *d, Py_ssize_t have, Py_ssize_t limit, int crlf, long long *size);
+Py_ssize_t http_chunk_line(const char *d, Py_ssize_t have, Py_ssize_t limit, int crlf, long long *size,
+                           Py_ssize_t *seen);
 
 /* The head at the start of d: its length, or 0 when framing.py must decide (an incomplete head,
  * an error, or a case outside the subset: chunked, CONNECT, an upgrade, a non-origin target...). */
-Py_ssize_t http_request_head(const char *d, Py_ssize_t have, Py_ssize_t limit, HttpHead *h);
-Py_ssize_t http_response_head(const char *d, Py_ssize_t have, Py_ssize_t limit, int head_req, HttpHead *h);
+/* ``from``: where the head's end may first be (an incomplete head's lines before it were checked
+ * by http_head_more: none is empty), so a head arriving in pieces is searched once. */
+Py_ssize_t http_request_head(const char *d, Py_ssize_t have, Py_ssize_t limit, Py_ssize_t from, HttpHead *h);
+Py_ssize_t http_response_head(const char *d, Py_ssize_t have, Py_ssize_t limit, Py_ssize_t from, int head_req,
+                              HttpHead *h);
 /* 1 when HeadReader.scan would answer "more bytes" (nothing refused) for the incomplete head at
- * the start of d; 0 when the reference must decide. */
-int http_head_more(const char *d, Py_ssize_t have, Py_ssize_t limit, int request);
+ * the start of d; 0 when the reference must decide. Resumes at scan->pos (the lines before it
+ * were checked by an earlier call on the same head) and leaves it at the incomplete line, so the
+ * work is linear in the head as HeadReader's is. */
+typedef struct HeadScan {
+    Py_ssize_t pos;   /* where the first line not yet checked starts (0: none checked) */
+    Py_ssize_t lines; /* field lines checked */
+} HeadScan;
+int http_head_more(const char *d, Py_ssize_t have, Py_ssize_t limit, int request, HeadScan *scan);
 /* HttpRequest.has(lname, value) over a validated field block; value NULL: any value. */
 int http_field_has(const char *block, Py_ssize_t blen, const char *lname, Py_ssize_t nl, const char *value,
                    Py_ssize_t vl);

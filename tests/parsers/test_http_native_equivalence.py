@@ -95,8 +95,12 @@ def clean_request(draw: st.DrawFn) -> bytes:
     lines = [method + b" " + draw(st.sampled_from(CLEAN_PATHS)) + b" HTTP/1.1"]
     lines.append(b"Host: " + draw(st.sampled_from([b"a", b"a:80", b"b"])))
     lines += draw(st.lists(st.sampled_from(CLEAN_EXTRA), max_size=3))
-    body = draw(st.sampled_from([b"", b"", b"abc", b"x" * 70]))
-    if body:
+    body = draw(st.sampled_from([b"", b"", b"abc", b"x" * 70, b"chunked"]))
+    if body == b"chunked":
+        lines.append(draw(st.sampled_from([b"Transfer-Encoding: chunked", b"transfer-encoding: Chunked "])))
+        body = draw(st.sampled_from([b"3\r\nabc\r\n0\r\n\r\n", b"1a\r\n" + b"y" * 26 + b"\r\n0\r\n\r\n",
+                                     b"2;e=1\r\nab\r\n0\r\nT: x\r\n\r\n", b"0\r\n\r\n"]))  # fmt: skip
+    elif body:
         lines.append(b"Content-Length: %d" % len(body))
     if draw(st.integers(0, 7)) == 0:
         lines.append(b"Connection: close")
@@ -409,3 +413,12 @@ def test_chunked_responses_stay_in_the_twin() -> None:
         for i in range(0, 2 * len(resp), split or 2 * len(resp)):
             h.feed((resp * 2)[i : i + (split or 2 * len(resp))], reply=True)
         assert h.to_client == resp * 2 and h.engine.parser.counts()[1] == 0  # type: ignore[attr-defined]
+
+
+def test_chunked_requests_stay_in_the_twin() -> None:
+    body = b"3\r\nabc\r\n1a\r\n" + b"y" * 26 + b"\r\n0\r\n\r\n"
+    req = b"POST /api/v1/x HTTP/1.1\r\nHost: a\r\nTransfer-Encoding: chunked\r\n\r\n" + body
+    for split in (None, "bytes"):
+        h = Harness(HttpFactory(), implementation="native")
+        h.feed(req * 2, split=split)
+        assert h.to_server == req * 2 and h.engine.parser.counts()[1] == 0  # type: ignore[attr-defined]

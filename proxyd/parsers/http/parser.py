@@ -220,7 +220,9 @@ class HttpParser(Parser):
 
     # --- hand-over with the native twin ----------------------------------------------------
 
-    def twin_export(self) -> tuple[tuple[tuple[str, str, str], ...], int, int, int, bool] | None:
+    def twin_export(
+        self,
+    ) -> tuple[tuple[tuple[str, str, str], ...], int, int, int, bool, int, bool, int] | None:
         """This parser's state when the native twin can carry it on, else None.
 
         The twin (``proxyd._native.Http``, ``proxyd/_native_src/http_parser.c``) handles the
@@ -230,20 +232,23 @@ class HttpParser(Parser):
         requests awaiting responses. Anything else (a partial head, a chunked body, an answer
         waiting for its place, an upgrade, a close decided) it hands to this parser with
         :meth:`twin_adopt` and takes back when this returns a state:
-        ``((method, path, host) per pending request, rs, ps, p_left, p_crlf)``.
+        ``((method, path, host) per pending request, rs, ps, p_left, p_crlf, r_op, r_crlf,
+        r_next)``.
         """
         if (
             self.rq
             or self.pq
             or self.closing
             or self.unsolicited
-            or self.rs not in (RS_HEAD, RS_DRAIN)
+            or self.rs not in (RS_HEAD, RS_DRAIN, RS_CHUNK, RS_TRAILER)
+            or self.r_next not in (RS_HEAD, RS_DRAIN)
+            or self.r_seen
+            or self.rhr.trailer != (self.rs == RS_TRAILER)
             or self.ps not in (PS_HEAD, PS_LENGTH, PS_CHUNK, PS_CHUNK_DATA, PS_TRAILER)
             or self.p_seen
             or self.phr.trailer != (self.ps == PS_TRAILER)
             or self.rhr.pos
             or self.rhr.start is not None
-            or self.rhr.trailer
             or self.phr.pos
             or self.phr.start is not None
         ):
@@ -253,10 +258,19 @@ class HttpParser(Parser):
             if e.payload is not None or e.upgrade:
                 return None
             entries.append((e.method, e.path, e.host))
-        return tuple(entries), self.rs, self.ps, self.p_left, self.p_crlf
+        r_op = int(self.r_op)
+        return tuple(entries), self.rs, self.ps, self.p_left, self.p_crlf, r_op, self.r_crlf, self.r_next
 
     def twin_adopt(
-        self, entries: tuple[tuple[str, str, str], ...], rs: int, ps: int, p_left: int, p_crlf: bool
+        self,
+        entries: tuple[tuple[str, str, str], ...],
+        rs: int,
+        ps: int,
+        p_left: int,
+        p_crlf: bool,
+        r_op: int,
+        r_crlf: bool,
+        r_next: int,
     ) -> None:
         """Take over from the native twin in a state :meth:`twin_export` describes."""
         self.pending.clear()
@@ -269,6 +283,11 @@ class HttpParser(Parser):
         self.p_crlf = bool(p_crlf)
         self.p_seen = 0
         self.phr.reset(trailer=ps == PS_TRAILER)
+        self.r_op = Op(r_op)
+        self.r_crlf = bool(r_crlf)
+        self.r_next = r_next
+        self.r_seen = 0
+        self.rhr.reset(trailer=rs == RS_TRAILER)
 
     # --- requests ------------------------------------------------------------------------------
 
