@@ -527,7 +527,7 @@ static int engine_round(Engine *self, int reply, int end_stream) {
         long long n;
         int n_ok; /* n is an exact int > 0 that fits in long long */
         int n_big = 0;
-        if (Py_TYPE(parser) == &MemcacheType || Py_TYPE(parser) == &RedisType) {
+        if (Py_TYPE(parser) == &MemcacheType || Py_TYPE(parser) == &RedisType || Py_TYPE(parser) == &HttpType) {
             NativeParser *np = (NativeParser *)parser;
             op = np->on_data(np, reply, end_stream, buf, &n);
             if (op < 0) {

@@ -120,7 +120,26 @@ static PyObject *mod_setup_policy(PyObject *m, PyObject *args, PyObject *kw) {
     Py_RETURN_NONE;
 }
 
+static PyObject *mod_setup_http(PyObject *m, PyObject *args, PyObject *kw) {
+    static char *kwlist[] = {"HttpRequest", "HttpRule", "REQUEST", "RESPONSE", NULL};
+    PyObject *req, *rule, *rq, *rs;
+    if (!PyArg_ParseTupleAndKeywords(args, kw, "$OOOO", kwlist, &req, &rule, &rq, &rs)) return NULL;
+    if (!PyType_Check(req) || !PyType_IsSubtype((PyTypeObject *)req, &PyTuple_Type)) {
+        PyErr_SetString(PyExc_TypeError, "HttpRequest must be a tuple subclass");
+        return NULL;
+    }
+#define KEEP(g, v) do { Py_INCREF(v); Py_XSETREF(g, v); } while (0)
+    KEEP(g_HttpRequest, req);
+    KEEP(g_HttpRule, rule);
+    KEEP(g_ET_H_REQUEST, rq);
+    KEEP(g_ET_H_RESPONSE, rs);
+#undef KEEP
+    Py_RETURN_NONE;
+}
+
 static PyMethodDef module_methods[] = {
+    {"setup_http", (PyCFunction)(void (*)(void))mod_setup_http, METH_VARARGS | METH_KEYWORDS,
+     "Hand the http parser's Python pieces over (called once by proxyd.parsers.http)."},
     {"setup_policy", (PyCFunction)(void (*)(void))mod_setup_policy, METH_VARARGS | METH_KEYWORDS,
      "Hand over the flattened-policy interface (called by proxyd.policy.flat; docs/native.md)."},
     {"setup", (PyCFunction)(void (*)(void))mod_setup, METH_VARARGS | METH_KEYWORDS,
@@ -134,7 +153,7 @@ static PyMethodDef module_methods[] = {
 
 static struct PyModuleDef moduledef = {
     PyModuleDef_HEAD_INIT, "proxyd._native",
-    "Compiled twins of proxyd.engine and the memcache parser (see proxyd/_native_src/).", -1, module_methods,
+    "Compiled twins of proxyd.engine, the memcache and the http parsers (see proxyd/_native_src/).", -1, module_methods,
 };
 
 #define INTERN(var, s) do { var = PyUnicode_InternFromString(s); if (var == NULL) return NULL; } while (0)
@@ -166,7 +185,10 @@ PyMODINIT_FUNC PyInit__native(void) {
     s_empty_bytes = PyBytes_FromStringAndSize(NULL, 0);
     s_empty_tuple = PyTuple_New(0);
     if (!s_empty_bytes || !s_empty_tuple) return NULL;
-    if (policy_init() < 0 || memcache_init() < 0 || redis_init() < 0 || redis_rules_init() < 0) return NULL;
+    if (policy_init() < 0 || memcache_init() < 0 || redis_init() < 0 || redis_rules_init() < 0 ||
+        http_parser_init() < 0)
+        return NULL;
+    if (PyType_Ready(&HttpType) < 0) return NULL;
     if (PyType_Ready(&EngineType) < 0 || PyType_Ready(&MemcacheType) < 0 || PyType_Ready(&LazyFieldsType) < 0 ||
         PyType_Ready(&RedisType) < 0 || PyType_Ready(&RedisFieldsType) < 0)
         return NULL;
@@ -175,6 +197,8 @@ PyMODINIT_FUNC PyInit__native(void) {
     Py_INCREF(&EngineType);
     Py_INCREF(&MemcacheType);
     Py_INCREF(&RedisType);
+    Py_INCREF(&HttpType);
+    if (PyModule_AddObject(m, "Http", (PyObject *)&HttpType) < 0) return NULL;
     if (PyModule_AddObject(m, "Engine", (PyObject *)&EngineType) < 0 ||
         PyModule_AddObject(m, "Memcache", (PyObject *)&MemcacheType) < 0 ||
         PyModule_AddObject(m, "Redis", (PyObject *)&RedisType) < 0)

@@ -1,4 +1,4 @@
-/* proxyd._native: the compiled twin of proxyd.engine.PyEngine and of the memcache and redis parsers.
+/* proxyd._native: the compiled twin of proxyd.engine.PyEngine and of the memcache, redis and http parsers.
  *
  * One C file per Python reference module, each following its reference statement by
  * statement, in the same order, so the two can be read side by side:
@@ -13,6 +13,9 @@
  *               the reference RedisParser at the offset where it starts
  *   redis_resp.c  proxyd/parsers/redis/resp.py: the request and reply framing redis.c reads itself
  *   redis_rules.c proxyd/parsers/redis/rules.py: a connection's redis rules, flattened
+ *   http_framing.c  proxyd/parsers/http/framing.py (the heads the common states read)
+ *   http_rules.c    proxyd/parsers/http/rules.py HttpRule, over the flattened policy
+ *   http_parser.c   proxyd/parsers/http/parser.py (common states; the rest handed to the reference)
  *   module.c    PyInit, the setup functions that hand the Python pieces over, shared state
  * This header holds what more than one of them uses. tests/test_native_equivalence.py drives
  * both implementations with the same inputs and compares ops, bytes, log entries and errors.
@@ -156,6 +159,69 @@ int rrule_matches(RRule *r, PyObject *name, PyObject *base, PyObject *cats, PyOb
 /* the same on a key's bytes (NULL: none), for a rule that needs no Python call (kind 0/1, no regex) */
 int rrule_matches_raw(RRule *r, PyObject *name, PyObject *base, PyObject *cats, const char *kp, Py_ssize_t kl);
 PyObject *redis_request(PyObject *name, PyObject *base, PyObject *cats, PyObject *key);
+
+/* http: http_framing.c (framing.py), http_rules.c (rules.py, flattened), http_parser.c       */
+/* (parser.py). The twin handles the common states and hands the rest to the reference parser. */
+
+extern PyTypeObject HttpType;          /* http_parser.c */
+extern PyObject *g_HttpRequest;        /* http.rules.HttpRequest */
+extern PyObject *g_HttpRule;           /* http.rules.HttpRule */
+extern PyObject *g_ET_H_REQUEST, *g_ET_H_RESPONSE;
+
+/* A request or response head the fast subset of framing.py accepted (offsets into the data). */
+typedef struct HttpHead {
+    Py_ssize_t method_len;             /* the method is data[0:method_len] */
+    Py_ssize_t target_off, target_len;
+    int v11;                           /* HTTP/1.1 (else 1.0) */
+    Py_ssize_t host_off, host_len;     /* the Host value, stripped; host_off < 0: no Host */
+    Py_ssize_t fields_off, fields_end; /* the field lines, each with its CRLF */
+    long long length;                  /* Content-Length (0: no body) */
+    int keep_alive;
+    int status;                        /* responses */
+    int chunked;                       /* Transfer-Encoding: chunked (one field, that coding alone) */
+} HttpHead;
+/* A chunk-size line at the start of d (after the previous chunk's CRLF when crlf): its length
+ * through the LF and the size; -1 when _chunk_line would ask for more bytes (nothing refused:
+ * the line is only judged once its LF is in); 0 when parser.py's _chunk_line must decide (an
+ * error, extensions, a size past 2^61). */
+Py_ssize_t http_chunk_line(const char *d, Py_ssize_t have, Py_ssize_t limit, int crlf, long long *size,
+                           Py_ssize_t *seen);
+
+/* The head at the start of d: its length, or 0 when framing.py must decide (an incomplete head,
+ * an error, or a case outside the subset: chunked, CONNECT, an upgrade, a non-origin target...). */
+/* ``from``: where the head's end may first be (an incomplete head's lines before it were checked
+ * by http_head_more: none is empty), so a head arriving in pieces is searched once. */
+Py_ssize_t http_request_head(const char *d, Py_ssize_t have, Py_ssize_t limit, Py_ssize_t from, HttpHead *h);
+Py_ssize_t http_response_head(const char *d, Py_ssize_t have, Py_ssize_t limit, Py_ssize_t from, int head_req,
+                              HttpHead *h);
+/* 1 when HeadReader.scan would answer "more bytes" (nothing refused) for the incomplete head at
+ * the start of d; 0 when the reference must decide. Resumes at scan->pos (the lines before it
+ * were checked by an earlier call on the same head) and leaves it at the incomplete line, so the
+ * work is linear in the head as HeadReader's is. */
+typedef struct HeadScan {
+    Py_ssize_t pos;   /* where the first line not yet checked starts (0: none checked) */
+    Py_ssize_t lines; /* field lines checked */
+} HeadScan;
+int http_head_more(const char *d, Py_ssize_t have, Py_ssize_t limit, int request, HeadScan *scan);
+/* HttpRequest.has(lname, value) over a validated field block; value NULL: any value. */
+int http_field_has(const char *block, Py_ssize_t blen, const char *lname, Py_ssize_t nl, const char *value,
+                   Py_ssize_t vl);
+
+struct HttpFlatRule;
+typedef struct HttpFlat {
+    int ok;
+    struct HttpFlatRule *rules;
+    Py_ssize_t n;
+    PyObject *cp, *always, *denied;
+} HttpFlat;
+
+int http_parser_init(void); /* interns its names, then http_rules_init() */
+int http_rules_init(void);
+void http_flat_clear(HttpFlat *fp);
+/* ctx.matches(HttpRequest(...)) through the flat policy: 1, 0 (ctx._last set as Context does), -1;
+ * or 2 when it does not apply (nothing was set: the caller asks ctx.matches). */
+int http_flat_matches(HttpFlat *fp, PyObject *ctx, PyObject *method, PyObject *path, PyObject *host,
+                      const char *block, Py_ssize_t blen);
 
 /* ------------------------------------------------------------------------------------------ */
 /* Small helpers                                                                               */

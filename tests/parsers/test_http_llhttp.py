@@ -5,6 +5,12 @@ it is fed one byte at a time: ``on_message_complete`` then fires on the message'
 every generated input both must agree on where each message ends, or both must reject it. Where
 they disagree, the RFC decides, and the case is named below with the section that says so;
 any disagreement not named here fails the test.
+
+Both http paths run it: on the native one (``impl="native"``) the compiled twin
+(``proxyd._native.Http``) is fed the same bytes in lockstep with the reference, and after every
+byte what each has done (ops, bytes out, log entries, the close) must be the same, so the ends
+read off the reference's state are the twin's too; the whole input fed at once must also give the
+same outcome (a whole head is the twin's own path, a byte at a time mostly the reference's).
 """
 
 from __future__ import annotations
@@ -16,6 +22,7 @@ from http_grammar import requests, response
 from hypothesis import example, given, settings
 from hypothesis import strategies as st
 
+from proxyd.native import native_module
 from proxyd.parsers.http import HttpFactory
 from proxyd.parsers.http.parser import PS_UNTIL_CLOSE, RS_DRAIN, RS_HEAD, RS_WAIT
 from proxyd.testing import Harness
@@ -93,12 +100,48 @@ def llhttp_ends(data: bytes, resp_to: int = 0) -> tuple[list[int], str | None]:
     return ends, None
 
 
-def proxyd_request_ends(data: bytes) -> tuple[list[int], str | None]:
+IMPLS = ["python", "native"] if native_module() is not None else ["python"]
+
+
+def seen(h: Harness) -> Any:
+    """What a connection has done so far, as the two paths must agree on it."""
+    return h.ops, h.out, [(e.entry_type, e.verdict, e.fields) for e in h.log], h.closed
+
+
+class Lockstep:
+    """The native twin fed in step with the reference (impl "native"), compared after every feed."""
+
+    def __init__(self, impl: str, prefix: bytes = b"") -> None:
+        self.twin = Harness(HttpFactory(), implementation="native") if impl == "native" else None
+        if self.twin is not None and prefix:
+            self.twin.feed(prefix)
+
+    def feed(self, ref: Harness, data: bytes, reply: bool = False) -> None:
+        if self.twin is not None:
+            self.twin.feed(data, reply=reply)
+            assert seen(self.twin) == seen(ref)
+
+
+def whole_agrees(impl: str, data: bytes, prefix: bytes = b"", reply: bool = False) -> None:
+    """The whole input at once: the twin's outcome is the reference's."""
+    if impl != "native":
+        return
+    hs = [Harness(HttpFactory(), implementation=i) for i in ("python", "native")]
+    for h in hs:
+        if prefix:
+            h.feed(prefix)
+        h.feed(data, reply=reply)
+    assert seen(hs[1]) == seen(hs[0])
+
+
+def proxyd_request_ends(data: bytes, impl: str = "python") -> tuple[list[int], str | None]:
     h = Harness(HttpFactory(), implementation="python")  # the Python engine shows its skip count
+    twin = Lockstep(impl)
     p: Any = h.engine.parser
     ends: list[int] = []
     for i in range(len(data)):
         h.feed(data[i : i + 1])
+        twin.feed(h, data[i : i + 1])
         errors = [e.fields["error"] for e in h.log if "error" in e.fields]
         if errors or h.closed:
             return ends, str(errors[0]) if errors else "closed"
@@ -137,23 +180,30 @@ def compare(ours: tuple[list[int], str | None], theirs: tuple[list[int], str | N
     raise AssertionError(f"framing disagrees: proxyd {ours} llhttp {theirs}")
 
 
+@pytest.mark.parametrize("impl", IMPLS)
 @settings(max_examples=150, deadline=None)
 @given(data=requests())
-@example(b"GET / HTTP/1.1\r\nHost: a\r\n\r\nPOST / HTTP/1.1\r\nHost: a\r\nContent-Length: 3\r\n\r\nabc")
-@example(b"POST / HTTP/1.1\r\nHost: a\r\nTransfer-Encoding: chunked\r\n\r\n3;x=1\r\nabc\r\n0\r\nT: 1\r\n\r\n")
-@example(b"\r\n\r\nGET / HTTP/1.1\r\nHost: a\r\n\r\n")
-def test_request_framing_agrees_with_llhttp(data: bytes) -> None:
-    compare(proxyd_request_ends(data), llhttp_ends(data))
+@example(data=b"GET / HTTP/1.1\r\nHost: a\r\n\r\nPOST / HTTP/1.1\r\nHost: a\r\nContent-Length: 3\r\n\r\nabc")
+@example(
+    data=b"POST / HTTP/1.1\r\nHost: a\r\nTransfer-Encoding: chunked\r\n\r\n3;x=1\r\nabc\r\n0\r\nT: 1\r\n\r\n"
+)
+@example(data=b"\r\n\r\nGET / HTTP/1.1\r\nHost: a\r\n\r\n")
+def test_request_framing_agrees_with_llhttp(data: bytes, impl: str) -> None:
+    compare(proxyd_request_ends(data, impl), llhttp_ends(data))
+    whole_agrees(impl, data)
 
 
-def proxyd_response_ends(data: bytes, n: int) -> tuple[list[int], str | None]:
-    h = Harness(HttpFactory())
-    h.feed(b"GET / HTTP/1.1\r\nHost: a\r\n\r\n" * n)
+def proxyd_response_ends(data: bytes, n: int, impl: str = "python") -> tuple[list[int], str | None]:
+    h = Harness(HttpFactory(), implementation="python")
+    asked = b"GET / HTTP/1.1\r\nHost: a\r\n\r\n" * n
+    h.feed(asked)
+    twin = Lockstep(impl, asked)
     p: Any = h.engine.parser
     ends: list[int] = []
     for i in range(len(data)):
         before = len(p.pending)
         h.feed(data[i : i + 1], reply=True)
+        twin.feed(h, data[i : i + 1], reply=True)
         if p.ps == PS_UNTIL_CLOSE:
             return ends, None  # a body that ends at close: no end to compare
         if h.closed:
@@ -178,11 +228,13 @@ STRICTER_RESPONSES = {
 }
 
 
+@pytest.mark.parametrize("impl", IMPLS)
 @settings(max_examples=120, deadline=None)
 @given(data=st.lists(response(), min_size=1, max_size=3).map(b"".join))
-def test_response_framing_agrees_with_llhttp(data: bytes) -> None:
+def test_response_framing_agrees_with_llhttp(data: bytes, impl: str) -> None:
     n = data.count(b"HTTP/") + 1
-    ours = proxyd_response_ends(data, n)
+    whole_agrees(impl, data, b"GET / HTTP/1.1\r\nHost: a\r\n\r\n" * n, reply=True)
+    ours = proxyd_response_ends(data, n, impl)
     theirs = llhttp_ends(data, resp_to=n)
     oe, oerr = ours
     te, terr = theirs

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from typing import Any
+
 import pytest
 from http_helpers import BAD_REQUEST, DENIED, DENIED_CLOSE, TOO_LARGE, run, splits
 
@@ -10,6 +12,12 @@ from proxyd.parsers.http import HttpFactory
 from proxyd.testing import Harness
 
 GET = b"GET / HTTP/1.1\r\nHost: a\r\n\r\n"
+
+
+def reference(h: Harness) -> Any:
+    """The connection's reference HttpParser (on the native path, the one the twin hands states to)."""
+    p = h.engine.parser
+    return getattr(p, "reference", p)
 OK = b"HTTP/1.1 200 OK\r\nContent-Length: 2\r\n\r\nhi"
 POST_CL = b"POST /u HTTP/1.1\r\nHost: a\r\nContent-Length: 5\r\n\r\nhello"
 POST_CHUNKED = (
@@ -313,7 +321,7 @@ def test_a_chunk_line_trickling_in_is_searched_once() -> None:
     h.feed(b"5;e=")
     for _ in range(2000):
         h.feed(b"a")
-    assert h.engine.parser.r_seen == 2004  # type: ignore[attr-defined]
+    assert h.engine.parser.r_seen == 2004  # type: ignore[attr-defined]  # the twin keeps its own
     h.feed(b"\r\nhello\r\n0\r\n\r\n" + GET)
     assert h.to_server.endswith(b"hello\r\n0\r\n\r\n" + GET) and not h.closed
 
@@ -387,7 +395,7 @@ def test_response_framing(name: str, reqs: bytes, resps: list[bytes]) -> None:
         h.feed(reqs)
         h.feed(wire, reply=True, split=split)
         assert h.to_client == wire and not h.closed, (name, split)
-        assert not h.engine.parser.pending, (name, split)  # type: ignore[attr-defined]
+        assert not h.engine.parser.pending_requests(), (name, split)  # type: ignore[attr-defined]
 
 
 def test_response_until_close() -> None:
@@ -483,7 +491,7 @@ def test_thousands_of_pipelined_requests_are_all_answered() -> None:
     assert h.to_server == GET * n and not h.closed
     h.feed(OK * n, reply=True)
     assert h.to_client == OK * n and not h.closed
-    assert not h.engine.parser.pending and h.engine.parser.pending_bytes == 0  # type: ignore[attr-defined]
+    assert not h.engine.parser.pending_requests() and h.engine.parser.pending_bytes == 0  # type: ignore[attr-defined]
 
 
 # --- denials in place -----------------------------------------------------------------------------
@@ -694,7 +702,7 @@ def test_a_response_head_over_the_limit_streams() -> None:
         h.feed(resp + trailer + OK, reply=True, split=split)
         assert h.to_client == resp + trailer + OK and not h.closed, split
         assert h.engine.buffered(True) == 0
-        assert len(h.engine.parser.phr.fields) <= 2  # type: ignore[attr-defined]
+        assert len(reference(h).phr.fields) <= 2
     # a single line over the limit still closes, and so does a malformed line in a streamed head
     for bad in (b"X: " + b"v" * 70000 + b"\r\n", big + b"Bad Line\r\n"):
         h = Harness(HttpFactory())

@@ -28,13 +28,29 @@ the path normalisation keys of :mod:`.normalize`: ``normalize_path`` (true), ``m
 
 from __future__ import annotations
 
+import dataclasses
 from collections.abc import Mapping
-from typing import Any
+from typing import Any, cast
 
-from proxyd.parser import ConnectionContext, Parser, ParserFactory, RuleMatcher
+from proxyd.native import native_module, parser_twins
+from proxyd.parser import ConnectionContext, EntryType, Parser, ParserFactory, RuleMatcher
+from proxyd.policy.flat import hand_over
 
+from . import parser as _parser
 from .parser import HttpConfig, HttpParser, validate_config
 from .rules import RULE_KEYS, HttpRequest, HttpRule, compile_rule
+
+_native = native_module()
+if _native is not None:
+    _native.setup_http(
+        HttpRequest=HttpRequest,
+        HttpRule=HttpRule,
+        REQUEST=EntryType.REQUEST,
+        RESPONSE=EntryType.RESPONSE,
+    )
+    # The native twin evaluates a connection's rules.http itself when it can, reading only the
+    # flattened-policy interface (proxyd.policy.flat; proxyd/_native_src/http_rules.c).
+    hand_over(_native)
 
 
 class HttpFactory(ParserFactory):
@@ -51,7 +67,27 @@ class HttpFactory(ParserFactory):
         return compile_rule(rule)
 
     def create(self, ctx: ConnectionContext, config: Any) -> Parser:
-        return HttpParser(ctx, config if isinstance(config, HttpConfig) else HttpConfig())
+        cfg = config if isinstance(config, HttpConfig) else HttpConfig()
+        # Response entries the access-log mode discards are not built at all (as memcache).
+        if cfg.log_responses and not bool(getattr(ctx, "logs_responses", True)):
+            cfg = dataclasses.replace(cfg, log_responses=False)
+        parser = HttpParser(ctx, cfg)
+        twins = parser_twins(ctx)
+        if twins is not None:
+            # The native engine runs (or a test asked for it): the compiled twin, which hands
+            # the states it does not handle to this reference parser and takes them back.
+            return cast(
+                Parser,
+                twins.Http(
+                    ctx,
+                    parser,
+                    cfg.max_header_bytes,
+                    cfg.log_responses,
+                    parser.normalizing,
+                    _parser.PENDING_BUDGET,
+                ),
+            )
+        return parser
 
 
 __all__ = ["HttpConfig", "HttpFactory", "HttpParser", "HttpRequest", "HttpRule"]

@@ -214,6 +214,81 @@ class HttpParser(Parser):
             return ERROR, self.closing
         return self._request(data)
 
+    def pending_requests(self) -> list[tuple[str, str, str, bytes | None]]:
+        """``(method, path, host, answer)`` per entry awaiting its place (tests compare the twins)."""
+        return [(e.method, e.path, e.host, e.payload) for e in self.pending]
+
+    # --- hand-over with the native twin ----------------------------------------------------
+
+    def twin_export(
+        self,
+    ) -> tuple[tuple[tuple[str, str, str], ...], int, int, int, bool, int, bool, int] | None:
+        """This parser's state when the native twin can carry it on, else None.
+
+        The twin (``proxyd._native.Http``, ``proxyd/_native_src/http_parser.c``) handles the
+        common states itself: between request heads (or draining after the last request),
+        between response heads or inside a Content-Length or chunked body (between its chunk
+        lines, inside a chunk, before its trailer section), with only forwarded, plain
+        requests awaiting responses. Anything else (a partial head, a chunked body, an answer
+        waiting for its place, an upgrade, a close decided) it hands to this parser with
+        :meth:`twin_adopt` and takes back when this returns a state:
+        ``((method, path, host) per pending request, rs, ps, p_left, p_crlf, r_op, r_crlf,
+        r_next)``.
+        """
+        if (
+            self.rq
+            or self.pq
+            or self.closing
+            or self.unsolicited
+            or self.rs not in (RS_HEAD, RS_DRAIN, RS_CHUNK, RS_TRAILER)
+            or self.r_next not in (RS_HEAD, RS_DRAIN)
+            or self.r_seen
+            or self.rhr.trailer != (self.rs == RS_TRAILER)
+            or self.ps not in (PS_HEAD, PS_LENGTH, PS_CHUNK, PS_CHUNK_DATA, PS_TRAILER)
+            or self.p_seen
+            or self.phr.trailer != (self.ps == PS_TRAILER)
+            or self.rhr.pos
+            or self.rhr.start is not None
+            or self.phr.pos
+            or self.phr.start is not None
+        ):
+            return None
+        entries = []
+        for e in self.pending:
+            if e.payload is not None or e.upgrade:
+                return None
+            entries.append((e.method, e.path, e.host))
+        r_op = int(self.r_op)
+        return tuple(entries), self.rs, self.ps, self.p_left, self.p_crlf, r_op, self.r_crlf, self.r_next
+
+    def twin_adopt(
+        self,
+        entries: tuple[tuple[str, str, str], ...],
+        rs: int,
+        ps: int,
+        p_left: int,
+        p_crlf: bool,
+        r_op: int,
+        r_crlf: bool,
+        r_next: int,
+    ) -> None:
+        """Take over from the native twin in a state :meth:`twin_export` describes."""
+        self.pending.clear()
+        self.pending_bytes = 0
+        for method, path, host in entries:
+            self._push(_Pending(method, path, host))
+        self.rs = rs
+        self.ps = ps
+        self.p_left = p_left
+        self.p_crlf = bool(p_crlf)
+        self.p_seen = 0
+        self.phr.reset(trailer=ps == PS_TRAILER)
+        self.r_op = Op(r_op)
+        self.r_crlf = bool(r_crlf)
+        self.r_next = r_next
+        self.r_seen = 0
+        self.rhr.reset(trailer=rs == RS_TRAILER)
+
     # --- requests ------------------------------------------------------------------------------
 
     def _request(self, data: Data) -> Verdict:
@@ -230,7 +305,13 @@ class HttpParser(Parser):
             return DROP, len(data)
         return NOP_VERDICT  # RS_WAIT: held until the upgrade or CONNECT is answered
 
-    def _request_head(self, data: Data) -> Verdict:
+    def _request_head(self, data: Data, judged: tuple[HttpRequest, bool] | None = None) -> Verdict:
+        """Frame, normalise and judge a request head; forward, answer or refuse it.
+
+        ``judged``: the native twin already asked the policy about this very head (the request
+        it built, with any ``headerMatches`` actions, and the answer); the rest is done here,
+        as if ``ctx.matches`` had answered that (see :meth:`twin_adopt`).
+        """
         hr = self.rhr
         if hr.pos == 0:
             first = data[0]
@@ -266,13 +347,15 @@ class HttpParser(Parser):
                 return self._answer_in_place(
                     head, n, len(data), redirect_answer(norm.path, False), redirect_answer(norm.path, True)
                 )
-        req = HttpRequest(
-            head.method, head.path, head.host, head.version, tuple([(k, v) for k, v, _ in head.fields]), []
-        )
+        if judged is None:
+            headers = tuple([(k, v) for k, v, _ in head.fields])
+            req = HttpRequest(head.method, head.path, head.host, head.version, headers, [])
+        else:
+            req = judged[0]
         if self.pending_bytes > PENDING_BUDGET:
             self._log_denied(req, "too many pipelined requests awaiting responses", sent)
             return self._close_after_owed(ERROR_PROTOCOL, len(data))
-        if self.ctx.matches(req):
+        if self.ctx.matches(req) if judged is None else judged[1]:
             return self._forward(head, req, n, data, sent)
         self._log_denied(req, "policy", sent)
         return self._answer_in_place(head, n, len(data), DENIED, DENIED_CLOSE)
