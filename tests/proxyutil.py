@@ -4,12 +4,25 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import os
 from collections.abc import AsyncIterator, Awaitable, Callable
 from pathlib import Path
 
 from proxyd.config import parse_config
 from proxyd.registry import Registry
 from proxyd.server import Daemon
+
+
+def write_atomic(path: Path, text: str) -> None:
+    """Replace ``path`` as the docs tell operators to (write beside it, rename into place).
+
+    A test that also reloads by hand must not let the file watcher catch the file half-written
+    by a plain ``write_text`` (seen under load: a late event read a truncated file).
+    """
+    tmp = path.with_name(path.name + ".tmp")
+    tmp.write_text(text)
+    os.replace(tmp, path)
+
 
 Handler = Callable[[asyncio.StreamReader, asyncio.StreamWriter], Awaitable[None]]
 

@@ -28,7 +28,7 @@ from cassandra.cluster import EXEC_PROFILE_DEFAULT, Cluster, ExecutionProfile, S
 from cassandra.policies import RoundRobinPolicy
 from cassandra.query import BatchStatement
 from cql_responder import CqlResponder
-from proxyutil import addr, daemon
+from proxyutil import addr, daemon, write_atomic
 
 from proxyd.server import Daemon
 
@@ -335,7 +335,7 @@ def test_policy_reload_applies_to_open_session(env: Env) -> None:
             s.execute(_bad_batch())
 
         policy = POLICY.format(name=POLICY_NAME, port=env.responder.port) + EXTRA_RULE
-        (env.tmp_path / "policy.yaml").write_text(policy)
+        write_atomic(env.tmp_path / "policy.yaml", policy)
         assert env.lt.call(lambda: env.daemon.reload_policy("test"))
 
         # The same connections, the next requests: the statement prepared before is allowed now.

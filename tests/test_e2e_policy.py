@@ -10,7 +10,7 @@ from pathlib import Path
 
 import aiohttp
 import pytest
-from proxyutil import addr, daemon, r2d2_server, tcp_server, wait_for
+from proxyutil import addr, daemon, r2d2_server, tcp_server, wait_for, write_atomic
 
 POLICY = """
 apiVersion: cilium.io/v2
@@ -160,8 +160,9 @@ async def test_reload_under_live_traffic(tmp_path: Path) -> None:
             tasks = [asyncio.create_task(traffic(c)) for c in conns]
             await asyncio.sleep(0.05)
             revision = d.policy.revision
-            (tmp_path / "policy.yaml").write_text(
-                files["policy.yaml"].replace('file: "^/public/"', 'file: "^/(public|private)/"')
+            write_atomic(
+                tmp_path / "policy.yaml",
+                files["policy.yaml"].replace('file: "^/public/"', 'file: "^/(public|private)/"'),
             )
             assert d.reload_policy("test")
             assert d.policy.revision == revision + 1
@@ -171,7 +172,7 @@ async def test_reload_under_live_traffic(tmp_path: Path) -> None:
             for c in conns:  # every connection survived and sees the new policy
                 assert await ask(*c, b"READ /private/x") == b"OK READ /private/x"
             # A broken policy is rejected whole; the old one stays in force.
-            (tmp_path / "policy.yaml").write_text("apiVersion: cilium.io/v2\nkind: Nope\n")
+            write_atomic(tmp_path / "policy.yaml", "apiVersion: cilium.io/v2\nkind: Nope\n")
             assert not d.reload_policy("test")
             assert d.policy.revision == revision + 1
             assert await ask(*conns[0], b"READ /private/y") == b"OK READ /private/y"
