@@ -7,7 +7,9 @@ starts half-configured. Listener ``parser_config`` is validated by the parser's 
 
 from __future__ import annotations
 
+import codecs
 import ipaddress
+import locale
 import os
 import re
 from collections.abc import Callable, Mapping
@@ -350,10 +352,29 @@ def load_config(path: str | Path, registry: Registry | None = None) -> Config:
     """Read and validate a config file. Raises :class:`ConfigError` listing every problem."""
     path = Path(path)
     try:
-        text = path.read_text()
+        text = read_text(path)
     except OSError as exc:
         raise ConfigError([f"{path}:0: cannot read config: {exc.strerror or exc}"]) from exc
     return parse_config(text, path, registry or Registry.load())
+
+
+#: Bytes decoded per call by :func:`read_text`.
+READ_SLICE = 1 << 16
+
+
+def read_text(path: Path) -> str:
+    """The file's text as :meth:`Path.read_text` gives it (the locale's encoding, universal
+    newlines), decoded a slice at a time: decoding a 7 MB config (100,000 identities) in one
+    call holds the interpreter lock for up to 20 ms, stalling the event loop while a SIGHUP
+    reload reads it on a worker thread."""
+    data = memoryview(path.read_bytes())
+    decoder = codecs.getincrementaldecoder(locale.getpreferredencoding(False))()
+    parts = [decoder.decode(data[i : i + READ_SLICE]) for i in range(0, len(data), READ_SLICE)]
+    parts.append(decoder.decode(b"", final=True))
+    text = "".join(parts)
+    if "\r" in text:
+        text = text.replace("\r\n", "\n").replace("\r", "\n")
+    return text
 
 
 def parse_config(text: str, path: Path, registry: Registry) -> Config:
