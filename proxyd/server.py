@@ -334,8 +334,10 @@ class Daemon:
         self.log = make_logger(LineWriter("stderr"))
         self.identities = IdentityMap.from_entries(config.identities)
         self._labels_cache: dict[str, Mapping[str, str]] = {}
+        # Parsed partly in a forked child only in the daemon process (run_daemon), whose loop
+        # serves nothing yet: not in a test process running daemons beside other work.
         self.policy = PolicyStore(self.registry, config.policy.paths, config.policy.state_dir,
-                                  kubernetes=config.kubernetes is not None)  # fmt: skip
+                                  kubernetes=config.kubernetes is not None, split=_freeze[0])  # fmt: skip
         self.policy.endpoint_labels = self.identities.label_sets()
         self.last_change: Change | None = None
         self._watch_task: asyncio.Task[Any] | None = None
