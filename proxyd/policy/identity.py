@@ -119,6 +119,9 @@ class IdentityMap:
         intern = interner or LabelInterner()
         by_len: dict[tuple[int, int], dict[int, Mapping[str, str]]] = {}
         kept: list[tuple[int, int, int, Mapping[str, str]]] = []
+        # The config gives interned label sets (one object per distinct set): each is
+        # interned here once, not once per entry (100,000 entries, a few hundred sets).
+        seen: dict[int, tuple[Mapping[str, str], Mapping[str, str]]] = {}
         for i, (cidr, labels) in enumerate(entries):
             fast = fast_cidr(str(cidr))
             if fast is not None:
@@ -133,8 +136,14 @@ class IdentityMap:
                     if mapped is not None:
                         net = ipaddress.IPv4Network((mapped, net.prefixlen - 96))
                 version, key, plen = net.version, int(net.network_address), net.prefixlen
-            frozen = intern(labels if isinstance(labels, MappingProxyType) else
-                            {str(k): str(v) for k, v in labels.items()})  # fmt: skip
+            known = seen.get(id(labels)) if type(labels) is MappingProxyType else None
+            if known is not None and known[0] is labels:
+                frozen = known[1]
+            else:
+                frozen = intern(labels if isinstance(labels, MappingProxyType) else
+                                {str(k): str(v) for k, v in labels.items()})  # fmt: skip
+                if type(labels) is MappingProxyType:
+                    seen[id(labels)] = (labels, frozen)  # holds labels: its id stays its own
             if plen == (32 if version == 4 else 128):
                 table, tkey = self._exact, version << 128 | key
             else:
