@@ -21,7 +21,7 @@ from proxyd.errors import ConfigError, ParserConfigError
 from proxyd.policy.identity import LabelInterner, fast_cidr
 from proxyd.policy.model import ENTITIES
 from proxyd.registry import Registry
-from proxyd.yamlsrc import LList, LMap, Where, YamlSyntaxError, load_one
+from proxyd.yamlsrc import LList, LMap, TextParts, Where, YamlSyntaxError, load_one
 
 DIRECTIONS = ("ingress", "egress")
 POLICY_MODES = ("enforce", "audit")
@@ -352,32 +352,45 @@ def load_config(path: str | Path, registry: Registry | None = None) -> Config:
     """Read and validate a config file. Raises :class:`ConfigError` listing every problem."""
     path = Path(path)
     try:
-        text = read_text(path)
+        text = read_parts(path)
     except OSError as exc:
         raise ConfigError([f"{path}:0: cannot read config: {exc.strerror or exc}"]) from exc
     return parse_config(text, path, registry or Registry.load())
 
 
-#: Bytes decoded per call by :func:`read_text`.
+#: Bytes decoded per call by :func:`read_parts`.
 READ_SLICE = 1 << 16
 
 
-def read_text(path: Path) -> str:
+def read_parts(path: Path) -> TextParts:
     """The file's text as :meth:`Path.read_text` gives it (the locale's encoding, universal
-    newlines), decoded a slice at a time: decoding a 7 MB config (100,000 identities) in one
-    call holds the interpreter lock for up to 20 ms, stalling the event loop while a SIGHUP
-    reload reads it on a worker thread."""
+    newlines), decoded a slice at a time and kept in parts. A large config (100,000 identities:
+    7 MB) is never one string: decoding or joining it is one call that writes 7 MB of memory
+    the process touches for the first time, holding the interpreter lock for 10-20 ms and so
+    stalling the event loop while a SIGHUP reload reads it on a worker thread."""
     data = memoryview(path.read_bytes())
     decoder = codecs.getincrementaldecoder(locale.getpreferredencoding(False))()
-    parts = [decoder.decode(data[i : i + READ_SLICE]) for i in range(0, len(data), READ_SLICE)]
-    parts.append(decoder.decode(b"", final=True))
-    text = "".join(parts)
-    if "\r" in text:
-        text = text.replace("\r\n", "\n").replace("\r", "\n")
-    return text
+    parts: list[str] = []
+    carry = ""  # a CR at the end of a slice: the next may start with its LF
+    for i in range(0, len(data) + 1, READ_SLICE):
+        final = i + READ_SLICE > len(data)
+        part = carry + decoder.decode(data[i : i + READ_SLICE], final)
+        carry = "\r" if part.endswith("\r") and not final else ""
+        if carry:
+            part = part[:-1]
+        if "\r" in part:
+            part = part.replace("\r\n", "\n").replace("\r", "\n")
+        if part:
+            parts.append(part)
+    return TextParts(parts)
 
 
-def parse_config(text: str, path: Path, registry: Registry) -> Config:
+def read_text(path: Path) -> str:
+    """The file's text as :meth:`Path.read_text` gives it, read as :func:`read_parts` reads it."""
+    return str(read_parts(path))
+
+
+def parse_config(text: str | TextParts, path: Path, registry: Registry) -> Config:
     file = str(path)
     try:
         doc = load_one(text, file)

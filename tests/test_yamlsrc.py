@@ -135,17 +135,19 @@ def test_alias_expansion_is_still_capped() -> None:
         load_one("\n".join(lines) + "\n", "bomb.yaml")
 
 
-def test_config_text_is_read_as_read_text_reads_it(tmp_path: Path) -> None:
-    """The config is decoded a slice at a time (config.read_text): characters of several bytes
-    across a slice boundary, CRLF and lone CR line ends come out as Path.read_text gives them,
-    so a problem's line number is the same."""
-    from proxyd.config import READ_SLICE, read_text
+@pytest.mark.parametrize("shift", range(5))
+def test_config_text_is_read_as_read_text_reads_it(tmp_path: Path, shift: int) -> None:
+    """The config is decoded a slice at a time and kept in parts (config.read_parts): a CRLF or
+    a character of several bytes across a slice boundary, and lone CRs, come out as
+    Path.read_text gives them, so a problem's line number is the same."""
+    from proxyd.config import READ_SLICE, read_parts, read_text
 
-    head = "# " + "x" * (READ_SLICE - 5) + "\r\n"  # the next character straddles the boundary
+    head = "#" + "x" * (READ_SLICE - 4 - shift) + "\r\n"  # CRLF, then "# é€😀", across the boundary
     text = head + "# \u00e9\u20ac\U0001f600 caf\u00e9\r\nlisteners: []\rlimits: {max_connections: -1}\r\n"
     path = tmp_path / "proxyd.yaml"
     path.write_bytes(text.encode("utf-8"))
     assert read_text(path) == path.read_text()
+    assert len(read_parts(path).parts) == 2
     with pytest.raises(ConfigError) as exc:
         load_config(path)
     assert exc.value.problems == [
