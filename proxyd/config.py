@@ -368,21 +368,23 @@ def read_parts(path: Path) -> TextParts:
     7 MB) is never one string: decoding or joining it is one call that writes 7 MB of memory
     the process touches for the first time, holding the interpreter lock for 10-20 ms and so
     stalling the event loop while a SIGHUP reload reads it on a worker thread."""
-    data = memoryview(path.read_bytes())
     decoder = codecs.getincrementaldecoder(locale.getpreferredencoding(False))()
     parts: list[str] = []
     carry = ""  # a CR at the end of a slice: the next may start with its LF
-    for i in range(0, len(data) + 1, READ_SLICE):
-        final = i + READ_SLICE > len(data)
-        part = carry + decoder.decode(data[i : i + READ_SLICE], final)
-        carry = "\r" if part.endswith("\r") and not final else ""
-        if carry:
-            part = part[:-1]
-        if "\r" in part:
-            part = part.replace("\r\n", "\n").replace("\r", "\n")
-        if part:
-            parts.append(part)
-    return TextParts(parts)
+    with path.open("rb") as f:
+        while True:
+            data = f.read(READ_SLICE)
+            final = not data
+            part = carry + decoder.decode(data, final)
+            carry = "\r" if part.endswith("\r") and not final else ""
+            if carry:
+                part = part[:-1]
+            if "\r" in part:
+                part = part.replace("\r\n", "\n").replace("\r", "\n")
+            if part:
+                parts.append(part)
+            if final:
+                return TextParts(parts)
 
 
 def read_text(path: Path) -> str:
@@ -626,6 +628,9 @@ def dismantle(value: Any) -> None:
     if isinstance(value, list):
         while value:
             value.pop()
+    if isinstance(value, LList):
+        while value.item_lines:
+            value.item_lines.pop()
 
 
 _IDENTITY_KEYS = frozenset(("cidr", "labels", "entity"))
@@ -702,4 +707,7 @@ def _identities(doc: LMap, p: _Problems) -> list[tuple[str, Mapping[str, str]]]:
         if entity is None and all(type(k) is str and type(v) is str for k, v in labels.items()):
             checked[frozenset(labels.items())] = interned
         out.append((net_text, interned))
+    intern.dismantle()  # what they hold is freed one at a time (see dismantle above)
+    while checked:
+        checked.popitem()
     return out

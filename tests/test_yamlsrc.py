@@ -147,7 +147,7 @@ def test_config_text_is_read_as_read_text_reads_it(tmp_path: Path, shift: int) -
     path = tmp_path / "proxyd.yaml"
     path.write_bytes(text.encode("utf-8"))
     assert read_text(path) == path.read_text()
-    assert len(read_parts(path).parts) == 2
+    assert len(read_parts(path).parts) >= 2
     with pytest.raises(ConfigError) as exc:
         load_config(path)
     assert exc.value.problems == [

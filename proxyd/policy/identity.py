@@ -78,6 +78,12 @@ class LabelInterner:
     def __len__(self) -> int:
         return len(self._seen)
 
+    def dismantle(self) -> None:
+        """Forget every set one at a time (a few thousand freed at once hold the interpreter
+        lock for milliseconds on a reload's worker thread); the mappings given out stay."""
+        while self._seen:
+            self._seen.popitem()
+
 
 def fast_cidr(text: str) -> tuple[int, int, int] | None:
     """``(version, network as int, prefix length)`` of a canonical IPv4 ``a.b.c.d[/n]`` (the
@@ -168,6 +174,10 @@ class IdentityMap:
             mask = ((1 << plen) - 1) << (bits - plen)
             self._tables[version].append((plen, mask, table))
         self._order = kept
+        if interner is None:
+            intern.dismantle()
+        while seen:
+            seen.popitem()
         return self
 
     def dismantle(self) -> None:
