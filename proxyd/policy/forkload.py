@@ -116,7 +116,10 @@ def load_split(
 
 def _collect(pid: int, out: Any, registry: Any) -> dict[str, Loaded] | None:
     """The child's results, or None if it did not finish them."""
-    _, status = os.waitpid(pid, 0)
+    try:
+        _, status = os.waitpid(pid, 0)
+    except ChildProcessError:  # reaped by someone else: its exit status is unknown
+        return None
     if os.waitstatus_to_exitcode(status) != 0:
         return None
     out.seek(0)
