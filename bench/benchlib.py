@@ -25,10 +25,12 @@ def free_port() -> int:
         return int(s.getsockname()[1])
 
 
-def cpu_seconds(pid: int) -> float:
-    """utime + stime of process ``pid`` so far, in seconds, from /proc/PID/stat."""
+def cpu_seconds(pid: int, children: bool = False) -> float:
+    """utime + stime of process ``pid`` so far, in seconds, from /proc/PID/stat; ``children``:
+    with that of its children it waited for (proxyd's start parses policy partly in one)."""
     fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
-    return (int(fields[11]) + int(fields[12])) / CLK  # utime, stime
+    own = int(fields[11]) + int(fields[12])  # utime, stime
+    return (own + (int(fields[13]) + int(fields[14]) if children else 0)) / CLK  # cutime, cstime
 
 
 def wait_ready(url: str, proc: subprocess.Popen[Any], timeout: float = 30) -> None:

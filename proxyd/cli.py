@@ -24,10 +24,15 @@ def _load(config: Path, registry: Registry) -> Config:
 
 
 def cmd_run(args: argparse.Namespace) -> int:
+    import gc
+
     import uvloop
 
     from proxyd.server import run_daemon
 
+    # Loading builds millions of objects and no cyclic garbage: the cycle collector would walk
+    # the growing heap again and again. run_daemon turns it back on once loading is done.
+    gc.disable()
     try:
         registry = Registry.load()
         config = _load(args.config, registry)  # validate before anything binds
@@ -39,8 +44,11 @@ def cmd_run(args: argparse.Namespace) -> int:
         if config.workers > 1:
             from proxyd.workers import run_control
 
-            return uvloop.run(run_control(args.config))
-        return uvloop.run(run_daemon(args.config))
+            gc.enable()
+            return uvloop.run(run_control(args.config, config, registry))
+        # The config just validated is the one the daemon runs (read once: 100,000 identities
+        # take seconds to parse).
+        return uvloop.run(run_daemon(args.config, config, registry))
     except (ConfigError, PolicyError) as exc:
         for line in exc.problems:
             print(line, file=sys.stderr)

@@ -561,10 +561,13 @@ class ControlDaemon(Daemon):
         await super().stop()
 
 
-async def run_control(config_path: Path) -> int:
-    """``proxyd run`` with ``workers`` > 1: the control process. Returns the exit code."""
-    registry = Registry.load()
-    config = load_config(config_path, registry)
+async def run_control(
+    config_path: Path, config: Config | None = None, registry: Registry | None = None
+) -> int:
+    """``proxyd run`` with ``workers`` > 1: the control process. Returns the exit code.
+    ``config`` and ``registry``: already loaded from ``config_path``."""
+    registry = registry if registry is not None else Registry.load()
+    config = config if config is not None else load_config(config_path, registry)
     daemon = ControlDaemon(config, registry)
     soft, needed, warning = raise_fd_limit(config.limits.max_connections)
     if warning:

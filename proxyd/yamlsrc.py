@@ -62,6 +62,47 @@ class LList(list[Any]):
         return self.where
 
 
+class TextParts:
+    """A text held in parts (a large config, read a slice at a time): parsed without ever being
+    one string (see :func:`proxyd.config.read_parts`); ``str()`` joins it."""
+
+    __slots__ = ("_len", "parts")
+
+    def __init__(self, parts: list[str]) -> None:
+        self.parts = parts
+        self._len = sum(map(len, parts))
+
+    def __len__(self) -> int:
+        return self._len
+
+    def __str__(self) -> str:
+        return "".join(self.parts)
+
+
+class _Reader:
+    """libyaml's input a slice at a time. Given one string, PyYAML encodes all of it to UTF-8 in
+    one call: for a 7 MB config, 7 MB of memory first touched with the interpreter lock held
+    (10-20 ms of a stalled event loop while a SIGHUP reload parses on a worker thread)."""
+
+    __slots__ = ("index", "parts", "pos")
+
+    def __init__(self, text: str | TextParts) -> None:
+        self.parts = text.parts if isinstance(text, TextParts) else [text]
+        self.index = 0
+        self.pos = 0
+
+    def read(self, size: int) -> str:
+        while self.index < len(self.parts):
+            part = self.parts[self.index]
+            if self.pos < len(part):
+                chunk = part[self.pos : self.pos + size]
+                self.pos += len(chunk)
+                return chunk
+            self.index += 1
+            self.pos = 0
+        return ""
+
+
 #: Deepest nesting of mappings and sequences accepted (a CiliumNetworkPolicy needs about 10).
 MAX_DEPTH = 100
 #: Most values one YAML document may produce (after alias expansion, where aliases are
@@ -69,7 +110,7 @@ MAX_DEPTH = 100
 MAX_NODES = 1_000_000
 
 
-def max_values(text: str) -> int:
+def max_values(text: str | TextParts) -> int:
     """The value cap for a document of ``text``: it scales with the file (without aliases a
     value takes at least about one character), so only alias expansion can reach it."""
     return MAX_NODES + len(text)
@@ -156,7 +197,7 @@ def _convert(node: yaml.Node, file: str, constructor: _Counter) -> Any:
     return constructor.construct_object(node, deep=True)
 
 
-def load_documents(text: str, file: str, *, aliases: bool = False) -> Iterator[tuple[Any, Where]]:
+def load_documents(text: str | TextParts, file: str, *, aliases: bool = False) -> Iterator[tuple[Any, Where]]:
     """Yield each YAML document of ``text`` (converted) with where it starts.
 
     Raises :class:`YamlSyntaxError` for malformed YAML, for anchors and aliases unless
@@ -167,6 +208,7 @@ def load_documents(text: str, file: str, *, aliases: bool = False) -> Iterator[t
     if fast is not None:
         yield from fast
         return
+    text = str(text)  # refused by the C path: the pure-Python one words why
     loader: _Loader | None = None
     try:
         loader = _Loader(text, file, aliases)  # the reader checks every character here
@@ -198,15 +240,18 @@ if yaml.__with_libyaml__:
     class _CLoader(yaml.CSafeLoader):
         """libyaml's parser and composer with PyYAML's safe constructor and resolver."""
 
-        def __init__(self, text: str, max_nodes: int) -> None:
+        def __init__(self, text: Any, max_nodes: int) -> None:
             super().__init__(text)
             self.nodes = 0
             self.max_nodes = max_nodes
 
 
 _STR_TAG = "tag:yaml.org,2002:str"
-#: Most distinct plain scalars whose resolved tag one text remembers.
-RESOLVED_CACHE = 65536
+#: Most distinct plain scalars whose resolved tag one text remembers: enough for the values
+#: that repeat (label values, ports), small enough that the table never grows large (100,000
+#: distinct CIDRs filled 65,536 entries, and growing a table that size in one call stalls the
+#: event loop while a SIGHUP parses the config on a worker thread).
+RESOLVED_CACHE = 4096
 _MAP_TAGS = (None, "!", "tag:yaml.org,2002:map")
 _SEQ_TAGS = (None, "!", "tag:yaml.org,2002:seq")
 
@@ -215,19 +260,20 @@ class _NeedsNodes(Exception):
     """The text has anchors or aliases (allowed here): compose nodes to expand them."""
 
 
-def _has_forbidden(text: str) -> bool:
+def _has_forbidden(text: str | TextParts) -> bool:
     """Whether ``text`` holds a character YAML forbids (the pure-Python path then words it).
 
     Searched in slices: one search over a 7 MB file (100,000 identities) holds the interpreter
     lock for tens of milliseconds, stalling the event loop while a reload runs on a worker."""
     search = yaml.reader.Reader.NON_PRINTABLE.search
-    return any(search(text, i, i + _SLICE) for i in range(0, len(text), _SLICE))
+    parts = text.parts if isinstance(text, TextParts) else [text]
+    return any(search(part, i, i + _SLICE) for part in parts for i in range(0, len(part), _SLICE))
 
 
 _SLICE = 1 << 16
 
 
-def _fast_documents(text: str, file: str, aliases: bool) -> list[tuple[Any, Where]] | None:
+def _fast_documents(text: str | TextParts, file: str, aliases: bool) -> list[tuple[Any, Where]] | None:
     """The documents of ``text`` through libyaml, or None: no libyaml, or the text is refused
     (then the pure-Python path reports why, in its words)."""
     if not yaml.__with_libyaml__ or _has_forbidden(text):
@@ -245,10 +291,10 @@ class _Refused(Exception):
     """Something the pure-Python path must report (depth, anchor, duplicate key, tag...)."""
 
 
-def _from_events(text: str, file: str, aliases: bool) -> list[tuple[Any, Where]] | None:
+def _from_events(text: str | TextParts, file: str, aliases: bool) -> list[tuple[Any, Where]] | None:
     """Build the values straight from libyaml's events: no node tree, and a plain scalar is
     resolved (bool, int, null...) only when its first character can start such a value."""
-    loader = _CLoader(text, 0)
+    loader = _CLoader(_Reader(text), 0)
     resolvers = loader.yaml_implicit_resolvers
     constructors = loader.yaml_constructors
     cap = max_values(text)
@@ -372,12 +418,12 @@ def _from_events(text: str, file: str, aliases: bool) -> list[tuple[Any, Where]]
 _NO_KEY: Any = object()
 
 
-def _from_nodes(text: str, file: str) -> list[tuple[Any, Where]] | None:
+def _from_nodes(text: str | TextParts, file: str) -> list[tuple[Any, Where]] | None:
     """Compose in C (aliases expand by sharing nodes), then convert, counting the expansion.
 
     Only reached for the operator's config with anchors; the event pass already checked depth
     (libyaml's composer has no guard of its own)."""
-    probe = _CLoader(text, 0)
+    probe = _CLoader(_Reader(text), 0)
     try:
         depth = 0
         while probe.check_event():
@@ -390,7 +436,7 @@ def _from_nodes(text: str, file: str) -> list[tuple[Any, Where]] | None:
                 depth -= 1
     finally:
         probe.dispose()
-    loader = _CLoader(text, max_values(text))
+    loader = _CLoader(_Reader(text), max_values(text))
     out: list[tuple[Any, Where]] = []
     try:
         while loader.check_node():
@@ -408,7 +454,7 @@ def _ord(c: Any) -> int:
     return c if isinstance(c, int) else ord(c)
 
 
-def load_one(text: str, file: str, *, aliases: bool = True) -> Any:
+def load_one(text: str | TextParts, file: str, *, aliases: bool = True) -> Any:
     """The single document of ``text`` (None if empty); more than one is an error.
 
     Used for the operator's own config file, where anchors and aliases are allowed (the

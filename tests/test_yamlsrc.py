@@ -10,6 +10,8 @@ import pytest
 import yaml
 
 from proxyd import yamlsrc
+from proxyd.config import load_config
+from proxyd.errors import ConfigError
 from proxyd.yamlsrc import LList, LMap, YamlSyntaxError, load_documents, load_one
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -131,3 +133,24 @@ def test_alias_expansion_is_still_capped() -> None:
         lines.append(f"a{i}: &a{i} [{', '.join([f'*a{i - 1}'] * 10)}]")
     with pytest.raises(YamlSyntaxError, match="more than"):
         load_one("\n".join(lines) + "\n", "bomb.yaml")
+
+
+@pytest.mark.parametrize("shift", range(5))
+def test_config_text_is_read_as_read_text_reads_it(tmp_path: Path, shift: int) -> None:
+    """The config is decoded a slice at a time and kept in parts (config.read_parts): a CRLF or
+    a character of several bytes across a slice boundary, and lone CRs, come out as
+    Path.read_text gives them, so a problem's line number is the same."""
+    from proxyd.config import READ_SLICE, read_parts, read_text
+
+    head = "#" + "x" * (READ_SLICE - 4 - shift) + "\r\n"  # CRLF, then "# é€😀", across the boundary
+    text = head + "# \u00e9\u20ac\U0001f600 caf\u00e9\r\nlisteners: []\rlimits: {max_connections: -1}\r\n"
+    path = tmp_path / "proxyd.yaml"
+    path.write_bytes(text.encode("utf-8"))
+    assert read_text(path) == path.read_text()
+    assert len(read_parts(path).parts) >= 2
+    with pytest.raises(ConfigError) as exc:
+        load_config(path)
+    assert exc.value.problems == [
+        f"{path}:3: listeners: required: a non-empty list of listeners",
+        f"{path}:4: limits.max_connections: must be greater than 0",
+    ]

@@ -3,9 +3,10 @@
 proxyd has no orchestrator to ask, so the operator gives labels to CIDRs in the config and each
 endpoint of a connection takes the labels of the longest matching prefix (none: no labels). This
 is called for both ends of every accepted connection, so lookups are a handful of dict probes:
-host entries (``/32``, ``/128``: most of a large cluster's pods) sit in one dict keyed by the
-address as an integer, found in one probe; other prefixes sit in one dict per (address family,
-prefix length), probed from the longest prefix length present down to the shortest.
+host entries (``/32``, ``/128``: most of a large cluster's pods) sit in dicts keyed by the
+address as an integer (one of :data:`EXACT_SHARDS`, chosen by its low bits), found in one probe;
+other prefixes sit in one dict per (address family, prefix length), probed from the longest
+prefix length present down to the shortest.
 
 Held compactly for node-sized tables (100,000 pods): an entry is its integer key in a dict, not
 an ``ipaddress`` object (those are made only for ``explain``), and equal label sets are one
@@ -77,6 +78,12 @@ class LabelInterner:
     def __len__(self) -> int:
         return len(self._seen)
 
+    def dismantle(self) -> None:
+        """Forget every set one at a time (a few thousand freed at once hold the interpreter
+        lock for milliseconds on a reload's worker thread); the mappings given out stay."""
+        while self._seen:
+            self._seen.popitem()
+
 
 def fast_cidr(text: str) -> tuple[int, int, int] | None:
     """``(version, network as int, prefix length)`` of a canonical IPv4 ``a.b.c.d[/n]`` (the
@@ -94,14 +101,23 @@ def fast_cidr(text: str) -> tuple[int, int, int] | None:
     return 4, value, plen
 
 
+#: Host entries are spread over this many dicts. One dict of 100,000 entries grows by copying
+#: itself into a new table of megabytes, in one call that holds the interpreter lock for 10-20
+#: ms where memory is first touched slowly (a VM): building the table for a SIGHUP on a worker
+#: thread then stalls the event loop. 256 dicts of a few hundred entries grow in small steps.
+EXACT_SHARDS: Final = 256
+EXACT_MASK: Final = EXACT_SHARDS - 1
+
+
 class IdentityMap:
     """Longest-prefix-match table from IP address to identity labels. Immutable once built."""
 
     __slots__ = ("_exact", "_order", "_tables")
 
     def __init__(self) -> None:
-        #: host entries: (version << 128 | address) -> labels
-        self._exact: dict[int, Mapping[str, str]] = {}
+        #: host entries: (version << 128 | address) -> labels, in EXACT_SHARDS dicts by the
+        #: address's low bits (see EXACT_SHARDS)
+        self._exact: list[dict[int, Mapping[str, str]]] = [{} for _ in range(EXACT_SHARDS)]
         # (version -> [(prefixlen, mask, {network_int: labels})]) longest prefix first, hosts excluded
         self._tables: dict[int, list[tuple[int, int, dict[int, Mapping[str, str]]]]] = {4: [], 6: []}
         #: (version, network, prefixlen, labels) in the order given, for ``entries``.
@@ -119,6 +135,9 @@ class IdentityMap:
         intern = interner or LabelInterner()
         by_len: dict[tuple[int, int], dict[int, Mapping[str, str]]] = {}
         kept: list[tuple[int, int, int, Mapping[str, str]]] = []
+        # The config gives interned label sets (one object per distinct set): each is
+        # interned here once, not once per entry (100,000 entries, a few hundred sets).
+        seen: dict[int, tuple[Mapping[str, str], Mapping[str, str]]] = {}
         for i, (cidr, labels) in enumerate(entries):
             fast = fast_cidr(str(cidr))
             if fast is not None:
@@ -133,10 +152,17 @@ class IdentityMap:
                     if mapped is not None:
                         net = ipaddress.IPv4Network((mapped, net.prefixlen - 96))
                 version, key, plen = net.version, int(net.network_address), net.prefixlen
-            frozen = intern(labels if isinstance(labels, MappingProxyType) else
-                            {str(k): str(v) for k, v in labels.items()})  # fmt: skip
+            known = seen.get(id(labels)) if type(labels) is MappingProxyType else None
+            if known is not None and known[0] is labels:
+                frozen = known[1]
+            else:
+                frozen = intern(labels if isinstance(labels, MappingProxyType) else
+                                {str(k): str(v) for k, v in labels.items()})  # fmt: skip
+                if type(labels) is MappingProxyType:
+                    seen[id(labels)] = (labels, frozen)  # holds labels: its id stays its own
             if plen == (32 if version == 4 else 128):
-                table, tkey = self._exact, version << 128 | key
+                tkey = version << 128 | key
+                table = self._exact[tkey & EXACT_MASK]
             else:
                 table, tkey = by_len.setdefault((version, plen), {}), key
             if tkey in table:
@@ -148,12 +174,16 @@ class IdentityMap:
             mask = ((1 << plen) - 1) << (bits - plen)
             self._tables[version].append((plen, mask, table))
         self._order = kept
+        if interner is None:
+            intern.dismantle()
+        while seen:
+            seen.popitem()
         return self
 
     def dismantle(self) -> None:
         """Empty a table that is no longer in force, entry by entry (a reload calls this on a
         worker thread: freed whole, 100,000 entries hold the interpreter lock for milliseconds)."""
-        for table in (self._exact, *(t for tables in self._tables.values() for _, _, t in tables)):
+        for table in (*self._exact, *(t for tables in self._tables.values() for _, _, t in tables)):
             while table:
                 table.popitem()
         while self._order:
@@ -166,7 +196,8 @@ class IdentityMap:
         """
         addr = parse_ip(ip)
         value = int(addr)
-        labels = self._exact.get(addr.version << 128 | value)
+        key = addr.version << 128 | value
+        labels = self._exact[key & EXACT_MASK].get(key)
         if labels is not None:
             return labels
         for _plen, mask, table in self._tables[addr.version]:
@@ -179,7 +210,8 @@ class IdentityMap:
         """The longest prefix holding ``ip`` (for ``explain``), or None."""
         addr = parse_ip(ip)
         value = int(addr)
-        if addr.version << 128 | value in self._exact:
+        key = addr.version << 128 | value
+        if key in self._exact[key & EXACT_MASK]:
             return _net(addr.version, value, addr.max_prefixlen)
         for plen, mask, table in self._tables[addr.version]:
             if value & mask in table:

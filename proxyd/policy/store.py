@@ -37,14 +37,15 @@ from __future__ import annotations
 import json
 import os
 import tempfile
-from collections.abc import Collection, Mapping, Sequence
+from collections.abc import Callable, Collection, Mapping, Sequence
 from dataclasses import dataclass, replace
 from pathlib import Path
-from typing import Any, Final
+from typing import Any, Final, cast
 
 from proxyd.context import L7Decision
 from proxyd.errors import PolicyError
 from proxyd.policy.engine import ConnectionPolicy, PolicySet
+from proxyd.policy.forkload import Loaded, load_split
 from proxyd.policy.loader import (
     ParserLookup,
     check_names,
@@ -121,9 +122,12 @@ class PolicyStore:
         state_dir: Path | None = None,
         *,
         kubernetes: bool = False,
+        split: bool = False,
     ) -> None:
         """Load the imported documents kept in ``state_dir`` and the files of ``paths``.
 
+        ``split``: parse many files partly in a forked child process (the daemon's start, on
+        a loop that serves nothing yet: :mod:`proxyd.policy.forkload`); never for reloads.
         Raises :class:`PolicyError` when either is invalid (the daemon must not start then).
         """
         self.registry = registry
@@ -150,7 +154,11 @@ class PolicyStore:
         self._label_cache: (
             tuple[Sequence[Mapping[str, str]], list[tuple[Mapping[str, str], LabelSet]]] | None
         ) = None
-        self.reload_files()
+        self._split = split
+        try:
+            self.reload_files()
+        finally:
+            self._split = False
 
     # --- reading -------------------------------------------------------------------------------
 
@@ -255,12 +263,14 @@ class PolicyStore:
             and all(n in self._files for n in changed)
         ):
             return self._build_changed(sorted(changed), endpoint_labels)
-        problems: list[str] = []
-        files: dict[str, FileEntry] = {}
+        files: dict[str, FileEntry | None] = {}  # None: to read
         read: list[str] = []
+        stats: dict[str, _StatKey | None] = {}
+        #: In the order found: a file read (its name) or a path that is missing (its problem).
+        found: list[tuple[str, bool]] = []
         for path, names in self._listing(paths, changed):
             if names is None:
-                problems.append(f"{path}: no such file or directory (listed in policy.paths)")
+                found.append((f"{path}: no such file or directory (listed in policy.paths)", False))
                 continue
             for name in names:
                 old = self._files.get(name)
@@ -268,18 +278,32 @@ class PolicyStore:
                     if old is not None:
                         files[name] = old
                     continue  # not written yet (no close or rename seen): not read
-                file = Path(name)
-                stat = _stat_key(file)
+                stat = _stat_key(Path(name))
                 if changed is None and old is not None and stat is not None and old.stat == stat:
                     files[name] = old
                     continue
                 read.append(name)
-                try:
-                    files[name] = FileEntry(stat, self._load_file(file))
-                except PolicyError as exc:
-                    problems.extend(exc.problems)
+                found.append((name, True))
+                files[name], stats[name] = None, stat
+        if self._split:
+            loaded = load_split(list(dict.fromkeys(read)), lambda n: self._load_file(Path(n)), self.registry)
+        else:
+            loaded = {name: _loaded(self._load_file, name) for name in read}
+        problems: list[str] = []
+        for text, is_file in found:
+            got = loaded[text] if is_file else [text]
+            if isinstance(got, list):
+                problems.extend(got)
+                files.pop(text, None)
+            else:
+                files[text] = FileEntry(stats[text], got)
         if problems:
             raise PolicyError(problems)
+        return self._build_read(cast(dict[str, FileEntry], files), read, endpoint_labels)
+
+    def _build_read(
+        self, files: dict[str, FileEntry], read: list[str], endpoint_labels: Sequence[Mapping[str, str]]
+    ) -> Change:
         same = files.keys() == self._files.keys() and all(files[k] is self._files[k] for k in files)
         if not same:
             # A file read again with the same documents (touched, or written unchanged) keeps
@@ -570,6 +594,14 @@ class PolicyStore:
         return LiveConnectionPolicy(
             self, direction, local_labels, remote_ip, remote_labels, port, l7proto, audit
         )
+
+
+def _loaded(load: Callable[[Path], tuple[Document, ...]], name: str) -> Loaded:
+    """What one file gave: its documents, or the problems that refused it."""
+    try:
+        return load(Path(name))
+    except PolicyError as exc:
+        return list(exc.problems)
 
 
 def _same_documents(a: Sequence[Document], b: Sequence[Document]) -> bool:
