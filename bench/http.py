@@ -171,7 +171,8 @@ def wait_port(port: int, proc: subprocess.Popen[Any], timeout: float = 30) -> No
 
 
 def start_proxyd(
-    procs: Procs, tmp: Path, tag: str, text: str, files: dict[str, str], src: Path = REPO
+    procs: Procs, tmp: Path, tag: str, text: str, files: dict[str, str], src: Path = REPO,
+    extra_env: dict[str, str] | None = None,
 ) -> subprocess.Popen[Any]:
     d = tmp / tag
     d.mkdir()
@@ -181,6 +182,7 @@ def start_proxyd(
         (d / name).write_text(body)
     env = dict(os.environ)
     env["PYTHONPATH"] = str(src) + (os.pathsep + env["PYTHONPATH"] if env.get("PYTHONPATH") else "")
+    env.update(extra_env or {})
     p = procs.start(
         tag, [sys.executable, "-m", "proxyd", "run", "--config", str(d / "proxyd.yaml")], env, cwd=d
     )
@@ -231,6 +233,8 @@ def main() -> None:
                     help="also measure proxyd from this source tree (repeatable), e.g. main for before/after")
     ap.add_argument("--close", action="store_true",
                     help="Connection: close (a new connection per request): CPU per connection")
+    ap.add_argument("--no-python-path", action="store_true",
+                    help="skip proxyd http with PROXYD_PURE=1 (the pure-Python data path)")
     ap.add_argument("--out", type=Path, default=REPO / "bench" / "results")
     args = ap.parse_args()
     seconds = 3.0 if args.quick else args.seconds
@@ -282,6 +286,18 @@ def main() -> None:
             got = (status_of(http_port, "GET", "/public/a.txt"), status_of(http_port, "DELETE", "/public/a.txt"))
             if got != (200, 403):
                 raise RuntimeError(f"proxyd http{tag}: policy check failed: GET/DELETE gave {got}")
+        pure: list[tuple[str, int, int]] = []  # the first tree's http listener on the Python path
+        if not args.no_python_path:
+            pure_port = free_port()
+            p = start_proxyd(
+                procs, tmp, "proxyd-http-pure",
+                PROXYD_HTTP.format(front=pure_port, nginx=nginx_port, admin="{admin}"),
+                {"policy.yaml": POLICY.format(nginx=nginx_port)}, srcs[0], {"PROXYD_PURE": "1"},
+            )  # fmt: skip
+            got = (status_of(pure_port, "GET", "/public/a.txt"), status_of(pure_port, "DELETE", "/public/a.txt"))
+            if got != (200, 403):
+                raise RuntimeError(f"proxyd http (PROXYD_PURE=1): policy check failed: GET/DELETE gave {got}")
+            pure.append(("proxyd http + rules.http, PROXYD_PURE=1", pure_port, p.pid))
 
         got = (status_of(ha_port, "GET", "/public/a.txt"), status_of(ha_port, "DELETE", "/public/a.txt"))
         if got != (200, 403):
@@ -293,6 +309,7 @@ def main() -> None:
         ]
         for tag, l4_port, l4_pid, http_port, http_pid in proxyds:
             targets += [(f"proxyd L4{tag}", l4_port, l4_pid), (f"proxyd http + rules.http{tag}", http_port, http_pid)]
+        targets += pure
         results: dict[str, dict[str, Any]] = {}
         for name, port, pid in targets:
             run_wrk(port, 1, args.connections, args.close)  # warm up (connections, caches)

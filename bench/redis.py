@@ -1,6 +1,6 @@
 #!/usr/bin/env python3
 # ruff: noqa: E501  (report-building f-strings and table rows read better unwrapped)
-"""redis benchmark: redis-server direct vs HAProxy (mode tcp, 1 thread) vs proxyd L4 vs proxyd redis.
+"""redis benchmark: redis-server direct vs HAProxy (mode tcp, 1 thread) vs proxyd L4 vs proxyd redis (native and pure).
 
 One run starts everything on free loopback ports, measures, stops everything and prints a
 markdown table (also written to ``bench/results/redis-<date>.md``, with a PNG by bench/plot.py)::
@@ -167,6 +167,8 @@ def main() -> int:
     ap.add_argument("--conns", type=int, default=50)
     ap.add_argument("--quick", action="store_true", help="short runs, for development")
     ap.add_argument("--proxyd-src", type=Path, default=REPO, help="the proxyd tree to run (default: this one)")
+    ap.add_argument("--no-python-path", action="store_true",
+                    help="skip proxyd redis with PROXYD_PURE=1 (the pure-Python data path)")
     ap.add_argument("--out", type=Path, default=REPO / "bench" / "results")
     args = ap.parse_args()
     if args.quick:
@@ -199,6 +201,13 @@ def main() -> int:
             policy_note = check_policy(l7port)
             targets = [("redis direct", rport, rs.pid), ("HAProxy", hport, hp.pid), ("proxyd L4", l4port, l4.pid),
                        ("proxyd redis + policy", l7port, l7.pid)]  # fmt: skip
+            if not args.no_python_path:
+                pport = free_port()
+                pure, _ = start_proxyd(procs, tmp, "l7-pure", args.proxyd_src,
+                                       PROXYD_L7.format(front=pport, redis=rport, admin="{admin}"),
+                                       {"policy.yaml": POLICY.format(redis=rport)}, {"PROXYD_PURE": "1"})  # fmt: skip
+                check_policy(pport)
+                targets.append(("proxyd redis + policy, PROXYD_PURE=1", pport, pure.pid))
             for pipe, n in (("1", args.requests), ("16", args.pipelined_requests)):
                 for name, port, pid in targets:
                     r = run_benchmark(port, pid, "set,get", n, int(pipe), args.conns)
