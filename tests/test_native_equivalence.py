@@ -29,7 +29,7 @@ from proxyd.parser import ConnectionContext, Data, Parser, ParserFactory
 from proxyd.parsers.memcache import MemcacheFactory
 from proxyd.policy import flat
 from proxyd.policy.engine import ConnectionPolicy
-from proxyd.testing import Harness
+from proxyd.testing import Harness, engine_class
 
 if native_module() is None:  # pragma: no cover - CI always builds it
     if os.environ.get("PROXYD_REQUIRE_BINARIES", "") not in ("", "0"):
@@ -193,6 +193,86 @@ def test_engine_queue_inject_from_outside_a_round_is_equivalent() -> None:
         h.feed(b"x" * 97)
         assert h.to_server == b"abc" + b"x" * 97 + b"held"
         assert h.to_client == b"to-client"
+
+
+# --- the direct read path: the engine as the transports' reader and writer ---------------------
+
+
+class _InjectCtx:
+    engine: Any = None
+
+    def inject(self, reply: bool, data: bytes) -> None:
+        self.engine.queue_inject(reply, data)
+
+
+class _Transport:
+    """Logs writes and pauses in the shared log; after ``off_after`` writes it takes itself off
+    the engine from inside write(), as the relay's pause_writing does."""
+
+    def __init__(self, name: str, log: list[Any], engine: Any, off_after: int | None) -> None:
+        self.name, self.log, self.engine, self.off_after = name, log, engine, off_after
+        self.relays: list[Any] = [None, None]  # what the engine writes to now (set by the test)
+
+    def write(self, data: bytes | bytearray) -> None:
+        self.log.append(("write", self.name, bytes(data)))
+        if self.off_after is not None:
+            self.off_after -= 1
+            if self.off_after <= 0:
+                self.off_after = None
+                self.relays[:] = [None if t is self else t for t in self.relays]
+                self.engine.relay(*self.relays)
+
+    def pause_reading(self) -> None:
+        self.log.append(("pause", self.name))
+
+
+@SETTINGS
+@given(
+    steps=st.lists(step, max_size=30),
+    client=st.binary(max_size=200),
+    server=st.binary(max_size=200),
+    data=st.data(),
+    limit=st.sampled_from([1 << 20, 64, 200]),
+    l4=st.booleans(),
+    off_after=st.tuples(st.none() | st.integers(1, 3), st.none() | st.integers(1, 3)),
+)
+def test_engine_direct_reads_equivalent(
+    steps: list[Any], client: bytes, server: bytes, data: st.DataObject, limit: int, l4: bool,
+    off_after: tuple[int | None, int | None],
+) -> None:  # fmt: skip
+    """read_client / read_server with the output relayed to transports (switched on and off
+    between reads, and from inside a write): same writes, sends, pauses, counts and errors."""
+    sched = data.draw(schedules(client, server))
+    relays = data.draw(st.lists(st.tuples(st.booleans(), st.booleans()), min_size=len(sched),
+                                max_size=len(sched)))  # fmt: skip
+    results = []
+    for impl in ("python", "native"):
+        log: list[Any] = []
+        ctx = _InjectCtx()
+        parser = None if l4 else Scripted(ctx, steps)  # type: ignore[arg-type]
+        engine = engine_class(impl)(parser, lambda r, d, log=log: log.append(("send", r, bytes(d))),
+                                    buffer_limit=limit,
+                                    on_hold=lambda r, h, log=log: log.append(("hold", r, h)))  # fmt: skip
+        ctx.engine = engine
+        up = _Transport("upstream", log, engine, off_after[0])
+        cl = _Transport("client", log, engine, off_after[1])
+        up.relays = cl.relays  # one list: what the engine writes to now
+        for (reply, chunk), (to_server, to_client) in zip(sched, relays, strict=True):
+            up.relays[:] = [up if to_server else None, cl if to_client else None]
+            engine.relay(*up.relays)
+            (engine.read_server if reply else engine.read_client)(chunk)
+        err = engine.error
+        results.append({
+            "log": log,
+            "counts": [(engine.received(r), engine.sent(r)) for r in (False, True)],
+            "error": None if err is None else (err.kind, str(err)),
+            "seen": None if parser is None else parser.seen,
+        })  # fmt: skip
+    assert results[0] == results[1]
+    # every byte written to a transport is counted, per direction
+    log = results[0]["log"]
+    for reply, name in ((False, "upstream"), (True, "client")):
+        assert results[0]["counts"][reply][1] == sum(len(e[2]) for e in log if e[:2] == ("write", name))
 
 
 # --- the engine's hold, with a gate parser ----------------------------------------------------

@@ -14,6 +14,7 @@ PyObject *g_ALLOWED;
 PyObject *g_key_text;
 PyObject *s_last_decision, *s_audit;
 
+PyObject *s_write, *s_pause_reading;
 PyObject *s_on_data, *s_op, *s_passed, *s_dropped, *s_injected, *s_matches, *s_log,
     *s_inject, *s_code, *s_command, *s_keys, *s_status, *s_error, *s_opcode, *s_key,
     *s_buffer_limit, *s_exception, *s_contract, *s_parser_error, *s_empty_str;
@@ -107,6 +108,8 @@ static struct PyModuleDef moduledef = {
 #define INTERN(var, s) do { var = PyUnicode_InternFromString(s); if (var == NULL) return NULL; } while (0)
 
 PyMODINIT_FUNC PyInit__native(void) {
+    INTERN(s_write, "write");
+    INTERN(s_pause_reading, "pause_reading");
     INTERN(s_on_data, "on_data");
     INTERN(s_op, "op");
     INTERN(s_passed, "passed");

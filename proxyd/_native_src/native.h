@@ -45,6 +45,7 @@ extern PyObject *g_key_text;          /* memcache.common.key_text: how wire byte
 extern PyObject *s_last_decision, *s_audit;
 
 /* interned strings and constants (module.c) */
+extern PyObject *s_write, *s_pause_reading; /* transport methods (engine.c relay) */
 extern PyObject *s_on_data, *s_op, *s_passed, *s_dropped, *s_injected, *s_matches, *s_log,
     *s_inject, *s_code, *s_command, *s_keys, *s_status, *s_error, *s_opcode, *s_key,
     *s_buffer_limit, *s_exception, *s_contract, *s_parser_error, *s_empty_str;
