@@ -59,7 +59,7 @@ from typing import TYPE_CHECKING, Any, cast
 
 from proxyd.context import ConnInfo, Context, L7Policy
 from proxyd.engine import EngineError
-from proxyd.native import Engine
+from proxyd.native import IMPLEMENTATION, Engine
 from proxyd.origdst import unmap
 from proxyd.tlsgate import GateVerdict, HelloGate, SNIView
 
@@ -122,18 +122,15 @@ class UpstreamProtocol(asyncio.BaseProtocol):
     """The server side of a relayed connection; forwards events to its :class:`Connection`.
 
     ``data_received`` is an attribute, not a method, which uvloop reads once: the engine's
-    reader when the connection has an engine (reads go straight through it), else the
-    connection's (L4).
+    reader (reads go straight through it), else the connection's (see
+    :meth:`Connection.upstream_reader`).
     """
 
     __slots__ = ("conn", "data_received")
 
     def __init__(self, conn: Connection) -> None:
         self.conn = conn
-        engine = conn.engine
-        self.data_received: Callable[[bytes], None] = (
-            conn.upstream_data if engine is None else engine.read_server
-        )
+        self.data_received: Callable[[bytes], None] = conn.upstream_reader()
 
     def eof_received(self) -> bool:
         self.conn.upstream_eof()
@@ -519,6 +516,18 @@ class Connection(asyncio.Protocol):
     def _up_rx(self, n: int) -> None:
         self._rx_upstream = n - self._engine_count(False, True)
 
+    def upstream_reader(self) -> Callable[[bytes], None]:
+        """The upstream transport's ``data_received``: the engine's reader.
+
+        An L4 connection gets an engine without a parser for it on the compiled path, where
+        that engine is a plain C pipe; on the Python path the relay's own one-frame
+        :meth:`upstream_data` is cheaper than an engine's feed, so L4 keeps it there.
+        """
+        engine = self.engine
+        if engine is None and self._l4 and self._gate is None and IMPLEMENTATION == "native":
+            engine = self.engine = Engine(None, self._send, buffer_limit=self.lr.limits.buffer_bytes)
+        return self.upstream_data if engine is None else engine.read_server
+
     def _go_direct(self) -> None:
         """Connected, with a parser: hand both transports' reads to the engine itself.
 
@@ -744,10 +753,11 @@ class Connection(asyncio.Protocol):
     # --- flow control ----------------------------------------------------------------------
 
     def pause_writing(self) -> None:
-        # The client reads slower than the upstream sends: stop reading the upstream. Replies
-        # go through _send again, which bounds what proxyd writes itself to such a client.
+        # The client reads slower than the upstream sends: stop reading the upstream. A
+        # parser's replies go through _send again, which bounds what proxyd writes itself to
+        # such a client (L4 writes nothing of its own).
         self._client_full = True
-        if self._direct and self.engine is not None:
+        if self._direct and self.engine is not None and not self._l4:
             self.engine.relay(self.upstream, None)
         if self.upstream is not None:
             self.upstream.pause_reading()

@@ -8,8 +8,10 @@ import json
 import os
 from pathlib import Path
 
+import pytest
 from proxyutil import addr, daemon, echo, r2d2_server, tcp_server, wait_for
 
+from proxyd.native import IMPLEMENTATION
 from proxyd.relay import HIGH_WATER, DirectClient
 
 
@@ -104,18 +106,22 @@ async def test_line_parser_inject_both_directions(tmp_path: Path) -> None:
         w.close()
 
 
-async def test_direct_reads_keep_flow_control_order_and_counts(tmp_path: Path) -> None:
-    """A parsed connection's reads go straight through the engine (relay.DirectClient): the
-    client that stops reading still pauses the upstream (the proxy holds about the high-water
-    mark, not the whole stream), the bytes arrive whole and in order once it reads again, and
-    the counts the engine kept reach the live connection and its access-log line."""
+@pytest.mark.parametrize("listener", ["passer", "tcp"])
+async def test_direct_reads_keep_flow_control_order_and_counts(tmp_path: Path, listener: str) -> None:
+    """A parsed connection's reads go straight through the engine (relay.DirectClient), and an
+    L4 one's on the compiled path (an engine without a parser): the client that stops reading
+    still pauses the upstream (the proxy holds about the high-water mark, not the whole
+    stream), the bytes arrive whole and in order once it reads again, and the counts the
+    engine kept reach the live connection and its access-log line."""
     payload = os.urandom(1 << 20) * 8
     async with tcp_server(echo) as up, daemon(l4_config(up), tmp_path) as d:
-        r, w = await asyncio.open_connection(*addr(d, "passer"))
+        r, w = await asyncio.open_connection(*addr(d, listener))
         w.write(b"x")
         assert await asyncio.wait_for(r.readexactly(1), 5) == b"x"
-        [conn] = d.listeners["passer"].conns
-        assert conn.client is not None and isinstance(conn.client.get_protocol(), DirectClient)
+        [conn] = d.listeners[listener].conns
+        assert conn.client is not None
+        direct = listener == "passer" or IMPLEMENTATION == "native"
+        assert isinstance(conn.client.get_protocol(), DirectClient) == direct
         w.write(payload)  # the echo comes back; nobody reads it yet
         await wait_for(lambda: conn._client_full)
         await asyncio.sleep(0.3)
@@ -135,6 +141,6 @@ async def test_direct_reads_keep_flow_control_order_and_counts(tmp_path: Path) -
         w.close()
         await wait_for(lambda: not d.active_connections())
     lines = [json.loads(line) for line in (tmp_path / "access.log").read_text().splitlines()]
-    [line] = [e for e in lines if e["event"] == "connection" and e["listener"] == "passer"]
+    [line] = [e for e in lines if e["event"] == "connection" and e["listener"] == listener]
     total = 1 + len(payload)
     assert (line["bytes_in"], line["bytes_out"], line["verdict"]) == (total, total, "forwarded")
