@@ -32,11 +32,12 @@ Protocol-free I/O on asyncio transports (uvloop). What it guarantees (docs/confi
   allowed, sending what it read byte-exact; a refused one gets the gate's alert, or nothing.
 - The connection ends when both directions are done, on error, or on policy; exactly one
   ``connection`` access-log line is written, with byte counts and the reason.
-- Reads go straight through once a parsed connection is established (:meth:`Connection._go_direct`):
-  each transport's ``data_received`` is the engine's own reader, and the engine writes what
-  it resolves to the other transport and counts the bytes itself, so a read the engine fully
-  resolves reaches the other side's ``write`` without relay code in between (and, on the
-  compiled engine, without a Python frame). Every rule above still holds: replies to a client
+- Reads go straight through once a connection is established (:meth:`Connection._go_direct`;
+  a parsed connection always, an L4 one on the compiled path): each transport's
+  ``data_received`` is the engine's own reader, and the engine writes what it resolves to the
+  other transport and counts the bytes itself, so a read the engine fully resolves reaches the
+  other side's ``write`` without relay code in between (and, on the compiled engine, without a
+  Python frame). Every rule above still holds: replies to a client
   above its high-water mark go through :meth:`Connection._send` again (the bound on answers
   proxyd writes itself), a held upstream read pauses the upstream again, and EOF, resets and
   the rest of the transport events still reach the connection.
@@ -529,7 +530,7 @@ class Connection(asyncio.Protocol):
         return self.upstream_data if engine is None else engine.read_server
 
     def _go_direct(self) -> None:
-        """Connected, with a parser: hand both transports' reads to the engine itself.
+        """Connected, with an engine: hand both transports' reads to the engine itself.
 
         The engine writes to the upstream, and to the client while the client keeps up
         (:meth:`pause_writing` takes the client off until :meth:`resume_writing`).
