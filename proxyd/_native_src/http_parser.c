@@ -238,7 +238,7 @@ static PyObject *fields4(PyObject *k1, PyObject *v1, PyObject *k2, PyObject *v2,
  * building the fields. */
 static int log_forwarded(Http *s, PyObject *method, PyObject *path, PyObject *host, int v11) {
     if (s->counts != NULL) {
-        PyObject *last = PyObject_GetAttr(s->ctx, s__last);
+        PyObject *last = PyObject_GetAttr(s->ctx, s_last_decision);
         if (last == NULL) return -1;
         int audit = 1;
         if (last == g_ALLOWED) {
@@ -263,7 +263,7 @@ static int log_forwarded(Http *s, PyObject *method, PyObject *path, PyObject *ho
             int rc = PyDict_SetItem(s->counts, s->count_key, sum);
             Py_DECREF(sum);
             if (rc < 0) return -1;
-            return PyObject_SetAttr(s->ctx, s__last, g_ALLOWED);
+            return PyObject_SetAttr(s->ctx, s_last_decision, g_ALLOWED);
         }
     }
     return ctx_log(s, g_ET_H_REQUEST,

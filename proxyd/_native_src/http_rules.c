@@ -222,7 +222,7 @@ int http_flat_matches(HttpFlat *fp, PyObject *ctx, PyObject *method, PyObject *p
     }
     Py_INCREF(decision);
     /* Context.matches: self._last = decision; return decision.allowed or decision.audit */
-    int rc = PyObject_SetAttr(ctx, s__last, decision);
+    int rc = PyObject_SetAttr(ctx, s_last_decision, decision);
     int t = -1;
     if (rc == 0) {
         PyObject *a = PyObject_GetAttr(decision, s_allowed);

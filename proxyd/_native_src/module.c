@@ -12,9 +12,9 @@ PyObject *g_ET_REQUEST, *g_ET_RESPONSE, *g_ET_DENIED;
 PyObject *g_Context;
 PyObject *g_ALLOWED;
 PyObject *g_key_text;
-PyObject *s__last, *s_audit;
-PyObject *g_LivePolicy, *g_MemcacheRule, *g_RuleRegex, *g_ALLOW_ALL, *g_anchor;
+PyObject *s_last_decision, *s_audit;
 
+PyObject *s_write, *s_pause_reading;
 PyObject *s_on_data, *s_op, *s_passed, *s_dropped, *s_injected, *s_matches, *s_log,
     *s_inject, *s_code, *s_command, *s_keys, *s_status, *s_error, *s_opcode, *s_key,
     *s_buffer_limit, *s_exception, *s_contract, *s_parser_error, *s_empty_str;
@@ -51,9 +51,9 @@ static PyObject *mod_setup(PyObject *m, PyObject *args, PyObject *kw) {
 
 static PyObject *mod_setup_memcache(PyObject *m, PyObject *args, PyObject *kw) {
     static char *kwlist[] = {"MemcacheRequest", "REQUEST", "RESPONSE", "DENIED", "denied_reply",
-                             "text_barrier", "binary_barrier", "key_text", "MemcacheRule", NULL};
-    PyObject *req, *rq, *rs, *dn, *dr, *tb, *bb, *kt, *mr;
-    if (!PyArg_ParseTupleAndKeywords(args, kw, "$OOOOSSSOO", kwlist, &req, &rq, &rs, &dn, &dr, &tb, &bb, &kt, &mr))
+                             "text_barrier", "binary_barrier", "key_text", NULL};
+    PyObject *req, *rq, *rs, *dn, *dr, *tb, *bb, *kt;
+    if (!PyArg_ParseTupleAndKeywords(args, kw, "$OOOOSSSO", kwlist, &req, &rq, &rs, &dn, &dr, &tb, &bb, &kt))
         return NULL;
     if (!PyType_Check(req) || !PyType_IsSubtype((PyTypeObject *)req, &PyTuple_Type)) {
         PyErr_SetString(PyExc_TypeError, "MemcacheRequest must be a tuple subclass");
@@ -68,7 +68,6 @@ static PyObject *mod_setup_memcache(PyObject *m, PyObject *args, PyObject *kw) {
     KEEP(s_text_barrier, tb);
     KEEP(s_bin_barrier, bb);
     KEEP(g_key_text, kt);
-    KEEP(g_MemcacheRule, mr);
 #undef KEEP
     Py_RETURN_NONE;
 }
@@ -98,11 +97,10 @@ static PyObject *mod_setup_redis(PyObject *m, PyObject *args, PyObject *kw) {
 }
 
 static PyObject *mod_setup_policy(PyObject *m, PyObject *args, PyObject *kw) {
-    static char *kwlist[] = {"version", "LiveConnectionPolicy", "RuleRegex", "ALLOW_ALL", "unanchored",
-                             "Context", "ALLOWED", NULL};
+    static char *kwlist[] = {"version", "Context", "ALLOWED", NULL};
     int version;
-    PyObject *lp, *rr, *aa, *an, *cx, *al;
-    if (!PyArg_ParseTupleAndKeywords(args, kw, "$iOOOOOO", kwlist, &version, &lp, &rr, &aa, &an, &cx, &al))
+    PyObject *cx, *al;
+    if (!PyArg_ParseTupleAndKeywords(args, kw, "$iOO", kwlist, &version, &cx, &al))
         return NULL;
     if (version != FLAT_POLICY_VERSION) {
         PyErr_Format(PyExc_ValueError, "flattened-policy interface version %d, this build reads version %d",
@@ -110,12 +108,8 @@ static PyObject *mod_setup_policy(PyObject *m, PyObject *args, PyObject *kw) {
         return NULL;
     }
 #define KEEP(g, v) do { Py_INCREF(v); Py_XSETREF(g, v); } while (0)
-    KEEP(g_LivePolicy, lp);
     KEEP(g_Context, cx);
     KEEP(g_ALLOWED, al);
-    KEEP(g_RuleRegex, rr);
-    KEEP(g_ALLOW_ALL, aa);
-    KEEP(g_anchor, an);
 #undef KEEP
     Py_RETURN_NONE;
 }
@@ -159,6 +153,8 @@ static struct PyModuleDef moduledef = {
 #define INTERN(var, s) do { var = PyUnicode_InternFromString(s); if (var == NULL) return NULL; } while (0)
 
 PyMODINIT_FUNC PyInit__native(void) {
+    INTERN(s_write, "write");
+    INTERN(s_pause_reading, "pause_reading");
     INTERN(s_on_data, "on_data");
     INTERN(s_op, "op");
     INTERN(s_passed, "passed");
@@ -179,7 +175,7 @@ PyMODINIT_FUNC PyInit__native(void) {
     INTERN(s_contract, "contract");
     INTERN(s_parser_error, "parser_error");
     INTERN(s_empty_str, "");
-    INTERN(s__last, "_last");
+    INTERN(s_last_decision, "last_decision");
     INTERN(s_audit, "audit");
     INTERN(s_unsolicited, "unsolicited");
     s_empty_bytes = PyBytes_FromStringAndSize(NULL, 0);

@@ -5,8 +5,8 @@
  *   engine.c    proxyd/engine.py (PyEngine: the verdict engine)
  *   memcache.c  proxyd/parsers/memcache/{parser,common,text,binary}.py (framing, pending queue,
  *               denial placement, text/meta and binary dialects)
- *   policy.c    the memcache rules of a connection's policy, flattened and evaluated in C
- *               (proxyd/policy/store.py LiveConnectionPolicy, memcache/rules.py MemcacheRule)
+ *   policy.c    proxyd/policy/flat.py (the flattened-policy interface: a connection's rules
+ *               as plain data, evaluated in C as flat.evaluate does)
  *   redis.c     proxyd/parsers/redis/parser.py's common case (whole requests of simple commands
  *               and MULTI/EXEC/DISCARD, their RedisRule policy, top-level string, integer and
  *               flat array replies, denials in place), handing every other request or reply to
@@ -51,10 +51,10 @@ extern PyObject *g_ET_REQUEST, *g_ET_RESPONSE, *g_ET_DENIED;
 extern PyObject *g_Context;           /* proxyd.context.Context */
 extern PyObject *g_ALLOWED;           /* proxyd.context.ALLOWED */
 extern PyObject *g_key_text;          /* memcache.common.key_text: how wire bytes appear in log fields */
-extern PyObject *s__last, *s_audit;
-extern PyObject *g_LivePolicy, *g_MemcacheRule, *g_RuleRegex, *g_ALLOW_ALL, *g_anchor;
+extern PyObject *s_last_decision, *s_audit;
 
 /* interned strings and constants (module.c) */
+extern PyObject *s_write, *s_pause_reading; /* transport methods (engine.c relay) */
 extern PyObject *s_on_data, *s_op, *s_passed, *s_dropped, *s_injected, *s_matches, *s_log,
     *s_inject, *s_code, *s_command, *s_keys, *s_status, *s_error, *s_opcode, *s_key,
     *s_buffer_limit, *s_exception, *s_contract, *s_parser_error, *s_empty_str;
@@ -94,29 +94,58 @@ int redis_init(void);
 /* ------------------------------------------------------------------------------------------ */
 /* The flattened per-connection policy (policy.c), embedded in a native parser.                */
 
-/* The version of the interface proxyd.policy.flat hands over through setup_policy() (the types
- * and attributes listed in docs/native.md); a mismatch is refused at import. */
-#define FLAT_POLICY_VERSION 1
+/* The version of the interface proxyd.policy.flat describes (docs/native.md); setup_policy()
+ * refuses another. */
+#define FLAT_POLICY_VERSION 2
+
+/* The values a request has for one field of the parser's schema (borrowed; n == 0: none). */
+typedef struct FlatValues {
+    PyObject *const *v;
+    Py_ssize_t n;
+} FlatValues;
+
+/* A request as flat conditions see it: its values by field (indexed like the parser's schema,
+ * the NULL-terminated field names given to flat_init), and how to build the Python request
+ * object a "call" condition is given (new reference). A parser embeds it first in its own
+ * struct to reach its data from build. */
+typedef struct FlatRequest {
+    const FlatValues *fields;
+    PyObject *(*build)(const struct FlatRequest *req);
+} FlatRequest;
 
 struct FlatRule;
 
+/* A connection's FlatPolicy tuple (ctx.policy.flat()), held and converted to C structs. */
 typedef struct FlatPolicy {
-    int ok;                 /* the context is a Context: its policy may be flattened */
-    struct FlatRule *rules; /* the flattened ConnectionPolicy's (matcher, decision) pairs */
+    const char *const *schema; /* the field names the parser gives values for */
+    int ok;                    /* the context is a Context: its policy may be flattened */
+    PyObject *policy;          /* the ctx.policy the copy came from (strong), NULL: none yet */
+    PyObject *flat;            /* policy.flat() (strong), NULL: the policy has no flat form */
+    int usable;                /* every part of flat is a form this build reads */
+    PyObject *stamp, *cell;    /* FlatPolicy.stamp and .current (borrowed from flat) */
+    PyObject *always, *otherwise; /* decisions (borrowed), always NULL: none */
+    int always_forwards, otherwise_forwards;
+    struct FlatRule *rules;
     Py_ssize_t n;
-    PyObject *cp, *always, *denied;
 } FlatPolicy;
 
-/* Intern policy.c's attribute names. 0 or -1. */
+/* Intern policy.c's names. 0 or -1. */
 int policy_init(void);
-/* Release the flat rules (the FlatPolicy can be rebuilt afterwards). */
+/* Start over for a connection: the parser's schema, and whether ctx is a Context. */
+void flat_init(FlatPolicy *fp, const char *const *schema, int ok);
+/* Release everything held (the FlatPolicy can be loaded again afterwards). */
 void flat_clear(FlatPolicy *fp);
-/* ctx.matches(MemcacheRequest(name, keys, key_error)) through the flat policy: 1, 0, -1; or 2
- * when it does not apply (the caller then calls ctx.matches). Sets ctx._last like Context. */
-int flat_matches(FlatPolicy *fp, PyObject *ctx, PyObject *name, PyObject *keys, int key_error);
+/* ctx.matches(request) through the flat policy: 1, 0, -1; or 2 when it does not apply (the
+ * caller then calls ctx.matches). Sets ctx.last_decision as Context.matches does. */
+int flat_matches(FlatPolicy *fp, PyObject *ctx, const FlatRequest *req);
 
 /* ------------------------------------------------------------------------------------------ */
 /* The redis twin: redis.c (parser.py), redis_resp.c (resp.py), redis_rules.c (rules.py).      */
+
+/* Never set since the flattened-policy interface version 2 (merge of w-flat): the redis and http
+ * twins below still read version 1's objects, so they find no policy to flatten and ask
+ * ctx.matches for every decision until they are ported to version 2. */
+extern PyObject *g_LivePolicy, *g_RuleRegex, *g_ALLOW_ALL;
 
 #define REDIS_MAX_ARGS 64 /* more arguments: the reference frames the request */
 

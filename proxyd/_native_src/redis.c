@@ -406,7 +406,7 @@ static int rd_log(Redis *self, PyObject *entry_type, PyObject *fields) { /* stea
 static int rd_log_forwarded(Redis *self, PyObject *fields) {
     if (fields == NULL) return -1;
     if (self->counts != NULL) {
-        PyObject *last = PyObject_GetAttr(self->ctx, s__last);
+        PyObject *last = PyObject_GetAttr(self->ctx, s_last_decision);
         if (last == NULL) {
             Py_DECREF(fields);
             return -1;
@@ -438,7 +438,7 @@ static int rd_log_forwarded(Redis *self, PyObject *fields) {
             int rc = PyDict_SetItem(self->counts, self->count_key, sum);
             Py_DECREF(sum);
             if (rc < 0) return -1;
-            return PyObject_SetAttr(self->ctx, s__last, g_ALLOWED);
+            return PyObject_SetAttr(self->ctx, s_last_decision, g_ALLOWED);
         }
     }
     return rd_log(self, g_ET_REQUEST, fields);
@@ -493,7 +493,7 @@ static int rd_matches(Redis *self, PyObject *name, PyObject *base, PyObject *cat
         }
     }
     Py_INCREF(decision);
-    int rc = PyObject_SetAttr(self->ctx, s__last, decision);
+    int rc = PyObject_SetAttr(self->ctx, s_last_decision, decision);
     int t = -1;
     if (rc == 0) {
         PyObject *a = PyObject_GetAttr(decision, s_rd_allowed);
@@ -727,14 +727,14 @@ static int rd_request_loop(Redis *self, PyObject *buf, long long *n) {
             if (allowed && !audit && self->counts != NULL) {
                 /* forwarded, and the access log writes no line for it: counted (Context.log
                  * would count it and reset _last), one more reply owed */
-                if (PyObject_SetAttr(self->ctx, s__last, g_ALLOWED) < 0) return -1;
+                if (PyObject_SetAttr(self->ctx, s_last_decision, g_ALLOWED) < 0) return -1;
                 self->quiet_pending++;
                 if (push_reply(self, t.name) < 0) return -1;
                 base = end;
                 continue;
             }
             if (nk && keys == NULL && (keys = keys_tuple(d, kstart, klen, nk)) == NULL) return -1;
-            if (PyObject_SetAttr(self->ctx, s__last, decision) < 0) {
+            if (PyObject_SetAttr(self->ctx, s_last_decision, decision) < 0) {
                 Py_XDECREF(keys);
                 return -1;
             }

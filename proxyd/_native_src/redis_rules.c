@@ -5,6 +5,8 @@
  * and Context.matches do. redis.c asks it once per key (or once keyless). */
 #include "native.h"
 
+PyObject *g_LivePolicy, *g_RuleRegex, *g_ALLOW_ALL; /* see native.h: NULL until the port */
+
 static PyObject *s_rd_allowed, *s_rd_always, *s_rd_denied, *s_rd_matchers, *s_base, *s_name, *s_category, *s_exact,
     *s_prefix, *s_regex, *s_keyed, *s_search, *s_all;
 
