@@ -73,10 +73,10 @@ static PyObject *mod_setup_memcache(PyObject *m, PyObject *args, PyObject *kw) {
 }
 
 static PyObject *mod_setup_redis(PyObject *m, PyObject *args, PyObject *kw) {
-    static char *kwlist[] = {"RedisParser", "RedisRequest", "RedisRule", "key_text", "table", "noperm",
-                             "REQUEST", "DENIED", NULL};
-    PyObject *rp, *rq, *rr, *kt, *tb, *np, *et_rq, *et_dn;
-    if (!PyArg_ParseTupleAndKeywords(args, kw, "$OOOOO!SOO", kwlist, &rp, &rq, &rr, &kt, &PyDict_Type, &tb, &np,
+    static char *kwlist[] = {"RedisParser", "RedisRequest", "key_text", "table", "noperm", "REQUEST", "DENIED",
+                             NULL};
+    PyObject *rp, *rq, *kt, *tb, *np, *et_rq, *et_dn;
+    if (!PyArg_ParseTupleAndKeywords(args, kw, "$OOOO!SOO", kwlist, &rp, &rq, &kt, &PyDict_Type, &tb, &np,
                                      &et_rq, &et_dn))
         return NULL;
     if (!PyType_Check(rq) || !PyType_IsSubtype((PyTypeObject *)rq, &PyTuple_Type)) {
@@ -86,7 +86,6 @@ static PyObject *mod_setup_redis(PyObject *m, PyObject *args, PyObject *kw) {
 #define KEEP(g, v) do { Py_INCREF(v); Py_XSETREF(g, v); } while (0)
     KEEP(g_RedisParser, rp);
     KEEP(g_RedisRequest, rq);
-    KEEP(g_RedisRule, rr);
     KEEP(g_redis_key_text, kt);
     KEEP(g_redis_table, tb);
     KEEP(s_noperm, np);
@@ -115,16 +114,15 @@ static PyObject *mod_setup_policy(PyObject *m, PyObject *args, PyObject *kw) {
 }
 
 static PyObject *mod_setup_http(PyObject *m, PyObject *args, PyObject *kw) {
-    static char *kwlist[] = {"HttpRequest", "HttpRule", "REQUEST", "RESPONSE", NULL};
-    PyObject *req, *rule, *rq, *rs;
-    if (!PyArg_ParseTupleAndKeywords(args, kw, "$OOOO", kwlist, &req, &rule, &rq, &rs)) return NULL;
+    static char *kwlist[] = {"HttpRequest", "REQUEST", "RESPONSE", NULL};
+    PyObject *req, *rq, *rs;
+    if (!PyArg_ParseTupleAndKeywords(args, kw, "$OOO", kwlist, &req, &rq, &rs)) return NULL;
     if (!PyType_Check(req) || !PyType_IsSubtype((PyTypeObject *)req, &PyTuple_Type)) {
         PyErr_SetString(PyExc_TypeError, "HttpRequest must be a tuple subclass");
         return NULL;
     }
 #define KEEP(g, v) do { Py_INCREF(v); Py_XSETREF(g, v); } while (0)
     KEEP(g_HttpRequest, req);
-    KEEP(g_HttpRule, rule);
     KEEP(g_ET_H_REQUEST, rq);
     KEEP(g_ET_H_RESPONSE, rs);
 #undef KEEP
@@ -181,7 +179,7 @@ PyMODINIT_FUNC PyInit__native(void) {
     s_empty_bytes = PyBytes_FromStringAndSize(NULL, 0);
     s_empty_tuple = PyTuple_New(0);
     if (!s_empty_bytes || !s_empty_tuple) return NULL;
-    if (policy_init() < 0 || memcache_init() < 0 || redis_init() < 0 || redis_rules_init() < 0 ||
+    if (policy_init() < 0 || memcache_init() < 0 || redis_init() < 0 ||
         http_parser_init() < 0)
         return NULL;
     if (PyType_Ready(&HttpType) < 0) return NULL;

@@ -8,13 +8,13 @@
  *   policy.c    proxyd/policy/flat.py (the flattened-policy interface: a connection's rules
  *               as plain data, evaluated in C as flat.evaluate does)
  *   redis.c     proxyd/parsers/redis/parser.py's common case (whole requests of simple commands
- *               and MULTI/EXEC/DISCARD, their RedisRule policy, top-level string, integer and
+ *               and MULTI/EXEC/DISCARD, their policy (policy.c), top-level string, integer and
  *               flat array replies, denials in place), handing every other request or reply to
  *               the reference RedisParser at the offset where it starts
  *   redis_resp.c  proxyd/parsers/redis/resp.py: the request and reply framing redis.c reads itself
- *   redis_rules.c proxyd/parsers/redis/rules.py: a connection's redis rules, flattened
+ *   redis_rules.c proxyd/parsers/redis/rules.py: RedisRequest and its flat values
  *   http_framing.c  proxyd/parsers/http/framing.py (the heads the common states read)
- *   http_rules.c    proxyd/parsers/http/rules.py HttpRule, over the flattened policy
+ *   http_rules.c    proxyd/parsers/http/rules.py: HttpRequest's flat values
  *   http_parser.c   proxyd/parsers/http/parser.py (common states; the rest handed to the reference)
  *   module.c    PyInit, the setup functions that hand the Python pieces over, shared state
  * This header holds what more than one of them uses. tests/test_native_equivalence.py drives
@@ -84,7 +84,7 @@ extern PyTypeObject LazyFieldsType; /* memcache.c */
 extern PyTypeObject RedisType;      /* redis.c */
 extern PyTypeObject RedisFieldsType; /* redis.c */
 /* handed over by proxyd.parsers.redis (setup_redis) */
-extern PyObject *g_RedisParser, *g_RedisRequest, *g_RedisRule, *g_redis_key_text, *g_redis_table, *s_noperm;
+extern PyObject *g_RedisParser, *g_RedisRequest, *g_redis_key_text, *g_redis_table, *s_noperm;
 
 /* memcache.c: intern the command and opcode names, ready the types. 0 or -1. */
 int memcache_init(void);
@@ -142,11 +142,6 @@ int flat_matches(FlatPolicy *fp, PyObject *ctx, const FlatRequest *req);
 /* ------------------------------------------------------------------------------------------ */
 /* The redis twin: redis.c (parser.py), redis_resp.c (resp.py), redis_rules.c (rules.py).      */
 
-/* Never set since the flattened-policy interface version 2 (merge of w-flat): the redis and http
- * twins below still read version 1's objects, so they find no policy to flatten and ask
- * ctx.matches for every decision until they are ported to version 2. */
-extern PyObject *g_LivePolicy, *g_RuleRegex, *g_ALLOW_ALL;
-
 #define REDIS_MAX_ARGS 64 /* more arguments: the reference frames the request */
 
 /* redis_resp.c: framing, each bounded by have */
@@ -160,33 +155,12 @@ int resp_frame_inline(const char *d, Py_ssize_t have, Py_ssize_t base, Py_ssize_
                       Py_ssize_t *lens, Py_ssize_t *end);
 Py_ssize_t resp_flat_array(const char *d, Py_ssize_t have, Py_ssize_t pos, Py_ssize_t eol);
 
-/* redis_rules.c: a connection's redis rules, flattened */
-typedef struct {
-    int kind;           /* 0 allow all, 1 RedisRule, 2 other: call matcher.matches(request) */
-    PyObject *matcher, *decision;
-    PyObject *base, *name, *category; /* str or NULL */
-    PyObject *exact, *prefix;         /* bytes or NULL */
-    PyObject *regex;                  /* RuleRegex or NULL: regex.search(key) */
-    int keyed;
-    int pass, audit;                  /* decision.allowed or decision.audit; decision.audit */
-} RRule;
-
-typedef struct {
-    int ok;
-    int pure;               /* every rule is evaluated here without a Python call */
-    RRule *rules;
-    Py_ssize_t n;
-    PyObject *cp, *always, *denied;
-    int always_pass, always_audit, denied_pass, denied_audit;
-} RFlat;
-
-int redis_rules_init(void);
-void rflat_clear(RFlat *fp);
-int rflat_build(RFlat *fp, PyObject *cp);
-/* RedisRule.matches(RedisRequest(name, base, cats, True, key)), key bytes or NULL: 1, 0, -1 */
-int rrule_matches(RRule *r, PyObject *name, PyObject *base, PyObject *cats, PyObject *key);
-/* the same on a key's bytes (NULL: none), for a rule that needs no Python call (kind 0/1, no regex) */
-int rrule_matches_raw(RRule *r, PyObject *name, PyObject *base, PyObject *cats, const char *kp, Py_ssize_t kl);
+/* redis_rules.c: the request side of rules.py */
+extern const char *const REDIS_FIELDS[]; /* the flat fields of a redis request (FlatPolicy schema) */
+/* ctx.matches(RedisRequest(name, base, cats, True, key)) through the flat policy (key NULL:
+ * keyless): 1, 0, -1, or 2 when it does not apply (nothing set: the caller calls ctx.matches) */
+int redis_flat_matches(FlatPolicy *fp, PyObject *ctx, PyObject *name, PyObject *base, PyObject *cats,
+                       PyObject *key);
 PyObject *redis_request(PyObject *name, PyObject *base, PyObject *cats, PyObject *key);
 
 /* http: http_framing.c (framing.py), http_rules.c (rules.py, flattened), http_parser.c       */
@@ -194,7 +168,6 @@ PyObject *redis_request(PyObject *name, PyObject *base, PyObject *cats, PyObject
 
 extern PyTypeObject HttpType;          /* http_parser.c */
 extern PyObject *g_HttpRequest;        /* http.rules.HttpRequest */
-extern PyObject *g_HttpRule;           /* http.rules.HttpRule */
 extern PyObject *g_ET_H_REQUEST, *g_ET_H_RESPONSE;
 
 /* A request or response head the fast subset of framing.py accepted (offsets into the data). */
@@ -232,25 +205,17 @@ typedef struct HeadScan {
     Py_ssize_t lines; /* field lines checked */
 } HeadScan;
 int http_head_more(const char *d, Py_ssize_t have, Py_ssize_t limit, int request, HeadScan *scan);
-/* HttpRequest.has(lname, value) over a validated field block; value NULL: any value. */
-int http_field_has(const char *block, Py_ssize_t blen, const char *lname, Py_ssize_t nl, const char *value,
-                   Py_ssize_t vl);
 
-struct HttpFlatRule;
-typedef struct HttpFlat {
-    int ok;
-    struct HttpFlatRule *rules;
-    Py_ssize_t n;
-    PyObject *cp, *always, *denied;
-} HttpFlat;
-
-int http_parser_init(void); /* interns its names, then http_rules_init() */
-int http_rules_init(void);
-void http_flat_clear(HttpFlat *fp);
-/* ctx.matches(HttpRequest(...)) through the flat policy: 1, 0 (ctx._last set as Context does), -1;
- * or 2 when it does not apply (nothing was set: the caller asks ctx.matches). */
-int http_flat_matches(HttpFlat *fp, PyObject *ctx, PyObject *method, PyObject *path, PyObject *host,
-                      const char *block, Py_ssize_t blen);
+int http_parser_init(void); /* interns its names */
+/* http_parser.c: HttpRequest(method, path, host, version, ((lname, value), ...), []) from a
+ * validated field block (new reference) */
+PyObject *http_build_request(PyObject *method, PyObject *path, PyObject *host, int v11, PyObject *block);
+/* http_rules.c */
+extern const char *const HTTP_FIELDS[]; /* the flat fields of an http request (FlatPolicy schema) */
+/* ctx.matches(HttpRequest(...)) through the flat policy: 1, 0 (ctx.last_decision set as Context
+ * does), -1; or 2 when it does not apply (nothing was set: the caller asks ctx.matches). */
+int http_flat_matches(FlatPolicy *fp, PyObject *ctx, PyObject *method, PyObject *path, PyObject *host, int v11,
+                      PyObject *block);
 
 /* ------------------------------------------------------------------------------------------ */
 /* Small helpers                                                                               */

@@ -12,11 +12,11 @@
  * Regexes run in RE2 through the compiled Match the Regex operand carries, on the bytes
  * RuleRegex would hand it (wire bytes read as Go reads a string: each byte that is not part of
  * a valid UTF-8 sequence becomes U+FFFD). A "call" condition, or a regex without a Match, is
- * called as Python. A flat form this build does not know (a field the parser does not give, a
+ * called as Python; a "defer" condition, once reached, leaves the request to ctx.matches. A flat form this build does not know (a field the parser does not give, a
  * form of a later version) is not guessed at: the parser calls ctx.matches instead. */
 #include "native.h"
 
-enum { FORM_IN = 1, FORM_EXACT, FORM_PREFIX, FORM_REGEX, FORM_CALL };
+enum { FORM_IN = 1, FORM_EXACT, FORM_PREFIX, FORM_REGEX, FORM_CALL, FORM_DEFER };
 
 typedef struct FlatCond {
     int field;          /* index into the parser's schema; -1 for a call */
@@ -25,6 +25,7 @@ typedef struct FlatCond {
     PyObject *test;     /* REGEX: Regex.test (the reference callable) */
     PyObject *rx_match; /* REGEX: RE2's Match, or NULL: call test */
     PyObject *anchor;   /* REGEX: the anchor test uses */
+    PyObject *seen;     /* REGEX with a Match: its answers table (strong; see rx_table) */
 } FlatCond;
 
 typedef struct FlatRule {
@@ -35,14 +36,19 @@ typedef struct FlatRule {
 } FlatRule;
 
 /* A regex answer is a pure function of (compiled regex, anchor, value); clients reuse keys,
- * and one RE2 call through its Python binding costs thousands of instructions. One cache for
- * the process, bounded in entries (cleared when full) and in the length of a value worth
- * remembering (regex.py's MEMO_VALUE), so fresh long keys cannot grow it without bound. */
+ * and one RE2 call through its Python binding costs thousands of instructions. One table of
+ * answers per (Match, anchor) for the process, shared by every connection whose policy holds
+ * that regex, found once when a FlatPolicy is converted (hashing the anchor, a pybind11 enum,
+ * is a Python-level call: never per request), then keyed by the value alone. Each table is
+ * bounded in entries (cleared when full) and in the length of a value worth remembering
+ * (regex.py's MEMO_VALUE), so fresh long keys cannot grow it without bound; the index of
+ * tables is bounded too (cleared when full: the conditions hold their tables). */
 #define RX_CACHE 65536
 #define RX_CACHE_VALUE 256
-static PyObject *g_rx_seen;
+#define RX_TABLES 256
+static PyObject *g_rx_tables;
 
-static PyObject *s_flat, *s_policy, *s_startswith, *f_in, *f_exact, *f_prefix, *f_regex, *f_call;
+static PyObject *s_flat, *s_policy, *s_startswith, *f_in, *f_exact, *f_prefix, *f_regex, *f_call, *f_defer;
 
 #define INTERN(var, s) do { var = PyUnicode_InternFromString(s); if (var == NULL) return -1; } while (0)
 
@@ -55,6 +61,7 @@ int policy_init(void) {
     INTERN(f_prefix, "prefix");
     INTERN(f_regex, "regex");
     INTERN(f_call, "call");
+    INTERN(f_defer, "defer");
     return 0;
 }
 
@@ -69,7 +76,10 @@ void flat_init(FlatPolicy *fp, const char *const *schema, int ok) {
 }
 
 void flat_clear(FlatPolicy *fp) {
-    for (Py_ssize_t i = 0; i < fp->n; i++) PyMem_Free(fp->rules[i].conds);
+    for (Py_ssize_t i = 0; i < fp->n; i++) {
+        for (Py_ssize_t j = 0; j < fp->rules[i].n; j++) Py_XDECREF(fp->rules[i].conds[j].seen);
+        PyMem_Free(fp->rules[i].conds);
+    }
     PyMem_Free(fp->rules);
     fp->rules = NULL;
     fp->n = 0;
@@ -83,8 +93,8 @@ void flat_clear(FlatPolicy *fp) {
 
 static int form_of(PyObject *form) {
     if (!PyUnicode_Check(form)) return 0;
-    PyObject *forms[] = {f_in, f_exact, f_prefix, f_regex, f_call};
-    for (int i = 0; i < 5; i++)
+    PyObject *forms[] = {f_in, f_exact, f_prefix, f_regex, f_call, f_defer};
+    for (int i = 0; i < 6; i++)
         if (form == forms[i] || PyUnicode_Compare(form, forms[i]) == 0) return i + 1;
     return 0;
 }
@@ -106,13 +116,40 @@ static int decision_of(PyObject *fd, PyObject **decision, int *forwards) {
     return 0;
 }
 
-/* One (field, form, operand); 0, or -1 when this build does not know the form. */
+/* The answers table of (match, anchor), new reference; NULL with an exception. */
+static PyObject *rx_table(PyObject *match, PyObject *anchor) {
+    if (g_rx_tables == NULL && (g_rx_tables = PyDict_New()) == NULL) return NULL;
+    PyObject *k = PyTuple_Pack(2, match, anchor);
+    if (k == NULL) return NULL;
+    PyObject *t = PyDict_GetItemWithError(g_rx_tables, k);
+    if (t != NULL) {
+        Py_DECREF(k);
+        Py_INCREF(t);
+        return t;
+    }
+    if (PyErr_Occurred() || (t = PyDict_New()) == NULL) {
+        Py_DECREF(k);
+        return NULL;
+    }
+    if (PyDict_GET_SIZE(g_rx_tables) >= RX_TABLES) PyDict_Clear(g_rx_tables);
+    int rc = PyDict_SetItem(g_rx_tables, k, t);
+    Py_DECREF(k);
+    if (rc < 0) Py_CLEAR(t);
+    return t;
+}
+
+/* One (field, form, operand); 0, -1 when this build does not know the form, -2 on an error
+ * (an exception set). */
 static int cond_of(FlatPolicy *fp, PyObject *c, FlatCond *out) {
     if (!PyTuple_Check(c) || PyTuple_GET_SIZE(c) != 3) return -1;
     PyObject *field = PyTuple_GET_ITEM(c, 0);
     out->form = form_of(PyTuple_GET_ITEM(c, 1));
     out->operand = PyTuple_GET_ITEM(c, 2);
     if (out->form == 0) return -1;
+    if (out->form == FORM_DEFER) {
+        out->field = -1;
+        return field == Py_None ? 0 : -1;
+    }
     if (out->form == FORM_CALL) {
         out->field = -1;
         return field == Py_None && PyCallable_Check(out->operand) ? 0 : -1;
@@ -127,6 +164,7 @@ static int cond_of(FlatPolicy *fp, PyObject *c, FlatCond *out) {
         out->anchor = PyTuple_GET_ITEM(rx, 2);
         if (!PyCallable_Check(out->test)) return -1;
         if (!PyCallable_Check(out->rx_match)) out->rx_match = NULL;
+        if (out->rx_match != NULL && (out->seen = rx_table(out->rx_match, out->anchor)) == NULL) return -2;
     }
     return 0;
 }
@@ -165,8 +203,11 @@ static int flat_convert(FlatPolicy *fp) {
             return -1;
         }
         r->n = nc;
-        for (Py_ssize_t j = 0; j < nc; j++)
-            if (cond_of(fp, PyTuple_GET_ITEM(conds, j), &r->conds[j]) < 0) goto unknown;
+        for (Py_ssize_t j = 0; j < nc; j++) {
+            int c = cond_of(fp, PyTuple_GET_ITEM(conds, j), &r->conds[j]);
+            if (c == -2) return -1;
+            if (c < 0) goto unknown;
+        }
     }
     fp->usable = 1;
     return 0;
@@ -295,25 +336,18 @@ static int rx_test_uncached(FlatCond *c, PyObject *value) {
 
 /* Regex.test(value), remembered: 1, 0 or -1 */
 static int rx_test(FlatCond *c, PyObject *value) {
-    if (c->rx_match == NULL || !PyBytes_CheckExact(value) || PyBytes_GET_SIZE(value) > RX_CACHE_VALUE)
+    /* bytes (memcache, redis keys) and str (http's method, path, host) alike */
+    if (c->rx_match == NULL ||
+        !(PyBytes_CheckExact(value) ? PyBytes_GET_SIZE(value) <= RX_CACHE_VALUE
+                                    : PyUnicode_CheckExact(value) && PyUnicode_GET_LENGTH(value) <= RX_CACHE_VALUE))
         return rx_test_uncached(c, value);
-    if (g_rx_seen == NULL) {
-        g_rx_seen = PyDict_New();
-        if (g_rx_seen == NULL) return -1;
-    }
-    PyObject *k = PyTuple_Pack(3, c->rx_match, c->anchor, value);
-    if (k == NULL) return -1;
-    PyObject *hit = PyDict_GetItemWithError(g_rx_seen, k);
-    if (hit != NULL) {
-        Py_DECREF(k);
-        return hit == Py_True;
-    }
+    PyObject *hit = PyDict_GetItemWithError(c->seen, value);
+    if (hit != NULL) return hit == Py_True;
     int m = PyErr_Occurred() ? -1 : rx_test_uncached(c, value);
     if (m >= 0) {
-        if (PyDict_GET_SIZE(g_rx_seen) >= RX_CACHE) PyDict_Clear(g_rx_seen);
-        if (PyDict_SetItem(g_rx_seen, k, BOOL(m)) < 0) m = -1;
+        if (PyDict_GET_SIZE(c->seen) >= RX_CACHE) PyDict_Clear(c->seen);
+        if (PyDict_SetItem(c->seen, value, BOOL(m)) < 0) m = -1;
     }
-    Py_DECREF(k);
     return m;
 }
 
@@ -347,11 +381,13 @@ static int cond_passes(FlatCond *c, PyObject *v) {
     }
 }
 
-/* flat.holds(conditions, request, values): 1, 0 or -1. *obj caches the parser's request
- * object, built on the first call condition. */
+/* flat.holds(conditions, request, values): 1, 0 or -1; 2 for a "defer" condition (flat.Deferred:
+ * ctx.matches decides). *obj caches the parser's request object, built on the first call
+ * condition. */
 static int rule_holds(FlatRule *r, const FlatRequest *req, PyObject **obj) {
     for (Py_ssize_t i = 0; i < r->n; i++) {
         FlatCond *c = &r->conds[i];
+        if (c->form == FORM_DEFER) return 2;
         if (c->form == FORM_CALL) {
             if (*obj == NULL && (*obj = req->build(req)) == NULL) return -1;
             int t = truth_of_call(c->operand, *obj);
@@ -388,9 +424,9 @@ int flat_matches(FlatPolicy *fp, PyObject *ctx, const FlatRequest *req) {
         forwards = fp->otherwise_forwards;
         for (Py_ssize_t i = 0; i < fp->n; i++) {
             int m = rule_holds(&fp->rules[i], req, &obj);
-            if (m < 0) {
+            if (m < 0 || m == 2) { /* an error, or deferred: nothing was set */
                 Py_XDECREF(obj);
-                return -1;
+                return m < 0 ? -1 : 2;
             }
             if (m) {
                 decision = fp->rules[i].decision;

@@ -45,6 +45,14 @@ REGEX: Final = "regex"
 #: ``operand`` is a callable taking the parser's whole request object; ``field`` is None. The
 #: form for a matcher without flat conditions: a twin calls it as Python.
 CALL: Final = "call"
+#: ``field`` and ``operand`` are None: a rule only the full Python path may decide (an http
+#: rule with ``headerMatches``, whose mismatch actions rewrite the request the parser forwards).
+#: Once evaluation reaches such a rule (no earlier rule held), the twin asks ``ctx.matches``.
+DEFER: Final = "defer"
+
+
+class Deferred(Exception):
+    """Raised by :func:`evaluate` on reaching a :data:`DEFER` condition: ``ctx.matches`` decides."""
 
 
 class Regex(NamedTuple):
@@ -157,6 +165,8 @@ def _passes(form: str, operand: Any, value: Any) -> bool:
 def holds(conds: tuple[Condition, ...], request: Any, values: Callable[[str], Sequence[Any]]) -> bool:
     """Whether every condition holds for ``request``; ``values(field)`` gives a field's values."""
     for field, form, operand in conds:
+        if form == DEFER:
+            raise Deferred
         if form == CALL:
             if not operand(request):
                 return False
@@ -172,7 +182,10 @@ def holds(conds: tuple[Condition, ...], request: Any, values: Callable[[str], Se
 
 
 def evaluate(flat: FlatPolicy, request: Any, values: Callable[[str], Sequence[Any]]) -> FlatDecision:
-    """What a twin decides for ``request`` under ``flat``: the reference of policy.c."""
+    """What a twin decides for ``request`` under ``flat``: the reference of policy.c.
+
+    Raises :class:`Deferred` where the twin hands the request to ``ctx.matches`` instead.
+    """
     if flat.always is not None:
         return flat.always
     for rule in flat.rules:
@@ -197,12 +210,14 @@ def hand_over(native: Any) -> None:
 
 __all__ = [
     "CALL",
+    "DEFER",
     "EXACT",
     "IN",
     "PREFIX",
     "REGEX",
     "VERSION",
     "Condition",
+    "Deferred",
     "FlatDecision",
     "FlatPolicy",
     "FlatRule",

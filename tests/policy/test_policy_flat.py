@@ -2,7 +2,8 @@
 
 The builder turns a connection's ConnectionPolicy into plain data; :func:`flat.evaluate` is the
 reference of what the C evaluator does with it, so it is held equal here to
-``ConnectionPolicy.decide`` on random memcache rules and requests (the equivalence tests then
+``ConnectionPolicy.decide`` on random memcache rules and requests, and to ``matches`` for the
+redis and http rules' flat forms (the equivalence tests then
 hold the C evaluator equal to the Python parser). The connection's view builds the flat form once
 per revision and shares the store's revision cell, which is how a twin checks for a reload
 without a Python call.
@@ -215,3 +216,74 @@ def test_rules_without_a_flat_form_are_handed_over_as_calls(tmp_path: Path) -> N
     fp = view.flat()
     for req in (R2d2Request("READ", "/a"), R2d2Request("HALT", "")):
         assert flat.evaluate(fp, req, lambda field: ()).decision == view.decide(req)
+
+
+# --- the redis and http rules' flat forms ---------------------------------------------------
+
+REDIS_RULES: list[dict[str, str]] = [
+    {"command": "get"},
+    {"command": "config|get"},
+    {"command": "@read"},
+    {"command": "@all", "keyPrefix": "a"},
+    {"command": "@string", "keyRegex": "^a[0-9]+$"},
+    {"keyExact": "b"},
+    {"command": "set", "keyPrefix": "a"},
+]
+
+
+def _redis_requests() -> list[Any]:
+    """The questions the parser asks (its table lookup), each keyless and with a few keys."""
+    from proxyd.parsers.redis.rules import RedisRequest
+    from proxyd.parsers.redis.table import lookup
+
+    out = []
+    commands = [(b"GET", None), (b"set", None), (b"CONFIG", b"get"), (b"config", b"set"),
+                (b"config", b"nosuch"), (b"ping", None), (b"hget", None), (b"nosuch", None),
+                (b"config|get", None)]  # fmt: skip
+    for word, sub in commands:
+        name, cmd = lookup(word, sub)
+        cats = cmd.categories if cmd is not None else frozenset()
+        for key in (None, b"a1", b"ab", b"b", b"\xff"):
+            out.append(RedisRequest(name, name.partition("|")[0], cats, cmd is not None, key))
+    return out
+
+
+@pytest.mark.parametrize("rule", REDIS_RULES)
+def test_redis_rule_flat_decides_as_matches(rule: dict[str, str]) -> None:
+    from proxyd.parsers.redis.rules import compile_rule as redis_rule
+
+    m = redis_rule(rule)
+    cp = ConnectionPolicy(True, "", always=None, matchers=((m, ALLOW),), denied=DENY)
+    fp = flat.build(cp, None, [None])
+    assert fp.rules[0].conditions and all(c[1] != flat.CALL for c in fp.rules[0].conditions)
+    for req in _redis_requests():
+        assert flat.evaluate(fp, req, req.values).decision is (ALLOW if m.matches(req) else DENY), (rule, req)
+
+
+HTTP_RULES: list[dict[str, Any]] = [
+    {"method": "GET"},
+    {"path": "/a/.*", "host": "h(:80)?"},
+    {"method": "GET|POST", "headers": ["X-A", "X-B: 1"]},
+    {"headerMatches": [{"name": "X-C", "value": "on", "mismatch": "ADD"}]},
+]
+
+
+@pytest.mark.parametrize("rule", HTTP_RULES)
+def test_http_rule_flat_decides_as_matches(rule: dict[str, Any]) -> None:
+    from proxyd.parsers.http.rules import HttpRequest
+    from proxyd.parsers.http.rules import compile_rule as http_rule
+
+    m = http_rule(rule)
+    cp = ConnectionPolicy(True, "", always=None, matchers=((m, ALLOW),), denied=DENY)
+    fp = flat.build(cp, None, [None])
+    for method in ("GET", "PUT"):
+        for path in ("/a/b", "/c"):
+            for host in ("h", "h:80", ""):
+                for headers in ((), (("x-a", "z"),), (("x-a", ""), ("x-b", "1")), (("x-c", "on"),)):
+                    req = HttpRequest(method, path, host, "HTTP/1.1", headers)
+                    if rule.get("headerMatches"):
+                        with pytest.raises(flat.Deferred):
+                            flat.evaluate(fp, req, req.values)
+                        continue
+                    want = ALLOW if m.matches(req) else DENY
+                    assert flat.evaluate(fp, req, req.values).decision is want, (rule, req)
