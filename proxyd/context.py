@@ -77,14 +77,16 @@ class ConnInfo:
 class Context:
     """The :class:`proxyd.parser.ConnectionContext` implementation."""
 
-    __slots__ = ("_last", "engine", "info", "policy", "sink")
+    __slots__ = ("engine", "info", "last_decision", "policy", "sink")
 
     def __init__(self, info: ConnInfo, engine: Engine, policy: L7Policy, sink: LogSink) -> None:
         self.info = info
         self.engine = engine
         self.policy = policy
         self.sink = sink
-        self._last: L7Decision = ALLOWED
+        #: The decision of the last policy check, which :meth:`log` reports (and resets): set
+        #: by :meth:`matches`, and by a compiled parser that decides in C (proxyd.policy.flat).
+        self.last_decision: L7Decision = ALLOWED
 
     @property
     def conn_id(self) -> int:
@@ -127,7 +129,7 @@ class Context:
         """``(counts, key)`` where a forwarded request that gets no log line is counted, or None.
 
         For native parsers (proxyd._native): after an allowed, non-audit request they may do
-        ``counts[key] += 1`` and reset ``_last`` instead of calling :meth:`log`, which would
+        ``counts[key] += 1`` and reset ``last_decision`` instead of calling :meth:`log`, which would
         count it the same way and write nothing.
         """
         quiet = getattr(self.sink, "quiet_counter", None)
@@ -135,14 +137,14 @@ class Context:
 
     def matches(self, request: Any) -> bool:
         decision = self.policy.decide(request)
-        self._last = decision
+        self.last_decision = decision
         return decision.allowed or decision.audit
 
     def inject(self, reply: bool, data: bytes) -> None:
         self.engine.queue_inject(reply, data)
 
     def log(self, entry_type: EntryType, fields: Fields) -> None:
-        last = self._last
+        last = self.last_decision
         if entry_type is EntryType.RESPONSE:
             self.sink.l7(self, "response", "forwarded", fields, None)
             return
@@ -151,4 +153,4 @@ class Context:
         else:
             verdict = "audit" if last.audit else "forwarded"
         self.sink.l7(self, "request", verdict, fields, last.policy)
-        self._last = ALLOWED
+        self.last_decision = ALLOWED

@@ -4,6 +4,13 @@ Sans-IO: bytes come in through :meth:`Engine.feed`, and go out through the ``sen
 given at construction; the relay (:mod:`proxyd.relay`) and the test harness
 (:mod:`proxyd.testing`) are its only two drivers.
 
+The relay may also hand the engine its transports (:meth:`PyEngine.relay`) and its readers to
+the event loop (:meth:`PyEngine.read_client`, :meth:`PyEngine.read_server` as the transports'
+``data_received``): a read the engine resolves then reaches the other transport's ``write``
+with no relay code in between (on the compiled twin, no Python frame at all), and the engine
+counts the bytes it read and wrote (:meth:`PyEngine.received`, :meth:`PyEngine.sent`). The
+engine stays free of I/O policy: which transport, and when, is the relay's to say.
+
 Theory of operation, per direction (``reply`` False: client to server; True: server to client):
 
 - ``buf`` holds bytes the parser has seen but not consumed. The parser is called with all of it
@@ -69,6 +76,14 @@ class Observer(Protocol):
     def injected(self, reply: bool, data: bytes) -> None: ...
 
 
+class Transport(Protocol):
+    """What the engine uses of a transport it relays to (asyncio's, uvloop's)."""
+
+    def write(self, data: bytes | bytearray) -> None: ...
+
+    def pause_reading(self) -> None: ...
+
+
 class _Side:
     """State of one direction of the stream."""
 
@@ -93,7 +108,8 @@ class PyEngine:
     """
 
     __slots__ = (
-        "_in_round", "_observer", "_on_error", "_on_hold", "_send", "_sides", "error", "limit", "parser",
+        "_in_round", "_observer", "_on_error", "_on_hold", "_received", "_relay", "_send", "_sent", "_sides",
+        "error", "limit", "parser",
     )  # fmt: skip
 
     def __init__(
@@ -115,6 +131,10 @@ class PyEngine:
         self._in_round = False
         self._on_error = on_error
         self._on_hold = on_hold
+        #: Per direction: the transport its output is written to (None: through ``send``).
+        self._relay: list[Transport | None] = [None, None]
+        self._received = [0, 0]  # bytes read by read_client / read_server
+        self._sent = [0, 0]  # bytes written to a relay transport
 
     # --- inputs ----------------------------------------------------------------------------
 
@@ -130,7 +150,7 @@ class PyEngine:
         if self.parser is None:
             if self._observer is not None:
                 self._observer.passed(reply, bytes(data))
-            self._send(reply, data)
+            self._emit(reply, data)
             return
         buf = side.buf
         buf += data
@@ -139,6 +159,25 @@ class PyEngine:
             self._wake(not reply)
         if self.error is None and len(side.buf) > self.limit and not side.held:
             self._fail(EngineError("buffer_limit", f"more than {self.limit} unparsed bytes buffered"))
+
+    def read_client(self, data: bytes) -> None:
+        """A client transport's ``data_received``: count the bytes, then :meth:`feed` them."""
+        self._received[0] += len(data)
+        self.feed(False, data)
+
+    def read_server(self, data: bytes) -> None:
+        """An upstream transport's ``data_received``: as :meth:`read_client`; a server read that
+        arrives while its direction is held pauses the upstream again (relay.py: a pause is
+        enforced, not assumed)."""
+        self._received[1] += len(data)
+        upstream = self._relay[0]
+        if self._sides[1].held and upstream is not None:
+            upstream.pause_reading()
+        self.feed(True, data)
+
+    def relay(self, to_server: Transport | None, to_client: Transport | None) -> None:
+        """Write each direction's output to a transport (counted), or through ``send`` (None)."""
+        self._relay = [to_server, to_client]
 
     def feed_eof(self, reply: bool) -> int:
         """Mark the end of one direction's stream and give the parser a last look.
@@ -190,6 +229,14 @@ class PyEngine:
         reader should pause until the hold clears."""
         return self._sides[reply].held
 
+    def received(self, reply: bool) -> int:
+        """Bytes of one direction read through :meth:`read_client` / :meth:`read_server`."""
+        return self._received[reply]
+
+    def sent(self, reply: bool) -> int:
+        """Bytes of one direction written to its :meth:`relay` transport."""
+        return self._sent[reply]
+
     # --- internals -------------------------------------------------------------------------
 
     def _consume_skip(self, reply: bool, side: _Side, data: bytes | bytearray) -> bytes | bytearray:
@@ -204,7 +251,7 @@ class PyEngine:
         else:
             if self._observer is not None:
                 self._observer.passed(reply, bytes(head))
-            self._send(reply, head)
+            self._emit(reply, head)
         if side.skip == 0:
             self._flush_injections()
         return b"" if k == n else data[k:]
@@ -344,7 +391,7 @@ class PyEngine:
 
     def _flush(self, reply: bool, out: list[bytes | bytearray]) -> None:
         if out:
-            self._send(reply, out[0] if len(out) == 1 else b"".join(out))
+            self._emit(reply, out[0] if len(out) == 1 else b"".join(out))
             out.clear()
 
     def _flush_injections(self) -> None:
@@ -361,7 +408,15 @@ class PyEngine:
                 side.inject_q.clear()
                 if self._observer is not None:
                     self._observer.injected(reply, chunk)
-                self._send(reply, chunk)
+                self._emit(reply, chunk)
+
+    def _emit(self, reply: bool, data: bytes | bytearray) -> None:
+        transport = self._relay[reply]
+        if transport is None:
+            self._send(reply, data)
+        else:
+            self._sent[reply] += len(data)
+            transport.write(data)
 
     def _fail(self, err: EngineError) -> None:
         if self.error is None:

@@ -34,6 +34,15 @@ Protocol-free I/O on asyncio transports (uvloop). What it guarantees (docs/confi
   allowed, sending what it read byte-exact; a refused one gets the gate's alert, or nothing.
 - The connection ends when both directions are done, on error, or on policy; exactly one
   ``connection`` access-log line is written, with byte counts and the reason.
+- Reads go straight through once a connection is established (:meth:`Connection._go_direct`;
+  a parsed connection always, an L4 one on the compiled path): each transport's
+  ``data_received`` is the engine's own reader, and the engine writes what it resolves to the
+  other transport and counts the bytes itself, so a read the engine fully resolves reaches the
+  other side's ``write`` without relay code in between (and, on the compiled engine, without a
+  Python frame). Every rule above still holds: replies to a client
+  above its high-water mark go through :meth:`Connection._send` again (the bound on answers
+  proxyd writes itself), a held upstream read pauses the upstream again, and EOF, resets and
+  the rest of the transport events still reach the connection.
 """
 
 from __future__ import annotations
@@ -48,11 +57,12 @@ import os
 import socket
 import struct
 import time
+from collections.abc import Callable
 from typing import TYPE_CHECKING, Any, cast
 
 from proxyd.context import ConnInfo, Context, L7Policy
 from proxyd.engine import EngineError
-from proxyd.native import Engine
+from proxyd.native import IMPLEMENTATION, Engine
 from proxyd.origdst import unmap
 from proxyd.tlsgate import GateVerdict, HelloGate, SNIView
 
@@ -132,16 +142,19 @@ def reset(transport: asyncio.Transport) -> None:
     transport.abort()
 
 
-class UpstreamProtocol(asyncio.Protocol):
-    """The server side of a relayed connection; forwards events to its :class:`Connection`."""
+class UpstreamProtocol(asyncio.BaseProtocol):
+    """The server side of a relayed connection; forwards events to its :class:`Connection`.
 
-    __slots__ = ("conn",)
+    ``data_received`` is an attribute, not a method, which uvloop reads once: the engine's
+    reader (reads go straight through it), else the connection's (see
+    :meth:`Connection.upstream_reader`).
+    """
+
+    __slots__ = ("conn", "data_received")
 
     def __init__(self, conn: Connection) -> None:
         self.conn = conn
-
-    def data_received(self, data: bytes) -> None:
-        self.conn.upstream_data(data)
+        self.data_received: Callable[[bytes], None] = conn.upstream_reader()
 
     def eof_received(self) -> bool:
         self.conn.upstream_eof()
@@ -156,6 +169,32 @@ class UpstreamProtocol(asyncio.Protocol):
 
     def resume_writing(self) -> None:
         self.conn.resume_client_reading("upstream-full")
+
+
+class DirectClient(asyncio.BaseProtocol):
+    """The client transport's protocol once its reads go straight to the engine.
+
+    uvloop reads ``data_received`` once (when the protocol is set): here the engine's reader;
+    every other event goes to the :class:`Connection`, as before.
+    """
+
+    __slots__ = ("conn", "data_received")
+
+    def __init__(self, conn: Connection, reader: Callable[[bytes], None]) -> None:
+        self.conn = conn
+        self.data_received = reader
+
+    def eof_received(self) -> bool:
+        return self.conn.eof_received()
+
+    def connection_lost(self, exc: Exception | None) -> None:
+        self.conn.connection_lost(exc)
+
+    def pause_writing(self) -> None:
+        self.conn.pause_writing()
+
+    def resume_writing(self) -> None:
+        self.conn.resume_writing()
 
 
 class Connection(asyncio.Protocol):
@@ -469,6 +508,7 @@ class Connection(asyncio.Protocol):
             transport.write(b"".join(pending))
         if self._client_eof:
             self._maybe_shutdown(False)
+        self._go_direct()
         if "connecting" in self._client_pauses:
             self.resume_client_reading("connecting")
 
@@ -481,9 +521,75 @@ class Connection(asyncio.Protocol):
             self.pause_client_reading("connecting")
 
     # --- data ------------------------------------------------------------------------------
+    #
+    # The byte counts are the relay's own (reads and writes it handled) plus the engine's
+    # (reads and writes on the direct path).
+
+    _rx_client = 0  # bytes read from the client by the relay (data_received)
+    _tx_client = 0  # bytes written to the client by the relay (_send, L4, TLS alerts)
+    _rx_upstream = 0  # bytes read from the upstream by the relay (upstream_data)
+    _direct = False  # reads go straight to the engine (_go_direct)
+
+    def _engine_count(self, sent: bool, reply: bool) -> int:
+        engine = self.engine
+        if engine is None:
+            return 0
+        return engine.sent(reply) if sent else engine.received(reply)
+
+    @property
+    def bytes_in(self) -> int:
+        """Bytes read from the client."""
+        return self._rx_client + self._engine_count(False, False)
+
+    @bytes_in.setter
+    def bytes_in(self, n: int) -> None:
+        self._rx_client = n - self._engine_count(False, False)
+
+    @property
+    def bytes_out(self) -> int:
+        """Bytes written to the client (forwarded and proxyd's own answers)."""
+        return self._tx_client + self._engine_count(True, True)
+
+    @bytes_out.setter
+    def bytes_out(self, n: int) -> None:
+        self._tx_client = n - self._engine_count(True, True)
+
+    @property
+    def _up_rx(self) -> int:
+        """Bytes read from the upstream (idle detection)."""
+        return self._rx_upstream + self._engine_count(False, True)
+
+    @_up_rx.setter
+    def _up_rx(self, n: int) -> None:
+        self._rx_upstream = n - self._engine_count(False, True)
+
+    def upstream_reader(self) -> Callable[[bytes], None]:
+        """The upstream transport's ``data_received``: the engine's reader.
+
+        An L4 connection gets an engine without a parser for it on the compiled path, where
+        that engine is a plain C pipe; on the Python path the relay's own one-frame
+        :meth:`upstream_data` is cheaper than an engine's feed, so L4 keeps it there.
+        """
+        engine = self.engine
+        if engine is None and self._l4 and self._gate is None and IMPLEMENTATION == "native":
+            engine = self.engine = Engine(None, self._send, buffer_limit=self.lr.limits.buffer_bytes)
+        return self.upstream_data if engine is None else engine.read_server
+
+    def _go_direct(self) -> None:
+        """Connected, with an engine: hand both transports' reads to the engine itself.
+
+        The engine writes to the upstream, and to the client while the client keeps up
+        (:meth:`pause_writing` takes the client off until :meth:`resume_writing`).
+        """
+        engine, client, upstream = self.engine, self.client, self.upstream
+        if engine is None or client is None or upstream is None or self._gate is not None or self._closed:
+            return
+        engine.relay(upstream, None if self._client_full else client)
+        client.set_protocol(DirectClient(self, engine.read_client))
+        self._direct = True
 
     def data_received(self, data: bytes) -> None:
-        self.bytes_in += len(data)
+        self._rx_client += len(data)
         if self._client_pauses and self.client is not None:
             # A pause that did not take (asked for before uvloop started reading): take it now.
             self.client.pause_reading()
@@ -502,12 +608,12 @@ class Connection(asyncio.Protocol):
             self.engine.feed(False, data)
 
     def upstream_data(self, data: bytes) -> None:
-        self._up_rx += len(data)
+        self._rx_upstream += len(data)
         if self._upstream_held and self.upstream is not None:
             self.upstream.pause_reading()  # as for the client: a pause is enforced, not assumed
         if self._l4:
             assert self.client is not None
-            self.bytes_out += len(data)
+            self._tx_client += len(data)
             self.client.write(data)
             return
         if self.engine is not None:
@@ -519,7 +625,7 @@ class Connection(asyncio.Protocol):
         if reply:
             client = self.client
             assert client is not None
-            self.bytes_out += len(data)
+            self._tx_client += len(data)
             client.write(data)
             if self._client_full and client.get_write_buffer_size() > self._reply_cap:
                 # Still growing although the upstream is paused: answers proxyd writes itself
@@ -634,6 +740,8 @@ class Connection(asyncio.Protocol):
         if self._closed:
             return
         self._closed = True
+        if self._direct and self.engine is not None:
+            self.engine.relay(None, None)  # nothing is written to a closed transport
         if self._clocal is not None:
             self.lr.host.upstream_locals.pop(self._clocal, None)
             self._clocal = None
@@ -692,13 +800,19 @@ class Connection(asyncio.Protocol):
     # --- flow control ----------------------------------------------------------------------
 
     def pause_writing(self) -> None:
-        # The client reads slower than the upstream sends: stop reading the upstream.
+        # The client reads slower than the upstream sends: stop reading the upstream. A
+        # parser's replies go through _send again, which bounds what proxyd writes itself to
+        # such a client (L4 writes nothing of its own).
         self._client_full = True
+        if self._direct and self.engine is not None and not self._l4:
+            self.engine.relay(self.upstream, None)
         if self.upstream is not None:
             self.upstream.pause_reading()
 
     def resume_writing(self) -> None:
         self._client_full = False
+        if self._direct and self.engine is not None and not self._closed:
+            self.engine.relay(self.upstream, self.client)
         if self.upstream is not None and not self._closed and not self._upstream_held:
             self.upstream.resume_reading()
         self.resume_client_reading("client-full")

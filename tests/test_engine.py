@@ -654,3 +654,109 @@ def test_the_http_parser_upgrade_wait_is_a_hold_released_by_the_answer() -> None
         assert h.to_server == req and h.held(False)
         h.feed(answer, reply=True)
         assert h.to_server == req + after and not h.held(False) and h.to_client == answer
+
+
+# --- the direct read path: the engine as the transports' reader and writer (proxyd/relay.py) ------
+
+
+class Wire:
+    """A transport stand-in: writes and pauses go to one shared log, in order."""
+
+    def __init__(self, name: str, log: list[Any]) -> None:
+        self.name = name
+        self.log = log
+        self.on_write: Callable[[], None] | None = None
+
+    def write(self, data: bytes | bytearray) -> None:
+        self.log.append((self.name, bytes(data)))
+        if self.on_write is not None:
+            self.on_write()
+
+    def pause_reading(self) -> None:
+        self.log.append((self.name, "pause"))
+
+
+def direct(steps: Mapping[bool, Sequence[Step]] | None) -> tuple[Any, list[Any], Wire, Wire]:
+    log: list[Any] = []
+    ctx = _InjectCtx()
+    parser = None if steps is None else Script(ctx, steps)  # type: ignore[arg-type]
+    e = Engine(parser, lambda r, d: log.append(("send", r, bytes(d))),
+               on_hold=lambda r, h: log.append(("hold", r, h)))  # fmt: skip
+    ctx.engine = e
+    up, cl = Wire("upstream", log), Wire("client", log)
+    e.relay(up, cl)
+    return e, log, up, cl
+
+
+class _InjectCtx:
+    engine: Any = None
+
+    def inject(self, reply: bool, data: bytes) -> None:
+        self.engine.queue_inject(reply, data)
+
+
+def deny(ctx: ConnectionContext, reply: bool, data: bytes) -> Verdict:
+    ctx.inject(True, b"DENIED\r\n")
+    return DROP, len(data)
+
+
+def test_a_resolved_read_goes_straight_to_the_other_transport_and_is_counted() -> None:
+    e, log, _, _ = direct({False: [(PASS, 4), deny], True: [(PASS, 3)]})
+    e.read_client(b"get ")
+    e.read_client(b"bad\r\n")
+    e.read_server(b"END")
+    # order kept: the pass, the denial (an injection toward the client), the reply
+    assert log == [("upstream", b"get "), ("client", b"DENIED\r\n"), ("client", b"END")]
+    assert (e.received(False), e.received(True)) == (9, 3)
+    assert (e.sent(False), e.sent(True)) == (4, 11)
+    assert e.dropped(False) == 5
+
+
+def test_l4_reads_go_straight_through() -> None:
+    e, log, _, _ = direct(None)
+    e.read_client(b"ping")
+    e.read_server(b"pong")
+    assert log == [("upstream", b"ping"), ("client", b"pong")]
+    assert (e.received(False), e.sent(False), e.received(True), e.sent(True)) == (4, 4, 4, 4)
+
+
+def test_without_a_relay_transport_output_goes_through_send_in_order() -> None:
+    e, log, up, _ = direct({False: [(PASS, 1)] * 6})
+    e.relay(up, None)  # the client is full: replies through send (the relay bounds them)
+    e.queue_inject(True, b"x")
+    e.read_client(b"a")
+    e.relay(None, None)  # closed: nothing is written to a transport any more
+    e.read_client(b"b")
+    e.relay(up, None)
+    e.read_client(b"c")
+    assert log == [("send", True, b"x"), ("upstream", b"a"), ("send", False, b"b"), ("upstream", b"c")]
+    assert e.received(False) == 3 and e.sent(False) == 2 and e.sent(True) == 0
+
+
+def test_a_transport_taken_off_inside_its_write_gets_nothing_more() -> None:
+    """uvloop calls pause_writing from inside write(): the relay then takes the client off."""
+    e, log, up, cl = direct({False: [(PASS, 2), (PASS, 2)], True: [(PASS, 1)] * 4})
+    cl.on_write = lambda: e.relay(up, None)
+    e.queue_inject(True, b"!")  # from outside a round: straight to the client, which goes off
+    e.read_server(b"ab")
+    assert log == [("client", b"!"), ("send", True, b"ab")]
+    assert e.sent(True) == 1
+
+
+def test_a_server_read_while_held_pauses_the_upstream_again() -> None:
+    """The upstream may start reading while its direction is held: each read pauses it again."""
+    e, log, _, _ = direct({True: [(NOP, 0)], False: [(PASS, 1)]})
+    e.read_server(b"reply")  # NOP with bytes buffered: held
+    assert e.held(True) and log == [("hold", True, True)]
+    e.read_server(b"more")
+    assert log == [("hold", True, True), ("upstream", "pause")]
+    assert e.received(True) == 9 and e.buffered(True) == 9
+
+
+def test_reads_after_an_error_are_counted_and_go_nowhere() -> None:
+    e, log, _, _ = direct({False: [(ERROR, 7)]})
+    e.read_client(b"x")
+    e.read_client(b"yz")
+    e.read_server(b"r")
+    assert e.error is not None and e.error.code == 7
+    assert log == [] and (e.received(False), e.received(True)) == (3, 1)

@@ -105,6 +105,7 @@ def test_the_flat_policy_interface_is_versioned() -> None:
         if os.environ.get("PROXYD_REQUIRE_BINARIES", "") not in ("", "0"):
             pytest.fail("proxyd._native is not built (required: PROXYD_REQUIRE_BINARIES=1)")
         pytest.skip("proxyd._native is not built")
-    with pytest.raises(ValueError, match="interface version 2, this build reads version 1"):
-        mod.setup_policy(version=flat.VERSION + 1, LiveConnectionPolicy=object, RuleRegex=object,
-                         ALLOW_ALL=object(), unanchored=None, Context=object, ALLOWED=object())  # fmt: skip
+    with pytest.raises(ValueError, match="interface version 3, this build reads version 2"):
+        mod.setup_policy(version=flat.VERSION + 1, Context=object, ALLOWED=object())
+    with pytest.raises(ValueError, match="interface version 1, this build reads version 2"):
+        mod.setup_policy(version=1, Context=object, ALLOWED=object())

@@ -22,11 +22,14 @@ import pytest
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
+from proxyd.context import L7Decision
 from proxyd.engine import native_module
 from proxyd.ops import Op
 from proxyd.parser import ConnectionContext, Data, Parser, ParserFactory
 from proxyd.parsers.memcache import MemcacheFactory
-from proxyd.testing import Harness
+from proxyd.policy import flat
+from proxyd.policy.engine import ConnectionPolicy
+from proxyd.testing import Harness, engine_class
 
 if native_module() is None:  # pragma: no cover - CI always builds it
     if os.environ.get("PROXYD_REQUIRE_BINARIES", "") not in ("", "0"):
@@ -190,6 +193,86 @@ def test_engine_queue_inject_from_outside_a_round_is_equivalent() -> None:
         h.feed(b"x" * 97)
         assert h.to_server == b"abc" + b"x" * 97 + b"held"
         assert h.to_client == b"to-client"
+
+
+# --- the direct read path: the engine as the transports' reader and writer ---------------------
+
+
+class _InjectCtx:
+    engine: Any = None
+
+    def inject(self, reply: bool, data: bytes) -> None:
+        self.engine.queue_inject(reply, data)
+
+
+class _Transport:
+    """Logs writes and pauses in the shared log; after ``off_after`` writes it takes itself off
+    the engine from inside write(), as the relay's pause_writing does."""
+
+    def __init__(self, name: str, log: list[Any], engine: Any, off_after: int | None) -> None:
+        self.name, self.log, self.engine, self.off_after = name, log, engine, off_after
+        self.relays: list[Any] = [None, None]  # what the engine writes to now (set by the test)
+
+    def write(self, data: bytes | bytearray) -> None:
+        self.log.append(("write", self.name, bytes(data)))
+        if self.off_after is not None:
+            self.off_after -= 1
+            if self.off_after <= 0:
+                self.off_after = None
+                self.relays[:] = [None if t is self else t for t in self.relays]
+                self.engine.relay(*self.relays)
+
+    def pause_reading(self) -> None:
+        self.log.append(("pause", self.name))
+
+
+@SETTINGS
+@given(
+    steps=st.lists(step, max_size=30),
+    client=st.binary(max_size=200),
+    server=st.binary(max_size=200),
+    data=st.data(),
+    limit=st.sampled_from([1 << 20, 64, 200]),
+    l4=st.booleans(),
+    off_after=st.tuples(st.none() | st.integers(1, 3), st.none() | st.integers(1, 3)),
+)
+def test_engine_direct_reads_equivalent(
+    steps: list[Any], client: bytes, server: bytes, data: st.DataObject, limit: int, l4: bool,
+    off_after: tuple[int | None, int | None],
+) -> None:  # fmt: skip
+    """read_client / read_server with the output relayed to transports (switched on and off
+    between reads, and from inside a write): same writes, sends, pauses, counts and errors."""
+    sched = data.draw(schedules(client, server))
+    relays = data.draw(st.lists(st.tuples(st.booleans(), st.booleans()), min_size=len(sched),
+                                max_size=len(sched)))  # fmt: skip
+    results = []
+    for impl in ("python", "native"):
+        log: list[Any] = []
+        ctx = _InjectCtx()
+        parser = None if l4 else Scripted(ctx, steps)  # type: ignore[arg-type]
+        engine = engine_class(impl)(parser, lambda r, d, log=log: log.append(("send", r, bytes(d))),
+                                    buffer_limit=limit,
+                                    on_hold=lambda r, h, log=log: log.append(("hold", r, h)))  # fmt: skip
+        ctx.engine = engine
+        up = _Transport("upstream", log, engine, off_after[0])
+        cl = _Transport("client", log, engine, off_after[1])
+        up.relays = cl.relays  # one list: what the engine writes to now
+        for (reply, chunk), (to_server, to_client) in zip(sched, relays, strict=True):
+            up.relays[:] = [up if to_server else None, cl if to_client else None]
+            engine.relay(*up.relays)
+            (engine.read_server if reply else engine.read_client)(chunk)
+        err = engine.error
+        results.append({
+            "log": log,
+            "counts": [(engine.received(r), engine.sent(r)) for r in (False, True)],
+            "error": None if err is None else (err.kind, str(err)),
+            "seen": None if parser is None else parser.seen,
+        })  # fmt: skip
+    assert results[0] == results[1]
+    # every byte written to a transport is counted, per direction
+    log = results[0]["log"]
+    for reply, name in ((False, "upstream"), (True, "client")):
+        assert results[0]["counts"][reply][1] == sum(len(e[2]) for e in log if e[:2] == ("write", name))
 
 
 # --- the engine's hold, with a gate parser ----------------------------------------------------
@@ -406,10 +489,48 @@ def binary_traffic(draw: st.DrawFn) -> tuple[bytes, bytes]:
     return c, s
 
 
+class FlatRulesPolicy:
+    """A policy with a flat form, as the daemon's LiveConnectionPolicy has: the native parser
+    evaluates it in C (proxyd.policy.flat); ``decide`` is the reference. ``opaque`` rules are
+    wrapped in a matcher without a flat form, which the interface hands over as a call."""
+
+    def __init__(self, rules: Sequence[tuple[Mapping[str, str], bool]], audit: bool = False) -> None:
+        factory = MemcacheFactory()
+        matchers: list[tuple[Any, L7Decision]] = []
+        for rule, opaque in rules:
+            m = factory.compile_rule(rule)
+            matchers.append((_Opaque(m) if opaque else m, L7Decision(True, "test")))
+        self.cp = ConnectionPolicy(True, "", always=None, matchers=tuple(matchers),
+                                   denied=L7Decision(False, "test", audit=audit))  # fmt: skip
+        self.cell: list[object] = [object()]
+        self.flats = 0
+
+    def decide(self, request: Any) -> L7Decision:
+        return self.cp.decide(request)
+
+    def flat(self) -> flat.FlatPolicy:
+        self.flats += 1
+        return flat.build(self.cp, self.cell[0], self.cell)
+
+
+class _Opaque:
+    def __init__(self, inner: Any) -> None:
+        self.inner = inner
+        self.seen: list[Any] = []
+
+    def matches(self, request: Any) -> bool:
+        self.seen.append(request)
+        return bool(self.inner.matches(request))
+
+
 def run_memcache(impl: str, rules: list[Mapping[str, str]] | None, log_responses: bool, sched: Schedule,
-                 eof: tuple[bool, bool]) -> dict[str, Any]:  # fmt: skip
-    h = Harness(MemcacheFactory(), rules=rules, parser_config={"log_responses": log_responses},
-                implementation=impl)  # fmt: skip
+                 eof: tuple[bool, bool], flat_form: list[bool] | None = None) -> dict[str, Any]:  # fmt: skip
+    config = {"log_responses": log_responses}
+    if flat_form is not None and rules is not None:
+        policy = FlatRulesPolicy(list(zip(rules, flat_form + [False] * len(rules), strict=False)))
+        h = Harness(MemcacheFactory(), policy=policy, parser_config=config, implementation=impl)
+    else:
+        h = Harness(MemcacheFactory(), rules=rules, parser_config=config, implementation=impl)
     res = run(h, sched, eof)
     res["pending"] = h.engine.parser.pending()  # type: ignore[attr-defined]
     return res
@@ -420,15 +541,18 @@ policies = st.one_of(st.none(), st.lists(st.sampled_from(RULE_CHOICES), max_size
 
 @SETTINGS
 @given(traffic=st.one_of(text_traffic(), binary_traffic()), rules=policies, data=st.data(),
-       log_responses=st.booleans(), eof=st.tuples(st.booleans(), st.booleans()))  # fmt: skip
+       log_responses=st.booleans(), eof=st.tuples(st.booleans(), st.booleans()),
+       flat_form=st.none() | st.lists(st.booleans(), max_size=4))  # fmt: skip
 def test_memcache_equivalent(
     traffic: tuple[bytes, bytes], rules: list[Mapping[str, str]] | None, data: st.DataObject,
-    log_responses: bool, eof: tuple[bool, bool],
+    log_responses: bool, eof: tuple[bool, bool], flat_form: list[bool] | None,
 ) -> None:  # fmt: skip
+    """``flat_form``: the policy has a flat form (evaluated in C, some rules as calls), or not
+    (the native parser calls ``ctx.matches``)."""
     client, server = traffic
     sched = data.draw(schedules(client, server))
-    py = run_memcache("python", rules, log_responses, sched, eof)
-    nat = run_memcache("native", rules, log_responses, sched, eof)
+    py = run_memcache("python", rules, log_responses, sched, eof, flat_form)
+    nat = run_memcache("native", rules, log_responses, sched, eof, flat_form)
     assert nat == py
 
 
@@ -482,6 +606,96 @@ def test_the_native_parser_runs_on_the_native_engine() -> None:
     assert type(h.engine.parser) is mod.Memcache
     h = Harness(MemcacheFactory(), implementation="python")
     assert type(h.engine.parser).__name__ == "MemcacheParser"
+
+
+# --- the flattened-policy interface, as the native parser reads it -----------------------------
+
+FLAT_TRAFFIC = b"get a/1\r\nget b/1\r\nget a/2 b/2\r\nstats\r\n"
+
+
+class _Refusing(FlatRulesPolicy):
+    """Fails the test if the parser asks ``decide`` (the flat form must answer)."""
+
+    def decide(self, request: Any) -> L7Decision:
+        raise AssertionError(f"decide({request!r}) called: the flat form was not used")
+
+
+def flat_run(policy: Any, impl: str = "native") -> Harness:
+    h = Harness(MemcacheFactory(), policy=policy, implementation=impl)
+    h.feed(FLAT_TRAFFIC)
+    return h
+
+
+def test_the_native_parser_decides_through_the_flat_form() -> None:
+    rules = [({"command": "get", "keyPrefix": "a/"}, False), ({"command": "stats"}, False)]
+    h = flat_run(_Refusing(rules))
+    assert h.out[False] == b"get a/1\r\nstats\r\n"
+    assert [(e.verdict, e.fields["keys"]) for e in h.log] == [
+        ("forwarded", ["a/1"]), ("denied", ["b/1"]), ("denied", ["a/2", "b/2"]), ("forwarded", [])
+    ]
+    py = flat_run(FlatRulesPolicy(rules), "python")
+    assert (h.out, h.log) == (py.out, py.log)
+
+
+def test_the_native_parser_follows_the_revision_cell() -> None:
+    """Built once; rebuilt only when the cell no longer holds the copy's stamp (a reload)."""
+    policy = _Refusing([({"command": "get", "keyPrefix": "a/"}, False)])
+    h = Harness(MemcacheFactory(), policy=policy, implementation="native")
+    h.feed(b"get a/1\r\nget a/2\r\nget b/1\r\n")
+    assert policy.flats == 1
+    policy.cp = ConnectionPolicy(True, "", always=L7Decision(False, "reloaded"))
+    h.feed(b"get a/3\r\n")
+    assert policy.flats == 1  # the cell did not move: the old copy still holds
+    policy.cell[0] = object()
+    h.feed(b"get a/4\r\n")
+    assert policy.flats == 2
+    assert h.out[False] == b"get a/1\r\nget a/2\r\nget a/3\r\n"
+    assert (h.log[-1].verdict, h.log[-1].policy) == ("denied", "reloaded")
+
+
+def test_rules_without_a_flat_form_are_called_with_the_request() -> None:
+    from proxyd.parsers.memcache import MemcacheRequest
+
+    policy = _Refusing([({"command": "get", "keyPrefix": "a/"}, True)])
+    h = flat_run(policy)
+    assert h.out[False] == b"get a/1\r\n"
+    [(opaque, _)] = policy.cp.matchers
+    assert isinstance(opaque, _Opaque)
+    assert opaque.seen[:2] == [MemcacheRequest("get", (b"a/1",)), MemcacheRequest("get", (b"b/1",))]
+
+
+class _UnknownForm(FlatRulesPolicy):
+    """A flat form from a later version: the build must not guess, and asks ``decide``."""
+
+    decided = 0
+
+    def decide(self, request: Any) -> L7Decision:
+        self.decided += 1
+        return super().decide(request)
+
+    def flat(self) -> flat.FlatPolicy:
+        fp = super().flat()
+        glob = flat.FlatRule((("key", "glob", b"a/*"),), fp.rules[0].then)
+        return fp._replace(rules=(glob, *fp.rules))
+
+
+class _NoFlat(FlatRulesPolicy):
+    decided = 0
+
+    def decide(self, request: Any) -> L7Decision:
+        self.decided += 1
+        return super().decide(request)
+
+    flat = None  # type: ignore[assignment]
+
+
+@pytest.mark.parametrize("cls", [_UnknownForm, _NoFlat])
+def test_a_policy_the_build_cannot_read_is_asked_instead(cls: type[Any]) -> None:
+    rules = [({"command": "get", "keyPrefix": "a/"}, False)]
+    policy = cls(rules)
+    h = flat_run(policy)
+    assert policy.decided == 5  # once a key (a multi-key get asks per key), through ctx.matches
+    assert h.out[False] == flat_run(FlatRulesPolicy(rules), "python").out[False] == b"get a/1\r\n"
 
 
 # --- the daemon's own access log and counters (not the harness's list sink) -------------------

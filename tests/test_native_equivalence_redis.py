@@ -363,3 +363,53 @@ def test_redis_live_policy_and_log_equivalent(
     assert run_live("native", docs, audit, mode, sched, tmp) == run_live(
         "python", docs, audit, mode, sched, tmp
     )
+
+
+# --- the flattened-policy interface, as the redis twin reads it --------------------------------
+
+
+class FlatPolicyOf:
+    """A policy with a flat form, as the daemon's LiveConnectionPolicy has, counting ``decide``
+    (the twin must answer from the flat form, never asking it)."""
+
+    def __init__(self, factory: Any, rules: list[dict[str, str]]) -> None:
+        from proxyd.context import L7Decision
+        from proxyd.policy.engine import ConnectionPolicy
+
+        matchers = tuple((factory.compile_rule(r), L7Decision(True, "t")) for r in rules)
+        self.cp = ConnectionPolicy(True, "", always=None, matchers=matchers, denied=L7Decision(False, "t"))
+        self.cell: list[object] = [object()]
+        self.decided = 0
+
+    def decide(self, request: Any) -> Any:
+        self.decided += 1
+        return self.cp.decide(request)
+
+    def flat(self) -> Any:
+        from proxyd.policy import flat
+
+        return flat.build(self.cp, self.cell[0], self.cell)
+
+
+FLAT_RULES = [
+    {"command": "get", "keyPrefix": "a"},
+    {"command": "@read", "keyRegex": "^b[0-9]$"},
+    {"command": "config|get"},
+    {"command": "@all", "keyExact": "z"},
+]
+FLAT_REDIS = (
+    b"GET a1\r\nGET b1\r\nGET c1\r\nSTRLEN b2\r\nSTRLEN bb\r\nMGET b1 b3\r\nMGET b1 c\r\nSET z 1\r\nDEL c\r\n"
+)
+
+
+def test_the_redis_twin_decides_through_the_flat_form() -> None:
+    runs = {}
+    for impl in ("native", "python"):
+        policy = FlatPolicyOf(RedisFactory(), FLAT_RULES)
+        h = Harness(RedisFactory(), policy=policy, implementation=impl)
+        h.feed(FLAT_REDIS)
+        runs[impl] = (h.out, h.log, policy.decided)
+    assert runs["native"][:2] == runs["python"][:2]
+    assert runs["native"][0][False] == b"GET a1\r\nGET b1\r\nSTRLEN b2\r\nMGET b1 b3\r\nSET z 1\r\n"
+    assert runs["python"][2] > 0
+    assert runs["native"][2] == 0  # every decision from the flat form (category, regex, prefix, exact)

@@ -9,7 +9,11 @@ import os
 import socket
 from pathlib import Path
 
+import pytest
 from proxyutil import addr, daemon, echo, r2d2_server, tcp_server, wait_for
+
+from proxyd.native import IMPLEMENTATION
+from proxyd.relay import HIGH_WATER, DirectClient
 
 
 def l4_config(upstream: tuple[str, int], **extra: str) -> str:
@@ -160,3 +164,43 @@ async def test_line_parser_inject_both_directions(tmp_path: Path) -> None:
         # the dropped line never reaches the server; the INJECT-ed copy does.
         assert sorted(got.splitlines()) == sorted([b"direct", b"OK a", b"OK INJECT x"])
         w.close()
+
+
+@pytest.mark.parametrize("listener", ["passer", "tcp"])
+async def test_direct_reads_keep_flow_control_order_and_counts(tmp_path: Path, listener: str) -> None:
+    """A parsed connection's reads go straight through the engine (relay.DirectClient), and an
+    L4 one's on the compiled path (an engine without a parser): the client that stops reading
+    still pauses the upstream (the proxy holds about the high-water mark, not the whole
+    stream), the bytes arrive whole and in order once it reads again, and the counts the
+    engine kept reach the live connection and its access-log line."""
+    payload = os.urandom(1 << 20) * 8
+    async with tcp_server(echo) as up, daemon(l4_config(up), tmp_path) as d:
+        r, w = await asyncio.open_connection(*addr(d, listener))
+        w.write(b"x")
+        assert await asyncio.wait_for(r.readexactly(1), 5) == b"x"
+        [conn] = d.listeners[listener].conns
+        assert conn.client is not None
+        direct = listener == "passer" or IMPLEMENTATION == "native"
+        assert isinstance(conn.client.get_protocol(), DirectClient) == direct
+        w.write(payload)  # the echo comes back; nobody reads it yet
+        await wait_for(lambda: conn._client_full)
+        await asyncio.sleep(0.3)
+        assert conn.client.get_write_buffer_size() <= HIGH_WATER + (1 << 20)
+        assert conn.bytes_out < len(payload)  # the upstream was paused: most is not read yet
+        h = hashlib.sha256(b"x")
+        n = 1
+        while n < 1 + len(payload):
+            chunk = await asyncio.wait_for(r.read(1 << 16), 5)
+            assert chunk
+            h.update(chunk)
+            n += len(chunk)
+        assert h.hexdigest() == hashlib.sha256(b"x" + payload).hexdigest()
+        assert conn.bytes_in == conn.bytes_out == 1 + len(payload)
+        w.write_eof()
+        assert await asyncio.wait_for(r.read(), 5) == b""  # the EOF went through both ways
+        w.close()
+        await wait_for(lambda: not d.active_connections())
+    lines = [json.loads(line) for line in (tmp_path / "access.log").read_text().splitlines()]
+    [line] = [e for e in lines if e["event"] == "connection" and e["listener"] == listener]
+    total = 1 + len(payload)
+    assert (line["bytes_in"], line["bytes_out"], line["verdict"]) == (total, total, "forwarded")

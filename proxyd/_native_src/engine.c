@@ -47,6 +47,9 @@ typedef struct {
     Py_ssize_t limit;
     int in_round;
     Side sides[2];
+    PyObject *relay[2];       /* PyEngine._relay: the transport each direction is written to, or NULL: send */
+    long long received[2];    /* PyEngine._received: bytes read by read_client / read_server */
+    long long sent[2];        /* PyEngine._sent: bytes written to a relay transport */
     PyObject *weakreflist;
 } Engine;
 
@@ -65,6 +68,8 @@ static int Engine_traverse(Engine *self, visitproc visit, void *arg) {
     Py_VISIT(self->on_error);
     Py_VISIT(self->on_hold);
     Py_VISIT(self->error);
+    Py_VISIT(self->relay[0]);
+    Py_VISIT(self->relay[1]);
     return 0;
 }
 
@@ -75,6 +80,8 @@ static int Engine_clear(Engine *self) {
     Py_CLEAR(self->on_error);
     Py_CLEAR(self->on_hold);
     Py_CLEAR(self->error);
+    Py_CLEAR(self->relay[0]);
+    Py_CLEAR(self->relay[1]);
     return 0;
 }
 
@@ -108,6 +115,9 @@ static int Engine_init(Engine *self, PyObject *args, PyObject *kw) {
     Py_XSETREF(self->on_error, on_error == Py_None ? NULL : (Py_INCREF(on_error), on_error));
     Py_XSETREF(self->on_hold, on_hold == Py_None ? NULL : (Py_INCREF(on_hold), on_hold));
     Py_CLEAR(self->error);
+    Py_CLEAR(self->relay[0]);
+    Py_CLEAR(self->relay[1]);
+    self->received[0] = self->received[1] = self->sent[0] = self->sent[1] = 0;
     self->limit = limit;
     self->in_round = 0;
     for (int i = 0; i < 2; i++) {
@@ -119,8 +129,22 @@ static int Engine_init(Engine *self, PyObject *args, PyObject *kw) {
 }
 
 
+static Py_ssize_t obj_len(PyObject *data);
+
+/* PyEngine._emit: to the direction's relay transport (counted), else through send. */
 static int call_send(Engine *self, int reply, PyObject *data) {
-    PyObject *r = PyObject_CallFunctionObjArgs(self->send, BOOL(reply), data, NULL);
+    PyObject *t = self->relay[reply];
+    PyObject *r;
+    if (t != NULL) {
+        Py_ssize_t n = obj_len(data);
+        if (n < 0) return -1;
+        self->sent[reply] += n;
+        Py_INCREF(t); /* write() may call pause_writing, which may take the transport off */
+        r = PyObject_CallMethodOneArg(t, s_write, data);
+        Py_DECREF(t);
+    } else {
+        r = PyObject_CallFunctionObjArgs(self->send, BOOL(reply), data, NULL);
+    }
     if (r == NULL) return -1;
     Py_DECREF(r);
     return 0;
@@ -345,6 +369,8 @@ static Py_ssize_t obj_len(PyObject *data) {
     return PyObject_Length(data);
 }
 
+static PyObject *engine_feed(Engine *self, int reply, PyObject *data);
+
 static PyObject *Engine_feed(Engine *self, PyObject *const *args, Py_ssize_t nargs) {
     if (nargs != 2) {
         PyErr_SetString(PyExc_TypeError, "feed(reply, data)");
@@ -352,7 +378,60 @@ static PyObject *Engine_feed(Engine *self, PyObject *const *args, Py_ssize_t nar
     }
     int reply = PyObject_IsTrue(args[0]);
     if (reply < 0) return NULL;
-    PyObject *data = args[1];
+    return engine_feed(self, reply, args[1]);
+}
+
+/* PyEngine.read_client: a client transport's data_received. */
+static PyObject *Engine_read_client(Engine *self, PyObject *data) {
+    Py_ssize_t n = obj_len(data);
+    if (n < 0) return NULL;
+    self->received[0] += n;
+    return engine_feed(self, 0, data);
+}
+
+/* PyEngine.read_server: an upstream transport's data_received. */
+static PyObject *Engine_read_server(Engine *self, PyObject *data) {
+    Py_ssize_t n = obj_len(data);
+    if (n < 0) return NULL;
+    self->received[1] += n;
+    PyObject *up = self->relay[0];
+    if (self->sides[1].held && up != NULL) {
+        /* a pause is enforced, not assumed (relay.py): the upstream started reading held */
+        Py_INCREF(up);
+        PyObject *r = PyObject_CallMethodNoArgs(up, s_pause_reading);
+        Py_DECREF(up);
+        if (r == NULL) return NULL;
+        Py_DECREF(r);
+    }
+    return engine_feed(self, 1, data);
+}
+
+static PyObject *Engine_relay(Engine *self, PyObject *const *args, Py_ssize_t nargs) {
+    if (nargs != 2) {
+        PyErr_SetString(PyExc_TypeError, "relay(to_server, to_client)");
+        return NULL;
+    }
+    for (int i = 0; i < 2; i++) {
+        PyObject *t = args[i] == Py_None ? NULL : args[i];
+        Py_XINCREF(t);
+        Py_XSETREF(self->relay[i], t);
+    }
+    Py_RETURN_NONE;
+}
+
+static PyObject *Engine_received(Engine *self, PyObject *arg) {
+    int r = PyObject_IsTrue(arg);
+    if (r < 0) return NULL;
+    return PyLong_FromLongLong(self->received[r]);
+}
+
+static PyObject *Engine_sent(Engine *self, PyObject *arg) {
+    int r = PyObject_IsTrue(arg);
+    if (r < 0) return NULL;
+    return PyLong_FromLongLong(self->sent[r]);
+}
+
+static PyObject *engine_feed(Engine *self, int reply, PyObject *data) {
     Py_ssize_t n = obj_len(data);
     if (n < 0) return NULL;
     if (self->error != NULL || n == 0) Py_RETURN_NONE;
@@ -782,6 +861,12 @@ static PyMethodDef Engine_methods[] = {
     {"buffered", (PyCFunction)Engine_buffered, METH_O, "Bytes held for the parser."},
     {"dropped", (PyCFunction)Engine_dropped, METH_O, "Bytes dropped so far."},
     {"held", (PyCFunction)Engine_held, METH_O, "Whether a direction is held (waits on the other)."},
+    {"relay", (PyCFunction)(void (*)(void))Engine_relay, METH_FASTCALL,
+     "Write each direction to a transport (None: through send)."},
+    {"read_client", (PyCFunction)Engine_read_client, METH_O, "A client transport's data_received."},
+    {"read_server", (PyCFunction)Engine_read_server, METH_O, "An upstream transport's data_received."},
+    {"received", (PyCFunction)Engine_received, METH_O, "Bytes read by read_client / read_server."},
+    {"sent", (PyCFunction)Engine_sent, METH_O, "Bytes written to a relay transport."},
     {NULL},
 };
 

@@ -245,27 +245,6 @@ Py_ssize_t http_response_head(const char *d, Py_ssize_t have, Py_ssize_t limit, 
     return n;
 }
 
-int http_field_has(const char *block, Py_ssize_t blen, const char *lname, Py_ssize_t nl, const char *value,
-                   Py_ssize_t vl) {
-    for (Py_ssize_t pos = 0; pos < blen;) {
-        Py_ssize_t colon, vs, ve;
-        Py_ssize_t next = field_line(block, pos, blen, &colon, &vs, &ve);
-        if (next < 0) return 0; /* validated already: cannot happen */
-        if (colon - pos == nl) {
-            Py_ssize_t k = 0;
-            for (; k < nl; k++) {
-                unsigned char c = (unsigned char)block[pos + k];
-                if (c >= 'A' && c <= 'Z') c += 32;
-                if (c != (unsigned char)lname[k]) break;
-            }
-            if (k == nl && (value == NULL || (ve - vs == vl && memcmp(block + vs, value, (size_t)vl) == 0)))
-                return 1;
-        }
-        pos = next;
-    }
-    return 0;
-}
-
 /* HeadReader.scan on an incomplete head (no "\r\n\r\n" in d), from its start: 1 when it would
  * answer -1 (more bytes needed) having raised nothing, so the parser answers MORE itself; 0 when
  * the reference must decide (a line it refuses, the limit, the field count). Every complete line

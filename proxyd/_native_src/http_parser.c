@@ -21,7 +21,7 @@
  * its resting value in these states. */
 #include "native.h"
 
-PyObject *g_HttpRequest, *g_HttpRule, *g_ET_H_REQUEST, *g_ET_H_RESPONSE;
+PyObject *g_HttpRequest, *g_ET_H_REQUEST, *g_ET_H_RESPONSE;
 
 /* parser.py's state numbers (the ones this file uses) */
 enum { RS_HEAD = 0, RS_CHUNK = 1, RS_TRAILER = 2, RS_DRAIN = 5 };
@@ -55,7 +55,7 @@ typedef struct {
     HEntry *q;
     Py_ssize_t qhead, qlen, qcap;
     PyObject *counts, *count_key; /* ctx.quiet_counter() */
-    HttpFlat flat;
+    FlatPolicy flat;
     long long handled, handed; /* calls answered here, calls handed to the reference */
 } Http;
 
@@ -238,7 +238,7 @@ static PyObject *fields4(PyObject *k1, PyObject *v1, PyObject *k2, PyObject *v2,
  * building the fields. */
 static int log_forwarded(Http *s, PyObject *method, PyObject *path, PyObject *host, int v11) {
     if (s->counts != NULL) {
-        PyObject *last = PyObject_GetAttr(s->ctx, s__last);
+        PyObject *last = PyObject_GetAttr(s->ctx, s_last_decision);
         if (last == NULL) return -1;
         int audit = 1;
         if (last == g_ALLOWED) {
@@ -263,7 +263,7 @@ static int log_forwarded(Http *s, PyObject *method, PyObject *path, PyObject *ho
             int rc = PyDict_SetItem(s->counts, s->count_key, sum);
             Py_DECREF(sum);
             if (rc < 0) return -1;
-            return PyObject_SetAttr(s->ctx, s__last, g_ALLOWED);
+            return PyObject_SetAttr(s->ctx, s_last_decision, g_ALLOWED);
         }
     }
     return ctx_log(s, g_ET_H_REQUEST,
@@ -287,7 +287,7 @@ static int suspect(const char *t, Py_ssize_t n) {
 }
 
 /* HttpRequest(method, path, host, version, ((lname, value), ...), []) from a validated block. */
-static PyObject *build_request(PyObject *method, PyObject *path, PyObject *host, int v11, PyObject *block) {
+PyObject *http_build_request(PyObject *method, PyObject *path, PyObject *host, int v11, PyObject *block) {
     const char *b = PyBytes_AS_STRING(block);
     Py_ssize_t blen = PyBytes_GET_SIZE(block), count = 0;
     for (Py_ssize_t i = 0; i + 1 < blen; i++)
@@ -393,11 +393,10 @@ static int h_request(Http *s, int end_stream, PyObject *buf, const char *data, P
     long long length = h.length;
     int v11 = h.v11, keep_alive = h.keep_alive, chunked = h.chunked, op = -1;
     if (method == NULL || path == NULL || host == NULL || block == NULL) goto done;
-    int m = http_flat_matches(&s->flat, s->ctx, method, path, host, PyBytes_AS_STRING(block),
-                              PyBytes_GET_SIZE(block));
+    int m = http_flat_matches(&s->flat, s->ctx, method, path, host, v11, block);
     if (m < 0) goto done;
     if (m != 1) {
-        req = build_request(method, path, host, v11, block);
+        req = http_build_request(method, path, host, v11, block);
         if (req == NULL) goto done;
         if (m == 2) {
             PyObject *r = PyObject_CallMethodOneArg(s->ctx, s_matches, req);
@@ -553,7 +552,8 @@ static int Http_traverse(Http *s, visitproc visit, void *arg) {
     Py_VISIT(s->ctx);
     Py_VISIT(s->py);
     Py_VISIT(s->counts);
-    Py_VISIT(s->flat.cp);
+    Py_VISIT(s->flat.policy);
+    Py_VISIT(s->flat.flat);
     return 0;
 }
 
@@ -568,7 +568,7 @@ static int Http_clear(Http *s) {
 static void Http_dealloc(Http *s) {
     PyObject_GC_UnTrack(s);
     Http_clear(s);
-    http_flat_clear(&s->flat);
+    flat_clear(&s->flat);
     q_clear(s);
     PyMem_Free(s->q);
     Py_TYPE(s)->tp_free((PyObject *)s);
@@ -614,7 +614,7 @@ static int Http_init(Http *s, PyObject *args, PyObject *kw) {
     memset(&s->pscan, 0, sizeof(HeadScan));
     s->r_seen = s->p_seen = 0;
     int is_ctx = g_Context != NULL && Py_TYPE(ctx) == (PyTypeObject *)g_Context;
-    s->flat.ok = is_ctx && g_LivePolicy != NULL;
+    flat_init(&s->flat, HTTP_FIELDS, is_ctx);
     if (is_ctx) {
         PyObject *qc = PyObject_CallMethodNoArgs(ctx, hs_quiet_counter);
         if (qc == NULL) return -1;
@@ -734,7 +734,7 @@ int http_parser_init(void) {
     INTERN(hs_http10, "HTTP/1.0");
     INTERN(hs_http11, "HTTP/1.1");
     INTERN(hs_HEAD, "HEAD");
-    return http_rules_init();
+    return 0;
 }
 
 #undef INTERN

@@ -174,13 +174,14 @@ typedef struct {
     PyObject *reason;             /* PendingQueue.reason: str or NULL */
     PyObject *final;              /* PendingQueue.final: bytes or NULL */
     PyObject *counts, *count_key; /* ctx.quiet_counter(): count forwarded requests without a log call */
-    FlatPolicy flat;              /* the flattened ConnectionPolicy (policy.c, flat_matches) */
+    FlatPolicy flat;              /* the connection's flattened policy (policy.c, flat_matches) */
 } Memcache;
 
 static int Memcache_traverse(Memcache *self, visitproc visit, void *arg) {
     Py_VISIT(self->ctx);
     Py_VISIT(self->counts);
-    Py_VISIT(self->flat.cp);
+    Py_VISIT(self->flat.policy);
+    Py_VISIT(self->flat.flat);
     return 0;
 }
 
@@ -191,6 +192,7 @@ static int Memcache_clear(Memcache *self) {
     Py_CLEAR(self->after);
     Py_CLEAR(self->reason);
     Py_CLEAR(self->final);
+    flat_clear(&self->flat);
     return 0;
 }
 
@@ -201,6 +203,10 @@ static void Memcache_dealloc(Memcache *self) {
     q_free(&self->q);
     Py_TYPE(self)->tp_free((PyObject *)self);
 }
+
+/* The flat-policy fields of a memcache request (rules.py FIELD_COMMAND, FIELD_KEY,
+ * MemcacheRequest.values): the command name; every key, none when a key could not be decoded. */
+static const char *const MC_FIELDS[] = {"command", "key", NULL};
 
 static int mc_on_data(NativeParser *np, int reply, int end_stream, PyObject *buf, long long *n);
 static int ctx_log(Memcache *self, PyObject *entry_type, PyObject *fields);
@@ -230,8 +236,7 @@ static int Memcache_init(Memcache *self, PyObject *args, PyObject *kw) {
     q_free(&self->q);
     Py_CLEAR(self->counts);
     Py_CLEAR(self->count_key);
-    flat_clear(&self->flat);
-    self->flat.ok = g_Context != NULL && g_LivePolicy != NULL && Py_TYPE(ctx) == (PyTypeObject *)g_Context;
+    flat_init(&self->flat, MC_FIELDS, g_Context != NULL && Py_TYPE(ctx) == (PyTypeObject *)g_Context);
     if (g_Context != NULL && Py_TYPE(ctx) == (PyTypeObject *)g_Context) {
         PyObject *qc = PyObject_CallMethod(ctx, "quiet_counter", NULL);
         if (qc == NULL) return -1;
@@ -252,7 +257,7 @@ static int Memcache_init(Memcache *self, PyObject *args, PyObject *kw) {
 static int log_forwarded(Memcache *self, PyObject *fields) {
     if (fields == NULL) return -1;
     if (self->counts != NULL) {
-        PyObject *last = PyObject_GetAttr(self->ctx, s__last);
+        PyObject *last = PyObject_GetAttr(self->ctx, s_last_decision);
         if (last == NULL) {
             Py_DECREF(fields);
             return -1;
@@ -283,7 +288,7 @@ static int log_forwarded(Memcache *self, PyObject *fields) {
             int rc = PyDict_SetItem(self->counts, self->count_key, sum);
             Py_DECREF(sum);
             if (rc < 0) return -1;
-            return PyObject_SetAttr(self->ctx, s__last, g_ALLOWED);
+            return PyObject_SetAttr(self->ctx, s_last_decision, g_ALLOWED);
         }
     }
     return ctx_log(self, g_ET_REQUEST, fields);
@@ -307,18 +312,39 @@ static int ctx_inject(Memcache *self, int reply, PyObject *payload) {
     return 0;
 }
 
-/* ctx.matches(MemcacheRequest(name, keys, key_error)): 1, 0, or -1 */
-static int ctx_matches(Memcache *self, PyObject *name, PyObject *keys, int key_error) {
-    int f = flat_matches(&self->flat, self->ctx, name, keys, key_error);
-    if (f != 2) return f;
+/* MemcacheRequest(name, keys, key_error): tuple.__new__, what the NamedTuple builds */
+static PyObject *mc_request(PyObject *name, PyObject *keys, int key_error) {
     PyObject *inner = PyTuple_Pack(3, name, keys, BOOL(key_error));
-    if (inner == NULL) return -1;
+    if (inner == NULL) return NULL;
     PyObject *args = PyTuple_Pack(1, inner);
     Py_DECREF(inner);
-    if (args == NULL) return -1;
-    /* tuple.__new__(MemcacheRequest, (name, keys, key_error)): what the NamedTuple builds */
+    if (args == NULL) return NULL;
     PyObject *req = PyTuple_Type.tp_new((PyTypeObject *)g_MemcacheRequest, args, NULL);
     Py_DECREF(args);
+    return req;
+}
+
+typedef struct {
+    FlatRequest base;
+    PyObject *name, *keys;
+    int key_error;
+} McFlatRequest;
+
+static PyObject *mc_flat_build(const FlatRequest *r) {
+    const McFlatRequest *m = (const McFlatRequest *)r;
+    return mc_request(m->name, m->keys, m->key_error);
+}
+
+/* ctx.matches(MemcacheRequest(name, keys, key_error)): 1, 0, or -1 */
+static int ctx_matches(Memcache *self, PyObject *name, PyObject *keys, int key_error) {
+    if (PyTuple_CheckExact(keys)) {
+        Py_ssize_t nk = key_error ? 0 : PyTuple_GET_SIZE(keys);
+        FlatValues fields[2] = {{&name, 1}, {((PyTupleObject *)keys)->ob_item, nk}};
+        McFlatRequest req = {{fields, mc_flat_build}, name, keys, key_error};
+        int f = flat_matches(&self->flat, self->ctx, &req.base);
+        if (f != 2) return f;
+    }
+    PyObject *req = mc_request(name, keys, key_error);
     if (req == NULL) return -1;
     PyObject *r = PyObject_CallMethodOneArg(self->ctx, s_matches, req);
     Py_DECREF(req);

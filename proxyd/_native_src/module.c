@@ -12,9 +12,9 @@ PyObject *g_ET_REQUEST, *g_ET_RESPONSE, *g_ET_DENIED;
 PyObject *g_Context;
 PyObject *g_ALLOWED;
 PyObject *g_key_text;
-PyObject *s__last, *s_audit;
-PyObject *g_LivePolicy, *g_MemcacheRule, *g_RuleRegex, *g_ALLOW_ALL, *g_anchor;
+PyObject *s_last_decision, *s_audit;
 
+PyObject *s_write, *s_pause_reading;
 PyObject *s_on_data, *s_op, *s_passed, *s_dropped, *s_injected, *s_matches, *s_log,
     *s_inject, *s_code, *s_command, *s_keys, *s_status, *s_error, *s_opcode, *s_key,
     *s_buffer_limit, *s_exception, *s_contract, *s_parser_error, *s_empty_str;
@@ -51,9 +51,9 @@ static PyObject *mod_setup(PyObject *m, PyObject *args, PyObject *kw) {
 
 static PyObject *mod_setup_memcache(PyObject *m, PyObject *args, PyObject *kw) {
     static char *kwlist[] = {"MemcacheRequest", "REQUEST", "RESPONSE", "DENIED", "denied_reply",
-                             "text_barrier", "binary_barrier", "key_text", "MemcacheRule", NULL};
-    PyObject *req, *rq, *rs, *dn, *dr, *tb, *bb, *kt, *mr;
-    if (!PyArg_ParseTupleAndKeywords(args, kw, "$OOOOSSSOO", kwlist, &req, &rq, &rs, &dn, &dr, &tb, &bb, &kt, &mr))
+                             "text_barrier", "binary_barrier", "key_text", NULL};
+    PyObject *req, *rq, *rs, *dn, *dr, *tb, *bb, *kt;
+    if (!PyArg_ParseTupleAndKeywords(args, kw, "$OOOOSSSO", kwlist, &req, &rq, &rs, &dn, &dr, &tb, &bb, &kt))
         return NULL;
     if (!PyType_Check(req) || !PyType_IsSubtype((PyTypeObject *)req, &PyTuple_Type)) {
         PyErr_SetString(PyExc_TypeError, "MemcacheRequest must be a tuple subclass");
@@ -68,16 +68,15 @@ static PyObject *mod_setup_memcache(PyObject *m, PyObject *args, PyObject *kw) {
     KEEP(s_text_barrier, tb);
     KEEP(s_bin_barrier, bb);
     KEEP(g_key_text, kt);
-    KEEP(g_MemcacheRule, mr);
 #undef KEEP
     Py_RETURN_NONE;
 }
 
 static PyObject *mod_setup_redis(PyObject *m, PyObject *args, PyObject *kw) {
-    static char *kwlist[] = {"RedisParser", "RedisRequest", "RedisRule", "key_text", "table", "noperm",
-                             "REQUEST", "DENIED", NULL};
-    PyObject *rp, *rq, *rr, *kt, *tb, *np, *et_rq, *et_dn;
-    if (!PyArg_ParseTupleAndKeywords(args, kw, "$OOOOO!SOO", kwlist, &rp, &rq, &rr, &kt, &PyDict_Type, &tb, &np,
+    static char *kwlist[] = {"RedisParser", "RedisRequest", "key_text", "table", "noperm", "REQUEST", "DENIED",
+                             NULL};
+    PyObject *rp, *rq, *kt, *tb, *np, *et_rq, *et_dn;
+    if (!PyArg_ParseTupleAndKeywords(args, kw, "$OOOO!SOO", kwlist, &rp, &rq, &kt, &PyDict_Type, &tb, &np,
                                      &et_rq, &et_dn))
         return NULL;
     if (!PyType_Check(rq) || !PyType_IsSubtype((PyTypeObject *)rq, &PyTuple_Type)) {
@@ -87,7 +86,6 @@ static PyObject *mod_setup_redis(PyObject *m, PyObject *args, PyObject *kw) {
 #define KEEP(g, v) do { Py_INCREF(v); Py_XSETREF(g, v); } while (0)
     KEEP(g_RedisParser, rp);
     KEEP(g_RedisRequest, rq);
-    KEEP(g_RedisRule, rr);
     KEEP(g_redis_key_text, kt);
     KEEP(g_redis_table, tb);
     KEEP(s_noperm, np);
@@ -98,11 +96,10 @@ static PyObject *mod_setup_redis(PyObject *m, PyObject *args, PyObject *kw) {
 }
 
 static PyObject *mod_setup_policy(PyObject *m, PyObject *args, PyObject *kw) {
-    static char *kwlist[] = {"version", "LiveConnectionPolicy", "RuleRegex", "ALLOW_ALL", "unanchored",
-                             "Context", "ALLOWED", NULL};
+    static char *kwlist[] = {"version", "Context", "ALLOWED", NULL};
     int version;
-    PyObject *lp, *rr, *aa, *an, *cx, *al;
-    if (!PyArg_ParseTupleAndKeywords(args, kw, "$iOOOOOO", kwlist, &version, &lp, &rr, &aa, &an, &cx, &al))
+    PyObject *cx, *al;
+    if (!PyArg_ParseTupleAndKeywords(args, kw, "$iOO", kwlist, &version, &cx, &al))
         return NULL;
     if (version != FLAT_POLICY_VERSION) {
         PyErr_Format(PyExc_ValueError, "flattened-policy interface version %d, this build reads version %d",
@@ -110,27 +107,22 @@ static PyObject *mod_setup_policy(PyObject *m, PyObject *args, PyObject *kw) {
         return NULL;
     }
 #define KEEP(g, v) do { Py_INCREF(v); Py_XSETREF(g, v); } while (0)
-    KEEP(g_LivePolicy, lp);
     KEEP(g_Context, cx);
     KEEP(g_ALLOWED, al);
-    KEEP(g_RuleRegex, rr);
-    KEEP(g_ALLOW_ALL, aa);
-    KEEP(g_anchor, an);
 #undef KEEP
     Py_RETURN_NONE;
 }
 
 static PyObject *mod_setup_http(PyObject *m, PyObject *args, PyObject *kw) {
-    static char *kwlist[] = {"HttpRequest", "HttpRule", "REQUEST", "RESPONSE", NULL};
-    PyObject *req, *rule, *rq, *rs;
-    if (!PyArg_ParseTupleAndKeywords(args, kw, "$OOOO", kwlist, &req, &rule, &rq, &rs)) return NULL;
+    static char *kwlist[] = {"HttpRequest", "REQUEST", "RESPONSE", NULL};
+    PyObject *req, *rq, *rs;
+    if (!PyArg_ParseTupleAndKeywords(args, kw, "$OOO", kwlist, &req, &rq, &rs)) return NULL;
     if (!PyType_Check(req) || !PyType_IsSubtype((PyTypeObject *)req, &PyTuple_Type)) {
         PyErr_SetString(PyExc_TypeError, "HttpRequest must be a tuple subclass");
         return NULL;
     }
 #define KEEP(g, v) do { Py_INCREF(v); Py_XSETREF(g, v); } while (0)
     KEEP(g_HttpRequest, req);
-    KEEP(g_HttpRule, rule);
     KEEP(g_ET_H_REQUEST, rq);
     KEEP(g_ET_H_RESPONSE, rs);
 #undef KEEP
@@ -159,6 +151,8 @@ static struct PyModuleDef moduledef = {
 #define INTERN(var, s) do { var = PyUnicode_InternFromString(s); if (var == NULL) return NULL; } while (0)
 
 PyMODINIT_FUNC PyInit__native(void) {
+    INTERN(s_write, "write");
+    INTERN(s_pause_reading, "pause_reading");
     INTERN(s_on_data, "on_data");
     INTERN(s_op, "op");
     INTERN(s_passed, "passed");
@@ -179,13 +173,13 @@ PyMODINIT_FUNC PyInit__native(void) {
     INTERN(s_contract, "contract");
     INTERN(s_parser_error, "parser_error");
     INTERN(s_empty_str, "");
-    INTERN(s__last, "_last");
+    INTERN(s_last_decision, "last_decision");
     INTERN(s_audit, "audit");
     INTERN(s_unsolicited, "unsolicited");
     s_empty_bytes = PyBytes_FromStringAndSize(NULL, 0);
     s_empty_tuple = PyTuple_New(0);
     if (!s_empty_bytes || !s_empty_tuple) return NULL;
-    if (policy_init() < 0 || memcache_init() < 0 || redis_init() < 0 || redis_rules_init() < 0 ||
+    if (policy_init() < 0 || memcache_init() < 0 || redis_init() < 0 ||
         http_parser_init() < 0)
         return NULL;
     if (PyType_Ready(&HttpType) < 0) return NULL;

@@ -5,16 +5,16 @@
  *   engine.c    proxyd/engine.py (PyEngine: the verdict engine)
  *   memcache.c  proxyd/parsers/memcache/{parser,common,text,binary}.py (framing, pending queue,
  *               denial placement, text/meta and binary dialects)
- *   policy.c    the memcache rules of a connection's policy, flattened and evaluated in C
- *               (proxyd/policy/store.py LiveConnectionPolicy, memcache/rules.py MemcacheRule)
+ *   policy.c    proxyd/policy/flat.py (the flattened-policy interface: a connection's rules
+ *               as plain data, evaluated in C as flat.evaluate does)
  *   redis.c     proxyd/parsers/redis/parser.py's common case (whole requests of simple commands
- *               and MULTI/EXEC/DISCARD, their RedisRule policy, top-level string, integer and
+ *               and MULTI/EXEC/DISCARD, their policy (policy.c), top-level string, integer and
  *               flat array replies, denials in place), handing every other request or reply to
  *               the reference RedisParser at the offset where it starts
  *   redis_resp.c  proxyd/parsers/redis/resp.py: the request and reply framing redis.c reads itself
- *   redis_rules.c proxyd/parsers/redis/rules.py: a connection's redis rules, flattened
+ *   redis_rules.c proxyd/parsers/redis/rules.py: RedisRequest and its flat values
  *   http_framing.c  proxyd/parsers/http/framing.py (the heads the common states read)
- *   http_rules.c    proxyd/parsers/http/rules.py HttpRule, over the flattened policy
+ *   http_rules.c    proxyd/parsers/http/rules.py: HttpRequest's flat values
  *   http_parser.c   proxyd/parsers/http/parser.py (common states; the rest handed to the reference)
  *   module.c    PyInit, the setup functions that hand the Python pieces over, shared state
  * This header holds what more than one of them uses. tests/test_native_equivalence.py drives
@@ -51,10 +51,10 @@ extern PyObject *g_ET_REQUEST, *g_ET_RESPONSE, *g_ET_DENIED;
 extern PyObject *g_Context;           /* proxyd.context.Context */
 extern PyObject *g_ALLOWED;           /* proxyd.context.ALLOWED */
 extern PyObject *g_key_text;          /* memcache.common.key_text: how wire bytes appear in log fields */
-extern PyObject *s__last, *s_audit;
-extern PyObject *g_LivePolicy, *g_MemcacheRule, *g_RuleRegex, *g_ALLOW_ALL, *g_anchor;
+extern PyObject *s_last_decision, *s_audit;
 
 /* interned strings and constants (module.c) */
+extern PyObject *s_write, *s_pause_reading; /* transport methods (engine.c relay) */
 extern PyObject *s_on_data, *s_op, *s_passed, *s_dropped, *s_injected, *s_matches, *s_log,
     *s_inject, *s_code, *s_command, *s_keys, *s_status, *s_error, *s_opcode, *s_key,
     *s_buffer_limit, *s_exception, *s_contract, *s_parser_error, *s_empty_str;
@@ -84,7 +84,7 @@ extern PyTypeObject LazyFieldsType; /* memcache.c */
 extern PyTypeObject RedisType;      /* redis.c */
 extern PyTypeObject RedisFieldsType; /* redis.c */
 /* handed over by proxyd.parsers.redis (setup_redis) */
-extern PyObject *g_RedisParser, *g_RedisRequest, *g_RedisRule, *g_redis_key_text, *g_redis_table, *s_noperm;
+extern PyObject *g_RedisParser, *g_RedisRequest, *g_redis_key_text, *g_redis_table, *s_noperm;
 
 /* memcache.c: intern the command and opcode names, ready the types. 0 or -1. */
 int memcache_init(void);
@@ -94,26 +94,50 @@ int redis_init(void);
 /* ------------------------------------------------------------------------------------------ */
 /* The flattened per-connection policy (policy.c), embedded in a native parser.                */
 
-/* The version of the interface proxyd.policy.flat hands over through setup_policy() (the types
- * and attributes listed in docs/native.md); a mismatch is refused at import. */
-#define FLAT_POLICY_VERSION 1
+/* The version of the interface proxyd.policy.flat describes (docs/native.md); setup_policy()
+ * refuses another. */
+#define FLAT_POLICY_VERSION 2
+
+/* The values a request has for one field of the parser's schema (borrowed; n == 0: none). */
+typedef struct FlatValues {
+    PyObject *const *v;
+    Py_ssize_t n;
+} FlatValues;
+
+/* A request as flat conditions see it: its values by field (indexed like the parser's schema,
+ * the NULL-terminated field names given to flat_init), and how to build the Python request
+ * object a "call" condition is given (new reference). A parser embeds it first in its own
+ * struct to reach its data from build. */
+typedef struct FlatRequest {
+    const FlatValues *fields;
+    PyObject *(*build)(const struct FlatRequest *req);
+} FlatRequest;
 
 struct FlatRule;
 
+/* A connection's FlatPolicy tuple (ctx.policy.flat()), held and converted to C structs. */
 typedef struct FlatPolicy {
-    int ok;                 /* the context is a Context: its policy may be flattened */
-    struct FlatRule *rules; /* the flattened ConnectionPolicy's (matcher, decision) pairs */
+    const char *const *schema; /* the field names the parser gives values for */
+    int ok;                    /* the context is a Context: its policy may be flattened */
+    PyObject *policy;          /* the ctx.policy the copy came from (strong), NULL: none yet */
+    PyObject *flat;            /* policy.flat() (strong), NULL: the policy has no flat form */
+    int usable;                /* every part of flat is a form this build reads */
+    PyObject *stamp, *cell;    /* FlatPolicy.stamp and .current (borrowed from flat) */
+    PyObject *always, *otherwise; /* decisions (borrowed), always NULL: none */
+    int always_forwards, otherwise_forwards;
+    struct FlatRule *rules;
     Py_ssize_t n;
-    PyObject *cp, *always, *denied;
 } FlatPolicy;
 
-/* Intern policy.c's attribute names. 0 or -1. */
+/* Intern policy.c's names. 0 or -1. */
 int policy_init(void);
-/* Release the flat rules (the FlatPolicy can be rebuilt afterwards). */
+/* Start over for a connection: the parser's schema, and whether ctx is a Context. */
+void flat_init(FlatPolicy *fp, const char *const *schema, int ok);
+/* Release everything held (the FlatPolicy can be loaded again afterwards). */
 void flat_clear(FlatPolicy *fp);
-/* ctx.matches(MemcacheRequest(name, keys, key_error)) through the flat policy: 1, 0, -1; or 2
- * when it does not apply (the caller then calls ctx.matches). Sets ctx._last like Context. */
-int flat_matches(FlatPolicy *fp, PyObject *ctx, PyObject *name, PyObject *keys, int key_error);
+/* ctx.matches(request) through the flat policy: 1, 0, -1; or 2 when it does not apply (the
+ * caller then calls ctx.matches). Sets ctx.last_decision as Context.matches does. */
+int flat_matches(FlatPolicy *fp, PyObject *ctx, const FlatRequest *req);
 
 /* ------------------------------------------------------------------------------------------ */
 /* The redis twin: redis.c (parser.py), redis_resp.c (resp.py), redis_rules.c (rules.py).      */
@@ -131,33 +155,12 @@ int resp_frame_inline(const char *d, Py_ssize_t have, Py_ssize_t base, Py_ssize_
                       Py_ssize_t *lens, Py_ssize_t *end);
 Py_ssize_t resp_flat_array(const char *d, Py_ssize_t have, Py_ssize_t pos, Py_ssize_t eol);
 
-/* redis_rules.c: a connection's redis rules, flattened */
-typedef struct {
-    int kind;           /* 0 allow all, 1 RedisRule, 2 other: call matcher.matches(request) */
-    PyObject *matcher, *decision;
-    PyObject *base, *name, *category; /* str or NULL */
-    PyObject *exact, *prefix;         /* bytes or NULL */
-    PyObject *regex;                  /* RuleRegex or NULL: regex.search(key) */
-    int keyed;
-    int pass, audit;                  /* decision.allowed or decision.audit; decision.audit */
-} RRule;
-
-typedef struct {
-    int ok;
-    int pure;               /* every rule is evaluated here without a Python call */
-    RRule *rules;
-    Py_ssize_t n;
-    PyObject *cp, *always, *denied;
-    int always_pass, always_audit, denied_pass, denied_audit;
-} RFlat;
-
-int redis_rules_init(void);
-void rflat_clear(RFlat *fp);
-int rflat_build(RFlat *fp, PyObject *cp);
-/* RedisRule.matches(RedisRequest(name, base, cats, True, key)), key bytes or NULL: 1, 0, -1 */
-int rrule_matches(RRule *r, PyObject *name, PyObject *base, PyObject *cats, PyObject *key);
-/* the same on a key's bytes (NULL: none), for a rule that needs no Python call (kind 0/1, no regex) */
-int rrule_matches_raw(RRule *r, PyObject *name, PyObject *base, PyObject *cats, const char *kp, Py_ssize_t kl);
+/* redis_rules.c: the request side of rules.py */
+extern const char *const REDIS_FIELDS[]; /* the flat fields of a redis request (FlatPolicy schema) */
+/* ctx.matches(RedisRequest(name, base, cats, True, key)) through the flat policy (key NULL:
+ * keyless): 1, 0, -1, or 2 when it does not apply (nothing set: the caller calls ctx.matches) */
+int redis_flat_matches(FlatPolicy *fp, PyObject *ctx, PyObject *name, PyObject *base, PyObject *cats,
+                       PyObject *key);
 PyObject *redis_request(PyObject *name, PyObject *base, PyObject *cats, PyObject *key);
 
 /* http: http_framing.c (framing.py), http_rules.c (rules.py, flattened), http_parser.c       */
@@ -165,7 +168,6 @@ PyObject *redis_request(PyObject *name, PyObject *base, PyObject *cats, PyObject
 
 extern PyTypeObject HttpType;          /* http_parser.c */
 extern PyObject *g_HttpRequest;        /* http.rules.HttpRequest */
-extern PyObject *g_HttpRule;           /* http.rules.HttpRule */
 extern PyObject *g_ET_H_REQUEST, *g_ET_H_RESPONSE;
 
 /* A request or response head the fast subset of framing.py accepted (offsets into the data). */
@@ -203,25 +205,17 @@ typedef struct HeadScan {
     Py_ssize_t lines; /* field lines checked */
 } HeadScan;
 int http_head_more(const char *d, Py_ssize_t have, Py_ssize_t limit, int request, HeadScan *scan);
-/* HttpRequest.has(lname, value) over a validated field block; value NULL: any value. */
-int http_field_has(const char *block, Py_ssize_t blen, const char *lname, Py_ssize_t nl, const char *value,
-                   Py_ssize_t vl);
 
-struct HttpFlatRule;
-typedef struct HttpFlat {
-    int ok;
-    struct HttpFlatRule *rules;
-    Py_ssize_t n;
-    PyObject *cp, *always, *denied;
-} HttpFlat;
-
-int http_parser_init(void); /* interns its names, then http_rules_init() */
-int http_rules_init(void);
-void http_flat_clear(HttpFlat *fp);
-/* ctx.matches(HttpRequest(...)) through the flat policy: 1, 0 (ctx._last set as Context does), -1;
- * or 2 when it does not apply (nothing was set: the caller asks ctx.matches). */
-int http_flat_matches(HttpFlat *fp, PyObject *ctx, PyObject *method, PyObject *path, PyObject *host,
-                      const char *block, Py_ssize_t blen);
+int http_parser_init(void); /* interns its names */
+/* http_parser.c: HttpRequest(method, path, host, version, ((lname, value), ...), []) from a
+ * validated field block (new reference) */
+PyObject *http_build_request(PyObject *method, PyObject *path, PyObject *host, int v11, PyObject *block);
+/* http_rules.c */
+extern const char *const HTTP_FIELDS[]; /* the flat fields of an http request (FlatPolicy schema) */
+/* ctx.matches(HttpRequest(...)) through the flat policy: 1, 0 (ctx.last_decision set as Context
+ * does), -1; or 2 when it does not apply (nothing was set: the caller asks ctx.matches). */
+int http_flat_matches(FlatPolicy *fp, PyObject *ctx, PyObject *method, PyObject *path, PyObject *host, int v11,
+                      PyObject *block);
 
 /* ------------------------------------------------------------------------------------------ */
 /* Small helpers                                                                               */

@@ -1,149 +1,252 @@
-/* The per-connection policy, flattened (item: a lookup the parser can use directly).
+/* The flattened-policy interface, read and evaluated in C (proxyd/policy/flat.py, version 2).
  *
  * Context.matches(request) is policy.decide(request) -> LiveConnectionPolicy.decide ->
  * ConnectionPolicy.decide -> each rule's matches -> RuleRegex.search: five Python frames and
- * more per request. When the connection's policy is a LiveConnectionPolicy, the parser asks it
- * for the ConnectionPolicy in force (l4(), one call, which also follows reloads), keeps a flat
- * copy of its rules while that object stays the same, and evaluates them here with the same
- * semantics (memcache/rules.py MemcacheRule.matches, in policy order, first match decides).
- * Regexes run in RE2 through the compiled object RuleRegex holds, on the bytes RuleRegex.search
- * would hand it (wire bytes read as Go reads a string: each byte that is not part of a valid
- * UTF-8 sequence becomes U+FFFD). Any other matcher type is called as Python. */
+ * more per request. A native parser instead keeps the connection's FlatPolicy (the tuple
+ * `ctx.policy.flat()` returns: plain data in documented positions, built once per revision)
+ * converted to C structs, checks per request that it still holds (the same `ctx.policy`, and
+ * the store's revision cell still holding the stamp: two pointer comparisons, no Python call),
+ * and evaluates the rules here with flat.evaluate's semantics: the first rule whose conditions
+ * all hold decides. Nothing else of the policy package is read by name.
+ *
+ * Regexes run in RE2 through the compiled Match the Regex operand carries, on the bytes
+ * RuleRegex would hand it (wire bytes read as Go reads a string: each byte that is not part of
+ * a valid UTF-8 sequence becomes U+FFFD). A "call" condition, or a regex without a Match, is
+ * called as Python; a "defer" condition, once reached, leaves the request to ctx.matches. A flat form this build does not know (a field the parser does not give, a
+ * form of a later version) is not guessed at: the parser calls ctx.matches instead. */
 #include "native.h"
 
+enum { FORM_IN = 1, FORM_EXACT, FORM_PREFIX, FORM_REGEX, FORM_CALL, FORM_DEFER };
+
+typedef struct FlatCond {
+    int field;          /* index into the parser's schema; -1 for a call */
+    int form;           /* FORM_* */
+    PyObject *operand;  /* borrowed from the FlatPolicy tuple, as are the three below */
+    PyObject *test;     /* REGEX: Regex.test (the reference callable) */
+    PyObject *rx_match; /* REGEX: RE2's Match, or NULL: call test */
+    PyObject *anchor;   /* REGEX: the anchor test uses */
+    PyObject *seen;     /* REGEX with a Match: its answers table (strong; see rx_table) */
+} FlatCond;
+
 typedef struct FlatRule {
-    int kind;           /* 0 allow all, 1 MemcacheRule, 2 other: call matcher.matches(request) */
-    PyObject *matcher;
-    PyObject *commands; /* frozenset or NULL */
-    PyObject *exact, *prefix; /* bytes or NULL */
-    PyObject *regex;    /* RuleRegex or NULL */
-    PyObject *rx_match; /* its compiled Match, when regex is a RuleRegex */
-    PyObject *decision;
+    FlatCond *conds;
+    Py_ssize_t n;
+    PyObject *decision; /* borrowed: FlatDecision.decision */
+    int forwards;       /* FlatDecision.forwards */
 } FlatRule;
 
-/* A regex answer is a pure function of (compiled regex, key); clients reuse keys, and one RE2
- * call through its Python binding costs thousands of instructions. One cache for the process,
- * keyed by (the compiled object's Match, key), bounded: cleared when full. */
+/* A regex answer is a pure function of (compiled regex, anchor, value); clients reuse keys,
+ * and one RE2 call through its Python binding costs thousands of instructions. One table of
+ * answers per (Match, anchor) for the process, shared by every connection whose policy holds
+ * that regex, found once when a FlatPolicy is converted (hashing the anchor, a pybind11 enum,
+ * is a Python-level call: never per request), then keyed by the value alone. Each table is
+ * bounded in entries (cleared when full) and in the length of a value worth remembering
+ * (regex.py's MEMO_VALUE), so fresh long keys cannot grow it without bound; the index of
+ * tables is bounded too (cleared when full: the conditions hold their tables). */
 #define RX_CACHE 65536
-static PyObject *g_rx_seen;
+#define RX_CACHE_VALUE 256
+#define RX_TABLES 256
+static PyObject *g_rx_tables;
 
-static PyObject *s_l4, *s_always, *s_matchers, *s_denied, *s_commands, *s_exact, *s_prefix, *s_regex,
-    *s__match, *s_search, *s_allowed, *s_policy;
+static PyObject *s_flat, *s_policy, *s_startswith, *f_in, *f_exact, *f_prefix, *f_regex, *f_call, *f_defer;
 
 #define INTERN(var, s) do { var = PyUnicode_InternFromString(s); if (var == NULL) return -1; } while (0)
 
 int policy_init(void) {
-    INTERN(s_l4, "l4");
-    INTERN(s_always, "always");
-    INTERN(s_matchers, "matchers");
-    INTERN(s_denied, "denied");
-    INTERN(s_commands, "commands");
-    INTERN(s_exact, "exact");
-    INTERN(s_prefix, "prefix");
-    INTERN(s_regex, "regex");
-    INTERN(s__match, "_match");
-    INTERN(s_search, "search");
-    INTERN(s_allowed, "allowed");
+    INTERN(s_flat, "flat");
     INTERN(s_policy, "policy");
+    INTERN(s_startswith, "startswith");
+    INTERN(f_in, "in");
+    INTERN(f_exact, "exact");
+    INTERN(f_prefix, "prefix");
+    INTERN(f_regex, "regex");
+    INTERN(f_call, "call");
+    INTERN(f_defer, "defer");
     return 0;
 }
 
 #undef INTERN
 
+/* --- the C copy of a FlatPolicy ------------------------------------------------------------- */
+
+void flat_init(FlatPolicy *fp, const char *const *schema, int ok) {
+    flat_clear(fp);
+    fp->schema = schema;
+    fp->ok = ok;
+}
+
 void flat_clear(FlatPolicy *fp) {
     for (Py_ssize_t i = 0; i < fp->n; i++) {
-        FlatRule *r = &fp->rules[i];
-        Py_XDECREF(r->matcher);
-        Py_XDECREF(r->commands);
-        Py_XDECREF(r->exact);
-        Py_XDECREF(r->prefix);
-        Py_XDECREF(r->regex);
-        Py_XDECREF(r->rx_match);
-        Py_XDECREF(r->decision);
+        for (Py_ssize_t j = 0; j < fp->rules[i].n; j++) Py_XDECREF(fp->rules[i].conds[j].seen);
+        PyMem_Free(fp->rules[i].conds);
     }
     PyMem_Free(fp->rules);
     fp->rules = NULL;
     fp->n = 0;
-    Py_CLEAR(fp->cp);
-    Py_CLEAR(fp->always);
-    Py_CLEAR(fp->denied);
+    fp->usable = 0;
+    fp->always = NULL;
+    fp->otherwise = NULL;
+    fp->stamp = fp->cell = NULL;
+    Py_CLEAR(fp->flat);
+    Py_CLEAR(fp->policy);
 }
 
-static PyObject *attr_or_null(PyObject *o, PyObject *name) { /* None -> NULL, new ref */
-    PyObject *v = PyObject_GetAttr(o, name);
-    if (v == Py_None) Py_CLEAR(v);
-    return v;
+static int form_of(PyObject *form) {
+    if (!PyUnicode_Check(form)) return 0;
+    PyObject *forms[] = {f_in, f_exact, f_prefix, f_regex, f_call, f_defer};
+    for (int i = 0; i < 6; i++)
+        if (form == forms[i] || PyUnicode_Compare(form, forms[i]) == 0) return i + 1;
+    return 0;
 }
 
-/* Rebuild the flat rules from ConnectionPolicy cp. */
-static int flat_build(FlatPolicy *fp, PyObject *cp) {
-    flat_clear(fp);
-    PyObject *always = PyObject_GetAttr(cp, s_always);
-    if (always == NULL) return -1;
-    PyObject *denied = PyObject_GetAttr(cp, s_denied);
-    PyObject *matchers = denied ? PyObject_GetAttr(cp, s_matchers) : NULL;
-    if (matchers == NULL || !PyTuple_Check(matchers)) {
-        Py_DECREF(always);
-        Py_XDECREF(denied);
-        Py_XDECREF(matchers);
-        if (!PyErr_Occurred()) PyErr_SetString(PyExc_TypeError, "ConnectionPolicy.matchers is not a tuple");
-        return -1;
+static int field_of(FlatPolicy *fp, PyObject *field) {
+    if (!PyUnicode_Check(field)) return -1;
+    for (int i = 0; fp->schema[i] != NULL; i++)
+        if (PyUnicode_CompareWithASCIIString(field, fp->schema[i]) == 0) return i;
+    return -1;
+}
+
+/* FlatDecision (decision, forwards) -> its parts; 0, or -1 when it is not that shape */
+static int decision_of(PyObject *fd, PyObject **decision, int *forwards) {
+    if (!PyTuple_Check(fd) || PyTuple_GET_SIZE(fd) != 2) return -1;
+    int f = PyObject_IsTrue(PyTuple_GET_ITEM(fd, 1));
+    if (f < 0) return -1;
+    *decision = PyTuple_GET_ITEM(fd, 0);
+    *forwards = f;
+    return 0;
+}
+
+/* The answers table of (match, anchor), new reference; NULL with an exception. */
+static PyObject *rx_table(PyObject *match, PyObject *anchor) {
+    if (g_rx_tables == NULL && (g_rx_tables = PyDict_New()) == NULL) return NULL;
+    PyObject *k = PyTuple_Pack(2, match, anchor);
+    if (k == NULL) return NULL;
+    PyObject *t = PyDict_GetItemWithError(g_rx_tables, k);
+    if (t != NULL) {
+        Py_DECREF(k);
+        Py_INCREF(t);
+        return t;
     }
-    Py_ssize_t n = PyTuple_GET_SIZE(matchers);
+    if (PyErr_Occurred() || (t = PyDict_New()) == NULL) {
+        Py_DECREF(k);
+        return NULL;
+    }
+    if (PyDict_GET_SIZE(g_rx_tables) >= RX_TABLES) PyDict_Clear(g_rx_tables);
+    int rc = PyDict_SetItem(g_rx_tables, k, t);
+    Py_DECREF(k);
+    if (rc < 0) Py_CLEAR(t);
+    return t;
+}
+
+/* One (field, form, operand); 0, -1 when this build does not know the form, -2 on an error
+ * (an exception set). */
+static int cond_of(FlatPolicy *fp, PyObject *c, FlatCond *out) {
+    if (!PyTuple_Check(c) || PyTuple_GET_SIZE(c) != 3) return -1;
+    PyObject *field = PyTuple_GET_ITEM(c, 0);
+    out->form = form_of(PyTuple_GET_ITEM(c, 1));
+    out->operand = PyTuple_GET_ITEM(c, 2);
+    if (out->form == 0) return -1;
+    if (out->form == FORM_DEFER) {
+        out->field = -1;
+        return field == Py_None ? 0 : -1;
+    }
+    if (out->form == FORM_CALL) {
+        out->field = -1;
+        return field == Py_None && PyCallable_Check(out->operand) ? 0 : -1;
+    }
+    out->field = field_of(fp, field);
+    if (out->field < 0) return -1;
+    if (out->form == FORM_REGEX) {
+        PyObject *rx = out->operand;
+        if (!PyTuple_Check(rx) || PyTuple_GET_SIZE(rx) != 3) return -1;
+        out->test = PyTuple_GET_ITEM(rx, 0);
+        out->rx_match = PyTuple_GET_ITEM(rx, 1);
+        out->anchor = PyTuple_GET_ITEM(rx, 2);
+        if (!PyCallable_Check(out->test)) return -1;
+        if (!PyCallable_Check(out->rx_match)) out->rx_match = NULL;
+        if (out->rx_match != NULL && (out->seen = rx_table(out->rx_match, out->anchor)) == NULL) return -2;
+    }
+    return 0;
+}
+
+/* Convert fp->flat (held) into C structs; fp->usable says whether every part was understood.
+ * 0, or -1 with an exception. */
+static int flat_convert(FlatPolicy *fp) {
+    PyObject *f = fp->flat;
+    if (!PyTuple_Check(f) || PyTuple_GET_SIZE(f) != 5) return 0;
+    PyObject *cell = PyTuple_GET_ITEM(f, 1), *always = PyTuple_GET_ITEM(f, 2), *rules = PyTuple_GET_ITEM(f, 3);
+    if (!PyList_CheckExact(cell) || !PyTuple_Check(rules)) return 0;
+    fp->stamp = PyTuple_GET_ITEM(f, 0);
+    fp->cell = cell;
+    if (always != Py_None) {
+        if (decision_of(always, &fp->always, &fp->always_forwards) < 0) goto unknown;
+    }
+    if (decision_of(PyTuple_GET_ITEM(f, 4), &fp->otherwise, &fp->otherwise_forwards) < 0) goto unknown;
+    Py_ssize_t n = PyTuple_GET_SIZE(rules);
     fp->rules = PyMem_Calloc((size_t)(n ? n : 1), sizeof(FlatRule));
     if (fp->rules == NULL) {
-        Py_DECREF(always);
-        Py_DECREF(denied);
-        Py_DECREF(matchers);
         PyErr_NoMemory();
         return -1;
     }
-    int rc = 0;
-    for (Py_ssize_t i = 0; i < n && rc == 0; i++) {
-        PyObject *pair = PyTuple_GET_ITEM(matchers, i);
-        if (!PyTuple_Check(pair) || PyTuple_GET_SIZE(pair) != 2) {
-            PyErr_SetString(PyExc_TypeError, "ConnectionPolicy.matchers: not (matcher, decision) pairs");
-            rc = -1;
-            break;
-        }
+    for (Py_ssize_t i = 0; i < n; i++) {
+        PyObject *rule = PyTuple_GET_ITEM(rules, i);
+        if (!PyTuple_Check(rule) || PyTuple_GET_SIZE(rule) != 2) goto unknown;
+        PyObject *conds = PyTuple_GET_ITEM(rule, 0);
+        if (!PyTuple_Check(conds)) goto unknown;
         FlatRule *r = &fp->rules[i];
         fp->n = i + 1;
-        r->matcher = PyTuple_GET_ITEM(pair, 0);
-        r->decision = PyTuple_GET_ITEM(pair, 1);
-        Py_INCREF(r->matcher);
-        Py_INCREF(r->decision);
-        if (r->matcher == g_ALLOW_ALL) {
-            r->kind = 0;
-        } else if ((PyObject *)Py_TYPE(r->matcher) == g_MemcacheRule) {
-            r->kind = 1;
-            r->commands = attr_or_null(r->matcher, s_commands);
-            r->exact = attr_or_null(r->matcher, s_exact);
-            r->prefix = attr_or_null(r->matcher, s_prefix);
-            r->regex = attr_or_null(r->matcher, s_regex);
-            if (PyErr_Occurred() || (r->commands && !PyAnySet_Check(r->commands)) ||
-                (r->exact && !PyBytes_Check(r->exact)) || (r->prefix && !PyBytes_Check(r->prefix))) {
-                PyErr_Clear();
-                r->kind = 2; /* not the shape this code knows: ask the matcher itself */
-            } else if (r->regex && (PyObject *)Py_TYPE(r->regex) == g_RuleRegex) {
-                r->rx_match = PyObject_GetAttr(r->regex, s__match);
-                if (r->rx_match == NULL) PyErr_Clear();
-            }
-        } else {
-            r->kind = 2;
+        if (decision_of(PyTuple_GET_ITEM(rule, 1), &r->decision, &r->forwards) < 0) goto unknown;
+        Py_ssize_t nc = PyTuple_GET_SIZE(conds);
+        r->conds = PyMem_Calloc((size_t)(nc ? nc : 1), sizeof(FlatCond));
+        if (r->conds == NULL) {
+            PyErr_NoMemory();
+            return -1;
+        }
+        r->n = nc;
+        for (Py_ssize_t j = 0; j < nc; j++) {
+            int c = cond_of(fp, PyTuple_GET_ITEM(conds, j), &r->conds[j]);
+            if (c == -2) return -1;
+            if (c < 0) goto unknown;
         }
     }
-    Py_DECREF(matchers);
-    if (rc < 0) {
-        Py_DECREF(always);
-        Py_DECREF(denied);
-        return -1;
-    }
-    fp->always = always == Py_None ? (Py_DECREF(always), NULL) : always;
-    fp->denied = denied;
-    fp->cp = cp;
-    Py_INCREF(cp);
+    fp->usable = 1;
+    return 0;
+unknown: /* not a form this build reads: ctx.matches answers instead */
+    PyErr_Clear();
     return 0;
 }
+
+/* Take `policy` (ctx.policy) and its flat form, replacing what fp held. 0 or -1. */
+static int flat_load(FlatPolicy *fp, PyObject *policy) {
+    const char *const *schema = fp->schema;
+    int ok = fp->ok;
+    flat_clear(fp);
+    fp->schema = schema;
+    fp->ok = ok;
+    Py_INCREF(policy);
+    fp->policy = policy;
+    PyObject *meth = PyObject_GetAttr(policy, s_flat);
+    if (meth == NULL) { /* a policy without a flat form: always ctx.matches */
+        if (!PyErr_ExceptionMatches(PyExc_AttributeError)) return -1;
+        PyErr_Clear();
+        return 0;
+    }
+    if (meth == Py_None) { /* flat = None: the same (as __hash__ = None says "not hashable") */
+        Py_DECREF(meth);
+        return 0;
+    }
+    PyObject *f = PyObject_CallNoArgs(meth);
+    Py_DECREF(meth);
+    if (f == NULL) return -1;
+    if (f == Py_None) {
+        Py_DECREF(f);
+        return 0;
+    }
+    fp->flat = f;
+    return flat_convert(fp);
+}
+
+/* --- evaluating ----------------------------------------------------------------------------- */
 
 static int utf8_seq_len(const unsigned char *p, Py_ssize_t left) {
     unsigned c = p[0];
@@ -164,71 +267,55 @@ static int utf8_seq_len(const unsigned char *p, Py_ssize_t left) {
     return 0;
 }
 
-static int rx_search_uncached(FlatRule *r, PyObject *key);
-
-/* RuleRegex.search(key), remembered: 1, 0 or -1 */
-static int rx_search(FlatRule *r, PyObject *key) {
-    if (r->rx_match == NULL) return rx_search_uncached(r, key);
-    if (g_rx_seen == NULL) {
-        g_rx_seen = PyDict_New();
-        if (g_rx_seen == NULL) return -1;
-    }
-    PyObject *k = PyTuple_Pack(2, r->rx_match, key);
-    if (k == NULL) return -1;
-    PyObject *hit = PyDict_GetItemWithError(g_rx_seen, k);
-    if (hit != NULL) {
-        Py_DECREF(k);
-        return hit == Py_True;
-    }
-    int m = PyErr_Occurred() ? -1 : rx_search_uncached(r, key);
-    if (m >= 0) {
-        if (PyDict_GET_SIZE(g_rx_seen) >= RX_CACHE) PyDict_Clear(g_rx_seen);
-        if (PyDict_SetItem(g_rx_seen, k, BOOL(m)) < 0) m = -1;
-    }
-    Py_DECREF(k);
-    return m;
+static int truth_of_call(PyObject *fn, PyObject *arg) {
+    PyObject *res = PyObject_CallOneArg(fn, arg);
+    if (res == NULL) return -1;
+    int t = PyObject_IsTrue(res);
+    Py_DECREF(res);
+    return t;
 }
 
-/* RuleRegex.search(key) through its compiled Match: 1, 0 or -1 */
-static int rx_search_uncached(FlatRule *r, PyObject *key) {
-    if (r->rx_match == NULL) {
-        PyObject *res = PyObject_CallMethodOneArg(r->regex, s_search, key);
-        if (res == NULL) return -1;
-        int t = PyObject_IsTrue(res);
-        Py_DECREF(res);
-        return t;
-    }
-    const unsigned char *p = (const unsigned char *)PyBytes_AS_STRING(key);
-    Py_ssize_t n = PyBytes_GET_SIZE(key), i;
+/* The UTF-8 subject RuleRegex would hand RE2 for value (bytes: Go's reading; str: encoded). */
+static PyObject *rx_subject(PyObject *value) {
+    if (PyUnicode_Check(value)) return PyUnicode_AsUTF8String(value);
+    const unsigned char *p = (const unsigned char *)PyBytes_AS_STRING(value);
+    Py_ssize_t n = PyBytes_GET_SIZE(value), i;
     for (i = 0; i < n && p[i] < 0x80; i++) {
     }
-    PyObject *subject;
     if (i == n) {
-        subject = key;
-        Py_INCREF(subject);
-    } else {
-        /* each byte outside a valid sequence -> U+FFFD (EF BF BD): at most 3 bytes per byte */
-        subject = PyBytes_FromStringAndSize(NULL, 3 * n);
-        if (subject == NULL) return -1;
-        unsigned char *w = (unsigned char *)PyBytes_AS_STRING(subject);
-        Py_ssize_t o = 0;
-        for (i = 0; i < n;) {
-            int k = utf8_seq_len(p + i, n - i);
-            if (k == 0) {
-                w[o++] = 0xEF;
-                w[o++] = 0xBF;
-                w[o++] = 0xBD;
-                i++;
-            } else {
-                memcpy(w + o, p + i, (size_t)k);
-                o += k;
-                i += k;
-            }
-        }
-        if (_PyBytes_Resize(&subject, o) < 0) return -1;
+        Py_INCREF(value);
+        return value;
     }
+    /* each byte outside a valid sequence -> U+FFFD (EF BF BD): at most 3 bytes per byte */
+    PyObject *subject = PyBytes_FromStringAndSize(NULL, 3 * n);
+    if (subject == NULL) return NULL;
+    unsigned char *w = (unsigned char *)PyBytes_AS_STRING(subject);
+    Py_ssize_t o = 0;
+    for (i = 0; i < n;) {
+        int k = utf8_seq_len(p + i, n - i);
+        if (k == 0) {
+            w[o++] = 0xEF;
+            w[o++] = 0xBF;
+            w[o++] = 0xBD;
+            i++;
+        } else {
+            memcpy(w + o, p + i, (size_t)k);
+            o += k;
+            i += k;
+        }
+    }
+    if (_PyBytes_Resize(&subject, o) < 0) return NULL;
+    return subject;
+}
+
+/* Regex.test(value) through RE2's Match: 1, 0 or -1 */
+static int rx_test_uncached(FlatCond *c, PyObject *value) {
+    if (c->rx_match == NULL || !(PyBytes_CheckExact(value) || PyUnicode_CheckExact(value)))
+        return truth_of_call(c->test, value);
+    PyObject *subject = rx_subject(value);
+    if (subject == NULL) return -1;
     PyObject *pos = PyLong_FromLong(0), *end = PyLong_FromSsize_t(PyBytes_GET_SIZE(subject));
-    PyObject *spans = (pos && end) ? PyObject_CallFunctionObjArgs(r->rx_match, g_anchor, subject, pos, end, NULL)
+    PyObject *spans = (pos && end) ? PyObject_CallFunctionObjArgs(c->rx_match, c->anchor, subject, pos, end, NULL)
                                    : NULL;
     Py_XDECREF(pos);
     Py_XDECREF(end);
@@ -247,98 +334,112 @@ static int rx_search_uncached(FlatRule *r, PyObject *key) {
     return v != -1;
 }
 
-/* MemcacheRule.matches(MemcacheRequest(name, keys, key_error)) */
-static int flat_rule_matches(FlatRule *r, PyObject *name, PyObject *keys, int key_error, PyObject **req) {
-    if (r->kind == 0) return 1;
-    if (r->kind == 2) {
-        if (*req == NULL) {
-            PyObject *inner = PyTuple_Pack(3, name, keys, BOOL(key_error));
-            PyObject *args = inner ? PyTuple_Pack(1, inner) : NULL;
-            Py_XDECREF(inner);
-            *req = args ? PyTuple_Type.tp_new((PyTypeObject *)g_MemcacheRequest, args, NULL) : NULL;
-            Py_XDECREF(args);
-            if (*req == NULL) return -1;
-        }
-        PyObject *res = PyObject_CallMethodOneArg(r->matcher, s_matches, *req);
-        if (res == NULL) return -1;
-        int t = PyObject_IsTrue(res);
-        Py_DECREF(res);
-        return t;
+/* Regex.test(value), remembered: 1, 0 or -1 */
+static int rx_test(FlatCond *c, PyObject *value) {
+    /* bytes (memcache, redis keys) and str (http's method, path, host) alike */
+    if (c->rx_match == NULL ||
+        !(PyBytes_CheckExact(value) ? PyBytes_GET_SIZE(value) <= RX_CACHE_VALUE
+                                    : PyUnicode_CheckExact(value) && PyUnicode_GET_LENGTH(value) <= RX_CACHE_VALUE))
+        return rx_test_uncached(c, value);
+    PyObject *hit = PyDict_GetItemWithError(c->seen, value);
+    if (hit != NULL) return hit == Py_True;
+    int m = PyErr_Occurred() ? -1 : rx_test_uncached(c, value);
+    if (m >= 0) {
+        if (PyDict_GET_SIZE(c->seen) >= RX_CACHE) PyDict_Clear(c->seen);
+        if (PyDict_SetItem(c->seen, value, BOOL(m)) < 0) m = -1;
     }
-    if (r->commands) {
-        int c = PySet_Contains(r->commands, name);
-        if (c <= 0) return c;
-    }
-    if (!r->exact && !r->prefix && !r->regex) return 1;
-    Py_ssize_t nk = PyTuple_GET_SIZE(keys);
-    if (key_error || nk == 0) return 0;
-    for (Py_ssize_t i = 0; i < nk; i++) {
-        PyObject *key = PyTuple_GET_ITEM(keys, i);
-        const char *kp = PyBytes_AS_STRING(key);
-        Py_ssize_t kl = PyBytes_GET_SIZE(key);
-        if (r->exact && (kl != PyBytes_GET_SIZE(r->exact) || memcmp(kp, PyBytes_AS_STRING(r->exact), (size_t)kl)))
-            return 0;
-        if (r->prefix) {
-            Py_ssize_t pl = PyBytes_GET_SIZE(r->prefix);
-            if (kl < pl || memcmp(kp, PyBytes_AS_STRING(r->prefix), (size_t)pl)) return 0;
+    return m;
+}
+
+/* flat._passes(form, operand, value): 1, 0 or -1 */
+static int cond_passes(FlatCond *c, PyObject *v) {
+    PyObject *op = c->operand;
+    switch (c->form) {
+    case FORM_IN:
+        return PyAnySet_Check(op) ? PySet_Contains(op, v) : PySequence_Contains(op, v);
+    case FORM_EXACT:
+        if (PyBytes_CheckExact(v) && PyBytes_CheckExact(op))
+            return PyBytes_GET_SIZE(v) == PyBytes_GET_SIZE(op) &&
+                   memcmp(PyBytes_AS_STRING(v), PyBytes_AS_STRING(op), (size_t)PyBytes_GET_SIZE(op)) == 0;
+        return PyObject_RichCompareBool(v, op, Py_EQ);
+    case FORM_PREFIX:
+        if (PyBytes_CheckExact(v) && PyBytes_CheckExact(op))
+            return PyBytes_GET_SIZE(v) >= PyBytes_GET_SIZE(op) &&
+                   memcmp(PyBytes_AS_STRING(v), PyBytes_AS_STRING(op), (size_t)PyBytes_GET_SIZE(op)) == 0;
+        {
+            PyObject *res = PyObject_CallMethodOneArg(v, s_startswith, op);
+            if (res == NULL) return -1;
+            int t = PyObject_IsTrue(res);
+            Py_DECREF(res);
+            return t;
         }
-        if (r->regex) {
-            int m = rx_search(r, key);
-            if (m <= 0) return m;
+    case FORM_REGEX:
+        return rx_test(c, v);
+    default:
+        PyErr_SetString(PyExc_SystemError, "flat policy: unknown condition form");
+        return -1;
+    }
+}
+
+/* flat.holds(conditions, request, values): 1, 0 or -1; 2 for a "defer" condition (flat.Deferred:
+ * ctx.matches decides). *obj caches the parser's request object, built on the first call
+ * condition. */
+static int rule_holds(FlatRule *r, const FlatRequest *req, PyObject **obj) {
+    for (Py_ssize_t i = 0; i < r->n; i++) {
+        FlatCond *c = &r->conds[i];
+        if (c->form == FORM_DEFER) return 2;
+        if (c->form == FORM_CALL) {
+            if (*obj == NULL && (*obj = req->build(req)) == NULL) return -1;
+            int t = truth_of_call(c->operand, *obj);
+            if (t <= 0) return t;
+            continue;
+        }
+        const FlatValues *fv = &req->fields[c->field];
+        if (fv->n == 0) return 0;
+        for (Py_ssize_t j = 0; j < fv->n; j++) {
+            int t = cond_passes(c, fv->v[j]);
+            if (t <= 0) return t;
         }
     }
     return 1;
 }
 
-/* Context.matches through the flat policy: 1, 0, -1; or 2 when it does not apply (the caller
- * then calls ctx.matches). */
-int flat_matches(FlatPolicy *fp, PyObject *ctx, PyObject *name, PyObject *keys, int key_error) {
+int flat_matches(FlatPolicy *fp, PyObject *ctx, const FlatRequest *req) {
     if (!fp->ok) return 2;
     PyObject *policy = PyObject_GetAttr(ctx, s_policy);
     if (policy == NULL) return -1;
-    if ((PyObject *)Py_TYPE(policy) != g_LivePolicy) {
-        Py_DECREF(policy);
-        return 2;
-    }
-    PyObject *cp = PyObject_CallMethodNoArgs(policy, s_l4);
+    /* the flat copy holds while ctx.policy is the same object and the store's revision cell
+     * still holds its stamp (LiveConnectionPolicy.l4's revision check, without the call) */
+    int stale = policy != fp->policy ||
+                (fp->cell != NULL && (PyList_GET_SIZE(fp->cell) < 1 || PyList_GET_ITEM(fp->cell, 0) != fp->stamp));
+    int rc = stale ? flat_load(fp, policy) : 0;
     Py_DECREF(policy);
-    if (cp == NULL) return -1;
-    if (cp != fp->cp && flat_build(fp, cp) < 0) {
-        Py_DECREF(cp);
-        return -1;
-    }
-    Py_DECREF(cp);
+    if (rc < 0) return -1;
+    if (!fp->usable) return 2;
     PyObject *decision = fp->always;
-    PyObject *req = NULL;
+    int forwards = fp->always_forwards;
+    PyObject *obj = NULL;
     if (decision == NULL) {
-        decision = fp->denied;
+        decision = fp->otherwise;
+        forwards = fp->otherwise_forwards;
         for (Py_ssize_t i = 0; i < fp->n; i++) {
-            int m = flat_rule_matches(&fp->rules[i], name, keys, key_error, &req);
-            if (m < 0) {
-                Py_XDECREF(req);
-                return -1;
+            int m = rule_holds(&fp->rules[i], req, &obj);
+            if (m < 0 || m == 2) { /* an error, or deferred: nothing was set */
+                Py_XDECREF(obj);
+                return m < 0 ? -1 : 2;
             }
             if (m) {
                 decision = fp->rules[i].decision;
+                forwards = fp->rules[i].forwards;
                 break;
             }
         }
     }
-    Py_XDECREF(req);
+    Py_XDECREF(obj);
+    /* Context.matches: self.last_decision = decision; return decision.allowed or decision.audit
+     * (precomputed as forwards). The decision is borrowed from fp->flat: held across the set. */
     Py_INCREF(decision);
-    /* self._last = decision; return decision.allowed or decision.audit */
-    int rc = PyObject_SetAttr(ctx, s__last, decision);
-    int t = -1;
-    if (rc == 0) {
-        PyObject *a = PyObject_GetAttr(decision, s_allowed);
-        t = a ? PyObject_IsTrue(a) : -1;
-        Py_XDECREF(a);
-        if (t == 0) {
-            a = PyObject_GetAttr(decision, s_audit);
-            t = a ? PyObject_IsTrue(a) : -1;
-            Py_XDECREF(a);
-        }
-    }
+    rc = PyObject_SetAttr(ctx, s_last_decision, decision);
     Py_DECREF(decision);
-    return t;
+    return rc < 0 ? -1 : forwards;
 }

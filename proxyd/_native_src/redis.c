@@ -1,5 +1,6 @@
 /* The redis parser: the twin of proxyd/parsers/redis/parser.py's common case, over its
- * reference (framing: redis_resp.c for resp.py; rule matching: redis_rules.c for rules.py; the
+ * reference (framing: redis_resp.c for resp.py; the request the policy sees: redis_rules.c for rules.py, its
+ * rules evaluated by policy.c from the connection's FlatPolicy; the
  * command table: the entries parser.py native_table() hands over from table.py).
  *
  * A connection's RedisParser (the Python reference) is created with this object and holds the
@@ -13,8 +14,8 @@
  *   requests  parser.py _on_request/_requests: whole multibulk requests with plain lengths and
  *             inline commands without quotes (resp.py), of commands the table handed over
  *             marks simple (table.py key_positions' simple index/range spec, or no keys;
- *             ALWAYS_ALLOWED's stateless ones; MULTI/EXEC/DISCARD), their policy (RedisRule
- *             semantics, rules.py), the access log, the pending queue, the hold, and denials in
+ *             ALWAYS_ALLOWED's stateless ones; MULTI/EXEC/DISCARD), their policy (the
+ *             connection's FlatPolicy, policy.c; ctx.matches where it does not apply), the access log, the pending queue, the hold, and denials in
  *             place (NOPERM injected at once or after the reply before it);
  *   replies   parser.py _on_reply's fast path and what the general reader does for the same
  *             top-level frames: simple strings, errors, integers, bulk strings (passed through
@@ -31,12 +32,12 @@
 #include "native.h"
 
 /* Handed over by proxyd.parsers.redis (module.c setup_redis) and proxyd.policy.flat. */
-PyObject *g_RedisParser, *g_RedisRequest, *g_RedisRule, *g_redis_key_text, *g_redis_table, *s_noperm;
+PyObject *g_RedisParser, *g_RedisRequest, *g_redis_key_text, *g_redis_table, *s_noperm;
 
 static PyObject *s_py_requests, *s_py_replies, *s_pending, *s_db, *s_rep_owed, *s_stream_rest, *s_in_multi,
     *s_multi_dirty, *s_reply_off, *s_skip_next, *s_dead, *s_raw, *s_req_owed, *s_raw_reply, *s_close_next,
     *s_subs, *s_scanner, *s_fresh, *s_stack, *s_in_line, *s_budget, *s_max_bulk, *s_max_entries, *s_clear,
-    *s_append, *s_keys_total, *s_hello, *s_reset, *s_rd_policy, *s_rd_l4, *s_rd_allowed, *s_db_key, *s_refused,
+    *s_append, *s_keys_total, *s_hello, *s_reset, *s_db_key, *s_refused,
     *s_multi;
 
 #define MAX_LOGGED_KEYS 8
@@ -127,8 +128,7 @@ typedef struct {
     Py_ssize_t budget, max_bulk, max_entries;
     PyObject *counts, *count_key; /* ctx.quiet_counter() */
     long long quiet_pending;      /* forwarded requests counted, not yet added to counts */
-    RFlat flat;
-    int call_flat;                /* this call's policy is flat's (LivePolicy, l4() asked) */
+    FlatPolicy flat;              /* the connection's flattened policy (policy.c, flat_matches) */
     struct {
         Py_ssize_t len;
         char raw[40];
@@ -178,7 +178,8 @@ static int Redis_traverse(Redis *self, visitproc visit, void *arg) {
     Py_VISIT(self->py);
     Py_VISIT(self->ctx);
     Py_VISIT(self->counts);
-    Py_VISIT(self->flat.cp);
+    Py_VISIT(self->flat.policy);
+    Py_VISIT(self->flat.flat);
     return 0;
 }
 
@@ -195,7 +196,7 @@ static int Redis_clear(Redis *self) {
 static void Redis_dealloc(Redis *self) {
     PyObject_GC_UnTrack(self);
     Redis_clear(self);
-    rflat_clear(&self->flat);
+    flat_clear(&self->flat);
     if (self->q) rq_clear(self);
     PyMem_Free(self->q);
     Py_TYPE(self)->tp_free((PyObject *)self);
@@ -401,47 +402,25 @@ static int rd_log(Redis *self, PyObject *entry_type, PyObject *fields) { /* stea
     return 0;
 }
 
-/* ctx.log(REQUEST, fields) for a forwarded request, or the count the log would make of it
- * (ctx.quiet_counter(), as memcache.c log_forwarded). Steals fields. */
-static int rd_log_forwarded(Redis *self, PyObject *fields) {
-    if (fields == NULL) return -1;
-    if (self->counts != NULL) {
-        PyObject *last = PyObject_GetAttr(self->ctx, s__last);
-        if (last == NULL) {
-            Py_DECREF(fields);
-            return -1;
-        }
-        int audit = 1;
-        if (last == g_ALLOWED) {
-            audit = 0;
-        } else {
-            PyObject *a = PyObject_GetAttr(last, s_audit);
-            if (a != NULL) {
-                audit = PyObject_IsTrue(a);
-                Py_DECREF(a);
-            }
-        }
-        Py_DECREF(last);
-        if (audit < 0 || PyErr_Occurred()) {
-            Py_DECREF(fields);
-            return -1;
-        }
-        if (!audit) {
-            Py_DECREF(fields);
-            PyObject *old = PyDict_GetItemWithError(self->counts, self->count_key);
-            if (old == NULL && PyErr_Occurred()) return -1;
-            PyObject *one = PyLong_FromLong(1);
-            if (one == NULL) return -1;
-            PyObject *sum = old ? PyNumber_Add(old, one) : (Py_INCREF(one), one);
-            Py_DECREF(one);
-            if (sum == NULL) return -1;
-            int rc = PyDict_SetItem(self->counts, self->count_key, sum);
-            Py_DECREF(sum);
-            if (rc < 0) return -1;
-            return PyObject_SetAttr(self->ctx, s__last, g_ALLOWED);
-        }
+/* Whether a forwarded request is only counted by the access log (ctx.quiet_counter(), as
+ * memcache.c log_forwarded): an allowed, non-audit decision in ctx.last_decision. Then it is
+ * counted here (quiet_pending, added to counts[count_key] by rd_flush_counts) and last_decision
+ * reset, as Context.log would, without building the log fields: 1. 0: it is logged; -1. */
+static int rd_quiet(Redis *self) {
+    if (self->counts == NULL) return 0;
+    PyObject *last = PyObject_GetAttr(self->ctx, s_last_decision);
+    if (last == NULL) return -1;
+    int audit = 0;
+    if (last != g_ALLOWED) {
+        PyObject *a = PyObject_GetAttr(last, s_audit);
+        audit = a ? PyObject_IsTrue(a) : -1;
+        Py_XDECREF(a);
     }
-    return rd_log(self, g_ET_REQUEST, fields);
+    Py_DECREF(last);
+    if (audit < 0) return -1;
+    if (audit) return 0;
+    self->quiet_pending++;
+    return PyObject_SetAttr(self->ctx, s_last_decision, g_ALLOWED) < 0 ? -1 : 1;
 }
 
 /* counts[count_key] += the requests counted in this call (what the log's counter would do) */
@@ -467,105 +446,19 @@ static int rd_inject(Redis *self, int reply, PyObject *payload) {
     return 0;
 }
 
-/* Context.matches(RedisRequest(name, base, categories, True, key)): 1, 0, -1 */
+/* Context.matches(RedisRequest(name, base, categories, True, key)): through the flat policy
+ * (redis_rules.c, policy.c) when it applies, else ctx.matches itself. 1, 0, -1 */
 static int rd_matches(Redis *self, PyObject *name, PyObject *base, PyObject *cats, PyObject *key) {
-    RFlat *fp = &self->flat;
-    if (!self->call_flat) {
-        PyObject *req = redis_request(name, base, cats, key);
-        if (req == NULL) return -1;
-        PyObject *r = PyObject_CallMethodOneArg(self->ctx, s_matches, req);
-        Py_DECREF(req);
-        if (r == NULL) return -1;
-        int t = PyObject_IsTrue(r);
-        Py_DECREF(r);
-        return t;
-    }
-    PyObject *decision = fp->always;
-    if (decision == NULL) {
-        decision = fp->denied;
-        for (Py_ssize_t i = 0; i < fp->n; i++) {
-            int m = rrule_matches(&fp->rules[i], name, base, cats, key);
-            if (m < 0) return -1;
-            if (m) {
-                decision = fp->rules[i].decision;
-                break;
-            }
-        }
-    }
-    Py_INCREF(decision);
-    int rc = PyObject_SetAttr(self->ctx, s__last, decision);
-    int t = -1;
-    if (rc == 0) {
-        PyObject *a = PyObject_GetAttr(decision, s_rd_allowed);
-        t = a ? PyObject_IsTrue(a) : -1;
-        Py_XDECREF(a);
-        if (t == 0) {
-            a = PyObject_GetAttr(decision, s_audit);
-            t = a ? PyObject_IsTrue(a) : -1;
-            Py_XDECREF(a);
-        }
-    }
-    Py_DECREF(decision);
+    int f = redis_flat_matches(&self->flat, self->ctx, name, base, cats, key);
+    if (f != 2) return f;
+    PyObject *req = redis_request(name, base, cats, key);
+    if (req == NULL) return -1;
+    PyObject *r = PyObject_CallMethodOneArg(self->ctx, s_matches, req);
+    Py_DECREF(req);
+    if (r == NULL) return -1;
+    int t = PyObject_IsTrue(r);
+    Py_DECREF(r);
     return t;
-}
-
-/* The policy in force for this call: LiveConnectionPolicy.l4(), flattened again when it is a
- * new object (a reload). A reload runs in the event loop, never inside a parser call, so one
- * l4() a call sees what Context.matches would see at each request. 0 or -1. */
-static int rd_policy_refresh(Redis *self) {
-    RFlat *fp = &self->flat;
-    self->call_flat = 0;
-    if (!fp->ok) return 0;
-    PyObject *policy = PyObject_GetAttr(self->ctx, s_rd_policy);
-    if (policy == NULL) return -1;
-    if ((PyObject *)Py_TYPE(policy) != g_LivePolicy) {
-        Py_DECREF(policy);
-        return 0;
-    }
-    PyObject *cp = PyObject_CallMethodNoArgs(policy, s_rd_l4);
-    Py_DECREF(policy);
-    if (cp == NULL) return -1;
-    if (cp != fp->cp && rflat_build(fp, cp) < 0) {
-        Py_DECREF(cp);
-        return -1;
-    }
-    Py_DECREF(cp);
-    self->call_flat = 1;
-    return 0;
-}
-
-/* The flat policy's decision for each key (or one keyless question), as Context.matches would
- * answer them one by one, stopping at the first refusal; without a Python call (fp->pure).
- * Returns whether the request is allowed; *decision is the last decision (borrowed). */
-static int rd_decide_raw(Redis *self, PyObject *name, PyObject *base, PyObject *cats, const char *d,
-                         const Py_ssize_t *kstart, const Py_ssize_t *klen, Py_ssize_t nk, PyObject **decision,
-                         int *audit) {
-    RFlat *fp = &self->flat;
-    if (fp->always) {
-        *decision = fp->always;
-        *audit = fp->always_audit;
-        return fp->always_pass;
-    }
-    int pass = 1;
-    for (Py_ssize_t k = 0; k < (nk ? nk : 1) && pass; k++) {
-        const char *kp = nk ? d + kstart[k] : NULL;
-        Py_ssize_t kl = nk ? klen[k] : 0;
-        *decision = fp->denied;
-        pass = fp->denied_pass;
-        *audit = fp->denied_audit;
-        for (Py_ssize_t i = 0; i < fp->n; i++) {
-            RRule *r = &fp->rules[i];
-            int m = rrule_matches_raw(r, name, base, cats, kp, kl);
-            if (m < 0) return -1;
-            if (m) {
-                *decision = r->decision;
-                pass = r->pass;
-                *audit = r->audit;
-                break;
-            }
-        }
-    }
-    return pass;
 }
 
 /* --- requests (parser.py _on_request / _requests, _judge, _commit for plain commands) --------- */
@@ -661,7 +554,7 @@ static PyObject *lazy_redis_fields(PyObject *name, PyObject *keys, PyObject *db)
 static int rd_request_loop(Redis *self, PyObject *buf, long long *n) {
     const char *d;
     Py_ssize_t have;
-    if (rd_policy_refresh(self) < 0 || bytes_view(buf, &d, &have) < 0) return -1;
+    if (bytes_view(buf, &d, &have) < 0) return -1;
     Py_ssize_t base = 0;
     Py_ssize_t starts[REDIS_MAX_ARGS], lens[REDIS_MAX_ARGS], kstart[REDIS_MAX_ARGS], klen[REDIS_MAX_ARGS];
     while (base < have) {
@@ -702,14 +595,9 @@ static int rd_request_loop(Redis *self, PyObject *buf, long long *n) {
             }
         }
         /* then one question per key (or one keyless), stopping at a refusal */
-        PyObject *keys = NULL;        /* the keys as bytes, once made */
-        PyObject *decision = NULL;    /* decided here: what Context.matches leaves in _last */
-        int allowed = 1, audit = 0;
-        if (t.mode == 0 || t.mode >= 3) {
-            /* always allowed: no question */
-        } else if (self->call_flat && self->flat.pure) {
-            allowed = rd_decide_raw(self, t.name, t.base, t.cats, d, kstart, klen, nk, &decision, &audit);
-        } else {
+        PyObject *keys = NULL; /* the keys as bytes, once made */
+        int allowed = 1;
+        if (t.mode == 1 || t.mode == 2) {
             if (nk && (keys = keys_tuple(d, kstart, klen, nk)) == NULL) return -1;
             /* d is not read after this point: the policy may call Python */
             if (nk == 0) {
@@ -718,26 +606,10 @@ static int rd_request_loop(Redis *self, PyObject *buf, long long *n) {
                 for (Py_ssize_t i = 0; i < nk && allowed == 1; i++)
                     allowed = rd_matches(self, t.name, t.base, t.cats, PyTuple_GET_ITEM(keys, i));
             }
-        }
+        } /* else always allowed: no question */
         if (allowed < 0) {
             Py_XDECREF(keys);
             return -1;
-        }
-        if (decision != NULL) {
-            if (allowed && !audit && self->counts != NULL) {
-                /* forwarded, and the access log writes no line for it: counted (Context.log
-                 * would count it and reset _last), one more reply owed */
-                if (PyObject_SetAttr(self->ctx, s__last, g_ALLOWED) < 0) return -1;
-                self->quiet_pending++;
-                if (push_reply(self, t.name) < 0) return -1;
-                base = end;
-                continue;
-            }
-            if (nk && keys == NULL && (keys = keys_tuple(d, kstart, klen, nk)) == NULL) return -1;
-            if (PyObject_SetAttr(self->ctx, s__last, decision) < 0) {
-                Py_XDECREF(keys);
-                return -1;
-            }
         }
         if (!allowed) {
             if (base) {
@@ -772,8 +644,10 @@ static int rd_request_loop(Redis *self, PyObject *buf, long long *n) {
          * more reply owed */
         if (t.mode == 3) self->in_multi = 1;
         else if (t.mode == 4) self->in_multi = 0;
-        PyObject *fields = lazy_redis_fields(t.name, keys, self->db);
-        if (decision != NULL ? rd_log(self, g_ET_REQUEST, fields) : rd_log_forwarded(self, fields)) return -1;
+        int quiet = rd_quiet(self); /* the log's count, or its entry (lazy fields, steal keys) */
+        if (quiet != 0) Py_XDECREF(keys);
+        else quiet = rd_log(self, g_ET_REQUEST, lazy_redis_fields(t.name, keys, self->db));
+        if (quiet < 0) return -1;
         if (push_reply(self, t.name) < 0) return -1;
         if (bytes_view(buf, &d, &have) < 0 || end > have) {
             PyErr_SetString(PyExc_RuntimeError, "redis parser: the buffer changed during a call");
@@ -906,7 +780,7 @@ static int Redis_init(Redis *self, PyObject *args, PyObject *kw) {
     self->fast = 0;
     Py_CLEAR(self->counts);
     Py_CLEAR(self->count_key);
-    rflat_clear(&self->flat);
+    flat_clear(&self->flat);
     PyObject *v = PyObject_GetAttr(py, s_budget);
     self->budget = v ? PyLong_AsSsize_t(v) : -1;
     Py_XDECREF(v);
@@ -918,7 +792,7 @@ static int Redis_init(Redis *self, PyObject *args, PyObject *kw) {
     Py_XDECREF(v);
     if (PyErr_Occurred()) return -1;
     int is_ctx = g_Context != NULL && Py_TYPE(ctx) == (PyTypeObject *)g_Context;
-    self->flat.ok = is_ctx && g_LivePolicy != NULL;
+    flat_init(&self->flat, REDIS_FIELDS, is_ctx);
     if (is_ctx) {
         PyObject *qc = PyObject_CallMethod(ctx, "quiet_counter", NULL);
         if (qc == NULL) return -1;
@@ -1035,9 +909,6 @@ int redis_init(void) {
     INTERN(s_keys_total, "keys_total");
     INTERN(s_hello, "hello");
     INTERN(s_reset, "reset");
-    INTERN(s_rd_policy, "policy");
-    INTERN(s_rd_l4, "l4");
-    INTERN(s_rd_allowed, "allowed");
     INTERN(s_refused, "_refused_in_subscribe_mode");
     INTERN(s_multi, "multi");
     return 0;

@@ -52,9 +52,12 @@ _OPTIONS.log_errors = False  # errors are raised and reported at the rule's line
 
 # The wrapper's search() builds a generator, offset maps and a Match object per call (most of a
 # memcache request's policy cost, bench/README.md); a yes/no answer needs only the compiled
-# RE2 object's Match() on the UTF-8 bytes the wrapper would pass it.
-_UNANCHORED: Final[Any] = re2._Anchor.UNANCHORED
-_ANCHOR_BOTH: Final[Any] = re2._Anchor.ANCHOR_BOTH
+# RE2 object's Match() on the UTF-8 bytes the wrapper would pass it. Public because the
+# flattened-policy interface (proxyd.policy.flat) hands them to the compiled twins.
+#: The anchor of :meth:`RuleRegex.search`.
+UNANCHORED: Final[Any] = re2._Anchor.UNANCHORED
+#: The anchor of :meth:`RuleRegex.fullmatch`.
+ANCHOR_BOTH: Final[Any] = re2._Anchor.ANCHOR_BOTH
 
 
 def _utf8(subject: str | bytes) -> bytes:
@@ -76,12 +79,14 @@ class RuleRegex:
     revision that holds it.
     """
 
-    __slots__ = ("_compiled", "_full", "_match", "_search", "pattern")
+    __slots__ = ("_compiled", "_full", "_search", "pattern", "re2_match")
 
     def __init__(self, pattern: str, compiled: Any) -> None:
         self.pattern = pattern
         self._compiled = compiled
-        self._match = compiled._regexp.Match  # (anchor, utf-8 bytes, pos, endpos) -> spans
+        #: RE2's compiled ``Match``: ``(anchor, utf-8 bytes, pos, endpos) -> spans``, where
+        #: ``spans[0][0] == -1`` means no match (what search and fullmatch ask of it).
+        self.re2_match = compiled._regexp.Match
         self._search: dict[str | bytes, bool] = {}
         self._full: dict[str | bytes, bool] = {}
 
@@ -90,7 +95,7 @@ class RuleRegex:
         if hit is not None:
             return hit
         b = _utf8(_subject(text))
-        start: int = self._match(anchor, b, 0, len(b))[0][0]
+        start: int = self.re2_match(anchor, b, 0, len(b))[0][0]
         hit = start != -1
         if len(text) <= MEMO_VALUE:
             if len(memo) >= MEMO_SIZE:
@@ -100,11 +105,11 @@ class RuleRegex:
 
     def search(self, text: str | bytes) -> bool:
         """True when the pattern matches anywhere in ``text``."""
-        return self._answer(self._search, _UNANCHORED, text)
+        return self._answer(self._search, UNANCHORED, text)
 
     def fullmatch(self, text: str | bytes) -> bool:
         """True when the pattern matches the whole of ``text``."""
-        return self._answer(self._full, _ANCHOR_BOTH, text)
+        return self._answer(self._full, ANCHOR_BOTH, text)
 
     def __repr__(self) -> str:
         return f"RuleRegex({self.pattern!r})"
@@ -134,4 +139,4 @@ def compile_rule_regex(pattern: object, key: str) -> RuleRegex:
     return RuleRegex(pattern, compiled)
 
 
-__all__ = ["RuleRegex", "compile_rule_regex"]
+__all__ = ["ANCHOR_BOTH", "UNANCHORED", "RuleRegex", "compile_rule_regex"]

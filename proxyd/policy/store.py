@@ -44,7 +44,9 @@ from typing import Any, Final, cast
 
 from proxyd.context import L7Decision
 from proxyd.errors import PolicyError
+from proxyd.policy import flat
 from proxyd.policy.engine import ConnectionPolicy, PolicySet
+from proxyd.policy.flat import FlatPolicy
 from proxyd.policy.forkload import Loaded, load_split
 from proxyd.policy.loader import (
     ParserLookup,
@@ -141,6 +143,10 @@ class PolicyStore:
         self._revision = 0
         self._mtimes: _Snapshot = ()
         self._current = PolicySet((), registry, 0)
+        #: The revision in force, as the flattened-policy interface shares it with compiled
+        #: parsers (proxyd.policy.flat.FlatPolicy.current): a one-item list, replaced in place
+        #: by :meth:`commit`, so a connection checks its flat copy without a Python call.
+        self.revision_cell: list[object] = [self._current]
         #: Documents from Kubernetes API objects, by ``namespace/name`` (apart from files and
         #: imports: the same name may exist there), and the objects refused with their errors.
         self._cluster: Mapping[str, Document] = {}
@@ -492,6 +498,7 @@ class PolicyStore:
             self._cluster = change.cluster
         self._current = change.policy
         self._revision = change.policy.revision
+        self.revision_cell[0] = change.policy
         return self._revision
 
     # --- watching ------------------------------------------------------------------------------
@@ -611,7 +618,7 @@ def _same_documents(a: Sequence[Document], b: Sequence[Document]) -> bool:
 class LiveConnectionPolicy:
     """One connection's view of the store's current policy, recomputed once per revision."""
 
-    __slots__ = ("_args", "_policy", "_set", "_store")
+    __slots__ = ("_args", "_flat", "_policy", "_set", "_store")
 
     def __init__(
         self,
@@ -629,6 +636,7 @@ class LiveConnectionPolicy:
         self._args = (direction, local_labels, remote_ip, remote_labels, port, l7proto, audit, sni)
         self._set = store.current
         self._policy = self._set.connection_policy(*self._args)
+        self._flat: FlatPolicy | None = None
 
     def with_sni(self, sni: str | None) -> LiveConnectionPolicy:
         """This connection's view once its TLS ClientHello is read: ``serverNames`` rules see ``sni``."""
@@ -643,6 +651,18 @@ class LiveConnectionPolicy:
             self._policy = current.connection_policy(*self._args)
             self._set = current
         return self._policy
+
+    def flat(self) -> FlatPolicy:
+        """:meth:`l4`'s ``l7`` part flattened for a compiled parser (proxyd.policy.flat).
+
+        Built once per revision for this connection, so a twin that finds its copy stale (the
+        store's revision cell moved) pays one call here and one build, not one per request.
+        """
+        policy = self.l4()
+        built = self._flat
+        if built is None or built.stamp is not self._set:
+            built = self._flat = flat.build(policy, self._set, self._store.revision_cell)
+        return built
 
     def decide(self, request: Any) -> L7Decision:
         """Whether the current policy allows ``request`` (a reload applies from the next one).

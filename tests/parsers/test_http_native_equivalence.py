@@ -422,3 +422,66 @@ def test_chunked_requests_stay_in_the_twin() -> None:
         h = Harness(HttpFactory(), implementation="native")
         h.feed(req * 2, split=split)
         assert h.to_server == req * 2 and h.engine.parser.counts()[1] == 0  # type: ignore[attr-defined]
+
+
+# --- the flattened-policy interface, as the http twin reads it ---------------------------------
+
+
+class FlatPolicyOf:
+    """A policy with a flat form, as the daemon's LiveConnectionPolicy has, counting ``decide``
+    (the twin asks it only for a rule the flat form defers: ``headerMatches``)."""
+
+    def __init__(self, rules: list[dict[str, Any]]) -> None:
+        from proxyd.context import L7Decision
+        from proxyd.policy.engine import ConnectionPolicy
+
+        matchers = tuple((HttpFactory().compile_rule(r), L7Decision(True, "t")) for r in rules)
+        self.cp = ConnectionPolicy(True, "", always=None, matchers=matchers, denied=L7Decision(False, "t"))
+        self.cell: list[object] = [object()]
+        self.decided = 0
+
+    def decide(self, request: Any) -> Any:
+        self.decided += 1
+        return self.cp.decide(request)
+
+    def flat(self) -> Any:
+        from proxyd.policy import flat
+
+        return flat.build(self.cp, self.cell[0], self.cell)
+
+
+FLAT_RULES: list[dict[str, Any]] = [
+    {"method": "GET", "path": "/a/.*"},
+    {"method": "PUT", "headers": ["X-Team: blue"]},
+    {"path": "/h/.*", "headerMatches": [{"name": "X-Audit", "value": "on", "mismatch": "ADD"}]},
+]
+FLAT_HTTP = [  # (request, allowed), fed one by one and each answered: every call starts in the twin
+    (b"GET /a/1 HTTP/1.1\r\nHost: h\r\n\r\n", True),
+    (b"GET /b HTTP/1.1\r\nHost: h\r\n\r\n", False),
+    (b"PUT /b HTTP/1.1\r\nHost: h\r\nX-Team: blue\r\nContent-Length: 0\r\n\r\n", True),
+    (b"PUT /c HTTP/1.1\r\nHost: h\r\nX-Team: red\r\nContent-Length: 0\r\n\r\n", False),
+    (b"GET /h/1 HTTP/1.1\r\nHost: h\r\n\r\n", True),
+]
+
+
+def test_the_http_twin_decides_through_the_flat_form() -> None:
+    runs = {}
+    for impl in ("native", "python"):
+        policy = FlatPolicyOf(FLAT_RULES)
+        h = Harness(HttpFactory(), policy=policy, implementation=impl)
+        for request, allowed in FLAT_HTTP:
+            h.feed(request)
+            if allowed:  # else proxyd answers it
+                h.feed(b"HTTP/1.1 200 OK\r\nContent-Length: 0\r\n\r\n", reply=True)
+        runs[impl] = (h.out, h.log, policy.decided)
+    (n_out, n_log, n_decided), (p_out, p_log, p_decided) = runs["native"], runs["python"]
+    assert (n_out, n_log) == (p_out, p_log)
+    assert [e.verdict for e in n_log if e.entry_type == "request"] == [
+        "forwarded" if allowed else "denied" for _, allowed in FLAT_HTTP
+    ]
+    assert n_out[True].count(b"200 OK") == 3 and n_out[True].count(b"403") == 2
+    assert p_decided == 5
+    # the twin decided two from the flat form, the headers rule included (a call), and asked
+    # ctx.matches for the three that reached the headerMatches rule, which the form defers
+    assert n_decided == 3
+    assert b"X-Audit: on" in n_out[False]

@@ -44,12 +44,12 @@ _native = native_module()
 if _native is not None:
     _native.setup_http(
         HttpRequest=HttpRequest,
-        HttpRule=HttpRule,
         REQUEST=EntryType.REQUEST,
         RESPONSE=EntryType.RESPONSE,
     )
     # The native twin evaluates a connection's rules.http itself when it can, reading only the
-    # flattened-policy interface (proxyd.policy.flat; proxyd/_native_src/http_rules.c).
+    # flattened-policy interface (proxyd.policy.flat: HttpRule.flat gives its conditions;
+    # proxyd/_native_src/policy.c, http_rules.c).
     hand_over(_native)
 
 

@@ -38,6 +38,7 @@ from dataclasses import dataclass
 from typing import Any, NamedTuple
 
 from proxyd.errors import RuleError
+from proxyd.policy import flat
 from proxyd.policy.regex import RuleRegex, compile_rule_regex
 
 from .framing import _FIELD_VALUE, TOKEN_RE
@@ -75,6 +76,24 @@ class HttpRequest(NamedTuple):
     def has(self, lname: str, value: str | None) -> bool:
         return any(n == lname and (value is None or v == value) for n, v in self.headers)
 
+    def values(self, field: str) -> tuple[Any, ...]:
+        """The values of ``field`` (the ``FIELD_*`` names) for flat conditions: one each."""
+        if field == FIELD_METHOD:
+            return (self.method,)
+        if field == FIELD_PATH:
+            return (self.path,)
+        if field == FIELD_HOST:
+            return (self.host,)
+        raise ValueError(f"http requests have no field {field!r}")
+
+
+#: The request fields of the flattened-policy interface (proxyd.policy.flat) for http, each
+#: with one value (str): the method, the path as the policy sees it, the Host value ("" when
+#: there is none). Header conditions have no flat form (a field may repeat): they are calls.
+FIELD_METHOD = "method"
+FIELD_PATH = "path"
+FIELD_HOST = "host"
+
 
 @dataclass(frozen=True, slots=True)
 class HttpRule:
@@ -108,6 +127,26 @@ class HttpRule:
         if actions and request.actions is not None and not request.actions:
             request.actions.extend(actions)
         return True
+
+    def has_headers(self, request: HttpRequest) -> bool:
+        """Whether ``request`` has every field ``headers`` asks for (the flat ``call`` condition)."""
+        return all(request.has(lname, value) for lname, value in self.headers)
+
+    def flat(self) -> tuple[flat.Condition, ...]:
+        """The rule as flat conditions (proxyd.policy.flat), with :meth:`matches`' answers.
+
+        A rule with ``headerMatches`` is deferred to ``ctx.matches``: its mismatch actions are
+        recorded on the request the parser then rewrites, which only the Python path does.
+        """
+        if self.header_matches:
+            return ((None, flat.DEFER, None),)
+        out: list[flat.Condition] = []
+        for field, rx in ((FIELD_METHOD, self.method), (FIELD_PATH, self.path), (FIELD_HOST, self.host)):
+            if rx is not None:
+                out.append((field, flat.REGEX, flat.fullmatch(rx)))
+        if self.headers:
+            out.append((None, flat.CALL, self.has_headers))
+        return tuple(out)
 
 
 def _header_name(value: str, key: str) -> str:

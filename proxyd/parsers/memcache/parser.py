@@ -33,7 +33,7 @@ from proxyd.policy.flat import hand_over
 from . import binary, text
 from .binary import BinaryProtocol
 from .common import key_text, unsolicited_line
-from .rules import RULE_KEYS, MemcacheRequest, MemcacheRule, compile_rule
+from .rules import RULE_KEYS, MemcacheRequest, compile_rule
 from .text import TextProtocol
 
 _native = native_module()
@@ -47,11 +47,10 @@ if _native is not None:
         text_barrier=text.BARRIER_REQUEST,
         binary_barrier=binary.BARRIER_REQUEST,
         key_text=key_text,
-        MemcacheRule=MemcacheRule,
     )
-    # The native parser evaluates a connection's policy itself when its rules are
-    # MemcacheRule/ALLOW_ALL (same semantics; any other matcher is called), through the
-    # flattened-policy interface (proxyd.policy.flat; see proxyd/_native_src/policy.c).
+    # The native parser evaluates a connection's policy itself through the flattened-policy
+    # interface (proxyd.policy.flat; MemcacheRule.flat gives its conditions, any other matcher
+    # is called; see proxyd/_native_src/policy.c).
     hand_over(_native)
 
 

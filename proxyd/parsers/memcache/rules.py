@@ -39,7 +39,14 @@ from typing import Any, NamedTuple
 
 from proxyd.errors import RuleError
 from proxyd.parser import ALLOW_ALL, RuleMatcher
+from proxyd.policy import flat
 from proxyd.policy.regex import RuleRegex, compile_rule_regex
+
+#: The request fields of the flattened-policy interface (proxyd.policy.flat) for memcache:
+#: ``command`` has one value, the policy command name; ``key`` one per key, and none when the
+#: request has no key or a key could not be decoded (which fails every key constraint).
+FIELD_COMMAND = "command"
+FIELD_KEY = "key"
 
 
 class MemcacheRequest(NamedTuple):
@@ -53,6 +60,14 @@ class MemcacheRequest(NamedTuple):
     command: str
     keys: tuple[bytes, ...]
     key_error: bool = False
+
+    def values(self, field: str) -> tuple[Any, ...]:
+        """The values of ``field`` (:data:`FIELD_COMMAND`, :data:`FIELD_KEY`) for flat conditions."""
+        if field == FIELD_COMMAND:
+            return (self.command,)
+        if field == FIELD_KEY:
+            return () if self.key_error else self.keys
+        raise ValueError(f"memcache requests have no field {field!r}")
 
 
 #: Commands whose requests carry keys, by their policy names.
@@ -141,6 +156,19 @@ class MemcacheRule:
             if regex is not None and not regex.search(key):
                 return False
         return True
+
+    def flat(self) -> tuple[flat.Condition, ...]:
+        """The rule as flat conditions (proxyd.policy.flat), with :meth:`matches`' answers."""
+        out: list[flat.Condition] = []
+        if self.commands is not None:
+            out.append((FIELD_COMMAND, flat.IN, self.commands))
+        if self.exact is not None:
+            out.append((FIELD_KEY, flat.EXACT, self.exact))
+        if self.prefix is not None:
+            out.append((FIELD_KEY, flat.PREFIX, self.prefix))
+        if self.regex is not None:
+            out.append((FIELD_KEY, flat.REGEX, flat.search(self.regex)))
+        return tuple(out)
 
     def __repr__(self) -> str:
         return f"MemcacheRule({self.source!r})"

@@ -48,12 +48,13 @@ from .rules import RULE_KEYS, RedisRequest, RedisRule, compile_rule
 
 _native = native_module()
 if _native is not None:
-    # The native twin (proxyd._native.Redis) decides the common case itself, RedisRule policy
-    # included, and hands everything else to a RedisParser it keeps (proxyd/_native_src/redis.c).
+    # The native twin (proxyd._native.Redis) decides the common case itself, the policy included
+    # (through the flattened-policy interface: RedisRule.flat gives its conditions, any other
+    # matcher is called), and hands everything else to a RedisParser it keeps
+    # (proxyd/_native_src/redis.c).
     _native.setup_redis(
         RedisParser=RedisParser,
         RedisRequest=RedisRequest,
-        RedisRule=RedisRule,
         key_text=_key_text,
         table=native_table(),
         noperm=NOPERM,

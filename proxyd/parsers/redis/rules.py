@@ -34,6 +34,7 @@ from typing import Any, NamedTuple
 
 from proxyd.errors import RuleError
 from proxyd.parser import ALLOW_ALL, RuleMatcher
+from proxyd.policy import flat
 from proxyd.policy.regex import RuleRegex, compile_rule_regex
 
 from .table import CATEGORIES, COMMANDS, NAMES
@@ -55,6 +56,44 @@ class RedisRequest(NamedTuple):
     categories: frozenset[str]
     known: bool
     key: bytes | None
+
+    def values(self, field: str) -> tuple[Any, ...]:
+        """The values of ``field`` (the ``FIELD_*`` names) for flat conditions."""
+        if field == FIELD_NAME:
+            return (self.name,)
+        if field == FIELD_BASE:
+            return (self.base,)
+        if field == FIELD_KNOWN:
+            return (self.known,)
+        if field == FIELD_KEY:
+            return () if self.key is None else (self.key,)
+        raise ValueError(f"redis requests have no field {field!r}")
+
+
+#: The request fields of the flattened-policy interface (proxyd.policy.flat) for redis, each
+#: with one value: ``name`` (the policy name), ``base`` (the top-level command), ``known``
+#: (whether the command table has it), and ``key``, none when the question is keyless.
+FIELD_NAME = "name"
+FIELD_BASE = "base"
+FIELD_KNOWN = "known"
+FIELD_KEY = "key"
+
+
+def _names_by_category() -> dict[str, frozenset[str]]:
+    """The policy names of the known commands and subcommands in each ACL category.
+
+    A known command's policy name names one table entry, whose categories are the request's:
+    so ``category in request.categories`` is ``known and name in`` this set, a flat condition.
+    """
+    out: dict[str, set[str]] = {}
+    for cmd in COMMANDS.values():
+        for entry in (cmd, *cmd.subcommands.values()):
+            for cat in entry.categories:
+                out.setdefault(cat, set()).add(entry.name)
+    return {cat: frozenset(names) for cat, names in out.items()}
+
+
+_BY_CATEGORY = _names_by_category()
 
 
 class RedisRule:
@@ -109,6 +148,24 @@ class RedisRule:
         if self.prefix is not None and not key.startswith(self.prefix):
             return False
         return self.regex is None or self.regex.search(key)
+
+    def flat(self) -> tuple[flat.Condition, ...]:
+        """The rule as flat conditions (proxyd.policy.flat), with :meth:`matches`' answers."""
+        out: list[flat.Condition] = []
+        if self.base is not None:
+            out.append((FIELD_BASE, flat.EXACT, self.base))
+        elif self.name is not None:
+            out.append((FIELD_NAME, flat.EXACT, self.name))
+        elif self.category is not None and self.category != "all":
+            out.append((FIELD_KNOWN, flat.EXACT, True))
+            out.append((FIELD_NAME, flat.IN, _BY_CATEGORY.get(self.category, frozenset())))
+        if self.exact is not None:
+            out.append((FIELD_KEY, flat.EXACT, self.exact))
+        if self.prefix is not None:
+            out.append((FIELD_KEY, flat.PREFIX, self.prefix))
+        if self.regex is not None:
+            out.append((FIELD_KEY, flat.REGEX, flat.search(self.regex)))
+        return tuple(out)
 
     def __repr__(self) -> str:
         return f"RedisRule({self.source!r})"
