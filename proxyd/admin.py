@@ -179,11 +179,12 @@ class Control(Protocol):
 class _Counted(asyncio.Protocol):
     """A connection within the limit: aiohttp's handler, and its slot given back on close."""
 
-    __slots__ = ("gate", "inner")
+    __slots__ = ("gate", "inner", "lost")
 
     def __init__(self, gate: _Gate, inner: asyncio.Protocol) -> None:
         self.gate = gate
         self.inner = inner
+        self.lost = False
 
     def connection_made(self, transport: asyncio.BaseTransport) -> None:
         self.inner.connection_made(transport)
@@ -201,15 +202,22 @@ class _Counted(asyncio.Protocol):
         self.inner.resume_writing()
 
     def connection_lost(self, exc: Exception | None) -> None:
+        self.lost = True
         self.gate.open -= 1
         self.inner.connection_lost(exc)
+
+    def __del__(self) -> None:
+        # The loop asks for the protocol before it takes the socket (uvloop: before uv_accept);
+        # should that fail, the protocol is dropped unconnected and never hears connection_lost.
+        if not self.lost:
+            self.gate.open -= 1
 
 
 class _Refused(asyncio.Protocol):
     """A connection past the limit: told so and closed before it can hold its descriptor."""
 
     def connection_made(self, transport: asyncio.BaseTransport) -> None:
-        stream = cast(asyncio.Transport, transport)  # uvloop's transports are not its subclasses
+        stream = cast(asyncio.Transport, transport)  # uvloop's transports do not subclass asyncio's
         stream.write(TOO_MANY)
         stream.close()
 
