@@ -15,10 +15,17 @@ Access control (:func:`_guard`), checked before any handler runs:
   client does), and POST/PUT must be ``application/json`` or ``application/yaml`` (a form or
   ``text/plain`` body is what a cross-site "simple" request can send without a preflight).
 - Bodies are capped at :data:`MAX_BODY`; policy text is parsed on a worker thread.
+
+Connections are bounded (:class:`_Gate`, both sites): the admin API's share of the descriptor
+reserve (fdbudget.py) is all it may hold, so a connection past it is answered 503 and closed at
+once, and a connection with no request in progress is closed after ``admin.idle_timeout``
+(aiohttp's keep-alive timer, which runs from the accept): idle scrapers or a port scan cannot
+pin the descriptors policy reloads and log reopening need, nor keep ``/healthz`` unanswered.
 """
 
 from __future__ import annotations
 
+import asyncio
 import contextlib
 import hmac
 import json
@@ -26,11 +33,11 @@ import os
 import stat
 from collections.abc import Awaitable, Callable, Mapping
 from pathlib import Path
-from typing import Any, Protocol
+from typing import Any, Protocol, cast
 
 from aiohttp import web
 
-from proxyd.config import Config, ListenerConfig
+from proxyd.config import ADMIN_IDLE_TIMEOUT, Config, ListenerConfig
 from proxyd.dataside import Log
 from proxyd.errors import ConfigError, PolicyError
 from proxyd.policy.store import Change, PolicyStore
@@ -38,8 +45,12 @@ from proxyd.policy.store import Change, PolicyStore
 MAX_BODY = 2 << 20
 CHANGE_TYPES = ("application/json", "application/yaml", "application/x-yaml")
 READ_METHODS = ("GET", "HEAD")
+BACKLOG = 128  # the listen queue, as aiohttp's own sites have it
 
 _Handler = Callable[[web.Request], Awaitable[web.StreamResponse]]
+#: What a connection past the limit is told before it is closed.
+TOO_MANY = (b"HTTP/1.1 503 Service Unavailable\r\nConnection: close\r\nContent-Type: text/plain\r\n"
+            b"Content-Length: 28\r\n\r\ntoo many admin connections\r\n")  # fmt: skip
 
 
 #: Who asked for a change, for the daemon's log: ``socket``, ``token`` (TCP with the bearer
@@ -159,9 +170,99 @@ class Control(Protocol):
         """A change through the API was rejected: counted as a failed reload."""
         ...
 
+    def admin_connection_refused(self, limit: int) -> None:
+        """A connection was closed at accept, ``limit`` being open: counted, logged at a
+        bounded rate."""
+        ...
+
+
+class _Counted(asyncio.Protocol):
+    """A connection within the limit: aiohttp's handler, and its slot given back on close."""
+
+    __slots__ = ("gate", "inner", "lost")
+
+    def __init__(self, gate: _Gate, inner: asyncio.Protocol) -> None:
+        self.gate = gate
+        self.inner = inner
+        self.lost = False
+
+    def connection_made(self, transport: asyncio.BaseTransport) -> None:
+        self.inner.connection_made(transport)
+
+    def data_received(self, data: bytes) -> None:
+        self.inner.data_received(data)
+
+    def eof_received(self) -> bool | None:
+        return self.inner.eof_received()
+
+    def pause_writing(self) -> None:
+        self.inner.pause_writing()
+
+    def resume_writing(self) -> None:
+        self.inner.resume_writing()
+
+    def connection_lost(self, exc: Exception | None) -> None:
+        self.lost = True
+        self.gate.open -= 1
+        self.inner.connection_lost(exc)
+
+    def __del__(self) -> None:
+        # The loop asks for the protocol before it takes the socket (uvloop: before uv_accept);
+        # should that fail, the protocol is dropped unconnected and never hears connection_lost.
+        if not self.lost:
+            self.gate.open -= 1
+
+
+class _Refused(asyncio.Protocol):
+    """A connection past the limit: told so and closed before it can hold its descriptor."""
+
+    def connection_made(self, transport: asyncio.BaseTransport) -> None:
+        stream = cast(asyncio.Transport, transport)  # uvloop's transports do not subclass asyncio's
+        stream.write(TOO_MANY)
+        stream.close()
+
+
+class _Gate:
+    """The protocol factory both sites listen with: at most ``limit`` connections reach
+    aiohttp's server (counted from the factory call, so a burst of accepts is bounded too)."""
+
+    def __init__(self, daemon: Control, limit: int) -> None:
+        self.daemon = daemon
+        self.limit = limit
+        self.open = 0
+        self.server: Callable[[], asyncio.Protocol] | None = None  # aiohttp's, once set up
+
+    def __call__(self) -> asyncio.Protocol:
+        assert self.server is not None
+        if self.open >= self.limit:
+            self.daemon.admin_connection_refused(self.limit)
+            return _Refused()
+        self.open += 1
+        return _Counted(self, self.server())
+
+
+class _Site(web.BaseSite):
+    """An aiohttp site listening through the gate: ``listen`` creates the server (TCP or unix)."""
+
+    __slots__ = ("_listen", "_name")
+
+    def __init__(self, runner: web.BaseRunner, name: str,
+                 listen: Callable[[], Awaitable[asyncio.AbstractServer]]) -> None:  # fmt: skip
+        super().__init__(runner)
+        self._name = name
+        self._listen = listen
+
+    @property
+    def name(self) -> str:
+        return self._name
+
+    async def start(self) -> None:
+        await super().start()
+        self._server = await self._listen()
+
 
 class AdminServer:
-    def __init__(self, daemon: Control) -> None:
+    def __init__(self, daemon: Control, max_connections: int) -> None:
         self.daemon = daemon
         cfg = daemon.config.admin
         self.socket_path: Path | None = cfg.socket if cfg is not None else None
@@ -179,14 +280,19 @@ class AdminServer:
         app.router.add_post("/v1/policy", self.post_policy)
         app.router.add_put("/v1/policy", self.put_policy)
         app.router.add_delete("/v1/policy/{name}", self.delete_policy)
-        self.runner = web.AppRunner(app, access_log=None, handle_signals=False)
-        self.site: web.TCPSite | None = None
-        self.unix_site: web.UnixSite | None = None
+        idle = cfg.idle_timeout if cfg is not None else ADMIN_IDLE_TIMEOUT
+        self.runner = web.AppRunner(app, access_log=None, handle_signals=False, keepalive_timeout=idle)
+        self.gate = _Gate(daemon, max_connections)
+        self.site: _Site | None = None
+        self.unix_site: _Site | None = None
 
     async def start(self, host: str | None, port: int) -> None:
         await self.runner.setup()
+        self.gate.server = self.runner.server
+        loop = asyncio.get_running_loop()
         if host is not None:
-            self.site = web.TCPSite(self.runner, host, port, reuse_address=True)
+            self.site = _Site(self.runner, f"http://{host}:{port}", lambda: loop.create_server(
+                self.gate, host, port, backlog=BACKLOG, reuse_address=True))  # fmt: skip
             try:
                 await self.site.start()
             except OSError as exc:
@@ -204,7 +310,12 @@ class AdminServer:
         _prepare_socket_path(path)
         old = os.umask(0o177)  # created 0600: never briefly open to others
         try:
-            self.unix_site = web.UnixSite(self.runner, str(path))
+            loop = asyncio.get_running_loop()
+            self.unix_site = _Site(
+                self.runner,
+                f"http://unix:{path}:",
+                lambda: loop.create_unix_server(self.gate, str(path), backlog=BACKLOG),
+            )
             await self.unix_site.start()
         finally:
             os.umask(old)

@@ -27,6 +27,9 @@ DIRECTIONS = ("ingress", "egress")
 POLICY_MODES = ("enforce", "audit")
 LOG_REQUESTS = ("all", "denied", "none")
 REDIRECT_DIRECTIONS = ("inbound", "outbound", "both")
+#: admin.idle_timeout's default: far longer than an answer takes, short enough that idle clients
+#: do not hold the admin API's few connections for long (a scraper that waits longer reconnects).
+ADMIN_IDLE_TIMEOUT = 15.0
 
 
 @dataclass(frozen=True, slots=True)
@@ -83,6 +86,9 @@ class AdminConfig:
     socket: Path | None = None
     #: File holding the bearer token that allows changes over the TCP address too.
     token_file: Path | None = None
+    #: An admin connection with no request in progress for this long is closed (keep-alive
+    #: included), so a few idle clients cannot hold the admin API's few connections.
+    idle_timeout: float = ADMIN_IDLE_TIMEOUT
 
 
 @dataclass(frozen=True, slots=True)
@@ -437,7 +443,9 @@ def parse_config(text: str | TextParts, path: Path, registry: Registry) -> Confi
             requests=_get(alog, "requests", "access_log", p, _choice(LOG_REQUESTS), "all"),
         )
 
-    adm = _section(doc, "admin", p, "admin", ("address", "allow_remote", "socket", "token_file"))
+    adm = _section(
+        doc, "admin", p, "admin", ("address", "allow_remote", "socket", "token_file", "idle_timeout")
+    )
     admin: AdminConfig | None = None
     if adm is not None and (adm.get("address") is not None or adm.get("socket") is not None):
         host: str | None = None
@@ -456,7 +464,8 @@ def parse_config(text: str | TextParts, path: Path, registry: Registry) -> Confi
         # Read when the admin server starts (not here: `proxyd iptables` and the CLI load this
         # file as users who need not be able to read the token).
         token_file = (base / token) if token else None
-        admin = AdminConfig(host, port, allow_remote, (base / sock) if sock else None, token_file)
+        idle = _get(adm, "idle_timeout", "admin", p, _positive(parse_duration), ADMIN_IDLE_TIMEOUT)
+        admin = AdminConfig(host, port, allow_remote, (base / sock) if sock else None, token_file, idle)
     elif adm is not None and adm.get("token_file") is not None:
         p.add(adm.where_of("token_file"), "admin.token_file", "needs admin.address (the token guards it)")
 

@@ -9,7 +9,9 @@ configuration.md, "Limits and timeouts"), and new connections wait in the kernel
 (``LISTEN_BACKLOG`` each: waiting there costs no descriptor).
 
 - ``other`` descriptors are never used by connections: the admin API, policy files being read,
-  name lookups, the log files. ``limit / 16``, at least 16 and at most 256.
+  name lookups, the log files. ``limit / 16``, at least 16 and at most 256. The admin API may
+  hold at most half of them (``admin``, admin.py closes any connection past that at once), so
+  idle scrapers or a port scan cannot take what policy reloads and log reopening need.
 - The event loop's server accepts in bursts: everything queued on a listener in one go, before
   proxyd's code runs (up to the backlog + 1, each needing an upstream socket too). That fast
   path is used only while a whole burst of every listener still fits under the ceiling.
@@ -65,7 +67,9 @@ class FdBudget:
     - ``fast_low``: where accepting in bursts starts again.
     """
 
-    __slots__ = ("base", "data", "data_fast_high", "fast_high", "fast_low", "high", "limit", "low", "other")
+    __slots__ = (
+        "admin", "base", "data", "data_fast_high", "fast_high", "fast_low", "high", "limit", "low", "other",
+    )  # fmt: skip
 
     def __init__(self, limit: int, base: int, backlogs: list[int]) -> None:
         self.data = 0
@@ -78,6 +82,8 @@ class FdBudget:
         self.base = base
         #: Kept back from the data path for the admin API, policy files, lookups, logs.
         self.other = max(OTHER_MIN, min(OTHER_MAX, limit // 16))
+        #: The admin API's share of ``other``: its connections open at most.
+        self.admin = self.other // 2
         margin = max(2, limit // 100)
         self.high = limit - self.other
         self.low = self.high - margin

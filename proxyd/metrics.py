@@ -104,6 +104,11 @@ class Metrics:
         self.worker_restarts_total = Counter(
             "proxyd_worker_restarts", "Worker processes restarted after they exited", registry=r
         )
+        self.admin_connections_refused_total = Counter(
+            "proxyd_admin_connections_refused",
+            "Admin API connections closed at accept: as many as it may hold were open",
+            registry=r,
+        )
         for result in ("success", "failure"):
             self.policy_reloads_total.labels(result)
         #: Only with a `kubernetes` section (docs/kubernetes.md): how fresh the cluster state is.

@@ -43,7 +43,9 @@ ACCESS_LOG_CHECK = 1.0  # seconds between looks at the access log's sink
 ACCESS_LOG_REPORT_INTERVAL = 10.0  # at most one "access log cannot be written" line per this long
 ACCEPT_PAUSE = 0.5  # seconds between checks while accepting is paused for file descriptors
 FD_RECOUNT_INTERVAL = 5.0  # off the fast path, descriptors really open are listed this often
-FD_LOG_INTERVAL = 10.0  # at most one "out of file descriptors" log line per this many seconds
+#: At most one "out of file descriptors" line, and one "admin API: too many connections" line,
+#: per this many seconds.
+FD_LOG_INTERVAL = 10.0
 FD_BASE = 64  # about what is open before any connection: listeners, admin, logs, the event loop
 
 
@@ -98,6 +100,8 @@ class Daemon:
         self._fd_recount_at = 0.0
         self._fd_log_at = -FD_LOG_INTERVAL
         self._fd_events = 0  # pauses and EMFILE events since the last log line
+        self._admin_log_at = -FD_LOG_INTERVAL
+        self._admin_refused = 0  # admin connections refused since the last log line
         #: The cluster source (docs/kubernetes.md), made at start: its client needs a loop.
         self.kube: Any = None
 
@@ -282,6 +286,18 @@ class Daemon:
         self._fd_log_at = now
         self._fd_events = 0
 
+    def admin_connection_refused(self, limit: int) -> None:
+        self.metrics.admin_connections_refused_total.inc()
+        self._admin_refused += 1
+        now = time.monotonic()
+        if now - self._admin_log_at < FD_LOG_INTERVAL:
+            return
+        self.log.warning("admin API: too many connections, new ones closed at once", open=limit,
+                         refused=self._admin_refused,
+                         hint="a client holding idle connections (see admin.idle_timeout)")  # fmt: skip
+        self._admin_log_at = now
+        self._admin_refused = 0
+
     def _fd_tick(self) -> None:
         """While not on the fast path: end an EMFILE pause, and check the count now and then."""
         self._fd_hard = False
@@ -360,7 +376,7 @@ class Daemon:
         if self.config.admin is not None and self._admin is None:
             from proxyd.admin import AdminServer
 
-            admin = AdminServer(self)
+            admin = AdminServer(self, self.fds.admin)
             adm = self.config.admin
             try:
                 await admin.start(adm.host, adm.port)  # OSError naming admin.address/socket

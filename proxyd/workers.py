@@ -84,7 +84,7 @@ RESTART_BACKOFF = 1.0
 #: Families the control process answers itself (its config and policy, not the data path).
 CONTROL_FAMILIES = frozenset({"proxyd_policy_reloads", "proxyd_policy_revision", "proxyd_connections_max",
                               "proxyd_build", "proxyd_workers", "proxyd_worker_restarts",
-                              "proxyd_kubernetes_synced",
+                              "proxyd_kubernetes_synced", "proxyd_admin_connections_refused",
                               "proxyd_kubernetes_last_event_timestamp_seconds"})  # fmt: skip
 PR_SET_PDEATHSIG = 1
 _SLOT = struct.Struct("=q")
