@@ -138,6 +138,11 @@ void flat_clear(FlatPolicy *fp);
 /* ctx.matches(request) through the flat policy: 1, 0, -1; or 2 when it does not apply (the
  * caller then calls ctx.matches). Sets ctx.last_decision as Context.matches does. */
 int flat_matches(FlatPolicy *fp, PyObject *ctx, const FlatRequest *req);
+/* A Context's (Py_TYPE(ctx) == g_Context: fixed __slots__ layout) last_decision, read and set
+ * through its slot as the member descriptor would, without the attribute lookup: new
+ * reference or NULL with an exception; 0 or -1. Any other ctx goes through getattr/setattr. */
+PyObject *ctx_get_last_decision(PyObject *ctx);
+int ctx_set_last_decision(PyObject *ctx, PyObject *decision);
 
 /* ------------------------------------------------------------------------------------------ */
 /* The redis twin: redis.c (parser.py), redis_resp.c (resp.py), redis_rules.c (rules.py).      */

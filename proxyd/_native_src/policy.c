@@ -67,6 +67,57 @@ int policy_init(void) {
 
 #undef INTERN
 
+/* --- Context's slots ------------------------------------------------------------------------ */
+
+/* Context declares __slots__ (policy, last_decision among them): for an object of exactly that
+ * type each is a PyObject * at a fixed offset, which the member descriptor reads and writes.
+ * Reading it here costs a load instead of an attribute lookup through the type (two per
+ * question and two more per forwarded request otherwise). Found once from the descriptors; -1:
+ * not a plain object slot (then getattr/setattr). */
+static Py_ssize_t off_policy = 0, off_last = 0; /* 0: not looked up yet */
+
+static Py_ssize_t slot_offset(PyTypeObject *tp, const char *name) {
+    PyObject *d = PyDict_GetItemString(tp->tp_dict, name); /* borrowed; Context's own slots */
+    if (d == NULL || !Py_IS_TYPE(d, &PyMemberDescr_Type)) return -1;
+    PyMemberDef *m = ((PyMemberDescrObject *)d)->d_member;
+    if ((m->type != T_OBJECT_EX && m->type != T_OBJECT) || (m->flags & READONLY)) return -1;
+    return m->offset;
+}
+
+static int ctx_slots(PyObject *ctx) {
+    if (g_Context == NULL || Py_TYPE(ctx) != (PyTypeObject *)g_Context) return 0;
+    if (off_policy == 0) {
+        off_policy = slot_offset((PyTypeObject *)g_Context, "policy");
+        off_last = slot_offset((PyTypeObject *)g_Context, "last_decision");
+    }
+    return off_policy > 0 && off_last > 0;
+}
+
+#define SLOT(o, off) (*(PyObject **)((char *)(o) + (off)))
+
+PyObject *ctx_get_last_decision(PyObject *ctx) {
+    if (ctx_slots(ctx) && SLOT(ctx, off_last) != NULL) {
+        Py_INCREF(SLOT(ctx, off_last));
+        return SLOT(ctx, off_last);
+    }
+    return PyObject_GetAttr(ctx, s_last_decision);
+}
+
+int ctx_set_last_decision(PyObject *ctx, PyObject *decision) {
+    if (!ctx_slots(ctx)) return PyObject_SetAttr(ctx, s_last_decision, decision);
+    Py_INCREF(decision);
+    Py_XSETREF(SLOT(ctx, off_last), decision);
+    return 0;
+}
+
+static PyObject *ctx_get_policy(PyObject *ctx) {
+    if (ctx_slots(ctx) && SLOT(ctx, off_policy) != NULL) {
+        Py_INCREF(SLOT(ctx, off_policy));
+        return SLOT(ctx, off_policy);
+    }
+    return PyObject_GetAttr(ctx, s_policy);
+}
+
 /* --- the C copy of a FlatPolicy ------------------------------------------------------------- */
 
 void flat_init(FlatPolicy *fp, const char *const *schema, int ok) {
@@ -361,6 +412,11 @@ static int cond_passes(FlatCond *c, PyObject *v) {
         if (PyBytes_CheckExact(v) && PyBytes_CheckExact(op))
             return PyBytes_GET_SIZE(v) == PyBytes_GET_SIZE(op) &&
                    memcmp(PyBytes_AS_STRING(v), PyBytes_AS_STRING(op), (size_t)PyBytes_GET_SIZE(op)) == 0;
+        if (v == op) return 1;
+        if (PyUnicode_CheckExact(v) && PyUnicode_CheckExact(op) && PyUnicode_IS_READY(v) && PyUnicode_IS_READY(op))
+            /* unicode_eq's test, without the rich-compare dispatch */
+            return PyUnicode_GET_LENGTH(v) == PyUnicode_GET_LENGTH(op) && PyUnicode_KIND(v) == PyUnicode_KIND(op) &&
+                   memcmp(PyUnicode_DATA(v), PyUnicode_DATA(op), (size_t)(PyUnicode_GET_LENGTH(v) * PyUnicode_KIND(v))) == 0;
         return PyObject_RichCompareBool(v, op, Py_EQ);
     case FORM_PREFIX:
         if (PyBytes_CheckExact(v) && PyBytes_CheckExact(op))
@@ -406,7 +462,7 @@ static int rule_holds(FlatRule *r, const FlatRequest *req, PyObject **obj) {
 
 int flat_matches(FlatPolicy *fp, PyObject *ctx, const FlatRequest *req) {
     if (!fp->ok) return 2;
-    PyObject *policy = PyObject_GetAttr(ctx, s_policy);
+    PyObject *policy = ctx_get_policy(ctx);
     if (policy == NULL) return -1;
     /* the flat copy holds while ctx.policy is the same object and the store's revision cell
      * still holds its stamp (LiveConnectionPolicy.l4's revision check, without the call) */
@@ -439,7 +495,7 @@ int flat_matches(FlatPolicy *fp, PyObject *ctx, const FlatRequest *req) {
     /* Context.matches: self.last_decision = decision; return decision.allowed or decision.audit
      * (precomputed as forwards). The decision is borrowed from fp->flat: held across the set. */
     Py_INCREF(decision);
-    rc = PyObject_SetAttr(ctx, s_last_decision, decision);
+    rc = ctx_set_last_decision(ctx, decision);
     Py_DECREF(decision);
     return rc < 0 ? -1 : forwards;
 }

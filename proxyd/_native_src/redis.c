@@ -108,6 +108,13 @@ PyTypeObject RedisFieldsType = {
 /* ========================================================================================== */
 /* The parser object                                                                          */
 
+/* The table entry handed over for a lower-case name: (name, base, categories, mode, first,
+ * lastkey, step); mode 0 always allowed, 1 keys by a simple spec, 2 no keys. */
+typedef struct {
+    PyObject *name, *base, *cats;
+    long mode, first, lastkey, step;
+} TEntry;
+
 typedef struct {
     long long count; /* E_REPLY: replies owed; E_DENY: 0 */
     int kind;
@@ -132,7 +139,8 @@ typedef struct {
     struct {
         Py_ssize_t len;
         char raw[40];
-        PyObject *value; /* the table's tuple */
+        PyObject *value; /* the table's tuple (held: it keeps entry's objects) */
+        TEntry entry;    /* value read once */
     } seen[4];                    /* the last command names looked up, as sent */
     int seen_next;
 } Redis;
@@ -408,7 +416,7 @@ static int rd_log(Redis *self, PyObject *entry_type, PyObject *fields) { /* stea
  * reset, as Context.log would, without building the log fields: 1. 0: it is logged; -1. */
 static int rd_quiet(Redis *self) {
     if (self->counts == NULL) return 0;
-    PyObject *last = PyObject_GetAttr(self->ctx, s_last_decision);
+    PyObject *last = ctx_get_last_decision(self->ctx);
     if (last == NULL) return -1;
     int audit = 0;
     if (last != g_ALLOWED) {
@@ -420,7 +428,7 @@ static int rd_quiet(Redis *self) {
     if (audit < 0) return -1;
     if (audit) return 0;
     self->quiet_pending++;
-    return PyObject_SetAttr(self->ctx, s_last_decision, g_ALLOWED) < 0 ? -1 : 1;
+    return ctx_set_last_decision(self->ctx, g_ALLOWED) < 0 ? -1 : 1;
 }
 
 /* counts[count_key] += the requests counted in this call (what the log's counter would do) */
@@ -463,13 +471,6 @@ static int rd_matches(Redis *self, PyObject *name, PyObject *base, PyObject *cat
 
 /* --- requests (parser.py _on_request / _requests, _judge, _commit for plain commands) --------- */
 
-/* The table entry handed over for a lower-case name: (name, base, categories, mode, first,
- * lastkey, step); mode 0 always allowed, 1 keys by a simple spec, 2 no keys. */
-typedef struct {
-    PyObject *name, *base, *cats;
-    long mode, first, lastkey, step;
-} TEntry;
-
 static int table_entry(PyObject *v, TEntry *t) {
     if (!PyTuple_CheckExact(v) || PyTuple_GET_SIZE(v) != 7) return 0;
     t->name = PyTuple_GET_ITEM(v, 0);
@@ -488,8 +489,10 @@ static int table_get(Redis *self, const char *p, Py_ssize_t k, TEntry *t) {
     char low[40];
     if (k <= 0 || k > (Py_ssize_t)sizeof(low)) return 0;
     for (int i = 0; i < 4; i++) {
-        if (self->seen[i].value && self->seen[i].len == k && !memcmp(self->seen[i].raw, p, (size_t)k))
-            return table_entry(self->seen[i].value, t);
+        if (self->seen[i].value && self->seen[i].len == k && !memcmp(self->seen[i].raw, p, (size_t)k)) {
+            *t = self->seen[i].entry;
+            return 1;
+        }
     }
     for (Py_ssize_t i = 0; i < k; i++) {
         unsigned char c = (unsigned char)p[i];
@@ -501,13 +504,16 @@ static int table_get(Redis *self, const char *p, Py_ssize_t k, TEntry *t) {
     PyObject *v = PyDict_GetItemWithError(g_redis_table, key);
     Py_DECREF(key);
     if (v == NULL) return PyErr_Occurred() ? -1 : 0;
+    int got = table_entry(v, t);
+    if (got <= 0) return got;
     int slot = self->seen_next;
     self->seen_next = (slot + 1) % 4;
     Py_INCREF(v);
     Py_XSETREF(self->seen[slot].value, v);
     self->seen[slot].len = k;
     memcpy(self->seen[slot].raw, p, (size_t)k);
-    return table_entry(v, t);
+    self->seen[slot].entry = *t;
+    return 1;
 }
 
 /* _push for an ordinary command: joins the last entry when it is an ordinary reply */
