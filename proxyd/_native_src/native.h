@@ -143,6 +143,8 @@ int flat_matches(FlatPolicy *fp, PyObject *ctx, const FlatRequest *req);
  * reference or NULL with an exception; 0 or -1. Any other ctx goes through getattr/setattr. */
 PyObject *ctx_get_last_decision(PyObject *ctx);
 int ctx_set_last_decision(PyObject *ctx, PyObject *decision);
+/* decision.audit's truth (an L7Decision, frozen with __slots__: read through its slot): 1, 0, -1 */
+int decision_audit(PyObject *decision);
 
 /* ------------------------------------------------------------------------------------------ */
 /* The redis twin: redis.c (parser.py), redis_resp.c (resp.py), redis_rules.c (rules.py).      */

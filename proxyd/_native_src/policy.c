@@ -110,6 +110,23 @@ int ctx_set_last_decision(PyObject *ctx, PyObject *decision) {
     return 0;
 }
 
+static Py_ssize_t off_audit = 0; /* L7Decision's audit slot; 0: not looked up, -1: none */
+
+int decision_audit(PyObject *decision) {
+    PyObject *v = NULL;
+    if (g_ALLOWED != NULL && Py_TYPE(decision) == Py_TYPE(g_ALLOWED)) {
+        if (off_audit == 0) off_audit = slot_offset(Py_TYPE(g_ALLOWED), "audit");
+        if (off_audit > 0) v = SLOT(decision, off_audit);
+    }
+    if (v == Py_False) return 0;
+    if (v == Py_True) return 1;
+    if (v != NULL) Py_INCREF(v);
+    else if ((v = PyObject_GetAttr(decision, s_audit)) == NULL) return -1;
+    int t = PyObject_IsTrue(v);
+    Py_DECREF(v);
+    return t;
+}
+
 static PyObject *ctx_get_policy(PyObject *ctx) {
     if (ctx_slots(ctx) && SLOT(ctx, off_policy) != NULL) {
         Py_INCREF(SLOT(ctx, off_policy));

@@ -418,12 +418,7 @@ static int rd_quiet(Redis *self) {
     if (self->counts == NULL) return 0;
     PyObject *last = ctx_get_last_decision(self->ctx);
     if (last == NULL) return -1;
-    int audit = 0;
-    if (last != g_ALLOWED) {
-        PyObject *a = PyObject_GetAttr(last, s_audit);
-        audit = a ? PyObject_IsTrue(a) : -1;
-        Py_XDECREF(a);
-    }
+    int audit = last == g_ALLOWED ? 0 : decision_audit(last);
     Py_DECREF(last);
     if (audit < 0) return -1;
     if (audit) return 0;
