@@ -552,6 +552,12 @@ static PyObject *lazy_redis_fields(PyObject *name, PyObject *keys, PyObject *db)
     return (PyObject *)f;
 }
 
+#define DROP_KEYS() \
+    do { \
+        Py_XDECREF(keys); \
+        Py_XDECREF(key1); \
+    } while (0)
+
 static int rd_request_loop(Redis *self, PyObject *buf, long long *n) {
     const char *d;
     Py_ssize_t have;
@@ -596,47 +602,56 @@ static int rd_request_loop(Redis *self, PyObject *buf, long long *n) {
             }
         }
         /* then one question per key (or one keyless), stopping at a refusal */
-        PyObject *keys = NULL; /* the keys as bytes, once made */
+        /* the keys as bytes, once made: one key (the common case) as itself, its tuple made
+         * only for a log entry; more as a tuple */
+        PyObject *key1 = NULL, *keys = NULL;
         int allowed = 1;
         if (t.mode == 1 || t.mode == 2) {
-            if (nk && (keys = keys_tuple(d, kstart, klen, nk)) == NULL) return -1;
+            if (nk == 1 && (key1 = PyBytes_FromStringAndSize(d + kstart[0], klen[0])) == NULL) return -1;
+            if (nk > 1 && (keys = keys_tuple(d, kstart, klen, nk)) == NULL) return -1;
             /* d is not read after this point: the policy may call Python */
             if (nk == 0) {
                 allowed = rd_matches(self, t.name, t.base, t.cats, NULL);
+            } else if (nk == 1) {
+                allowed = rd_matches(self, t.name, t.base, t.cats, key1);
             } else {
                 for (Py_ssize_t i = 0; i < nk && allowed == 1; i++)
                     allowed = rd_matches(self, t.name, t.base, t.cats, PyTuple_GET_ITEM(keys, i));
             }
         } /* else always allowed: no question */
         if (allowed < 0) {
-            Py_XDECREF(keys);
+            DROP_KEYS();
             return -1;
         }
         if (!allowed) {
             if (base) {
-                Py_XDECREF(keys);
+                DROP_KEYS();
                 *n = base; /* the next call decides this command again, from the head */
                 return OP_PASS;
             }
             if (self->in_multi) { /* the transaction is marked: the reference commits it */
-                Py_XDECREF(keys);
+                DROP_KEYS();
                 if (rd_flush_counts(self) < 0) return -1;
                 return rd_hand_over(self, s_py_requests, buf, base, n);
             }
             /* _commit, denied: queued in place, injected at once when nothing is owed before it */
             if (rq_append(self, E_DENY, 0, t.name) < 0) {
-                Py_XDECREF(keys);
+                DROP_KEYS();
                 return -1;
             }
             while (self->qlen && rq_at(self, 0)->kind == E_DENY) {
                 rq_popleft(self);
                 if (rd_inject(self, 1, s_noperm) < 0) {
-                    Py_XDECREF(keys);
+                    DROP_KEYS();
                     return -1;
                 }
             }
+            if (key1 != NULL && (keys = PyTuple_Pack(1, key1)) == NULL) {
+                DROP_KEYS();
+                return -1;
+            }
             PyObject *fields = redis_fields(t.name, keys, self->db);
-            Py_XDECREF(keys);
+            DROP_KEYS();
             if (rd_log(self, g_ET_DENIED, fields) < 0) return -1;
             *n = end;
             return OP_DROP;
@@ -646,8 +661,15 @@ static int rd_request_loop(Redis *self, PyObject *buf, long long *n) {
         if (t.mode == 3) self->in_multi = 1;
         else if (t.mode == 4) self->in_multi = 0;
         int quiet = rd_quiet(self); /* the log's count, or its entry (lazy fields, steal keys) */
-        if (quiet != 0) Py_XDECREF(keys);
-        else quiet = rd_log(self, g_ET_REQUEST, lazy_redis_fields(t.name, keys, self->db));
+        if (quiet != 0) {
+            DROP_KEYS();
+        } else if (key1 != NULL && (keys = PyTuple_Pack(1, key1)) == NULL) {
+            DROP_KEYS();
+            return -1;
+        } else {
+            Py_XDECREF(key1);
+            quiet = rd_log(self, g_ET_REQUEST, lazy_redis_fields(t.name, keys, self->db));
+        }
         if (quiet < 0) return -1;
         if (push_reply(self, t.name) < 0) return -1;
         if (bytes_view(buf, &d, &have) < 0 || end > have) {
@@ -659,6 +681,8 @@ static int rd_request_loop(Redis *self, PyObject *buf, long long *n) {
     *n = base;
     return OP_PASS;
 }
+
+#undef DROP_KEYS
 
 static int rd_request(Redis *self, PyObject *buf, long long *n) {
     if ((PyByteArray_CheckExact(buf) ? PyByteArray_GET_SIZE(buf) : PyBytes_GET_SIZE(buf)) == 0) {
