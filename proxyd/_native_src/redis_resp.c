@@ -24,22 +24,33 @@ long long resp_plain_len(const char *d, Py_ssize_t a, Py_ssize_t b) {
     return v;
 }
 
+/* resp_find_cr(d, a - 1, to, have) then resp_plain_len up to it, in one pass (d[a - 1] is a
+ * type byte, not "\r"): the value with *cr at the "\r", or -1 */
+static inline long long digits_cr(const char *d, Py_ssize_t a, Py_ssize_t to, Py_ssize_t have, Py_ssize_t *cr) {
+    if (to > have) to = have;
+    unsigned long long v = 0; /* unsigned: a 19th digit wraps harmlessly, and is refused */
+    Py_ssize_t i = a;
+    for (; i < to && d[i] >= '0' && d[i] <= '9'; i++) v = v * 10 + (unsigned)(d[i] - '0');
+    if (i >= to || d[i] != '\r' || i == a || i - a > 18 || (d[a] == '0' && i - a > 1)) return -1;
+    *cr = i;
+    return (long long)v;
+}
+
 /* A whole multibulk request at base with plain lengths, within the budget: 1 with the argument
  * offsets and *end; 0 when it is anything else (the reference reads it). */
 int resp_frame_request(Py_ssize_t budget, Py_ssize_t max_bulk, const char *d, Py_ssize_t have, Py_ssize_t base, Py_ssize_t *argc,
                          Py_ssize_t *starts, Py_ssize_t *lens, Py_ssize_t *end) {
     /* _multibulk: the count line, as its fast path reads it */
-    Py_ssize_t cr = resp_find_cr(d, base, base + 12, have);
-    if (cr < 0 || cr > have - 2) return 0;
-    long long count = resp_plain_len(d, base + 1, cr);
-    if (count <= 0 || count > REDIS_MAX_ARGS) return 0;
+    Py_ssize_t cr;
+    long long count = digits_cr(d, base + 1, base + 12, have, &cr);
+    if (count <= 0 || count > REDIS_MAX_ARGS || cr > have - 2) return 0;
     Py_ssize_t pos = cr + 2, limit = base + budget;
     for (long long i = 0; i < count; i++) {
         /* "$<plain digits>\r" found within 20 bytes, its CRLF buffered */
-        Py_ssize_t c = resp_find_cr(d, pos, pos + 20, have);
-        if (c <= pos + 1 || c > have - 2 || d[pos] != '$') return 0;
-        long long ln = resp_plain_len(d, pos + 1, c);
-        if (ln < 0 || ln > max_bulk) return 0;
+        Py_ssize_t c;
+        if (pos >= have || d[pos] != '$') return 0;
+        long long ln = digits_cr(d, pos + 1, pos + 20, have, &c);
+        if (ln < 0 || c > have - 2 || ln > max_bulk) return 0;
         Py_ssize_t start = c + 2, e = start + (Py_ssize_t)ln + 2;
         if (e > limit || e > have) return 0;
         starts[i] = start;
