@@ -886,3 +886,34 @@ PyTypeObject EngineType = {
     .tp_getset = Engine_getset,
     .tp_weaklistoffset = offsetof(Engine, weakreflist),
 };
+
+PyObject *native_parser_py_on_data(NativeParser *p, PyObject *const *args, Py_ssize_t nargs) {
+    if (nargs != 3) {
+        PyErr_SetString(PyExc_TypeError, "on_data(reply, end_stream, data)");
+        return NULL;
+    }
+    int reply = PyObject_IsTrue(args[0]);
+    int end_stream = PyObject_IsTrue(args[1]);
+    if (reply < 0 || end_stream < 0) return NULL;
+    PyObject *data = args[2];
+    long long n = 0;
+    int op;
+    if (PyBytes_CheckExact(data) || PyByteArray_CheckExact(data)) {
+        op = p->on_data(p, reply, end_stream, data, &n);
+    } else {
+        PyObject *copy = PyBytes_FromObject(data);
+        if (copy == NULL) return NULL;
+        op = p->on_data(p, reply, end_stream, copy, &n);
+        Py_DECREF(copy);
+    }
+    if (op < 0) return NULL;
+    if (op < OP_MORE || op > OP_NOP) {
+        PyErr_Format(PyExc_ValueError, "%s: op %d", Py_TYPE(p)->tp_name, op);
+        return NULL;
+    }
+    PyObject *nobj = PyLong_FromLongLong(n);
+    if (nobj == NULL) return NULL;
+    PyObject *t = PyTuple_Pack(2, g_ops[op], nobj);
+    Py_DECREF(nobj);
+    return t;
+}

@@ -1528,30 +1528,7 @@ static int mc_on_data(NativeParser *np, int reply, int end_stream, PyObject *buf
 }
 
 static PyObject *Memcache_py_on_data(Memcache *self, PyObject *const *args, Py_ssize_t nargs) {
-    if (nargs != 3) {
-        PyErr_SetString(PyExc_TypeError, "on_data(reply, end_stream, data)");
-        return NULL;
-    }
-    int reply = PyObject_IsTrue(args[0]);
-    int end_stream = PyObject_IsTrue(args[1]);
-    if (reply < 0 || end_stream < 0) return NULL;
-    PyObject *data = args[2];
-    long long n = 0;
-    int op;
-    if (PyBytes_CheckExact(data) || PyByteArray_CheckExact(data)) {
-        op = mc_on_data(&self->base, reply, end_stream, data, &n);
-    } else {
-        PyObject *copy = PyBytes_FromObject(data);
-        if (copy == NULL) return NULL;
-        op = mc_on_data(&self->base, reply, end_stream, copy, &n);
-        Py_DECREF(copy);
-    }
-    if (op < 0) return NULL;
-    PyObject *nobj = PyLong_FromLongLong(n);
-    if (nobj == NULL) return NULL;
-    PyObject *t = PyTuple_Pack(2, g_ops[op], nobj);
-    Py_DECREF(nobj);
-    return t;
+    return native_parser_py_on_data(&self->base, args, nargs);
 }
 
 /* MemcacheParser.pending(): for each queued entry, whether it is a maybe entry */

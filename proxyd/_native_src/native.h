@@ -77,6 +77,10 @@ typedef struct NativeParser {
     PyObject_HEAD
     native_on_data_fn on_data;
 } NativeParser;
+/* engine.c: the parser API's on_data(reply, end_stream, data) -> (op, n) for a native parser
+ * called from Python (tests, third-party engines), through its on_data function: one argument
+ * check and one result shape for every twin. */
+PyObject *native_parser_py_on_data(NativeParser *p, PyObject *const *args, Py_ssize_t nargs);
 
 extern PyTypeObject EngineType;     /* engine.c */
 extern PyTypeObject MemcacheType;   /* memcache.c */

@@ -833,34 +833,7 @@ static int Redis_init(Redis *self, PyObject *args, PyObject *kw) {
 }
 
 static PyObject *Redis_py_on_data(Redis *self, PyObject *const *args, Py_ssize_t nargs) {
-    if (nargs != 3) {
-        PyErr_SetString(PyExc_TypeError, "on_data(reply, end_stream, data)");
-        return NULL;
-    }
-    int reply = PyObject_IsTrue(args[0]);
-    int end_stream = PyObject_IsTrue(args[1]);
-    if (reply < 0 || end_stream < 0) return NULL;
-    PyObject *data = args[2];
-    long long n = 0;
-    int op;
-    if (PyBytes_CheckExact(data) || PyByteArray_CheckExact(data)) {
-        op = rd_on_data(&self->base, reply, end_stream, data, &n);
-    } else {
-        PyObject *copy = PyBytes_FromObject(data);
-        if (copy == NULL) return NULL;
-        op = rd_on_data(&self->base, reply, end_stream, copy, &n);
-        Py_DECREF(copy);
-    }
-    if (op < 0) return NULL;
-    if (op < 1 || op > 6) {
-        PyErr_Format(PyExc_ValueError, "redis parser: op %d", op);
-        return NULL;
-    }
-    PyObject *nobj = PyLong_FromLongLong(n);
-    if (nobj == NULL) return NULL;
-    PyObject *t = PyTuple_Pack(2, g_ops[op], nobj);
-    Py_DECREF(nobj);
-    return t;
+    return native_parser_py_on_data(&self->base, args, nargs);
 }
 
 /* Any other attribute is the reference's, read with the state written into it (tests look at
