@@ -21,6 +21,7 @@ from typing import Any
 import pytest
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
+from live_connection import Schedule, run_live
 
 from proxyd.context import L7Decision
 from proxyd.engine import native_module
@@ -56,9 +57,6 @@ def outcome(h: Harness) -> dict[str, Any]:
         "holds": list(h.holds),
         "held": (h.held(False), h.held(True)),
     }
-
-
-Schedule = list[tuple[bool, bytes]]
 
 
 @st.composite
@@ -786,45 +784,7 @@ spec:
 
 
 def run_live_policy(impl: str, docs: list[str], audit: bool, sched: Schedule, tmp: Any) -> Any:
-    import json
-
-    from proxyd.accesslog import AccessLog
-    from proxyd.context import ConnInfo, Context
-    from proxyd.metrics import Metrics
-    from proxyd.parser import Endpoint
-    from proxyd.policy.store import PolicyStore
-    from proxyd.registry import Registry
-    from proxyd.testing import engine_class
-
-    labels = {"app": "mc", "role": "client"}
-    pfile = tmp / f"{impl}-policy.yaml"
-    pfile.write_text(docs[0])
-    store = PolicyStore(Registry.load(), [pfile])
-    store.reload_files()
-    view = store.view("ingress", labels, "10.0.0.1", labels, 11211, "memcache", audit)
-    path = tmp / f"{impl}-live.log"
-    metrics = Metrics()
-    log = AccessLog(str(path), "denied", metrics)
-    out: list[tuple[bool, bytes]] = []
-    eng = engine_class(impl)(None, lambda reply, data: out.append((reply, bytes(data))))
-    info = ConnInfo(7, "mc", "ingress", Endpoint("10.0.0.1", 1, labels), Endpoint("10.0.0.2", 11211, labels),
-                    "memcache")  # fmt: skip
-    ctx = Context(info, eng, view, log)
-    factory = MemcacheFactory()
-    eng.parser = factory.create(ctx, factory.validate_config({}))
-    half = len(sched) // 2
-    for i, (reply, chunk) in enumerate(sched):
-        if i == half and len(docs) > 1:
-            pfile.write_text(docs[1])  # a reload mid-connection applies from the next request
-            store.reload_files()
-        eng.feed(reply, chunk)
-    log.close()
-    lines = [json.loads(line) for line in path.read_text().splitlines()]
-    for line in lines:
-        line.pop("timestamp")
-    err = eng.error
-    streams = (b"".join(d for r, d in out if r), b"".join(d for r, d in out if not r))
-    return dict(metrics.l7_counts), streams, lines, None if err is None else (err.kind, str(err))
+    return run_live(MemcacheFactory(), "memcache", "mc", 11211, impl, docs, audit, "denied", sched, tmp)[0]
 
 
 @settings(max_examples=max(20, EXAMPLES // 3), deadline=None)

@@ -14,13 +14,13 @@ and access log in every ``requests`` mode.
 
 from __future__ import annotations
 
-import json
 from collections.abc import Mapping
 from typing import Any
 
 import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
+from live_connection import run_live
 from test_native_equivalence import EXAMPLES, SETTINGS, Schedule, mutate, run, schedules
 
 from proxyd.engine import native_module
@@ -299,45 +299,8 @@ spec:
 """
 
 
-def run_live(impl: str, docs: list[str], audit: bool, mode: str, sched: Schedule, tmp: Any) -> Any:
-    from proxyd.accesslog import AccessLog
-    from proxyd.context import ConnInfo, Context
-    from proxyd.metrics import Metrics
-    from proxyd.parser import Endpoint
-    from proxyd.policy.store import PolicyStore
-    from proxyd.registry import Registry
-    from proxyd.testing import engine_class
-
-    labels = {"app": "rd", "role": "client"}
-    pfile = tmp / f"{impl}-policy.yaml"
-    pfile.write_text(docs[0])
-    store = PolicyStore(Registry.load(), [pfile])
-    store.reload_files()
-    view = store.view("ingress", labels, "10.0.0.1", labels, 6379, "redis", audit)
-    path = tmp / f"{impl}-live.log"
-    metrics = Metrics()
-    log = AccessLog(str(path), mode, metrics)
-    out: list[tuple[bool, bytes]] = []
-    eng = engine_class(impl)(None, lambda reply, data: out.append((reply, bytes(data))))
-    info = ConnInfo(
-        7, "rd", "ingress", Endpoint("10.0.0.1", 1, labels), Endpoint("10.0.0.2", 6379, labels), "redis"
-    )
-    ctx = Context(info, eng, view, log)
-    factory = RedisFactory()
-    eng.parser = factory.create(ctx, factory.validate_config({}))
-    half = len(sched) // 2
-    for i, (reply, chunk) in enumerate(sched):
-        if i == half and len(docs) > 1:
-            pfile.write_text(docs[1])  # a reload mid-connection applies from the next request
-            store.reload_files()
-        eng.feed(reply, chunk)
-    log.close()
-    lines = [json.loads(line) for line in path.read_text().splitlines()]
-    for line in lines:
-        line.pop("timestamp")
-    err = eng.error
-    streams = (b"".join(d for r, d in out if r), b"".join(d for r, d in out if not r))
-    return dict(metrics.l7_counts), streams, lines, None if err is None else (err.kind, str(err))
+def run_live_redis(impl: str, docs: list[str], audit: bool, mode: str, sched: Schedule, tmp: Any) -> Any:
+    return run_live(RedisFactory(), "redis", "rd", 6379, impl, docs, audit, mode, sched, tmp)[0]
 
 
 @settings(max_examples=max(20, EXAMPLES // 3), deadline=None)
@@ -360,7 +323,7 @@ def test_redis_live_policy_and_log_equivalent(
     client, server = traffic
     sched = data.draw(schedules(client, server))
     tmp = tmp_path_factory.mktemp("live")
-    assert run_live("native", docs, audit, mode, sched, tmp) == run_live(
+    assert run_live_redis("native", docs, audit, mode, sched, tmp) == run_live_redis(
         "python", docs, audit, mode, sched, tmp
     )
 

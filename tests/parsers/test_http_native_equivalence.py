@@ -17,7 +17,6 @@ Also run by CI's sanitizer job (.ci/sanitize).
 
 from __future__ import annotations
 
-import json
 from collections.abc import Mapping, Sequence
 from typing import Any
 
@@ -26,6 +25,7 @@ from http_grammar import request as grammar_request
 from http_grammar import response as grammar_response
 from hypothesis import given
 from hypothesis import strategies as st
+from live_connection import run_live
 from test_native_equivalence import EXAMPLES, SETTINGS, Schedule, mutate, run, schedules
 
 from proxyd.parsers.http import HttpFactory
@@ -318,49 +318,7 @@ spec:
 
 
 def run_live_policy(impl: str, docs: list[str], audit: bool, mode: str, sched: Schedule, tmp: Any) -> Any:
-    from proxyd.accesslog import AccessLog
-    from proxyd.context import ConnInfo, Context
-    from proxyd.metrics import Metrics
-    from proxyd.parser import Endpoint
-    from proxyd.policy.store import PolicyStore
-    from proxyd.registry import Registry
-    from proxyd.testing import engine_class
-
-    labels = {"app": "web", "role": "client"}
-    pfile = tmp / f"{impl}-policy.yaml"
-    pfile.write_text(docs[0])
-    store = PolicyStore(Registry.load(), [pfile])
-    store.reload_files()
-    view = store.view("ingress", labels, "10.0.0.1", labels, 80, "http", audit)
-    path = tmp / f"{impl}-live.log"
-    metrics = Metrics()
-    log = AccessLog(str(path), mode, metrics)
-    out: list[tuple[bool, bytes]] = []
-    eng = engine_class(impl)(None, lambda reply, data: out.append((reply, bytes(data))))
-    info = ConnInfo(
-        7, "web", "ingress", Endpoint("10.0.0.1", 1, labels), Endpoint("10.0.0.2", 80, labels), "http"
-    )
-    ctx = Context(info, eng, view, log)
-    factory = HttpFactory()
-    eng.parser = factory.create(ctx, factory.validate_config({}))
-    half = len(sched) // 2
-    for i, (reply, chunk) in enumerate(sched):
-        if i == half and len(docs) > 1:
-            pfile.write_text(docs[1])  # a reload mid-connection applies from the next request
-            store.reload_files()
-        eng.feed(reply, chunk)
-    log.close()
-    lines = [json.loads(line) for line in path.read_text().splitlines()]
-    for line in lines:
-        line.pop("timestamp")
-    err = eng.error
-    streams = (b"".join(d for r, d in out if r), b"".join(d for r, d in out if not r))
-    return (
-        dict(metrics.l7_counts),
-        streams,
-        lines,
-        None if err is None else (err.kind, str(err)),
-    ), eng.parser
+    return run_live(HttpFactory(), "http", "web", 80, impl, docs, audit, mode, sched, tmp)
 
 
 @SETTINGS.__class__(parent=SETTINGS, max_examples=max(20, EXAMPLES // 2))
