@@ -406,9 +406,12 @@ class Connection(asyncio.Protocol):
                 sock.setsockopt(socket.SOL_SOCKET, socket.SO_MARK, lr.upstream_mark)
             with contextlib.suppress(BlockingIOError):
                 sock.connect(addr)
-            name = sock.getsockname()
-            self._clocal = local = (unmap(name[0]), name[1])
-            lr.host.upstream_locals[local] = cast("tuple[str, int]", self.upstream_addr)
+            if lr.host.transparent_listeners:
+                # Only a transparent listener reads upstream_locals (admission's loop check):
+                # with none in the daemon, no getsockname() and no registration.
+                name = sock.getsockname()
+                self._clocal = local = (unmap(name[0]), name[1])
+                lr.host.upstream_locals[local] = cast("tuple[str, int]", self.upstream_addr)
             try:
                 # Connected already? On loopback (a local upstream) the handshake is over when
                 # connect() returns EINPROGRESS. getpeername() fails while it is not (SYN_SENT,
