@@ -16,8 +16,6 @@ import errno
 import ipaddress
 import os
 import socket
-from collections.abc import Mapping
-from typing import TYPE_CHECKING
 
 from proxyd.accesslog import AccessLog
 from proxyd.admission import ADMIT, AUDIT, READ_HELLO, Refuse, admit, by_policy
@@ -28,51 +26,9 @@ from proxyd.origdst import original_dst, unmap
 from proxyd.parser import Endpoint, ParserFactory
 from proxyd.relay import Connection
 
-if TYPE_CHECKING:
-    from proxyd.policy.store import LiveConnectionPolicy
-
 FDS_PER_CONNECTION = 2  # client and upstream socket
 CAREFUL_BATCH = 32  # connections accepted one at a time per wake-up of the listening socket
 FAST, CAREFUL, PAUSED = "fast", "careful", "paused"  # how a listener accepts (fdbudget.py)
-
-
-#: Admission answers kept per listener (see _Admission); cleared whole when full, as the
-#: daemon's identity labels cache is.
-ADMISSION_CACHE_SIZE = 4096
-
-
-class _Admission:
-    """The policy's answer at accept for one (source, destination) of a listener, kept.
-
-    Clients under connection churn are the same few addresses again and again, and the view
-    (:class:`proxyd.policy.store.LiveConnectionPolicy`) holds nothing of one connection: it
-    follows reloads itself (its verdicts are recomputed once per policy revision), so one view
-    serves every connection between the same endpoints. What it was built from is checked on
-    every use: labels (the daemon's labels cache hands out new objects when identities
-    change), the listener's settings (a reload replaces them) and audit mode; the verdict is
-    kept per revision's :class:`~proxyd.policy.engine.ConnectionPolicy`.
-    """
-
-    __slots__ = ("audit", "cfg", "decision", "dst_labels", "l4", "src_labels", "view")
-
-    def __init__(self, src_labels: Mapping[str, str], dst_labels: Mapping[str, str],
-                 cfg: ListenerSettings, audit: bool, view: LiveConnectionPolicy) -> None:  # fmt: skip
-        self.src_labels = src_labels
-        self.dst_labels = dst_labels
-        self.cfg = cfg
-        self.audit = audit
-        self.view = view
-        self.l4: object = None
-        self.decision: str | Refuse = ADMIT
-
-    def fits(self, src_labels: Mapping[str, str], dst_labels: Mapping[str, str],
-             cfg: ListenerSettings, audit: bool) -> bool:  # fmt: skip
-        return (
-            src_labels is self.src_labels
-            and dst_labels is self.dst_labels
-            and cfg is self.cfg
-            and audit == self.audit
-        )
 
 
 class ListenerRuntime:
@@ -107,7 +63,6 @@ class ListenerRuntime:
         #: (host, port, is wildcard) once bound: checked for every transparent connection.
         self.bound: tuple[str, int, bool] | None = None
         self.conns: set[Connection] = set()
-        self._admission: dict[tuple[str, str, int], _Admission] = {}
 
     @property
     def mode(self) -> str:
@@ -274,27 +229,23 @@ class ListenerRuntime:
                                   d.upstream_locals, d.admitted_connections,
                                   self.limits.max_connections)  # fmt: skip
         dst_ip, dst_port = upstream
-        src_labels, dst_labels = d.labels_for(src_ip), d.labels_for(dst_ip)
-        src = Endpoint(src_ip, src_port, src_labels)
-        dst = Endpoint(dst_ip, dst_port, dst_labels)
+        src = Endpoint(src_ip, src_port, d.labels_for(src_ip))
+        dst = Endpoint(dst_ip, dst_port, d.labels_for(dst_ip))
         info = ConnInfo(conn_id, cfg.name, cfg.direction, src, dst, cfg.l7proto or "")
         policy: L7Policy = AllowAllPolicy()
         decision: str | Refuse = ADMIT
         if refused is None:
-            audit = self.mode == "audit"
-            key = (src_ip, dst_ip, dst_port)
-            entry = self._admission.get(key)
-            if entry is None or not entry.fits(src_labels, dst_labels, cfg, audit):
-                if len(self._admission) >= ADMISSION_CACHE_SIZE:
-                    self._admission.clear()
-                view = d.policy.view(cfg.direction, info.local.labels, info.remote.ip, info.remote.labels,
-                                     dst_port, cfg.l7proto, audit)  # fmt: skip
-                entry = self._admission[key] = _Admission(src_labels, dst_labels, cfg, audit, view)
-            view = entry.view
-            l4 = view.l4()  # follows policy reloads: recomputed by the view once per revision
-            if l4 is not entry.l4:
-                entry.l4, entry.decision = l4, by_policy(l4)
-            decision = entry.decision
+            view = d.policy.view(
+                cfg.direction,
+                info.local.labels,
+                info.remote.ip,
+                info.remote.labels,
+                dst_port,
+                cfg.l7proto,
+                self.mode == "audit",
+            )
+            l4 = view.l4()
+            decision = by_policy(l4)
             if decision is AUDIT:
                 self.access_log.connection(info, verdict="audit", reason=f"policy: {l4.l4_reason}",
                                            policy=l4.policy_name)  # fmt: skip
