@@ -383,6 +383,9 @@ class Connection(asyncio.Protocol):
     # (it only waits for connection_made, one loop iteration). Started by hand so the local
     # address is known before the handshake: if a NAT rule sends this very connection back to
     # one of our listeners, the accept side recognises it and refuses it (no redirect loop).
+    # Where no transparent listener exists (nothing reads that registration) and no SO_MARK is
+    # set, a literal address is connected by uvloop's own create_connection instead
+    # (_connect_uv): cheaper, with the same timeout, failure and descriptor handling.
 
     async def _resolve(self, host: str, port: int) -> None:
         try:
