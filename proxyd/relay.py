@@ -451,7 +451,9 @@ class Connection(asyncio.Protocol):
         (``upstream_fd_counted``) until the outcome is known: on success the transport's
         ``connection_lost`` gives it back, otherwise ``_finish`` or the timeout does. A
         connection that ends while this connect is pending leaves it to its outcome or the
-        timer, which bound it either way.
+        timer, which bound it either way. The socket's number is not handed to ``fds.seen``
+        (uvloop opens it; reading it back costs a system call): the accepted client's number,
+        seen at accept, corrects a miscount the same way.
         """
         loop = self._loop
         self._coro = loop.create_connection(self._upstream_protocol, addr[0], addr[1])
