@@ -179,7 +179,9 @@ class DataHost(Protocol[L_contra]):
     fdbudget.py) is the daemon's: it moves every listener between accepting in bursts, one at a
     time, or not at all. ``upstream_locals`` is shared by all listeners: an upstream socket's
     local address while it connects, so an accept recognises proxyd's own connection
-    redirected back to it.
+    redirected back to it. Only a transparent listener (no fixed ``upstream``) reads it, so
+    ``transparent_listeners`` says whether the daemon has one (set before such a listener is
+    bound): without one, upstream connects register nothing.
     """
 
     @property
@@ -217,6 +219,9 @@ class DataHost(Protocol[L_contra]):
 
     @property
     def upstream_locals(self) -> dict[Address, Address]: ...
+
+    @property
+    def transparent_listeners(self) -> bool: ...
 
     def labels_for(self, ip: str) -> Mapping[str, str]: ...
 

@@ -85,6 +85,9 @@ class Daemon:
         #: connection from one of them, whose original destination is that remote, is our own
         #: connection redirected back to us (the 4-tuple, not the port alone, identifies it).
         self.upstream_locals: dict[tuple[str, int], tuple[str, int]] = {}
+        #: Whether a listener without a fixed upstream is (or is about to be) bound: only then
+        #: do upstream connects register their local address in upstream_locals.
+        self.transparent_listeners = _any_transparent(config)
         #: listener -> [bytes in, bytes out] of its ended connections (see metrics.py).
         self._closed_bytes: dict[str, list[int]] = {}
         self.metrics.bytes_source = self._bytes_totals
@@ -809,6 +812,8 @@ class Daemon:
 
     async def _apply_listeners(self, new_config: Config) -> None:
         wanted_by_name = {lc.name: lc for lc in new_config.listeners}
+        # Before any new transparent listener binds (its loop check needs the registrations).
+        self.transparent_listeners = _any_transparent(new_config)
         for name in list(self.listeners):
             lr = self.listeners[name]
             new = wanted_by_name.get(name)
@@ -922,3 +927,8 @@ async def run_daemon(
         gc.enable()
     await daemon.serve()
     return 0
+
+
+def _any_transparent(config: Config) -> bool:
+    """Whether a listener of ``config`` takes its upstream from the original destination."""
+    return any(lc.upstream is None for lc in config.listeners)

@@ -8,6 +8,7 @@ import hashlib
 import json
 import os
 import socket
+import struct
 from pathlib import Path
 
 import aiohttp
@@ -143,6 +144,41 @@ async def test_upstream_connect_timeout(tmp_path: Path) -> None:
                 f.close()
     conn = [e for e in read_log(tmp_path) if e["event"] == "connection"][0]
     assert conn["reason"] == "upstream connect failed: timeout"
+
+
+async def test_a_client_gone_while_the_upstream_connect_hangs_gives_its_descriptors_back(
+    tmp_path: Path,
+) -> None:
+    """The client resets while the upstream connect is still pending (uvloop's own connect: a
+    fixed upstream): connect_timeout still ends that connect, and both descriptors are uncounted."""
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        s.listen(0)
+        fillers = []
+        for _ in range(4):  # a full accept queue: further SYNs are dropped, so connect hangs
+            f = socket.socket()
+            f.setblocking(False)
+            with contextlib.suppress(BlockingIOError):
+                f.connect(s.getsockname())
+            fillers.append(f)
+        try:
+            text = cfg(s.getsockname(), limits="limits:\n  connect_timeout: 300ms")
+            async with daemon(text, tmp_path) as d:
+                for _ in range(3):
+                    _, w = await asyncio.open_connection(*addr(d, "main"))
+                    w.write(b"hello")
+                    await asyncio.sleep(0.05)  # accepted, its upstream connect started
+                    # A reset: the connection ends now, while its connect is still pending.
+                    linger_rst = struct.pack("ii", 1, 0)
+                    w.get_extra_info("socket").setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, linger_rst)
+                    w.transport.abort()
+                await wait_for(lambda: not d.active_connections(), timeout=10)
+                await wait_for(lambda: d.fds.data == 0, timeout=10)  # after connect_timeout
+        finally:
+            for f in fillers:
+                f.close()
+    conns = [e for e in read_log(tmp_path) if e["event"] == "connection"]
+    assert [e["reason"] for e in conns] == ["client reset the connection"] * 3
 
 
 async def test_not_redirected_is_refused(tmp_path: Path) -> None:
