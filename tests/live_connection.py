@@ -22,6 +22,34 @@ from proxyd.testing import engine_class
 
 Schedule = list[tuple[bool, bytes]]
 
+_DOC = """\
+apiVersion: cilium.io/v2
+kind: CiliumNetworkPolicy
+metadata: {{name: equiv}}
+spec:
+  endpointSelector: {{matchLabels: {{app: {app}}}}}
+  ingress:
+    - fromEndpoints: [{{matchLabels: {{role: client}}}}]
+      toPorts:
+        - ports: [{{port: "{port}", protocol: TCP}}]
+          rules:
+{rules}
+"""
+
+
+def policy_doc(protocol: str, app: str, port: int, rules: list[str]) -> str:
+    """The policy :func:`run_live` is given: ``rules`` on ``app``'s port, for role=client.
+
+    http rules sit under ``rules.http`` as Cilium writes them; other protocols under the
+    generic ``l7proto``/``l7`` pair.
+    """
+    joined = ", ".join(rules)
+    if protocol == "http":
+        block = f"            http: [{joined}]"
+    else:
+        block = f"            l7proto: {protocol}\n            l7: [{joined}]"
+    return _DOC.format(app=app, port=port, rules=block)
+
 
 def run_live(
     factory: Any, protocol: str, app: str, port: int,

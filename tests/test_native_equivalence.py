@@ -21,7 +21,7 @@ from typing import Any
 import pytest
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
-from live_connection import Schedule, run_live
+from live_connection import Schedule, policy_doc, run_live
 
 from proxyd.context import L7Decision
 from proxyd.engine import native_module
@@ -767,20 +767,6 @@ POLICY_RULES: list[str] = [
     "{}",
 ]
 
-POLICY_DOC = """\
-apiVersion: cilium.io/v2
-kind: CiliumNetworkPolicy
-metadata: {{name: equiv}}
-spec:
-  endpointSelector: {{matchLabels: {{app: mc}}}}
-  ingress:
-    - fromEndpoints: [{{matchLabels: {{role: client}}}}]
-      toPorts:
-        - ports: [{{port: "11211", protocol: TCP}}]
-          rules:
-            l7proto: memcache
-            l7: [{rules}]
-"""
 
 
 def run_live_policy(impl: str, docs: list[str], audit: bool, sched: Schedule, tmp: Any) -> Any:
@@ -798,7 +784,7 @@ def test_memcache_live_policy_equivalent(
     traffic: tuple[bytes, bytes], data: st.DataObject, rules: list[list[str]], audit: bool,
     tmp_path_factory: pytest.TempPathFactory,
 ) -> None:  # fmt: skip
-    docs = [POLICY_DOC.format(rules=", ".join(r)) for r in rules]
+    docs = [policy_doc("memcache", "mc", 11211, r) for r in rules]
     client, server = traffic
     sched = data.draw(schedules(client, server))
     tmp = tmp_path_factory.mktemp("live")

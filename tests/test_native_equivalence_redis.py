@@ -20,7 +20,7 @@ from typing import Any
 import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
-from live_connection import run_live
+from live_connection import policy_doc, run_live
 from test_native_equivalence import EXAMPLES, SETTINGS, Schedule, mutate, run, schedules
 
 from proxyd.engine import native_module
@@ -283,20 +283,6 @@ POLICY_RULES = [
     "{}",
 ]
 
-POLICY_DOC = """\
-apiVersion: cilium.io/v2
-kind: CiliumNetworkPolicy
-metadata: {{name: equiv}}
-spec:
-  endpointSelector: {{matchLabels: {{app: rd}}}}
-  ingress:
-    - fromEndpoints: [{{matchLabels: {{role: client}}}}]
-      toPorts:
-        - ports: [{{port: "6379", protocol: TCP}}]
-          rules:
-            l7proto: redis
-            l7: [{rules}]
-"""
 
 
 def run_live_redis(impl: str, docs: list[str], audit: bool, mode: str, sched: Schedule, tmp: Any) -> Any:
@@ -319,7 +305,7 @@ def test_redis_live_policy_and_log_equivalent(
     mode: str,
     tmp_path_factory: pytest.TempPathFactory,
 ) -> None:
-    docs = [POLICY_DOC.format(rules=", ".join(r)) for r in rules]
+    docs = [policy_doc("redis", "rd", 6379, r) for r in rules]
     client, server = traffic
     sched = data.draw(schedules(client, server))
     tmp = tmp_path_factory.mktemp("live")

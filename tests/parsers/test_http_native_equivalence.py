@@ -25,7 +25,7 @@ from http_grammar import request as grammar_request
 from http_grammar import response as grammar_response
 from hypothesis import given
 from hypothesis import strategies as st
-from live_connection import run_live
+from live_connection import policy_doc, run_live
 from test_native_equivalence import EXAMPLES, SETTINGS, Schedule, mutate, run, schedules
 
 from proxyd.parsers.http import HttpFactory
@@ -302,19 +302,6 @@ POLICY_RULES = [
     "{}",
 ]
 
-POLICY_DOC = """\
-apiVersion: cilium.io/v2
-kind: CiliumNetworkPolicy
-metadata: {{name: equiv}}
-spec:
-  endpointSelector: {{matchLabels: {{app: web}}}}
-  ingress:
-    - fromEndpoints: [{{matchLabels: {{role: client}}}}]
-      toPorts:
-        - ports: [{{port: "80", protocol: TCP}}]
-          rules:
-            http: [{rules}]
-"""
 
 
 def run_live_policy(impl: str, docs: list[str], audit: bool, mode: str, sched: Schedule, tmp: Any) -> Any:
@@ -333,7 +320,7 @@ def test_http_live_policy_equivalent(
     traffic: tuple[bytes, bytes], data: st.DataObject, rules: list[list[str]], audit: bool, mode: str,
     tmp_path_factory: pytest.TempPathFactory,
 ) -> None:  # fmt: skip
-    docs = [POLICY_DOC.format(rules=", ".join(r)) for r in rules]
+    docs = [policy_doc("http", "web", 80, r) for r in rules]
     client, server = traffic
     sched = data.draw(http_schedules(client, server))
     tmp = tmp_path_factory.mktemp("live")
@@ -343,7 +330,8 @@ def test_http_live_policy_equivalent(
 
 def test_the_live_policy_is_evaluated_in_c(tmp_path: Any) -> None:
     """Allowed keep-alive GETs under the daemon's policy: no call reaches the reference."""
-    docs = [POLICY_DOC.format(rules='{method: POST, path: "/x"}, {method: GET, path: "/public/.*"}')]
+    rules = ['{method: POST, path: "/x"}', '{method: GET, path: "/public/.*"}']
+    docs = [policy_doc("http", "web", 80, rules)]
     req = b"GET /public/a.txt HTTP/1.1\r\nHost: a\r\n\r\n"
     resp = b"HTTP/1.1 200 OK\r\nContent-Length: 5\r\n\r\nhello"
     sched: Schedule = [(False, req), (True, resp)] * 4
