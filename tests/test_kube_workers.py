@@ -253,6 +253,7 @@ def test_a_restarted_worker_starts_with_the_current_cluster_state(
     listen, admin = free_port(), free_port()
     d = Proxyd(tmp_path, config(tmp_path, api, listen, memcached, admin), admin=admin)
     try:
+        wait_until(lambda: len(worker_pids(d.proc.pid)) == 2, "two workers never ran")
         pids = worker_pids(d.proc.pid)
         victim = min(pids)
         # Changed after the workers started: the survivor learns them as changes, the

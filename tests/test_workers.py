@@ -76,14 +76,18 @@ def make(tmp_path: Path, memcached: int, workers: str = "2") -> tuple[Proxyd, in
 
 
 def worker_pids(control: int) -> set[int]:
+    """The live worker processes of ``control``: its children running ``proxyd.workers``, not
+    yet-unreaped ones (zombies) or any other child it may have for a moment."""
     out = set()
     for entry in os.listdir("/proc"):
         if entry.isdigit():
             try:
                 stat = Path(f"/proc/{entry}/stat").read_text()
+                cmdline = Path(f"/proc/{entry}/cmdline").read_bytes()
             except OSError:
                 continue
-            if int(stat.rsplit(")", 1)[1].split()[1]) == control:
+            state, ppid = stat.rsplit(")", 1)[1].split()[:2]
+            if int(ppid) == control and state != "Z" and b"proxyd.workers" in cmdline:
                 out.add(int(entry))
     return out
 
