@@ -69,6 +69,7 @@ class ListenerRuntime:
         self.conns: set[Connection | NativeConnection] = set()
         #: Accepting and relaying on the native path (nativerelay.py), fixed at bind.
         self.native = False
+        self._loop: asyncio.AbstractEventLoop | None = None  # the native accept loop's
 
     @property
     def mode(self) -> str:
@@ -105,6 +106,8 @@ class ListenerRuntime:
 
     async def _serve_on(self, sock: socket.socket) -> asyncio.Server | NativeServer:
         if self.native:
+            # Looked up once: asyncio.get_running_loop() is a getpid() system call (3.11).
+            self._loop = asyncio.get_running_loop()
             return NativeServer(self, sock)  # its own accept loop on this very socket
         dup = sock.dup()
         try:
@@ -242,7 +245,9 @@ class ListenerRuntime:
         if not more:
             d.fds_check_soon()
         self.metrics.connections.inc()
-        conn = NativeConnection(self, fd, asyncio.get_running_loop())
+        loop = self._loop
+        assert loop is not None
+        conn = NativeConnection(self, fd, loop)
         self.conns.add(conn)
         sock: Any = None
         if self.config.upstream is None:  # SO_ORIGINAL_DST needs a socket object (no dup)

@@ -402,8 +402,7 @@ static void half_maybe_shutdown(Half *t) {
 
 static void half_eof(Half *h) {
     FdPair *p = h->pair;
-    h->eof = 1;
-    half_update(h);
+    h->eof = 1; /* not read again; taken out of the set below unless the pair ends first */
     if (p->engine != NULL) {
         PyObject *eng = p->engine;
         Py_INCREF(eng);
@@ -420,6 +419,7 @@ static void half_eof(Half *h) {
     }
     half_maybe_shutdown(&p->h[!h->idx]);
     pair_maybe_done(p);
+    if (p->state != S_CLOSED) half_update(h); /* else close() took it out: one epoll_ctl fewer */
 }
 
 /* ---------------------------------------------------------------------------------------- */
