@@ -207,6 +207,13 @@ class NativeConnection:
              unparsed_server: int) -> None:  # fmt: skip
         self._closed = True
         self._bytes = (rx, tx)
+        engine = self.engine
+        if engine is not None:
+            # Break the connection's reference cycles (engine -> parser -> context -> engine,
+            # engine -> on_error -> this record) so reference counting frees it now, not the
+            # cyclic collector later: one less thing for it to walk per connection.
+            engine.parser = None
+            self.engine = self.ctx = None
         lr = self.lr
         d = lr.host
         if self._clocal is not None:

@@ -48,6 +48,7 @@ from __future__ import annotations
 
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field, replace
+from types import MappingProxyType
 from typing import Any, Final
 
 from proxyd.context import ALLOWED, L7Decision
@@ -247,8 +248,8 @@ _ALL: set[tuple[str, str]] = set()  # marker: every list of this index is its ow
 class PolicySet:
     """All documents in force, compiled for enforcement. Immutable; one per revision."""
 
-    __slots__ = ("_cache", "_compiled", "_conn_cache", "_index", "_matchers", "_order", "compiled",
-                 "documents", "flat_cache", "revision")  # fmt: skip
+    __slots__ = ("_cache", "_compiled", "_conn_cache", "_index", "_label_keys", "_matchers", "_order",
+                 "compiled", "documents", "flat_cache", "revision")  # fmt: skip
 
     def __init__(
         self,
@@ -269,6 +270,9 @@ class PolicySet:
         #: Flattened connection policies of this revision (proxyd.policy.store), by the id of
         #: the ConnectionPolicy they flatten (kept beside it): built once, not per connection.
         self.flat_cache: dict[int, tuple[ConnectionPolicy, Any]] = {}
+        #: Sorted label items by the id of the mapping they came from (kept beside it): the
+        #: daemon hands the same memoised mapping for the same peer, so no sort per connection.
+        self._label_keys: dict[int, tuple[Mapping[str, str], tuple[tuple[str, str], ...]]] = {}
         self.compiled = 0
         #: Each document's place, for policy order among the specs the index finds.
         self._order = {id(doc): i for i, doc in enumerate(self.documents)}
@@ -391,7 +395,7 @@ class PolicySet:
         ``sni`` is the server name of the connection's TLS ClientHello (None: no SNI, no
         ClientHello, or not read yet). Raises ValueError for a bad direction or remote address.
         """
-        local, remote = tuple(sorted(local_labels.items())), tuple(sorted(remote_labels.items()))
+        local, remote = self._labels_key(local_labels), self._labels_key(remote_labels)
         key = (direction, local, remote_ip, remote, port, l7proto, audit, sni)
         found = self._conn_cache.get(key)
         if found is None:
@@ -403,6 +407,19 @@ class PolicySet:
                 self._conn_cache.clear()
             self._conn_cache[key] = found
         return found
+
+    def _labels_key(self, labels: Mapping[str, str]) -> tuple[tuple[str, str], ...]:
+        if type(labels) is not MappingProxyType:  # the identity tables' frozen labels only
+            return tuple(sorted(labels.items()))
+        keys = self._label_keys
+        entry = keys.get(id(labels))
+        if entry is not None and entry[0] is labels:
+            return entry[1]
+        key = tuple(sorted(labels.items()))
+        if len(keys) >= SELECT_CACHE_SIZE:
+            keys.clear()
+        keys[id(labels)] = (labels, key)
+        return key
 
     def evaluate(
         self,
