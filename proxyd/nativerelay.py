@@ -33,7 +33,7 @@ from typing import TYPE_CHECKING, Any
 from proxyd.context import ConnInfo, Context, L7Policy
 from proxyd.engine import EngineError
 from proxyd.native import IMPLEMENTATION, Engine, native
-from proxyd.relay import CLOSE_LINGER, Connection, connection_fields, is_ip
+from proxyd.relay import CLOSE_LINGER, Connection, connection_fields, is_ip, timeout_reason, timeouts_due
 from proxyd.tlsgate import SNIView
 
 if TYPE_CHECKING:
@@ -281,28 +281,13 @@ class NativeConnection:
         if self._closed or pair is None or self.info is None:
             return None
         rx, tx, up_rx = pair.counters()
-        if idle:
-            seen = rx + tx + up_rx
-            if seen != self._idle_mark[0]:
-                self._idle_mark = (seen, now)
-            elif now - self._idle_mark[1] >= idle:
-                self._timed_out("idle", f"idle timeout: no byte either way for {idle:g}s")
-                return "idle"
-        engine = self.engine
-        if request and engine is not None and pair.connected:
-            buffered = 0 if engine.held(False) else engine.buffered(False)
-            if not buffered:
-                self._req_mark = (-1, 0.0)
-            else:
-                consumed = rx - buffered
-                if consumed != self._req_mark[0]:
-                    self._req_mark = (consumed, now)
-                elif now - self._req_mark[1] >= request:
-                    self._timed_out(
-                        "request", f"request timeout: a partial request waited {request:g}s for more bytes"
-                    )
-                    return "request"
-        return None
+        engine = self.engine if pair.connected else None
+        self._idle_mark, self._req_mark, due = timeouts_due(
+            self._idle_mark, self._req_mark, rx, tx + up_rx, engine, now, idle, request
+        )
+        if due is not None:
+            self._timed_out(due, timeout_reason(due, idle, request))
+        return due
 
     def _timed_out(self, kind: str, reason: str) -> None:
         self.lr.host.metrics.connection_timeouts_total.labels(self.lr.config.name, kind).inc()

@@ -345,29 +345,14 @@ class Connection(asyncio.Protocol):
                 self._gate_decided(verdict)
                 self._req_mark = (-1, 0.0)
                 return None if verdict.allowed else "request"
-        if idle:
-            seen = self.bytes_in + self.bytes_out + self._up_rx
-            if seen != self._idle_mark[0]:
-                self._idle_mark = (seen, now)
-            elif now - self._idle_mark[1] >= idle:
-                self._timed_out("idle", f"idle timeout: no byte either way for {idle:g}s")
-                return "idle"
-        engine = self.engine
-        if request and not self._l4 and engine is not None and self.upstream is not None:
-            # Held bytes wait on the server's answers, not on the client: no request timeout.
-            buffered = 0 if engine.held(False) else engine.buffered(False)
-            if not buffered:
-                self._req_mark = (-1, 0.0)
-            else:
-                consumed = self.bytes_in - buffered
-                if consumed != self._req_mark[0]:
-                    self._req_mark = (consumed, now)
-                elif now - self._req_mark[1] >= request:
-                    self._timed_out(
-                        "request", f"request timeout: a partial request waited {request:g}s for more bytes"
-                    )
-                    return "request"
-        return None
+        engine = None if self._l4 or self.upstream is None else self.engine
+        others = self.bytes_out + self._up_rx
+        self._idle_mark, self._req_mark, due = timeouts_due(
+            self._idle_mark, self._req_mark, self.bytes_in, others, engine, now, idle, request
+        )
+        if due is not None:
+            self._timed_out(due, timeout_reason(due, idle, request))
+        return due
 
     def _timed_out(self, kind: str, reason: str) -> None:
         self.lr.host.metrics.connection_timeouts_total.labels(self.lr.config.name, kind).inc()
@@ -922,6 +907,44 @@ class Connection(asyncio.Protocol):
             self.resume_client_reading("held")
             if self._client_eof:
                 self._maybe_shutdown(False)
+
+
+Mark = tuple[int, float]  # a progress count at the last sweep, and since when it is unchanged
+
+
+def timeouts_due(idle_mark: Mark, req_mark: Mark, bytes_in: int, other_bytes: int, engine: Any, now: float,
+                 idle: float, request: float) -> tuple[Mark, Mark, str | None]:  # fmt: skip
+    """One sweep of a connection's ``idle`` and ``request`` timeouts (0 = off), for both relays.
+
+    ``idle``: no byte either way (``bytes_in`` plus every other count) for that long.
+    ``request``: the engine (None: no parser, or not connected) has a partial client request
+    buffered that made no progress for that long; held bytes wait on the server's answers, not
+    on the client, so they never time out. Returns the new marks and the kind that is due.
+    """
+    if idle:
+        seen = bytes_in + other_bytes
+        if seen != idle_mark[0]:
+            idle_mark = (seen, now)
+        elif now - idle_mark[1] >= idle:
+            return idle_mark, req_mark, "idle"
+    if request and engine is not None:
+        buffered = 0 if engine.held(False) else engine.buffered(False)
+        if not buffered:
+            req_mark = (-1, 0.0)
+        else:
+            consumed = bytes_in - buffered
+            if consumed != req_mark[0]:
+                req_mark = (consumed, now)
+            elif now - req_mark[1] >= request:
+                return idle_mark, req_mark, "request"
+    return idle_mark, req_mark, None
+
+
+def timeout_reason(kind: str, idle: float, request: float) -> str:
+    """The log line's reason for a timeout of ``kind``."""
+    if kind == "idle":
+        return f"idle timeout: no byte either way for {idle:g}s"
+    return f"request timeout: a partial request waited {request:g}s for more bytes"
 
 
 def connection_fields(upstream: tuple[str, int] | None, started: float, bytes_in: int, bytes_out: int,
