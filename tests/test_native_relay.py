@@ -1,0 +1,743 @@
+"""The native connection life cycle (proxyd/nativerelay.py) held to relay.py's ``Connection``.
+
+On the compiled data path a listener accepts with its own loop and relays an admitted
+connection between the two descriptors in C, unless ``PROXYD_NATIVE_RELAY=0`` (read when a
+listener starts serving) keeps uvloop's transports. Both must keep every promise of relay.py's
+module docstring, so each scenario here runs on both (``path``: ``native``, ``transports``), on
+an L4 listener and on a parsed one, and asserts what relay.py does: what the client and the
+upstream server saw (bytes, EOF or reset), the one ``connection`` access-log line and the
+listener's counters. :func:`test_paths_agree` then runs a scenario on both paths in one test and
+compares all of that as a whole (without conn_id, timestamp, duration_ms and port numbers), so a
+field or counter no assertion names still has to match.
+
+Under ``PROXYD_PURE=1`` (CI's second pass) there is no compiled relay: both parametrisations
+run relay.py, which :func:`test_which_relay_serves` checks.
+
+Clients and upstream servers are plain non-blocking sockets on the event loop, so a test can
+send a reset (``SO_LINGER`` 0), half-close, and tell an EOF from a reset on the other end.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import json
+import os
+import socket
+import struct
+from collections.abc import AsyncIterator, Awaitable, Callable, Coroutine, Iterator
+from pathlib import Path
+from typing import Any
+
+import pytest
+from memcached_fixture import start_memcached
+from prometheus_client.parser import text_string_to_metric_families
+from proxyutil import addr, daemon, wait_for
+
+from proxyd.native import IMPLEMENTATION
+from proxyd.relay import HIGH_WATER, Connection
+from proxyd.server import Daemon
+
+PATHS = ("native", "transports")
+PROTOS = {"tcp": None, "lines": "test.lineparser", "memcache": "memcache"}
+TIMEOUT = 10.0
+BUFFER_BYTES = 1 << 20  # limits.buffer_bytes' default
+_RST = struct.pack("ii", 1, 0)
+
+Seen = dict[str, Any]
+Handler = Callable[[socket.socket], Coroutine[Any, Any, None]]
+Scenario = Callable[[Path, str, "Callable[[], int]"], Awaitable[Seen]]
+
+
+def use_path(mp: pytest.MonkeyPatch, path: str) -> None:
+    if path == "transports":
+        mp.setenv("PROXYD_NATIVE_RELAY", "0")
+    else:
+        mp.delenv("PROXYD_NATIVE_RELAY", raising=False)
+
+
+# ---------------------------------------------------------------------------------------------
+# the daemon, its log and its counters
+
+
+def config(listener: str, up: tuple[str, int] | str, more: str = "", top: str = "") -> str:
+    upstream = up if isinstance(up, str) else f"{up[0]}:{up[1]}"
+    proto = f"\n    l7proto: {PROTOS[listener]}" if PROTOS[listener] else ""
+    return f"""
+listeners:
+  - name: {listener}
+    address: "127.0.0.1:0"
+    upstream: "{upstream}"{proto}
+{more}access_log:
+  path: access.log
+  requests: denied
+limits:
+  connect_timeout: 3s
+{top}"""
+
+
+def _unport(value: Any) -> Any:
+    """An address without its (ephemeral) port: ``127.0.0.1:P``."""
+    if isinstance(value, str) and value.rsplit(":", 1)[-1].isdigit():
+        return value.rsplit(":", 1)[0] + ":P"
+    return value
+
+
+def log_lines(tmp: Path) -> list[dict[str, Any]]:
+    """The access log, each line's keys in order, without what differs run to run."""
+    out = []
+    for text in (tmp / "access.log").read_text().splitlines():
+        line = json.loads(text)
+        for key in ("conn_id", "timestamp", "duration_ms"):
+            line.pop(key, None)
+        out.append({k: _unport(v) for k, v in line.items()})
+    return out
+
+
+def conn_line(listener: str, src: str = "127.0.0.1", **kv: Any) -> dict[str, Any]:
+    """The ``connection`` line relay.py writes, in its key order."""
+    return {
+        "listener": listener,
+        "src": f"{src}:P",
+        "dst": "127.0.0.1:P",
+        "upstream": "127.0.0.1:P",
+        **kv,
+        "event": "connection",
+    }
+
+
+def counters(d: Daemon, listener: str) -> dict[str, float]:
+    """The listener's samples in ``/metrics`` (by listener, or by its l7proto), no ``_created``."""
+    out: dict[str, float] = {}
+    proto = PROTOS[listener]
+    for family in text_string_to_metric_families(d.metrics.render().decode()):
+        for s in family.samples:
+            if s.name.endswith("_created"):
+                continue
+            labels = dict(s.labels)
+            if labels.pop("listener", None) != listener and (
+                proto is None or labels.pop("l7proto", None) != proto
+            ):
+                continue
+            out[s.name + json.dumps(labels, sort_keys=True)] = s.value
+    return out
+
+
+def counter(m: dict[str, float], name: str, **labels: str) -> float:
+    return m[name + json.dumps(labels, sort_keys=True)]
+
+
+async def settle(d: Daemon, listener: str, connections: int) -> dict[str, float]:
+    """Every connection ended: the counters, checked for the ones every scenario shares."""
+    await wait_for(lambda: not d.active_connections(), TIMEOUT)
+    m = counters(d, listener)
+    assert counter(m, "proxyd_connections_total") == connections
+    assert counter(m, "proxyd_connections_active") == 0
+    return m
+
+
+# ---------------------------------------------------------------------------------------------
+# sockets
+
+
+async def connect(d: Daemon, listener: str, src: str = "127.0.0.1", rcvbuf: int = 0) -> socket.socket:
+    s = socket.socket()
+    s.setblocking(False)
+    if rcvbuf:
+        s.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, rcvbuf)
+    s.bind((src, 0))
+    await asyncio.wait_for(asyncio.get_running_loop().sock_connect(s, addr(d, listener)), TIMEOUT)
+    return s
+
+
+async def send(s: socket.socket, data: bytes, step: int = 0) -> None:
+    loop = asyncio.get_running_loop()
+    step = step or len(data) or 1
+    for i in range(0, len(data), step):
+        await asyncio.wait_for(loop.sock_sendall(s, data[i : i + step]), TIMEOUT)
+
+
+async def recv_exactly(s: socket.socket, n: int) -> bytes:
+    loop = asyncio.get_running_loop()
+    got = bytearray()
+    while len(got) < n:
+        chunk = await asyncio.wait_for(loop.sock_recv(s, n - len(got)), TIMEOUT)
+        assert chunk, f"EOF after {len(got)} of {n} bytes"
+        got += chunk
+    return bytes(got)
+
+
+async def ending(s: socket.socket) -> tuple[bytes, str]:
+    """Everything until the end, and how it ended: ``eof`` or ``reset``."""
+    loop = asyncio.get_running_loop()
+    got = bytearray()
+    while True:
+        try:
+            chunk = await asyncio.wait_for(loop.sock_recv(s, 1 << 16), TIMEOUT)
+        except ConnectionResetError:
+            return bytes(got), "reset"
+        if not chunk:
+            return bytes(got), "eof"
+        got += chunk
+
+
+def rst(s: socket.socket) -> None:
+    """Close so the peer gets a reset."""
+    s.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, _RST)
+    s.close()
+
+
+class Upstream:
+    """A listening socket whose connections are handed to ``handler``, one task each."""
+
+    def __init__(self, handler: Handler | None, backlog: int = 16) -> None:
+        self.handler = handler
+        self.lsock = socket.socket()
+        self.lsock.bind(("127.0.0.1", 0))
+        self.lsock.listen(backlog)
+        self.lsock.setblocking(False)
+        self.address: tuple[str, int] = self.lsock.getsockname()
+        self.tasks: list[asyncio.Task[None]] = []
+        self.accepted: list[socket.socket] = []
+
+    async def accept(self) -> socket.socket:
+        conn, _ = await asyncio.wait_for(asyncio.get_running_loop().sock_accept(self.lsock), TIMEOUT)
+        conn.setblocking(False)
+        self.accepted.append(conn)
+        return conn
+
+    async def _serve(self) -> None:
+        assert self.handler is not None
+        while True:
+            conn = await asyncio.get_running_loop().sock_accept(self.lsock)
+            conn[0].setblocking(False)
+            self.accepted.append(conn[0])
+            self.tasks.append(asyncio.create_task(self.handler(conn[0])))
+
+    async def done(self) -> None:
+        """Every handler returned (bounded)."""
+        await wait_for(lambda: bool(self.tasks) and all(t.done() for t in self.tasks), TIMEOUT)
+        for t in self.tasks:
+            t.result()
+
+
+@contextlib.asynccontextmanager
+async def upstream(
+    handler: Handler | None = None,
+) -> AsyncIterator[Upstream]:
+    up = Upstream(handler)
+    server = asyncio.create_task(up._serve()) if handler is not None else None
+    try:
+        yield up
+    finally:
+        for t in [*up.tasks, *([server] if server else [])]:
+            t.cancel()
+        for t in [*up.tasks, *([server] if server else [])]:
+            with contextlib.suppress(BaseException):
+                await t
+        for c in up.accepted:
+            c.close()
+        up.lsock.close()
+
+
+def payload(listener: str, size: int) -> bytes:
+    """Random bytes; on a line-parsed listener, 8 KiB lines of hex (no DROP, ERROR, ... prefix)."""
+    if PROTOS[listener] is None:
+        return os.urandom(size)
+    text = os.urandom(size // 2).hex().encode()
+    return b"".join(text[i : i + 8191] + b"\n" for i in range(0, size, 8192))
+
+
+# ---------------------------------------------------------------------------------------------
+# scenarios: each asserts relay.py's behaviour and returns what both paths must agree on
+
+
+async def large_transfer(tmp: Path, listener: str, _mc: Callable[[], int]) -> Seen:
+    """Byte-exact both ways at once, odd write sizes on both ends, EOF both ways."""
+    to_server, to_client = payload(listener, 8 << 20), payload(listener, 6 << 20)
+    got: dict[str, Any] = {}
+
+    async def serve(u: socket.socket) -> None:
+        async def answer() -> None:
+            await send(u, to_client, 77_777)
+            u.shutdown(socket.SHUT_WR)
+
+        sender = asyncio.create_task(answer())
+        got["server"], got["server_end"] = await ending(u)
+        await asyncio.wait_for(sender, TIMEOUT)
+
+    async with upstream(serve) as up, daemon(config(listener, up.address), tmp) as d:
+        c = await connect(d, listener)
+
+        async def request() -> None:
+            await send(c, to_server, 100_003)
+            c.shutdown(socket.SHUT_WR)
+
+        sender = asyncio.create_task(request())
+        got["client"], got["client_end"] = await ending(c)
+        await asyncio.wait_for(sender, TIMEOUT)
+        c.close()
+        await up.done()
+        m = await settle(d, listener, 1)
+    assert got["server"] == to_server and got["client"] == to_client
+    assert (got["server_end"], got["client_end"]) == ("eof", "eof")
+    log = log_lines(tmp)
+    assert log == [
+        conn_line(listener, bytes_in=len(to_server), bytes_out=len(to_client), verdict="forwarded")
+    ]
+    assert counter(m, "proxyd_bytes_total", direction="in") == len(to_server)
+    assert counter(m, "proxyd_bytes_total", direction="out") == len(to_client)
+    return {"ends": (got["server_end"], got["client_end"]), "log": log, "metrics": m}
+
+
+async def half_close_client_first(tmp: Path, listener: str, _mc: Callable[[], int]) -> Seen:
+    """The client's EOF reaches the server, whose answer (1 MiB, after that EOF) still flows."""
+    answer = payload(listener, 1 << 20)
+    seen: Seen = {}
+
+    async def serve(u: socket.socket) -> None:
+        seen["server"] = await ending(u)  # until the client's EOF arrives through the proxy
+        await send(u, answer, 65_537)
+        u.shutdown(socket.SHUT_WR)
+
+    async with upstream(serve) as up, daemon(config(listener, up.address), tmp) as d:
+        c = await connect(d, listener)
+        await send(c, b"hello\n")
+        c.shutdown(socket.SHUT_WR)
+        got = await ending(c)
+        c.close()
+        await up.done()
+        m = await settle(d, listener, 1)
+    assert seen["server"] == (b"hello\n", "eof")
+    assert got == (answer, "eof")
+    log = log_lines(tmp)
+    assert log == [conn_line(listener, bytes_in=6, bytes_out=len(answer), verdict="forwarded")]
+    return {"server": seen["server"], "client_end": got[1], "log": log, "metrics": m}
+
+
+async def half_close_server_first(tmp: Path, listener: str, _mc: Callable[[], int]) -> Seen:
+    """The server's EOF reaches the client, which then still sends 1 MiB to the server."""
+    request = payload(listener, 1 << 20)
+    seen: Seen = {}
+
+    async def serve(u: socket.socket) -> None:
+        await send(u, b"banner\n")
+        u.shutdown(socket.SHUT_WR)
+        seen["server"] = await ending(u)
+
+    async with upstream(serve) as up, daemon(config(listener, up.address), tmp) as d:
+        c = await connect(d, listener)
+        got = await ending(c)
+        await send(c, request, 65_537)
+        c.shutdown(socket.SHUT_WR)
+        await up.done()
+        c.close()
+        m = await settle(d, listener, 1)
+    assert got == (b"banner\n", "eof")
+    assert seen["server"] == (request, "eof")
+    log = log_lines(tmp)
+    assert log == [conn_line(listener, bytes_in=len(request), bytes_out=7, verdict="forwarded")]
+    return {"server_end": seen["server"][1], "client": got, "log": log, "metrics": m}
+
+
+async def connect_waits(tmp: Path, listener: str, _mc: Callable[[], int]) -> Seen:
+    """What the client sent and its EOF, read while the upstream connect waits (its SYN dropped:
+    the upstream's accept queue is full), reach the upstream once it answers the retried SYN."""
+    async with upstream(None) as up:
+        up.lsock.listen(0)
+        fillers = []
+        try:
+            for _ in range(4):  # fill the accept queue: the next SYN is dropped, retried after ~1 s
+                f = socket.socket()
+                f.setblocking(False)
+                f.connect_ex(up.address)
+                fillers.append(f)
+            await asyncio.sleep(0.2)
+            filler_ends = {f.getsockname() for f in fillers}
+            async with daemon(config(listener, up.address), tmp) as d:
+                c = await connect(d, listener)
+                await send(c, b"hello\n")
+                c.shutdown(socket.SHUT_WR)
+                await asyncio.sleep(0.3)  # proxyd has read both while its connect waits
+                while True:  # empty the queue: the proxyd's retried SYN then gets in
+                    u = await up.accept()
+                    if u.getpeername() not in filler_ends:
+                        break
+                    u.close()
+                server = await ending(u)
+                await send(u, b"got " + server[0])
+                u.close()
+                got = await ending(c)
+                c.close()
+                m = await settle(d, listener, 1)
+        finally:
+            for f in fillers:
+                f.close()
+    assert server == (b"hello\n", "eof")
+    assert got == (b"got hello\n", "eof")
+    log = log_lines(tmp)
+    assert log == [conn_line(listener, bytes_in=6, bytes_out=10, verdict="forwarded")]
+    return {"server": server, "client": got, "log": log, "metrics": m}
+
+
+async def upstream_refuses(tmp: Path, listener: str, _mc: Callable[[], int]) -> Seen:
+    """A refused upstream connect is passed on as a reset, never a clean EOF."""
+    dead = socket.socket()
+    dead.bind(("127.0.0.1", 0))  # bound, not listening: a SYN to it is answered RST
+    try:
+        async with daemon(config(listener, dead.getsockname()), tmp) as d:
+            c = await connect(d, listener)
+            got = await ending(c)
+            c.close()
+            m = await settle(d, listener, 1)
+    finally:
+        dead.close()
+    assert got == (b"", "reset")
+    assert counter(m, "proxyd_upstream_connect_failures_total") == 1
+    log = log_lines(tmp)
+    assert log == [
+        conn_line(
+            listener,
+            bytes_in=0,
+            bytes_out=0,
+            verdict="error",
+            reason="upstream connect failed: Connection refused",
+        )
+    ]
+    return {"client": got, "log": log, "metrics": m}
+
+
+async def upstream_resets(tmp: Path, listener: str, _mc: Callable[[], int]) -> Seen:
+    """The upstream resets mid-stream: the client gets a reset, after the bytes before it."""
+    async with upstream(None) as up, daemon(config(listener, up.address), tmp) as d:
+        c = await connect(d, listener)
+        await send(c, b"hello\n")
+        u = await up.accept()
+        assert await recv_exactly(u, 6) == b"hello\n"
+        await send(u, b"partial\n")
+        assert await recv_exactly(c, 8) == b"partial\n"
+        rst(u)
+        got = await ending(c)
+        c.close()
+        m = await settle(d, listener, 1)
+    assert got == (b"", "reset")
+    log = log_lines(tmp)
+    assert log == [
+        conn_line(listener, bytes_in=6, bytes_out=8, verdict="error", reason="upstream reset the connection")
+    ]
+    return {"client": got, "log": log, "metrics": m}
+
+
+async def client_resets(tmp: Path, listener: str, _mc: Callable[[], int]) -> Seen:
+    """The client resets mid-stream: the upstream gets a reset."""
+    async with upstream(None) as up, daemon(config(listener, up.address), tmp) as d:
+        c = await connect(d, listener)
+        await send(c, b"hello\n")
+        u = await up.accept()
+        assert await recv_exactly(u, 6) == b"hello\n"
+        await send(u, b"partial\n")
+        assert await recv_exactly(c, 8) == b"partial\n"
+        rst(c)
+        got = await ending(u)
+        m = await settle(d, listener, 1)
+    assert got == (b"", "reset")
+    log = log_lines(tmp)
+    assert log == [
+        conn_line(listener, bytes_in=6, bytes_out=8, verdict="error", reason="client reset the connection")
+    ]
+    return {"server": got, "log": log, "metrics": m}
+
+
+def _tcp_queues() -> dict[tuple[tuple[str, int], tuple[str, int]], tuple[int, int]]:
+    """(local, remote) -> (tx_queue, rx_queue) of every IPv4 TCP socket (/proc/net/tcp).
+
+    On loopback a byte leaves the sender's tx_queue once it sits in the receiver's rx_queue,
+    so along a chain of sockets the two count every byte the kernel holds exactly once.
+    """
+
+    def ep(text: str) -> tuple[str, int]:
+        host, port = text.split(":")
+        return socket.inet_ntoa(struct.pack("<I", int(host, 16))), int(port, 16)
+
+    out = {}
+    for row in Path("/proc/net/tcp").read_text().splitlines()[1:]:
+        f = row.split()
+        tx, rx = f[4].split(":")
+        out[ep(f[1]), ep(f[2])] = (int(tx, 16), int(rx, 16))
+    return out
+
+
+async def slow_reader(tmp: Path, listener: str, _mc: Callable[[], int]) -> Seen:
+    """A client that does not read while the server sends 50 MiB: the proxy stops reading the
+    upstream, so what it holds itself stays about the high-water mark plus buffer_bytes; every
+    byte arrives, in order, once the client reads."""
+    data = payload(listener, 50 << 20)
+    sent = [0]
+
+    async def serve(u: socket.socket) -> None:
+        u.setsockopt(socket.SOL_SOCKET, socket.SO_SNDBUF, 64 << 10)
+        loop = asyncio.get_running_loop()
+        for i in range(0, len(data), 100_003):
+            await loop.sock_sendall(u, data[i : i + 100_003])
+            sent[0] = min(i + 100_003, len(data))
+        u.shutdown(socket.SHUT_WR)
+        await ending(u)
+
+    async with upstream(serve) as up, daemon(config(listener, up.address), tmp) as d:
+        c = await connect(d, listener, rcvbuf=64 << 10)
+        # Stalled: nothing moved for half a second (bounded: the server would finish otherwise).
+        marks: list[int] = []
+        loop = asyncio.get_running_loop()
+        end = loop.time() + TIMEOUT
+        while len(marks) < 6 or len(set(marks[-6:])) > 1:
+            assert loop.time() < end and sent[0] < len(data), f"never stalled ({sent[0]} bytes sent)"
+            await asyncio.sleep(0.1)
+            marks.append(sent[0])
+        assert len(d.listeners[listener].conns) == 1
+        [u] = up.accepted
+        q = _tcp_queues()
+        in_kernel = (
+            q[u.getsockname(), u.getpeername()][0]
+            + q[u.getpeername(), u.getsockname()][1]
+            + q[c.getpeername(), c.getsockname()][0]
+            + q[c.getsockname(), c.getpeername()][1]
+        )
+        # The last sock_sendall may be part way through: up to one write not yet counted in sent.
+        held = sent[0] - in_kernel
+        assert -100_003 <= held <= HIGH_WATER + BUFFER_BYTES + (256 << 10), (sent[0], in_kernel)
+        got = await ending(c)
+        c.shutdown(socket.SHUT_WR)
+        await up.done()
+        c.close()
+        m = await settle(d, listener, 1)
+    assert got[1] == "eof" and len(got[0]) == len(data) and got[0] == data
+    log = log_lines(tmp)
+    assert log == [conn_line(listener, bytes_in=0, bytes_out=len(data), verdict="forwarded")]
+    return {"client_end": got[1], "log": log, "metrics": m}
+
+
+async def idle_timeout(tmp: Path, listener: str, _mc: Callable[[], int]) -> Seen:
+    """No byte either way for idle_timeout: both sides closed, logged and counted as ``idle``."""
+    async with upstream(None) as up, daemon(config(listener, up.address, "    idle_timeout: 1s\n"), tmp) as d:
+        c = await connect(d, listener)
+        await send(c, b"hi\n")
+        u = await up.accept()
+        assert await recv_exactly(u, 3) == b"hi\n"
+        await send(u, b"ho\n")
+        assert await recv_exactly(c, 3) == b"ho\n"
+        client, server = await asyncio.gather(ending(c), ending(u))
+        c.close()
+        m = await settle(d, listener, 1)
+    assert counter(m, "proxyd_connection_timeouts_total", reason="idle") == 1
+    assert client[0] == server[0] == b""
+    log = log_lines(tmp)
+    assert log == [
+        conn_line(
+            listener,
+            bytes_in=3,
+            bytes_out=3,
+            verdict="error",
+            reason="idle timeout: no byte either way for 1s",
+        )
+    ]
+    return {"client": client, "server": server, "log": log, "metrics": m}
+
+
+async def request_timeout(tmp: Path, listener: str, _mc: Callable[[], int]) -> Seen:
+    """A partial request that waits request_timeout for more bytes: closed, logged, counted."""
+    async with (
+        upstream(None) as up,
+        daemon(config(listener, up.address, "    request_timeout: 1s\n"), tmp) as d,
+    ):
+        c = await connect(d, listener)
+        await send(c, b"ok\npartial")
+        u = await up.accept()
+        assert await recv_exactly(u, 3) == b"ok\n"
+        client, server = await asyncio.gather(ending(c), ending(u))
+        c.close()
+        m = await settle(d, listener, 1)
+    assert counter(m, "proxyd_connection_timeouts_total", reason="request") == 1
+    assert client[0] == server[0] == b""
+    log = log_lines(tmp)
+    assert log == [
+        conn_line(
+            listener,
+            bytes_in=10,
+            bytes_out=0,
+            verdict="error",
+            reason="request timeout: a partial request waited 1s for more bytes",
+        )
+    ]
+    return {"client": client, "server": server, "log": log, "metrics": m}
+
+
+POLICY = """
+apiVersion: cilium.io/v2
+kind: CiliumNetworkPolicy
+metadata: {name: native-relay}
+spec:
+  endpointSelector: {matchLabels: {app: svc}}
+  ingress:
+    - fromEndpoints: [{matchLabels: {role: client}}]
+      toPorts:
+        - ports: [{port: "PORT", protocol: TCP}]
+          rules:
+            l7proto: PROTO
+            l7: [RULE]
+"""
+IDENTITIES = """identities:
+  - cidr: 127.0.0.1/32
+    labels: {app: svc}
+  - cidr: 127.0.0.2/32
+    labels: {role: client}
+policy:
+  paths: [policy.yaml]
+"""
+
+
+async def denied_request(tmp: Path, listener: str, mc: Callable[[], int]) -> Seen:
+    """A request the policy denies is answered with the protocol's own error, in its place; the
+    connection goes on (memcache against a real memcached; the line parser against an echo)."""
+    seen: Seen = {}
+    if listener == "memcache":
+        port = mc()
+        rule = "{command: get}"
+        request = b"set k 0 0 5\r\nhello\r\nget k\r\n"
+        expect = b"CLIENT_ERROR access denied\r\nEND\r\n"
+    else:
+        rule = '{prefix: "ok"}'
+        request = b"ok 1\nbad 2\nok 3\n"
+        expect = b"ok 1\nDENIED\nok 3\n"
+
+    async def echo(u: socket.socket) -> None:
+        seen["server"] = got = await ending(u)
+        await send(u, got[0])
+        u.shutdown(socket.SHUT_WR)
+
+    async with contextlib.AsyncExitStack() as stack:
+        if listener != "memcache":
+            port = (await stack.enter_async_context(upstream(echo))).address[1]
+        policy = (
+            POLICY.replace("PORT", str(port)).replace("PROTO", str(PROTOS[listener])).replace("RULE", rule)
+        )
+        text = config(listener, ("127.0.0.1", port), top=IDENTITIES)
+        d = await stack.enter_async_context(daemon(text, tmp, files={"policy.yaml": policy}))
+        c = await connect(d, listener, src="127.0.0.2")
+        await send(c, request)
+        c.shutdown(socket.SHUT_WR)
+        got = await ending(c)
+        c.close()
+        m = await settle(d, listener, 1)
+    if listener == "memcache":
+        assert got == (expect, "eof")
+    else:  # the DENIED answer is proxyd's own, so it may overtake the echo of "ok 1"
+        assert sorted(got[0].splitlines()) == sorted(expect.splitlines()) and got[1] == "eof"
+        assert seen["server"] == (b"ok 1\nok 3\n", "eof")
+    assert counter(m, "proxyd_l7_requests_total", verdict="denied") == 1
+    log = log_lines(tmp)
+    assert [line["event"] for line in log] == ["l7", "connection"]
+    assert log[-1] == conn_line(
+        listener, "127.0.0.2", bytes_in=len(request), bytes_out=len(expect), verdict="forwarded"
+    )
+    assert log[0]["verdict"] == "denied"
+    return {
+        "client": got if listener == "memcache" else sorted(got[0].splitlines()),
+        "log": log,
+        "metrics": m,
+    }
+
+
+SCENARIOS: dict[str, tuple[Scenario, tuple[str, ...]]] = {
+    "large_transfer": (large_transfer, ("tcp", "lines")),
+    "half_close_client_first": (half_close_client_first, ("tcp", "lines")),
+    "half_close_server_first": (half_close_server_first, ("tcp", "lines")),
+    "connect_waits": (connect_waits, ("tcp", "lines")),
+    "upstream_refuses": (upstream_refuses, ("tcp", "lines")),
+    "upstream_resets": (upstream_resets, ("tcp", "lines")),
+    "client_resets": (client_resets, ("tcp", "lines")),
+    "slow_reader": (slow_reader, ("tcp", "lines")),
+    "idle_timeout": (idle_timeout, ("tcp", "lines")),
+    "request_timeout": (request_timeout, ("lines",)),
+    "denied_request": (denied_request, ("lines", "memcache")),
+}
+CASES = [(name, listener) for name, (_, listeners) in SCENARIOS.items() for listener in listeners]
+
+
+@pytest.fixture(scope="module")
+def memcached() -> Iterator[Callable[[], int]]:
+    """memcached's port, started on first use (only the memcache scenario needs it)."""
+    with contextlib.ExitStack() as stack:
+        port: list[int] = []
+
+        def get() -> int:
+            if not port:
+                port.append(stack.enter_context(start_memcached()))
+            return port[0]
+
+        yield get
+
+
+@pytest.mark.parametrize("path", PATHS)
+@pytest.mark.parametrize(("scenario", "listener"), CASES)
+async def test_scenario(
+    tmp_path: Path,
+    monkeypatch: pytest.MonkeyPatch,
+    memcached: Callable[[], int],
+    scenario: str,
+    listener: str,
+    path: str,
+) -> None:
+    use_path(monkeypatch, path)
+    await asyncio.wait_for(SCENARIOS[scenario][0](tmp_path, listener, memcached), 30)
+
+
+@pytest.mark.parametrize(("scenario", "listener"), CASES)
+async def test_paths_agree(
+    tmp_path: Path,
+    monkeypatch: pytest.MonkeyPatch,
+    memcached: Callable[[], int],
+    scenario: str,
+    listener: str,
+) -> None:
+    """Both paths, one after the other: the same ends, log lines (keys in the same order) and counters."""
+    seen = {}
+    for path in PATHS:
+        with monkeypatch.context() as mp:
+            use_path(mp, path)
+            (tmp_path / path).mkdir()
+            got = await asyncio.wait_for(SCENARIOS[scenario][0](tmp_path / path, listener, memcached), 30)
+            got["log_keys"] = [list(line) for line in got["log"]]
+            seen[path] = got
+    assert seen["native"] == seen["transports"]
+
+
+@pytest.mark.parametrize("path", PATHS)
+@pytest.mark.parametrize("listener", ["tcp", "lines"])
+async def test_which_relay_serves(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, path: str, listener: str
+) -> None:
+    """relay.py's Connection serves the transports path, the pure path (PROXYD_PURE=1: no compiled
+    relay, whatever PROXYD_NATIVE_RELAY says) and, on the native path, an upstream given by name;
+    the compiled relay serves the rest. Each relays a line and its answer either way."""
+    use_path(monkeypatch, path)
+
+    async def echo(u: socket.socket) -> None:
+        got = await ending(u)
+        await send(u, got[0])
+        u.close()
+
+    async with upstream(echo) as up:
+        for host in ("127.0.0.1", "localhost"):
+            sub = tmp_path / host
+            sub.mkdir()
+            async with daemon(config(listener, f"{host}:{up.address[1]}"), sub) as d:
+                c = await connect(d, listener)
+                await send(c, b"ping\n")
+                await wait_for(lambda: len(d.listeners[listener].conns) == 1, TIMEOUT)
+                [conn] = d.listeners[listener].conns
+                native = IMPLEMENTATION == "native" and path == "native" and host == "127.0.0.1"
+                assert isinstance(conn, Connection) != native, (path, host, type(conn))
+                c.shutdown(socket.SHUT_WR)
+                assert await ending(c) == (b"ping\n", "eof")
+                c.close()
+                await settle(d, listener, 1)
