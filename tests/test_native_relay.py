@@ -23,6 +23,7 @@ import asyncio
 import contextlib
 import json
 import os
+import re
 import socket
 import struct
 from collections.abc import AsyncIterator, Awaitable, Callable, Coroutine, Iterator
@@ -42,6 +43,7 @@ PATHS = ("native", "transports")
 PROTOS = {"tcp": None, "lines": "test.lineparser", "memcache": "memcache"}
 TIMEOUT = 10.0
 BUFFER_BYTES = 1 << 20  # limits.buffer_bytes' default
+_PORT = re.compile(r"(?<=:)\d+\b|(?<=port )\d+\b")
 _RST = struct.pack("ii", 1, 0)
 
 Seen = dict[str, Any]
@@ -77,10 +79,8 @@ limits:
 
 
 def _unport(value: Any) -> Any:
-    """An address without its (ephemeral) port: ``127.0.0.1:P``."""
-    if isinstance(value, str) and value.rsplit(":", 1)[-1].isdigit():
-        return value.rsplit(":", 1)[0] + ":P"
-    return value
+    """Without (ephemeral) port numbers: ``127.0.0.1:P``, ``port P/TCP``."""
+    return _PORT.sub("P", value) if isinstance(value, str) else value
 
 
 def log_lines(tmp: Path) -> list[dict[str, Any]]:
@@ -647,6 +647,113 @@ async def denied_request(tmp: Path, listener: str, mc: Callable[[], int]) -> See
     }
 
 
+async def partial_request_at_eof(tmp: Path, listener: str, _mc: Callable[[], int]) -> Seen:
+    """The client's EOF behind an incomplete line: the line is dropped and counted in the log's
+    ``unforwarded_bytes``; the EOF and the server's answer still go through."""
+    async with upstream(None) as up, daemon(config(listener, up.address), tmp) as d:
+        c = await connect(d, listener)
+        await send(c, b"ok\npartial")
+        c.shutdown(socket.SHUT_WR)
+        u = await up.accept()
+        server = await ending(u)
+        await send(u, b"bye\n")
+        u.shutdown(socket.SHUT_WR)
+        client = await ending(c)
+        c.close()
+        m = await settle(d, listener, 1)
+    assert server == (b"ok\n", "eof")
+    assert client == (b"bye\n", "eof")
+    log = log_lines(tmp)
+    expect = conn_line(listener, bytes_in=10, bytes_out=4, verdict="forwarded")
+    expect.pop("event")
+    expect["unforwarded_bytes"] = {"client": 7, "server": 0}
+    expect["reason"] = "incomplete frame discarded at end of stream"
+    assert log == [{**expect, "event": "connection"}]
+    return {"client": client, "server": server, "log": log, "metrics": m}
+
+
+async def parser_error(tmp: Path, listener: str, _mc: Callable[[], int]) -> Seen:
+    """A protocol error closes the connection (both ends see an EOF), logged and counted."""
+    async with upstream(None) as up, daemon(config(listener, up.address), tmp) as d:
+        c = await connect(d, listener)
+        await send(c, b"ok\nERROR\n")
+        u = await up.accept()
+        server, client = await asyncio.gather(ending(u), ending(c))
+        c.close()
+        m = await settle(d, listener, 1)
+    assert server == (b"ok\n", "eof")
+    assert client == (b"", "eof")
+    assert counter(m, "proxyd_parser_errors_total") == 1
+    log = log_lines(tmp)
+    assert [(line["event"], line["verdict"]) for line in log] == [("l7", "error"), ("connection", "error")]
+    assert log[1]["reason"] == "parser_error: parser error 1"
+    assert (log[1]["bytes_in"], log[1]["bytes_out"]) == (9, 0)
+    return {"client": client, "server": server, "log": log, "metrics": m}
+
+
+async def parser_ops(tmp: Path, listener: str, _mc: Callable[[], int]) -> Seen:
+    """The parser's DROP, INJECT and REPLY both ways: a reply proxyd writes itself reaches the
+    client at once, the dropped line never reaches the server, the injected copy does."""
+
+    async def answer(u: socket.socket) -> None:
+        got = b""
+        while got.count(b"\n") < 2:
+            got += await recv_exactly(u, 1)
+        await send(u, b"".join(b"OK " + line + b"\n" for line in got.splitlines()))
+        assert await ending(u) == (b"", "eof")
+        u.shutdown(socket.SHUT_WR)
+
+    async with upstream(answer) as up, daemon(config(listener, up.address), tmp) as d:
+        c = await connect(d, listener)
+        await send(c, b"a\nREPLY direct\nDROP me\nINJECT x\n")
+        got = b""
+        while got.count(b"\n") < 3:
+            got += await recv_exactly(c, 1)
+        c.shutdown(socket.SHUT_WR)
+        end = await ending(c)
+        c.close()
+        await up.done()
+        m = await settle(d, listener, 1)
+    assert sorted(got.splitlines()) == sorted([b"direct", b"OK a", b"OK INJECT x"])
+    assert end == (b"", "eof")
+    log = log_lines(tmp)
+    assert log == [conn_line(listener, bytes_in=32, bytes_out=len(got), verdict="forwarded")]
+    return {"client": sorted(got.splitlines()), "log": log, "metrics": m}
+
+
+async def denied_at_accept(tmp: Path, listener: str, _mc: Callable[[], int]) -> Seen:
+    """A client the policy does not let in (L3/L4) is closed at accept with a FIN, logged
+    ``denied`` without an upstream; the next, allowed one is relayed."""
+
+    async def echo(u: socket.socket) -> None:
+        got = await ending(u)
+        await send(u, got[0])
+        u.shutdown(socket.SHUT_WR)
+
+    async with upstream(echo) as up:
+        policy = POLICY.replace("PORT", str(up.address[1])).split("          rules:")[0]
+        text = config(listener, up.address, top=IDENTITIES)
+        async with daemon(text, tmp, files={"policy.yaml": policy}) as d:
+            c = await connect(d, listener, src="127.0.0.9")
+            refused = await ending(c)
+            c.close()
+            c = await connect(d, listener, src="127.0.0.2")
+            await send(c, b"hi\n")
+            c.shutdown(socket.SHUT_WR)
+            allowed = await ending(c)
+            c.close()
+            m = await settle(d, listener, 2)
+    assert refused == (b"", "eof")
+    assert allowed == (b"hi\n", "eof")
+    assert counter(m, "proxyd_connection_denials_total") == 1
+    log = log_lines(tmp)
+    assert [(line["event"], line["verdict"], line["upstream"]) for line in log] == [
+        ("connection", "denied", None),
+        ("connection", "forwarded", "127.0.0.1:P"),
+    ]
+    return {"client": (refused, allowed), "log": log, "metrics": m}
+
+
 SCENARIOS: dict[str, tuple[Scenario, tuple[str, ...]]] = {
     "large_transfer": (large_transfer, ("tcp", "lines")),
     "half_close_client_first": (half_close_client_first, ("tcp", "lines")),
@@ -659,6 +766,10 @@ SCENARIOS: dict[str, tuple[Scenario, tuple[str, ...]]] = {
     "idle_timeout": (idle_timeout, ("tcp", "lines")),
     "request_timeout": (request_timeout, ("lines",)),
     "denied_request": (denied_request, ("lines", "memcache")),
+    "partial_request_at_eof": (partial_request_at_eof, ("lines",)),
+    "parser_error": (parser_error, ("lines",)),
+    "parser_ops": (parser_ops, ("lines",)),
+    "denied_at_accept": (denied_at_accept, ("tcp", "lines")),
 }
 CASES = [(name, listener) for name, (_, listeners) in SCENARIOS.items() for listener in listeners]
 
