@@ -34,13 +34,14 @@ import pytest
 from memcached_fixture import start_memcached
 from prometheus_client.parser import text_string_to_metric_families
 from proxyutil import addr, daemon, wait_for
+from redis_fixture import start_redis
 
 from proxyd.native import IMPLEMENTATION
 from proxyd.relay import HIGH_WATER, Connection
 from proxyd.server import Daemon
 
 PATHS = ("native", "transports")
-PROTOS = {"tcp": None, "lines": "test.lineparser", "memcache": "memcache"}
+PROTOS = {"tcp": None, "lines": "test.lineparser", "memcache": "memcache", "redis": "redis"}
 TIMEOUT = 10.0
 BUFFER_BYTES = 1 << 20  # limits.buffer_bytes' default
 _PORT = re.compile(r"(?<=:)\d+\b|(?<=port )\d+\b")
@@ -48,7 +49,8 @@ _RST = struct.pack("ii", 1, 0)
 
 Seen = dict[str, Any]
 Handler = Callable[[socket.socket], Coroutine[Any, Any, None]]
-Scenario = Callable[[Path, str, "Callable[[], int]"], Awaitable[Seen]]
+Servers = Callable[[str], int]  # "memcached" or "redis": its port, started on first use
+Scenario = Callable[[Path, str, Servers], Awaitable[Seen]]
 
 
 def use_path(mp: pytest.MonkeyPatch, path: str) -> None:
@@ -62,7 +64,9 @@ def use_path(mp: pytest.MonkeyPatch, path: str) -> None:
 # the daemon, its log and its counters
 
 
-def config(listener: str, up: tuple[str, int] | str, more: str = "", top: str = "") -> str:
+def config(
+    listener: str, up: tuple[str, int] | str, more: str = "", top: str = "", requests: str = "denied"
+) -> str:
     upstream = up if isinstance(up, str) else f"{up[0]}:{up[1]}"
     proto = f"\n    l7proto: {PROTOS[listener]}" if PROTOS[listener] else ""
     return f"""
@@ -72,7 +76,7 @@ listeners:
     upstream: "{upstream}"{proto}
 {more}access_log:
   path: access.log
-  requests: denied
+  requests: {requests}
 limits:
   connect_timeout: 3s
 {top}"""
@@ -252,7 +256,7 @@ def payload(listener: str, size: int) -> bytes:
 # scenarios: each asserts relay.py's behaviour and returns what both paths must agree on
 
 
-async def large_transfer(tmp: Path, listener: str, _mc: Callable[[], int]) -> Seen:
+async def large_transfer(tmp: Path, listener: str, _servers: Servers) -> Seen:
     """Byte-exact both ways at once, odd write sizes on both ends, EOF both ways."""
     to_server, to_client = payload(listener, 8 << 20), payload(listener, 6 << 20)
     got: dict[str, Any] = {}
@@ -290,7 +294,7 @@ async def large_transfer(tmp: Path, listener: str, _mc: Callable[[], int]) -> Se
     return {"ends": (got["server_end"], got["client_end"]), "log": log, "metrics": m}
 
 
-async def half_close_client_first(tmp: Path, listener: str, _mc: Callable[[], int]) -> Seen:
+async def half_close_client_first(tmp: Path, listener: str, _servers: Servers) -> Seen:
     """The client's EOF reaches the server, whose answer (1 MiB, after that EOF) still flows."""
     answer = payload(listener, 1 << 20)
     seen: Seen = {}
@@ -315,7 +319,7 @@ async def half_close_client_first(tmp: Path, listener: str, _mc: Callable[[], in
     return {"server": seen["server"], "client_end": got[1], "log": log, "metrics": m}
 
 
-async def half_close_server_first(tmp: Path, listener: str, _mc: Callable[[], int]) -> Seen:
+async def half_close_server_first(tmp: Path, listener: str, _servers: Servers) -> Seen:
     """The server's EOF reaches the client, which then still sends 1 MiB to the server."""
     request = payload(listener, 1 << 20)
     seen: Seen = {}
@@ -340,7 +344,7 @@ async def half_close_server_first(tmp: Path, listener: str, _mc: Callable[[], in
     return {"server_end": seen["server"][1], "client": got, "log": log, "metrics": m}
 
 
-async def connect_waits(tmp: Path, listener: str, _mc: Callable[[], int]) -> Seen:
+async def connect_waits(tmp: Path, listener: str, _servers: Servers) -> Seen:
     """What the client sent and its EOF, read while the upstream connect waits (its SYN dropped:
     the upstream's accept queue is full), reach the upstream once it answers the retried SYN."""
     async with upstream(None) as up:
@@ -380,7 +384,7 @@ async def connect_waits(tmp: Path, listener: str, _mc: Callable[[], int]) -> See
     return {"server": server, "client": got, "log": log, "metrics": m}
 
 
-async def upstream_refuses(tmp: Path, listener: str, _mc: Callable[[], int]) -> Seen:
+async def upstream_refuses(tmp: Path, listener: str, _servers: Servers) -> Seen:
     """A refused upstream connect is passed on as a reset, never a clean EOF."""
     dead = socket.socket()
     dead.bind(("127.0.0.1", 0))  # bound, not listening: a SYN to it is answered RST
@@ -407,7 +411,7 @@ async def upstream_refuses(tmp: Path, listener: str, _mc: Callable[[], int]) -> 
     return {"client": got, "log": log, "metrics": m}
 
 
-async def upstream_resets(tmp: Path, listener: str, _mc: Callable[[], int]) -> Seen:
+async def upstream_resets(tmp: Path, listener: str, _servers: Servers) -> Seen:
     """The upstream resets mid-stream: the client gets a reset, after the bytes before it."""
     async with upstream(None) as up, daemon(config(listener, up.address), tmp) as d:
         c = await connect(d, listener)
@@ -428,7 +432,7 @@ async def upstream_resets(tmp: Path, listener: str, _mc: Callable[[], int]) -> S
     return {"client": got, "log": log, "metrics": m}
 
 
-async def client_resets(tmp: Path, listener: str, _mc: Callable[[], int]) -> Seen:
+async def client_resets(tmp: Path, listener: str, _servers: Servers) -> Seen:
     """The client resets mid-stream: the upstream gets a reset."""
     async with upstream(None) as up, daemon(config(listener, up.address), tmp) as d:
         c = await connect(d, listener)
@@ -467,7 +471,7 @@ def _tcp_queues() -> dict[tuple[tuple[str, int], tuple[str, int]], tuple[int, in
     return out
 
 
-async def slow_reader(tmp: Path, listener: str, _mc: Callable[[], int]) -> Seen:
+async def slow_reader(tmp: Path, listener: str, _servers: Servers) -> Seen:
     """A client that does not read while the server sends 50 MiB: the proxy stops reading the
     upstream, so what it holds itself stays about the high-water mark plus buffer_bytes; every
     byte arrives, in order, once the client reads."""
@@ -516,7 +520,7 @@ async def slow_reader(tmp: Path, listener: str, _mc: Callable[[], int]) -> Seen:
     return {"client_end": got[1], "log": log, "metrics": m}
 
 
-async def idle_timeout(tmp: Path, listener: str, _mc: Callable[[], int]) -> Seen:
+async def idle_timeout(tmp: Path, listener: str, _servers: Servers) -> Seen:
     """No byte either way for idle_timeout: both sides closed, logged and counted as ``idle``."""
     async with upstream(None) as up, daemon(config(listener, up.address, "    idle_timeout: 1s\n"), tmp) as d:
         c = await connect(d, listener)
@@ -543,7 +547,7 @@ async def idle_timeout(tmp: Path, listener: str, _mc: Callable[[], int]) -> Seen
     return {"client": client, "server": server, "log": log, "metrics": m}
 
 
-async def request_timeout(tmp: Path, listener: str, _mc: Callable[[], int]) -> Seen:
+async def request_timeout(tmp: Path, listener: str, _servers: Servers) -> Seen:
     """A partial request that waits request_timeout for more bytes: closed, logged, counted."""
     async with (
         upstream(None) as up,
@@ -595,12 +599,12 @@ policy:
 """
 
 
-async def denied_request(tmp: Path, listener: str, mc: Callable[[], int]) -> Seen:
+async def denied_request(tmp: Path, listener: str, servers: Servers) -> Seen:
     """A request the policy denies is answered with the protocol's own error, in its place; the
     connection goes on (memcache against a real memcached; the line parser against an echo)."""
     seen: Seen = {}
     if listener == "memcache":
-        port = mc()
+        port = servers("memcached")
         rule = "{command: get}"
         request = b"set k 0 0 5\r\nhello\r\nget k\r\n"
         expect = b"CLIENT_ERROR access denied\r\nEND\r\n"
@@ -647,7 +651,7 @@ async def denied_request(tmp: Path, listener: str, mc: Callable[[], int]) -> See
     }
 
 
-async def partial_request_at_eof(tmp: Path, listener: str, _mc: Callable[[], int]) -> Seen:
+async def partial_request_at_eof(tmp: Path, listener: str, _servers: Servers) -> Seen:
     """The client's EOF behind an incomplete line: the line is dropped and counted in the log's
     ``unforwarded_bytes``; the EOF and the server's answer still go through."""
     async with upstream(None) as up, daemon(config(listener, up.address), tmp) as d:
@@ -672,7 +676,7 @@ async def partial_request_at_eof(tmp: Path, listener: str, _mc: Callable[[], int
     return {"client": client, "server": server, "log": log, "metrics": m}
 
 
-async def parser_error(tmp: Path, listener: str, _mc: Callable[[], int]) -> Seen:
+async def parser_error(tmp: Path, listener: str, _servers: Servers) -> Seen:
     """A protocol error closes the connection (both ends see an EOF), logged and counted."""
     async with upstream(None) as up, daemon(config(listener, up.address), tmp) as d:
         c = await connect(d, listener)
@@ -691,7 +695,7 @@ async def parser_error(tmp: Path, listener: str, _mc: Callable[[], int]) -> Seen
     return {"client": client, "server": server, "log": log, "metrics": m}
 
 
-async def parser_ops(tmp: Path, listener: str, _mc: Callable[[], int]) -> Seen:
+async def parser_ops(tmp: Path, listener: str, _servers: Servers) -> Seen:
     """The parser's DROP, INJECT and REPLY both ways: a reply proxyd writes itself reaches the
     client at once, the dropped line never reaches the server, the injected copy does."""
 
@@ -721,7 +725,7 @@ async def parser_ops(tmp: Path, listener: str, _mc: Callable[[], int]) -> Seen:
     return {"client": sorted(got.splitlines()), "log": log, "metrics": m}
 
 
-async def denied_at_accept(tmp: Path, listener: str, _mc: Callable[[], int]) -> Seen:
+async def denied_at_accept(tmp: Path, listener: str, _servers: Servers) -> Seen:
     """A client the policy does not let in (L3/L4) is closed at accept with a FIN, logged
     ``denied`` without an upstream; the next, allowed one is relayed."""
 
@@ -754,6 +758,97 @@ async def denied_at_accept(tmp: Path, listener: str, _mc: Callable[[], int]) -> 
     return {"client": (refused, allowed), "log": log, "metrics": m}
 
 
+async def redis_hold(tmp: Path, listener: str, servers: Servers) -> Seen:
+    """Pipelined requests past the parser's budget for pending entries (``max_pending_bytes``
+    1024: a few denials between reads): the engine's hold stops reading the client until the
+    server's replies drain the queue, and every reply and denial arrives, in order."""
+    port = servers("redis")
+    n = 2000
+    get = b"*2\r\n$3\r\nGET\r\n$9\r\nnr:absent\r\n"
+    put = b"*3\r\n$3\r\nSET\r\n$9\r\nnr:absent\r\n$1\r\nv\r\n"
+    request = (get + put) * n
+    expect = (b"$-1\r\n-NOPERM access denied\r\n") * n
+    policy = POLICY.replace("PORT", str(port)).replace("PROTO", "redis").replace("RULE", "{command: get}")
+    more = "    parser_config: {max_pending_bytes: 1024}\n"
+    text = config(listener, ("127.0.0.1", port), more, IDENTITIES, requests="none")
+    async with daemon(text, tmp, files={"policy.yaml": policy}) as d:
+        c = await connect(d, listener, src="127.0.0.2")
+        sender = asyncio.create_task(send(c, request, 4099))
+        got = await recv_exactly(c, len(expect))
+        await asyncio.wait_for(sender, TIMEOUT)
+        c.shutdown(socket.SHUT_WR)
+        end = await ending(c)
+        c.close()
+        m = await settle(d, listener, 1)
+    assert got == expect
+    assert end == (b"", "eof")
+    assert counter(m, "proxyd_l7_requests_total", verdict="denied") == n
+    log = log_lines(tmp)
+    assert log == [
+        conn_line(listener, "127.0.0.2", bytes_in=len(request), bytes_out=len(expect), verdict="forwarded")
+    ]
+    return {"end": end, "log": log, "metrics": m}
+
+
+async def unread_denials(tmp: Path, listener: str, servers: Servers) -> Seen:
+    """A client that sends denied requests and does not read: once about the high-water mark
+    plus ``buffer_bytes`` of proxyd's own answers wait for it, proxyd stops reading its requests
+    (so it holds no more than that), and every answer arrives once it reads."""
+    port = servers("memcached")
+    n = 600_000
+    request = b"incr k 1\r\n" * n
+    answer = b"CLIENT_ERROR access denied\r\n"
+    policy = POLICY.replace("PORT", str(port)).replace("PROTO", "memcache").replace("RULE", "{command: get}")
+    text = config(listener, ("127.0.0.1", port), top=IDENTITIES, requests="none")
+    loop = asyncio.get_running_loop()
+    sent = [0]
+    async with daemon(text, tmp, files={"policy.yaml": policy}) as d:
+        c = await connect(d, listener, src="127.0.0.2", rcvbuf=64 << 10)
+
+        async def push() -> None:
+            for i in range(0, len(request), 10_000):
+                await loop.sock_sendall(c, request[i : i + 10_000])
+                sent[0] = min(i + 10_000, len(request))
+
+        sender = asyncio.create_task(push())
+        me, proxy = c.getsockname(), c.getpeername()
+
+        def state() -> tuple[int, tuple[int, int], tuple[int, int]]:
+            q = _tcp_queues()
+            return sent[0], q[me, proxy], q[proxy, me]
+
+        # Stalled: nothing moved for half a second (the sender may be done or blocked).
+        marks = [state()]
+        end = loop.time() + TIMEOUT
+        while len(marks) < 6 or len(set(marks[-6:])) > 1:
+            assert loop.time() < end, f"never stalled: {marks[-1]}"
+            await asyncio.sleep(0.1)
+            marks.append(state())
+        done, (c_tx, c_rx), (p_tx, p_rx) = marks[-1]
+        read = done - c_tx - p_rx  # requests proxyd read
+        held = read // len(b"incr k 1\r\n") * len(answer) - p_tx - c_rx
+        assert read < len(request), "proxyd read every request although its answers were not read"
+        # The cap, plus the answers to one read's worth of requests (256 KiB) and as much again.
+        cap = HIGH_WATER + BUFFER_BYTES + (256 << 10) * len(answer) // 10 + (256 << 10)
+        assert held <= cap, (done, c_tx, c_rx, p_tx, p_rx)
+        got = await recv_exactly(c, n * len(answer))
+        await asyncio.wait_for(sender, TIMEOUT)
+        c.shutdown(socket.SHUT_WR)
+        end_ = await ending(c)
+        c.close()
+        m = await settle(d, listener, 1)
+    assert got == answer * n
+    assert end_ == (b"", "eof")
+    assert counter(m, "proxyd_l7_requests_total", verdict="denied") == n
+    log = log_lines(tmp)
+    assert log == [
+        conn_line(
+            listener, "127.0.0.2", bytes_in=len(request), bytes_out=n * len(answer), verdict="forwarded"
+        )
+    ]
+    return {"end": end_, "log": log, "metrics": m}
+
+
 SCENARIOS: dict[str, tuple[Scenario, tuple[str, ...]]] = {
     "large_transfer": (large_transfer, ("tcp", "lines")),
     "half_close_client_first": (half_close_client_first, ("tcp", "lines")),
@@ -770,20 +865,23 @@ SCENARIOS: dict[str, tuple[Scenario, tuple[str, ...]]] = {
     "parser_error": (parser_error, ("lines",)),
     "parser_ops": (parser_ops, ("lines",)),
     "denied_at_accept": (denied_at_accept, ("tcp", "lines")),
+    "redis_hold": (redis_hold, ("redis",)),
+    "unread_denials": (unread_denials, ("memcache",)),
 }
 CASES = [(name, listener) for name, (_, listeners) in SCENARIOS.items() for listener in listeners]
 
 
 @pytest.fixture(scope="module")
-def memcached() -> Iterator[Callable[[], int]]:
-    """memcached's port, started on first use (only the memcache scenario needs it)."""
+def servers() -> Iterator[Servers]:
+    """memcached's and redis-server's ports, each started on first use (two scenarios need them)."""
+    starters = {"memcached": start_memcached, "redis": start_redis}
     with contextlib.ExitStack() as stack:
-        port: list[int] = []
+        ports: dict[str, int] = {}
 
-        def get() -> int:
-            if not port:
-                port.append(stack.enter_context(start_memcached()))
-            return port[0]
+        def get(name: str) -> int:
+            if name not in ports:
+                ports[name] = stack.enter_context(starters[name]())
+            return ports[name]
 
         yield get
 
@@ -793,20 +891,20 @@ def memcached() -> Iterator[Callable[[], int]]:
 async def test_scenario(
     tmp_path: Path,
     monkeypatch: pytest.MonkeyPatch,
-    memcached: Callable[[], int],
+    servers: Servers,
     scenario: str,
     listener: str,
     path: str,
 ) -> None:
     use_path(monkeypatch, path)
-    await asyncio.wait_for(SCENARIOS[scenario][0](tmp_path, listener, memcached), 30)
+    await asyncio.wait_for(SCENARIOS[scenario][0](tmp_path, listener, servers), 30)
 
 
 @pytest.mark.parametrize(("scenario", "listener"), CASES)
 async def test_paths_agree(
     tmp_path: Path,
     monkeypatch: pytest.MonkeyPatch,
-    memcached: Callable[[], int],
+    servers: Servers,
     scenario: str,
     listener: str,
 ) -> None:
@@ -816,7 +914,7 @@ async def test_paths_agree(
         with monkeypatch.context() as mp:
             use_path(mp, path)
             (tmp_path / path).mkdir()
-            got = await asyncio.wait_for(SCENARIOS[scenario][0](tmp_path / path, listener, memcached), 30)
+            got = await asyncio.wait_for(SCENARIOS[scenario][0](tmp_path / path, listener, servers), 30)
             got["log_keys"] = [list(line) for line in got["log"]]
             seen[path] = got
     assert seen["native"] == seen["transports"]
