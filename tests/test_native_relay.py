@@ -65,8 +65,15 @@ def use_path(mp: pytest.MonkeyPatch, path: str) -> None:
 
 
 def config(
-    listener: str, up: tuple[str, int] | str, more: str = "", top: str = "", requests: str = "denied"
+    listener: str,
+    up: tuple[str, int] | str,
+    more: str = "",
+    top: str = "",
+    requests: str = "denied",
+    limits: str = "  connect_timeout: 3s\n",
 ) -> str:
+    """One listener named after its kind (``PROTOS``); ``more``: lines of the listener's,
+    ``top``: sections after ``limits`` (identities, policy), ``limits``: its lines."""
     upstream = up if isinstance(up, str) else f"{up[0]}:{up[1]}"
     proto = f"\n    l7proto: {PROTOS[listener]}" if PROTOS[listener] else ""
     return f"""
@@ -78,8 +85,7 @@ listeners:
   path: access.log
   requests: {requests}
 limits:
-  connect_timeout: 3s
-{top}"""
+{limits}{top}"""
 
 
 def _unport(value: Any) -> Any:
@@ -849,6 +855,105 @@ async def unread_denials(tmp: Path, listener: str, servers: Servers) -> Seen:
     return {"end": end_, "log": log, "metrics": m}
 
 
+async def connect_timeout(tmp: Path, listener: str, _servers: Servers) -> Seen:
+    """An upstream that never answers the SYN (its accept queue full): after connect_timeout
+    the client gets a reset, as for a refused connect."""
+    async with upstream(None) as up:
+        up.lsock.listen(0)
+        fillers = []
+        try:
+            for _ in range(4):
+                f = socket.socket()
+                f.setblocking(False)
+                f.connect_ex(up.address)
+                fillers.append(f)
+            await asyncio.sleep(0.2)
+            text = config(listener, up.address, limits="  connect_timeout: 1s\n")
+            async with daemon(text, tmp) as d:
+                c = await connect(d, listener)
+                await send(c, b"hello\n")
+                got = await ending(c)
+                c.close()
+                m = await settle(d, listener, 1)
+        finally:
+            for f in fillers:
+                f.close()
+    assert got == (b"", "reset")
+    assert counter(m, "proxyd_upstream_connect_failures_total") == 1
+    log = log_lines(tmp)
+    assert log == [
+        conn_line(
+            listener, bytes_in=6, bytes_out=0, verdict="error", reason="upstream connect failed: timeout"
+        )
+    ]
+    return {"client": got, "log": log, "metrics": m}
+
+
+async def drain_at_stop(tmp: Path, listener: str, _servers: Servers) -> Seen:
+    """Stopping: a connection that ends while the daemon drains ends as usual; one still open
+    when drain_timeout passes is cut (both ends see it closed) and logged so."""
+    async with upstream(None) as up:
+        text = config(listener, up.address, limits="  drain_timeout: 1s\n")
+        async with daemon(text, tmp) as d:
+            idle = await connect(d, listener)
+            await send(idle, b"idle\n")
+            u_idle = await up.accept()
+            assert await recv_exactly(u_idle, 5) == b"idle\n"
+            busy = await connect(d, listener)
+            await send(busy, b"busy\n")
+            u_busy = await up.accept()
+            assert await recv_exactly(u_busy, 5) == b"busy\n"
+            stopping = asyncio.create_task(d.stop())
+            await wait_for(lambda: d.stopping, TIMEOUT)
+            busy.shutdown(socket.SHUT_WR)
+            assert await ending(u_busy) == (b"", "eof")
+            await send(u_busy, b"done\n")
+            u_busy.shutdown(socket.SHUT_WR)
+            finished = await ending(busy)
+            cut = await asyncio.gather(ending(idle), ending(u_idle))
+            await asyncio.wait_for(stopping, TIMEOUT)
+            for s in (idle, busy):
+                s.close()
+            m = await settle(d, listener, 2)
+    assert finished == (b"done\n", "eof")
+    assert list(cut) == [(b"", "eof"), (b"", "eof")]
+    log = log_lines(tmp)
+    assert log == [
+        conn_line(listener, bytes_in=5, bytes_out=5, verdict="forwarded"),
+        conn_line(listener, bytes_in=5, bytes_out=0, verdict="error", reason="drain timeout at shutdown"),
+    ]
+    return {"client": (finished, cut), "log": log, "metrics": m}
+
+
+async def memcache_values(tmp: Path, listener: str, servers: Servers) -> Seen:
+    """Large values through the memcache parser, pipelined: stored and read back byte-exact."""
+    port = servers("memcached")
+    values = [os.urandom(700_001) for _ in range(4)]
+    request = b"".join(b"set nr:k%d 0 0 %d\r\n%s\r\n" % (i, len(v), v) for i, v in enumerate(values))
+    request += b"get " + b" ".join(b"nr:k%d" % i for i in range(len(values))) + b"\r\n"
+    expect = b"STORED\r\n" * len(values)
+    expect += b"".join(b"VALUE nr:k%d 0 %d\r\n%s\r\n" % (i, len(v), v) for i, v in enumerate(values))
+    expect += b"END\r\n"
+    policy = POLICY.replace("PORT", str(port)).replace("PROTO", "memcache").replace("RULE", "{}")
+    text = config(listener, ("127.0.0.1", port), top=IDENTITIES, requests="none")
+    async with daemon(text, tmp, files={"policy.yaml": policy}) as d:
+        c = await connect(d, listener, src="127.0.0.2")
+        sender = asyncio.create_task(send(c, request, 65_521))
+        got = await recv_exactly(c, len(expect))
+        await asyncio.wait_for(sender, TIMEOUT)
+        c.shutdown(socket.SHUT_WR)
+        end = await ending(c)
+        c.close()
+        m = await settle(d, listener, 1)
+    assert got == expect
+    assert end == (b"", "eof")
+    log = log_lines(tmp)
+    assert log == [
+        conn_line(listener, "127.0.0.2", bytes_in=len(request), bytes_out=len(expect), verdict="forwarded")
+    ]
+    return {"end": end, "log": log, "metrics": m}
+
+
 SCENARIOS: dict[str, tuple[Scenario, tuple[str, ...]]] = {
     "large_transfer": (large_transfer, ("tcp", "lines")),
     "half_close_client_first": (half_close_client_first, ("tcp", "lines")),
@@ -867,6 +972,9 @@ SCENARIOS: dict[str, tuple[Scenario, tuple[str, ...]]] = {
     "denied_at_accept": (denied_at_accept, ("tcp", "lines")),
     "redis_hold": (redis_hold, ("redis",)),
     "unread_denials": (unread_denials, ("memcache",)),
+    "connect_timeout": (connect_timeout, ("tcp", "lines")),
+    "drain_at_stop": (drain_at_stop, ("tcp", "lines")),
+    "memcache_values": (memcache_values, ("memcache",)),
 }
 CASES = [(name, listener) for name, (_, listeners) in SCENARIOS.items() for listener in listeners]
 
