@@ -53,6 +53,25 @@ Servers = Callable[[str], int]  # "memcached" or "redis": its port, started on f
 Scenario = Callable[[Path, str, Servers], Awaitable[Seen]]
 
 
+def sockets_open() -> int:
+    """This process's open sockets (the daemon's and the test's alike)."""
+    n = 0
+    for fd in os.listdir("/proc/self/fd"):
+        with contextlib.suppress(OSError):
+            n += os.readlink(f"/proc/self/fd/{fd}").startswith("socket:")
+    return n
+
+
+async def run(scenario: str, tmp: Path, listener: str, servers: Servers) -> Seen:
+    """One scenario, bounded; every socket it opened (proxyd's included) is closed after."""
+    if listener in ("memcache", "redis"):
+        servers({"memcache": "memcached", "redis": "redis"}[listener])  # started before the count
+    before = sockets_open()
+    seen = await asyncio.wait_for(SCENARIOS[scenario][0](tmp, listener, servers), 30)
+    await wait_for(lambda: sockets_open() <= before, TIMEOUT)
+    return seen
+
+
 def use_path(mp: pytest.MonkeyPatch, path: str) -> None:
     if path == "transports":
         mp.setenv("PROXYD_NATIVE_RELAY", "0")
@@ -138,8 +157,11 @@ def counter(m: dict[str, float], name: str, **labels: str) -> float:
 
 
 async def settle(d: Daemon, listener: str, connections: int) -> dict[str, float]:
-    """Every connection ended: the counters, checked for the ones every scenario shares."""
+    """Every connection ended: the counters, checked for the ones every scenario shares, and
+    the descriptor budget back at zero."""
     await wait_for(lambda: not d.active_connections(), TIMEOUT)
+    # Each connection's two descriptors were given back to the budget (fdbudget.py).
+    await wait_for(lambda: d.fds.data == 0, TIMEOUT)
     m = counters(d, listener)
     assert counter(m, "proxyd_connections_total") == connections
     assert counter(m, "proxyd_connections_active") == 0
@@ -1005,7 +1027,7 @@ async def test_scenario(
     path: str,
 ) -> None:
     use_path(monkeypatch, path)
-    await asyncio.wait_for(SCENARIOS[scenario][0](tmp_path, listener, servers), 30)
+    await run(scenario, tmp_path, listener, servers)
 
 
 @pytest.mark.parametrize(("scenario", "listener"), CASES)
@@ -1022,7 +1044,7 @@ async def test_paths_agree(
         with monkeypatch.context() as mp:
             use_path(mp, path)
             (tmp_path / path).mkdir()
-            got = await asyncio.wait_for(SCENARIOS[scenario][0](tmp_path / path, listener, servers), 30)
+            got = await run(scenario, tmp_path / path, listener, servers)
             got["log_keys"] = [list(line) for line in got["log"]]
             seen[path] = got
     assert seen["native"] == seen["transports"]
