@@ -220,9 +220,14 @@ def rst(s: socket.socket) -> None:
 
 
 class Upstream:
-    """A listening socket whose connections are handed to ``handler``, one task each."""
+    """A listening socket whose connections are handed to ``handler``, one task each.
 
-    def __init__(self, handler: Handler | None, backlog: int = 16) -> None:
+    Its listen queue holds every connection a scenario opens at once: the native path connects
+    forty upstreams within a millisecond, and connections past a full queue are reset by the
+    kernel (the same happens with plain clients and no proxyd in between).
+    """
+
+    def __init__(self, handler: Handler | None, backlog: int = 128) -> None:
         self.handler = handler
         self.lsock = socket.socket()
         self.lsock.bind(("127.0.0.1", 0))
@@ -976,6 +981,90 @@ async def memcache_values(tmp: Path, listener: str, servers: Servers) -> Seen:
     return {"end": end, "log": log, "metrics": m}
 
 
+async def partial_reply_at_eof(tmp: Path, listener: str, _servers: Servers) -> Seen:
+    """The server's EOF behind an incomplete line: dropped, counted as the server's
+    ``unforwarded_bytes``; the EOF still reaches the client."""
+    async with upstream(None) as up, daemon(config(listener, up.address), tmp) as d:
+        c = await connect(d, listener)
+        u = await up.accept()
+        await send(u, b"hi\npartial")
+        u.shutdown(socket.SHUT_WR)
+        client = await ending(c)
+        c.shutdown(socket.SHUT_WR)
+        server = await ending(u)
+        c.close()
+        m = await settle(d, listener, 1)
+    assert client == (b"hi\n", "eof")
+    assert server == (b"", "eof")
+    log = log_lines(tmp)
+    expect = conn_line(listener, bytes_in=0, bytes_out=3, verdict="forwarded")
+    expect.pop("event")
+    expect["unforwarded_bytes"] = {"client": 0, "server": 7}
+    expect["reason"] = "incomplete frame discarded at end of stream"
+    assert log == [{**expect, "event": "connection"}]
+    return {"client": client, "server": server, "log": log, "metrics": m}
+
+
+async def client_resets_while_connecting(tmp: Path, listener: str, _servers: Servers) -> Seen:
+    """The client resets while the upstream connect waits: the connect is given up, the
+    connection logged as reset by the client."""
+    async with upstream(None) as up:
+        up.lsock.listen(0)
+        fillers = []
+        try:
+            for _ in range(4):  # the accept queue full: proxyd's SYN is dropped
+                f = socket.socket()
+                f.setblocking(False)
+                f.connect_ex(up.address)
+                fillers.append(f)
+            await asyncio.sleep(0.2)
+            async with daemon(config(listener, up.address), tmp) as d:
+                c = await connect(d, listener)
+                await send(c, b"hello\n")
+                await asyncio.sleep(0.3)  # proxyd has read it while its connect waits
+                rst(c)
+                m = await settle(d, listener, 1)
+        finally:
+            for f in fillers:
+                f.close()
+    log = log_lines(tmp)
+    assert log == [
+        conn_line(listener, bytes_in=6, bytes_out=0, verdict="error", reason="client reset the connection")
+    ]
+    assert counter(m, "proxyd_upstream_connect_failures_total") == 0
+    return {"log": log, "metrics": m}
+
+
+async def many_connections(tmp: Path, listener: str, _servers: Servers) -> Seen:
+    """Forty connections at once, each its own size, echoed and half-closed: each byte-exact,
+    one line each."""
+
+    async def echo(u: socket.socket) -> None:
+        got = await ending(u)
+        await send(u, got[0], 4093)
+        u.shutdown(socket.SHUT_WR)
+
+    sizes = [i * 3001 + 1 for i in range(40)]
+
+    async def one(d: Daemon, size: int) -> tuple[bytes, str]:
+        data = payload(listener, size) if listener == "tcp" else b"x" * (size - 1) + b"\n"
+        c = await connect(d, listener)
+        await send(c, data, 1031)
+        c.shutdown(socket.SHUT_WR)
+        got = await ending(c)
+        c.close()
+        assert got == (data, "eof")
+        return got
+
+    async with upstream(echo) as up, daemon(config(listener, up.address), tmp) as d:
+        await asyncio.gather(*(one(d, n) for n in sizes))
+        await up.done()
+        m = await settle(d, listener, len(sizes))
+    log = sorted(log_lines(tmp), key=lambda line: int(line["bytes_in"]))
+    assert log == [conn_line(listener, bytes_in=n, bytes_out=n, verdict="forwarded") for n in sizes]
+    return {"log": log, "metrics": m}
+
+
 SCENARIOS: dict[str, tuple[Scenario, tuple[str, ...]]] = {
     "large_transfer": (large_transfer, ("tcp", "lines")),
     "half_close_client_first": (half_close_client_first, ("tcp", "lines")),
@@ -997,6 +1086,9 @@ SCENARIOS: dict[str, tuple[Scenario, tuple[str, ...]]] = {
     "connect_timeout": (connect_timeout, ("tcp", "lines")),
     "drain_at_stop": (drain_at_stop, ("tcp", "lines")),
     "memcache_values": (memcache_values, ("memcache",)),
+    "partial_reply_at_eof": (partial_reply_at_eof, ("lines",)),
+    "client_resets_while_connecting": (client_resets_while_connecting, ("tcp", "lines")),
+    "many_connections": (many_connections, ("tcp", "lines")),
 }
 CASES = [(name, listener) for name, (_, listeners) in SCENARIOS.items() for listener in listeners]
 
