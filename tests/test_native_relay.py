@@ -41,7 +41,9 @@ from proxyd.relay import HIGH_WATER, Connection
 from proxyd.server import Daemon
 
 PATHS = ("native", "transports")
-PROTOS = {"tcp": None, "lines": "test.lineparser", "memcache": "memcache", "redis": "redis"}
+#: Listener kinds: their l7proto. ``byname`` is L4 with its upstream given by name (``localhost``),
+#: which the native path hands to relay.py's Connection.
+PROTOS = {"tcp": None, "byname": None, "lines": "test.lineparser", "memcache": "memcache", "redis": "redis"}
 TIMEOUT = 10.0
 BUFFER_BYTES = 1 << 20  # limits.buffer_bytes' default
 _PORT = re.compile(r"(?<=:)\d+\b|(?<=port )\d+\b")
@@ -94,6 +96,8 @@ def config(
     """One listener named after its kind (``PROTOS``); ``more``: lines of the listener's,
     ``top``: sections after ``limits`` (identities, policy), ``limits``: its lines."""
     upstream = up if isinstance(up, str) else f"{up[0]}:{up[1]}"
+    if listener == "byname":
+        upstream = upstream.replace("127.0.0.1:", "localhost:")
     proto = f"\n    l7proto: {PROTOS[listener]}" if PROTOS[listener] else ""
     return f"""
 listeners:
@@ -128,8 +132,8 @@ def conn_line(listener: str, src: str = "127.0.0.1", **kv: Any) -> dict[str, Any
     return {
         "listener": listener,
         "src": f"{src}:P",
-        "dst": "127.0.0.1:P",
-        "upstream": "127.0.0.1:P",
+        "dst": "localhost:P" if listener == "byname" else "127.0.0.1:P",
+        "upstream": "localhost:P" if listener == "byname" else "127.0.0.1:P",
         **kv,
         "event": "connection",
     }
@@ -1065,16 +1069,64 @@ async def many_connections(tmp: Path, listener: str, _servers: Servers) -> Seen:
     return {"log": log, "metrics": m}
 
 
+async def max_connections(tmp: Path, listener: str, _servers: Servers) -> Seen:
+    """Past ``limits.max_connections`` a connection is closed at accept, logged ``denied``;
+    once one ends, the next is let in again."""
+
+    async def echo(u: socket.socket) -> None:
+        got = await ending(u)
+        await send(u, got[0])
+        u.shutdown(socket.SHUT_WR)
+
+    async with upstream(echo) as up:
+        text = config(listener, up.address, limits="  connect_timeout: 3s\n  max_connections: 2\n")
+        async with daemon(text, tmp) as d:
+            first, second = await connect(d, listener), await connect(d, listener)
+            await wait_for(lambda: len(d.listeners[listener].conns) == 2, TIMEOUT)
+            third = await connect(d, listener)
+            refused = await ending(third)
+            third.close()
+            answers = []
+            for c, line in ((first, b"one\n"), (second, b"two\n")):
+                await send(c, line)
+                c.shutdown(socket.SHUT_WR)
+                answers.append(await ending(c))
+                c.close()
+            await wait_for(lambda: not d.active_connections(), TIMEOUT)
+            fourth = await connect(d, listener)
+            await send(fourth, b"four\n")
+            fourth.shutdown(socket.SHUT_WR)
+            answers.append(await ending(fourth))
+            fourth.close()
+            m = await settle(d, listener, 4)
+    assert refused == (b"", "eof")
+    assert answers == [(b"one\n", "eof"), (b"two\n", "eof"), (b"four\n", "eof")]
+    assert counter(m, "proxyd_connection_denials_total") == 1
+    log = log_lines(tmp)
+    assert log == [
+        {
+            **conn_line(
+                listener, bytes_in=0, bytes_out=0, verdict="denied", reason="max_connections (2) reached"
+            ),
+            "upstream": None,
+        },
+        conn_line(listener, bytes_in=4, bytes_out=4, verdict="forwarded"),
+        conn_line(listener, bytes_in=4, bytes_out=4, verdict="forwarded"),
+        conn_line(listener, bytes_in=5, bytes_out=5, verdict="forwarded"),
+    ]
+    return {"log": log, "metrics": m}
+
+
 SCENARIOS: dict[str, tuple[Scenario, tuple[str, ...]]] = {
-    "large_transfer": (large_transfer, ("tcp", "lines")),
-    "half_close_client_first": (half_close_client_first, ("tcp", "lines")),
-    "half_close_server_first": (half_close_server_first, ("tcp", "lines")),
+    "large_transfer": (large_transfer, ("tcp", "lines", "byname")),
+    "half_close_client_first": (half_close_client_first, ("tcp", "lines", "byname")),
+    "half_close_server_first": (half_close_server_first, ("tcp", "lines", "byname")),
     "connect_waits": (connect_waits, ("tcp", "lines")),
-    "upstream_refuses": (upstream_refuses, ("tcp", "lines")),
-    "upstream_resets": (upstream_resets, ("tcp", "lines")),
-    "client_resets": (client_resets, ("tcp", "lines")),
-    "slow_reader": (slow_reader, ("tcp", "lines")),
-    "idle_timeout": (idle_timeout, ("tcp", "lines")),
+    "upstream_refuses": (upstream_refuses, ("tcp", "lines", "byname")),
+    "upstream_resets": (upstream_resets, ("tcp", "lines", "byname")),
+    "client_resets": (client_resets, ("tcp", "lines", "byname")),
+    "slow_reader": (slow_reader, ("tcp", "lines", "byname")),
+    "idle_timeout": (idle_timeout, ("tcp", "lines", "byname")),
     "request_timeout": (request_timeout, ("lines",)),
     "denied_request": (denied_request, ("lines", "memcache")),
     "partial_request_at_eof": (partial_request_at_eof, ("lines",)),
@@ -1089,6 +1141,7 @@ SCENARIOS: dict[str, tuple[Scenario, tuple[str, ...]]] = {
     "partial_reply_at_eof": (partial_reply_at_eof, ("lines",)),
     "client_resets_while_connecting": (client_resets_while_connecting, ("tcp", "lines")),
     "many_connections": (many_connections, ("tcp", "lines")),
+    "max_connections": (max_connections, ("tcp", "lines")),
 }
 CASES = [(name, listener) for name, (_, listeners) in SCENARIOS.items() for listener in listeners]
 
