@@ -35,6 +35,7 @@ from memcached_fixture import start_memcached
 from prometheus_client.parser import text_string_to_metric_families
 from proxyutil import addr, daemon, wait_for
 from redis_fixture import start_redis
+from tls_fixture import client_context, client_hello
 
 from proxyd.native import IMPLEMENTATION
 from proxyd.relay import HIGH_WATER, Connection
@@ -1117,6 +1118,60 @@ async def max_connections(tmp: Path, listener: str, _servers: Servers) -> Seen:
     return {"log": log, "metrics": m}
 
 
+TLS_POLICY = """
+apiVersion: cilium.io/v2
+kind: CiliumNetworkPolicy
+metadata: {name: native-relay-tls}
+spec:
+  endpointSelector: {matchLabels: {app: svc}}
+  ingress:
+    - toPorts:
+        - ports: [{port: "PORT", protocol: TCP}]
+          serverNames: [api.example.com]
+"""
+
+
+async def tls_hello(tmp: Path, listener: str, _servers: Servers) -> Seen:
+    """A ``serverNames`` rule: the ClientHello is read before connecting (relay.py's Connection
+    on both paths); an allowed one reaches the upstream byte-exact with what follows it, a
+    refused one gets the access_denied alert and never reaches it."""
+
+    async def echo(u: socket.socket) -> None:
+        got = await ending(u)
+        await send(u, got[0])
+        u.shutdown(socket.SHUT_WR)
+
+    async with upstream(echo) as up:
+        top = IDENTITIES.replace("  - cidr: 127.0.0.2/32\n    labels: {role: client}\n", "")
+        text = config(listener, up.address, top=top)
+        async with daemon(
+            text, tmp, files={"policy.yaml": TLS_POLICY.replace("PORT", str(up.address[1]))}
+        ) as d:
+            _, _, _, hello = client_hello(client_context(), "api.example.com")
+            c = await connect(d, listener)
+            await send(c, hello + b"after the hello", 7)
+            c.shutdown(socket.SHUT_WR)
+            allowed = await ending(c)
+            c.close()
+            _, _, _, hello_no = client_hello(client_context(), "nope.example.org")
+            c = await connect(d, listener)
+            await send(c, hello_no)
+            refused = await ending(c)
+            c.close()
+            await up.done()
+            m = await settle(d, listener, 2)
+    assert allowed == (hello + b"after the hello", "eof")
+    assert refused == (b"\x15" + hello_no[1:3] + b"\x00\x02\x02\x31", "eof")
+    assert len(up.tasks) == 1  # the refused one never reached the upstream
+    assert counter(m, "proxyd_tls_denials_total", reason="sni_not_allowed") == 1
+    log = log_lines(tmp)
+    assert [(line["verdict"], line["sni"], line["bytes_in"], line["bytes_out"]) for line in log] == [
+        ("forwarded", "api.example.com", len(hello) + 15, len(hello) + 15),
+        ("denied", "nope.example.org", len(hello_no), 7),
+    ]
+    return {"client": (allowed[1], refused), "log": log, "metrics": m}
+
+
 SCENARIOS: dict[str, tuple[Scenario, tuple[str, ...]]] = {
     "large_transfer": (large_transfer, ("tcp", "lines", "byname")),
     "half_close_client_first": (half_close_client_first, ("tcp", "lines", "byname")),
@@ -1142,6 +1197,7 @@ SCENARIOS: dict[str, tuple[Scenario, tuple[str, ...]]] = {
     "client_resets_while_connecting": (client_resets_while_connecting, ("tcp", "lines")),
     "many_connections": (many_connections, ("tcp", "lines")),
     "max_connections": (max_connections, ("tcp", "lines")),
+    "tls_hello": (tls_hello, ("tcp",)),
 }
 CASES = [(name, listener) for name, (_, listeners) in SCENARIOS.items() for listener in listeners]
 
