@@ -117,10 +117,10 @@ def _unport(value: Any) -> Any:
     return _PORT.sub("P", value) if isinstance(value, str) else value
 
 
-def log_lines(tmp: Path) -> list[dict[str, Any]]:
+def log_lines(tmp: Path, name: str = "access.log") -> list[dict[str, Any]]:
     """The access log, each line's keys in order, without what differs run to run."""
     out = []
-    for text in (tmp / "access.log").read_text().splitlines():
+    for text in (tmp / name).read_text().splitlines():
         line = json.loads(text)
         for key in ("conn_id", "timestamp", "duration_ms"):
             line.pop(key, None)
@@ -1172,6 +1172,39 @@ async def tls_hello(tmp: Path, listener: str, _servers: Servers) -> Seen:
     return {"client": (allowed[1], refused), "log": log, "metrics": m}
 
 
+async def parser_exception(tmp: Path, listener: str, _servers: Servers) -> Seen:
+    """The sandbox: a parser that raises ends its connection only, logged as an exception; a
+    factory that raises ends the connection before any upstream connect."""
+    async with upstream(None) as up:
+        async with daemon(config(listener, up.address), tmp) as d:
+            c = await connect(d, listener)
+            await send(c, b"ok\nBOOM\n")
+            u = await up.accept()
+            raised = await asyncio.gather(ending(u), ending(c))
+            c.close()
+            m = await settle(d, listener, 1)
+        boom = config(listener, up.address, more="    parser_config: {boom_on_create: true}\n")
+        (tmp / "access.log").rename(tmp / "first.log")
+        async with daemon(boom, tmp) as d:
+            c = await connect(d, listener)
+            created = await ending(c)
+            c.close()
+            m2 = await settle(d, listener, 1)
+            assert len(up.accepted) == 1  # no upstream connect for the second
+    assert list(raised) == [(b"ok\n", "eof"), (b"", "eof")]
+    assert created == (b"", "eof")
+    assert counter(m, "proxyd_parser_errors_total") == counter(m2, "proxyd_parser_errors_total") == 1
+    log = log_lines(tmp, "first.log") + log_lines(tmp)
+    assert [(line["event"], line["verdict"]) for line in log] == [
+        ("l7", "error"),
+        ("connection", "error"),
+    ] * 2
+    assert log[1]["reason"] == "exception: RuntimeError: test parser exploded on request"
+    assert log[3]["reason"] == "exception: RuntimeError: test factory exploded on create"
+    assert (log[1]["bytes_in"], log[3]["bytes_in"]) == (8, 0)
+    return {"client": (raised, created), "log": log, "metrics": (m, m2)}
+
+
 SCENARIOS: dict[str, tuple[Scenario, tuple[str, ...]]] = {
     "large_transfer": (large_transfer, ("tcp", "lines", "byname")),
     "half_close_client_first": (half_close_client_first, ("tcp", "lines", "byname")),
@@ -1198,6 +1231,7 @@ SCENARIOS: dict[str, tuple[Scenario, tuple[str, ...]]] = {
     "many_connections": (many_connections, ("tcp", "lines")),
     "max_connections": (max_connections, ("tcp", "lines")),
     "tls_hello": (tls_hello, ("tcp",)),
+    "parser_exception": (parser_exception, ("lines",)),
 }
 CASES = [(name, listener) for name, (_, listeners) in SCENARIOS.items() for listener in listeners]
 
