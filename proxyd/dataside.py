@@ -247,7 +247,11 @@ class DataHost(Protocol[L_contra]):
 
 
 class ListenerSide(Protocol):
-    """What a relayed connection (:class:`proxyd.relay.Connection`) sees of its listener."""
+    """What a relayed connection (:class:`proxyd.relay.Connection`, and the native relay's
+    :class:`proxyd.nativerelay.NativeConnection` and accept loop) sees of its listener."""
+
+    @property
+    def conns(self) -> set[Any]: ...
 
     @property
     def host(self) -> DataHost[Any]: ...
@@ -273,3 +277,5 @@ class ListenerSide(Protocol):
     def accept(self, conn: Any) -> None: ...
 
     def forget(self, conn: Any) -> None: ...
+
+    def accept_fd(self, fd: int, src_ip: str, src_port: int, local_ip: str, local_port: int) -> bool: ...

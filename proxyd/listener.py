@@ -11,17 +11,21 @@ comes through ``host`` (:class:`proxyd.dataside.DataHost`).
 
 from __future__ import annotations
 
+import _socket
 import asyncio
 import errno
 import ipaddress
 import os
 import socket
+from typing import Any
 
 from proxyd.accesslog import AccessLog
 from proxyd.admission import ADMIT, AUDIT, READ_HELLO, Refuse, admit, by_policy
 from proxyd.context import AllowAllPolicy, ConnInfo, L7Policy
 from proxyd.dataside import DataHost, LimitsView, ListenerSettings, ListenerSinks
 from proxyd.fdbudget import LISTEN_BACKLOG
+from proxyd.nativerelay import NativeConnection, NativeServer
+from proxyd.nativerelay import enabled as native_relay_enabled
 from proxyd.origdst import original_dst, unmap
 from proxyd.parser import Endpoint, ParserFactory
 from proxyd.relay import Connection
@@ -48,7 +52,7 @@ class ListenerRuntime:
         self.access_log: AccessLog = host.access_log
         self.limits: LimitsView = host.limits
         self.upstream_mark = host.upstream_mark
-        self.server: asyncio.Server | None = None
+        self.server: asyncio.Server | NativeServer | None = None
         #: The listen queue: where connections wait while accepting is paused (fdbudget.py).
         self.backlog = LISTEN_BACKLOG
         #: Our own reference to the listening socket: the event loop's server gets a duplicate,
@@ -62,7 +66,9 @@ class ListenerRuntime:
         self._closing = False
         #: (host, port, is wildcard) once bound: checked for every transparent connection.
         self.bound: tuple[str, int, bool] | None = None
-        self.conns: set[Connection] = set()
+        self.conns: set[Connection | NativeConnection] = set()
+        #: Accepting and relaying on the native path (nativerelay.py), fixed at bind.
+        self.native = False
 
     @property
     def mode(self) -> str:
@@ -88,6 +94,7 @@ class ListenerRuntime:
                 raise OSError(exc.errno, what) from exc
             sock.setblocking(False)
             sock.listen(self.backlog)
+            self.native = native_relay_enabled()
             self.server = await self._serve_on(sock)
             bhost, bport = sock.getsockname()[:2]
             self.bound = (unmap(bhost), bport, ipaddress.ip_address(bhost).is_unspecified)
@@ -96,7 +103,9 @@ class ListenerRuntime:
             sock.close()
             raise
 
-    async def _serve_on(self, sock: socket.socket) -> asyncio.Server:
+    async def _serve_on(self, sock: socket.socket) -> asyncio.Server | NativeServer:
+        if self.native:
+            return NativeServer(self, sock)  # its own accept loop on this very socket
         dup = sock.dup()
         try:
             return await asyncio.get_running_loop().create_server(
@@ -215,9 +224,41 @@ class ListenerRuntime:
             # not read its addresses): nothing to relay or log; connection_lost cleans up.
             transport.abort()
             return
+        self._admit(conn, sock, unmap(peer[0]), int(peer[1]), unmap(local[0]), int(local[1]))
+
+    def accept_fd(self, fd: int, src_ip: str, src_port: int, local_ip: str, local_port: int) -> bool:
+        """The native accept loop's call for each socket it accepted (addresses unmapped).
+
+        Counts the descriptors as ``_new_connection`` does and admits as :meth:`accept`;
+        returns whether the loop may accept more now.
+        """
+        d = self.host
+        fds = d.fds
+        fds.data += FDS_PER_CONNECTION  # its socket, and the upstream socket it will open
+        if fd >= fds.in_use():
+            fds.seen(fd)  # the count missed descriptors: it is raised to match
+            d.fds_check_soon()
+        more = fds.data < fds.data_fast_high
+        if not more:
+            d.fds_check_soon()
+        self.metrics.connections.inc()
+        conn = NativeConnection(self, fd, asyncio.get_running_loop())
+        self.conns.add(conn)
+        sock: Any = None
+        if self.config.upstream is None:  # SO_ORIGINAL_DST needs a socket object (no dup)
+            assert self.lsock is not None
+            sock = _socket.socket(self.lsock.family, socket.SOCK_STREAM, 0, fd)
+        try:
+            self._admit(conn, sock, src_ip, src_port, local_ip, local_port)
+        finally:
+            if sock is not None:
+                sock.detach()
+        return more and not self._closing
+
+    def _admit(self, conn: Connection | NativeConnection, sock: Any, src_ip: str, src_port: int,
+               local_ip: str, local_port: int) -> None:  # fmt: skip
+        d = self.host
         conn_id = next(d.conn_ids)
-        src_ip, src_port = unmap(peer[0]), int(peer[1])
-        local_ip, local_port = unmap(local[0]), int(local[1])
         cfg = self.config
         fixed = cfg.upstream
         odst = None
@@ -262,7 +303,7 @@ class ListenerRuntime:
             return
         conn.start(info, upstream, policy)
 
-    def forget(self, conn: Connection) -> None:
+    def forget(self, conn: Connection | NativeConnection) -> None:
         self.conns.discard(conn)
         self.host.connection_ended()
         if not self.conns:

@@ -258,6 +258,11 @@ class Connection(asyncio.Protocol):
         self.client = client = cast(asyncio.Transport, transport)  # uvloop's is not a subclass
         client.set_write_buffer_limits(HIGH_WATER, LOW_WATER)
         # No pause while the upstream connects: _pend pauses once buffer_bytes wait.
+        admitted = self.admitted
+        if admitted is not None:  # handed over by the native relay, admitted already
+            self.admitted = None
+            admitted(self)
+            return
         self.lr.accept(self)
 
     def start(self, info: ConnInfo, upstream: tuple[str, int], policy: L7Policy) -> None:
@@ -281,9 +286,9 @@ class Connection(asyncio.Protocol):
                 return
         host, port = upstream
         lr = self.lr
-        if _is_ip(host) and not lr.host.transparent_listeners and lr.upstream_mark is None:
+        if is_ip(host) and not lr.host.transparent_listeners and lr.upstream_mark is None:
             self._connect_uv(upstream)
-        elif _is_ip(host):
+        elif is_ip(host):
             self._connect_start(socket.AF_INET6 if ":" in host else socket.AF_INET, upstream)
         else:
             self._task = self._loop.create_task(self._resolve(host, port))
@@ -612,6 +617,8 @@ class Connection(asyncio.Protocol):
     _rx_upstream = 0  # bytes read from the upstream by the relay (upstream_data)
     _direct = False  # reads go straight to the engine (_go_direct)
     _cwaiter: Any = None  # what uvloop's create_connection waits on (_connect_uv)
+    #: Handed over by nativerelay.py after admission: what to do instead of admitting again.
+    admitted: Callable[[Connection], None] | None = None
 
     def _engine_count(self, sent: bool, reply: bool) -> int:
         engine = self.engine
@@ -862,22 +869,8 @@ class Connection(asyncio.Protocol):
         lr.forget(self)
         if self.info is None:
             return
-        kv: dict[str, Any] = {
-            "upstream": _fmt(self.upstream_addr) if self.upstream_addr else None,
-            "duration_ms": round((time.monotonic() - self._started) * 1000, 3),
-            "bytes_in": self.bytes_in,
-            "bytes_out": self.bytes_out,
-            "verdict": verdict,
-        }
-        if self._tls_fields is not None:
-            kv.update(self._tls_fields)
-        if reason and not (verdict == "forwarded" and reason in ("client closed", "upstream closed")):
-            kv["reason"] = reason
-        elif reason:
-            kv["closed_by"] = reason.split(" ")[0]
-        if self._unparsed[0] or self._unparsed[1]:
-            kv["unforwarded_bytes"] = {"client": self._unparsed[0], "server": self._unparsed[1]}
-            kv.setdefault("reason", "incomplete frame discarded at end of stream")
+        kv = connection_fields(self.upstream_addr, self._started, self.bytes_in, self.bytes_out, verdict,
+                               reason, self._tls_fields, (self._unparsed[0], self._unparsed[1]))  # fmt: skip
         lr.access_log.connection(self.info, **kv)
 
     # --- flow control ----------------------------------------------------------------------
@@ -931,8 +924,31 @@ class Connection(asyncio.Protocol):
                 self._maybe_shutdown(False)
 
 
+def connection_fields(upstream: tuple[str, int] | None, started: float, bytes_in: int, bytes_out: int,
+                      verdict: str, reason: str | None, tls_fields: dict[str, Any] | None,
+                      unparsed: tuple[int, int]) -> dict[str, Any]:  # fmt: skip
+    """The ``connection`` log line's fields at the end (relay.py and the native relay alike)."""
+    kv: dict[str, Any] = {
+        "upstream": _fmt(upstream) if upstream else None,
+        "duration_ms": round((time.monotonic() - started) * 1000, 3),
+        "bytes_in": bytes_in,
+        "bytes_out": bytes_out,
+        "verdict": verdict,
+    }
+    if tls_fields is not None:
+        kv.update(tls_fields)
+    if reason and not (verdict == "forwarded" and reason in ("client closed", "upstream closed")):
+        kv["reason"] = reason
+    elif reason:
+        kv["closed_by"] = reason.split(" ")[0]
+    if unparsed[0] or unparsed[1]:
+        kv["unforwarded_bytes"] = {"client": unparsed[0], "server": unparsed[1]}
+        kv.setdefault("reason", "incomplete frame discarded at end of stream")
+    return kv
+
+
 @functools.lru_cache(maxsize=1024)
-def _is_ip(host: str) -> bool:
+def is_ip(host: str) -> bool:
     try:
         ipaddress.ip_address(host)
     except ValueError:

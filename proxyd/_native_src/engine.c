@@ -139,6 +139,7 @@ static int call_send(Engine *self, int reply, PyObject *data) {
         Py_ssize_t n = obj_len(data);
         if (n < 0) return -1;
         self->sent[reply] += n;
+        if (Py_TYPE(t) == &FdPairType) return fdpair_emit(t, reply, data); /* relay.c: no call */
         Py_INCREF(t); /* write() may call pause_writing, which may take the transport off */
         r = PyObject_CallMethodOneArg(t, s_write, data);
         Py_DECREF(t);
@@ -869,6 +870,20 @@ static PyMethodDef Engine_methods[] = {
     {"sent", (PyCFunction)Engine_sent, METH_O, "Bytes written to a relay transport."},
     {NULL},
 };
+
+/* For relay.c, which owns the descriptors of a native connection and reads for the engine. */
+int engine_relay_read(PyObject *engine, int reply, PyObject *data) {
+    Engine *self = (Engine *)engine;
+    self->received[reply] += PyBytes_GET_SIZE(data);
+    PyObject *r = engine_feed(self, reply, data);
+    if (r == NULL) return -1;
+    Py_DECREF(r);
+    return 0;
+}
+
+int engine_relay_held(PyObject *engine, int reply) { return ((Engine *)engine)->sides[reply].held; }
+
+int engine_relay_failed(PyObject *engine) { return ((Engine *)engine)->error != NULL; }
 
 PyTypeObject EngineType = {
     PyVarObject_HEAD_INIT(NULL, 0)

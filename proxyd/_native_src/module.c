@@ -180,7 +180,7 @@ PyMODINIT_FUNC PyInit__native(void) {
     s_empty_tuple = PyTuple_New(0);
     if (!s_empty_bytes || !s_empty_tuple) return NULL;
     if (policy_init() < 0 || memcache_init() < 0 || redis_init() < 0 ||
-        http_parser_init() < 0)
+        http_parser_init() < 0 || relay_init() < 0)
         return NULL;
     if (PyType_Ready(&HttpType) < 0) return NULL;
     if (PyType_Ready(&EngineType) < 0 || PyType_Ready(&MemcacheType) < 0 || PyType_Ready(&LazyFieldsType) < 0 ||
@@ -193,6 +193,13 @@ PyMODINIT_FUNC PyInit__native(void) {
     Py_INCREF(&RedisType);
     Py_INCREF(&HttpType);
     if (PyModule_AddObject(m, "Http", (PyObject *)&HttpType) < 0) return NULL;
+    Py_INCREF(&FdPairType);
+    Py_INCREF(&HubType);
+    Py_INCREF(&AcceptorType);
+    if (PyModule_AddObject(m, "FdPair", (PyObject *)&FdPairType) < 0 ||
+        PyModule_AddObject(m, "Hub", (PyObject *)&HubType) < 0 ||
+        PyModule_AddObject(m, "Acceptor", (PyObject *)&AcceptorType) < 0)
+        return NULL;
     if (PyModule_AddObject(m, "Engine", (PyObject *)&EngineType) < 0 ||
         PyModule_AddObject(m, "Memcache", (PyObject *)&MemcacheType) < 0 ||
         PyModule_AddObject(m, "Redis", (PyObject *)&RedisType) < 0)

@@ -16,6 +16,8 @@
  *   http_framing.c  proxyd/parsers/http/framing.py (the heads the common states read)
  *   http_rules.c    proxyd/parsers/http/rules.py: HttpRequest's flat values
  *   http_parser.c   proxyd/parsers/http/parser.py (common states; the rest handed to the reference)
+ *   relay.c     proxyd/relay.py's Connection on the two descriptors (accept, connect, relay,
+ *               flow control, half-close, resets, close), driven by its own epoll (nativerelay.py)
  *   module.c    PyInit, the setup functions that hand the Python pieces over, shared state
  * This header holds what more than one of them uses. tests/test_native_equivalence.py drives
  * both implementations with the same inputs and compares ops, bytes, log entries and errors.
@@ -83,6 +85,16 @@ typedef struct NativeParser {
 PyObject *native_parser_py_on_data(NativeParser *p, PyObject *const *args, Py_ssize_t nargs);
 
 extern PyTypeObject EngineType;     /* engine.c */
+/* engine.c, for relay.c: the engine as the reader of a native connection (read_client and
+ * read_server without the pause, which relay.c enforces itself), and two of its states */
+int engine_relay_read(PyObject *engine, int reply, PyObject *data);
+int engine_relay_held(PyObject *engine, int reply);
+int engine_relay_failed(PyObject *engine);
+/* relay.c: a native connection (the twin of relay.py's Connection on descriptors) is a relay
+ * target the engine writes to without a call: fdpair_emit(pair, reply, data), 0 or -1 */
+extern PyTypeObject FdPairType, HubType, AcceptorType;
+int fdpair_emit(PyObject *pair, int reply, PyObject *data);
+int relay_init(void); /* relay.c: its names and types. 0 or -1. */
 extern PyTypeObject MemcacheType;   /* memcache.c */
 extern PyTypeObject LazyFieldsType; /* memcache.c */
 extern PyTypeObject RedisType;      /* redis.c */
