@@ -1209,6 +1209,46 @@ async def parser_exception(tmp: Path, listener: str, _servers: Servers) -> Seen:
     return {"client": (raised, created), "log": log, "metrics": (m, m2)}
 
 
+async def upstream_unreachable(tmp: Path, listener: str, _servers: Servers) -> Seen:
+    """A connect that fails at once (a multicast address: no route for a stream) is passed on as
+    a reset too, with the system's reason."""
+    async with daemon(config(listener, ("224.0.0.1", 80)), tmp) as d:
+        c = await connect(d, listener)
+        got = await ending(c)
+        c.close()
+        m = await settle(d, listener, 1)
+    assert got == (b"", "reset")
+    assert counter(m, "proxyd_upstream_connect_failures_total") == 1
+    log = log_lines(tmp)
+    expect = conn_line(listener, bytes_in=0, bytes_out=0, verdict="error",
+                       reason="upstream connect failed: Network is unreachable")  # fmt: skip
+    assert log == [{**expect, "dst": "224.0.0.1:P", "upstream": "224.0.0.1:P"}]
+    return {"client": got, "log": log, "metrics": m}
+
+
+async def error_while_client_slow(tmp: Path, listener: str, _servers: Servers) -> Seen:
+    """A parser error while much waits for a slow client: what was forwarded before the error
+    is still flushed to the client before the close (the end does not drop the write buffer)."""
+    data = payload(listener, 4 << 20)
+
+    async def serve(u: socket.socket) -> None:
+        await send(u, data + b"ERROR\n", 100_003)
+        await ending(u)
+
+    async with upstream(serve) as up, daemon(config(listener, up.address), tmp) as d:
+        c = await connect(d, listener, rcvbuf=64 << 10)
+        await wait_for(lambda: bool(up.tasks) and up.tasks[0].done(), TIMEOUT)  # all sent, nothing read
+        got = await ending(c)
+        c.close()
+        m = await settle(d, listener, 1)
+    assert got[1] == "eof" and len(got[0]) == len(data) and got[0] == data
+    assert counter(m, "proxyd_parser_errors_total") == 1
+    log = log_lines(tmp)
+    assert [(line["event"], line["verdict"]) for line in log] == [("l7", "error"), ("connection", "error")]
+    assert (log[1]["bytes_out"], log[1]["reason"]) == (len(data), "parser_error: parser error 1")
+    return {"client": got[1], "log": log, "metrics": m}
+
+
 SCENARIOS: dict[str, tuple[Scenario, tuple[str, ...]]] = {
     "large_transfer": (large_transfer, ("tcp", "lines", "byname")),
     "half_close_client_first": (half_close_client_first, ("tcp", "lines", "byname")),
@@ -1236,6 +1276,8 @@ SCENARIOS: dict[str, tuple[Scenario, tuple[str, ...]]] = {
     "max_connections": (max_connections, ("tcp", "lines")),
     "tls_hello": (tls_hello, ("tcp",)),
     "parser_exception": (parser_exception, ("lines",)),
+    "upstream_unreachable": (upstream_unreachable, ("tcp", "lines")),
+    "error_while_client_slow": (error_while_client_slow, ("lines",)),
 }
 CASES = [(name, listener) for name, (_, listeners) in SCENARIOS.items() for listener in listeners]
 
