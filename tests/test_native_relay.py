@@ -1249,6 +1249,42 @@ async def error_while_client_slow(tmp: Path, listener: str, _servers: Servers) -
     return {"client": got[1], "log": log, "metrics": m}
 
 
+async def reset_while_stalled(tmp: Path, listener: str, _servers: Servers) -> Seen:
+    """A client that stopped reading (the upstream paused, proxyd's buffer full) resets: the
+    upstream, blocked sending, gets the reset."""
+    chunk = payload(listener, 1 << 20)
+    seen: Seen = {}
+
+    async def serve(u: socket.socket) -> None:
+        loop = asyncio.get_running_loop()
+        try:
+            for _ in range(50):
+                await loop.sock_sendall(u, chunk)
+            seen["server"] = "sent all"
+        except ConnectionResetError:
+            seen["server"] = "reset"
+        except BrokenPipeError:
+            seen["server"] = "broken pipe"
+
+    async with upstream(serve) as up, daemon(config(listener, up.address), tmp) as d:
+        c = await connect(d, listener, rcvbuf=64 << 10)
+        lr = d.listeners[listener]
+        await wait_for(lambda: len(lr.conns) == 1, TIMEOUT)
+        [conn] = lr.conns
+        await wait_for(lambda: conn.bytes_out > HIGH_WATER, TIMEOUT)
+        await asyncio.sleep(0.3)  # stalled: the client's and proxyd's buffers are full
+        rst(c)
+        await up.done()
+        m = await settle(d, listener, 1)
+    assert seen["server"] == "reset"
+    log = log_lines(tmp)
+    [line] = log
+    assert 0 < line.pop("bytes_out") < 50 * len(chunk)
+    assert line == conn_line(listener, bytes_in=0, verdict="error", reason="client reset the connection")
+    m = {k: v for k, v in m.items() if not k.startswith("proxyd_bytes_total")}
+    return {"server": seen["server"], "log": log, "metrics": m}
+
+
 SCENARIOS: dict[str, tuple[Scenario, tuple[str, ...]]] = {
     "large_transfer": (large_transfer, ("tcp", "lines", "byname")),
     "half_close_client_first": (half_close_client_first, ("tcp", "lines", "byname")),
@@ -1278,6 +1314,7 @@ SCENARIOS: dict[str, tuple[Scenario, tuple[str, ...]]] = {
     "parser_exception": (parser_exception, ("lines",)),
     "upstream_unreachable": (upstream_unreachable, ("tcp", "lines")),
     "error_while_client_slow": (error_while_client_slow, ("lines",)),
+    "reset_while_stalled": (reset_while_stalled, ("tcp", "lines")),
 }
 CASES = [(name, listener) for name, (_, listeners) in SCENARIOS.items() for listener in listeners]
 
