@@ -1285,6 +1285,32 @@ async def reset_while_stalled(tmp: Path, listener: str, _servers: Servers) -> Se
     return {"server": seen["server"], "log": log, "metrics": m}
 
 
+async def server_gone_client_sends(tmp: Path, listener: str, _servers: Servers) -> Seen:
+    """The server answers and closes its socket whole; the client, after that EOF, still sends
+    (the server's kernel answers it with a reset), then ends."""
+    async with upstream(None) as up, daemon(config(listener, up.address), tmp) as d:
+        c = await connect(d, listener)
+        await send(c, b"hi\n")
+        u = await up.accept()
+        assert await recv_exactly(u, 3) == b"hi\n"
+        await send(u, b"bye\n")
+        u.close()
+        first = await ending(c)
+        await send(c, b"more\n")
+        await asyncio.sleep(0.3)  # forwarded, and the server's kernel has answered it
+        c.shutdown(socket.SHUT_WR)
+        after = await ending(c)
+        c.close()
+        m = await settle(d, listener, 1)
+    assert first == (b"bye\n", "eof")
+    assert after == (b"", "eof")
+    log = log_lines(tmp)
+    # relay.py reads neither side after its EOF, so the server's reset goes unseen: both EOFs
+    # passed on, the connection ends forwarded.
+    assert log == [conn_line(listener, bytes_in=8, bytes_out=4, verdict="forwarded")]
+    return {"client": (first, after), "log": log, "metrics": m}
+
+
 SCENARIOS: dict[str, tuple[Scenario, tuple[str, ...]]] = {
     "large_transfer": (large_transfer, ("tcp", "lines", "byname")),
     "half_close_client_first": (half_close_client_first, ("tcp", "lines", "byname")),
@@ -1315,6 +1341,7 @@ SCENARIOS: dict[str, tuple[Scenario, tuple[str, ...]]] = {
     "upstream_unreachable": (upstream_unreachable, ("tcp", "lines")),
     "error_while_client_slow": (error_while_client_slow, ("lines",)),
     "reset_while_stalled": (reset_while_stalled, ("tcp", "lines")),
+    "server_gone_client_sends": (server_gone_client_sends, ("tcp", "lines")),
 }
 CASES = [(name, listener) for name, (_, listeners) in SCENARIOS.items() for listener in listeners]
 
