@@ -1311,6 +1311,44 @@ async def server_gone_client_sends(tmp: Path, listener: str, _servers: Servers) 
     return {"client": (first, after), "log": log, "metrics": m}
 
 
+async def idle_while_connecting(tmp: Path, listener: str, _servers: Servers) -> Seen:
+    """idle_timeout shorter than connect_timeout, the upstream's SYN dropped: the idle timeout
+    ends the connection while it connects, and the connect is given up."""
+    async with upstream(None) as up:
+        up.lsock.listen(0)
+        fillers = []
+        try:
+            for _ in range(4):  # the accept queue full: proxyd's SYN is dropped
+                f = socket.socket()
+                f.setblocking(False)
+                f.connect_ex(up.address)
+                fillers.append(f)
+            await asyncio.sleep(0.2)
+            text = config(listener, up.address, "    idle_timeout: 1s\n", limits="  connect_timeout: 3s\n")
+            async with daemon(text, tmp) as d:
+                c = await connect(d, listener)
+                await send(c, b"hello\n")
+                got = await ending(c)
+                c.close()
+                m = await settle(d, listener, 1)
+        finally:
+            for f in fillers:
+                f.close()
+    assert got == (b"", "eof")
+    assert counter(m, "proxyd_connection_timeouts_total", reason="idle") == 1
+    log = log_lines(tmp)
+    assert log == [
+        conn_line(
+            listener,
+            bytes_in=6,
+            bytes_out=0,
+            verdict="error",
+            reason="idle timeout: no byte either way for 1s",
+        )
+    ]
+    return {"client": got, "log": log, "metrics": m}
+
+
 SCENARIOS: dict[str, tuple[Scenario, tuple[str, ...]]] = {
     "large_transfer": (large_transfer, ("tcp", "lines", "byname")),
     "half_close_client_first": (half_close_client_first, ("tcp", "lines", "byname")),
@@ -1342,6 +1380,7 @@ SCENARIOS: dict[str, tuple[Scenario, tuple[str, ...]]] = {
     "error_while_client_slow": (error_while_client_slow, ("lines",)),
     "reset_while_stalled": (reset_while_stalled, ("tcp", "lines")),
     "server_gone_client_sends": (server_gone_client_sends, ("tcp", "lines")),
+    "idle_while_connecting": (idle_while_connecting, ("tcp", "lines")),
 }
 CASES = [(name, listener) for name, (_, listeners) in SCENARIOS.items() for listener in listeners]
 
