@@ -1,14 +1,20 @@
-"""The native connection life cycle (proxyd/nativerelay.py) held to relay.py's ``Connection``.
+"""The native connection life cycle (proxyd/nativerelay.py, relay.c) held to relay.py's ``Connection``.
 
 On the compiled data path a listener accepts with its own loop and relays an admitted
 connection between the two descriptors in C, unless ``PROXYD_NATIVE_RELAY=0`` (read when a
 listener starts serving) keeps uvloop's transports. Both must keep every promise of relay.py's
-module docstring, so each scenario here runs on both (``path``: ``native``, ``transports``), on
-an L4 listener and on a parsed one, and asserts what relay.py does: what the client and the
-upstream server saw (bytes, EOF or reset), the one ``connection`` access-log line and the
-listener's counters. :func:`test_paths_agree` then runs a scenario on both paths in one test and
-compares all of that as a whole (without conn_id, timestamp, duration_ms and port numbers), so a
-field or counter no assertion names still has to match.
+module docstring, so each scenario (``SCENARIOS``) runs on both (``path``: ``native``,
+``transports``), on an L4 listener and on a parsed one (the line parser; memcache and redis
+against the real servers where a real protocol matters), and asserts what relay.py does: what
+the client and the upstream server saw (bytes, EOF or reset), the access log's lines, the
+listener's counters, the descriptor budget back at zero and no socket left open.
+:func:`test_paths_agree` then runs a scenario on both paths in one test and compares all it
+returns as a whole (log lines without conn_id, timestamp, duration_ms and port numbers, keys in
+order), so a field or counter no assertion names still has to match.
+
+Memory bounds are read off the kernel: once a transfer has stalled, ``/proc/net/tcp``'s queues
+along the chain say how many of the bytes the server sent sit in sockets, and the rest is what
+proxyd holds itself.
 
 Under ``PROXYD_PURE=1`` (CI's second pass) there is no compiled relay: both parametrisations
 run relay.py, which :func:`test_which_relay_serves` checks.
