@@ -39,7 +39,8 @@ typedef struct {
 typedef struct {
     NativeParser base;
     PyObject *ctx;
-    PyObject *py;       /* the reference HttpParser of this connection */
+    PyObject *py;       /* the reference HttpParser of this connection (NULL: not made yet) */
+    PyObject *py_make;  /* (class, *args) that makes it, until it is made */
     Py_ssize_t limit;   /* max_header_bytes */
     int log_responses;
     int normalizing;
@@ -113,6 +114,24 @@ static void q_clear(Http *s) {
 /* --- hand-over with the reference parser ------------------------------------------------------ */
 
 /* HttpParser.twin_adopt(entries, rs, ps, p_left): the reference takes this state. */
+/* The reference parser, made on the first hand-over when it was given as (class, *args): most
+ * connections never hand over, and building HttpParser was a visible part of a short one. */
+static int h_make_reference(Http *s) {
+    PyObject *make = s->py_make;
+    if (make == NULL) {
+        PyErr_SetString(PyExc_RuntimeError, "Http has no reference parser");
+        return -1;
+    }
+    PyObject *args = PyTuple_GetSlice(make, 1, PyTuple_GET_SIZE(make));
+    if (args == NULL) return -1;
+    PyObject *py = PyObject_Call(PyTuple_GET_ITEM(make, 0), args, NULL);
+    Py_DECREF(args);
+    if (py == NULL) return -1;
+    s->py = py;
+    Py_CLEAR(s->py_make);
+    return 0;
+}
+
 static int h_adopt(Http *s) {
     PyObject *entries = PyTuple_New(s->qlen);
     if (entries == NULL) return -1;
@@ -124,6 +143,10 @@ static int h_adopt(Http *s) {
             return -1;
         }
         PyTuple_SET_ITEM(entries, i, t);
+    }
+    if (s->py == NULL && h_make_reference(s) < 0) {
+        Py_DECREF(entries);
+        return -1;
     }
     PyObject *r = PyObject_CallMethod(s->py, "twin_adopt", "NiiLiiii", entries, s->rs, s->ps, s->p_left, s->p_crlf,
                                       s->r_op, s->r_crlf, s->r_next);
@@ -551,6 +574,7 @@ static int h_on_data(NativeParser *np, int reply, int end_stream, PyObject *buf,
 static int Http_traverse(Http *s, visitproc visit, void *arg) {
     Py_VISIT(s->ctx);
     Py_VISIT(s->py);
+    Py_VISIT(s->py_make);
     Py_VISIT(s->counts);
     Py_VISIT(s->flat.policy);
     Py_VISIT(s->flat.flat);
@@ -560,6 +584,7 @@ static int Http_traverse(Http *s, visitproc visit, void *arg) {
 static int Http_clear(Http *s) {
     Py_CLEAR(s->ctx);
     Py_CLEAR(s->py);
+    Py_CLEAR(s->py_make);
     Py_CLEAR(s->counts);
     Py_CLEAR(s->count_key);
     return 0;
@@ -595,8 +620,14 @@ static int Http_init(Http *s, PyObject *args, PyObject *kw) {
     }
     Py_INCREF(ctx);
     Py_XSETREF(s->ctx, ctx);
-    Py_INCREF(py);
-    Py_XSETREF(s->py, py);
+    if (PyTuple_CheckExact(py) && PyTuple_GET_SIZE(py) >= 1) { /* (class, *args): made when needed */
+        Py_INCREF(py);
+        Py_XSETREF(s->py_make, py);
+        Py_CLEAR(s->py);
+    } else {
+        Py_INCREF(py);
+        Py_XSETREF(s->py, py);
+    }
     s->base.on_data = h_on_data;
     s->limit = limit;
     s->log_responses = log_responses;
@@ -662,7 +693,6 @@ static PyMethodDef Http_methods[] = {
 
 static PyMemberDef Http_members[] = {
     {"ctx", T_OBJECT, offsetof(Http, ctx), READONLY, NULL},
-    {"reference", T_OBJECT, offsetof(Http, py), READONLY, "the reference HttpParser it hands states to"},
     {"delegated", T_INT, offsetof(Http, delegated), READONLY, "1 while the reference holds the state"},
     {"r_seen", T_PYSSIZET, offsetof(Http, r_seen), READONLY, "HttpParser.r_seen (while the twin holds the state)"},
     {NULL},
@@ -673,7 +703,14 @@ static PyObject *Http_pending_bytes(Http *s, void *closure) {
     return PyLong_FromLongLong(s->pending_bytes);
 }
 
+static PyObject *Http_reference(Http *s, void *closure) {
+    if (s->py == NULL && h_make_reference(s) < 0) return NULL;
+    Py_INCREF(s->py);
+    return s->py;
+}
+
 static PyGetSetDef Http_getset[] = {
+    {"reference", (getter)Http_reference, NULL, "the reference HttpParser it hands states to", NULL},
     {"pending_bytes", (getter)Http_pending_bytes, NULL, "HttpParser.pending_bytes", NULL},
     {NULL},
 };

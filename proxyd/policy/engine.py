@@ -248,7 +248,7 @@ class PolicySet:
     """All documents in force, compiled for enforcement. Immutable; one per revision."""
 
     __slots__ = ("_cache", "_compiled", "_conn_cache", "_index", "_matchers", "_order", "compiled",
-                 "documents", "revision")  # fmt: skip
+                 "documents", "flat_cache", "revision")  # fmt: skip
 
     def __init__(
         self,
@@ -266,6 +266,9 @@ class PolicySet:
         """
         self.documents: tuple[Document, ...] = tuple(documents)
         self.revision = revision
+        #: Flattened connection policies of this revision (proxyd.policy.store), by the id of
+        #: the ConnectionPolicy they flatten (kept beside it): built once, not per connection.
+        self.flat_cache: dict[int, tuple[ConnectionPolicy, Any]] = {}
         self.compiled = 0
         #: Each document's place, for policy order among the specs the index finds.
         self._order = {id(doc): i for i, doc in enumerate(self.documents)}

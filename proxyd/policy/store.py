@@ -60,6 +60,8 @@ from proxyd.policy.model import DIRECTIONS, Document
 from proxyd.policy.selector import LabelSet
 
 STATE_FILE: Final = "imported-policy.json"
+#: Flattened connection policies kept per revision (PolicySet.flat_cache) before starting over.
+FLAT_CACHE_SIZE: Final = 4096
 STATE_VERSION: Final = 1
 #: Total size (as JSON) of all imported documents together: the admin API cannot grow the
 #: daemon without bound by importing many documents, each under the request body cap.
@@ -656,12 +658,23 @@ class LiveConnectionPolicy:
         """:meth:`l4`'s ``l7`` part flattened for a compiled parser (proxyd.policy.flat).
 
         Built once per revision for this connection, so a twin that finds its copy stale (the
-        store's revision cell moved) pays one call here and one build, not one per request.
+        store's revision cell moved) pays one call here and one build, not one per request;
+        and shared by the revision's connections with the same ConnectionPolicy (the policy
+        set caches those per connection key), so a new connection usually builds nothing.
         """
         policy = self.l4()
         built = self._flat
         if built is None or built.stamp is not self._set:
-            built = self._flat = flat.build(policy, self._set, self._store.revision_cell)
+            cache = self._set.flat_cache
+            entry = cache.get(id(policy))
+            if entry is not None and entry[0] is policy:
+                built = entry[1]
+            else:
+                built = flat.build(policy, self._set, self._store.revision_cell)
+                if len(cache) >= FLAT_CACHE_SIZE:
+                    cache.clear()
+                cache[id(policy)] = (policy, built)
+            self._flat = built
         return built
 
     def decide(self, request: Any) -> L7Decision:

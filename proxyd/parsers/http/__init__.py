@@ -29,6 +29,7 @@ the path normalisation keys of :mod:`.normalize`: ``normalize_path`` (true), ``m
 from __future__ import annotations
 
 import dataclasses
+import functools
 from collections.abc import Mapping
 from typing import Any, cast
 
@@ -70,24 +71,36 @@ class HttpFactory(ParserFactory):
         cfg = config if isinstance(config, HttpConfig) else HttpConfig()
         # Response entries the access-log mode discards are not built at all (as memcache).
         if cfg.log_responses and not bool(getattr(ctx, "logs_responses", True)):
-            cfg = dataclasses.replace(cfg, log_responses=False)
-        parser = HttpParser(ctx, cfg)
+            cfg = _quiet_responses(cfg)
         twins = parser_twins(ctx)
         if twins is not None:
             # The native engine runs (or a test asked for it): the compiled twin, which hands
-            # the states it does not handle to this reference parser and takes them back.
+            # the states it does not handle to the reference parser and takes them back. The
+            # reference is made on the first hand-over, which most connections never reach.
             return cast(
                 Parser,
                 twins.Http(
                     ctx,
-                    parser,
+                    (HttpParser, ctx, cfg),
                     cfg.max_header_bytes,
                     cfg.log_responses,
-                    parser.normalizing,
+                    _normalizing(cfg),
                     _parser.PENDING_BUDGET,
                 ),
             )
-        return parser
+        return HttpParser(ctx, cfg)
+
+
+@functools.lru_cache(maxsize=64)
+def _quiet_responses(cfg: HttpConfig) -> HttpConfig:
+    """``cfg`` without response entries (one copy per config, not one per connection)."""
+    return dataclasses.replace(cfg, log_responses=False)
+
+
+@functools.lru_cache(maxsize=64)
+def _normalizing(cfg: HttpConfig) -> bool:
+    """Whether ``cfg``'s path normalisation changes anything (HttpParser.normalizing)."""
+    return _parser.path_options(cfg).active
 
 
 __all__ = ["HttpConfig", "HttpFactory", "HttpParser", "HttpRequest", "HttpRule"]

@@ -165,6 +165,11 @@ RS_HEAD, RS_CHUNK, RS_TRAILER, RS_WAIT, RS_TUNNEL, RS_DRAIN = range(6)
 PS_HEAD, PS_LENGTH, PS_CHUNK, PS_CHUNK_DATA, PS_TRAILER, PS_UNTIL_CLOSE, PS_TUNNEL = range(7)
 
 
+def path_options(config: HttpConfig) -> N.PathOptions:
+    """The path normalisation ``config`` asks for."""
+    return N.PathOptions(config.normalize_path, config.merge_slashes, config.path_with_escaped_slashes_action)
+
+
 class HttpParser(Parser):
     """One connection's parser; see the module docstring."""
 
@@ -172,9 +177,7 @@ class HttpParser(Parser):
         self.ctx = ctx
         self.limit = config.max_header_bytes
         self.log_responses = config.log_responses
-        self.paths = N.PathOptions(
-            config.normalize_path, config.merge_slashes, config.path_with_escaped_slashes_action
-        )
+        self.paths = path_options(config)
         self.normalizing = self.paths.active
         self.pending: deque[_Pending] = deque()
         self.pending_bytes = 0  # what the entries of ``pending`` cost (see PENDING_BUDGET)
