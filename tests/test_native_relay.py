@@ -39,7 +39,7 @@ from typing import Any
 import pytest
 from memcached_fixture import start_memcached
 from prometheus_client.parser import text_string_to_metric_families
-from proxyutil import addr, daemon, wait_for
+from proxyutil import addr, daemon, wait_for, write_atomic
 from redis_fixture import start_redis
 from tls_fixture import client_context, client_hello
 
@@ -1355,6 +1355,44 @@ async def idle_while_connecting(tmp: Path, listener: str, _servers: Servers) -> 
     return {"client": got, "log": log, "metrics": m}
 
 
+async def listener_removed(tmp: Path, listener: str, _servers: Servers) -> Seen:
+    """A reload that removes the listener: it stops accepting at once (its port refuses), and
+    its open connection goes on until it ends by itself, logged and counted as usual."""
+    loop = asyncio.get_running_loop()
+    async with upstream(None) as up, daemon(config(listener, up.address), tmp) as d:
+        old = addr(d, listener)
+        c = await connect(d, listener)
+        await send(c, b"before\n")
+        u = await up.accept()
+        assert await recv_exactly(u, 7) == b"before\n"
+        write_atomic(tmp / "proxyd.yaml", config("tcp", up.address).replace("name: tcp", "name: other"))
+        assert await asyncio.wait_for(d.reload(), TIMEOUT)
+        assert listener not in d.listeners
+        late = socket.socket()
+        late.setblocking(False)
+        try:
+            with pytest.raises(ConnectionRefusedError):
+                await asyncio.wait_for(loop.sock_connect(late, old), TIMEOUT)
+        finally:
+            late.close()
+        await send(c, b"after\n")
+        assert await recv_exactly(u, 6) == b"after\n"
+        await send(u, b"ok\n")
+        u.shutdown(socket.SHUT_WR)
+        c.shutdown(socket.SHUT_WR)
+        ends = await asyncio.gather(ending(c), ending(u))
+        c.close()
+        await wait_for(lambda: not d.active_connections(), TIMEOUT)
+        await wait_for(lambda: d.fds.data == 0, TIMEOUT)
+        m = counters(d, listener)
+    assert list(ends) == [(b"ok\n", "eof"), (b"", "eof")]
+    assert counter(m, "proxyd_connections_total") == 1
+    assert counter(m, "proxyd_connections_active") == 0
+    log = log_lines(tmp)
+    assert log == [conn_line(listener, bytes_in=13, bytes_out=3, verdict="forwarded")]
+    return {"ends": ends, "log": log, "metrics": m}
+
+
 SCENARIOS: dict[str, tuple[Scenario, tuple[str, ...]]] = {
     "large_transfer": (large_transfer, ("tcp", "lines", "byname")),
     "half_close_client_first": (half_close_client_first, ("tcp", "lines", "byname")),
@@ -1387,6 +1425,7 @@ SCENARIOS: dict[str, tuple[Scenario, tuple[str, ...]]] = {
     "reset_while_stalled": (reset_while_stalled, ("tcp", "lines")),
     "server_gone_client_sends": (server_gone_client_sends, ("tcp", "lines")),
     "idle_while_connecting": (idle_while_connecting, ("tcp", "lines")),
+    "listener_removed": (listener_removed, ("tcp", "lines")),
 }
 CASES = [(name, listener) for name, (_, listeners) in SCENARIOS.items() for listener in listeners]
 
