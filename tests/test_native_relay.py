@@ -577,10 +577,17 @@ async def idle_timeout(tmp: Path, listener: str, _servers: Servers) -> Seen:
         assert await recv_exactly(u, 3) == b"hi\n"
         await send(u, b"ho\n")
         assert await recv_exactly(c, 3) == b"ho\n"
+        live = counters(d, listener)  # a scrape counts the open connection's bytes too
         client, server = await asyncio.gather(ending(c), ending(u))
         c.close()
         m = await settle(d, listener, 1)
     assert counter(m, "proxyd_connection_timeouts_total", reason="idle") == 1
+    assert counter(live, "proxyd_connections_active") == 1
+    assert (
+        counter(live, "proxyd_bytes_total", direction="in")
+        == counter(live, "proxyd_bytes_total", direction="out")
+        == 3
+    )
     assert client[0] == server[0] == b""
     log = log_lines(tmp)
     assert log == [
@@ -592,7 +599,7 @@ async def idle_timeout(tmp: Path, listener: str, _servers: Servers) -> Seen:
             reason="idle timeout: no byte either way for 1s",
         )
     ]
-    return {"client": client, "server": server, "log": log, "metrics": m}
+    return {"client": client, "server": server, "log": log, "metrics": (live, m)}
 
 
 async def request_timeout(tmp: Path, listener: str, _servers: Servers) -> Seen:
