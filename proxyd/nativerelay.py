@@ -40,6 +40,7 @@ if TYPE_CHECKING:
     from proxyd.dataside import ListenerSide
 
 ACCEPT_BATCH = 64  # connections accepted per wake-up of the listening socket, as uvloop's server
+FDS_PER_CONNECTION = 2  # client and upstream socket (listener.py counts them at accept)
 
 
 def enabled() -> bool:
@@ -193,18 +194,21 @@ class NativeConnection:
     # --- the end ---------------------------------------------------------------------------
 
     def _ended(self, verdict: str, reason: str | None, connect_failed: bool, rx: int, tx: int,
-               unparsed_client: int, unparsed_server: int, lingering: bool) -> None:  # fmt: skip
-        """relay.c's on_end: every descriptor is closed (or flushing: ``lingering``)."""
+               unparsed_client: int, unparsed_server: int, lingering: int) -> None:  # fmt: skip
+        """relay.c's on_end: every descriptor is closed but ``lingering`` ones still flushing."""
         lr = self.lr
         if connect_failed:
             lr.metrics.connect_failures.inc()
         if lingering:
+            # Each is given back to the descriptor budget when it is really closed: flushed,
+            # failed, or aborted by this timer.
             pair = self.pair
+            pair.on_linger_closed = lr.host.data_fd_closed
             pair.timer = self._loop.call_later(CLOSE_LINGER, pair.abort)
-        self._end(verdict, reason, rx, tx, unparsed_client, unparsed_server)
+        self._end(verdict, reason, rx, tx, unparsed_client, unparsed_server, lingering)
 
     def _end(self, verdict: str, reason: str | None, rx: int, tx: int, unparsed_client: int,
-             unparsed_server: int) -> None:  # fmt: skip
+             unparsed_server: int, lingering: int = 0) -> None:  # fmt: skip
         self._closed = True
         self._bytes = (rx, tx)
         engine = self.engine
@@ -219,8 +223,10 @@ class NativeConnection:
         if self._clocal is not None:
             d.upstream_locals.pop(self._clocal, None)
             self._clocal = None
-        d.data_fd_closed()  # the client's, counted at accept
-        d.data_fd_closed()  # the upstream's, counted at accept whether it was opened or not
+        # The client's and the upstream's, both counted at accept (the upstream's whether it was
+        # opened or not), but those still flushing (given back by on_linger_closed).
+        for _ in range(FDS_PER_CONNECTION - lingering):
+            d.data_fd_closed()
         if self._counted:
             lr.metrics.active.dec()
         d.add_closed_bytes(lr.config.name, rx, tx)

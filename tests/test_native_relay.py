@@ -1241,7 +1241,8 @@ async def upstream_unreachable(tmp: Path, listener: str, _servers: Servers) -> S
 
 async def error_while_client_slow(tmp: Path, listener: str, _servers: Servers) -> Seen:
     """A parser error while much waits for a slow client: what was forwarded before the error
-    is still flushed to the client before the close (the end does not drop the write buffer)."""
+    is still flushed to the client before the close (the end does not drop the write buffer),
+    and the socket still flushing stays counted in the descriptor budget until it is closed."""
     data = payload(listener, 4 << 20)
 
     async def serve(u: socket.socket) -> None:
@@ -1251,6 +1252,9 @@ async def error_while_client_slow(tmp: Path, listener: str, _servers: Servers) -
     async with upstream(serve) as up, daemon(config(listener, up.address), tmp) as d:
         c = await connect(d, listener, rcvbuf=64 << 10)
         await wait_for(lambda: bool(up.tasks) and up.tasks[0].done(), TIMEOUT)  # all sent, nothing read
+        lr = d.listeners[listener]
+        await wait_for(lambda: not lr.conns, TIMEOUT)  # ended, its client side still flushing
+        assert d.fds.data == 1  # that socket is given back to the descriptor budget once closed
         got = await ending(c)
         c.close()
         m = await settle(d, listener, 1)

@@ -65,6 +65,7 @@ typedef struct Half {
     int shut;      /* our write side towards it is done (shutdown, or left to close) */
     int shut_wait; /* pass the other side's EOF on once out is flushed */
     int full;      /* out above HIGH_WATER (pause_writing) */
+    int linger;    /* still flushing after the end */
     unsigned pause;
     long long rx, tx;
 } Half;
@@ -77,7 +78,8 @@ typedef struct FdPair {
     int owned;          /* the hub holds a reference (a descriptor is in its set) */
     int depth;          /* inside a dispatch of this pair: errors of writes are deferred */
     int werr, werr_idx; /* a write failed (errno), handled once the dispatch returns */
-    int lingering;      /* ended, a side still flushing (CLOSE_LINGER) */
+    int lingering;      /* ended: sides still flushing (CLOSE_LINGER) */
+    PyObject *on_linger_closed; /* called as each of them is closed (the descriptor budget) */
     PyObject *engine;   /* Engine, or NULL: L4 */
     PyObject *on_end;
     PyObject *timer;    /* the event loop's handle: connect_timeout, then the linger */
@@ -151,6 +153,19 @@ static void half_close(Half *h, int rst) {
     }
     close(h->fd); /* leaves the epoll set with it (never duplicated) */
     h->fd = -1;
+    FdPair *lp = h->pair;
+    if (h->linger) { /* a side that flushed (or was cut) after the end */
+        h->linger = 0;
+        lp->lingering--;
+        PyObject *cb = lp->on_linger_closed;
+        if (cb != NULL) {
+            Py_INCREF(cb);
+            PyObject *r = PyObject_CallNoArgs(cb);
+            if (r == NULL) PyErr_WriteUnraisable(cb);
+            Py_XDECREF(r);
+            Py_DECREF(cb);
+        }
+    }
     h->added = 0;
     h->ev = 0;
     free(h->out);
@@ -201,7 +216,8 @@ static void pair_finish(FdPair *p, PyObject *verdict, PyObject *reason, int abor
             half_close(h, i == reset_idx);
         } else {
             /* close() flushes first; a peer that never reads gets CLOSE_LINGER (on_end) */
-            p->lingering = 1;
+            p->lingering++;
+            h->linger = 1;
             h->pause = ~0u;
             half_update(h);
         }
@@ -217,10 +233,10 @@ static void pair_finish(FdPair *p, PyObject *verdict, PyObject *reason, int abor
         args[4] = PyLong_FromLongLong(p->h[0].tx);
         args[5] = PyLong_FromLongLong(p->unparsed[0]);
         args[6] = PyLong_FromLongLong(p->unparsed[1]);
-        args[7] = BOOL(p->lingering);
+        args[7] = PyLong_FromLong(p->lingering);
         PyObject *r = NULL;
-        if (args[3] && args[4] && args[5] && args[6]) r = PyObject_Vectorcall(on_end, args, 8, NULL);
-        for (int i = 3; i < 7; i++) Py_XDECREF(args[i]);
+        if (args[3] && args[4] && args[5] && args[6] && args[7]) r = PyObject_Vectorcall(on_end, args, 8, NULL);
+        for (int i = 3; i < 8; i++) Py_XDECREF(args[i]);
         if (r == NULL) PyErr_WriteUnraisable(on_end);
         Py_XDECREF(r);
         Py_DECREF(on_end);
@@ -513,6 +529,7 @@ static int FdPair_traverse(FdPair *self, visitproc visit, void *arg) {
     Py_VISIT(self->engine);
     Py_VISIT(self->on_end);
     Py_VISIT(self->timer);
+    Py_VISIT(self->on_linger_closed);
     return 0;
 }
 
@@ -520,6 +537,7 @@ static int FdPair_clear(FdPair *self) {
     Py_CLEAR(self->engine);
     Py_CLEAR(self->on_end);
     Py_CLEAR(self->timer);
+    Py_CLEAR(self->on_linger_closed);
     return 0;
 }
 
@@ -717,6 +735,19 @@ static int FdPair_set_timer(FdPair *self, PyObject *v, void *c) {
     return 0;
 }
 
+static PyObject *FdPair_get_on_linger_closed(FdPair *self, void *c) {
+    PyObject *t = self->on_linger_closed ? self->on_linger_closed : Py_None;
+    Py_INCREF(t);
+    return t;
+}
+
+static int FdPair_set_on_linger_closed(FdPair *self, PyObject *v, void *c) {
+    if (v == Py_None) v = NULL;
+    Py_XINCREF(v);
+    Py_XSETREF(self->on_linger_closed, v);
+    return 0;
+}
+
 static PyObject *FdPair_get_connected(FdPair *self, void *c) { return PyBool_FromLong(self->state == S_OPEN); }
 
 static PyObject *FdPair_get_closed(FdPair *self, void *c) { return PyBool_FromLong(self->state == S_CLOSED); }
@@ -739,6 +770,8 @@ static PyMethodDef FdPair_methods[] = {
 
 static PyGetSetDef FdPair_getset[] = {
     {"timer", (getter)FdPair_get_timer, (setter)FdPair_set_timer, "The pending timer's handle.", NULL},
+    {"on_linger_closed", (getter)FdPair_get_on_linger_closed, (setter)FdPair_set_on_linger_closed,
+     "Called as each side still flushing at the end is closed.", NULL},
     {"connected", (getter)FdPair_get_connected, NULL, "The upstream is connected and open.", NULL},
     {"closed", (getter)FdPair_get_closed, NULL, "The connection has ended.", NULL},
     {"buffered", (getter)FdPair_get_buffered, NULL, "Bytes waiting for (client, upstream).", NULL},
