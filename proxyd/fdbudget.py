@@ -37,6 +37,7 @@ import resource
 #: The kernel's listen queue per listener: where connections wait while accepting is paused
 #: (it costs no descriptor), and the most one burst of the event loop's accepting can take.
 LISTEN_BACKLOG = 1024
+FDS_PER_CONNECTION = 2  # a relayed connection's client and upstream socket
 OTHER_MIN, OTHER_MAX = 16, 256  # descriptors kept for the admin API, policy files, lookups, logs
 
 
@@ -101,7 +102,7 @@ class FdBudget:
 
     def room(self) -> bool:
         """Whether one more connection (two sockets) stays under ``high``."""
-        return self.base + self.data + 2 <= self.high
+        return self.base + self.data + FDS_PER_CONNECTION <= self.high
 
     def seen(self, fd: int) -> None:
         """Descriptor ``fd`` was just handed out. The kernel hands out the lowest free number,

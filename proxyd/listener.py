@@ -23,14 +23,13 @@ from proxyd.accesslog import AccessLog
 from proxyd.admission import ADMIT, AUDIT, READ_HELLO, Refuse, admit, by_policy
 from proxyd.context import AllowAllPolicy, ConnInfo, L7Policy
 from proxyd.dataside import DataHost, LimitsView, ListenerSettings, ListenerSinks
-from proxyd.fdbudget import LISTEN_BACKLOG
-from proxyd.nativerelay import NativeConnection, NativeServer
+from proxyd.fdbudget import FDS_PER_CONNECTION, LISTEN_BACKLOG
+from proxyd.nativerelay import NativeConnection, NativeServer, hub_for
 from proxyd.nativerelay import enabled as native_relay_enabled
 from proxyd.origdst import original_dst, unmap
 from proxyd.parser import Endpoint, ParserFactory
 from proxyd.relay import Connection
 
-FDS_PER_CONNECTION = 2  # client and upstream socket
 CAREFUL_BATCH = 32  # connections accepted one at a time per wake-up of the listening socket
 FAST, CAREFUL, PAUSED = "fast", "careful", "paused"  # how a listener accepts (fdbudget.py)
 
@@ -69,7 +68,8 @@ class ListenerRuntime:
         self.conns: set[Connection | NativeConnection] = set()
         #: Accepting and relaying on the native path (nativerelay.py), fixed at bind.
         self.native = False
-        self._loop: asyncio.AbstractEventLoop | None = None  # the native accept loop's
+        #: The native path's event loop and its epoll set of connections, looked up once.
+        self._native_loop: tuple[asyncio.AbstractEventLoop, Any] | None = None
 
     @property
     def mode(self) -> str:
@@ -107,7 +107,8 @@ class ListenerRuntime:
     async def _serve_on(self, sock: socket.socket) -> asyncio.Server | NativeServer:
         if self.native:
             # Looked up once: asyncio.get_running_loop() is a getpid() system call (3.11).
-            self._loop = asyncio.get_running_loop()
+            loop = asyncio.get_running_loop()
+            self._native_loop = (loop, hub_for(loop))
             return NativeServer(self, sock)  # its own accept loop on this very socket
         dup = sock.dup()
         try:
@@ -245,9 +246,8 @@ class ListenerRuntime:
         if not more:
             d.fds_check_soon()
         self.metrics.connections.inc()
-        loop = self._loop
-        assert loop is not None
-        conn = NativeConnection(self, fd, loop)
+        assert self._native_loop is not None
+        conn = NativeConnection(self, fd, *self._native_loop)
         self.conns.add(conn)
         sock: Any = None
         if self.config.upstream is None:  # SO_ORIGINAL_DST needs a socket object (no dup)

@@ -32,6 +32,7 @@ from typing import TYPE_CHECKING, Any
 
 from proxyd.context import ConnInfo, Context, L7Policy
 from proxyd.engine import EngineError
+from proxyd.fdbudget import FDS_PER_CONNECTION
 from proxyd.native import IMPLEMENTATION, Engine, native
 from proxyd.relay import CLOSE_LINGER, Connection, connection_fields, is_ip, timeout_reason, timeouts_due
 from proxyd.tlsgate import SNIView
@@ -40,7 +41,6 @@ if TYPE_CHECKING:
     from proxyd.dataside import ListenerSide
 
 ACCEPT_BATCH = 64  # connections accepted per wake-up of the listening socket, as uvloop's server
-FDS_PER_CONNECTION = 2  # client and upstream socket (listener.py counts them at accept)
 
 
 def enabled() -> bool:
@@ -93,6 +93,7 @@ class NativeConnection:
         "_clocal",
         "_closed",
         "_counted",
+        "_hub",
         "_idle_mark",
         "_loop",
         "_req_mark",
@@ -106,7 +107,7 @@ class NativeConnection:
         "upstream_addr",
     )  # fmt: skip
 
-    def __init__(self, lr: ListenerSide, fd: int, loop: asyncio.AbstractEventLoop) -> None:
+    def __init__(self, lr: ListenerSide, fd: int, loop: asyncio.AbstractEventLoop, hub: Any) -> None:
         self.lr = lr
         self.fd = fd  # the client's, until a pair or relay.py's Connection owns it
         self.pair: Any = None
@@ -115,6 +116,7 @@ class NativeConnection:
         self.engine: Any = None
         self.ctx: Context | None = None
         self._loop = loop
+        self._hub = hub  # hub_for(loop)
         self._started = time.monotonic()
         self._counted = False
         self._closed = False
@@ -126,9 +128,10 @@ class NativeConnection:
     # --- admission's answers ---------------------------------------------------------------
 
     def start(self, info: ConnInfo, upstream: tuple[str, int], policy: L7Policy) -> None:
-        """Admitted: relay natively, or hand over to relay.py (an upstream name to resolve)."""
+        """Admitted: relay natively, or hand over to relay.py (an upstream name to resolve, or an
+        IPv6 address with a scope, which ``inet_pton`` does not read)."""
         host, port = upstream
-        if not is_ip(host):
+        if not is_ip(host) or "%" in host:  # a name to resolve, or an IPv6 scope: relay.py's
             self._hand_over(lambda conn: conn.start(info, upstream, policy))
             return
         lr = self.lr
@@ -136,7 +139,7 @@ class NativeConnection:
         self.upstream_addr = upstream
         self._counted = True
         lr.metrics.active.inc()
-        self.pair = pair = native.FdPair(hub_for(self._loop), self.fd, self._ended, lr.limits.buffer_bytes)
+        self.pair = pair = native.FdPair(self._hub, self.fd, self._ended, lr.limits.buffer_bytes)
         self.fd = -1
         factory = lr.factory
         if factory is not None:

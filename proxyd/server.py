@@ -29,8 +29,8 @@ from proxyd import sdnotify
 from proxyd.accesslog import AccessLog, LineWriter, make_logger
 from proxyd.config import Config, Limits, ListenerConfig, load_config
 from proxyd.errors import ConfigError, PolicyError
-from proxyd.fdbudget import FdBudget, nofile_limit, open_descriptors
-from proxyd.listener import CAREFUL, FAST, FDS_PER_CONNECTION, PAUSED, ListenerRuntime
+from proxyd.fdbudget import FDS_PER_CONNECTION, FdBudget, nofile_limit, open_descriptors
+from proxyd.listener import CAREFUL, FAST, PAUSED, ListenerRuntime
 from proxyd.metrics import Metrics
 from proxyd.policy.identity import IdentityMap
 from proxyd.policy.store import Change, PolicyStore
