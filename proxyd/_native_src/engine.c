@@ -371,6 +371,7 @@ static Py_ssize_t obj_len(PyObject *data) {
 }
 
 static PyObject *engine_feed(Engine *self, int reply, PyObject *data);
+static int engine_buffered(Engine *self, int reply);
 
 static PyObject *Engine_feed(Engine *self, PyObject *const *args, Py_ssize_t nargs) {
     if (nargs != 2) {
@@ -471,19 +472,26 @@ static PyObject *engine_feed(Engine *self, int reply, PyObject *data) {
         }
     }
     Py_DECREF(data);
-    if (rc < 0) return NULL;
-    if (PyByteArray_GET_SIZE(buf) >= side->want) {
-        if (engine_round(self, reply, 0) < 0) return NULL;
-        if (engine_wake(self, !reply) < 0) return NULL;
+    if (rc < 0 || engine_buffered(self, reply) < 0) return NULL;
+    Py_RETURN_NONE;
+}
+
+/* What feed does once the bytes are in the side's buffer: a round when the parser's want is
+ * reached, then the other side's held rounds, then the buffer limit. 0 or -1. */
+static int engine_buffered(Engine *self, int reply) {
+    Side *side = &self->sides[reply];
+    if (PyByteArray_GET_SIZE(side->buf) >= side->want) {
+        if (engine_round(self, reply, 0) < 0) return -1;
+        if (engine_wake(self, !reply) < 0) return -1;
     }
     if (self->error == NULL && PyByteArray_GET_SIZE(side->buf) > self->limit && !side->held) {
         if (engine_fail(self, make_error(s_buffer_limit,
                                          PyUnicode_FromFormat("more than %zd unparsed bytes buffered",
                                                               self->limit),
                                          NULL)) < 0)
-            return NULL;
+            return -1;
     }
-    Py_RETURN_NONE;
+    return 0;
 }
 
 static PyObject *Engine_feed_eof(Engine *self, PyObject *arg) {
@@ -872,10 +880,20 @@ static PyMethodDef Engine_methods[] = {
 };
 
 /* For relay.c, which owns the descriptors of a native connection and reads for the engine. */
-int engine_relay_read(PyObject *engine, int reply, PyObject *data) {
+int engine_relay_read(PyObject *engine, int reply, const char *p, Py_ssize_t n) {
     Engine *self = (Engine *)engine;
-    self->received[reply] += PyBytes_GET_SIZE(data);
+    self->received[reply] += n;
+    if (self->error != NULL || n == 0) return 0;
+    Side *side = &self->sides[reply];
+    if (!side->skip && self->parser != Py_None && self->parser != NULL) {
+        /* the common case: the relay's bytes go straight into the side's buffer */
+        if (bytearray_append(side->buf, p, n) < 0) return -1;
+        return engine_buffered(self, reply);
+    }
+    PyObject *data = PyBytes_FromStringAndSize(p, n);
+    if (data == NULL) return -1;
     PyObject *r = engine_feed(self, reply, data);
+    Py_DECREF(data);
     if (r == NULL) return -1;
     Py_DECREF(r);
     return 0;

@@ -86,8 +86,10 @@ PyObject *native_parser_py_on_data(NativeParser *p, PyObject *const *args, Py_ss
 
 extern PyTypeObject EngineType;     /* engine.c */
 /* engine.c, for relay.c: the engine as the reader of a native connection (read_client and
- * read_server without the pause, which relay.c enforces itself), and two of its states */
-int engine_relay_read(PyObject *engine, int reply, PyObject *data);
+ * read_server without the pause, which relay.c enforces itself; the bytes taken where the
+ * relay read them, appended to the side's buffer with no bytes object between), and two of
+ * its states */
+int engine_relay_read(PyObject *engine, int reply, const char *p, Py_ssize_t n);
 int engine_relay_held(PyObject *engine, int reply);
 int engine_relay_failed(PyObject *engine);
 /* relay.c: a native connection (the twin of relay.py's Connection on descriptors) is a relay
@@ -114,10 +116,17 @@ int redis_init(void);
  * refuses another. */
 #define FLAT_POLICY_VERSION 2
 
-/* The values a request has for one field of the parser's schema (borrowed; n == 0: none). */
+/* The values a request has for one field of the parser's schema (borrowed; n == 0: none).
+ * A single bytes value may come raw instead (v NULL, n 1, raw/rawlen into the parser's
+ * buffer): exact and prefix conditions on bytes compare it where it lies, and any other
+ * condition makes it a bytes object in *made first (a new reference the caller then owns,
+ * NULL until then). Nothing reads raw after a condition has called Python. */
 typedef struct FlatValues {
     PyObject *const *v;
     Py_ssize_t n;
+    const char *raw;
+    Py_ssize_t rawlen;
+    PyObject **made;
 } FlatValues;
 
 /* A request as flat conditions see it: its values by field (indexed like the parser's schema,
@@ -130,6 +139,37 @@ typedef struct FlatRequest {
 } FlatRequest;
 
 struct FlatRule;
+struct FlatCond;
+
+/* Partial evaluations of a FlatPolicy (flat_decide), kept in the parser's object: a question
+ * then reads lines already in cache, not the policy's scattered tuples and rule arrays. */
+#define FLAT_MEMOS 8        /* per connection: distinct commands remembered */
+#define FLAT_MEMO_FIELDS 4  /* fixed fields at most */
+#define FLAT_MEMO_OP 24     /* exact/prefix bytes operands up to this long are copied in */
+
+/* A condition a memo leaves open */
+typedef struct FlatMemoCond {
+    struct FlatCond *cond; /* the condition, for the general test */
+    int field;
+    int raw_form;          /* exact or prefix with a short bytes operand (copied to op); 0: general */
+    Py_ssize_t oplen;
+    char op[FLAT_MEMO_OP];
+} FlatMemoCond;
+
+/* A rule a memo keeps: its decision and its open conditions (conds[first, first + ncond)) */
+typedef struct FlatMemoRule {
+    PyObject *decision;    /* borrowed from the FlatPolicy tuple */
+    int forwards, audit;
+    Py_ssize_t first, ncond;
+} FlatMemoRule;
+
+typedef struct FlatMemo {
+    int nfixed;                         /* 0: an empty slot */
+    PyObject *fixed[FLAT_MEMO_FIELDS];  /* strong: the value of each fixed field */
+    Py_ssize_t n;                       /* the rules left, in order; the last may have no open condition */
+    FlatMemoRule *rules;                /* one block: the rules, then their conditions */
+    FlatMemoCond *conds;
+} FlatMemo;
 
 /* A connection's FlatPolicy tuple (ctx.policy.flat()), held and converted to C structs. */
 typedef struct FlatPolicy {
@@ -141,8 +181,12 @@ typedef struct FlatPolicy {
     PyObject *stamp, *cell;    /* FlatPolicy.stamp and .current (borrowed from flat) */
     PyObject *always, *otherwise; /* decisions (borrowed), always NULL: none */
     int always_forwards, otherwise_forwards;
+    int always_audit, otherwise_audit; /* decision.audit, read once */
     struct FlatRule *rules;
     Py_ssize_t n;
+    int memoizable;            /* every condition is in, exact, prefix or regex (flat_decide) */
+    FlatMemo memos[FLAT_MEMOS];
+    int memo_next, memo_last;  /* the slot the next new memo takes; the last one used */
 } FlatPolicy;
 
 /* Intern policy.c's names. 0 or -1. */
@@ -154,6 +198,14 @@ void flat_clear(FlatPolicy *fp);
 /* ctx.matches(request) through the flat policy: 1, 0, -1; or 2 when it does not apply (the
  * caller then calls ctx.matches). Sets ctx.last_decision as Context.matches does. */
 int flat_matches(FlatPolicy *fp, PyObject *ctx, const FlatRequest *req);
+/* The decision flat_matches would set, without setting it: 1 or 0 (forwards) with *decision
+ * (borrowed from the FlatPolicy: valid until the next call that may run Python) and *audit
+ * (decision.audit), -1, or 2
+ * when the flat policy does not apply (nothing decided). The fields [0, nfixed) must each have
+ * one object value that is a function of the parser's command alone (redis: name, base,
+ * known): the conditions on them are evaluated once per connection for those objects and
+ * remembered, so a request costs only its conditions on the other fields (docs/native.md). */
+int flat_decide(FlatPolicy *fp, PyObject *ctx, const FlatRequest *req, int nfixed, PyObject **decision, int *audit);
 /* A Context's (Py_TYPE(ctx) == g_Context: fixed __slots__ layout) last_decision, read and set
  * through its slot as the member descriptor would, without the attribute lookup: new
  * reference or NULL with an exception; 0 or -1. Any other ctx goes through getattr/setattr. */
@@ -184,6 +236,10 @@ extern const char *const REDIS_FIELDS[]; /* the flat fields of a redis request (
  * keyless): 1, 0, -1, or 2 when it does not apply (nothing set: the caller calls ctx.matches) */
 int redis_flat_matches(FlatPolicy *fp, PyObject *ctx, PyObject *name, PyObject *base, PyObject *cats,
                        PyObject *key);
+/* The same question through flat_decide (nothing set in ctx): the key as an object (key), raw
+ * (kp, kn; made into bytes in *made if a condition needs the object), or none (both NULL) */
+int redis_flat_decide(FlatPolicy *fp, PyObject *ctx, PyObject *name, PyObject *base, PyObject *cats, PyObject *key,
+                      const char *kp, Py_ssize_t kn, PyObject **made, PyObject **decision, int *audit);
 PyObject *redis_request(PyObject *name, PyObject *base, PyObject *cats, PyObject *key);
 
 /* http: http_framing.c (framing.py), http_rules.c (rules.py, flattened), http_parser.c       */

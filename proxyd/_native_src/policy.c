@@ -33,7 +33,9 @@ typedef struct FlatRule {
     Py_ssize_t n;
     PyObject *decision; /* borrowed: FlatDecision.decision */
     int forwards;       /* FlatDecision.forwards */
+    int audit;          /* decision.audit */
 } FlatRule;
+
 
 /* A regex answer is a pure function of (compiled regex, anchor, value); clients reuse keys,
  * and one RE2 call through its Python binding costs thousands of instructions. One table of
@@ -105,6 +107,7 @@ PyObject *ctx_get_last_decision(PyObject *ctx) {
 
 int ctx_set_last_decision(PyObject *ctx, PyObject *decision) {
     if (!ctx_slots(ctx)) return PyObject_SetAttr(ctx, s_last_decision, decision);
+    if (SLOT(ctx, off_last) == decision) return 0;
     Py_INCREF(decision);
     Py_XSETREF(SLOT(ctx, off_last), decision);
     return 0;
@@ -151,6 +154,14 @@ void flat_clear(FlatPolicy *fp) {
     PyMem_Free(fp->rules);
     fp->rules = NULL;
     fp->n = 0;
+    for (int i = 0; i < FLAT_MEMOS; i++) {
+        for (int k = 0; k < fp->memos[i].nfixed; k++) Py_CLEAR(fp->memos[i].fixed[k]);
+        PyMem_Free(fp->memos[i].rules);
+        fp->memos[i].rules = NULL;
+        fp->memos[i].nfixed = 0;
+    }
+    fp->memo_next = fp->memo_last = 0;
+    fp->memoizable = 0;
     fp->usable = 0;
     fp->always = NULL;
     fp->otherwise = NULL;
@@ -175,12 +186,15 @@ static int field_of(FlatPolicy *fp, PyObject *field) {
 }
 
 /* FlatDecision (decision, forwards) -> its parts; 0, or -1 when it is not that shape */
-static int decision_of(PyObject *fd, PyObject **decision, int *forwards) {
+static int decision_of(PyObject *fd, PyObject **decision, int *forwards, int *audit) {
     if (!PyTuple_Check(fd) || PyTuple_GET_SIZE(fd) != 2) return -1;
     int f = PyObject_IsTrue(PyTuple_GET_ITEM(fd, 1));
     if (f < 0) return -1;
+    int a = decision_audit(PyTuple_GET_ITEM(fd, 0));
+    if (a < 0) return -1;
     *decision = PyTuple_GET_ITEM(fd, 0);
     *forwards = f;
+    *audit = a;
     return 0;
 }
 
@@ -247,9 +261,9 @@ static int flat_convert(FlatPolicy *fp) {
     fp->stamp = PyTuple_GET_ITEM(f, 0);
     fp->cell = cell;
     if (always != Py_None) {
-        if (decision_of(always, &fp->always, &fp->always_forwards) < 0) goto unknown;
+        if (decision_of(always, &fp->always, &fp->always_forwards, &fp->always_audit) < 0) goto unknown;
     }
-    if (decision_of(PyTuple_GET_ITEM(f, 4), &fp->otherwise, &fp->otherwise_forwards) < 0) goto unknown;
+    if (decision_of(PyTuple_GET_ITEM(f, 4), &fp->otherwise, &fp->otherwise_forwards, &fp->otherwise_audit) < 0) goto unknown;
     Py_ssize_t n = PyTuple_GET_SIZE(rules);
     fp->rules = PyMem_Calloc((size_t)(n ? n : 1), sizeof(FlatRule));
     if (fp->rules == NULL) {
@@ -263,7 +277,7 @@ static int flat_convert(FlatPolicy *fp) {
         if (!PyTuple_Check(conds)) goto unknown;
         FlatRule *r = &fp->rules[i];
         fp->n = i + 1;
-        if (decision_of(PyTuple_GET_ITEM(rule, 1), &r->decision, &r->forwards) < 0) goto unknown;
+        if (decision_of(PyTuple_GET_ITEM(rule, 1), &r->decision, &r->forwards, &r->audit) < 0) goto unknown;
         Py_ssize_t nc = PyTuple_GET_SIZE(conds);
         r->conds = PyMem_Calloc((size_t)(nc ? nc : 1), sizeof(FlatCond));
         if (r->conds == NULL) {
@@ -278,6 +292,10 @@ static int flat_convert(FlatPolicy *fp) {
         }
     }
     fp->usable = 1;
+    fp->memoizable = 1;
+    for (Py_ssize_t i = 0; i < fp->n; i++)
+        for (Py_ssize_t j = 0; j < fp->rules[i].n; j++)
+            if (fp->rules[i].conds[j].form == FORM_CALL || fp->rules[i].conds[j].form == FORM_DEFER) fp->memoizable = 0;
     return 0;
 unknown: /* not a form this build reads: ctx.matches answers instead */
     PyErr_Clear();
@@ -454,6 +472,36 @@ static int cond_passes(FlatCond *c, PyObject *v) {
     }
 }
 
+/* Value j of fv as an object: borrowed from fv, or the raw bytes made once into *fv->made */
+static PyObject *value_at(const FlatValues *fv, Py_ssize_t j) {
+    if (fv->v != NULL) return fv->v[j];
+    if (*fv->made == NULL) *fv->made = PyBytes_FromStringAndSize(fv->raw, fv->rawlen);
+    return *fv->made;
+}
+
+/* cond_passes on value j of fv; a raw value against a bytes operand of exact or prefix is
+ * compared where it lies */
+static int cond_passes_at(FlatCond *c, const FlatValues *fv, Py_ssize_t j) {
+    if (fv->v == NULL && (c->form == FORM_EXACT || c->form == FORM_PREFIX) && PyBytes_CheckExact(c->operand)) {
+        Py_ssize_t k = PyBytes_GET_SIZE(c->operand);
+        if (c->form == FORM_EXACT ? fv->rawlen != k : fv->rawlen < k) return 0;
+        return memcmp(fv->raw, PyBytes_AS_STRING(c->operand), (size_t)k) == 0;
+    }
+    PyObject *v = value_at(fv, j);
+    return v == NULL ? -1 : cond_passes(c, v);
+}
+
+/* Every value of a condition's field passes it (none: the condition fails): 1, 0, -1 */
+static int cond_holds(FlatCond *c, const FlatRequest *req) {
+    const FlatValues *fv = &req->fields[c->field];
+    if (fv->n == 0) return 0;
+    for (Py_ssize_t j = 0; j < fv->n; j++) {
+        int t = cond_passes_at(c, fv, j);
+        if (t <= 0) return t;
+    }
+    return 1;
+}
+
 /* flat.holds(conditions, request, values): 1, 0 or -1; 2 for a "defer" condition (flat.Deferred:
  * ctx.matches decides). *obj caches the parser's request object, built on the first call
  * condition. */
@@ -467,52 +515,217 @@ static int rule_holds(FlatRule *r, const FlatRequest *req, PyObject **obj) {
             if (t <= 0) return t;
             continue;
         }
-        const FlatValues *fv = &req->fields[c->field];
-        if (fv->n == 0) return 0;
-        for (Py_ssize_t j = 0; j < fv->n; j++) {
-            int t = cond_passes(c, fv->v[j]);
-            if (t <= 0) return t;
-        }
+        int t = cond_holds(c, req);
+        if (t <= 0) return t;
     }
     return 1;
 }
 
-int flat_matches(FlatPolicy *fp, PyObject *ctx, const FlatRequest *req) {
-    if (!fp->ok) return 2;
+/* --- partial evaluation (flat_decide) -------------------------------------------------------- */
+
+/* A new memo for req's fixed values in slot m: the rules whose conditions on the fixed fields
+ * hold, in order, up to the first with no other condition (which then always decides), each
+ * with its open conditions. Conditions are pure functions of their value, so evaluating the
+ * fixed ones once, ahead, finds the same first rule as evaluating each rule whole, in order.
+ * 1; 0 when an evaluation failed (none is expected of these forms on these values: the whole
+ * evaluation then raises it in its own order); -1 with an exception (memory). */
+static int memo_make(FlatPolicy *fp, FlatMemo *m, const FlatRequest *req, int nfixed) {
+    Py_ssize_t nrules = 0, nconds = 0;
+    int *keep = PyMem_Malloc((size_t)(fp->n ? fp->n : 1) * sizeof(int));
+    if (keep == NULL) {
+        PyErr_NoMemory();
+        return -1;
+    }
+    for (Py_ssize_t i = 0; i < fp->n; i++) {
+        FlatRule *r = &fp->rules[i];
+        int holds = 1;
+        Py_ssize_t open = 0;
+        for (Py_ssize_t j = 0; j < r->n && holds == 1; j++) {
+            if (r->conds[j].field < nfixed) holds = cond_holds(&r->conds[j], req);
+            else open++;
+        }
+        if (holds < 0) {
+            PyErr_Clear();
+            PyMem_Free(keep);
+            return 0;
+        }
+        keep[i] = holds;
+        if (!holds) continue;
+        nrules++;
+        nconds += open;
+        if (!open) { /* always decides: nothing after it is reached */
+            for (Py_ssize_t k = i + 1; k < fp->n; k++) keep[k] = 0;
+            break;
+        }
+    }
+    FlatMemoRule *rules = PyMem_Malloc((size_t)(nrules ? nrules : 1) * sizeof(FlatMemoRule) +
+                                       (size_t)nconds * sizeof(FlatMemoCond));
+    if (rules == NULL) {
+        PyMem_Free(keep);
+        PyErr_NoMemory();
+        return -1;
+    }
+    FlatMemoCond *conds = (FlatMemoCond *)(rules + (nrules ? nrules : 1));
+    Py_ssize_t r_at = 0, c_at = 0;
+    for (Py_ssize_t i = 0; i < fp->n && r_at < nrules; i++) {
+        if (!keep[i]) continue;
+        FlatRule *r = &fp->rules[i];
+        FlatMemoRule *mr = &rules[r_at++];
+        mr->decision = r->decision;
+        mr->forwards = r->forwards;
+        mr->audit = r->audit;
+        mr->first = c_at;
+        for (Py_ssize_t j = 0; j < r->n; j++) {
+            FlatCond *c = &r->conds[j];
+            if (c->field < nfixed) continue;
+            FlatMemoCond *mc = &conds[c_at++];
+            mc->cond = c;
+            mc->field = c->field;
+            mc->raw_form = 0;
+            mc->oplen = 0;
+            if ((c->form == FORM_EXACT || c->form == FORM_PREFIX) && PyBytes_CheckExact(c->operand) &&
+                PyBytes_GET_SIZE(c->operand) <= FLAT_MEMO_OP) {
+                mc->raw_form = c->form;
+                mc->oplen = PyBytes_GET_SIZE(c->operand);
+                memcpy(mc->op, PyBytes_AS_STRING(c->operand), (size_t)mc->oplen);
+            }
+        }
+        mr->ncond = c_at - mr->first;
+    }
+    PyMem_Free(keep);
+    for (int k = 0; k < m->nfixed; k++) Py_CLEAR(m->fixed[k]);
+    PyMem_Free(m->rules);
+    m->nfixed = nfixed;
+    for (int k = 0; k < nfixed; k++) {
+        m->fixed[k] = req->fields[k].v[0];
+        Py_INCREF(m->fixed[k]);
+    }
+    m->n = nrules;
+    m->rules = rules;
+    m->conds = conds;
+    return 1;
+}
+
+static int memo_is(const FlatMemo *m, const FlatRequest *req, int nfixed) {
+    if (m->nfixed != nfixed) return 0;
+    for (int k = 0; k < nfixed; k++)
+        if (m->fixed[k] != req->fields[k].v[0]) return 0;
+    return 1;
+}
+
+/* The memo of req's fixed values, found or made; NULL when there is none to be had (no error
+ * set: the whole rules are evaluated instead), or with an exception (memory). */
+static FlatMemo *memo_for(FlatPolicy *fp, const FlatRequest *req, int nfixed) {
+    if (!fp->memoizable || nfixed <= 0 || nfixed > FLAT_MEMO_FIELDS) return NULL;
+    for (int k = 0; k < nfixed; k++)
+        if (req->fields[k].n != 1 || req->fields[k].v == NULL) return NULL;
+    if (memo_is(&fp->memos[fp->memo_last], req, nfixed)) return &fp->memos[fp->memo_last];
+    for (int i = 0; i < FLAT_MEMOS; i++) {
+        if (memo_is(&fp->memos[i], req, nfixed)) {
+            fp->memo_last = i;
+            return &fp->memos[i];
+        }
+    }
+    int slot = fp->memo_next;
+    int got = memo_make(fp, &fp->memos[slot], req, nfixed);
+    if (got <= 0) return NULL;
+    fp->memo_next = (slot + 1) % FLAT_MEMOS;
+    fp->memo_last = slot;
+    return &fp->memos[slot];
+}
+
+/* An open condition on the request: a raw value against a copied operand compared where both
+ * lie, anything else by the condition itself. 1, 0, -1 */
+static int memo_cond_holds(const FlatMemoCond *mc, const FlatRequest *req) {
+    const FlatValues *fv = &req->fields[mc->field];
+    if (mc->raw_form && fv->v == NULL && fv->n == 1) {
+        if (mc->raw_form == FORM_EXACT ? fv->rawlen != mc->oplen : fv->rawlen < mc->oplen) return 0;
+        return memcmp(fv->raw, mc->op, (size_t)mc->oplen) == 0;
+    }
+    return cond_holds(mc->cond, req);
+}
+
+/* The first of the memo's rules whose open conditions hold (NULL: none, otherwise decides), or
+ * NULL with an exception */
+static const FlatMemoRule *memo_first(const FlatMemo *m, const FlatRequest *req) {
+    for (Py_ssize_t i = 0; i < m->n; i++) {
+        const FlatMemoRule *r = &m->rules[i];
+        int holds = 1;
+        for (Py_ssize_t j = 0; j < r->ncond && holds == 1; j++) holds = memo_cond_holds(&m->conds[r->first + j], req);
+        if (holds < 0) return NULL;
+        if (holds) return r;
+    }
+    return NULL;
+}
+
+/* The flat copy, reloaded when ctx.policy or its revision moved: 1 usable, 0 not, -1 */
+static int flat_current(FlatPolicy *fp, PyObject *ctx) {
+    if (!fp->ok) return 0;
+    /* the flat copy holds while ctx.policy is the same object and the store's revision cell
+     * still holds its stamp (LiveConnectionPolicy.l4's revision check, without the call). The
+     * slot is compared without a reference taken: the policy object itself is not touched. */
+    if (fp->policy != NULL && ctx_slots(ctx) && SLOT(ctx, off_policy) == fp->policy &&
+        (fp->cell == NULL || (PyList_GET_SIZE(fp->cell) >= 1 && PyList_GET_ITEM(fp->cell, 0) == fp->stamp)))
+        return fp->usable;
     PyObject *policy = ctx_get_policy(ctx);
     if (policy == NULL) return -1;
-    /* the flat copy holds while ctx.policy is the same object and the store's revision cell
-     * still holds its stamp (LiveConnectionPolicy.l4's revision check, without the call) */
     int stale = policy != fp->policy ||
                 (fp->cell != NULL && (PyList_GET_SIZE(fp->cell) < 1 || PyList_GET_ITEM(fp->cell, 0) != fp->stamp));
     int rc = stale ? flat_load(fp, policy) : 0;
     Py_DECREF(policy);
     if (rc < 0) return -1;
-    if (!fp->usable) return 2;
-    PyObject *decision = fp->always;
-    int forwards = fp->always_forwards;
-    PyObject *obj = NULL;
-    if (decision == NULL) {
-        decision = fp->otherwise;
-        forwards = fp->otherwise_forwards;
+    return fp->usable;
+}
+
+int flat_decide(FlatPolicy *fp, PyObject *ctx, const FlatRequest *req, int nfixed, PyObject **decision, int *audit) {
+    int cur = flat_current(fp, ctx);
+    if (cur <= 0) return cur < 0 ? -1 : 2;
+    if (fp->always != NULL) {
+        *decision = fp->always;
+        *audit = fp->always_audit;
+        return fp->always_forwards;
+    }
+    FlatMemo *m = memo_for(fp, req, nfixed);
+    if (m != NULL) {
+        const FlatMemoRule *r = memo_first(m, req);
+        if (r == NULL && PyErr_Occurred()) return -1;
+        if (r != NULL) {
+            *decision = r->decision;
+            *audit = r->audit;
+            return r->forwards;
+        }
+    } else {
+        if (PyErr_Occurred()) return -1;
+        PyObject *obj = NULL;
         for (Py_ssize_t i = 0; i < fp->n; i++) {
-            int m = rule_holds(&fp->rules[i], req, &obj);
-            if (m < 0 || m == 2) { /* an error, or deferred: nothing was set */
+            int h = rule_holds(&fp->rules[i], req, &obj);
+            if (h < 0 || h == 2) { /* an error, or deferred: nothing was set */
                 Py_XDECREF(obj);
-                return m < 0 ? -1 : 2;
+                return h < 0 ? -1 : 2;
             }
-            if (m) {
-                decision = fp->rules[i].decision;
-                forwards = fp->rules[i].forwards;
-                break;
+            if (h) {
+                Py_XDECREF(obj);
+                *decision = fp->rules[i].decision;
+                *audit = fp->rules[i].audit;
+                return fp->rules[i].forwards;
             }
         }
+        Py_XDECREF(obj);
     }
-    Py_XDECREF(obj);
+    *decision = fp->otherwise;
+    *audit = fp->otherwise_audit;
+    return fp->otherwise_forwards;
+}
+
+int flat_matches(FlatPolicy *fp, PyObject *ctx, const FlatRequest *req) {
+    PyObject *decision;
+    int audit;
+    int forwards = flat_decide(fp, ctx, req, 0, &decision, &audit);
+    if (forwards < 0 || forwards == 2) return forwards;
     /* Context.matches: self.last_decision = decision; return decision.allowed or decision.audit
      * (precomputed as forwards). The decision is borrowed from fp->flat: held across the set. */
     Py_INCREF(decision);
-    rc = ctx_set_last_decision(ctx, decision);
+    int rc = ctx_set_last_decision(ctx, decision);
     Py_DECREF(decision);
     return rc < 0 ? -1 : forwards;
 }

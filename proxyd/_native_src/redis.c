@@ -411,16 +411,22 @@ static int rd_log(Redis *self, PyObject *entry_type, PyObject *fields) { /* stea
 }
 
 /* Whether a forwarded request is only counted by the access log (ctx.quiet_counter(), as
- * memcache.c log_forwarded): an allowed, non-audit decision in ctx.last_decision. Then it is
- * counted here (quiet_pending, added to counts[count_key] by rd_flush_counts) and last_decision
- * reset, as Context.log would, without building the log fields: 1. 0: it is logged; -1. */
-static int rd_quiet(Redis *self) {
-    if (self->counts == NULL) return 0;
-    PyObject *last = ctx_get_last_decision(self->ctx);
-    if (last == NULL) return -1;
-    int audit = last == g_ALLOWED ? 0 : decision_audit(last);
-    Py_DECREF(last);
-    if (audit < 0) return -1;
+ * memcache.c log_forwarded): an allowed, non-audit decision (`decision`, not yet set in ctx,
+ * with its audit flag; or ctx.last_decision when NULL). Then it is counted here (quiet_pending, added to
+ * counts[count_key] by rd_flush_counts) and last_decision left as ALLOWED, as Context.log would
+ * leave it, without building the log fields: 1. 0: it is logged (the decision set); -1. */
+static int rd_quiet(Redis *self, PyObject *decision, int decision_is_audit) {
+    int audit = decision_is_audit;
+    if (decision == NULL) {
+        if (self->counts == NULL) return 0;
+        PyObject *last = ctx_get_last_decision(self->ctx);
+        if (last == NULL) return -1;
+        audit = last == g_ALLOWED ? 0 : decision_audit(last);
+        Py_DECREF(last);
+        if (audit < 0) return -1;
+    } else if (self->counts == NULL || audit) {
+        return ctx_set_last_decision(self->ctx, decision) < 0 ? -1 : 0;
+    }
     if (audit) return 0;
     self->quiet_pending++;
     return ctx_set_last_decision(self->ctx, g_ALLOWED) < 0 ? -1 : 1;
@@ -449,19 +455,28 @@ static int rd_inject(Redis *self, int reply, PyObject *payload) {
     return 0;
 }
 
-/* Context.matches(RedisRequest(name, base, categories, True, key)): through the flat policy
- * (redis_rules.c, policy.c) when it applies, else ctx.matches itself. 1, 0, -1 */
-static int rd_matches(Redis *self, PyObject *name, PyObject *base, PyObject *cats, PyObject *key) {
-    int f = redis_flat_matches(&self->flat, self->ctx, name, base, cats, key);
+/* One question, Context.matches(RedisRequest(name, base, categories, True, key)), through the
+ * flat policy when it applies, else ctx.matches itself: 1, 0, -1. The key is raw (kp, kn, made
+ * into bytes in *made only when needed), an object (key), or none. *decision: the flat
+ * decision, not yet set as ctx.last_decision (borrowed: set it before anything may run
+ * Python), with *audit its audit flag; or NULL when ctx.matches has set it. */
+static int rd_decide(Redis *self, TEntry *t, const char *kp, Py_ssize_t kn, PyObject *key, PyObject **made,
+                     PyObject **decision, int *audit) {
+    int f = redis_flat_decide(&self->flat, self->ctx, t->name, t->base, t->cats, key, kp, kn, made, decision, audit);
     if (f != 2) return f;
-    PyObject *req = redis_request(name, base, cats, key);
+    *decision = NULL;
+    if (key == NULL && kp != NULL) {
+        if (*made == NULL && (*made = PyBytes_FromStringAndSize(kp, kn)) == NULL) return -1;
+        key = *made;
+    }
+    PyObject *req = redis_request(t->name, t->base, t->cats, key);
     if (req == NULL) return -1;
     PyObject *r = PyObject_CallMethodOneArg(self->ctx, s_matches, req);
     Py_DECREF(req);
     if (r == NULL) return -1;
-    int t = PyObject_IsTrue(r);
+    int v = PyObject_IsTrue(r);
     Py_DECREF(r);
-    return t;
+    return v;
 }
 
 /* --- requests (parser.py _on_request / _requests, _judge, _commit for plain commands) --------- */
@@ -601,29 +616,38 @@ static int rd_request_loop(Redis *self, PyObject *buf, long long *n) {
                 }
             }
         }
-        /* then one question per key (or one keyless), stopping at a refusal */
-        /* the keys as bytes, once made: one key (the common case) as itself, its tuple made
-         * only for a log entry; more as a tuple */
-        PyObject *key1 = NULL, *keys = NULL;
-        int allowed = 1;
+        /* then one question per key (or one keyless), stopping at a refusal. One key (the
+         * common case) is asked about raw, made into bytes only when a condition or the log
+         * needs them (key1); more keys as a tuple, each question's decision set at once. */
+        PyObject *key1 = NULL, *keys = NULL, *decision = NULL;
+        int allowed = 1, audit = 0;
         if (t.mode == 1 || t.mode == 2) {
-            if (nk == 1 && (key1 = PyBytes_FromStringAndSize(d + kstart[0], klen[0])) == NULL) return -1;
             if (nk > 1 && (keys = keys_tuple(d, kstart, klen, nk)) == NULL) return -1;
-            /* d is not read after this point: the policy may call Python */
-            if (nk == 0) {
-                allowed = rd_matches(self, t.name, t.base, t.cats, NULL);
-            } else if (nk == 1) {
-                allowed = rd_matches(self, t.name, t.base, t.cats, key1);
+            if (nk <= 1) {
+                allowed = rd_decide(self, &t, nk ? d + kstart[0] : NULL, nk ? klen[0] : 0, NULL, &key1, &decision, &audit);
             } else {
-                for (Py_ssize_t i = 0; i < nk && allowed == 1; i++)
-                    allowed = rd_matches(self, t.name, t.base, t.cats, PyTuple_GET_ITEM(keys, i));
+                for (Py_ssize_t i = 0; i < nk && allowed == 1; i++) {
+                    allowed = rd_decide(self, &t, NULL, 0, PyTuple_GET_ITEM(keys, i), &key1, &decision, &audit);
+                    if (allowed >= 0 && decision != NULL && ctx_set_last_decision(self->ctx, decision) < 0) allowed = -1;
+                    decision = NULL;
+                }
             }
         } /* else always allowed: no question */
         if (allowed < 0) {
             DROP_KEYS();
             return -1;
         }
+        /* the single key as bytes when the request will be logged (denied, or an audit or
+         * uncounted decision), read while the buffer is as it was. Still raw here means the
+         * flat policy decided (decision set). */
+        if (nk == 1 && key1 == NULL && (!allowed || self->counts == NULL || audit)) {
+            if ((key1 = PyBytes_FromStringAndSize(d + kstart[0], klen[0])) == NULL) return -1;
+        }
         if (!allowed) {
+            if (decision != NULL && ctx_set_last_decision(self->ctx, decision) < 0) {
+                DROP_KEYS();
+                return -1;
+            }
             if (base) {
                 DROP_KEYS();
                 *n = base; /* the next call decides this command again, from the head */
@@ -660,9 +684,13 @@ static int rd_request_loop(Redis *self, PyObject *buf, long long *n) {
          * more reply owed */
         if (t.mode == 3) self->in_multi = 1;
         else if (t.mode == 4) self->in_multi = 0;
-        int quiet = rd_quiet(self); /* the log's count, or its entry (lazy fields, steal keys) */
+        int quiet = rd_quiet(self, decision, audit); /* the log's count, or its entry (lazy fields, steal keys) */
         if (quiet != 0) {
             DROP_KEYS();
+        } else if (nk == 1 && key1 == NULL) { /* an audit decision: ctx.last_decision was read */
+            DROP_KEYS();
+            PyErr_SetString(PyExc_RuntimeError, "redis parser: a logged key was not kept");
+            return -1;
         } else if (key1 != NULL && (keys = PyTuple_Pack(1, key1)) == NULL) {
             DROP_KEYS();
             return -1;

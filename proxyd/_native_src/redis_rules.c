@@ -22,17 +22,53 @@ PyObject *redis_request(PyObject *name, PyObject *base, PyObject *cats, PyObject
 typedef struct {
     FlatRequest base;
     PyObject *name, *cmd_base, *cats, *key;
+    const FlatValues *raw; /* the key, when it came raw (key NULL) */
 } RdFlatRequest;
 
 static PyObject *rd_flat_build(const FlatRequest *r) {
     const RdFlatRequest *q = (const RdFlatRequest *)r;
-    return redis_request(q->name, q->cmd_base, q->cats, q->key);
+    PyObject *key = q->key;
+    if (key == NULL && q->raw != NULL) {
+        if (*q->raw->made == NULL && (*q->raw->made = PyBytes_FromStringAndSize(q->raw->raw, q->raw->rawlen)) == NULL)
+            return NULL;
+        key = *q->raw->made;
+    }
+    return redis_request(q->name, q->cmd_base, q->cats, key);
 }
 
 int redis_flat_matches(FlatPolicy *fp, PyObject *ctx, PyObject *name, PyObject *base, PyObject *cats,
                        PyObject *key) {
     PyObject *known = Py_True; /* the twin only decides commands of the table */
     FlatValues fields[4] = {{&name, 1}, {&base, 1}, {&known, 1}, {key ? &key : NULL, key ? 1 : 0}};
-    RdFlatRequest req = {{fields, rd_flat_build}, name, base, cats, key};
+    RdFlatRequest req = {{fields, rd_flat_build}, name, base, cats, key, NULL};
     return flat_matches(fp, ctx, &req.base);
+}
+
+/* The command's fields (name, base, known) are fixed by its table entry: flat_decide remembers
+ * the rules they leave, per connection, and only the key is compared per request. */
+int redis_flat_decide(FlatPolicy *fp, PyObject *ctx, PyObject *name, PyObject *base, PyObject *cats, PyObject *key,
+                      const char *kp, Py_ssize_t kn, PyObject **made, PyObject **decision, int *audit) {
+    PyObject *known = Py_True;
+    /* set member by member: an initializer would zero the whole of both structs first (a rep
+     * stos as long as the rest of the question); raw, rawlen and made are read only when v is
+     * NULL */
+    FlatValues fields[4];
+    fields[0].v = &name;
+    fields[1].v = &base;
+    fields[2].v = &known;
+    fields[0].n = fields[1].n = fields[2].n = 1;
+    fields[3].v = key != NULL ? &key : NULL;
+    fields[3].n = key != NULL || kp != NULL;
+    fields[3].raw = kp;
+    fields[3].rawlen = kn;
+    fields[3].made = made;
+    RdFlatRequest req;
+    req.base.fields = fields;
+    req.base.build = rd_flat_build;
+    req.name = name;
+    req.cmd_base = base;
+    req.cats = cats;
+    req.key = key;
+    req.raw = key == NULL && kp != NULL ? &fields[3] : NULL;
+    return flat_decide(fp, ctx, &req.base, 3, decision, audit);
 }

@@ -471,12 +471,10 @@ static int half_read_once(Half *h) {
     if (p->engine == NULL) {
         half_write(&p->h[!h->idx], buf, (size_t)n);
     } else {
-        PyObject *data = PyBytes_FromStringAndSize(buf, n);
         PyObject *eng = p->engine;
         Py_INCREF(eng);
-        if (data == NULL || engine_relay_read(eng, h->idx, data) < 0) PyErr_WriteUnraisable(eng);
+        if (engine_relay_read(eng, h->idx, buf, n) < 0) PyErr_WriteUnraisable(eng);
         Py_DECREF(eng);
-        Py_XDECREF(data);
     }
     if (p->werr) return 0; /* a write failed: handled once the dispatch returns */
     return n == RBUF_SIZE;
