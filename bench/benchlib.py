@@ -9,6 +9,7 @@ from __future__ import annotations
 import os
 import signal
 import socket
+import statistics
 import subprocess
 import time
 import urllib.request
@@ -90,3 +91,43 @@ class Procs:
             except subprocess.TimeoutExpired:
                 p.kill()
                 p.wait()
+
+
+def combine_rounds(
+    rounds: dict[str, list[dict[str, Any]]], base: str, rate: str, cpu: str
+) -> dict[str, dict[str, Any]]:
+    """Each target's medians over interleaved rounds, with its ratios to ``base`` round by round.
+
+    Targets run one after another, so a neighbour's burst lands on one of them: a ratio between
+    two single runs here moved by up to 13 %. Running every target once per round, in turn, and
+    taking medians (of each number, and of the per-round ratios to ``base``) keeps one burst
+    from deciding. A number-valued field gives its median, a dict of numbers its median per key;
+    ``ratio_rounds``/``cpu_ratio_rounds`` list the per-round ratios (a target that ran fewer
+    rounds is compared with the base's first ones), ``ratio``/``cpu_ratio`` are their medians.
+    """
+    out: dict[str, dict[str, Any]] = {}
+    for name, runs in rounds.items():
+        pairs = list(zip(runs, rounds[base], strict=False))
+        merged: dict[str, Any] = {}
+        for key in runs[0]:
+            values = [r[key] for r in runs if key in r]
+            if all(isinstance(v, (int, float)) for v in values):
+                merged[key] = statistics.median(values)
+            elif all(isinstance(v, dict) for v in values):
+                keys = sorted({k for v in values for k in v})
+                merged[key] = {k: statistics.median(v.get(k, 0.0) for v in values) for k in keys}
+            else:
+                merged[key] = values[0]
+        merged["ratio_rounds"] = [r[rate] / b[rate] for r, b in pairs if b[rate]]
+        merged["cpu_ratio_rounds"] = [r[cpu] / b[cpu] for r, b in pairs if b[cpu]]
+        merged["ratio"] = statistics.median(merged["ratio_rounds"])
+        merged["cpu_ratio"] = statistics.median(merged["cpu_ratio_rounds"])
+        merged["rounds"] = len(runs)
+        out[name] = merged
+    return out
+
+
+def each_round(values: list[float]) -> str:
+    """Per-round ratios for a table cell: ``0.98 / 1.08 / 0.84``."""
+    return " / ".join(f"{x:.2f}" for x in values)
+

@@ -6,8 +6,8 @@ One run starts everything on free loopback ports, measures each target with wrk,
 everything and prints a markdown table (also written to ``bench/results/http-<date>.md``, with
 a PNG drawn by ``bench/plot.py``)::
 
-    flock /tmp/proxyd-bench.lock python bench/http.py            # 10 s per target
-    flock /tmp/proxyd-bench.lock python bench/http.py --quick    # 3 s per target
+    flock /tmp/proxyd-bench.lock python bench/http.py            # 10 s per target, 3 rounds
+    flock /tmp/proxyd-bench.lock python bench/http.py --quick    # 3 s per target, 1 round
     flock /tmp/proxyd-bench.lock python bench/http.py --close    # Connection: close: churn
 
 What runs:
@@ -25,6 +25,8 @@ What runs:
   to close); CPU per request is then CPU per connection.
 - CPU per request: utime+stime of the proxy process (nginx's for direct) from /proc/PID/stat,
   before and after, divided by the requests wrk completed.
+- Rounds (``--rounds``, 3 by default): every target runs once per round, in turn; the table
+  gives medians and each round's ratio to HAProxy (the pure path runs in the first round only).
 - Before measuring, each L7 target is checked to allow ``GET /public/a.txt`` and deny
   ``DELETE /public/a.txt`` with a 403.
 
@@ -55,7 +57,7 @@ import urllib.request  # noqa: F401  (the standard http package, before bench/ g
 from typing import Any
 
 sys.path.append(str(_HERE))  # last, for benchlib
-from benchlib import Procs, cpu_seconds, free_port, wait_ready
+from benchlib import Procs, combine_rounds, cpu_seconds, each_round, free_port, wait_ready
 
 REPO = Path(__file__).resolve().parent.parent
 
@@ -229,6 +231,7 @@ def main() -> None:
     ap.add_argument("--seconds", type=float, default=10.0)
     ap.add_argument("--quick", action="store_true", help="3 s per target")
     ap.add_argument("--connections", type=int, default=50)
+    ap.add_argument("--rounds", type=int, default=3, help="interleaved rounds of every target (medians reported)")
     ap.add_argument("--proxyd-src", type=Path, action="append", default=[],
                     help="also measure proxyd from this source tree (repeatable), e.g. main for before/after")
     ap.add_argument("--close", action="store_true",
@@ -238,6 +241,9 @@ def main() -> None:
     ap.add_argument("--out", type=Path, default=REPO / "bench" / "results")
     args = ap.parse_args()
     seconds = 3.0 if args.quick else args.seconds
+    if args.quick:
+        args.rounds = 1
+    load_before = " ".join(f"{x:.2f}" for x in os.getloadavg())
     for b in ("nginx", "haproxy", "wrk"):
         if shutil.which(b) is None:
             sys.exit(f"{b} not found (Debian packages nginx, haproxy, wrk; ./dev test installs them)")
@@ -310,20 +316,23 @@ def main() -> None:
         for tag, l4_port, l4_pid, http_port, http_pid in proxyds:
             targets += [(f"proxyd L4{tag}", l4_port, l4_pid), (f"proxyd http + rules.http{tag}", http_port, http_pid)]
         targets += pure
-        results: dict[str, dict[str, Any]] = {}
-        for name, port, pid in targets:
-            run_wrk(port, 1, args.connections, args.close)  # warm up (connections, caches)
-            c0 = cpu_seconds(pid)
-            res = run_wrk(port, seconds, args.connections, args.close)
-            res["cpu_us"] = (cpu_seconds(pid) - c0) / max(res["requests"], 1) * 1e6
-            results[name] = res
-            print(f"{name}: {res['rps']:,.0f} req/s, {res['cpu_us']:.1f} us CPU/req", file=sys.stderr)
-            if args.close:
-                time.sleep(1)  # let TIME_WAIT and the proxies' closes settle between targets
+        rounds: dict[str, list[dict[str, Any]]] = {name: [] for name, _, _ in targets}
+        for k in range(args.rounds):
+            for name, port, pid in targets:
+                if k and "PURE" in name:
+                    continue  # the pure path is far from every floor: one round tells it
+                run_wrk(port, 1, args.connections, args.close)  # warm up (connections, caches)
+                c0 = cpu_seconds(pid)
+                res = run_wrk(port, seconds, args.connections, args.close)
+                res["cpu_us"] = (cpu_seconds(pid) - c0) / max(res["requests"], 1) * 1e6
+                rounds[name].append(res)
+                print(f"round {k + 1} {name}: {res['rps']:,.0f} req/s, {res['cpu_us']:.1f} us CPU/req", file=sys.stderr)
+                if args.close:
+                    time.sleep(1)  # let TIME_WAIT and the proxies' closes settle between targets
+        results = combine_rounds(rounds, "HAProxy mode http + ACL", "rps", "cpu_us")
     finally:
         procs.stop_all()
 
-    base = results["HAProxy mode http + ACL"]
     date = dt.date.today().isoformat()
     mode = "Connection: close (a new connection per request; CPU per request = CPU per connection)" if args.close else "keep-alive"
     lines = [
@@ -331,15 +340,16 @@ def main() -> None:
         "",
         f"wrk -t1 -c{args.connections} -d{seconds:g}s, {mode} GET /public/a.txt (9 bytes) from nginx; "
         f"{platform.machine()}, {os.cpu_count()} cores, Python {platform.python_version()}; ratios to HAProxy in this run; "
-        f"load average {' '.join(f'{x:.1f}' for x in os.getloadavg())} at the end.",
+        f"load average {load_before} before, {' '.join(f'{x:.2f}' for x in os.getloadavg())} at the end. "
+        f"{args.rounds} rounds, the targets interleaved (the pure path in the first only): medians, and each round's ratio to HAProxy.",
         "",
-        f"| {args.connections} connections | req/s | x HAProxy | CPU us/{'conn' if args.close else 'req'} | x HAProxy | p50 ms | non-2xx |",
-        "|---|---:|---:|---:|---:|---:|---:|",
+        f"| {args.connections} connections | req/s | x HAProxy | each round | CPU us/{'conn' if args.close else 'req'} | x HAProxy | each round | p50 ms | non-2xx |",
+        "|---|---:|---:|---|---:|---:|---|---:|---:|",
     ]
     for name, r in results.items():
         lines.append(
-            f"| {name} | {r['rps']:,.0f} | {r['rps'] / base['rps']:.2f} | {r['cpu_us']:.1f} | "
-            f"{r['cpu_us'] / base['cpu_us']:.2f} | {r.get('p50_ms', float('nan')):.2f} | {r['non2xx']} |"
+            f"| {name} | {r['rps']:,.0f} | {r['ratio']:.2f} | {each_round(r['ratio_rounds'])} | {r['cpu_us']:.1f} | "
+            f"{r['cpu_ratio']:.2f} | {each_round(r['cpu_ratio_rounds'])} | {r.get('p50_ms', float('nan')):.2f} | {r['non2xx']} |"
         )
     report = "\n".join(lines) + "\n"
     print(report)
@@ -355,7 +365,7 @@ def main() -> None:
         sys.modules["plot"] = plot
         spec.loader.exec_module(plot)
         Row, write_ratio_png = plot.Row, plot.write_ratio_png
-        rows = [Row(n, r["rps"], r["rps"] / base["rps"], r["cpu_us"]) for n, r in results.items()]
+        rows = [Row(n, r["rps"], r["ratio"], r["cpu_us"]) for n, r in results.items()]
         write_ratio_png(args.out / f"http-{date}{suffix}.png", f"http, {args.connections} connections (wrk{', Connection: close' if args.close else ''})", rows,
                         baseline="HAProxy mode http + ACL", unit="req/s", cpu_unit="CPU us/req")  # fmt: skip
     except ImportError as exc:

@@ -34,7 +34,6 @@ import datetime as dt
 import os
 import platform
 import shutil
-import statistics
 import subprocess
 import sys
 import tempfile
@@ -49,7 +48,7 @@ sys.path[:] = [p for p in sys.path if os.path.abspath(p or ".") != _BENCH]
 import urllib.request  # noqa: E402, F401
 
 sys.path.insert(0, _BENCH)
-from benchlib import Procs, cpu_seconds, exchange, free_port  # noqa: E402
+from benchlib import Procs, combine_rounds, cpu_seconds, each_round, exchange, free_port  # noqa: E402
 from memcache import fmt, start_proxyd, version, wait_port  # noqa: E402
 
 REPO = Path(__file__).resolve().parent.parent
@@ -153,36 +152,13 @@ def run_benchmark(port: int, pid: int, tests: str, requests: int, pipeline: int,
     return {"rps": rps, "tps": sum(rps.values()) / max(1, len(rps)), "cpu_us_op": cpu * 1e6 / max(1, done), "wall": wall}
 
 
-def combine_rounds(rounds: dict[str, list[dict[str, Any]]], base: str) -> dict[str, dict[str, Any]]:
-    """Each target's median over interleaved rounds, with its ratio to ``base`` per round.
-
-    Targets run one after another, so a neighbour's burst lands on one of them: a ratio between
-    two single runs moved by up to 13 % here. Interleaving the targets round by round and taking
-    medians (of rates, CPU per op, and the per-round ratios) keeps one burst from deciding.
-    """
-    out: dict[str, dict[str, Any]] = {}
-    for name, runs in rounds.items():
-        per_round = [r["tps"] / b["tps"] for r, b in zip(runs, rounds[base], strict=False) if b["tps"]]
-        cpu_round = [r["cpu_us_op"] / b["cpu_us_op"] for r, b in zip(runs, rounds[base], strict=False) if b["cpu_us_op"]]
-        tests = sorted({t for r in runs for t in r["rps"]})
-        out[name] = {
-            "rps": {t: statistics.median(r["rps"].get(t, 0.0) for r in runs) for t in tests},
-            "tps": statistics.median(r["tps"] for r in runs),
-            "cpu_us_op": statistics.median(r["cpu_us_op"] for r in runs),
-            "ratio_rounds": per_round,
-            "cpu_ratio_rounds": cpu_round,
-            "rounds": len(runs),
-        }
-    return out
-
-
 def write_png(path: Path, rows: dict[str, dict[str, Any]], title: str, when: str) -> Path | None:
     try:
         from plot import Row, write_ratio_png
     except ImportError as e:  # matplotlib comes with the [test] extra
         print(f"no PNG: {e}")
         return None
-    table = [Row(name, r["tps"], statistics.median(r["ratio_rounds"]), r["cpu_us_op"]) for name, r in rows.items()]
+    table = [Row(name, r["tps"], r["ratio"], r["cpu_us_op"]) for name, r in rows.items()]
     return write_ratio_png(path, title, table, note=when)
 
 
@@ -245,7 +221,7 @@ def main() -> int:
                         r = run_benchmark(port, pid, "set,get", n, int(pipe), args.conns)
                         rounds[name].append(r)
                         print(f"-P {pipe:>2} round {k + 1} {name:24} {r['tps']:>12,.0f} ops/s  {r['cpu_us_op']:6.2f} us/op  {r['rps']}")
-                results[pipe] = combine_rounds(rounds, "HAProxy")
+                results[pipe] = combine_rounds(rounds, "HAProxy", "tps", "cpu_us_op")
         finally:
             procs.stop_all()
     lines = [
@@ -267,12 +243,10 @@ def main() -> int:
             "|---|---:|---:|---:|---:|---|---:|---:|---|",
         ]
         for name, r in rows.items():
-            each = " / ".join(f"{x:.2f}" for x in r["ratio_rounds"])
-            each_cpu = " / ".join(f"{x:.2f}" for x in r["cpu_ratio_rounds"])
             lines.append(
                 f"| {name} | {fmt(r['rps'].get('SET'))} | {fmt(r['rps'].get('GET'))} | {fmt(r['tps'])} "
-                f"| {statistics.median(r['ratio_rounds']):.2f} | {each} "
-                f"| {fmt(r['cpu_us_op'], 2)} | {statistics.median(r['cpu_ratio_rounds']):.2f} | {each_cpu} |"
+                f"| {r['ratio']:.2f} | {each_round(r['ratio_rounds'])} "
+                f"| {fmt(r['cpu_us_op'], 2)} | {r['cpu_ratio']:.2f} | {each_round(r['cpu_ratio_rounds'])} |"
             )
         lines.append("")
     report = "\n".join(lines)

@@ -128,3 +128,24 @@ def test_every_bench_script_draws_its_table() -> None:
         "`from plot import Row, write_ratio_png` and write_ratio_png(out.with_suffix('.png'), title, "
         "[Row(name, ops_s, ratio_to_haproxy, cpu_us_op), ...]) (see bench/memcache.py's write_png)"
     )
+
+
+def test_rounds_combine_into_medians_and_per_round_ratios() -> None:
+    """bench/benchlib.combine_rounds: the table's numbers are medians over interleaved rounds."""
+    benchlib = _load("benchlib")
+    def run(tps: float, cpu: float, get: float) -> dict[str, object]:
+        return {"tps": tps, "cpu": cpu, "rps": {"GET": get}}
+
+    rounds = {
+        "HAProxy": [run(100.0, 2.0, 90.0), run(200.0, 1.0, 190.0), run(100.0, 1.0, 110.0)],
+        "proxyd": [run(90.0, 2.0, 80.0), run(220.0, 1.5, 200.0), run(80.0, 1.0, 70.0)],
+        "pure": [run(10.0, 20.0, 10.0)],
+    }
+    got = benchlib.combine_rounds(rounds, "HAProxy", "tps", "cpu")
+    assert got["proxyd"]["tps"] == 90.0 and got["proxyd"]["rps"] == {"GET": 80.0}
+    assert got["proxyd"]["ratio_rounds"] == [0.9, 1.1, 0.8] and got["proxyd"]["ratio"] == 0.9
+    assert got["proxyd"]["cpu_ratio_rounds"] == [1.0, 1.5, 1.0] and got["proxyd"]["cpu_ratio"] == 1.0
+    assert got["HAProxy"]["ratio"] == 1.0 and got["HAProxy"]["rounds"] == 3
+    # a target run in the first round only is compared with the base's first round
+    assert got["pure"]["ratio_rounds"] == [0.1] and got["pure"]["rounds"] == 1
+    assert benchlib.each_round(got["proxyd"]["ratio_rounds"]) == "0.90 / 1.10 / 0.80"
