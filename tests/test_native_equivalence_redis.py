@@ -362,3 +362,53 @@ def test_the_redis_twin_decides_through_the_flat_form() -> None:
     assert runs["native"][0][False] == b"GET a1\r\nGET b1\r\nSTRLEN b2\r\nMGET b1 b3\r\nSET z 1\r\n"
     assert runs["python"][2] > 0
     assert runs["native"][2] == 0  # every decision from the flat form (category, regex, prefix, exact)
+
+
+# --- the twin's per-command memos (policy.c flat_decide) ---------------------------------------
+
+# Twelve commands, more than the eight a connection remembers: the memos' slots are taken over
+# while the connection runs, and a reload half way drops them all.
+MEMO_COMMANDS = [
+    b"GET {k}", b"SET {k} v", b"STRLEN {k}", b"APPEND {k} v", b"INCR {k}", b"DECR {k}",
+    b"EXISTS {k}", b"TYPE {k}", b"TTL {k}", b"PTTL {k}", b"GETDEL {k}", b"INCRBY {k} 2",
+]  # fmt: skip
+
+
+def _memo_doc(prefix: str) -> str:
+    names = ", ".join(c.split()[0].decode().lower() for c in MEMO_COMMANDS)
+    rules = [f'{{command: "{n}", keyPrefix: "{prefix}"}}' for n in names.split(", ")]
+    rules.append('{command: "@admin"}')  # evaluated for every command, never holding
+    return policy_doc("redis", "rd", 6379, rules)
+
+
+@pytest.mark.parametrize("audit", [False, True])
+@pytest.mark.parametrize("mode", ["denied", "all"])
+def test_memos_taken_over_and_dropped_decide_as_the_reference(mode: str, audit: bool, tmp_path: Any) -> None:
+    """Each command asked twice per pass, with an allowed and a denied key; the second pass runs
+    under the reloaded policy (the other prefix allowed), and the key sits raw in the read.
+    Audit mode forwards what would be denied, logged with the key the memo left raw."""
+    sched: Schedule = []
+    for allowed in ("ok:", "no:"):
+        for rep in range(2):
+            for cmd in MEMO_COMMANDS:
+                for prefix in ("ok:", "no:"):
+                    key = f"{prefix}{rep}".encode()
+                    sched.append((False, cmd.replace(b"{k}", key) + b"\r\n"))
+                    sched.append((True, b":1\r\n" if prefix == allowed else b""))
+    docs = [_memo_doc("ok:"), _memo_doc("no:")]
+    native = run_live_redis("native", docs, audit, mode, sched, tmp_path)
+    assert native == run_live_redis("python", docs, audit, mode, sched, tmp_path)
+    counts, (to_client, to_server), lines, error = native
+    if audit:
+        assert error is None and b"-NOPERM" not in to_client
+        assert to_server.count(b"ok:") == to_server.count(b"no:") == 4 * len(MEMO_COMMANDS)
+        assert sum(1 for line in lines if line["verdict"] == "audit") == 4 * len(MEMO_COMMANDS)
+        return
+    n = 4 * len(MEMO_COMMANDS)  # denied, and forwarded: half of each pass
+    assert error is None
+    assert counts == {("redis", "forwarded"): n, ("redis", "denied"): n}
+    assert to_client.count(b"-NOPERM") == n
+    assert to_server.count(b"ok:") == to_server.count(b"no:") == n // 2
+    denied = [line["fields"]["keys"][0][:3] for line in lines if line["verdict"] == "denied"]
+    assert denied == (["no:"] * (n // 2) + ["ok:"] * (n // 2))
+    assert len(lines) == (n if mode == "denied" else 2 * n)
