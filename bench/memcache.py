@@ -507,7 +507,8 @@ def write_png(path: Path, results: dict[str, Any], when: str, depth: int = 1) ->
         print(f"no PNG: {e}")
         return None
     conns, rows = max(points, key=lambda p: p[0])
-    table = [Row("memcached direct" if name == "direct" else name, r["tps"], r["ratio"], r["cpu_us_op"])
+    base = rows["HAProxy"]["tps"]  # rows from combine_rounds carry their median ratio
+    table = [Row("memcached direct" if name == "direct" else name, r["tps"], r.get("ratio", r["tps"] / base), r["cpu_us_op"])
              for name, r in rows.items()]  # fmt: skip
     inflight = "" if depth == 1 else f" x {depth} in flight"
     return write_ratio_png(path, f"memcache, {conns} connections{inflight} (90 % get)", table, note=when)

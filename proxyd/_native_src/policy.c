@@ -86,13 +86,19 @@ static Py_ssize_t slot_offset(PyTypeObject *tp, const char *name) {
     return m->offset;
 }
 
-static int ctx_slots(PyObject *ctx) {
+static int ctx_slots_first(PyObject *ctx) {
     if (g_Context == NULL || Py_TYPE(ctx) != (PyTypeObject *)g_Context) return 0;
     if (off_policy == 0) {
         off_policy = slot_offset((PyTypeObject *)g_Context, "policy");
         off_last = slot_offset((PyTypeObject *)g_Context, "last_decision");
     }
     return off_policy > 0 && off_last > 0;
+}
+
+/* asked several times per request: the common answer inline, the first look-up out of line */
+static inline int ctx_slots(PyObject *ctx) {
+    if (off_policy > 0 && off_last > 0 && g_Context != NULL && Py_TYPE(ctx) == (PyTypeObject *)g_Context) return 1;
+    return ctx_slots_first(ctx);
 }
 
 #define SLOT(o, off) (*(PyObject **)((char *)(o) + (off)))
@@ -640,7 +646,9 @@ static int memo_cond_holds(const FlatMemoCond *mc, const FlatRequest *req) {
     const FlatValues *fv = &req->fields[mc->field];
     if (mc->raw_form && fv->v == NULL && fv->n == 1) {
         if (mc->raw_form == FORM_EXACT ? fv->rawlen != mc->oplen : fv->rawlen < mc->oplen) return 0;
-        return memcmp(fv->raw, mc->op, (size_t)mc->oplen) == 0;
+        for (Py_ssize_t i = 0; i < mc->oplen; i++) /* at most FLAT_MEMO_OP bytes: no call */
+            if (fv->raw[i] != mc->op[i]) return 0;
+        return 1;
     }
     return cond_holds(mc->cond, req);
 }

@@ -28,6 +28,15 @@ long long resp_plain_len(const char *d, Py_ssize_t a, Py_ssize_t b) {
  * type byte, not "\r"): the value with *cr at the "\r", or -1 */
 static inline long long digits_cr(const char *d, Py_ssize_t a, Py_ssize_t to, Py_ssize_t have, Py_ssize_t *cr) {
     if (to > have) to = have;
+    /* one or two digits and "\r" (an argument count, a short argument's length): no loop */
+    if (a + 1 < to && d[a + 1] == '\r' && d[a] >= '0' && d[a] <= '9') {
+        *cr = a + 1;
+        return d[a] - '0';
+    }
+    if (a + 2 < to && d[a + 2] == '\r' && d[a] >= '1' && d[a] <= '9' && d[a + 1] >= '0' && d[a + 1] <= '9') {
+        *cr = a + 2;
+        return (d[a] - '0') * 10 + (d[a + 1] - '0');
+    }
     unsigned long long v = 0; /* unsigned: a 19th digit wraps harmlessly, and is refused */
     Py_ssize_t i = a;
     for (; i < to && d[i] >= '0' && d[i] <= '9'; i++) v = v * 10 + (unsigned)(d[i] - '0');
