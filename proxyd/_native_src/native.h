@@ -206,6 +206,8 @@ int flat_matches(FlatPolicy *fp, PyObject *ctx, const FlatRequest *req);
  * known): the conditions on them are evaluated once per connection for those objects and
  * remembered, so a request costs only its conditions on the other fields (docs/native.md). */
 int flat_decide(FlatPolicy *fp, PyObject *ctx, const FlatRequest *req, int nfixed, PyObject **decision, int *audit);
+/* A raw value (v NULL) as bytes, made once into *fv->made: borrowed, or NULL with an exception */
+PyObject *flat_raw_bytes(const FlatValues *fv);
 /* A Context's (Py_TYPE(ctx) == g_Context: fixed __slots__ layout) last_decision, read and set
  * through its slot as the member descriptor would, without the attribute lookup: new
  * reference or NULL with an exception; 0 or -1. Any other ctx goes through getattr/setattr. */
@@ -232,12 +234,10 @@ Py_ssize_t resp_flat_array(const char *d, Py_ssize_t have, Py_ssize_t pos, Py_ss
 
 /* redis_rules.c: the request side of rules.py */
 extern const char *const REDIS_FIELDS[]; /* the flat fields of a redis request (FlatPolicy schema) */
-/* ctx.matches(RedisRequest(name, base, cats, True, key)) through the flat policy (key NULL:
- * keyless): 1, 0, -1, or 2 when it does not apply (nothing set: the caller calls ctx.matches) */
-int redis_flat_matches(FlatPolicy *fp, PyObject *ctx, PyObject *name, PyObject *base, PyObject *cats,
-                       PyObject *key);
-/* The same question through flat_decide (nothing set in ctx): the key as an object (key), raw
- * (kp, kn; made into bytes in *made if a condition needs the object), or none (both NULL) */
+/* ctx.matches(RedisRequest(name, base, cats, True, key)) through flat_decide (nothing set in
+ * ctx): 1, 0, -1, or 2 when it does not apply (the caller calls ctx.matches). The key as an
+ * object (key), raw (kp, kn; made into bytes in *made if a condition needs the object), or
+ * none (both NULL: keyless) */
 int redis_flat_decide(FlatPolicy *fp, PyObject *ctx, PyObject *name, PyObject *base, PyObject *cats, PyObject *key,
                       const char *kp, Py_ssize_t kn, PyObject **made, PyObject **decision, int *audit);
 PyObject *redis_request(PyObject *name, PyObject *base, PyObject *cats, PyObject *key);

@@ -36,7 +36,6 @@ typedef struct FlatRule {
     int audit;          /* decision.audit */
 } FlatRule;
 
-
 /* A regex answer is a pure function of (compiled regex, anchor, value); clients reuse keys,
  * and one RE2 call through its Python binding costs thousands of instructions. One table of
  * answers per (Match, anchor) for the process, shared by every connection whose policy holds
@@ -478,22 +477,25 @@ static int cond_passes(FlatCond *c, PyObject *v) {
     }
 }
 
-/* Value j of fv as an object: borrowed from fv, or the raw bytes made once into *fv->made */
-static PyObject *value_at(const FlatValues *fv, Py_ssize_t j) {
-    if (fv->v != NULL) return fv->v[j];
+PyObject *flat_raw_bytes(const FlatValues *fv) {
     if (*fv->made == NULL) *fv->made = PyBytes_FromStringAndSize(fv->raw, fv->rawlen);
     return *fv->made;
+}
+
+/* exact or prefix of a raw value against bytes op[0:k], compared where both lie */
+static inline int raw_passes(int form, const FlatValues *fv, const char *op, Py_ssize_t k) {
+    if (form == FORM_EXACT ? fv->rawlen != k : fv->rawlen < k) return 0;
+    for (Py_ssize_t i = 0; i < k; i++) /* keys and operands are short: no call */
+        if (fv->raw[i] != op[i]) return 0;
+    return 1;
 }
 
 /* cond_passes on value j of fv; a raw value against a bytes operand of exact or prefix is
  * compared where it lies */
 static int cond_passes_at(FlatCond *c, const FlatValues *fv, Py_ssize_t j) {
-    if (fv->v == NULL && (c->form == FORM_EXACT || c->form == FORM_PREFIX) && PyBytes_CheckExact(c->operand)) {
-        Py_ssize_t k = PyBytes_GET_SIZE(c->operand);
-        if (c->form == FORM_EXACT ? fv->rawlen != k : fv->rawlen < k) return 0;
-        return memcmp(fv->raw, PyBytes_AS_STRING(c->operand), (size_t)k) == 0;
-    }
-    PyObject *v = value_at(fv, j);
+    if (fv->v == NULL && (c->form == FORM_EXACT || c->form == FORM_PREFIX) && PyBytes_CheckExact(c->operand))
+        return raw_passes(c->form, fv, PyBytes_AS_STRING(c->operand), PyBytes_GET_SIZE(c->operand));
+    PyObject *v = fv->v != NULL ? fv->v[j] : flat_raw_bytes(fv);
     return v == NULL ? -1 : cond_passes(c, v);
 }
 
@@ -644,12 +646,7 @@ static FlatMemo *memo_for(FlatPolicy *fp, const FlatRequest *req, int nfixed) {
  * lie, anything else by the condition itself. 1, 0, -1 */
 static int memo_cond_holds(const FlatMemoCond *mc, const FlatRequest *req) {
     const FlatValues *fv = &req->fields[mc->field];
-    if (mc->raw_form && fv->v == NULL && fv->n == 1) {
-        if (mc->raw_form == FORM_EXACT ? fv->rawlen != mc->oplen : fv->rawlen < mc->oplen) return 0;
-        for (Py_ssize_t i = 0; i < mc->oplen; i++) /* at most FLAT_MEMO_OP bytes: no call */
-            if (fv->raw[i] != mc->op[i]) return 0;
-        return 1;
-    }
+    if (mc->raw_form && fv->v == NULL && fv->n == 1) return raw_passes(mc->raw_form, fv, mc->op, mc->oplen);
     return cond_holds(mc->cond, req);
 }
 
@@ -672,14 +669,11 @@ static int flat_current(FlatPolicy *fp, PyObject *ctx) {
     /* the flat copy holds while ctx.policy is the same object and the store's revision cell
      * still holds its stamp (LiveConnectionPolicy.l4's revision check, without the call). The
      * slot is compared without a reference taken: the policy object itself is not touched. */
-    if (fp->policy != NULL && ctx_slots(ctx) && SLOT(ctx, off_policy) == fp->policy &&
-        (fp->cell == NULL || (PyList_GET_SIZE(fp->cell) >= 1 && PyList_GET_ITEM(fp->cell, 0) == fp->stamp)))
-        return fp->usable;
+    int cell_ok = fp->cell == NULL || (PyList_GET_SIZE(fp->cell) >= 1 && PyList_GET_ITEM(fp->cell, 0) == fp->stamp);
+    if (cell_ok && fp->policy != NULL && ctx_slots(ctx) && SLOT(ctx, off_policy) == fp->policy) return fp->usable;
     PyObject *policy = ctx_get_policy(ctx);
     if (policy == NULL) return -1;
-    int stale = policy != fp->policy ||
-                (fp->cell != NULL && (PyList_GET_SIZE(fp->cell) < 1 || PyList_GET_ITEM(fp->cell, 0) != fp->stamp));
-    int rc = stale ? flat_load(fp, policy) : 0;
+    int rc = policy != fp->policy || !cell_ok ? flat_load(fp, policy) : 0;
     Py_DECREF(policy);
     if (rc < 0) return -1;
     return fp->usable;

@@ -639,7 +639,8 @@ static int rd_request_loop(Redis *self, PyObject *buf, long long *n) {
         }
         /* the single key as bytes when the request will be logged (denied, or an audit or
          * uncounted decision), read while the buffer is as it was. Still raw here means the
-         * flat policy decided (decision set). */
+         * flat policy decided (decision set; ctx.matches gets the key made first), so from here
+         * on a logged single key is in key1, and an unlogged one is never made. */
         if (nk == 1 && key1 == NULL && (!allowed || self->counts == NULL || audit)) {
             if ((key1 = PyBytes_FromStringAndSize(d + kstart[0], klen[0])) == NULL) return -1;
         }
@@ -687,10 +688,6 @@ static int rd_request_loop(Redis *self, PyObject *buf, long long *n) {
         int quiet = rd_quiet(self, decision, audit); /* the log's count, or its entry (lazy fields, steal keys) */
         if (quiet != 0) {
             DROP_KEYS();
-        } else if (nk == 1 && key1 == NULL) { /* an audit decision: ctx.last_decision was read */
-            DROP_KEYS();
-            PyErr_SetString(PyExc_RuntimeError, "redis parser: a logged key was not kept");
-            return -1;
         } else if (key1 != NULL && (keys = PyTuple_Pack(1, key1)) == NULL) {
             DROP_KEYS();
             return -1;

@@ -28,20 +28,8 @@ typedef struct {
 static PyObject *rd_flat_build(const FlatRequest *r) {
     const RdFlatRequest *q = (const RdFlatRequest *)r;
     PyObject *key = q->key;
-    if (key == NULL && q->raw != NULL) {
-        if (*q->raw->made == NULL && (*q->raw->made = PyBytes_FromStringAndSize(q->raw->raw, q->raw->rawlen)) == NULL)
-            return NULL;
-        key = *q->raw->made;
-    }
+    if (key == NULL && q->raw != NULL && (key = flat_raw_bytes(q->raw)) == NULL) return NULL;
     return redis_request(q->name, q->cmd_base, q->cats, key);
-}
-
-int redis_flat_matches(FlatPolicy *fp, PyObject *ctx, PyObject *name, PyObject *base, PyObject *cats,
-                       PyObject *key) {
-    PyObject *known = Py_True; /* the twin only decides commands of the table */
-    FlatValues fields[4] = {{&name, 1}, {&base, 1}, {&known, 1}, {key ? &key : NULL, key ? 1 : 0}};
-    RdFlatRequest req = {{fields, rd_flat_build}, name, base, cats, key, NULL};
-    return flat_matches(fp, ctx, &req.base);
 }
 
 /* The command's fields (name, base, known) are fixed by its table entry: flat_decide remembers
